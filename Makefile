@@ -1,0 +1,36 @@
+# Quickstart targets. `make demo` and `make test` each create .venv if missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch first: on a CPU box `torch==2.13.0` is the local CPU wheel; a bare `torch` would pull CUDA wheels.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test lint install install-dev clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[data,cond,train]"
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/d3s2 demo --out out/demo
+
+test: $(VENV)/.installed-dev
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed-dev
+	$(PY) -m ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) out build *.egg-info

@@ -1,0 +1,49 @@
+"""The ``d3s2`` command line. Each subcommand lives next to the code it drives and registers itself here.
+
+Subcommand modules expose ``register(subparsers)`` which adds a parser whose ``func`` default takes the
+parsed args and returns an exit code. Modules are imported only to build the parser, and they import their
+heavy dependencies inside ``func``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Module paths providing ``register(subparsers)``, in the order shown by ``d3s2 --help``.
+SUBCOMMAND_MODULES = [
+    "d3s2.doctor",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="d3s2", description="Direct3D-S2 from scratch: image to watertight 3D mesh.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        # Expected user errors: one clear line, no traceback (use -v for it).
+        if args.verbose:
+            raise
+        print(f"d3s2 {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

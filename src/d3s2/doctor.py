@@ -1,0 +1,62 @@
+"""``d3s2 doctor``: versions, devices, and which backend each op would pick for inputs on each device."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import platform
+
+# Modules whose import registers op backends (cheap: no triton import at module level).
+OP_MODULES = [
+    "d3s2.ops.conv",
+]
+
+PACKAGES = ["torch", "triton", "numpy", "scipy", "trimesh", "libigl", "embreex", "scikit-image",
+            "safetensors", "transformers", "tensorboard", "spconv"]
+
+
+def report() -> list[str]:
+    import torch
+
+    from d3s2 import __version__
+    from d3s2.ops import BackendUnavailableError, registered_ops
+
+    lines = [f"d3s2 {__version__}", f"python {platform.python_version()} ({platform.platform()})", "", "packages:"]
+    for pkg in PACKAGES:
+        try:
+            lines.append(f"  {pkg:14s} {importlib.metadata.version(pkg)}")
+        except importlib.metadata.PackageNotFoundError:
+            lines.append(f"  {pkg:14s} -")
+    lines += ["", "devices:", f"  cpu            {torch.get_num_threads()} threads"]
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            lines.append(f"  cuda:{i}         {p.name}, {p.total_memory / 2**30:.1f} GiB, sm_{p.major}{p.minor}")
+            devices.append(torch.device("cuda", i))
+    else:
+        lines.append("  cuda           not available")
+    for mod in OP_MODULES:
+        importlib.import_module(mod)
+    lines += ["", "op backends (auto choice for fp16/fp32 inputs per device):"]
+    for op, table in sorted(registered_ops().items()):
+        for dev in devices:
+            probe = torch.zeros(1, device=dev, dtype=torch.float16 if dev.type == "cuda" else torch.float32)
+            try:
+                choice = table.resolve(None, probe)
+            except BackendUnavailableError as err:
+                choice = f"none ({err})"
+            lines.append(f"  {op:14s} {str(dev):8s} -> {choice}   [available: {', '.join(table.names)}; "
+                         f"env {table.env_var}]")
+    return lines
+
+
+def _run(args: argparse.Namespace) -> int:
+    print("\n".join(report()))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("doctor", help="print versions, devices and the backend each op would use")
+    p.set_defaults(func=_run)

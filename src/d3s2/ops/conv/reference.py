@@ -1,0 +1,105 @@
+"""Sparse convolution in plain PyTorch: kernel maps and gather-GEMM-scatter. This file is the spec.
+
+Dimension legend: N input voxels, M output voxels, K kernel offsets, C_in / C_out channels.
+
+Weight convention (d3s2 and torchsparse 2.x, so published checkpoints load without reordering):
+``weight[k, c_in, c_out]`` with kernel offset ``k = (dx+1) + 3·(dy+1) + 9·(dz+1)`` for 3³ kernels, x fastest;
+output voxel p reads the input voxel at ``p + (dx, dy, dz)``. In ``F.conv3d`` terms on a dense grid laid out
+``[B, C, X, Y, Z]`` this is ``torch_weight[c_out, c_in, dx+1, dy+1, dz+1] = weight[k, c_in, c_out]``.
+For the stride-2, 2³ down convolution, ``k = lx + 2·ly + 4·lz`` with ``(lx, ly, lz) = child % 2``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# 27 offsets of a 3³ kernel in weight order (x fastest).
+OFFSETS_3 = torch.tensor([(dx, dy, dz) for dz in (-1, 0, 1) for dy in (-1, 0, 1) for dx in (-1, 0, 1)],
+                         dtype=torch.int32)
+# 8 child offsets of a stride-2 cell in weight order (x fastest).
+OFFSETS_2 = torch.tensor([(lx, ly, lz) for lz in (0, 1) for ly in (0, 1) for lx in (0, 1)], dtype=torch.int32)
+
+
+def _keys(coords: torch.Tensor, extent: int) -> torch.Tensor:
+    """int64 key of (b, x, y, z) with spatial coords in [-1, extent - 1] (one voxel of padding)."""
+    c = coords.long()
+    e = extent + 2
+    return ((c[:, 0] * e + (c[:, 1] + 1)) * e + (c[:, 2] + 1)) * e + (c[:, 3] + 1)
+
+
+def lookup(table_coords: torch.Tensor, query_coords: torch.Tensor, extent: int) -> torch.Tensor:
+    """int32 [Q] row of each query (b, x, y, z) in ``table_coords``, or -1 when absent.
+
+    Spatial query coords may lie one voxel outside [0, extent); those are reported absent.
+    """
+    keys = _keys(table_coords, extent)
+    sorted_keys, order = torch.sort(keys)
+    q = _keys(query_coords, extent)
+    pos = torch.searchsorted(sorted_keys, q).clamp_(max=max(sorted_keys.numel() - 1, 0))
+    if sorted_keys.numel() == 0:
+        return torch.full_like(q, -1, dtype=torch.int32)
+    found = sorted_keys[pos] == q
+    return torch.where(found, order[pos], -1).to(torch.int32)
+
+
+def submanifold_kernel_map(coords: torch.Tensor, resolution: int, kernel_size: int = 3) -> torch.Tensor:
+    """int32 [N, K] kernel map of a submanifold conv: entry [p, k] is the input row at p + offset_k, or -1."""
+    if kernel_size == 1:
+        return torch.arange(coords.shape[0], dtype=torch.int32, device=coords.device)[:, None]
+    if kernel_size != 3:
+        raise ValueError(f"expected kernel_size 1 or 3, got {kernel_size}")
+    offsets = OFFSETS_3.to(coords.device)
+    cols = []
+    for off in offsets:
+        q = coords.clone()
+        q[:, 1:] += off
+        cols.append(lookup(coords, q, resolution))
+    return torch.stack(cols, 1)
+
+
+def downsample_coords(coords: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Parents of voxels at a coarser grid: (int32 [M, 4] parent coords sorted by batch, int64 [N] parent row)."""
+    parent = coords.clone()
+    parent[:, 1:] = torch.div(parent[:, 1:], factor, rounding_mode="floor")
+    uniq, inverse = torch.unique(parent, dim=0, return_inverse=True)
+    return uniq.to(torch.int32), inverse
+
+
+def down_kernel_map(coords: torch.Tensor, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel map of the stride-2, 2³ conv: (int32 [M, 4] output coords, int32 [M, 8] child row per offset or -1)."""
+    out_coords, _ = downsample_coords(coords, 2)
+    offsets = OFFSETS_2.to(coords.device)
+    cols = []
+    for off in offsets:
+        q = out_coords.clone()
+        q[:, 1:] = q[:, 1:] * 2 + off
+        cols.append(lookup(coords, q, resolution))
+    return out_coords, torch.stack(cols, 1)
+
+
+def sparse_conv_ref(feats: torch.Tensor, kernel_map: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Gather-GEMM-scatter: ``out[p] = bias + Σ_k feats[kernel_map[p, k]] @ weight[k]`` over valid entries.
+
+    Args:
+        feats: ``[N, C_in]``.
+        kernel_map: int32 ``[M, K]`` input row per (output, offset), -1 when absent.
+        weight: ``[K, C_in, C_out]``.
+        bias: ``[C_out]`` or None.
+    Returns:
+        ``[M, C_out]`` in the dtype of ``feats``.
+    """
+    m, k_total = kernel_map.shape
+    if weight.shape[0] != k_total or weight.shape[1] != feats.shape[1]:
+        raise ValueError(f"expected weight [{k_total}, {feats.shape[1]}, C_out], got {tuple(weight.shape)}")
+    out = feats.new_zeros(m, weight.shape[2])
+    for k in range(k_total):
+        src = kernel_map[:, k].long()
+        rows = (src >= 0).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        contrib = feats[src[rows]] @ weight[k]  # [n_k, C_out]
+        out = out.index_add(0, rows, contrib)
+    if bias is not None:
+        out = out + bias
+    return out
