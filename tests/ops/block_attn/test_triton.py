@@ -105,9 +105,10 @@ def _sorted_layout(n_blocks, mean, device, gen):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("op", ["selection", "window"])
-@pytest.mark.parametrize("hq,hkv,d", [(32, 2, 32), (8, 8, 64), (12, 4, 128)])
+@pytest.mark.parametrize("dtype,hq,hkv,d", [(torch.bfloat16, 32, 2, 32), (torch.float16, 32, 2, 32),
+                                            (torch.float32, 32, 2, 32), (torch.bfloat16, 8, 8, 64),
+                                            (torch.float16, 12, 4, 128)])
 def test_gpu_error_at_most_twice_torch(dtype, op, hq, hkv, d):
     gen = torch.Generator().manual_seed(1)
     off = _sorted_layout(60, 100, "cuda", gen)
