@@ -18,8 +18,9 @@ instead of once per query.
   runs one program per (block key tile, kv head) that loops over the block's whole entry list, so each key
   row is written by exactly one program: deterministic, no atomics, no per-head replicated buffers.
 
-Limits: D ≤ 128; block ids outside [0, NB) are treated as empty slots; the partial buffers take
-``E·G·D`` floats (selection only), e.g. 4.4 GB in float32 at N = 131k, Hq 32 / Hkv 2 / D 32, S 8.
+Limits: D ≤ 128 (tiles shrink for D > 64); block ids outside [0, NB) are treated as empty slots; the partial
+buffers take ``E·G·D`` floats (selection only), e.g. 4.4 GB in float32 at N = 134k, Hq 32 / Hkv 2 / D 32, S 8.
+Offsets are trusted (not synced to the host): they must lie in [0, N].
 """
 
 from __future__ import annotations
