@@ -10,12 +10,19 @@ from d3s2.sparse import SparseTensor
 
 
 def random_batch(sizes: list[int], resolution: int, *, seed: int = 0, device: str = "cpu",
-                 clustered: bool = True) -> SparseTensor:
-    """A batch of samples with ``sizes[b]`` distinct random voxels each (features: zeros [N, 1])."""
+                 clustered: bool = True, compact: tuple[int, ...] = ()) -> SparseTensor:
+    """A batch of samples with ``sizes[b]`` distinct random voxels each (features: zeros [N, 1]).
+
+    Samples are noisy spherical shells (blocks hold varying numbers of tokens); samples listed in ``compact``
+    are small balls of radius ~2 voxels instead (one or a few blocks).
+    """
     g = torch.Generator().manual_seed(seed)
     coords = []
-    for n in sizes:
-        if clustered:  # a shell-like cloud, so blocks hold varying numbers of tokens
+    for b, n in enumerate(sizes):
+        if b in compact:
+            pts = torch.randn(4 * n + 8, 3, generator=g) * 1.2 + resolution / 3
+            c = pts.round().long().clamp(0, resolution - 1)
+        elif clustered:
             pts = torch.randn(4 * n + 8, 3, generator=g)
             pts = pts / pts.norm(dim=1, keepdim=True) * (0.35 * resolution) + resolution / 2
             pts = pts + torch.randn(pts.shape, generator=g) * 1.5

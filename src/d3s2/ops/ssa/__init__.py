@@ -22,7 +22,15 @@ from .reference import (
 )
 
 BACKENDS = op_backends("ssa")
-BACKENDS.register("triton", needs_triton, needs_float_dtype(torch.float16, torch.bfloat16, torch.float32))
+
+
+def _head_dim_at_most_128(*tensors: torch.Tensor) -> str | None:
+    d = tensors[0].shape[-1]
+    return None if d <= 128 else f"head dim {d} > 128"
+
+
+BACKENDS.register("triton", needs_triton, needs_float_dtype(torch.float16, torch.bfloat16, torch.float32),
+                  _head_dim_at_most_128)
 BACKENDS.register("torch")
 
 
@@ -54,13 +62,18 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, layou
 
 def spatial_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.Tensor,
                              v_cmp: torch.Tensor, gates: torch.Tensor, layout: SSALayout, *, topk: int,
-                             scale: float | None = None, backend: str | None = None) -> torch.Tensor:
-    """The whole SSA op: ``o [N, Hq, D]`` in block order. Shapes and semantics: :func:`.reference.ssa_ref`."""
+                             scale: float | None = None, backend: str | None = None,
+                             return_block_idx: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The whole SSA op: ``o [N, Hq, D]`` in block order (and the selection int32 ``[N, Hkv, topk]`` if asked).
+
+    Shapes and semantics: :func:`.reference.ssa_ref`.
+    """
     if gates.shape != (q.shape[0], 3):
         raise ValueError(f"expected gates of shape [{q.shape[0]}, 3], got {tuple(gates.shape)}")
     name = BACKENDS.resolve(backend, q, k, v, k_cmp, v_cmp)
     if name == "torch":
-        return ssa_ref(q, k, v, k_cmp, v_cmp, gates, layout, topk=topk, scale=scale)
+        return ssa_ref(q, k, v, k_cmp, v_cmp, gates, layout, topk=topk, scale=scale,
+                       return_block_idx=return_block_idx)
     from ..block_attn import selection_attention, window_attention
     from . import triton_compress
 
@@ -73,7 +86,8 @@ def spatial_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     else:
         p = layout.win_perm
         o_win = window_attention(q[p], k[p], v[p], layout.win_offsets, scale=sc)[layout.win_inverse]
-    return combine_ref(gates, o_cmp, o_slc, o_win)
+    o = combine_ref(gates, o_cmp, o_slc, o_win)
+    return (o, block_idx) if return_block_idx else o
 
 
 __all__ = [
