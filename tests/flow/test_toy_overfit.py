@@ -2,7 +2,6 @@
 
 import math
 
-import pytest
 import torch
 from torch import nn
 
@@ -24,16 +23,7 @@ class ToyVelocity(nn.Module):
         return self.net(torch.cat([x, self.label(cond), torch.sin(tt), torch.cos(tt)], 1))
 
 
-@pytest.fixture
-def one_thread():
-    # Two threads on a loaded 2-core box make small ops ~10x slower; this test is tiny-op bound.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def test_toy_flow_learns_modes_and_guidance_selects_one(one_thread):
+def test_toy_flow_learns_modes_and_guidance_selects_one():
     g = torch.Generator().manual_seed(0)
     model = ToyVelocity()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)

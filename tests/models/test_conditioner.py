@@ -19,6 +19,15 @@ from d3s2.models.conditioner import (
 transformers = pytest.importorskip("transformers")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: on a loaded 2-core machine two intra-op threads make them ~10x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _tiny_config():
     return DinoV2Encoder.vitl14_reg4_config(hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
                                              image_size=28, patch_size=14)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from d3s2.models.attention import map_published_ssa_state_dict
 from d3s2.models.dit import ConditionTokens, SparseDiT
 from d3s2.sparse import SparseTensor
 
@@ -9,20 +10,54 @@ from .common import PUBLISHED, perturb, published_keys, random_cond, random_spar
 SSA_ONLY = ("intra_block_pe", "gate.", "compression_")
 
 
+def _published_factory(version):
+    return SparseDiT.Config.v1_1 if version == "v1.1" else SparseDiT.Config.v1_0
+
+
 @pytest.mark.parametrize("version", ["v1.1", "v1.0"])
-def test_full_config_shares_published_layout_outside_ssa(version):
-    """With full attention the model has every published key except SSA's own (gate, compression, PE)."""
-    factory = SparseDiT.Config.v1_1 if version == "v1.1" else SparseDiT.Config.v1_0
-    cfg = factory(512, attention="full")
-    pub = PUBLISHED[f"sparse_dit_{version}"]["config"]
-    assert (cfg.num_heads, cfg.num_kv_heads, cfg.compression_block_size, cfg.topk, cfg.sparse_conditions) == (
-        pub["num_heads"], pub["num_kv_heads"], pub["compression_block_size"], pub["topk"], pub["sparse_conditions"])
+def test_full_config_with_ssa_matches_published_state_dict(version):
+    """Every published key (torchsparse conv names mapped by the SSA helper) with its shape, and the count."""
+    cfg = _published_factory(version)(512)
+    pub = PUBLISHED[f"sparse_dit_{version}"]
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.compression_block_size, cfg.selection_block_size, cfg.topk,
+            cfg.compression_version, cfg.sparse_conditions, cfg.resolution) == tuple(pub["config"][k] for k in (
+            "num_heads", "num_kv_heads", "compression_block_size", "selection_block_size", "topk",
+            "compression_version", "sparse_conditions", "resolution"))
     with torch.device("meta"):
         model = SparseDiT(cfg)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    published = {k: torch.empty(s, device="meta") for k, s in published_keys(f"sparse_dit_{version}").items()}
+    expected = {k: tuple(v.shape) for k, v in map_published_ssa_state_dict(published).items()}
+    assert ours == expected
+    outside_ssa = [k for k in expected if not any(part in k for part in SSA_ONLY)]
+    assert [k for k in ours if not any(part in k for part in SSA_ONLY)] == outside_ssa  # same order
+    assert sum(p.numel() for p in model.parameters()) == pub["params"]
+
+
+@pytest.mark.parametrize("version", ["v1.1", "v1.0"])
+def test_full_attention_shares_published_layout_outside_ssa(version):
+    """With full attention the model has every published key except SSA's own (gate, compression, PE)."""
+    with torch.device("meta"):
+        model = SparseDiT(_published_factory(version)(512, attention="full"))
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     expected = {k: s for k, s in published_keys(f"sparse_dit_{version}").items()
                 if not any(part in k for part in SSA_ONLY)}
     assert list(ours) == list(expected) and ours == expected
+
+
+def test_tiny_ssa_model_trains_and_is_per_sample():
+    model = tiny_sparse(attention="ssa", compression_block_size=2, selection_block_size=4, topk=2, window_size=4)
+    perturb(model)
+    x, t, cond = random_sparse(counts=(20, 7), resolution=8), torch.tensor([5.0, 700.0]), random_cond(2)
+    out = model(x, t, cond)
+    out.feats.square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    with torch.no_grad():
+        for b, xb in enumerate(x.unbind()):
+            one = model(xb, t[b:b + 1], ConditionTokens(cond.tokens[b:b + 1]))
+            torch.testing.assert_close(one.feats, out.feats[x.cu_seqlens[b]:x.cu_seqlens[b + 1]].detach(),
+                                       rtol=1e-4, atol=1e-5)
 
 
 def test_published_1024_uses_half_coordinate_factor():
@@ -103,3 +138,24 @@ def test_custom_attention_factory_and_errors():
         tiny_sparse(attention="linear")
     with pytest.raises(ValueError, match="input channels"):
         tiny_sparse()(random_sparse(channels=3), torch.zeros(2), random_cond(2))
+
+
+def test_guided_sampling_batched_equals_two_passes():
+    from d3s2.flow import euler_sigmas, randn_like_latent, sample_euler
+
+    model = tiny_sparse(sparse_conditions=True).eval()
+    perturb(model)
+    x = random_sparse(counts=(6, 3))
+    mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
+    cond = ConditionTokens(torch.randn(2, 6, 24), mask, torch.randint(0, 4, (2, 6, 3)))
+    noise = randn_like_latent(x, torch.Generator().manual_seed(2))
+    out = sample_euler(model, noise, cond=cond, uncond=cond.zeros_like(), steps=3, guidance_scale=4.0, shift=3.0)
+    ref = noise.feats.clone()
+    sig = euler_sigmas(3, shift=3.0)
+    with torch.no_grad():
+        for i in range(3):
+            t = torch.full((2,), float(sig[i]) * 1000)
+            vc = model(noise.replace(ref), t, cond).feats
+            vu = model(noise.replace(ref), t, cond.zeros_like()).feats
+            ref = ref + float(sig[i + 1] - sig[i]) * (vu + 4.0 * (vc - vu))
+    torch.testing.assert_close(out.feats, ref, rtol=1e-4, atol=1e-5)
