@@ -73,11 +73,14 @@ def test_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(p.grad, q.grad, msg=n)
 
 
-def test_state_dict_roundtrip_and_bf16():
+def test_safetensors_roundtrip_and_bf16(tmp_path):
+    from safetensors.torch import load_file, save_file
+
     model = tiny_dense()
     perturb(model)
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
     other = tiny_dense()
-    other.load_state_dict(model.state_dict())
+    other.load_state_dict(load_file(tmp_path / "model.safetensors"))
     x, t, cond = torch.randn(1, 3, 4, 4, 4), torch.tensor([250.0]), random_cond(1)
     with torch.no_grad():
         torch.testing.assert_close(other(x, t, cond), model(x, t, cond))

@@ -159,3 +159,19 @@ def test_guided_sampling_batched_equals_two_passes():
             vu = model(noise.replace(ref), t, cond.zeros_like()).feats
             ref = ref + float(sig[i + 1] - sig[i]) * (vu + 4.0 * (vc - vu))
     torch.testing.assert_close(out.feats, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_safetensors_roundtrip(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_sparse(attention="ssa", compression_block_size=2, selection_block_size=4, topk=2, window_size=4,
+                        sparse_conditions=True)
+    perturb(model)
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    other = tiny_sparse(attention="ssa", compression_block_size=2, selection_block_size=4, topk=2, window_size=4,
+                        sparse_conditions=True)
+    other.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    x, t = random_sparse(), torch.tensor([5.0, 700.0])
+    cond = ConditionTokens(torch.randn(2, 4, 24), torch.ones(2, 4, dtype=torch.bool), torch.zeros(2, 4, 3))
+    with torch.no_grad():
+        assert torch.equal(other(x, t, cond).feats, model(x, t, cond).feats)
