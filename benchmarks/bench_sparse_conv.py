@@ -122,12 +122,14 @@ class _SpconvTriton:
 def _callables(backend, kmap, coords, res, batch_size, feats, weight, bias, grad):
     """(forward without autograd, forward + backward to feats, weight and bias) closures for one backend."""
     from d3s2.ops.conv import sparse_conv
+    from d3s2.ops.conv.convert import from_spconv
 
     f_req = feats.clone().requires_grad_()
     if backend == "spconv-triton":
         conv = _SpconvTriton(coords, res, batch_size, weight, bias)
         forward = conv
         params = [f_req, conv.conv.weight, conv.conv.bias]
+        weight_grad = lambda grads: from_spconv(grads[1], "xyz")  # noqa: E731
     else:
         w_req, b_req = weight.clone().requires_grad_(), bias.clone().requires_grad_()
 
@@ -135,6 +137,7 @@ def _callables(backend, kmap, coords, res, batch_size, feats, weight, bias, grad
             return sparse_conv(f, kmap, w, b, backend=backend)
 
         params = [f_req, w_req, b_req]
+        weight_grad = lambda grads: grads[1]  # noqa: E731
 
     def fwd():
         with torch.no_grad():
@@ -144,7 +147,7 @@ def _callables(backend, kmap, coords, res, batch_size, feats, weight, bias, grad
         y = forward(f_req, *params[1:]) if backend != "spconv-triton" else forward(f_req)
         return torch.autograd.grad(y, params, grad)
 
-    return fwd, fwd_bwd
+    return fwd, fwd_bwd, weight_grad
 
 
 def _sync(dev: torch.device) -> None:
@@ -152,7 +155,7 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _bench(fn, warmup_ms=25, rep_ms=150) -> float:
+def _bench(fn, warmup_ms=25, rep_ms=150.0) -> float:
     if not torch.cuda.is_available():  # CPU smoke runs (TRITON_INTERPRET=1): one timed call
         t0 = time.time()
         fn()
@@ -163,7 +166,8 @@ def _bench(fn, warmup_ms=25, rep_ms=150) -> float:
 
 
 def run(layouts: str, out: str, sweep: bool, backends: list[str], time_budget_s: float,
-        device: str = "cuda", only: list[str] | None = None) -> None:
+        device: str = "cuda", only: list[str] | None = None, dtypes: tuple = (torch.bfloat16, torch.float16),
+        rep_ms: float = 150) -> None:
     import triton
 
     from d3s2.ops.conv import KernelMap, sparse_conv, submanifold_kernel_map
@@ -194,9 +198,7 @@ def run(layouts: str, out: str, sweep: bool, backends: list[str], time_budget_s:
         os.replace(tmp, out)
 
     g = torch.Generator(device=dev).manual_seed(0)
-    for name, _, _ in LAYOUT_TARGETS:
-        if only and name not in only:
-            continue
+    for name in only or [t[0] for t in LAYOUT_TARGETS]:
         res, channels = (int(v) for v in data[f"{name}|meta"])
         coords = torch.from_numpy(data[f"{name}|coords"].astype(np.int32)).to(dev)
         batch_size = int(coords[-1, 0]) + 1
@@ -214,20 +216,29 @@ def run(layouts: str, out: str, sweep: bool, backends: list[str], time_budget_s:
         w32 = torch.randn(27, channels, channels, device=dev, generator=g) / (27 * channels) ** 0.5
         b32 = torch.randn(channels, device=dev, generator=g)
         f32 = torch.randn(n, channels, device=dev, generator=g)
-        ref32 = sparse_conv(f32, kmap, w32, b32, backend="torch")  # accuracy yardstick
-        for dtype in (torch.bfloat16, torch.float16):
+        ref32 = sparse_conv(f32, kmap, w32, b32, backend="torch")  # accuracy yardsticks: fp32 output, d_weight
+        grads = {dt: torch.randn(n, channels, device=dev, generator=g).to(dt) for dt in dtypes}
+        ref_dw = {}
+        for dt, grad in grads.items():
+            w_req = w32.clone().requires_grad_()
+            ref_dw[dt] = torch.autograd.grad(sparse_conv(f32, kmap, w_req, b32, backend="torch"), w_req,
+                                             grad.float())[0]
+        for dtype in dtypes:
             feats, weight, bias = f32.to(dtype), w32.to(dtype), b32.to(dtype)
-            grad = torch.randn(n, channels, device=dev, dtype=dtype, generator=g)
+            grad = grads[dtype]
             for backend in backends:
                 if time.time() - started > time_budget_s:
                     print(f"   time budget spent: skipping {backend} {dtype}", flush=True)
                     continue
                 try:
-                    fwd, fwd_bwd = _callables(backend, kmap, coords, res, batch_size, feats, weight, bias, grad)
+                    fwd, fwd_bwd, weight_grad = _callables(backend, kmap, coords, res, batch_size, feats, weight,
+                                                           bias, grad)
                     y = fwd()
                     err = float((y.float() - ref32).norm() / ref32.norm())
-                    t_f = _bench(fwd)
-                    t_fb = _bench(fwd_bwd)
+                    dw = weight_grad(fwd_bwd()).float()
+                    err_dw = float((dw - ref_dw[dtype]).norm() / ref_dw[dtype].norm())
+                    t_f = _bench(fwd, rep_ms=rep_ms)
+                    t_fb = _bench(fwd_bwd, rep_ms=rep_ms)
                 except Exception as exc:  # a candidate failing (e.g. no bf16 support) must not stop the others
                     record["results"].append({"layout": name, "dtype": str(dtype), "backend": backend,
                                               "error": f"{type(exc).__name__}: {exc}"[:500]})
@@ -237,10 +248,11 @@ def run(layouts: str, out: str, sweep: bool, backends: list[str], time_budget_s:
                 row = {"layout": name, "voxels": n, "resolution": res, "channels": channels, "pairs": pairs,
                        "dtype": str(dtype).replace("torch.", ""), "backend": backend, "fwd_ms": t_f,
                        "fwd_bwd_ms": t_fb, "fwd_tflops": flops / t_f / 1e9, "fwd_bwd_tflops": 3 * flops / t_fb / 1e9,
-                       "rel_err_vs_fp32": err}
+                       "rel_err_vs_fp32": err, "rel_err_dweight_vs_fp32": err_dw}
                 record["results"].append(row)
                 print(f"   {row['dtype']:8s} {backend:14s} fwd {t_f:8.3f} ms ({row['fwd_tflops']:6.1f} TF/s)  "
-                      f"fwd+bwd {t_fb:8.3f} ms ({row['fwd_bwd_tflops']:6.1f} TF/s)  rel.err {err:.1e}", flush=True)
+                      f"fwd+bwd {t_fb:8.3f} ms ({row['fwd_bwd_tflops']:6.1f} TF/s)  rel.err {err:.1e} dW {err_dw:.1e}",
+                      flush=True)
                 save()
         if sweep and time.time() - started < time_budget_s:
             _sweep(record, name, kmap, f32.to(torch.bfloat16), w32.to(torch.bfloat16), flops,
@@ -334,6 +346,8 @@ if __name__ == "__main__":
     p.add_argument("--time-budget-s", type=float, default=1e9, help="skip remaining measurements after this")
     p.add_argument("--device", default="cuda", help="cpu only for smoke tests under TRITON_INTERPRET=1")
     p.add_argument("--only", default="", help="comma-separated layout names (default: all)")
+    p.add_argument("--dtypes", default="bfloat16,float16")
+    p.add_argument("--rep-ms", type=float, default=150.0, help="do_bench repetition time per measurement")
     args = parser.parse_args()
     if args.cmd == "layouts":
         make_layouts(args.meshes, args.out)
@@ -341,4 +355,5 @@ if __name__ == "__main__":
         if args.device == "cuda" and not torch.cuda.is_available():
             sys.exit("run needs a CUDA device (or --device cpu with TRITON_INTERPRET=1 for a smoke test)")
         run(args.layouts, args.out, args.sweep, args.backends.split(","), args.time_budget_s, args.device,
-            [n for n in args.only.split(",") if n])
+            [n for n in args.only.split(",") if n], tuple(getattr(torch, d) for d in args.dtypes.split(",")),
+            args.rep_ms)
