@@ -44,7 +44,7 @@ CONFIG = {
     # top-k with m_cmp == m_slc ("topk") and m_cmp < m_slc ("topk_seg", one-hot segment sum over compression
     # blocks); variant "reshape": head sum by tl.reshape + tl.sum; "dot": transposed tiles, head sum by tl.dot
     "topk": {"variant": "dot", "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
-    "topk_seg": {"variant": "dot", "rows": 256, "BLOCK_J": 32, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
+    "topk_seg": {"variant": "dot", "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
     "bwd_dq": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
     "bwd_dkdv": {"rows": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 8},
 }
