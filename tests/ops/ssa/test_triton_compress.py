@@ -25,7 +25,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = [
     # sizes, res, m_cmp, m_slc, hq, hkv, d, topk
     ([37, 1, 70], 16, 2, 4, 4, 2, 8, 3),    # single-token sample; N not a multiple of the tile; 2 cmp per slc
-    ([50, 2], 8, 1, 4, 2, 1, 16, 12),        # top-k larger than the block count, up to 64 cmp per slc
+    ([30, 2], 8, 1, 4, 2, 1, 16, 12),        # top-k larger than the block count, up to 64 cmp per slc
     ([20, 2], 8, 1, 1, 2, 1, 16, 4),         # blocks of one token
     ([33, 5], 16, 4, 4, 6, 2, 20, 5),        # m_cmp = m_slc, Hs = 3 (padded heads), D not a power of two
 ]
@@ -91,8 +91,7 @@ def test_dkdv_deterministic_and_chunked(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["dot", "reshape"])
-@pytest.mark.parametrize("case", [0, 1])
+@pytest.mark.parametrize("variant,case", [("dot", 0), ("reshape", 0), ("reshape", 3)])
 def test_topk_variants_half_precision(variant, case, monkeypatch):
     sizes, res, m_cmp, m_slc, hq, hkv, d, topk = CASES[case]
     for key in ("topk", "topk_seg"):
