@@ -33,6 +33,7 @@ class _TrainParser(argparse.ArgumentParser):
         is_override = [bool(_OVERRIDE.match(a)) and a.split("=", 1)[0] not in own for a in args]
         ns, unknown = super().parse_known_args([a for a, o in zip(args, is_override) if not o], namespace)
         ns.overrides = [a for a, o in zip(args, is_override) if o]
+        ns.train_argv = args
         return ns, unknown
 
 
@@ -49,7 +50,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.family not in (family, cfg.task.name):
         raise ConfigError(f"{args.config}: task {cfg.task.name!r} is a {family!r} task; run `d3s2 train {family}`")
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.task.name}-{Path(args.config).stem}"
-    trainer = Trainer(cfg, out, resume=args.resume, command=[Path(sys.argv[0]).name, *sys.argv[1:]])
+    # The d3s2 command as typed (also under torchrun, whose argv starts with the module path).
+    command = ["d3s2", "train", *getattr(args, "train_argv", [])]
+    trainer = Trainer(cfg, out, resume=args.resume, command=command)
     try:
         metrics = trainer.run()
     finally:

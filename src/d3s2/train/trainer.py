@@ -207,10 +207,10 @@ class Trainer:
 
         self.logger = RunLogger(self.run_dir, enabled=info.is_main)
         if info.is_main:
+            extra = {"argv": sys.argv, "world_size": info.world_size, "torch": torch.__version__,
+                     "device": str(info.device), "resumed_from": str(resume_path) if resume_path else None}
             write_run_record(self.run_dir, cfg, command=list(command) if command is not None else sys.argv,
-                             seed=cfg.seed, extra={"world_size": info.world_size, "torch": torch.__version__,
-                                                   "device": str(info.device), "resumed_from": str(resume_path)
-                                                   if resume_path else None})
+                             seed=cfg.seed, extra=extra)
 
     # ------------------------------------------------------------------ setup helpers
     def _resume_path(self, resume: str | Path | None) -> Path | None:
