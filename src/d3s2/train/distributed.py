@@ -13,9 +13,9 @@ import fnmatch
 import functools
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "match_modules",
            "apply_activation_checkpointing", "parallelize", "gradient_sync", "all_reduce_mean",
-           "gather_objects", "full_state_dicts", "load_full_state_dicts", "unwrap"]
+           "gather_objects", "check_sharded", "full_state_dicts", "load_full_state_dicts", "unwrap"]
 
 
 @dataclass(frozen=True)
@@ -150,11 +150,68 @@ def parallelize(
         kwargs: dict[str, Any] = {}
         if bf16:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for _, module in match_modules(model, fsdp_units):
+        for module in [m for _, m in match_modules(model, fsdp_units)] + [model]:
+            unwrap_hook = _expose_output_tensors(module)
             fully_shard(module, **kwargs)
-        fully_shard(model, **kwargs)
+            module.register_forward_hook(unwrap_hook)  # runs after FSDP's own post-forward hook
         return model
     raise ValueError(f"expected parallel mode 'ddp' or 'fsdp', got {mode!r}")
+
+
+class _Exposed(NamedTuple):
+    """A module output plus the tensors inside it, in a container FSDP traverses."""
+
+    value: Any
+    tensors: tuple[torch.Tensor, ...]
+
+
+def _find_tensors(obj: Any, depth: int = 0) -> list[torch.Tensor]:
+    """Tensors inside ``obj``: containers, dataclasses and plain objects' attributes (e.g. SparseTensor.feats)."""
+    if depth > 6:
+        return []
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, Mapping):
+        items = list(obj.values())
+    elif isinstance(obj, list | tuple):
+        items = list(obj)
+    elif hasattr(obj, "__dict__") or hasattr(type(obj), "__slots__"):
+        names = list(getattr(obj, "__dict__", {})) + [n for n in getattr(type(obj), "__slots__", ())
+                                                        if not n.startswith("__")]
+        items = [getattr(obj, n, None) for n in names]
+    else:
+        return []
+    return [t for item in items for t in _find_tensors(item, depth + 1)]
+
+
+def _expose_output_tensors(module: nn.Module):
+    """Let FSDP2 see tensors inside outputs it cannot traverse (SparseTensor, custom classes).
+
+    FSDP2 hooks the module's output tensors to unshard parameters for backward and to reduce-scatter
+    gradients afterwards; it only looks inside tuples, lists, dicts and dataclasses, so a SparseTensor output
+    would silently skip gradient synchronisation. A first forward hook wraps the output as ``_Exposed`` (a
+    NamedTuple that FSDP traverses); the returned hook, registered after ``fully_shard``, unwraps it again.
+    """
+    def expose(mod: nn.Module, args: Any, output: Any) -> Any:
+        if isinstance(output, torch.Tensor | list | tuple | dict):
+            return output
+        return _Exposed(output, tuple(_find_tensors(output)))
+
+    def unwrap_output(mod: nn.Module, args: Any, output: Any) -> Any:
+        return output.value if isinstance(output, _Exposed) else output
+
+    module.register_forward_hook(expose, prepend=True)
+    return unwrap_output
+
+
+def check_sharded(model: nn.Module) -> None:
+    """Raise unless every parameter is a sharded DTensor again (FSDP2 ran its post-backward resharding)."""
+    from torch.distributed.tensor import DTensor
+
+    unsharded = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
+    if unsharded:
+        raise RuntimeError(f"FSDP did not reshard {unsharded[:3]} after backward: the model output hides its "
+                           "tensors from FSDP (return tensors, SparseTensors, tuples/dicts/dataclasses of them)")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -427,7 +427,7 @@ class Trainer:
         window_steps, window_tokens, skipped = 0, 0, 0
         window_start = time.perf_counter()
         last: dict[str, float] = {}
-        saved_at = self.step  # a resumed run starts right after its checkpoint
+        saved_at = start_step = self.step  # a resumed run starts right after its checkpoint
         consecutive_bad = 0
         data = self._steps()
         try:
@@ -436,6 +436,8 @@ class Trainer:
             for epoch, s, micro, tokens in data:
                 lr = self.optimizer.param_groups[0]["lr"]
                 metrics, grad_norm = self._train_step(micro)
+                if self.info.distributed and tc.parallel == "fsdp" and self.step == start_step:
+                    D.check_sharded(self.module)
                 if torch.isfinite(grad_norm):
                     self.optimizer.step()
                     consecutive_bad = 0
