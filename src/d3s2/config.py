@@ -27,7 +27,8 @@ import yaml
 C = TypeVar("C")
 
 __all__ = ["ConfigError", "load_yaml", "from_dict", "to_dict", "parse_overrides", "apply_overrides",
-           "dump_yaml", "git_info", "write_run_record"]
+           "dump_yaml", "git_info", "write_run_record", "TrainConfig", "TaskSpec", "TrainSection", "DataConfig",
+           "OptimConfig", "EMAConfig"]
 
 
 class ConfigError(ValueError):
@@ -351,7 +352,7 @@ class TrainSection:
     activation_checkpointing: list[str] = dataclasses.field(default_factory=list)  # modules recomputed in backward
     find_unused_parameters: bool = False  # DDP: set when some parameters get no gradient in a step
     log_every: int = 10  # steps between logged (rank-averaged) metrics
-    val_every: int = 0  # steps between validations; 0 = only at the end when the task can validate
+    val_every: int = 0  # steps between validations (and one at the end); 0 = no validation
     ckpt_every: int = 1000  # steps between checkpoints; 0 = only the final one
     keep_last: int = 3  # checkpoints kept on disk
     progress: bool = True  # tqdm bar on rank 0

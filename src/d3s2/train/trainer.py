@@ -465,7 +465,8 @@ class Trainer:
                     last = D.all_reduce_mean(local, self.info)
                     elapsed = time.perf_counter() - window_start
                     last.update(lr=lr, tokens_per_s=window_tokens / max(elapsed, 1e-9),
-                                step_time_s=elapsed / window_steps, epoch=float(epoch), skipped_steps=float(skipped))
+                                tokens_per_step=window_tokens / window_steps, step_time_s=elapsed / window_steps,
+                                epoch=float(epoch), skipped_steps=float(skipped))
                     if self.info.device.type == "cuda":
                         last["mem_peak_gib"] = torch.cuda.max_memory_allocated(self.info.device) / 2**30
                         torch.cuda.reset_peak_memory_stats(self.info.device)
@@ -487,7 +488,7 @@ class Trainer:
                     break
             if saved_at != self.step:
                 self.save_checkpoint()
-            if not tc.val_every or self.step % tc.val_every:
+            if tc.val_every and self.step % tc.val_every:
                 self.validate()
             self.export()
         finally:
