@@ -1,5 +1,5 @@
 """Run by test_torchrun.py under ``torchrun --nproc_per_node 2``: train the tiny toy config with DDP, then FSDP,
-and save each rank's parameters. Usage: ``ddp_worker.py CONFIG_JSON OUT_DIR``."""
+and save each rank's parameters. Usage: ``ddp_worker.py CONFIG_JSON OUT_DIR [ddp|fsdp ...]``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ def main() -> None:
     trainer = None
     for mode in sys.argv[3:] or ("ddp", "fsdp"):
         data["train"]["parallel"] = mode
+        # DDP searching for unused parameters must see inside the SparseTensor output too.
+        data["train"]["find_unused_parameters"] = mode == "ddp"
         trainer = Trainer(build_train_config(data), out / mode)
         trainer.run()
         full, _ = D.full_state_dicts(trainer.model, trainer.optimizer)  # collective; empty on rank 1 under FSDP

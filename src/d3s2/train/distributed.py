@@ -140,10 +140,10 @@ def parallelize(
     if not info.distributed:
         return model
     if mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
+        if find_unused_parameters:
+            _expose_output_tensors(model)  # DDP searches the output for tensors to find unused parameters
         # device_ids=None: the model is on one device already and batches are moved by the trainer.
-        return DDP(model, find_unused_parameters=find_unused_parameters)
+        return _DDP(model, find_unused_parameters=find_unused_parameters)
     if mode == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -185,12 +185,14 @@ def _find_tensors(obj: Any, depth: int = 0) -> list[torch.Tensor]:
 
 
 def _expose_output_tensors(module: nn.Module):
-    """Let FSDP2 see tensors inside outputs it cannot traverse (SparseTensor, custom classes).
+    """Let FSDP2 / DDP see tensors inside outputs they cannot traverse (SparseTensor, custom classes).
 
     FSDP2 hooks the module's output tensors to unshard parameters for backward and to reduce-scatter
-    gradients afterwards; it only looks inside tuples, lists, dicts and dataclasses, so a SparseTensor output
-    would silently skip gradient synchronisation. A first forward hook wraps the output as ``_Exposed`` (a
-    NamedTuple that FSDP traverses); the returned hook, registered after ``fully_shard``, unwraps it again.
+    gradients afterwards, and DDP with ``find_unused_parameters`` searches the output for the autograd graph;
+    both only look inside tuples, lists, dicts and dataclasses, so a SparseTensor output would silently skip
+    gradient synchronisation. A first forward hook wraps the output as ``_Exposed`` (a NamedTuple they
+    traverse). FSDP: the returned hook, registered after ``fully_shard``, unwraps it again; DDP: the wrapper
+    unwraps it.
     """
     def expose(mod: nn.Module, args: Any, output: Any) -> Any:
         if isinstance(output, torch.Tensor | list | tuple | dict):
@@ -212,6 +214,24 @@ def check_sharded(model: nn.Module) -> None:
     if unsharded:
         raise RuntimeError(f"FSDP did not reshard {unsharded[:3]} after backward: the model output hides its "
                            "tensors from FSDP (return tensors, SparseTensors, tuples/dicts/dataclasses of them)")
+
+
+@functools.cache
+def _ddp_class() -> type:
+    from torch.nn.parallel import DistributedDataParallel
+
+    class UnwrappingDDP(DistributedDataParallel):
+        """DDP that hands the caller the model's own output when the model's output was wrapped as _Exposed."""
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            out = super().forward(*args, **kwargs)
+            return out.value if isinstance(out, _Exposed) else out
+
+    return UnwrappingDDP
+
+
+def _DDP(model: nn.Module, **kwargs: Any) -> nn.Module:
+    return _ddp_class()(model, **kwargs)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
