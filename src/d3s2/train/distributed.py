@@ -8,6 +8,7 @@ launch is world size 1 and needs no process group. CUDA uses NCCL, CPU uses gloo
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime
 import fnmatch
 import functools
@@ -141,7 +142,8 @@ def parallelize(
         return model
     if mode == "ddp":
         if find_unused_parameters:
-            _expose_output_tensors(model)  # DDP searches the output for tensors to find unused parameters
+            # DDP searches the output for tensors to find unused parameters.
+            _expose_output_tensors(model, only_inside_ddp=True)
         # device_ids=None: the model is on one device already and batches are moved by the trainer.
         return _DDP(model, find_unused_parameters=find_unused_parameters)
     if mode == "fsdp":
@@ -156,6 +158,10 @@ def parallelize(
             module.register_forward_hook(unwrap_hook)  # runs after FSDP's own post-forward hook
         return model
     raise ValueError(f"expected parallel mode 'ddp' or 'fsdp', got {mode!r}")
+
+
+# True while UnwrappingDDP.forward runs: calls of the bare module (validation) get their plain output.
+_INSIDE_DDP: contextvars.ContextVar[bool] = contextvars.ContextVar("d3s2_inside_ddp", default=False)
 
 
 class _Exposed(NamedTuple):
@@ -184,7 +190,7 @@ def _find_tensors(obj: Any, depth: int = 0) -> list[torch.Tensor]:
     return [t for item in items for t in _find_tensors(item, depth + 1)]
 
 
-def _expose_output_tensors(module: nn.Module):
+def _expose_output_tensors(module: nn.Module, *, only_inside_ddp: bool = False):
     """Let FSDP2 / DDP see tensors inside outputs they cannot traverse (SparseTensor, custom classes).
 
     FSDP2 hooks the module's output tensors to unshard parameters for backward and to reduce-scatter
@@ -195,7 +201,7 @@ def _expose_output_tensors(module: nn.Module):
     unwraps it.
     """
     def expose(mod: nn.Module, args: Any, output: Any) -> Any:
-        if isinstance(output, torch.Tensor | list | tuple | dict):
+        if isinstance(output, torch.Tensor | list | tuple | dict) or (only_inside_ddp and not _INSIDE_DDP.get()):
             return output
         return _Exposed(output, tuple(_find_tensors(output)))
 
@@ -224,7 +230,11 @@ def _ddp_class() -> type:
         """DDP that hands the caller the model's own output when the model's output was wrapped as _Exposed."""
 
         def forward(self, *args: Any, **kwargs: Any) -> Any:
-            out = super().forward(*args, **kwargs)
+            token = _INSIDE_DDP.set(True)
+            try:
+                out = super().forward(*args, **kwargs)
+            finally:
+                _INSIDE_DDP.reset(token)
             return out.value if isinstance(out, _Exposed) else out
 
     return UnwrappingDDP
