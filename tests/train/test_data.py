@@ -69,3 +69,26 @@ def test_item_rng():
     assert item_rng(1, 2, 3).random() != item_rng(1, 2, 4).random()
     with pytest.raises(ValueError):
         item_rng(-1)
+
+
+def test_token_lengths_sources():
+    from d3s2.train.task import token_lengths
+
+    class PerItem:
+        def __len__(self):
+            return 3
+
+        def num_tokens(self, i):
+            return 10 * i
+
+    class Counts(PerItem):
+        token_counts = [5, 6, 7]
+
+    class Bad:
+        def __len__(self):
+            return 1
+
+    assert token_lengths(PerItem()) == [0, 10, 20]
+    assert token_lengths(Counts()) == [5, 6, 7]
+    with pytest.raises(TypeError, match="needs token_counts or num_tokens"):
+        token_lengths(Bad())

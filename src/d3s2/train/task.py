@@ -33,15 +33,17 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-__all__ = ["TrainTask", "TokenDataset", "TASKS", "register_task", "get_task", "task_names"]
+__all__ = ["TrainTask", "TokenDataset", "TASKS", "register_task", "get_task", "task_names", "token_lengths"]
 
 
 @runtime_checkable
 class TokenDataset(Protocol):
     """A map-style dataset whose items have a known token cost.
 
-    Optional methods: ``group(index) -> Hashable`` (items of one micro-batch share it) and
-    ``set_epoch(epoch)`` (called before each epoch's loader starts, in the main process).
+    The cost comes from ``num_tokens(index)`` or, when the dataset has it, from a ``token_counts`` sequence
+    (attribute, property or method; e.g. ``d3s2.data.SparseSDFDataset``). Optional methods:
+    ``group(index) -> Hashable`` (items of one micro-batch share it) and ``set_epoch(epoch)`` (called before
+    each epoch's loader starts, in the main process).
     """
 
     def __len__(self) -> int: ...
@@ -136,6 +138,23 @@ def _check_task_class(name: str, cls: type) -> None:
         raise TypeError(f"task {name!r} ({cls.__qualname__}) lacks {', '.join(missing)} of the TrainTask interface")
     if not dataclasses.is_dataclass(cls.Config):
         raise TypeError(f"task {name!r}: Config must be a dataclass, got {cls.Config!r}")
+
+
+def token_lengths(dataset: Any) -> list[int]:
+    """Tokens per item: ``dataset.token_counts`` (a sequence, or a method returning one) when present, else
+    ``dataset.num_tokens(i)`` for every item."""
+    counts = getattr(dataset, "token_counts", None)
+    if counts is not None:
+        counts = counts() if callable(counts) else counts
+        if len(counts) != len(dataset):
+            raise ValueError(f"{type(dataset).__name__}.token_counts has {len(counts)} entries for {len(dataset)} "
+                             "items")
+        return [int(c) for c in counts]
+    num_tokens = getattr(dataset, "num_tokens", None)
+    if not callable(num_tokens):
+        raise TypeError(f"{type(dataset).__name__} needs token_counts or num_tokens(index) so batches can be packed "
+                        "to data.max_tokens")
+    return [int(num_tokens(i)) for i in range(len(dataset))]
 
 
 def batch_group(dataset: Any, index: int) -> Hashable:

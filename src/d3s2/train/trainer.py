@@ -46,7 +46,7 @@ from .checkpoint import CheckpointDir, capture_rng_state, restore_rng_state
 from .data import StepBatchSampler, pack_batches, rank_share
 from .ema import EMA
 from .logger import RunLogger
-from .task import batch_group, get_task, has_validate, val_dir
+from .task import batch_group, get_task, has_validate, token_lengths, val_dir
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class Trainer:
         self.ema = EMA(self.module, decay=cfg.ema.decay, warmup=cfg.ema.warmup) if cfg.ema.decay > 0 else None
 
         self.train_set, self.val_set = self.task.build_datasets()
-        self.lengths = [int(self.train_set.num_tokens(i)) for i in range(len(self.train_set))]
+        self.lengths = token_lengths(self.train_set)
         if not self.lengths:
             raise ValueError(f"task {cfg.task.name}: the training dataset is empty")
         self.groups = [batch_group(self.train_set, i) for i in range(len(self.train_set))]
@@ -345,7 +345,7 @@ class Trainer:
         if not has_validate(self.task) or self.val_set is None or len(self.val_set) == 0:
             return {}
         dc = self.cfg.data
-        lengths = [int(self.val_set.num_tokens(i)) for i in range(len(self.val_set))]
+        lengths = token_lengths(self.val_set)
         groups = [batch_group(self.val_set, i) for i in range(len(self.val_set))]
         plan = pack_batches(lengths, max_tokens=dc.max_tokens, max_batch_size=dc.max_batch_size, groups=groups,
                             shuffle=False, sort_window=dc.sort_window)
