@@ -54,3 +54,33 @@ def test_single_process_helpers():
     assert D.gather_objects(3, info) == [3]
     with D.gradient_sync(model, enabled=False):
         pass
+
+
+def test_exposed_output_hooks_keep_the_output():
+    from dataclasses import dataclass
+
+    from d3s2.sparse import SparseTensor
+
+    @dataclass
+    class Out:
+        x: SparseTensor
+        extra: dict
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(2))
+
+        def forward(self, x: SparseTensor) -> Out:
+            return Out(x.replace(x.feats * self.w), {"n": [self.w.sum()]})
+
+    m = M()
+    x = SparseTensor.from_samples([torch.zeros(1, 3, dtype=torch.int32)], [torch.ones(1, 2)], resolution=4)
+    seen = []
+    unwrap_hook = D._expose_output_tensors(m)
+    m.register_forward_hook(lambda mod, args, out: seen.append(out))  # where FSDP's post-forward would run
+    m.register_forward_hook(unwrap_hook)
+    out = m(x)
+    assert isinstance(out, Out) and torch.equal(out.x.feats, torch.ones(1, 2))
+    assert isinstance(seen[0], D._Exposed) and len(seen[0].tensors) == 3  # feats, coords, w.sum()
+    assert any(t is out.x.feats for t in seen[0].tensors)

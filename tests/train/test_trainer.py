@@ -92,3 +92,23 @@ def test_cli_train_and_errors(tmp_path, capsys):
     assert "unknown key optim.lrr" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"task.args.channels \(from --task.args.channels=x\): expected int"):
         main(["-v", "train", "toy", "--config", str(cfg_path), "--task.args.channels=x"])
+
+
+def test_to_device_walks_batches():
+    from collections import namedtuple
+    from dataclasses import dataclass
+
+    from d3s2.sparse import SparseTensor
+    from d3s2.train.trainer import to_device
+
+    @dataclass
+    class B:
+        t: torch.Tensor
+        k: int
+
+    P = namedtuple("P", "a b")
+    st = SparseTensor.from_samples([torch.zeros(1, 3, dtype=torch.int32)], [torch.ones(1, 2)], resolution=4)
+    batch = {"st": st, "dc": B(torch.ones(2), 3), "nt": P(torch.zeros(1), "s"), "l": [torch.ones(1)], "n": None}
+    moved = to_device(batch, torch.device("cpu"))
+    assert isinstance(moved["st"], SparseTensor) and moved["dc"].k == 3 and moved["nt"].b == "s"
+    assert isinstance(moved["nt"], P) and moved["n"] is None and torch.equal(moved["l"][0], torch.ones(1))

@@ -182,9 +182,9 @@ def _find_tensors(obj: Any, depth: int = 0) -> list[torch.Tensor]:
     elif isinstance(obj, list | tuple):
         items = list(obj)
     elif hasattr(obj, "__dict__") or hasattr(type(obj), "__slots__"):
-        names = list(getattr(obj, "__dict__", {})) + [n for n in getattr(type(obj), "__slots__", ())
-                                                        if not n.startswith("__")]
-        items = [getattr(obj, n, None) for n in names]
+        # Public attributes only: private ones hold caches (e.g. SparseTensor's neighbour maps).
+        names = list(getattr(obj, "__dict__", {})) + list(getattr(type(obj), "__slots__", ()))
+        items = [getattr(obj, n, None) for n in names if not n.startswith("_")]
     else:
         return []
     return [t for item in items for t in _find_tensors(item, depth + 1)]
@@ -201,7 +201,7 @@ def _expose_output_tensors(module: nn.Module, *, only_inside_ddp: bool = False):
     unwraps it.
     """
     def expose(mod: nn.Module, args: Any, output: Any) -> Any:
-        if isinstance(output, torch.Tensor | list | tuple | dict) or (only_inside_ddp and not _INSIDE_DDP.get()):
+        if isinstance(output, torch.Tensor) or (only_inside_ddp and not _INSIDE_DDP.get()):
             return output
         return _Exposed(output, tuple(_find_tensors(output)))
 

@@ -12,8 +12,11 @@ Code outside the package can call :func:`register_task` instead. ``d3s2 train FA
 Rules a task must follow:
 
 - ``loss`` calls ``model(...)`` exactly once per micro-batch and derives everything from its outputs: DDP and
-  FSDP synchronise through the module's ``forward``, so calling ``model.module.encode(...)`` or any method
-  other than ``forward`` would skip gradient synchronisation.
+  FSDP synchronise through the module's ``forward``, so calling ``model.module.encode(...)`` or any other
+  method that uses parameters would skip gradient synchronisation. Parameter-free helpers of the model (a
+  ``loss(out, batch)`` method) are reached with :func:`d3s2.train.distributed.unwrap` (``model`` may be a
+  DDP wrapper). The output may be anything (tensors, SparseTensors, dataclasses, custom classes): the
+  wrappers find the tensors inside it.
 - Randomness: use the global torch/numpy/python RNGs in ``loss`` (the trainer seeds them per rank and saves
   them in checkpoints). Inside datasets, derive random choices from the item index and the epoch
   (``set_epoch``), e.g. with :func:`d3s2.train.data.item_rng`, never from global RNGs: DataLoader workers

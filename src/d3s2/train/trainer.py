@@ -103,7 +103,8 @@ def lr_lambda(step: int, *, warmup_steps: int, max_steps: int, schedule: str, mi
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
-    """Move tensors, SparseTensors (anything with ``.to``) and dicts/lists/tuples of them to ``device``."""
+    """Move a batch to ``device``: tensors, anything with a ``.to(device)`` method (SparseTensor, batch classes),
+    and dicts, lists, tuples and dataclasses of them."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, Mapping):
@@ -112,11 +113,13 @@ def to_device(batch: Any, device: torch.device) -> Any:
         return type(batch)(to_device(v, device) for v in batch)
     if hasattr(batch, "_fields"):  # namedtuple
         return type(batch)(*(to_device(v, device) for v in batch))
+    to = getattr(batch, "to", None)
+    if callable(to):  # SparseTensor, or a batch class that knows how to move itself
+        return to(device)
     if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
         return dataclasses.replace(batch, **{f.name: to_device(getattr(batch, f.name), device)
                                              for f in dataclasses.fields(batch) if f.init})
-    to = getattr(batch, "to", None)
-    return to(device) if callable(to) else batch
+    return batch
 
 
 @contextlib.contextmanager
