@@ -112,3 +112,13 @@ def test_to_device_walks_batches():
     moved = to_device(batch, torch.device("cpu"))
     assert isinstance(moved["st"], SparseTensor) and moved["dc"].k == 3 and moved["nt"].b == "s"
     assert isinstance(moved["nt"], P) and moved["n"] is None and torch.equal(moved["l"][0], torch.ones(1))
+
+
+def test_committed_toy_config_loads():
+    from pathlib import Path
+
+    from d3s2.train.trainer import load_train_config
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "debug" / "tiny_toy.yaml"
+    cfg = load_train_config(path, ["--train.max_steps=3"])
+    assert cfg.task.name == "toy" and cfg.train.max_steps == 3 and cfg.task.args.resolution == 16
