@@ -22,6 +22,8 @@ def main() -> None:
         data["train"]["parallel"] = mode
         # DDP searching for unused parameters must see inside the SparseTensor output too.
         data["train"]["find_unused_parameters"] = mode == "ddp"
+        # FSDP with nested units whose inputs and outputs are SparseTensors.
+        data["train"]["fsdp_units"] = ["encoder", "decoder"] if mode == "fsdp" else []
         trainer = Trainer(build_train_config(data), out / mode)
         trainer.run()
         full, _ = D.full_state_dicts(trainer.model, trainer.optimizer)  # collective; empty on rank 1 under FSDP
