@@ -345,6 +345,8 @@ class EMAConfig:
 @dataclasses.dataclass(kw_only=True)
 class TrainSection:
     max_steps: int  # optimizer steps; also the length of the lr schedule
+    init_from: str | None = None  # start from these weights (a checkpoint .pt, or an export dir / .safetensors)
+    init_from_ema: bool = True  # with a checkpoint: take its EMA weights when it has them
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda:LOCAL_RANK when CUDA is available
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
     parallel: Literal["ddp", "fsdp"] = "ddp"  # with more than one process: DDP, or FSDP2 sharding for big models

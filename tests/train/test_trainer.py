@@ -122,3 +122,21 @@ def test_committed_toy_config_loads():
     path = Path(__file__).resolve().parents[2] / "configs" / "debug" / "tiny_toy.yaml"
     cfg = load_train_config(path, ["--train.max_steps=3"])
     assert cfg.task.name == "toy" and cfg.train.max_steps == 3 and cfg.task.args.resolution == 16
+
+
+def test_init_from_checkpoint_or_export(tmp_path, tiny_cfg):
+    from safetensors.torch import load_file
+
+    Trainer(tiny_cfg(train={"max_steps": 2}), tmp_path / "a").run()
+    ckpt = CheckpointDir.load(tmp_path / "a" / "checkpoints" / "step_00000002.pt")
+    b = Trainer(tiny_cfg(train={"init_from": str(tmp_path / "a" / "checkpoints" / "step_00000002.pt")}),
+                tmp_path / "b")
+    for name, p in b.module.named_parameters():
+        assert torch.equal(p, ckpt["ema"]["params"][name]), name
+    assert not torch.equal(ckpt["ema"]["params"]["stem.weight"], ckpt["model"]["stem.weight"])
+    c = Trainer(tiny_cfg(train={"init_from": str(tmp_path / "a" / "export")}), tmp_path / "c")
+    exported = load_file(str(tmp_path / "a" / "export" / "model.safetensors"))
+    for name, p in c.module.named_parameters():
+        assert torch.equal(p, exported[name]), name
+    with pytest.raises(FileNotFoundError, match="train.init_from"):
+        Trainer(tiny_cfg(train={"init_from": str(tmp_path / "nope.pt")}), tmp_path / "d")

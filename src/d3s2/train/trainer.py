@@ -50,7 +50,8 @@ from .task import batch_group, get_task, has_validate, token_lengths, val_dir
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "load_train_config", "build_train_config", "lr_lambda", "seed_everything", "to_device"]
+__all__ = ["Trainer", "load_train_config", "build_train_config", "lr_lambda", "seed_everything", "to_device",
+           "load_initial_weights"]
 
 CHECKPOINT_VERSION = 1
 
@@ -122,6 +123,33 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def load_initial_weights(model: nn.Module, path: str | Path, *, use_ema: bool = True) -> None:
+    """Load weights for a new run (fine-tuning, the next stage of progressive training) into ``model``.
+
+    ``path``: a trainer checkpoint (``.pt``; its EMA weights when ``use_ema`` and present), a ``.safetensors``
+    file, or a directory holding ``model.safetensors`` (a task export). Every parameter must match.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"train.init_from: no such file {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        ckpt = CheckpointDir.load(path)
+        state = dict(ckpt["model"])
+        if use_ema and ckpt.get("ema"):
+            state.update(ckpt["ema"]["params"])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"train.init_from {path} does not fit the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    log.info("initialised the model from %s", path)
+
+
 @contextlib.contextmanager
 def preserved_rng() -> Iterator[None]:
     """Run a block (validation) without changing the training RNG streams."""
@@ -172,6 +200,8 @@ class Trainer:
         model = self.task.build_model()
         if not isinstance(model, nn.Module):
             raise TypeError(f"task {cfg.task.name}: build_model() must return an nn.Module, got {type(model)}")
+        if tc.init_from and resume_path is None:
+            load_initial_weights(model, tc.init_from, use_ema=tc.init_from_ema)
         model.to(info.device)
         self.use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and info.device.type == "cuda")
         if tc.activation_checkpointing:
