@@ -268,15 +268,17 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
 
 # --------------------------------------------------------------------------- collectives
 def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float]:
-    """Average a dict of floats over ranks (every rank must pass the same keys)."""
-    if not info.distributed or not values:
+    """Average a dict of floats over ranks; a key missing on some ranks is averaged over the ranks that have it."""
+    if not info.distributed:
         return dict(values)
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
-                     device=info.device if dist.get_backend() == "nccl" else "cpu")
+    keys = sorted(set().union(*gather_objects(sorted(values), info)))
+    if not keys:
+        return {}
+    device = info.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([[float(values.get(k, 0.0)), float(k in values)] for k in keys], dtype=torch.float64,
+                     device=device)  # [K, 2]: value, present
     dist.all_reduce(t)
-    t /= info.world_size
-    return dict(zip(keys, t.tolist()))
+    return {k: s / n for k, (s, n) in zip(keys, t.tolist())}
 
 
 def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
