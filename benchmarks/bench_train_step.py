@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def _run(nproc: int, args: argparse.Namespace, overrides: list[str], out: Path) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    # torchrun sets 1 thread per process when N > 1; do the same for N = 1 so the runs compare like for like.
+    env.setdefault("OMP_NUM_THREADS", "1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "d3s2.cli", "train", args.task, "--config", args.config, "--out", str(out),
            f"--train.max_steps={args.warmup + args.steps}", "--train.log_every=1", "--train.ckpt_every=0",
