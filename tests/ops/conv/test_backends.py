@@ -121,8 +121,11 @@ def test_layers_use_cached_kernel_map_with_triton(interpret):
         y2 = conv(x.replace((x.feats * 2).requires_grad_()))
         y2.feats.sum().backward()
     kmap = x.get_cache("kernel_map_subm3")
-    # the schedule and the transposed map were built once and kept with the structure
-    assert ("triton_tiles", conv_triton.fwd_config(4, 4)["BLOCK_M"]) in kmap._cache and "T" in kmap._cache
+    # the schedule, pair lists and chunk bounds were built once and kept with the structure; the input gradient of
+    # a submanifold map runs on the map itself, so no transposed map is built
+    assert ("triton_tiles", conv_triton.fwd_config(4, 4)["BLOCK_M"]) in kmap._cache and "pairs" in kmap._cache
+    assert any(isinstance(key, tuple) and key[0] == "triton_wgrad_bounds" for key in kmap._cache)
+    assert kmap.symmetric and "T" not in kmap._cache
     torch.testing.assert_close(y2.feats - conv.bias, 2 * (y1.feats - conv.bias), atol=1e-5, rtol=1e-5)
 
 

@@ -5,6 +5,8 @@ P valid (input, output) pairs.
 
     forward   out[p]     = bias + Σ_k feats[map[p, k]] @ weight[k]          sparse_conv_fwd_kernel
     d_feats   d_feats[q] = Σ_k grad[mapᵀ[q, k]] @ weight[k]ᵀ                the same kernel on the transposed map
+                                                                        (submanifold: on the map itself, offsets
+                                                                        of the weight reversed)
     d_weight  d_w[k]     = Σ_{(q, p) pairs of k} feats[q]ᵀ grad[p]          sparse_conv_wgrad_kernel
 
 The forward kernel gathers each tile's input rows through the kernel map inside the kernel (no gathered copy in
@@ -320,7 +322,11 @@ class SparseConvFunction(torch.autograd.Function):
         kmap: KernelMap = ctx.kmap
         grad = grad.contiguous()
         d_feats = d_weight = d_bias = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and kmap.symmetric:
+            # mapᵀ[q, k] = map[q, K-1-k]: run on the forward's own map, row order and tile schedule, with the
+            # offsets of the weight reversed (no transposed map in memory).
+            d_feats = sparse_conv_fwd(grad, kmap, weight.flip(0).transpose(1, 2).contiguous())
+        elif ctx.needs_input_grad[0]:
             d_feats = sparse_conv_fwd(grad, kmap.T, weight.transpose(1, 2).contiguous())
         want_bias = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1]:  # the bias gradient rides along in the weight-gradient launch
