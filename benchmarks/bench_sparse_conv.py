@@ -319,30 +319,38 @@ def _breakdown(record, name, kmap, feats, weight, grad, flops, deadline: float, 
     from d3s2.ops.conv import triton as ct
 
     c_in, c_out = weight.shape[1], weight.shape[2]
-    w_t = weight.transpose(1, 2).contiguous()
+    # the input gradient as the backward runs it (submanifold: the forward map with offset-reversed weights)
+    d_map, w_t = (kmap, weight.flip(0).transpose(1, 2).contiguous()) if kmap.symmetric else \
+        (kmap.T, weight.transpose(1, 2).contiguous())
     base_wg = ct.wgrad_config
     base = base_wg(c_in, c_out)
     sms = ct._sm_count(feats.device)
     parts = [("fwd", base, lambda: ct.sparse_conv_fwd(feats, kmap, weight)),
-             ("dgrad", base, lambda: ct.sparse_conv_fwd(grad, kmap.T, w_t)),
+             ("dgrad", base, lambda: ct.sparse_conv_fwd(grad, d_map, w_t)),
              ("wgrad+bias", base, lambda: ct.sparse_conv_wgrad(feats, grad, kmap, bias=True)),
              ("wgrad", base, lambda: ct.sparse_conv_wgrad(feats, grad, kmap)),
              ("bias_sum_torch", base, lambda: grad.sum(0, dtype=torch.float32))]
-    for factor in (0.25, 4.0, 16.0):
-        cfg = dict(base, CHUNK_ROWS=max(base["BLOCK_P"], int(base["CHUNK_ROWS"] * factor)))
-        parts.append((f"wgrad+bias CHUNK_ROWS={cfg['CHUNK_ROWS']}", cfg,
-                      lambda: ct.sparse_conv_wgrad(feats, grad, kmap, bias=True)))
+    variants = [dict(base, CHUNK_ROWS=max(base["BLOCK_P"], int(base["CHUNK_ROWS"] * f))) for f in (0.25, 4.0, 16.0)]
+    variants += [dict(base, BLOCK_P=base["BLOCK_P"] * 2, num_stages=3),  # these two compile a kernel each
+                 dict(base, BLOCK_P=max(16, base["BLOCK_P"] // 2), num_stages=4)]
+    for cfg in variants:
+        label = ",".join(f"{k}={v}" for k, v in cfg.items() if v != base[k])
+        parts.append((f"wgrad+bias {label}", cfg, lambda: ct.sparse_conv_wgrad(feats, grad, kmap, bias=True)))
     for part, cfg, fn in parts:
         if time.time() > deadline:
             break
         ct.wgrad_config = lambda ci, co, cfg=cfg: cfg
-        t = _bench(fn, rep_ms=rep_ms)
+        try:
+            t = _bench(fn, rep_ms=rep_ms)
+        except Exception as err:  # a variant can exceed shared memory; record and go on
+            t = float("nan")
+            print(f"   breakdown {part}: {type(err).__name__}: {err}"[:300], flush=True)
         split, rows = ct._wgrad_split(kmap.num_outputs, kmap.num_offsets, c_in, c_out, cfg, sms)
         row = {"layout": name, "part": part, "ms": t, "tflops": flops / t / 1e9 if part != "bias_sum_torch" else None,
                "wgrad_chunk_rows": cfg["CHUNK_ROWS"], "wgrad_split": split, "wgrad_rows": rows,
                "wgrad_partial_mb": split * kmap.num_offsets * c_in * c_out * 4 / 2**20}
         record["breakdown"].append(row)
-        print(f"   breakdown {part:30s} {t:8.3f} ms  (wgrad: {split} chunks of {rows} rows)", flush=True)
+        print(f"   breakdown {part:40s} {t:8.3f} ms  (wgrad: {split} chunks of {rows} rows)", flush=True)
     ct.wgrad_config = base_wg
 
 
