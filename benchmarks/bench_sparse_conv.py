@@ -86,6 +86,8 @@ def make_layouts(meshes_path: str, out: str) -> None:
 
 
 def _git_commit() -> str:
+    if os.environ.get("D3S2_GIT_COMMIT"):  # copies run outside their worktree (the GPU machine) name it explicitly
+        return os.environ["D3S2_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
