@@ -1,0 +1,381 @@
+"""Narrow-band signed distance fields on sparse voxels: the SS-VAE's input and target.
+
+Grid: at resolution ``R`` the cube ``[-1, 1]^3`` is split into ``R^3`` voxels of size ``h = 2 / R``; voxel
+``(i, j, k)`` has its centre at ``(index + 0.5) * h - 1``. The band of width ``tau`` (``band``, in ``[-1, 1]``
+units, default 1/128: 4 voxels at 1024³, 2 at 512³, 1 at 256³) is the set of voxels whose centre lies
+closer than ``tau`` to the surface. No dense ``R^3`` array is ever built: candidate cells are refined
+coarse to fine, keeping only cells that can reach the band, so memory grows with the band, not with ``R^3``.
+
+Inside/outside rule (the sign): a point is **inside** (negative distance) when the generalised winding
+number of the mesh at that point is at least 1/2, and outside otherwise. The winding number counts how
+many times the surface wraps around the point; it is 1 inside and 0 outside a closed, outward-oriented
+mesh, and it degrades gracefully on real meshes:
+
+- holes: the value drops smoothly to 1/2 across the hole, so the surface is closed by a "membrane" where
+  the winding number crosses 1/2 (a minimal-area-like cap spanning the hole);
+- several parts, self-intersections and duplicated faces: windings add up (2 where two parts overlap),
+  so overlapping parts form their union;
+- flipped faces: a few flipped faces only change the sign in a small lens near each flipped face
+  (about the face's own size); a mesh whose every face is flipped is read inside-out.
+
+The band is *closed*: every occupied 8³ block stores the inside bit of all its 512 voxels, and blocks are
+added where a sign change (a hole's membrane, or a band thinner than a voxel) reaches the side of an
+occupied block whose neighbour is missing, until no sign change touches a missing neighbour. Marching
+cubes over the truncated field of the occupied blocks (:meth:`SparseSDF.block_targets`) is then watertight.
+
+Sharp voxels: band voxels closer than ``tau`` to a mesh edge whose dihedral angle (the angle between the
+two face normals) exceeds ``sharp_angle_deg``.
+
+Backends: ``"igl"`` (CPU, libigl's AABB distance and fast winding number) and ``"torch"`` (CPU or CUDA,
+this module's own multilevel evaluator, see :mod:`d3s2.geometry._field`). Both follow the rule above.
+
+Dimension legend: N band voxels, NB occupied blocks, F triangles, R resolution.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import trimesh
+
+logger = logging.getLogger(__name__)
+
+BLOCK = 8  # voxels per block side; the VAE decodes whole 8³ blocks
+_BLOCK_VOXELS = BLOCK**3
+
+
+@dataclass
+class SparseSDF:
+    """Band voxels of one mesh at one resolution, plus inside bits for every voxel of occupied blocks.
+
+    Attributes:
+        coords: int32 ``[N, 3]`` voxel indices ``(x, y, z)`` in ``[0, R)``, sorted by ``(x, y, z)``.
+        sdf: float32 ``[N]`` signed distance in ``[-1, 1]`` units, negative inside, ``|sdf| < band``.
+        sharp: bool ``[N]`` voxel lies within ``band`` of a sharp mesh edge.
+        resolution: R.
+        band: tau, the band half-width in ``[-1, 1]`` units.
+        block_coords: int32 ``[NB, 3]`` occupied 8³ blocks ``(bx, by, bz)`` sorted lexicographically; every block
+            holding a band voxel plus blocks added to close the band (see the module docstring).
+        block_inside: uint8 ``[NB, 64]``: ``np.packbits`` of the 512 inside bits of each block, voxel order
+            ``(lx, ly, lz)`` lexicographic (z fastest): bit ``(lx * 8 + ly) * 8 + lz``, big-endian bit order.
+    """
+
+    coords: np.ndarray
+    sdf: np.ndarray
+    sharp: np.ndarray
+    resolution: int
+    band: float
+    block_coords: np.ndarray
+    block_inside: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.coords.shape[0])
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays for ``np.savez`` (dataset files)."""
+        return {
+            "coords": self.coords.astype(np.int32),
+            "sdf": self.sdf.astype(np.float32),
+            "sharp": np.packbits(self.sharp.astype(bool)),
+            "num_voxels": np.asarray(len(self), dtype=np.int64),
+            "resolution": np.asarray(self.resolution, dtype=np.int64),
+            "band": np.asarray(self.band, dtype=np.float64),
+            "block_coords": self.block_coords.astype(np.int32),
+            "block_inside": self.block_inside.astype(np.uint8),
+        }
+
+    @classmethod
+    def from_arrays(cls, d: dict[str, np.ndarray]) -> SparseSDF:
+        """Inverse of :meth:`to_arrays` (accepts an ``NpzFile``)."""
+        missing = {"coords", "sdf", "sharp", "num_voxels", "resolution", "band", "block_coords", "block_inside"}
+        missing -= set(d.keys())
+        if missing:
+            raise ValueError(f"SparseSDF arrays: missing keys {sorted(missing)}")
+        n = int(d["num_voxels"])
+        return cls(
+            coords=np.asarray(d["coords"], dtype=np.int32),
+            sdf=np.asarray(d["sdf"], dtype=np.float32),
+            sharp=np.unpackbits(np.asarray(d["sharp"], dtype=np.uint8), count=n).astype(bool),
+            resolution=int(d["resolution"]),
+            band=float(d["band"]),
+            block_coords=np.asarray(d["block_coords"], dtype=np.int32),
+            block_inside=np.asarray(d["block_inside"], dtype=np.uint8),
+        )
+
+    def inside_blocks(self) -> np.ndarray:
+        """bool ``[NB, 8, 8, 8]`` inside bits of every voxel of every occupied block, indexed ``[b, lx, ly, lz]``."""
+        bits = np.unpackbits(self.block_inside, axis=1, count=_BLOCK_VOXELS).astype(bool)
+        return bits.reshape(-1, BLOCK, BLOCK, BLOCK)
+
+    def block_targets(self, block_size: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
+        """Truncated SDF target for every voxel of every occupied block.
+
+        Returns ``(blocks int32 [NB', 3], target float32 [NB', block_size^3])``: inside the band the signed
+        distance, outside it ``-band`` (inside) or ``+band`` (outside). Voxel order inside a block is
+        ``(lx, ly, lz)`` lexicographic, z fastest: column ``(lx * s + ly) * s + lz``; voxel coordinate
+        ``block * block_size + (lx, ly, lz)``. ``block_size`` must divide 8; smaller blocks are the
+        sub-blocks of the stored 8³ blocks (all of them, including those without band voxels).
+        """
+        if block_size <= 0 or BLOCK % block_size:
+            raise ValueError(f"block_size must divide {BLOCK}, got {block_size}")
+        inside = self.inside_blocks()
+        target = np.where(inside, -self.band, self.band).astype(np.float32)  # [NB, 8, 8, 8]
+        if len(self):
+            rows = _lookup(_keys(self.block_coords, self.resolution // BLOCK),
+                           _keys(self.coords // BLOCK, self.resolution // BLOCK))
+            local = self.coords % BLOCK
+            target[rows, local[:, 0], local[:, 1], local[:, 2]] = self.sdf
+        if block_size == BLOCK:
+            return self.block_coords.copy(), target.reshape(-1, _BLOCK_VOXELS)
+        f = BLOCK // block_size
+        nb = target.shape[0]
+        # [NB, f, s, f, s, f, s] -> [NB, f, f, f, s, s, s]
+        sub = target.reshape(nb, f, block_size, f, block_size, f, block_size).transpose(0, 1, 3, 5, 2, 4, 6)
+        offs = np.stack(np.meshgrid(np.arange(f), np.arange(f), np.arange(f), indexing="ij"), -1).reshape(-1, 3)
+        blocks = (self.block_coords[:, None, :] * f + offs[None]).reshape(-1, 3).astype(np.int32)
+        return blocks, sub.reshape(-1, block_size**3).copy()
+
+    def dense(self) -> np.ndarray:
+        """float32 ``[R, R, R]`` truncated field (``+band`` away from occupied blocks). For tests and small R."""
+        r = self.resolution
+        grid = np.full((r, r, r), self.band, dtype=np.float32)
+        blocks, target = self.block_targets()
+        vox = target.reshape(-1, BLOCK, BLOCK, BLOCK)
+        for b, (bx, by, bz) in enumerate(blocks * BLOCK):
+            grid[bx:bx + BLOCK, by:by + BLOCK, bz:bz + BLOCK] = vox[b]
+        return grid
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _keys(coords: np.ndarray, r: int) -> np.ndarray:
+    """int64 [M] lexicographic key of integer coords [M, 3] in [0, r)."""
+    c = coords.astype(np.int64)
+    return (c[:, 0] * r + c[:, 1]) * r + c[:, 2]
+
+
+def _lookup(sorted_keys: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Row of each query key in ``sorted_keys`` (keys must be present)."""
+    return np.searchsorted(sorted_keys, query)
+
+
+def _member(sorted_keys: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(found bool [M], row int64 [M]) for each query key in ``sorted_keys``."""
+    if sorted_keys.size == 0:
+        return np.zeros(query.shape, dtype=bool), np.zeros(query.shape, dtype=np.int64)
+    row = np.minimum(np.searchsorted(sorted_keys, query), sorted_keys.size - 1)
+    return sorted_keys[row] == query, row
+
+
+def voxel_centers(coords: np.ndarray, resolution: int) -> np.ndarray:
+    """float64 [M, 3] centres of voxels ``coords`` [M, 3] at ``resolution``."""
+    return (coords.astype(np.float64) + 0.5) * (2.0 / resolution) - 1.0
+
+
+def _block_offsets() -> np.ndarray:
+    """int64 [512, 3] local voxel offsets in (lx, ly, lz) lexicographic order."""
+    g = np.arange(BLOCK)
+    return np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
+
+
+def sharp_edges(mesh: trimesh.Trimesh, angle_deg: float) -> np.ndarray:
+    """float64 [E, 2, 3] segments of mesh edges whose dihedral angle exceeds ``angle_deg``.
+
+    Vertices are merged by position first, so triangle soups (common in game assets) still have adjacency.
+    """
+    merged = trimesh.Trimesh(vertices=mesh.vertices, faces=mesh.faces, process=False)
+    merged.merge_vertices()
+    if len(merged.faces) < 2:
+        return np.zeros((0, 2, 3))
+    angles = merged.face_adjacency_angles  # [A] angle between adjacent face normals, radians
+    edges = merged.face_adjacency_edges[angles > math.radians(angle_deg)]
+    return merged.vertices[edges]
+
+
+# ---------------------------------------------------------------------------------------------- backends
+class _IglField:
+    """Distance and winding number from libigl (CPU)."""
+
+    def __init__(self, vertices: np.ndarray, faces: np.ndarray, sharp_segments: np.ndarray) -> None:
+        import igl
+
+        self._igl = igl
+        self.v = np.ascontiguousarray(vertices, dtype=np.float64)
+        self.f = np.ascontiguousarray(faces, dtype=np.int64)
+        n = len(sharp_segments)
+        self.sv = np.ascontiguousarray(sharp_segments.reshape(-1, 3), dtype=np.float64)
+        self.se = np.arange(2 * n, dtype=np.int64).reshape(n, 2)
+
+    def distance(self, points: np.ndarray) -> np.ndarray:
+        if len(points) == 0:
+            return np.zeros(0)
+        d2, _, _ = self._igl.point_mesh_squared_distance(np.ascontiguousarray(points), self.v, self.f)
+        return np.sqrt(d2)
+
+    def winding(self, points: np.ndarray) -> np.ndarray:
+        if len(points) == 0:
+            return np.zeros(0)
+        return self._igl.fast_winding_number(self.v, self.f, np.ascontiguousarray(points))
+
+    def sharp_distance(self, points: np.ndarray) -> np.ndarray:
+        if len(self.se) == 0 or len(points) == 0:
+            return np.full(len(points), np.inf)
+        d2, _, _ = self._igl.point_mesh_squared_distance(np.ascontiguousarray(points), self.sv, self.se)
+        return np.sqrt(d2)
+
+
+def _make_field(backend: str, mesh: trimesh.Trimesh, sharp_segments: np.ndarray, band: float, device: str):
+    if backend == "igl":
+        if device != "cpu":
+            raise ValueError(f"backend 'igl' runs on the CPU only, got device={device!r}")
+        return _IglField(mesh.vertices, mesh.faces, sharp_segments)
+    if backend == "torch":
+        from d3s2.geometry._field import TorchField
+
+        return TorchField(mesh.vertices, mesh.faces, sharp_segments, band=band, device=device)
+    raise ValueError(f"unknown SDF backend {backend!r}, expected 'igl' or 'torch'")
+
+
+# ---------------------------------------------------------------------------------------------- algorithm
+def _levels(resolution: int) -> list[int]:
+    """Grid sizes from coarse to fine, each half the next, ending at ``resolution`` (coarsest <= 16 or odd)."""
+    levels = [resolution]
+    while levels[-1] % 2 == 0 and levels[-1] > 16:
+        levels.append(levels[-1] // 2)
+    return levels[::-1]
+
+
+def band_candidates(field, resolution: int, band: float) -> tuple[np.ndarray, np.ndarray]:
+    """Band voxels by coarse-to-fine refinement: (coords int64 [N, 3], unsigned distance float64 [N]).
+
+    A cell of size ``s`` is refined only if its centre is closer than ``band + s * sqrt(3) / 2`` to the
+    surface, which keeps every cell that can contain a band voxel centre.
+    """
+    levels = _levels(resolution)
+    g0 = levels[0]
+    ax = np.arange(g0)
+    cells = np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), -1).reshape(-1, 3)
+    children = np.stack(np.meshgrid([0, 1], [0, 1], [0, 1], indexing="ij"), -1).reshape(-1, 3)
+    for i, g in enumerate(levels):
+        size = 2.0 / g
+        dist = field.distance(voxel_centers(cells, g))
+        if g == resolution:
+            keep = dist < band
+            return cells[keep], dist[keep]
+        keep = dist < band + size * math.sqrt(3) / 2
+        cells = (cells[keep][:, None, :] * 2 + children[None]).reshape(-1, 3)
+        assert levels[i + 1] == 2 * g
+    raise AssertionError("unreachable: the last level is the resolution")
+
+
+def _close_blocks(field, resolution: int, block_keys: np.ndarray, inside: np.ndarray,
+                  max_rounds: int) -> tuple[np.ndarray, np.ndarray]:
+    """Add blocks where a sign change reaches a face towards a missing neighbour; see the module docstring.
+
+    ``block_keys`` int64 [NB] sorted, ``inside`` bool [NB, 8, 8, 8]. Returns the grown pair, still sorted.
+    """
+    g = resolution // BLOCK
+    faces = [(0, -1), (0, 1), (1, -1), (1, 1), (2, -1), (2, 1)]
+    offsets = _block_offsets()
+    new_keys = block_keys
+    for _ in range(max_rounds):
+        coords = np.stack([block_keys // (g * g), (block_keys // g) % g, block_keys % g], -1)
+        found_new = []
+        for axis, step in faces:
+            layer = np.take(inside, 0 if step < 0 else BLOCK - 1, axis=axis + 1)  # [NB, 8, 8]
+            mixed = layer.any(axis=(1, 2)) & ~layer.all(axis=(1, 2))
+            nb = coords[mixed].copy()
+            nb[:, axis] += step
+            nb = nb[(nb[:, axis] >= 0) & (nb[:, axis] < g)]
+            k = _keys(nb, g)
+            present, _ = _member(block_keys, k)
+            found_new.append(k[~present])
+        new_keys = np.unique(np.concatenate(found_new))
+        if new_keys.size == 0:
+            break
+        new_coords = np.stack([new_keys // (g * g), (new_keys // g) % g, new_keys % g], -1)
+        pts = voxel_centers((new_coords[:, None, :] * BLOCK + offsets[None]).reshape(-1, 3), resolution)
+        new_inside = (field.winding(pts) >= 0.5).reshape(-1, BLOCK, BLOCK, BLOCK)
+        all_keys = np.concatenate([block_keys, new_keys])
+        order = np.argsort(all_keys, kind="stable")
+        block_keys = all_keys[order]
+        inside = np.concatenate([inside, new_inside])[order]
+    else:
+        logger.warning("band closure stopped after %d rounds with %d blocks still open", max_rounds, new_keys.size)
+    return block_keys, inside
+
+
+def _sparse_sdf_one(field, resolution: int, band: float) -> SparseSDF:
+    coords, udf = band_candidates(field, resolution, band)
+    g = resolution // BLOCK
+    order = np.argsort(_keys(coords, resolution), kind="stable")
+    coords, udf = coords[order], udf[order]
+    w = field.winding(voxel_centers(coords, resolution))
+    inside_band = w >= 0.5
+    sdf = np.where(inside_band, -udf, udf).astype(np.float32)
+    sharp = field.sharp_distance(voxel_centers(coords, resolution)) < band
+
+    block_of = coords // BLOCK
+    block_keys = np.unique(_keys(block_of, g))
+    nb = block_keys.size
+    # Inside bits of every voxel of every occupied block: band voxels from above, the rest by winding number.
+    flat = np.zeros((nb, _BLOCK_VOXELS), dtype=np.int8)  # 0 unknown, 1 inside, -1 outside
+    rows = _lookup(block_keys, _keys(block_of, g))
+    local = coords % BLOCK
+    col = (local[:, 0] * BLOCK + local[:, 1]) * BLOCK + local[:, 2]
+    flat[rows, col] = np.where(inside_band, 1, -1)
+    unknown_b, unknown_v = np.nonzero(flat == 0)
+    if unknown_b.size:
+        bc = np.stack([block_keys // (g * g), (block_keys // g) % g, block_keys % g], -1)
+        vox = bc[unknown_b] * BLOCK + _block_offsets()[unknown_v]
+        flat[unknown_b, unknown_v] = np.where(field.winding(voxel_centers(vox, resolution)) >= 0.5, 1, -1)
+    inside = (flat > 0).reshape(nb, BLOCK, BLOCK, BLOCK)
+    block_keys, inside = _close_blocks(field, resolution, block_keys, inside, max_rounds=4 * g)
+    block_coords = np.stack([block_keys // (g * g), (block_keys // g) % g, block_keys % g], -1).astype(np.int32)
+    packed = np.packbits(inside.reshape(len(block_keys), -1), axis=1)
+    return SparseSDF(coords=coords.astype(np.int32), sdf=sdf, sharp=sharp, resolution=resolution, band=float(band),
+                     block_coords=block_coords, block_inside=packed)
+
+
+def compute_sparse_sdf(
+    mesh: trimesh.Trimesh,
+    resolutions: int | list[int] | tuple[int, ...],
+    band: float = 1 / 128,
+    *,
+    device: str = "cpu",
+    sharp_angle_deg: float = 30.0,
+    backend: str | None = None,
+) -> dict[int, SparseSDF]:
+    """Band SDF of ``mesh`` (already normalised into ``[-1, 1]^3``) at each resolution.
+
+    Args:
+        mesh: triangle mesh inside ``[-1, 1]^3`` (see :func:`d3s2.geometry.mesh_io.normalize_mesh`).
+        resolutions: R or several; each a multiple of 8 in ``[8, 2048]``.
+        band: tau in ``[-1, 1]`` units; voxels with ``|sdf| < tau`` are kept.
+        device: "cpu" or a CUDA device; CUDA requires the "torch" backend.
+        sharp_angle_deg: dihedral angle above which an edge is sharp.
+        backend: "igl" (CPU default) or "torch" (CUDA default; also runs on CPU).
+
+    Returns ``{R: SparseSDF}``. The spatial structures are built once and shared by all resolutions.
+    """
+    if isinstance(resolutions, int):
+        resolutions = [resolutions]
+    for r in resolutions:
+        if not isinstance(r, (int, np.integer)) or r % BLOCK or not BLOCK <= r <= 2048:
+            raise ValueError(f"expected resolutions that are multiples of {BLOCK} in [8, 2048], got {r!r}")
+    if not 0 < band < 1:
+        raise ValueError(f"expected 0 < band < 1, got {band}")
+    vertices = np.asarray(mesh.vertices)
+    if np.abs(vertices).max() > 1:
+        raise ValueError("expected a mesh inside [-1, 1]^3 (normalise it first), got coordinates up to "
+                         f"{np.abs(vertices).max():.3f}")
+    if backend is None:
+        backend = "igl" if str(device) == "cpu" else "torch"
+    for r in resolutions:
+        if band < 2.0 / r:
+            logger.warning("band %.5f is narrower than one voxel at %d^3: band voxels will not form complete "
+                           "marching-cubes cells; only the block targets are closed", band, r)
+    field = _make_field(backend, mesh, sharp_edges(mesh, sharp_angle_deg), band, str(device))
+    return {int(r): _sparse_sdf_one(field, int(r), band) for r in resolutions}
