@@ -26,8 +26,9 @@ from d3s2.data.build import (
 from d3s2.geometry.render import decode_png
 
 TINY = Path(__file__).resolve().parents[1] / "assets" / "0ad_tiny.npz"
-ARGS = ["--resolutions", "32", "--views", "2", "--image-size", "32", "--no-progress"]
-CONFIG = BuildConfig(resolutions=(32,), views=2, image_size=32)
+# A band of 2 voxels at 32³ (the default 1/128 is a quarter voxel there and may hold no voxel centre).
+ARGS = ["--resolutions", "32", "--band", "0.0625", "--views", "2", "--image-size", "32", "--no-progress"]
+CONFIG = BuildConfig(resolutions=(32,), views=2, image_size=32, band=0.0625)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_rerun_skips_finished_assets(built):
 
 def test_other_settings_are_refused(built):
     with pytest.raises(ValueError, match="views"):
-        build([], built, BuildConfig(resolutions=(32,), views=3, image_size=32), progress=False)
+        build([], built, BuildConfig(resolutions=(32,), views=3, image_size=32, band=0.0625), progress=False)
 
 
 def test_deterministic(built, tmp_path):

@@ -21,8 +21,8 @@ R = 32
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     out = tmp_path_factory.mktemp("ds")
-    build(resolve_sources(["0ad"], corpus_path=str(TINY)), out, BuildConfig(resolutions=(R,), views=2, image_size=32),
-          progress=False)
+    config = BuildConfig(resolutions=(R,), views=2, image_size=32, band=2 / R)
+    build(resolve_sources(["0ad"], corpus_path=str(TINY)), out, config, progress=False)
     return out
 
 
@@ -48,7 +48,7 @@ def test_sample_fields(root):
     n = s["coords"].shape[0]
     assert s["coords"].dtype == torch.int32 and s["coords"].shape == (n, 3) and n == ds.token_counts[0]
     assert s["sdf"].shape == (n, 1) and s["sharp"].shape == (n,) and s["sharp"].dtype == torch.bool
-    assert s["sdf"].abs().max() < 1 / 128 + 1e-6
+    assert s["sdf"].abs().max() < 2 / R
     nb = s["block_coords"].shape[0]
     assert s["block_sdf"].shape == (nb, 512)
     # Band voxels all lie in the listed blocks.

@@ -209,9 +209,8 @@ def build_asset(asset: AssetSource, config: BuildConfig) -> tuple[dict[str, np.n
         sdf = sdfs[res]
         for key, value in sdf.to_arrays().items():
             arrays[f"sdf{res}/{key}"] = np.asarray(value)
-        coords = np.asarray(sdf.coords)
-        stats["voxels"][str(res)] = int(len(coords))
-        stats["blocks"][str(res)] = int(len(np.unique(coords // 8, axis=0))) if len(coords) else 0
+        stats["voxels"][str(res)] = len(sdf)
+        stats["blocks"][str(res)] = int(len(sdf.block_coords))  # occupied 8³ blocks, the decoder's output
     t2 = time.perf_counter()
     if config.views:
         renders = render_views(mesh, config.views, size=config.image_size, seed=config.seed, key=asset.name)

@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 class TokenBudgetBatchSampler(Sampler[list[int]]):
     """Batches of dataset indices whose token counts sum to at most ``max_tokens``.
 
-    Each epoch: shuffle (seeded by ``seed`` and :meth:`set_epoch`), sort each window of ``sort_window``
-    consecutive indices by size so that similar sizes share a batch, fill batches greedily, shuffle the batches.
+    Each epoch: shuffle (seeded by ``seed`` and :meth:`set_epoch`), then pack each window of ``sort_window``
+    consecutive indices first-fit decreasing into the open batches, then shuffle the batches.
     Samples larger than the budget are skipped with a warning (``oversized="skip"``) or raise (``"error"``).
     With ``num_replicas > 1`` each rank gets every ``num_replicas``-th batch, truncated to the same count.
 
@@ -59,22 +59,28 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         """This rank's batches for the current epoch (deterministic)."""
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(self._keep) if self.shuffle else self._keep.copy()
-        windows = [order[i:i + self.sort_window] for i in range(0, len(order), self.sort_window)]
-        # Stable sort, descending size, inside each window.
-        order = np.concatenate([w[np.argsort(-self.counts[w], kind="stable")] for w in windows]) if windows else order
-        batches: list[list[int]] = []
-        current: list[int] = []
-        tokens = 0
-        for idx in order.tolist():
-            n = int(self.counts[idx])
-            full = self.max_batch_size is not None and len(current) >= self.max_batch_size
-            if current and (tokens + n > self.max_tokens or full):
-                batches.append(current)
-                current, tokens = [], 0
-            current.append(idx)
-            tokens += n
-        if current:
-            batches.append(current)
+        closed: list[list[int]] = []
+        open_bins: list[list[int]] = []  # each: [tokens, idx, idx, ...]
+        cap = self.max_batch_size or len(order) + 1
+        for start in range(0, len(order), self.sort_window):
+            window = order[start:start + self.sort_window]
+            # First-fit decreasing inside each window: big samples first, small ones fill the gaps.
+            for idx in window[np.argsort(-self.counts[window], kind="stable")].tolist():
+                n = int(self.counts[idx])
+                for b in open_bins:
+                    if b[0] + n <= self.max_tokens and len(b) - 1 < cap:
+                        b[0] += n
+                        b.append(idx)
+                        break
+                else:
+                    open_bins.append([n, idx])
+            # Nearly full bins are closed, and all but the 16 emptiest (keeps the search short).
+            still_open = []
+            for b in sorted(open_bins, key=lambda b: b[0]):  # keep the emptiest open
+                full = b[0] >= 0.95 * self.max_tokens or len(b) - 1 >= cap
+                (closed if full or len(still_open) >= 16 else still_open).append(b)
+            open_bins = still_open
+        batches = [b[1:] for b in closed + open_bins]
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         per_rank = len(batches) // self.num_replicas if self.num_replicas > 1 else len(batches)

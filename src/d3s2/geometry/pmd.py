@@ -18,13 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
+from d3s2.geometry.mesh_io import MeshError, validate_mesh
+
 MAGIC = b"PSMD"
 SUPPORTED_VERSIONS = (1, 2, 3, 4)
 # Bytes per vertex besides the uv sets: position + normal (6 f32), bone ids (4 u8), weights (4 f32).
 _VERTEX_FIXED_BYTES = 6 * 4 + 4 + 4 * 4
 
 
-class PMDError(ValueError):
+class PMDError(MeshError):
     """A PMD file that cannot be parsed; the message names the file and the problem."""
 
 
@@ -84,8 +86,6 @@ def read_pmd(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 def load_pmd(path: str | Path):
     """Read a ``.pmd`` file as a validated ``trimesh.Trimesh`` (same checks as :func:`load_mesh`)."""
-    from d3s2.geometry.mesh_io import validate_mesh
-
     vertices, faces = read_pmd(path)
     return validate_mesh(vertices, faces, str(path))
 
