@@ -39,6 +39,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 import trimesh
 
 logger = logging.getLogger(__name__)
@@ -180,33 +181,67 @@ def _block_offsets() -> np.ndarray:
     return np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
 
 
-def sharp_edges(mesh: trimesh.Trimesh, angle_deg: float) -> np.ndarray:
-    """float64 [E, 2, 3] segments of mesh edges whose dihedral angle exceeds ``angle_deg``.
+def sharp_face_edges(mesh: trimesh.Trimesh, angle_deg: float) -> np.ndarray:
+    """bool [F, 3]: edge (v0v1, v1v2, v2v0) of each face is sharp (dihedral angle above ``angle_deg``).
 
     Vertices are merged by position first, so triangle soups (common in game assets) still have adjacency.
     """
-    merged = trimesh.Trimesh(vertices=mesh.vertices, faces=mesh.faces, process=False)
+    faces = np.asarray(mesh.faces)
+    flags = np.zeros((len(faces), 3), dtype=bool)
+    merged = trimesh.Trimesh(vertices=mesh.vertices, faces=faces, process=False)
     merged.merge_vertices()
     if len(merged.faces) < 2:
-        return np.zeros((0, 2, 3))
-    angles = merged.face_adjacency_angles  # [A] angle between adjacent face normals, radians
-    edges = merged.face_adjacency_edges[angles > math.radians(angle_deg)]
-    return merged.vertices[edges]
+        return flags
+    sharp = merged.face_adjacency_angles > math.radians(angle_deg)  # [A] angle between adjacent face normals
+    pairs = merged.face_adjacency[sharp]  # [S, 2] faces
+    edges = np.sort(merged.face_adjacency_edges[sharp], axis=1)  # [S, 2] merged vertex ids
+    mf = np.asarray(merged.faces)
+    local = np.sort(np.stack([mf[:, [0, 1]], mf[:, [1, 2]], mf[:, [2, 0]]], axis=1), axis=2)  # [F, 3, 2]
+    for side in range(2):
+        f = pairs[:, side]
+        match = (local[f] == edges[:, None, :]).all(axis=2)  # [S, 3]
+        rows, cols = np.nonzero(match)
+        flags[f[rows], cols] = True
+    return flags
+
+
+def open_face_edges(mesh: trimesh.Trimesh) -> np.ndarray:
+    """bool [F, 3]: face edges whose orientations do not cancel (after merging vertices by position).
+
+    On a closed, consistently oriented surface (also several overlapping ones) every edge is used once in
+    each direction and the winding number is an integer off the surface; near the other edges (holes,
+    flipped faces, non-manifold fans) it can take any value, so signs there are evaluated voxel by voxel.
+    """
+    merged = trimesh.Trimesh(vertices=mesh.vertices, faces=np.asarray(mesh.faces), process=False)
+    merged.merge_vertices()
+    f = np.asarray(merged.faces)
+    u = f.reshape(-1)
+    v = f[:, [1, 2, 0]].reshape(-1)
+    lo, hi = np.minimum(u, v), np.maximum(u, v)
+    _, inv = np.unique(lo.astype(np.int64) * (len(merged.vertices) + 1) + hi, return_inverse=True)
+    balance = np.bincount(inv, weights=np.where(u < v, 1.0, -1.0))
+    return (balance[inv] != 0).reshape(-1, 3)
+
+
+def _sharp_segments(mesh: trimesh.Trimesh, flags: np.ndarray) -> np.ndarray:
+    """float64 [E, 2, 3] end points of the flagged face edges."""
+    tri = np.asarray(mesh.vertices)[np.asarray(mesh.faces)]  # [F, 3, 3]
+    seg = np.stack([tri[:, [0, 1]], tri[:, [1, 2]], tri[:, [2, 0]]], axis=1)  # [F, 3, 2, 3]
+    return seg[flags]
 
 
 # ---------------------------------------------------------------------------------------------- backends
 class _IglField:
-    """Distance and winding number from libigl (CPU)."""
+    """Distance and winding number from libigl (CPU): AABB-tree distances, fast winding number."""
 
-    def __init__(self, vertices: np.ndarray, faces: np.ndarray, sharp_segments: np.ndarray) -> None:
+    def __init__(self, vertices: np.ndarray, faces: np.ndarray, segment_sets: list[np.ndarray], band: float) -> None:
         import igl
 
         self._igl = igl
+        self.band = band
         self.v = np.ascontiguousarray(vertices, dtype=np.float64)
         self.f = np.ascontiguousarray(faces, dtype=np.int64)
-        n = len(sharp_segments)
-        self.sv = np.ascontiguousarray(sharp_segments.reshape(-1, 3), dtype=np.float64)
-        self.se = np.arange(2 * n, dtype=np.int64).reshape(n, 2)
+        self.segment_sets = [np.ascontiguousarray(s.reshape(-1, 3), dtype=np.float64) for s in segment_sets]
 
     def distance(self, points: np.ndarray) -> np.ndarray:
         if len(points) == 0:
@@ -217,24 +252,35 @@ class _IglField:
     def winding(self, points: np.ndarray) -> np.ndarray:
         if len(points) == 0:
             return np.zeros(0)
-        return self._igl.fast_winding_number(self.v, self.f, np.ascontiguousarray(points))
+        return self._igl.fast_winding_number(self.v, self.f, np.ascontiguousarray(points, dtype=np.float64))
 
-    def sharp_distance(self, points: np.ndarray) -> np.ndarray:
-        if len(self.se) == 0 or len(points) == 0:
-            return np.full(len(points), np.inf)
-        d2, _, _ = self._igl.point_mesh_squared_distance(np.ascontiguousarray(points), self.sv, self.se)
-        return np.sqrt(d2)
+    def edge_distances(self, points: np.ndarray) -> np.ndarray:
+        """[Q, K] distance from each point to each segment set (inf for an empty set)."""
+        out = np.full((len(points), len(self.segment_sets)), np.inf)
+        for k, sv in enumerate(self.segment_sets):
+            if len(sv) and len(points):
+                se = np.arange(len(sv), dtype=np.int64).reshape(-1, 2)
+                d2, _, _ = self._igl.point_mesh_squared_distance(np.ascontiguousarray(points), sv, se)
+                out[:, k] = np.sqrt(d2)
+        return out
+
+    def band_voxels(self, resolution: int):
+        """(coords int64 [N, 3], udf [N], flagged-edge distances [N, K]) of the band voxels."""
+        coords, udf = band_candidates(self, resolution, self.band)
+        return coords, udf, self.edge_distances(voxel_centers(coords, resolution))
 
 
-def _make_field(backend: str, mesh: trimesh.Trimesh, sharp_segments: np.ndarray, band: float, device: str):
+def _make_field(backend: str, mesh: trimesh.Trimesh, edge_flags: np.ndarray, band: float, device: str):
+    """``edge_flags`` bool [F, 3, K]: flag sets whose distances band_voxels() reports (sharp, open)."""
     if backend == "igl":
         if device != "cpu":
             raise ValueError(f"backend 'igl' runs on the CPU only, got device={device!r}")
-        return _IglField(mesh.vertices, mesh.faces, sharp_segments)
+        sets = [_sharp_segments(mesh, edge_flags[:, :, k]) for k in range(edge_flags.shape[2])]
+        return _IglField(mesh.vertices, mesh.faces, sets, band)
     if backend == "torch":
         from d3s2.geometry._field import TorchField
 
-        return TorchField(mesh.vertices, mesh.faces, sharp_segments, band=band, device=device)
+        return TorchField(mesh.vertices, mesh.faces, band=band, device=device, edge_flags=edge_flags)
     raise ValueError(f"unknown SDF backend {backend!r}, expected 'igl' or 'torch'")
 
 
@@ -270,18 +316,55 @@ def band_candidates(field, resolution: int, band: float) -> tuple[np.ndarray, np
     raise AssertionError("unreachable: the last level is the resolution")
 
 
+def _block_coords(keys: np.ndarray, g: int) -> np.ndarray:
+    return np.stack([keys // (g * g), (keys // g) % g, keys % g], -1)
+
+
+def _block_voxel_centers(block_coords: np.ndarray, resolution: int) -> np.ndarray:
+    """float64 [NB * 512, 3] voxel centres of blocks, block-major, voxels in (lx, ly, lz) order."""
+    return voxel_centers((block_coords[:, None, :] * BLOCK + _block_offsets()[None]).reshape(-1, 3), resolution)
+
+
+def propagate_signs(signs: np.ndarray, max_steps: int = 3 * BLOCK) -> np.ndarray:
+    """Fill unknown (0) entries of int8 ``signs [NB, 8, 8, 8]`` (+1 inside, -1 outside) from their neighbours.
+
+    Each round, an unknown voxel takes the sign of the majority of its known 6-neighbours in the same block
+    (ties wait a round). Off-band voxels cannot have the surface between them and a neighbour when the band is
+    wider than half a voxel, so this copies the sign of the nearest band voxels. Entries still unknown at the
+    end stay 0. Runs in torch (on the CPU here) so it is vectorised over all blocks.
+    """
+    s = torch.as_tensor(signs, dtype=torch.int8).clone()
+    for _ in range(max_steps):
+        unknown = s == 0
+        if not bool(unknown.any()):
+            break
+        sf = s.to(torch.int16)
+        total = torch.zeros_like(sf)
+        total[:, 1:] += sf[:, :-1]
+        total[:, :-1] += sf[:, 1:]
+        total[:, :, 1:] += sf[:, :, :-1]
+        total[:, :, :-1] += sf[:, :, 1:]
+        total[:, :, :, 1:] += sf[:, :, :, :-1]
+        total[:, :, :, :-1] += sf[:, :, :, 1:]
+        fill = unknown & (total != 0)
+        if not bool(fill.any()):
+            break
+        s = torch.where(fill, total.sign().to(torch.int8), s)
+    return s.numpy()
+
+
 def _close_blocks(field, resolution: int, block_keys: np.ndarray, inside: np.ndarray,
                   max_rounds: int) -> tuple[np.ndarray, np.ndarray]:
     """Add blocks where a sign change reaches a face towards a missing neighbour; see the module docstring.
 
     ``block_keys`` int64 [NB] sorted, ``inside`` bool [NB, 8, 8, 8]. Returns the grown pair, still sorted.
+    New blocks get the inside bits of all their voxels from the winding number.
     """
     g = resolution // BLOCK
     faces = [(0, -1), (0, 1), (1, -1), (1, 1), (2, -1), (2, 1)]
-    offsets = _block_offsets()
     new_keys = block_keys
     for _ in range(max_rounds):
-        coords = np.stack([block_keys // (g * g), (block_keys // g) % g, block_keys % g], -1)
+        coords = _block_coords(block_keys, g)
         found_new = []
         for axis, step in faces:
             layer = np.take(inside, 0 if step < 0 else BLOCK - 1, axis=axis + 1)  # [NB, 8, 8]
@@ -295,9 +378,8 @@ def _close_blocks(field, resolution: int, block_keys: np.ndarray, inside: np.nda
         new_keys = np.unique(np.concatenate(found_new))
         if new_keys.size == 0:
             break
-        new_coords = np.stack([new_keys // (g * g), (new_keys // g) % g, new_keys % g], -1)
-        pts = voxel_centers((new_coords[:, None, :] * BLOCK + offsets[None]).reshape(-1, 3), resolution)
-        new_inside = (field.winding(pts) >= 0.5).reshape(-1, BLOCK, BLOCK, BLOCK)
+        w = field.winding(_block_voxel_centers(_block_coords(new_keys, g), resolution))
+        new_inside = (w >= 0.5).reshape(-1, BLOCK, BLOCK, BLOCK)
         all_keys = np.concatenate([block_keys, new_keys])
         order = np.argsort(all_keys, kind="stable")
         block_keys = all_keys[order]
@@ -307,36 +389,97 @@ def _close_blocks(field, resolution: int, block_keys: np.ndarray, inside: np.nda
     return block_keys, inside
 
 
+def _spread(labels: np.ndarray, num: int, samples: int) -> np.ndarray:
+    """Indices of up to ``samples`` members of each label, spread over its members (sorted order)."""
+    order = np.argsort(labels, kind="stable")
+    counts = np.bincount(labels, minlength=num)
+    starts = np.cumsum(counts) - counts
+    k = np.minimum(counts, samples)
+    lab = np.repeat(np.arange(num), k)
+    rank = np.arange(k.sum()) - np.repeat(np.cumsum(k) - k, k)
+    pick = starts[lab] + (rank * counts[lab]) // np.maximum(k[lab], 1)
+    return order[pick]
+
+
+def band_signs(field, coords: np.ndarray, udf: np.ndarray, exact: np.ndarray, resolution: int,
+               samples: int = 8) -> np.ndarray:
+    """Inside (winding number >= 1/2) flag of each band voxel, with few winding-number evaluations.
+
+    Voxels flagged ``exact`` (near open edges, where the winding number is not an integer) get their own
+    winding number. Among the others, two 6-neighbours with ``udf_a + udf_b > h`` cannot have the surface
+    between them, so their (integer) winding numbers agree: voxels are grouped into connected components
+    of such pairs and each component takes the majority of ``samples`` evaluations spread over it.
+    ``coords`` [N, 3] must be sorted by key.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = coords.shape[0]
+    inside = np.zeros(n, dtype=bool)
+    if n == 0:
+        return inside
+    centers = voxel_centers(coords, resolution)
+    idx = np.nonzero(exact)[0]
+    inside[idx] = field.winding(centers[idx]) >= 0.5
+    h = 2.0 / resolution
+    keys = _keys(coords, resolution)
+    src, dst = [], []
+    for axis in range(3):
+        nb = coords.copy()
+        nb[:, axis] += 1
+        ok = nb[:, axis] < resolution
+        found, row = _member(keys, _keys(nb[ok], resolution))
+        i = np.nonzero(ok)[0][found]
+        j = row[found]
+        safe = (udf[i] + udf[j] > h * (1 + 1e-6)) & ~exact[i] & ~exact[j]
+        src.append(i[safe])
+        dst.append(j[safe])
+    src, dst = np.concatenate(src), np.concatenate(dst)
+    graph = coo_matrix((np.ones(src.size, dtype=np.int8), (src, dst)), shape=(n, n))
+    rest = np.nonzero(~exact)[0]
+    if rest.size == 0:
+        return inside
+    _, labels = connected_components(graph, directed=False)
+    _, lab = np.unique(labels[rest], return_inverse=True)
+    nl = int(lab.max()) + 1
+    pick = _spread(lab, nl, samples)
+    vote = field.winding(centers[rest[pick]]) >= 0.5
+    pos = np.bincount(lab[pick], weights=vote, minlength=nl)
+    tot = np.bincount(lab[pick], minlength=nl)
+    inside[rest] = (2 * pos > tot)[lab]
+    logger.debug("band signs: %d voxels, %d exact, %d components", n, idx.size, nl)
+    return inside
+
+
 def _sparse_sdf_one(field, resolution: int, band: float) -> SparseSDF:
-    coords, udf = band_candidates(field, resolution, band)
+    coords, udf, edge_dist = field.band_voxels(resolution)
     g = resolution // BLOCK
     order = np.argsort(_keys(coords, resolution), kind="stable")
-    coords, udf = coords[order], udf[order]
-    w = field.winding(voxel_centers(coords, resolution))
-    inside_band = w >= 0.5
+    coords, udf, edge_dist = coords[order], udf[order], edge_dist[order]
+    sharp_dist, open_dist = edge_dist[:, 0], edge_dist[:, 1]
+    inside_band = band_signs(field, coords, udf, open_dist < band + 4.0 / resolution, resolution)
     sdf = np.where(inside_band, -udf, udf).astype(np.float32)
-    sharp = field.sharp_distance(voxel_centers(coords, resolution)) < band
+    sharp = sharp_dist < band
 
+    # Inside bits of every voxel of every occupied block: band voxels from their winding number, the rest
+    # propagated from them; voxels that propagation cannot reach get their own winding number.
     block_of = coords // BLOCK
     block_keys = np.unique(_keys(block_of, g))
     nb = block_keys.size
-    # Inside bits of every voxel of every occupied block: band voxels from above, the rest by winding number.
-    flat = np.zeros((nb, _BLOCK_VOXELS), dtype=np.int8)  # 0 unknown, 1 inside, -1 outside
+    signs = np.zeros((nb, _BLOCK_VOXELS), dtype=np.int8)
     rows = _lookup(block_keys, _keys(block_of, g))
     local = coords % BLOCK
-    col = (local[:, 0] * BLOCK + local[:, 1]) * BLOCK + local[:, 2]
-    flat[rows, col] = np.where(inside_band, 1, -1)
-    unknown_b, unknown_v = np.nonzero(flat == 0)
+    signs[rows, (local[:, 0] * BLOCK + local[:, 1]) * BLOCK + local[:, 2]] = np.where(inside_band, 1, -1)
+    signs = propagate_signs(signs.reshape(nb, BLOCK, BLOCK, BLOCK)).reshape(nb, _BLOCK_VOXELS)
+    unknown_b, unknown_v = np.nonzero(signs == 0)
     if unknown_b.size:
-        bc = np.stack([block_keys // (g * g), (block_keys // g) % g, block_keys % g], -1)
-        vox = bc[unknown_b] * BLOCK + _block_offsets()[unknown_v]
-        flat[unknown_b, unknown_v] = np.where(field.winding(voxel_centers(vox, resolution)) >= 0.5, 1, -1)
-    inside = (flat > 0).reshape(nb, BLOCK, BLOCK, BLOCK)
+        vox = _block_coords(block_keys, g)[unknown_b] * BLOCK + _block_offsets()[unknown_v]
+        signs[unknown_b, unknown_v] = np.where(field.winding(voxel_centers(vox, resolution)) >= 0.5, 1, -1)
+    inside = (signs > 0).reshape(nb, BLOCK, BLOCK, BLOCK)
     block_keys, inside = _close_blocks(field, resolution, block_keys, inside, max_rounds=4 * g)
-    block_coords = np.stack([block_keys // (g * g), (block_keys // g) % g, block_keys % g], -1).astype(np.int32)
     packed = np.packbits(inside.reshape(len(block_keys), -1), axis=1)
     return SparseSDF(coords=coords.astype(np.int32), sdf=sdf, sharp=sharp, resolution=resolution, band=float(band),
-                     block_coords=block_coords, block_inside=packed)
+                     block_coords=_block_coords(block_keys, g).astype(np.int32), block_inside=packed)
 
 
 def compute_sparse_sdf(
@@ -377,5 +520,6 @@ def compute_sparse_sdf(
         if band < 2.0 / r:
             logger.warning("band %.5f is narrower than one voxel at %d^3: band voxels will not form complete "
                            "marching-cubes cells; only the block targets are closed", band, r)
-    field = _make_field(backend, mesh, sharp_edges(mesh, sharp_angle_deg), band, str(device))
+    flags = np.stack([sharp_face_edges(mesh, sharp_angle_deg), open_face_edges(mesh)], axis=2)  # [F, 3, 2]
+    field = _make_field(backend, mesh, flags, band, str(device))
     return {int(r): _sparse_sdf_one(field, int(r), band) for r in resolutions}
