@@ -18,6 +18,8 @@ mesh, and it degrades gracefully on real meshes:
 - flipped faces: a few flipped faces only change the sign in a small lens near each flipped face
   (about the face's own size); a mesh whose every face is flipped is read inside-out.
 
+Off-band voxels on the outer faces of the grid count as outside, so the surface also closes there.
+
 The band is *closed*: every occupied 8³ block stores the inside bit of all its 512 voxels, and blocks are
 added where a sign change (a hole's membrane, or a band thinner than a voxel) reaches the side of an
 occupied block whose neighbour is missing, until no sign change touches a missing neighbour. Marching
@@ -325,6 +327,20 @@ def _block_voxel_centers(block_coords: np.ndarray, resolution: int) -> np.ndarra
     return voxel_centers((block_coords[:, None, :] * BLOCK + _block_offsets()[None]).reshape(-1, 3), resolution)
 
 
+def _grid_face_mask(block_coords: np.ndarray, g: int) -> np.ndarray:
+    """bool [NB, 8, 8, 8]: voxels on the outer faces of the grid (off-band ones there count as outside)."""
+    mask = np.zeros((len(block_coords), BLOCK, BLOCK, BLOCK), dtype=bool)
+    for axis in range(3):
+        lo = block_coords[:, axis] == 0
+        hi = block_coords[:, axis] == g - 1
+        idx = [slice(None)] * 4
+        idx[axis + 1] = 0
+        mask[tuple(idx)] |= lo[:, None, None]
+        idx[axis + 1] = BLOCK - 1
+        mask[tuple(idx)] |= hi[:, None, None]
+    return mask
+
+
 def propagate_signs(signs: np.ndarray, max_steps: int = 3 * BLOCK) -> np.ndarray:
     """Fill unknown (0) entries of int8 ``signs [NB, 8, 8, 8]`` (+1 inside, -1 outside) from their neighbours.
 
@@ -355,31 +371,42 @@ def propagate_signs(signs: np.ndarray, max_steps: int = 3 * BLOCK) -> np.ndarray
 
 def _close_blocks(field, resolution: int, block_keys: np.ndarray, inside: np.ndarray,
                   max_rounds: int) -> tuple[np.ndarray, np.ndarray]:
-    """Add blocks where a sign change reaches a face towards a missing neighbour; see the module docstring.
+    """Add missing blocks next to a sign change; see the module docstring.
 
-    ``block_keys`` int64 [NB] sorted, ``inside`` bool [NB, 8, 8, 8]. Returns the grown pair, still sorted.
-    New blocks get the inside bits of all their voxels from the winding number.
+    A missing block D is added when the voxels of present blocks that touch D (face layers, edge lines and
+    corner voxels of its 26 neighbours) hold both signs: some marching-cubes cell between them and D may
+    cross the surface. ``block_keys`` int64 [NB] sorted, ``inside`` bool [NB, 8, 8, 8]. Returns the grown
+    pair, still sorted; new blocks get the inside bits of all their voxels from the winding number.
     """
     g = resolution // BLOCK
-    faces = [(0, -1), (0, 1), (1, -1), (1, 1), (2, -1), (2, 1)]
+    dirs = [(dx, dy, dz) for dx in (-1, 0, 1) for dy in (-1, 0, 1) for dz in (-1, 0, 1) if (dx, dy, dz) != (0, 0, 0)]
     new_keys = block_keys
     for _ in range(max_rounds):
         coords = _block_coords(block_keys, g)
-        found_new = []
-        for axis, step in faces:
-            layer = np.take(inside, 0 if step < 0 else BLOCK - 1, axis=axis + 1)  # [NB, 8, 8]
-            mixed = layer.any(axis=(1, 2)) & ~layer.all(axis=(1, 2))
-            nb = coords[mixed].copy()
-            nb[:, axis] += step
-            nb = nb[(nb[:, axis] >= 0) & (nb[:, axis] < g)]
-            k = _keys(nb, g)
+        cand, has_in, has_out = [], [], []
+        for d in dirs:
+            region = inside[(slice(None),) + tuple(slice(None) if x == 0 else (0 if x < 0 else BLOCK - 1) for x in d)]
+            region = region.reshape(len(block_keys), -1)
+            nb = coords + np.array(d)
+            ok = ((nb >= 0) & (nb < g)).all(1)
+            k = _keys(nb[ok], g)
             present, _ = _member(block_keys, k)
-            found_new.append(k[~present])
-        new_keys = np.unique(np.concatenate(found_new))
+            cand.append(k[~present])
+            has_in.append(region[ok][~present].any(1))
+            has_out.append(~region[ok][~present].all(1))
+        cand = np.concatenate(cand)
+        if cand.size == 0:
+            new_keys = cand
+            break
+        uniq, inv = np.unique(cand, return_inverse=True)
+        mixed = (np.bincount(inv, weights=np.concatenate(has_in), minlength=uniq.size) > 0) & (
+            np.bincount(inv, weights=np.concatenate(has_out), minlength=uniq.size) > 0)
+        new_keys = uniq[mixed]
         if new_keys.size == 0:
             break
         w = field.winding(_block_voxel_centers(_block_coords(new_keys, g), resolution))
         new_inside = (w >= 0.5).reshape(-1, BLOCK, BLOCK, BLOCK)
+        new_inside &= ~_grid_face_mask(_block_coords(new_keys, g), g)
         all_keys = np.concatenate([block_keys, new_keys])
         order = np.argsort(all_keys, kind="stable")
         block_keys = all_keys[order]
@@ -470,12 +497,14 @@ def _sparse_sdf_one(field, resolution: int, band: float) -> SparseSDF:
     rows = _lookup(block_keys, _keys(block_of, g))
     local = coords % BLOCK
     signs[rows, (local[:, 0] * BLOCK + local[:, 1]) * BLOCK + local[:, 2]] = np.where(inside_band, 1, -1)
+    off_band = signs == 0
     signs = propagate_signs(signs.reshape(nb, BLOCK, BLOCK, BLOCK)).reshape(nb, _BLOCK_VOXELS)
     unknown_b, unknown_v = np.nonzero(signs == 0)
     if unknown_b.size:
         vox = _block_coords(block_keys, g)[unknown_b] * BLOCK + _block_offsets()[unknown_v]
         signs[unknown_b, unknown_v] = np.where(field.winding(voxel_centers(vox, resolution)) >= 0.5, 1, -1)
     inside = (signs > 0).reshape(nb, BLOCK, BLOCK, BLOCK)
+    inside &= ~(off_band.reshape(nb, BLOCK, BLOCK, BLOCK) & _grid_face_mask(_block_coords(block_keys, g), g))
     block_keys, inside = _close_blocks(field, resolution, block_keys, inside, max_rounds=4 * g)
     packed = np.packbits(inside.reshape(len(block_keys), -1), axis=1)
     return SparseSDF(coords=coords.astype(np.int32), sdf=sdf, sharp=sharp, resolution=resolution, band=float(band),
