@@ -83,7 +83,8 @@ def _damaged_meshes():
     union = 2 * 0.512 - 0.4 * 0.5 * 0.6
     full = 4 / 3 * np.pi * 0.6**3
     cap = np.pi * 0.2**2 * (3 * 0.6 - 0.2) / 3  # the hole is closed by a roughly flat membrane at z ~ 0.4
-    return {"holes": (holes, full - cap), "flipped": (flipped, full), "duplicated": (dup, full), "parts": (parts, union)}
+    return {"holes": (holes, full - cap), "flipped": (flipped, full), "duplicated": (dup, full),
+            "parts": (parts, union)}
 
 
 @pytest.mark.parametrize("name", ["holes", "flipped", "duplicated", "parts"])
