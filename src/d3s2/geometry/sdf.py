@@ -341,15 +341,15 @@ def _grid_face_mask(block_coords: np.ndarray, g: int) -> np.ndarray:
     return mask
 
 
-def propagate_signs(signs: np.ndarray, max_steps: int = 3 * BLOCK) -> np.ndarray:
+def propagate_signs(signs: np.ndarray, max_steps: int = 3 * BLOCK, device: str | torch.device = "cpu") -> np.ndarray:
     """Fill unknown (0) entries of int8 ``signs [NB, 8, 8, 8]`` (+1 inside, -1 outside) from their neighbours.
 
     Each round, an unknown voxel takes the sign of the majority of its known 6-neighbours in the same block
     (ties wait a round). Off-band voxels cannot have the surface between them and a neighbour when the band is
     wider than half a voxel, so this copies the sign of the nearest band voxels. Entries still unknown at the
-    end stay 0. Runs in torch (on the CPU here) so it is vectorised over all blocks.
+    end stay 0. Runs in torch on ``device``, vectorised over all blocks.
     """
-    s = torch.as_tensor(signs, dtype=torch.int8).clone()
+    s = torch.as_tensor(signs, dtype=torch.int8).to(device)
     for _ in range(max_steps):
         unknown = s == 0
         if not bool(unknown.any()):
@@ -366,7 +366,7 @@ def propagate_signs(signs: np.ndarray, max_steps: int = 3 * BLOCK) -> np.ndarray
         if not bool(fill.any()):
             break
         s = torch.where(fill, total.sign().to(torch.int8), s)
-    return s.numpy()
+    return s.cpu().numpy()
 
 
 def _close_blocks(field, resolution: int, block_keys: np.ndarray, inside: np.ndarray,
@@ -498,7 +498,8 @@ def _sparse_sdf_one(field, resolution: int, band: float) -> SparseSDF:
     local = coords % BLOCK
     signs[rows, (local[:, 0] * BLOCK + local[:, 1]) * BLOCK + local[:, 2]] = np.where(inside_band, 1, -1)
     off_band = signs == 0
-    signs = propagate_signs(signs.reshape(nb, BLOCK, BLOCK, BLOCK)).reshape(nb, _BLOCK_VOXELS)
+    signs = propagate_signs(signs.reshape(nb, BLOCK, BLOCK, BLOCK),
+                            device=getattr(field, "device", "cpu")).reshape(nb, _BLOCK_VOXELS)
     unknown_b, unknown_v = np.nonzero(signs == 0)
     if unknown_b.size:
         vox = _block_coords(block_keys, g)[unknown_b] * BLOCK + _block_offsets()[unknown_v]
