@@ -137,3 +137,19 @@ def test_bad_arguments():
         compute_sparse_sdf(trimesh.creation.icosphere(radius=3.0), 32)
     with pytest.raises(ValueError, match="unknown SDF backend"):
         compute_sparse_sdf(mesh, 16, backend="nope")
+
+
+def test_open_sheet_becomes_a_thin_closed_shell():
+    sheet = trimesh.Trimesh([[-0.5, -0.5, 0.01], [0.5, -0.5, 0.01], [0.5, 0.5, 0.01], [-0.5, 0.5, 0.01]],
+                            [[0, 1, 2], [0, 2, 3]], process=False)
+    sphere = trimesh.creation.icosphere(subdivisions=2, radius=0.2)
+    sphere.apply_translation([0, 0, 0.5])
+    r = 32
+    s = compute_sparse_sdf(trimesh.util.concatenate([sheet, sphere]), r, band=4 / r)[r]
+    out = marching_cubes_mesh(s)
+    assert out.is_watertight
+    parts = out.split(only_watertight=True)
+    assert len(parts) == 2
+    slab = min(parts, key=lambda m: abs(m.center_mass[2] - 0.01))
+    eps = 2 / r  # one voxel each side of the sheet, rounded along the rim
+    assert slab.volume == pytest.approx(1.0 * 2 * eps + 4 * np.pi * eps**2 / 2, rel=0.05)

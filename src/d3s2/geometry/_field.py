@@ -118,12 +118,29 @@ class TorchField:
         self.tri_sharp = torch.as_tensor(np.asarray(edge_flags, dtype=bool), device=self.device)  # [F, 3, K]
         self._levels: list[_Level] = []
         self._resolution = 0
+        self._radius = self.band
+        self.tri_class = torch.zeros(self.tri.shape[1], dtype=torch.int8, device=self.device)
+
+    def set_classes(self, classes: np.ndarray) -> None:
+        """int8 [F]: 0 boundary, 1 lost sheet, 2 internal (see ``d3s2.geometry.sdf.classify_triangles``)."""
+        self.tri_class = torch.as_tensor(np.asarray(classes, dtype=np.int8), device=self.device)
+
+    def prepare(self, resolution: int, radius: float) -> None:
+        """Build the hierarchy for ``resolution`` keeping cells within ``radius`` of the surface."""
+        if (resolution, radius) != (self._resolution, self._radius) or not self._levels:
+            self._radius = float(radius)
+            self.build(resolution)
 
     # ------------------------------------------------------------------ pair evaluation
     def _eval_pairs(self, points: torch.Tensor, pt: torch.Tensor, tri_idx: torch.Tensor, n_points: int,
-                    need_dist: bool, need_sharp: bool, need_wind: bool = True):
-        """Reduce pair terms per point: (dist [Q] | None, winding [Q] (zeros if not needed), sharp dist [Q] | None)."""
+                    need_dist: bool, need_sharp: bool, need_wind: bool = True, by_class: bool = False):
+        """Reduce pair terms per point: (dist [Q] | None, winding [Q] (zeros if not needed), sharp dist [Q] | None).
+
+        With ``by_class`` the distance is [Q, 3]: all triangles, boundary triangles, lost-sheet triangles.
+        """
         dev = self.device
+        if by_class:
+            cls2 = torch.full((n_points, 2), float("inf"), device=dev, dtype=self.dtype)
         wind = torch.zeros(n_points, device=dev, dtype=self.dtype)
         dist2 = torch.full((n_points,), float("inf"), device=dev, dtype=self.dtype) if need_dist else None
         nk = self.tri_sharp.shape[2]
@@ -138,8 +155,14 @@ class TorchField:
                 wind.index_add_(0, q, w)
             if need_dist:
                 dist2.scatter_reduce_(0, q, d2, reduce="amin")
+            if by_class:
+                c = self.tri_class[t]
+                for k in range(2):
+                    cls2[:, k].scatter_reduce_(0, q, torch.where(c == k, d2, float("inf")), reduce="amin")
             if need_sharp:
                 sharp2.scatter_reduce_(0, q[:, None].expand(-1, nk), sd2, reduce="amin")
+        if by_class:
+            dist2 = torch.cat([dist2[:, None], cls2], 1)
         return (dist2.sqrt() if need_dist else None), wind, (sharp2.sqrt() if need_sharp else None)
 
     @staticmethod
@@ -171,7 +194,7 @@ class TorchField:
 
     def build(self, resolution: int) -> None:
         """Refine cells towards the band at ``resolution``; keeps every level for later point queries."""
-        dev, band = self.device, self.band
+        dev, band = self.device, self._radius
         h = 2.0 / resolution
         num = max(0, math.ceil(math.log2(resolution)))  # levels 0..num, level num = voxels
         sizes = [h * 2 ** (num - j) for j in range(num + 1)]
@@ -225,9 +248,10 @@ class TorchField:
         self._resolution = resolution
 
     # ------------------------------------------------------------------ queries
-    def band_voxels(self, resolution: int):
-        """Band voxels at ``resolution``: numpy (coords int64 [N, 3], udf [N], flagged-edge distances [N, K])."""
-        self.build(resolution)
+    def band_voxels(self, resolution: int, radius: float):
+        """Voxels closer than ``radius`` to any triangle: numpy (coords int64 [N, 3], distances [N, 3] to all,
+        boundary and lost-sheet triangles, flagged-edge distances [N, K])."""
+        self.prepare(resolution, radius)
         parent = self._levels[-1]
         vox = (parent.coords[:, None, :] * 2 + _CHILD.to(self.device)[None]).reshape(-1, 3)
         owner = torch.arange(parent.coords.shape[0], device=self.device)[:, None].expand(-1, 8).reshape(-1)
@@ -235,8 +259,8 @@ class TorchField:
         vox, owner = vox[inside_grid], owner[inside_grid]
         pts = self._centers(vox, 2.0 / resolution)
         pt, ti = self._expand(owner, parent)
-        d, _, sd = self._eval_pairs(pts, pt, ti, pts.shape[0], True, True, need_wind=False)
-        keep = d < self.band
+        d, _, sd = self._eval_pairs(pts, pt, ti, pts.shape[0], True, True, need_wind=False, by_class=True)
+        keep = d[:, 0] < radius
         return tuple(x[keep].cpu().numpy() for x in (vox, d, sd))
 
     def _rows(self, j: int, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,13 @@ mesh, and it degrades gracefully on real meshes:
 - several parts, self-intersections and duplicated faces: windings add up (2 where two parts overlap),
   so overlapping parts form their union;
 - flipped faces: a few flipped faces only change the sign in a small lens near each flipped face
-  (about the face's own size); a mesh whose every face is flipped is read inside-out.
+  (about the face's own size); a mesh whose every face is flipped is read inside-out;
+- open sheets (a leaf, a single-sided wall, a flag) enclose nothing, so the winding number is below 1/2
+  on both sides: such "lost" triangles (found by evaluating the winding number just in front of and behind
+  each triangle) are thickened into a closed shell of half-thickness one voxel, and the solid is the union
+  of the winding-number solid and these shells. Triangles with the inside on both sides (inside another
+  part, duplicates) are internal and ignored. The distance is measured to the boundary of that solid:
+  ``sdf = min(±distance to boundary triangles, distance to lost triangles - h)``.
 
 Off-band voxels on the outer faces of the grid count as outside, so the surface also closes there.
 
@@ -266,10 +272,23 @@ class _IglField:
                 out[:, k] = np.sqrt(d2)
         return out
 
-    def band_voxels(self, resolution: int):
-        """(coords int64 [N, 3], udf [N], flagged-edge distances [N, K]) of the band voxels."""
-        coords, udf = band_candidates(self, resolution, self.band)
-        return coords, udf, self.edge_distances(voxel_centers(coords, resolution))
+    def set_classes(self, classes: np.ndarray) -> None:
+        self.subsets = [np.ascontiguousarray(self.f[classes == k]) for k in range(2)]
+
+    def prepare(self, resolution: int, radius: float) -> None:
+        """Nothing to build: libigl makes its AABB tree per call."""
+
+    def band_voxels(self, resolution: int, radius: float):
+        """(coords int64 [N, 3], distances [N, 3] to all / boundary / lost-sheet triangles, edge distances [N, K])."""
+        coords, udf = band_candidates(self, resolution, radius)
+        centers = voxel_centers(coords, resolution)
+        dist = np.full((len(coords), 3), np.inf)
+        dist[:, 0] = udf
+        for k, faces in enumerate(self.subsets):
+            if len(faces) and len(coords):
+                d2, _, _ = self._igl.point_mesh_squared_distance(centers, self.v, faces)
+                dist[:, k + 1] = np.sqrt(d2)
+        return coords, dist, self.edge_distances(centers)
 
 
 def _make_field(backend: str, mesh: trimesh.Trimesh, edge_flags: np.ndarray, band: float, device: str):
@@ -478,15 +497,42 @@ def band_signs(field, coords: np.ndarray, udf: np.ndarray, exact: np.ndarray, re
     return inside
 
 
+def classify_triangles(field, mesh: trimesh.Trimesh) -> np.ndarray:
+    """int8 [F]: 0 boundary of the winding-number solid, 1 lost sheet, 2 internal (or degenerate).
+
+    The winding number is evaluated just in front of and behind each triangle's centroid: a boundary
+    triangle has the inside (>= 1/2) on exactly one side; a lost sheet (an open surface such as a leaf or
+    a single-sided wall) has the outside on both sides; an internal triangle (inside another part, or a
+    duplicate) has the inside on both.
+    """
+    tri = np.asarray(mesh.vertices)[np.asarray(mesh.faces)]  # [F, 3, 3]
+    normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    area2 = np.linalg.norm(normal, axis=1)
+    ok = area2 > 1e-12
+    unit = normal / np.maximum(area2, 1e-30)[:, None]
+    delta = np.minimum(1e-3, 0.05 * np.sqrt(area2 / 2))[:, None]  # well inside the triangle's own solid angle
+    center = tri.mean(axis=1)
+    w = field.winding(np.concatenate([center + delta * unit, center - delta * unit]))
+    front, back = w[: len(tri)] >= 0.5, w[len(tri):] >= 0.5
+    classes = np.where(front != back, 0, np.where(front, 2, 1)).astype(np.int8)
+    classes[~ok] = 2
+    return classes
+
+
 def _sparse_sdf_one(field, resolution: int, band: float) -> SparseSDF:
-    coords, udf, edge_dist = field.band_voxels(resolution)
+    shell = 2.0 / resolution  # half-thickness of thickened lost sheets: one voxel
+    radius = band + shell
+    coords, dist, edge_dist = field.band_voxels(resolution, radius)
     g = resolution // BLOCK
     order = np.argsort(_keys(coords, resolution), kind="stable")
-    coords, udf, edge_dist = coords[order], udf[order], edge_dist[order]
+    coords, dist, edge_dist = coords[order], dist[order], edge_dist[order]
     sharp_dist, open_dist = edge_dist[:, 0], edge_dist[:, 1]
-    inside_band = band_signs(field, coords, udf, open_dist < band + 4.0 / resolution, resolution)
-    sdf = np.where(inside_band, -udf, udf).astype(np.float32)
-    sharp = sharp_dist < band
+    inside_w = band_signs(field, coords, dist[:, 0], open_dist < radius + 4.0 / resolution, resolution)
+    # Union of the winding-number solid (distance to its boundary triangles) and the thickened lost sheets.
+    sdf = np.minimum(np.where(inside_w, -dist[:, 1], dist[:, 1]), dist[:, 2] - shell)
+    keep = np.abs(sdf) < band
+    coords, sdf, sharp = coords[keep], sdf[keep].astype(np.float32), sharp_dist[keep] < band
+    inside_band = sdf < 0
 
     # Inside bits of every voxel of every occupied block: band voxels from their winding number, the rest
     # propagated from them; voxels that propagation cannot reach get their own winding number.
@@ -552,4 +598,6 @@ def compute_sparse_sdf(
                            "marching-cubes cells; only the block targets are closed", band, r)
     flags = np.stack([sharp_face_edges(mesh, sharp_angle_deg), open_face_edges(mesh)], axis=2)  # [F, 3, 2]
     field = _make_field(backend, mesh, flags, band, str(device))
+    field.prepare(int(resolutions[0]), band + 2.0 / int(resolutions[0]))
+    field.set_classes(classify_triangles(field, mesh))
     return {int(r): _sparse_sdf_one(field, int(r), band) for r in resolutions}
