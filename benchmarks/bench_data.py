@@ -114,6 +114,11 @@ def main() -> None:
             job.join()
             print(json.dumps(row), flush=True)
             rows.append(row)
+            _write(a, rows)
+    print(f"wrote {_write(a, rows)}")
+
+
+def _write(a, rows) -> str:
     import torch
 
     try:
@@ -134,7 +139,7 @@ def main() -> None:
     with open(tmp, "w") as fh:
         json.dump({"meta": meta, "results": rows}, fh, indent=1)
     os.replace(tmp, out)
-    print(f"wrote {out}")
+    return out
 
 
 if __name__ == "__main__":
