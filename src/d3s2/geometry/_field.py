@@ -29,19 +29,28 @@ logger = logging.getLogger(__name__)
 
 _CHILD = torch.tensor([[i >> 2 & 1, i >> 1 & 1, i & 1] for i in range(8)], dtype=torch.long)  # (x, y, z), z fastest
 _CORNER = _CHILD  # corners of a unit cell in the same order
-_PAIR_CHUNK = 1 << 22
+_PAIR_CHUNK = 1 << 18  # pairs per kernel batch: keeps CPU temporaries in cache
+_BRUTE_FORCE_PAIRS = 1 << 24  # winding queries with fewer (point, triangle) pairs skip the hierarchy
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a * b).sum(-1)
+# Pair kernels work on structure-of-arrays inputs (each coordinate a contiguous [P] tensor): on the CPU this
+# is several times faster than [P, 3] tensors reduced over their last dimension.
+def _sub(a, b):
+    return (a[0] - b[0], a[1] - b[1], a[2] - b[2])
 
 
-def _segment_dist2(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Squared distance from points p [P, 3] to segments a-b [P, 3]."""
-    ab = b - a
-    ap = p - a
+def _dot(a, b):
+    return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+
+
+def _cross(a, b):
+    return (a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0])
+
+
+def _segment_dist2(ap, ab):
+    """Squared distance from points to segments, given ``ap = p - a`` and ``ab = b - a`` (SoA)."""
     t = (_dot(ap, ab) / _dot(ab, ab).clamp_min(1e-30)).clamp(0.0, 1.0)
-    d = ap - t[:, None] * ab
+    d = (ap[0] - t * ab[0], ap[1] - t * ab[1], ap[2] - t * ab[2])
     return _dot(d, d)
 
 
@@ -50,27 +59,31 @@ def pair_terms(p: torch.Tensor, tri: torch.Tensor, sharp: torch.Tensor | None = 
     """Per (point, triangle) pair: squared distance, solid angle / 4pi, squared distances to flagged edges.
 
     Args:
-        p: [P, 3] points. tri: [P, 3, 3] triangle vertices. sharp: bool [P, 3, K] edge (v0v1, v1v2, v2v0) is in
-        flag set k (sharp edges, open edges, ...).
+        p: [3, P] points (SoA). tri: [9, P] triangle vertices (v0 xyz, v1 xyz, v2 xyz). sharp: bool [P, 3, K]
+        edge (v0v1, v1v2, v2v0) is in flag set k (sharp edges, open edges, ...).
     Returns:
         (dist2 [P] or None, winding [P] or None, flagged_dist2 [P, K] or None); inf where no edge is flagged.
     """
+    pp = (p[0], p[1], p[2])
+    a = _sub((tri[0], tri[1], tri[2]), pp)  # v0 - p
+    b = _sub((tri[3], tri[4], tri[5]), pp)
+    c = _sub((tri[6], tri[7], tri[8]), pp)
     wind = None
     if need_wind:
-        a, b, c = tri[:, 0] - p, tri[:, 1] - p, tri[:, 2] - p
-        la, lb, lc = a.norm(dim=1), b.norm(dim=1), c.norm(dim=1)
-        num = _dot(a, torch.cross(b, c, dim=1))
+        la, lb, lc = _dot(a, a).sqrt(), _dot(b, b).sqrt(), _dot(c, c).sqrt()
+        num = _dot(a, _cross(b, c))
         den = la * lb * lc + _dot(a, b) * lc + _dot(b, c) * la + _dot(c, a) * lb
         wind = torch.atan2(num, den) * (1.0 / (2.0 * math.pi))  # 2 atan2 / (4 pi)
     if not need_dist:
         return None, wind, None
-    v0, v1, v2 = tri[:, 0], tri[:, 1], tri[:, 2]
-    e = torch.stack([_segment_dist2(p, v0, v1), _segment_dist2(p, v1, v2), _segment_dist2(p, v2, v0)], 1)  # [P, 3]
-    n = torch.cross(v1 - v0, v2 - v0, dim=1)
+    ab, bc, ca = _sub(b, a), _sub(c, b), _sub(a, c)  # triangle edges
+    ma, mb, mc = (-a[0], -a[1], -a[2]), (-b[0], -b[1], -b[2]), (-c[0], -c[1], -c[2])  # p - v
+    e = torch.stack([_segment_dist2(ma, ab), _segment_dist2(mb, bc), _segment_dist2(mc, ca)], 1)  # [P, 3]
+    n = _cross(ab, _sub(c, a))
     nn = _dot(n, n)
-    inside = ((_dot(torch.cross(v1 - v0, p - v0, dim=1), n) >= 0) & (_dot(torch.cross(v2 - v1, p - v1, dim=1), n) >= 0)
-              & (_dot(torch.cross(v0 - v2, p - v2, dim=1), n) >= 0) & (nn > 1e-30))
-    plane = _dot(p - v0, n) ** 2 / nn.clamp_min(1e-30)
+    inside = ((_dot(_cross(ab, ma), n) >= 0) & (_dot(_cross(bc, mb), n) >= 0) & (_dot(_cross(ca, mc), n) >= 0)
+              & (nn > 1e-30))
+    plane = _dot(a, n) ** 2 / nn.clamp_min(1e-30)
     dist2 = torch.where(inside, plane, e.min(dim=1).values)
     sharp_d2 = None
     if sharp is not None:
@@ -98,34 +111,58 @@ class TorchField:
         self.dtype = torch.float32
         v = torch.as_tensor(np.asarray(vertices), dtype=torch.float64)
         f = torch.as_tensor(np.asarray(faces, dtype=np.int64))
-        self.tri = v[f].to(self.device, self.dtype).contiguous()  # [F, 3, 3]
+        self.tri = v[f].to(self.device, self.dtype).reshape(-1, 9).T.contiguous()  # [9, F] SoA
         self.band = float(band)
         if edge_flags is None:
             edge_flags = np.zeros((len(faces), 3, 1), dtype=bool)
         self.tri_sharp = torch.as_tensor(np.asarray(edge_flags, dtype=bool), device=self.device)  # [F, 3, K]
         self._levels: list[_Level] = []
         self._resolution = 0
+        self._radius = self.band
+        self.tri_class = torch.zeros(self.tri.shape[1], dtype=torch.int8, device=self.device)
+
+    def set_classes(self, classes: np.ndarray) -> None:
+        """int8 [F]: 0 boundary, 1 lost sheet, 2 internal (see ``d3s2.geometry.sdf.classify_triangles``)."""
+        self.tri_class = torch.as_tensor(np.asarray(classes, dtype=np.int8), device=self.device)
+
+    def prepare(self, resolution: int, radius: float) -> None:
+        """Build the hierarchy for ``resolution`` keeping cells within ``radius`` of the surface."""
+        if (resolution, radius) != (self._resolution, self._radius) or not self._levels:
+            self._radius = float(radius)
+            self.build(resolution)
 
     # ------------------------------------------------------------------ pair evaluation
     def _eval_pairs(self, points: torch.Tensor, pt: torch.Tensor, tri_idx: torch.Tensor, n_points: int,
-                    need_dist: bool, need_sharp: bool, need_wind: bool = True):
-        """Reduce pair terms per point: (dist [Q] | None, winding [Q] (zeros if not needed), sharp dist [Q] | None)."""
+                    need_dist: bool, need_sharp: bool, need_wind: bool = True, by_class: bool = False):
+        """Reduce pair terms per point: (dist [Q] | None, winding [Q] (zeros if not needed), sharp dist [Q] | None).
+
+        With ``by_class`` the distance is [Q, 3]: all triangles, boundary triangles, lost-sheet triangles.
+        """
         dev = self.device
+        if by_class:
+            cls2 = torch.full((n_points, 2), float("inf"), device=dev, dtype=self.dtype)
         wind = torch.zeros(n_points, device=dev, dtype=self.dtype)
         dist2 = torch.full((n_points,), float("inf"), device=dev, dtype=self.dtype) if need_dist else None
         nk = self.tri_sharp.shape[2]
+        pts = points.T.contiguous()  # [3, Q]
         sharp2 = torch.full((n_points, nk), float("inf"), device=dev, dtype=self.dtype) if need_sharp else None
         for s in range(0, pt.numel(), _PAIR_CHUNK):
             q = pt[s:s + _PAIR_CHUNK]
             t = tri_idx[s:s + _PAIR_CHUNK]
-            d2, w, sd2 = pair_terms(points[q], self.tri[t], self.tri_sharp[t] if need_sharp else None, need_dist,
+            d2, w, sd2 = pair_terms(pts[:, q], self.tri[:, t], self.tri_sharp[t] if need_sharp else None, need_dist,
                                     need_wind)
             if need_wind:
                 wind.index_add_(0, q, w)
             if need_dist:
                 dist2.scatter_reduce_(0, q, d2, reduce="amin")
+            if by_class:
+                c = self.tri_class[t]
+                for k in range(2):
+                    cls2[:, k].scatter_reduce_(0, q, torch.where(c == k, d2, float("inf")), reduce="amin")
             if need_sharp:
                 sharp2.scatter_reduce_(0, q[:, None].expand(-1, nk), sd2, reduce="amin")
+        if by_class:
+            dist2 = torch.cat([dist2[:, None], cls2], 1)
         return (dist2.sqrt() if need_dist else None), wind, (sharp2.sqrt() if need_sharp else None)
 
     @staticmethod
@@ -157,11 +194,11 @@ class TorchField:
 
     def build(self, resolution: int) -> None:
         """Refine cells towards the band at ``resolution``; keeps every level for later point queries."""
-        dev, band = self.device, self.band
+        dev, band = self.device, self._radius
         h = 2.0 / resolution
         num = max(0, math.ceil(math.log2(resolution)))  # levels 0..num, level num = voxels
         sizes = [h * 2 ** (num - j) for j in range(num + 1)]
-        nf = self.tri.shape[0]
+        nf = self.tri.shape[1]
         root = torch.zeros((1, 3), dtype=torch.long, device=dev)
         lvl = _Level(sizes[0], root, torch.zeros(1, dtype=torch.long, device=dev),
                      torch.zeros(nf, dtype=torch.long, device=dev), torch.arange(nf, device=dev),
@@ -182,10 +219,10 @@ class TorchField:
             tri_of_pair = ptri[:, None].expand(-1, 8).reshape(-1)
             keep_pair = torch.empty(cell_of_pair.numel(), dtype=torch.bool, device=dev)
             mind = torch.full((ccoords.shape[0],), float("inf"), device=dev, dtype=self.dtype)
-            centers = self._centers(ccoords, size)
+            centers = self._centers(ccoords, size).T.contiguous()  # [3, 8C]
             for s in range(0, cell_of_pair.numel(), _PAIR_CHUNK):
                 cq = cell_of_pair[s:s + _PAIR_CHUNK]
-                d2, _, _ = pair_terms(centers[cq], self.tri[tri_of_pair[s:s + _PAIR_CHUNK]], need_wind=False)
+                d2, _, _ = pair_terms(centers[:, cq], self.tri[:, tri_of_pair[s:s + _PAIR_CHUNK]], need_wind=False)
                 d = d2.sqrt()
                 keep_pair[s:s + _PAIR_CHUNK] = d <= radius
                 mind.scatter_reduce_(0, cq, d, reduce="amin")
@@ -211,9 +248,10 @@ class TorchField:
         self._resolution = resolution
 
     # ------------------------------------------------------------------ queries
-    def band_voxels(self, resolution: int):
-        """Band voxels at ``resolution``: numpy (coords int64 [N, 3], udf [N], flagged-edge distances [N, K])."""
-        self.build(resolution)
+    def band_voxels(self, resolution: int, radius: float):
+        """Voxels closer than ``radius`` to any triangle: numpy (coords int64 [N, 3], distances [N, 3] to all,
+        boundary and lost-sheet triangles, flagged-edge distances [N, K])."""
+        self.prepare(resolution, radius)
         parent = self._levels[-1]
         vox = (parent.coords[:, None, :] * 2 + _CHILD.to(self.device)[None]).reshape(-1, 3)
         owner = torch.arange(parent.coords.shape[0], device=self.device)[:, None].expand(-1, 8).reshape(-1)
@@ -221,8 +259,8 @@ class TorchField:
         vox, owner = vox[inside_grid], owner[inside_grid]
         pts = self._centers(vox, 2.0 / resolution)
         pt, ti = self._expand(owner, parent)
-        d, _, sd = self._eval_pairs(pts, pt, ti, pts.shape[0], True, True, need_wind=False)
-        keep = d < self.band
+        d, _, sd = self._eval_pairs(pts, pt, ti, pts.shape[0], True, True, need_wind=False, by_class=True)
+        keep = d[:, 0] < radius
         return tuple(x[keep].cpu().numpy() for x in (vox, d, sd))
 
     def _rows(self, j: int, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,6 +309,13 @@ class TorchField:
         out = torch.zeros(pts.shape[0], dtype=self.dtype, device=self.device)
         if pts.shape[0] == 0:
             return out.cpu().numpy().astype(np.float64)
+        nf = self.tri.shape[1]
+        if pts.shape[0] * nf <= _BRUTE_FORCE_PAIRS:
+            # Few points: summing every triangle exactly is cheaper than filling far-field corners.
+            pt = torch.arange(pts.shape[0], device=self.device).repeat_interleave(nf)
+            ti = torch.arange(nf, device=self.device).repeat(pts.shape[0])
+            _, w, _ = self._eval_pairs(pts, pt, ti, pts.shape[0], False, False)
+            return w.cpu().numpy().astype(np.float64)
         lvl_idx, row = self._locate(pts)
         for j in torch.unique(lvl_idx).tolist():
             sel = torch.nonzero(lvl_idx == j).squeeze(1)

@@ -10,7 +10,8 @@ The case tables are generated here (:func:`build_tables`) rather than copied: fo
 sign patterns, the iso-contour is traced face by face on the cube's surface and each closed contour is
 triangulated as a fan. Ambiguous faces (two diagonal corners inside, two outside) always separate the
 inside corners; because the choice depends on the face alone, the two cubes sharing a face agree and the
-surface has no cracks. On configurations without ambiguous faces the polygons equal those of other
+surface has no cracks, and fans are rooted so that no diagonal lies on a cube face (the neighbour would draw
+it too). On configurations without ambiguous faces the polygons equal those of other
 marching-cubes tables (e.g. scikit-image's); triangulations of polygons with 4+ vertices may differ.
 
 Dimension legend: N voxels, M processed cubes, V vertices, T triangles, R resolution.
@@ -55,6 +56,24 @@ def _cube_faces() -> list[tuple[list[int], np.ndarray]]:
     return faces
 
 
+def _on_one_face(e1: int, e2: int, face_sets: list[frozenset]) -> bool:
+    corners = set(map(int, EDGE_CORNERS[e1])) | set(map(int, EDGE_CORNERS[e2]))
+    return any(corners <= f for f in face_sets)
+
+
+def _fan_apex(loop: list[int], face_sets: list[frozenset]) -> int:
+    """Index of a fan apex whose diagonals do not lie on a cube face.
+
+    A diagonal on a face (the loop crosses an ambiguous face twice) would also be drawn by the neighbouring
+    cube across that face, leaving an edge shared by four triangles.
+    """
+    n = len(loop)
+    for i in range(n):
+        if all(not _on_one_face(loop[i], loop[j], face_sets) for j in range(n) if (j - i) % n not in (0, 1, n - 1)):
+            return i
+    raise AssertionError(f"no fan apex for contour {loop}")
+
+
 @functools.lru_cache(maxsize=1)
 def build_tables() -> tuple[np.ndarray, np.ndarray]:
     """Generate the case tables.
@@ -67,6 +86,7 @@ def build_tables() -> tuple[np.ndarray, np.ndarray]:
     corner_pos = CORNER_OFFSETS.astype(np.float64)
     edge_mid = corner_pos[EDGE_CORNERS].mean(axis=1)  # [12, 3]
     faces = _cube_faces()
+    face_sets = [frozenset(cyc) for cyc, _ in faces]
     tables: list[list[tuple[int, int, int]]] = []
     for case in range(256):
         inside = [(case >> i) & 1 for i in range(8)]
@@ -103,6 +123,8 @@ def build_tables() -> tuple[np.ndarray, np.ndarray]:
             while e != start:
                 loop.append(e)
                 e = remaining.pop(e)
+            apex = _fan_apex(loop, face_sets)
+            loop = loop[apex:] + loop[:apex]
             for k in range(1, len(loop) - 1):
                 tris.append((loop[0], loop[k], loop[k + 1]))
         tables.append(tris)

@@ -16,7 +16,15 @@ mesh, and it degrades gracefully on real meshes:
 - several parts, self-intersections and duplicated faces: windings add up (2 where two parts overlap),
   so overlapping parts form their union;
 - flipped faces: a few flipped faces only change the sign in a small lens near each flipped face
-  (about the face's own size); a mesh whose every face is flipped is read inside-out.
+  (about the face's own size); a mesh whose every face is flipped is read inside-out;
+- open sheets (a leaf, a single-sided wall, a flag) enclose nothing, so the winding number is below 1/2
+  on both sides: such "lost" triangles (found by evaluating the winding number just in front of and behind
+  each triangle) are thickened into a closed shell of half-thickness one voxel, and the solid is the union
+  of the winding-number solid and these shells. Triangles with the inside on both sides (inside another
+  part, duplicates) are internal and ignored. The distance is measured to the boundary of that solid:
+  ``sdf = min(±distance to boundary triangles, distance to lost triangles - h)``.
+
+Off-band voxels on the outer faces of the grid count as outside, so the surface also closes there.
 
 The band is *closed*: every occupied 8³ block stores the inside bit of all its 512 voxels, and blocks are
 added where a sign change (a hole's membrane, or a band thinner than a voxel) reaches the side of an
@@ -264,10 +272,23 @@ class _IglField:
                 out[:, k] = np.sqrt(d2)
         return out
 
-    def band_voxels(self, resolution: int):
-        """(coords int64 [N, 3], udf [N], flagged-edge distances [N, K]) of the band voxels."""
-        coords, udf = band_candidates(self, resolution, self.band)
-        return coords, udf, self.edge_distances(voxel_centers(coords, resolution))
+    def set_classes(self, classes: np.ndarray) -> None:
+        self.subsets = [np.ascontiguousarray(self.f[classes == k]) for k in range(2)]
+
+    def prepare(self, resolution: int, radius: float) -> None:
+        """Nothing to build: libigl makes its AABB tree per call."""
+
+    def band_voxels(self, resolution: int, radius: float):
+        """(coords int64 [N, 3], distances [N, 3] to all / boundary / lost-sheet triangles, edge distances [N, K])."""
+        coords, udf = band_candidates(self, resolution, radius)
+        centers = voxel_centers(coords, resolution)
+        dist = np.full((len(coords), 3), np.inf)
+        dist[:, 0] = udf
+        for k, faces in enumerate(self.subsets):
+            if len(faces) and len(coords):
+                d2, _, _ = self._igl.point_mesh_squared_distance(centers, self.v, faces)
+                dist[:, k + 1] = np.sqrt(d2)
+        return coords, dist, self.edge_distances(centers)
 
 
 def _make_field(backend: str, mesh: trimesh.Trimesh, edge_flags: np.ndarray, band: float, device: str):
@@ -325,15 +346,29 @@ def _block_voxel_centers(block_coords: np.ndarray, resolution: int) -> np.ndarra
     return voxel_centers((block_coords[:, None, :] * BLOCK + _block_offsets()[None]).reshape(-1, 3), resolution)
 
 
-def propagate_signs(signs: np.ndarray, max_steps: int = 3 * BLOCK) -> np.ndarray:
+def _grid_face_mask(block_coords: np.ndarray, g: int) -> np.ndarray:
+    """bool [NB, 8, 8, 8]: voxels on the outer faces of the grid (off-band ones there count as outside)."""
+    mask = np.zeros((len(block_coords), BLOCK, BLOCK, BLOCK), dtype=bool)
+    for axis in range(3):
+        lo = block_coords[:, axis] == 0
+        hi = block_coords[:, axis] == g - 1
+        idx = [slice(None)] * 4
+        idx[axis + 1] = 0
+        mask[tuple(idx)] |= lo[:, None, None]
+        idx[axis + 1] = BLOCK - 1
+        mask[tuple(idx)] |= hi[:, None, None]
+    return mask
+
+
+def propagate_signs(signs: np.ndarray, max_steps: int = 3 * BLOCK, device: str | torch.device = "cpu") -> np.ndarray:
     """Fill unknown (0) entries of int8 ``signs [NB, 8, 8, 8]`` (+1 inside, -1 outside) from their neighbours.
 
     Each round, an unknown voxel takes the sign of the majority of its known 6-neighbours in the same block
     (ties wait a round). Off-band voxels cannot have the surface between them and a neighbour when the band is
     wider than half a voxel, so this copies the sign of the nearest band voxels. Entries still unknown at the
-    end stay 0. Runs in torch (on the CPU here) so it is vectorised over all blocks.
+    end stay 0. Runs in torch on ``device``, vectorised over all blocks.
     """
-    s = torch.as_tensor(signs, dtype=torch.int8).clone()
+    s = torch.as_tensor(signs, dtype=torch.int8).to(device)
     for _ in range(max_steps):
         unknown = s == 0
         if not bool(unknown.any()):
@@ -350,36 +385,47 @@ def propagate_signs(signs: np.ndarray, max_steps: int = 3 * BLOCK) -> np.ndarray
         if not bool(fill.any()):
             break
         s = torch.where(fill, total.sign().to(torch.int8), s)
-    return s.numpy()
+    return s.cpu().numpy()
 
 
 def _close_blocks(field, resolution: int, block_keys: np.ndarray, inside: np.ndarray,
                   max_rounds: int) -> tuple[np.ndarray, np.ndarray]:
-    """Add blocks where a sign change reaches a face towards a missing neighbour; see the module docstring.
+    """Add missing blocks next to a sign change; see the module docstring.
 
-    ``block_keys`` int64 [NB] sorted, ``inside`` bool [NB, 8, 8, 8]. Returns the grown pair, still sorted.
-    New blocks get the inside bits of all their voxels from the winding number.
+    A missing block D is added when the voxels of present blocks that touch D (face layers, edge lines and
+    corner voxels of its 26 neighbours) hold both signs: some marching-cubes cell between them and D may
+    cross the surface. ``block_keys`` int64 [NB] sorted, ``inside`` bool [NB, 8, 8, 8]. Returns the grown
+    pair, still sorted; new blocks get the inside bits of all their voxels from the winding number.
     """
     g = resolution // BLOCK
-    faces = [(0, -1), (0, 1), (1, -1), (1, 1), (2, -1), (2, 1)]
+    dirs = [(dx, dy, dz) for dx in (-1, 0, 1) for dy in (-1, 0, 1) for dz in (-1, 0, 1) if (dx, dy, dz) != (0, 0, 0)]
     new_keys = block_keys
     for _ in range(max_rounds):
         coords = _block_coords(block_keys, g)
-        found_new = []
-        for axis, step in faces:
-            layer = np.take(inside, 0 if step < 0 else BLOCK - 1, axis=axis + 1)  # [NB, 8, 8]
-            mixed = layer.any(axis=(1, 2)) & ~layer.all(axis=(1, 2))
-            nb = coords[mixed].copy()
-            nb[:, axis] += step
-            nb = nb[(nb[:, axis] >= 0) & (nb[:, axis] < g)]
-            k = _keys(nb, g)
+        cand, has_in, has_out = [], [], []
+        for d in dirs:
+            region = inside[(slice(None),) + tuple(slice(None) if x == 0 else (0 if x < 0 else BLOCK - 1) for x in d)]
+            region = region.reshape(len(block_keys), -1)
+            nb = coords + np.array(d)
+            ok = ((nb >= 0) & (nb < g)).all(1)
+            k = _keys(nb[ok], g)
             present, _ = _member(block_keys, k)
-            found_new.append(k[~present])
-        new_keys = np.unique(np.concatenate(found_new))
+            cand.append(k[~present])
+            has_in.append(region[ok][~present].any(1))
+            has_out.append(~region[ok][~present].all(1))
+        cand = np.concatenate(cand)
+        if cand.size == 0:
+            new_keys = cand
+            break
+        uniq, inv = np.unique(cand, return_inverse=True)
+        mixed = (np.bincount(inv, weights=np.concatenate(has_in), minlength=uniq.size) > 0) & (
+            np.bincount(inv, weights=np.concatenate(has_out), minlength=uniq.size) > 0)
+        new_keys = uniq[mixed]
         if new_keys.size == 0:
             break
         w = field.winding(_block_voxel_centers(_block_coords(new_keys, g), resolution))
         new_inside = (w >= 0.5).reshape(-1, BLOCK, BLOCK, BLOCK)
+        new_inside &= ~_grid_face_mask(_block_coords(new_keys, g), g)
         all_keys = np.concatenate([block_keys, new_keys])
         order = np.argsort(all_keys, kind="stable")
         block_keys = all_keys[order]
@@ -451,15 +497,42 @@ def band_signs(field, coords: np.ndarray, udf: np.ndarray, exact: np.ndarray, re
     return inside
 
 
+def classify_triangles(field, mesh: trimesh.Trimesh) -> np.ndarray:
+    """int8 [F]: 0 boundary of the winding-number solid, 1 lost sheet, 2 internal (or degenerate).
+
+    The winding number is evaluated just in front of and behind each triangle's centroid: a boundary
+    triangle has the inside (>= 1/2) on exactly one side; a lost sheet (an open surface such as a leaf or
+    a single-sided wall) has the outside on both sides; an internal triangle (inside another part, or a
+    duplicate) has the inside on both.
+    """
+    tri = np.asarray(mesh.vertices)[np.asarray(mesh.faces)]  # [F, 3, 3]
+    normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    area2 = np.linalg.norm(normal, axis=1)
+    ok = area2 > 1e-12
+    unit = normal / np.maximum(area2, 1e-30)[:, None]
+    delta = np.minimum(1e-3, 0.05 * np.sqrt(area2 / 2))[:, None]  # well inside the triangle's own solid angle
+    center = tri.mean(axis=1)
+    w = field.winding(np.concatenate([center + delta * unit, center - delta * unit]))
+    front, back = w[: len(tri)] >= 0.5, w[len(tri):] >= 0.5
+    classes = np.where(front != back, 0, np.where(front, 2, 1)).astype(np.int8)
+    classes[~ok] = 2
+    return classes
+
+
 def _sparse_sdf_one(field, resolution: int, band: float) -> SparseSDF:
-    coords, udf, edge_dist = field.band_voxels(resolution)
+    shell = 2.0 / resolution  # half-thickness of thickened lost sheets: one voxel
+    radius = band + shell
+    coords, dist, edge_dist = field.band_voxels(resolution, radius)
     g = resolution // BLOCK
     order = np.argsort(_keys(coords, resolution), kind="stable")
-    coords, udf, edge_dist = coords[order], udf[order], edge_dist[order]
+    coords, dist, edge_dist = coords[order], dist[order], edge_dist[order]
     sharp_dist, open_dist = edge_dist[:, 0], edge_dist[:, 1]
-    inside_band = band_signs(field, coords, udf, open_dist < band + 4.0 / resolution, resolution)
-    sdf = np.where(inside_band, -udf, udf).astype(np.float32)
-    sharp = sharp_dist < band
+    inside_w = band_signs(field, coords, dist[:, 0], open_dist < radius + 4.0 / resolution, resolution)
+    # Union of the winding-number solid (distance to its boundary triangles) and the thickened lost sheets.
+    sdf = np.minimum(np.where(inside_w, -dist[:, 1], dist[:, 1]), dist[:, 2] - shell)
+    keep = np.abs(sdf) < band
+    coords, sdf, sharp = coords[keep], sdf[keep].astype(np.float32), sharp_dist[keep] < band
+    inside_band = sdf < 0
 
     # Inside bits of every voxel of every occupied block: band voxels from their winding number, the rest
     # propagated from them; voxels that propagation cannot reach get their own winding number.
@@ -470,12 +543,15 @@ def _sparse_sdf_one(field, resolution: int, band: float) -> SparseSDF:
     rows = _lookup(block_keys, _keys(block_of, g))
     local = coords % BLOCK
     signs[rows, (local[:, 0] * BLOCK + local[:, 1]) * BLOCK + local[:, 2]] = np.where(inside_band, 1, -1)
-    signs = propagate_signs(signs.reshape(nb, BLOCK, BLOCK, BLOCK)).reshape(nb, _BLOCK_VOXELS)
+    off_band = signs == 0
+    signs = propagate_signs(signs.reshape(nb, BLOCK, BLOCK, BLOCK),
+                            device=getattr(field, "device", "cpu")).reshape(nb, _BLOCK_VOXELS)
     unknown_b, unknown_v = np.nonzero(signs == 0)
     if unknown_b.size:
         vox = _block_coords(block_keys, g)[unknown_b] * BLOCK + _block_offsets()[unknown_v]
         signs[unknown_b, unknown_v] = np.where(field.winding(voxel_centers(vox, resolution)) >= 0.5, 1, -1)
     inside = (signs > 0).reshape(nb, BLOCK, BLOCK, BLOCK)
+    inside &= ~(off_band.reshape(nb, BLOCK, BLOCK, BLOCK) & _grid_face_mask(_block_coords(block_keys, g), g))
     block_keys, inside = _close_blocks(field, resolution, block_keys, inside, max_rounds=4 * g)
     packed = np.packbits(inside.reshape(len(block_keys), -1), axis=1)
     return SparseSDF(coords=coords.astype(np.int32), sdf=sdf, sharp=sharp, resolution=resolution, band=float(band),
@@ -522,4 +598,6 @@ def compute_sparse_sdf(
                            "marching-cubes cells; only the block targets are closed", band, r)
     flags = np.stack([sharp_face_edges(mesh, sharp_angle_deg), open_face_edges(mesh)], axis=2)  # [F, 3, 2]
     field = _make_field(backend, mesh, flags, band, str(device))
+    field.prepare(int(resolutions[0]), band + 2.0 / int(resolutions[0]))
+    field.set_classes(classify_triangles(field, mesh))
     return {int(r): _sparse_sdf_one(field, int(r), band) for r in resolutions}
