@@ -12,8 +12,6 @@ import argparse
 import os
 from pathlib import Path
 
-import trimesh
-
 from d3s2.data.corpus import MeshCorpus, save_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,10 +31,9 @@ def main() -> None:
     out = ROOT / "src" / "d3s2" / "assets" / "examples"
     out.mkdir(parents=True, exist_ok=True)
     for name in EXAMPLES:
-        v, f = corpus.arrays(name)
         path = out / (name.split("/")[-1] + ".glb")
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(trimesh.Trimesh(v, f, process=False).export(file_type="glb"))
+        tmp.write_bytes(corpus.mesh(name).export(file_type="glb"))  # outward-facing winding
         os.replace(tmp, path)
 
 

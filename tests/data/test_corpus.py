@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import trimesh
 
 from d3s2.data.corpus import ENV_VAR, MeshCorpus, find_corpus, save_corpus
 
@@ -50,3 +51,13 @@ def test_save_round_trip(tmp_path):
     with pytest.raises(ValueError, match="does not fit uint16"):
         save_corpus(tmp_path / "d.npz", {"x": (v, np.array([[0, 1, 70000]]))})
     assert not (tmp_path / "d.npz").exists()
+
+
+def test_mesh_reverses_clockwise_game_winding():
+    corpus = MeshCorpus(TINY)
+    closed = [n for n in corpus.names() if corpus.mesh(n).is_watertight]
+    assert closed, "the fixture should contain closed meshes"
+    for name in closed:
+        assert corpus.mesh(name).volume > 0, name  # outward-facing after the flip
+        v, f = corpus.arrays(name)
+        assert trimesh.Trimesh(v, f, process=False).volume < 0  # file order stays clockwise

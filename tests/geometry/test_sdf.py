@@ -38,6 +38,18 @@ def test_sphere_matches_analytic_sdf():
     assert not s.sharp.any()
 
 
+def test_closed_inside_out_mesh_gets_the_same_signs():
+    sphere = trimesh.creation.icosphere(subdivisions=4, radius=0.6)
+    inverted = trimesh.Trimesh(sphere.vertices, sphere.faces[:, ::-1], process=False)
+    assert inverted.volume < 0
+    r = 32
+    a = compute_sparse_sdf(sphere, r, band=2 / r)[r]
+    b = compute_sparse_sdf(inverted, r, band=2 / r)[r]
+    assert np.array_equal(a.coords, b.coords)
+    np.testing.assert_allclose(a.sdf, b.sdf, atol=1e-6)
+    assert (a.sdf < 0).any() and (a.sdf > 0).any()
+
+
 @pytest.mark.parametrize("backend", ["igl", "torch"])
 def test_sign_agrees_with_winding_number_on_watertight_mesh(backend):
     torus = trimesh.creation.torus(major_radius=0.55, minor_radius=0.25, major_sections=24, minor_sections=12)

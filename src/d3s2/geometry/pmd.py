@@ -85,9 +85,13 @@ def read_pmd(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_pmd(path: str | Path):
-    """Read a ``.pmd`` file as a validated ``trimesh.Trimesh`` (same checks as :func:`load_mesh`)."""
+    """Read a ``.pmd`` file as a validated, outward-facing ``trimesh.Trimesh`` (same checks as :func:`load_mesh`).
+
+    PMD triangles are wound clockwise (the game's front-face convention), so the winding is reversed;
+    :func:`read_pmd` keeps the file order.
+    """
     vertices, faces = read_pmd(path)
-    return validate_mesh(vertices, faces, str(path))
+    return validate_mesh(vertices, faces[:, ::-1].copy(), str(path))
 
 
 def write_pmd(path: str | Path, vertices: np.ndarray, faces: np.ndarray, *, normals: np.ndarray | None = None,

@@ -590,6 +590,11 @@ def compute_sparse_sdf(
     if np.abs(vertices).max() > 1:
         raise ValueError("expected a mesh inside [-1, 1]^3 (normalise it first), got coordinates up to "
                          f"{np.abs(vertices).max():.3f}")
+    if mesh.is_watertight and mesh.volume < 0:
+        # A closed mesh with negative signed volume is wound inside-out as a whole (e.g. clockwise game
+        # assets): without this every face would read as an open sheet and become a thin shell.
+        logger.info("mesh is closed but inside-out (signed volume %.4g): reversing its faces", mesh.volume)
+        mesh = trimesh.Trimesh(vertices, np.asarray(mesh.faces)[:, ::-1].copy(), process=False)
     if backend is None:
         backend = "igl" if str(device) == "cpu" else "torch"
     for r in resolutions:
