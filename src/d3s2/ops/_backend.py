@@ -61,8 +61,12 @@ class OpBackends:
             raise ValueError(f"backend {name!r} already registered for op {self.op!r}")
         self.entries.append(_BackendEntry(name, list(constraints)))
 
-    def _reasons(self, entry: _BackendEntry, tensors: tuple[torch.Tensor, ...]) -> list[str]:
-        return [r for c in entry.constraints if (r := c(*tensors)) is not None]
+    def _reasons(self, entry: _BackendEntry, tensors: tuple[torch.Tensor, ...], auto: bool = False) -> list[str]:
+        # A constraint may carry a stricter ``auto_check`` that applies only when nobody asked for the backend.
+        checks = list(entry.constraints)
+        if auto:
+            checks += [a for c in entry.constraints if (a := getattr(c, "auto_check", None)) is not None]
+        return [r for c in checks if (r := c(*tensors)) is not None]
 
     def resolve(self, backend: str | None, *tensors: torch.Tensor) -> str:
         """Return the backend name to use for these input tensors."""
@@ -70,7 +74,7 @@ class OpBackends:
         requested = requested.lower()
         if requested == AUTO:
             for entry in self.entries:
-                reasons = self._reasons(entry, tensors)
+                reasons = self._reasons(entry, tensors, auto=True)
                 if not reasons:
                     return entry.name
                 _log_skip_once(self.op, entry.name, "; ".join(reasons))
@@ -141,6 +145,17 @@ def needs_triton(*tensors: torch.Tensor) -> str | None:
     if not on_cuda and not triton_interpret():
         return "inputs are not on a CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on CPU)"
     return None
+
+
+def _inputs_on_cuda(*tensors: torch.Tensor) -> str | None:
+    if all(t.is_cuda for t in tensors if isinstance(t, torch.Tensor)):
+        return None
+    return "auto uses Triton only for CUDA inputs (the interpreter is opt-in: pass backend='triton')"
+
+
+# TRITON_INTERPRET=1 makes Triton runnable on CPU, but only an explicit request should get the (very slow)
+# interpreter: otherwise one test module setting it would slow every later CPU test.
+needs_triton.auto_check = _inputs_on_cuda  # type: ignore[attr-defined]
 
 
 def needs_float_dtype(*dtypes: torch.dtype) -> Constraint:
