@@ -1,0 +1,458 @@
+"""Triton kernels for block attention (selection and window), forward and deterministic backward.
+
+Dimension legend: N tokens, Hq / Hkv heads, G = Hq // Hkv query heads per kv head, D head dim, NB blocks,
+S slots per (query, kv head), E = N·Hkv·S entries, one per (query i, kv head g, slot s) with flat index
+``f = (i·Hkv + g)·S + s``.
+
+Design (key-stationary, "block-major"). The (query, slot) entries are grouped into one list per (kv head g,
+block b): the queries that selected b through g, in ascending query order (a stable sort on GPU). A tile is
+``BLOCK_M`` rows = ``BLOCK_M // G_PAD`` entries of one list × the G query heads of kv head g, so ``tl.dot``
+gets M = 64…128 even though every query has its own selection, and each block's keys are read once per tile
+instead of once per query.
+
+- Forward: one program per tile loops over the block's keys in ``BLOCK_N`` chunks (online softmax, exp2,
+  fp32 accumulation) and writes the tile's normalised partial output and LSE per entry; a combine kernel
+  merges the S partials of each (query, kv head) by their LSEs. Window attention is the case S = 1, where
+  the partial is the output and no combine runs.
+- Backward: Δ = rowsum(O·dO); dQ mirrors the forward (partial dQ per entry, then a sum over slots); dK/dV
+  runs one program per (block key tile, kv head) that loops over the block's whole entry list, so each key
+  row is written by exactly one program: deterministic, no atomics, no per-head replicated buffers.
+
+Limits: D ≤ 128; block ids outside [0, NB) are treated as empty slots; the partial buffers take
+``E·G·D`` floats (selection only), e.g. 4.4 GB in float32 at N = 131k, Hq 32 / Hkv 2 / D 32, S 8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+# Launch parameters: rows (entries × query heads) per tile, keys per chunk, warps, pipeline depth.
+FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+BWD_DQ_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+BWD_DKDV_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+COMBINE_ROWS = 64  # (pair, head) rows per program of the combine kernel
+# Partial outputs / dQ per entry: float32 keeps the kernel's error at the torch reference's level.
+PARTIAL_DTYPE = torch.float32
+
+
+@triton.jit
+def _tile_rows(TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, t, num_lists, NB,
+               G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows of tile t: (list id, kv head, block, entry position per row, row mask, head per row)."""
+    lst = tl.load(TILE_LIST + t)
+    lst_c = tl.minimum(lst, num_lists - 1)
+    chunk = t - tl.load(TILE_CUM + lst_c)
+    e_lo = tl.load(LIST_START + lst_c)
+    e_hi = e_lo + tl.load(LIST_COUNT + lst_c)
+    rows = tl.arange(0, BLOCK_M)
+    ent = e_lo + chunk * (BLOCK_M // G_PAD) + rows // G_PAD
+    head = rows % G_PAD
+    row_ok = (ent < e_hi) & (head < G) & (lst < num_lists)
+    return lst, lst_c // NB, lst_c % NB, ent, row_ok, head
+
+
+@triton.jit
+def block_attn_fwd_kernel(
+    Q, K, V, PO, PLSE,  # q [N, Hq, D], k/v [N, Hkv, D], partial o [E, G, D], partial lse [E, G]
+    ENTRY, TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, BLOCK_OFF,
+    scale_log2, num_lists, NB, HkvS, Hkv,
+    G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    t = tl.program_id(0)
+    lst, g, b, ent, row_ok, head = _tile_rows(TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, t, num_lists, NB,
+                                              G, G_PAD, BLOCK_M)
+    if lst < num_lists:
+        f = tl.load(ENTRY + ent, mask=row_ok, other=0)
+        qi = f // HkvS
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        qh = qi * (Hkv * G) + g * G + head  # row of q viewed as [N·Hq, D]
+        q = tl.load(Q + qh[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        k_lo = tl.load(BLOCK_OFF + b)
+        k_hi = tl.load(BLOCK_OFF + b + 1)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start in range(k_lo, k_hi, BLOCK_N):
+            kn = start + tl.arange(0, BLOCK_N)
+            k_ok = kn < k_hi
+            kv_off = (kn * Hkv + g) * D
+            kt = tl.load(K + kv_off[None, :] + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+            s = tl.dot(q, kt, input_precision=DOT_PREC) * scale_log2
+            s = tl.where(k_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vv = tl.load(V + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=DOT_PREC)
+            m_i = m_new
+        has = l_i > 0  # an empty block gives no keys: partial o 0, lse -inf
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+        prow = f.to(tl.int64) * G + head
+        tl.store(PO + prow[:, None] * D + d[None, :], o.to(PO.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(PLSE + prow, lse, mask=row_ok)
+
+
+@triton.jit
+def block_attn_combine_kernel(
+    P, PLSE, IDX, OUT, LSE,  # partial [E, G, D], partial lse [E, G], block_idx [N·Hkv, S], out [N, Hq, D]
+    num_pairs, S, NB,
+    G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    IS_SUM: tl.constexpr,
+):
+    """Merge the S partials of each (query, kv head) pair: softmax-weighted by LSE (forward) or summed (dQ).
+
+    A program takes ``BLOCK_R // G_PAD`` pairs × G heads as rows.
+    """
+    rows = tl.arange(0, BLOCK_R)
+    pair = tl.program_id(0) * (BLOCK_R // G_PAD) + rows // G_PAD  # i·Hkv + g
+    h = rows % G_PAD
+    d = tl.arange(0, BLOCK_D)
+    row_ok = (pair < num_pairs) & (h < G)
+    rd_ok = row_ok[:, None] & (d < D)[None, :]
+    out_row = pair.to(tl.int64) * G + h  # row of out viewed as [N·Hq, D]
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    w_sum = tl.zeros([BLOCK_R], tl.float32)
+    for s in range(S):
+        bi = tl.load(IDX + pair * S + s, mask=row_ok, other=-1)
+        ok = row_ok & (bi >= 0) & (bi < NB)
+        prow = (pair.to(tl.int64) * S + s) * G + h
+        part = tl.load(P + prow[:, None] * D + d[None, :], mask=ok[:, None] & rd_ok, other=0.0)
+        if IS_SUM:
+            acc += part
+        else:  # online merge: rescale what was summed so far to the running max
+            lse_s = tl.load(PLSE + prow, mask=ok, other=float("-inf"))
+            m_new = tl.maximum(m, lse_s)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_safe)
+            w = tl.exp(lse_s - m_safe)
+            acc = acc * alpha[:, None] + w[:, None] * part
+            w_sum = w_sum * alpha + w
+            m = m_new
+    if not IS_SUM:
+        has = w_sum > 0
+        acc = acc / tl.where(has, w_sum, 1.0)[:, None]
+        lse = tl.where(has, m + tl.log(tl.where(has, w_sum, 1.0)), float("-inf"))
+        tl.store(LSE + out_row, lse, mask=row_ok)
+    tl.store(OUT + out_row[:, None] * D + d[None, :], acc.to(OUT.dtype.element_ty), mask=rd_ok)
+
+
+@triton.jit
+def block_attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, PDQ,  # lse/delta [N, Hq] fp32, partial dq [E, G, D]
+    ENTRY, TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, BLOCK_OFF,
+    scale, scale_log2, num_lists, NB, HkvS, Hkv,
+    G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    t = tl.program_id(0)
+    lst, g, b, ent, row_ok, head = _tile_rows(TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, t, num_lists, NB,
+                                              G, G_PAD, BLOCK_M)
+    if lst < num_lists:
+        f = tl.load(ENTRY + ent, mask=row_ok, other=0)
+        qi = f // HkvS
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        qh = qi * (Hkv * G) + g * G + head
+        qd_ok = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + qh[:, None] * D + d[None, :], mask=qd_ok, other=0.0)
+        do = tl.load(DO + qh[:, None] * D + d[None, :], mask=qd_ok, other=0.0)
+        lse2 = tl.load(LSE + qh, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + qh, mask=row_ok, other=0.0)
+        k_lo = tl.load(BLOCK_OFF + b)
+        k_hi = tl.load(BLOCK_OFF + b + 1)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start in range(k_lo, k_hi, BLOCK_N):
+            kn = start + tl.arange(0, BLOCK_N)
+            k_ok = kn < k_hi
+            kv_off = (kn * Hkv + g) * D
+            kk = tl.load(K + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            vt = tl.load(V + kv_off[None, :] + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * scale_log2
+            p = tl.exp2(s - lse2[:, None])
+            p = tl.where(row_ok[:, None] & k_ok[None, :], p, 0.0)
+            dp = tl.dot(do, vt, input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(kk.dtype), kk, input_precision=DOT_PREC)
+        prow = f.to(tl.int64) * G + head
+        tl.store(PDQ + prow[:, None] * D + d[None, :], (dq * scale).to(PDQ.dtype.element_ty), mask=qd_ok)
+
+
+@triton.jit
+def block_attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    ENTRY, KT_BLOCK, KT_CUM, LIST_START, LIST_COUNT, BLOCK_OFF,
+    scale, scale_log2, NB, HkvS, Hkv,
+    G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """One program per (key tile of a block, kv head): loops over every entry that selected the block."""
+    t = tl.program_id(0)
+    g = tl.program_id(1)
+    b = tl.load(KT_BLOCK + t)
+    if b < NB:
+        k_lo = tl.load(BLOCK_OFF + b)
+        k_hi = tl.load(BLOCK_OFF + b + 1)
+        kn = k_lo + (t - tl.load(KT_CUM + b)) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_ok = kn < k_hi
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        kd_ok = k_ok[:, None] & d_ok[None, :]
+        kv_off = (kn * Hkv + g) * D
+        kk = tl.load(K + kv_off[:, None] + d[None, :], mask=kd_ok, other=0.0)
+        vv = tl.load(V + kv_off[:, None] + d[None, :], mask=kd_ok, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        lst = g * NB + b
+        e_lo = tl.load(LIST_START + lst)
+        e_hi = e_lo + tl.load(LIST_COUNT + lst)
+        rows = tl.arange(0, BLOCK_M)
+        head = rows % G_PAD
+        for e0 in range(e_lo, e_hi, BLOCK_M // G_PAD):
+            ent = e0 + rows // G_PAD
+            row_ok = (ent < e_hi) & (head < G)
+            f = tl.load(ENTRY + ent, mask=row_ok, other=0)
+            qh = (f // HkvS) * (Hkv * G) + g * G + head
+            qd_ok = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(Q + qh[:, None] * D + d[None, :], mask=qd_ok, other=0.0)
+            do = tl.load(DO + qh[:, None] * D + d[None, :], mask=qd_ok, other=0.0)
+            lse2 = tl.load(LSE + qh, mask=row_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + qh, mask=row_ok, other=0.0)
+            s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * scale_log2  # [M, N]
+            p = tl.exp2(s - lse2[:, None])
+            p = tl.where(row_ok[:, None] & k_ok[None, :], p, 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
+            dp = tl.dot(do, tl.trans(vv), input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
+        tl.store(DK + kv_off[:, None] + d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kd_ok)
+        tl.store(DV + kv_off[:, None] + d[None, :], dv.to(DV.dtype.element_ty), mask=kd_ok)
+
+
+# Host side --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockAttnPlan:
+    """Entry lists per (kv head, block) and tile tables; built once per call, reused by the backward.
+
+    Attributes:
+        entry: int32 ``[E]`` flat entry indices grouped by list (lists in order g·NB + b), valid ones first.
+        list_start, list_count: int32 ``[Hkv·NB]`` first position in ``entry`` and length of each list.
+        num_slots: S.
+        num_blocks: NB.
+    """
+
+    entry: torch.Tensor
+    list_start: torch.Tensor
+    list_count: torch.Tensor
+    num_slots: int
+    num_blocks: int
+
+
+def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(x.numel() + 1, dtype=torch.int64, device=x.device)
+    out[1:] = torch.cumsum(x, 0)
+    return out
+
+
+def selection_plan(block_idx: torch.Tensor, num_blocks: int) -> BlockAttnPlan:
+    """Group the entries of ``block_idx`` [N, Hkv, S] by (kv head, block) with a stable GPU sort."""
+    n, hkv, s = block_idx.shape
+    idx = block_idx.long()
+    g = torch.arange(hkv, device=idx.device)[None, :, None]
+    sentinel = hkv * num_blocks
+    key = torch.where((idx >= 0) & (idx < num_blocks), g * num_blocks + idx, sentinel).flatten()  # [E]
+    entry = torch.sort(key, stable=True).indices.to(torch.int32)  # ascending query order within a list
+    counts = torch.bincount(key, minlength=sentinel + 1)[:sentinel]
+    start = _exclusive_cumsum(counts)[:-1]
+    return BlockAttnPlan(entry, start.to(torch.int32), counts.to(torch.int32), s, num_blocks)
+
+
+def window_plan(window_offsets: torch.Tensor, n: int, hkv: int) -> BlockAttnPlan:
+    """Entries of window attention (S = 1, f = i·Hkv + g); windows are already contiguous, so no sort."""
+    dev = window_offsets.device
+    nw = window_offsets.numel() - 1
+    i = torch.arange(n, device=dev, dtype=torch.int64)
+    g = torch.arange(hkv, device=dev, dtype=torch.int64)[:, None]
+    entry = (i[None, :] * hkv + g).flatten().to(torch.int32)  # position g·N + i
+    off = window_offsets.long()
+    start = (g * n + off[None, :-1]).flatten()
+    count = (off[1:] - off[:-1]).repeat(hkv)
+    return BlockAttnPlan(entry, start.to(torch.int32), count.to(torch.int32), 1, nw)
+
+
+def _tiles(counts: torch.Tensor, per_tile: int, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tile table without a host sync: tile t → its list (or len(counts) if idle), and tiles' cumsum."""
+    chunks = (counts.long() + per_tile - 1) // per_tile
+    cum = _exclusive_cumsum(chunks)
+    t = torch.arange(bound, device=counts.device)
+    owner = torch.searchsorted(cum[1:], t, right=True)
+    return owner.to(torch.int32), cum.to(torch.int32)
+
+
+def _meta(q: torch.Tensor, k: torch.Tensor) -> dict:
+    g = q.shape[1] // k.shape[1]
+    d = q.shape[2]
+    return {"G": g, "D": d, "G_PAD": triton.next_power_of_2(g), "BLOCK_D": max(16, triton.next_power_of_2(d)),
+            "DOT_PREC": "ieee" if q.dtype == torch.float32 else "tf32"}
+
+
+def _block_m(cfg: dict, g_pad: int) -> int:
+    return max(cfg["BLOCK_M"], g_pad, 16)
+
+
+def _combine(part, part_lse, block_idx, out, lse, plan, meta, *, is_sum):
+    pairs = block_idx.shape[0] * block_idx.shape[1]
+    block_r = max(COMBINE_ROWS, meta["G_PAD"])
+    block_attn_combine_kernel[(triton.cdiv(pairs, block_r // meta["G_PAD"]),)](
+        part, part_lse, block_idx, out, lse, pairs, plan.num_slots, plan.num_blocks, G=meta["G"], D=meta["D"],
+        G_PAD=meta["G_PAD"], BLOCK_D=meta["BLOCK_D"], BLOCK_R=block_r, IS_SUM=is_sum, num_warps=4)
+
+
+def block_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offsets: torch.Tensor,
+                   block_idx: torch.Tensor | None, plan: BlockAttnPlan, scale: float,
+                   cfg: dict | None = None, partial_dtype: torch.dtype | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward: o [N, Hq, D] (q's dtype) and natural-log lse float32 [N, Hq].
+
+    ``block_idx`` is None for window attention (S = 1: the partials are the outputs).
+    """
+    cfg = {**FWD_CONFIG, **(cfg or {})}
+    n, hq, d = q.shape
+    hkv = k.shape[1]
+    s = plan.num_slots
+    meta = _meta(q, k)
+    block_m = _block_m(cfg, meta["G_PAD"])
+    num_lists = hkv * plan.num_blocks
+    o = torch.empty_like(q)
+    lse = torch.empty(n, hq, dtype=torch.float32, device=q.device)
+    if n == 0:
+        return o, lse
+    if block_idx is None:
+        po, plse = o, lse
+    else:
+        pdt = partial_dtype or (torch.float32 if q.dtype == torch.float32 else PARTIAL_DTYPE)
+        po = torch.empty(n * hkv * s, meta["G"], d, dtype=pdt, device=q.device)
+        plse = torch.empty(n * hkv * s, meta["G"], dtype=torch.float32, device=q.device)
+    per_tile = block_m // meta["G_PAD"]
+    bound = (plan.entry.numel() + per_tile - 1) // per_tile + num_lists
+    tile_list, tile_cum = _tiles(plan.list_count, per_tile, bound)
+    block_attn_fwd_kernel[(bound,)](
+        q, k, v, po, plse, plan.entry, tile_list, tile_cum, plan.list_start, plan.list_count, block_offsets,
+        scale * LOG2E, num_lists, plan.num_blocks, hkv * s, hkv,
+        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **meta)
+    if block_idx is not None:
+        _combine(po, plse, block_idx, o, lse, plan, meta, is_sum=False)
+    return o, lse
+
+
+def block_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                   lse: torch.Tensor, block_offsets: torch.Tensor, block_idx: torch.Tensor | None,
+                   plan: BlockAttnPlan, scale: float, dq_cfg: dict | None = None, dkdv_cfg: dict | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward: dq [N, Hq, D], dk, dv [N, Hkv, D] in the inputs' dtype."""
+    dq_cfg = {**BWD_DQ_CONFIG, **(dq_cfg or {})}
+    dkdv_cfg = {**BWD_DKDV_CONFIG, **(dkdv_cfg or {})}
+    n, hq, d = q.shape
+    hkv = k.shape[1]
+    s = plan.num_slots
+    nb = plan.num_blocks
+    meta = _meta(q, k)
+    do = do.contiguous()
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    if n == 0:
+        return dq, dk, dv
+    delta = (o.float() * do.float()).sum(-1)  # [N, Hq]
+    num_lists = hkv * nb
+    # dQ: tiles as in the forward.
+    block_m = _block_m(dq_cfg, meta["G_PAD"])
+    per_tile = block_m // meta["G_PAD"]
+    bound = (plan.entry.numel() + per_tile - 1) // per_tile + num_lists
+    tile_list, tile_cum = _tiles(plan.list_count, per_tile, bound)
+    pdq = dq if block_idx is None else torch.empty(n * hkv * s, meta["G"], d, dtype=torch.float32,
+                                                   device=q.device)
+    block_attn_bwd_dq_kernel[(bound,)](
+        q, k, v, do, lse, delta, pdq, plan.entry, tile_list, tile_cum, plan.list_start, plan.list_count,
+        block_offsets, scale, scale * LOG2E, num_lists, nb, hkv * s, hkv,
+        BLOCK_M=block_m, BLOCK_N=dq_cfg["BLOCK_N"], num_warps=dq_cfg["num_warps"],
+        num_stages=dq_cfg["num_stages"], **meta)
+    if block_idx is not None:
+        _combine(pdq, pdq, block_idx, dq, dq, plan, meta, is_sum=True)
+    # dK/dV: one program per (key tile of a block, kv head).
+    block_n = dkdv_cfg["BLOCK_N"]
+    lengths = (block_offsets[1:] - block_offsets[:-1]).long()
+    kt_bound = n // block_n + nb + 1
+    kt_block, kt_cum = _tiles(lengths, block_n, kt_bound)
+    block_attn_bwd_dkdv_kernel[(kt_bound, hkv)](
+        q, k, v, do, lse, delta, dk, dv, plan.entry, kt_block, kt_cum, plan.list_start, plan.list_count,
+        block_offsets, scale, scale * LOG2E, nb, hkv * s, hkv,
+        BLOCK_M=_block_m(dkdv_cfg, meta["G_PAD"]), BLOCK_N=block_n, num_warps=dkdv_cfg["num_warps"],
+        num_stages=dkdv_cfg["num_stages"], **meta)
+    return dq, dk, dv
+
+
+class BlockAttnFunction(torch.autograd.Function):
+    """Autograd wrapper; ``block_idx`` None means window attention."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_offsets, block_idx, plan, scale):
+        o, lse = block_attn_fwd(q, k, v, block_offsets, block_idx, plan, scale)
+        ctx.save_for_backward(q, k, v, o, lse, block_offsets, block_idx)
+        ctx.plan = plan
+        ctx.scale = scale
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, o, lse, block_offsets, block_idx = ctx.saved_tensors
+        dq, dk, dv = block_attn_bwd(do, q, k, v, o, lse, block_offsets, block_idx, ctx.plan, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+def _prepare(q, k, v, offsets):
+    from .reference import _check
+
+    _check(q, k, v, offsets, None)
+    if q.shape[2] > 128:
+        raise ValueError(f"expected head dim <= 128 for the triton backend, got {q.shape[2]}")
+    if not (k.device == q.device == v.device == offsets.device):
+        raise ValueError(f"expected q, k, v, offsets on one device, got {q.device}, {k.device}, {v.device}, "
+                         f"{offsets.device}")
+    return q.contiguous(), k.contiguous(), v.contiguous(), offsets.to(torch.int32).contiguous()
+
+
+def selection_attention_triton(q, k, v, block_offsets, block_idx, *, scale=None, return_lse=False):
+    """Triton selection attention; same contract as :func:`~.reference.selection_attention_ref`."""
+    from .reference import _check
+
+    _check(q, k, v, block_offsets, block_idx)
+    q, k, v, block_offsets = _prepare(q, k, v, block_offsets)
+    block_idx = block_idx.to(torch.int32).contiguous()
+    scale = q.shape[2] ** -0.5 if scale is None else float(scale)
+    plan = selection_plan(block_idx, block_offsets.numel() - 1)
+    o, lse = BlockAttnFunction.apply(q, k, v, block_offsets, block_idx, plan, scale)
+    return (o, lse) if return_lse else o
+
+
+def window_attention_triton(q, k, v, window_offsets, *, scale=None, return_lse=False):
+    """Triton window attention; same contract as :func:`~.reference.window_attention_ref`."""
+    q, k, v, window_offsets = _prepare(q, k, v, window_offsets)
+    scale = q.shape[2] ** -0.5 if scale is None else float(scale)
+    plan = window_plan(window_offsets, q.shape[0], k.shape[1])
+    o, lse = BlockAttnFunction.apply(q, k, v, window_offsets, None, plan, scale)
+    return (o, lse) if return_lse else o

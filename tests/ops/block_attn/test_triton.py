@@ -1,0 +1,132 @@
+"""Triton block attention vs the torch reference: tiny ragged shapes (CPU interpreter), full sizes on GPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first @triton.jit of the kernels
+
+pytest.importorskip("triton")
+
+from d3s2.ops.block_attn import (  # noqa: E402
+    selection_attention,
+    selection_attention_ref,
+    window_attention,
+    window_attention_ref,
+)
+
+from ._cases import ragged_offsets, random_selection  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(n, hq, hkv, d, dtype=torch.float32, device=DEV, scale=1.0):
+    q = (torch.randn(n, hq, d) * scale).to(device, dtype).requires_grad_()
+    k = (torch.randn(n, hkv, d) * scale).to(device, dtype).requires_grad_()
+    v = torch.randn(n, hkv, d).to(device, dtype).requires_grad_()
+    return q, k, v
+
+
+def _run(fn, q, k, v, do):
+    q.grad = k.grad = v.grad = None
+    o = fn(q, k, v)
+    o.backward(do)
+    return o.detach(), q.grad.clone(), k.grad.clone(), v.grad.clone()
+
+
+def _rel(a, b):
+    """Relative L2 error, with an absolute floor for (near-)zero references such as dq of one-key queries."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1.0)).item()
+
+
+# (block sizes, Hq, Hkv, D, S): one-token blocks, N not a multiple of tiles, S > number of blocks, G = 1, 2, 4.
+CASES = [
+    ([3, 1, 7, 5, 1, 9, 4], 4, 2, 16, 3),
+    ([1, 1, 2, 1], 2, 2, 32, 6),
+    ([20, 13, 1, 30, 3], 4, 1, 16, 2),
+    ([5, 70, 2], 2, 1, 32, 2),
+]
+
+
+@pytest.mark.parametrize("sizes,hq,hkv,d,s", CASES)
+def test_selection_triton_matches_reference(sizes, hq, hkv, d, s):
+    off = ragged_offsets(sizes, DEV)
+    n = int(off[-1])
+    q, k, v = _inputs(n, hq, hkv, d)
+    idx = random_selection(n, hkv, s, len(sizes), empty_frac=0.25).to(DEV)
+    idx[0] = -1  # a query without blocks
+    do = torch.randn(n, hq, d, device=DEV)
+    ref = _run(lambda q, k, v: selection_attention_ref(q, k, v, off, idx, scale=0.3), q, k, v, do)
+    tri = _run(lambda q, k, v: selection_attention(q, k, v, off, idx, scale=0.3, backend="triton"), q, k, v, do)
+    for name, a, b in zip(("o", "dq", "dk", "dv"), tri, ref):
+        assert torch.isfinite(a).all(), name
+        assert _rel(a, b) < 1e-5, (name, _rel(a, b))
+    assert torch.all(tri[0][0] == 0)
+    _, lse_t = selection_attention(q, k, v, off, idx, scale=0.3, backend="triton", return_lse=True)
+    _, lse_r = selection_attention_ref(q, k, v, off, idx, scale=0.3, return_lse=True)
+    torch.testing.assert_close(lse_t, lse_r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sizes,hq,hkv,d", [([3, 1, 7, 5, 1, 9, 4], 4, 2, 16), ([1], 2, 1, 32),
+                                             ([40, 2, 1, 17], 4, 4, 16)])
+def test_window_triton_matches_reference(sizes, hq, hkv, d):
+    off = ragged_offsets(sizes, DEV)
+    n = int(off[-1])
+    q, k, v = _inputs(n, hq, hkv, d)
+    do = torch.randn(n, hq, d, device=DEV)
+    ref = _run(lambda q, k, v: window_attention_ref(q, k, v, off), q, k, v, do)
+    tri = _run(lambda q, k, v: window_attention(q, k, v, off, backend="triton"), q, k, v, do)
+    for name, a, b in zip(("o", "dq", "dk", "dv"), tri, ref):
+        assert _rel(a, b) < 1e-5, (name, _rel(a, b))
+
+
+def test_empty_block_and_backend_env(monkeypatch):
+    off = ragged_offsets([4, 0, 3], DEV)  # block 1 is empty
+    n = 7
+    q, k, v = _inputs(n, 2, 1, 16)
+    idx = torch.tensor([[1, -1]] * 3 + [[0, 1]] * 4, dtype=torch.int32, device=DEV)[:, None, :]
+    monkeypatch.setenv("D3S2_BLOCK_ATTN_BACKEND", "triton")
+    o = selection_attention(q, k, v, off, idx)
+    ref = selection_attention_ref(q, k, v, off, idx)
+    assert torch.all(o[:3] == 0)
+    assert _rel(o, ref) < 1e-5
+
+
+# GPU: full sizes, the flash-attention criterion against an fp32 reference of the same inputs ---------------
+
+
+def _sorted_layout(n_blocks, mean, device, gen):
+    sizes = torch.randint(1, 2 * mean, (n_blocks,), generator=gen).tolist()
+    return ragged_offsets(sizes, device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["selection", "window"])
+@pytest.mark.parametrize("dtype,hq,hkv,d", [(torch.bfloat16, 32, 2, 32), (torch.float16, 32, 2, 32),
+                                            (torch.float32, 32, 2, 32), (torch.bfloat16, 8, 8, 64),
+                                            (torch.float16, 12, 4, 128)])
+def test_gpu_error_at_most_twice_torch(dtype, op, hq, hkv, d):
+    gen = torch.Generator().manual_seed(1)
+    off = _sorted_layout(60, 100, "cuda", gen)
+    n = int(off[-1])
+    q, k, v = _inputs(n, hq, hkv, d, dtype=dtype, device="cuda")
+    do = torch.randn(n, hq, d, device="cuda", dtype=dtype)
+    if op == "selection":
+        idx = random_selection(n, hkv, 8, 60, empty_frac=0.1, generator=gen).cuda()
+        idx[:5] = -1
+        fns = {b: (lambda q, k, v, b=b: selection_attention(q, k, v, off, idx, backend=b)) for b in ("torch", "triton")}
+    else:
+        fns = {b: (lambda q, k, v, b=b: window_attention(q, k, v, off, backend=b)) for b in ("torch", "triton")}
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = _run(fns["torch"], q32, k32, v32, do.float())
+    pt = _run(fns["torch"], q, k, v, do)
+    tri = _run(fns["triton"], q, k, v, do)
+    atol = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}[dtype]
+    for name, a, b, r in zip(("o", "dq", "dk", "dv"), tri, pt, ref):
+        err = (a.float() - r).abs().max().item()
+        err_pt = (b.float() - r).abs().max().item()
+        assert err <= 2 * err_pt + atol, (name, err, err_pt)
