@@ -65,6 +65,18 @@ class SparseSDFVAEConfig:
 
 
 # ---------------------------------------------------------------------------------------------- blocks
+def _reuse_structure(parent: sp.SparseTensor, key: str, child: sp.SparseTensor) -> sp.SparseTensor:
+    """``child`` (coords derived from ``parent``'s) attached to a structure cache kept on ``parent``.
+
+    Re-running a block on the same structure (activation-checkpoint recompute, a repeated batch) then reuses
+    the child's kernel maps instead of rebuilding them.
+    """
+    template = parent.cached(key, lambda: sp.SparseTensor(
+        child.feats.new_zeros(child.num_voxels, 0), child.coords, resolution=child.resolution,
+        batch_size=child.batch_size, validate=False))
+    return template.replace(child.feats)
+
+
 class SparseDownBlock3d(nn.Module):
     """Residual down block: ``GN → SiLU → mean-pool ×2 → conv3 → GN → SiLU → conv3`` plus the pooled input
     (through a 1×1 conv when the channel count changes)."""
@@ -72,7 +84,6 @@ class SparseDownBlock3d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_groups: int = 32) -> None:
         super().__init__()
         self.act_layers = nn.Sequential(sp.SparseGroupNorm(num_groups, in_channels), sp.SparseSiLU())
-        self.down = sp.SparseDownsample(2)
         self.out_layers = nn.Sequential(
             sp.SparseConv3d(in_channels, out_channels, 3),
             sp.SparseGroupNorm(num_groups, out_channels),
@@ -82,9 +93,13 @@ class SparseDownBlock3d(nn.Module):
         self.skip_connection = (sp.SparseConv3d(in_channels, out_channels, 1) if in_channels != out_channels
                                 else nn.Identity())
 
+    @staticmethod
+    def _pool(x: sp.SparseTensor) -> sp.SparseTensor:
+        return _reuse_structure(x, "vae_pool2", sp.sparse_downsample(x, 2))
+
     def forward(self, x: sp.SparseTensor) -> sp.SparseTensor:
-        h = self.out_layers(self.down(self.act_layers(x)))
-        skip = self.skip_connection(self.down(x))
+        h = self.out_layers(self._pool(self.act_layers(x)))
+        skip = self.skip_connection(self._pool(x))
         return h.replace(h.feats + skip.feats)
 
 
@@ -94,11 +109,11 @@ class SparseSubdivideBlock3d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         self.act_layers = nn.Sequential(sp.SparseConv3d(in_channels, out_channels, 3), sp.SparseSiLU())
-        self.sub = sp.SparseSubdivide()
         self.out_layers = nn.Sequential(sp.SparseConv3d(out_channels, out_channels, 3), sp.SparseSiLU())
 
     def forward(self, x: sp.SparseTensor) -> sp.SparseTensor:
-        return self.out_layers(self.sub(self.act_layers(x)))
+        h = self.act_layers(x)
+        return self.out_layers(_reuse_structure(h, "vae_subdivide", sp.sparse_subdivide(h)))
 
 
 # ---------------------------------------------------------------------------------------------- encoder

@@ -10,45 +10,11 @@ the layer norms have no affine parameters.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ... import sparse as sp
+from ...ops.block_attn import window_attention
 from ..embeddings import AbsolutePositionEmbedder
-
-
-def _padded_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_offsets: torch.Tensor,
-                             *, scale: float | None = None) -> torch.Tensor:
-    """Attention inside each window, tokens already in window order; SDPA over windows padded to the longest.
-
-    Args:
-        q: ``[N, Hq, D]``; k, v: ``[N, Hkv, D]`` with ``Hq % Hkv == 0``.
-        window_offsets: int32 ``[NW + 1]`` start of each window, then N.
-    Returns:
-        ``[N, Hq, D]``.
-    """
-    n, hq, d = q.shape
-    hkv = k.shape[1]
-    if n == 0:
-        return q.new_zeros(q.shape)
-    offsets = window_offsets.long()
-    counts = offsets.diff()  # [NW]
-    nw, longest = counts.numel(), int(counts.max())
-    win = torch.repeat_interleave(torch.arange(nw, device=q.device), counts)  # [N] window of each token
-    pos = torch.arange(n, device=q.device) - offsets[win]  # [N] slot inside the window
-
-    def pad(t: torch.Tensor) -> torch.Tensor:
-        out = t.new_zeros(nw, longest, t.shape[1], d)
-        out[win, pos] = t
-        return out.transpose(1, 2)  # [NW, H, L, D]
-
-    qp, kp, vp = pad(q), pad(k), pad(v)
-    if hq != hkv:  # grouped-query attention: each KV head serves hq // hkv query heads
-        kp = kp.repeat_interleave(hq // hkv, dim=1)
-        vp = vp.repeat_interleave(hq // hkv, dim=1)
-    key_ok = torch.arange(longest, device=q.device)[None, :] < counts[:, None]  # [NW, L]
-    o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=key_ok[:, None, None, :], scale=scale)
-    return o.transpose(1, 2)[win, pos]  # [N, Hq, D]
 
 
 class SparseWindowSelfAttention(nn.Module):
@@ -69,7 +35,7 @@ class SparseWindowSelfAttention(nn.Module):
         part = sp.window_partition(x, self.window_size, self.shift)
         n, hd = h.shape[0], self.channels // self.num_heads
         qkv = self.to_qkv(h)[part.perm].view(n, 3, self.num_heads, hd)  # [N, 3, H, D], window order
-        o = _padded_window_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], part.block_offsets)  # [N, H, D]
+        o = window_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], part.block_offsets)  # [N, H, D]
         return self.to_out(o.reshape(n, self.channels)[part.inverse])
 
     def extra_repr(self) -> str:
