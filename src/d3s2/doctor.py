@@ -10,6 +10,8 @@ import platform
 # Modules whose import registers op backends (cheap: no triton import at module level).
 OP_MODULES = [
     "d3s2.ops.conv",
+    "d3s2.ops.block_attn",
+    "d3s2.ops.ssa",
 ]
 
 PACKAGES = ["torch", "triton", "numpy", "scipy", "trimesh", "libigl", "embreex", "scikit-image",

@@ -42,7 +42,9 @@ class SparseConv3d(nn.Module):
         if self.kernel_size == 1:
             out = x.feats @ self.weight[0].to(x.dtype)
             return x.replace(out + self.bias.to(x.dtype) if self.bias is not None else out)
-        kmap = x.cached("kmap_subm3", lambda: conv_op.submanifold_kernel_map(x.coords, x.resolution, 3))
+        # The KernelMap wrapper caches what backends derive from the map (transpose, pairs, tile schedules).
+        kmap = x.cached("kernel_map_subm3", lambda: conv_op.KernelMap.submanifold(
+            x.cached("kmap_subm3", lambda: conv_op.submanifold_kernel_map(x.coords, x.resolution, 3))))
         w = self.weight.to(x.dtype)
         b = self.bias.to(x.dtype) if self.bias is not None else None
         return x.replace(conv_op.sparse_conv(x.feats, kmap, w, b, backend=backend))
@@ -67,7 +69,8 @@ class SparseDownConv3d(nn.Module):
     def forward(self, x: SparseTensor, *, backend: str | None = None) -> SparseTensor:
         if x.num_channels != self.in_channels:
             raise ValueError(f"expected {self.in_channels} input channels, got {x.num_channels}")
-        out_coords, kmap = x.cached("kmap_down2", lambda: conv_op.down_kernel_map(x.coords, x.resolution))
+        out_coords, raw = x.cached("kmap_down2", lambda: conv_op.down_kernel_map(x.coords, x.resolution))
+        kmap = x.cached("kernel_map_down2", lambda: conv_op.KernelMap(raw, x.num_voxels))
         w = self.weight.to(x.dtype)
         b = self.bias.to(x.dtype) if self.bias is not None else None
         feats = conv_op.sparse_conv(x.feats, kmap, w, b, backend=backend)

@@ -11,7 +11,12 @@ For the stride-2, 2³ down convolution, ``k = lx + 2·ly + 4·lz`` with ``(lx, l
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
+
+T = TypeVar("T")
 
 # 27 offsets of a 3³ kernel in weight order (x fastest).
 OFFSETS_3 = torch.tensor([(dx, dy, dz) for dz in (-1, 0, 1) for dy in (-1, 0, 1) for dx in (-1, 0, 1)],
@@ -103,3 +108,95 @@ def sparse_conv_ref(feats: torch.Tensor, kernel_map: torch.Tensor, weight: torch
     if bias is not None:
         out = out + bias
     return out
+
+
+def transpose_kernel_map(kernel_map: torch.Tensor, num_inputs: int) -> torch.Tensor:
+    """int32 [N, K] transposed map: entry [q, k] is the output row p with ``kernel_map[p, k] == q``, or -1.
+
+    Well defined for every convolution map (submanifold, strided, transposed), because input q meets offset k
+    in at most one output. Raises ValueError if two outputs read the same input through the same offset.
+    For a submanifold 3³ map it equals ``kernel_map.flip(1)`` (p reads q at offset k ⇔ q reads p at 26 - k).
+    """
+    m, k_total = kernel_map.shape
+    out = torch.full((num_inputs, k_total), -1, dtype=torch.int32, device=kernel_map.device)
+    p, k = (kernel_map >= 0).nonzero(as_tuple=True)
+    q = kernel_map[p, k].long()
+    out[q, k] = p.to(torch.int32)
+    if int((out >= 0).sum()) != p.numel():
+        raise ValueError("expected each (input row, offset) pair at most once in the kernel map")
+    return out
+
+
+def kernel_map_pairs(kernel_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Valid (input, output) pairs grouped by offset: int32 [P] input rows, int32 [P] output rows, int64 [K+1] offsets.
+
+    Pairs of offset k are ``[offsets[k], offsets[k+1])``, output rows ascending inside each offset.
+    """
+    k_total = kernel_map.shape[1]
+    k, p = (kernel_map.t() >= 0).nonzero(as_tuple=True)  # sorted by k, then p
+    in_rows = kernel_map[p, k].to(torch.int32)
+    counts = torch.bincount(k, minlength=k_total)
+    offsets = torch.zeros(k_total + 1, dtype=torch.int64, device=kernel_map.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return in_rows, p.to(torch.int32), offsets
+
+
+class KernelMap:
+    """A kernel map with the structure that backends derive from it, built once and cached here.
+
+    Layers keep one KernelMap per coordinate set in the SparseTensor cache, so the transposed map (input
+    gradient), offset-grouped pairs (weight gradient) and backend tile schedules are built once per structure.
+
+    Attributes:
+        map: int32 ``[M, K]`` input row per (output row, offset), -1 when absent.
+        num_inputs: N, the number of input rows.
+    """
+
+    __slots__ = ("map", "num_inputs", "_cache", "_transposed")
+
+    def __init__(self, kernel_map: torch.Tensor, num_inputs: int, *, transposed: torch.Tensor | None = None) -> None:
+        if kernel_map.dtype != torch.int32 or kernel_map.ndim != 2:
+            raise ValueError(f"expected an int32 [M, K] kernel map, got {kernel_map.dtype} {tuple(kernel_map.shape)}")
+        if transposed is not None and tuple(transposed.shape) != (num_inputs, kernel_map.shape[1]):
+            raise ValueError(f"expected a transposed map of shape {(num_inputs, kernel_map.shape[1])}, "
+                             f"got {tuple(transposed.shape)}")
+        self.map = kernel_map.contiguous()
+        self.num_inputs = int(num_inputs)
+        self._cache: dict[object, object] = {}
+        self._transposed = transposed.contiguous() if transposed is not None else None
+
+    @classmethod
+    def submanifold(cls, kernel_map: torch.Tensor) -> KernelMap:
+        """A symmetric submanifold 3³ map; its transpose is the offset-reversed map (no scatter needed)."""
+        return cls(kernel_map, kernel_map.shape[0], transposed=kernel_map.flip(1))
+
+    @property
+    def num_outputs(self) -> int:
+        return self.map.shape[0]
+
+    @property
+    def num_offsets(self) -> int:
+        return self.map.shape[1]
+
+    @property
+    def T(self) -> KernelMap:  # noqa: N802 - reads like a matrix transpose
+        """The transposed map (outputs become inputs), itself cached and pointing back to this one."""
+        def build() -> KernelMap:
+            t = self._transposed if self._transposed is not None else transpose_kernel_map(self.map, self.num_inputs)
+            kt = KernelMap(t, self.num_outputs, transposed=self.map)
+            kt._cache["T"] = self
+            return kt
+        return self.cached("T", build)
+
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Cached :func:`kernel_map_pairs` of this map."""
+        return self.cached("pairs", lambda: kernel_map_pairs(self.map))
+
+    def cached(self, key: object, build: Callable[[], T]) -> T:
+        """Return the cached derived value ``key``, building it once."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def __repr__(self) -> str:
+        return f"KernelMap(M={self.num_outputs}, N={self.num_inputs}, K={self.num_offsets})"

@@ -1,0 +1,213 @@
+"""Transformer pieces shared by the dense and sparse DiTs: norms, attention, MLP and the adaLN block.
+
+Parameter names follow the published checkpoints (``to_qkv``, ``q_rms_norm.gamma``, ``cross_attn.to_kv``,
+``mlp.mlp.0``, ``adaLN_modulation.1``, ...), so loading them is a key-for-key copy.
+
+Dimension legend: B batch, T dense tokens per sample, N sparse tokens (all samples), L condition tokens,
+H heads, Hkv key/value heads, D head dim, C channels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...sparse import SparseTensor
+from .condition import ConditionTokens
+
+Tokens = torch.Tensor | SparseTensor
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in float32 and cast back (stable under fp16/bf16 weights)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+class MultiHeadRMSNorm(nn.Module):
+    """Per-head RMS norm on ``[..., H, D]``: ``normalize(x)·gamma·sqrt(D)``; parameter ``gamma [H, D]``."""
+
+    def __init__(self, head_dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.scale = head_dim**0.5
+        self.gamma = nn.Parameter(torch.ones(num_heads, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (F.normalize(x.float(), dim=-1) * self.gamma.float() * self.scale).to(x.dtype)
+
+
+class FeedForward(nn.Module):
+    """``Linear(C→r·C) → GELU(tanh) → Linear(r·C→C)``, keys ``mlp.0`` / ``mlp.2``."""
+
+    def __init__(self, channels: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        hidden = int(channels * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+def _split_heads(channels: int, num_heads: int) -> int:
+    if channels % num_heads:
+        raise ValueError(f"channels {channels} is not divisible by num_heads {num_heads}")
+    return channels // num_heads
+
+
+def pad_ragged(x: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad ragged rows ``x [N, ...]`` (sample b = rows ``cu[b]:cu[b+1]``) to ``[B, Lmax, ...]``.
+
+    Returns ``(padded, rows, valid)``: ``rows = (sample, position)`` int64 ``[2, N]`` to gather back with
+    ``padded[rows[0], rows[1]]``, and the bool key mask ``valid [B, Lmax]``.
+    """
+    counts = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    b = counts.numel()
+    lmax = int(counts.max()) if b else 0
+    sample = torch.repeat_interleave(torch.arange(b, device=x.device), counts)  # [N]
+    pos = torch.arange(x.shape[0], device=x.device) - cu_seqlens.long()[sample]  # [N]
+    padded = x.new_zeros(b, lmax, *x.shape[1:])
+    padded[sample, pos] = x
+    valid = torch.arange(lmax, device=x.device)[None] < counts[:, None]
+    return padded, torch.stack([sample, pos]), valid
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention on ``q [B, Tq, H, D]``, ``k, v [B, Tk, Hkv, D]`` (GQA when Hkv < H) → ``[B, Tq, H, D]``.
+
+    ``key_mask`` bool ``[B, Tk]`` (True = attend). A sample whose keys are all masked attends to its first
+    key, so padding rows stay finite; those rows are discarded by the caller.
+    """
+    h, hkv = q.shape[2], k.shape[2]
+    if h != hkv:
+        if h % hkv:
+            raise ValueError(f"query heads {h} are not a multiple of key/value heads {hkv}")
+        # Query head i uses key/value head i // (H / Hkv), the usual GQA grouping.
+        k = k.repeat_interleave(h // hkv, dim=2)
+        v = v.repeat_interleave(h // hkv, dim=2)
+    mask = None
+    if key_mask is not None:
+        key_mask = key_mask.clone()
+        key_mask[:, 0] |= ~key_mask.any(1)
+        mask = key_mask[:, None, None, :]  # [B, 1, 1, Tk]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+class SelfAttention(nn.Module):
+    """Dense multi-head self-attention with optional QK RMS norm; ``[B, T, C] → [B, T, C]``."""
+
+    def __init__(self, channels: int, num_heads: int, *, qk_rms_norm: bool = False) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = _split_heads(channels, num_heads)
+        self.to_qkv = nn.Linear(channels, 3 * channels)
+        if qk_rms_norm:
+            self.q_rms_norm = MultiHeadRMSNorm(self.head_dim, num_heads)
+            self.k_rms_norm = MultiHeadRMSNorm(self.head_dim, num_heads)
+        self.qk_rms_norm = qk_rms_norm
+        self.to_out = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.to_qkv(x).view(b, t, 3, self.num_heads, self.head_dim).unbind(2)  # rows [q | k | v]
+        if self.qk_rms_norm:
+            q, k = self.q_rms_norm(q), self.k_rms_norm(k)
+        return self.to_out(attention(q, k, v).reshape(b, t, c))
+
+
+class SparseFullAttention(nn.Module):
+    """Full (per-sample) GQA self-attention on a SparseTensor, with the SSA projection names.
+
+    ``proj_q`` C→H·D, ``proj_k``/``proj_v`` C→Hkv·D, ``proj_o``, all without bias (as the published SSA).
+    Cost is quadratic in the tokens of a sample: meant for small models, tests, and as a reference.
+    """
+
+    def __init__(self, channels: int, num_heads: int, num_kv_heads: int | None = None) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.head_dim = _split_heads(channels, num_heads)
+        if num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        self.proj_q = nn.Linear(channels, channels, bias=False)
+        self.proj_k = nn.Linear(channels, self.num_kv_heads * self.head_dim, bias=False)
+        self.proj_v = nn.Linear(channels, self.num_kv_heads * self.head_dim, bias=False)
+        self.proj_o = nn.Linear(channels, channels, bias=False)
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        f = x.feats
+        n = f.shape[0]
+        q = self.proj_q(f).view(n, self.num_heads, self.head_dim)
+        k = self.proj_k(f).view(n, self.num_kv_heads, self.head_dim)
+        v = self.proj_v(f).view(n, self.num_kv_heads, self.head_dim)
+        qkv, rows, valid = pad_ragged(torch.cat([q, k, v], 1), x.cu_seqlens)  # [B, Lmax, H + 2Hkv, D]
+        qp, kp, vp = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
+        out = attention(qp, kp, vp, valid)[rows[0], rows[1]]  # [N, H, D]
+        return x.replace(self.proj_o(out.reshape(n, -1)))
+
+
+class CrossAttention(nn.Module):
+    """Attention from tokens to condition tokens: ``to_q`` C→C, ``to_kv`` Cc→2C (rows ``[k | v]``), ``to_out``."""
+
+    def __init__(self, channels: int, cond_channels: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = _split_heads(channels, num_heads)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_kv = nn.Linear(cond_channels, 2 * channels)
+        self.to_out = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor, cond: ConditionTokens, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [B, T, C]`` dense, or ragged ``[N, C]`` with ``cu_seqlens [B+1]``; returns the same shape."""
+        ctx = cond.tokens.to(x.dtype)
+        b, l, _ = ctx.shape
+        k, v = self.to_kv(ctx).view(b, l, 2, self.num_heads, self.head_dim).unbind(2)
+        q = self.to_q(x).view(*x.shape[:-1], self.num_heads, self.head_dim)
+        if cu_seqlens is None:
+            return self.to_out(attention(q, k, v, cond.mask).flatten(-2))
+        if cu_seqlens.numel() - 1 != b:
+            raise ValueError(f"expected {cu_seqlens.numel() - 1} condition samples, got {b}")
+        if b == 1:  # no padding needed
+            return self.to_out(attention(q[None], k, v, cond.mask)[0].flatten(-2))
+        qp, rows, _ = pad_ragged(q, cu_seqlens)
+        return self.to_out(attention(qp, k, v, cond.mask)[rows[0], rows[1]].flatten(-2))
+
+
+class ModulatedCrossBlock(nn.Module):
+    """The published DiT block, for dense ``[B, T, C]`` tokens or a SparseTensor:
+
+    ``x += gate1 · SelfAttn(LN1(x)·(1+scale1) + shift1)``; ``x += CrossAttn(LN2(x), cond)`` (LN2 affine);
+    ``x += gate2 · MLP(LN3(x)·(1+scale2) + shift2)``, with ``(shift1, scale1, gate1, shift2, scale2, gate2)``
+    from ``adaLN_modulation = SiLU → Linear(C→6C)`` of the timestep embedding, per sample.
+
+    ``self_attn`` maps ``[B, T, C]`` (dense) or a SparseTensor (sparse) to the same kind.
+    """
+
+    def __init__(self, channels: int, cond_channels: int, num_heads: int, self_attn: nn.Module, *,
+                 mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.norm1 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
+        self.norm2 = LayerNorm32(channels, elementwise_affine=True, eps=1e-6)
+        self.norm3 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
+        self.self_attn = self_attn
+        self.cross_attn = CrossAttention(channels, cond_channels, num_heads)
+        self.mlp = FeedForward(channels, mlp_ratio)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 6 * channels))
+
+    def forward(self, x: Tokens, t_emb: torch.Tensor, cond: ConditionTokens) -> Tokens:
+        """``x`` dense ``[B, T, C]`` or SparseTensor ``[N, C]``; ``t_emb [B, C]``; returns the same kind."""
+        sparse = isinstance(x, SparseTensor)
+        h = x.feats if sparse else x
+        mod = self.adaLN_modulation(t_emb).to(h.dtype)  # [B, 6C]
+        mod = mod[x.batch_index] if sparse else mod[:, None, :]  # one row per token, or broadcast over T
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+        a = self.norm1(h) * (1 + scale1) + shift1
+        a = self.self_attn(x.replace(a)).feats if sparse else self.self_attn(a)
+        h = h + gate1 * a
+        h = h + self.cross_attn(self.norm2(h), cond, x.cu_seqlens if sparse else None)
+        h = h + gate2 * self.mlp(self.norm3(h) * (1 + scale2) + shift2)
+        return x.replace(h) if sparse else h

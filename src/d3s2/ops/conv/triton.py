@@ -1,0 +1,266 @@
+"""Sparse convolution as a Triton implicit GEMM: forward, input gradient and weight gradient.
+
+Dimension legend: N input rows, M output rows, K kernel offsets, C_in / C_out channels, T row tiles of BLOCK_M,
+P valid (input, output) pairs.
+
+    forward   out[p]     = bias + Σ_k feats[map[p, k]] @ weight[k]          sparse_conv_fwd_kernel
+    d_feats   d_feats[q] = Σ_k grad[mapᵀ[q, k]] @ weight[k]ᵀ                the same kernel on the transposed map
+    d_weight  d_w[k]     = Σ_{(q, p) pairs of k} feats[q]ᵀ grad[p]          sparse_conv_wgrad_kernel
+
+The forward kernel gathers each tile's input rows through the kernel map inside the kernel (no gathered copy in
+memory), multiplies C_in tiles on the tensor cores and accumulates in fp32; every output row is written once, by one
+program, so there are no atomics. Output rows are visited in the order of their neighbour mask (bit k set when
+``map[p, k] >= 0``), so the rows of a tile share their active offsets and each tile loops only over the offsets
+that some row of it uses (a mask-sorted implicit GEMM). The weight gradient walks the offset-grouped pair lists
+in ``SPLIT`` chunks per offset, writes fp32 partial sums and adds them in a fixed order: deterministic.
+
+The kernels use only builtins of ``triton.language`` (no ``tl.cdiv``/``tl.zeros``, which are themselves jitted),
+so they also run under ``TRITON_INTERPRET=1`` when triton was imported before that variable was set.
+
+Limits: feats and grad rows must be contiguous; fp16, bf16 and fp32 (fp32 uses IEEE dots unless
+``torch.backends.cuda.matmul.allow_tf32`` is on). Only imported when the ``triton`` backend is chosen.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import KernelMap
+
+
+@triton.jit
+def sparse_conv_fwd_kernel(
+    feats_ptr, map_ptr, order_ptr, tile_offsets_ptr, tile_counts_ptr, weight_ptr, bias_ptr, out_ptr,
+    M, C_IN, C_OUT, K,
+    stride_wk, stride_wi, stride_wo,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n = (C_OUT + BLOCK_N - 1) // BLOCK_N
+    # C_out tiles of one row tile are neighbours in launch order, so they share the gathered rows in L2.
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = slots < M
+    rows = tl.load(order_ptr + slots, mask=row_ok, other=0).to(tl.int64)  # [BLOCK_M] output rows of this tile
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < C_OUT
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    num_active = tl.load(tile_counts_ptr + pid_m)
+    num_c = (C_IN + BLOCK_K - 1) // BLOCK_K
+    for it in range(num_active * num_c):
+        j = it // num_c
+        c0 = (it - j * num_c) * BLOCK_K
+        k = tl.load(tile_offsets_ptr + pid_m * K + j)
+        src = tl.load(map_ptr + rows * K + k, mask=row_ok, other=-1)  # [BLOCK_M] input rows, -1 = none
+        ci = c0 + tl.arange(0, BLOCK_K)
+        ci_ok = ci < C_IN
+        a = tl.load(feats_ptr + src.to(tl.int64)[:, None] * C_IN + ci[None, :],
+                    mask=(src >= 0)[:, None] & ci_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        w = tl.load(weight_ptr + k * stride_wk + ci[:, None] * stride_wi + cols[None, :] * stride_wo,
+                    mask=ci_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * C_OUT + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def sparse_conv_wgrad_kernel(
+    feats_ptr, grad_ptr, in_rows_ptr, out_rows_ptr, pair_offsets_ptr, partial_ptr,
+    C_IN, C_OUT, SPLIT, CHUNK,
+    PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    pid_ks = tl.program_id(0)  # k * SPLIT + s
+    pid_t = tl.program_id(1)   # (C_in tile, C_out tile)
+    k = pid_ks // SPLIT
+    s = pid_ks % SPLIT
+    num_o = (C_OUT + BLOCK_O - 1) // BLOCK_O
+    ci = (pid_t // num_o) * BLOCK_I + tl.arange(0, BLOCK_I)
+    co = (pid_t % num_o) * BLOCK_O + tl.arange(0, BLOCK_O)
+    ci_ok = ci < C_IN
+    co_ok = co < C_OUT
+    start = tl.load(pair_offsets_ptr + k) + s * CHUNK
+    end = tl.minimum(tl.load(pair_offsets_ptr + k + 1), start + CHUNK)
+    acc = tl.full((BLOCK_I, BLOCK_O), 0.0, tl.float32)
+    for p0 in range(start, end, BLOCK_P):
+        pr = p0 + tl.arange(0, BLOCK_P)
+        ok = pr < end
+        q = tl.load(in_rows_ptr + pr, mask=ok, other=0).to(tl.int64)
+        p = tl.load(out_rows_ptr + pr, mask=ok, other=0).to(tl.int64)
+        a = tl.load(feats_ptr + q[:, None] * C_IN + ci[None, :], mask=ok[:, None] & ci_ok[None, :],
+                    other=0.0)  # [BLOCK_P, BLOCK_I]
+        g = tl.load(grad_ptr + p[:, None] * C_OUT + co[None, :], mask=ok[:, None] & co_ok[None, :],
+                    other=0.0)  # [BLOCK_P, BLOCK_O]
+        acc = tl.dot(tl.trans(a), g, acc, input_precision=PRECISION)
+    base = partial_ptr + pid_ks.to(tl.int64) * C_IN * C_OUT
+    tl.store(base + ci[:, None] * C_OUT + co[None, :], acc, mask=ci_ok[:, None] & co_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------- schedules
+
+
+def _pow2_clamp(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    # The interpreter has no SMs; any count gives the same numbers, a small one keeps CPU tests quick.
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 4
+
+
+def fwd_config(c_in: int, c_out: int) -> dict[str, int]:
+    """Tile sizes and launch settings of the forward kernel (measured on an H200, see bench_sparse_conv.py)."""
+    block_n = _pow2_clamp(c_out, 16, 128)
+    block_k = _pow2_clamp(c_in, 16, 64)
+    if block_n <= 32:  # narrow: gather-bound, so many rows in flight per program
+        return {"BLOCK_M": 256, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 8, "num_stages": 3}
+    big = block_n >= 128 and block_k >= 64
+    return {"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": block_k,
+            "num_warps": 8 if big else 4, "num_stages": 3 if big else 4}
+
+
+def wgrad_config(c_in: int, c_out: int) -> dict[str, int]:
+    """Tile sizes and launch settings of the weight-gradient kernel."""
+    block_i = _pow2_clamp(c_in, 16, 128)
+    block_o = _pow2_clamp(c_out, 16, 128)
+    # Small tiles are gather-bound: long pair blocks; large ones: full-width tiles read each gathered row once.
+    return {"BLOCK_P": 128 if block_i * block_o <= 64 * 64 else 64, "BLOCK_I": block_i, "BLOCK_O": block_o,
+            "num_warps": 8 if block_i * block_o >= 64 * 128 else 4, "num_stages": 3}
+
+
+def _row_order(kmap: KernelMap) -> torch.Tensor:
+    """int32 [M] output rows sorted by neighbour mask (stable: spatial order kept among equal masks)."""
+    def build() -> torch.Tensor:
+        m, k_total = kmap.map.shape
+        if k_total > 62:  # masks no longer fit an int64: keep the given order
+            return torch.arange(m, dtype=torch.int32, device=kmap.map.device)
+        bits = torch.pow(2, torch.arange(k_total, device=kmap.map.device, dtype=torch.int64))
+        mask = ((kmap.map >= 0).long() * bits).sum(1)  # [M]
+        return torch.argsort(mask, stable=True).to(torch.int32)
+    return kmap.cached("triton_row_order", build)
+
+
+def _tile_schedule(kmap: KernelMap, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row tile, its active offsets first: (int32 [T, K] offsets, int32 [T] number active)."""
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
+        m, k_total = kmap.map.shape
+        t = triton.cdiv(m, block_m)
+        valid = torch.zeros(t * block_m, k_total, dtype=torch.bool, device=kmap.map.device)
+        valid[:m] = kmap.map[_row_order(kmap).long()] >= 0
+        active = valid.view(t, block_m, k_total).any(1)  # [T, K]
+        offsets = torch.argsort((~active).to(torch.uint8), dim=1, stable=True).to(torch.int32)
+        return offsets.contiguous(), active.sum(1).to(torch.int32)
+    return kmap.cached(("triton_tiles", block_m), build)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _check_inputs(feats: torch.Tensor, kmap: KernelMap, weight: torch.Tensor) -> None:
+    if feats.shape[0] != kmap.num_inputs:
+        raise ValueError(f"expected feats with {kmap.num_inputs} rows (the kernel map's inputs), got {feats.shape[0]}")
+    if weight.shape[0] != kmap.num_offsets or weight.shape[1] != feats.shape[1]:
+        raise ValueError(f"expected weight [{kmap.num_offsets}, {feats.shape[1]}, C_out], got {tuple(weight.shape)}")
+    if weight.dtype != feats.dtype:
+        raise ValueError(f"expected weight in the feats dtype {feats.dtype}, got {weight.dtype}")
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+
+
+def sparse_conv_fwd(feats: torch.Tensor, kmap: KernelMap, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``[M, C_out]`` = bias + Σ_k feats[map[:, k]] @ weight[k]; feats ``[N, C_in]``, weight ``[K, C_in, C_out]``."""
+    _check_inputs(feats, kmap, weight)
+    feats = feats.contiguous()
+    m, c_in, c_out = kmap.num_outputs, weight.shape[1], weight.shape[2]
+    out = torch.empty(m, c_out, dtype=feats.dtype, device=feats.device)
+    if m == 0:
+        return out
+    if feats.shape[0] == 0 or c_in == 0:
+        return out.zero_() + (bias if bias is not None else 0)
+    cfg = fwd_config(c_in, c_out)
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    tile_offsets, tile_counts = _tile_schedule(kmap, block_m)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(c_out, block_n),)
+    sparse_conv_fwd_kernel[grid](
+        feats, kmap.map, _row_order(kmap), tile_offsets, tile_counts, weight,
+        bias if bias is not None else out, out,
+        m, c_in, c_out, kmap.num_offsets,
+        weight.stride(0), weight.stride(1), weight.stride(2),
+        HAS_BIAS=bias is not None, PRECISION=_precision(feats.dtype), **cfg,
+    )
+    return out
+
+
+def sparse_conv_wgrad(feats: torch.Tensor, grad: torch.Tensor, kmap: KernelMap) -> torch.Tensor:
+    """fp32 ``[K, C_in, C_out]`` weight gradient ``Σ_pairs feats[q]ᵀ grad[p]``.
+
+    feats ``[N, C_in]``, grad ``[M, C_out]`` (the output gradient).
+    """
+    feats, grad = feats.contiguous(), grad.contiguous()
+    k_total, c_in, c_out = kmap.num_offsets, feats.shape[1], grad.shape[1]
+    in_rows, out_rows, offsets = kmap.pairs()
+    max_pairs = kmap.cached("max_pairs", lambda: int((offsets[1:] - offsets[:-1]).max()) if k_total else 0)
+    if max_pairs == 0 or c_in == 0 or c_out == 0:
+        return torch.zeros(k_total, c_in, c_out, dtype=torch.float32, device=feats.device)
+    cfg = wgrad_config(c_in, c_out)
+    tiles = triton.cdiv(c_in, cfg["BLOCK_I"]) * triton.cdiv(c_out, cfg["BLOCK_O"])
+    # Enough programs to fill the GPU about four times over, each with at least four row blocks of work.
+    split = max(1, min(triton.cdiv(4 * _sm_count(feats.device), k_total * tiles),
+                       triton.cdiv(max_pairs, 4 * cfg["BLOCK_P"])))
+    chunk = triton.cdiv(triton.cdiv(max_pairs, split), cfg["BLOCK_P"]) * cfg["BLOCK_P"]
+    partial = torch.empty(k_total, split, c_in, c_out, dtype=torch.float32, device=feats.device)
+    sparse_conv_wgrad_kernel[(k_total * split, tiles)](
+        feats, grad, in_rows, out_rows, offsets, partial, c_in, c_out, split, chunk,
+        PRECISION=_precision(feats.dtype), **cfg,
+    )
+    return partial.sum(1)  # fixed-order reduction over the splits: deterministic
+
+
+class SparseConvFunction(torch.autograd.Function):
+    """Autograd of the implicit-GEMM sparse convolution (gradients for feats, weight and bias)."""
+
+    @staticmethod
+    def forward(ctx, feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                kmap: KernelMap) -> torch.Tensor:
+        ctx.save_for_backward(feats, weight)
+        ctx.kmap = kmap
+        ctx.has_bias = bias is not None
+        return sparse_conv_fwd(feats, kmap, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        feats, weight = ctx.saved_tensors
+        kmap: KernelMap = ctx.kmap
+        grad = grad.contiguous()
+        d_feats = d_weight = d_bias = None
+        if ctx.needs_input_grad[0]:
+            d_feats = sparse_conv_fwd(grad, kmap.T, weight.transpose(1, 2).contiguous())
+        if ctx.needs_input_grad[1]:
+            d_weight = sparse_conv_wgrad(feats, grad, kmap).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            d_bias = grad.sum(0, dtype=torch.float32).to(weight.dtype)
+        return d_feats, d_weight, d_bias, None
+
+
+def sparse_conv_triton(feats: torch.Tensor, kmap: KernelMap, weight: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Differentiable Triton sparse convolution; same contract as :func:`~.reference.sparse_conv_ref`."""
+    return SparseConvFunction.apply(feats, weight, bias, kmap)

@@ -1,0 +1,548 @@
+"""Triton kernels of the SSA compressed branch: attention to compressed blocks, block scoring with a fused top-k,
+and a deterministic backward. Imported only when the ``triton`` backend runs (it imports triton).
+
+Dimension legend: N tokens, Hq / Hkv query / kv heads, Hs = Hq / Hkv, D head dim, NBc compression blocks,
+NBs selection blocks, S = top-k; see :mod:`d3s2.ops.ssa.reference` for the semantics these kernels implement.
+
+Tiles: a program owns ``BLOCK_T`` consecutive tokens of one sample and one kv head; its rows are the
+``BLOCK_T × Hs`` (token, query head) pairs of that GQA group (heads padded to a power of two), so one load of a
+compressed key tile serves the whole group. Compressed keys of a sample are few (N/64 … N/512 per sample), so
+every pass streams them all.
+
+- ``_cmp_fwd_kernel``: online-softmax attention → ``o_cmp`` and the natural-log LSE.
+- ``_cmp_topk_kernel``: recomputes the probabilities from the LSE, sums them over the group's heads and over
+  the compression blocks of each selection block, and keeps a running top-k per (token, kv head) in registers.
+  Working memory beyond the inputs is the ``[N, Hkv, S]`` output: no ``[H, N, NBc]`` score tensor exists.
+  A candidate is one int64 ``(float32 score bits << 32) | (2³¹ − 1 − local block id)``: scores are ≥ 0, so
+  integer order is score order, and ties go to the lower block id.
+- ``_cmp_bwd_dq_kernel`` / ``_cmp_bwd_dkdv_kernel``: FlashAttention-2 style backward. dK/dV split the sample's
+  queries into ``n_chunks`` chunks (enough programs to fill the GPU although NBc is small) and write per-chunk
+  partial sums that are added in a fixed order afterwards: deterministic, no atomics.
+
+Limits: D ≤ 128 (one register tile), top-k ≤ 32, float16 / bfloat16 / float32 (float32 dots run in IEEE
+precision so that float32 results match a float32 reference).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import SSALayout
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MAX_TOPK = 32
+MAX_HEAD_DIM = 128
+
+# Tile configuration per kernel; the benchmark may override entries to compare variants.
+CONFIG = {
+    "fwd": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3},
+    # top-k with m_cmp == m_slc ("topk") and m_cmp < m_slc ("topk_seg", one-hot segment sum over compression
+    # blocks); variant "reshape": head sum by tl.reshape + tl.sum; "dot": transposed tiles, head sum by tl.dot
+    "topk": {"variant": "dot", "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
+    "topk_seg": {"variant": "dot", "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
+    "bwd_dq": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
+    "bwd_dkdv": {"rows": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 8},
+}
+
+
+@triton.jit
+def _load_rows(ptr, tok, head, offs_d, row_ok, d_ok, stride_n, stride_h):
+    """[BLOCK_M, BLOCK_D] tile of rows (tok, head) of a [N, H, D] tensor (zeros outside)."""
+    ptrs = ptr + tok.to(tl.int64)[:, None] * stride_n + head[:, None] * stride_h + offs_d[None, :]
+    return tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _cmp_fwd_kernel(Q, K, V, O, LSE, CU_SEQ, CU_CMP,
+                    stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
+                    qk_scale,
+                    HQ: tl.constexpr, HS: tl.constexpr, HS_PAD: tl.constexpr, D: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1)
+    g = tl.program_id(2)
+    t0 = tl.load(CU_SEQ + b)
+    t1 = tl.load(CU_SEQ + b + 1)
+    start = t0 + pid_t * BLOCK_T
+    if start >= t1:
+        return
+    c0 = tl.load(CU_CMP + b)
+    c1 = tl.load(CU_CMP + b + 1)
+    BLOCK_M: tl.constexpr = BLOCK_T * HS_PAD
+    rows = tl.arange(0, BLOCK_M)
+    tok = start + rows // HS_PAD
+    hh = rows % HS_PAD
+    head = g * HS + hh
+    row_ok = (tok < t1) & (hh < HS)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q = _load_rows(Q, tok, head, offs_d, row_ok, d_ok, stride_qn, stride_qh)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    offs_c = tl.arange(0, BLOCK_C)
+    for c_start in range(c0, c1, BLOCK_C):
+        cols = c_start + offs_c
+        col_ok = cols < c1
+        kv_off = cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_C], log2 domain
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    o = acc / l_i[:, None]
+    o_ptrs = O + tok.to(tl.int64)[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # natural log
+    tl.store(LSE + tok.to(tl.int64) * HQ + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _cmp_topk_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
+                     stride_qn, stride_qh, stride_kn, stride_kh,
+                     qk_scale,
+                     HQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, HS_PAD: tl.constexpr, D: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+                     TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, ONE_CMP_PER_SLC: tl.constexpr,
+                     DOT_PREC: tl.constexpr):
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1)
+    g = tl.program_id(2)
+    t0 = tl.load(CU_SEQ + b)
+    t1 = tl.load(CU_SEQ + b + 1)
+    start = t0 + pid_t * BLOCK_T
+    if start >= t1:
+        return
+    s0 = tl.load(CU_SLC + b)
+    s1 = tl.load(CU_SLC + b + 1)
+    BLOCK_M: tl.constexpr = BLOCK_T * HS_PAD
+    rows = tl.arange(0, BLOCK_M)
+    tok = start + rows // HS_PAD
+    hh = rows % HS_PAD
+    head = g * HS + hh
+    row_ok = (tok < t1) & (hh < HS)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q = _load_rows(Q, tok, head, offs_d, row_ok, d_ok, stride_qn, stride_qh)
+    # log2-domain LSE; +inf on padding rows makes their probabilities 0
+    lse2 = tl.load(LSE + tok.to(tl.int64) * HQ + head, mask=row_ok, other=float("inf")) * 1.4426950408889634
+
+    NEG: tl.constexpr = -4611686018427387904  # below every candidate key and every empty slot
+    slot = tl.arange(0, TOPK_PAD)
+    # empty slots hold distinct negatives; padding slots (>= TOPK) hold int64 max so they are never replaced
+    init = tl.where(slot < TOPK, -1 - slot.to(tl.int64), 9223372036854775807)
+    best = tl.zeros([BLOCK_T, TOPK_PAD], tl.int64) + init[None, :]
+    offs_j = tl.arange(0, BLOCK_J)
+    offs_c = tl.arange(0, BLOCK_C)
+    for j_start in range(s0, s1, BLOCK_J):
+        jj = j_start + offs_j
+        j_ok = jj < s1
+        if ONE_CMP_PER_SLC:
+            # compression block id == selection block id
+            k_off = jj.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
+            k = tl.load(K + k_off, mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_J]
+            p = tl.exp2(s * qk_scale - lse2[:, None])
+            p = tl.where(j_ok[None, :], p, 0.0)
+            score = tl.sum(tl.reshape(p, [BLOCK_T, HS_PAD, BLOCK_J]), 1)  # [BLOCK_T, BLOCK_J] summed over heads
+        else:
+            c_a = tl.load(SLC_CMP_OFF + j_start)
+            c_b = tl.load(SLC_CMP_OFF + tl.minimum(j_start + BLOCK_J, s1))
+            score = tl.zeros([BLOCK_T, BLOCK_J], tl.float32)
+            for c_start in range(c_a, c_b, BLOCK_C):
+                cols = c_start + offs_c
+                col_ok = cols < c_b
+                k_off = cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
+                k = tl.load(K + k_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_C]
+                p = tl.exp2(s * qk_scale - lse2[:, None])
+                p = tl.where(col_ok[None, :], p, 0.0)
+                p_tok = tl.sum(tl.reshape(p, [BLOCK_T, HS_PAD, BLOCK_C]), 1)  # [BLOCK_T, BLOCK_C]
+                # one-hot [BLOCK_C, BLOCK_J]: which selection block of this tile each compression block is in
+                local = tl.load(CMP_SLC + cols, mask=col_ok, other=-1) - j_start
+                onehot = (local[:, None] == offs_j[None, :]).to(tl.float32)
+                score += tl.dot(p_tok, onehot, input_precision="tf32x3")
+        bits = score.to(tl.int32, bitcast=True).to(tl.int64)
+        key = (bits << 32) + (2147483647 - (jj - s0)).to(tl.int64)[None, :]
+        cand = tl.where(j_ok[None, :], key, NEG)
+        # Insert the tile's best candidates while any row still improves (usually few rounds after the first tiles).
+        c_max = tl.max(cand, 1)
+        t_min = tl.min(best, 1)
+        better = c_max > t_min
+        n_better = tl.sum(better.to(tl.int32), 0)
+        while n_better > 0:
+            best = tl.where((best == t_min[:, None]) & better[:, None], c_max[:, None], best)
+            cand = tl.where(cand == c_max[:, None], NEG, cand)
+            c_max = tl.max(cand, 1)
+            t_min = tl.min(best, 1)
+            better = c_max > t_min
+            n_better = tl.sum(better.to(tl.int32), 0)
+
+    best = tl.where(slot[None, :] < TOPK, best, NEG)
+    best = tl.sort(best, 1, descending=True)
+    local_id = 2147483647 - (best - ((best >> 32) << 32))
+    out = tl.where(best >= 0, local_id + s0, -1).to(tl.int32)
+    toks = start + tl.arange(0, BLOCK_T)
+    ptrs = IDX + (toks.to(tl.int64)[:, None] * HKV + g) * TOPK + slot[None, :]
+    tl.store(ptrs, out, mask=(toks < t1)[:, None] & (slot < TOPK)[None, :])
+
+
+@triton.jit
+def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
+                         stride_qn, stride_qh, stride_kn, stride_kh,
+                         qk_scale,
+                         HQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, HS_PAD: tl.constexpr,
+                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr,
+                         BLOCK_C: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
+                         ONE_CMP_PER_SLC: tl.constexpr, DOT_PREC: tl.constexpr, P_FP16: tl.constexpr):
+    """Same result as ``_cmp_topk_kernel``, computed transposed: logits ``[blocks, rows]`` = K·Qᵀ, and the sum
+    over the GQA group is a second tl.dot with a 0/1 ``[rows, tokens]`` matrix (probabilities in float16 for
+    16-bit inputs: ≤ 2⁻¹¹ relative error per term), so the probabilities stay in the matmul register layout
+    (no reshape) and the candidate tiles are ``[blocks, tokens]``."""
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1)
+    g = tl.program_id(2)
+    t0 = tl.load(CU_SEQ + b)
+    t1 = tl.load(CU_SEQ + b + 1)
+    start = t0 + pid_t * BLOCK_T
+    if start >= t1:
+        return
+    s0 = tl.load(CU_SLC + b)
+    s1 = tl.load(CU_SLC + b + 1)
+    BLOCK_M: tl.constexpr = BLOCK_T * HS_PAD
+    rows = tl.arange(0, BLOCK_M)
+    tok = start + rows // HS_PAD
+    hh = rows % HS_PAD
+    head = g * HS + hh
+    row_ok = (tok < t1) & (hh < HS)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q_t = tl.trans(_load_rows(Q, tok, head, offs_d, row_ok, d_ok, stride_qn, stride_qh))  # [BLOCK_D, BLOCK_M]
+    lse2 = tl.load(LSE + tok.to(tl.int64) * HQ + head, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    # group_t[r, t] = 1 when row r is a valid head of token t
+    tcol = tl.arange(0, BLOCK_T)
+    group_t = (((rows // HS_PAD)[:, None] == tcol[None, :]) & row_ok[:, None]).to(tl.float32)
+    if P_FP16:
+        group_t = group_t.to(tl.float16)
+
+    NEG: tl.constexpr = -4611686018427387904
+    slot = tl.arange(0, TOPK_PAD)
+    init = tl.where(slot < TOPK, -1 - slot.to(tl.int64), 9223372036854775807)
+    best = tl.zeros([TOPK_PAD, BLOCK_T], tl.int64) + init[:, None]  # [slot, token]
+    offs_j = tl.arange(0, BLOCK_J)
+    offs_c = tl.arange(0, BLOCK_C)
+    for j_start in range(s0, s1, BLOCK_J):
+        jj = j_start + offs_j
+        j_ok = jj < s1
+        if ONE_CMP_PER_SLC:
+            k_off = jj.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
+            k = tl.load(K + k_off, mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+            p_t = tl.exp2(tl.dot(k, q_t, input_precision=DOT_PREC) * qk_scale - lse2[None, :])  # [BLOCK_J, BLOCK_M]
+            if P_FP16:
+                p_t = p_t.to(tl.float16)
+            score = tl.dot(p_t, group_t, input_precision=DOT_PREC)  # [BLOCK_J, BLOCK_T]
+        else:
+            c_a = tl.load(SLC_CMP_OFF + j_start)
+            c_b = tl.load(SLC_CMP_OFF + tl.minimum(j_start + BLOCK_J, s1))
+            score = tl.zeros([BLOCK_J, BLOCK_T], tl.float32)
+            for c_start in range(c_a, c_b, BLOCK_C):
+                cols = c_start + offs_c
+                col_ok = cols < c_b
+                k_off = cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
+                k = tl.load(K + k_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+                p_t = tl.exp2(tl.dot(k, q_t, input_precision=DOT_PREC) * qk_scale - lse2[None, :])
+                p_t = tl.where(col_ok[:, None], p_t, 0.0)
+                if P_FP16:
+                    p_t = p_t.to(tl.float16)
+                p_tok = tl.dot(p_t, group_t, input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_T]
+                local = tl.load(CMP_SLC + cols, mask=col_ok, other=-1) - j_start
+                onehot = (offs_j[:, None] == local[None, :]).to(tl.float32)  # [BLOCK_J, BLOCK_C]
+                score += tl.dot(onehot, p_tok, input_precision="tf32x3")
+        bits = score.to(tl.int32, bitcast=True).to(tl.int64)
+        key = (bits << 32) + (2147483647 - (jj - s0)).to(tl.int64)[:, None]
+        cand = tl.where(j_ok[:, None], key, NEG)  # [BLOCK_J, BLOCK_T]
+        c_max = tl.max(cand, 0)
+        t_min = tl.min(best, 0)
+        better = c_max > t_min
+        n_better = tl.sum(better.to(tl.int32), 0)
+        while n_better > 0:
+            best = tl.where((best == t_min[None, :]) & better[None, :], c_max[None, :], best)
+            cand = tl.where(cand == c_max[None, :], NEG, cand)
+            c_max = tl.max(cand, 0)
+            t_min = tl.min(best, 0)
+            better = c_max > t_min
+            n_better = tl.sum(better.to(tl.int32), 0)
+
+    best = tl.where(slot[:, None] < TOPK, best, NEG)
+    best = tl.sort(tl.trans(best), 1, descending=True)  # [BLOCK_T, TOPK_PAD]
+    local_id = 2147483647 - (best - ((best >> 32) << 32))
+    out = tl.where(best >= 0, local_id + s0, -1).to(tl.int32)
+    toks = start + tcol
+    ptrs = IDX + (toks.to(tl.int64)[:, None] * HKV + g) * TOPK + slot[None, :]
+    tl.store(ptrs, out, mask=(toks < t1)[:, None] & (slot < TOPK)[None, :])
+
+
+@triton.jit
+def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQ, CU_CMP,
+                       stride_qn, stride_qh, stride_kn, stride_kh,
+                       qk_scale, sm_scale,
+                       HQ: tl.constexpr, HS: tl.constexpr, HS_PAD: tl.constexpr, D: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1)
+    g = tl.program_id(2)
+    t0 = tl.load(CU_SEQ + b)
+    t1 = tl.load(CU_SEQ + b + 1)
+    start = t0 + pid_t * BLOCK_T
+    if start >= t1:
+        return
+    c0 = tl.load(CU_CMP + b)
+    c1 = tl.load(CU_CMP + b + 1)
+    BLOCK_M: tl.constexpr = BLOCK_T * HS_PAD
+    rows = tl.arange(0, BLOCK_M)
+    tok = start + rows // HS_PAD
+    hh = rows % HS_PAD
+    head = g * HS + hh
+    row_ok = (tok < t1) & (hh < HS)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    # q, do and dq share q's strides (the launcher makes them contiguous)
+    q = _load_rows(Q, tok, head, offs_d, row_ok, d_ok, stride_qn, stride_qh)
+    do = _load_rows(DO, tok, head, offs_d, row_ok, d_ok, stride_qn, stride_qh)
+    row_off = tok.to(tl.int64) * HQ + head
+    lse2 = tl.load(LSE + row_off, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + row_off, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    offs_c = tl.arange(0, BLOCK_C)
+    for c_start in range(c0, c1, BLOCK_C):
+        cols = c_start + offs_c
+        col_ok = cols < c1
+        kv_off = cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        p = tl.exp2(s * qk_scale - lse2[:, None])
+        p = tl.where(col_ok[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    dq_ptrs = DQ + tok.to(tl.int64)[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_PART, DV_PART, CU_SEQ, CU_CMP,
+                         stride_qn, stride_qh, stride_kn, stride_kh, stride_pc, stride_pn, stride_ph,
+                         qk_scale, sm_scale,
+                         HQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, HS_PAD: tl.constexpr,
+                         D: tl.constexpr, N_CHUNKS: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                         DOT_PREC: tl.constexpr):
+    pid_c = tl.program_id(0)
+    b = tl.program_id(1)
+    g = tl.program_id(2) % HKV
+    chunk = tl.program_id(2) // HKV
+    c0 = tl.load(CU_CMP + b)
+    c1 = tl.load(CU_CMP + b + 1)
+    c_tile = c0 + pid_c * BLOCK_C
+    if c_tile >= c1:
+        return
+    t0 = tl.load(CU_SEQ + b)
+    t1 = tl.load(CU_SEQ + b + 1)
+    chunk_len = tl.cdiv(tl.cdiv(t1 - t0, N_CHUNKS), BLOCK_T) * BLOCK_T
+    q_a = t0 + chunk * chunk_len
+    q_b = tl.minimum(q_a + chunk_len, t1)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    cols = c_tile + tl.arange(0, BLOCK_C)
+    col_ok = cols < c1
+    kv_off = cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
+    BLOCK_M: tl.constexpr = BLOCK_T * HS_PAD
+    rows = tl.arange(0, BLOCK_M)
+    for t_start in range(q_a, q_b, BLOCK_T):
+        tok = t_start + rows // HS_PAD
+        hh = rows % HS_PAD
+        head = g * HS + hh
+        row_ok = (tok < q_b) & (hh < HS)
+        q = _load_rows(Q, tok, head, offs_d, row_ok, d_ok, stride_qn, stride_qh)
+        do = _load_rows(DO, tok, head, offs_d, row_ok, d_ok, stride_qn, stride_qh)
+        row_off = tok.to(tl.int64) * HQ + head
+        lse2 = tl.load(LSE + row_off, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(DELTA + row_off, mask=row_ok, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_M]
+        p_t = tl.exp2(s_t * qk_scale - lse2[None, :])
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+    part = chunk * stride_pc + cols.to(tl.int64)[:, None] * stride_pn + g * stride_ph + offs_d[None, :]
+    tl.store(DK_PART + part, dk * sm_scale, mask=kv_mask)
+    tl.store(DV_PART + part, dv, mask=kv_mask)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+
+
+def _check(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor | None = None) -> tuple[int, int, int, int]:
+    n, hq, d = q.shape
+    hkv = k_cmp.shape[1]
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"expected head dim <= {MAX_HEAD_DIM} for the triton SSA kernels, got {d}")
+    if k_cmp.dtype != q.dtype or (v_cmp is not None and v_cmp.dtype != q.dtype):
+        raise ValueError(f"expected q, k_cmp, v_cmp of one dtype, got {q.dtype}, {k_cmp.dtype}, "
+                         f"{None if v_cmp is None else v_cmp.dtype}")
+    return n, hq, hkv, d
+
+
+def _common(q: torch.Tensor, hq: int, hkv: int, d: int) -> dict:
+    hs = hq // hkv
+    return {"HQ": hq, "HS": hs, "HS_PAD": triton.next_power_of_2(hs), "D": d,
+            "BLOCK_D": max(16, triton.next_power_of_2(d)),
+            "DOT_PREC": "ieee" if q.dtype == torch.float32 else "tf32"}
+
+
+def _block_t(rows: int, hs_pad: int, minimum: int = 1) -> int:
+    return max(minimum, rows // hs_pad)
+
+
+def cmp_attention_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, layout: SSALayout,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(o_cmp [N, Hq, D], lse [N, Hq] float32)``; inputs contiguous, see ``compressed_attention_ref``."""
+    n, hq, hkv, d = _check(q, k_cmp, v_cmp)
+    o = torch.empty_like(q)
+    lse = torch.empty(n, hq, dtype=torch.float32, device=q.device)
+    if n == 0:
+        return o, lse
+    meta = _common(q, hq, hkv, d)
+    cfg = CONFIG["fwd"]
+    block_t = _block_t(cfg["rows"], meta["HS_PAD"])
+    grid = (triton.cdiv(layout.max_seqlen, block_t), layout.batch_size, hkv)
+    _cmp_fwd_kernel[grid](q, k_cmp, v_cmp, o, lse, layout.cu_seqlens, layout.cu_cmp,
+                          q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), o.stride(0), o.stride(1),
+                          scale * LOG2E, BLOCK_T=block_t, BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+                          num_stages=cfg["num_stages"], **meta)
+    return o, lse
+
+
+def cmp_select_topk(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, layout: SSALayout, topk: int,
+                    scale: float) -> torch.Tensor:
+    """int32 ``[N, Hkv, topk]`` best selection blocks per (token, kv head), best first, -1 padding."""
+    n, hq, hkv, d = _check(q, k_cmp)
+    if not 1 <= topk <= MAX_TOPK:
+        raise ValueError(f"expected 1 <= topk <= {MAX_TOPK} for the triton SSA kernels, got {topk}")
+    idx = torch.empty(n, hkv, topk, dtype=torch.int32, device=q.device)
+    if n == 0:
+        return idx
+    meta = _common(q, hq, hkv, d)
+    one = layout.m_cmp == layout.m_slc
+    cfg = CONFIG["topk" if one else "topk_seg"]
+    common = dict(HKV=hkv, BLOCK_J=cfg["BLOCK_J"], BLOCK_C=cfg["BLOCK_C"], TOPK=topk,
+                  TOPK_PAD=triton.next_power_of_2(topk), ONE_CMP_PER_SLC=one, num_warps=cfg["num_warps"],
+                  num_stages=cfg["num_stages"], **meta)
+    args = (q, k_cmp, lse, idx, layout.cu_seqlens, layout.cu_slc, layout.slc_cmp_offsets, layout.cmp_slc,
+            q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), scale * LOG2E)
+    if cfg["variant"] == "dot":
+        # tokens are the N dimension of the group-sum tl.dot: at least 16
+        block_t = _block_t(cfg["rows"], meta["HS_PAD"], 16)
+        grid = (triton.cdiv(layout.max_seqlen, block_t), layout.batch_size, hkv)
+        _cmp_topk_dot_kernel[grid](*args, BLOCK_T=block_t, P_FP16=q.dtype != torch.float32, **common)
+    else:
+        # the one-hot segment sum is a tl.dot, whose M dimension must be >= 16
+        block_t = _block_t(cfg["rows"], meta["HS_PAD"], 1 if one else 16)
+        grid = (triton.cdiv(layout.max_seqlen, block_t), layout.batch_size, hkv)
+        _cmp_topk_kernel[grid](*args, BLOCK_T=block_t, **common)
+    return idx
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # interpreter: few chunks keep it fast while still exercising the partial sums
+
+
+def cmp_attention_bwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, o: torch.Tensor,
+                      lse: torch.Tensor, do: torch.Tensor, layout: SSALayout,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq [N, Hq, D], dk_cmp [NBc, Hkv, D], dv_cmp [NBc, Hkv, D])``; deterministic."""
+    n, hq, hkv, d = _check(q, k_cmp, v_cmp)
+    nbc = k_cmp.shape[0]
+    do = do.contiguous()
+    dq = torch.empty_like(q)
+    if n == 0:
+        return dq, torch.zeros_like(k_cmp), torch.zeros_like(v_cmp)
+    delta = (o.float() * do.float()).sum(-1)  # [N, Hq] rowsum(o · do)
+    meta = _common(q, hq, hkv, d)
+
+    cfg = CONFIG["bwd_dq"]
+    block_t = _block_t(cfg["rows"], meta["HS_PAD"])
+    grid = (triton.cdiv(layout.max_seqlen, block_t), layout.batch_size, hkv)
+    _cmp_bwd_dq_kernel[grid](q, k_cmp, v_cmp, do, lse, delta, dq, layout.cu_seqlens, layout.cu_cmp,
+                             q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), scale * LOG2E, scale,
+                             BLOCK_T=block_t, BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+                             num_stages=cfg["num_stages"], **meta)
+
+    cfg = CONFIG["bwd_dkdv"]
+    block_t = _block_t(cfg["rows"], meta["HS_PAD"])
+    key_tiles = triton.cdiv(layout.max_cmp, cfg["BLOCK_C"])
+    programs = key_tiles * layout.batch_size * hkv
+    n_chunks = math.ceil(cfg["programs_per_sm"] * _num_sms(q.device) / programs)
+    n_chunks = max(1, min(n_chunks, triton.cdiv(layout.max_seqlen, block_t)))
+    dk_part = torch.zeros(n_chunks, nbc, hkv, d, dtype=torch.float32, device=q.device)
+    dv_part = torch.zeros_like(dk_part)
+    grid = (key_tiles, layout.batch_size, hkv * n_chunks)
+    _cmp_bwd_dkdv_kernel[grid](q, k_cmp, v_cmp, do, lse, delta, dk_part, dv_part, layout.cu_seqlens, layout.cu_cmp,
+                               q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1),
+                               dk_part.stride(0), dk_part.stride(1), dk_part.stride(2), scale * LOG2E, scale,
+                               HKV=hkv, N_CHUNKS=n_chunks, BLOCK_T=block_t, BLOCK_C=cfg["BLOCK_C"],
+                               num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **meta)
+    # fixed-order sum over chunks: deterministic
+    return dq, dk_part.sum(0).to(k_cmp.dtype), dv_part.sum(0).to(v_cmp.dtype)
+
+
+class CompressedAttentionFunction(torch.autograd.Function):
+    """Autograd for :func:`cmp_attention_fwd`; returns ``(o_cmp, lse)`` (lse carries no gradient)."""
+
+    @staticmethod
+    def forward(ctx, q, k_cmp, v_cmp, layout, scale):  # type: ignore[override]
+        q, k_cmp, v_cmp = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous()
+        o, lse = cmp_attention_fwd(q, k_cmp, v_cmp, layout, scale)
+        ctx.save_for_backward(q, k_cmp, v_cmp, o, lse)
+        ctx.layout, ctx.scale = layout, scale
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):  # type: ignore[override]
+        q, k_cmp, v_cmp, o, lse = ctx.saved_tensors
+        dq, dk, dv = cmp_attention_bwd(q, k_cmp, v_cmp, o, lse, do, ctx.layout, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, layout: SSALayout,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return CompressedAttentionFunction.apply(q, k_cmp, v_cmp, layout, scale)
+
+
+def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, layout: SSALayout, topk: int,
+                  scale: float) -> torch.Tensor:
+    return cmp_select_topk(q.detach().contiguous(), k_cmp.detach().contiguous(), lse.detach().contiguous(), layout,
+                           topk, scale)

@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from d3s2.models.dit import ConditionTokens
+from d3s2.models.dit.blocks import CrossAttention, MultiHeadRMSNorm, SparseFullAttention, attention, pad_ragged
+
+from .common import random_sparse
+
+
+def _naive(q, k, v):
+    """Per-head softmax attention ``q [Tq, H, D]``, ``k, v [Tk, H, D]``."""
+    s = torch.einsum("qhd,khd->hqk", q, k) / q.shape[-1] ** 0.5
+    return torch.einsum("hqk,khd->qhd", s.softmax(-1), v)
+
+
+def test_pad_ragged_roundtrip_and_mask():
+    x = torch.arange(7.0)[:, None]
+    cu = torch.tensor([0, 2, 2, 7], dtype=torch.int32)  # middle sample is empty
+    padded, rows, valid = pad_ragged(x, cu)
+    assert padded.shape == (3, 5, 1)
+    assert torch.equal(padded[rows[0], rows[1]], x)
+    assert valid.tolist() == [[True, True, False, False, False], [False] * 5, [True] * 5]
+
+
+def test_gqa_attention_matches_naive_and_masked_keys_are_ignored():
+    q, k, v = torch.randn(2, 5, 4, 8), torch.randn(2, 6, 2, 8), torch.randn(2, 6, 2, 8)
+    out = attention(q, k, v)
+    for b in range(2):
+        ref = _naive(q[b], k[b].repeat_interleave(2, 1), v[b].repeat_interleave(2, 1))
+        torch.testing.assert_close(out[b], ref)
+    mask = torch.tensor([[True] * 6, [True, True, True, False, False, False]])
+    out = attention(q, k, v, mask)
+    ref = _naive(q[1], k[1, :3].repeat_interleave(2, 1), v[1, :3].repeat_interleave(2, 1))
+    torch.testing.assert_close(out[1], ref)
+    empty = attention(q, k, v, torch.zeros(2, 6, dtype=torch.bool))
+    assert torch.isfinite(empty).all()
+
+
+def test_rms_norm_unit_rms_times_gamma():
+    norm = MultiHeadRMSNorm(8, 2)
+    with torch.no_grad():
+        norm.gamma.copy_(torch.rand(2, 8) + 0.5)
+    x = torch.randn(3, 2, 8) * 5
+    y = norm(x)
+    torch.testing.assert_close(y / norm.gamma, x / x.square().mean(-1, keepdim=True).sqrt())
+
+
+def test_sparse_full_attention_is_per_sample_attention():
+    x = random_sparse(counts=(3, 1, 6), channels=16)
+    attn = SparseFullAttention(16, num_heads=4, num_kv_heads=2)
+    out = attn(x)
+    assert torch.equal(out.coords, x.coords)
+    cu = x.cu_seqlens.tolist()
+    for b in range(3):
+        f = x.feats[cu[b]:cu[b + 1]]
+        q = attn.proj_q(f).view(-1, 4, 4)
+        k = attn.proj_k(f).view(-1, 2, 4).repeat_interleave(2, 1)
+        v = attn.proj_v(f).view(-1, 2, 4).repeat_interleave(2, 1)
+        ref = attn.proj_o(_naive(q, k, v).reshape(-1, 16))
+        torch.testing.assert_close(out.feats[cu[b]:cu[b + 1]], ref)
+
+
+def test_cross_attention_ragged_queries_and_padded_conditions():
+    xattn = CrossAttention(16, 12, num_heads=2)
+    x = random_sparse(counts=(4, 7), channels=16)
+    lengths = [3, 5]
+    tokens = torch.randn(2, 5, 12)
+    mask = torch.arange(5)[None] < torch.tensor(lengths)[:, None]
+    cond = ConditionTokens(tokens, mask, torch.zeros(2, 5, 3, dtype=torch.long))
+    out = xattn(x.feats, cond, x.cu_seqlens)
+    cu = x.cu_seqlens.tolist()
+    for b in range(2):
+        one = ConditionTokens(tokens[b:b + 1, :lengths[b]])
+        ref = xattn(x.feats[None, cu[b]:cu[b + 1]], one)[0]
+        torch.testing.assert_close(out[cu[b]:cu[b + 1]], ref)
+
+
+def test_condition_tokens_cat_drop_and_errors():
+    a = ConditionTokens(torch.randn(1, 3, 4), torch.ones(1, 3, dtype=torch.bool), torch.zeros(1, 3, 3))
+    b = ConditionTokens(torch.randn(2, 5, 4), torch.ones(2, 5, dtype=torch.bool), torch.ones(2, 5, 3))
+    c = ConditionTokens.cat([a, b])
+    assert c.tokens.shape == (3, 5, 4) and c.mask.sum(1).tolist() == [3, 5, 5]
+    assert torch.equal(c.tokens[0, 3:], torch.zeros(2, 4))
+    d = b.drop(torch.tensor([True, False]))
+    assert torch.count_nonzero(d.tokens[0]) == 0 and torch.equal(d.tokens[1], b.tokens[1])
+    assert torch.count_nonzero(b.zeros_like().tokens) == 0
+    with pytest.raises(ValueError, match="equal token counts"):
+        ConditionTokens.cat([ConditionTokens(torch.randn(1, 3, 4)), ConditionTokens(torch.randn(1, 4, 4))])
+    with pytest.raises(ValueError, match=r"shape \[B, L, C\]"):
+        ConditionTokens(torch.randn(3, 4))

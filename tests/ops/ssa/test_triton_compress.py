@@ -1,0 +1,106 @@
+"""Triton kernels of the compressed branch (attention, scoring + top-k, backward) against the reference.
+
+Without CUDA they run under TRITON_INTERPRET=1 on tiny ragged batches; with CUDA, the same cases run compiled.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated (first import below)
+
+pytest.importorskip("triton")
+
+from d3s2.ops.ssa import triton_compress as tc  # noqa: E402
+from d3s2.ops.ssa.reference import block_scores_ref, compressed_attention_ref, select_blocks_ref  # noqa: E402
+
+from .helpers import layout_for, make_inputs, random_batch  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+CASES = [
+    # sizes, res, m_cmp, m_slc, hq, hkv, d, topk
+    ([37, 1, 70], 16, 2, 4, 4, 2, 8, 3),    # single-token sample; N not a multiple of the tile; 2 cmp per slc
+    ([30, 2], 8, 1, 4, 2, 1, 16, 12),        # top-k larger than the block count, up to 64 cmp per slc
+    ([20, 2], 8, 1, 1, 2, 1, 16, 4),         # blocks of one token
+    ([33, 5], 16, 4, 4, 6, 2, 20, 5),        # m_cmp = m_slc, Hs = 3 (padded heads), D not a power of two
+]
+
+
+def assert_topk_equivalent(idx, ref_idx, scores, layout, rtol=1e-4):
+    """Same valid counts; every chosen block scores within rtol of the reference's worst chosen block."""
+    assert torch.equal((idx >= 0).sum(-1), (ref_idx >= 0).sum(-1))
+    cu, cs = layout.cu_seqlens.tolist(), layout.cu_slc.tolist()
+    for b, sc in enumerate(scores):  # sc [Hkv, n_b, nbs_b]
+        if cu[b + 1] == cu[b]:
+            continue
+        i, r = idx[cu[b]: cu[b + 1]].long(), ref_idx[cu[b]: cu[b + 1]].long()  # [n_b, Hkv, S]
+        sc = sc.transpose(0, 1)  # [n_b, Hkv, nbs_b]
+        got = torch.where(i >= 0, sc.gather(2, (i - cs[b]).clamp(min=0)), float("inf"))
+        want = torch.where(r >= 0, sc.gather(2, (r - cs[b]).clamp(min=0)), float("inf"))
+        worst = want.min(-1).values
+        assert bool((got >= worst[..., None] * (1 - rtol) - 1e-7).all())
+        # no duplicates among the chosen blocks
+        srt = i.sort(-1).values
+        assert bool(((srt[..., 1:] != srt[..., :-1]) | (srt[..., 1:] < 0)).all())
+
+
+@pytest.mark.parametrize("sizes,res,m_cmp,m_slc,hq,hkv,d,topk", CASES)
+def test_compressed_kernels_match_reference(sizes, res, m_cmp, m_slc, hq, hkv, d, topk):
+    x = random_batch(sizes, res, seed=res + d)
+    layout = layout_for(x.to(DEV), m_cmp, m_slc, m_slc, 0)
+    q, _, _, k_cmp, v_cmp, _ = make_inputs(x, layout, hq, hkv, d, seed=d, device=DEV)
+    scale = d**-0.5
+    o, lse = tc.cmp_attention_fwd(q, k_cmp, v_cmp, layout, scale)
+    o_ref, lse_ref = compressed_attention_ref(q.double(), k_cmp.double(), v_cmp.double(), layout)
+    torch.testing.assert_close(o.double(), o_ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse.double(), lse_ref, atol=2e-5, rtol=1e-5)
+
+    idx = tc.cmp_select_topk(q, k_cmp, lse, layout, topk, scale)
+    ref_idx = select_blocks_ref(q.double(), k_cmp.double(), lse_ref, layout, topk=topk)
+    assert idx.shape == ref_idx.shape and idx.dtype == torch.int32
+    assert_topk_equivalent(idx.cpu(), ref_idx.cpu(), [s.cpu() for s in block_scores_ref(
+        q.double(), k_cmp.double(), lse_ref, layout)], layout)
+
+    do = torch.randn_like(o)
+    qr, kr, vr = (t.double().requires_grad_() for t in (q, k_cmp, v_cmp))
+    compressed_attention_ref(qr, kr, vr, layout)[0].backward(do.double())
+    qt, kt, vt = (t.clone().requires_grad_() for t in (q, k_cmp, v_cmp))
+    tc.compressed_attention(qt, kt, vt, layout, scale)[0].backward(do)
+    for got, want in ((qt.grad, qr.grad), (kt.grad, kr.grad), (vt.grad, vr.grad)):
+        torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=1e-4)
+
+
+def test_dkdv_deterministic_and_chunked(monkeypatch):
+    x = random_batch([90, 3], 16, seed=7)
+    layout = layout_for(x.to(DEV), 2, 4, 4, 0)
+    q, _, _, k_cmp, v_cmp, _ = make_inputs(x, layout, 2, 1, 16, seed=1, device=DEV)
+    o, lse = tc.cmp_attention_fwd(q, k_cmp, v_cmp, layout, 0.25)
+    do = torch.randn_like(o)
+    grads = [tc.cmp_attention_bwd(q, k_cmp, v_cmp, o, lse, do, layout, 0.25) for _ in range(2)]
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    # a different chunking (more partial sums) gives the same gradient up to rounding
+    monkeypatch.setitem(tc.CONFIG, "bwd_dkdv", {**tc.CONFIG["bwd_dkdv"], "programs_per_sm": 64})
+    more = tc.cmp_attention_bwd(q, k_cmp, v_cmp, o, lse, do, layout, 0.25)
+    for a, b in zip(grads[0], more):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant,case", [("dot", 0), ("reshape", 0), ("reshape", 3)])
+def test_topk_variants_half_precision(variant, case, monkeypatch):
+    sizes, res, m_cmp, m_slc, hq, hkv, d, topk = CASES[case]
+    for key in ("topk", "topk_seg"):
+        monkeypatch.setitem(tc.CONFIG, key, {**tc.CONFIG[key], "variant": variant})
+    x = random_batch(sizes, res, seed=res + d + 1)
+    layout = layout_for(x.to(DEV), m_cmp, m_slc, m_slc, 0)
+    q, _, _, k_cmp, v_cmp, _ = make_inputs(x, layout, hq, hkv, d, seed=d + 1, device=DEV, dtype=torch.float16)
+    _, lse = compressed_attention_ref(q.double(), k_cmp.double(), v_cmp.double(), layout)
+    idx = tc.cmp_select_topk(q, k_cmp, lse.float(), layout, topk, d**-0.5)
+    ref_idx = select_blocks_ref(q.double(), k_cmp.double(), lse, layout, topk=topk)
+    scores = [s.cpu() for s in block_scores_ref(q.double(), k_cmp.double(), lse, layout)]
+    assert_topk_equivalent(idx.cpu(), ref_idx.cpu(), scores, layout, rtol=1e-3)
