@@ -218,25 +218,24 @@ def decode_region(head: Head, h: sp.SparseTensor, lo: Sequence[int], hi: Sequenc
 
 
 def decode_chunked(head: Head, h: sp.SparseTensor, chunk_size: int, padding: int) -> sp.SparseTensor:
-    """Apply ``head`` chunk by chunk over a grid of ``chunk_size³`` latent boxes with a ``padding`` halo.
+    """Apply ``head`` chunk by chunk over the occupied ``chunk_size³`` latent boxes with a ``padding`` halo.
 
     With ``padding`` at least the head's receptive radius in latent voxels (≈2.6 for the SS-VAE decoder) the
     result equals ``head(h)`` voxel for voxel, in the same order; peak memory scales with the chunk volume.
     """
     r = h.resolution
+    if h.num_voxels == 0:
+        return head(h)
     pieces: list[sp.SparseTensor] = []
     sources: list[torch.Tensor] = []
-    starts = range(0, r, chunk_size)
-    for x0 in starts:
-        for y0 in starts:
-            for z0 in starts:
-                lo = (x0, y0, z0)
-                hi = tuple(min(r, a + chunk_size) for a in lo)
-                if not bool(_box_mask(h.coords, lo, hi).any()):
-                    continue
-                out, src = decode_region(head, h, lo, hi, padding)
-                pieces.append(out)
-                sources.append(src)
+    # Only boxes holding latent voxels (at 1024³ most of the grid is empty).
+    boxes = torch.unique(torch.div(h.coords[:, 1:], chunk_size, rounding_mode="floor"), dim=0)  # [NC, 3]
+    for box in boxes.tolist():
+        lo = tuple(b * chunk_size for b in box)
+        hi = tuple(min(r, a + chunk_size) for a in lo)
+        out, src = decode_region(head, h, lo, hi, padding)
+        pieces.append(out)
+        sources.append(src)
     src = torch.cat(sources)
     # Put the 512-voxel groups back in latent row order, which is the unchunked output order.
     group_order = torch.argsort(src)
