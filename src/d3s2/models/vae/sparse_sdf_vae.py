@@ -59,7 +59,7 @@ class SparseSDFVAEConfig:
                              f"{self.up_channels}")
         if self.model_channels % self.num_heads:
             raise ValueError(f"model_channels {self.model_channels} not divisible by num_heads {self.num_heads}")
-        for c in [*self.down_channels[1:], self.model_channels]:
+        for c in [*self.down_channels, self.model_channels]:
             if c % self.num_groups:
                 raise ValueError(f"channel count {c} not divisible by num_groups {self.num_groups}")
 
