@@ -111,8 +111,7 @@ def _naive_linear_blend(patches: dict, starts: list[int], p: int, r: int) -> tor
 
 
 def test_refiner_xl_patches_match_naive_dense_processing():
-    cfg = VoxelRefinerXL.Config(**TINY, feature_channels=6, feature_hidden=5, resolution=12, patch_size=8,
-                                patch_stride=4)
+    cfg = VoxelRefinerXL.Config(**TINY, feature_channels=6, feature_hidden=5, patch_size=8, patch_stride=4)
     model = VoxelRefinerXL(cfg)
     _perturb(model)
     sdf = _random_shell(12, 1)
@@ -134,7 +133,7 @@ def test_refiner_xl_patches_match_naive_dense_processing():
 
 
 def test_refiner_xl_sign_overwrites_in_patch_order_and_restores_band():
-    cfg = VoxelRefinerXLSign.Config(**TINY, resolution=12, patch_size=8, patch_stride=2)
+    cfg = VoxelRefinerXLSign.Config(**TINY, patch_size=8, patch_stride=2)
     model = VoxelRefinerXLSign(cfg)
     _perturb(model, seed=1)
     sdf = _random_shell(24, 1, n=300, seed=2)
@@ -159,22 +158,25 @@ def test_refiner_xl_sign_overwrites_in_patch_order_and_restores_band():
 
 
 def test_refiner_errors():
-    model = VoxelRefinerXL(VoxelRefinerXL.Config(**TINY, feature_channels=6, resolution=12, patch_size=8,
-                                                 patch_stride=4))
+    model = VoxelRefinerXL(VoxelRefinerXL.Config(**TINY, feature_channels=6, patch_size=8, patch_stride=4))
     sdf = _random_shell(12, 1)
     with pytest.raises(ValueError, match="feats"):
         model(sdf, torch.zeros(sdf.num_voxels, 5))
-    with pytest.raises(ValueError, match="resolution 12"):
-        model(_random_shell(8, 1), torch.zeros(120, 6))
+    with pytest.raises(ValueError, match="divisible by stride"):
+        model(_random_shell(14, 1), torch.zeros(120, 6))
+    with pytest.raises(ValueError, match="1 channel"):
+        model(_random_shell(12, 2), torch.zeros(120, 6))
     with pytest.raises(ValueError, match="divisible by 2"):
         model.unet3d1(torch.zeros(1, 8, 5, 5, 5))
+    sign = VoxelRefinerXLSign(VoxelRefinerXLSign.Config(**TINY, patch_size=8, patch_stride=4))
+    with pytest.raises(ValueError, match="even SDF resolution"):
+        sign(_random_shell(11, 1))
     with pytest.raises(ValueError, match="divisible by stride"):
-        VoxelRefinerXLSign(resolution=12, patch_size=8, patch_stride=3)
+        sign(_random_shell(24, 1), patch_stride=3)
 
 
 def test_refiner_trains_on_patches():
-    model = VoxelRefinerXL(VoxelRefinerXL.Config(**TINY, feature_channels=6, resolution=8, patch_size=8,
-                                                 patch_stride=8))
+    model = VoxelRefinerXL(VoxelRefinerXL.Config(**TINY, feature_channels=6, patch_size=8, patch_stride=8))
     sdf = torch.rand(1, 1, 8, 8, 8) * 2 - 1
     loss = F.mse_loss(model.forward_patch(sdf, torch.randn(1, 6, 8, 8, 8)), sdf.sign())
     loss.backward()

@@ -12,7 +12,8 @@ Dimension legend: B batch, C channels, P patch side, R side of the dense grid th
   instead of the decoder's +1 background, which removes interior shells. Later patches overwrite earlier ones.
 
 Parameter names mirror the published checkpoints (``unet3d1.down_blocks.0.resnets.0.conv1.weight`` …), so
-they load without renames. Patch size, stride and grid side are configurable (tests use tiny ones).
+they load without renames. The grid side comes from the input; patch size and stride are configurable (a
+smaller patch needs less memory but changes the result slightly: GroupNorm statistics are per patch).
 """
 
 from __future__ import annotations
@@ -247,12 +248,11 @@ def blend_weights(resolution: int, patch_size: int, stride: int, mode: str,
     return out
 
 
-def _check_grid_input(x: SparseTensor, resolution: int, channels: int, what: str) -> None:
+def _check_sdf(x: SparseTensor, channels: int) -> None:
     if not isinstance(x, SparseTensor):
-        raise TypeError(f"expected {what} as a SparseTensor, got {type(x).__name__}")
-    if x.resolution != resolution or x.num_channels != channels:
-        raise ValueError(f"expected {what} at resolution {resolution} with {channels} channel(s), got resolution "
-                         f"{x.resolution} with {x.num_channels}")
+        raise TypeError(f"expected the SDF as a SparseTensor, got {type(x).__name__}")
+    if x.num_channels != channels:
+        raise ValueError(f"expected an SDF with {channels} channel(s), got {x.num_channels}")
 
 
 def _patch_voxels(coords: torch.Tensor, start: tuple[int, int, int], size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,8 +283,7 @@ class VoxelRefinerXL(nn.Module):
         norm_groups: int = 4
         norm_eps: float = 1e-5
         adaptive_iterations: int = 3  # applications of each predicted 3³ filter
-        resolution: int = 512  # side of the dense grid the patches tile
-        patch_size: int = 192
+        patch_size: int = 192  # a multiple of 2^(levels-1); the published grid is 512³
         patch_stride: int = 160  # published: 3 patches per axis with 32-voxel linear overlaps
 
     def __init__(self, config: Config | None = None, **overrides) -> None:
@@ -294,7 +293,6 @@ class VoxelRefinerXL(nn.Module):
             cfg = self.Config(**{**asdict(cfg), **overrides})
         self.config = cfg
         c0 = cfg.block_channels[0]
-        patch_starts(cfg.resolution, cfg.patch_size, cfg.patch_stride)  # validates the tiling
         self.unet3d1 = UNet3D(2 * c0, cfg.block_channels, cfg.layers_per_block, cfg.layers_mid_block,
                               cfg.norm_groups, cfg.norm_eps)
         self.conv_in = nn.Conv3d(cfg.in_channels, c0, 3, padding=1)
@@ -325,28 +323,30 @@ class VoxelRefinerXL(nn.Module):
         latent = self.latent_mlp(feats.movedim(1, -1)).movedim(-1, 1)
         return self.refine_patch(sdf, latent)
 
-    def forward(self, sdf: SparseTensor, feats: torch.Tensor | SparseTensor) -> torch.Tensor:
+    def forward(self, sdf: SparseTensor, feats: torch.Tensor | SparseTensor, *, patch_size: int | None = None,
+                patch_stride: int | None = None) -> torch.Tensor:
         """Refined dense SDF, float32 ``[B, Cout, R, R, R]``.
 
         Args:
             sdf: decoded SDF, feats ``[N, Cin]`` at resolution R; empty voxels count as +1 (outside).
             feats: decoder features ``[N, Cf]`` of the same voxels (a tensor, or a SparseTensor with the same
                 coords); empty voxels count as zero features.
+            patch_size / patch_stride: override the config's tiling.
         """
         cfg = self.config
-        _check_grid_input(sdf, cfg.resolution, cfg.in_channels, "sdf")
+        _check_sdf(sdf, cfg.in_channels)
         f = feats.feats if isinstance(feats, SparseTensor) else feats
         if f.shape != (sdf.num_voxels, cfg.feature_channels):
             raise ValueError(f"expected feats [{sdf.num_voxels}, {cfg.feature_channels}], got {tuple(f.shape)}")
-        dtype, p, b = self.dtype, cfg.patch_size, sdf.batch_size
+        p, stride = patch_size or cfg.patch_size, patch_stride or cfg.patch_stride
+        dtype, b, r = self.dtype, sdf.batch_size, sdf.resolution
+        starts = patch_starts(r, p, stride)
+        weights = blend_weights(r, p, stride, "linear", device=sdf.device)
         # latent_mlp is per voxel: apply it to the N decoded voxels and once to the zero feature of empty space
         # instead of to a dense [B, Cf, R, R, R] grid (8.6 GB in fp16 at 512³).
         latent = self.latent_mlp(f.to(dtype))  # [N, C0]
         background = self.latent_mlp(f.new_zeros(1, cfg.feature_channels, dtype=dtype))[0]  # [C0]
-        r = cfg.resolution
         out = torch.zeros(b, cfg.out_channels, r, r, r, device=sdf.device)
-        starts = patch_starts(r, p, cfg.patch_stride)
-        weights = blend_weights(r, p, cfg.patch_stride, "linear", device=sdf.device)
         for (i, sx), (j, sy), (k, sz) in itertools.product(enumerate(starts), repeat=3):
             rows, local = _patch_voxels(sdf.coords, (sx, sy, sz), p)
             sdf_p = torch.ones(b, cfg.in_channels, p, p, p, device=sdf.device, dtype=dtype)
@@ -370,8 +370,7 @@ class VoxelRefinerXLSign(nn.Module):
         layers_mid_block: int = 2
         norm_groups: int = 4
         norm_eps: float = 1e-5
-        resolution: int = 512  # side of the grid the U-Net sees; the input SDF has side 2·resolution
-        patch_size: int = 256
+        patch_size: int = 256  # on the ×2 pooled grid (published: 512³ from the 1024³ SDF)
         patch_stride: int = 128  # published: 3 patches per axis, later patches overwrite overlaps
 
     def __init__(self, config: Config | None = None, **overrides) -> None:
@@ -381,7 +380,6 @@ class VoxelRefinerXLSign(nn.Module):
             cfg = self.Config(**{**asdict(cfg), **overrides})
         self.config = cfg
         c0 = cfg.block_channels[0]
-        patch_starts(cfg.resolution, cfg.patch_size, cfg.patch_stride)
         self.unet3d1 = UNet3D(c0, cfg.block_channels, cfg.layers_per_block, cfg.layers_mid_block, cfg.norm_groups,
                               cfg.norm_eps)
         self.conv_in = nn.Conv3d(cfg.in_channels, c0, 3, padding=1)
@@ -395,20 +393,22 @@ class VoxelRefinerXLSign(nn.Module):
         """Sign logits ``[B, Cout, P, P, P]`` (> 0 outside) of a dense SDF patch ``[B, Cin, P, P, P]``."""
         return self.conv_out(self.unet3d1(self.conv_in(sdf)))
 
-    def predict_outside(self, sdf: SparseTensor) -> torch.Tensor:
-        """bool ``[B, R, R, R]``: True where the pooled grid voxel is outside (sigmoid ≥ 0.5).
+    def predict_outside(self, sdf: SparseTensor, *, patch_size: int | None = None,
+                        patch_stride: int | None = None) -> torch.Tensor:
+        """bool ``[B, R, R, R]``: True where the ×2 pooled voxel is outside (sigmoid ≥ 0.5).
 
-        ``sdf``: feats ``[N, 1]`` at resolution 2R (mean-pooled ×2 first) or R; empty voxels count as +1.
+        ``sdf``: feats ``[N, 1]`` at resolution 2R, mean-pooled ×2 first; empty voxels count as +1.
         """
         cfg = self.config
-        r, p = cfg.resolution, cfg.patch_size
-        if isinstance(sdf, SparseTensor) and sdf.resolution == 2 * r:
-            sdf = sparse_downsample(sdf, 2)
-        _check_grid_input(sdf, r, cfg.in_channels, "sdf")
-        b, dtype = sdf.batch_size, self.dtype
+        _check_sdf(sdf, cfg.in_channels)
+        if sdf.resolution % 2:
+            raise ValueError(f"expected an even SDF resolution, got {sdf.resolution}")
+        sdf = sparse_downsample(sdf, 2)
+        p, stride = patch_size or cfg.patch_size, patch_stride or cfg.patch_stride
+        b, dtype, r = sdf.batch_size, self.dtype, sdf.resolution
         outside = torch.ones(b, r, r, r, dtype=torch.bool, device=sdf.device)
-        starts = patch_starts(r, p, cfg.patch_stride)
-        keep = [int(w.sum()) for w in blend_weights(r, p, cfg.patch_stride, "last")]  # owned prefix per patch
+        starts = patch_starts(r, p, stride)
+        keep = [int(w.sum()) for w in blend_weights(r, p, stride, "last")]  # owned prefix per patch
         for (i, sx), (j, sy), (k, sz) in itertools.product(enumerate(starts), repeat=3):
             rows, local = _patch_voxels(sdf.coords, (sx, sy, sz), p)
             sdf_p = torch.ones(b, cfg.in_channels, p, p, p, device=sdf.device, dtype=dtype)
@@ -418,12 +418,11 @@ class VoxelRefinerXLSign(nn.Module):
             outside[:, sx:sx + ki, sy:sy + kj, sz:sz + kk] = pos[:, :ki, :kj, :kk]
         return outside
 
-    def forward(self, sdf: SparseTensor) -> torch.Tensor:
+    def forward(self, sdf: SparseTensor, *, patch_size: int | None = None,
+                patch_stride: int | None = None) -> torch.Tensor:
         """Dense signed SDF ``[B, 1, 2R, 2R, 2R]`` (dtype of ``sdf``): ±1 from the predicted sign (upsampled ×2)
         away from the decoded voxels, the decoded values at them."""
-        cfg = self.config
-        _check_grid_input(sdf, 2 * cfg.resolution, cfg.in_channels, "sdf")
-        outside = self.predict_outside(sdf)
+        outside = self.predict_outside(sdf, patch_size=patch_size, patch_stride=patch_stride)
         grid = torch.where(outside, 1.0, -1.0).to(sdf.dtype)  # [B, R, R, R]
         grid = grid.repeat_interleave(2, 1).repeat_interleave(2, 2).repeat_interleave(2, 3)[:, None]
         c = sdf.coords.long()
