@@ -1,0 +1,17 @@
+"""The VAEs: SS-VAE (sparse SDF ↔ sparse latent) and the dense structure VAE (64³ occupancy ↔ 8 × 16³)."""
+
+from .distributions import DiagonalGaussian
+from .losses import SDFLossWeights, sparse_sdf_loss
+from .sparse_sdf_vae import (
+    SparseSDFBatch,
+    SparseSDFDecoder,
+    SparseSDFEncoder,
+    SparseSDFVAE,
+    SparseSDFVAEConfig,
+    SparseSDFVAEOutput,
+)
+
+__all__ = [
+    "DiagonalGaussian", "SDFLossWeights", "sparse_sdf_loss", "SparseSDFBatch", "SparseSDFDecoder",
+    "SparseSDFEncoder", "SparseSDFVAE", "SparseSDFVAEConfig", "SparseSDFVAEOutput",
+]
