@@ -156,6 +156,46 @@ class _Params:
 _RUNTIME = ("use_checkpoint", "use_fp16")
 
 
+def _identity_latents(p: _Params) -> None:
+    # d3s2 applies no latent normalization; the published configs use the identity.
+    p.expect("latents_scale", [1.0], 1.0)
+    p.expect("latents_shift", [0.0], 0.0)
+
+
+def _dense_vae(p: _Params) -> nn.Module:
+    from ..models.vae.dense_vae import DenseShapeVAE, DenseShapeVAEConfig
+
+    p.ignore(*_RUNTIME)
+    _identity_latents(p)
+    cfg = DenseShapeVAEConfig(
+        in_channels=p.get("in_channels", 1), out_channels=p.get("out_channels", 1),
+        latent_channels=p.get("embed_dim"), encoder_channels=list(p.get("model_channels_encoder")),
+        num_res_blocks_encoder=p.get("num_res_blocks_encoder"),
+        num_res_blocks_middle_encoder=p.get("num_res_blocks_middle_encoder"),
+        decoder_channels=list(p.get("model_channels_decoder")), num_res_blocks_decoder=p.get("num_res_blocks_decoder"),
+        num_res_blocks_middle_decoder=p.get("num_res_blocks_middle_decoder"))
+    return DenseShapeVAE(cfg)
+
+
+def _sparse_vae(p: _Params) -> nn.Module:
+    from ..models.vae import SparseSDFVAE, SparseSDFVAEConfig
+
+    # resolution is the latent grid side (taken from the input here); chunk_size is a decode setting
+    # (PublishedDefaults.sparse_1024_decode_chunk).
+    p.ignore(*_RUNTIME, "resolution", "chunk_size")
+    _identity_latents(p)
+    p.expect("out_channels", [1], 1)
+    channels = p.same("model_channels_encoder", "model_channels_decoder")
+    heads = p.same("num_heads_encoder", "num_heads_decoder")
+    head_channels = p.same("num_head_channels_encoder", "num_head_channels_decoder")
+    if heads * head_channels != channels:
+        raise ValueError(f"{p.where}: expected num_heads × num_head_channels = model_channels, got {heads} × "
+                         f"{head_channels} != {channels}")
+    cfg = SparseSDFVAEConfig(latent_channels=p.get("embed_dim"), model_channels=channels,
+                             num_blocks=p.same("num_blocks_encoder", "num_blocks_decoder"), num_heads=heads)
+    return SparseSDFVAE(cfg)
+
+
 def _dense_dit(p: _Params) -> nn.Module:
     from ..models.dit import DenseDiT
 
@@ -220,8 +260,11 @@ class _Spec:
 
 
 SPECS: dict[str, _Spec] = {
+    "dense_vae": _Spec(("DenseShapeVAE",), _dense_vae),
     "dense_dit": _Spec(("DenseDiT",), _dense_dit),
+    "sparse_vae_512": _Spec(("SparseSDFVAE",), _sparse_vae),
     "sparse_dit_512": _Spec(("SparseDiT",), _sparse_dit),
+    "sparse_vae_1024": _Spec(("SparseSDFVAE",), _sparse_vae),
     "sparse_dit_1024": _Spec(("SparseDiT",), _sparse_dit),
     "refiner": _Spec(("Voxel_RefinerXL",), _refiner),
     "refiner_1024": _Spec(("Voxel_RefinerXL_sign",), _refiner_sign),
