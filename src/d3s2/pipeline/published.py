@@ -27,9 +27,13 @@ is coerced; all violations are listed in one error.
 
 from __future__ import annotations
 
+import importlib
+import json
 import logging
 import os
 import pickle
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -533,3 +537,101 @@ def load_published(root: str | os.PathLike, components: Iterable[str] | None = N
             logger.info("loaded %s (%s, %.1f M parameters)", n, type(out.models[n]).__name__, params / 1e6)
         del ckpt
     return out
+
+
+# ------------------------------------------------------------------------------------------------ conversion
+PIPELINE_FILE = "pipeline.json"
+# Registry names of the converted components' classes.
+REGISTRY_NAMES = {
+    "DenseShapeVAE": ("dense_shape_vae", "d3s2.models.vae.dense_vae"),
+    "SparseSDFVAE": ("sparse_sdf_vae", "d3s2.models.vae.sparse_sdf_vae"),
+    "DenseDiT": ("dense_dit", "d3s2.models.dit.dense_dit"),
+    "SparseDiT": ("sparse_dit", "d3s2.models.dit.sparse_dit"),
+    "VoxelRefinerXL": ("voxel_refiner_xl", "d3s2.models.refiner"),
+    "VoxelRefinerXLSign": ("voxel_refiner_xl_sign", "d3s2.models.refiner"),
+}
+
+
+def ensure_registered() -> None:
+    """Register the component classes that :mod:`d3s2.models.registry` does not list yet under their names."""
+    from ..models.registry import model_names, register_model
+
+    known = set(model_names())
+    for cls_name, (name, module) in REGISTRY_NAMES.items():
+        if name not in known:
+            register_model(name)(getattr(importlib.import_module(module), cls_name))
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Move the finished ``tmp`` directory to ``target``, replacing an existing one."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def convert_published(root: str | os.PathLike, out: str | os.PathLike, components: Iterable[str] | None = None, *,
+                      dtype: torch.dtype | None = None) -> Path:
+    """Write a published folder as d3s2 models: ``out/<component>/{config.json, model.safetensors}`` (the
+    :mod:`d3s2.models.registry` format) and ``out/pipeline.json`` (version, defaults, component list), each
+    component directory and file replaced atomically. ``dtype`` None keeps the stored dtypes."""
+    from ..models.registry import save_pretrained
+
+    ensure_registered()
+    root, out = Path(root), Path(out)
+    if out.resolve() == root.resolve():
+        raise ValueError(f"expected an output directory other than the published folder {root}")
+    config = read_config(root)
+    names = available_components(root, config) if components is None else list(components)
+    out.mkdir(parents=True, exist_ok=True)
+    defaults = read_defaults(config)
+    by_file: dict[str, list[str]] = {}
+    for n in names:
+        if n not in CHECKPOINTS:
+            raise ValueError(f"unknown component {n!r}; expected one of {list(COMPONENTS)}")
+        by_file.setdefault(CHECKPOINTS[n][0], []).append(n)
+    for file, group in by_file.items():
+        ckpt = load_checkpoint(root / file)
+        for n in group:
+            model = load_component(root, n, dtype=dtype, config=config, checkpoint=ckpt)
+            tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{n}.tmp-"))
+            try:
+                save_pretrained(model, tmp)
+                _replace_dir(tmp, out / n)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            logger.info("wrote %s", out / n)
+            del model
+        del ckpt
+    manifest = {"source": str(root.resolve()), "version": defaults.version, "components": names,
+                "defaults": defaults.to_dict()}
+    fd, tmp_file = tempfile.mkstemp(dir=out, prefix=f".{PIPELINE_FILE}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+    os.replace(tmp_file, out / PIPELINE_FILE)
+    return out
+
+
+def load_converted(out: str | os.PathLike, components: Iterable[str] | None = None, *,
+                   device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> PublishedModels:
+    """Read a folder written by :func:`convert_published` back as :class:`PublishedModels`."""
+    from ..models.registry import from_pretrained
+
+    ensure_registered()
+    out = Path(out)
+    path = out / PIPELINE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"expected {path} (a folder written by `d3s2 convert`)")
+    manifest = json.loads(path.read_text())
+    d = dict(manifest["defaults"])
+    for stage in ("dense", "sparse_512", "sparse_1024"):
+        d[stage] = StageDefaults(**d[stage])
+    models = PublishedModels(out, PublishedDefaults(**d))
+    for n in manifest["components"] if components is None else components:
+        models.models[n] = from_pretrained(out / n, map_location=device, dtype=dtype)
+    return models
