@@ -356,7 +356,8 @@ def from_published(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, 
         out[new], origin[new] = value, key
     expected = model.state_dict()
     for key in expected.keys() - out.keys():
-        problems.append(f"missing {_published_name(key, convs)} (shape {list(expected[key].shape)})")
+        problems.append(f"missing {_published_name(key, convs)} "
+                        f"(shape {list(_published_shape(key, expected[key], convs))})")
     for key in out.keys() - expected.keys():
         problems.append(f"unexpected {origin[key]} (shape {list(out[key].shape)})")
     for key in (expected.keys() & out.keys()) - reported:
