@@ -9,7 +9,8 @@ Two steps, because the GPU machine has no trimesh:
 
 Backends: ``torch`` (the reference gather-GEMM-scatter), ``triton`` (d3s2's implicit GEMM) and, when the
 package is importable, ``spconv-triton`` (spconv_triton 1.0.0 SubMConv3d with its index pairs reused).
-``run --sweep`` also times alternative tile configs of the d3s2 kernels (tuning aid).
+``run --sweep`` also times alternative tile configs of the d3s2 kernels (tuning aid); ``run --breakdown`` times the
+triton backward's parts (input gradient, weight + bias gradient, and the weight gradient at other chunk sizes).
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ def make_layouts(meshes_path: str, out: str) -> None:
 
 
 def _git_commit() -> str:
+    if os.environ.get("D3S2_GIT_COMMIT"):  # copies run outside their worktree (the GPU machine) name it explicitly
+        return os.environ["D3S2_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
@@ -167,7 +170,7 @@ def _bench(fn, warmup_ms=25, rep_ms=150.0) -> float:
 
 def run(layouts: str, out: str, sweep: bool, backends: list[str], time_budget_s: float,
         device: str = "cuda", only: list[str] | None = None, dtypes: tuple = (torch.bfloat16, torch.float16),
-        rep_ms: float = 150) -> None:
+        rep_ms: float = 150, breakdown: bool = False) -> None:
     import triton
 
     from d3s2.ops.conv import KernelMap, sparse_conv, submanifold_kernel_map
@@ -182,7 +185,7 @@ def run(layouts: str, out: str, sweep: bool, backends: list[str], time_budget_s:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "flops": "forward 2*sum_k(valid pairs_k)*C_in*C_out; forward+backward 3x that",
         "timing": "triton.testing.do_bench median (ms), kernel maps and schedules prebuilt", "results": [],
-        "sweep": [],
+        "sweep": [], "breakdown": [],
     }
     try:
         import spconv_triton
@@ -254,6 +257,10 @@ def run(layouts: str, out: str, sweep: bool, backends: list[str], time_budget_s:
                       f"fwd+bwd {t_fb:8.3f} ms ({row['fwd_bwd_tflops']:6.1f} TF/s)  rel.err {err:.1e} dW {err_dw:.1e}",
                       flush=True)
                 save()
+        if breakdown and time.time() - started < time_budget_s:
+            _breakdown(record, name, kmap, f32.to(dtypes[0]), w32.to(dtypes[0]), grads[dtypes[0]], flops,
+                       deadline=started + time_budget_s, rep_ms=rep_ms)
+            save()
         if sweep and time.time() - started < time_budget_s:
             _sweep(record, name, kmap, f32.to(torch.bfloat16), w32.to(torch.bfloat16), flops,
                    deadline=started + time_budget_s)
@@ -289,20 +296,63 @@ def _sweep(record, name, kmap, feats, weight, flops, deadline: float) -> None:
                                     "tflops": flops / t / 1e9})
             print(f"   sweep fwd {cfg} sorted={sort}: {t:.3f} ms", flush=True)
     ct.fwd_config = base_fwd
+    chunk_rows = base_wg(c_in, c_out)["CHUNK_ROWS"]
     for bp, bi, bo, nw, ns in [(128, 32, 32, 4, 3), (32, 32, 32, 4, 4), (64, 64, 64, 4, 3), (32, 64, 128, 8, 3),
                                (128, 128, 128, 8, 3)]:
         too_big = bi > max(16, triton_next_pow2(c_in)) or bo > max(16, triton_next_pow2(c_out))
         if too_big or time.time() > deadline:
             continue
-        cfg = {"BLOCK_P": bp, "BLOCK_I": bi, "BLOCK_O": bo, "num_warps": nw, "num_stages": ns}
+        cfg = {"BLOCK_P": bp, "BLOCK_I": bi, "BLOCK_O": bo, "num_warps": nw, "num_stages": ns,
+               "CHUNK_ROWS": chunk_rows}
         ct.wgrad_config = lambda ci, co, cfg=cfg: cfg
         try:
-            t = _bench(lambda: ct.sparse_conv_wgrad(feats, grad, kmap))
+            t = _bench(lambda: ct.sparse_conv_wgrad(feats, grad, kmap, bias=True))
         except Exception as err:
             t = float("nan")
             print(f"   sweep {cfg}: {type(err).__name__}", flush=True)
         record["sweep"].append({"layout": name, "kernel": "wgrad", "config": cfg, "ms": t, "tflops": flops / t / 1e9})
         print(f"   sweep wgrad {cfg}: {t:.3f} ms", flush=True)
+    ct.wgrad_config = base_wg
+
+
+def _breakdown(record, name, kmap, feats, weight, grad, flops, deadline: float, rep_ms: float) -> None:
+    """Time the triton backward's parts (in the first dtype): input gradient, weight + bias gradient, a torch bias
+    sum, and the weight gradient at other chunk sizes (CHUNK_ROWS is a runtime argument: no recompilation)."""
+    from d3s2.ops.conv import triton as ct
+
+    c_in, c_out = weight.shape[1], weight.shape[2]
+    # the input gradient as the backward runs it (submanifold: the forward map with offset-reversed weights)
+    d_map, w_t = (kmap, weight.flip(0).transpose(1, 2).contiguous()) if kmap.symmetric else \
+        (kmap.T, weight.transpose(1, 2).contiguous())
+    base_wg = ct.wgrad_config
+    base = base_wg(c_in, c_out)
+    sms = ct._sm_count(feats.device)
+    parts = [("fwd", base, lambda: ct.sparse_conv_fwd(feats, kmap, weight)),
+             ("dgrad", base, lambda: ct.sparse_conv_fwd(grad, d_map, w_t)),
+             ("wgrad+bias", base, lambda: ct.sparse_conv_wgrad(feats, grad, kmap, bias=True)),
+             ("wgrad", base, lambda: ct.sparse_conv_wgrad(feats, grad, kmap)),
+             ("bias_sum_torch", base, lambda: grad.sum(0, dtype=torch.float32))]
+    variants = [dict(base, CHUNK_ROWS=max(base["BLOCK_P"], int(base["CHUNK_ROWS"] * f))) for f in (0.25, 4.0, 16.0)]
+    variants += [dict(base, BLOCK_P=base["BLOCK_P"] * 2, num_stages=3),  # these two compile a kernel each
+                 dict(base, BLOCK_P=max(16, base["BLOCK_P"] // 2), num_stages=4)]
+    for cfg in variants:
+        label = ",".join(f"{k}={v}" for k, v in cfg.items() if v != base[k])
+        parts.append((f"wgrad+bias {label}", cfg, lambda: ct.sparse_conv_wgrad(feats, grad, kmap, bias=True)))
+    for part, cfg, fn in parts:
+        if time.time() > deadline:
+            break
+        ct.wgrad_config = lambda ci, co, cfg=cfg: cfg
+        try:
+            t = _bench(fn, rep_ms=rep_ms)
+        except Exception as err:  # a variant can exceed shared memory; record and go on
+            t = float("nan")
+            print(f"   breakdown {part}: {type(err).__name__}: {err}"[:300], flush=True)
+        split, rows = ct._wgrad_split(kmap.num_outputs, kmap.num_offsets, c_in, c_out, cfg, sms)
+        row = {"layout": name, "part": part, "ms": t, "tflops": flops / t / 1e9 if part != "bias_sum_torch" else None,
+               "wgrad_chunk_rows": cfg["CHUNK_ROWS"], "wgrad_split": split, "wgrad_rows": rows,
+               "wgrad_partial_mb": split * kmap.num_offsets * c_in * c_out * 4 / 2**20}
+        record["breakdown"].append(row)
+        print(f"   breakdown {part:40s} {t:8.3f} ms  (wgrad: {split} chunks of {rows} rows)", flush=True)
     ct.wgrad_config = base_wg
 
 
@@ -348,6 +398,7 @@ if __name__ == "__main__":
     p.add_argument("--only", default="", help="comma-separated layout names (default: all)")
     p.add_argument("--dtypes", default="bfloat16,float16")
     p.add_argument("--rep-ms", type=float, default=150.0, help="do_bench repetition time per measurement")
+    p.add_argument("--breakdown", action="store_true", help="also time the triton backward's parts (first dtype)")
     args = parser.parse_args()
     if args.cmd == "layouts":
         make_layouts(args.meshes, args.out)
@@ -356,4 +407,4 @@ if __name__ == "__main__":
             sys.exit("run needs a CUDA device (or --device cpu with TRITON_INTERPRET=1 for a smoke test)")
         run(args.layouts, args.out, args.sweep, args.backends.split(","), args.time_budget_s, args.device,
             [n for n in args.only.split(",") if n], tuple(getattr(torch, d) for d in args.dtypes.split(",")),
-            args.rep_ms)
+            args.rep_ms, args.breakdown)

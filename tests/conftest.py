@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import random
 
 import numpy as np
 import pytest
 import torch
 
-# Keep the 2-core CI machine responsive and results reproducible.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: tiny-op tests are faster without intra-op threading, and results are reproducible.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -15,6 +15,9 @@ import sys
 # Module paths providing ``register(subparsers)``, in the order shown by ``d3s2 --help``.
 SUBCOMMAND_MODULES = [
     "d3s2.doctor",
+    "d3s2.demo",
+    "d3s2.data.cli",
+    "d3s2.train.cli",
     "d3s2.pipeline.convert_cli",
 ]
 

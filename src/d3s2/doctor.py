@@ -11,6 +11,7 @@ import platform
 OP_MODULES = [
     "d3s2.ops.conv",
     "d3s2.ops.block_attn",
+    "d3s2.ops.ssa",
 ]
 
 PACKAGES = ["torch", "triton", "numpy", "scipy", "trimesh", "libigl", "embreex", "scikit-image",

@@ -61,20 +61,54 @@ def test_triton_backend_matches_dense_fp16(interpret):
     _check(CASES[0], "triton", torch.float16, 1e-2)
 
 
-def test_triton_weight_grad_split_is_exact(interpret, monkeypatch):
-    """Force several split chunks per offset: the fixed-order reduction equals the single-chunk result."""
+@pytest.mark.parametrize("stride", [1, 2])
+def test_triton_weight_grad_chunked_is_exact(interpret, monkeypatch, stride):
+    """Several row chunks and C_in tiles: weight and fused bias gradients equal the one-chunk and torch results."""
     from d3s2.ops.conv import triton as conv_triton
 
-    x = random_sparse([60, 5], 6, 8)
-    kmap, out_coords, weight, _ = conv_case(x, 8, stride=1)
+    x = random_sparse([20, 0, 5], 6, 20)
+    kmap, out_coords, weight, _ = conv_case(x, 6, stride=stride)
     feats = x.feats.float()
-    grad = torch.randn(out_coords.shape[0], 8)
-    one = conv_triton.sparse_conv_wgrad(feats, grad, kmap)
-    monkeypatch.setattr(conv_triton, "_sm_count", lambda device: 1000)
+    grad = torch.randn(out_coords.shape[0], 6)
+    one_w, one_b = conv_triton.sparse_conv_wgrad(feats, grad, kmap, bias=True)
+    w_req = weight.float().requires_grad_()
+    ref_w = torch.autograd.grad(sparse_conv(feats, kmap, w_req, backend="torch"), w_req, grad)[0]
     monkeypatch.setattr(conv_triton, "wgrad_config", lambda ci, co: {
-        "BLOCK_P": 16, "BLOCK_I": 16, "BLOCK_O": 16, "num_warps": 4, "num_stages": 1})
-    split = conv_triton.sparse_conv_wgrad(feats, grad, kmap)
-    torch.testing.assert_close(split, one, atol=1e-5, rtol=1e-5)
+        "BLOCK_P": 16, "BLOCK_I": 16, "BLOCK_O": 16, "num_warps": 4, "num_stages": 1, "CHUNK_ROWS": 16})
+    assert conv_triton._wgrad_split(out_coords.shape[0], kmap.num_offsets, 20, 6,
+                                    conv_triton.wgrad_config(20, 6), 1)[0] >= 2
+    chunk_w, chunk_b = conv_triton.sparse_conv_wgrad(feats, grad, kmap, bias=True)
+    for w in (one_w, chunk_w):
+        torch.testing.assert_close(w, ref_w, atol=1e-5, rtol=1e-5)
+    for b in (one_b, chunk_b):
+        torch.testing.assert_close(b, grad.sum(0), atol=1e-5, rtol=1e-5)
+    assert conv_triton.sparse_conv_wgrad(feats, grad, kmap)[1] is None
+
+
+def test_wgrad_bounds_match_pair_counts():
+    pytest.importorskip("triton")
+    from d3s2.ops.conv import triton as conv_triton
+
+    x = random_sparse([50, 7], 6, 2)
+    kmap = conv_case(x, 2, stride=1)[0]
+    _, out_rows, offsets = kmap.pairs()
+    split, rows = conv_triton._wgrad_split(kmap.num_outputs, 27, 2, 2, {
+        "BLOCK_P": 4, "BLOCK_I": 16, "BLOCK_O": 16, "CHUNK_ROWS": 10}, 1)
+    assert (split, rows) == (6, 10)
+    bounds = conv_triton._wgrad_bounds(kmap, split, rows)
+    for k in range(27):
+        rows_k = out_rows[offsets[k]:offsets[k + 1]].long()
+        for s in range(split + 1):
+            assert bounds[k, s] == offsets[k] + (rows_k < s * rows).sum()
+
+
+def test_triton_bias_grad_without_weight_grad(interpret):
+    x = random_sparse([30, 4], 6, 3)
+    kmap, out_coords, weight, bias = conv_case(x, 5, stride=1)
+    b = bias.float().requires_grad_()
+    grad = torch.randn(out_coords.shape[0], 5)
+    out = sparse_conv(x.feats.float(), kmap, weight.float(), b, backend="triton")
+    torch.testing.assert_close(torch.autograd.grad(out, b, grad)[0], grad.sum(0), atol=1e-5, rtol=1e-5)
 
 
 def test_layers_use_cached_kernel_map_with_triton(interpret):
@@ -87,8 +121,11 @@ def test_layers_use_cached_kernel_map_with_triton(interpret):
         y2 = conv(x.replace((x.feats * 2).requires_grad_()))
         y2.feats.sum().backward()
     kmap = x.get_cache("kernel_map_subm3")
-    # the schedule and the transposed map were built once and kept with the structure
-    assert ("triton_tiles", conv_triton.fwd_config(4, 4)["BLOCK_M"]) in kmap._cache and "T" in kmap._cache
+    # the schedule, pair lists and chunk bounds were built once and kept with the structure; the input gradient of
+    # a submanifold map runs on the map itself, so no transposed map is built
+    assert ("triton_tiles", conv_triton.fwd_config(4, 4)["BLOCK_M"]) in kmap._cache and "pairs" in kmap._cache
+    assert any(isinstance(key, tuple) and key[0] == "triton_wgrad_bounds" for key in kmap._cache)
+    assert kmap.symmetric and "T" not in kmap._cache
     torch.testing.assert_close(y2.feats - conv.bias, 2 * (y1.feats - conv.bias), atol=1e-5, rtol=1e-5)
 
 

@@ -13,7 +13,8 @@ def test_submanifold_transpose_is_offset_reversal():
     kmap = submanifold_kernel_map(x.coords, x.resolution)
     assert torch.equal(transpose_kernel_map(kmap, x.num_voxels), kmap.flip(1))
     km = KernelMap.submanifold(kmap)
-    assert km.T.T is km and torch.equal(km.T.map, kmap.flip(1))
+    assert km.symmetric and "T" not in km._cache  # built on first use only
+    assert km.T.T is km and torch.equal(km.T.map, kmap.flip(1)) and km.T.symmetric
 
 
 def test_down_transpose_points_each_child_to_its_parent():
@@ -48,3 +49,5 @@ def test_pairs_grouped_by_offset():
 def test_kernel_map_validates():
     with pytest.raises(ValueError, match="int32"):
         KernelMap(torch.zeros(3, 27, dtype=torch.int64), 3)
+    with pytest.raises(ValueError, match="symmetric"):
+        KernelMap(torch.zeros(3, 27, dtype=torch.int32), 4, symmetric=True)

@@ -74,14 +74,15 @@ def test_triton_matches_dense_fp32_on_gpu(case):
         torch.testing.assert_close(g.double(), r, atol=2e-5, rtol=2e-5)
 
 
-def test_weight_grad_is_deterministic_and_auto_picks_triton():
+def test_weight_and_bias_grads_are_deterministic_and_auto_picks_triton():
     x = _shell_batch(96, 32)
     kmap = KernelMap.submanifold(submanifold_kernel_map(x.coords, x.resolution))
     assert BACKENDS.resolve(None, x.feats.half()) == "triton"
     w = torch.randn(27, 32, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(32, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(x.num_voxels, 32, device="cuda", dtype=torch.bfloat16)
     grads = []
     for _ in range(2):
-        out = sparse_conv(x.feats.bfloat16(), kmap, w, None)
-        grads.append(torch.autograd.grad(out, w, grad)[0])
-    assert torch.equal(grads[0], grads[1])
+        out = sparse_conv(x.feats.bfloat16(), kmap, w, b)
+        grads.append(torch.autograd.grad(out, [w, b], grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])

@@ -44,7 +44,7 @@ def _check(name, got, lo, hi, dtype):
     assert e_k <= 2 * e_t + ATOL[dtype], f"{name}: kernel error {e_k:.3g} > 2 × torch {dtype} error {e_t:.3g}"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("d", [32, 64])
 def test_ssa_triton_matches_reference(config, dtype, d):

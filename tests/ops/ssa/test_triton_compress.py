@@ -25,7 +25,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = [
     # sizes, res, m_cmp, m_slc, hq, hkv, d, topk
     ([37, 1, 70], 16, 2, 4, 4, 2, 8, 3),    # single-token sample; N not a multiple of the tile; 2 cmp per slc
-    ([50, 2], 8, 1, 4, 2, 1, 16, 12),        # top-k larger than the block count, up to 64 cmp per slc
+    ([30, 2], 8, 1, 4, 2, 1, 16, 12),        # top-k larger than the block count, up to 64 cmp per slc
     ([20, 2], 8, 1, 1, 2, 1, 16, 4),         # blocks of one token
     ([33, 5], 16, 4, 4, 6, 2, 20, 5),        # m_cmp = m_slc, Hs = 3 (padded heads), D not a power of two
 ]
@@ -89,3 +89,18 @@ def test_dkdv_deterministic_and_chunked(monkeypatch):
     more = tc.cmp_attention_bwd(q, k_cmp, v_cmp, o, lse, do, layout, 0.25)
     for a, b in zip(grads[0], more):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant,case", [("dot", 0), ("reshape", 0), ("reshape", 3)])
+def test_topk_variants_half_precision(variant, case, monkeypatch):
+    sizes, res, m_cmp, m_slc, hq, hkv, d, topk = CASES[case]
+    for key in ("topk", "topk_seg"):
+        monkeypatch.setitem(tc.CONFIG, key, {**tc.CONFIG[key], "variant": variant})
+    x = random_batch(sizes, res, seed=res + d + 1)
+    layout = layout_for(x.to(DEV), m_cmp, m_slc, m_slc, 0)
+    q, _, _, k_cmp, v_cmp, _ = make_inputs(x, layout, hq, hkv, d, seed=d + 1, device=DEV, dtype=torch.float16)
+    _, lse = compressed_attention_ref(q.double(), k_cmp.double(), v_cmp.double(), layout)
+    idx = tc.cmp_select_topk(q, k_cmp, lse.float(), layout, topk, d**-0.5)
+    ref_idx = select_blocks_ref(q.double(), k_cmp.double(), lse, layout, topk=topk)
+    scores = [s.cpu() for s in block_scores_ref(q.double(), k_cmp.double(), lse, layout)]
+    assert_topk_equivalent(idx.cpu(), ref_idx.cpu(), scores, layout, rtol=1e-3)

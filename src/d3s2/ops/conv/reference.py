@@ -150,25 +150,31 @@ class KernelMap:
     Attributes:
         map: int32 ``[M, K]`` input row per (output row, offset), -1 when absent.
         num_inputs: N, the number of input rows.
+        symmetric: ``map[p, k] == q`` ⇔ ``map[q, K - 1 - k] == p`` (submanifold maps): the transpose is the
+            offset-reversed map, so the input gradient can run on this map itself with offset-reversed weights.
     """
 
-    __slots__ = ("map", "num_inputs", "_cache", "_transposed")
+    __slots__ = ("map", "num_inputs", "symmetric", "_cache", "_transposed")
 
-    def __init__(self, kernel_map: torch.Tensor, num_inputs: int, *, transposed: torch.Tensor | None = None) -> None:
+    def __init__(self, kernel_map: torch.Tensor, num_inputs: int, *, transposed: torch.Tensor | None = None,
+                 symmetric: bool = False) -> None:
         if kernel_map.dtype != torch.int32 or kernel_map.ndim != 2:
             raise ValueError(f"expected an int32 [M, K] kernel map, got {kernel_map.dtype} {tuple(kernel_map.shape)}")
         if transposed is not None and tuple(transposed.shape) != (num_inputs, kernel_map.shape[1]):
             raise ValueError(f"expected a transposed map of shape {(num_inputs, kernel_map.shape[1])}, "
                              f"got {tuple(transposed.shape)}")
+        if symmetric and kernel_map.shape[0] != num_inputs:
+            raise ValueError(f"expected a symmetric map with M == N, got M={kernel_map.shape[0]}, N={num_inputs}")
         self.map = kernel_map.contiguous()
         self.num_inputs = int(num_inputs)
+        self.symmetric = symmetric
         self._cache: dict[object, object] = {}
         self._transposed = transposed.contiguous() if transposed is not None else None
 
     @classmethod
     def submanifold(cls, kernel_map: torch.Tensor) -> KernelMap:
-        """A symmetric submanifold 3³ map; its transpose is the offset-reversed map (no scatter needed)."""
-        return cls(kernel_map, kernel_map.shape[0], transposed=kernel_map.flip(1))
+        """A symmetric submanifold map; its transpose is the offset-reversed map (no scatter needed, built lazily)."""
+        return cls(kernel_map, kernel_map.shape[0], symmetric=True)
 
     @property
     def num_outputs(self) -> int:
@@ -182,8 +188,11 @@ class KernelMap:
     def T(self) -> KernelMap:  # noqa: N802 - reads like a matrix transpose
         """The transposed map (outputs become inputs), itself cached and pointing back to this one."""
         def build() -> KernelMap:
-            t = self._transposed if self._transposed is not None else transpose_kernel_map(self.map, self.num_inputs)
-            kt = KernelMap(t, self.num_outputs, transposed=self.map)
+            if self._transposed is not None:
+                t = self._transposed
+            else:
+                t = self.map.flip(1) if self.symmetric else transpose_kernel_map(self.map, self.num_inputs)
+            kt = KernelMap(t, self.num_outputs, transposed=self.map, symmetric=self.symmetric)
             kt._cache["T"] = self
             return kt
         return self.cached("T", build)

@@ -5,14 +5,21 @@ P valid (input, output) pairs.
 
     forward   out[p]     = bias + Σ_k feats[map[p, k]] @ weight[k]          sparse_conv_fwd_kernel
     d_feats   d_feats[q] = Σ_k grad[mapᵀ[q, k]] @ weight[k]ᵀ                the same kernel on the transposed map
+                                                                        (submanifold: on the map itself, offsets
+                                                                        of the weight reversed)
     d_weight  d_w[k]     = Σ_{(q, p) pairs of k} feats[q]ᵀ grad[p]          sparse_conv_wgrad_kernel
 
 The forward kernel gathers each tile's input rows through the kernel map inside the kernel (no gathered copy in
 memory), multiplies C_in tiles on the tensor cores and accumulates in fp32; every output row is written once, by one
 program, so there are no atomics. Output rows are visited in the order of their neighbour mask (bit k set when
 ``map[p, k] >= 0``), so the rows of a tile share their active offsets and each tile loops only over the offsets
-that some row of it uses (a mask-sorted implicit GEMM). The weight gradient walks the offset-grouped pair lists
-in ``SPLIT`` chunks per offset, writes fp32 partial sums and adds them in a fixed order: deterministic.
+that some row of it uses (a mask-sorted implicit GEMM). The weight gradient is one launch over (chunk of output
+rows, offset, channel tile): each program walks the pairs of its offset whose output row lies in its chunk (a
+contiguous run of the output-major pair list, so grad rows are read in ascending order), and programs are launched
+chunk by chunk with the offsets fastest, so the grad rows and neighbouring feats rows of a chunk come from HBM once
+and are reused from L2 by all K offsets (launched offset by offset, every offset re-read both tensors from HBM).
+An extra slot per chunk sums grad for the bias gradient while those rows are in L2. Programs write fp32 partial
+sums that are added in a fixed order: deterministic, no atomics.
 
 The kernels use only builtins of ``triton.language`` (no ``tl.cdiv``/``tl.zeros``, which are themselves jitted),
 so they also run under ``TRITON_INTERPRET=1`` when triton was imported before that variable was set.
@@ -73,34 +80,57 @@ def sparse_conv_fwd_kernel(
 
 @triton.jit
 def sparse_conv_wgrad_kernel(
-    feats_ptr, grad_ptr, in_rows_ptr, out_rows_ptr, pair_offsets_ptr, partial_ptr,
-    C_IN, C_OUT, SPLIT, CHUNK,
-    PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr,
+    feats_ptr, grad_ptr, in_rows_ptr, out_rows_ptr, bounds_ptr, partial_ptr, bias_partial_ptr,
+    M, C_IN, C_OUT, K, NUM_SLOTS, SPLIT, ROWS,
+    PRECISION: tl.constexpr, BIAS_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
-    pid_ks = tl.program_id(0)  # k * SPLIT + s
-    pid_t = tl.program_id(1)   # (C_in tile, C_out tile)
-    k = pid_ks // SPLIT
-    s = pid_ks % SPLIT
+    pid = tl.program_id(0)
+    num_i = (C_IN + BLOCK_I - 1) // BLOCK_I
     num_o = (C_OUT + BLOCK_O - 1) // BLOCK_O
-    ci = (pid_t // num_o) * BLOCK_I + tl.arange(0, BLOCK_I)
-    co = (pid_t % num_o) * BLOCK_O + tl.arange(0, BLOCK_O)
+    # Launch order (row chunk s, offset slot k, channel tile) with the tile fastest, then the offset: the programs
+    # in flight at any time share one chunk of output rows, so its grad rows and neighbouring feats rows come from
+    # HBM once and are reused from L2 by every offset.
+    t = pid % (num_i * num_o)
+    slot = pid // (num_i * num_o)
+    k = slot % NUM_SLOTS
+    s = slot // NUM_SLOTS
+    ci = (t // num_o) * BLOCK_I + tl.arange(0, BLOCK_I)
+    co = (t % num_o) * BLOCK_O + tl.arange(0, BLOCK_O)
     ci_ok = ci < C_IN
     co_ok = co < C_OUT
-    start = tl.load(pair_offsets_ptr + k) + s * CHUNK
-    end = tl.minimum(tl.load(pair_offsets_ptr + k + 1), start + CHUNK)
-    acc = tl.full((BLOCK_I, BLOCK_O), 0.0, tl.float32)
-    for p0 in range(start, end, BLOCK_P):
-        pr = p0 + tl.arange(0, BLOCK_P)
-        ok = pr < end
-        q = tl.load(in_rows_ptr + pr, mask=ok, other=0).to(tl.int64)
-        p = tl.load(out_rows_ptr + pr, mask=ok, other=0).to(tl.int64)
-        a = tl.load(feats_ptr + q[:, None] * C_IN + ci[None, :], mask=ok[:, None] & ci_ok[None, :],
-                    other=0.0)  # [BLOCK_P, BLOCK_I]
-        g = tl.load(grad_ptr + p[:, None] * C_OUT + co[None, :], mask=ok[:, None] & co_ok[None, :],
-                    other=0.0)  # [BLOCK_P, BLOCK_O]
-        acc = tl.dot(tl.trans(a), g, acc, input_precision=PRECISION)
-    base = partial_ptr + pid_ks.to(tl.int64) * C_IN * C_OUT
-    tl.store(base + ci[:, None] * C_OUT + co[None, :], acc, mask=ci_ok[:, None] & co_ok[None, :])
+    if k < K:
+        # Pairs of offset k whose output row lies in chunk s: a contiguous run of the output-major pair list.
+        start = tl.load(bounds_ptr + k * (SPLIT + 1) + s)
+        end = tl.load(bounds_ptr + k * (SPLIT + 1) + s + 1)
+        acc = tl.full((BLOCK_I, BLOCK_O), 0.0, tl.float32)
+        for p0 in range(start, end, BLOCK_P):
+            pr = p0 + tl.arange(0, BLOCK_P)
+            ok = pr < end
+            q = tl.load(in_rows_ptr + pr, mask=ok, other=0).to(tl.int64)
+            p = tl.load(out_rows_ptr + pr, mask=ok, other=0).to(tl.int64)
+            a = tl.load(feats_ptr + q[:, None] * C_IN + ci[None, :], mask=ok[:, None] & ci_ok[None, :],
+                        other=0.0)  # [BLOCK_P, BLOCK_I] gathered input rows
+            g = tl.load(grad_ptr + p[:, None] * C_OUT + co[None, :], mask=ok[:, None] & co_ok[None, :],
+                        other=0.0)  # [BLOCK_P, BLOCK_O] output-gradient rows, ascending
+            acc = tl.dot(tl.trans(a), g, acc, input_precision=PRECISION)
+        base = partial_ptr + (s * K + k).to(tl.int64) * C_IN * C_OUT
+        tl.store(base + ci[:, None] * C_OUT + co[None, :], acc, mask=ci_ok[:, None] & co_ok[None, :])
+    elif t // num_o == 0:
+        # The extra slot (only launched with a bias): column sums of grad over the chunk's rows, as a dot with
+        # ones (tl.sum is a jitted helper); the rows are hot in L2 from the offsets of the same chunk.
+        r0 = s * ROWS
+        r1 = tl.minimum(r0 + ROWS, M)
+        ones = tl.full((16, BLOCK_P), 1.0, grad_ptr.dtype.element_ty)
+        acc_b = tl.full((16, BLOCK_O), 0.0, tl.float32)
+        for p0 in range(r0, r1, BLOCK_P):
+            pr = p0 + tl.arange(0, BLOCK_P)
+            g = tl.load(grad_ptr + pr.to(tl.int64)[:, None] * C_OUT + co[None, :],
+                        mask=(pr < r1)[:, None] & co_ok[None, :], other=0.0)
+            acc_b = tl.dot(ones, g, acc_b, input_precision=BIAS_PRECISION)  # every row holds the column sums
+        first = tl.arange(0, 16) == 0
+        tl.store(bias_partial_ptr + s * C_OUT + tl.arange(0, 16)[:, None] * 0 + co[None, :], acc_b,
+                 mask=first[:, None] & co_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------------- schedules
@@ -133,12 +163,44 @@ def fwd_config(c_in: int, c_out: int) -> dict[str, int]:
 
 
 def wgrad_config(c_in: int, c_out: int) -> dict[str, int]:
-    """Tile sizes and launch settings of the weight-gradient kernel."""
+    """Tile sizes, launch settings and output rows per chunk (``CHUNK_ROWS``) of the weight-gradient kernel."""
     block_i = _pow2_clamp(c_in, 16, 128)
     block_o = _pow2_clamp(c_out, 16, 128)
     # Small tiles are gather-bound: long pair blocks; large ones: full-width tiles read each gathered row once.
-    return {"BLOCK_P": 128 if block_i * block_o <= 64 * 64 else 64, "BLOCK_I": block_i, "BLOCK_O": block_o,
-            "num_warps": 8 if block_i * block_o >= 64 * 128 else 4, "num_stages": 3}
+    # Chunks are sized so the rows that the programs in flight sweep (about 4 SMs' worth of chunks per offset
+    # set, both operands) stay well inside L2.
+    small = block_i * block_o <= 64 * 64
+    return {"BLOCK_P": 128 if small else 64, "BLOCK_I": block_i, "BLOCK_O": block_o,
+            "num_warps": 8 if block_i * block_o >= 64 * 128 else 4, "num_stages": 3,
+            "CHUNK_ROWS": 16384 if small else 4096}
+
+
+# Cap on the fp32 partial sums of the weight gradient ([SPLIT, K, C_in, C_out]): their second pass reads them once.
+_WGRAD_PARTIAL_BYTES = 64 << 20
+
+
+def _wgrad_split(m: int, k_total: int, c_in: int, c_out: int, cfg: dict[str, int], sms: int) -> tuple[int, int]:
+    """(number of output-row chunks, rows per chunk) of the weight gradient."""
+    tiles = triton.cdiv(c_in, cfg["BLOCK_I"]) * triton.cdiv(c_out, cfg["BLOCK_O"])
+    # Chunks of CHUNK_ROWS rows, but at least four programs per SM, no more partial bytes than the cap, and no
+    # chunk shorter than a pair block.
+    split = max(triton.cdiv(m, cfg["CHUNK_ROWS"]), triton.cdiv(4 * sms, k_total * tiles))
+    split = min(split, _WGRAD_PARTIAL_BYTES // (4 * k_total * c_in * c_out), triton.cdiv(m, cfg["BLOCK_P"]))
+    rows = triton.cdiv(m, max(split, 1))
+    return triton.cdiv(m, rows), rows
+
+
+def _wgrad_bounds(kmap: KernelMap, split: int, rows: int) -> torch.Tensor:
+    """int64 [K, split + 1]: the pairs of offset k with output rows in chunk s are ``[b[k, s], b[k, s + 1])``."""
+    def build() -> torch.Tensor:
+        m, k_total = kmap.map.shape
+        offsets = kmap.pairs()[2]
+        valid = torch.zeros(split * rows, k_total, dtype=torch.bool, device=kmap.map.device)
+        valid[:m] = kmap.map >= 0
+        bounds = torch.zeros(k_total, split + 1, dtype=torch.int64, device=kmap.map.device)
+        bounds[:, 1:] = valid.view(split, rows, k_total).sum(1).cumsum(0).t()  # pairs per offset before chunk end
+        return (bounds + offsets[:-1, None]).contiguous()
+    return kmap.cached(("triton_wgrad_bounds", split, rows), build)
 
 
 def _row_order(kmap: KernelMap) -> torch.Tensor:
@@ -209,29 +271,38 @@ def sparse_conv_fwd(feats: torch.Tensor, kmap: KernelMap, weight: torch.Tensor,
     return out
 
 
-def sparse_conv_wgrad(feats: torch.Tensor, grad: torch.Tensor, kmap: KernelMap) -> torch.Tensor:
-    """fp32 ``[K, C_in, C_out]`` weight gradient ``Σ_pairs feats[q]ᵀ grad[p]``.
+def sparse_conv_wgrad(feats: torch.Tensor, grad: torch.Tensor, kmap: KernelMap, *,
+                      bias: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 weight gradient ``[K, C_in, C_out]`` = ``Σ_pairs feats[q]ᵀ grad[p]``, and with ``bias`` the fp32 bias
+    gradient ``[C_out]`` = ``Σ_p grad[p]`` (else None).
 
-    feats ``[N, C_in]``, grad ``[M, C_out]`` (the output gradient).
+    feats ``[N, C_in]``, grad ``[M, C_out]`` (the output gradient). One launch covers every offset; the programs
+    of one chunk of output rows write fp32 partial sums that a second pass adds in a fixed order (deterministic).
     """
     feats, grad = feats.contiguous(), grad.contiguous()
-    k_total, c_in, c_out = kmap.num_offsets, feats.shape[1], grad.shape[1]
+    m, k_total, c_in, c_out = kmap.num_outputs, kmap.num_offsets, feats.shape[1], grad.shape[1]
     in_rows, out_rows, offsets = kmap.pairs()
-    max_pairs = kmap.cached("max_pairs", lambda: int((offsets[1:] - offsets[:-1]).max()) if k_total else 0)
-    if max_pairs == 0 or c_in == 0 or c_out == 0:
-        return torch.zeros(k_total, c_in, c_out, dtype=torch.float32, device=feats.device)
-    cfg = wgrad_config(c_in, c_out)
+    if m == 0 or c_out == 0 or c_in == 0 or in_rows.numel() == 0:
+        d_bias = grad.sum(0, dtype=torch.float32) if bias else None
+        return torch.zeros(k_total, c_in, c_out, dtype=torch.float32, device=feats.device), d_bias
+    cfg = dict(wgrad_config(c_in, c_out))
+    split, rows = _wgrad_split(m, k_total, c_in, c_out, cfg, _sm_count(feats.device))
+    del cfg["CHUNK_ROWS"]
+    bounds = _wgrad_bounds(kmap, split, rows)
+    partial = torch.empty(split, k_total, c_in, c_out, dtype=torch.float32, device=feats.device)
+    bias_partial = torch.empty(split, c_out, dtype=torch.float32, device=feats.device) if bias else partial
+    slots = k_total + 1 if bias else k_total  # the extra offset slot sums grad for the bias
     tiles = triton.cdiv(c_in, cfg["BLOCK_I"]) * triton.cdiv(c_out, cfg["BLOCK_O"])
-    # Enough programs to fill the GPU about four times over, each with at least four row blocks of work.
-    split = max(1, min(triton.cdiv(4 * _sm_count(feats.device), k_total * tiles),
-                       triton.cdiv(max_pairs, 4 * cfg["BLOCK_P"])))
-    chunk = triton.cdiv(triton.cdiv(max_pairs, split), cfg["BLOCK_P"]) * cfg["BLOCK_P"]
-    partial = torch.empty(k_total, split, c_in, c_out, dtype=torch.float32, device=feats.device)
-    sparse_conv_wgrad_kernel[(k_total * split, tiles)](
-        feats, grad, in_rows, out_rows, offsets, partial, c_in, c_out, split, chunk,
-        PRECISION=_precision(feats.dtype), **cfg,
+    precision = _precision(feats.dtype)
+    sparse_conv_wgrad_kernel[(split * slots * tiles,)](
+        feats, grad, in_rows, out_rows, bounds, partial, bias_partial,
+        m, c_in, c_out, k_total, slots, split, rows,
+        PRECISION=precision, BIAS_PRECISION="ieee" if feats.dtype == torch.float32 else precision, **cfg,
     )
-    return partial.sum(1)  # fixed-order reduction over the splits: deterministic
+    # Fixed-order reductions over the chunks: deterministic.
+    d_weight = partial[0] if split == 1 else partial.sum(0)
+    d_bias = (bias_partial[0] if split == 1 else bias_partial.sum(0)) if bias else None
+    return d_weight, d_bias
 
 
 class SparseConvFunction(torch.autograd.Function):
@@ -251,12 +322,20 @@ class SparseConvFunction(torch.autograd.Function):
         kmap: KernelMap = ctx.kmap
         grad = grad.contiguous()
         d_feats = d_weight = d_bias = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and kmap.symmetric:
+            # mapᵀ[q, k] = map[q, K-1-k]: run on the forward's own map, row order and tile schedule, with the
+            # offsets of the weight reversed (no transposed map in memory).
+            d_feats = sparse_conv_fwd(grad, kmap, weight.flip(0).transpose(1, 2).contiguous())
+        elif ctx.needs_input_grad[0]:
             d_feats = sparse_conv_fwd(grad, kmap.T, weight.transpose(1, 2).contiguous())
-        if ctx.needs_input_grad[1]:
-            d_weight = sparse_conv_wgrad(feats, grad, kmap).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            d_bias = grad.sum(0, dtype=torch.float32).to(weight.dtype)
+        want_bias = ctx.has_bias and ctx.needs_input_grad[2]
+        if ctx.needs_input_grad[1]:  # the bias gradient rides along in the weight-gradient launch
+            d_weight, d_bias = sparse_conv_wgrad(feats, grad, kmap, bias=want_bias)
+            d_weight = d_weight.to(weight.dtype)
+        elif want_bias:
+            d_bias = grad.sum(0, dtype=torch.float32)
+        if d_bias is not None:
+            d_bias = d_bias.to(weight.dtype)
         return d_feats, d_weight, d_bias, None
 
 

@@ -33,14 +33,13 @@ class SSALayout:
         cu_cmp: int32 ``[B + 1]`` first compression block of each sample, then NBc.
         cmp_offsets: int32 ``[NBc + 1]`` first token of each compression block, then N.
         cmp_slc: int32 ``[NBc]`` selection block (global id) of each compression block.
-        cmp_index: int64 ``[N]`` compression block of each token (block order).
         cmp_coords: int32 ``[NBc, 4]`` (batch, x, y, z) of each compression block on the ``R / m_cmp`` grid.
         pe_index: int64 ``[N]`` in-block offset ``(x % m_cmp)·m_cmp² + (y % m_cmp)·m_cmp + z % m_cmp`` of each token.
         win_perm: int64 ``[N]`` block-order position of the i-th token in window order, or None when the windows
             are exactly the selection blocks in the same order (then window order = block order).
         win_inverse: int64 ``[N]`` window-order position of each block-order token, or None (see ``win_perm``).
         win_offsets: int32 ``[NW + 1]`` first token (window order) of each window, then N.
-        max_seqlen, max_cmp, max_slc: the most tokens / compression blocks / selection blocks in one sample.
+        max_seqlen, max_cmp: the most tokens / compression blocks in one sample (kernel grid sizes).
         in_block_order: the caller's tokens are already in block order (``perm`` is the identity).
         m_cmp, m_slc, m_win, shift: the block sizes and window shift this layout was built for.
     """
@@ -54,7 +53,6 @@ class SSALayout:
     cu_cmp: torch.Tensor
     cmp_offsets: torch.Tensor
     cmp_slc: torch.Tensor
-    cmp_index: torch.Tensor
     cmp_coords: torch.Tensor
     pe_index: torch.Tensor
     win_perm: torch.Tensor | None
@@ -62,7 +60,6 @@ class SSALayout:
     win_offsets: torch.Tensor
     max_seqlen: int
     max_cmp: int
-    max_slc: int
     in_block_order: bool
     m_cmp: int
     m_slc: int
@@ -115,9 +112,7 @@ def _build(x: SparseTensor, m_cmp: int, m_slc: int, m_win: int, shift: int) -> S
     inverse[perm] = torch.arange(perm.numel(), device=dev)
     cs, key = cs[order], key[order]
     uniq, counts = torch.unique_consecutive(key, return_counts=True)
-    num_cmp = uniq.numel()
     cmp_offsets = _offsets(counts)
-    cmp_index = torch.repeat_interleave(torch.arange(num_cmp, device=dev), counts)
     cmp_slc = torch.div(uniq, r**3, rounding_mode="floor").to(torch.int32)
     slc_cmp_offsets = _offsets(torch.bincount(cmp_slc, minlength=s.num_blocks))
     cu_cmp = slc_cmp_offsets[s.cu_seqblocks.long()]
@@ -142,13 +137,12 @@ def _build(x: SparseTensor, m_cmp: int, m_slc: int, m_win: int, shift: int) -> S
     stats = torch.stack([
         (cu_seqlens[1:] - cu_seqlens[:-1]).max() if n else cu_seqlens.new_zeros(()),
         (cu_cmp[1:] - cu_cmp[:-1]).max() if n else cu_seqlens.new_zeros(()),
-        (s.cu_seqblocks[1:] - s.cu_seqblocks[:-1]).max() if n else cu_seqlens.new_zeros(()),
         (perm != torch.arange(perm.numel(), device=dev)).any().to(cu_seqlens.dtype),
     ]).tolist()  # one host sync for the grid sizes and the identity check
     return SSALayout(
         perm=perm, inverse=inverse, cu_seqlens=cu_seqlens, slc_offsets=s.block_offsets, cu_slc=s.cu_seqblocks,
-        slc_cmp_offsets=slc_cmp_offsets, cu_cmp=cu_cmp, cmp_offsets=cmp_offsets, cmp_slc=cmp_slc, cmp_index=cmp_index,
+        slc_cmp_offsets=slc_cmp_offsets, cu_cmp=cu_cmp, cmp_offsets=cmp_offsets, cmp_slc=cmp_slc,
         cmp_coords=cmp_coords, pe_index=pe_index, win_perm=win_perm, win_inverse=win_inverse,
-        win_offsets=win_offsets, max_seqlen=int(stats[0]), max_cmp=int(stats[1]), max_slc=int(stats[2]),
-        in_block_order=not stats[3],        m_cmp=m_cmp, m_slc=m_slc, m_win=m_win, shift=shift,
+        win_offsets=win_offsets, max_seqlen=int(stats[0]), max_cmp=int(stats[1]),
+        in_block_order=not stats[2], m_cmp=m_cmp, m_slc=m_slc, m_win=m_win, shift=shift,
     )

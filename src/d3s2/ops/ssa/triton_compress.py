@@ -40,10 +40,13 @@ MAX_HEAD_DIM = 128
 
 # Tile configuration per kernel; the benchmark may override entries to compare variants.
 CONFIG = {
-    "fwd": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
-    "topk": {"rows": 128, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
+    "fwd": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3},
+    # top-k with m_cmp == m_slc ("topk") and m_cmp < m_slc ("topk_seg", one-hot segment sum over compression
+    # blocks); variant "reshape": head sum by tl.reshape + tl.sum; "dot": transposed tiles, head sum by tl.dot
+    "topk": {"variant": "dot", "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
+    "topk_seg": {"variant": "dot", "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
     "bwd_dq": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
-    "bwd_dkdv": {"rows": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4},
+    "bwd_dkdv": {"rows": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 8},
 }
 
 
@@ -192,6 +195,101 @@ def _cmp_topk_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
     local_id = 2147483647 - (best - ((best >> 32) << 32))
     out = tl.where(best >= 0, local_id + s0, -1).to(tl.int32)
     toks = start + tl.arange(0, BLOCK_T)
+    ptrs = IDX + (toks.to(tl.int64)[:, None] * HKV + g) * TOPK + slot[None, :]
+    tl.store(ptrs, out, mask=(toks < t1)[:, None] & (slot < TOPK)[None, :])
+
+
+@triton.jit
+def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
+                         stride_qn, stride_qh, stride_kn, stride_kh,
+                         qk_scale,
+                         HQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, HS_PAD: tl.constexpr,
+                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr,
+                         BLOCK_C: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
+                         ONE_CMP_PER_SLC: tl.constexpr, DOT_PREC: tl.constexpr, P_FP16: tl.constexpr):
+    """Same result as ``_cmp_topk_kernel``, computed transposed: logits ``[blocks, rows]`` = K·Qᵀ, and the sum
+    over the GQA group is a second tl.dot with a 0/1 ``[rows, tokens]`` matrix (probabilities in float16 for
+    16-bit inputs: ≤ 2⁻¹¹ relative error per term), so the probabilities stay in the matmul register layout
+    (no reshape) and the candidate tiles are ``[blocks, tokens]``."""
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1)
+    g = tl.program_id(2)
+    t0 = tl.load(CU_SEQ + b)
+    t1 = tl.load(CU_SEQ + b + 1)
+    start = t0 + pid_t * BLOCK_T
+    if start >= t1:
+        return
+    s0 = tl.load(CU_SLC + b)
+    s1 = tl.load(CU_SLC + b + 1)
+    BLOCK_M: tl.constexpr = BLOCK_T * HS_PAD
+    rows = tl.arange(0, BLOCK_M)
+    tok = start + rows // HS_PAD
+    hh = rows % HS_PAD
+    head = g * HS + hh
+    row_ok = (tok < t1) & (hh < HS)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q_t = tl.trans(_load_rows(Q, tok, head, offs_d, row_ok, d_ok, stride_qn, stride_qh))  # [BLOCK_D, BLOCK_M]
+    lse2 = tl.load(LSE + tok.to(tl.int64) * HQ + head, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    # group_t[r, t] = 1 when row r is a valid head of token t
+    tcol = tl.arange(0, BLOCK_T)
+    group_t = (((rows // HS_PAD)[:, None] == tcol[None, :]) & row_ok[:, None]).to(tl.float32)
+    if P_FP16:
+        group_t = group_t.to(tl.float16)
+
+    NEG: tl.constexpr = -4611686018427387904
+    slot = tl.arange(0, TOPK_PAD)
+    init = tl.where(slot < TOPK, -1 - slot.to(tl.int64), 9223372036854775807)
+    best = tl.zeros([TOPK_PAD, BLOCK_T], tl.int64) + init[:, None]  # [slot, token]
+    offs_j = tl.arange(0, BLOCK_J)
+    offs_c = tl.arange(0, BLOCK_C)
+    for j_start in range(s0, s1, BLOCK_J):
+        jj = j_start + offs_j
+        j_ok = jj < s1
+        if ONE_CMP_PER_SLC:
+            k_off = jj.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
+            k = tl.load(K + k_off, mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+            p_t = tl.exp2(tl.dot(k, q_t, input_precision=DOT_PREC) * qk_scale - lse2[None, :])  # [BLOCK_J, BLOCK_M]
+            if P_FP16:
+                p_t = p_t.to(tl.float16)
+            score = tl.dot(p_t, group_t, input_precision=DOT_PREC)  # [BLOCK_J, BLOCK_T]
+        else:
+            c_a = tl.load(SLC_CMP_OFF + j_start)
+            c_b = tl.load(SLC_CMP_OFF + tl.minimum(j_start + BLOCK_J, s1))
+            score = tl.zeros([BLOCK_J, BLOCK_T], tl.float32)
+            for c_start in range(c_a, c_b, BLOCK_C):
+                cols = c_start + offs_c
+                col_ok = cols < c_b
+                k_off = cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
+                k = tl.load(K + k_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+                p_t = tl.exp2(tl.dot(k, q_t, input_precision=DOT_PREC) * qk_scale - lse2[None, :])
+                p_t = tl.where(col_ok[:, None], p_t, 0.0)
+                if P_FP16:
+                    p_t = p_t.to(tl.float16)
+                p_tok = tl.dot(p_t, group_t, input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_T]
+                local = tl.load(CMP_SLC + cols, mask=col_ok, other=-1) - j_start
+                onehot = (offs_j[:, None] == local[None, :]).to(tl.float32)  # [BLOCK_J, BLOCK_C]
+                score += tl.dot(onehot, p_tok, input_precision="tf32x3")
+        bits = score.to(tl.int32, bitcast=True).to(tl.int64)
+        key = (bits << 32) + (2147483647 - (jj - s0)).to(tl.int64)[:, None]
+        cand = tl.where(j_ok[:, None], key, NEG)  # [BLOCK_J, BLOCK_T]
+        c_max = tl.max(cand, 0)
+        t_min = tl.min(best, 0)
+        better = c_max > t_min
+        n_better = tl.sum(better.to(tl.int32), 0)
+        while n_better > 0:
+            best = tl.where((best == t_min[None, :]) & better[None, :], c_max[None, :], best)
+            cand = tl.where(cand == c_max[None, :], NEG, cand)
+            c_max = tl.max(cand, 0)
+            t_min = tl.min(best, 0)
+            better = c_max > t_min
+            n_better = tl.sum(better.to(tl.int32), 0)
+
+    best = tl.where(slot[:, None] < TOPK, best, NEG)
+    best = tl.sort(tl.trans(best), 1, descending=True)  # [BLOCK_T, TOPK_PAD]
+    local_id = 2147483647 - (best - ((best >> 32) << 32))
+    out = tl.where(best >= 0, local_id + s0, -1).to(tl.int32)
+    toks = start + tcol
     ptrs = IDX + (toks.to(tl.int64)[:, None] * HKV + g) * TOPK + slot[None, :]
     tl.store(ptrs, out, mask=(toks < t1)[:, None] & (slot < TOPK)[None, :])
 
@@ -355,16 +453,23 @@ def cmp_select_topk(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, lay
     if n == 0:
         return idx
     meta = _common(q, hq, hkv, d)
-    cfg = CONFIG["topk"]
     one = layout.m_cmp == layout.m_slc
-    # the one-hot segment sum is a tl.dot, whose M dimension must be >= 16
-    block_t = _block_t(cfg["rows"], meta["HS_PAD"], 1 if one else 16)
-    grid = (triton.cdiv(layout.max_seqlen, block_t), layout.batch_size, hkv)
-    _cmp_topk_kernel[grid](q, k_cmp, lse, idx, layout.cu_seqlens, layout.cu_slc, layout.slc_cmp_offsets,
-                           layout.cmp_slc, q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1),
-                           scale * LOG2E, HKV=hkv, BLOCK_T=block_t, BLOCK_J=cfg["BLOCK_J"], BLOCK_C=cfg["BLOCK_C"],
-                           TOPK=topk, TOPK_PAD=triton.next_power_of_2(topk), ONE_CMP_PER_SLC=one,
-                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **meta)
+    cfg = CONFIG["topk" if one else "topk_seg"]
+    common = dict(HKV=hkv, BLOCK_J=cfg["BLOCK_J"], BLOCK_C=cfg["BLOCK_C"], TOPK=topk,
+                  TOPK_PAD=triton.next_power_of_2(topk), ONE_CMP_PER_SLC=one, num_warps=cfg["num_warps"],
+                  num_stages=cfg["num_stages"], **meta)
+    args = (q, k_cmp, lse, idx, layout.cu_seqlens, layout.cu_slc, layout.slc_cmp_offsets, layout.cmp_slc,
+            q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), scale * LOG2E)
+    if cfg["variant"] == "dot":
+        # tokens are the N dimension of the group-sum tl.dot: at least 16
+        block_t = _block_t(cfg["rows"], meta["HS_PAD"], 16)
+        grid = (triton.cdiv(layout.max_seqlen, block_t), layout.batch_size, hkv)
+        _cmp_topk_dot_kernel[grid](*args, BLOCK_T=block_t, P_FP16=q.dtype != torch.float32, **common)
+    else:
+        # the one-hot segment sum is a tl.dot, whose M dimension must be >= 16
+        block_t = _block_t(cfg["rows"], meta["HS_PAD"], 1 if one else 16)
+        grid = (triton.cdiv(layout.max_seqlen, block_t), layout.batch_size, hkv)
+        _cmp_topk_kernel[grid](*args, BLOCK_T=block_t, **common)
     return idx
 
 

@@ -1,0 +1,378 @@
+"""Typed configs: dataclass schemas filled from YAML strictly, ``--a.b=c`` overrides, resolved-config records.
+
+Every config is a ``@dataclass(kw_only=True)``. :func:`from_dict` builds one from plain data and rejects
+unknown keys, missing required keys and values of the wrong type with an error naming the dotted path,
+e.g. ``train.max_steps: expected int, got str ('ten')``. YAML is read with :func:`load_yaml`, which also
+rejects duplicate keys and reads ``1e-4`` as a float (PyYAML alone reads it as a string).
+
+Overrides (``--train.max_steps=10``, ``--optim.betas=[0.9,0.95]``) are applied to the raw data before
+validation, so they get the same checks; a value is parsed as YAML unless the field is a string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+C = TypeVar("C")
+
+__all__ = ["ConfigError", "load_yaml", "from_dict", "to_dict", "parse_overrides", "apply_overrides",
+           "dump_yaml", "git_info", "write_run_record", "TrainConfig", "TaskSpec", "TrainSection", "DataConfig",
+           "OptimConfig", "EMAConfig"]
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or of the wrong type; the message names its dotted path."""
+
+
+# --------------------------------------------------------------------------- YAML
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys and reads 1e-4 / 1E+3 as floats."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    out: dict = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in out:
+            mark = key_node.start_mark
+            raise ConfigError(f"duplicate key {key!r} at line {mark.line + 1}, column {mark.column + 1}")
+        out[key] = loader.construct_object(value_node, deep=deep)
+    return out
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+# YAML 1.1 wants a dot in floats ("1.0e-4"); accept the "1e-4" everyone writes.
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML mapping (an empty file is ``{}``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    with path.open() as f:
+        try:
+            data = yaml.load(f, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError:
+        return text
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+
+
+# --------------------------------------------------------------------------- overrides
+@dataclasses.dataclass(frozen=True)
+class _Override:
+    """A raw command-line value; converted once the target field's type is known."""
+
+    text: str
+    source: str
+
+
+def parse_overrides(args: Sequence[str]) -> list[tuple[str, str]]:
+    """``["--a.b=1", "--c=x"]`` → ``[("a.b", "1"), ("c", "x")]``; the leading ``--`` is optional."""
+    out = []
+    for arg in args:
+        body = arg[2:] if arg.startswith("--") else arg
+        key, sep, value = body.partition("=")
+        if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
+            raise ConfigError(f"expected an override of the form --section.key=value, got {arg!r}")
+        out.append((key, value))
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each dotted key set; intermediate mappings are created as needed."""
+    data = _deep_copy(data)
+    for key, value in overrides:
+        parts = key.split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override --{key}: {'.'.join(parts[:i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = _Override(value, f"--{key}={value}")
+    return data
+
+
+def _deep_copy(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _deep_copy(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_deep_copy(v) for v in x]
+    return x
+
+
+# --------------------------------------------------------------------------- dataclasses
+def _type_name(tp: Any) -> str:
+    if tp is Any:
+        return "any"
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _resolve_override(value: Any, tp: Any) -> Any:
+    if not isinstance(value, _Override):
+        return value
+    union_args = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else ()
+    if type(None) in union_args and value.text in ("null", "~"):
+        return None
+    if tp is str or str in union_args:
+        return value.text
+    return _parse_scalar(value.text)
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it converted (lists to tuples etc.)."""
+    source = value.source if isinstance(value, _Override) else None
+    value = _resolve_override(value, tp)
+    where = f"{path} (from {source})" if source else path
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+    if tp is Any:
+        return _strip_overrides(value)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arm in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arm, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} ({value!r})")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
+        return from_dict(tp, value, path=path)
+    if origin in (list, Sequence) or tp is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} ({value!r})")
+        item = args[0] if args else Any
+        return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple or tp is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} ({value!r})")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
+        if args and len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)} ({value!r})")
+        return tuple(_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args or [Any] * len(value))))
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} ({value!r})")
+        kt, vt = args if args else (Any, Any)
+        return {_convert(k, kt, path): _convert(v, vt, f"{path}.{k}") for k, v in value.items()}
+    if tp is float:
+        # bool is an int subclass: reject it explicitly; ints are fine where a float is expected.
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected float, got {type(value).__name__} ({value!r})")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected int, got {type(value).__name__} ({value!r})")
+        return value
+    if tp in (bool, str):
+        if not isinstance(value, tp):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} ({value!r})")
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{where}: expected null, got {value!r}")
+        return None
+    raise ConfigError(f"{where}: unsupported annotation {_type_name(tp)} in the schema")
+
+
+def _strip_overrides(x: Any) -> Any:
+    if isinstance(x, _Override):
+        return _parse_scalar(x.text)
+    if isinstance(x, dict):
+        return {k: _strip_overrides(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_strip_overrides(v) for v in x]
+    return x
+
+
+def from_dict(cls: type[C], data: Mapping[str, Any], *, path: str = "") -> C:
+    """Build dataclass ``cls`` from ``data``, checking every key and value type (nested dataclasses too)."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"expected a dataclass type, got {cls!r}")
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    prefix = f"{path}." if path else ""
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(prefix + str(k) for k in unknown)}; "
+                          f"{path or cls.__name__} accepts: {', '.join(fields)}")
+    kwargs = {}
+    for name, field in fields.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], prefix + name)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key {prefix + name} ({_type_name(hints[name])})")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{path or cls.__name__}: {err}") from err
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain data (dicts, lists, scalars) from a dataclass config, tuples as lists; inverse of from_dict."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, list | tuple):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+# --------------------------------------------------------------------------- run records
+def git_info(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """``{"commit": sha or None, "dirty": bool or None}`` of the checkout holding ``path`` (default: d3s2)."""
+    where = Path(path) if path is not None else Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": sha, "dirty": bool(status.strip())}
+
+
+def write_run_record(out_dir: str | os.PathLike, cfg: Any, *, command: Sequence[str], seed: int,
+                     extra: Mapping[str, Any] | None = None) -> None:
+    """Write ``config.yaml`` (resolved config) and ``run.json`` (git commit, command, seed, extra) atomically."""
+    from .train.checkpoint import atomic_write_text
+
+    out_dir = Path(out_dir)
+    atomic_write_text(out_dir / "config.yaml", dump_yaml(to_dict(cfg)))
+    record = {"git": git_info(), "command": list(command), "seed": seed, **(extra or {})}
+    atomic_write_text(out_dir / "run.json", json.dumps(record, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- the training run schema
+@dataclasses.dataclass(kw_only=True)
+class TaskSpec:
+    name: str  # a registered task (d3s2.train.task.TASKS): toy, vae, dense_vae, dit_dense, dit_sparse, ...
+    args: Any = dataclasses.field(default_factory=dict)  # the task's own Config, checked against its schema
+
+
+@dataclasses.dataclass(kw_only=True)
+class DataConfig:
+    max_tokens: int = 65536  # token budget of one micro-batch; a token is what the dataset's num_tokens() counts
+    max_batch_size: int = 0  # also cap samples per micro-batch; 0 = no cap
+    micro_batches_per_step: int = 1  # global micro-batches per optimizer step, split evenly over the ranks
+    num_workers: int = 2  # DataLoader worker processes per rank
+    shuffle: bool = True
+    sort_window: int = 64  # sort by length inside windows of this many shuffled samples: tighter packing, still random
+    val_max_batches: int = 0  # cap on validation micro-batches (over all ranks); 0 = the whole split
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1 or self.micro_batches_per_step < 1 or self.sort_window < 1:
+            raise ValueError("max_tokens, micro_batches_per_step and sort_window must be >= 1")
+        if self.max_batch_size < 0 or self.num_workers < 0 or self.val_max_batches < 0:
+            raise ValueError("max_batch_size, num_workers and val_max_batches must be >= 0")
+
+
+@dataclasses.dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-4  # peak AdamW learning rate (paper VAE: 1e-4, 1e-5 for the 1024³ fine-tune)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01  # matrices only: biases, norm scales and other 1-D parameters get none
+    warmup_steps: int = 0  # linear warmup from 0
+    schedule: Literal["cosine", "constant"] = "cosine"  # after warmup, over train.max_steps
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping (the norm is still logged)
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("need lr > 0, warmup_steps >= 0, grad_clip >= 0 and 0 <= min_lr_ratio <= 1")
+
+
+@dataclasses.dataclass(kw_only=True)
+class EMAConfig:
+    decay: float = 0.9999  # 0 disables the EMA
+    warmup: bool = True  # effective decay min(decay, (1+n)/(10+n)): the EMA follows the fast early changes
+    validate_with_ema: bool = True  # validation (and the final export) uses the EMA weights
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.decay < 1:
+            raise ValueError(f"ema.decay must be in [0, 1), got {self.decay}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainSection:
+    max_steps: int  # optimizer steps; also the length of the lr schedule
+    init_from: str | None = None  # start from these weights (a checkpoint .pt, or an export dir / .safetensors)
+    init_from_ema: bool = True  # with a checkpoint: take its EMA weights when it has them
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda:LOCAL_RANK when CUDA is available
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # with more than one process: DDP, or FSDP2 sharding for big models
+    fsdp_units: list[str] = dataclasses.field(default_factory=list)  # modules sharded as their own FSDP unit
+    activation_checkpointing: list[str] = dataclasses.field(default_factory=list)  # modules recomputed in backward
+    find_unused_parameters: bool = False  # DDP: set when some parameters get no gradient in a step
+    log_every: int = 10  # steps between logged (rank-averaged) metrics
+    val_every: int = 0  # steps between validations (and one at the end); 0 = no validation
+    ckpt_every: int = 1000  # steps between checkpoints; 0 = only the final one
+    keep_last: int = 3  # checkpoints kept on disk
+    progress: bool = True  # tqdm bar on rank 0
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.log_every < 1 or self.keep_last < 1:
+            raise ValueError("max_steps, log_every and keep_last must be >= 1")
+        if self.val_every < 0 or self.ckpt_every < 0:
+            raise ValueError("val_every and ckpt_every must be >= 0")
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainConfig:
+    """A training run: ``d3s2 train FAMILY --config FILE``. World size comes from torchrun, never from here."""
+
+    task: TaskSpec
+    train: TrainSection
+    seed: int = 0  # model init uses seed; rank r's RNGs (data workers, noise) use seed + 1000·r
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    ema: EMAConfig = dataclasses.field(default_factory=EMAConfig)

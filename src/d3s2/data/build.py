@@ -1,0 +1,366 @@
+"""Build a training set: every mesh → normalised mesh → sparse SDF at several resolutions + conditioning renders.
+
+Output directory layout::
+
+    OUT/build.json              the build settings; a re-run with other settings is refused
+    OUT/manifest[.i-of-n].jsonl one JSON line per attempt (per shard when sharded); the latest line wins
+    OUT/assets/<name>.npz       one file per finished asset, written atomically (temp file + os.replace)
+
+Asset npz keys (see :func:`load_asset`): ``name``; ``normalize/center`` float64 ``[3]`` and ``normalize/scale``
+(the :class:`NormalizeTransform` that maps the source mesh into [-1, 1]³); ``sdf<R>/<key>`` for each resolution
+R and each array of ``SparseSDF.to_arrays()``; ``render/png`` uint8 (the PNG files of all views concatenated),
+``render/png_offsets`` int64 ``[V+1]``, and the camera arrays of :class:`d3s2.geometry.render.Renders`
+(``render/intrinsics`` ``[V, 3, 3]``, ``render/world_to_camera`` ``[V, 4, 4]``, ...). Renders and cameras live
+in the normalised frame, the same frame as the SDF.
+
+An asset is finished when its file exists; a re-run skips finished assets and retries the others. Failures
+(unreadable or degenerate meshes: the ``MeshError`` message; anything else: the exception) are recorded in the
+manifest and the job goes on. Everything is deterministic in the asset name and ``seed``.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MESH_EXTENSIONS = (".obj", ".ply", ".stl", ".off", ".glb", ".gltf", ".pmd")
+CORPUS_PREFIX = "0ad"
+
+
+@dataclass(kw_only=True)
+class BuildConfig:
+    resolutions: tuple[int, ...] = (256, 512)  # SDF grid sizes, each a multiple of 8
+    views: int = 8  # conditioning renders per asset
+    image_size: int = 518  # render width = height in pixels (DINOv2 ViT-L/14 input size)
+    band: float = 1 / 128  # |sdf| < band, in [-1, 1] units
+    scale: float = 0.95  # the normalised mesh fills [-scale, scale]³
+    seed: int = 0  # camera sampling seed (combined with the asset name)
+    device: str = "cpu"  # where the SDF is computed
+
+    def __post_init__(self) -> None:
+        self.resolutions = tuple(int(r) for r in self.resolutions)
+        if not self.resolutions or any(r < 8 or r % 8 for r in self.resolutions):
+            raise ValueError(f"expected resolutions that are positive multiples of 8, got {self.resolutions}")
+        if self.views < 0:
+            raise ValueError(f"expected views >= 0, got {self.views}")
+        if self.image_size < 1:
+            raise ValueError(f"expected image_size >= 1, got {self.image_size}")
+        if not 0 < self.band < 1:
+            raise ValueError(f"expected 0 < band < 1, got {self.band}")
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["resolutions"] = list(self.resolutions)
+        d.pop("device")  # where it ran does not change the data
+        return d
+
+
+@dataclass(frozen=True, order=True)
+class AssetSource:
+    """One mesh to build: ``name`` is unique in the build and names its output file."""
+
+    name: str
+    path: str  # the mesh file, or the corpus npz when ``corpus_name`` is set
+    corpus_name: str | None = None
+
+
+@dataclass
+class BuildSummary:
+    total: int = 0  # assets of this shard
+    skipped: int = 0  # already finished before this run
+    built: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # name -> reason
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------- sources
+def _hash_unit(text: str) -> float:
+    """A stable number in [0, 1) from a string (independent of Python's salted hash)."""
+    return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "little") / 2**64
+
+
+def resolve_sources(sources: Sequence[str], *, corpus_path: str | None = None) -> list[AssetSource]:
+    """Expand SOURCE arguments into assets sorted by name.
+
+    A SOURCE is ``0ad`` or ``0ad:<category>`` (the built-in corpus, see :mod:`d3s2.data.corpus`), a folder
+    (every mesh file below it), a glob, or one mesh file. Names: ``0ad/<corpus name>`` for the corpus, and
+    ``<folder name>/<path below it>`` (extension kept) for files.
+
+    Raises:
+        FileNotFoundError: a SOURCE that matches nothing. ValueError: two assets with the same name.
+    """
+    assets: dict[str, AssetSource] = {}
+
+    def add(a: AssetSource) -> None:
+        if a.name in assets and assets[a.name] != a:
+            raise ValueError(f"two assets are named {a.name!r}: {assets[a.name].path} and {a.path}")
+        assets[a.name] = a
+
+    for src in sources:
+        if src == CORPUS_PREFIX or src.startswith(CORPUS_PREFIX + ":"):
+            from d3s2.data.corpus import MeshCorpus
+
+            corpus = MeshCorpus(corpus_path)
+            category = src.partition(":")[2] or None
+            for n in corpus.names(category):
+                add(AssetSource(f"{CORPUS_PREFIX}/{n}", str(corpus.path.resolve()), n))
+            continue
+        p = Path(src)
+        if p.is_dir():
+            files, base = [f for f in p.rglob("*") if f.is_file()], p
+        elif p.is_file():
+            files, base = [p], p.parent
+        else:
+            files = [Path(f) for f in glob.glob(src, recursive=True) if Path(f).is_file()]
+            magic = min((i for i, ch in enumerate(src) if ch in "*?["), default=len(src))
+            base = Path(src[:magic].rsplit("/", 1)[0] or ".") if "/" in src[:magic] else Path(".")
+        if not p.is_file():
+            files = [f for f in files if f.suffix.lower() in MESH_EXTENSIONS]
+        if not files:
+            raise FileNotFoundError(f"SOURCE {src!r} matches no mesh file ({', '.join(MESH_EXTENSIONS)})")
+        prefix = base.resolve().name
+        for f in files:
+            rel = f.resolve().relative_to(base.resolve()).as_posix()
+            add(AssetSource(f"{prefix}/{rel}" if prefix else rel, str(f.resolve())))
+    return sorted(assets.values())
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` → ``(i, n)`` with ``0 <= i < n``."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"expected --shard i/n such as 0/4, got {text!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"expected 0 <= i < n in --shard i/n, got {text!r}")
+    return i, n
+
+
+def select(assets: Sequence[AssetSource], *, shard: tuple[int, int] = (0, 1), subset: int | None = None,
+           seed: int = 0) -> list[AssetSource]:
+    """Deterministic random ``subset`` (by a hash of seed and name), then this shard's part (by a hash of name).
+
+    Shards partition the (subset) list: every asset belongs to exactly one of the n shards.
+    """
+    chosen = list(assets)
+    if subset is not None:
+        chosen = sorted(sorted(chosen, key=lambda a: _hash_unit(f"subset:{seed}:{a.name}"))[:subset])
+    i, n = shard
+    return [a for a in chosen if int(_hash_unit(f"shard:{a.name}") * n) == i]
+
+
+def asset_path(out: str | os.PathLike, name: str) -> Path:
+    return Path(out) / "assets" / f"{name}.npz"
+
+
+# ---------------------------------------------------------------------------------------------- one asset
+_CORPORA: dict[str, object] = {}  # per process: npz path -> MeshCorpus, opened once
+
+
+def load_source_mesh(asset: AssetSource):
+    """The asset's mesh as a validated ``trimesh.Trimesh`` (raises ``MeshError``/``PMDError`` with a reason)."""
+    if asset.corpus_name is not None:
+        from d3s2.data.corpus import MeshCorpus
+
+        if asset.path not in _CORPORA:
+            _CORPORA[asset.path] = MeshCorpus(asset.path)
+        return _CORPORA[asset.path].mesh(asset.corpus_name)
+    if asset.path.lower().endswith(".pmd"):
+        from d3s2.geometry.pmd import load_pmd
+
+        return load_pmd(asset.path)
+    from d3s2.geometry.mesh_io import load_mesh
+
+    return load_mesh(asset.path)
+
+
+def build_asset(asset: AssetSource, config: BuildConfig) -> tuple[dict[str, np.ndarray], dict]:
+    """Compute one asset's arrays (the npz content, see the module docstring) and its manifest stats."""
+    from d3s2.geometry.mesh_io import normalize_mesh
+    from d3s2.geometry.render import encode_png, render_views
+    from d3s2.geometry.sdf import compute_sparse_sdf
+
+    t0 = time.perf_counter()
+    mesh = load_source_mesh(asset)
+    stats: dict = {"vertices": int(len(mesh.vertices)), "triangles": int(len(mesh.faces)),
+                   "watertight": bool(mesh.is_watertight)}
+    mesh, transform = normalize_mesh(mesh, scale=config.scale)
+    arrays: dict[str, np.ndarray] = {
+        "name": np.array(asset.name),
+        "normalize/center": np.asarray(transform.center, np.float64),
+        "normalize/scale": np.asarray(transform.scale, np.float64),
+    }
+    t1 = time.perf_counter()
+    sdfs = compute_sparse_sdf(mesh, list(config.resolutions), band=config.band, device=config.device)
+    stats["voxels"], stats["blocks"] = {}, {}
+    for res in config.resolutions:
+        sdf = sdfs[res]
+        for key, value in sdf.to_arrays().items():
+            arrays[f"sdf{res}/{key}"] = np.asarray(value)
+        stats["voxels"][str(res)] = len(sdf)
+        stats["blocks"][str(res)] = int(len(sdf.block_coords))  # occupied 8³ blocks, the decoder's output
+    t2 = time.perf_counter()
+    if config.views:
+        renders = render_views(mesh, config.views, size=config.image_size, seed=config.seed, key=asset.name)
+        pngs = [encode_png(im) for im in renders.images]
+        arrays["render/png"] = np.frombuffer(b"".join(pngs), np.uint8)
+        arrays["render/png_offsets"] = np.cumsum([0] + [len(p) for p in pngs]).astype(np.int64)
+        for key, value in renders.camera_arrays().items():
+            arrays[f"render/{key}"] = value
+    t3 = time.perf_counter()
+    stats.update(seconds_load=round(t1 - t0, 4), seconds_sdf=round(t2 - t1, 4), seconds_render=round(t3 - t2, 4))
+    return arrays, stats
+
+
+def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray], tmp_tag: str = "") -> None:
+    """Write a compressed npz via a temp file in the same folder and ``os.replace`` (never a partial file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{tmp_tag}-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def process_asset(asset: AssetSource, config: BuildConfig, out: str, tmp_tag: str = "") -> dict:
+    """Build and write one asset; returns its manifest record (``status`` ok or failed, with ``error``)."""
+    t0 = time.perf_counter()
+    record: dict = {"name": asset.name, "source": asset.path if asset.corpus_name is None
+                    else f"{asset.path}:{asset.corpus_name}"}
+    try:
+        arrays, stats = build_asset(asset, config)
+        write_npz_atomic(asset_path(out, asset.name), arrays, tmp_tag)
+        record.update(status="ok", error=None, **stats)
+    except Exception as err:  # a batch job records any failure and goes on
+        from d3s2.geometry.mesh_io import MeshError
+
+        reason = str(err) if isinstance(err, MeshError) else f"{type(err).__name__}: {err}"
+        record.update(status="failed", error=reason)
+    record["seconds"] = round(time.perf_counter() - t0, 4)
+    record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    return record
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+def manifest_path(out: str | os.PathLike, shard: tuple[int, int] = (0, 1)) -> Path:
+    i, n = shard
+    return Path(out) / ("manifest.jsonl" if n == 1 else f"manifest.{i}-of-{n}.jsonl")
+
+
+def read_manifest(out: str | os.PathLike) -> dict[str, dict]:
+    """The latest record per asset name over every ``manifest*.jsonl`` in ``out`` (a torn last line is ignored)."""
+    records: dict[str, dict] = {}
+    for path in sorted(Path(out).glob("manifest*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            prev = records.get(rec.get("name"))
+            if prev is None or rec.get("finished", "") >= prev.get("finished", ""):
+                records[rec["name"]] = rec
+    return records
+
+
+def _check_settings(out: Path, config: BuildConfig) -> None:
+    settings = {"format_version": FORMAT_VERSION, **config.to_json()}
+    path = out / "build.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != settings:
+            diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+            raise ValueError(f"{out} was built with other settings (old, new): {diff}; use another --out")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"build.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(settings, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _clean_stale_temps(out: Path, tmp_tag: str) -> None:
+    # Only this shard's leftovers: other shards may be writing into the same folder right now.
+    for f in (out / "assets").rglob(f"*.npz.tmp{tmp_tag}-*"):
+        f.unlink()
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def build(assets: Iterable[AssetSource], out: str | os.PathLike, config: BuildConfig, *, workers: int = 1,
+          shard: tuple[int, int] = (0, 1), progress: bool = True) -> BuildSummary:
+    """Build every asset of ``assets`` not finished yet into ``out``; see the module docstring.
+
+    ``assets`` should already be this shard's part (:func:`select`); ``shard`` names its manifest and temp files.
+    """
+    from tqdm import tqdm
+
+    out = Path(out)
+    _check_settings(out, config)
+    tmp_tag = f"-s{shard[0]}of{shard[1]}"
+    if (out / "assets").exists():
+        _clean_stale_temps(out, tmp_tag)
+    assets = list(assets)
+    summary = BuildSummary(total=len(assets))
+    todo = [a for a in assets if not asset_path(out, a.name).exists()]
+    summary.skipped = len(assets) - len(todo)
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(todo), desc="data build", unit="asset", disable=not progress, dynamic_ncols=True)
+    with open(manifest_path(out, shard), "a") as manifest:
+        def record(rec: dict) -> None:
+            manifest.write(json.dumps(rec, sort_keys=True) + "\n")
+            manifest.flush()
+            if rec["status"] == "ok":
+                summary.built += 1
+            else:
+                summary.failed[rec["name"]] = rec["error"]
+                log.warning("%s failed: %s", rec["name"], rec["error"])
+            bar.update(1)
+            bar.set_postfix(failed=len(summary.failed))
+
+        if workers <= 1:
+            for a in todo:
+                record(process_asset(a, config, str(out), tmp_tag))
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            # spawn: forking a process that already runs torch/OpenMP threads can deadlock.
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                     initargs=(threads,)) as pool:
+                futures = [pool.submit(process_asset, a, config, str(out), tmp_tag) for a in todo]
+                for fut in as_completed(futures):
+                    record(fut.result())
+    bar.close()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def load_asset(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All arrays of one asset file (see the module docstring for the keys)."""
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def asset_images(arrays: dict[str, np.ndarray]) -> list[bytes]:
+    """The PNG bytes of each view of an asset loaded by :func:`load_asset`."""
+    data, offsets = arrays["render/png"].tobytes(), arrays["render/png_offsets"]
+    return [data[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]

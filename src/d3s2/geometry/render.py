@@ -1,0 +1,226 @@
+"""Conditioning renders by ray casting (trimesh + embree): shaded RGBA images with an exact alpha mask.
+
+Camera convention (OpenCV):
+    * World frame: the mesh's own frame, **+y up** (glTF and 0 A.D. convention). Elevation is measured from the
+      xz-plane towards +y; azimuth rotates about +y, starting at +z and turning towards +x.
+    * ``world_to_camera`` ``[4, 4]``: ``x_cam = R @ x_world + t``; camera axes x right, y down, z forward (the
+      camera looks along +z_cam). The camera centre is ``-R.T @ t``.
+    * ``K`` ``[3, 3]`` in pixels: ``fx = fy = focal_mm / 36 * W`` (35 mm film, 36 mm wide), principal point
+      ``(W/2, H/2)``. Pixel ``(u, v)`` (column, row) covers ``[u, u+1) × [v, v+1)``; its ray goes through its
+      centre, so a point projects to pixel ``floor(K @ x_cam / z)``.
+
+Each image is ``[H, W, 4]`` uint8: two-sided Lambert shading of a grey albedo by a headlight plus a fixed key
+light, sRGB-encoded; alpha is 255 exactly on the pixels whose centre ray hits the mesh and 0 elsewhere (RGB 0
+there too). Views are deterministic in ``(key, seed)``.
+
+Dimension legend: V views, H×W image size, F faces.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FILM_WIDTH_MM = 36.0
+WORLD_UP = np.array([0.0, 1.0, 0.0])
+# Fixed key light from the upper front-right, in world coordinates.
+KEY_LIGHT = np.array([0.4, 1.0, 0.6]) / np.linalg.norm([0.4, 1.0, 0.6])
+AMBIENT, HEADLIGHT, KEY = 0.15, 0.55, 0.45
+
+
+@dataclass
+class Renders:
+    """V rendered views of one mesh.
+
+    Attributes:
+        images: uint8 ``[V, H, W, 4]`` RGBA.
+        intrinsics: float32 ``[V, 3, 3]`` K in pixels.
+        world_to_camera: float32 ``[V, 4, 4]`` OpenCV extrinsics.
+        elevation_deg, azimuth_deg, focal_mm, distance: float32 ``[V]`` the sampled view parameters
+            (distance from the look-at target to the camera centre, world units).
+    """
+
+    images: np.ndarray
+    intrinsics: np.ndarray
+    world_to_camera: np.ndarray
+    elevation_deg: np.ndarray
+    azimuth_deg: np.ndarray
+    focal_mm: np.ndarray
+    distance: np.ndarray
+
+    def camera_arrays(self) -> dict[str, np.ndarray]:
+        """Everything but the images, for saving next to them."""
+        return {"intrinsics": self.intrinsics, "world_to_camera": self.world_to_camera,
+                "elevation_deg": self.elevation_deg, "azimuth_deg": self.azimuth_deg,
+                "focal_mm": self.focal_mm, "distance": self.distance}
+
+
+def view_rng(key: str, seed: int) -> np.random.Generator:
+    """A generator that depends only on ``(key, seed)`` (not on Python's salted ``hash``)."""
+    digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+    return np.random.default_rng([int(seed), digest])
+
+
+def intrinsics(focal_mm: float, width: int, height: int) -> np.ndarray:
+    """float64 ``[3, 3]`` K for a 35 mm-film focal length."""
+    f = focal_mm / FILM_WIDTH_MM * width
+    return np.array([[f, 0.0, width / 2], [0.0, f, height / 2], [0.0, 0.0, 1.0]])
+
+
+def look_rotation(elevation_deg: float, azimuth_deg: float) -> np.ndarray:
+    """float64 ``[3, 3]`` world→camera rotation of a camera looking at the target from (elevation, azimuth)."""
+    el, az = np.radians(elevation_deg), np.radians(azimuth_deg)
+    to_camera = np.array([np.cos(el) * np.sin(az), np.sin(el), np.cos(el) * np.cos(az)])
+    forward = -to_camera
+    right = np.cross(forward, WORLD_UP)
+    right /= np.linalg.norm(right)
+    down = np.cross(forward, right)
+    return np.stack([right, down, forward])
+
+
+def fit_distance(vertices: np.ndarray, target: np.ndarray, rotation: np.ndarray, K: np.ndarray,
+                 width: int, height: int, margin: float = 0.9) -> float:
+    """Smallest distance along the view axis at which every vertex projects inside ``margin`` of the frame.
+
+    The projection of a triangle lies in the convex hull of its projected corners, so fitting the vertices
+    fits the whole mesh. Vertices are ``[N, 3]``.
+    """
+    q = np.einsum("nw,cw->nc", vertices - target, rotation)  # [N, 3] camera-axis coordinates relative to the target
+    tan_x = margin * (width / 2) / K[0, 0]
+    tan_y = margin * (height / 2) / K[1, 1]
+    need = np.maximum(np.abs(q[:, 0]) / tan_x, np.abs(q[:, 1]) / tan_y) - q[:, 2]
+    extent = float(np.ptp(vertices, axis=0).max()) or 1.0
+    # Keep the nearest vertex a little in front of the camera even for flat or point-like meshes.
+    near = float((-q[:, 2]).max()) + 0.05 * extent
+    return float(max(need.max(), near))
+
+
+class RayCaster:
+    """First-hit ray casting against one mesh (embree through embreex; trimesh's slow intersector without it)."""
+
+    def __init__(self, vertices: np.ndarray, faces: np.ndarray) -> None:
+        self.vertices = np.asarray(vertices, np.float64)
+        self.faces = np.asarray(faces, np.int64)
+        self._scene = None
+        self._mesh = None
+        try:
+            from embreex import rtcore_scene
+            from embreex.mesh_construction import TriangleMesh
+        except ImportError:
+            import trimesh
+
+            log.warning("embreex is not installed: ray casting falls back to trimesh's slow numpy intersector")
+            self._mesh = trimesh.Trimesh(self.vertices, self.faces, process=False)
+            return
+        self._scene = rtcore_scene.EmbreeScene()
+        TriangleMesh(scene=self._scene, vertices=self.vertices.astype(np.float32),
+                     indices=self.faces.astype(np.int32))
+
+    def first_hit(self, origins: np.ndarray, directions: np.ndarray) -> np.ndarray:
+        """int64 ``[N]`` index of the first face hit by each ray ``[N, 3]``, -1 for a miss."""
+        if self._scene is not None:
+            return self._scene.run(np.ascontiguousarray(origins, np.float32),
+                                   np.ascontiguousarray(directions, np.float32)).astype(np.int64)
+        return self._mesh.ray.intersects_first(origins, directions)
+
+
+def render_view(caster: RayCaster, face_normals: np.ndarray, K: np.ndarray, world_to_camera: np.ndarray,
+                width: int, height: int, albedo: tuple[float, float, float] = (0.8, 0.8, 0.8)) -> np.ndarray:
+    """Ray-cast one view: uint8 ``[H, W, 4]`` RGBA (see the module docstring for the camera and shading).
+
+    ``face_normals`` ``[F, 3]`` are unit normals of the caster's faces.
+    """
+    R, t = world_to_camera[:3, :3], world_to_camera[:3, 3]
+    origin = -R.T @ t
+    u = (np.arange(width, dtype=np.float32) + 0.5 - K[0, 2]) / K[0, 0]
+    v = (np.arange(height, dtype=np.float32) + 0.5 - K[1, 2]) / K[1, 1]
+    dirs_cam = np.empty((height, width, 3), np.float32)
+    dirs_cam[..., 0] = u[None, :]
+    dirs_cam[..., 1] = v[:, None]
+    dirs_cam[..., 2] = 1.0
+    # [H*W, 3] world directions (R.T applied per row); einsum: numpy's matmul is slow for [N, 3] @ [3, 3].
+    dirs = np.einsum("nc,cw->nw", dirs_cam.reshape(-1, 3), R.astype(np.float32))
+    origins = np.broadcast_to(origin.astype(np.float32), dirs.shape)
+    tri = caster.first_hit(origins, dirs)
+    ray = np.flatnonzero(tri >= 0)
+    image = np.zeros((height * width, 4), np.uint8)
+    if len(ray):
+        n = face_normals[tri[ray]]  # [M, 3]
+        d = dirs[ray].astype(np.float64)
+        d /= np.linalg.norm(d, axis=1, keepdims=True)
+        # Two-sided: flip normals that face away from the camera (real meshes have inconsistent winding).
+        n = n * -np.sign(np.einsum("ij,ij->i", n, d) + 1e-12)[:, None]
+        light = AMBIENT + HEADLIGHT * np.clip(np.einsum("ij,ij->i", n, -d), 0, 1) \
+            + KEY * np.clip(np.einsum("ij,j->i", n, KEY_LIGHT), 0, 1)
+        rgb = np.clip(light[:, None] * np.asarray(albedo)[None, :], 0, 1) ** (1 / 2.2)
+        image[ray, :3] = np.round(rgb * 255).astype(np.uint8)
+        image[ray, 3] = 255
+    return image.reshape(height, width, 4)
+
+
+def render_views(mesh, num_views: int = 8, *, size: int = 518, seed: int = 0, key: str = "",
+                 elevation_deg: tuple[float, float] = (10.0, 40.0), azimuth_deg: tuple[float, float] = (0.0, 180.0),
+                 focal_mm: tuple[float, float] = (30.0, 100.0), margin: float = 0.9) -> Renders:
+    """Render ``num_views`` views with elevation, azimuth and focal length drawn uniformly from the given ranges.
+
+    The camera looks at the centre of the mesh's bounding box from the fitted distance (:func:`fit_distance`).
+    ``key`` (e.g. the asset name) and ``seed`` fix the views.
+    """
+    if num_views < 1:
+        raise ValueError(f"expected num_views >= 1, got {num_views}")
+    if size < 1:
+        raise ValueError(f"expected a positive image size, got {size}")
+    rng = view_rng(key, seed)
+    els = rng.uniform(*elevation_deg, size=num_views)
+    azs = rng.uniform(*azimuth_deg, size=num_views)
+    focals = rng.uniform(*focal_mm, size=num_views)
+    vertices = np.asarray(mesh.vertices, dtype=np.float64)
+    target = (vertices.min(0) + vertices.max(0)) / 2
+    caster = RayCaster(vertices, mesh.faces)
+    normals = np.asarray(mesh.face_normals, np.float64)
+    images, Ks, w2cs, dists = [], [], [], []
+    for el, az, fm in zip(els, azs, focals):
+        K = intrinsics(fm, size, size)
+        R = look_rotation(el, az)
+        dist = fit_distance(vertices, target, R, K, size, size, margin)
+        center = target - dist * R[2]  # R[2] is the forward axis
+        w2c = np.eye(4)
+        w2c[:3, :3] = R
+        w2c[:3, 3] = -R @ center
+        images.append(render_view(caster, normals, K, w2c, size, size))
+        Ks.append(K)
+        w2cs.append(w2c)
+        dists.append(dist)
+    f32 = np.float32
+    return Renders(np.stack(images), np.stack(Ks).astype(f32), np.stack(w2cs).astype(f32), els.astype(f32),
+                   azs.astype(f32), focals.astype(f32), np.asarray(dists, f32))
+
+
+def project(points: np.ndarray, K: np.ndarray, world_to_camera: np.ndarray) -> np.ndarray:
+    """Pixel coordinates ``[N, 2]`` (u, v) of world points ``[N, 3]`` in front of the camera."""
+    cam = points @ world_to_camera[:3, :3].T + world_to_camera[:3, 3]
+    uvw = cam @ K.T
+    return uvw[:, :2] / uvw[:, 2:3]
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 ``[H, W, 4]`` RGBA image (lossless, deterministic)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """uint8 ``[H, W, 4]`` RGBA from PNG bytes."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGBA"))

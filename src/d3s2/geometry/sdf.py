@@ -1,0 +1,608 @@
+"""Narrow-band signed distance fields on sparse voxels: the SS-VAE's input and target.
+
+Grid: at resolution ``R`` the cube ``[-1, 1]^3`` is split into ``R^3`` voxels of size ``h = 2 / R``; voxel
+``(i, j, k)`` has its centre at ``(index + 0.5) * h - 1``. The band of width ``tau`` (``band``, in ``[-1, 1]``
+units, default 1/128: 4 voxels at 1024³, 2 at 512³, 1 at 256³) is the set of voxels whose centre lies
+closer than ``tau`` to the surface. No dense ``R^3`` array is ever built: candidate cells are refined
+coarse to fine, keeping only cells that can reach the band, so memory grows with the band, not with ``R^3``.
+
+Inside/outside rule (the sign): a point is **inside** (negative distance) when the generalised winding
+number of the mesh at that point is at least 1/2, and outside otherwise. The winding number counts how
+many times the surface wraps around the point; it is 1 inside and 0 outside a closed, outward-oriented
+mesh, and it degrades gracefully on real meshes:
+
+- holes: the value drops smoothly to 1/2 across the hole, so the surface is closed by a "membrane" where
+  the winding number crosses 1/2 (a minimal-area-like cap spanning the hole);
+- several parts, self-intersections and duplicated faces: windings add up (2 where two parts overlap),
+  so overlapping parts form their union;
+- flipped faces: a few flipped faces only change the sign in a small lens near each flipped face
+  (about the face's own size); a mesh whose every face is flipped is read inside-out;
+- open sheets (a leaf, a single-sided wall, a flag) enclose nothing, so the winding number is below 1/2
+  on both sides: such "lost" triangles (found by evaluating the winding number just in front of and behind
+  each triangle) are thickened into a closed shell of half-thickness one voxel, and the solid is the union
+  of the winding-number solid and these shells. Triangles with the inside on both sides (inside another
+  part, duplicates) are internal and ignored. The distance is measured to the boundary of that solid:
+  ``sdf = min(±distance to boundary triangles, distance to lost triangles - h)``.
+
+Off-band voxels on the outer faces of the grid count as outside, so the surface also closes there.
+
+The band is *closed*: every occupied 8³ block stores the inside bit of all its 512 voxels, and blocks are
+added where a sign change (a hole's membrane, or a band thinner than a voxel) reaches the side of an
+occupied block whose neighbour is missing, until no sign change touches a missing neighbour. Marching
+cubes over the truncated field of the occupied blocks (:meth:`SparseSDF.block_targets`) is then watertight.
+
+Sharp voxels: band voxels closer than ``tau`` to a mesh edge whose dihedral angle (the angle between the
+two face normals) exceeds ``sharp_angle_deg``.
+
+Backends: ``"igl"`` (CPU, libigl's AABB distance and fast winding number) and ``"torch"`` (CPU or CUDA,
+this module's own multilevel evaluator, see :mod:`d3s2.geometry._field`). Both follow the rule above.
+
+Dimension legend: N band voxels, NB occupied blocks, F triangles, R resolution.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import trimesh
+
+logger = logging.getLogger(__name__)
+
+BLOCK = 8  # voxels per block side; the VAE decodes whole 8³ blocks
+_BLOCK_VOXELS = BLOCK**3
+
+
+@dataclass
+class SparseSDF:
+    """Band voxels of one mesh at one resolution, plus inside bits for every voxel of occupied blocks.
+
+    Attributes:
+        coords: int32 ``[N, 3]`` voxel indices ``(x, y, z)`` in ``[0, R)``, sorted by ``(x, y, z)``.
+        sdf: float32 ``[N]`` signed distance in ``[-1, 1]`` units, negative inside, ``|sdf| < band``.
+        sharp: bool ``[N]`` voxel lies within ``band`` of a sharp mesh edge.
+        resolution: R.
+        band: tau, the band half-width in ``[-1, 1]`` units.
+        block_coords: int32 ``[NB, 3]`` occupied 8³ blocks ``(bx, by, bz)`` sorted lexicographically; every block
+            holding a band voxel plus blocks added to close the band (see the module docstring).
+        block_inside: uint8 ``[NB, 64]``: ``np.packbits`` of the 512 inside bits of each block, voxel order
+            ``(lx, ly, lz)`` lexicographic (z fastest): bit ``(lx * 8 + ly) * 8 + lz``, big-endian bit order.
+    """
+
+    coords: np.ndarray
+    sdf: np.ndarray
+    sharp: np.ndarray
+    resolution: int
+    band: float
+    block_coords: np.ndarray
+    block_inside: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.coords.shape[0])
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays for ``np.savez`` (dataset files)."""
+        return {
+            "coords": self.coords.astype(np.int32),
+            "sdf": self.sdf.astype(np.float32),
+            "sharp": np.packbits(self.sharp.astype(bool)),
+            "num_voxels": np.asarray(len(self), dtype=np.int64),
+            "resolution": np.asarray(self.resolution, dtype=np.int64),
+            "band": np.asarray(self.band, dtype=np.float64),
+            "block_coords": self.block_coords.astype(np.int32),
+            "block_inside": self.block_inside.astype(np.uint8),
+        }
+
+    @classmethod
+    def from_arrays(cls, d: dict[str, np.ndarray]) -> SparseSDF:
+        """Inverse of :meth:`to_arrays` (accepts an ``NpzFile``)."""
+        missing = {"coords", "sdf", "sharp", "num_voxels", "resolution", "band", "block_coords", "block_inside"}
+        missing -= set(d.keys())
+        if missing:
+            raise ValueError(f"SparseSDF arrays: missing keys {sorted(missing)}")
+        n = int(d["num_voxels"])
+        return cls(
+            coords=np.asarray(d["coords"], dtype=np.int32),
+            sdf=np.asarray(d["sdf"], dtype=np.float32),
+            sharp=np.unpackbits(np.asarray(d["sharp"], dtype=np.uint8), count=n).astype(bool),
+            resolution=int(d["resolution"]),
+            band=float(d["band"]),
+            block_coords=np.asarray(d["block_coords"], dtype=np.int32),
+            block_inside=np.asarray(d["block_inside"], dtype=np.uint8),
+        )
+
+    def inside_blocks(self) -> np.ndarray:
+        """bool ``[NB, 8, 8, 8]`` inside bits of every voxel of every occupied block, indexed ``[b, lx, ly, lz]``."""
+        bits = np.unpackbits(self.block_inside, axis=1, count=_BLOCK_VOXELS).astype(bool)
+        return bits.reshape(-1, BLOCK, BLOCK, BLOCK)
+
+    def block_targets(self, block_size: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
+        """Truncated SDF target for every voxel of every occupied block.
+
+        Returns ``(blocks int32 [NB', 3], target float32 [NB', block_size^3])``: inside the band the signed
+        distance, outside it ``-band`` (inside) or ``+band`` (outside). Voxel order inside a block is
+        ``(lx, ly, lz)`` lexicographic, z fastest: column ``(lx * s + ly) * s + lz``; voxel coordinate
+        ``block * block_size + (lx, ly, lz)``. ``block_size`` must divide 8; smaller blocks are the
+        sub-blocks of the stored 8³ blocks (all of them, including those without band voxels).
+        """
+        if block_size <= 0 or BLOCK % block_size:
+            raise ValueError(f"block_size must divide {BLOCK}, got {block_size}")
+        inside = self.inside_blocks()
+        target = np.where(inside, -self.band, self.band).astype(np.float32)  # [NB, 8, 8, 8]
+        if len(self):
+            rows = _lookup(_keys(self.block_coords, self.resolution // BLOCK),
+                           _keys(self.coords // BLOCK, self.resolution // BLOCK))
+            local = self.coords % BLOCK
+            target[rows, local[:, 0], local[:, 1], local[:, 2]] = self.sdf
+        if block_size == BLOCK:
+            return self.block_coords.copy(), target.reshape(-1, _BLOCK_VOXELS)
+        f = BLOCK // block_size
+        nb = target.shape[0]
+        # [NB, f, s, f, s, f, s] -> [NB, f, f, f, s, s, s]
+        sub = target.reshape(nb, f, block_size, f, block_size, f, block_size).transpose(0, 1, 3, 5, 2, 4, 6)
+        offs = np.stack(np.meshgrid(np.arange(f), np.arange(f), np.arange(f), indexing="ij"), -1).reshape(-1, 3)
+        blocks = (self.block_coords[:, None, :] * f + offs[None]).reshape(-1, 3).astype(np.int32)
+        return blocks, sub.reshape(-1, block_size**3).copy()
+
+    def dense(self) -> np.ndarray:
+        """float32 ``[R, R, R]`` truncated field (``+band`` away from occupied blocks). For tests and small R."""
+        r = self.resolution
+        grid = np.full((r, r, r), self.band, dtype=np.float32)
+        blocks, target = self.block_targets()
+        vox = target.reshape(-1, BLOCK, BLOCK, BLOCK)
+        for b, (bx, by, bz) in enumerate(blocks * BLOCK):
+            grid[bx:bx + BLOCK, by:by + BLOCK, bz:bz + BLOCK] = vox[b]
+        return grid
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _keys(coords: np.ndarray, r: int) -> np.ndarray:
+    """int64 [M] lexicographic key of integer coords [M, 3] in [0, r)."""
+    c = coords.astype(np.int64)
+    return (c[:, 0] * r + c[:, 1]) * r + c[:, 2]
+
+
+def _lookup(sorted_keys: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Row of each query key in ``sorted_keys`` (keys must be present)."""
+    return np.searchsorted(sorted_keys, query)
+
+
+def _member(sorted_keys: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(found bool [M], row int64 [M]) for each query key in ``sorted_keys``."""
+    if sorted_keys.size == 0:
+        return np.zeros(query.shape, dtype=bool), np.zeros(query.shape, dtype=np.int64)
+    row = np.minimum(np.searchsorted(sorted_keys, query), sorted_keys.size - 1)
+    return sorted_keys[row] == query, row
+
+
+def voxel_centers(coords: np.ndarray, resolution: int) -> np.ndarray:
+    """float64 [M, 3] centres of voxels ``coords`` [M, 3] at ``resolution``."""
+    return (coords.astype(np.float64) + 0.5) * (2.0 / resolution) - 1.0
+
+
+def _block_offsets() -> np.ndarray:
+    """int64 [512, 3] local voxel offsets in (lx, ly, lz) lexicographic order."""
+    g = np.arange(BLOCK)
+    return np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
+
+
+def sharp_face_edges(mesh: trimesh.Trimesh, angle_deg: float) -> np.ndarray:
+    """bool [F, 3]: edge (v0v1, v1v2, v2v0) of each face is sharp (dihedral angle above ``angle_deg``).
+
+    Vertices are merged by position first, so triangle soups (common in game assets) still have adjacency.
+    """
+    faces = np.asarray(mesh.faces)
+    flags = np.zeros((len(faces), 3), dtype=bool)
+    merged = trimesh.Trimesh(vertices=mesh.vertices, faces=faces, process=False)
+    merged.merge_vertices()
+    if len(merged.faces) < 2:
+        return flags
+    sharp = merged.face_adjacency_angles > math.radians(angle_deg)  # [A] angle between adjacent face normals
+    pairs = merged.face_adjacency[sharp]  # [S, 2] faces
+    edges = np.sort(merged.face_adjacency_edges[sharp], axis=1)  # [S, 2] merged vertex ids
+    mf = np.asarray(merged.faces)
+    local = np.sort(np.stack([mf[:, [0, 1]], mf[:, [1, 2]], mf[:, [2, 0]]], axis=1), axis=2)  # [F, 3, 2]
+    for side in range(2):
+        f = pairs[:, side]
+        match = (local[f] == edges[:, None, :]).all(axis=2)  # [S, 3]
+        rows, cols = np.nonzero(match)
+        flags[f[rows], cols] = True
+    return flags
+
+
+def open_face_edges(mesh: trimesh.Trimesh) -> np.ndarray:
+    """bool [F, 3]: face edges whose orientations do not cancel (after merging vertices by position).
+
+    On a closed, consistently oriented surface (also several overlapping ones) every edge is used once in
+    each direction and the winding number is an integer off the surface; near the other edges (holes,
+    flipped faces, non-manifold fans) it can take any value, so signs there are evaluated voxel by voxel.
+    """
+    merged = trimesh.Trimesh(vertices=mesh.vertices, faces=np.asarray(mesh.faces), process=False)
+    merged.merge_vertices()
+    f = np.asarray(merged.faces)
+    u = f.reshape(-1)
+    v = f[:, [1, 2, 0]].reshape(-1)
+    lo, hi = np.minimum(u, v), np.maximum(u, v)
+    _, inv = np.unique(lo.astype(np.int64) * (len(merged.vertices) + 1) + hi, return_inverse=True)
+    balance = np.bincount(inv, weights=np.where(u < v, 1.0, -1.0))
+    return (balance[inv] != 0).reshape(-1, 3)
+
+
+def _sharp_segments(mesh: trimesh.Trimesh, flags: np.ndarray) -> np.ndarray:
+    """float64 [E, 2, 3] end points of the flagged face edges."""
+    tri = np.asarray(mesh.vertices)[np.asarray(mesh.faces)]  # [F, 3, 3]
+    seg = np.stack([tri[:, [0, 1]], tri[:, [1, 2]], tri[:, [2, 0]]], axis=1)  # [F, 3, 2, 3]
+    return seg[flags]
+
+
+# ---------------------------------------------------------------------------------------------- backends
+class _IglField:
+    """Distance and winding number from libigl (CPU): AABB-tree distances, fast winding number."""
+
+    def __init__(self, vertices: np.ndarray, faces: np.ndarray, segment_sets: list[np.ndarray], band: float) -> None:
+        import igl
+
+        self._igl = igl
+        self.band = band
+        self.v = np.ascontiguousarray(vertices, dtype=np.float64)
+        self.f = np.ascontiguousarray(faces, dtype=np.int64)
+        self.segment_sets = [np.ascontiguousarray(s.reshape(-1, 3), dtype=np.float64) for s in segment_sets]
+
+    def distance(self, points: np.ndarray) -> np.ndarray:
+        if len(points) == 0:
+            return np.zeros(0)
+        d2, _, _ = self._igl.point_mesh_squared_distance(np.ascontiguousarray(points), self.v, self.f)
+        return np.sqrt(d2)
+
+    def winding(self, points: np.ndarray) -> np.ndarray:
+        if len(points) == 0:
+            return np.zeros(0)
+        return self._igl.fast_winding_number(self.v, self.f, np.ascontiguousarray(points, dtype=np.float64))
+
+    def edge_distances(self, points: np.ndarray) -> np.ndarray:
+        """[Q, K] distance from each point to each segment set (inf for an empty set)."""
+        out = np.full((len(points), len(self.segment_sets)), np.inf)
+        for k, sv in enumerate(self.segment_sets):
+            if len(sv) and len(points):
+                se = np.arange(len(sv), dtype=np.int64).reshape(-1, 2)
+                d2, _, _ = self._igl.point_mesh_squared_distance(np.ascontiguousarray(points), sv, se)
+                out[:, k] = np.sqrt(d2)
+        return out
+
+    def set_classes(self, classes: np.ndarray) -> None:
+        self.subsets = [np.ascontiguousarray(self.f[classes == k]) for k in range(2)]
+
+    def prepare(self, resolution: int, radius: float) -> None:
+        """Nothing to build: libigl makes its AABB tree per call."""
+
+    def band_voxels(self, resolution: int, radius: float):
+        """(coords int64 [N, 3], distances [N, 3] to all / boundary / lost-sheet triangles, edge distances [N, K])."""
+        coords, udf = band_candidates(self, resolution, radius)
+        centers = voxel_centers(coords, resolution)
+        dist = np.full((len(coords), 3), np.inf)
+        dist[:, 0] = udf
+        for k, faces in enumerate(self.subsets):
+            if len(faces) and len(coords):
+                d2, _, _ = self._igl.point_mesh_squared_distance(centers, self.v, faces)
+                dist[:, k + 1] = np.sqrt(d2)
+        return coords, dist, self.edge_distances(centers)
+
+
+def _make_field(backend: str, mesh: trimesh.Trimesh, edge_flags: np.ndarray, band: float, device: str):
+    """``edge_flags`` bool [F, 3, K]: flag sets whose distances band_voxels() reports (sharp, open)."""
+    if backend == "igl":
+        if device != "cpu":
+            raise ValueError(f"backend 'igl' runs on the CPU only, got device={device!r}")
+        sets = [_sharp_segments(mesh, edge_flags[:, :, k]) for k in range(edge_flags.shape[2])]
+        return _IglField(mesh.vertices, mesh.faces, sets, band)
+    if backend == "torch":
+        from d3s2.geometry._field import TorchField
+
+        return TorchField(mesh.vertices, mesh.faces, band=band, device=device, edge_flags=edge_flags)
+    raise ValueError(f"unknown SDF backend {backend!r}, expected 'igl' or 'torch'")
+
+
+# ---------------------------------------------------------------------------------------------- algorithm
+def _levels(resolution: int) -> list[int]:
+    """Grid sizes from coarse to fine, each half the next, ending at ``resolution`` (coarsest <= 16 or odd)."""
+    levels = [resolution]
+    while levels[-1] % 2 == 0 and levels[-1] > 16:
+        levels.append(levels[-1] // 2)
+    return levels[::-1]
+
+
+def band_candidates(field, resolution: int, band: float) -> tuple[np.ndarray, np.ndarray]:
+    """Band voxels by coarse-to-fine refinement: (coords int64 [N, 3], unsigned distance float64 [N]).
+
+    A cell of size ``s`` is refined only if its centre is closer than ``band + s * sqrt(3) / 2`` to the
+    surface, which keeps every cell that can contain a band voxel centre.
+    """
+    levels = _levels(resolution)
+    g0 = levels[0]
+    ax = np.arange(g0)
+    cells = np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), -1).reshape(-1, 3)
+    children = np.stack(np.meshgrid([0, 1], [0, 1], [0, 1], indexing="ij"), -1).reshape(-1, 3)
+    for i, g in enumerate(levels):
+        size = 2.0 / g
+        dist = field.distance(voxel_centers(cells, g))
+        if g == resolution:
+            keep = dist < band
+            return cells[keep], dist[keep]
+        keep = dist < band + size * math.sqrt(3) / 2
+        cells = (cells[keep][:, None, :] * 2 + children[None]).reshape(-1, 3)
+        assert levels[i + 1] == 2 * g
+    raise AssertionError("unreachable: the last level is the resolution")
+
+
+def _block_coords(keys: np.ndarray, g: int) -> np.ndarray:
+    return np.stack([keys // (g * g), (keys // g) % g, keys % g], -1)
+
+
+def _block_voxel_centers(block_coords: np.ndarray, resolution: int) -> np.ndarray:
+    """float64 [NB * 512, 3] voxel centres of blocks, block-major, voxels in (lx, ly, lz) order."""
+    return voxel_centers((block_coords[:, None, :] * BLOCK + _block_offsets()[None]).reshape(-1, 3), resolution)
+
+
+def _grid_face_mask(block_coords: np.ndarray, g: int) -> np.ndarray:
+    """bool [NB, 8, 8, 8]: voxels on the outer faces of the grid (off-band ones there count as outside)."""
+    mask = np.zeros((len(block_coords), BLOCK, BLOCK, BLOCK), dtype=bool)
+    for axis in range(3):
+        lo = block_coords[:, axis] == 0
+        hi = block_coords[:, axis] == g - 1
+        idx = [slice(None)] * 4
+        idx[axis + 1] = 0
+        mask[tuple(idx)] |= lo[:, None, None]
+        idx[axis + 1] = BLOCK - 1
+        mask[tuple(idx)] |= hi[:, None, None]
+    return mask
+
+
+def propagate_signs(signs: np.ndarray, max_steps: int = 3 * BLOCK, device: str | torch.device = "cpu") -> np.ndarray:
+    """Fill unknown (0) entries of int8 ``signs [NB, 8, 8, 8]`` (+1 inside, -1 outside) from their neighbours.
+
+    Each round, an unknown voxel takes the sign of the majority of its known 6-neighbours in the same block
+    (ties wait a round). Off-band voxels cannot have the surface between them and a neighbour when the band is
+    wider than half a voxel, so this copies the sign of the nearest band voxels. Entries still unknown at the
+    end stay 0. Runs in torch on ``device``, vectorised over all blocks.
+    """
+    s = torch.as_tensor(signs, dtype=torch.int8).to(device)
+    for _ in range(max_steps):
+        unknown = s == 0
+        if not bool(unknown.any()):
+            break
+        sf = s.to(torch.int16)
+        total = torch.zeros_like(sf)
+        total[:, 1:] += sf[:, :-1]
+        total[:, :-1] += sf[:, 1:]
+        total[:, :, 1:] += sf[:, :, :-1]
+        total[:, :, :-1] += sf[:, :, 1:]
+        total[:, :, :, 1:] += sf[:, :, :, :-1]
+        total[:, :, :, :-1] += sf[:, :, :, 1:]
+        fill = unknown & (total != 0)
+        if not bool(fill.any()):
+            break
+        s = torch.where(fill, total.sign().to(torch.int8), s)
+    return s.cpu().numpy()
+
+
+def _close_blocks(field, resolution: int, block_keys: np.ndarray, inside: np.ndarray,
+                  max_rounds: int) -> tuple[np.ndarray, np.ndarray]:
+    """Add missing blocks next to a sign change; see the module docstring.
+
+    A missing block D is added when the voxels of present blocks that touch D (face layers, edge lines and
+    corner voxels of its 26 neighbours) hold both signs: some marching-cubes cell between them and D may
+    cross the surface. ``block_keys`` int64 [NB] sorted, ``inside`` bool [NB, 8, 8, 8]. Returns the grown
+    pair, still sorted; new blocks get the inside bits of all their voxels from the winding number.
+    """
+    g = resolution // BLOCK
+    dirs = [(dx, dy, dz) for dx in (-1, 0, 1) for dy in (-1, 0, 1) for dz in (-1, 0, 1) if (dx, dy, dz) != (0, 0, 0)]
+    new_keys = block_keys
+    for _ in range(max_rounds):
+        coords = _block_coords(block_keys, g)
+        cand, has_in, has_out = [], [], []
+        for d in dirs:
+            region = inside[(slice(None),) + tuple(slice(None) if x == 0 else (0 if x < 0 else BLOCK - 1) for x in d)]
+            region = region.reshape(len(block_keys), -1)
+            nb = coords + np.array(d)
+            ok = ((nb >= 0) & (nb < g)).all(1)
+            k = _keys(nb[ok], g)
+            present, _ = _member(block_keys, k)
+            cand.append(k[~present])
+            has_in.append(region[ok][~present].any(1))
+            has_out.append(~region[ok][~present].all(1))
+        cand = np.concatenate(cand)
+        if cand.size == 0:
+            new_keys = cand
+            break
+        uniq, inv = np.unique(cand, return_inverse=True)
+        mixed = (np.bincount(inv, weights=np.concatenate(has_in), minlength=uniq.size) > 0) & (
+            np.bincount(inv, weights=np.concatenate(has_out), minlength=uniq.size) > 0)
+        new_keys = uniq[mixed]
+        if new_keys.size == 0:
+            break
+        w = field.winding(_block_voxel_centers(_block_coords(new_keys, g), resolution))
+        new_inside = (w >= 0.5).reshape(-1, BLOCK, BLOCK, BLOCK)
+        new_inside &= ~_grid_face_mask(_block_coords(new_keys, g), g)
+        all_keys = np.concatenate([block_keys, new_keys])
+        order = np.argsort(all_keys, kind="stable")
+        block_keys = all_keys[order]
+        inside = np.concatenate([inside, new_inside])[order]
+    else:
+        logger.warning("band closure stopped after %d rounds with %d blocks still open", max_rounds, new_keys.size)
+    return block_keys, inside
+
+
+def _spread(labels: np.ndarray, num: int, samples: int) -> np.ndarray:
+    """Indices of up to ``samples`` members of each label, spread over its members (sorted order)."""
+    order = np.argsort(labels, kind="stable")
+    counts = np.bincount(labels, minlength=num)
+    starts = np.cumsum(counts) - counts
+    k = np.minimum(counts, samples)
+    lab = np.repeat(np.arange(num), k)
+    rank = np.arange(k.sum()) - np.repeat(np.cumsum(k) - k, k)
+    pick = starts[lab] + (rank * counts[lab]) // np.maximum(k[lab], 1)
+    return order[pick]
+
+
+def band_signs(field, coords: np.ndarray, udf: np.ndarray, exact: np.ndarray, resolution: int,
+               samples: int = 8) -> np.ndarray:
+    """Inside (winding number >= 1/2) flag of each band voxel, with few winding-number evaluations.
+
+    Voxels flagged ``exact`` (near open edges, where the winding number is not an integer) get their own
+    winding number. Among the others, two 6-neighbours with ``udf_a + udf_b > h`` cannot have the surface
+    between them, so their (integer) winding numbers agree: voxels are grouped into connected components
+    of such pairs and each component takes the majority of ``samples`` evaluations spread over it.
+    ``coords`` [N, 3] must be sorted by key.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = coords.shape[0]
+    inside = np.zeros(n, dtype=bool)
+    if n == 0:
+        return inside
+    centers = voxel_centers(coords, resolution)
+    idx = np.nonzero(exact)[0]
+    inside[idx] = field.winding(centers[idx]) >= 0.5
+    h = 2.0 / resolution
+    keys = _keys(coords, resolution)
+    src, dst = [], []
+    for axis in range(3):
+        nb = coords.copy()
+        nb[:, axis] += 1
+        ok = nb[:, axis] < resolution
+        found, row = _member(keys, _keys(nb[ok], resolution))
+        i = np.nonzero(ok)[0][found]
+        j = row[found]
+        safe = (udf[i] + udf[j] > h * (1 + 1e-6)) & ~exact[i] & ~exact[j]
+        src.append(i[safe])
+        dst.append(j[safe])
+    src, dst = np.concatenate(src), np.concatenate(dst)
+    graph = coo_matrix((np.ones(src.size, dtype=np.int8), (src, dst)), shape=(n, n))
+    rest = np.nonzero(~exact)[0]
+    if rest.size == 0:
+        return inside
+    _, labels = connected_components(graph, directed=False)
+    _, lab = np.unique(labels[rest], return_inverse=True)
+    nl = int(lab.max()) + 1
+    pick = _spread(lab, nl, samples)
+    vote = field.winding(centers[rest[pick]]) >= 0.5
+    pos = np.bincount(lab[pick], weights=vote, minlength=nl)
+    tot = np.bincount(lab[pick], minlength=nl)
+    inside[rest] = (2 * pos > tot)[lab]
+    logger.debug("band signs: %d voxels, %d exact, %d components", n, idx.size, nl)
+    return inside
+
+
+def classify_triangles(field, mesh: trimesh.Trimesh) -> np.ndarray:
+    """int8 [F]: 0 boundary of the winding-number solid, 1 lost sheet, 2 internal (or degenerate).
+
+    The winding number is evaluated just in front of and behind each triangle's centroid: a boundary
+    triangle has the inside (>= 1/2) on exactly one side; a lost sheet (an open surface such as a leaf or
+    a single-sided wall) has the outside on both sides; an internal triangle (inside another part, or a
+    duplicate) has the inside on both.
+    """
+    tri = np.asarray(mesh.vertices)[np.asarray(mesh.faces)]  # [F, 3, 3]
+    normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    area2 = np.linalg.norm(normal, axis=1)
+    ok = area2 > 1e-12
+    unit = normal / np.maximum(area2, 1e-30)[:, None]
+    delta = np.minimum(1e-3, 0.05 * np.sqrt(area2 / 2))[:, None]  # well inside the triangle's own solid angle
+    center = tri.mean(axis=1)
+    w = field.winding(np.concatenate([center + delta * unit, center - delta * unit]))
+    front, back = w[: len(tri)] >= 0.5, w[len(tri):] >= 0.5
+    classes = np.where(front != back, 0, np.where(front, 2, 1)).astype(np.int8)
+    classes[~ok] = 2
+    return classes
+
+
+def _sparse_sdf_one(field, resolution: int, band: float) -> SparseSDF:
+    shell = 2.0 / resolution  # half-thickness of thickened lost sheets: one voxel
+    radius = band + shell
+    coords, dist, edge_dist = field.band_voxels(resolution, radius)
+    g = resolution // BLOCK
+    order = np.argsort(_keys(coords, resolution), kind="stable")
+    coords, dist, edge_dist = coords[order], dist[order], edge_dist[order]
+    sharp_dist, open_dist = edge_dist[:, 0], edge_dist[:, 1]
+    inside_w = band_signs(field, coords, dist[:, 0], open_dist < radius + 4.0 / resolution, resolution)
+    # Union of the winding-number solid (distance to its boundary triangles) and the thickened lost sheets.
+    sdf = np.minimum(np.where(inside_w, -dist[:, 1], dist[:, 1]), dist[:, 2] - shell)
+    keep = np.abs(sdf) < band
+    coords, sdf, sharp = coords[keep], sdf[keep].astype(np.float32), sharp_dist[keep] < band
+    inside_band = sdf < 0
+
+    # Inside bits of every voxel of every occupied block: band voxels from their winding number, the rest
+    # propagated from them; voxels that propagation cannot reach get their own winding number.
+    block_of = coords // BLOCK
+    block_keys = np.unique(_keys(block_of, g))
+    nb = block_keys.size
+    signs = np.zeros((nb, _BLOCK_VOXELS), dtype=np.int8)
+    rows = _lookup(block_keys, _keys(block_of, g))
+    local = coords % BLOCK
+    signs[rows, (local[:, 0] * BLOCK + local[:, 1]) * BLOCK + local[:, 2]] = np.where(inside_band, 1, -1)
+    off_band = signs == 0
+    signs = propagate_signs(signs.reshape(nb, BLOCK, BLOCK, BLOCK),
+                            device=getattr(field, "device", "cpu")).reshape(nb, _BLOCK_VOXELS)
+    unknown_b, unknown_v = np.nonzero(signs == 0)
+    if unknown_b.size:
+        vox = _block_coords(block_keys, g)[unknown_b] * BLOCK + _block_offsets()[unknown_v]
+        signs[unknown_b, unknown_v] = np.where(field.winding(voxel_centers(vox, resolution)) >= 0.5, 1, -1)
+    inside = (signs > 0).reshape(nb, BLOCK, BLOCK, BLOCK)
+    inside &= ~(off_band.reshape(nb, BLOCK, BLOCK, BLOCK) & _grid_face_mask(_block_coords(block_keys, g), g))
+    block_keys, inside = _close_blocks(field, resolution, block_keys, inside, max_rounds=4 * g)
+    packed = np.packbits(inside.reshape(len(block_keys), -1), axis=1)
+    return SparseSDF(coords=coords.astype(np.int32), sdf=sdf, sharp=sharp, resolution=resolution, band=float(band),
+                     block_coords=_block_coords(block_keys, g).astype(np.int32), block_inside=packed)
+
+
+def compute_sparse_sdf(
+    mesh: trimesh.Trimesh,
+    resolutions: int | list[int] | tuple[int, ...],
+    band: float = 1 / 128,
+    *,
+    device: str = "cpu",
+    sharp_angle_deg: float = 30.0,
+    backend: str | None = None,
+) -> dict[int, SparseSDF]:
+    """Band SDF of ``mesh`` (already normalised into ``[-1, 1]^3``) at each resolution.
+
+    Args:
+        mesh: triangle mesh inside ``[-1, 1]^3`` (see :func:`d3s2.geometry.mesh_io.normalize_mesh`).
+        resolutions: R or several; each a multiple of 8 in ``[8, 2048]``.
+        band: tau in ``[-1, 1]`` units; voxels with ``|sdf| < tau`` are kept.
+        device: "cpu" or a CUDA device; CUDA requires the "torch" backend.
+        sharp_angle_deg: dihedral angle above which an edge is sharp.
+        backend: "igl" (CPU default) or "torch" (CUDA default; also runs on CPU).
+
+    Returns ``{R: SparseSDF}``. The spatial structures are built once and shared by all resolutions.
+    """
+    if isinstance(resolutions, int):
+        resolutions = [resolutions]
+    for r in resolutions:
+        if not isinstance(r, (int, np.integer)) or r % BLOCK or not BLOCK <= r <= 2048:
+            raise ValueError(f"expected resolutions that are multiples of {BLOCK} in [8, 2048], got {r!r}")
+    if not 0 < band < 1:
+        raise ValueError(f"expected 0 < band < 1, got {band}")
+    vertices = np.asarray(mesh.vertices)
+    if np.abs(vertices).max() > 1:
+        raise ValueError("expected a mesh inside [-1, 1]^3 (normalise it first), got coordinates up to "
+                         f"{np.abs(vertices).max():.3f}")
+    if mesh.is_watertight and mesh.volume < 0:
+        # A closed mesh with negative signed volume is wound inside-out as a whole (e.g. clockwise game
+        # assets): without this every face would read as an open sheet and become a thin shell.
+        logger.info("mesh is closed but inside-out (signed volume %.4g): reversing its faces", mesh.volume)
+        mesh = trimesh.Trimesh(vertices, np.asarray(mesh.faces)[:, ::-1].copy(), process=False)
+    if backend is None:
+        backend = "igl" if str(device) == "cpu" else "torch"
+    for r in resolutions:
+        if band < 2.0 / r:
+            logger.warning("band %.5f is narrower than one voxel at %d^3: band voxels will not form complete "
+                           "marching-cubes cells; only the block targets are closed", band, r)
+    flags = np.stack([sharp_face_edges(mesh, sharp_angle_deg), open_face_edges(mesh)], axis=2)  # [F, 3, 2]
+    field = _make_field(backend, mesh, flags, band, str(device))
+    field.prepare(int(resolutions[0]), band + 2.0 / int(resolutions[0]))
+    field.set_classes(classify_triangles(field, mesh))
+    return {int(r): _sparse_sdf_one(field, int(r), band) for r in resolutions}

@@ -1,0 +1,126 @@
+"""Atomic checkpoint files, RNG state capture, and a directory of ``step_XXXXXXXX.pt`` files keeping the last K.
+
+A checkpoint is one ``torch.save`` dict (keys written by the trainer): ``model`` and ``ema`` (full state dicts
+by parameter name), ``optimizer`` (full, keyed by parameter name), ``scheduler``, ``rng`` (one entry per
+rank), ``data`` (epoch and step inside it), ``step``, ``world_size`` and ``config``. Files are written to a
+temporary name in the same directory, flushed to disk and renamed over the target, so a crash leaves either
+the old file or the new one, never a partial one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["atomic_write", "atomic_save", "atomic_write_text", "capture_rng_state", "restore_rng_state",
+           "CheckpointDir"]
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call ``write(f)`` on a temporary file next to ``path``, fsync it and rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # Also on KeyboardInterrupt: never leave a half-written temporary behind.
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not supported on every platform/file system.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj, path)`` atomically."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """States of python ``random``, numpy's global RNG, torch CPU and (when initialised) the CUDA device RNGs."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointDir:
+    """``DIR/step_XXXXXXXX.pt`` files; :meth:`save` writes atomically and keeps the newest ``keep_last``."""
+
+    PATTERN = re.compile(r"^step_(\d{8,})\.pt$")
+
+    def __init__(self, directory: str | os.PathLike, keep_last: int = 3) -> None:
+        if keep_last < 1:
+            raise ValueError(f"expected keep_last >= 1, got {keep_last}")
+        self.dir = Path(directory)
+        self.keep_last = keep_last
+
+    def path(self, step: int) -> Path:
+        return self.dir / f"step_{step:08d}.pt"
+
+    def list(self) -> list[Path]:
+        """Existing checkpoints, oldest first."""
+        if not self.dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.dir.iterdir() if (m := self.PATTERN.match(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def latest(self) -> Path | None:
+        found = self.list()
+        return found[-1] if found else None
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        path = atomic_save(state, self.path(step))
+        for old in self.list()[: -self.keep_last]:
+            old.unlink(missing_ok=True)
+        log.info("saved checkpoint %s", path)
+        return path
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> dict[str, Any]:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        # weights_only=False: the file holds RNG states (numpy arrays, python tuples) written by this trainer.
+        return torch.load(path, map_location="cpu", weights_only=False)

@@ -1,0 +1,77 @@
+"""``d3s2 train FAMILY --config FILE [--a.b=c ...] [--max-steps N] [--out DIR] [--resume [CKPT]]``.
+
+FAMILY is the kind of model (``vae``, ``dit``, ``toy``) or an exact task name; the config's ``task.name``
+must belong to it. Several GPUs: ``torchrun --standalone --nproc_per_node N -m d3s2.cli train ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+_OVERRIDE = re.compile(r"^--[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=")
+
+EPILOG = """examples:
+  d3s2 train toy --config configs/debug/tiny_toy.yaml --out runs/toy --max-steps 20
+  d3s2 train vae --config configs/vae/demo.yaml --optim.lr=5e-5 --data.max_tokens=200000
+  torchrun --standalone --nproc_per_node 2 -m d3s2.cli train vae --config configs/vae/demo.yaml --out runs/v
+  d3s2 train vae --config configs/vae/demo.yaml --out runs/v --resume
+
+any config value can be overridden with --section.key=value (YAML syntax, checked against the schema)."""
+
+
+class _TrainParser(argparse.ArgumentParser):
+    """Takes ``--section.key=value`` config overrides out of the arguments before argparse parses the rest."""
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        args = list(sys.argv[1:] if args is None else args)
+        own = set(self._option_string_actions)
+        is_override = [bool(_OVERRIDE.match(a)) and a.split("=", 1)[0] not in own for a in args]
+        ns, unknown = super().parse_known_args([a for a, o in zip(args, is_override) if not o], namespace)
+        ns.overrides = [a for a, o in zip(args, is_override) if o]
+        ns.train_argv = args
+        return ns, unknown
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..config import ConfigError
+    from .task import get_task
+    from .trainer import Trainer, load_train_config
+
+    overrides = list(args.overrides)
+    if args.max_steps is not None:
+        overrides.append(f"--train.max_steps={args.max_steps}")
+    cfg = load_train_config(args.config, overrides)
+    family = get_task(cfg.task.name).family
+    if args.family not in (family, cfg.task.name):
+        raise ConfigError(f"{args.config}: task {cfg.task.name!r} is a {family!r} task; run `d3s2 train {family}`")
+    out = Path(args.out) if args.out else Path("runs") / f"{cfg.task.name}-{Path(args.config).stem}"
+    # The d3s2 command as typed (also under torchrun, whose argv starts with the module path).
+    command = ["d3s2", "train", *getattr(args, "train_argv", [])]
+    trainer = Trainer(cfg, out, resume=args.resume, command=command)
+    try:
+        metrics = trainer.run()
+    finally:
+        trainer.close()
+    if trainer.info.is_main:
+        summary = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "tokens_per_s"))
+        log.info("trained %s to step %d in %s (%s)", cfg.task.name, trainer.step, out, summary)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model (VAE, DiT, toy) from a YAML config",
+                       description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("family", metavar="FAMILY", help="vae | dit | toy, or a task name (e.g. dense_vae, dit_sparse)")
+    p.add_argument("--config", required=True, help="YAML run config (see d3s2.config.TrainConfig)")
+    p.add_argument("--out", default=None, help="run directory (default runs/<task>-<config name>)")
+    p.add_argument("--max-steps", type=int, default=None, help="shorthand for --train.max_steps=N")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
+                   help="continue from CKPT, or without a value from the newest checkpoint in --out (if any)")
+    p.set_defaults(func=_run, overrides=[])
+    # Lets arbitrary --section.key=value arguments through (argparse rejects unknown options otherwise).
+    p.__class__ = _TrainParser

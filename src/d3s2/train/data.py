@@ -1,0 +1,121 @@
+"""Token-budget batching: items packed into micro-batches, micro-batches split over ranks step by step.
+
+An epoch's plan is a list of micro-batches (lists of item indices) that depends only on (seed, epoch), never
+on the world size. Optimizer step ``s`` of the epoch consumes micro-batches ``[s·M, (s+1)·M)`` with
+``M = data.micro_batches_per_step``; rank ``r`` of ``W`` takes the ``A = M / W`` consecutive ones from
+``s·M + r·A`` and accumulates their gradients. So 1 process and ``W`` processes see the same global batch,
+and a run resumes from ``(epoch, step)`` alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterator, Sequence
+
+import numpy as np
+from torch.utils.data import Sampler
+
+__all__ = ["item_rng", "pack_batches", "StepBatchSampler", "rank_share"]
+
+
+def item_rng(*keys: int) -> np.random.Generator:
+    """A numpy Generator determined by non-negative integer keys, e.g. ``item_rng(seed, epoch, index)``."""
+    if any(int(k) < 0 for k in keys):
+        raise ValueError(f"expected non-negative keys, got {keys}")
+    return np.random.default_rng([int(k) for k in keys])
+
+
+def pack_batches(
+    lengths: Sequence[int],
+    *,
+    max_tokens: int,
+    max_batch_size: int = 0,
+    groups: Sequence[Hashable] | None = None,
+    shuffle: bool = True,
+    seed: int = 0,
+    epoch: int = 0,
+    sort_window: int = 64,
+) -> list[list[int]]:
+    """Pack item indices into micro-batches of at most ``max_tokens`` tokens (and ``max_batch_size`` items).
+
+    Items are shuffled (seeded by ``seed, epoch``), split into windows of ``sort_window`` items per group and
+    each window is packed first-fit-decreasing; the batch order is shuffled again. An item longer than
+    ``max_tokens`` gets a batch of its own. Deterministic for given arguments.
+
+    Args:
+        lengths: ``[n]`` tokens per item.
+        groups: ``[n]`` group of each item (items of one batch share a group); ``None``: one group.
+    Returns:
+        micro-batches, each a list of item indices.
+    """
+    n = len(lengths)
+    if max_tokens < 1:
+        raise ValueError(f"expected max_tokens >= 1, got {max_tokens}")
+    if groups is not None and len(groups) != n:
+        raise ValueError(f"expected one group per item ({n}), got {len(groups)}")
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n) if shuffle else np.arange(n)
+    streams: dict[Hashable, list[int]] = {}
+    for i in order.tolist():
+        streams.setdefault(groups[i] if groups is not None else 0, []).append(i)
+    batches: list[list[int]] = []
+    for stream in streams.values():
+        for start in range(0, len(stream), sort_window):
+            window = sorted(stream[start: start + sort_window], key=lambda i: -int(lengths[i]))
+            open_batches: list[list[int]] = []
+            room: list[int] = []
+            for i in window:
+                cost = int(lengths[i])
+                for b, left in enumerate(room):
+                    if cost <= left and (max_batch_size <= 0 or len(open_batches[b]) < max_batch_size):
+                        open_batches[b].append(i)
+                        room[b] -= cost
+                        break
+                else:
+                    open_batches.append([i])
+                    room.append(max_tokens - cost)
+            batches.extend(open_batches)
+    if shuffle:
+        perm = rng.permutation(len(batches))
+        batches = [batches[j] for j in perm.tolist()]
+    return batches
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """This rank's micro-batches for the optimizer steps ``[start_step, num_steps)`` of one epoch's plan.
+
+    Yields ``A = micro_batches_per_step // world_size`` micro-batches per step; the plan's tail that does not
+    fill a whole step is dropped.
+    """
+
+    def __init__(self, batches: Sequence[Sequence[int]], *, micro_batches_per_step: int, rank: int,
+                 world_size: int, start_step: int = 0) -> None:
+        if micro_batches_per_step % world_size:
+            raise ValueError(f"data.micro_batches_per_step ({micro_batches_per_step}) must be divisible by the "
+                             f"number of processes ({world_size})")
+        self.batches = batches
+        self.m = micro_batches_per_step
+        self.a = micro_batches_per_step // world_size
+        self.rank = rank
+        self.start_step = start_step
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.batches) // self.m
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for s in range(self.start_step, self.num_steps):
+            base = s * self.m + self.rank * self.a
+            for j in range(self.a):
+                yield list(self.batches[base + j])
+
+    def __len__(self) -> int:
+        return max(self.num_steps - self.start_step, 0) * self.a
+
+
+def rank_share(batches: Sequence[Sequence[int]], *, rank: int, world_size: int) -> list[list[int]]:
+    """Rank ``rank``'s share of (validation) micro-batches: ``ceil(L / W)`` each, wrapping around, so that every
+    rank runs the same number of forward passes (FSDP needs them in lockstep)."""
+    if not batches:
+        return []
+    per_rank = -(-len(batches) // world_size)
+    return [list(batches[(rank + world_size * i) % len(batches)]) for i in range(per_rank)]

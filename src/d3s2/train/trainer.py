@@ -1,0 +1,535 @@
+"""The training loop shared by every model family (VAE, dense/sparse DiT, the toy task).
+
+One process per device; ``torchrun`` starts several. Per optimizer step each rank takes its share of the
+step's token-packed micro-batches (:mod:`d3s2.train.data`), runs ``task.loss`` under autocast, accumulates
+gradients (synchronised on the last micro-batch only), clips them, steps AdamW and the warmup/cosine
+schedule, and updates the EMA. Every ``ckpt_every`` steps a checkpoint with everything needed to resume to
+the same losses is written atomically; metrics go to tensorboard and ``train_log.jsonl``.
+
+Usage (see ``d3s2 train --help``)::
+
+    d3s2 train toy --config configs/debug/tiny_toy.yaml --out runs/toy --train.max_steps=50
+    torchrun --standalone --nproc_per_node 2 -m d3s2.cli train vae --config configs/vae/x.yaml --out runs/x
+    d3s2 train vae --config configs/vae/x.yaml --out runs/x --resume      # continue from the newest checkpoint
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..config import (
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    from_dict,
+    load_yaml,
+    parse_overrides,
+    to_dict,
+    write_run_record,
+)
+from . import distributed as D
+from .checkpoint import CheckpointDir, capture_rng_state, restore_rng_state
+from .data import StepBatchSampler, pack_batches, rank_share
+from .ema import EMA
+from .logger import RunLogger
+from .task import batch_group, get_task, has_validate, token_lengths, val_dir
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Trainer", "load_train_config", "build_train_config", "lr_lambda", "seed_everything", "to_device",
+           "load_initial_weights"]
+
+CHECKPOINT_VERSION = 1
+
+
+# --------------------------------------------------------------------------- config
+def build_train_config(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> TrainConfig:
+    """A :class:`TrainConfig` from plain data and ``--a.b=c`` overrides; ``task.args`` is checked against the
+    registered task's ``Config`` (defaults filled in, so the saved config is complete)."""
+    data = apply_overrides(dict(data), parse_overrides(overrides))
+    task_data = data.get("task")
+    if not isinstance(task_data, Mapping) or "name" not in task_data:
+        raise ConfigError("missing required key task.name (a registered task: see d3s2.train.task.TASKS)")
+    name = task_data["name"]
+    name = getattr(name, "text", name)  # an override of task.name arrives as raw text
+    if not isinstance(name, str):
+        raise ConfigError(f"task.name: expected str, got {type(name).__name__} ({name!r})")
+    task_cls = get_task(name)
+    args = from_dict(task_cls.Config, task_data.get("args") or {}, path="task.args")
+    rest = {**data, "task": {"name": name}}
+    cfg = from_dict(TrainConfig, rest)
+    cfg.task.args = args
+    return cfg
+
+
+def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a YAML run config strictly and apply overrides (``["--train.max_steps=10", ...]``)."""
+    try:
+        return build_train_config(load_yaml(path), overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+# --------------------------------------------------------------------------- small helpers
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(step: int, *, warmup_steps: int, max_steps: int, schedule: str, min_lr_ratio: float) -> float:
+    """Learning-rate multiplier for optimizer step ``step`` (0-based): linear warmup, then cosine or constant."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(max_steps - warmup_steps, 1)
+    progress = min((step - warmup_steps) / span, 1.0)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move a batch to ``device``: tensors, anything with a ``.to(device)`` method (SparseTensor, batch classes),
+    and dicts, lists, tuples and dataclasses of them."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple) and not hasattr(batch, "_fields"):
+        return type(batch)(to_device(v, device) for v in batch)
+    if hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(to_device(v, device) for v in batch))
+    to = getattr(batch, "to", None)
+    if callable(to):  # SparseTensor, or a batch class that knows how to move itself
+        return to(device)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(batch, **{f.name: to_device(getattr(batch, f.name), device)
+                                             for f in dataclasses.fields(batch) if f.init})
+    return batch
+
+
+def load_initial_weights(model: nn.Module, path: str | Path, *, use_ema: bool = True) -> None:
+    """Load weights for a new run (fine-tuning, the next stage of progressive training) into ``model``.
+
+    ``path``: a trainer checkpoint (``.pt``; its EMA weights when ``use_ema`` and present), a ``.safetensors``
+    file, or a directory holding ``model.safetensors`` (a task export). Every parameter must match.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"train.init_from: no such file {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        ckpt = CheckpointDir.load(path)
+        state = dict(ckpt["model"])
+        if use_ema and ckpt.get("ema"):
+            state.update(ckpt["ema"]["params"])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"train.init_from {path} does not fit the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    log.info("initialised the model from %s", path)
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a block (validation) without changing the training RNG streams."""
+    state = capture_rng_state()
+    try:
+        yield
+    finally:
+        restore_rng_state(state)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch seeds each worker (base_seed + id) and python's random; numpy's global RNG needs the same.
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+# --------------------------------------------------------------------------- the trainer
+class Trainer:
+    """Builds the task, model, data and optimizer for this process; :meth:`run` trains.
+
+    Args:
+        cfg: the resolved run config (see :func:`load_train_config`).
+        run_dir: output directory: ``config.yaml``, ``run.json``, ``checkpoints/``, ``tb/``,
+            ``train_log.jsonl``, ``val/``, ``export/``.
+        resume: ``None`` (fresh run; refuses a directory that has checkpoints), ``"latest"`` (the newest
+            checkpoint in ``run_dir`` if any, else fresh) or a checkpoint path.
+        command: recorded in ``run.json`` (default ``sys.argv``).
+    """
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, resume: str | Path | None = None,
+                 command: Sequence[str] | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        tc = cfg.train
+        self.info = D.init_distributed(tc.device)
+        info = self.info
+        self.ckpts = CheckpointDir(self.run_dir / "checkpoints", keep_last=tc.keep_last)
+        resume_path = self._resume_path(resume)
+
+        task_cls = get_task(cfg.task.name)
+        args = cfg.task.args
+        if isinstance(args, Mapping):
+            args = from_dict(task_cls.Config, args, path="task.args")
+            cfg.task.args = args
+        self.task = task_cls(args)
+
+        # Same seed on every rank for the model: FSDP shards whatever each rank initialised.
+        seed_everything(cfg.seed)
+        model = self.task.build_model()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"task {cfg.task.name}: build_model() must return an nn.Module, got {type(model)}")
+        if tc.init_from and resume_path is None:
+            load_initial_weights(model, tc.init_from, use_ema=tc.init_from_ema)
+        model.to(info.device)
+        self.use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and info.device.type == "cuda")
+        if tc.activation_checkpointing:
+            names = D.apply_activation_checkpointing(model, tc.activation_checkpointing)
+            log.info("activation checkpointing on %d modules", len(names))
+        self.model = D.parallelize(model, info, mode=tc.parallel, fsdp_units=tc.fsdp_units, bf16=self.use_bf16,
+                                   find_unused_parameters=tc.find_unused_parameters)
+        self.module = D.unwrap(self.model)
+        self.optimizer = self._build_optimizer()
+        oc = cfg.optim
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_lambda(
+            s, warmup_steps=oc.warmup_steps, max_steps=tc.max_steps, schedule=oc.schedule,
+            min_lr_ratio=oc.min_lr_ratio))
+        self.ema = EMA(self.module, decay=cfg.ema.decay, warmup=cfg.ema.warmup) if cfg.ema.decay > 0 else None
+
+        self.train_set, self.val_set = self.task.build_datasets()
+        self.lengths = token_lengths(self.train_set)
+        if not self.lengths:
+            raise ValueError(f"task {cfg.task.name}: the training dataset is empty")
+        self.groups = [batch_group(self.train_set, i) for i in range(len(self.train_set))]
+        self.per_rank = cfg.data.micro_batches_per_step // info.world_size
+        if cfg.data.micro_batches_per_step % info.world_size:
+            raise ValueError(f"data.micro_batches_per_step ({cfg.data.micro_batches_per_step}) must be divisible "
+                             f"by the number of processes ({info.world_size}) so every world size sees the same "
+                             "global batch")
+
+        self.step = 0
+        self.data_pos = (0, 0)  # (epoch, optimizer step inside the epoch) of the next step
+        rng_state = None
+        if resume_path is not None:
+            rng_state = self._load(resume_path)
+        # Rank-specific streams for data workers and any randomness in the loss (noise, dropout, t).
+        seed_everything(cfg.seed + 1000 * info.rank)
+        if rng_state is not None:
+            restore_rng_state(rng_state)
+
+        self.logger = RunLogger(self.run_dir, enabled=info.is_main)
+        if info.is_main:
+            extra = {"argv": sys.argv, "world_size": info.world_size, "torch": torch.__version__,
+                     "device": str(info.device), "resumed_from": str(resume_path) if resume_path else None}
+            write_run_record(self.run_dir, cfg, command=list(command) if command is not None else sys.argv,
+                             seed=cfg.seed, extra=extra)
+
+    # ------------------------------------------------------------------ setup helpers
+    def _resume_path(self, resume: str | Path | None) -> Path | None:
+        if resume is None:
+            if self.ckpts.latest() is not None:
+                raise RuntimeError(f"{self.run_dir} already has checkpoints; pass --resume to continue that run "
+                                   "or choose another --out")
+            return None
+        if str(resume) == "latest":
+            latest = self.ckpts.latest()
+            if latest is None:
+                log.info("no checkpoint in %s: starting a fresh run", self.ckpts.dir)
+            return latest
+        path = Path(resume)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        return path
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        decay, no_decay = [], []
+        for p in self.module.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.cfg.optim.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            raise ValueError(f"task {self.cfg.task.name}: the model has no trainable parameters")
+        oc = self.cfg.optim
+        return torch.optim.AdamW(groups, lr=oc.lr, betas=oc.betas, eps=oc.eps)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if not self.use_bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.info.device.type, dtype=torch.bfloat16)
+
+    # ------------------------------------------------------------------ data
+    def _plan(self, epoch: int) -> list[list[int]]:
+        dc = self.cfg.data
+        return pack_batches(self.lengths, max_tokens=dc.max_tokens, max_batch_size=dc.max_batch_size,
+                            groups=self.groups, shuffle=dc.shuffle, seed=self.cfg.seed, epoch=epoch,
+                            sort_window=dc.sort_window)
+
+    def _loader(self, dataset: Any, batch_sampler: Any, seed_key: Sequence[int]) -> DataLoader:
+        workers = self.cfg.data.num_workers
+        # Own generator: creating the iterator must not draw from the global RNG (resume would then differ).
+        gen = torch.Generator().manual_seed(int(np.random.default_rng(list(seed_key)).integers(2**62)))
+        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=self.task.collate, num_workers=workers,
+                          generator=gen, worker_init_fn=_seed_worker if workers else None,
+                          pin_memory=self.info.device.type == "cuda")
+
+    def _steps(self) -> Iterator[tuple[int, int, list[Any], int]]:
+        """Yield ``(epoch, step_in_epoch, this rank's micro-batches, global tokens)`` from ``self.data_pos`` on."""
+        epoch, start = self.data_pos
+        m = self.cfg.data.micro_batches_per_step
+        while True:
+            plan = self._plan(epoch)
+            num_steps = len(plan) // m
+            if num_steps == 0:
+                raise ValueError(f"the training set packs into {len(plan)} micro-batches per epoch, fewer than "
+                                 f"data.micro_batches_per_step = {m}; lower it or data.max_tokens")
+            if start >= num_steps:
+                epoch, start = epoch + 1, 0
+                continue
+            if epoch == 0 and start == 0 and self.info.is_main:
+                big = [b for b in plan if len(b) == 1 and self.lengths[b[0]] > self.cfg.data.max_tokens]
+                if big:
+                    log.warning("%d items exceed data.max_tokens = %d and form batches of their own",
+                                len(big), self.cfg.data.max_tokens)
+            set_epoch = getattr(self.train_set, "set_epoch", None)
+            if callable(set_epoch):
+                set_epoch(epoch)
+            sampler = StepBatchSampler(plan, micro_batches_per_step=m, rank=self.info.rank,
+                                       world_size=self.info.world_size, start_step=start)
+            it = iter(self._loader(self.train_set, sampler, (self.cfg.seed, self.info.rank, epoch, start)))
+            for s in range(start, num_steps):
+                micro = [next(it) for _ in range(self.per_rank)]
+                tokens = sum(self.lengths[i] for b in plan[s * m: (s + 1) * m] for i in b)
+                yield epoch, s, micro, tokens
+            epoch, start = epoch + 1, 0
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoints/step_XXXXXXXX.pt`` (collective: call on every rank; rank 0 writes)."""
+        model_state, optim_state = D.full_state_dicts(self.model, self.optimizer)
+        ema_state = self.ema.state_dict() if self.ema is not None else None
+        rng = D.gather_objects(capture_rng_state(), self.info)
+        path = None
+        if self.info.is_main:
+            state = {
+                "version": CHECKPOINT_VERSION,
+                "step": self.step,
+                "data": {"epoch": self.data_pos[0], "step_in_epoch": self.data_pos[1]},
+                "model": model_state,
+                "optimizer": optim_state,
+                "scheduler": self.scheduler.state_dict(),
+                "ema": ema_state,
+                "rng": rng,
+                "world_size": self.info.world_size,
+                "config": to_dict(self.cfg),
+            }
+            path = self.ckpts.save(self.step, state)
+        if self.info.distributed:
+            torch.distributed.barrier()
+        return path
+
+    def _load(self, path: Path) -> dict[str, Any] | None:
+        state = CheckpointDir.load(path)
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise RuntimeError(f"{path}: checkpoint version {state.get('version')}, expected {CHECKPOINT_VERSION}")
+        D.load_full_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            if state["ema"] is None:
+                log.warning("%s has no EMA: starting the EMA from the loaded weights", path)
+                self.ema = EMA(self.module, decay=self.cfg.ema.decay, warmup=self.cfg.ema.warmup)
+            else:
+                self.ema.load_state_dict(state["ema"])
+        self.step = int(state["step"])
+        self.data_pos = (int(state["data"]["epoch"]), int(state["data"]["step_in_epoch"]))
+        log.info("resumed from %s at step %d", path, self.step)
+        if len(state["rng"]) != self.info.world_size:
+            log.warning("checkpoint written by %d processes, resuming with %d: RNG streams are re-seeded, so losses "
+                        "will not match an uninterrupted run exactly", len(state["rng"]), self.info.world_size)
+            seed_everything(self.cfg.seed + 1000 * self.info.rank + self.step)
+            return None
+        return state["rng"][self.info.rank]
+
+    # ------------------------------------------------------------------ validation and export
+    def validate(self) -> dict[str, float]:
+        """Run ``task.validate`` on every rank (EMA weights when configured); returns rank-averaged metrics."""
+        if not has_validate(self.task) or self.val_set is None or len(self.val_set) == 0:
+            return {}
+        dc = self.cfg.data
+        lengths = token_lengths(self.val_set)
+        groups = [batch_group(self.val_set, i) for i in range(len(self.val_set))]
+        plan = pack_batches(lengths, max_tokens=dc.max_tokens, max_batch_size=dc.max_batch_size, groups=groups,
+                            shuffle=False, sort_window=dc.sort_window)
+        if dc.val_max_batches:
+            plan = plan[: dc.val_max_batches]
+        share = rank_share(plan, rank=self.info.rank, world_size=self.info.world_size)
+        loader = self._loader(self.val_set, share, (self.cfg.seed, self.info.rank, 2**31, self.step))
+        out = val_dir(self.run_dir, self.step) if self.info.is_main else None
+        use_ema = self.ema is not None and self.cfg.ema.validate_with_ema
+        was_training = self.module.training
+        with preserved_rng(), (self.ema.applied_to(self.module) if use_ema else contextlib.nullcontext()):
+            self.module.eval()
+            try:
+                with torch.no_grad(), self._autocast():
+                    batches = (to_device(b, self.info.device) for b in loader)
+                    metrics = self.task.validate(self.module, batches, step=self.step, out_dir=out)
+            finally:
+                self.module.train(was_training)
+        metrics = D.all_reduce_mean({k: float(v) for k, v in (metrics or {}).items()}, self.info)
+        self.logger.log(self.step, metrics, split="val")
+        return metrics
+
+    def export(self) -> Path | None:
+        """Call ``task.export`` on rank 0 with a fresh CPU model holding the final (EMA) weights."""
+        export = getattr(self.task, "export", None)
+        if not callable(export):
+            return None
+        model_state, _ = D.full_state_dicts(self.model, self.optimizer)
+        ema_state = self.ema.state_dict() if self.ema is not None else None
+        if not self.info.is_main:
+            return None
+        if ema_state is not None and self.cfg.ema.validate_with_ema:
+            model_state = {**model_state, **ema_state["params"]}
+        fresh = self.task.build_model()
+        fresh.load_state_dict(model_state)
+        path = self.run_dir / "export"
+        export(fresh.eval(), path)
+        log.info("exported final weights to %s", path)
+        return path
+
+    # ------------------------------------------------------------------ the loop
+    def _train_step(self, micro: list[Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        self.model.train()
+        sums: dict[str, torch.Tensor] = {}
+        n = len(micro)
+        for j, batch in enumerate(micro):
+            batch = to_device(batch, self.info.device)
+            with D.gradient_sync(self.model, enabled=j == n - 1):
+                with self._autocast():
+                    loss, metrics = self.task.loss(self.model, batch)
+                if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+                    raise TypeError(f"task {self.cfg.task.name}: loss() must return a scalar tensor first, got "
+                                    f"{type(loss).__name__} {getattr(loss, 'shape', '')}")
+                (loss / n).backward()
+            for k, v in {"loss": loss, **metrics}.items():
+                v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+                sums[k] = sums.get(k, 0) + v.to(self.info.device) / n
+        clip = self.cfg.optim.grad_clip or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip)
+        if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        return sums, grad_norm
+
+    def run(self, *, stop_after: int | None = None) -> dict[str, float]:
+        """Train to ``train.max_steps``; returns the last logged training metrics.
+
+        ``stop_after``: return right after that step without the final checkpoint, validation or export, as if
+        the process had been killed (for tests of resuming).
+        """
+        tc = self.cfg.train
+        is_main = self.info.is_main
+        if self.step >= tc.max_steps:
+            log.info("already at step %d of %d", self.step, tc.max_steps)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not (is_main and tc.progress), desc="train",
+                   dynamic_ncols=True)
+        window: dict[str, torch.Tensor] = {}
+        window_steps, window_tokens, skipped = 0, 0, 0
+        window_start = time.perf_counter()
+        last: dict[str, float] = {}
+        saved_at = start_step = self.step  # a resumed run starts right after its checkpoint
+        consecutive_bad = 0
+        data = self._steps()
+        try:
+            if self.step >= tc.max_steps:
+                data.close()
+            for epoch, s, micro, tokens in data:
+                lr = self.optimizer.param_groups[0]["lr"]
+                metrics, grad_norm = self._train_step(micro)
+                if self.info.distributed and tc.parallel == "fsdp" and self.step == start_step:
+                    D.check_sharded(self.module)
+                if torch.isfinite(grad_norm):
+                    self.optimizer.step()
+                    consecutive_bad = 0
+                else:
+                    skipped += 1
+                    consecutive_bad += 1
+                    log.warning("step %d: non-finite gradient norm, update skipped", self.step + 1)
+                    if consecutive_bad >= 10:
+                        raise RuntimeError("10 consecutive steps with non-finite gradients: training diverged")
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+                if self.ema is not None:
+                    self.ema.update(self.module)
+                self.step += 1
+                self.data_pos = (epoch, s + 1)
+                metrics["grad_norm"] = grad_norm.detach().float()
+                for k, v in metrics.items():
+                    window[k] = window.get(k, 0) + v
+                window_steps += 1
+                window_tokens += tokens
+                bar.update(1)
+
+                if self.step % tc.log_every == 0 or self.step == tc.max_steps:
+                    local = {k: float(v) / window_steps for k, v in window.items()}
+                    last = D.all_reduce_mean(local, self.info)
+                    elapsed = time.perf_counter() - window_start
+                    last.update(lr=lr, tokens_per_s=window_tokens / max(elapsed, 1e-9),
+                                tokens_per_step=window_tokens / window_steps, step_time_s=elapsed / window_steps,
+                                epoch=float(epoch), skipped_steps=float(skipped))
+                    if self.info.device.type == "cuda":
+                        last["mem_peak_gib"] = torch.cuda.max_memory_allocated(self.info.device) / 2**30
+                        torch.cuda.reset_peak_memory_stats(self.info.device)
+                    self.logger.log(self.step, last)
+                    bar.set_postfix(loss=f"{last['loss']:.4g}", lr=f"{lr:.2e}")
+                    window, window_steps, window_tokens = {}, 0, 0
+                    window_start = time.perf_counter()
+
+                paused = time.perf_counter()
+                if tc.ckpt_every and self.step % tc.ckpt_every == 0:
+                    self.save_checkpoint()
+                    saved_at = self.step
+                if tc.val_every and self.step % tc.val_every == 0:
+                    self.validate()
+                window_start += time.perf_counter() - paused  # checkpoints and validation are not step time
+                if stop_after is not None and self.step >= stop_after:
+                    return last
+                if self.step >= tc.max_steps:
+                    break
+            if saved_at != self.step:
+                self.save_checkpoint()
+            if tc.val_every and self.step % tc.val_every:
+                self.validate()
+            self.export()
+        finally:
+            data.close()  # shuts down the DataLoader workers
+            bar.close()
+            self.logger.close()
+        return last
+
+    def close(self) -> None:
+        """Leave the process group (if this trainer joined one)."""
+        D.shutdown_distributed()

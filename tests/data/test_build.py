@@ -1,0 +1,159 @@
+"""`d3s2 data build` on the tiny 0 A.D. fixture: files + manifest, resume, failures, shards, atomicity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trimesh
+
+from d3s2.cli import main
+from d3s2.data import build as build_mod
+from d3s2.data.build import (
+    AssetSource,
+    BuildConfig,
+    asset_images,
+    asset_path,
+    build,
+    load_asset,
+    parse_shard,
+    read_manifest,
+    resolve_sources,
+    select,
+)
+from d3s2.geometry.render import decode_png
+
+TINY = Path(__file__).resolve().parents[1] / "assets" / "0ad_tiny.npz"
+# A band of 2 voxels at 32³ (the default 1/128 is a quarter voxel there and may hold no voxel centre).
+ARGS = ["--resolutions", "32", "--band", "0.0625", "--views", "2", "--image-size", "32", "--no-progress"]
+CONFIG = BuildConfig(resolutions=(32,), views=2, image_size=32, band=0.0625)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("built")
+    assert main(["data", "build", "0ad", "--corpus", str(TINY), "--out", str(out), *ARGS]) == 0
+    return out
+
+
+def test_writes_one_file_per_asset_and_a_manifest(built):
+    records = read_manifest(built)
+    assert sorted(records) == [f"0ad/{n}" for n in ["gaia/bamboo_1", "props/ashoka_lion",
+                                                    "props/brit_workshop_ram_wheels", "skeletal/animal_boar",
+                                                    "structural/celt_house_a"]]
+    for name, rec in records.items():
+        assert rec["status"] == "ok" and rec["error"] is None
+        assert rec["triangles"] > 100 and rec["voxels"]["32"] > 0 and rec["blocks"]["32"] > 0
+        assert isinstance(rec["watertight"], bool) and rec["seconds"] > 0
+        arrays = load_asset(asset_path(built, name))
+        assert str(arrays["name"]) == name
+        assert len(arrays["sdf32/sdf"]) == rec["voxels"]["32"]
+        assert arrays["sdf32/coords"].min() >= 0 and arrays["sdf32/coords"].max() < 32
+        images = [decode_png(p) for p in asset_images(arrays)]
+        assert len(images) == 2 and images[0].shape == (32, 32, 4) and images[0][..., 3].max() == 255
+        assert arrays["render/intrinsics"].shape == (2, 3, 3) and arrays["render/world_to_camera"].shape == (2, 4, 4)
+    assert json.loads((built / "build.json").read_text())["resolutions"] == [32]
+    assert not list(built.rglob("*.tmp*"))
+
+
+def test_rerun_skips_finished_assets(built):
+    files = sorted(built.rglob("*.npz"))
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    summary = build(resolve_sources(["0ad"], corpus_path=str(TINY)), built, CONFIG, progress=False)
+    assert (summary.skipped, summary.built, summary.failed) == (5, 0, {})
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
+
+
+def test_other_settings_are_refused(built):
+    with pytest.raises(ValueError, match="views"):
+        build([], built, BuildConfig(resolutions=(32,), views=3, image_size=32, band=0.0625), progress=False)
+
+
+def test_deterministic(built, tmp_path):
+    sources = select(resolve_sources(["0ad"], corpus_path=str(TINY)), subset=2)
+    build(sources, tmp_path, CONFIG, progress=False)
+    for a in sources:
+        first, again = load_asset(asset_path(built, a.name)), load_asset(asset_path(tmp_path, a.name))
+        assert first.keys() == again.keys()
+        for k in first:
+            np.testing.assert_array_equal(first[k], again[k], err_msg=k)
+
+
+def test_bad_meshes_are_recorded_and_the_rest_goes_on(tmp_path):
+    src = tmp_path / "meshes"
+    (src / "sub").mkdir(parents=True)
+    trimesh.creation.box().export(src / "sub" / "good.obj")
+    (src / "garbage.ply").write_bytes(b"ply\nformat nonsense\n\x00\x01")
+    (src / "empty.obj").write_text("")
+    (src / "bad.pmd").write_bytes(b"NOPE" + bytes(40))
+    (src / "notes.txt").write_text("not a mesh")
+    out = tmp_path / "out"
+    summary = build(resolve_sources([str(src)]), out, CONFIG, progress=False)
+    assert summary.built == 1 and set(summary.failed) == {"meshes/garbage.ply", "meshes/empty.obj", "meshes/bad.pmd"}
+    assert asset_path(out, "meshes/sub/good.obj").exists()
+    for name, reason in summary.failed.items():
+        assert name.rsplit("/", 1)[1] in reason  # the reason names the file
+    assert "not a PMD file" in summary.failed["meshes/bad.pmd"]
+    records = read_manifest(out)
+    assert {n: r["status"] for n, r in records.items()} == {"meshes/sub/good.obj": "ok", "meshes/garbage.ply": "failed",
+                                                            "meshes/empty.obj": "failed", "meshes/bad.pmd": "failed"}
+    # A re-run retries only the failed ones, once fixed they build.
+    trimesh.creation.icosphere(2).export(src / "empty.obj")
+    again = build(resolve_sources([str(src)]), out, CONFIG, progress=False)
+    assert (again.skipped, again.built, set(again.failed)) == (1, 1, {"meshes/garbage.ply", "meshes/bad.pmd"})
+    assert read_manifest(out)["meshes/empty.obj"]["status"] == "ok"
+
+
+def test_shards_partition_the_assets(tmp_path):
+    names = [AssetSource(f"x/{i}", "p") for i in range(200)]
+    parts = [select(names, shard=(i, 3)) for i in range(3)]
+    assert sorted(a for p in parts for a in p) == sorted(names)
+    assert all(len(p) > 40 for p in parts)
+    sub = select(names, subset=50, seed=1)
+    assert len(sub) == 50 and sub == select(names, subset=50, seed=1) != select(names, subset=50, seed=2)
+    assert sorted(a for i in range(2) for a in select(names, shard=(i, 2), subset=50, seed=1)) == sub
+    # Two shards write into one folder, each with its own manifest; together they are the whole corpus.
+    sources = resolve_sources(["0ad:props", "0ad:gaia"], corpus_path=str(TINY))
+    for i in range(2):
+        build(select(sources, shard=(i, 2)), tmp_path, CONFIG, shard=(i, 2), progress=False)
+    assert sorted(p.name for p in tmp_path.glob("manifest*")) == ["manifest.0-of-2.jsonl", "manifest.1-of-2.jsonl"]
+    assert sorted(read_manifest(tmp_path)) == sorted(a.name for a in sources)
+    with pytest.raises(ValueError, match="0 <= i < n"):
+        parse_shard("2/2")
+
+
+def test_no_partial_file_on_failure(tmp_path, monkeypatch):
+    sources = select(resolve_sources(["0ad"], corpus_path=str(TINY)), subset=1)
+    stale = asset_path(tmp_path, "0ad/gaia/old").with_name("old.npz.tmp-s0of1-999")
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"left by a killed run")
+
+    def savez_then_die(fh, **arrays):
+        fh.write(b"PK partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(build_mod.np, "savez_compressed", savez_then_die)
+    summary = build(sources, tmp_path, CONFIG, progress=False)
+    assert list(summary.failed.values()) == ["OSError: disk full"]
+    assert not list((tmp_path / "assets").rglob("*.npz")) and not list(tmp_path.rglob("*.tmp*"))
+
+
+def test_process_pool(tmp_path, built):
+    # One asset: spawned workers start on demand, and each start imports torch (seconds on a busy CI box).
+    sources = select(resolve_sources(["0ad"], corpus_path=str(TINY)), subset=1)
+    summary = build(sources, tmp_path, CONFIG, workers=2, progress=False)
+    assert summary.built == 1 and read_manifest(tmp_path)[sources[0].name]["status"] == "ok"
+    a, b = load_asset(asset_path(tmp_path, sources[0].name)), load_asset(asset_path(built, sources[0].name))
+    np.testing.assert_array_equal(a["sdf32/coords"], b["sdf32/coords"])
+    np.testing.assert_array_equal(a["render/png"], b["render/png"])
+
+
+def test_sources_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="matches no mesh"):
+        resolve_sources([str(tmp_path / "*.obj")])
+    trimesh.creation.box().export(tmp_path / "a.obj")
+    assert [a.name for a in resolve_sources([str(tmp_path / "*.obj")])] == [f"{tmp_path.name}/a.obj"]
+    with pytest.raises(ValueError, match="multiples of 8"):
+        BuildConfig(resolutions=(30,))

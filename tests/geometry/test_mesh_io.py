@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+import trimesh
+
+from d3s2.geometry.mesh_io import MeshError, load_mesh, normalize_mesh, validate_mesh
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_load_formats_and_scene(tmp_path):
+    box = trimesh.creation.box(extents=(1, 2, 3))
+    for fmt in ("obj", "ply", "stl", "off", "glb"):
+        p = tmp_path / f"box.{fmt}"
+        box.export(p)
+        m = load_mesh(p)
+        assert len(m.faces) == 12
+        assert np.allclose(np.ptp(m.vertices, axis=0), [1, 2, 3], atol=1e-5)
+    # A scene with a translated node is merged in world coordinates.
+    scene = trimesh.Scene()
+    scene.add_geometry(box, transform=trimesh.transformations.translation_matrix([10, 0, 0]))
+    scene.add_geometry(box)
+    p = tmp_path / "scene.glb"
+    scene.export(p)
+    m = load_mesh(p)
+    assert len(m.faces) == 24 and m.vertices[:, 0].max() == pytest.approx(10.5, abs=1e-5)
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("empty.obj", "", "file is empty"),
+    ("nan.obj", "v 0 0 0\nv 1 0 0\nv nan 1 0\nf 1 2 3\n", "NaN or inf"),
+    ("inf.obj", "v 0 0 0\nv 1 0 0\nv inf 1 0\nf 1 2 3\n", "NaN or inf"),
+    ("nofaces.obj", "v 0 0 0\nv 1 0 0\nv 0 1 0\n", "no faces"),
+    ("degenerate.obj", "v 0 0 0\nv 1 0 0\nv 2 0 0\nf 1 2 3\nf 1 1 2\n", "degenerate"),
+    ("garbage.glb", "this is not a glb file", "unreadable"),
+    ("mesh.xyz", "1 2 3", "unsupported mesh format"),
+])
+def test_bad_files_raise_clear_errors(tmp_path, name, text, message):
+    p = _write(tmp_path / name, text)
+    with pytest.raises(MeshError, match=message) as err:
+        load_mesh(p)
+    assert str(p) in str(err.value)
+
+
+def test_missing_file_and_array_checks(tmp_path):
+    with pytest.raises(MeshError, match="no such file"):
+        load_mesh(tmp_path / "absent.obj")
+    with pytest.raises(MeshError, match="empty"):
+        validate_mesh(np.zeros((0, 3)), np.zeros((0, 3), dtype=int), name="arr")
+    with pytest.raises(MeshError, match="out of range"):
+        validate_mesh(np.eye(3), np.array([[0, 1, 5]]), name="arr")
+
+
+def test_normalize_roundtrip():
+    m = trimesh.creation.box(extents=(2, 4, 8))
+    m.apply_translation([5, -3, 1])
+    n, tf = normalize_mesh(m, scale=0.95)
+    assert np.abs(n.vertices).max() == pytest.approx(0.95)
+    assert np.allclose(tf.inverse(n.vertices), m.vertices)

@@ -1,0 +1,167 @@
+import igl
+import numpy as np
+import pytest
+import trimesh
+
+from d3s2.geometry.marching_cubes import marching_cubes_mesh
+from d3s2.geometry.sdf import SparseSDF, compute_sparse_sdf, voxel_centers
+
+
+def _box_sdf(p, half):
+    q = np.abs(p) - half
+    return np.linalg.norm(np.maximum(q, 0), axis=1) + np.minimum(q.max(axis=1), 0)
+
+
+@pytest.mark.parametrize("backend", ["igl", "torch"])
+def test_box_matches_analytic_sdf(backend):
+    half = np.array([0.5, 0.4, 0.3])
+    box = trimesh.creation.box(extents=2 * half)
+    r = 32
+    s = compute_sparse_sdf(box, r, band=2.9 / r, backend=backend)[r]
+    exact = _box_sdf(voxel_centers(s.coords, r), half)
+    assert len(s) > 1000
+    assert np.abs(s.sdf - exact).max() < 0.01 * (2 / r)
+    # Every voxel within the band is present, none outside it.
+    ax = np.arange(r)
+    grid = np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), -1).reshape(-1, 3)
+    assert (np.abs(_box_sdf(voxel_centers(grid, r), half)) < 2.9 / r).sum() == len(s)
+    # Flags: every box edge is sharp (90 degrees).
+    assert s.sharp.any() and not s.sharp.all()
+
+
+def test_sphere_matches_analytic_sdf():
+    sphere = trimesh.creation.icosphere(subdivisions=5, radius=0.6)
+    r = 32
+    s = compute_sparse_sdf(sphere, r, band=2 / r)[r]
+    exact = np.linalg.norm(voxel_centers(s.coords, r), axis=1) - 0.6
+    assert np.abs(s.sdf - exact).max() < 0.01 * (2 / r)
+    assert not s.sharp.any()
+
+
+def test_closed_inside_out_mesh_gets_the_same_signs():
+    sphere = trimesh.creation.icosphere(subdivisions=4, radius=0.6)
+    inverted = trimesh.Trimesh(sphere.vertices, sphere.faces[:, ::-1], process=False)
+    assert inverted.volume < 0
+    r = 32
+    a = compute_sparse_sdf(sphere, r, band=2 / r)[r]
+    b = compute_sparse_sdf(inverted, r, band=2 / r)[r]
+    assert np.array_equal(a.coords, b.coords)
+    np.testing.assert_allclose(a.sdf, b.sdf, atol=1e-6)
+    assert (a.sdf < 0).any() and (a.sdf > 0).any()
+
+
+@pytest.mark.parametrize("backend", ["igl", "torch"])
+def test_sign_agrees_with_winding_number_on_watertight_mesh(backend):
+    torus = trimesh.creation.torus(major_radius=0.55, minor_radius=0.25, major_sections=24, minor_sections=12)
+    assert torus.is_watertight
+    r = 40
+    s = compute_sparse_sdf(torus, r, band=5 / r, backend=backend)[r]
+    w = igl.fast_winding_number(torus.vertices, torus.faces.astype(np.int64), voxel_centers(s.coords, r))
+    assert ((s.sdf < 0) == (w >= 0.5)).all()
+    # The off-band inside bits of the blocks agree too.
+    blocks, target = s.block_targets()
+    vox = (blocks[:, None, :] * 8 + np.stack(np.meshgrid(*[np.arange(8)] * 3, indexing="ij"), -1).reshape(1, -1, 3))
+    wb = igl.fast_winding_number(torus.vertices, torus.faces.astype(np.int64),
+                                 voxel_centers(vox.reshape(-1, 3), r)).reshape(target.shape)
+    assert ((target < 0) == (wb >= 0.5)).mean() > 0.999
+
+
+def test_backends_give_the_same_answer():
+    mesh = trimesh.creation.icosphere(subdivisions=2, radius=0.5)
+    mesh.apply_translation([0.1, -0.05, 0.02])
+    a = compute_sparse_sdf(mesh, [24, 32], band=2 / 24, backend="igl")
+    b = compute_sparse_sdf(mesh, [24, 32], band=2 / 24, backend="torch")
+    for r in (24, 32):
+        assert np.array_equal(a[r].coords, b[r].coords)
+        assert np.abs(a[r].sdf - b[r].sdf).max() < 1e-5
+        assert np.array_equal(a[r].block_coords, b[r].block_coords)
+        assert np.array_equal(a[r].block_inside, b[r].block_inside)
+
+
+def _damaged_meshes():
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=0.6)
+    holes = sphere.copy()
+    holes.update_faces(holes.triangles_center[:, 2] < 0.4)  # an open cap
+    flipped = sphere.copy()
+    faces = flipped.faces.copy()
+    pick = np.random.default_rng(0).choice(len(faces), len(faces) // 10, replace=False)
+    faces[pick] = faces[pick][:, ::-1]
+    flipped = trimesh.Trimesh(flipped.vertices, faces, process=False)
+    dup = trimesh.Trimesh(sphere.vertices, np.concatenate([sphere.faces, sphere.faces]), process=False)
+    b1 = trimesh.creation.box(extents=(0.8, 0.8, 0.8))
+    b2 = b1.copy()
+    b2.apply_translation([0.4, 0.3, 0.2])
+    parts = trimesh.util.concatenate([b1, b2])  # two overlapping parts, self-intersecting
+    union = 2 * 0.512 - 0.4 * 0.5 * 0.6
+    full = 4 / 3 * np.pi * 0.6**3
+    cap = np.pi * 0.2**2 * (3 * 0.6 - 0.2) / 3  # the hole is closed by a roughly flat membrane at z ~ 0.4
+    return {"holes": (holes, full - cap), "flipped": (flipped, full), "duplicated": (dup, full),
+            "parts": (parts, union)}
+
+
+@pytest.mark.parametrize("name", ["holes", "flipped", "duplicated", "parts"])
+def test_damaged_meshes_give_closed_band_and_sensible_sign(name):
+    mesh, volume = _damaged_meshes()[name]
+    r = 32
+    s = compute_sparse_sdf(mesh, r, band=2 / r)[r]  # a one-voxel band, as at 256^3 with the default band
+    out = marching_cubes_mesh(s)
+    assert out.is_watertight
+    assert out.volume == pytest.approx(volume, rel=0.08)
+
+
+def test_block_targets_and_arrays_roundtrip():
+    mesh = trimesh.creation.icosphere(subdivisions=2, radius=0.5)
+    s = compute_sparse_sdf(mesh, 32, band=1.5 / 32)[32]
+    blocks, target = s.block_targets()
+    assert blocks.dtype == np.int32 and target.shape == (len(blocks), 512)
+    assert np.abs(target).max() <= s.band
+    # Voxel order inside a block: (lx, ly, lz) lexicographic.
+    b = np.nonzero((blocks == s.coords[0] // 8).all(1))[0][0]
+    lx, ly, lz = s.coords[0] % 8
+    assert target[b, (lx * 8 + ly) * 8 + lz] == s.sdf[0]
+    sub_blocks, sub_target = s.block_targets(4)
+    assert sub_target.shape == (8 * len(blocks), 64) and len(sub_blocks) == 8 * len(blocks)
+    again = SparseSDF.from_arrays(s.to_arrays())
+    assert np.array_equal(again.coords, s.coords) and np.array_equal(again.sharp, s.sharp)
+    assert np.array_equal(again.block_targets()[1], target)
+    with pytest.raises(ValueError, match="divide"):
+        s.block_targets(3)
+
+
+def test_round_trip_chamfer_below_half_voxel():
+    from d3s2.geometry.metrics import mesh_metrics
+
+    mesh = trimesh.creation.torus(major_radius=0.55, minor_radius=0.25, major_sections=48, minor_sections=24)
+    r = 48
+    s = compute_sparse_sdf(mesh, r, band=4 / r)[r]
+    out = marching_cubes_mesh(s.coords, s.sdf, r)  # band voxels only: a 2-voxel band is closed
+    assert out.is_watertight
+    m = mesh_metrics(out, mesh, num_samples=20000, num_volume_points=20000)
+    assert m["chamfer_l1"] < 0.5 * (2 / r)
+    assert m["volume_iou"] > 0.95
+
+
+def test_bad_arguments():
+    mesh = trimesh.creation.icosphere(subdivisions=1, radius=0.5)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        compute_sparse_sdf(mesh, 30)
+    with pytest.raises(ValueError, match="normalise"):
+        compute_sparse_sdf(trimesh.creation.icosphere(radius=3.0), 32)
+    with pytest.raises(ValueError, match="unknown SDF backend"):
+        compute_sparse_sdf(mesh, 16, backend="nope")
+
+
+def test_open_sheet_becomes_a_thin_closed_shell():
+    sheet = trimesh.Trimesh([[-0.5, -0.5, 0.01], [0.5, -0.5, 0.01], [0.5, 0.5, 0.01], [-0.5, 0.5, 0.01]],
+                            [[0, 1, 2], [0, 2, 3]], process=False)
+    sphere = trimesh.creation.icosphere(subdivisions=2, radius=0.2)
+    sphere.apply_translation([0, 0, 0.5])
+    r = 32
+    s = compute_sparse_sdf(trimesh.util.concatenate([sheet, sphere]), r, band=4 / r)[r]
+    out = marching_cubes_mesh(s)
+    assert out.is_watertight
+    parts = out.split(only_watertight=True)
+    assert len(parts) == 2
+    slab = min(parts, key=lambda m: abs(m.center_mass[2] - 0.01))
+    eps = 2 / r  # one voxel each side of the sheet, rounded along the rim
+    assert slab.volume == pytest.approx(1.0 * 2 * eps + 4 * np.pi * eps**2 / 2, rel=0.05)

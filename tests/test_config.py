@@ -1,0 +1,124 @@
+"""Strict config loading: unknown keys, type mismatches, YAML quirks, --a.b=c overrides, run records."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Literal
+
+import pytest
+
+from d3s2.config import (
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    from_dict,
+    load_yaml,
+    parse_overrides,
+    to_dict,
+    write_run_record,
+)
+
+
+@dataclasses.dataclass(kw_only=True)
+class Inner:
+    width: int = 4
+    scale: float = 1.0
+    mode: Literal["a", "b"] = "a"
+
+
+@dataclasses.dataclass(kw_only=True)
+class Outer:
+    name: str
+    inner: Inner = dataclasses.field(default_factory=Inner)
+    flags: list[bool] = dataclasses.field(default_factory=list)
+    betas: tuple[float, float] = (0.9, 0.99)
+    note: str | None = None
+    use_x: bool = False
+
+
+def test_valid_nested_and_defaults():
+    cfg = from_dict(Outer, {"name": "n", "inner": {"width": 8, "scale": 2}, "betas": [0.5, 0.6], "flags": [True]})
+    assert cfg.inner == Inner(width=8, scale=2.0, mode="a")
+    assert isinstance(cfg.inner.scale, float)  # an int is accepted where a float is expected
+    assert cfg.betas == (0.5, 0.6) and cfg.flags == [True] and cfg.note is None
+    assert from_dict(Outer, to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"name": "n", "widht": 3}, "unknown key widht; Outer accepts: name, inner"),
+    ({"name": "n", "inner": {"widht": 3}}, "unknown key inner.widht; inner accepts: width, scale, mode"),
+    ({"name": "n", "inner": {"width": "3"}}, "inner.width: expected int, got str ('3')"),
+    ({"name": "n", "inner": {"width": 3.5}}, "inner.width: expected int, got float"),
+    ({"name": "n", "inner": {"width": True}}, "inner.width: expected int, got bool"),
+    ({"name": "n", "use_x": 1}, "use_x: expected bool, got int"),
+    ({"name": "n", "inner": {"mode": "c"}}, "inner.mode: expected one of ['a', 'b'], got 'c'"),
+    ({"name": "n", "betas": [0.1]}, "betas: expected 2 items, got 1"),
+    ({"name": "n", "flags": [True, "no"]}, "flags[1]: expected bool, got str"),
+    ({"name": "n", "inner": 3}, "inner: expected a mapping for Inner, got int"),
+    ({"name": 5}, "name: expected str, got int"),
+    ({}, "missing required key name (str)"),
+])
+def test_rejects_bad_configs_with_path(data, message):
+    with pytest.raises(ConfigError) as err:
+        from_dict(Outer, data)
+    assert message in str(err.value)
+
+
+def test_yaml_reads_exponent_floats_and_rejects_duplicates(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-4\nbig: 2E+3\nname: 1e\n")
+    assert load_yaml(path) == {"lr": 1e-4, "big": 2000.0, "name": "1e"}
+    path.write_text("a: 1\nb: 2\na: 3\n")
+    with pytest.raises(ConfigError, match="duplicate key 'a' at line 3"):
+        load_yaml(path)
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping at the top level"):
+        load_yaml(path)
+    with pytest.raises(FileNotFoundError):
+        load_yaml(tmp_path / "missing.yaml")
+
+
+def test_overrides_are_typed_by_the_schema():
+    data = {"name": "n", "inner": {"width": 4}}
+    ov = parse_overrides(["--inner.width=16", "--inner.scale=1e-3", "--name=123", "--betas=[0.8, 0.95]",
+                          "--note=null", "--use_x=true", "inner.mode=b"])
+    cfg = from_dict(Outer, apply_overrides(data, ov))
+    assert cfg.inner.width == 16 and cfg.inner.scale == 1e-3 and cfg.inner.mode == "b"
+    assert cfg.name == "123"  # a str field keeps the raw text
+    assert cfg.betas == (0.8, 0.95) and cfg.note is None and cfg.use_x is True
+    assert data == {"name": "n", "inner": {"width": 4}}  # the input is not modified
+
+
+def test_override_errors():
+    with pytest.raises(ConfigError, match=r"inner.width \(from --inner.width=ten\): expected int, got str"):
+        from_dict(Outer, apply_overrides({"name": "n"}, parse_overrides(["--inner.width=ten"])))
+    with pytest.raises(ConfigError, match="unknown key inner.depth"):
+        from_dict(Outer, apply_overrides({"name": "n"}, parse_overrides(["--inner.depth=2"])))
+    with pytest.raises(ConfigError, match="name is not a section"):
+        apply_overrides({"name": "n"}, parse_overrides(["--name.x=2"]))
+    for bad in ["--inner.width", "--=3", "--a..b=1", "--1a=2"]:
+        with pytest.raises(ConfigError, match="expected an override of the form"):
+            parse_overrides([bad])
+
+
+def test_train_config_schema_checks():
+    base = {"task": {"name": "toy"}, "train": {"max_steps": 10}}
+    cfg = from_dict(TrainConfig, base)
+    assert cfg.optim.betas == (0.9, 0.999) and cfg.data.micro_batches_per_step == 1
+    with pytest.raises(ConfigError, match="train: max_steps, log_every and keep_last must be >= 1"):
+        from_dict(TrainConfig, {**base, "train": {"max_steps": 0}})
+    with pytest.raises(ConfigError, match="ema.decay must be in"):
+        from_dict(TrainConfig, {**base, "ema": {"decay": 1.0}})
+    with pytest.raises(ConfigError, match="train.parallel: expected one of"):
+        from_dict(TrainConfig, {**base, "train": {"max_steps": 3, "parallel": "tp"}})
+
+
+def test_run_record(tmp_path):
+    cfg = from_dict(Outer, {"name": "n"})
+    write_run_record(tmp_path, cfg, command=["d3s2", "train", "toy"], seed=7, extra={"world_size": 2})
+    assert load_yaml(tmp_path / "config.yaml")["inner"]["width"] == 4
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["command"] == ["d3s2", "train", "toy"] and record["seed"] == 7 and record["world_size"] == 2
+    assert set(record["git"]) == {"commit", "dirty"}
+    assert not list(tmp_path.glob(".*tmp"))

@@ -1,0 +1,50 @@
+"""Atomic writes, checkpoint rotation and RNG state round trips."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from d3s2.train import checkpoint as ck
+
+
+def test_failed_write_leaves_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "step_00000001.pt"
+    ck.atomic_save({"x": torch.arange(3)}, path)
+
+    def broken_save(obj, f):
+        f.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ck.atomic_save({"x": torch.arange(5)}, path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001.pt"]
+    assert torch.equal(torch.load(path)["x"], torch.arange(3))
+    with pytest.raises(KeyboardInterrupt):
+        ck.atomic_write(tmp_path / "new.bin", lambda f: (f.write(b"ab"), (_ for _ in ()).throw(KeyboardInterrupt())))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001.pt"]
+
+
+def test_checkpoint_dir_keeps_last(tmp_path):
+    d = ck.CheckpointDir(tmp_path / "ckpt", keep_last=2)
+    assert d.latest() is None and d.list() == []
+    for step in (5, 10, 15):
+        d.save(step, {"step": step})
+    (tmp_path / "ckpt" / "notes.txt").write_text("ignored")
+    assert [p.name for p in d.list()] == ["step_00000010.pt", "step_00000015.pt"]
+    assert d.load(d.latest())["step"] == 15
+    with pytest.raises(FileNotFoundError):
+        d.load(tmp_path / "nope.pt")
+
+
+def test_rng_state_round_trip():
+    state = ck.capture_rng_state()
+    first = (random.random(), np.random.rand(), torch.rand(2))
+    ck.restore_rng_state(state)
+    second = (random.random(), np.random.rand(), torch.rand(2))
+    assert first[0] == second[0] and first[1] == second[1] and torch.equal(first[2], second[2])

@@ -1,0 +1,94 @@
+"""Token-budget packing and the step-wise split of micro-batches over ranks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from d3s2.train.data import StepBatchSampler, item_rng, pack_batches, rank_share
+
+
+def _lengths(n=200, seed=0):
+    return np.random.default_rng(seed).integers(1, 120, size=n).tolist()
+
+
+def test_pack_respects_budget_and_covers_every_item_once():
+    lengths = _lengths() + [500]  # one item over budget
+    batches = pack_batches(lengths, max_tokens=300, max_batch_size=6, seed=1, epoch=0, sort_window=32)
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= 6
+        assert sum(lengths[i] for i in b) <= 300 or (len(b) == 1 and lengths[b[0]] > 300)
+    # First-fit-decreasing inside windows packs densely: few batches beyond the lower bound.
+    assert len(batches) <= 1.25 * sum(lengths) / 300 + 8
+
+
+def test_pack_is_deterministic_and_changes_per_epoch():
+    lengths = _lengths()
+    a = pack_batches(lengths, max_tokens=300, seed=3, epoch=2)
+    assert a == pack_batches(lengths, max_tokens=300, seed=3, epoch=2)
+    assert a != pack_batches(lengths, max_tokens=300, seed=3, epoch=3)
+    ordered = pack_batches(lengths, max_tokens=300, shuffle=False, sort_window=1)
+    assert [i for b in ordered for i in b] == list(range(len(lengths)))  # no shuffle, no sorting: input order
+
+
+def test_pack_keeps_groups_apart():
+    lengths = _lengths(100)
+    groups = [i % 3 for i in range(100)]
+    for b in pack_batches(lengths, max_tokens=400, groups=groups, seed=0):
+        assert len({groups[i] for i in b}) == 1
+    with pytest.raises(ValueError, match="one group per item"):
+        pack_batches(lengths, max_tokens=400, groups=groups[:5])
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_ranks_split_each_step_of_the_same_plan(world):
+    plan = [[i] for i in range(23)]  # 23 micro-batches, 4 per step -> 5 steps, 3 dropped
+    per_rank = [list(StepBatchSampler(plan, micro_batches_per_step=4, rank=r, world_size=world, start_step=1))
+                for r in range(world)]
+    a = 4 // world
+    assert all(len(p) == 4 * a for p in per_rank)
+    for step in range(4):  # steps 1..4
+        union = sorted(x for p in per_rank for b in p[step * a: (step + 1) * a] for x in b)
+        assert union == list(range(4 * (step + 1), 4 * (step + 2)))
+    with pytest.raises(ValueError, match="must be divisible by the number of processes"):
+        StepBatchSampler(plan, micro_batches_per_step=3, rank=0, world_size=2)
+
+
+def test_rank_share_equal_counts():
+    plan = [[i] for i in range(5)]
+    shares = [rank_share(plan, rank=r, world_size=3) for r in range(3)]
+    assert [len(s) for s in shares] == [2, 2, 2]
+    assert sorted({x for s in shares for b in s for x in b}) == list(range(5))
+    assert rank_share([], rank=0, world_size=2) == []
+
+
+def test_item_rng():
+    assert item_rng(1, 2, 3).random() == item_rng(1, 2, 3).random()
+    assert item_rng(1, 2, 3).random() != item_rng(1, 2, 4).random()
+    with pytest.raises(ValueError):
+        item_rng(-1)
+
+
+def test_token_lengths_sources():
+    from d3s2.train.task import token_lengths
+
+    class PerItem:
+        def __len__(self):
+            return 3
+
+        def num_tokens(self, i):
+            return 10 * i
+
+    class Counts(PerItem):
+        token_counts = [5, 6, 7]
+
+    class Bad:
+        def __len__(self):
+            return 1
+
+    assert token_lengths(PerItem()) == [0, 10, 20]
+    assert token_lengths(Counts()) == [5, 6, 7]
+    with pytest.raises(TypeError, match="needs token_counts or num_tokens"):
+        token_lengths(Bad())

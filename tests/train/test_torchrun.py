@@ -1,0 +1,58 @@
+"""Two processes under torchrun (gloo, CPU) train like one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import d3s2
+from d3s2.train.trainer import Trainer
+
+from .conftest import TINY, _merge
+
+
+def _rows(run_dir: Path, split: str) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == split]
+
+
+def test_two_processes_match_one(tmp_path, tiny_cfg):
+    data = _merge(TINY, {"train": {"max_steps": 3, "val_every": 3}, "data": {"micro_batches_per_step": 2}})
+    (tmp_path / "cfg.json").write_text(json.dumps(data))
+    src = str(Path(d3s2.__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([src, env.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__).with_name("ddp_worker.py")), str(tmp_path / "cfg.json"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    single = Trainer(tiny_cfg(train={"max_steps": 3, "val_every": 3}, data={"micro_batches_per_step": 2}),
+                     tmp_path / "one")
+    single.run()
+    ref = dict(single.module.named_parameters())
+
+    r0, r1 = torch.load(tmp_path / "ddp_rank0.pt"), torch.load(tmp_path / "ddp_rank1.pt")
+    for name, p in r0["local"].items():
+        assert torch.equal(p, r1["local"][name]), f"DDP ranks differ in {name}"
+        torch.testing.assert_close(p, ref[name].detach(), rtol=1e-5, atol=1e-6, msg=name)
+    fsdp = torch.load(tmp_path / "fsdp_rank0.pt")["full"]
+    assert set(fsdp) == set(ref)
+    for name, p in fsdp.items():
+        torch.testing.assert_close(p, ref[name].detach(), rtol=1e-5, atol=1e-6, msg=f"FSDP {name}")
+    ref_val = _rows(tmp_path / "one", "val")
+    for mode in ("ddp", "fsdp"):
+        torch.testing.assert_close([r["loss"] for r in _rows(tmp_path / mode, "train")],
+                                   [r["loss"] for r in _rows(tmp_path / "one", "train")], rtol=1e-5, atol=1e-6)
+        val = _rows(tmp_path / mode, "val")  # both ranks validated their share, averaged
+        assert len(val) == 1 and val[0]["mse"] == pytest.approx(ref_val[0]["mse"], rel=1e-4)
+        assert (tmp_path / mode / "checkpoints" / "step_00000003.pt").is_file()
+        assert (tmp_path / mode / "export" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "ddp" / "run.json").read_text())["world_size"] == 2

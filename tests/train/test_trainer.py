@@ -1,0 +1,142 @@
+"""The training loop on the toy task: it learns, resumes to identical losses, and the CLI drives it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from d3s2.cli import main
+from d3s2.config import ConfigError
+from d3s2.train.checkpoint import CheckpointDir
+from d3s2.train.trainer import Trainer, lr_lambda
+
+
+def _losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+
+
+def test_toy_overfits(tmp_path, tiny_cfg):
+    cfg = tiny_cfg(task={"args": {"num_train": 2, "num_val": 2, "flip": False}},
+                   train={"max_steps": 40, "log_every": 5, "val_every": 20},
+                   data={"micro_batches_per_step": 1, "max_tokens": 4000}, optim={"lr": 1e-2})
+    trainer = Trainer(cfg, tmp_path, command=["test"])
+    trainer.run()
+    losses = _losses(tmp_path)
+    assert losses[40] < 0.1 * losses[5], losses
+    val = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()
+           if '"val"' in line]
+    assert [v["step"] for v in val] == [20, 40] and all(0 <= v["sign_acc"] <= 1 for v in val)
+    assert (tmp_path / "val" / "step_00000040" / "snapshot.npz").is_file()
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+    assert [p.name for p in CheckpointDir(tmp_path / "checkpoints").list()] == ["step_00000040.pt"]
+
+
+def test_kill_and_resume_reproduces_losses(tmp_path, tiny_cfg):
+    # Workers + key-derived flips, EMA, warmup, epochs ending mid-run: everything resume must restore.
+    sections = {"train": {"max_steps": 7, "ckpt_every": 3}, "data": {"num_workers": 1}}
+    full = tmp_path / "full"
+    Trainer(tiny_cfg(**sections), full).run()
+    ref = _losses(full)
+
+    killed = tmp_path / "killed"
+    Trainer(tiny_cfg(**sections), killed).run(stop_after=5)  # dies after step 5; step 3 is the last checkpoint
+    with pytest.raises(RuntimeError, match="already has checkpoints"):
+        Trainer(tiny_cfg(**sections), killed)
+    resumed = Trainer(tiny_cfg(**sections), killed, resume="latest")
+    assert resumed.step == 3
+    resumed.run()
+    got = _losses(killed)  # steps 4, 5 were logged twice: the resumed values come last
+    assert [got[s] for s in range(4, 8)] == [ref[s] for s in range(4, 8)]
+    a = CheckpointDir.load(full / "checkpoints" / "step_00000007.pt")
+    b = CheckpointDir.load(killed / "checkpoints" / "step_00000007.pt")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+        if key in a["ema"]["params"]:
+            assert torch.equal(a["ema"]["params"][key], b["ema"]["params"][key]), key
+    assert a["data"] == b["data"] and a["scheduler"] == b["scheduler"]
+
+
+def test_lr_schedule():
+    kw = {"warmup_steps": 4, "max_steps": 14, "schedule": "cosine", "min_lr_ratio": 0.1}
+    values = [lr_lambda(s, **kw) for s in range(14)]
+    assert values[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert values[4] == 1.0 and values[9] == pytest.approx(0.55) and values[-1] > 0.1
+    assert lr_lambda(100, **kw) == pytest.approx(0.1)
+    assert lr_lambda(7, **{**kw, "schedule": "constant"}) == 1.0
+
+
+def test_cli_train_and_errors(tmp_path, capsys):
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(
+        "task: {name: toy, args: {num_train: 4, num_val: 0, resolution: 8, channels: 8}}\n"
+        "train: {max_steps: 50, log_every: 1, progress: false, device: cpu}\n"
+        "data: {max_tokens: 2000, num_workers: 0}\nema: {decay: 0.0}\n")
+    out = tmp_path / "run"
+    args = ["train", "toy", "--config", str(cfg_path), "--out", str(out), "--max-steps", "2", "--optim.lr=1e-3",
+            "--seed=3"]
+    assert main(args) == 0
+    saved = (out / "config.yaml").read_text()
+    assert "max_steps: 2" in saved and "lr: 0.001" in saved and "seed: 3" in saved and "channels: 8" in saved
+    assert json.loads((out / "run.json").read_text())["command"][:4] == ["d3s2", "train", "toy", "--config"]
+    assert sorted(_losses(out)) == [1, 2]
+    # Resuming a finished run is a no-op that keeps its checkpoint.
+    assert main([*args, "--resume"]) == 0
+    assert [p.name for p in CheckpointDir(out / "checkpoints").list()] == ["step_00000002.pt"]
+
+    assert main(["train", "vae", "--config", str(cfg_path), "--out", str(tmp_path / "x")]) == 1
+    assert "task 'toy' is a 'toy' task; run `d3s2 train toy`" in capsys.readouterr().err
+    assert main(["train", "toy", "--config", str(cfg_path), "--out", str(tmp_path / "y"), "--optim.lrr=1"]) == 1
+    assert "unknown key optim.lrr" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"task.args.channels \(from --task.args.channels=x\): expected int"):
+        main(["-v", "train", "toy", "--config", str(cfg_path), "--task.args.channels=x"])
+
+
+def test_to_device_walks_batches():
+    from collections import namedtuple
+    from dataclasses import dataclass
+
+    from d3s2.sparse import SparseTensor
+    from d3s2.train.trainer import to_device
+
+    @dataclass
+    class B:
+        t: torch.Tensor
+        k: int
+
+    P = namedtuple("P", "a b")
+    st = SparseTensor.from_samples([torch.zeros(1, 3, dtype=torch.int32)], [torch.ones(1, 2)], resolution=4)
+    batch = {"st": st, "dc": B(torch.ones(2), 3), "nt": P(torch.zeros(1), "s"), "l": [torch.ones(1)], "n": None}
+    moved = to_device(batch, torch.device("cpu"))
+    assert isinstance(moved["st"], SparseTensor) and moved["dc"].k == 3 and moved["nt"].b == "s"
+    assert isinstance(moved["nt"], P) and moved["n"] is None and torch.equal(moved["l"][0], torch.ones(1))
+
+
+def test_committed_toy_config_loads():
+    from pathlib import Path
+
+    from d3s2.train.trainer import load_train_config
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "debug" / "tiny_toy.yaml"
+    cfg = load_train_config(path, ["--train.max_steps=3"])
+    assert cfg.task.name == "toy" and cfg.train.max_steps == 3 and cfg.task.args.resolution == 16
+
+
+def test_init_from_checkpoint_or_export(tmp_path, tiny_cfg):
+    from safetensors.torch import load_file
+
+    Trainer(tiny_cfg(train={"max_steps": 2}), tmp_path / "a").run()
+    ckpt = CheckpointDir.load(tmp_path / "a" / "checkpoints" / "step_00000002.pt")
+    b = Trainer(tiny_cfg(train={"init_from": str(tmp_path / "a" / "checkpoints" / "step_00000002.pt")}),
+                tmp_path / "b")
+    for name, p in b.module.named_parameters():
+        assert torch.equal(p, ckpt["ema"]["params"][name]), name
+    assert not torch.equal(ckpt["ema"]["params"]["stem.weight"], ckpt["model"]["stem.weight"])
+    c = Trainer(tiny_cfg(train={"init_from": str(tmp_path / "a" / "export")}), tmp_path / "c")
+    exported = load_file(str(tmp_path / "a" / "export" / "model.safetensors"))
+    for name, p in c.module.named_parameters():
+        assert torch.equal(p, exported[name]), name
+    with pytest.raises(FileNotFoundError, match="train.init_from"):
+        Trainer(tiny_cfg(train={"init_from": str(tmp_path / "nope.pt")}), tmp_path / "d")
