@@ -272,6 +272,21 @@ def test_fused_qkv_and_kv_packing(folders):
         torch.testing.assert_close(ca(x, ConditionTokens(ctx))[0], expect, atol=1e-4, rtol=1e-4)
 
 
+def test_sparse_vae_fused_qkv_packing(folders):
+    """SS-VAE to_qkv rows [q | k | v], 8 heads × 64; tokens inside one 8³ window attend to each other only."""
+    m = loaded(folders, "v1.1", "sparse_vae_512")
+    attn = fp32(m.encoder.blocks[0].attn)
+    g = torch.Generator().manual_seed(0)
+    coords = torch.tensor([[0, 0, 0], [1, 2, 3], [7, 7, 7], [4, 0, 6], [2, 5, 1]])
+    x = SparseTensor.from_samples([coords], [torch.zeros(5, 1)], resolution=64)
+    h = torch.randn(5, 512, generator=g)
+    w, b, c = attn.to_qkv.weight, attn.to_qkv.bias, 512
+    q, k, v = ((h @ w[i * c:(i + 1) * c].T + b[i * c:(i + 1) * c]).view(5, 8, 64) for i in range(3))
+    expect = _manual_attention(q, k, v) @ attn.to_out.weight.T + attn.to_out.bias
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, h), expect, atol=1e-4, rtol=1e-4)
+
+
 def test_dense_pos_emb_layout_and_mismatch_warning(folders, caplog):
     """The stored table is checked against d3s2's APE: row 256x + 16y + z, [sin | cos] per axis, x, y, z."""
     m = loaded(folders, "v1.1", "dense_dit")
