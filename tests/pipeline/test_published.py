@@ -83,7 +83,7 @@ def test_component_loads_strictly_every_key_in_place(folders, version, name):
     assert not model.training
 
 
-def test_load_published_groups_files_and_converts_dtype(folders):
+def test_load_published_subset_device_and_dtype(folders):
     models = pub.load_published(folders["v1.1"], ["refiner_1024"], device="meta", dtype=torch.bfloat16)
     m = models["refiner_1024"]
     assert {(p.dtype, p.device.type) for p in m.parameters()} == {(torch.bfloat16, "meta")}
