@@ -22,14 +22,6 @@ from .synthetic import PUBLISHED, VERSIONS, entries, random_state_dict, referenc
 COMPONENTS = list(pub.COMPONENTS)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """One synthetic published folder per version (v1.0 and v1.1 share all files but the sparse ones)."""
