@@ -16,6 +16,7 @@ from d3s2.models.registry import (
 )
 from d3s2.models.vae import SparseSDFVAE
 from d3s2.models.vae.dense_vae import DenseShapeVAE
+from d3s2.ops._backend import use_backend
 from tests.models.vae._cases import random_latent
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -38,7 +39,8 @@ def test_save_load_round_trip(tmp_path):
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
     z = random_latent([3], resolution=4, channels=8)
-    with torch.no_grad():
+    # torch reference ops: other test modules may have set TRITON_INTERPRET=1 process-wide
+    with torch.no_grad(), use_backend("conv", "torch"), use_backend("block_attn", "torch"):
         assert torch.equal(model.eval().decode(z).feats, loaded.decode(z).feats)
 
 

@@ -159,3 +159,20 @@ def test_input_validation():
         model.decode(x)
     with pytest.raises(ValueError, match="not divisible by num_groups"):
         tiny_config(down_channels=[8, 10, 16])
+
+
+def test_batch_from_blocks_normalises_by_tau():
+    # the layout of d3s2.data.collate_sparse: world-unit SDF, blocks at R/8 with 512 columns (z fastest)
+    coords, sdf, blocks, block_sdf = sphere_sample(16, 5.0, tau=1.0)  # SDF in voxel units
+    x = sp.SparseTensor.from_samples([coords.to(torch.int32)], [sdf[:, None]], resolution=16)
+    bl = sp.SparseTensor.from_samples([blocks.to(torch.int32)], [block_sdf * 3.0], resolution=2)
+    batch = SparseSDFBatch.from_blocks(x, bl, tau=2.0)
+    torch.testing.assert_close(batch.sdf.feats, sdf[:, None] / 2.0)
+    assert batch.target.feats.abs().max() <= 1.0
+    # voxel (bx·8 + lx, ...) holds column (lx·8 + ly)·8 + lz of its block
+    row = 5 * 512 + (3 * 8 + 1) * 8 + 6
+    b = blocks[5]
+    assert batch.target.coords[row].tolist() == [0, int(b[0]) * 8 + 3, int(b[1]) * 8 + 1, int(b[2]) * 8 + 6]
+    assert batch.target.feats[row, 0] == (block_sdf[5, row - 5 * 512] * 3.0 / 2.0).clamp(-1, 1)
+    with pytest.raises(ValueError, match="expected blocks"):
+        SparseSDFBatch.from_blocks(x, bl.replace(bl.feats[:, :8]))

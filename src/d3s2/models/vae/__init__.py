@@ -1,5 +1,6 @@
 """The VAEs: SS-VAE (sparse SDF ↔ sparse latent) and the dense structure VAE (64³ occupancy ↔ 8 × 16³)."""
 
+from .dense_vae import DenseShapeVAE, DenseShapeVAEConfig, DenseShapeVAEOutput, DenseVAELossWeights
 from .distributions import DiagonalGaussian
 from .losses import SDFLossWeights, sparse_sdf_loss
 from .sparse_sdf_vae import (
@@ -12,6 +13,7 @@ from .sparse_sdf_vae import (
 )
 
 __all__ = [
-    "DiagonalGaussian", "SDFLossWeights", "sparse_sdf_loss", "SparseSDFBatch", "SparseSDFDecoder",
-    "SparseSDFEncoder", "SparseSDFVAE", "SparseSDFVAEConfig", "SparseSDFVAEOutput",
+    "DenseShapeVAE", "DenseShapeVAEConfig", "DenseShapeVAEOutput", "DenseVAELossWeights", "DiagonalGaussian",
+    "SDFLossWeights", "sparse_sdf_loss", "SparseSDFBatch", "SparseSDFDecoder", "SparseSDFEncoder", "SparseSDFVAE",
+    "SparseSDFVAEConfig", "SparseSDFVAEOutput",
 ]

@@ -13,7 +13,8 @@ LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 class DiagonalGaussian:
     """``N(mean, exp(logvar))`` per element, built from an encoder output whose channel halves are
-    ``[mean | logvar]`` along ``dim``.
+    ``[mean | logvar]`` along ``dim``. Held in float32 whatever the encoder's (autocast) dtype, so latents
+    handed to the DiT and the KL do not carry bf16 rounding.
 
     Args:
         params: encoder output with ``2·C`` channels along ``dim`` (``[N, 2C]`` sparse, ``[B, 2C, ...]`` dense).
@@ -23,7 +24,7 @@ class DiagonalGaussian:
     def __init__(self, params: torch.Tensor, dim: int = 1) -> None:
         if params.shape[dim] % 2:
             raise ValueError(f"expected an even channel count on dim {dim}, got shape {tuple(params.shape)}")
-        self.mean, logvar = params.chunk(2, dim=dim)
+        self.mean, logvar = params.float().chunk(2, dim=dim)
         self.logvar = logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
     @property
@@ -40,5 +41,4 @@ class DiagonalGaussian:
 
     def kl(self) -> torch.Tensor:
         """``KL(q || N(0, I))`` averaged over all elements (fp32 scalar)."""
-        mean, logvar = self.mean.float(), self.logvar.float()
-        return 0.5 * torch.mean(mean.pow(2) + logvar.exp() - 1.0 - logvar)
+        return 0.5 * torch.mean(self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar)

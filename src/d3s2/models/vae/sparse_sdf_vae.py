@@ -59,7 +59,7 @@ class SparseSDFVAEConfig:
                              f"{self.up_channels}")
         if self.model_channels % self.num_heads:
             raise ValueError(f"model_channels {self.model_channels} not divisible by num_heads {self.num_heads}")
-        for c in [*self.down_channels[1:], self.model_channels]:
+        for c in [*self.down_channels, self.model_channels]:
             if c % self.num_groups:
                 raise ValueError(f"channel count {c} not divisible by num_groups {self.num_groups}")
 
@@ -218,25 +218,24 @@ def decode_region(head: Head, h: sp.SparseTensor, lo: Sequence[int], hi: Sequenc
 
 
 def decode_chunked(head: Head, h: sp.SparseTensor, chunk_size: int, padding: int) -> sp.SparseTensor:
-    """Apply ``head`` chunk by chunk over a grid of ``chunk_size³`` latent boxes with a ``padding`` halo.
+    """Apply ``head`` chunk by chunk over the occupied ``chunk_size³`` latent boxes with a ``padding`` halo.
 
     With ``padding`` at least the head's receptive radius in latent voxels (≈2.6 for the SS-VAE decoder) the
     result equals ``head(h)`` voxel for voxel, in the same order; peak memory scales with the chunk volume.
     """
     r = h.resolution
+    if h.num_voxels == 0:
+        return head(h)
     pieces: list[sp.SparseTensor] = []
     sources: list[torch.Tensor] = []
-    starts = range(0, r, chunk_size)
-    for x0 in starts:
-        for y0 in starts:
-            for z0 in starts:
-                lo = (x0, y0, z0)
-                hi = tuple(min(r, a + chunk_size) for a in lo)
-                if not bool(_box_mask(h.coords, lo, hi).any()):
-                    continue
-                out, src = decode_region(head, h, lo, hi, padding)
-                pieces.append(out)
-                sources.append(src)
+    # Only boxes holding latent voxels (at 1024³ most of the grid is empty).
+    boxes = torch.unique(torch.div(h.coords[:, 1:], chunk_size, rounding_mode="floor"), dim=0)  # [NC, 3]
+    for box in boxes.tolist():
+        lo = tuple(b * chunk_size for b in box)
+        hi = tuple(min(r, a + chunk_size) for a in lo)
+        out, src = decode_region(head, h, lo, hi, padding)
+        pieces.append(out)
+        sources.append(src)
     src = torch.cat(sources)
     # Put the 512-voxel groups back in latent row order, which is the unchunked output order.
     group_order = torch.argsort(src)
@@ -280,6 +279,45 @@ class SparseSDFBatch:
         return self.sdf.num_voxels
 
     @classmethod
+    def from_blocks(cls, sdf: sp.SparseTensor, blocks: sp.SparseTensor, *, sharp: torch.Tensor | None = None,
+                    tau: float = 1.0, factor: float | None = None) -> SparseSDFBatch:
+        """Build from batched tensors (the layout of ``d3s2.data.collate_sparse``).
+
+        Args:
+            sdf: band voxels, feats ``[N, 1]`` SDF at resolution R (in the units of ``tau``).
+            blocks: occupied 8³ blocks, feats ``[NB, 512]`` truncated SDF of every voxel of the block (in-block
+                column ``(lx·8 + ly)·8 + lz``, as ``SparseSDF.block_targets``), coords in block units at R/8.
+            sharp: bool ``[N]`` band voxels near sharp edges (None: no sharp supervision).
+            tau: the band half-width τ; values are divided by it (and targets clamped to [-1, 1]).
+        """
+        from ...ops.conv.reference import lookup
+
+        r = sdf.resolution
+        if blocks.resolution * UPSAMPLE != r or blocks.num_channels != UPSAMPLE**3:
+            raise ValueError(f"expected blocks [NB, {UPSAMPLE**3}] at resolution {r // UPSAMPLE}, got "
+                             f"[{blocks.num_voxels}, {blocks.num_channels}] at {blocks.resolution}")
+        if sdf.num_channels != 1:
+            raise ValueError(f"expected one SDF channel, got {sdf.num_channels}")
+        if sharp is not None and sharp.shape != (sdf.num_voxels,):
+            raise ValueError(f"expected sharp of shape [{sdf.num_voxels}], got {tuple(sharp.shape)}")
+        local = torch.stack(torch.meshgrid(*[torch.arange(UPSAMPLE, device=sdf.device)] * 3, indexing="ij"),
+                            -1).reshape(-1, 3)  # [512, 3], z fastest
+        fine = blocks.coords.repeat_interleave(UPSAMPLE**3, dim=0)  # [NB·512, 4], batch order kept
+        fine[:, 1:] = fine[:, 1:] * UPSAMPLE + local.repeat(blocks.num_voxels, 1).to(fine.dtype)
+        target_feats = (blocks.feats.float().reshape(-1, 1) / tau).clamp(-1.0, 1.0)
+        target = sp.SparseTensor(target_feats, fine, resolution=r, batch_size=sdf.batch_size, validate=False)
+        x = sdf.replace(sdf.feats.float() / tau)
+        row = lookup(target.coords, x.coords, r).long()  # [N] target row of each band voxel
+        if bool((row < 0).any()):
+            raise ValueError(f"{int((row < 0).sum())} band voxels lie outside the given blocks")
+        in_band = torch.zeros(target.num_voxels, dtype=torch.bool, device=sdf.device)
+        in_band[row] = True
+        sharp_mask = torch.zeros(target.num_voxels, dtype=torch.bool, device=sdf.device)
+        if sharp is not None:
+            sharp_mask[row] = sharp.bool()
+        return cls(x, target, in_band, sharp_mask, factor)
+
+    @classmethod
     def from_samples(
         cls,
         coords: Sequence[torch.Tensor],
@@ -289,45 +327,31 @@ class SparseSDFBatch:
         *,
         resolution: int,
         sharp: Sequence[torch.Tensor] | None = None,
+        tau: float = 1.0,
         factor: float | None = None,
     ) -> SparseSDFBatch:
-        """Collate per-sample arrays.
+        """Collate per-sample arrays (see :meth:`from_blocks`).
 
         Args:
             coords: per sample int ``[n, 3]`` band voxel coords at ``resolution``.
-            sdf: per sample float ``[n]`` SDF / τ of those voxels.
+            sdf: per sample float ``[n]`` (or ``[n, 1]``) SDF of those voxels.
             block_coords: per sample int ``[nb, 3]`` occupied 8³ blocks (block units: voxel // 8).
-            block_sdf: per sample float ``[nb, 512]`` truncated SDF / τ of every voxel of each block, in-block
-                index ``lx·64 + ly·8 + lz`` (x slowest, as :func:`d3s2.sparse.block_sort` orders a block).
+            block_sdf: per sample float ``[nb, 512]`` truncated SDF of every voxel of each block.
             sharp: per sample bool ``[n]`` band voxels near sharp edges (None: no sharp supervision).
         """
-        from ...ops.conv.reference import lookup
-
         n_samples = len(coords)
         if not (len(sdf) == len(block_coords) == len(block_sdf) == n_samples):
             raise ValueError("expected coords, sdf, block_coords and block_sdf with one entry per sample")
-        local = torch.stack(torch.meshgrid(*[torch.arange(UPSAMPLE)] * 3, indexing="ij"), -1).reshape(-1, 3)
-        fine_coords, fine_sdf = [], []
         for b in range(n_samples):
-            bc, bs = block_coords[b].to(torch.int32), block_sdf[b].float()
-            if bs.shape != (bc.shape[0], UPSAMPLE**3):
-                raise ValueError(f"sample {b}: expected block_sdf of shape [{bc.shape[0]}, 512], got "
-                                 f"{tuple(bs.shape)}")
-            fc = (bc[:, None, :] * UPSAMPLE + local.to(bc.device)).reshape(-1, 3)  # [nb·512, 3]
-            fine_coords.append(fc)
-            fine_sdf.append(bs.reshape(-1, 1))
-        x = sp.SparseTensor.from_samples([c.to(torch.int32) for c in coords], [s.float().reshape(-1, 1) for s in sdf],
-                                         resolution=resolution)
-        target = sp.SparseTensor.from_samples(fine_coords, fine_sdf, resolution=resolution)
-        row = lookup(target.coords, x.coords, resolution).long()  # [N] target row of each band voxel
-        if bool((row < 0).any()):
-            raise ValueError(f"{int((row < 0).sum())} band voxels lie outside the given blocks")
-        in_band = torch.zeros(target.num_voxels, dtype=torch.bool)
-        in_band[row] = True
-        sharp_mask = torch.zeros(target.num_voxels, dtype=torch.bool)
-        if sharp is not None:
-            sharp_mask[row] = torch.cat([s.bool().reshape(-1) for s in sharp])
-        return cls(x, target, in_band, sharp_mask, factor)
+            if block_sdf[b].shape != (block_coords[b].shape[0], UPSAMPLE**3):
+                raise ValueError(f"sample {b}: expected block_sdf of shape [{block_coords[b].shape[0]}, 512], got "
+                                 f"{tuple(block_sdf[b].shape)}")
+        x = sp.SparseTensor.from_samples([c.to(torch.int32) for c in coords],
+                                         [s.float().reshape(-1, 1) for s in sdf], resolution=resolution)
+        blocks = sp.SparseTensor.from_samples([c.to(torch.int32) for c in block_coords],
+                                              [s.float() for s in block_sdf], resolution=resolution // UPSAMPLE)
+        sharp_all = torch.cat([s.bool().reshape(-1) for s in sharp]) if sharp is not None else None
+        return cls.from_blocks(x, blocks, sharp=sharp_all, tau=tau, factor=factor)
 
 
 @dataclass
