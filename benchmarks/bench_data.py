@@ -35,7 +35,8 @@ def _load(npz_path: str, key: str):
     from d3s2.geometry.mesh_io import normalize_mesh, validate_mesh
 
     z = np.load(npz_path)
-    mesh = validate_mesh(z[key + "|v"], z[key + "|f"], name=key)
+    # 0 A.D. winds triangles clockwise: reverse them so normals point outwards (as MeshCorpus.mesh does).
+    mesh = validate_mesh(z[key + "|v"], z[key + "|f"][:, ::-1].astype(np.int64), name=key)
     return normalize_mesh(mesh, scale=0.95)[0]
 
 
