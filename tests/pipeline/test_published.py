@@ -382,6 +382,6 @@ def test_published_defaults(version):
     assert [(s.steps, s.guidance_scale, s.shift) for s in (d.dense, d.sparse_512, d.sparse_1024)] == [
         (50, 7.0, 6.0), (30, 7.0, 6.0), (15, 7.0, 8.0)]
     assert (d.mc_threshold, d.refiner_512_level, d.occupancy_threshold, d.sparse_1024_decode_chunk) == (
-        0.2, 0.4, 0.1, 4)
+        0.2, 0.4, 0.1, 32)  # published chunk_size 4 chunks per axis of the 128³ latent grid
     assert (d.image_encoder, d.image_size) == ("dinov2_vitl14_reg", 518)
     assert d.to_dict()["sparse_1024"]["shift"] == 8.0

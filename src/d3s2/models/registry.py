@@ -27,6 +27,10 @@ WEIGHTS_FILE = "model.safetensors"
 _BUILTIN: dict[str, str] = {
     "sparse_sdf_vae": "d3s2.models.vae.sparse_sdf_vae:SparseSDFVAE",
     "dense_shape_vae": "d3s2.models.vae.dense_vae:DenseShapeVAE",
+    "dense_dit": "d3s2.models.dit.dense_dit:DenseDiT",
+    "sparse_dit": "d3s2.models.dit.sparse_dit:SparseDiT",
+    "voxel_refiner_xl": "d3s2.models.refiner:VoxelRefinerXL",
+    "voxel_refiner_xl_sign": "d3s2.models.refiner:VoxelRefinerXLSign",
 }
 _REGISTERED: dict[str, type[nn.Module]] = {}
 

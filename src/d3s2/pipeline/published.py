@@ -27,7 +27,6 @@ is coerced; all violations are listed in one error.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -87,7 +86,7 @@ class PublishedDefaults:
     remove_interior: bool = True  # apply the sign refiner at 1024³
     mesh_scale: float = 0.95  # normalize_mesh scale before indexing the 512 mesh at 1024³
     index_udf_voxels: float = 4.0  # 1024 token index: voxels whose UDF < this many voxels (of 1024)
-    sparse_1024_decode_chunk: int = 4  # chunk_size of the 1024 SS-VAE decode (latent voxels per chunk edge)
+    sparse_1024_decode_chunk: int = 32  # d3s2 decode chunk (latent voxels per chunk edge); published: 4 per axis
     image_encoder: str = "dinov2_vitl14_reg"
     image_size: int = 518
     sparse_conditions: bool = False  # v1.0: only foreground DINO patches (+ cls/registers) with coords
@@ -474,8 +473,10 @@ def read_defaults(config: Mapping[str, Any]) -> PublishedDefaults:
     sparse_conditions = bool(dit.get("sparse_conditions", False))
     version = "v1.0" if sparse_conditions or dit.get("compression_version") == "v2" else "v1.1"
     enc = (config.get("sparse_image_encoder") or config.get("dense_image_encoder") or {}).get("params") or {}
-    chunk = ((config.get("sparse_vae_1024") or {}).get("params") or {}).get("chunk_size",
-                                                                             base.sparse_1024_decode_chunk)
+    vae_1024 = (config.get("sparse_vae_1024") or {}).get("params") or {}
+    # The published chunk_size counts chunks per axis of the latent grid; d3s2 counts latent voxels per chunk edge.
+    chunk = (int(vae_1024["resolution"]) // int(vae_1024["chunk_size"]) if "chunk_size" in vae_1024
+             else base.sparse_1024_decode_chunk)
     return PublishedDefaults(
         version=version, dense=stage(base.dense, "dense_scheduler"),
         sparse_512=stage(base.sparse_512, "sparse_scheduler_512"),
@@ -540,27 +541,9 @@ def load_published(root: str | os.PathLike, components: Iterable[str] | None = N
     return out
 
 
+
 # ------------------------------------------------------------------------------------------------ conversion
 PIPELINE_FILE = "pipeline.json"
-# Registry names of the converted components' classes.
-REGISTRY_NAMES = {
-    "DenseShapeVAE": ("dense_shape_vae", "d3s2.models.vae.dense_vae"),
-    "SparseSDFVAE": ("sparse_sdf_vae", "d3s2.models.vae.sparse_sdf_vae"),
-    "DenseDiT": ("dense_dit", "d3s2.models.dit.dense_dit"),
-    "SparseDiT": ("sparse_dit", "d3s2.models.dit.sparse_dit"),
-    "VoxelRefinerXL": ("voxel_refiner_xl", "d3s2.models.refiner"),
-    "VoxelRefinerXLSign": ("voxel_refiner_xl_sign", "d3s2.models.refiner"),
-}
-
-
-def ensure_registered() -> None:
-    """Register the component classes that :mod:`d3s2.models.registry` does not list yet under their names."""
-    from ..models.registry import model_names, register_model
-
-    known = set(model_names())
-    for cls_name, (name, module) in REGISTRY_NAMES.items():
-        if name not in known:
-            register_model(name)(getattr(importlib.import_module(module), cls_name))
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:
@@ -581,7 +564,6 @@ def convert_published(root: str | os.PathLike, out: str | os.PathLike, component
     component directory and file replaced atomically. ``dtype`` None keeps the stored dtypes."""
     from ..models.registry import save_pretrained
 
-    ensure_registered()
     root, out = Path(root), Path(out)
     if out.resolve() == root.resolve():
         raise ValueError(f"expected an output directory other than the published folder {root}")
@@ -623,7 +605,6 @@ def load_converted(out: str | os.PathLike, components: Iterable[str] | None = No
     """Read a folder written by :func:`convert_published` back as :class:`PublishedModels`."""
     from ..models.registry import from_pretrained
 
-    ensure_registered()
     out = Path(out)
     path = out / PIPELINE_FILE
     if not path.is_file():
