@@ -1,0 +1,152 @@
+"""Build models by name and save/load them as ``config.json`` + ``model.safetensors``.
+
+A registered model class exposes ``Config`` (a ``@dataclass(kw_only=True)`` of plain fields, nested dataclasses
+allowed), takes it as its only constructor argument and keeps it as ``self.config``.
+
+``config.json`` = ``{"name": <registered name>, "config": {...}}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+# name -> "module:Class", imported on first use so that building one model does not import all of them.
+_BUILTIN: dict[str, str] = {
+    "sparse_sdf_vae": "d3s2.models.vae.sparse_sdf_vae:SparseSDFVAE",
+    "dense_shape_vae": "d3s2.models.vae.dense_vae:DenseShapeVAE",
+}
+_REGISTERED: dict[str, type[nn.Module]] = {}
+
+M = TypeVar("M", bound=type[nn.Module])
+
+
+def register_model(name: str) -> Callable[[M], M]:
+    """Class decorator adding a model under ``name`` (for models outside the built-in table)."""
+    def wrap(cls: M) -> M:
+        if name in _BUILTIN or (name in _REGISTERED and _REGISTERED[name] is not cls):
+            raise ValueError(f"model name {name!r} is already registered")
+        _REGISTERED[name] = cls
+        return cls
+    return wrap
+
+
+def model_names() -> list[str]:
+    return sorted({*_BUILTIN, *_REGISTERED})
+
+
+def model_class(name: str) -> type[nn.Module]:
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    if name not in _BUILTIN:
+        raise ValueError(f"unknown model {name!r}; expected one of {model_names()}")
+    module, _, attr = _BUILTIN[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def model_name(model: nn.Module) -> str:
+    """The registered name of ``model``'s class."""
+    for name in model_names():
+        if type(model) is model_class(name):
+            return name
+    raise ValueError(f"{type(model).__name__} is not a registered model; expected one of {model_names()}")
+
+
+def config_from_dict(cls: type, values: Mapping[str, Any], where: str = "config") -> Any:
+    """Build dataclass ``cls`` from a mapping, strictly: unknown keys are errors; nested dataclasses recurse."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"expected a dataclass type, got {cls!r}")
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{where}: expected a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; expected some of {sorted(fields)}")
+    kwargs = {}
+    for key, value in values.items():
+        default = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
+        sample = default() if default is not None else fields[key].default
+        if dataclasses.is_dataclass(sample) and isinstance(value, Mapping):
+            value = config_from_dict(type(sample), value, f"{where}.{key}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def build_model(name: str, config: Any = None) -> nn.Module:
+    """Instantiate model ``name`` from its ``Config``, a mapping of config fields, or None (defaults)."""
+    cls = model_class(name)
+    cfg_cls = cls.Config  # type: ignore[attr-defined]
+    if config is None:
+        config = cfg_cls()
+    elif isinstance(config, Mapping):
+        config = config_from_dict(cfg_cls, config, name)
+    elif not isinstance(config, cfg_cls):
+        raise ValueError(f"expected a {cfg_cls.__name__} or a mapping for {name!r}, got {type(config).__name__}")
+    return cls(config)
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` (each atomically) into ``directory``.
+
+    ``dtype`` casts floating-point tensors (e.g. ``torch.float16`` for a small shipped model).
+    """
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"name": model_name(model), "config": dataclasses.asdict(model.config)}  # type: ignore[arg-type]
+    tensors = {}
+    for key, t in model.state_dict().items():
+        t = t.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        tensors[key] = t.contiguous().cpu()
+    _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(tensors, p))
+    _atomic_write(out / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(payload, indent=2) + "\n"))
+    return out
+
+
+def from_pretrained(directory: str | os.PathLike, *, map_location: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a model saved by :func:`save_pretrained` (strict key check), in eval mode.
+
+    Weights keep the model's construction dtype (float32) unless ``dtype`` is given.
+    """
+    from safetensors.torch import load_file
+
+    root = Path(directory)
+    for f in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (root / f).is_file():
+            raise FileNotFoundError(f"expected {root / f} (a directory written by save_pretrained)")
+    payload = json.loads((root / CONFIG_FILE).read_text())
+    if not isinstance(payload, dict) or set(payload) != {"name", "config"}:
+        raise ValueError(f"{root / CONFIG_FILE}: expected keys 'name' and 'config', got {sorted(payload)}")
+    model = build_model(payload["name"], payload["config"])
+    model.load_state_dict(load_file(str(root / WEIGHTS_FILE), device=str(map_location)))
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.to(map_location).eval()

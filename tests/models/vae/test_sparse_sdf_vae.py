@@ -1,0 +1,178 @@
+import pytest
+import torch
+
+from d3s2 import sparse as sp
+from d3s2.models.vae import SparseSDFBatch, SparseSDFVAE
+from d3s2.models.vae.transformer import SparseWindowSelfAttention
+from tests.models.vae._cases import random_latent, sphere_batch, sphere_sample, tiny_config
+
+
+def _keyed(x: sp.SparseTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows sorted by (b, x, y, z): comparable across orderings."""
+    r = x.resolution
+    c = x.coords.long()
+    order = torch.argsort(((c[:, 0] * r + c[:, 1]) * r + c[:, 2]) * r + c[:, 3])
+    return x.coords[order], x.feats[order]
+
+
+def test_shapes_and_finite_grads():
+    torch.manual_seed(0)
+    model = SparseSDFVAE(tiny_config())
+    batch = sphere_batch(16, radii=(5.0, 3.5), sharp_every=5)
+    out = model(batch)
+    nl = out.latent.num_voxels
+    assert out.latent.resolution == 2 and out.latent.num_channels == 8 and out.latent.batch_size == 2
+    assert out.posterior.mean.shape == (nl, 8) and out.posterior.logvar.shape == (nl, 8)
+    assert out.decoded.num_voxels == 512 * nl and out.decoded.resolution == 16
+    assert out.decoded.feats.abs().max() <= 1
+    # decoded voxels = every voxel of the occupied blocks = the target set
+    assert torch.equal(_keyed(out.decoded)[0], _keyed(batch.target)[0])
+    loss, logs = model.loss(out, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and logs["supervised"] == batch.target.num_voxels
+    assert logs["l_sharp"] > 0
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    # every parameter gets some gradient signal except through the zero-initialised head
+    assert model.decoder.out_layer.weight.grad.abs().sum() > 0
+
+
+def test_encoder_downsamples_by_8_and_keeps_blocks():
+    model = SparseSDFVAE(tiny_config())
+    batch = sphere_batch(32, radii=(5.0,))
+    z, _ = model.encode(batch.sdf, sample_posterior=False)
+    expect = torch.unique(batch.sdf.coords[:, 1:] // 8, dim=0)
+    assert torch.equal(_keyed(z)[0][:, 1:], expect.to(torch.int32))
+
+
+def test_seeded_determinism():
+    def run():
+        torch.manual_seed(123)
+        model = SparseSDFVAE(tiny_config())
+        out = model(sphere_batch(16))
+        return out.decoded.feats, out.latent.feats
+    (d1, z1), (d2, z2) = run(), run()
+    assert torch.equal(d1, d2) and torch.equal(z1, z2)
+
+
+def test_eval_mode_uses_posterior_mode():
+    model = SparseSDFVAE(tiny_config()).eval()
+    batch = sphere_batch(16)
+    out = model(batch)
+    assert torch.equal(out.latent.feats, out.posterior.mean)
+
+
+def test_window_attention_matches_dense_masked_attention():
+    torch.manual_seed(0)
+    attn = SparseWindowSelfAttention(16, 2, window_size=4, shift=2)
+    x = random_latent([30, 12], resolution=10, channels=16)
+    h = torch.randn(x.num_voxels, 16)
+    out = attn(x, h)
+    # brute force: full attention per sample, masked to tokens of the same shifted window
+    qkv = attn.to_qkv(h).view(-1, 3, 2, 8)
+    win = torch.cat([x.coords[:, :1], (x.coords[:, 1:] + 2) // 4], 1)
+    same = (win[:, None, :] == win[None, :, :]).all(-1)  # [N, N]
+    q, k, v = qkv.unbind(1)
+    scores = torch.einsum("ihd,jhd->hij", q, k) / 8**0.5
+    p = scores.masked_fill(~same, float("-inf")).softmax(-1)
+    ref = attn.to_out(torch.einsum("hij,jhd->ihd", p, v).reshape(-1, 16))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def _blob_latent() -> sp.SparseTensor:
+    # Clustered around the chunk corner at 8 on a 16³ latent grid, so every 8³ chunk cuts through it.
+    return random_latent([9, 5], resolution=16, channels=8, box=(6, 10))
+
+
+def test_chunked_decode_equals_unchunked():
+    torch.manual_seed(0)
+    model = SparseSDFVAE(tiny_config(chunk_padding=3)).eval()
+    torch.nn.init.normal_(model.decoder.out_layer.weight, std=0.5)  # a non-trivial head
+    z = _blob_latent()
+    with torch.no_grad():
+        full = model.decode(z)
+        chunked = model.decode(z, chunk_size=8)
+    assert torch.equal(chunked.coords, full.coords)  # same voxels in the same order
+    torch.testing.assert_close(chunked.feats, full.feats, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_decode_needs_the_halo():
+    torch.manual_seed(0)
+    model = SparseSDFVAE(tiny_config(chunk_padding=0)).eval()
+    torch.nn.init.normal_(model.decoder.out_layer.weight, std=0.5)
+    z = _blob_latent()
+    with torch.no_grad():
+        full, chunked = model.decode(z), model.decode(z, chunk_size=8)
+    assert torch.equal(chunked.coords, full.coords)
+    assert not torch.allclose(chunked.feats, full.feats, atol=1e-4)
+
+
+def test_random_chunk_training_decode_is_a_subset_of_the_full_decode():
+    torch.manual_seed(0)
+    model = SparseSDFVAE(tiny_config(train_chunk_size=2, chunk_padding=3)).train()
+    torch.nn.init.normal_(model.decoder.out_layer.weight, std=0.5)
+    z = _blob_latent()
+    part = model.decode_random_chunk(z, 2, generator=torch.Generator().manual_seed(1))
+    full = model.decode(z)
+    assert 0 < part.num_voxels < full.num_voxels and part.num_voxels % 512 == 0
+    blocks = part.coords[:, 1:] // 8
+    assert int((blocks.max(0).values - blocks.min(0).values).max()) < 2  # one 2³-latent box
+    fc, ff = _keyed(full)
+    pc, pf = _keyed(part)
+    keys = lambda c: ((c[:, 0].long() * 128 + c[:, 1]) * 128 + c[:, 2]) * 128 + c[:, 3]  # noqa: E731
+    rows = torch.searchsorted(keys(fc), keys(pc))
+    assert torch.equal(fc[rows], pc)
+    torch.testing.assert_close(pf, ff[rows], rtol=1e-5, atol=1e-6)
+
+
+def test_forward_with_train_chunk_trains_on_the_chunk():
+    torch.manual_seed(0)
+    model = SparseSDFVAE(tiny_config(train_chunk_size=1)).train()
+    batch = sphere_batch(32, radii=(5.0,))
+    out = model(batch)
+    assert out.decoded.num_voxels == 512  # one latent voxel per 1³ box
+    loss, logs = model.loss(out, batch)
+    loss.backward()
+    assert logs["supervised"] == 512
+
+
+def test_batch_from_samples_masks_and_errors():
+    coords, sdf, blocks, block_sdf = sphere_sample(16, 5.0)
+    batch = SparseSDFBatch.from_samples([coords], [sdf], [blocks], [block_sdf], resolution=16,
+                                        sharp=[torch.arange(coords.shape[0]) < 3])
+    assert int(batch.in_band.sum()) == coords.shape[0] and int(batch.sharp.sum()) == 3
+    # band targets equal the band input values (same analytic SDF)
+    torch.testing.assert_close(torch.sort(batch.target.feats[batch.in_band, 0]).values,
+                               torch.sort(sdf).values)
+    with pytest.raises(ValueError, match="outside the given blocks"):
+        SparseSDFBatch.from_samples([coords], [sdf], [blocks[:1]], [block_sdf[:1]], resolution=16)
+    with pytest.raises(ValueError, match="expected block_sdf of shape"):
+        SparseSDFBatch.from_samples([coords], [sdf], [blocks], [block_sdf[:, :8]], resolution=16)
+
+
+def test_input_validation():
+    model = SparseSDFVAE(tiny_config())
+    x = random_latent([5], resolution=16, channels=2)
+    with pytest.raises(ValueError, match="expected one SDF channel"):
+        model.encode(x)
+    with pytest.raises(ValueError, match="expected 8 latent channels"):
+        model.decode(x)
+    with pytest.raises(ValueError, match="not divisible by num_groups"):
+        tiny_config(down_channels=[8, 10, 16])
+
+
+def test_batch_from_blocks_normalises_by_tau():
+    # the layout of d3s2.data.collate_sparse: world-unit SDF, blocks at R/8 with 512 columns (z fastest)
+    coords, sdf, blocks, block_sdf = sphere_sample(16, 5.0, tau=1.0)  # SDF in voxel units
+    x = sp.SparseTensor.from_samples([coords.to(torch.int32)], [sdf[:, None]], resolution=16)
+    bl = sp.SparseTensor.from_samples([blocks.to(torch.int32)], [block_sdf * 3.0], resolution=2)
+    batch = SparseSDFBatch.from_blocks(x, bl, tau=2.0)
+    torch.testing.assert_close(batch.sdf.feats, sdf[:, None] / 2.0)
+    assert batch.target.feats.abs().max() <= 1.0
+    # voxel (bx·8 + lx, ...) holds column (lx·8 + ly)·8 + lz of its block
+    row = 5 * 512 + (3 * 8 + 1) * 8 + 6
+    b = blocks[5]
+    assert batch.target.coords[row].tolist() == [0, int(b[0]) * 8 + 3, int(b[1]) * 8 + 1, int(b[2]) * 8 + 6]
+    assert batch.target.feats[row, 0] == (block_sdf[5, row - 5 * 512] * 3.0 / 2.0).clamp(-1, 1)
+    with pytest.raises(ValueError, match="expected blocks"):
+        SparseSDFBatch.from_blocks(x, bl.replace(bl.feats[:, :8]))
