@@ -27,6 +27,9 @@ WEIGHTS_FILE = "model.safetensors"
 _BUILTIN: dict[str, str] = {
     "sparse_sdf_vae": "d3s2.models.vae.sparse_sdf_vae:SparseSDFVAE",
     "dense_shape_vae": "d3s2.models.vae.dense_vae:DenseShapeVAE",
+    "dense_dit": "d3s2.models.dit.dense_dit:DenseDiT",
+    "sparse_dit": "d3s2.models.dit.sparse_dit:SparseDiT",
+    "small_image_encoder": "d3s2.models.conditioner:SmallImageEncoder",
 }
 _REGISTERED: dict[str, type[nn.Module]] = {}
 
