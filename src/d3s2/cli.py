@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES = [
     "d3s2.demo",
     "d3s2.data.cli",
     "d3s2.train.cli",
+    "d3s2.pipeline.cli",
 ]
 
 
