@@ -430,7 +430,10 @@ class ImageTo3DPipeline:
         """Latent coords int32 ``[N, 3]`` at ``r / 8``: the 8³ blocks of the band around ``mesh`` at ``r``³."""
         from ..geometry.sdf import compute_sparse_sdf
 
-        if mesh is None or len(mesh.faces) == 0:
+        from .extract import drop_small_components
+
+        mesh = drop_small_components(mesh, self.settings.min_component_fraction)  # floaters are not refined
+        if len(mesh.faces) == 0:
             raise RuntimeError(f"no surface to refine at {r}³: the previous stage produced an empty mesh")
         band = self.settings.index_band_voxels * 2.0 / r
         backend = "torch" if device.type == "cuda" else "igl"
