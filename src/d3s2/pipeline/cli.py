@@ -89,8 +89,8 @@ def run(args: argparse.Namespace) -> int:
     failed = 0
     for image, out in zip(images, outputs):
         try:
-            mesh = pipe(image, resolution=args.resolution, seed=args.seed, steps=args.steps, cfg=args.cfg, faces=args.faces,
-                        device=device, progress=not args.no_progress, low_vram=args.low_vram)
+            mesh = pipe(image, resolution=args.resolution, seed=args.seed, steps=args.steps, cfg=args.cfg,
+                        faces=args.faces, device=device, progress=not args.no_progress, low_vram=args.low_vram)
         except (ValueError, FileNotFoundError, RuntimeError) as err:
             # One bad image does not stop the others.
             print(f"d3s2 generate: error: {image}: {err}", file=sys.stderr)

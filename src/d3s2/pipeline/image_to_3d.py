@@ -429,7 +429,6 @@ class ImageTo3DPipeline:
     def _cascade_index(self, mesh: trimesh.Trimesh, r: int, device: torch.device) -> torch.Tensor:
         """Latent coords int32 ``[N, 3]`` at ``r / 8``: the 8³ blocks of the band around ``mesh`` at ``r``³."""
         from ..geometry.sdf import compute_sparse_sdf
-
         from .extract import drop_small_components
 
         mesh = drop_small_components(mesh, self.settings.min_component_fraction)  # floaters are not refined
