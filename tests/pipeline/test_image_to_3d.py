@@ -126,3 +126,12 @@ def test_settings_from_published_defaults():
     assert s.stage(1024).steps == 15 and s.stage(1024).shift == 8.0 and s.stage(512).steps == 30
     assert s.chunk(1024) == 32 and s.chunk(512) == 0 and s.mc_level == 0.2
     assert PipelineSettings.from_dict(s.to_dict()) == s
+
+
+def test_structure_override(pipe):
+    coords = torch.tensor([[3, 3, 3], [3, 3, 4], [4, 3, 3]], dtype=torch.int32)
+    mesh = pipe(rgba_image(), resolution=64, seed=0, steps=1, progress=False, device="cpu", structure={64: coords})
+    assert pipe.last_timing.tokens[64] == 3 and pipe.last_timing.voxels[64] == 3 * 512
+    _check_mesh(mesh)
+    with pytest.raises(ValueError, match="structure\\[64\\]"):
+        pipe(rgba_image(), resolution=64, progress=False, device="cpu", structure={64: torch.zeros(0, 3)})

@@ -134,8 +134,9 @@ class PipelineSettings:
 class StageTiming:
     """Seconds per stage of the last call (CUDA-synchronised), and tokens per sparse stage."""
 
-    seconds: dict[str, float] = field(default_factory=dict)
-    tokens: dict[int, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # stages, plus "decode R", "mesh R", "index R"
+    tokens: dict[int, int] = field(default_factory=dict)  # latent tokens per sparse stage
+    voxels: dict[int, int] = field(default_factory=dict)  # decoded voxels per sparse stage
 
 
 class ImageTo3DPipeline:
@@ -290,8 +291,8 @@ class ImageTo3DPipeline:
     # -------------------------------------------------------------------------------------------- running
     def __call__(self, image: Any, *, resolution: int | None = None, seed: int = 0, steps: int | None = None,
                  cfg: float | None = None, faces: int | None = None, device: str | torch.device | None = None,
-                 dtype: torch.dtype | None = None, progress: bool = True, low_vram: bool | None = None
-                 ) -> trimesh.Trimesh:
+                 dtype: torch.dtype | None = None, progress: bool = True, low_vram: bool | None = None,
+                 structure: Mapping[int, torch.Tensor] | None = None) -> trimesh.Trimesh:
         """Generate a mesh from ``image`` (path, PIL image or uint8 ``[H, W, 3|4]``; RGBA preferred).
 
         Args:
@@ -301,6 +302,9 @@ class ImageTo3DPipeline:
             faces: decimate to about this many faces.
             device: default CUDA when available. dtype: default bf16 on CUDA, float32 on the CPU.
             low_vram: keep models on the CPU and move each to the device only for its stage.
+            structure: ``{mesh resolution: int [N, 3] latent coords}`` used instead of that stage's own token
+                set (the dense structure or the cascade index), e.g. a known layout for benchmarks; the dense
+                stage still runs.
         """
         resolution = self.resolutions[-1] if resolution is None else int(resolution)
         if resolution not in self.resolutions:
@@ -341,8 +345,15 @@ class ImageTo3DPipeline:
             mesh = None
             for i, r in enumerate(stages):
                 with stage(f"sparse {r}"):
-                    if i > 0:
+                    if structure is not None and r in structure:
+                        coords = torch.as_tensor(structure[r]).to(torch.int32)
+                        if coords.ndim != 2 or coords.shape[1] != 3 or coords.shape[0] == 0:
+                            raise ValueError(f"expected structure[{r}] of shape [N > 0, 3], got "
+                                             f"{tuple(coords.shape)}")
+                    elif i > 0:
+                        t0 = time.perf_counter()
                         coords = self._cascade_index(mesh, r, device)
+                        timing.seconds[f"index {r}"] = time.perf_counter() - t0
                     timing.tokens[r] = int(coords.shape[0])
                     mesh = self._sparse_stage(r, coords, features, mask, seed + 1 + i, steps, cfg, device, dtype,
                                               low_vram, progress)
@@ -421,10 +432,19 @@ class ImageTo3DPipeline:
             cond, uncond = self._condition(dit, features, mask)
             latent = self._sample(dit, noise, cond, uncond, self.settings.stage(r), steps, cfg, progress,
                                   f"sparse {r}")
+        _sync(device)
+        t0 = time.perf_counter()
         with self._on(vae, device, dtype, low_vram):
             decoded = vae.decode(latent.replace(latent.feats.to(dtype)), chunk_size=self.settings.chunk(r))
-        return closed_mesh(decoded.coords[:, 1:], decoded.feats[:, 0].float(), latent.coords[:, 1:], r,
+        _sync(device)
+        t1 = time.perf_counter()
+        self.last_timing.seconds[f"decode {r}"] = t1 - t0
+        self.last_timing.voxels[r] = int(decoded.num_voxels)
+        mesh = closed_mesh(decoded.coords[:, 1:], decoded.feats[:, 0].float(), latent.coords[:, 1:], r,
                            level=self.settings.mc_level)
+        _sync(device)
+        self.last_timing.seconds[f"mesh {r}"] = time.perf_counter() - t1
+        return mesh
 
     def _cascade_index(self, mesh: trimesh.Trimesh, r: int, device: torch.device) -> torch.Tensor:
         """Latent coords int32 ``[N, 3]`` at ``r / 8``: the 8³ blocks of the band around ``mesh`` at ``r``³."""
