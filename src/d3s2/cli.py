@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES = [
     "d3s2.data.cli",
     "d3s2.train.cli",
     "d3s2.pipeline.convert_cli",
+    "d3s2.pipeline.cli",
 ]
 
 

@@ -31,6 +31,7 @@ _BUILTIN: dict[str, str] = {
     "sparse_dit": "d3s2.models.dit.sparse_dit:SparseDiT",
     "voxel_refiner_xl": "d3s2.models.refiner:VoxelRefinerXL",
     "voxel_refiner_xl_sign": "d3s2.models.refiner:VoxelRefinerXLSign",
+    "small_image_encoder": "d3s2.models.conditioner:SmallImageEncoder",
 }
 _REGISTERED: dict[str, type[nn.Module]] = {}
 

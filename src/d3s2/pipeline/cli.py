@@ -1,0 +1,102 @@
+"""``d3s2 generate IMAGE_OR_DIR... -o OUT``: image(s) → watertight mesh file(s)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+FORMATS = ("glb", "obj", "ply")
+WEIGHTS_ENV = "D3S2_WEIGHTS"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("generate", help="image(s) → watertight 3D mesh(es)",
+                              description="Generate one mesh per input image (RGBA with the object's alpha works "
+                                          "best). A directory input takes every image file in it.")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("-o", "--out", required=True,
+                   help="output directory, or a file name (.glb/.obj/.ply) when there is one input image")
+    p.add_argument("--resolution", type=int, default=None, help="mesh resolution, 512 or 1024 (default: highest)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps for every stage (default: per stage)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale for every stage (default: per stage)")
+    p.add_argument("--faces", type=int, default=None, help="decimate to about N faces")
+    p.add_argument("--weights", default=os.environ.get(WEIGHTS_ENV),
+                   help=f"pipeline folder (pipeline.json + components); default ${WEIGHTS_ENV}")
+    p.add_argument("--conditioner", default=None,
+                   help="image encoder weights when the folder has none (DINOv2 Hugging Face folder or .pth)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    p.add_argument("--low-vram", action="store_true", help="keep models on the CPU between their stages")
+    p.add_argument("--format", choices=FORMATS, default="glb")
+    p.add_argument("--occupancy-threshold", type=float, default=None,
+                   help="structure stage threshold on sigmoid(logit) (default: the pipeline's, 0.1 published)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def collect_images(inputs: list[str]) -> list[Path]:
+    """Image files named directly, plus the image files (sorted) of named directories."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in directory {p}")
+            out.extend(found)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"input not found: {p}")
+    return out
+
+
+def output_paths(images: list[Path], out: str, fmt: str) -> list[Path]:
+    target = Path(out)
+    if target.suffix.lower().lstrip(".") in FORMATS:
+        if len(images) != 1:
+            raise ValueError(f"-o {out} names one file but there are {len(images)} input images; "
+                             "pass a directory")
+        return [target]
+    stems = [p.stem for p in images]
+    # Same stem from two directories: keep both outputs apart.
+    return [target / (f"{s}.{fmt}" if stems.count(s) == 1 else f"{s}_{i}.{fmt}") for i, s in enumerate(stems)]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..geometry.export import export_mesh
+    from .image_to_3d import ImageTo3DPipeline
+
+    if not args.weights:
+        raise FileNotFoundError(f"missing weights: pass --weights DIR (a d3s2 pipeline folder) or set ${WEIGHTS_ENV}")
+    images = collect_images(args.inputs)
+    outputs = output_paths(images, args.out, args.format)
+    pipe = ImageTo3DPipeline.from_pretrained(args.weights, conditioner=args.conditioner,
+                                             resolutions=[args.resolution] if args.resolution else None)
+    if args.resolution is not None and args.resolution not in pipe.resolutions:
+        raise ValueError(f"expected --resolution in {pipe.resolutions} for {args.weights}, got {args.resolution}")
+    if args.occupancy_threshold is not None:
+        pipe.settings.occupancy_threshold = args.occupancy_threshold
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    failed = 0
+    for image, out in zip(images, outputs):
+        try:
+            mesh = pipe(image, resolution=args.resolution, seed=args.seed, steps=args.steps, cfg=args.cfg,
+                        faces=args.faces, device=device, progress=not args.no_progress, low_vram=args.low_vram)
+        except (ValueError, FileNotFoundError, RuntimeError) as err:
+            # One bad image does not stop the others.
+            print(f"d3s2 generate: error: {image}: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        export_mesh(mesh, out)
+        secs = pipe.last_timing.seconds.get("total", 0.0)
+        print(f"{image} -> {out} ({len(mesh.faces)} faces, watertight {mesh.is_watertight}, {secs:.1f} s)")
+    return 1 if failed else 0

@@ -1,0 +1,522 @@
+"""Image → watertight mesh: the Direct3D-S2 inference pipeline.
+
+Stages (one tqdm bar over them, one per flow sampler):
+
+1. **prepare**: the conditioner's published preprocessing (alpha → crop → pad square → resize), 1 × 3 × S².
+2. **condition**: encoder tokens; dense ``[1, T, C]`` for every DiT, or foreground tokens with coords for a
+   DiT with ``sparse_conditions``. The unconditional input is zero tokens with the same mask and coords.
+3. **dense**: Euler + CFG on the ``Z × s³`` structure latent, dense VAE decode → occupancy logits at ``4s``
+   (64³ published), ``sigmoid ≥ occupancy_threshold`` → latent coords of the first sparse stage.
+4. **sparse R₀** (512³ published): tokens sorted by blocks (SSA order), Euler + CFG on ``[N, 16]`` latents,
+   SS-VAE decode (chunked when asked) → :func:`~d3s2.pipeline.extract.closed_mesh`.
+5. **cascade R₁** (1024³, optional): the latent index of the R₀ mesh from a sparse band computation
+   (:func:`~d3s2.geometry.sdf.compute_sparse_sdf` at R₁; its occupied 8³ blocks are the tokens, never a dense
+   R₁³ grid), sparse DiT R₁, chunked decode, closed mesh.
+6. **post**: drop tiny floating components, optional decimation to N faces. Vertices in ``[-1, 1]``.
+
+A pipeline folder holds ``pipeline.json`` and one sub-folder per component, each written with
+:func:`d3s2.models.registry.save_pretrained` (a DINOv2 conditioner is saved in Hugging Face format). Components:
+``conditioner``, ``dense_dit``, ``dense_vae``, ``sparse_dit_<R>`` and ``sparse_vae_<R>`` per mesh resolution R.
+The folders ``d3s2 convert`` writes from the published checkpoints use the same names (their ``defaults``
+become the settings; their refiners are not used, and the DINOv2 conditioner is passed separately).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import trimesh
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..models.dit.condition import ConditionTokens
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_FILE = "pipeline.json"
+FORMAT = "d3s2-image-to-3d"
+_SPARSE_NAME = re.compile(r"^sparse_(dit|vae)_(\d+)$")
+
+
+# ------------------------------------------------------------------------------------------------ settings
+@dataclass(kw_only=True)
+class StageSettings:
+    """Euler + CFG settings of one flow stage (diffusers ``FlowMatchEulerDiscreteScheduler`` schedule)."""
+
+    steps: int
+    guidance_scale: float = 7.0
+    shift: float = 1.0
+    num_train_timesteps: int = 1000
+
+
+def _published_sparse(resolution: int) -> StageSettings:
+    # Published: 30 steps shift 6 at 512³, 15 steps shift 8 at 1024³; CFG 7 everywhere.
+    return StageSettings(steps=30, shift=6.0) if resolution <= 512 else StageSettings(steps=15, shift=8.0)
+
+
+@dataclass(kw_only=True)
+class PipelineSettings:
+    """Everything the pipeline runs with besides the weights. Defaults are the published ones.
+
+    ``sparse`` and ``decode_chunk`` are keyed by mesh resolution (512, 1024); a missing entry uses the published
+    settings for that resolution (``decode_chunk``: 0 = decode whole, else latent voxels per chunk edge).
+    """
+
+    dense: StageSettings = field(default_factory=lambda: StageSettings(steps=50, shift=6.0))
+    sparse: dict[int, StageSettings] = field(default_factory=dict)
+    occupancy_threshold: float = 0.1  # sigmoid(dense VAE logit) ≥ this → occupied latent voxel
+    mc_level: float = 0.0  # iso level of the decoded SDF / τ
+    index_band_voxels: float = 4.0  # cascade index: voxels closer than this many voxels of R₁ to the R₀ mesh
+    decode_chunk: dict[int, int] = field(default_factory=dict)
+    min_component_fraction: float = 0.01  # drop components with fewer faces than this × the largest one's
+
+    def stage(self, resolution: int) -> StageSettings:
+        return self.sparse.get(resolution) or _published_sparse(resolution)
+
+    def chunk(self, resolution: int) -> int:
+        # Published: the 1024 VAE decodes in 4 chunks per axis of the 128³ latent grid = 32 latent voxels.
+        return self.decode_chunk.get(resolution, 32 if resolution >= 1024 else 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["sparse"] = {str(k): v for k, v in d["sparse"].items()}
+        d["decode_chunk"] = {str(k): v for k, v in d["decode_chunk"].items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PipelineSettings:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"pipeline settings: unknown keys {unknown}; expected some of {sorted(known)}")
+        kw = dict(d)
+        if "dense" in kw:
+            kw["dense"] = StageSettings(**kw["dense"])
+        kw["sparse"] = {int(k): StageSettings(**v) for k, v in kw.get("sparse", {}).items()}
+        kw["decode_chunk"] = {int(k): int(v) for k, v in kw.get("decode_chunk", {}).items()}
+        return cls(**kw)
+
+    @classmethod
+    def from_published(cls, defaults: Any) -> PipelineSettings:
+        """From the published helper's ``PublishedDefaults`` (or its ``to_dict()``)."""
+        d = defaults.to_dict() if hasattr(defaults, "to_dict") else dict(defaults)
+
+        def stage(x: Any) -> StageSettings:
+            x = dataclasses.asdict(x) if dataclasses.is_dataclass(x) else dict(x)
+            return StageSettings(**{k: x[k] for k in ("steps", "guidance_scale", "shift", "num_train_timesteps")
+                                    if k in x})
+
+        latent_1024 = 1024 // 8
+        chunks = int(d.get("sparse_1024_decode_chunk", 4))
+        return cls(dense=stage(d["dense"]), sparse={512: stage(d["sparse_512"]), 1024: stage(d["sparse_1024"])},
+                   occupancy_threshold=float(d.get("occupancy_threshold", 0.1)),
+                   mc_level=float(d.get("mc_threshold", 0.0)),
+                   index_band_voxels=float(d.get("index_udf_voxels", 4.0)),
+                   decode_chunk={1024: latent_1024 // chunks if chunks > 0 else 0})
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+@dataclass
+class StageTiming:
+    """Seconds per stage of the last call (CUDA-synchronised), and tokens per sparse stage."""
+
+    seconds: dict[str, float] = field(default_factory=dict)  # stages, plus "decode R", "mesh R", "index R"
+    tokens: dict[int, int] = field(default_factory=dict)  # latent tokens per sparse stage
+    voxels: dict[int, int] = field(default_factory=dict)  # decoded voxels per sparse stage
+
+
+class ImageTo3DPipeline:
+    """Image → watertight ``trimesh.Trimesh`` in ``[-1, 1]³``.
+
+    Args:
+        conditioner: an :class:`~d3s2.models.conditioner.ImageEncoder` (DINOv2 or the small encoder).
+        dense_dit / dense_vae: the structure stage (:class:`DenseDiT`, :class:`DenseShapeVAE`).
+        sparse_dits / sparse_vaes: ``{mesh resolution: module}``, e.g. ``{512: ..., 1024: ...}``; the lowest
+            resolution takes its tokens from the dense stage, higher ones cascade from the previous mesh.
+        settings: :class:`PipelineSettings` (published defaults when None).
+
+    Modules built any way (random, :func:`~d3s2.models.registry.from_pretrained`, the published loaders) work.
+    """
+
+    def __init__(self, conditioner: nn.Module, dense_dit: nn.Module, dense_vae: nn.Module,
+                 sparse_dits: Mapping[int, nn.Module], sparse_vaes: Mapping[int, nn.Module],
+                 settings: PipelineSettings | None = None) -> None:
+        if not sparse_dits:
+            raise ValueError("expected at least one sparse stage (sparse_dits), got none")
+        if set(sparse_dits) != set(sparse_vaes):
+            raise ValueError(f"expected a VAE for every sparse DiT resolution, got DiTs {sorted(sparse_dits)} "
+                             f"and VAEs {sorted(sparse_vaes)}")
+        for r, dit in sparse_dits.items():
+            if r != dit.config.resolution * 8:
+                raise ValueError(f"sparse DiT for {r}³ has a {dit.config.resolution}³ latent grid; expected "
+                                 f"{r // 8}³")
+        self.conditioner = conditioner.eval()
+        self.dense_dit = dense_dit.eval()
+        self.dense_vae = dense_vae.eval()
+        self.sparse_dits = {int(r): m.eval() for r, m in sorted(sparse_dits.items())}
+        self.sparse_vaes = {int(r): m.eval() for r, m in sorted(sparse_vaes.items())}
+        self.settings = settings or PipelineSettings()
+        self.low_vram = False
+        self.last_timing = StageTiming()
+        base = self.resolutions[0] // 8
+        occ = dense_dit.config.resolution * dense_vae.config.downsample
+        if occ != base:
+            raise ValueError(f"the dense stage decodes a {occ}³ occupancy but the {self.resolutions[0]}³ sparse "
+                             f"stage needs a {base}³ latent grid")
+
+    @property
+    def resolutions(self) -> list[int]:
+        """Mesh resolutions this pipeline can produce, ascending."""
+        return sorted(self.sparse_dits)
+
+    def components(self) -> dict[str, nn.Module]:
+        out = {"conditioner": self.conditioner, "dense_dit": self.dense_dit, "dense_vae": self.dense_vae}
+        for r in self.resolutions:
+            out[f"sparse_dit_{r}"] = self.sparse_dits[r]
+            out[f"sparse_vae_{r}"] = self.sparse_vaes[r]
+        return out
+
+    # -------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_components(cls, models: Mapping[str, nn.Module], *, conditioner: nn.Module | None = None,
+                        settings: PipelineSettings | None = None) -> ImageTo3DPipeline:
+        """From ``{component name: module}`` (e.g. ``load_published(...).models``); unknown names (refiners)
+        are ignored with a log line."""
+        sparse: dict[str, dict[int, nn.Module]] = {"dit": {}, "vae": {}}
+        for name, module in models.items():
+            m = _SPARSE_NAME.match(name)
+            if m:
+                sparse[m.group(1)][int(m.group(2))] = module
+            elif name not in ("conditioner", "dense_dit", "dense_vae"):
+                logger.info("not using component %s", name)
+        conditioner = conditioner if conditioner is not None else models.get("conditioner")
+        missing = [n for n in ("dense_dit", "dense_vae") if n not in models]
+        if conditioner is None:
+            missing.insert(0, "conditioner")
+        if missing:
+            raise ValueError(f"missing pipeline components {missing}; got {sorted(models)}")
+        return cls(conditioner, models["dense_dit"], models["dense_vae"], sparse["dit"], sparse["vae"], settings)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, conditioner: str | os.PathLike | nn.Module | None = None,
+                        resolutions: list[int] | None = None, dtype: torch.dtype | None = None) -> ImageTo3DPipeline:
+        """Load a pipeline folder (``pipeline.json`` + component folders) on the CPU.
+
+        ``conditioner`` overrides or supplies the image encoder: a module, a DINOv2 Hugging Face folder or a
+        torch-hub ``.pth`` file (folders converted from the published checkpoints hold no encoder).
+        ``resolutions`` loads only the sparse stages up to the highest one listed.
+        """
+        from ..models.registry import from_pretrained
+
+        root = Path(directory)
+        path = root / PIPELINE_FILE
+        if not root.is_dir():
+            raise FileNotFoundError(f"weights folder not found: {root}")
+        if not path.is_file():
+            raise FileNotFoundError(f"expected {path}: a d3s2 pipeline folder (ImageTo3DPipeline.save_pretrained "
+                                    "or `d3s2 convert`)")
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON: {err}") from err
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("components"), list):
+            raise ValueError(f"{path}: expected an object with a 'components' list")
+        if "settings" in manifest:
+            settings = PipelineSettings.from_dict(manifest["settings"])
+        elif "defaults" in manifest:  # a folder converted from the published checkpoints
+            settings = PipelineSettings.from_published(manifest["defaults"])
+        else:
+            settings = PipelineSettings()
+        names = list(manifest["components"])
+        if resolutions:
+            top = max(resolutions)
+            names = [n for n in names if not (_SPARSE_NAME.match(n) and int(_SPARSE_NAME.match(n).group(2)) > top)]
+        models: dict[str, nn.Module] = {}
+        for name in tqdm(names, desc="loading", leave=False, disable=len(names) < 3):
+            sub = root / name
+            if name == "conditioner":
+                if conditioner is None:
+                    models[name] = load_conditioner(sub)
+                continue
+            if _SPARSE_NAME.match(name) is None and name not in ("dense_dit", "dense_vae"):
+                logger.info("not loading component %s", name)
+                continue
+            if not sub.is_dir():
+                raise FileNotFoundError(f"{path} lists component {name!r} but {sub} is missing")
+            models[name] = from_pretrained(sub, dtype=dtype)
+        if conditioner is not None and not isinstance(conditioner, nn.Module):
+            conditioner = load_conditioner(conditioner)
+        if conditioner is None and "conditioner" not in models:
+            raise FileNotFoundError(f"{root} holds no conditioner: pass conditioner= (a DINOv2 Hugging Face folder "
+                                    "or dinov2_vitl14_reg4_pretrain.pth; CLI: --conditioner)")
+        return cls.from_components(models, conditioner=conditioner, settings=settings)
+
+    def save_pretrained(self, directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
+        """Write the folder :meth:`from_pretrained` reads; the whole folder is replaced atomically."""
+        from ..models.conditioner import DinoV2Encoder
+        from ..models.registry import save_pretrained
+
+        out = Path(directory)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+        try:
+            for name, module in self.components().items():
+                if isinstance(module, DinoV2Encoder):
+                    module.model.save_pretrained(tmp / name, safe_serialization=True)
+                else:
+                    save_pretrained(module, tmp / name, dtype=dtype)
+            manifest = {"format": FORMAT, "components": list(self.components()),
+                        "settings": self.settings.to_dict()}
+            (tmp / PIPELINE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+            _replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
+
+    # -------------------------------------------------------------------------------------------- running
+    def __call__(self, image: Any, *, resolution: int | None = None, seed: int = 0, steps: int | None = None,
+                 cfg: float | None = None, faces: int | None = None, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, progress: bool = True, low_vram: bool | None = None,
+                 structure: Mapping[int, torch.Tensor] | None = None) -> trimesh.Trimesh:
+        """Generate a mesh from ``image`` (path, PIL image or uint8 ``[H, W, 3|4]``; RGBA preferred).
+
+        Args:
+            resolution: mesh resolution, one of :attr:`resolutions` (default: the highest).
+            seed: the same seed, inputs and device give the same mesh.
+            steps / cfg: override every stage's step count / guidance scale.
+            faces: decimate to about this many faces.
+            device: default CUDA when available. dtype: default bf16 on CUDA, float32 on the CPU.
+            low_vram: keep models on the CPU and move each to the device only for its stage.
+            structure: ``{mesh resolution: int [N, 3] latent coords}`` used instead of that stage's own token
+                set (the dense structure or the cascade index), e.g. a known layout for benchmarks; the dense
+                stage still runs.
+        """
+        resolution = self.resolutions[-1] if resolution is None else int(resolution)
+        if resolution not in self.resolutions:
+            raise ValueError(f"expected resolution in {self.resolutions}, got {resolution}")
+        if faces is not None and faces <= 0:
+            raise ValueError(f"expected a positive face count, got {faces}")
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        low_vram = self.low_vram if low_vram is None else low_vram
+        stages = [r for r in self.resolutions if r <= resolution]
+        timing = StageTiming()
+        self.last_timing = timing
+        names = ["prepare", "condition", "dense", *[f"sparse {r}" for r in stages], "post"]
+        bar = tqdm(total=len(names), desc="generate", unit="stage", disable=not progress)
+
+        @contextlib.contextmanager
+        def stage(name: str) -> Iterator[None]:
+            bar.set_postfix_str(name)
+            _sync(device)
+            t0 = time.perf_counter()
+            yield
+            _sync(device)
+            timing.seconds[name] = time.perf_counter() - t0
+            bar.update(1)
+
+        if not low_vram:
+            for m in [self.conditioner, self.dense_dit, self.dense_vae,
+                      *[self.sparse_dits[r] for r in stages], *[self.sparse_vaes[r] for r in stages]]:
+                _place(m, device, dtype)
+        t_start = time.perf_counter()
+        with torch.inference_mode():
+            with stage("prepare"):
+                rgb, mask = self._prepare(image)
+            with stage("condition"), self._on(self.conditioner, device, dtype, low_vram):
+                features = self.conditioner(rgb.to(device)).float()  # [1, T, C]
+            with stage("dense"):
+                coords = self._dense_stage(features, mask, seed, steps, cfg, device, dtype, low_vram, progress)
+            mesh = None
+            for i, r in enumerate(stages):
+                with stage(f"sparse {r}"):
+                    if structure is not None and r in structure:
+                        coords = torch.as_tensor(structure[r]).to(torch.int32)
+                        if coords.ndim != 2 or coords.shape[1] != 3 or coords.shape[0] == 0:
+                            raise ValueError(f"expected structure[{r}] of shape [N > 0, 3], got "
+                                             f"{tuple(coords.shape)}")
+                    elif i > 0:
+                        t0 = time.perf_counter()
+                        coords = self._cascade_index(mesh, r, device)
+                        timing.seconds[f"index {r}"] = time.perf_counter() - t0
+                    timing.tokens[r] = int(coords.shape[0])
+                    mesh = self._sparse_stage(r, coords, features, mask, seed + 1 + i, steps, cfg, device, dtype,
+                                              low_vram, progress)
+            with stage("post"):
+                mesh = self._post(mesh, faces)
+        bar.close()
+        timing.seconds["total"] = time.perf_counter() - t_start
+        return mesh
+
+    # stage implementations ---------------------------------------------------------------------------
+    def _prepare(self, image: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        from ..models.conditioner import preprocess_image
+
+        prepared = preprocess_image(image, size=self.conditioner.image_size)
+        return prepared.rgb[None], prepared.mask[None]
+
+    def _condition(self, model: nn.Module, features: torch.Tensor, mask: torch.Tensor
+                   ) -> tuple[ConditionTokens, ConditionTokens]:
+        """(cond, uncond) for ``model``: foreground tokens with coords when it uses sparse conditions."""
+        from ..models.conditioner import sparse_condition_tokens
+
+        if getattr(model.config, "sparse_conditions", False):
+            c = sparse_condition_tokens(features, mask.to(features.device),
+                                        patch_size=self.conditioner.patch_size,
+                                        num_prefix_tokens=self.conditioner.num_prefix_tokens)
+        else:
+            c = ConditionTokens(features)
+        return c, ConditionTokens(torch.zeros_like(c.tokens), c.mask, c.coords)
+
+    def _sample(self, model: nn.Module, noise: Any, cond: ConditionTokens, uncond: ConditionTokens,
+                st: StageSettings, steps: int | None, cfg: float | None, progress: bool, desc: str) -> Any:
+        from ..flow.sampler import sample_euler
+
+        scale = st.guidance_scale if cfg is None else float(cfg)
+        return sample_euler(model, noise, steps=steps or st.steps, cond=cond, uncond=uncond if scale != 1 else None,
+                            guidance_scale=scale, shift=st.shift, num_train_timesteps=st.num_train_timesteps,
+                            progress=progress, desc=desc)
+
+    def _dense_stage(self, features: torch.Tensor, mask: torch.Tensor, seed: int, steps: int | None,
+                     cfg: float | None, device: torch.device, dtype: torch.dtype, low_vram: bool,
+                     progress: bool) -> torch.Tensor:
+        """Occupied latent coords int32 ``[N, 3]`` of the first sparse stage."""
+        dit_cfg = self.dense_dit.config
+        r = dit_cfg.resolution
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.randn(1, dit_cfg.in_channels, r, r, r, generator=gen).to(device)
+        with self._on(self.dense_dit, device, dtype, low_vram):
+            cond, uncond = self._condition(self.dense_dit, features, mask)
+            latent = self._sample(self.dense_dit, noise, cond, uncond, self.settings.dense, steps, cfg, progress,
+                                  "dense")
+        with self._on(self.dense_vae, device, dtype, low_vram):
+            logits = self.dense_vae.decode(latent.to(dtype))
+        coords = self.dense_vae.occupied_coords(logits, self.settings.occupancy_threshold)[:, 1:]
+        if coords.shape[0] == 0:
+            raise RuntimeError(f"the dense stage produced an empty structure (no voxel with occupancy ≥ "
+                               f"{self.settings.occupancy_threshold}); try another seed or a lower "
+                               "occupancy_threshold")
+        return coords
+
+    def _sparse_stage(self, r: int, coords: torch.Tensor, features: torch.Tensor, mask: torch.Tensor, seed: int,
+                      steps: int | None, cfg: float | None, device: torch.device, dtype: torch.dtype,
+                      low_vram: bool, progress: bool) -> trimesh.Trimesh:
+        from ..sparse import SparseTensor
+        from ..sparse.serialize import sort_by_blocks
+        from .extract import closed_mesh
+
+        dit, vae = self.sparse_dits[r], self.sparse_vaes[r]
+        n = coords.shape[0]
+        c4 = torch.cat([coords.new_zeros(n, 1), coords], 1).to(device=device, dtype=torch.int32)
+        x = SparseTensor(torch.zeros(n, dit.config.in_channels, device=device), c4,
+                         resolution=dit.config.resolution, batch_size=1)
+        x = sort_by_blocks(x, getattr(dit.config, "selection_block_size", 8))  # the order SSA requires
+        gen = torch.Generator().manual_seed(seed)
+        noise = x.replace(torch.randn(n, dit.config.in_channels, generator=gen).to(device))
+        with self._on(dit, device, dtype, low_vram):
+            cond, uncond = self._condition(dit, features, mask)
+            latent = self._sample(dit, noise, cond, uncond, self.settings.stage(r), steps, cfg, progress,
+                                  f"sparse {r}")
+        _sync(device)
+        t0 = time.perf_counter()
+        with self._on(vae, device, dtype, low_vram):
+            decoded = vae.decode(latent.replace(latent.feats.to(dtype)), chunk_size=self.settings.chunk(r))
+        _sync(device)
+        t1 = time.perf_counter()
+        self.last_timing.seconds[f"decode {r}"] = t1 - t0
+        self.last_timing.voxels[r] = int(decoded.num_voxels)
+        mesh = closed_mesh(decoded.coords[:, 1:], decoded.feats[:, 0].float(), latent.coords[:, 1:], r,
+                           level=self.settings.mc_level)
+        _sync(device)
+        self.last_timing.seconds[f"mesh {r}"] = time.perf_counter() - t1
+        return mesh
+
+    def _cascade_index(self, mesh: trimesh.Trimesh, r: int, device: torch.device) -> torch.Tensor:
+        """Latent coords int32 ``[N, 3]`` at ``r / 8``: the 8³ blocks of the band around ``mesh`` at ``r``³."""
+        from ..geometry.sdf import compute_sparse_sdf
+        from .extract import drop_small_components
+
+        mesh = drop_small_components(mesh, self.settings.min_component_fraction)  # floaters are not refined
+        if len(mesh.faces) == 0:
+            raise RuntimeError(f"no surface to refine at {r}³: the previous stage produced an empty mesh")
+        band = self.settings.index_band_voxels * 2.0 / r
+        backend = "torch" if device.type == "cuda" else "igl"
+        sdf = compute_sparse_sdf(mesh, r, band=band, device=str(device) if device.type == "cuda" else "cpu",
+                                 backend=backend)[r]
+        return torch.from_numpy(sdf.block_coords.astype(np.int32))
+
+    def _post(self, mesh: trimesh.Trimesh, faces: int | None) -> trimesh.Trimesh:
+        from ..geometry.export import decimate
+        from .extract import drop_small_components
+
+        mesh = drop_small_components(mesh, self.settings.min_component_fraction)
+        if faces is not None and len(mesh.faces) > faces:
+            mesh = decimate(mesh, faces)
+        return mesh
+
+    @contextlib.contextmanager
+    def _on(self, model: nn.Module, device: torch.device, dtype: torch.dtype, low_vram: bool) -> Iterator[None]:
+        """Run a stage with ``model`` on ``device``; with ``low_vram`` it goes back to the CPU afterwards."""
+        _place(model, device, dtype)
+        try:
+            yield
+        finally:
+            if low_vram and device.type != "cpu":
+                model.to("cpu")
+                torch.cuda.empty_cache()
+
+
+def _place(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    p = next(model.parameters(), None)
+    if p is None or p.device != device or p.dtype != dtype:
+        model.to(device=device, dtype=dtype)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def load_conditioner(path: str | os.PathLike) -> nn.Module:
+    """An image encoder from a registry folder (small encoder), a DINOv2 Hugging Face folder or a ``.pth``."""
+    from ..models.conditioner import DinoV2Encoder
+    from ..models.registry import from_pretrained
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"conditioner weights not found: {p}")
+    if p.is_dir():
+        cfg_file = p / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{p}: expected config.json (a registry or Hugging Face model folder)")
+        cfg = json.loads(cfg_file.read_text())
+        if isinstance(cfg, dict) and "model_type" in cfg:
+            return DinoV2Encoder.from_pretrained(p)
+        return from_pretrained(p)
+    return DinoV2Encoder.from_pretrained(p)
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Move the finished ``tmp`` folder to ``target``, replacing an existing one."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old)

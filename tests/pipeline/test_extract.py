@@ -1,0 +1,39 @@
+import numpy as np
+import torch
+
+from d3s2.pipeline.extract import closed_mesh, drop_small_components, empty_block_signs
+
+
+def _blocks_field(fn, resolution: int, keep_block):
+    g = resolution // 8
+    blocks = torch.stack(torch.meshgrid(*[torch.arange(g)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    blocks = blocks[keep_block(blocks)]
+    off = torch.stack(torch.meshgrid(*[torch.arange(8)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    coords = (blocks[:, None] * 8 + off[None]).reshape(-1, 3)
+    p = (coords.float() + 0.5) * 2 / resolution - 1
+    return coords, fn(p), blocks
+
+
+def test_hollow_band_gives_one_surface_without_inner_shell():
+    r, radius = 64, 0.6
+    centre = lambda b: ((b.float() * 8 + 4) + 0.5) * 2 / r - 1  # noqa: E731
+    # Only blocks near the sphere are "occupied": the interior blocks are empty, as in a generated band.
+    coords, values, blocks = _blocks_field(lambda p: p.norm(dim=1) - radius, r,
+                                           lambda b: (centre(b).norm(dim=1) - radius).abs() < 0.25)
+    signs = empty_block_signs(blocks, r // 8)
+    assert (signs == -1).any() and (signs == 1).any()  # an enclosed interior exists and is inside
+    mesh = closed_mesh(coords, values, blocks, r)
+    assert mesh.is_watertight and mesh.is_winding_consistent
+    parts = mesh.split(only_watertight=False)
+    assert len(parts) == 1  # no inner shell
+    assert abs(mesh.volume - 4 / 3 * np.pi * radius**3) / (4 / 3 * np.pi * radius**3) < 0.03
+
+
+def test_noise_field_is_watertight_and_small_parts_drop():
+    torch.manual_seed(0)
+    coords, values, blocks = _blocks_field(lambda p: torch.randn(len(p)) * 0.5 + 0.3, 40,
+                                           lambda b: torch.rand(len(b)) < 0.4)
+    mesh = closed_mesh(coords, values, blocks, 40)
+    assert len(mesh.faces) > 0 and mesh.is_watertight and mesh.is_winding_consistent
+    cleaned = drop_small_components(mesh, 0.5)
+    assert 0 < len(cleaned.faces) < len(mesh.faces) and cleaned.is_watertight

@@ -1,0 +1,137 @@
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from d3s2.pipeline.image_to_3d import PIPELINE_FILE, ImageTo3DPipeline, PipelineSettings
+
+from .tiny import rgba_image, tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+@pytest.fixture(scope="module")
+def saved(pipe, tmp_path_factory):
+    return pipe.save_pretrained(tmp_path_factory.mktemp("weights") / "tiny")
+
+
+def _check_mesh(mesh: trimesh.Trimesh) -> None:
+    assert isinstance(mesh, trimesh.Trimesh)
+    assert len(mesh.faces) > 0
+    assert mesh.is_watertight and mesh.is_winding_consistent
+    assert np.abs(mesh.vertices).max() <= 1.0
+    assert mesh.volume > 0  # outward normals: inside/outside right
+
+
+def test_round_trip(pipe, saved):
+    assert sorted(p.name for p in saved.iterdir()) == sorted([PIPELINE_FILE, *pipe.components()])
+    assert not [p for p in saved.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
+    loaded = ImageTo3DPipeline.from_pretrained(saved)
+    assert loaded.resolutions == [64, 128]
+    assert loaded.settings == pipe.settings
+    for name, module in pipe.components().items():
+        a, b = module.state_dict(), loaded.components()[name].state_dict()
+        assert a.keys() == b.keys(), name
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    only_64 = ImageTo3DPipeline.from_pretrained(saved, resolutions=[64])
+    assert only_64.resolutions == [64]
+    pipe.save_pretrained(saved)  # replacing an existing folder works
+    assert (saved / PIPELINE_FILE).is_file()
+
+
+def test_end_to_end_512_like(pipe):
+    mesh = pipe(rgba_image(), resolution=64, seed=0, progress=False, device="cpu")
+    _check_mesh(mesh)
+    assert pipe.last_timing.tokens[64] > 0
+    assert set(pipe.last_timing.seconds) >= {"prepare", "condition", "dense", "sparse 64", "post", "total"}
+    again = pipe(rgba_image(), resolution=64, seed=0, progress=False, device="cpu")
+    assert np.array_equal(mesh.vertices, again.vertices) and np.array_equal(mesh.faces, again.faces)
+    other = pipe(rgba_image(), resolution=64, seed=1, progress=False, device="cpu")
+    assert len(other.vertices) != len(mesh.vertices) or not np.array_equal(other.vertices, mesh.vertices)
+
+
+def test_cascade(pipe):
+    old = pipe.settings
+    # Fewer structure voxels and a one-voxel index band keep the 128³ stage at ~100 tokens on the CPU.
+    pipe.settings = dataclasses.replace(old, occupancy_threshold=0.76, index_band_voxels=1.0)
+    try:
+        mesh = pipe(rgba_image(), resolution=128, seed=0, steps=1, progress=False, device="cpu")
+    finally:
+        pipe.settings = old
+    _check_mesh(mesh)
+    tokens = pipe.last_timing.tokens
+    assert 0 < tokens[64] < tokens[128]  # the index comes from the 64³ mesh's band at 128³
+
+
+def test_loaded_pipeline_matches(pipe, saved):
+    loaded = ImageTo3DPipeline.from_pretrained(saved)
+    a = pipe(rgba_image(), resolution=64, seed=3, progress=False, device="cpu")
+    b = loaded(rgba_image(), resolution=64, seed=3, progress=False, device="cpu")
+    assert np.array_equal(a.vertices, b.vertices)
+
+
+def test_errors(pipe, tmp_path):
+    empty = np.zeros((32, 32, 4), np.uint8)
+    with pytest.raises(ValueError, match="alpha channel is empty"):
+        pipe(empty, resolution=64, progress=False, device="cpu")
+    with pytest.raises(ValueError, match="expected resolution in \\[64, 128\\], got 512"):
+        pipe(rgba_image(), resolution=512, progress=False, device="cpu")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot read image"):
+        pipe(bad, resolution=64, progress=False, device="cpu")
+    with pytest.raises(FileNotFoundError, match="weights folder not found"):
+        ImageTo3DPipeline.from_pretrained(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="pipeline.json"):
+        ImageTo3DPipeline.from_pretrained(tmp_path)
+
+
+def test_empty_structure_is_a_clear_error(pipe):
+    old = pipe.settings.occupancy_threshold
+    pipe.settings.occupancy_threshold = 1.0 + 1e-6
+    try:
+        with pytest.raises(RuntimeError, match="empty structure"):
+            pipe(rgba_image(), resolution=64, progress=False, device="cpu")
+    finally:
+        pipe.settings.occupancy_threshold = old
+
+
+def test_missing_conditioner(pipe, saved, tmp_path):
+    import shutil
+
+    copy = tmp_path / "noenc"
+    shutil.copytree(saved, copy)
+    shutil.rmtree(copy / "conditioner")
+    manifest = json.loads((copy / PIPELINE_FILE).read_text())
+    manifest["components"].remove("conditioner")
+    (copy / PIPELINE_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(FileNotFoundError, match="no conditioner"):
+        ImageTo3DPipeline.from_pretrained(copy)
+    loaded = ImageTo3DPipeline.from_pretrained(copy, conditioner=saved / "conditioner")
+    assert loaded.conditioner.image_size == pipe.conditioner.image_size
+
+
+def test_settings_from_published_defaults():
+    d = {"dense": {"steps": 50, "guidance_scale": 7.0, "shift": 6.0, "num_train_timesteps": 1000},
+         "sparse_512": {"steps": 30, "guidance_scale": 7.0, "shift": 6.0, "num_train_timesteps": 1000},
+         "sparse_1024": {"steps": 15, "guidance_scale": 7.0, "shift": 8.0, "num_train_timesteps": 1000},
+         "occupancy_threshold": 0.1, "mc_threshold": 0.2, "index_udf_voxels": 4.0, "sparse_1024_decode_chunk": 4}
+    s = PipelineSettings.from_published(d)
+    assert s.stage(1024).steps == 15 and s.stage(1024).shift == 8.0 and s.stage(512).steps == 30
+    assert s.chunk(1024) == 32 and s.chunk(512) == 0 and s.mc_level == 0.2
+    assert PipelineSettings.from_dict(s.to_dict()) == s
+
+
+def test_structure_override(pipe):
+    coords = torch.tensor([[3, 3, 3], [3, 3, 4], [4, 3, 3]], dtype=torch.int32)
+    mesh = pipe(rgba_image(), resolution=64, seed=0, steps=1, progress=False, device="cpu", structure={64: coords})
+    assert pipe.last_timing.tokens[64] == 3 and pipe.last_timing.voxels[64] == 3 * 512
+    _check_mesh(mesh)
+    with pytest.raises(ValueError, match="structure\\[64\\]"):
+        pipe(rgba_image(), resolution=64, progress=False, device="cpu", structure={64: torch.zeros(0, 3)})
