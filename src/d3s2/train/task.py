@@ -99,6 +99,7 @@ class TrainTask(Protocol):
 # Built-in tasks: name -> "module:Class". Model helpers add their line here (imported only when used).
 TASKS: dict[str, str] = {
     "toy": "d3s2.train.toy:ToyTask",
+    "vae": "d3s2.models.vae.task:SparseVAETask",
 }
 
 _RUNTIME: dict[str, type] = {}

@@ -1,0 +1,220 @@
+"""The ``vae`` training task: the SS-VAE on a built data folder (``d3s2 data build``), at one or more resolutions.
+
+Multi-resolution training: the train split is loaded once per resolution and every item reports its
+resolution as its packing ``group``, so each micro-batch holds one resolution and the trainer's seeded batch
+shuffle decides which resolution each step sees (deterministic by ``(seed, epoch)``, identical after a resume).
+
+Validation decodes each validation shape, extracts the closed mesh (:func:`d3s2.pipeline.extract.closed_mesh`)
+and compares it with the closed mesh of the shape's own block SDF targets (:func:`d3s2.geometry.metrics`).
+
+Dimension legend: N band voxels, M decoded voxels (every voxel of every occupied 8³ block), NL latent voxels,
+R resolution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import trimesh
+from torch import nn
+from torch.utils.data import Dataset
+
+from ... import sparse as sp
+from .sparse_sdf_vae import SparseSDFBatch, SparseSDFVAE
+
+__all__ = ["SparseVAETaskConfig", "MultiResolutionDataset", "SparseVAETask", "decode_mesh", "target_mesh",
+           "TASK_FILE", "load_model_config"]
+
+log = logging.getLogger(__name__)
+
+TASK_FILE = "vae_task.json"  # written beside config.json by export: the band τ and resolutions trained on
+
+
+@dataclasses.dataclass(kw_only=True)
+class SparseVAETaskConfig:
+    data: str  # a built data folder (d3s2 data build)
+    resolutions: list[int] = dataclasses.field(default_factory=lambda: [256])  # each must be in the folder
+    model_config: str | None = None  # YAML with model: {name, args} (e.g. configs/vae/ss_vae_512.yaml)
+    model_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # overrides / inline args of the model
+    band: float = 0.0  # τ in [-1, 1] units; 0 = the folder's build band
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    val_resolution: int = 0  # resolution validated at; 0 = the largest of ``resolutions``
+    val_samples: int = 20_000  # surface samples per mesh for the validation metrics
+    decode_chunk: int = 0  # latent voxels per decode chunk edge in validation (0 = whole shape)
+
+    def __post_init__(self) -> None:
+        if not self.resolutions or any(r % 8 or r < 8 for r in self.resolutions):
+            raise ValueError(f"expected resolutions that are multiples of 8, got {self.resolutions}")
+        if self.band < 0:
+            raise ValueError(f"expected band >= 0, got {self.band}")
+        if self.val_resolution and self.val_resolution not in self.resolutions:
+            raise ValueError(f"val_resolution {self.val_resolution} is not one of {self.resolutions}")
+
+
+def load_model_config(path: str | None, overrides: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(registry name, args) from a model YAML (``model: {name, args}``) updated with ``overrides``."""
+    from ...config import load_yaml
+
+    name, args = "sparse_sdf_vae", {}
+    if path is not None:
+        data = load_yaml(path)
+        model = data.get("model")
+        if not isinstance(model, dict) or "name" not in model:
+            raise ValueError(f"{path}: expected a 'model: {{name, args}}' section")
+        name, args = model["name"], dict(model.get("args") or {})
+    args.update(overrides)
+    return name, args
+
+
+class MultiResolutionDataset(Dataset):
+    """The concatenation of one :class:`~d3s2.data.SparseSDFDataset` per resolution; ``group(i)`` is R."""
+
+    def __init__(self, parts: Sequence[Dataset]) -> None:
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _locate(self, index: int) -> tuple[Any, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        k = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.parts[k], index - int(self.offsets[k])
+
+    @property
+    def token_counts(self) -> list[int]:
+        return [c for p in self.parts for c in p.token_counts]
+
+    def group(self, index: int) -> int:
+        part, _ = self._locate(index)
+        return part.resolution
+
+    def set_epoch(self, epoch: int) -> None:
+        for p in self.parts:
+            p.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> dict:
+        part, i = self._locate(index)
+        return part[i]
+
+
+def decode_mesh(model: SparseSDFVAE, batch_sdf: sp.SparseTensor, *, chunk_size: int = 0,
+                factor: float | None = None) -> list[trimesh.Trimesh]:
+    """Encode (posterior mode), decode and extract one closed mesh per sample, vertices in ``[-1, 1]``.
+
+    Args:
+        batch_sdf: band voxels, feats ``[N, 1]`` SDF / τ, at resolution R.
+    """
+    from ...pipeline.extract import closed_mesh
+
+    z, _ = model.encode(batch_sdf, factor=factor, sample_posterior=False)
+    decoded = model.decode(z, factor=factor, chunk_size=chunk_size)
+    return [closed_mesh(d.coords[:, 1:], d.feats[:, 0].float(), b.coords[:, 1:], batch_sdf.resolution)
+            for d, b in zip(decoded.unbind(), z.unbind())]
+
+
+def target_mesh(batch: SparseSDFBatch) -> list[trimesh.Trimesh]:
+    """The closed mesh of each sample's own block SDF targets (the reference of the validation metrics)."""
+    from ...pipeline.extract import closed_mesh
+
+    meshes = []
+    for t in batch.target.unbind():
+        blocks = torch.unique(t.coords[:, 1:] // 8, dim=0)
+        meshes.append(closed_mesh(t.coords[:, 1:], t.feats[:, 0].float(), blocks, t.resolution))
+    return meshes
+
+
+class SparseVAETask:
+    """The ``vae`` task (family ``vae``): see the module docstring."""
+
+    family = "vae"
+    Config = SparseVAETaskConfig
+
+    def __init__(self, config: SparseVAETaskConfig) -> None:
+        self.cfg = config
+        settings_path = Path(config.data) / "build.json"
+        if not settings_path.is_file():
+            raise FileNotFoundError(f"{config.data} is not a built data folder (no build.json); run `d3s2 data build`")
+        settings = json.loads(settings_path.read_text())
+        missing = sorted(set(config.resolutions) - set(settings["resolutions"]))
+        if missing:
+            raise ValueError(f"{config.data} has resolutions {settings['resolutions']}, not {missing}")
+        self.band = float(config.band or settings["band"])
+        self.val_resolution = config.val_resolution or max(config.resolutions)
+
+    def build_model(self) -> SparseSDFVAE:
+        from ..registry import build_model
+
+        name, args = load_model_config(self.cfg.model_config, self.cfg.model_args)
+        return build_model(name, args)
+
+    def _dataset(self, resolution: int, split: str):
+        from ...data.dataset import SparseSDFDataset
+
+        return SparseSDFDataset(self.cfg.data, resolution, split=split, val_fraction=self.cfg.val_fraction,
+                                test_fraction=self.cfg.test_fraction, with_image=False)
+
+    def build_datasets(self) -> tuple[MultiResolutionDataset, MultiResolutionDataset | None]:
+        train = MultiResolutionDataset([self._dataset(r, "train") for r in self.cfg.resolutions])
+        if len(train) == 0:
+            raise ValueError(f"{self.cfg.data}: the train split is empty")
+        val = MultiResolutionDataset([self._dataset(self.val_resolution, "val")])
+        return train, (val if len(val) else None)
+
+    def collate(self, items: Sequence[dict]) -> SparseSDFBatch:
+        from ...data.collate import collate_sparse
+
+        c = collate_sparse(items)
+        return SparseSDFBatch.from_blocks(c["sdf"], c["blocks"], sharp=c["sharp"], tau=self.band)
+
+    def loss(self, model: nn.Module, batch: SparseSDFBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        from ...train.distributed import unwrap
+
+        out = model(batch)
+        loss, logs = unwrap(model).loss(out, batch)
+        return loss, {k: v.detach() if torch.is_tensor(v) else v for k, v in logs.items() if k != "loss"}
+
+    def validate(self, model: nn.Module, loader: Iterable[SparseSDFBatch], *, step: int,
+                 out_dir: Path | None) -> dict[str, float]:
+        from ...geometry.export import export_mesh
+        from ...geometry.metrics import mesh_metrics
+
+        sums: dict[str, float] = {}
+        count = 0
+        snapshot_written = False
+        for batch in loader:
+            out = model(batch)
+            _, logs = model.loss(out, batch)
+            preds = decode_mesh(model, batch.sdf, chunk_size=self.cfg.decode_chunk, factor=batch.factor)
+            for pred, ref in zip(preds, target_mesh(batch)):
+                metrics = {f"loss_{k}": float(v) for k, v in logs.items()}
+                if len(pred.faces) and len(ref.faces):
+                    metrics.update(mesh_metrics(pred, ref, num_samples=self.cfg.val_samples,
+                                                num_volume_points=self.cfg.val_samples))
+                else:
+                    metrics["empty_mesh"] = 1.0
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+                if out_dir is not None and not snapshot_written and len(pred.faces):
+                    export_mesh(pred, Path(out_dir) / "reconstruction.glb")
+                    export_mesh(ref, Path(out_dir) / "reference.glb")
+                    snapshot_written = True
+        return {k: v / max(count, 1) for k, v in sums.items()}
+
+    def export(self, model: nn.Module, out_dir: Path) -> None:
+        from ...train.checkpoint import atomic_write_text
+        from ..registry import save_pretrained
+
+        save_pretrained(model, out_dir)
+        info = {"band": self.band, "resolutions": list(self.cfg.resolutions)}
+        atomic_write_text(Path(out_dir) / TASK_FILE, json.dumps(info, indent=2) + "\n")
