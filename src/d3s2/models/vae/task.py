@@ -196,7 +196,7 @@ class SparseVAETask:
             _, logs = model.loss(out, batch)
             preds = decode_mesh(model, batch.sdf, chunk_size=self.cfg.decode_chunk, factor=batch.factor)
             for pred, ref in zip(preds, target_mesh(batch)):
-                metrics = {f"loss_{k}": float(v) for k, v in logs.items()}
+                metrics = {k: float(v) for k, v in logs.items() if k != "supervised"}
                 if len(pred.faces) and len(ref.faces):
                     metrics.update(mesh_metrics(pred, ref, num_samples=self.cfg.val_samples,
                                                 num_volume_points=self.cfg.val_samples))
