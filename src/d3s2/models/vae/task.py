@@ -30,7 +30,7 @@ from ... import sparse as sp
 from .sparse_sdf_vae import SparseSDFBatch, SparseSDFVAE
 
 __all__ = ["SparseVAETaskConfig", "MultiResolutionDataset", "SparseVAETask", "decode_mesh", "target_mesh",
-           "TASK_FILE", "load_model_config"]
+           "TASK_FILE", "load_model_config", "shape_metrics", "EMPTY_MESH_METRICS"]
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,22 @@ def target_mesh(batch: SparseSDFBatch) -> list[trimesh.Trimesh]:
     return meshes
 
 
+# Scores of an empty reconstruction (every decoded value on one side): no surface to sample, so the worst
+# value of each metric; chamfer 1.0 is half the [-1, 1] cube's edge.
+EMPTY_MESH_METRICS = {"chamfer_l1": 1.0, "chamfer_l2": 1.0, "normal_consistency": 0.0, "fscore@0.01": 0.0,
+                      "fscore@0.005": 0.0, "volume_iou": 0.0, "watertight": 0.0}
+
+
+def shape_metrics(pred: trimesh.Trimesh, ref: trimesh.Trimesh, num_samples: int) -> dict[str, float]:
+    """:func:`d3s2.geometry.metrics.mesh_metrics` plus ``empty_mesh`` (1.0 when ``pred`` has no faces, scored
+    with :data:`EMPTY_MESH_METRICS`); the same keys for every shape, so means over shapes and ranks line up."""
+    from ...geometry.metrics import mesh_metrics
+
+    if len(pred.faces) == 0 or len(ref.faces) == 0:
+        return {**EMPTY_MESH_METRICS, "empty_mesh": 1.0}
+    return {**mesh_metrics(pred, ref, num_samples=num_samples, num_volume_points=num_samples), "empty_mesh": 0.0}
+
+
 class SparseVAETask:
     """The ``vae`` task (family ``vae``): see the module docstring."""
 
@@ -186,8 +202,6 @@ class SparseVAETask:
     def validate(self, model: nn.Module, loader: Iterable[SparseSDFBatch], *, step: int,
                  out_dir: Path | None) -> dict[str, float]:
         from ...geometry.export import export_mesh
-        from ...geometry.metrics import mesh_metrics
-
         sums: dict[str, float] = {}
         count = 0
         snapshot_written = False
@@ -197,11 +211,7 @@ class SparseVAETask:
             preds = decode_mesh(model, batch.sdf, chunk_size=self.cfg.decode_chunk, factor=batch.factor)
             for pred, ref in zip(preds, target_mesh(batch)):
                 metrics = {k: float(v) for k, v in logs.items() if k != "supervised"}
-                if len(pred.faces) and len(ref.faces):
-                    metrics.update(mesh_metrics(pred, ref, num_samples=self.cfg.val_samples,
-                                                num_volume_points=self.cfg.val_samples))
-                else:
-                    metrics["empty_mesh"] = 1.0
+                metrics.update(shape_metrics(pred, ref, self.cfg.val_samples))
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
