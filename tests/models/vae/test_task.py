@@ -59,6 +59,12 @@ def test_train_cli_writes_checkpoint_validation_and_export(data, tmp_path):
     model = from_pretrained(run / "export")
     assert isinstance(model, SparseSDFVAE) and model.config.latent_channels == 8
     assert json.loads((run / "export" / "vae_task.json").read_text())["band"] == pytest.approx(BAND)
+    # the export drives `d3s2 reconstruct`
+    trimesh.creation.icosphere(2, radius=0.5).export(tmp_path / "sphere.obj")
+    out = tmp_path / "sphere.glb"
+    rc = main(["reconstruct", str(tmp_path / "sphere.obj"), "-o", str(out), "--resolution", "32", "--weights",
+               str(run / "export")])
+    assert rc == 0 and trimesh.load(out, force="mesh").is_watertight
 
 
 def test_config_errors(data):

@@ -86,6 +86,9 @@ def reconstruct_mesh(model, mesh, resolution: int, band: float, *, chunk_size: i
                                   resolution=resolution).to(device)
     with torch.no_grad():
         (out,) = decode_mesh(model, x, chunk_size=chunk_size)
+    if len(out.faces) == 0:
+        raise ValueError("the reconstruction is empty (every decoded value has the same sign): are the weights "
+                         "trained, and is the band the one they were trained with?")
     return trimesh.Trimesh(transform.inverse(out.vertices), out.faces, process=False)
 
 

@@ -1,0 +1,91 @@
+"""``d3s2 reconstruct`` and ``d3s2 eval vae`` with tiny weights (validity, not quality: the weights are random;
+test_task.py checks reconstruction quality after overfitting)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from d3s2.cli import main
+from d3s2.models.registry import save_pretrained
+from d3s2.models.vae import SparseSDFVAE
+from d3s2.models.vae.cli import WEIGHTS_ENV
+from d3s2.models.vae.task import TASK_FILE
+from tests.models.vae._cases import tiny_config
+from tests.models.vae._data import BAND, build_tiny
+
+KEYS = {"chamfer_l1", "fscore@0.01", "fscore@0.005", "normal_consistency", "volume_iou", "watertight", "empty_mesh"}
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """A randomly initialised tiny SS-VAE (seed 0: its decoded SDF changes sign, so surfaces are non-empty)."""
+    torch.manual_seed(0)
+    model = SparseSDFVAE(tiny_config())
+    out = save_pretrained(model, tmp_path_factory.mktemp("weights"))
+    (out / TASK_FILE).write_text(json.dumps({"band": BAND, "resolutions": [32]}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return build_tiny(tmp_path_factory.mktemp("vae_cli"))
+
+
+def test_reconstruct_writes_a_watertight_glb_in_input_units(weights, tmp_path, capsys):
+    src = trimesh.creation.icosphere(2, radius=3.0)
+    src.apply_translation([10.0, -2.0, 0.5])
+    src.export(tmp_path / "sphere.obj")
+    out = tmp_path / "out" / "sphere.glb"
+    assert main(["reconstruct", str(tmp_path / "sphere.obj"), "-o", str(out), "--resolution", "32",
+                 "--weights", str(weights)]) == 0
+    assert "watertight=True" in capsys.readouterr().out
+    mesh = trimesh.load(out, force="mesh")
+    assert len(mesh.faces) > 0 and mesh.is_watertight
+    # de-normalised: inside the input's bounding box grown by the normalisation margin (1/0.95) and a voxel
+    lo, hi = src.bounds
+    centre, half = (lo + hi) / 2, (hi - lo).max() / 2 / 0.95 + 2 * 3.0 / 16
+    assert np.all(np.abs(mesh.vertices - centre) <= half), (mesh.bounds, centre, half)
+    assert not list(out.parent.glob(".tmp-*"))
+
+
+def test_reconstruct_errors(weights, tmp_path, capsys, monkeypatch):
+    trimesh.creation.box().export(tmp_path / "box.obj")
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    assert main(["reconstruct", str(tmp_path / "box.obj"), "-o", str(tmp_path / "o.glb"), "--resolution", "32"]) == 1
+    assert "no SS-VAE weights" in capsys.readouterr().err
+    assert main(["reconstruct", str(tmp_path / "box.obj"), "-o", str(tmp_path / "o.glb"), "--resolution", "32",
+                 "--weights", str(tmp_path / "missing")]) == 1
+    assert "config.json" in capsys.readouterr().err
+    (tmp_path / "bad.obj").write_text("v 0 0 0\nv 1 0 0\n")
+    assert main(["reconstruct", str(tmp_path / "bad.obj"), "-o", str(tmp_path / "o.glb"), "--resolution", "32",
+                 "--weights", str(weights)]) == 1
+    assert "bad.obj" in capsys.readouterr().err
+    assert main(["reconstruct", str(tmp_path / "box.obj"), "-o", str(tmp_path / "o.glb"), "--resolution", "30",
+                 "--weights", str(weights)]) == 1
+    assert "multiple of 8" in capsys.readouterr().err
+    assert not (tmp_path / "o.glb").exists()
+
+
+def test_eval_prints_and_writes_metrics(weights, data, tmp_path, capsys):
+    report = tmp_path / "metrics.json"
+    assert main(["eval", "vae", "--data", str(data), "--weights", str(weights), "--split", "train",
+                 "--resolution", "32", "--limit", "1", "--samples", "1000", "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    for key in ("chamfer_l1", "fscore@0.01", "fscore@0.005", "normal_consistency", "volume_iou"):
+        assert key in printed
+    result = json.loads(report.read_text())["results"]["32"]
+    assert KEYS <= set(result) and result["shapes"] == 1.0
+    assert 0.0 <= result["fscore@0.01"] <= 1.0 and result["chamfer_l1"] > 0
+
+
+def test_eval_errors(weights, data, tmp_path, capsys):
+    assert main(["eval", "vae", "--data", str(tmp_path), "--weights", str(weights)]) == 1
+    assert "build.json" in capsys.readouterr().err
+    assert main(["eval", "vae", "--data", str(data), "--weights", str(weights), "--resolution", "64"]) == 1
+    assert "not [64]" in capsys.readouterr().err
