@@ -72,6 +72,19 @@ def test_reconstruct_errors(weights, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "o.glb").exists()
 
 
+def test_reconstruct_refuses_an_empty_surface(tmp_path, capsys):
+    model = SparseSDFVAE(tiny_config())
+    with torch.no_grad():  # decoder output +1 everywhere: no zero crossing
+        model.decoder.out_layer.weight.zero_()
+        model.decoder.out_layer.bias.fill_(10.0)
+    save_pretrained(model, tmp_path / "w")
+    trimesh.creation.box().export(tmp_path / "box.obj")
+    assert main(["reconstruct", str(tmp_path / "box.obj"), "-o", str(tmp_path / "o.glb"), "--resolution", "32",
+                 "--weights", str(tmp_path / "w"), "--band", str(BAND)]) == 1
+    assert "reconstruction is empty" in capsys.readouterr().err
+    assert not (tmp_path / "o.glb").exists()
+
+
 def test_eval_prints_and_writes_metrics(weights, data, tmp_path, capsys):
     report = tmp_path / "metrics.json"
     assert main(["eval", "vae", "--data", str(data), "--weights", str(weights), "--split", "train",
