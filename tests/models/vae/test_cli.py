@@ -78,7 +78,8 @@ def test_reconstruct_refuses_an_empty_surface(tmp_path, capsys):
         model.decoder.out_layer.weight.zero_()
         model.decoder.out_layer.bias.fill_(10.0)
     save_pretrained(model, tmp_path / "w")
-    trimesh.creation.box().export(tmp_path / "box.obj")
+    # a thin plate: no enclosed empty blocks, so the closed-mesh halo is all outside too
+    trimesh.creation.box((1.0, 1.0, 0.02)).export(tmp_path / "box.obj")
     assert main(["reconstruct", str(tmp_path / "box.obj"), "-o", str(tmp_path / "o.glb"), "--resolution", "32",
                  "--weights", str(tmp_path / "w"), "--band", str(BAND)]) == 1
     assert "reconstruction is empty" in capsys.readouterr().err
