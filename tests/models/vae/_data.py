@@ -1,4 +1,4 @@
-"""A tiny built data folder (four primitive meshes at R=32, no renders) shared by the task and CLI tests."""
+"""A tiny built data folder (four primitive meshes at R=16 and 32, no renders) shared by the task and CLI tests."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def primitive_meshes(folder: Path) -> Path:
 def build_tiny(root: Path) -> Path:
     meshes = primitive_meshes(root / "meshes")
     out = root / "data"
-    summary = build(resolve_sources([str(meshes)]), out, BuildConfig(resolutions=(RESOLUTION,), views=0, band=BAND),
+    summary = build(resolve_sources([str(meshes)]), out, BuildConfig(resolutions=(16, RESOLUTION), views=0, band=BAND),
                     progress=False)
     assert summary.built == 4 and not summary.failed, summary
     return out

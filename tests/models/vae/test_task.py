@@ -72,6 +72,8 @@ def test_config_errors(data):
         SparseVAETaskConfig(data=str(data), resolutions=[30])
     with pytest.raises(ValueError, match="not \\[64\\]"):
         SparseVAETask(SparseVAETaskConfig(data=str(data), resolutions=[64]))
+    with pytest.raises(ValueError, match="val_resolution"):
+        SparseVAETaskConfig(data=str(data), resolutions=[32], val_resolution=16)
     with pytest.raises(FileNotFoundError, match="build.json"):
         SparseVAETask(SparseVAETaskConfig(data=str(data / "nope"), resolutions=[32]))
 
@@ -87,6 +89,17 @@ def test_multi_resolution_groups_and_collate(data):
     batch = task.collate([train[0], train[1]])
     assert batch.sdf.batch_size == 2 and batch.sdf.resolution == RESOLUTION
     assert float(batch.sdf.feats.abs().max()) < 1.0  # SDF / τ inside the band
+
+    multi = SparseVAETask(SparseVAETaskConfig(data=str(data), resolutions=[16, 32], val_fraction=0.5,
+                                              test_fraction=0.0, model_config=TINY_MODEL))
+    train, val = multi.build_datasets()
+    n = len(train) // 2
+    assert [train.group(i) for i in range(len(train))] == [16] * n + [32] * n
+    assert {val.group(i) for i in range(len(val))} == {32}  # validated at the largest R
+    assert train[0]["name"] == train[n]["name"] and train[0]["resolution"] == 16
+    assert multi.collate([train[0], train[1]]).sdf.resolution == 16
+    with pytest.raises(ValueError, match="one resolution"):
+        multi.collate([train[0], train[n]])
 
 
 def test_overfit_one_shape_reconstructs_it(data):
