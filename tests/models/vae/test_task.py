@@ -45,7 +45,7 @@ def test_registered():
 
 
 def test_train_cli_writes_checkpoint_validation_and_export(data, tmp_path):
-    assert train_cli(data, tmp_path / "run") == 0
+    assert train_cli(data, tmp_path / "run", "--task.args.resolutions=[16, 32]") == 0
     run = tmp_path / "run"
     assert (run / "checkpoints" / "step_00000002.pt").is_file()
     val = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()
@@ -58,7 +58,8 @@ def test_train_cli_writes_checkpoint_validation_and_export(data, tmp_path):
         assert trimesh.load(snapshot, force="mesh").is_watertight
     model = from_pretrained(run / "export")
     assert isinstance(model, SparseSDFVAE) and model.config.latent_channels == 8
-    assert json.loads((run / "export" / "vae_task.json").read_text())["band"] == pytest.approx(BAND)
+    info = json.loads((run / "export" / "vae_task.json").read_text())
+    assert info == {"band": pytest.approx(BAND), "resolutions": [16, 32]}
     # the export drives `d3s2 reconstruct`
     trimesh.creation.icosphere(2, radius=0.5).export(tmp_path / "sphere.obj")
     out = tmp_path / "sphere.glb"
