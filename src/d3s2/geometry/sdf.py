@@ -238,6 +238,33 @@ def _sharp_segments(mesh: trimesh.Trimesh, flags: np.ndarray) -> np.ndarray:
     return seg[flags]
 
 
+def near_primitives(points: np.ndarray, prims: np.ndarray, radius: float, cells: int = 32,
+                    max_marks: int = 1 << 24) -> np.ndarray:
+    """bool [Q]: a superset of the points closer than ``radius`` to some primitive.
+
+    ``points`` [Q, 3] and ``prims`` [E, k, 3] (segments or triangles) in ``[-1, 1]^3``. Each primitive marks the
+    cells of a ``cells^3`` grid that its bounding box grown by ``radius`` touches; a point in an unmarked cell
+    is farther than ``radius`` from every primitive. Lets exact distance queries skip most far points.
+    """
+    if len(prims) == 0:
+        return np.zeros(len(points), dtype=bool)
+    size = 2.0 / cells
+    lo = np.clip(np.floor((prims.min(1) - radius + 1.0) / size).astype(np.int64), 0, cells - 1)  # [E, 3]
+    hi = np.clip(np.floor((prims.max(1) + radius + 1.0) / size).astype(np.int64), 0, cells - 1)
+    ext = hi - lo + 1
+    count = ext.prod(1)
+    if count.sum() > max_marks:
+        return np.ones(len(points), dtype=bool)
+    owner = np.repeat(np.arange(len(prims)), count)
+    rank = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+    e = ext[owner]
+    cell = lo[owner] + np.stack([rank // (e[:, 1] * e[:, 2]), (rank // e[:, 2]) % e[:, 1], rank % e[:, 2]], -1)
+    marked = np.zeros((cells, cells, cells), dtype=bool)
+    marked[cell[:, 0], cell[:, 1], cell[:, 2]] = True
+    pc = np.clip(np.floor((points + 1.0) / size).astype(np.int64), 0, cells - 1)
+    return marked[pc[:, 0], pc[:, 1], pc[:, 2]]
+
+
 # ---------------------------------------------------------------------------------------------- backends
 class _IglField:
     """Distance and winding number from libigl (CPU): AABB-tree distances, fast winding number."""
@@ -269,17 +296,22 @@ class _IglField:
             return np.zeros(0)
         return self._igl.fast_winding_number(self.v, self.f, np.ascontiguousarray(points, dtype=np.float64))
 
-    def edge_distances(self, points: np.ndarray, masks: list[np.ndarray | None] | None = None) -> np.ndarray:
-        """[Q, K] distance from each point to each segment set (inf for an empty set, and for points outside
-        ``masks[k]`` where given: callers pass masks of the points whose distance can matter)."""
+    def edge_distances(self, points: np.ndarray, limits: list[float] | None = None,
+                       masks: list[np.ndarray | None] | None = None) -> np.ndarray:
+        """[Q, K] distance from each point to each segment set (inf for an empty set). Callers that only compare
+        distances with ``limits[k]`` may get inf for points farther than that, and for points outside
+        ``masks[k]`` (both skip the exact query)."""
         out = np.full((len(points), len(self.segment_sets)), np.inf)
         for k, sv in enumerate(self.segment_sets):
-            sel = None if masks is None or masks[k] is None else np.nonzero(masks[k])[0]
-            q = points if sel is None else points[sel]
+            want = np.ones(len(points), dtype=bool) if masks is None or masks[k] is None else masks[k].copy()
+            if limits is not None and len(sv):
+                want[want] = near_primitives(points[want], sv.reshape(-1, 2, 3), limits[k])
+            sel = np.nonzero(want)[0]
+            q = points[sel]
             if len(sv) and len(q):
                 se = np.arange(len(sv), dtype=np.int64).reshape(-1, 2)
                 d2, _, _ = self._igl.point_mesh_squared_distance(np.ascontiguousarray(q), sv, se)
-                out[slice(None) if sel is None else sel, k] = np.sqrt(d2)
+                out[sel, k] = np.sqrt(d2)
         return out
 
     def set_classes(self, classes: np.ndarray) -> None:
@@ -296,21 +328,18 @@ class _IglField:
         dist = np.full((len(coords), 3), np.inf)
         dist[:, 0] = udf
         near_class = self.classes[face]
-        lost = self.subsets[1]
-        if len(lost):  # lost-sheet distances matter only below ``radius`` (see _sparse_sdf_one): cull by box
-            corners = self.v[lost.reshape(-1)]
-            lo, hi = corners.min(0) - radius, corners.max(0) + radius
-            near_lost = ((centers >= lo) & (centers <= hi)).all(1)
-        else:
-            near_lost = np.zeros(len(coords), dtype=bool)
+        # Lost-sheet distances matter only below ``radius`` (see _sparse_sdf_one).
+        near_lost = near_primitives(centers, self.v[self.subsets[1]], radius)
         for k, need in enumerate([np.ones(len(coords), dtype=bool), near_lost]):
             # Where the nearest triangle is in the subset, the subset distance is the distance to all.
             same = near_class == k
             dist[same, k + 1] = udf[same]
             rows = np.nonzero(need & ~same)[0]
             dist[rows, k + 1] = self._subset_distance(centers[rows], self.subsets[k])
-        # Sharp flags need the sharp-edge distance only where it can be below the band (it is >= udf).
-        return coords, dist, self.edge_distances(centers, [udf < self.band, None])
+        # Sharp flags compare the sharp-edge distance (>= udf) with the band; signs the open-edge distance with
+        # the exact-sign limit of _sparse_sdf_one.
+        limits = [self.band, _exact_sign_limit(radius, resolution)]
+        return coords, dist, self.edge_distances(centers, limits, [udf < self.band, None])
 
 
 def _make_field(backend: str, mesh: trimesh.Trimesh, edge_flags: np.ndarray, band: float, device: str):
@@ -545,6 +574,11 @@ def classify_triangles(field, mesh: trimesh.Trimesh) -> np.ndarray:
     return classes
 
 
+def _exact_sign_limit(radius: float, resolution: int) -> float:
+    """Voxels closer than this to an open edge get their own winding number (see :func:`band_signs`)."""
+    return radius + 4.0 / resolution
+
+
 def _sparse_sdf_one(field, resolution: int, band: float) -> SparseSDF:
     shell = 2.0 / resolution  # half-thickness of thickened lost sheets: one voxel
     radius = band + shell
@@ -555,7 +589,7 @@ def _sparse_sdf_one(field, resolution: int, band: float) -> SparseSDF:
     sharp_dist, open_dist = edge_dist[:, 0], edge_dist[:, 1]
     # A voxel's sign matters only if its |sdf| can be below the band: ±dist[:, 1] or the lost-sheet shell is.
     needed = (dist[:, 1] < band) | (dist[:, 2] - shell < band)
-    inside_w = band_signs(field, coords, dist[:, 0], open_dist < radius + 4.0 / resolution, resolution,
+    inside_w = band_signs(field, coords, dist[:, 0], open_dist < _exact_sign_limit(radius, resolution), resolution,
                           needed=needed)
     # Union of the winding-number solid (distance to its boundary triangles) and the thickened lost sheets.
     sdf = np.minimum(np.where(inside_w, -dist[:, 1], dist[:, 1]), dist[:, 2] - shell)
