@@ -238,30 +238,34 @@ def _sharp_segments(mesh: trimesh.Trimesh, flags: np.ndarray) -> np.ndarray:
     return seg[flags]
 
 
-def near_primitives(points: np.ndarray, prims: np.ndarray, radius: float, cells: int = 32,
-                    max_marks: int = 1 << 24) -> np.ndarray:
+def near_primitives(points: np.ndarray, prims: np.ndarray, radius: float, cells: tuple[int, ...] = (128, 64, 32),
+                    max_marks: int = 1 << 22) -> np.ndarray:
     """bool [Q]: a superset of the points closer than ``radius`` to some primitive.
 
     ``points`` [Q, 3] and ``prims`` [E, k, 3] (segments or triangles) in ``[-1, 1]^3``. Each primitive marks the
-    cells of a ``cells^3`` grid that its bounding box grown by ``radius`` touches; a point in an unmarked cell
-    is farther than ``radius`` from every primitive. Lets exact distance queries skip most far points.
+    cells of a ``c^3`` grid that its bounding box grown by ``radius`` touches; a point in an unmarked cell is
+    farther than ``radius`` from every primitive. ``c`` is the finest of ``cells`` with at most ``max_marks``
+    marks (else every point is returned). Lets exact distance queries skip most far points.
     """
     if len(prims) == 0:
         return np.zeros(len(points), dtype=bool)
-    size = 2.0 / cells
-    lo = np.clip(np.floor((prims.min(1) - radius + 1.0) / size).astype(np.int64), 0, cells - 1)  # [E, 3]
-    hi = np.clip(np.floor((prims.max(1) + radius + 1.0) / size).astype(np.int64), 0, cells - 1)
-    ext = hi - lo + 1
-    count = ext.prod(1)
-    if count.sum() > max_marks:
+    for c in cells:
+        size = 2.0 / c
+        lo = np.clip(np.floor((prims.min(1) - radius + 1.0) / size).astype(np.int64), 0, c - 1)  # [E, 3]
+        hi = np.clip(np.floor((prims.max(1) + radius + 1.0) / size).astype(np.int64), 0, c - 1)
+        ext = hi - lo + 1
+        count = ext.prod(1)
+        if count.sum() <= max_marks:
+            break
+    else:
         return np.ones(len(points), dtype=bool)
     owner = np.repeat(np.arange(len(prims)), count)
     rank = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
     e = ext[owner]
     cell = lo[owner] + np.stack([rank // (e[:, 1] * e[:, 2]), (rank // e[:, 2]) % e[:, 1], rank % e[:, 2]], -1)
-    marked = np.zeros((cells, cells, cells), dtype=bool)
+    marked = np.zeros((c, c, c), dtype=bool)
     marked[cell[:, 0], cell[:, 1], cell[:, 2]] = True
-    pc = np.clip(np.floor((points + 1.0) / size).astype(np.int64), 0, cells - 1)
+    pc = np.clip(np.floor((points + 1.0) / size).astype(np.int64), 0, c - 1)
     return marked[pc[:, 0], pc[:, 1], pc[:, 2]]
 
 
