@@ -65,3 +65,21 @@ if __name__ == "__main__":
     tmp = FIXTURE + ".tmp.npz"
     np.savez_compressed(tmp, **arrays)
     os.replace(tmp, FIXTURE)
+
+
+def test_near_primitives_keeps_every_point_within_radius():
+    import igl
+
+    from d3s2.geometry.sdf import near_primitives
+
+    rng = np.random.default_rng(0)
+    seg = rng.uniform(-0.9, 0.9, (40, 1, 3)) + rng.normal(scale=0.1, size=(40, 2, 3))  # [E, 2, 3] short segments
+    pts = rng.uniform(-1, 1, (20000, 3))
+    sv = seg.reshape(-1, 3)
+    d2, _, _ = igl.point_mesh_squared_distance(pts, sv, np.arange(len(sv)).reshape(-1, 2))
+    for radius in (0.01, 0.05):
+        near = near_primitives(pts, seg, radius)
+        assert near[np.sqrt(d2) <= radius].all()
+        assert near.mean() < 0.5  # it does cull
+    assert near_primitives(pts, seg[:0], 0.1).sum() == 0
+    assert near_primitives(pts, seg, 0.05, max_marks=1).all()  # over budget: no culling
