@@ -431,18 +431,17 @@ def propagate_signs(signs: np.ndarray, max_steps: int = 3 * BLOCK, device: str |
         unknown = s == 0
         if not bool(unknown.any()):
             break
-        sf = s.to(torch.int16)
-        total = torch.zeros_like(sf)
-        total[:, 1:] += sf[:, :-1]
-        total[:, :-1] += sf[:, 1:]
-        total[:, :, 1:] += sf[:, :, :-1]
-        total[:, :, :-1] += sf[:, :, 1:]
-        total[:, :, :, 1:] += sf[:, :, :, :-1]
-        total[:, :, :, :-1] += sf[:, :, :, 1:]
+        total = torch.zeros_like(s)  # int8 holds a sum of six signs
+        total[:, 1:] += s[:, :-1]
+        total[:, :-1] += s[:, 1:]
+        total[:, :, 1:] += s[:, :, :-1]
+        total[:, :, :-1] += s[:, :, 1:]
+        total[:, :, :, 1:] += s[:, :, :, :-1]
+        total[:, :, :, :-1] += s[:, :, :, 1:]
         fill = unknown & (total != 0)
         if not bool(fill.any()):
             break
-        s = torch.where(fill, total.sign().to(torch.int8), s)
+        s = torch.where(fill, total.sign(), s)
     return s.cpu().numpy()
 
 
