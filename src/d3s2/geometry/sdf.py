@@ -238,6 +238,37 @@ def _sharp_segments(mesh: trimesh.Trimesh, flags: np.ndarray) -> np.ndarray:
     return seg[flags]
 
 
+def near_primitives(points: np.ndarray, prims: np.ndarray, radius: float, cells: tuple[int, ...] = (128, 64, 32),
+                    max_marks: int = 1 << 22) -> np.ndarray:
+    """bool [Q]: a superset of the points closer than ``radius`` to some primitive.
+
+    ``points`` [Q, 3] and ``prims`` [E, k, 3] (segments or triangles) in ``[-1, 1]^3``. Each primitive marks the
+    cells of a ``c^3`` grid that its bounding box grown by ``radius`` touches; a point in an unmarked cell is
+    farther than ``radius`` from every primitive. ``c`` is the finest of ``cells`` with at most ``max_marks``
+    marks (else every point is returned). Lets exact distance queries skip most far points.
+    """
+    if len(prims) == 0:
+        return np.zeros(len(points), dtype=bool)
+    for c in cells:
+        size = 2.0 / c
+        lo = np.clip(np.floor((prims.min(1) - radius + 1.0) / size).astype(np.int64), 0, c - 1)  # [E, 3]
+        hi = np.clip(np.floor((prims.max(1) + radius + 1.0) / size).astype(np.int64), 0, c - 1)
+        ext = hi - lo + 1
+        count = ext.prod(1)
+        if count.sum() <= max_marks:
+            break
+    else:
+        return np.ones(len(points), dtype=bool)
+    owner = np.repeat(np.arange(len(prims)), count)
+    rank = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+    e = ext[owner]
+    cell = lo[owner] + np.stack([rank // (e[:, 1] * e[:, 2]), (rank // e[:, 2]) % e[:, 1], rank % e[:, 2]], -1)
+    marked = np.zeros((c, c, c), dtype=bool)
+    marked[cell[:, 0], cell[:, 1], cell[:, 2]] = True
+    pc = np.clip(np.floor((points + 1.0) / size).astype(np.int64), 0, c - 1)
+    return marked[pc[:, 0], pc[:, 1], pc[:, 2]]
+
+
 # ---------------------------------------------------------------------------------------------- backends
 class _IglField:
     """Distance and winding number from libigl (CPU): AABB-tree distances, fast winding number."""
@@ -251,10 +282,17 @@ class _IglField:
         self.f = np.ascontiguousarray(faces, dtype=np.int64)
         self.segment_sets = [np.ascontiguousarray(s.reshape(-1, 3), dtype=np.float64) for s in segment_sets]
 
-    def distance(self, points: np.ndarray) -> np.ndarray:
+    def nearest(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(distance [Q], nearest triangle int64 [Q]) from each point to the mesh."""
         if len(points) == 0:
-            return np.zeros(0)
-        d2, _, _ = self._igl.point_mesh_squared_distance(np.ascontiguousarray(points), self.v, self.f)
+            return np.zeros(0), np.zeros(0, dtype=np.int64)
+        d2, face, _ = self._igl.point_mesh_squared_distance(np.ascontiguousarray(points), self.v, self.f)
+        return np.sqrt(d2), np.asarray(face, dtype=np.int64)
+
+    def _subset_distance(self, points: np.ndarray, faces: np.ndarray) -> np.ndarray:
+        if len(points) == 0 or len(faces) == 0:
+            return np.full(len(points), np.inf)
+        d2, _, _ = self._igl.point_mesh_squared_distance(np.ascontiguousarray(points), self.v, faces)
         return np.sqrt(d2)
 
     def winding(self, points: np.ndarray) -> np.ndarray:
@@ -262,33 +300,50 @@ class _IglField:
             return np.zeros(0)
         return self._igl.fast_winding_number(self.v, self.f, np.ascontiguousarray(points, dtype=np.float64))
 
-    def edge_distances(self, points: np.ndarray) -> np.ndarray:
-        """[Q, K] distance from each point to each segment set (inf for an empty set)."""
+    def edge_distances(self, points: np.ndarray, limits: list[float] | None = None,
+                       masks: list[np.ndarray | None] | None = None) -> np.ndarray:
+        """[Q, K] distance from each point to each segment set (inf for an empty set). Callers that only compare
+        distances with ``limits[k]`` may get inf for points farther than that, and for points outside
+        ``masks[k]`` (both skip the exact query)."""
         out = np.full((len(points), len(self.segment_sets)), np.inf)
         for k, sv in enumerate(self.segment_sets):
-            if len(sv) and len(points):
+            want = np.ones(len(points), dtype=bool) if masks is None or masks[k] is None else masks[k].copy()
+            if limits is not None and len(sv):
+                want[want] = near_primitives(points[want], sv.reshape(-1, 2, 3), limits[k])
+            sel = np.nonzero(want)[0]
+            q = points[sel]
+            if len(sv) and len(q):
                 se = np.arange(len(sv), dtype=np.int64).reshape(-1, 2)
-                d2, _, _ = self._igl.point_mesh_squared_distance(np.ascontiguousarray(points), sv, se)
-                out[:, k] = np.sqrt(d2)
+                d2, _, _ = self._igl.point_mesh_squared_distance(np.ascontiguousarray(q), sv, se)
+                out[sel, k] = np.sqrt(d2)
         return out
 
     def set_classes(self, classes: np.ndarray) -> None:
-        self.subsets = [np.ascontiguousarray(self.f[classes == k]) for k in range(2)]
+        self.classes = np.asarray(classes, dtype=np.int8)
+        self.subsets = [np.ascontiguousarray(self.f[self.classes == k]) for k in range(2)]
 
     def prepare(self, resolution: int, radius: float) -> None:
         """Nothing to build: libigl makes its AABB tree per call."""
 
     def band_voxels(self, resolution: int, radius: float):
         """(coords int64 [N, 3], distances [N, 3] to all / boundary / lost-sheet triangles, edge distances [N, K])."""
-        coords, udf = band_candidates(self, resolution, radius)
+        coords, udf, face = band_candidates(self, resolution, radius)
         centers = voxel_centers(coords, resolution)
         dist = np.full((len(coords), 3), np.inf)
         dist[:, 0] = udf
-        for k, faces in enumerate(self.subsets):
-            if len(faces) and len(coords):
-                d2, _, _ = self._igl.point_mesh_squared_distance(centers, self.v, faces)
-                dist[:, k + 1] = np.sqrt(d2)
-        return coords, dist, self.edge_distances(centers)
+        near_class = self.classes[face]
+        # Lost-sheet distances matter only below ``radius`` (see _sparse_sdf_one).
+        near_lost = near_primitives(centers, self.v[self.subsets[1]], radius)
+        for k, need in enumerate([np.ones(len(coords), dtype=bool), near_lost]):
+            # Where the nearest triangle is in the subset, the subset distance is the distance to all.
+            same = near_class == k
+            dist[same, k + 1] = udf[same]
+            rows = np.nonzero(need & ~same)[0]
+            dist[rows, k + 1] = self._subset_distance(centers[rows], self.subsets[k])
+        # Sharp flags compare the sharp-edge distance (>= udf) with the band; signs the open-edge distance with
+        # the exact-sign limit of _sparse_sdf_one.
+        limits = [self.band, _exact_sign_limit(radius, resolution)]
+        return coords, dist, self.edge_distances(centers, limits, [udf < self.band, None])
 
 
 def _make_field(backend: str, mesh: trimesh.Trimesh, edge_flags: np.ndarray, band: float, device: str):
@@ -315,23 +370,26 @@ def _levels(resolution: int) -> list[int]:
 
 
 def band_candidates(field, resolution: int, band: float) -> tuple[np.ndarray, np.ndarray]:
-    """Band voxels by coarse-to-fine refinement: (coords int64 [N, 3], unsigned distance float64 [N]).
+    """Band voxels by coarse-to-fine refinement: coords int64 [N, 3], unsigned distance float64 [N] and
+    nearest triangle int64 [N] (``field.nearest``).
 
-    A cell of size ``s`` is refined only if its centre is closer than ``band + s * sqrt(3) / 2`` to the
-    surface, which keeps every cell that can contain a band voxel centre.
+    A cell of size ``s`` is refined only if its centre is closer than ``band + (s - h) * sqrt(3) / 2`` to the
+    surface (``h`` the voxel size): the voxel centres inside the cell lie within that half-diagonal of its
+    centre, so every cell that contains a band voxel centre is kept.
     """
     levels = _levels(resolution)
     g0 = levels[0]
+    h = 2.0 / resolution
     ax = np.arange(g0)
     cells = np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), -1).reshape(-1, 3)
     children = np.stack(np.meshgrid([0, 1], [0, 1], [0, 1], indexing="ij"), -1).reshape(-1, 3)
     for i, g in enumerate(levels):
         size = 2.0 / g
-        dist = field.distance(voxel_centers(cells, g))
+        dist, face = field.nearest(voxel_centers(cells, g))
         if g == resolution:
             keep = dist < band
-            return cells[keep], dist[keep]
-        keep = dist < band + size * math.sqrt(3) / 2
+            return cells[keep], dist[keep], face[keep]
+        keep = dist < band + (size - h) * math.sqrt(3) / 2
         cells = (cells[keep][:, None, :] * 2 + children[None]).reshape(-1, 3)
         assert levels[i + 1] == 2 * g
     raise AssertionError("unreachable: the last level is the resolution")
@@ -373,18 +431,17 @@ def propagate_signs(signs: np.ndarray, max_steps: int = 3 * BLOCK, device: str |
         unknown = s == 0
         if not bool(unknown.any()):
             break
-        sf = s.to(torch.int16)
-        total = torch.zeros_like(sf)
-        total[:, 1:] += sf[:, :-1]
-        total[:, :-1] += sf[:, 1:]
-        total[:, :, 1:] += sf[:, :, :-1]
-        total[:, :, :-1] += sf[:, :, 1:]
-        total[:, :, :, 1:] += sf[:, :, :, :-1]
-        total[:, :, :, :-1] += sf[:, :, :, 1:]
+        total = torch.zeros_like(s)  # int8 holds a sum of six signs
+        total[:, 1:] += s[:, :-1]
+        total[:, :-1] += s[:, 1:]
+        total[:, :, 1:] += s[:, :, :-1]
+        total[:, :, :-1] += s[:, :, 1:]
+        total[:, :, :, 1:] += s[:, :, :, :-1]
+        total[:, :, :, :-1] += s[:, :, :, 1:]
         fill = unknown & (total != 0)
         if not bool(fill.any()):
             break
-        s = torch.where(fill, total.sign().to(torch.int8), s)
+        s = torch.where(fill, total.sign(), s)
     return s.cpu().numpy()
 
 
@@ -448,14 +505,15 @@ def _spread(labels: np.ndarray, num: int, samples: int) -> np.ndarray:
 
 
 def band_signs(field, coords: np.ndarray, udf: np.ndarray, exact: np.ndarray, resolution: int,
-               samples: int = 8) -> np.ndarray:
+               samples: int = 8, needed: np.ndarray | None = None) -> np.ndarray:
     """Inside (winding number >= 1/2) flag of each band voxel, with few winding-number evaluations.
 
     Voxels flagged ``exact`` (near open edges, where the winding number is not an integer) get their own
     winding number. Among the others, two 6-neighbours with ``udf_a + udf_b > h`` cannot have the surface
     between them, so their (integer) winding numbers agree: voxels are grouped into connected components
     of such pairs and each component takes the majority of ``samples`` evaluations spread over it.
-    ``coords`` [N, 3] must be sorted by key.
+    ``coords`` [N, 3] must be sorted by key. ``needed`` (bool [N], default all): exact voxels outside it get
+    no winding number (False); their sign is not used by the caller.
     """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
@@ -465,7 +523,7 @@ def band_signs(field, coords: np.ndarray, udf: np.ndarray, exact: np.ndarray, re
     if n == 0:
         return inside
     centers = voxel_centers(coords, resolution)
-    idx = np.nonzero(exact)[0]
+    idx = np.nonzero(exact if needed is None else exact & needed)[0]
     inside[idx] = field.winding(centers[idx]) >= 0.5
     h = 2.0 / resolution
     keys = _keys(coords, resolution)
@@ -519,6 +577,11 @@ def classify_triangles(field, mesh: trimesh.Trimesh) -> np.ndarray:
     return classes
 
 
+def _exact_sign_limit(radius: float, resolution: int) -> float:
+    """Voxels closer than this to an open edge get their own winding number (see :func:`band_signs`)."""
+    return radius + 4.0 / resolution
+
+
 def _sparse_sdf_one(field, resolution: int, band: float) -> SparseSDF:
     shell = 2.0 / resolution  # half-thickness of thickened lost sheets: one voxel
     radius = band + shell
@@ -527,7 +590,10 @@ def _sparse_sdf_one(field, resolution: int, band: float) -> SparseSDF:
     order = np.argsort(_keys(coords, resolution), kind="stable")
     coords, dist, edge_dist = coords[order], dist[order], edge_dist[order]
     sharp_dist, open_dist = edge_dist[:, 0], edge_dist[:, 1]
-    inside_w = band_signs(field, coords, dist[:, 0], open_dist < radius + 4.0 / resolution, resolution)
+    # A voxel's sign matters only if its |sdf| can be below the band: ±dist[:, 1] or the lost-sheet shell is.
+    needed = (dist[:, 1] < band) | (dist[:, 2] - shell < band)
+    inside_w = band_signs(field, coords, dist[:, 0], open_dist < _exact_sign_limit(radius, resolution), resolution,
+                          needed=needed)
     # Union of the winding-number solid (distance to its boundary triangles) and the thickened lost sheets.
     sdf = np.minimum(np.where(inside_w, -dist[:, 1], dist[:, 1]), dist[:, 2] - shell)
     keep = np.abs(sdf) < band
