@@ -1,4 +1,4 @@
-"""Atomic checkpoint files, RNG state capture, and a directory of ``step_XXXXXXXX.pt`` files keeping the last K.
+"""Atomic checkpoint files, RNG state capture, and a directory of ``step_NNNNNNNN.pt`` files keeping the last K.
 
 A checkpoint is one ``torch.save`` dict (keys written by the trainer): ``model`` and ``ema`` (full state dicts
 by parameter name), ``optimizer`` (full, keyed by parameter name), ``scheduler``, ``rng`` (one entry per
@@ -86,7 +86,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 class CheckpointDir:
-    """``DIR/step_XXXXXXXX.pt`` files; :meth:`save` writes atomically and keeps the newest ``keep_last``."""
+    """``DIR/step_NNNNNNNN.pt`` files; :meth:`save` writes atomically and keeps the newest ``keep_last``."""
 
     PATTERN = re.compile(r"^step_(\d{8,})\.pt$")
 

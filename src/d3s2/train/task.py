@@ -76,7 +76,7 @@ class TrainTask(Protocol):
         ``validate(model, loader, *, step, out_dir) -> dict[str, float]``: runs on every rank under
             ``torch.no_grad()`` and autocast with the unwrapped (EMA) model over that rank's share of the
             validation micro-batches (already on device, same count on each rank); returns per-rank mean
-            metrics that the trainer averages over ranks. ``out_dir`` (``run/val/step_XXXXXXXX``) is given on
+            metrics that the trainer averages over ranks. ``out_dir`` (``run/val/step_NNNNNNNN``) is given on
             rank 0 only, for snapshots such as meshes; it is ``None`` elsewhere.
         ``export(model, out_dir)``: write the final weights in the package format (e.g.
             ``d3s2.models.registry.save_pretrained``); called on rank 0 with the (EMA) weights, full state.

@@ -327,7 +327,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path | None:
-        """Write ``checkpoints/step_XXXXXXXX.pt`` (collective: call on every rank; rank 0 writes)."""
+        """Write ``checkpoints/step_NNNNNNNN.pt`` (collective: call on every rank; rank 0 writes)."""
         model_state, optim_state = D.full_state_dicts(self.model, self.optimizer)
         ema_state = self.ema.state_dict() if self.ema is not None else None
         rng = D.gather_objects(capture_rng_state(), self.info)
