@@ -44,6 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models.dit.condition import ConditionTokens
+from .published import replace_dir
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +283,7 @@ class ImageTo3DPipeline:
             manifest = {"format": FORMAT, "components": list(self.components()),
                         "settings": self.settings.to_dict()}
             (tmp / PIPELINE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-            _replace_dir(tmp, out)
+            replace_dir(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -509,14 +510,3 @@ def load_conditioner(path: str | os.PathLike) -> nn.Module:
             return DinoV2Encoder.from_pretrained(p)
         return from_pretrained(p)
     return DinoV2Encoder.from_pretrained(p)
-
-
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Move the finished ``tmp`` folder to ``target``, replacing an existing one."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old)

@@ -541,12 +541,11 @@ def load_published(root: str | os.PathLike, components: Iterable[str] | None = N
     return out
 
 
-
 # ------------------------------------------------------------------------------------------------ conversion
 PIPELINE_FILE = "pipeline.json"
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
+def replace_dir(tmp: Path, target: Path) -> None:
     """Move the finished ``tmp`` directory to ``target``, replacing an existing one."""
     old = None
     if target.exists():
@@ -583,7 +582,7 @@ def convert_published(root: str | os.PathLike, out: str | os.PathLike, component
             tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{n}.tmp-"))
             try:
                 save_pretrained(model, tmp)
-                _replace_dir(tmp, out / n)
+                replace_dir(tmp, out / n)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
