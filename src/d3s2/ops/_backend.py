@@ -165,3 +165,12 @@ def needs_float_dtype(*dtypes: torch.dtype) -> Constraint:
         return f"dtype {bad[0]} not in {list(dtypes)}" if bad else None
 
     return check
+
+
+def needs_head_dim_at_most(limit: int) -> Constraint:
+    """Attention kernels: the last dim of the first tensor (q, ``[..., D]``) must be at most ``limit``."""
+    def check(*tensors: torch.Tensor) -> str | None:
+        d = tensors[0].shape[-1]
+        return None if d <= limit else f"head dim {d} > {limit}"
+
+    return check

@@ -9,19 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import needs_float_dtype, needs_triton, op_backends
+from .._backend import needs_float_dtype, needs_head_dim_at_most, needs_triton, op_backends
 from .reference import selection_attention_ref, window_attention_ref
 
 BACKENDS = op_backends("block_attn")
 
 
-def _head_dim_at_most_128(*tensors: torch.Tensor) -> str | None:
-    d = tensors[0].shape[-1]
-    return None if d <= 128 else f"head dim {d} > 128"
-
-
 BACKENDS.register("triton", needs_triton, needs_float_dtype(torch.float16, torch.bfloat16, torch.float32),
-                  _head_dim_at_most_128)
+                  needs_head_dim_at_most(128))
 BACKENDS.register("torch")
 
 
