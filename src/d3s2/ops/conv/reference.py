@@ -1,4 +1,4 @@
-"""Sparse convolution in plain PyTorch: kernel maps and gather-GEMM-scatter. This file is the spec.
+"""Sparse convolution in plain PyTorch: kernel maps and gather-GEMM. This file is the spec.
 
 Dimension legend: N input voxels, M output voxels, K kernel offsets, C_in / C_out channels.
 
@@ -18,6 +18,9 @@ import torch
 
 T = TypeVar("T")
 
+# Elements of one gathered chunk in sparse_conv_ref (16 M floats = 64 MB in float32).
+_GATHER_ELEMENTS = 1 << 24
+
 # 27 offsets of a 3³ kernel in weight order (x fastest).
 OFFSETS_3 = torch.tensor([(dx, dy, dz) for dz in (-1, 0, 1) for dy in (-1, 0, 1) for dx in (-1, 0, 1)],
                          dtype=torch.int32)
@@ -32,19 +35,28 @@ def _keys(coords: torch.Tensor, extent: int) -> torch.Tensor:
     return ((c[:, 0] * e + (c[:, 1] + 1)) * e + (c[:, 2] + 1)) * e + (c[:, 3] + 1)
 
 
+class _Table:
+    """Sorted int64 keys of a coordinate table: built once, queried once per kernel offset."""
+
+    def __init__(self, table_coords: torch.Tensor, extent: int) -> None:
+        self.extent = extent
+        self.sorted_keys, self.order = torch.sort(_keys(table_coords, extent))
+
+    def rows(self, query_coords: torch.Tensor) -> torch.Tensor:
+        q = _keys(query_coords, self.extent)
+        if self.sorted_keys.numel() == 0:
+            return torch.full_like(q, -1, dtype=torch.int32)
+        pos = torch.searchsorted(self.sorted_keys, q).clamp_(max=self.sorted_keys.numel() - 1)
+        found = self.sorted_keys[pos] == q
+        return torch.where(found, self.order[pos], -1).to(torch.int32)
+
+
 def lookup(table_coords: torch.Tensor, query_coords: torch.Tensor, extent: int) -> torch.Tensor:
     """int32 [Q] row of each query (b, x, y, z) in ``table_coords``, or -1 when absent.
 
     Spatial query coords may lie one voxel outside [0, extent); those are reported absent.
     """
-    keys = _keys(table_coords, extent)
-    sorted_keys, order = torch.sort(keys)
-    q = _keys(query_coords, extent)
-    pos = torch.searchsorted(sorted_keys, q).clamp_(max=max(sorted_keys.numel() - 1, 0))
-    if sorted_keys.numel() == 0:
-        return torch.full_like(q, -1, dtype=torch.int32)
-    found = sorted_keys[pos] == q
-    return torch.where(found, order[pos], -1).to(torch.int32)
+    return _Table(table_coords, extent).rows(query_coords)
 
 
 def submanifold_kernel_map(coords: torch.Tensor, resolution: int, kernel_size: int = 3) -> torch.Tensor:
@@ -54,11 +66,12 @@ def submanifold_kernel_map(coords: torch.Tensor, resolution: int, kernel_size: i
     if kernel_size != 3:
         raise ValueError(f"expected kernel_size 1 or 3, got {kernel_size}")
     offsets = OFFSETS_3.to(coords.device)
+    table = _Table(coords, resolution)
     cols = []
     for off in offsets:
         q = coords.clone()
         q[:, 1:] += off
-        cols.append(lookup(coords, q, resolution))
+        cols.append(table.rows(q))
     return torch.stack(cols, 1)
 
 
@@ -74,17 +87,19 @@ def down_kernel_map(coords: torch.Tensor, resolution: int) -> tuple[torch.Tensor
     """Kernel map of the stride-2, 2³ conv: (int32 [M, 4] output coords, int32 [M, 8] child row per offset or -1)."""
     out_coords, _ = downsample_coords(coords, 2)
     offsets = OFFSETS_2.to(coords.device)
+    table = _Table(coords, resolution)
     cols = []
     for off in offsets:
         q = out_coords.clone()
         q[:, 1:] = q[:, 1:] * 2 + off
-        cols.append(lookup(coords, q, resolution))
+        cols.append(table.rows(q))
     return out_coords, torch.stack(cols, 1)
 
 
 def sparse_conv_ref(feats: torch.Tensor, kernel_map: torch.Tensor, weight: torch.Tensor,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Gather-GEMM-scatter: ``out[p] = bias + Σ_k feats[kernel_map[p, k]] @ weight[k]`` over valid entries.
+    """Gather-GEMM: ``out[p] = bias + Σ_k feats[kernel_map[p, k]] @ weight[k]`` over valid entries, computed as
+    ``[feats[kernel_map[p, 0]], ..., feats[kernel_map[p, K-1]]] @ weight.reshape(K·C_in, C_out)`` in row chunks.
 
     Args:
         feats: ``[N, C_in]``.
@@ -97,14 +112,15 @@ def sparse_conv_ref(feats: torch.Tensor, kernel_map: torch.Tensor, weight: torch
     m, k_total = kernel_map.shape
     if weight.shape[0] != k_total or weight.shape[1] != feats.shape[1]:
         raise ValueError(f"expected weight [{k_total}, {feats.shape[1]}, C_out], got {tuple(weight.shape)}")
-    out = feats.new_zeros(m, weight.shape[2])
-    for k in range(k_total):
-        src = kernel_map[:, k].long()
-        rows = (src >= 0).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            continue
-        contrib = feats[src[rows]] @ weight[k]  # [n_k, C_out]
-        out = out.index_add(0, rows, contrib)
+    c_in, c_out = weight.shape[1], weight.shape[2]
+    # Absent neighbours (-1) read an appended zero row, so each output row is one gather and one GEMM.
+    padded = torch.cat([feats, feats.new_zeros(1, c_in)])
+    flat_weight = weight.reshape(k_total * c_in, c_out).to(feats.dtype)
+    index = torch.where(kernel_map >= 0, kernel_map, feats.shape[0]).long()
+    rows_per_chunk = max(1, _GATHER_ELEMENTS // max(k_total * c_in, 1))  # bounds the [rows, K·C_in] gather
+    chunks = [padded.index_select(0, index[i:i + rows_per_chunk].reshape(-1)).reshape(-1, k_total * c_in) @ flat_weight
+              for i in range(0, m, rows_per_chunk)]
+    out = torch.cat(chunks) if chunks else feats.new_zeros(0, c_out)
     if bias is not None:
         out = out + bias
     return out
