@@ -59,6 +59,7 @@ def test_eval_generate_cli(built, weights, tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["assets"] == 2 and summary["reference"] == "sdf" and summary["reference_resolution"] == 32
     assert summary["means"]["silhouette_iou"] == pytest.approx(np.mean([r["silhouette_iou"] for r in rows]))
+    assert summary["median_seconds"] == pytest.approx(np.median([r["seconds"] for r in rows]))
     pngs = list((out / "renders").glob("*.png"))
     assert len(pngs) == 1
     with Image.open(pngs[0]) as im:

@@ -284,6 +284,8 @@ def evaluate_generation(pipe: Any, data: str | os.PathLike, out: str | os.PathLi
         "resolution": resolution, "reference": cfg.reference,
         "reference_resolution": ref_resolution if cfg.reference == "sdf" else None,
         "config": asdict(cfg), "means": {k: float(np.mean([r[k] for r in rows])) for k in keys},
+        # The first call also pays one-off costs (CUDA/Triton warm-up): the median is the typical time.
+        "median_seconds": float(np.median([r["seconds"] for r in rows])),
     }
     atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
