@@ -3,6 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch first: on a CPU box `torch==2.13.0` is the local CPU wheel; a bare `torch` would pull CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
+# `make demo`: image → 3D on the CPU with the bundled demo pipeline (d3s2/assets/demo_pipeline); without it,
+# `d3s2 demo` says so and runs the mesh → sparse SDF → watertight mesh demo.
+DEMO_IMAGE ?= examples/horse_lusitano.png
 
 .PHONY: demo test lint install install-dev clean
 
@@ -23,7 +26,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/d3s2 demo --out out/demo
+	$(VENV)/bin/d3s2 demo --image $(DEMO_IMAGE) --out out/demo
 
 test: $(VENV)/.installed-dev
 	$(PY) -m ruff check src tests benchmarks

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
+import weakref
 
 # Module paths providing ``register(subparsers)``, in the order shown by ``d3s2 --help``.
 SUBCOMMAND_MODULES = [
@@ -22,6 +23,21 @@ SUBCOMMAND_MODULES = [
     "d3s2.pipeline.cli",
     "d3s2.models.vae.cli",
 ]
+
+
+EVAL_HELP = "evaluate a model on a built data folder"
+# The `eval` parser of each top-level parser → its nested subcommands (`eval vae`, `eval generate`).
+_EVAL_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def eval_subparsers(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """The subcommands of ``d3s2 eval``, created by the first module that asks; every model family registers
+    its ``d3s2 eval FAMILY`` next to its code."""
+    parser = subparsers.choices.get("eval")
+    if parser is None:
+        parser = subparsers.add_parser("eval", help=EVAL_HELP, description=EVAL_HELP)
+        _EVAL_GROUPS[parser] = parser.add_subparsers(dest="eval_command", metavar="KIND", required=True)
+    return _EVAL_GROUPS[parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

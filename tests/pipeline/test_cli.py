@@ -50,3 +50,20 @@ def test_generate_errors(weights, tmp_path, capsys, monkeypatch):
                  "--device", "cpu"]) == 1
     assert "expected --resolution in [64, 128]" in capsys.readouterr().err
     np.testing.assert_equal(len(list(out.iterdir())), 1)
+
+
+def test_generate_defaults_to_the_bundled_demo_pipeline(weights, tmp_path, capsys, monkeypatch):
+    import d3s2.pipeline
+
+    good = tmp_path / "good.png"
+    Image.fromarray(rgba_image()).save(good)
+    monkeypatch.delenv("D3S2_WEIGHTS", raising=False)
+    monkeypatch.setattr(d3s2.pipeline, "demo_weights_dir", lambda: tmp_path / "absent")
+    assert main(["generate", str(good), "-o", str(tmp_path / "a.glb"), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "bundled demo pipeline is missing" in err and "--weights" in err
+    monkeypatch.setattr(d3s2.pipeline, "demo_weights_dir", lambda: weights)
+    assert d3s2.pipeline.demo_weights() == weights
+    assert main(["generate", str(good), "-o", str(tmp_path / "b.glb"), "--device", "cpu", "--resolution", "64",
+                 "--steps", "1", "--no-progress"]) == 0
+    assert (tmp_path / "b.glb").is_file() and "watertight True" in capsys.readouterr().out

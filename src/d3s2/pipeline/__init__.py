@@ -1,0 +1,32 @@
+"""Image → 3D pipeline: :class:`~d3s2.pipeline.image_to_3d.ImageTo3DPipeline`, ``d3s2 generate``, evaluation.
+
+The demo pipeline (small models trained here on the 0 A.D. corpus at 256³) ships inside the package at
+``d3s2/assets/demo_pipeline/`` (a folder written by ``ImageTo3DPipeline.save_pretrained``), so a ``pip install``
+reaches it like a source checkout; :func:`demo_weights` finds it, and ``d3s2 generate`` uses it when no
+``--weights`` / ``$D3S2_WEIGHTS`` is given.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+DEMO_PIPELINE = "demo_pipeline"  # folder under d3s2/assets
+
+
+def demo_weights_dir() -> Path:
+    """Where the bundled demo pipeline lives (it may be missing: see :func:`demo_weights`)."""
+    return Path(str(resources.files("d3s2") / "assets" / DEMO_PIPELINE))
+
+
+def demo_weights() -> Path:
+    """The bundled demo pipeline folder.
+
+    Raises:
+        FileNotFoundError: the folder or its ``pipeline.json`` is missing (a build without the demo weights).
+    """
+    root = demo_weights_dir()
+    if not (root / "pipeline.json").is_file():
+        raise FileNotFoundError(f"the bundled demo pipeline is missing (expected {root / 'pipeline.json'}); "
+                                "pass --weights DIR (a d3s2 pipeline folder) or set $D3S2_WEIGHTS")
+    return root

@@ -13,6 +13,8 @@ import logging
 import os
 from pathlib import Path
 
+from ...cli import eval_subparsers
+
 log = logging.getLogger(__name__)
 
 WEIGHTS_ENV = "D3S2_VAE_WEIGHTS"
@@ -33,8 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(func=_reconstruct)
 
-    e = subparsers.add_parser("eval", help="evaluate a model on a built data folder")
-    e.add_argument("family", choices=["vae"], help="model family (vae)")
+    e = eval_subparsers(subparsers).add_parser("vae", help="SS-VAE reconstruction metrics on a built data folder")
     e.add_argument("--data", required=True, help="built data folder (d3s2 data build)")
     e.add_argument("--weights", default=os.environ.get(WEIGHTS_ENV), help=weights_help)
     e.add_argument("--split", default="test", choices=["train", "val", "test"], help="split (default test)")
