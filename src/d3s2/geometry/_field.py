@@ -249,8 +249,8 @@ class TorchField:
 
     # ------------------------------------------------------------------ queries
     def band_voxels(self, resolution: int, radius: float):
-        """Voxels closer than ``radius`` to any triangle: numpy (coords int64 [N, 3], distances [N, 3] to all,
-        boundary and lost-sheet triangles, flagged-edge distances [N, K])."""
+        """Voxels closer than ``radius`` to any triangle, as tensors on the field's device: (coords int64 [N, 3],
+        distances [N, 3] to all, boundary and lost-sheet triangles, flagged-edge distances [N, K])."""
         self.prepare(resolution, radius)
         parent = self._levels[-1]
         vox = (parent.coords[:, None, :] * 2 + _CHILD.to(self.device)[None]).reshape(-1, 3)
@@ -261,7 +261,7 @@ class TorchField:
         pt, ti = self._expand(owner, parent)
         d, _, sd = self._eval_pairs(pts, pt, ti, pts.shape[0], True, True, need_wind=False, by_class=True)
         keep = d[:, 0] < radius
-        return tuple(x[keep].cpu().numpy() for x in (vox, d, sd))
+        return vox[keep], d[keep], sd[keep]
 
     def _rows(self, j: int, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(found bool [Q], row [Q]) of cells ``coords`` [Q, 3] at level j."""
@@ -303,19 +303,23 @@ class TorchField:
         level.far[missing] = (w_corner - near_w).reshape(-1, 8)
         level.has_far[missing] = True
 
-    def winding(self, points) -> np.ndarray:
-        """Winding number at arbitrary points (float64 numpy [Q, 3] or tensor) after :meth:`build`."""
-        pts = torch.as_tensor(np.asarray(points), dtype=self.dtype).to(self.device)
+    def inside(self, points: torch.Tensor) -> torch.Tensor:
+        """bool [Q] on the field's device: winding number >= 1/2 at points [Q, 3] (any float dtype/device)."""
+        return self.winding(points) >= 0.5
+
+    def winding(self, points: torch.Tensor) -> torch.Tensor:
+        """Winding number [Q] (field dtype, field device) at arbitrary points [Q, 3] after :meth:`build`."""
+        pts = torch.as_tensor(points).to(self.device, self.dtype)
         out = torch.zeros(pts.shape[0], dtype=self.dtype, device=self.device)
         if pts.shape[0] == 0:
-            return out.cpu().numpy().astype(np.float64)
+            return out
         nf = self.tri.shape[1]
         if pts.shape[0] * nf <= _BRUTE_FORCE_PAIRS:
             # Few points: summing every triangle exactly is cheaper than filling far-field corners.
             pt = torch.arange(pts.shape[0], device=self.device).repeat_interleave(nf)
             ti = torch.arange(nf, device=self.device).repeat(pts.shape[0])
             _, w, _ = self._eval_pairs(pts, pt, ti, pts.shape[0], False, False)
-            return w.cpu().numpy().astype(np.float64)
+            return w
         lvl_idx, row = self._locate(pts)
         for j in torch.unique(lvl_idx).tolist():
             sel = torch.nonzero(lvl_idx == j).squeeze(1)
@@ -323,4 +327,4 @@ class TorchField:
                 self._ensure_far(j, row[sel])
             _, w, _ = self._evaluate(pts[sel], row[sel], self._levels[j], need_dist=False)
             out[sel] = w
-        return out.cpu().numpy().astype(np.float64)
+        return out
