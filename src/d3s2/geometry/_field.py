@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 _CHILD = torch.tensor([[i >> 2 & 1, i >> 1 & 1, i & 1] for i in range(8)], dtype=torch.long)  # (x, y, z), z fastest
 _CORNER = _CHILD  # corners of a unit cell in the same order
-_PAIR_CHUNK = 1 << 18  # pairs per kernel batch: keeps CPU temporaries in cache
+_PAIR_CHUNK = 1 << 18  # pairs per kernel batch on the CPU: keeps temporaries in cache
+_PAIR_CHUNK_GPU = 1 << 22  # on a GPU: fewer, larger launches (under 1 GiB of float32 temporaries)
 _BRUTE_FORCE_PAIRS = 1 << 24  # winding queries with fewer (point, triangle) pairs skip the hierarchy
 
 
@@ -109,6 +110,7 @@ class TorchField:
                  edge_flags: np.ndarray | None = None) -> None:
         self.device = torch.device(device)
         self.dtype = torch.float32
+        self.chunk = _PAIR_CHUNK if self.device.type == "cpu" else _PAIR_CHUNK_GPU
         v = torch.as_tensor(np.asarray(vertices), dtype=torch.float64)
         f = torch.as_tensor(np.asarray(faces, dtype=np.int64))
         self.tri = v[f].to(self.device, self.dtype).reshape(-1, 9).T.contiguous()  # [9, F] SoA
@@ -146,9 +148,9 @@ class TorchField:
         nk = self.tri_sharp.shape[2]
         pts = points.T.contiguous()  # [3, Q]
         sharp2 = torch.full((n_points, nk), float("inf"), device=dev, dtype=self.dtype) if need_sharp else None
-        for s in range(0, pt.numel(), _PAIR_CHUNK):
-            q = pt[s:s + _PAIR_CHUNK]
-            t = tri_idx[s:s + _PAIR_CHUNK]
+        for s in range(0, pt.numel(), self.chunk):
+            q = pt[s:s + self.chunk]
+            t = tri_idx[s:s + self.chunk]
             d2, w, sd2 = pair_terms(pts[:, q], self.tri[:, t], self.tri_sharp[t] if need_sharp else None, need_dist,
                                     need_wind)
             if need_wind:
@@ -220,11 +222,11 @@ class TorchField:
             keep_pair = torch.empty(cell_of_pair.numel(), dtype=torch.bool, device=dev)
             mind = torch.full((ccoords.shape[0],), float("inf"), device=dev, dtype=self.dtype)
             centers = self._centers(ccoords, size).T.contiguous()  # [3, 8C]
-            for s in range(0, cell_of_pair.numel(), _PAIR_CHUNK):
-                cq = cell_of_pair[s:s + _PAIR_CHUNK]
-                d2, _, _ = pair_terms(centers[:, cq], self.tri[:, tri_of_pair[s:s + _PAIR_CHUNK]], need_wind=False)
+            for s in range(0, cell_of_pair.numel(), self.chunk):
+                cq = cell_of_pair[s:s + self.chunk]
+                d2, _, _ = pair_terms(centers[:, cq], self.tri[:, tri_of_pair[s:s + self.chunk]], need_wind=False)
                 d = d2.sqrt()
-                keep_pair[s:s + _PAIR_CHUNK] = d <= radius
+                keep_pair[s:s + self.chunk] = d <= radius
                 mind.scatter_reduce_(0, cq, d, reduce="amin")
             # Keep children that may still contain band voxel centres.
             keep_cell = mind < band + hd
