@@ -274,7 +274,8 @@ def near_primitives(points: np.ndarray, prims: np.ndarray, radius: float, cells:
 class _IglField:
     """Distance and winding number from libigl (CPU): AABB-tree distances, fast winding number."""
 
-    def __init__(self, vertices: np.ndarray, faces: np.ndarray, segment_sets: list[np.ndarray], band: float) -> None:
+    def __init__(self, vertices: np.ndarray, faces: np.ndarray, edge_flags: np.ndarray, segment_sets: list[np.ndarray],
+                 band: float) -> None:
         import igl
 
         self._igl = igl
@@ -282,13 +283,19 @@ class _IglField:
         self.device = torch.device("cpu")
         self.v = np.ascontiguousarray(vertices, dtype=np.float64)
         self.f = np.ascontiguousarray(faces, dtype=np.int64)
+        self.edge_flags = np.asarray(edge_flags, dtype=bool)  # [F, 3, K]
         self.segment_sets = [np.ascontiguousarray(s.reshape(-1, 3), dtype=np.float64) for s in segment_sets]
+        # Trees of the whole mesh built once (the free functions rebuild them per call; same results).
+        self._tree = igl.AABB()
+        self._tree.init(self.v, self.f)
+        self._wn = igl.FastWindingNumberBVH()
+        self._wn.init(self.v, self.f)
 
     def nearest(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(distance [Q], nearest triangle int64 [Q]) from each point to the mesh."""
         if len(points) == 0:
             return np.zeros(0), np.zeros(0, dtype=np.int64)
-        d2, face, _ = self._igl.point_mesh_squared_distance(np.ascontiguousarray(points), self.v, self.f)
+        d2, face, _ = self._tree.squared_distance(self.v, self.f, np.ascontiguousarray(points))
         return np.sqrt(d2), np.asarray(face, dtype=np.int64)
 
     def _subset_distance(self, points: np.ndarray, faces: np.ndarray) -> np.ndarray:
@@ -301,19 +308,45 @@ class _IglField:
         """bool [Q]: winding number >= 1/2 at float64 points [Q, 3]."""
         if len(points) == 0:
             return torch.zeros(0, dtype=torch.bool)
-        w = self._igl.fast_winding_number(self.v, self.f, np.ascontiguousarray(points.numpy(), dtype=np.float64))
+        w = self._wn.winding_number(np.ascontiguousarray(points.numpy(), dtype=np.float64))
         return torch.from_numpy(w >= 0.5)
 
+    def _own_edge_bound(self, points: np.ndarray, faces: np.ndarray, k: int) -> np.ndarray:
+        """float64 [Q]: distance from each point to the set-``k`` edges of triangle ``faces[q]`` (inf if it has
+        none), an upper bound of the point's distance to segment set ``k``."""
+        out = np.full(len(points), np.inf)
+        flags = self.edge_flags[faces, :, k]  # [Q, 3] edges v0v1, v1v2, v2v0
+        for e in range(3):
+            sel = np.nonzero(flags[:, e])[0]
+            a = self.v[self.f[faces[sel], e]]
+            ab = self.v[self.f[faces[sel], (e + 1) % 3]] - a
+            ap = points[sel] - a
+            t = np.clip(np.einsum("ij,ij->i", ap, ab) / np.maximum(np.einsum("ij,ij->i", ab, ab), 1e-300), 0.0, 1.0)
+            d = ap - t[:, None] * ab
+            out[sel] = np.minimum(out[sel], np.sqrt(np.einsum("ij,ij->i", d, d)))
+        return out
+
     def edge_distances(self, points: np.ndarray, limits: list[float] | None = None,
-                       masks: list[np.ndarray | None] | None = None) -> np.ndarray:
-        """[Q, K] distance from each point to each segment set (inf for an empty set). Callers that only compare
-        distances with ``limits[k]`` may get inf for points farther than that, and for points outside
-        ``masks[k]`` (both skip the exact query)."""
+                       masks: list[np.ndarray | None] | None = None, faces: np.ndarray | None = None) -> np.ndarray:
+        """[Q, K] distance from each point to each segment set (inf for an empty set).
+
+        Callers that only compare distances with ``limits[k]`` may get inf for points farther than that and for
+        points outside ``masks[k]``, and, where ``faces`` (each point's nearest triangle, int64 [Q]) is given, an
+        upper bound below ``limits[k]`` for points that close to that triangle's own flagged edges: all three skip
+        the exact query and keep its comparison with the limit.
+        """
         out = np.full((len(points), len(self.segment_sets)), np.inf)
         for k, sv in enumerate(self.segment_sets):
             want = np.ones(len(points), dtype=bool) if masks is None or masks[k] is None else masks[k].copy()
             if limits is not None and len(sv):
                 want[want] = near_primitives(points[want], sv.reshape(-1, 2, 3), limits[k])
+                if faces is not None:
+                    sel = np.nonzero(want)[0]
+                    bound = self._own_edge_bound(points[sel], faces[sel], k)
+                    # The margin is far above float64 rounding, so the exact distance is below the limit too.
+                    done = bound < limits[k] * (1 - 1e-9)
+                    out[sel[done], k] = bound[done]
+                    want[sel[done]] = False
             sel = np.nonzero(want)[0]
             q = points[sel]
             if len(sv) and len(q):
@@ -347,7 +380,7 @@ class _IglField:
         # Sharp flags compare the sharp-edge distance (>= udf) with the band; signs the open-edge distance with
         # the exact-sign limit of _sparse_sdf_one.
         limits = [self.band, _exact_sign_limit(radius, resolution)]
-        return coords, dist, self.edge_distances(centers, limits, [udf < self.band, None])
+        return coords, dist, self.edge_distances(centers, limits, [udf < self.band, None], face)
 
 
 def _make_field(backend: str, mesh: trimesh.Trimesh, edge_flags: np.ndarray, band: float, device: str):
@@ -356,7 +389,7 @@ def _make_field(backend: str, mesh: trimesh.Trimesh, edge_flags: np.ndarray, ban
         if device != "cpu":
             raise ValueError(f"backend 'igl' runs on the CPU only, got device={device!r}")
         sets = [_sharp_segments(mesh, edge_flags[:, :, k]) for k in range(edge_flags.shape[2])]
-        return _IglField(mesh.vertices, mesh.faces, sets, band)
+        return _IglField(mesh.vertices, mesh.faces, edge_flags, sets, band)
     if backend == "torch":
         from d3s2.geometry._field import TorchField
 
