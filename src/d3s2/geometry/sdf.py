@@ -412,21 +412,29 @@ def band_candidates(field, resolution: int, band: float) -> tuple[np.ndarray, np
 
     A cell of size ``s`` is refined only if its centre is closer than ``band + (s - h) * sqrt(3) / 2`` to the
     surface (``h`` the voxel size): the voxel centres inside the cell lie within that half-diagonal of its
-    centre, so every cell that contains a band voxel centre is kept.
+    centre, so every cell that contains a band voxel centre is kept. A cell whose parent's distance plus the
+    offset between their centres is already below that limit is kept without a query.
     """
     levels = _levels(resolution)
     g0 = levels[0]
     h = 2.0 / resolution
     ax = np.arange(g0)
     cells = np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), -1).reshape(-1, 3)
+    bound = np.full(len(cells), np.inf)  # upper bound of each cell centre's distance to the surface
     children = np.stack(np.meshgrid([0, 1], [0, 1], [0, 1], indexing="ij"), -1).reshape(-1, 3)
     for i, g in enumerate(levels):
         size = 2.0 / g
-        dist, face = field.nearest(voxel_centers(cells, g))
         if g == resolution:
+            dist, face = field.nearest(voxel_centers(cells, g))
             keep = dist < band
             return cells[keep], dist[keep], face[keep]
-        keep = dist < band + (size - h) * math.sqrt(3) / 2
+        limit = band + (size - h) * math.sqrt(3) / 2
+        # The margin is far above float64 rounding: these cells would pass the exact test too.
+        query = ~(bound < limit * (1 - 1e-9))
+        dist = bound.copy()
+        dist[query] = field.nearest(voxel_centers(cells[query], g))[0]
+        keep = dist < limit
+        bound = np.repeat(dist[keep] + size * math.sqrt(3) / 4, len(children))  # children's centres are that close
         cells = (cells[keep][:, None, :] * 2 + children[None]).reshape(-1, 3)
         assert levels[i + 1] == 2 * g
     raise AssertionError("unreachable: the last level is the resolution")
