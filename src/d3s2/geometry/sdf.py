@@ -36,6 +36,9 @@ two face normals) exceeds ``sharp_angle_deg``.
 
 Backends: ``"igl"`` (CPU, libigl's AABB distance and fast winding number) and ``"torch"`` (CPU or CUDA,
 this module's own multilevel evaluator, see :mod:`d3s2.geometry._field`). Both follow the rule above.
+Everything after the distance queries (sorting, sign components, sign propagation, block closure) runs in
+torch on the field's device, so the CUDA path keeps its band voxels on the GPU; connected components use
+scipy on the CPU and :func:`label_components` elsewhere.
 
 Dimension legend: N band voxels, NB occupied blocks, F triangles, R resolution.
 """
