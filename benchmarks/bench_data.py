@@ -11,11 +11,13 @@ Results go to benchmarks/results/data_<device>.json plus a short .md summary.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime
 import json
 import multiprocessing as mp
 import os
 import platform
+import pstats
 import resource
 import subprocess
 import sys
@@ -54,11 +56,17 @@ def _measure(args: dict, queue) -> None:
         compute_sparse_sdf(mesh, 64, device=dev, backend=args["backend"])
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    prof = None
+    if args["profile"]:  # wall clock on the GPU (time waiting for kernels lands on the sync points), else CPU time
+        prof = cProfile.Profile(time.perf_counter if cuda else time.process_time)
+        prof.enable()
     t0, c0 = time.perf_counter(), time.process_time()
     out = compute_sparse_sdf(mesh, args["resolution"], band=args["band"], device=dev, backend=args["backend"])
     if cuda:
         torch.cuda.synchronize()
     t1, c1 = time.perf_counter(), time.process_time()
+    if prof is not None:
+        prof.disable()
     s = out[args["resolution"]]
     res = {
         "mesh": args["key"], "triangles": int(len(mesh.faces)), "backend": args["backend"], "device": dev,
@@ -67,6 +75,10 @@ def _measure(args: dict, queue) -> None:
     }
     if cuda:
         res["sdf_gpu_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    if prof is not None:
+        stats = pstats.Stats(prof).stats  # {(file, line, name): (calls, prim calls, own s, cumulative s, callers)}
+        top = sorted(stats.items(), key=lambda kv: -kv[1][3])[:30]
+        res["sdf_profile_cumulative_s"] = {f"{os.path.basename(k[0])}:{k[1]}:{k[2]}": round(v[3], 3) for k, v in top}
     if args["mc"]:
         from d3s2.geometry.sdf import BLOCK, _block_offsets
 
@@ -100,6 +112,7 @@ def main() -> None:
     p.add_argument("--backends", nargs="*", default=["igl", "torch"])
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a loaded machine)")
     p.add_argument("--mc", action="store_true", help="also time sparse marching cubes of the block targets")
+    p.add_argument("--profile", action="store_true", help="record cProfile's top cumulative times of the SDF call")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     ctx = mp.get_context("spawn")
@@ -109,7 +122,7 @@ def main() -> None:
             q = ctx.Queue()
             job = ctx.Process(target=_measure, args=(dict(npz=a.npz, key=key, device=a.device, backend=backend,
                                                           resolution=a.resolution, band=a.band, threads=a.threads,
-                                                          mc=a.mc), q))
+                                                          mc=a.mc, profile=a.profile), q))
             job.start()
             row = q.get()
             job.join()

@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 _CHILD = torch.tensor([[i >> 2 & 1, i >> 1 & 1, i & 1] for i in range(8)], dtype=torch.long)  # (x, y, z), z fastest
 _CORNER = _CHILD  # corners of a unit cell in the same order
-_PAIR_CHUNK = 1 << 18  # pairs per kernel batch: keeps CPU temporaries in cache
+_PAIR_CHUNK = 1 << 18  # pairs per kernel batch on the CPU: keeps temporaries in cache
+_PAIR_CHUNK_GPU = 1 << 22  # on a GPU: fewer, larger launches (under 1 GiB of float32 temporaries)
 _BRUTE_FORCE_PAIRS = 1 << 24  # winding queries with fewer (point, triangle) pairs skip the hierarchy
 
 
@@ -109,6 +110,7 @@ class TorchField:
                  edge_flags: np.ndarray | None = None) -> None:
         self.device = torch.device(device)
         self.dtype = torch.float32
+        self.chunk = _PAIR_CHUNK if self.device.type == "cpu" else _PAIR_CHUNK_GPU
         v = torch.as_tensor(np.asarray(vertices), dtype=torch.float64)
         f = torch.as_tensor(np.asarray(faces, dtype=np.int64))
         self.tri = v[f].to(self.device, self.dtype).reshape(-1, 9).T.contiguous()  # [9, F] SoA
@@ -146,9 +148,9 @@ class TorchField:
         nk = self.tri_sharp.shape[2]
         pts = points.T.contiguous()  # [3, Q]
         sharp2 = torch.full((n_points, nk), float("inf"), device=dev, dtype=self.dtype) if need_sharp else None
-        for s in range(0, pt.numel(), _PAIR_CHUNK):
-            q = pt[s:s + _PAIR_CHUNK]
-            t = tri_idx[s:s + _PAIR_CHUNK]
+        for s in range(0, pt.numel(), self.chunk):
+            q = pt[s:s + self.chunk]
+            t = tri_idx[s:s + self.chunk]
             d2, w, sd2 = pair_terms(pts[:, q], self.tri[:, t], self.tri_sharp[t] if need_sharp else None, need_dist,
                                     need_wind)
             if need_wind:
@@ -220,11 +222,11 @@ class TorchField:
             keep_pair = torch.empty(cell_of_pair.numel(), dtype=torch.bool, device=dev)
             mind = torch.full((ccoords.shape[0],), float("inf"), device=dev, dtype=self.dtype)
             centers = self._centers(ccoords, size).T.contiguous()  # [3, 8C]
-            for s in range(0, cell_of_pair.numel(), _PAIR_CHUNK):
-                cq = cell_of_pair[s:s + _PAIR_CHUNK]
-                d2, _, _ = pair_terms(centers[:, cq], self.tri[:, tri_of_pair[s:s + _PAIR_CHUNK]], need_wind=False)
+            for s in range(0, cell_of_pair.numel(), self.chunk):
+                cq = cell_of_pair[s:s + self.chunk]
+                d2, _, _ = pair_terms(centers[:, cq], self.tri[:, tri_of_pair[s:s + self.chunk]], need_wind=False)
                 d = d2.sqrt()
-                keep_pair[s:s + _PAIR_CHUNK] = d <= radius
+                keep_pair[s:s + self.chunk] = d <= radius
                 mind.scatter_reduce_(0, cq, d, reduce="amin")
             # Keep children that may still contain band voxel centres.
             keep_cell = mind < band + hd
@@ -249,8 +251,8 @@ class TorchField:
 
     # ------------------------------------------------------------------ queries
     def band_voxels(self, resolution: int, radius: float):
-        """Voxels closer than ``radius`` to any triangle: numpy (coords int64 [N, 3], distances [N, 3] to all,
-        boundary and lost-sheet triangles, flagged-edge distances [N, K])."""
+        """Voxels closer than ``radius`` to any triangle, as tensors on the field's device: (coords int64 [N, 3],
+        distances [N, 3] to all, boundary and lost-sheet triangles, flagged-edge distances [N, K])."""
         self.prepare(resolution, radius)
         parent = self._levels[-1]
         vox = (parent.coords[:, None, :] * 2 + _CHILD.to(self.device)[None]).reshape(-1, 3)
@@ -261,7 +263,7 @@ class TorchField:
         pt, ti = self._expand(owner, parent)
         d, _, sd = self._eval_pairs(pts, pt, ti, pts.shape[0], True, True, need_wind=False, by_class=True)
         keep = d[:, 0] < radius
-        return tuple(x[keep].cpu().numpy() for x in (vox, d, sd))
+        return vox[keep], d[keep], sd[keep]
 
     def _rows(self, j: int, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(found bool [Q], row [Q]) of cells ``coords`` [Q, 3] at level j."""
@@ -303,19 +305,23 @@ class TorchField:
         level.far[missing] = (w_corner - near_w).reshape(-1, 8)
         level.has_far[missing] = True
 
-    def winding(self, points) -> np.ndarray:
-        """Winding number at arbitrary points (float64 numpy [Q, 3] or tensor) after :meth:`build`."""
-        pts = torch.as_tensor(np.asarray(points), dtype=self.dtype).to(self.device)
+    def inside(self, points: torch.Tensor) -> torch.Tensor:
+        """bool [Q] on the field's device: winding number >= 1/2 at points [Q, 3] (any float dtype/device)."""
+        return self.winding(points) >= 0.5
+
+    def winding(self, points: torch.Tensor) -> torch.Tensor:
+        """Winding number [Q] (field dtype, field device) at arbitrary points [Q, 3] after :meth:`build`."""
+        pts = torch.as_tensor(points).to(self.device, self.dtype)
         out = torch.zeros(pts.shape[0], dtype=self.dtype, device=self.device)
         if pts.shape[0] == 0:
-            return out.cpu().numpy().astype(np.float64)
+            return out
         nf = self.tri.shape[1]
         if pts.shape[0] * nf <= _BRUTE_FORCE_PAIRS:
             # Few points: summing every triangle exactly is cheaper than filling far-field corners.
             pt = torch.arange(pts.shape[0], device=self.device).repeat_interleave(nf)
             ti = torch.arange(nf, device=self.device).repeat(pts.shape[0])
             _, w, _ = self._eval_pairs(pts, pt, ti, pts.shape[0], False, False)
-            return w.cpu().numpy().astype(np.float64)
+            return w
         lvl_idx, row = self._locate(pts)
         for j in torch.unique(lvl_idx).tolist():
             sel = torch.nonzero(lvl_idx == j).squeeze(1)
@@ -323,4 +329,4 @@ class TorchField:
                 self._ensure_far(j, row[sel])
             _, w, _ = self._evaluate(pts[sel], row[sel], self._levels[j], need_dist=False)
             out[sel] = w
-        return out.cpu().numpy().astype(np.float64)
+        return out

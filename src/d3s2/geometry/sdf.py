@@ -36,6 +36,9 @@ two face normals) exceeds ``sharp_angle_deg``.
 
 Backends: ``"igl"`` (CPU, libigl's AABB distance and fast winding number) and ``"torch"`` (CPU or CUDA,
 this module's own multilevel evaluator, see :mod:`d3s2.geometry._field`). Both follow the rule above.
+Everything after the distance queries (sorting, sign components, sign propagation, block closure) runs in
+torch on the field's device, so the CUDA path keeps its band voxels on the GPU; connected components use
+scipy on the CPU and :func:`label_components` elsewhere.
 
 Dimension legend: N band voxels, NB occupied blocks, F triangles, R resolution.
 """
@@ -159,9 +162,9 @@ class SparseSDF:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _keys(coords: np.ndarray, r: int) -> np.ndarray:
-    """int64 [M] lexicographic key of integer coords [M, 3] in [0, r)."""
-    c = coords.astype(np.int64)
+def _keys(coords, r: int):
+    """int64 [M] lexicographic key of integer coords [M, 3] in [0, r) (numpy array or torch tensor)."""
+    c = coords.long() if isinstance(coords, torch.Tensor) else coords.astype(np.int64)
     return (c[:, 0] * r + c[:, 1]) * r + c[:, 2]
 
 
@@ -170,17 +173,18 @@ def _lookup(sorted_keys: np.ndarray, query: np.ndarray) -> np.ndarray:
     return np.searchsorted(sorted_keys, query)
 
 
-def _member(sorted_keys: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _member(sorted_keys: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(found bool [M], row int64 [M]) for each query key in ``sorted_keys``."""
-    if sorted_keys.size == 0:
-        return np.zeros(query.shape, dtype=bool), np.zeros(query.shape, dtype=np.int64)
-    row = np.minimum(np.searchsorted(sorted_keys, query), sorted_keys.size - 1)
+    if sorted_keys.numel() == 0:
+        return torch.zeros(query.shape, dtype=torch.bool, device=query.device), torch.zeros_like(query)
+    row = torch.searchsorted(sorted_keys, query).clamp_max(sorted_keys.numel() - 1)
     return sorted_keys[row] == query, row
 
 
-def voxel_centers(coords: np.ndarray, resolution: int) -> np.ndarray:
-    """float64 [M, 3] centres of voxels ``coords`` [M, 3] at ``resolution``."""
-    return (coords.astype(np.float64) + 0.5) * (2.0 / resolution) - 1.0
+def voxel_centers(coords, resolution: int):
+    """float64 [M, 3] centres of voxels ``coords`` [M, 3] at ``resolution`` (numpy array or torch tensor)."""
+    c = coords.double() if isinstance(coords, torch.Tensor) else coords.astype(np.float64)
+    return (c + 0.5) * (2.0 / resolution) - 1.0
 
 
 def _block_offsets() -> np.ndarray:
@@ -273,20 +277,28 @@ def near_primitives(points: np.ndarray, prims: np.ndarray, radius: float, cells:
 class _IglField:
     """Distance and winding number from libigl (CPU): AABB-tree distances, fast winding number."""
 
-    def __init__(self, vertices: np.ndarray, faces: np.ndarray, segment_sets: list[np.ndarray], band: float) -> None:
+    def __init__(self, vertices: np.ndarray, faces: np.ndarray, edge_flags: np.ndarray, segment_sets: list[np.ndarray],
+                 band: float) -> None:
         import igl
 
         self._igl = igl
         self.band = band
+        self.device = torch.device("cpu")
         self.v = np.ascontiguousarray(vertices, dtype=np.float64)
         self.f = np.ascontiguousarray(faces, dtype=np.int64)
+        self.edge_flags = np.asarray(edge_flags, dtype=bool)  # [F, 3, K]
         self.segment_sets = [np.ascontiguousarray(s.reshape(-1, 3), dtype=np.float64) for s in segment_sets]
+        # Trees of the whole mesh built once (the free functions rebuild them per call; same results).
+        self._tree = igl.AABB()
+        self._tree.init(self.v, self.f)
+        self._wn = igl.FastWindingNumberBVH()
+        self._wn.init(self.v, self.f)
 
     def nearest(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(distance [Q], nearest triangle int64 [Q]) from each point to the mesh."""
         if len(points) == 0:
             return np.zeros(0), np.zeros(0, dtype=np.int64)
-        d2, face, _ = self._igl.point_mesh_squared_distance(np.ascontiguousarray(points), self.v, self.f)
+        d2, face, _ = self._tree.squared_distance(self.v, self.f, np.ascontiguousarray(points))
         return np.sqrt(d2), np.asarray(face, dtype=np.int64)
 
     def _subset_distance(self, points: np.ndarray, faces: np.ndarray) -> np.ndarray:
@@ -295,21 +307,49 @@ class _IglField:
         d2, _, _ = self._igl.point_mesh_squared_distance(np.ascontiguousarray(points), self.v, faces)
         return np.sqrt(d2)
 
-    def winding(self, points: np.ndarray) -> np.ndarray:
+    def inside(self, points: torch.Tensor) -> torch.Tensor:
+        """bool [Q]: winding number >= 1/2 at float64 points [Q, 3]."""
         if len(points) == 0:
-            return np.zeros(0)
-        return self._igl.fast_winding_number(self.v, self.f, np.ascontiguousarray(points, dtype=np.float64))
+            return torch.zeros(0, dtype=torch.bool)
+        w = self._wn.winding_number(np.ascontiguousarray(points.numpy(), dtype=np.float64))
+        return torch.from_numpy(w >= 0.5)
+
+    def _own_edge_bound(self, points: np.ndarray, faces: np.ndarray, k: int) -> np.ndarray:
+        """float64 [Q]: distance from each point to the set-``k`` edges of triangle ``faces[q]`` (inf if it has
+        none), an upper bound of the point's distance to segment set ``k``."""
+        out = np.full(len(points), np.inf)
+        flags = self.edge_flags[faces, :, k]  # [Q, 3] edges v0v1, v1v2, v2v0
+        for e in range(3):
+            sel = np.nonzero(flags[:, e])[0]
+            a = self.v[self.f[faces[sel], e]]
+            ab = self.v[self.f[faces[sel], (e + 1) % 3]] - a
+            ap = points[sel] - a
+            t = np.clip(np.einsum("ij,ij->i", ap, ab) / np.maximum(np.einsum("ij,ij->i", ab, ab), 1e-300), 0.0, 1.0)
+            d = ap - t[:, None] * ab
+            out[sel] = np.minimum(out[sel], np.sqrt(np.einsum("ij,ij->i", d, d)))
+        return out
 
     def edge_distances(self, points: np.ndarray, limits: list[float] | None = None,
-                       masks: list[np.ndarray | None] | None = None) -> np.ndarray:
-        """[Q, K] distance from each point to each segment set (inf for an empty set). Callers that only compare
-        distances with ``limits[k]`` may get inf for points farther than that, and for points outside
-        ``masks[k]`` (both skip the exact query)."""
+                       masks: list[np.ndarray | None] | None = None, faces: np.ndarray | None = None) -> np.ndarray:
+        """[Q, K] distance from each point to each segment set (inf for an empty set).
+
+        Callers that only compare distances with ``limits[k]`` may get inf for points farther than that and for
+        points outside ``masks[k]``, and, where ``faces`` (each point's nearest triangle, int64 [Q]) is given, an
+        upper bound below ``limits[k]`` for points that close to that triangle's own flagged edges: all three skip
+        the exact query and keep its comparison with the limit.
+        """
         out = np.full((len(points), len(self.segment_sets)), np.inf)
         for k, sv in enumerate(self.segment_sets):
             want = np.ones(len(points), dtype=bool) if masks is None or masks[k] is None else masks[k].copy()
             if limits is not None and len(sv):
                 want[want] = near_primitives(points[want], sv.reshape(-1, 2, 3), limits[k])
+                if faces is not None:
+                    sel = np.nonzero(want)[0]
+                    bound = self._own_edge_bound(points[sel], faces[sel], k)
+                    # The margin is far above float64 rounding, so the exact distance is below the limit too.
+                    done = bound < limits[k] * (1 - 1e-9)
+                    out[sel[done], k] = bound[done]
+                    want[sel[done]] = False
             sel = np.nonzero(want)[0]
             q = points[sel]
             if len(sv) and len(q):
@@ -343,7 +383,7 @@ class _IglField:
         # Sharp flags compare the sharp-edge distance (>= udf) with the band; signs the open-edge distance with
         # the exact-sign limit of _sparse_sdf_one.
         limits = [self.band, _exact_sign_limit(radius, resolution)]
-        return coords, dist, self.edge_distances(centers, limits, [udf < self.band, None])
+        return coords, dist, self.edge_distances(centers, limits, [udf < self.band, None], face)
 
 
 def _make_field(backend: str, mesh: trimesh.Trimesh, edge_flags: np.ndarray, band: float, device: str):
@@ -352,7 +392,7 @@ def _make_field(backend: str, mesh: trimesh.Trimesh, edge_flags: np.ndarray, ban
         if device != "cpu":
             raise ValueError(f"backend 'igl' runs on the CPU only, got device={device!r}")
         sets = [_sharp_segments(mesh, edge_flags[:, :, k]) for k in range(edge_flags.shape[2])]
-        return _IglField(mesh.vertices, mesh.faces, sets, band)
+        return _IglField(mesh.vertices, mesh.faces, edge_flags, sets, band)
     if backend == "torch":
         from d3s2.geometry._field import TorchField
 
@@ -375,38 +415,48 @@ def band_candidates(field, resolution: int, band: float) -> tuple[np.ndarray, np
 
     A cell of size ``s`` is refined only if its centre is closer than ``band + (s - h) * sqrt(3) / 2`` to the
     surface (``h`` the voxel size): the voxel centres inside the cell lie within that half-diagonal of its
-    centre, so every cell that contains a band voxel centre is kept.
+    centre, so every cell that contains a band voxel centre is kept. A cell whose parent's distance plus the
+    offset between their centres is already below that limit is kept without a query.
     """
     levels = _levels(resolution)
     g0 = levels[0]
     h = 2.0 / resolution
     ax = np.arange(g0)
     cells = np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), -1).reshape(-1, 3)
+    bound = np.full(len(cells), np.inf)  # upper bound of each cell centre's distance to the surface
     children = np.stack(np.meshgrid([0, 1], [0, 1], [0, 1], indexing="ij"), -1).reshape(-1, 3)
     for i, g in enumerate(levels):
         size = 2.0 / g
-        dist, face = field.nearest(voxel_centers(cells, g))
         if g == resolution:
+            dist, face = field.nearest(voxel_centers(cells, g))
             keep = dist < band
             return cells[keep], dist[keep], face[keep]
-        keep = dist < band + (size - h) * math.sqrt(3) / 2
+        limit = band + (size - h) * math.sqrt(3) / 2
+        # The margin is far above float64 rounding: these cells would pass the exact test too.
+        query = ~(bound < limit * (1 - 1e-9))
+        dist = bound.copy()
+        dist[query] = field.nearest(voxel_centers(cells[query], g))[0]
+        keep = dist < limit
+        bound = np.repeat(dist[keep] + size * math.sqrt(3) / 4, len(children))  # children's centres are that close
         cells = (cells[keep][:, None, :] * 2 + children[None]).reshape(-1, 3)
         assert levels[i + 1] == 2 * g
     raise AssertionError("unreachable: the last level is the resolution")
 
 
-def _block_coords(keys: np.ndarray, g: int) -> np.ndarray:
-    return np.stack([keys // (g * g), (keys // g) % g, keys % g], -1)
+def _block_coords(keys: torch.Tensor, g: int) -> torch.Tensor:
+    """int64 [M, 3] block coordinates of lexicographic block keys [M]."""
+    return torch.stack([keys // (g * g), (keys // g) % g, keys % g], -1)
 
 
-def _block_voxel_centers(block_coords: np.ndarray, resolution: int) -> np.ndarray:
-    """float64 [NB * 512, 3] voxel centres of blocks, block-major, voxels in (lx, ly, lz) order."""
-    return voxel_centers((block_coords[:, None, :] * BLOCK + _block_offsets()[None]).reshape(-1, 3), resolution)
+def _block_voxels(block_coords: torch.Tensor) -> torch.Tensor:
+    """int64 [NB * 512, 3] voxel coordinates of blocks, block-major, voxels in (lx, ly, lz) order."""
+    offsets = torch.from_numpy(_block_offsets()).to(block_coords.device)
+    return (block_coords[:, None, :] * BLOCK + offsets[None]).reshape(-1, 3)
 
 
-def _grid_face_mask(block_coords: np.ndarray, g: int) -> np.ndarray:
+def _grid_face_mask(block_coords: torch.Tensor, g: int) -> torch.Tensor:
     """bool [NB, 8, 8, 8]: voxels on the outer faces of the grid (off-band ones there count as outside)."""
-    mask = np.zeros((len(block_coords), BLOCK, BLOCK, BLOCK), dtype=bool)
+    mask = torch.zeros((len(block_coords), BLOCK, BLOCK, BLOCK), dtype=torch.bool, device=block_coords.device)
     for axis in range(3):
         lo = block_coords[:, axis] == 0
         hi = block_coords[:, axis] == g - 1
@@ -418,35 +468,38 @@ def _grid_face_mask(block_coords: np.ndarray, g: int) -> np.ndarray:
     return mask
 
 
-def propagate_signs(signs: np.ndarray, max_steps: int = 3 * BLOCK, device: str | torch.device = "cpu") -> np.ndarray:
+def propagate_signs(signs: torch.Tensor, max_steps: int = 3 * BLOCK) -> torch.Tensor:
     """Fill unknown (0) entries of int8 ``signs [NB, 8, 8, 8]`` (+1 inside, -1 outside) from their neighbours.
 
     Each round, an unknown voxel takes the sign of the majority of its known 6-neighbours in the same block
     (ties wait a round). Off-band voxels cannot have the surface between them and a neighbour when the band is
     wider than half a voxel, so this copies the sign of the nearest band voxels. Entries still unknown at the
-    end stay 0. Runs in torch on ``device``, vectorised over all blocks.
+    end stay 0. Vectorised over the blocks that can still change (blocks are independent). Returns a new tensor.
     """
-    s = torch.as_tensor(signs, dtype=torch.int8).to(device)
+    s = signs.to(torch.int8).clone()
+    active = torch.nonzero((s == 0).flatten(1).any(1)).squeeze(1)
     for _ in range(max_steps):
-        unknown = s == 0
-        if not bool(unknown.any()):
+        if active.numel() == 0:
             break
-        total = torch.zeros_like(s)  # int8 holds a sum of six signs
-        total[:, 1:] += s[:, :-1]
-        total[:, :-1] += s[:, 1:]
-        total[:, :, 1:] += s[:, :, :-1]
-        total[:, :, :-1] += s[:, :, 1:]
-        total[:, :, :, 1:] += s[:, :, :, :-1]
-        total[:, :, :, :-1] += s[:, :, :, 1:]
+        a = s[active]
+        total = torch.zeros_like(a)  # int8 holds a sum of six signs
+        total[:, 1:] += a[:, :-1]
+        total[:, :-1] += a[:, 1:]
+        total[:, :, 1:] += a[:, :, :-1]
+        total[:, :, :-1] += a[:, :, 1:]
+        total[:, :, :, 1:] += a[:, :, :, :-1]
+        total[:, :, :, :-1] += a[:, :, :, 1:]
+        unknown = a == 0
         fill = unknown & (total != 0)
-        if not bool(fill.any()):
-            break
-        s = torch.where(fill, total.sign(), s)
-    return s.cpu().numpy()
+        a = torch.where(fill, total.sign(), a)
+        s[active] = a
+        # A block without a fill this round never changes again; one without unknowns is done.
+        active = active[fill.flatten(1).any(1) & (a == 0).flatten(1).any(1)]
+    return s
 
 
-def _close_blocks(field, resolution: int, block_keys: np.ndarray, inside: np.ndarray,
-                  max_rounds: int) -> tuple[np.ndarray, np.ndarray]:
+def _close_blocks(field, resolution: int, block_keys: torch.Tensor, inside: torch.Tensor,
+                  max_rounds: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Add missing blocks next to a sign change; see the module docstring.
 
     A missing block D is added when the voxels of present blocks that touch D (face layers, edge lines and
@@ -455,6 +508,7 @@ def _close_blocks(field, resolution: int, block_keys: np.ndarray, inside: np.nda
     pair, still sorted; new blocks get the inside bits of all their voxels from the winding number.
     """
     g = resolution // BLOCK
+    dev = block_keys.device
     dirs = [(dx, dy, dz) for dx in (-1, 0, 1) for dy in (-1, 0, 1) for dz in (-1, 0, 1) if (dx, dy, dz) != (0, 0, 0)]
     new_keys = block_keys
     for _ in range(max_rounds):
@@ -463,95 +517,126 @@ def _close_blocks(field, resolution: int, block_keys: np.ndarray, inside: np.nda
         for d in dirs:
             region = inside[(slice(None),) + tuple(slice(None) if x == 0 else (0 if x < 0 else BLOCK - 1) for x in d)]
             region = region.reshape(len(block_keys), -1)
-            nb = coords + np.array(d)
+            nb = coords + torch.tensor(d, device=dev)
             ok = ((nb >= 0) & (nb < g)).all(1)
             k = _keys(nb[ok], g)
             present, _ = _member(block_keys, k)
+            r = region[ok][~present]
             cand.append(k[~present])
-            has_in.append(region[ok][~present].any(1))
-            has_out.append(~region[ok][~present].all(1))
-        cand = np.concatenate(cand)
-        if cand.size == 0:
+            has_in.append(r.any(1))
+            has_out.append(~r.all(1))
+        cand = torch.cat(cand)
+        if cand.numel() == 0:
             new_keys = cand
             break
-        uniq, inv = np.unique(cand, return_inverse=True)
-        mixed = (np.bincount(inv, weights=np.concatenate(has_in), minlength=uniq.size) > 0) & (
-            np.bincount(inv, weights=np.concatenate(has_out), minlength=uniq.size) > 0)
-        new_keys = uniq[mixed]
-        if new_keys.size == 0:
+        uniq, inv = torch.unique(cand, return_inverse=True)
+        count_in = torch.zeros(uniq.numel(), dtype=torch.long, device=dev).index_add_(0, inv, torch.cat(has_in).long())
+        count_out = torch.zeros_like(count_in).index_add_(0, inv, torch.cat(has_out).long())
+        new_keys = uniq[(count_in > 0) & (count_out > 0)]
+        if new_keys.numel() == 0:
             break
-        w = field.winding(_block_voxel_centers(_block_coords(new_keys, g), resolution))
-        new_inside = (w >= 0.5).reshape(-1, BLOCK, BLOCK, BLOCK)
-        new_inside &= ~_grid_face_mask(_block_coords(new_keys, g), g)
-        all_keys = np.concatenate([block_keys, new_keys])
-        order = np.argsort(all_keys, kind="stable")
+        new_coords = _block_coords(new_keys, g)
+        new_inside = field.inside(voxel_centers(_block_voxels(new_coords), resolution)).reshape(-1, BLOCK, BLOCK, BLOCK)
+        new_inside &= ~_grid_face_mask(new_coords, g)
+        all_keys = torch.cat([block_keys, new_keys])
+        order = torch.argsort(all_keys)  # keys are distinct
         block_keys = all_keys[order]
-        inside = np.concatenate([inside, new_inside])[order]
+        inside = torch.cat([inside, new_inside])[order]
     else:
-        logger.warning("band closure stopped after %d rounds with %d blocks still open", max_rounds, new_keys.size)
+        logger.warning("band closure stopped after %d rounds with %d blocks still open", max_rounds, new_keys.numel())
     return block_keys, inside
 
 
-def _spread(labels: np.ndarray, num: int, samples: int) -> np.ndarray:
+def label_components(src: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tensor:
+    """int64 [n]: the smallest node index of each node's connected component (undirected edges ``src``-``dst``).
+
+    Label propagation with hooking and pointer jumping, all in torch on the edges' device: each round the root
+    of every edge's larger label is hooked under the smaller one, then every node jumps to its root.
+    """
+    label = torch.arange(n, device=src.device)
+    while src.numel():
+        ls, ld = label[src], label[dst]
+        differ = ls != ld
+        if not bool(differ.any()):
+            break
+        ls, ld = ls[differ], ld[differ]
+        low = torch.minimum(ls, ld)
+        label.scatter_reduce_(0, torch.maximum(ls, ld), low, reduce="amin")  # labels are roots here
+        while True:
+            jumped = label[label]
+            if torch.equal(jumped, label):
+                break
+            label = jumped
+    return label
+
+
+def _components(src: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tensor:
+    """Component label [n] per node: scipy on the CPU (fastest there), :func:`label_components` elsewhere."""
+    if src.device.type != "cpu":
+        return label_components(src, dst, n)
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(src.numel(), dtype=np.int8), (src.numpy(), dst.numpy())), shape=(n, n))
+    return torch.from_numpy(connected_components(graph, directed=False)[1].astype(np.int64))
+
+
+def _spread(labels: torch.Tensor, num: int, samples: int) -> torch.Tensor:
     """Indices of up to ``samples`` members of each label, spread over its members (sorted order)."""
-    order = np.argsort(labels, kind="stable")
-    counts = np.bincount(labels, minlength=num)
-    starts = np.cumsum(counts) - counts
-    k = np.minimum(counts, samples)
-    lab = np.repeat(np.arange(num), k)
-    rank = np.arange(k.sum()) - np.repeat(np.cumsum(k) - k, k)
-    pick = starts[lab] + (rank * counts[lab]) // np.maximum(k[lab], 1)
+    dev = labels.device
+    order = torch.argsort(labels, stable=True)
+    counts = torch.bincount(labels, minlength=num)
+    starts = torch.cumsum(counts, 0) - counts
+    k = counts.clamp_max(samples)
+    lab = torch.repeat_interleave(torch.arange(num, device=dev), k)
+    rank = torch.arange(lab.numel(), device=dev) - torch.repeat_interleave(torch.cumsum(k, 0) - k, k)
+    pick = starts[lab] + torch.div(rank * counts[lab], k[lab].clamp_min(1), rounding_mode="floor")
     return order[pick]
 
 
-def band_signs(field, coords: np.ndarray, udf: np.ndarray, exact: np.ndarray, resolution: int,
-               samples: int = 8, needed: np.ndarray | None = None) -> np.ndarray:
+def band_signs(field, coords: torch.Tensor, udf: torch.Tensor, exact: torch.Tensor, resolution: int,
+               samples: int = 8, needed: torch.Tensor | None = None) -> torch.Tensor:
     """Inside (winding number >= 1/2) flag of each band voxel, with few winding-number evaluations.
 
     Voxels flagged ``exact`` (near open edges, where the winding number is not an integer) get their own
     winding number. Among the others, two 6-neighbours with ``udf_a + udf_b > h`` cannot have the surface
     between them, so their (integer) winding numbers agree: voxels are grouped into connected components
     of such pairs and each component takes the majority of ``samples`` evaluations spread over it.
-    ``coords`` [N, 3] must be sorted by key. ``needed`` (bool [N], default all): exact voxels outside it get
-    no winding number (False); their sign is not used by the caller.
+    ``coords`` int64 [N, 3] must be sorted by key; all inputs on the field's device. ``needed`` (bool [N],
+    default all): exact voxels outside it get no winding number (False); their sign is not used by the caller.
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     n = coords.shape[0]
-    inside = np.zeros(n, dtype=bool)
+    dev = coords.device
+    inside = torch.zeros(n, dtype=torch.bool, device=dev)
     if n == 0:
         return inside
-    centers = voxel_centers(coords, resolution)
-    idx = np.nonzero(exact if needed is None else exact & needed)[0]
-    inside[idx] = field.winding(centers[idx]) >= 0.5
+    idx = torch.nonzero(exact if needed is None else exact & needed).squeeze(1)
+    inside[idx] = field.inside(voxel_centers(coords[idx], resolution))
     h = 2.0 / resolution
     keys = _keys(coords, resolution)
     src, dst = [], []
     for axis in range(3):
-        nb = coords.copy()
+        nb = coords.clone()
         nb[:, axis] += 1
         ok = nb[:, axis] < resolution
         found, row = _member(keys, _keys(nb[ok], resolution))
-        i = np.nonzero(ok)[0][found]
+        i = torch.nonzero(ok).squeeze(1)[found]
         j = row[found]
         safe = (udf[i] + udf[j] > h * (1 + 1e-6)) & ~exact[i] & ~exact[j]
         src.append(i[safe])
         dst.append(j[safe])
-    src, dst = np.concatenate(src), np.concatenate(dst)
-    graph = coo_matrix((np.ones(src.size, dtype=np.int8), (src, dst)), shape=(n, n))
-    rest = np.nonzero(~exact)[0]
-    if rest.size == 0:
+    rest = torch.nonzero(~exact).squeeze(1)
+    if rest.numel() == 0:
         return inside
-    _, labels = connected_components(graph, directed=False)
-    _, lab = np.unique(labels[rest], return_inverse=True)
+    labels = _components(torch.cat(src), torch.cat(dst), n).to(dev)
+    _, lab = torch.unique(labels[rest], return_inverse=True)
     nl = int(lab.max()) + 1
     pick = _spread(lab, nl, samples)
-    vote = field.winding(centers[rest[pick]]) >= 0.5
-    pos = np.bincount(lab[pick], weights=vote, minlength=nl)
-    tot = np.bincount(lab[pick], minlength=nl)
+    vote = field.inside(voxel_centers(coords[rest[pick]], resolution))
+    pos = torch.zeros(nl, dtype=torch.long, device=dev).index_add_(0, lab[pick], vote.long())
+    tot = torch.bincount(lab[pick], minlength=nl)
     inside[rest] = (2 * pos > tot)[lab]
-    logger.debug("band signs: %d voxels, %d exact, %d components", n, idx.size, nl)
+    logger.debug("band signs: %d voxels, %d exact, %d components", n, idx.numel(), nl)
     return inside
 
 
@@ -570,8 +655,9 @@ def classify_triangles(field, mesh: trimesh.Trimesh) -> np.ndarray:
     unit = normal / np.maximum(area2, 1e-30)[:, None]
     delta = np.minimum(1e-3, 0.05 * np.sqrt(area2 / 2))[:, None]  # well inside the triangle's own solid angle
     center = tri.mean(axis=1)
-    w = field.winding(np.concatenate([center + delta * unit, center - delta * unit]))
-    front, back = w[: len(tri)] >= 0.5, w[len(tri):] >= 0.5
+    points = torch.from_numpy(np.concatenate([center + delta * unit, center - delta * unit]))
+    side = field.inside(points.to(field.device)).cpu().numpy()
+    front, back = side[: len(tri)], side[len(tri):]
     classes = np.where(front != back, 0, np.where(front, 2, 1)).astype(np.int8)
     classes[~ok] = 2
     return classes
@@ -583,11 +669,12 @@ def _exact_sign_limit(radius: float, resolution: int) -> float:
 
 
 def _sparse_sdf_one(field, resolution: int, band: float) -> SparseSDF:
+    dev = field.device
     shell = 2.0 / resolution  # half-thickness of thickened lost sheets: one voxel
     radius = band + shell
-    coords, dist, edge_dist = field.band_voxels(resolution, radius)
+    coords, dist, edge_dist = (torch.as_tensor(x, device=dev) for x in field.band_voxels(resolution, radius))
     g = resolution // BLOCK
-    order = np.argsort(_keys(coords, resolution), kind="stable")
+    order = torch.argsort(_keys(coords, resolution))  # voxels are distinct
     coords, dist, edge_dist = coords[order], dist[order], edge_dist[order]
     sharp_dist, open_dist = edge_dist[:, 0], edge_dist[:, 1]
     # A voxel's sign matters only if its |sdf| can be below the band: ±dist[:, 1] or the lost-sheet shell is.
@@ -595,33 +682,33 @@ def _sparse_sdf_one(field, resolution: int, band: float) -> SparseSDF:
     inside_w = band_signs(field, coords, dist[:, 0], open_dist < _exact_sign_limit(radius, resolution), resolution,
                           needed=needed)
     # Union of the winding-number solid (distance to its boundary triangles) and the thickened lost sheets.
-    sdf = np.minimum(np.where(inside_w, -dist[:, 1], dist[:, 1]), dist[:, 2] - shell)
-    keep = np.abs(sdf) < band
-    coords, sdf, sharp = coords[keep], sdf[keep].astype(np.float32), sharp_dist[keep] < band
+    sdf = torch.minimum(torch.where(inside_w, -dist[:, 1], dist[:, 1]), dist[:, 2] - shell)
+    keep = sdf.abs() < band
+    coords, sdf, sharp = coords[keep], sdf[keep].float(), sharp_dist[keep] < band
     inside_band = sdf < 0
 
     # Inside bits of every voxel of every occupied block: band voxels from their winding number, the rest
     # propagated from them; voxels that propagation cannot reach get their own winding number.
-    block_of = coords // BLOCK
-    block_keys = np.unique(_keys(block_of, g))
-    nb = block_keys.size
-    signs = np.zeros((nb, _BLOCK_VOXELS), dtype=np.int8)
-    rows = _lookup(block_keys, _keys(block_of, g))
+    block_keys, rows = torch.unique(_keys(coords // BLOCK, g), return_inverse=True)
+    nb = block_keys.numel()
+    signs = torch.zeros((nb, _BLOCK_VOXELS), dtype=torch.int8, device=dev)
     local = coords % BLOCK
-    signs[rows, (local[:, 0] * BLOCK + local[:, 1]) * BLOCK + local[:, 2]] = np.where(inside_band, 1, -1)
-    off_band = signs == 0
-    signs = propagate_signs(signs.reshape(nb, BLOCK, BLOCK, BLOCK),
-                            device=getattr(field, "device", "cpu")).reshape(nb, _BLOCK_VOXELS)
-    unknown_b, unknown_v = np.nonzero(signs == 0)
-    if unknown_b.size:
-        vox = _block_coords(block_keys, g)[unknown_b] * BLOCK + _block_offsets()[unknown_v]
-        signs[unknown_b, unknown_v] = np.where(field.winding(voxel_centers(vox, resolution)) >= 0.5, 1, -1)
+    signs[rows, (local[:, 0] * BLOCK + local[:, 1]) * BLOCK + local[:, 2]] = torch.where(inside_band, 1, -1).to(
+        torch.int8)
+    off_band = (signs == 0).reshape(nb, BLOCK, BLOCK, BLOCK)
+    signs = propagate_signs(signs.reshape(nb, BLOCK, BLOCK, BLOCK)).reshape(nb, _BLOCK_VOXELS)
+    unknown_b, unknown_v = torch.nonzero(signs == 0, as_tuple=True)
+    if unknown_b.numel():
+        offsets = torch.from_numpy(_block_offsets()).to(dev)
+        vox = _block_coords(block_keys, g)[unknown_b] * BLOCK + offsets[unknown_v]
+        signs[unknown_b, unknown_v] = torch.where(field.inside(voxel_centers(vox, resolution)), 1, -1).to(torch.int8)
     inside = (signs > 0).reshape(nb, BLOCK, BLOCK, BLOCK)
-    inside &= ~(off_band.reshape(nb, BLOCK, BLOCK, BLOCK) & _grid_face_mask(_block_coords(block_keys, g), g))
+    inside &= ~(off_band & _grid_face_mask(_block_coords(block_keys, g), g))
     block_keys, inside = _close_blocks(field, resolution, block_keys, inside, max_rounds=4 * g)
-    packed = np.packbits(inside.reshape(len(block_keys), -1), axis=1)
-    return SparseSDF(coords=coords.astype(np.int32), sdf=sdf, sharp=sharp, resolution=resolution, band=float(band),
-                     block_coords=_block_coords(block_keys, g).astype(np.int32), block_inside=packed)
+    packed = np.packbits(inside.reshape(len(block_keys), -1).cpu().numpy(), axis=1)
+    return SparseSDF(coords=coords.cpu().numpy().astype(np.int32), sdf=sdf.cpu().numpy(),
+                     sharp=sharp.cpu().numpy(), resolution=resolution, band=float(band),
+                     block_coords=_block_coords(block_keys, g).cpu().numpy().astype(np.int32), block_inside=packed)
 
 
 def compute_sparse_sdf(
