@@ -106,7 +106,8 @@ def test_refiner_errors():
     with pytest.raises(ValueError, match="reads 6 decoder features"):
         ImageTo3DPipeline(*args, {64: VoxelRefinerXL(VoxelRefinerXL.Config(**TINY, **XL_TILES, feature_channels=6))})
     with pytest.raises(ValueError, match="divisible by stride"):
-        ImageTo3DPipeline(*args, {128: VoxelRefinerXLSign(VoxelRefinerXLSign.Config(**TINY, patch_size=32, patch_stride=12))})
+        bad = VoxelRefinerXLSign(VoxelRefinerXLSign.Config(**TINY, patch_size=32, patch_stride=12))
+        ImageTo3DPipeline(*args, {128: bad})
     with pytest.raises(ValueError, match="no sparse stage"):
         ImageTo3DPipeline(*args, {256: VoxelRefinerXLSign(VoxelRefinerXLSign.Config(**TINY, **SIGN_TILES))})
     with pytest.raises(ValueError, match="expected a VoxelRefinerXL"):
