@@ -141,7 +141,8 @@ def markdown(result: dict) -> str:
     runs = result["runs"]
     names = []
     for r in runs:
-        names += [n for n in r["seconds"] if n not in names]
+        names += [n for n in r["seconds"] if n not in names and n != "total"]
+    names.append("total")
     head = "| stage | " + " | ".join(f"{r['resolution']}³ s | {r['resolution']}³ peak GiB" for r in runs) + " |"
     lines += [head, "|---|" + "---:|---:|" * len(runs)]
     for n in names:
@@ -201,21 +202,22 @@ def main() -> None:
             t0 = time.perf_counter()
             run(pipe, resolutions[0], structure, args, steps=1)
             info["warmup_s"] = round(time.perf_counter() - t0, 2)
-        rows = []
+        s = pipe.settings
+        result = {**environment(args.device), "tiny": args.tiny,
+                  "dtype": str(args.torch_dtype).removeprefix("torch."),
+                  "layout": args.layout if layouts_path else "ball shell", "build": info,
+                  "steps": {"dense": args.steps or s.dense.steps,
+                            **{str(r): args.steps or s.stage(r).steps for r in pipe.resolutions}},
+                  "cfg": s.dense.guidance_scale, "refine": s.refine,
+                  "decode_chunk": {str(r): s.chunk(r) for r in pipe.resolutions}, "runs": []}
+        stem = f"published_{'tiny_' if args.tiny else ''}{args.device.split(':')[0]}"
         for r in resolutions:
             row = run(pipe, r, structure, args, steps=args.steps)
             print(json.dumps(row), flush=True)
-            rows.append(row)
-    s = pipe.settings
-    result = {**environment(args.device), "tiny": args.tiny, "dtype": str(args.torch_dtype).removeprefix("torch."),
-              "layout": args.layout if layouts_path else "ball shell", "build": info,
-              "steps": {"dense": args.steps or s.dense.steps, **{str(r): args.steps or s.stage(r).steps
-                                                                  for r in pipe.resolutions}},
-              "cfg": s.dense.guidance_scale, "refine": s.refine, "decode_chunk": {str(r): s.chunk(r)
-                                                                                   for r in pipe.resolutions},
-              "runs": rows}
-    stem = f"published_{'tiny_' if args.tiny else ''}{args.device.split(':')[0]}"
-    for p in write_outputs(args.out_dir or default_out_dir(), stem, result, markdown(result)):
+            result["runs"].append(row)
+            # Written after every run: a run cut off by a time limit keeps the earlier ones.
+            paths = write_outputs(args.out_dir or default_out_dir(), stem, result, markdown(result))
+    for p in paths:
         print(f"wrote {p}")
 
 

@@ -61,10 +61,13 @@ def make_batch(sdf, band: float, device: str):
     from d3s2.models.vae import SparseSDFBatch
 
     blocks, target = sdf.block_targets()
-    batch = SparseSDFBatch.from_samples([torch.from_numpy(sdf.coords)], [torch.from_numpy(sdf.sdf)],
-                                        [torch.from_numpy(blocks)], [torch.from_numpy(target)],
-                                        resolution=sdf.resolution, sharp=[torch.from_numpy(sdf.sharp)], tau=band)
-    return batch.to(device)
+
+    def t(a):
+        return torch.from_numpy(a).to(device)
+
+    # Built on the device: at 1024³ the target holds ~10⁷ voxels.
+    return SparseSDFBatch.from_samples([t(sdf.coords)], [t(sdf.sdf)], [t(blocks)], [t(target)],
+                                       resolution=sdf.resolution, sharp=[t(sdf.sharp)], tau=band)
 
 
 def autocast(device: str):
@@ -188,6 +191,15 @@ def main() -> None:
     meter = Meter(args.device)
     cuda = args.device.startswith("cuda")
     meshes, batches = [], {}
+    result = {**environment(args.device), "tiny": args.tiny, "band": args.band,
+              "configs": [os.path.relpath(args.config_lo, ROOT), os.path.relpath(args.config_hi, ROOT)],
+              "train_mesh": None, "meshes": meshes, "timings": meter.rows, "train_lo": None, "train_1024": []}
+    stem = f"vae_{'tiny_' if args.tiny else ''}{args.device.split(':')[0]}"
+
+    def emit() -> list:
+        # Written after every section: a run cut off by a time limit keeps what it measured.
+        return write_outputs(args.out_dir or default_out_dir(), stem, result, markdown(result))
+
     for name, mesh in load_meshes(args):
         t0 = time.perf_counter()
         sdfs = compute_sparse_sdf(mesh, [args.res_lo, args.res_hi], band=args.band, device=args.device,
@@ -199,28 +211,27 @@ def main() -> None:
                           "band_voxels": {r: len(s) for r, s in sdfs.items()}}), flush=True)
 
     model = build_vae(args.config_lo, args.device)
-    first = meshes[0]["name"]
+    first = result["train_mesh"] = meshes[0]["name"]
     inference(model, batches[first][args.res_lo], 0, Meter(args.device), "warmup", args.device)  # compile kernels
     for m in meshes:
         for r, chunk in ((args.res_lo, 0), (args.res_hi, chunk_hi)):
             m["resolutions"][str(r)] = inference(model, batches[m["name"]][r], chunk, meter, f"{r} {m['name']}",
                                                  args.device)
         print(json.dumps({k: v for k, v in meter.rows.items() if m["name"] in k}), flush=True)
-    train_lo = {"step": f"train {args.res_lo}", **train_steps(model, batches[first][args.res_lo], meter,
-                                                              f"train {args.res_lo}", args.device)}
+        emit()
+    tag = f"train {args.res_lo}"
+    train_lo = result["train_lo"] = {"step": tag, **train_steps(model, batches[first][args.res_lo], meter, tag,
+                                                                args.device)}
     print(json.dumps({"train": train_lo, **meter.rows[f"train {args.res_lo}"]}), flush=True)
+    emit()
     del model
     if cuda:
         torch.cuda.empty_cache()
-    rows_hi = [] if args.skip_train_1024 else train_1024(args, batches[first][args.res_hi], meter)
-    for row in rows_hi:
+    if not args.skip_train_1024:
+        result["train_1024"] = train_1024(args, batches[first][args.res_hi], meter)
+    for row in result["train_1024"]:
         print(json.dumps({**row, **meter.rows.get(row["step"], {})}), flush=True)
-    result = {**environment(args.device), "tiny": args.tiny, "band": args.band,
-              "configs": [os.path.relpath(args.config_lo, ROOT), os.path.relpath(args.config_hi, ROOT)],
-              "train_mesh": first, "meshes": meshes, "timings": meter.rows, "train_lo": train_lo,
-              "train_1024": rows_hi}
-    stem = f"vae_{'tiny_' if args.tiny else ''}{args.device.split(':')[0]}"
-    for p in write_outputs(args.out_dir or default_out_dir(), stem, result, markdown(result)):
+    for p in emit():
         print(f"wrote {p}")
 
 
