@@ -62,6 +62,20 @@ def load_layouts(path: str | os.PathLike, key: str, resolutions: list[int], top:
     return out
 
 
+def random_dino(device: str) -> tuple[torch.nn.Module, str]:
+    """A random DINOv2 ViT-L/14-reg4 at 518² built on ``device`` (transformers), or, without transformers, d3s2's
+    small encoder at the same size (width 1024, 24 blocks, 16 heads, 1374 tokens). Returns (module, what)."""
+    from d3s2.models.conditioner import DinoV2Encoder, SmallImageEncoder
+
+    with torch.device(device):  # random init on the GPU: no minutes of CPU init for 300 M parameters
+        try:
+            return DinoV2Encoder.random(), "DINOv2 ViT-L/14-reg4 (transformers, random)"
+        except ImportError:
+            cfg = SmallImageEncoder.Config(image_size=518, patch_size=14, width=1024, depth=24, num_heads=16,
+                                           mlp_ratio=4.0, num_register_tokens=4)
+            return SmallImageEncoder(cfg), "ViT-L-sized SmallImageEncoder (transformers missing)"
+
+
 def rgba_disc(size: int = 512) -> np.ndarray:
     """uint8 ``[size, size, 4]``: an opaque disc on a transparent background (no background removal needed)."""
     img = np.zeros((size, size, 4), np.uint8)

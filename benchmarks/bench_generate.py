@@ -29,19 +29,19 @@ from _common import (
     environment,
     gib,
     load_layouts,
+    random_dino,
     rgba_disc,
     write_outputs,
 )
 
 
 def build_full(device: str):
-    from d3s2.models.conditioner import DinoV2Encoder
     from d3s2.models.dit import DenseDiT, SparseDiT
     from d3s2.models.vae import DenseShapeVAE, SparseSDFVAE
     from d3s2.pipeline.image_to_3d import ImageTo3DPipeline
 
+    enc, _ = random_dino(device)
     with torch.device(device):  # build on the device: no 2 GB of CPU init per model
-        enc = DinoV2Encoder.random()
         models = dict(dense_dit=DenseDiT(), dense_vae=DenseShapeVAE(),
                       dits={512: SparseDiT(SparseDiT.Config.v1_1(512)), 1024: SparseDiT(SparseDiT.Config.v1_1(1024))},
                       vaes={512: SparseSDFVAE(), 1024: SparseSDFVAE()})

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import DEFAULT_LAYOUTS, ROOT, environment, gib, load_layouts, rgba_disc, write_outputs
+from _common import DEFAULT_LAYOUTS, ROOT, environment, gib, load_layouts, random_dino, rgba_disc, write_outputs
 
 PUBLISHED_NEEDS_GB = {512: "at least 10 GB", 1024: "about 24 GB"}  # the published README
 
@@ -45,7 +45,6 @@ def build_published(device: str, dtype: torch.dtype, workdir: Path) -> tuple[obj
     sys.path.insert(0, str(ROOT))
     from tests.pipeline.synthetic import write_published_folder
 
-    from d3s2.models.conditioner import DinoV2Encoder
     from d3s2.pipeline.image_to_3d import ImageTo3DPipeline, PipelineSettings
     from d3s2.pipeline.published import load_published
 
@@ -57,9 +56,8 @@ def build_published(device: str, dtype: torch.dtype, workdir: Path) -> tuple[obj
     models = load_published(folder, dtype=dtype)
     info["load_published_s"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
-    with torch.device(device):  # random init on the GPU: no minutes of CPU init for 300 M parameters
-        enc = DinoV2Encoder.random()
-    info["dinov2_random_init_s"] = round(time.perf_counter() - t0, 2)
+    enc, info["conditioner"] = random_dino(device)
+    info["conditioner_random_init_s"] = round(time.perf_counter() - t0, 2)
     info["parameters_m"] = {n: round(sum(p.numel() for p in m.parameters()) / 1e6, 1)
                             for n, m in {**models.models, "conditioner": enc}.items()}
     settings = PipelineSettings.from_published(models.defaults)

@@ -562,8 +562,8 @@ def _check_refiner(resolution: int, refiner: nn.Module, vae: nn.Module | None) -
 
 
 def block_outside_fraction(outside: torch.Tensor, block: int = 8) -> torch.Tensor:
-    """Fraction of each ``block``³ voxel block predicted outside: bool ``[S, S, S]`` on a grid ``f`` times coarser
-    than the voxels (the sign refiner's ×2 pooled grid) → float32 ``[g, g, g]``, g = S·f / block."""
+    """Fraction of each ``block``³ voxel block predicted outside: bool ``[S, S, S]`` on the sign refiner's ×2
+    pooled grid → float32 ``[g, g, g]``, g = 2S / block."""
     s = outside.shape[0]
     if outside.ndim != 3 or len(set(outside.shape)) != 1:
         raise ValueError(f"expected a cubic bool grid [S, S, S], got {tuple(outside.shape)}")
