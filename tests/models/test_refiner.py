@@ -132,6 +132,32 @@ def test_refiner_xl_patches_match_naive_dense_processing():
     assert out.abs().max() <= 1  # tanh, convex blend
 
 
+def test_refiner_xl_refine_voxels_equals_the_dense_output_at_the_voxels():
+    """The sparse output (patches without voxels skipped) is the dense output gathered at the voxels."""
+    cfg = VoxelRefinerXL.Config(**TINY, feature_channels=6, feature_hidden=5, patch_size=8, patch_stride=4)
+    model = VoxelRefinerXL(cfg)
+    _perturb(model)
+    corner = _random_shell(4, 1, n=20, seed=4)  # voxels in [0, 4)³: only the patch at (0, 0, 0) holds any
+    sdf = SparseTensor(corner.feats, corner.coords, resolution=12, batch_size=2)
+    feats = torch.randn(sdf.num_voxels, 6, generator=torch.Generator().manual_seed(5))
+    ran = []
+    refine = model.refine_patch
+
+    def counting(*a):
+        ran.append(1)
+        return refine(*a)
+
+    with torch.no_grad():
+        dense = model(sdf, feats)
+        model.refine_patch = counting
+        values = model.refine_voxels(sdf, feats)
+    c = sdf.coords.long()
+    assert values.shape == (sdf.num_voxels, 1) and values.dtype == torch.float32
+    torch.testing.assert_close(values, dense[c[:, 0], :, c[:, 1], c[:, 2], c[:, 3]], atol=1e-6, rtol=1e-6)
+    assert len(ran) == 1  # of 8 patches
+    assert not torch.equal(dense[:, :, 8:], torch.zeros_like(dense[:, :, 8:]))  # skipped ones would not be zero
+
+
 def test_refiner_xl_sign_overwrites_in_patch_order_and_restores_band():
     cfg = VoxelRefinerXLSign.Config(**TINY, patch_size=8, patch_stride=2)
     model = VoxelRefinerXLSign(cfg)

@@ -37,3 +37,23 @@ def test_noise_field_is_watertight_and_small_parts_drop():
     assert len(mesh.faces) > 0 and mesh.is_watertight and mesh.is_winding_consistent
     cleaned = drop_small_components(mesh, 0.5)
     assert 0 < len(cleaned.faces) < len(mesh.faces) and cleaned.is_watertight
+
+
+def test_outside_fraction_decides_enclosed_regions_only():
+    """The sign refiner's vote: an enclosed region predicted outside becomes +1 (the interior wall then has no
+    surface, a hollow shell gets two closed surfaces); the border region stays +1 whatever the vote."""
+    r, radius = 64, 0.6
+    g = r // 8
+    centre = lambda b: ((b.float() * 8 + 4) + 0.5) * 2 / r - 1  # noqa: E731
+    coords, _, blocks = _blocks_field(lambda p: p.norm(dim=1) - radius, r,
+                                      lambda b: (centre(b).norm(dim=1) - radius).abs() < 0.25)
+    values = torch.full((len(coords),), -0.5)  # the band itself is inside: surfaces only where empty space is +1
+    plain = empty_block_signs(blocks, g)
+    all_out = empty_block_signs(blocks, g, torch.ones(g, g, g))
+    all_in = empty_block_signs(blocks, g, torch.zeros(g, g, g))
+    np.testing.assert_array_equal(all_in, plain)
+    assert (all_out >= 0).all() and (all_out[plain == -1] == 1).all()
+    one = closed_mesh(coords, values, blocks, r, outside_fraction=torch.zeros(g, g, g))
+    two = closed_mesh(coords, values, blocks, r, outside_fraction=torch.ones(g, g, g))
+    assert one.is_watertight and two.is_watertight
+    assert len(one.split(only_watertight=False)) == 1 and len(two.split(only_watertight=False)) == 2

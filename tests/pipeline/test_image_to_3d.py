@@ -121,10 +121,15 @@ def test_settings_from_published_defaults():
     d = {"dense": {"steps": 50, "guidance_scale": 7.0, "shift": 6.0, "num_train_timesteps": 1000},
          "sparse_512": {"steps": 30, "guidance_scale": 7.0, "shift": 6.0, "num_train_timesteps": 1000},
          "sparse_1024": {"steps": 15, "guidance_scale": 7.0, "shift": 8.0, "num_train_timesteps": 1000},
-         "occupancy_threshold": 0.1, "mc_threshold": 0.2, "index_udf_voxels": 4.0, "sparse_1024_decode_chunk": 4}
+         "occupancy_threshold": 0.1, "mc_threshold": 0.2, "index_udf_voxels": 4.0, "sparse_1024_decode_chunk": 32}
     s = PipelineSettings.from_published(d)
     assert s.stage(1024).steps == 15 and s.stage(1024).shift == 8.0 and s.stage(512).steps == 30
     assert s.chunk(1024) == 32 and s.chunk(512) == 0 and s.mc_level == 0.2
+    assert s.refine and s.refine_level == 0.4  # published folders apply their refiners
+    from d3s2.pipeline.published import PublishedDefaults
+
+    # read_defaults → from_published keeps the 1024 decode chunk (32 latent voxels = the published 4 per axis)
+    assert PipelineSettings.from_published(PublishedDefaults(version="v1.1")).chunk(1024) == 32
     assert PipelineSettings.from_dict(s.to_dict()) == s
 
 

@@ -19,6 +19,7 @@ smaller patch needs less memory but changes the result slightly: GroupNorm stati
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -323,16 +324,11 @@ class VoxelRefinerXL(nn.Module):
         latent = self.latent_mlp(feats.movedim(1, -1)).movedim(-1, 1)
         return self.refine_patch(sdf, latent)
 
-    def forward(self, sdf: SparseTensor, feats: torch.Tensor | SparseTensor, *, patch_size: int | None = None,
-                patch_stride: int | None = None) -> torch.Tensor:
-        """Refined dense SDF, float32 ``[B, Cout, R, R, R]``.
-
-        Args:
-            sdf: decoded SDF, feats ``[N, Cin]`` at resolution R; empty voxels count as +1 (outside).
-            feats: decoder features ``[N, Cf]`` of the same voxels (a tensor, or a SparseTensor with the same
-                coords); empty voxels count as zero features.
-            patch_size / patch_stride: override the config's tiling.
-        """
+    def _patches(self, sdf: SparseTensor, feats: torch.Tensor | SparseTensor, patch_size: int | None,
+                 patch_stride: int | None, skip_empty: bool
+                 ) -> Iterator[tuple[tuple[int, int, int], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per patch: (start, rows of its voxels, their (b, x, y, z) patch-local coords, blend weight ``[P, P, P]``,
+        refined ``[B, Cout, P, P, P]``). ``skip_empty``: patches holding no voxel are not run."""
         cfg = self.config
         _check_sdf(sdf, cfg.in_channels)
         f = feats.feats if isinstance(feats, SparseTensor) else feats
@@ -346,15 +342,43 @@ class VoxelRefinerXL(nn.Module):
         # instead of to a dense [B, Cf, R, R, R] grid (8.6 GB in fp16 at 512³).
         latent = self.latent_mlp(f.to(dtype))  # [N, C0]
         background = self.latent_mlp(f.new_zeros(1, cfg.feature_channels, dtype=dtype))[0]  # [C0]
-        out = torch.zeros(b, cfg.out_channels, r, r, r, device=sdf.device)
         for (i, sx), (j, sy), (k, sz) in itertools.product(enumerate(starts), repeat=3):
             rows, local = _patch_voxels(sdf.coords, (sx, sy, sz), p)
+            if skip_empty and rows.numel() == 0:
+                continue
             sdf_p = torch.ones(b, cfg.in_channels, p, p, p, device=sdf.device, dtype=dtype)
             _scatter(sdf_p, local, sdf.feats[rows])
             lat_p = background.view(1, -1, 1, 1, 1).expand(b, -1, p, p, p).contiguous()
             _scatter(lat_p, local, latent[rows])
             w = weights[i][:, None, None] * weights[j][None, :, None] * weights[k][None, None, :]
-            out[:, :, sx:sx + p, sy:sy + p, sz:sz + p] += self.refine_patch(sdf_p, lat_p).float() * w
+            yield (sx, sy, sz), rows, local, w, self.refine_patch(sdf_p, lat_p)
+
+    def forward(self, sdf: SparseTensor, feats: torch.Tensor | SparseTensor, *, patch_size: int | None = None,
+                patch_stride: int | None = None) -> torch.Tensor:
+        """Refined dense SDF, float32 ``[B, Cout, R, R, R]``.
+
+        Args:
+            sdf: decoded SDF, feats ``[N, Cin]`` at resolution R; empty voxels count as +1 (outside).
+            feats: decoder features ``[N, Cf]`` of the same voxels (a tensor, or a SparseTensor with the same
+                coords); empty voxels count as zero features.
+            patch_size / patch_stride: override the config's tiling.
+        """
+        p = patch_size or self.config.patch_size
+        r = sdf.resolution
+        out = torch.zeros(sdf.batch_size, self.config.out_channels, r, r, r, device=sdf.device)
+        for (sx, sy, sz), _, _, w, refined in self._patches(sdf, feats, patch_size, patch_stride, False):
+            out[:, :, sx:sx + p, sy:sy + p, sz:sz + p] += refined.float() * w
+        return out
+
+    def refine_voxels(self, sdf: SparseTensor, feats: torch.Tensor | SparseTensor, *,
+                      patch_size: int | None = None, patch_stride: int | None = None) -> torch.Tensor:
+        """The refined values at ``sdf``'s own voxels, float32 ``[N, Cout]``: :meth:`forward` gathered at
+        ``sdf.coords``, without the dense output grid and skipping patches that hold no voxel (a voxel's value
+        only depends on the patches that contain it)."""
+        out = torch.zeros(sdf.num_voxels, self.config.out_channels, device=sdf.device)
+        for _, rows, local, w, refined in self._patches(sdf, feats, patch_size, patch_stride, True):
+            b, x, y, z = local.unbind(1)
+            out.index_add_(0, rows, refined[b, :, x, y, z].float() * w[x, y, z, None])
         return out
 
 

@@ -29,23 +29,35 @@ from ..geometry.marching_cubes import sparse_marching_cubes
 BLOCK = 8
 
 
-def empty_block_signs(block_coords: torch.Tensor, grid: int) -> np.ndarray:
+def empty_block_signs(block_coords: torch.Tensor, grid: int, outside_fraction: torch.Tensor | None = None
+                      ) -> np.ndarray:
     """Side of every empty block: float32 ``[g + 2, g + 2, g + 2]`` (grid padded by one block per side),
     +1 for empty blocks connected to the border, -1 for enclosed empty blocks, 0 for occupied blocks.
 
     Args:
         block_coords: int ``[NL, 3]`` occupied blocks in ``[0, g)``.
+        outside_fraction: optional float ``[g, g, g]``, the fraction of each block predicted outside (the
+            1024³ sign refiner): an enclosed empty region is then outside (+1) when the mean over its blocks is
+            ≥ 0.5. One side per region keeps the mesh closed; the border-connected region stays outside.
     """
     from scipy import ndimage
 
     occ = np.zeros((grid + 2,) * 3, dtype=bool)
     b = block_coords.cpu().numpy().astype(np.int64) + 1
     occ[b[:, 0], b[:, 1], b[:, 2]] = True
-    labels, _ = ndimage.label(~occ)  # 6-connectivity
+    labels, count = ndimage.label(~occ)  # 6-connectivity
     outside = labels[0, 0, 0]  # the padding layer is empty and connected all around
-    signs = np.where(labels == outside, 1.0, -1.0).astype(np.float32)
-    signs[occ] = 0.0
-    return signs
+    side = np.full(count + 1, -1.0, dtype=np.float32)  # per label; label 0 = occupied
+    if outside_fraction is not None:
+        if tuple(outside_fraction.shape) != (grid,) * 3:
+            raise ValueError(f"expected outside_fraction of shape {(grid,) * 3}, got {tuple(outside_fraction.shape)}")
+        frac = np.zeros(occ.shape, dtype=np.float32)
+        frac[1:-1, 1:-1, 1:-1] = outside_fraction.float().cpu().numpy()
+        means = np.asarray(ndimage.mean(frac, labels, index=np.arange(1, count + 1)))
+        side[1:] = np.where(means >= 0.5, 1.0, -1.0)
+    side[outside] = 1.0
+    side[0] = 0.0
+    return side[labels]
 
 
 def _layer_offsets(d: tuple[int, int, int]) -> np.ndarray:
@@ -54,13 +66,15 @@ def _layer_offsets(d: tuple[int, int, int]) -> np.ndarray:
     return np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
 
 
-def halo_voxels(block_coords: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The one-voxel layer of empty-block voxels around the occupied blocks, with their flood-fill side.
+def halo_voxels(block_coords: torch.Tensor, grid: int, outside_fraction: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one-voxel layer of empty-block voxels around the occupied blocks, with their flood-fill side
+    (``outside_fraction``: see :func:`empty_block_signs`).
 
     Returns ``(coords int64 [H, 3], values float32 [H])``; coords lie in ``[-1, R]`` (R = 8g), unique.
     """
     device = block_coords.device
-    signs = torch.from_numpy(empty_block_signs(block_coords, grid)).to(device)
+    signs = torch.from_numpy(empty_block_signs(block_coords, grid, outside_fraction)).to(device)
     blocks = block_coords.long()
     coords, values = [], []
     for d in itertools.product((-1, 0, 1), repeat=3):
@@ -87,7 +101,7 @@ def halo_voxels(block_coords: torch.Tensor, grid: int) -> tuple[torch.Tensor, to
 
 
 def closed_mesh(coords: torch.Tensor, values: torch.Tensor, block_coords: torch.Tensor, resolution: int, *,
-                level: float = 0.0) -> trimesh.Trimesh:
+                level: float = 0.0, outside_fraction: torch.Tensor | None = None) -> trimesh.Trimesh:
     """Watertight mesh of the ``level`` set of a decoded sparse SDF (negative inside), vertices in ``[-1, 1]``.
 
     Args:
@@ -95,6 +109,8 @@ def closed_mesh(coords: torch.Tensor, values: torch.Tensor, block_coords: torch.
         values: float ``[N]`` decoded values.
         block_coords: int ``[NL, 3]`` the occupied blocks (latent voxels), ``coords // 8`` of the decoded voxels.
         resolution: R, a multiple of 8.
+        outside_fraction: float ``[R/8]³`` predicted outside fraction per block, which decides the side of
+            enclosed empty regions (see :func:`empty_block_signs`); None: enclosed regions are inside.
     """
     if resolution % BLOCK:
         raise ValueError(f"expected a resolution that is a multiple of {BLOCK}, got {resolution}")
@@ -103,7 +119,7 @@ def closed_mesh(coords: torch.Tensor, values: torch.Tensor, block_coords: torch.
                          f"{tuple(values.shape)}")
     if coords.shape[0] == 0:
         return trimesh.Trimesh(np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64), process=False)
-    halo_c, halo_v = halo_voxels(block_coords.to(coords.device), resolution // BLOCK)
+    halo_c, halo_v = halo_voxels(block_coords.to(coords.device), resolution // BLOCK, outside_fraction)
     all_c = torch.cat([coords.long(), halo_c]) + 1  # shift so the halo at -1 is a valid index
     all_v = torch.cat([values.float(), halo_v.float()])
     verts, faces = sparse_marching_cubes(all_c, all_v, resolution + 2, level=level, to_unit_cube=False)

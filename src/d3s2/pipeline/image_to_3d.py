@@ -14,11 +14,20 @@ Stages (one tqdm bar over them, one per flow sampler):
    R₁³ grid), sparse DiT R₁, chunked decode, closed mesh.
 6. **post**: drop tiny floating components, optional decimation to N faces. Vertices in ``[-1, 1]``.
 
+Refiners (``settings.refine``, on for folders converted from the published checkpoints): after a stage's decode,
+a :class:`~d3s2.models.refiner.VoxelRefinerXL` (published: 512³) replaces the decoded SDF by its refined values
+(from the SDF and the decoder's 32-channel features, ``decode(return_feat=True)``) and the mesh is taken at
+``refine_level``; a :class:`~d3s2.models.refiner.VoxelRefinerXLSign` (published: 1024³) predicts inside/outside,
+which decides the side of enclosed empty regions in :func:`~d3s2.pipeline.extract.closed_mesh` (the published
+code meshes a dense grid; here only the decoded voxels plus a one-voxel halo, so the mesh stays closed and no
+R³ grid is built). Patches of the 512³ refiner that hold no decoded voxel are skipped.
+
 A pipeline folder holds ``pipeline.json`` and one sub-folder per component, each written with
 :func:`d3s2.models.registry.save_pretrained` (a DINOv2 conditioner is saved in Hugging Face format). Components:
-``conditioner``, ``dense_dit``, ``dense_vae``, ``sparse_dit_<R>`` and ``sparse_vae_<R>`` per mesh resolution R.
-The folders ``d3s2 convert`` writes from the published checkpoints use the same names (their ``defaults``
-become the settings; their refiners are not used, and the DINOv2 conditioner is passed separately).
+``conditioner``, ``dense_dit``, ``dense_vae``, ``sparse_dit_<R>`` and ``sparse_vae_<R>`` per mesh resolution R, and
+optionally ``refiner_<R>`` (``refiner`` alone = 512, the published name). The folders ``d3s2 convert`` writes
+from the published checkpoints use the same names (their ``defaults`` become the settings, refiners on; the
+DINOv2 conditioner is passed separately).
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ logger = logging.getLogger(__name__)
 PIPELINE_FILE = "pipeline.json"
 FORMAT = "d3s2-image-to-3d"
 _SPARSE_NAME = re.compile(r"^sparse_(dit|vae)_(\d+)$")
+_REFINER_NAME = re.compile(r"^refiner(?:_(\d+))?$")  # "refiner" alone: the published 512³ one
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -84,6 +94,8 @@ class PipelineSettings:
     index_band_voxels: float = 4.0  # cascade index: voxels closer than this many voxels of R₁ to the R₀ mesh
     decode_chunk: dict[int, int] = field(default_factory=dict)
     min_component_fraction: float = 0.01  # drop components with fewer faces than this × the largest one's
+    refine: bool = False  # apply the refiners (published folders); d3s2's own models have none
+    refine_level: float = 0.4  # iso level on a VoxelRefinerXL's tanh output (published: 2 × mc_threshold)
 
     def stage(self, resolution: int) -> StageSettings:
         return self.sparse.get(resolution) or _published_sparse(resolution)
@@ -121,13 +133,14 @@ class PipelineSettings:
             return StageSettings(**{k: x[k] for k in ("steps", "guidance_scale", "shift", "num_train_timesteps")
                                     if k in x})
 
-        latent_1024 = 1024 // 8
-        chunks = int(d.get("sparse_1024_decode_chunk", 4))
+        # PublishedDefaults.sparse_1024_decode_chunk is already in d3s2 units (latent voxels per chunk edge).
+        chunk = int(d.get("sparse_1024_decode_chunk", 32))
         return cls(dense=stage(d["dense"]), sparse={512: stage(d["sparse_512"]), 1024: stage(d["sparse_1024"])},
                    occupancy_threshold=float(d.get("occupancy_threshold", 0.1)),
                    mc_level=float(d.get("mc_threshold", 0.0)),
                    index_band_voxels=float(d.get("index_udf_voxels", 4.0)),
-                   decode_chunk={1024: latent_1024 // chunks if chunks > 0 else 0})
+                   decode_chunk={1024: max(chunk, 0)},
+                   refine=True, refine_level=float(d.get("refiner_512_level", 0.4)))
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
@@ -135,9 +148,12 @@ class PipelineSettings:
 class StageTiming:
     """Seconds per stage of the last call (CUDA-synchronised), and tokens per sparse stage."""
 
-    seconds: dict[str, float] = field(default_factory=dict)  # stages, plus "decode R", "mesh R", "index R"
+    seconds: dict[str, float] = field(default_factory=dict)  # stages, plus "decode R", "refine R", "mesh R", "index R"
     tokens: dict[int, int] = field(default_factory=dict)  # latent tokens per sparse stage
     voxels: dict[int, int] = field(default_factory=dict)  # decoded voxels per sparse stage
+    # CUDA only: max allocated bytes during each entry of ``seconds`` ("total": the whole call, weights included).
+    # Measuring resets torch.cuda's peak memory statistics.
+    peak_bytes: dict[str, int] = field(default_factory=dict)
 
 
 class ImageTo3DPipeline:
@@ -149,13 +165,14 @@ class ImageTo3DPipeline:
         sparse_dits / sparse_vaes: ``{mesh resolution: module}``, e.g. ``{512: ..., 1024: ...}``; the lowest
             resolution takes its tokens from the dense stage, higher ones cascade from the previous mesh.
         settings: :class:`PipelineSettings` (published defaults when None).
+        refiners: ``{mesh resolution: VoxelRefinerXL | VoxelRefinerXLSign}``, used when ``settings.refine``.
 
     Modules built any way (random, :func:`~d3s2.models.registry.from_pretrained`, the published loaders) work.
     """
 
     def __init__(self, conditioner: nn.Module, dense_dit: nn.Module, dense_vae: nn.Module,
                  sparse_dits: Mapping[int, nn.Module], sparse_vaes: Mapping[int, nn.Module],
-                 settings: PipelineSettings | None = None) -> None:
+                 settings: PipelineSettings | None = None, refiners: Mapping[int, nn.Module] | None = None) -> None:
         if not sparse_dits:
             raise ValueError("expected at least one sparse stage (sparse_dits), got none")
         if set(sparse_dits) != set(sparse_vaes):
@@ -170,9 +187,13 @@ class ImageTo3DPipeline:
         self.dense_vae = dense_vae.eval()
         self.sparse_dits = {int(r): m.eval() for r, m in sorted(sparse_dits.items())}
         self.sparse_vaes = {int(r): m.eval() for r, m in sorted(sparse_vaes.items())}
+        self.refiners = {int(r): m.eval() for r, m in sorted((refiners or {}).items())}
+        for r, m in self.refiners.items():
+            _check_refiner(r, m, self.sparse_vaes.get(r))
         self.settings = settings or PipelineSettings()
         self.low_vram = False
         self.last_timing = StageTiming()
+        self._peak_floors: list[int] = []  # peaks of the enclosing _timed blocks (CUDA)
         base = self.resolutions[0] // 8
         occ = dense_dit.config.resolution * dense_vae.config.downsample
         if occ != base:
@@ -189,19 +210,25 @@ class ImageTo3DPipeline:
         for r in self.resolutions:
             out[f"sparse_dit_{r}"] = self.sparse_dits[r]
             out[f"sparse_vae_{r}"] = self.sparse_vaes[r]
+        for r, m in self.refiners.items():
+            out["refiner" if r == 512 else f"refiner_{r}"] = m
         return out
 
     # -------------------------------------------------------------------------------------------- loading
     @classmethod
     def from_components(cls, models: Mapping[str, nn.Module], *, conditioner: nn.Module | None = None,
                         settings: PipelineSettings | None = None) -> ImageTo3DPipeline:
-        """From ``{component name: module}`` (e.g. ``load_published(...).models``); unknown names (refiners)
-        are ignored with a log line."""
+        """From ``{component name: module}`` (e.g. ``load_published(...).models``); refiners are kept under
+        their resolution (``refiner`` = 512, ``refiner_<R>``); unknown names are ignored with a log line."""
         sparse: dict[str, dict[int, nn.Module]] = {"dit": {}, "vae": {}}
+        refiners: dict[int, nn.Module] = {}
         for name, module in models.items():
             m = _SPARSE_NAME.match(name)
+            ref = _REFINER_NAME.match(name)
             if m:
                 sparse[m.group(1)][int(m.group(2))] = module
+            elif ref:
+                refiners[int(ref.group(1) or 512)] = module
             elif name not in ("conditioner", "dense_dit", "dense_vae"):
                 logger.info("not using component %s", name)
         conditioner = conditioner if conditioner is not None else models.get("conditioner")
@@ -210,7 +237,9 @@ class ImageTo3DPipeline:
             missing.insert(0, "conditioner")
         if missing:
             raise ValueError(f"missing pipeline components {missing}; got {sorted(models)}")
-        return cls(conditioner, models["dense_dit"], models["dense_vae"], sparse["dit"], sparse["vae"], settings)
+        refiners = {r: m for r, m in refiners.items() if r in sparse["dit"]}  # stages not loaded have no use
+        return cls(conditioner, models["dense_dit"], models["dense_vae"], sparse["dit"], sparse["vae"], settings,
+                   refiners)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, conditioner: str | os.PathLike | nn.Module | None = None,
@@ -219,7 +248,8 @@ class ImageTo3DPipeline:
 
         ``conditioner`` overrides or supplies the image encoder: a module, a DINOv2 Hugging Face folder or a
         torch-hub ``.pth`` file (folders converted from the published checkpoints hold no encoder).
-        ``resolutions`` loads only the sparse stages up to the highest one listed.
+        ``resolutions`` loads only the sparse stages up to the highest one listed. Refiners are loaded only when
+        the settings apply them (``refine``, on for converted published folders).
         """
         from ..models.registry import from_pretrained
 
@@ -245,7 +275,10 @@ class ImageTo3DPipeline:
         names = list(manifest["components"])
         if resolutions:
             top = max(resolutions)
-            names = [n for n in names if not (_SPARSE_NAME.match(n) and int(_SPARSE_NAME.match(n).group(2)) > top)]
+            names = [n for n in names if not (_SPARSE_NAME.match(n) and int(_SPARSE_NAME.match(n).group(2)) > top)
+                     and not (_REFINER_NAME.match(n) and int(_REFINER_NAME.match(n).group(1) or 512) > top)]
+        if not settings.refine:
+            names = [n for n in names if not _REFINER_NAME.match(n)]
         models: dict[str, nn.Module] = {}
         for name in tqdm(names, desc="loading", leave=False, disable=len(names) < 3):
             sub = root / name
@@ -253,7 +286,8 @@ class ImageTo3DPipeline:
                 if conditioner is None:
                     models[name] = load_conditioner(sub)
                 continue
-            if _SPARSE_NAME.match(name) is None and name not in ("dense_dit", "dense_vae"):
+            if _SPARSE_NAME.match(name) is None and _REFINER_NAME.match(name) is None and name not in (
+                    "dense_dit", "dense_vae"):
                 logger.info("not loading component %s", name)
                 continue
             if not sub.is_dir():
@@ -324,25 +358,26 @@ class ImageTo3DPipeline:
         @contextlib.contextmanager
         def stage(name: str) -> Iterator[None]:
             bar.set_postfix_str(name)
-            _sync(device)
-            t0 = time.perf_counter()
-            yield
-            _sync(device)
-            timing.seconds[name] = time.perf_counter() - t0
+            with self._timed(name, device):
+                yield
             bar.update(1)
 
         if not low_vram:
             for m in [self.conditioner, self.dense_dit, self.dense_vae,
-                      *[self.sparse_dits[r] for r in stages], *[self.sparse_vaes[r] for r in stages]]:
+                      *[self.sparse_dits[r] for r in stages], *[self.sparse_vaes[r] for r in stages],
+                      *[self.refiners[r] for r in stages if self.settings.refine and r in self.refiners]]:
                 _place(m, device, dtype)
-        t_start = time.perf_counter()
-        with torch.inference_mode():
+        with self._timed("total", device), torch.inference_mode():
             with stage("prepare"):
                 rgb, mask = self._prepare(image)
             with stage("condition"), self._on(self.conditioner, device, dtype, low_vram):
                 features = self.conditioner(rgb.to(device)).float()  # [1, T, C]
             with stage("dense"):
                 coords = self._dense_stage(features, mask, seed, steps, cfg, device, dtype, low_vram, progress)
+            if coords.shape[0] == 0 and not (structure is not None and stages[0] in structure):
+                raise RuntimeError(f"the dense stage produced an empty structure (no voxel with occupancy ≥ "
+                                   f"{self.settings.occupancy_threshold}); try another seed or a lower "
+                                   "occupancy_threshold")
             mesh = None
             for i, r in enumerate(stages):
                 with stage(f"sparse {r}"):
@@ -352,16 +387,14 @@ class ImageTo3DPipeline:
                             raise ValueError(f"expected structure[{r}] of shape [N > 0, 3], got "
                                              f"{tuple(coords.shape)}")
                     elif i > 0:
-                        t0 = time.perf_counter()
-                        coords = self._cascade_index(mesh, r, device)
-                        timing.seconds[f"index {r}"] = time.perf_counter() - t0
+                        with self._timed(f"index {r}", device):
+                            coords = self._cascade_index(mesh, r, device)
                     timing.tokens[r] = int(coords.shape[0])
                     mesh = self._sparse_stage(r, coords, features, mask, seed + 1 + i, steps, cfg, device, dtype,
                                               low_vram, progress)
             with stage("post"):
                 mesh = self._post(mesh, faces)
         bar.close()
-        timing.seconds["total"] = time.perf_counter() - t_start
         return mesh
 
     # stage implementations ---------------------------------------------------------------------------
@@ -396,7 +429,7 @@ class ImageTo3DPipeline:
     def _dense_stage(self, features: torch.Tensor, mask: torch.Tensor, seed: int, steps: int | None,
                      cfg: float | None, device: torch.device, dtype: torch.dtype, low_vram: bool,
                      progress: bool) -> torch.Tensor:
-        """Occupied latent coords int32 ``[N, 3]`` of the first sparse stage."""
+        """Occupied latent coords int32 ``[N, 3]`` of the first sparse stage (possibly none)."""
         dit_cfg = self.dense_dit.config
         r = dit_cfg.resolution
         gen = torch.Generator().manual_seed(seed)
@@ -407,16 +440,12 @@ class ImageTo3DPipeline:
                                   "dense")
         with self._on(self.dense_vae, device, dtype, low_vram):
             logits = self.dense_vae.decode(latent.to(dtype))
-        coords = self.dense_vae.occupied_coords(logits, self.settings.occupancy_threshold)[:, 1:]
-        if coords.shape[0] == 0:
-            raise RuntimeError(f"the dense stage produced an empty structure (no voxel with occupancy ≥ "
-                               f"{self.settings.occupancy_threshold}); try another seed or a lower "
-                               "occupancy_threshold")
-        return coords
+        return self.dense_vae.occupied_coords(logits, self.settings.occupancy_threshold)[:, 1:]
 
     def _sparse_stage(self, r: int, coords: torch.Tensor, features: torch.Tensor, mask: torch.Tensor, seed: int,
                       steps: int | None, cfg: float | None, device: torch.device, dtype: torch.dtype,
                       low_vram: bool, progress: bool) -> trimesh.Trimesh:
+        from ..models.refiner import VoxelRefinerXL
         from ..sparse import SparseTensor
         from ..sparse.serialize import sort_by_blocks
         from .extract import closed_mesh
@@ -433,18 +462,24 @@ class ImageTo3DPipeline:
             cond, uncond = self._condition(dit, features, mask)
             latent = self._sample(dit, noise, cond, uncond, self.settings.stage(r), steps, cfg, progress,
                                   f"sparse {r}")
-        _sync(device)
-        t0 = time.perf_counter()
-        with self._on(vae, device, dtype, low_vram):
-            decoded = vae.decode(latent.replace(latent.feats.to(dtype)), chunk_size=self.settings.chunk(r))
-        _sync(device)
-        t1 = time.perf_counter()
-        self.last_timing.seconds[f"decode {r}"] = t1 - t0
+        refiner = self.refiners.get(r) if self.settings.refine else None
+        with_feat = isinstance(refiner, VoxelRefinerXL)
+        with self._timed(f"decode {r}", device), self._on(vae, device, dtype, low_vram):
+            decoded = vae.decode(latent.replace(latent.feats.to(dtype)), chunk_size=self.settings.chunk(r),
+                                 return_feat=with_feat)
+        decoded, feats = decoded if with_feat else (decoded, None)
         self.last_timing.voxels[r] = int(decoded.num_voxels)
-        mesh = closed_mesh(decoded.coords[:, 1:], decoded.feats[:, 0].float(), latent.coords[:, 1:], r,
-                           level=self.settings.mc_level)
-        _sync(device)
-        self.last_timing.seconds[f"mesh {r}"] = time.perf_counter() - t1
+        values, level, outside = decoded.feats[:, 0].float(), self.settings.mc_level, None
+        if refiner is not None:
+            with self._timed(f"refine {r}", device), self._on(refiner, device, dtype, low_vram):
+                if with_feat:
+                    values, level = refiner.refine_voxels(decoded, feats)[:, 0], self.settings.refine_level
+                else:
+                    outside = block_outside_fraction(refiner.predict_outside(decoded)[0])
+            del feats
+        with self._timed(f"mesh {r}", device):
+            mesh = closed_mesh(decoded.coords[:, 1:], values, latent.coords[:, 1:], r, level=level,
+                               outside_fraction=outside)
         return mesh
 
     def _cascade_index(self, mesh: trimesh.Trimesh, r: int, device: torch.device) -> torch.Tensor:
@@ -471,6 +506,30 @@ class ImageTo3DPipeline:
         return mesh
 
     @contextlib.contextmanager
+    def _timed(self, name: str, device: torch.device) -> Iterator[None]:
+        """Record the seconds (CUDA-synchronised) of a block in :attr:`last_timing` under ``name`` and, on CUDA,
+        its peak allocated bytes. Blocks nest: each resets the CUDA peak counter on entry and hands its peak
+        to the enclosing block on exit."""
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(device)
+            if self._peak_floors:
+                self._peak_floors[-1] = max(self._peak_floors[-1], torch.cuda.max_memory_allocated(device))
+            torch.cuda.reset_peak_memory_stats(device)
+            self._peak_floors.append(0)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync(device)
+            self.last_timing.seconds[name] = time.perf_counter() - t0
+            if cuda:
+                peak = max(torch.cuda.max_memory_allocated(device), self._peak_floors.pop())
+                self.last_timing.peak_bytes[name] = peak
+                if self._peak_floors:
+                    self._peak_floors[-1] = max(self._peak_floors[-1], peak)
+
+    @contextlib.contextmanager
     def _on(self, model: nn.Module, device: torch.device, dtype: torch.dtype, low_vram: bool) -> Iterator[None]:
         """Run a stage with ``model`` on ``device``; with ``low_vram`` it goes back to the CPU afterwards."""
         _place(model, device, dtype)
@@ -480,6 +539,38 @@ class ImageTo3DPipeline:
             if low_vram and device.type != "cpu":
                 model.to("cpu")
                 torch.cuda.empty_cache()
+
+
+def _check_refiner(resolution: int, refiner: nn.Module, vae: nn.Module | None) -> None:
+    """Refiner type, tiling and feature width against the stage it refines (clear errors at load time)."""
+    from ..models.refiner import VoxelRefinerXL, VoxelRefinerXLSign, patch_starts
+
+    if vae is None:
+        raise ValueError(f"refiner for {resolution}³ but no sparse stage at that resolution")
+    cfg = getattr(refiner, "config", None)
+    if isinstance(refiner, VoxelRefinerXL):
+        patch_starts(resolution, cfg.patch_size, cfg.patch_stride)
+        width = vae.config.up_channels[-1]
+        if cfg.feature_channels != width:
+            raise ValueError(f"refiner for {resolution}³ reads {cfg.feature_channels} decoder features, the "
+                             f"SS-VAE gives {width}")
+    elif isinstance(refiner, VoxelRefinerXLSign):
+        patch_starts(resolution // 2, cfg.patch_size, cfg.patch_stride)
+    else:
+        raise ValueError(f"expected a VoxelRefinerXL or VoxelRefinerXLSign for {resolution}³, got "
+                         f"{type(refiner).__name__}")
+
+
+def block_outside_fraction(outside: torch.Tensor, block: int = 8) -> torch.Tensor:
+    """Fraction of each ``block``³ voxel block predicted outside: bool ``[S, S, S]`` on the sign refiner's ×2
+    pooled grid → float32 ``[g, g, g]``, g = 2S / block."""
+    s = outside.shape[0]
+    if outside.ndim != 3 or len(set(outside.shape)) != 1:
+        raise ValueError(f"expected a cubic bool grid [S, S, S], got {tuple(outside.shape)}")
+    f = 2  # VoxelRefinerXLSign predicts on the ×2 mean-pooled grid
+    cells = block // f
+    g = s // cells
+    return outside.float().reshape(g, cells, g, cells, g, cells).mean((1, 3, 5))
 
 
 def _place(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:

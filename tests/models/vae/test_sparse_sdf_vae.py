@@ -96,6 +96,29 @@ def test_chunked_decode_equals_unchunked():
     torch.testing.assert_close(chunked.feats, full.feats, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk_size", [0, 8])
+def test_return_feat_is_the_pre_head_path(chunk_size):
+    """``return_feat`` gives the upsample blocks' output (the refiner's input) in the rows of the SDF; the SDF is
+    ``tanh(out_layer(feats))`` and equals a plain decode, chunked or not."""
+    torch.manual_seed(0)
+    model = SparseSDFVAE(tiny_config(chunk_padding=3)).eval()
+    torch.nn.init.normal_(model.decoder.out_layer.weight, std=0.5)
+    z = _blob_latent()
+    with torch.no_grad():
+        plain = model.decode(z, chunk_size=chunk_size)
+        sdf, feats = model.decode(z, chunk_size=chunk_size, return_feat=True)
+        h = model.decoder.trunk(z)
+        for block in model.decoder.upsample:
+            h = block(h)
+    assert feats.shape == (sdf.num_voxels, tiny_config().up_channels[-1]) and sdf.num_channels == 1
+    assert torch.equal(sdf.coords, plain.coords)
+    torch.testing.assert_close(sdf.feats, plain.feats, rtol=1e-5, atol=1e-6)
+    _, want = _keyed(h)
+    _, got = _keyed(sdf.replace(feats))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sdf.feats, torch.tanh(model.decoder.out_layer(feats)), rtol=1e-5, atol=1e-6)
+
+
 def test_chunked_decode_needs_the_halo():
     torch.manual_seed(0)
     model = SparseSDFVAE(tiny_config(chunk_padding=0)).eval()

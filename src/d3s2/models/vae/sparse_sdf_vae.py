@@ -14,6 +14,7 @@ Parameter names mirror the published ``SparseSDFVAE`` so a checkpoint converts b
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -166,11 +167,16 @@ class SparseSDFDecoder(SparseWindowTransformer):
         nn.init.zeros_(self.out_layer.weight)
         nn.init.zeros_(self.out_layer.bias)
 
-    def upsample_head(self, h: sp.SparseTensor) -> sp.SparseTensor:
-        """Latent-level features ``[NL, C]`` -> ``[512·NL, 1]`` tanh SDF (the convolutional part only)."""
+    def upsample_head(self, h: sp.SparseTensor, *, return_feat: bool = False) -> sp.SparseTensor:
+        """Latent-level features ``[NL, C]`` -> ``[512·NL, 1]`` tanh SDF (the convolutional part only).
+
+        ``return_feat``: feats ``[512·NL, 1 + C_last]`` = ``[tanh SDF | the features before out_layer]`` (the
+        published ``return_feat``, which the 512³ refiner reads).
+        """
         for block in self.upsample:
             h = block(h)
-        return h.replace(torch.tanh(self.out_layer(h.feats)))
+        sdf = torch.tanh(self.out_layer(h.feats))
+        return h.replace(torch.cat([sdf, h.feats.to(sdf.dtype)], 1) if return_feat else sdf)
 
     def trunk(self, z: sp.SparseTensor, *, factor: float | None = None) -> sp.SparseTensor:
         """Latent ``[NL, Z]`` -> transformer features ``[NL, C]`` (the attention part only)."""
@@ -179,13 +185,15 @@ class SparseSDFDecoder(SparseWindowTransformer):
         return super().forward(z, factor=factor)
 
     def forward(self, z: sp.SparseTensor, *, factor: float | None = None,  # type: ignore[override]
-                chunk_size: int = 0) -> sp.SparseTensor:
+                chunk_size: int = 0, return_feat: bool = False) -> sp.SparseTensor:
         """Decode; ``chunk_size > 0`` runs the convolutional upsampling per spatial chunk of that many latent
-        voxels per edge (bounded memory, same result), see :func:`decode_chunked`."""
+        voxels per edge (bounded memory, same result), see :func:`decode_chunked`. ``return_feat``: see
+        :meth:`upsample_head`."""
         h = self.trunk(z, factor=factor)
+        head = functools.partial(self.upsample_head, return_feat=return_feat)
         if chunk_size <= 0:
-            return self.upsample_head(h)
-        return decode_chunked(self.upsample_head, h, chunk_size, self.cfg.chunk_padding)
+            return head(h)
+        return decode_chunked(head, h, chunk_size, self.cfg.chunk_padding)
 
 
 def _box_mask(coords: torch.Tensor, lo: Sequence[int], hi: Sequence[int]) -> torch.Tensor:
@@ -384,10 +392,18 @@ class SparseSDFVAE(nn.Module):
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return params.replace(z), posterior
 
-    def decode(self, z: sp.SparseTensor, *, factor: float | None = None, chunk_size: int = 0) -> sp.SparseTensor:
+    def decode(self, z: sp.SparseTensor, *, factor: float | None = None, chunk_size: int = 0,
+               return_feat: bool = False) -> sp.SparseTensor | tuple[sp.SparseTensor, torch.Tensor]:
         """Latent ``[NL, Z]`` at R/8 -> ``[512·NL, 1]`` tanh SDF at R; ``chunk_size`` (latent voxels per
-        chunk edge, 0 = whole) bounds the decoder's memory at 1024³ without changing the result."""
-        return self.decoder(z, factor=factor, chunk_size=chunk_size)
+        chunk edge, 0 = whole) bounds the decoder's memory at 1024³ without changing the result.
+
+        ``return_feat``: also return the decoder's last features before its output layer, ``[512·NL, C_last]``
+        (32 published) in the rows of the SDF: ``(sdf, feats)``, the input of the 512³ refiner.
+        """
+        out = self.decoder(z, factor=factor, chunk_size=chunk_size, return_feat=return_feat)
+        if not return_feat:
+            return out
+        return out.replace(out.feats[:, :1].contiguous()), out.feats[:, 1:]
 
     def decode_random_chunk(self, z: sp.SparseTensor, chunk_size: int, *, factor: float | None = None,
                             generator: torch.Generator | None = None) -> sp.SparseTensor:
