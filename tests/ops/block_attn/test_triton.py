@@ -183,3 +183,22 @@ def test_row_dot():
     assert got.shape == (2, 37, 3) and got.dtype == torch.float32
     torch.testing.assert_close(got, (a * b).sum(-1))
     assert row_dot(a[:, :0], b[:, :0]).shape == (2, 0, 3)
+
+
+def test_bf16_dq_partials():
+    """bfloat16 partial dQ (the default for bfloat16 inputs), forced here on float32 inputs (the interpreter's
+    bfloat16 dots are not faithful): within a few bfloat16 roundings per slot of the float32-partial dQ."""
+    from d3s2.ops.block_attn import triton as kernels
+
+    sizes, hq, hkv, d, s = CASES[0]
+    off = ragged_offsets(sizes, DEV)
+    n = int(off[-1])
+    q, k, v = (t.detach() for t in _inputs(n, hq, hkv, d))
+    idx = random_selection(n, hkv, s, len(sizes), empty_frac=0.25).to(DEV)
+    do = torch.randn(n, hq, d, device=DEV)
+    plan = kernels.selection_plan(idx, len(sizes))
+    o, lse = kernels.block_attn_fwd(q, k, v, off, idx, plan, 0.3)
+    ref = kernels.block_attn_bwd(do, q, k, v, o, lse, off, idx, plan, 0.3)
+    got = kernels.block_attn_bwd(do, q, k, v, o, lse, off, idx, plan, 0.3, dq_partial_dtype=torch.bfloat16)
+    assert 0 < _rel(got[0], ref[0]) < s * 2.0**-8
+    assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])  # dK/dV do not use the partials

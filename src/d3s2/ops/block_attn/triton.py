@@ -21,8 +21,8 @@ instead of once per query.
 Partial outputs (selection forward) are stored in 16 bits for 16-bit inputs: float16, whose 2⁻¹¹ rounding is
 8× finer than the bfloat16 output's; a partial output is a convex combination of value rows, so it overflows
 float16 only if some |v| does, and for bfloat16 inputs with max |v| > 60000 (checked on the device, no host
-sync) the same buffer holds bfloat16 bits instead. float32 inputs keep float32 partials. The partial dQ of the
-backward stays float32 (its range is not bounded by the inputs').
+sync) the same buffer holds bfloat16 bits instead. float32 inputs keep float32 partials. The backward's partial
+dQ (unbounded range: no float16) is bfloat16 for bfloat16 inputs, else float32.
 
 Limits: D ≤ 128 (tiles shrink for D > 64); block ids outside [0, NB) are treated as empty slots; the partial
 buffers take ``E·G·D`` elements (selection only), e.g. 2.2 GB in 16 bits (4.4 GB in float32) at N = 134k,
@@ -51,6 +51,9 @@ ROW_DOT_ELEMS = 8192  # elements per program of the Δ = rowsum(O·dO) kernel
 # or bfloat16 bits when |v| is out of float16's range) or torch.float32; float32 inputs always use float32.
 PARTIAL_DTYPE = torch.float16
 F16_SAFE_ABS = 60000.0  # largest |v| stored as float16 partials (float16 max 65504, minus rounding of P)
+# Partial dQ per entry for bfloat16 inputs: bfloat16 (half the 2·E·G·D partial traffic of float32; each partial
+# is rounded like the bfloat16 dq it sums into) or torch.float32. Other inputs always use float32.
+DQ_PARTIAL_DTYPE = torch.bfloat16
 
 
 @triton.jit
@@ -445,9 +448,12 @@ def block_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offs
 
 def block_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                    lse: torch.Tensor, block_offsets: torch.Tensor, block_idx: torch.Tensor | None,
-                   plan: BlockAttnPlan, scale: float, dq_cfg: dict | None = None, dkdv_cfg: dict | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward: dq [N, Hq, D], dk, dv [N, Hkv, D] in the inputs' dtype."""
+                   plan: BlockAttnPlan, scale: float, dq_cfg: dict | None = None, dkdv_cfg: dict | None = None,
+                   dq_partial_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward: dq [N, Hq, D], dk, dv [N, Hkv, D] in the inputs' dtype.
+
+    ``dq_partial_dtype`` overrides the partial dQ storage (default: see ``DQ_PARTIAL_DTYPE``).
+    """
     n, hq, d = q.shape
     hkv = k.shape[1]
     s = plan.num_slots
@@ -468,7 +474,9 @@ def block_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     per_tile = block_m // meta["G_PAD"]
     bound = (plan.entry.numel() + per_tile - 1) // per_tile + num_lists
     tile_list, tile_cum = _tiles(plan.list_count, per_tile, bound)
-    pdq = dq if block_idx is None else torch.empty(n * hkv * s, meta["G"], d, dtype=torch.float32,
+    if dq_partial_dtype is None:
+        dq_partial_dtype = DQ_PARTIAL_DTYPE if q.dtype == torch.bfloat16 else torch.float32
+    pdq = dq if block_idx is None else torch.empty(n * hkv * s, meta["G"], d, dtype=dq_partial_dtype,
                                                    device=q.device)
     block_attn_bwd_dq_kernel[(bound,)](
         q, k, v, do, lse, delta, pdq, plan.entry, tile_list, tile_cum, plan.list_start, plan.list_count,
