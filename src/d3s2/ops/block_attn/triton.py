@@ -311,9 +311,10 @@ def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
 def selection_plan(block_idx: torch.Tensor, num_blocks: int) -> BlockAttnPlan:
     """Group the entries of ``block_idx`` [N, Hkv, S] by (kv head, block) with a stable GPU sort."""
     n, hkv, s = block_idx.shape
-    idx = block_idx.long()
-    g = torch.arange(hkv, device=idx.device)[None, :, None]
+    idx = block_idx.to(torch.int32)
+    g = torch.arange(hkv, device=idx.device, dtype=torch.int32)[None, :, None]
     sentinel = hkv * num_blocks
+    # int32 keys: the radix sort makes half the passes of int64 keys
     key = torch.where((idx >= 0) & (idx < num_blocks), g * num_blocks + idx, sentinel).flatten()  # [E]
     entry = torch.sort(key, stable=True).indices.to(torch.int32)  # ascending query order within a list
     counts = torch.bincount(key, minlength=sentinel + 1)[:sentinel]
