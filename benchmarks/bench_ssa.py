@@ -246,7 +246,8 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
     default = {k: dict(v) for k, v in tc.CONFIG.items()}
     variants = {
         "fwd": [{"rows": 128, "BLOCK_C": 128, "num_warps": 8}, {"rows": 64}, {"num_stages": 2}],
-        topk_key: [{"variant": "dot", "BLOCK_J": 32 if topk_key == "topk" else 64}, {"variant": "dot", "num_warps": 8},
+        topk_key: [{"variant": "dot", "BLOCK_J": 32 if default[topk_key]["BLOCK_J"] == 64 else 64},
+                   {"variant": "dot", "num_warps": 8},
                    {"variant": "reshape", "rows": 128, "BLOCK_J": 32}],
         "bwd_dq": [{"BLOCK_C": 128, "num_warps": 8}, {"rows": 64}],
         "bwd_dkdv": [{"rows": 32}, {"programs_per_sm": 16}, {"rows": 32, "programs_per_sm": 16},
@@ -363,7 +364,8 @@ def _write(result: dict, out: Path) -> None:
     tag = result["device"].replace(" ", "_")
     lines = [f"# SSA (triton backend) on {result['device']} (torch {result['torch']}, triton {result['triton']}, "
              f"commit {result['commit']}, {result['date']})", "",
-             "Hq 32 / Hkv 2 / D 32, bf16, window 8 (unshifted); op inputs q, k, v, k_cmp, v_cmp, gates; "
+             f"Hq 32 / Hkv 2 / D 32, {result['setup']['dtype']}, window 8 (unshifted); op inputs q, k, v, k_cmp, "
+             "v_cmp, gates; "
              "SDPA = flash full attention per sample. Times in ms (median, CUDA events). Variant `new`: fused "
              "gate combine, 16-bit selection partials and partial dQ; `before`: torch gate combine, float32 "
              "partials (same run).", "",
