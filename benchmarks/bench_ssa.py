@@ -9,9 +9,11 @@ v_cmp are N(0, 1), gates U(0, 1): the op's inputs, so projections and compressio
 
 Reported per size: SSA op forward, backward, forward+backward (scoring and top-k included), each branch's
 time, effective TFLOP/s of the selection kernel (4·D·Hs·Σ selected keys), peak extra memory, and SDPA flash
-(``enable_gqa``) over the same tokens, per sample for the batch.
+(``enable_gqa``) over the same tokens, per sample for the batch. ``--ab`` also measures every row with the
+previous paths (torch gate combine, float32 selection partials and partial dQ) in the same run; the module rows
+compare the conv backends of the v1.0 compression (torch reference vs triton).
 
-    PYTHONPATH=src python benchmarks/bench_ssa.py --layouts ../shared/data/latent_layouts_1024.npz [--sweep]
+    PYTHONPATH=src python benchmarks/bench_ssa.py --layouts ../shared/data/latent_layouts_1024.npz [--sweep] [--ab]
 
 Writes ``ssa_<device>.json`` and ``ssa_<device>.md`` to ``--out`` (default benchmarks/results).
 """
@@ -19,18 +21,24 @@ Writes ``ssa_<device>.json`` and ``ssa_<device>.md`` to ``--out`` (default bench
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import d3s2.ops.ssa as ssa_ops
+from d3s2.ops._backend import use_backend
 from d3s2.ops.block_attn import selection_attention, window_attention
+from d3s2.ops.block_attn import triton as ba_kernels
 from d3s2.ops.ssa import build_ssa_layout, spatial_sparse_attention
+from d3s2.ops.ssa import triton_combine as tcomb
 from d3s2.ops.ssa import triton_compress as tc
 from d3s2.ops.ssa.reference import combine_ref
 from d3s2.sparse import SparseTensor
@@ -40,13 +48,41 @@ CONFIGS = {"v1.1": {"m_cmp": 8, "m_slc": 8, "topk": 8}, "v1.0": {"m_cmp": 4, "m_
 M_WIN = 8
 
 
+# Paths an --ab run compares: "new" (the defaults) and "before" (torch gate combine, float32 selection partials).
+VARIANTS = {"new": {"fused_combine": True, "partial": ba_kernels.PARTIAL_DTYPE,
+                    "dq_partial": ba_kernels.DQ_PARTIAL_DTYPE},
+            "before": {"fused_combine": False, "partial": torch.float32, "dq_partial": torch.float32}}
+# --device cpu (a smoke run under TRITON_INTERPRET=1): float32, one timed call per measurement.
+DEV, DTYPE = "cuda", torch.bfloat16
+
+
+@contextlib.contextmanager
+def _variant(name: str):
+    v = VARIANTS[name]
+    saved = ssa_ops.FUSED_COMBINE, ba_kernels.PARTIAL_DTYPE, ba_kernels.DQ_PARTIAL_DTYPE
+    ssa_ops.FUSED_COMBINE, ba_kernels.PARTIAL_DTYPE, ba_kernels.DQ_PARTIAL_DTYPE = (
+        v["fused_combine"], v["partial"], v["dq_partial"])
+    try:
+        yield
+    finally:
+        ssa_ops.FUSED_COMBINE, ba_kernels.PARTIAL_DTYPE, ba_kernels.DQ_PARTIAL_DTYPE = saved
+
+
 def _bench(fn, warmup=5, rep=40) -> float:
     from triton.testing import do_bench
+
+    if DEV == "cpu":
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
 
     return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
 def _peak_extra_mb(fn) -> float:
+    if DEV == "cpu":
+        fn()
+        return float("nan")
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -65,16 +101,17 @@ def _batch(path: str, keys: list[str], small: int = 0) -> SparseTensor:
         near = (c - c[0]).abs().amax(1).argsort()[:small]
         coords.append(c[near])
     feats = [torch.zeros(len(c), 1) for c in coords]
-    return SparseTensor.from_samples(coords, feats, resolution=128).to("cuda")
+    return SparseTensor.from_samples(coords, feats, resolution=128).to(DEV)
 
 
-def _inputs(layout, gen, dtype=torch.bfloat16):
+def _inputs(layout, gen, dtype=None):
+    dtype = dtype or DTYPE
     n, nc = layout.num_tokens, layout.num_cmp
 
     def r(*shape):
-        return torch.randn(*shape, device="cuda", generator=gen).to(dtype).requires_grad_()
+        return torch.randn(*shape, device=DEV, generator=gen).to(dtype).requires_grad_()
 
-    gates = torch.rand(n, 3, device="cuda", generator=gen).to(dtype).requires_grad_()
+    gates = torch.rand(n, 3, device=DEV, generator=gen).to(dtype).requires_grad_()
     return [r(n, HQ, D), r(n, HKV, D), r(n, HKV, D), r(nc, HKV, D), r(nc, HKV, D), gates]
 
 
@@ -94,7 +131,7 @@ def _sdpa(layout, ins, do) -> dict:
         sl = slice(cu[b], cu[b + 1])
         qt, kt, vt = (t.detach()[sl].transpose(0, 1)[None].contiguous().requires_grad_() for t in ins[:3])
         dot = do[sl].transpose(0, 1)[None].contiguous()
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION if DEV == "cuda" else SDPBackend.MATH):
             def call(qt=qt, kt=kt, vt=vt):
                 return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
             big = cu[b + 1] - cu[b] > 40000  # one run takes > 30 ms: few repeats suffice
@@ -148,7 +185,11 @@ def _measure(layout, topk: int, ins, do, with_branches: bool = True) -> dict:
     br["win_fwd_ms"] = _bench(lambda: win(q, k, v))
     o_win = win(qg, kg, vg)
     br["win_bwd_ms"] = _bench(lambda: torch.autograd.grad(o_win, (qg, kg, vg), do, retain_graph=True))
-    br["combine_fwd_ms"] = _bench(lambda: combine_ref(g, o_cmp, o_cmp, o_cmp))
+    combine = tcomb.gate_combine if ssa_ops.FUSED_COMBINE else combine_ref
+    gg, ca, cb, cc = (t.detach().requires_grad_() for t in (g, o_cmp, o_slc.detach(), o_win.detach()))
+    br["combine_fwd_ms"] = _bench(lambda: combine(gg, ca, cb, cc))
+    o_comb = combine(gg, ca, cb, cc)
+    br["combine_bwd_ms"] = _bench(lambda: torch.autograd.grad(o_comb, (gg, ca, cb, cc), do, retain_graph=True))
     flops = _selection_flops(off, idx)
     br["slc_gflop_fwd"] = flops / 1e9
     br["slc_fwd_tflops"] = flops / br["slc_fwd_ms"] / 1e9
@@ -163,29 +204,38 @@ def _measure(layout, topk: int, ins, do, with_branches: bool = True) -> dict:
     return row
 
 
-def _module_row(x: SparseTensor, name: str) -> dict:
+def _module_row(x: SparseTensor, name: str, conv_backend: str = "auto") -> dict:
+    """The whole layer; ``conv_backend`` is the sparse conv backend of the v1.0 compression (auto: triton)."""
     from d3s2.models.attention import SpatialSparseAttention
 
     cfg = SpatialSparseAttention.Config.v1_1() if name == "v1.1" else SpatialSparseAttention.Config.v1_0()
-    m = SpatialSparseAttention(cfg).cuda().to(torch.bfloat16)
-    xin = x.replace(torch.randn(x.num_voxels, cfg.dim, device="cuda", dtype=torch.bfloat16))
-    m(xin, backend="triton")  # layout and kernel maps are built once per structure (cached on x)
+    m = SpatialSparseAttention(cfg).to(DEV, DTYPE)
+    xin = x.replace(torch.randn(x.num_voxels, cfg.dim, device=DEV, dtype=DTYPE))
+    with use_backend("conv", conv_backend):
+        m(xin, backend="triton")  # layout and kernel maps are built once per structure (cached on x)
 
-    def fwd_bwd():
-        out = m(xin, backend="triton")
-        out.feats.float().square().mean().backward()
+        def fwd_bwd():
+            out = m(xin, backend="triton")
+            out.feats.float().square().mean().backward()
 
-    with torch.no_grad():
-        fwd = _bench(lambda: m(xin, backend="triton"))
-    return {"config": name, "N": x.num_voxels, "fwd_ms_inference": fwd, "fwd_bwd_ms": _bench(fwd_bwd)}
+        with torch.no_grad():
+            fwd = _bench(lambda: m(xin, backend="triton"))
+        return {"config": name, "conv_backend": conv_backend, "N": x.num_voxels, "fwd_ms_inference": fwd,
+                "fwd_bwd_ms": _bench(fwd_bwd)}
+
+
+def _rel_max(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference relative to b's largest magnitude."""
+    return (a.float() - b.float()).abs().max().item() / max(b.float().abs().max().item(), 1e-30)
 
 
 def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
     """Compressed-branch kernels alone under several launch configurations, each checked against the default.
 
-    Returns one row per configuration; the fastest top-k configuration whose selection differs from the
-    default's in under 0.1% of entries (near-ties: the "dot" variant rounds probabilities to float16) becomes
-    the configuration used for the rest of the run (recorded in the result's setup).
+    Returns one row per configuration. For each kernel the fastest valid configuration becomes the one used for
+    the rest of the run (recorded in the result's setup): top-k, a selection that differs from the default's
+    in under 0.1% of entries (near-ties: the "dot" variant rounds probabilities to float16); the others, outputs
+    within 2⁻⁶ of the default's largest magnitude (a few bfloat16 roundings: the order of sums differs).
     """
     q, _, _, kc, vc, _ = (t.detach() for t in ins)
     scale = D**-0.5
@@ -196,10 +246,12 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
     default = {k: dict(v) for k, v in tc.CONFIG.items()}
     variants = {
         "fwd": [{"rows": 128, "BLOCK_C": 128, "num_warps": 8}, {"rows": 64}, {"num_stages": 2}],
-        topk_key: [{"variant": "dot", "BLOCK_J": 32 if topk_key == "topk" else 64}, {"variant": "dot", "num_warps": 8},
+        topk_key: [{"variant": "dot", "BLOCK_J": 32 if default[topk_key]["BLOCK_J"] == 64 else 64},
+                   {"variant": "dot", "num_warps": 8},
                    {"variant": "reshape", "rows": 128, "BLOCK_J": 32}],
         "bwd_dq": [{"BLOCK_C": 128, "num_warps": 8}, {"rows": 64}],
-        "bwd_dkdv": [{"rows": 32}, {"programs_per_sm": 16}, {"rows": 32, "programs_per_sm": 16}],
+        "bwd_dkdv": [{"rows": 32}, {"programs_per_sm": 16}, {"rows": 32, "programs_per_sm": 16},
+                     {"num_stages": 3}],
     }
     rows = []
     for kernel in kernels:
@@ -210,17 +262,17 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
             try:
                 if kernel == "fwd":
                     o, lse = tc.cmp_attention_fwd(q, kc, vc, layout, scale)
-                    err = (o.float() - base_o.float()).abs().max().item()
+                    err = _rel_max(o, base_o)
                     ms = _bench(lambda: tc.cmp_attention_fwd(q, kc, vc, layout, scale))
                 elif kernel == topk_key:
                     err = float((tc.cmp_select_topk(q, kc, base_lse, layout, topk, scale) != base_idx).float().mean())
                     ms = _bench(lambda: tc.cmp_select_topk(q, kc, base_lse, layout, topk, scale))
-                    if err < 1e-3 and (best is None or ms < best[0]):
-                        best = (ms, dict(tc.CONFIG[kernel]))
                 else:
                     got = tc.cmp_attention_bwd(q, kc, vc, base_o, base_lse, do, layout, scale)
-                    err = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, base_g))
+                    err = max(_rel_max(a, b) for a, b in zip(got, base_g))
                     ms = _bench(lambda: tc.cmp_attention_bwd(q, kc, vc, base_o, base_lse, do, layout, scale))
+                if err < (1e-3 if kernel == topk_key else 2.0**-6) and (best is None or ms < best[0]):
+                    best = (ms, dict(tc.CONFIG[kernel]))
                 rows.append({"kernel": kernel, **tc.CONFIG[kernel], "ms": ms, "diff_vs_default": err})
             except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
                 rows.append({"kernel": kernel, **tc.CONFIG[kernel], "error": repr(e)[:300]})
@@ -236,26 +288,38 @@ def main() -> None:
     ap.add_argument("--sizes", default="8192,16384,32768,65536,131072")
     ap.add_argument("--configs", default="v1.1,v1.0")
     ap.add_argument("--sweep", default="", help="comma-separated compressed kernels (fwd, topk, bwd_dq, bwd_dkdv) to "
-                    "sweep at the largest N before measuring it; the fastest valid top-k config is then used")
+                    "sweep at the largest N before measuring it; the fastest valid config of each is then used")
     ap.add_argument("--no-batch", action="store_true", help="skip the ragged batch")
     ap.add_argument("--no-module", action="store_true", help="skip the whole-layer rows")
     ap.add_argument("--no-shifted", action="store_true", help="skip the odd-layer (shifted windows) rows")
+    ap.add_argument("--ab", action="store_true", help="also measure each row with the previous paths (torch gate "
+                    "combine, float32 selection partials) and the v1.0 layer with the torch conv backend")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run of this script "
+                    "(set TRITON_INTERPRET=1; float32; use with --tiny)")
+    ap.add_argument("--tiny", type=int, default=0, help="only one mesh of this many tokens (a smoke run)")
     ap.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
 
     import triton
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    global DEV, DTYPE
+    DEV, DTYPE = args.device, torch.bfloat16 if args.device == "cuda" else torch.float32
+    gen = torch.Generator(device=DEV).manual_seed(0)
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                            text=True).stdout.strip()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    result = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__,
+              "triton": triton.__version__,
               "commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "setup": {"Hq": HQ, "Hkv": HKV, "D": D, "dtype": "bfloat16", "m_win": M_WIN, "configs": CONFIGS,
+              "setup": {"Hq": HQ, "Hkv": HKV, "D": D, "dtype": str(DTYPE).removeprefix("torch."), "m_win": M_WIN,
+                        "configs": CONFIGS,
+                        "variants": {k: {kk: str(vv) for kk, vv in v.items()} for k, v in VARIANTS.items()},
                         "compress_kernel_config": {k: dict(v) for k, v in tc.CONFIG.items()}},
               "rows": [], "module": []}
     sizes = args.sizes.split(",")
     cases = [([k], 0) for k in sizes] + ([] if args.no_batch else [(["65536", "16384"], 300)])
+    if args.tiny:
+        cases, sizes = [([], args.tiny)], [None]
     for keys, small in cases:
         x = _batch(args.layouts, keys, small)
         sdpa = None
@@ -263,28 +327,34 @@ def main() -> None:
             cfg = CONFIGS[name]
             layout = build_ssa_layout(x, m_cmp=cfg["m_cmp"], m_slc=cfg["m_slc"], m_win=M_WIN, shift=0)
             ins = _inputs(layout, gen)
-            do = torch.randn(layout.num_tokens, HQ, D, device="cuda", generator=gen).to(torch.bfloat16)
-            last = keys == [sizes[-1]]
+            do = torch.randn(layout.num_tokens, HQ, D, device=DEV, generator=gen).to(DTYPE)
+            last = keys == [sizes[-1]] or args.tiny
             if last and args.sweep:
                 result.setdefault("sweep", {})[name] = _sweep(layout, cfg["topk"], ins, do, args.sweep.split(","))
             if sdpa is None:
                 sdpa = _sdpa(layout, ins, do)
-            row = {"config": name, "meshes": keys + ([f"{small} tokens"] if small else []),
-                   "N": layout.num_tokens, "samples": layout.batch_size, "slc_blocks": layout.num_slc,
-                   "cmp_blocks": layout.num_cmp, "ssa": _measure(layout, cfg["topk"], ins, do), "sdpa_flash": sdpa}
-            row["speedup_fwd"] = sdpa["fwd_ms"] / row["ssa"]["fwd_ms"]
-            row["speedup_bwd"] = sdpa["bwd_ms"] / row["ssa"]["bwd_ms"]
-            row["speedup_fwd_bwd"] = sdpa["fwd_bwd_ms"] / row["ssa"]["fwd_bwd_ms"]
-            if last and not args.no_shifted:  # an odd layer: shifted windows, permuted into window order and back
-                shifted = build_ssa_layout(x, m_cmp=cfg["m_cmp"], m_slc=cfg["m_slc"], m_win=M_WIN, shift=M_WIN // 2)
-                row["ssa_shifted"] = _measure(shifted, cfg["topk"], ins, do, with_branches=False)
-            result["rows"].append(row)
-            print(json.dumps(row), flush=True)
+            for variant in ["new"] + (["before"] if args.ab else []):
+                with _variant(variant):
+                    row = {"config": name, "variant": variant, "meshes": keys + ([f"{small} tokens"] if small else []),
+                           "N": layout.num_tokens, "samples": layout.batch_size, "slc_blocks": layout.num_slc,
+                           "cmp_blocks": layout.num_cmp, "ssa": _measure(layout, cfg["topk"], ins, do),
+                           "sdpa_flash": sdpa, "compress_kernel_config": {k: dict(v) for k, v in tc.CONFIG.items()}}
+                    row["speedup_fwd"] = sdpa["fwd_ms"] / row["ssa"]["fwd_ms"]
+                    row["speedup_bwd"] = sdpa["bwd_ms"] / row["ssa"]["bwd_ms"]
+                    row["speedup_fwd_bwd"] = sdpa["fwd_bwd_ms"] / row["ssa"]["fwd_bwd_ms"]
+                    if last and not args.no_shifted:  # odd layer: shifted windows, permuted to window order and back
+                        shifted = build_ssa_layout(x, m_cmp=cfg["m_cmp"], m_slc=cfg["m_slc"], m_win=M_WIN,
+                                                   shift=M_WIN // 2)
+                        row["ssa_shifted"] = _measure(shifted, cfg["topk"], ins, do, with_branches=False)
+                result["rows"].append(row)
+                print(json.dumps(row), flush=True)
             del ins, do
             if last and not args.no_module:
-                result["module"].append(_module_row(x, name))
-                print(json.dumps(result["module"][-1]), flush=True)
-            torch.cuda.empty_cache()
+                for conv_backend in ["auto"] + (["torch"] if args.ab and name == "v1.0" else []):
+                    result["module"].append(_module_row(x, name, conv_backend))
+                    print(json.dumps(result["module"][-1]), flush=True)
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
     result["setup"]["compress_kernel_config_used"] = {k: dict(v) for k, v in tc.CONFIG.items()}
     _write(result, Path(args.out))
 
@@ -294,31 +364,36 @@ def _write(result: dict, out: Path) -> None:
     tag = result["device"].replace(" ", "_")
     lines = [f"# SSA (triton backend) on {result['device']} (torch {result['torch']}, triton {result['triton']}, "
              f"commit {result['commit']}, {result['date']})", "",
-             "Hq 32 / Hkv 2 / D 32, bf16, window 8 (unshifted); op inputs q, k, v, k_cmp, v_cmp, gates; "
-             "SDPA = flash full attention per sample. Times in ms (median, CUDA events).", "",
+             f"Hq 32 / Hkv 2 / D 32, {result['setup']['dtype']}, window 8 (unshifted); op inputs q, k, v, k_cmp, "
+             "v_cmp, gates; "
+             "SDPA = flash full attention per sample. Times in ms (median, CUDA events). Variant `new`: fused "
+             "gate combine, 16-bit selection partials and partial dQ; `before`: torch gate combine, float32 "
+             "partials (same run).", "",
              "| config | N | blocks slc/cmp | SSA fwd | SSA bwd | SSA fwd+bwd | SDPA fwd | SDPA bwd | speedup fwd "
              "| speedup bwd | cmp fwd | score+top-k | slc fwd | win fwd | (cmp+top-k)/fwd | slc TFLOP/s "
-             "| cmp bwd | slc bwd | win bwd | peak extra MB fwd+bwd |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| cmp bwd | slc bwd | win bwd | combine fwd/bwd | peak extra MB fwd+bwd |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         s, f, b = r["ssa"], r["sdpa_flash"], r["ssa"]["branches"]
         n = f"{r['N']:,}" + (f" ({r['samples']} meshes)" if r["samples"] > 1 else "")
+        cfg = r["config"] + ("" if r.get("variant", "new") == "new" else f" ({r['variant']})")
         lines.append(
-            f"| {r['config']} | {n} | {r['slc_blocks']}/{r['cmp_blocks']} | {s['fwd_ms']:.2f} | {s['bwd_ms']:.2f} "
+            f"| {cfg} | {n} | {r['slc_blocks']}/{r['cmp_blocks']} | {s['fwd_ms']:.2f} | {s['bwd_ms']:.2f} "
             f"| {s['fwd_bwd_ms']:.2f} | {f['fwd_ms']:.2f} | {f['bwd_ms']:.2f} | {r['speedup_fwd']:.1f}x "
             f"| {r['speedup_bwd']:.1f}x | {b['cmp_fwd_ms']:.2f} | {b['score_topk_ms']:.2f} | {b['slc_fwd_ms']:.2f} "
             f"| {b['win_fwd_ms']:.2f} | {100 * b['cmp_plus_topk_share_of_fwd']:.0f}% | {b['slc_fwd_tflops']:.0f} "
             f"| {b['cmp_bwd_ms']:.2f} | {b['slc_bwd_ms']:.2f} | {b['win_bwd_ms']:.2f} "
-            f"| {s['peak_extra_mb_fwd_bwd']:.0f} |")
+            f"| {b['combine_fwd_ms']:.2f}/{b['combine_bwd_ms']:.2f} | {s['peak_extra_mb_fwd_bwd']:.0f} |")
     for r in result["rows"]:
         if "ssa_shifted" in r:
             s = r["ssa_shifted"]
-            lines.append(f"\nOdd layer (shifted windows), {r['config']}, N = {r['N']:,}: fwd {s['fwd_ms']:.2f} ms, "
+            lines.append(f"\nOdd layer (shifted windows), {r['config']} ({r.get('variant', 'new')}), N = {r['N']:,}: "
+                         f"fwd {s['fwd_ms']:.2f} ms, "
                          f"bwd {s['bwd_ms']:.2f} ms, fwd+bwd {s['fwd_bwd_ms']:.2f} ms.")
     for m in result["module"]:
-        lines.append(f"\nWhole `SpatialSparseAttention` layer ({m['config']}, dim 1024, projections and compression "
-                     f"included), N = {m['N']:,}: inference fwd {m['fwd_ms_inference']:.2f} ms, training fwd+bwd "
-                     f"{m['fwd_bwd_ms']:.2f} ms.")
+        lines.append(f"\nWhole `SpatialSparseAttention` layer ({m['config']}, conv backend {m['conv_backend']}, dim "
+                     f"1024, projections and compression included), N = {m['N']:,}: inference fwd "
+                     f"{m['fwd_ms_inference']:.2f} ms, training fwd+bwd {m['fwd_bwd_ms']:.2f} ms.")
     for path, text in ((out / f"ssa_{tag}.json", json.dumps(result, indent=1)),
                        (out / f"ssa_{tag}.md", "\n".join(lines) + "\n")):
         tmp = path.with_suffix(path.suffix + ".tmp")

@@ -130,3 +130,75 @@ def test_gpu_error_at_most_twice_torch(dtype, op, hq, hkv, d):
         err = (a.float() - r).abs().max().item()
         err_pt = (b.float() - r).abs().max().item()
         assert err <= 2 * err_pt + atol, (name, err, err_pt)
+
+
+
+@pytest.mark.parametrize("store", [torch.float16, torch.bfloat16], ids=["fp16-store", "bf16-store"])
+def test_16bit_partials(store):
+    """16-bit partial outputs (float16, or bfloat16 bits as used when |v| is beyond float16's range), float16
+    inputs (the interpreter's bfloat16 dots are not IEEE-faithful; bfloat16 inputs run on the GPU tests).
+
+    Each partial is a convex combination of value rows, so its storage error is at most one ulp of the storage
+    type times max |v|, and so is that of their convex merge.
+    """
+    from d3s2.ops.block_attn import triton as kernels
+
+    sizes, hq, hkv, d, s = CASES[0]
+    off = ragged_offsets(sizes, DEV)
+    n = int(off[-1])
+    q, k, v = (t.detach().half() for t in _inputs(n, hq, hkv, d))
+    idx = random_selection(n, hkv, s, len(sizes), empty_frac=0.25).to(DEV)
+    plan = kernels.selection_plan(idx, len(sizes))
+    o16, lse16 = kernels.block_attn_fwd(q, k, v, off, idx, plan, 0.3, partial_dtype=store)
+    o32, lse32 = kernels.block_attn_fwd(q, k, v, off, idx, plan, 0.3, partial_dtype=torch.float32)
+    ref = selection_attention_ref(q.double(), k.double(), v.double(), off, idx, scale=0.3)
+    ulp = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[store]
+    err16, err32 = ((o.double() - ref).abs().max().item() for o in (o16, o32))
+    assert err16 <= err32 + ulp * v.abs().max().item(), (err16, err32)
+    if store == torch.bfloat16:  # coarser than the float16 output: the bfloat16 path really ran
+        assert err16 > err32, (err16, err32)
+    torch.testing.assert_close(lse16, lse32)
+
+
+@pytest.mark.parametrize("dtype,v_max,want", [(torch.float16, 6e4, 0), (torch.bfloat16, 6e4, 0),
+                                              (torch.bfloat16, 7e4, 1), (torch.bfloat16, float("inf"), 1)])
+def test_partial_storage_flag(dtype, v_max, want):
+    """bfloat16 values beyond float16's range switch the partials to bfloat16 bits (decided on the device)."""
+    from d3s2.ops.block_attn import triton as kernels
+
+    v = torch.zeros(5, 2, 8, dtype=dtype)
+    v[3, 1, 2] = -v_max
+    buf, big, part16 = kernels._partial_buffer(v, v, 7, 4, None)
+    assert part16 and buf.dtype == torch.int16 and buf.shape == (7, 4, 8)
+    assert big.tolist() == [want]
+    buf32, _, part16 = kernels._partial_buffer(v, v, 7, 4, torch.float32)
+    assert not part16 and buf32.dtype == torch.float32
+
+
+def test_row_dot():
+    from d3s2.ops.block_attn.triton import row_dot
+
+    a, b = torch.randn(2, 37, 3, 20, device=DEV), torch.randn(2, 37, 3, 20, device=DEV)
+    got = row_dot(a, b)
+    assert got.shape == (2, 37, 3) and got.dtype == torch.float32
+    torch.testing.assert_close(got, (a * b).sum(-1))
+    assert row_dot(a[:, :0], b[:, :0]).shape == (2, 0, 3)
+
+
+def test_bf16_dq_partials():
+    """bfloat16 partial dQ (the default for bfloat16 inputs), forced here on float32 inputs (the interpreter's
+    bfloat16 dots are not faithful): within a few bfloat16 roundings per slot of the float32-partial dQ."""
+    from d3s2.ops.block_attn import triton as kernels
+
+    sizes, hq, hkv, d, s = CASES[0]
+    off = ragged_offsets(sizes, DEV)
+    n = int(off[-1])
+    q, k, v = (t.detach() for t in _inputs(n, hq, hkv, d))
+    idx = random_selection(n, hkv, s, len(sizes), empty_frac=0.25).to(DEV)
+    do = torch.randn(n, hq, d, device=DEV)
+    plan = kernels.selection_plan(idx, len(sizes))
+    o, lse = kernels.block_attn_fwd(q, k, v, off, idx, plan, 0.3)
+    ref = kernels.block_attn_bwd(do, q, k, v, o, lse, off, idx, plan, 0.3)
+    got = kernels.block_attn_bwd(do, q, k, v, o, lse, off, idx, plan, 0.3, dq_partial_dtype=torch.bfloat16)
+    assert 0 < _rel(got[0], ref[0]) < s * 2.0**-8
+    assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])  # dK/dV do not use the partials

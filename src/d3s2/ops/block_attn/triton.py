@@ -18,9 +18,15 @@ instead of once per query.
   runs one program per (block key tile, kv head) that loops over the block's whole entry list, so each key
   row is written by exactly one program: deterministic, no atomics, no per-head replicated buffers.
 
+Partial outputs (selection forward) are stored in 16 bits for 16-bit inputs: float16, whose 2⁻¹¹ rounding is
+8× finer than the bfloat16 output's; a partial output is a convex combination of value rows, so it overflows
+float16 only if some |v| does, and for bfloat16 inputs with max |v| > 60000 (checked on the device, no host
+sync) the same buffer holds bfloat16 bits instead. float32 inputs keep float32 partials. The backward's partial
+dQ (unbounded range: no float16) is bfloat16 for bfloat16 inputs, else float32.
+
 Limits: D ≤ 128 (tiles shrink for D > 64); block ids outside [0, NB) are treated as empty slots; the partial
-buffers take ``E·G·D`` floats (selection only), e.g. 4.4 GB in float32 at N = 134k, Hq 32 / Hkv 2 / D 32, S 8.
-Offsets are trusted (not synced to the host): they must lie in [0, N].
+buffers take ``E·G·D`` elements (selection only), e.g. 2.2 GB in 16 bits (4.4 GB in float32) at N = 134k,
+Hq 32 / Hkv 2 / D 32, S 8. Offsets are trusted (not synced to the host): they must lie in [0, N].
 """
 
 from __future__ import annotations
@@ -40,8 +46,14 @@ FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 BWD_DQ_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 BWD_DKDV_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 COMBINE_ROWS = 64  # (pair, head) rows per program of the combine kernel
-# Partial outputs / dQ per entry: float32 keeps the kernel's error at the torch reference's level.
-PARTIAL_DTYPE = torch.float32
+ROW_DOT_ELEMS = 8192  # elements per program of the Δ = rowsum(O·dO) kernel
+# Storage of the forward's partial outputs for 16-bit inputs: torch.float16 (see the module docstring: float16,
+# or bfloat16 bits when |v| is out of float16's range) or torch.float32; float32 inputs always use float32.
+PARTIAL_DTYPE = torch.float16
+F16_SAFE_ABS = 60000.0  # largest |v| stored as float16 partials (float16 max 65504, minus rounding of P)
+# Partial dQ per entry for bfloat16 inputs: bfloat16 (half the 2·E·G·D partial traffic of float32; each partial
+# is rounded like the bfloat16 dq it sums into) or torch.float32. Other inputs always use float32.
+DQ_PARTIAL_DTYPE = torch.bfloat16
 
 
 @triton.jit
@@ -62,12 +74,13 @@ def _tile_rows(TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, t, num_lists, NB,
 
 @triton.jit
 def block_attn_fwd_kernel(
-    Q, K, V, PO, PLSE,  # q [N, Hq, D], k/v [N, Hkv, D], partial o [E, G, D], partial lse [E, G]
+    Q, K, V, PO, PLSE, PBIG,  # q [N, Hq, D], k/v [N, Hkv, D], partial o [E, G, D], partial lse [E, G]
     ENTRY, TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, BLOCK_OFF,
     scale_log2, num_lists, NB, HkvS, Hkv,
     G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, PART16: tl.constexpr,
 ):
+    """PART16: PO is int16 holding float16 bits, or bfloat16 bits where the flag ``PBIG[0]`` is set."""
     t = tl.program_id(0)
     lst, g, b, ent, row_ok, head = _tile_rows(TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, t, num_lists, NB,
                                               G, G_PAD, BLOCK_M)
@@ -101,21 +114,26 @@ def block_attn_fwd_kernel(
         o = acc / tl.where(has, l_i, 1.0)[:, None]
         lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
         prow = f.to(tl.int64) * G + head
-        tl.store(PO + prow[:, None] * D + d[None, :], o.to(PO.dtype.element_ty),
-                 mask=row_ok[:, None] & d_ok[None, :])
+        if PART16:
+            big = tl.load(PBIG) != 0
+            po = tl.where(big, o.to(tl.bfloat16).to(tl.int16, bitcast=True),
+                          o.to(tl.float16).to(tl.int16, bitcast=True))
+        else:
+            po = o.to(PO.dtype.element_ty)
+        tl.store(PO + prow[:, None] * D + d[None, :], po, mask=row_ok[:, None] & d_ok[None, :])
         tl.store(PLSE + prow, lse, mask=row_ok)
 
 
 @triton.jit
 def block_attn_combine_kernel(
-    P, PLSE, IDX, OUT, LSE,  # partial [E, G, D], partial lse [E, G], block_idx [N·Hkv, S], out [N, Hq, D]
+    P, PLSE, PBIG, IDX, OUT, LSE,  # partial [E, G, D], partial lse [E, G], block_idx [N·Hkv, S], out [N, Hq, D]
     num_pairs, S, NB,
     G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    IS_SUM: tl.constexpr,
+    IS_SUM: tl.constexpr, PART16: tl.constexpr,
 ):
     """Merge the S partials of each (query, kv head) pair: softmax-weighted by LSE (forward) or summed (dQ).
 
-    A program takes ``BLOCK_R // G_PAD`` pairs × G heads as rows.
+    A program takes ``BLOCK_R // G_PAD`` pairs × G heads as rows. PART16: as in the forward kernel.
     """
     rows = tl.arange(0, BLOCK_R)
     pair = tl.program_id(0) * (BLOCK_R // G_PAD) + rows // G_PAD  # i·Hkv + g
@@ -127,11 +145,18 @@ def block_attn_combine_kernel(
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     w_sum = tl.zeros([BLOCK_R], tl.float32)
+    if PART16:
+        big = tl.load(PBIG) != 0
     for s in range(S):
         bi = tl.load(IDX + pair * S + s, mask=row_ok, other=-1)
         ok = row_ok & (bi >= 0) & (bi < NB)
         prow = (pair.to(tl.int64) * S + s) * G + h
-        part = tl.load(P + prow[:, None] * D + d[None, :], mask=ok[:, None] & rd_ok, other=0.0)
+        if PART16:
+            raw = tl.load(P + prow[:, None] * D + d[None, :], mask=ok[:, None] & rd_ok, other=0)
+            part = tl.where(big, raw.to(tl.bfloat16, bitcast=True).to(tl.float32),
+                            raw.to(tl.float16, bitcast=True).to(tl.float32))
+        else:
+            part = tl.load(P + prow[:, None] * D + d[None, :], mask=ok[:, None] & rd_ok, other=0.0)
         if IS_SUM:
             acc += part
         else:  # online merge: rescale what was summed so far to the running max
@@ -149,6 +174,19 @@ def block_attn_combine_kernel(
         lse = tl.where(has, m + tl.log(tl.where(has, w_sum, 1.0)), float("-inf"))
         tl.store(LSE + out_row, lse, mask=row_ok)
     tl.store(OUT + out_row[:, None] * D + d[None, :], acc.to(OUT.dtype.element_ty), mask=rd_ok)
+
+
+@triton.jit
+def row_dot_kernel(A, B, OUT, R, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """OUT[r] = Σ_d A[r, d]·B[r, d] in float32 for contiguous [R, D] A, B (Δ of the attention backward)."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.arange(0, BLOCK_D)
+    r_ok = r < R
+    ptrs = r.to(tl.int64)[:, None] * D + d[None, :]
+    mask = r_ok[:, None] & (d < D)[None, :]
+    a = tl.load(A + ptrs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + r, tl.sum(a * b, 1), mask=r_ok)
 
 
 @triton.jit
@@ -273,9 +311,10 @@ def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
 def selection_plan(block_idx: torch.Tensor, num_blocks: int) -> BlockAttnPlan:
     """Group the entries of ``block_idx`` [N, Hkv, S] by (kv head, block) with a stable GPU sort."""
     n, hkv, s = block_idx.shape
-    idx = block_idx.long()
-    g = torch.arange(hkv, device=idx.device)[None, :, None]
+    idx = block_idx.to(torch.int32)
+    g = torch.arange(hkv, device=idx.device, dtype=torch.int32)[None, :, None]
     sentinel = hkv * num_blocks
+    # int32 keys: the radix sort makes half the passes of int64 keys
     key = torch.where((idx >= 0) & (idx < num_blocks), g * num_blocks + idx, sentinel).flatten()  # [E]
     entry = torch.sort(key, stable=True).indices.to(torch.int32)  # ascending query order within a list
     counts = torch.bincount(key, minlength=sentinel + 1)[:sentinel]
@@ -324,12 +363,52 @@ def _fit(cfg: dict, user: dict | None, block_d: int) -> dict:
     return {**cfg, **(user or {})}
 
 
-def _combine(part, part_lse, block_idx, out, lse, plan, meta, *, is_sum):
+def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """float32 ``[...]`` = Σ over the last dim of a·b, for a, b ``[..., D]`` of one shape (fp32 products).
+
+    One read of each input: the torch expression ``(a.float() * b.float()).sum(-1)`` moves ≈ 7× the bytes.
+    """
+    a, b = a.contiguous(), b.contiguous()
+    d = a.shape[-1]
+    out = torch.empty(a.shape[:-1], dtype=torch.float32, device=a.device)
+    rows = out.numel()
+    if rows:
+        block_d = triton.next_power_of_2(d)
+        block_r = max(1, ROW_DOT_ELEMS // block_d)
+        row_dot_kernel[(triton.cdiv(rows, block_r),)](a, b, out, rows, D=d, BLOCK_R=block_r, BLOCK_D=block_d,
+                                                      num_warps=4)
+    return out
+
+
+def _combine(part, part_lse, big, block_idx, out, lse, plan, meta, *, is_sum, part16=False):
     pairs = block_idx.shape[0] * block_idx.shape[1]
     block_r = max(COMBINE_ROWS, meta["G_PAD"])
     block_attn_combine_kernel[(triton.cdiv(pairs, block_r // meta["G_PAD"]),)](
-        part, part_lse, block_idx, out, lse, pairs, plan.num_slots, plan.num_blocks, G=meta["G"], D=meta["D"],
-        G_PAD=meta["G_PAD"], BLOCK_D=meta["BLOCK_D"], BLOCK_R=block_r, IS_SUM=is_sum, num_warps=4)
+        part, part_lse, big, block_idx, out, lse, pairs, plan.num_slots, plan.num_blocks, G=meta["G"],
+        D=meta["D"], G_PAD=meta["G_PAD"], BLOCK_D=meta["BLOCK_D"], BLOCK_R=block_r, IS_SUM=is_sum,
+        PART16=part16, num_warps=4)
+
+
+def _partial_buffer(q: torch.Tensor, v: torch.Tensor, rows: int, g: int, partial_dtype: torch.dtype | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(partial o buffer [rows, g, D], int32 flag [1] = store bfloat16 bits, whether 16-bit storage is used).
+
+    ``partial_dtype`` float16 (the default for 16-bit inputs) stores float16 unless |v| may overflow it;
+    bfloat16 always stores bfloat16 bits (the benchmark's comparison); float32 stores float32.
+    """
+    pdt = torch.float32 if q.dtype == torch.float32 else (partial_dtype or PARTIAL_DTYPE)
+    if pdt == torch.float32:
+        return (torch.empty(rows, g, q.shape[2], dtype=torch.float32, device=q.device),
+                torch.zeros(1, dtype=torch.int32, device=q.device), False)
+    if pdt not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"expected partial_dtype float16, bfloat16 or float32, got {pdt}")
+    if pdt == torch.bfloat16:
+        big = torch.ones(1, dtype=torch.int32, device=q.device)
+    elif v.dtype == torch.bfloat16:  # on the device: no host sync
+        big = (v.abs().amax() > F16_SAFE_ABS).to(torch.int32).reshape(1)
+    else:  # float16 values cannot exceed float16's range
+        big = torch.zeros(1, dtype=torch.int32, device=q.device)
+    return torch.empty(rows, g, q.shape[2], dtype=torch.int16, device=q.device), big, True
 
 
 def block_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offsets: torch.Tensor,
@@ -352,28 +431,30 @@ def block_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offs
     if n == 0:
         return o, lse
     if block_idx is None:
-        po, plse = o, lse
+        po, plse, big, part16 = o, lse, lse, False
     else:
-        pdt = partial_dtype or (torch.float32 if q.dtype == torch.float32 else PARTIAL_DTYPE)
-        po = torch.empty(n * hkv * s, meta["G"], d, dtype=pdt, device=q.device)
+        po, big, part16 = _partial_buffer(q, v, n * hkv * s, meta["G"], partial_dtype)
         plse = torch.empty(n * hkv * s, meta["G"], dtype=torch.float32, device=q.device)
     per_tile = block_m // meta["G_PAD"]
     bound = (plan.entry.numel() + per_tile - 1) // per_tile + num_lists
     tile_list, tile_cum = _tiles(plan.list_count, per_tile, bound)
     block_attn_fwd_kernel[(bound,)](
-        q, k, v, po, plse, plan.entry, tile_list, tile_cum, plan.list_start, plan.list_count, block_offsets,
-        scale * LOG2E, num_lists, plan.num_blocks, hkv * s, hkv,
-        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **meta)
+        q, k, v, po, plse, big, plan.entry, tile_list, tile_cum, plan.list_start, plan.list_count, block_offsets,
+        scale * LOG2E, num_lists, plan.num_blocks, hkv * s, hkv, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
+        PART16=part16, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **meta)
     if block_idx is not None:
-        _combine(po, plse, block_idx, o, lse, plan, meta, is_sum=False)
+        _combine(po, plse, big, block_idx, o, lse, plan, meta, is_sum=False, part16=part16)
     return o, lse
 
 
 def block_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                    lse: torch.Tensor, block_offsets: torch.Tensor, block_idx: torch.Tensor | None,
-                   plan: BlockAttnPlan, scale: float, dq_cfg: dict | None = None, dkdv_cfg: dict | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward: dq [N, Hq, D], dk, dv [N, Hkv, D] in the inputs' dtype."""
+                   plan: BlockAttnPlan, scale: float, dq_cfg: dict | None = None, dkdv_cfg: dict | None = None,
+                   dq_partial_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward: dq [N, Hq, D], dk, dv [N, Hkv, D] in the inputs' dtype.
+
+    ``dq_partial_dtype`` overrides the partial dQ storage (default: see ``DQ_PARTIAL_DTYPE``).
+    """
     n, hq, d = q.shape
     hkv = k.shape[1]
     s = plan.num_slots
@@ -387,14 +468,16 @@ def block_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     dv = torch.empty_like(v)
     if n == 0:
         return dq, dk, dv
-    delta = (o.float() * do.float()).sum(-1)  # [N, Hq]
+    delta = row_dot(o, do)  # [N, Hq]
     num_lists = hkv * nb
     # dQ: tiles as in the forward.
     block_m = _block_m(dq_cfg, meta["G_PAD"])
     per_tile = block_m // meta["G_PAD"]
     bound = (plan.entry.numel() + per_tile - 1) // per_tile + num_lists
     tile_list, tile_cum = _tiles(plan.list_count, per_tile, bound)
-    pdq = dq if block_idx is None else torch.empty(n * hkv * s, meta["G"], d, dtype=torch.float32,
+    if dq_partial_dtype is None:
+        dq_partial_dtype = DQ_PARTIAL_DTYPE if q.dtype == torch.bfloat16 else torch.float32
+    pdq = dq if block_idx is None else torch.empty(n * hkv * s, meta["G"], d, dtype=dq_partial_dtype,
                                                    device=q.device)
     block_attn_bwd_dq_kernel[(bound,)](
         q, k, v, do, lse, delta, pdq, plan.entry, tile_list, tile_cum, plan.list_start, plan.list_count,
@@ -402,7 +485,7 @@ def block_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         BLOCK_M=block_m, BLOCK_N=dq_cfg["BLOCK_N"], num_warps=dq_cfg["num_warps"],
         num_stages=dq_cfg["num_stages"], **meta)
     if block_idx is not None:
-        _combine(pdq, pdq, block_idx, dq, dq, plan, meta, is_sum=True)
+        _combine(pdq, pdq, pdq, block_idx, dq, dq, plan, meta, is_sum=True)
     # dK/dV: one program per (key tile of a block, kv head).
     block_n = dkdv_cfg["BLOCK_N"]
     lengths = (block_offsets[1:] - block_offsets[:-1]).long()

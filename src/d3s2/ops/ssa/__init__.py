@@ -2,8 +2,9 @@
 
 Backends, chosen per call (argument → ``use_backend("ssa", ...)`` → ``D3S2_SSA_BACKEND`` → auto):
 ``triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1``): compressed attention, block scoring and top-k in
-:mod:`.triton_compress`, selection and window attention from :mod:`d3s2.ops.block_attn`; ``torch``: the
-reference in :mod:`.reference` (any device; the spec, memory-hungry at large N).
+:mod:`.triton_compress`, selection and window attention from :mod:`d3s2.ops.block_attn`, the gate combine in
+:mod:`.triton_combine`; ``torch``: the reference in :mod:`.reference` (any device; the spec, memory-hungry at
+large N).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from .reference import (
 )
 
 BACKENDS = op_backends("ssa")
+# Gate combine of the triton backend: the fused kernel (True) or the torch reference (the benchmark's A/B).
+FUSED_COMBINE = True
 
 
 BACKENDS.register("triton", needs_triton, needs_float_dtype(torch.float16, torch.bfloat16, torch.float32),
@@ -70,7 +73,7 @@ def spatial_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         return ssa_ref(q, k, v, k_cmp, v_cmp, gates, layout, topk=topk, scale=scale,
                        return_block_idx=return_block_idx)
     from ..block_attn import selection_attention, window_attention
-    from . import triton_compress
+    from . import triton_combine, triton_compress
 
     sc = _scale(q, scale)
     o_cmp, lse = triton_compress.compressed_attention(q, k_cmp, v_cmp, layout, sc)
@@ -81,7 +84,8 @@ def spatial_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     else:
         p = layout.win_perm
         o_win = window_attention(q[p], k[p], v[p], layout.win_offsets, scale=sc)[layout.win_inverse]
-    o = combine_ref(gates, o_cmp, o_slc, o_win)
+    combine = triton_combine.gate_combine if FUSED_COMBINE else combine_ref
+    o = combine(gates, o_cmp, o_slc, o_win)
     return (o, block_idx) if return_block_idx else o
 
 

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..block_attn.triton import row_dot
 from .layout import SSALayout
 
 LOG2E = 1.4426950408889634
@@ -489,7 +490,7 @@ def cmp_attention_bwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     dq = torch.empty_like(q)
     if n == 0:
         return dq, torch.zeros_like(k_cmp), torch.zeros_like(v_cmp)
-    delta = (o.float() * do.float()).sum(-1)  # [N, Hq] rowsum(o · do)
+    delta = row_dot(o, do)  # [N, Hq] rowsum(o · do)
     meta = _common(q, hq, hkv, d)
 
     cfg = CONFIG["bwd_dq"]
