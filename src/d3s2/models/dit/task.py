@@ -359,14 +359,19 @@ class SparseDiTTask(_DiTTask):
             raise ValueError(f"{self.cfg.latents}: the train split is empty")
         total = torch.zeros(int(self.settings["channels"]), dtype=torch.float64)
         sq = torch.zeros_like(total)
+        noise = torch.zeros_like(total)
         n = 0
         for i in _stats_subset(len(ds), self.cfg.stats_items):
-            m = torch.from_numpy(load_latent(ds.root, ds.names[i])["mean"]).double()  # [n, C]
+            lat = load_latent(ds.root, ds.names[i])
+            m = torch.from_numpy(lat["mean"]).double()  # [n, C]
             total += m.sum(0)
             sq += (m * m).sum(0)
+            noise += torch.from_numpy(lat["logvar"]).double().exp().sum(0)
             n += m.shape[0]
         mean = total / max(n, 1)
         var = (sq / max(n, 1) - mean * mean).clamp_min(0)
+        if self.cfg.sample_posterior:  # the training targets are posterior samples: add E[σ²]
+            var = var + noise / max(n, 1)
         return mean.float(), var.sqrt().float().clamp_min(1e-4)
 
     def build_datasets(self):
