@@ -314,7 +314,7 @@ class DenseDiTTask(_DiTTask):
         return z.mean(1), z.std(1).clamp_min(1e-4)
 
     def build_datasets(self):
-        return self._datasets(with_latents=False, with_occupancy=True)
+        return self._datasets(with_latents=False, with_occupancy=True, occupancy_tokens=True)
 
     def collate(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
         rgb, mask = self._images(items)
