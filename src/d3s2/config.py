@@ -345,7 +345,8 @@ class EMAConfig:
 @dataclasses.dataclass(kw_only=True)
 class TrainSection:
     max_steps: int  # optimizer steps; also the length of the lr schedule
-    max_minutes: float = 0.0  # wall-clock limit of run(); past it: stop, checkpoint, validate, export. 0 = none
+    max_minutes: float = 0.0  # wall clock from the trainer's start (setup included); then stop, checkpoint,
+    # validate, export as at max_steps. 0 = no limit
     init_from: str | None = None  # start from these weights (a checkpoint .pt, or an export dir / .safetensors)
     init_from_ema: bool = True  # with a checkpoint: take its EMA weights when it has them
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda:LOCAL_RANK when CUDA is available

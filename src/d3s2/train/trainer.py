@@ -180,6 +180,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, resume: str | Path | None = None,
                  command: Sequence[str] | None = None) -> None:
+        self.started = time.monotonic()  # train.max_minutes counts from here (setup included)
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         tc = cfg.train
@@ -443,9 +444,10 @@ class Trainer:
         return sums, grad_norm
 
     def run(self, *, stop_after: int | None = None) -> dict[str, float]:
-        """Train to ``train.max_steps`` (or until ``train.max_minutes`` have passed since the call); returns the
-        last logged training metrics. A time-limited run ends like a finished one: final checkpoint, validation,
-        export. The lr schedule still spans ``max_steps`` (use ``optim.schedule: constant`` for time-limited runs).
+        """Train to ``train.max_steps`` (or until ``train.max_minutes`` have passed since the trainer was built);
+        returns the last logged training metrics. A time-limited run ends like a finished one: final checkpoint,
+        validation, export. The lr schedule still spans ``max_steps`` (``optim.schedule: constant`` suits
+        time-limited runs).
 
         ``stop_after``: return right after that step without the final checkpoint, validation or export, as if
         the process had been killed (for tests of resuming).
@@ -464,7 +466,7 @@ class Trainer:
         last: dict[str, float] = {}
         saved_at = start_step = self.step  # a resumed run starts right after its checkpoint
         consecutive_bad = 0
-        deadline = time.monotonic() + 60.0 * tc.max_minutes if tc.max_minutes > 0 else None
+        deadline = self.started + 60.0 * tc.max_minutes if tc.max_minutes > 0 else None
         data = self._steps()
         try:
             if self.step >= tc.max_steps:
