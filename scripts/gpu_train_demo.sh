@@ -129,7 +129,7 @@ if [ -n "${PACK_DIR:-}" ]; then
   cp "$OUT/summary.json" "$PACK_DIR/summary.json"
   for f in "$OUT"/logs/*.log; do echo "=== $f"; tail -n 40 "$f"; done > "$PACK_DIR/logs.txt"
   if [ "$ASSEMBLED" = 1 ]; then
-    tar -cf - -C "$OUT" pipeline | split -b 15m - "$PACK_DIR/pipeline.tar.part-"
+    tar -cf - -C "$OUT" pipeline | split -b 15M - "$PACK_DIR/pipeline.tar.part-"
   fi
 fi
 echo "[$(date -u +%T)] finished in $(( $(date +%s) - START )) s (budget ${MINUTES} min): $OUT/summary.json"
