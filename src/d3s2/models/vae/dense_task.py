@@ -47,13 +47,16 @@ class DenseVAETask:
         self.side = int(read_settings(config.latents)["latent_resolution"])
 
     def build_model(self) -> nn.Module:
+        from ...config import load_yaml
         from ..registry import build_model
-        from .task import load_model_config
 
-        if self.cfg.model_config is None:
-            name, args = "dense_shape_vae", dict(self.cfg.model_args)
-        else:
-            name, args = load_model_config(self.cfg.model_config, self.cfg.model_args)
+        name, args = "dense_shape_vae", {}
+        if self.cfg.model_config is not None:
+            model = load_yaml(self.cfg.model_config).get("model")
+            if not isinstance(model, dict) or "name" not in model:
+                raise ValueError(f"{self.cfg.model_config}: expected a 'model: {{name, args}}' section")
+            name, args = model["name"], dict(model.get("args") or {})
+        args.update(self.cfg.model_args)
         if name != "dense_shape_vae":
             raise ValueError(f"{self.cfg.model_config}: expected model name 'dense_shape_vae', got {name!r}")
         model = build_model(name, args)
