@@ -16,7 +16,6 @@ Dimension legend: N band voxels, n latent voxels, C latent channels.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from collections.abc import Sequence
@@ -27,8 +26,6 @@ import numpy as np
 import torch
 
 from .build import asset_path, write_npz_atomic
-
-log = logging.getLogger(__name__)
 
 FORMAT = "d3s2-latents"
 SETTINGS_FILE = "encoded.json"

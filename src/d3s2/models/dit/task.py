@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,8 +33,6 @@ from ...sparse import SparseTensor
 
 __all__ = ["ConditionedDiT", "DiTTaskConfig", "DenseDiTTaskConfig", "SparseDiTTaskConfig", "DenseDiTTask",
            "SparseDiTTask", "DIT_TASK_FILE", "load_dit_yaml"]
-
-log = logging.getLogger(__name__)
 
 DIT_TASK_FILE = "dit_task.json"
 
@@ -232,10 +229,7 @@ class _DiTTask:
         return out
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self._flow_loss(model, self.target(batch, sample=True), batch)
-
-    def target(self, batch: dict, *, sample: bool) -> Any:
-        raise TypeError(f"{type(self).__name__} must define target()")
+        return self._flow_loss(model, self.target(batch, sample=True), batch)  # target(): each subclass's x0
 
     # export ---------------------------------------------------------------------------------------------
     def export_info(self) -> dict[str, Any]:
