@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -69,6 +70,7 @@ def main() -> int:
     image = (item["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # RGBA
     pipe = ImageTo3DPipeline.from_pretrained(args.weights) if args.weights else random_pipeline(args.ss_vae_config,
                                                                                                    args.steps)
+    load_before = os.getloadavg()[0]  # a shared machine's load inflates every timing
     t0 = time.perf_counter()
     mesh = pipe(image, device="cpu", progress=False, structure={256: coords})
     total = time.perf_counter() - t0
@@ -76,7 +78,8 @@ def main() -> int:
               "steps": {"dense": pipe.settings.dense.steps, "sparse": pipe.settings.stage(256).steps},
               "weights": args.weights or "random", "seconds": {k: round(v, 2) for k, v in
                                                               pipe.last_timing.seconds.items()},
-              "total_s": round(total, 2), "faces": int(len(mesh.faces))}
+              "total_s": round(total, 2), "faces": int(len(mesh.faces)),
+              "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
