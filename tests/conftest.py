@@ -29,3 +29,12 @@ def _seed_and_restore_dtype():
     dtype = torch.get_default_dtype()
     yield
     torch.set_default_dtype(dtype)
+
+
+@pytest.fixture(scope="session")
+def tiny_encoded(tmp_path_factory):
+    """``(build, vae, latents)``: tests/assets/0ad_tiny.npz built at 32³ with 2 renders of 32², a random tiny SS-VAE
+    export (configs/debug/tiny_vae.yaml) and the folder ``d3s2 data encode`` writes with it (built on first use)."""
+    from tests.models.dit._data import build_encoded
+
+    return build_encoded(tmp_path_factory.mktemp("tiny_encoded"))

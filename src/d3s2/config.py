@@ -345,6 +345,8 @@ class EMAConfig:
 @dataclasses.dataclass(kw_only=True)
 class TrainSection:
     max_steps: int  # optimizer steps; also the length of the lr schedule
+    max_minutes: float = 0.0  # wall clock from the trainer's start (setup included); then stop, checkpoint,
+    # validate, export as at max_steps. 0 = no limit
     init_from: str | None = None  # start from these weights (a checkpoint .pt, or an export dir / .safetensors)
     init_from_ema: bool = True  # with a checkpoint: take its EMA weights when it has them
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda:LOCAL_RANK when CUDA is available
@@ -364,6 +366,8 @@ class TrainSection:
             raise ValueError("max_steps, log_every and keep_last must be >= 1")
         if self.val_every < 0 or self.ckpt_every < 0:
             raise ValueError("val_every and ckpt_every must be >= 0")
+        if self.max_minutes < 0:
+            raise ValueError(f"max_minutes must be >= 0, got {self.max_minutes}")
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -140,3 +140,17 @@ def test_init_from_checkpoint_or_export(tmp_path, tiny_cfg):
         assert torch.equal(p, exported[name]), name
     with pytest.raises(FileNotFoundError, match="train.init_from"):
         Trainer(tiny_cfg(train={"init_from": str(tmp_path / "nope.pt")}), tmp_path / "d")
+
+
+def test_max_minutes_stops_like_a_finished_run(tmp_path, tiny_cfg):
+    # 0.0001 min = 6 ms from the trainer's start: setup alone takes longer, so the first step is the last one.
+    cfg = tiny_cfg(train={"max_steps": 1000, "max_minutes": 0.0001, "log_every": 50, "val_every": 1000})
+    trainer = Trainer(cfg, tmp_path)
+    last = trainer.run()
+    assert trainer.step == 1 and "loss" in last and last["tokens_per_s"] > 0
+    rows = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["split"], r["step"]) for r in rows] == [("train", 1), ("val", 1)]  # logged although 1 % 50 != 0
+    assert [p.name for p in CheckpointDir(tmp_path / "checkpoints").list()] == ["step_00000001.pt"]
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+    with pytest.raises(ConfigError, match="max_minutes"):
+        tiny_cfg(train={"max_steps": 10, "max_minutes": -1.0})

@@ -1,4 +1,5 @@
-"""``d3s2 data build``: meshes → sparse SDF + renders, one file per asset (see :mod:`d3s2.data.build`)."""
+"""``d3s2 data build``: meshes → sparse SDF + renders, one file per asset (see :mod:`d3s2.data.build`);
+``d3s2 data encode``: a built folder → SS-VAE latents, one file per asset (see :mod:`d3s2.data.encode`)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,18 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _encode(args: argparse.Namespace) -> int:
+    from d3s2.data.encode import encode_folder
+
+    summary = encode_folder(args.data, args.vae, args.out, resolution=args.resolution, device=args.device,
+                            batch_tokens=args.batch_tokens, progress=not args.no_progress)
+    print(f"encoded {summary.encoded}, skipped {summary.skipped} (already done), failed {len(summary.failed)} "
+          f"in {summary.seconds:.1f} s -> {args.out}")
+    for name, reason in sorted(summary.failed.items()):
+        print(f"  FAILED {name}: {reason}")
+    return 1 if summary.failed else 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="build training data from meshes")
     data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
@@ -55,3 +68,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--device", default="cpu", help="device for the SDF (cpu, cuda)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=_build)
+    e = data_sub.add_parser(
+        "encode", help="a built data folder -> SS-VAE latents per asset (the DiTs' training data)",
+        description="Encode every asset of a built folder with a trained SS-VAE (`d3s2 train vae` export). "
+                    "Writes OUT/encoded.json and OUT/assets/<name>.npz (coords, mean, logvar); re-running skips "
+                    "finished assets.")
+    e.add_argument("--data", required=True, help="built data folder (d3s2 data build)")
+    e.add_argument("--vae", required=True, help="SS-VAE folder (config.json, model.safetensors, vae_task.json)")
+    e.add_argument("--resolution", type=int, default=256, help="SDF resolution to encode (default 256)")
+    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    e.add_argument("--batch-tokens", type=int, default=500_000, help="band voxels per encoder batch (500000)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.set_defaults(func=_encode)

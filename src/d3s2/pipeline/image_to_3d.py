@@ -25,9 +25,14 @@ R³ grid is built). Patches of the 512³ refiner that hold no decoded voxel are 
 A pipeline folder holds ``pipeline.json`` and one sub-folder per component, each written with
 :func:`d3s2.models.registry.save_pretrained` (a DINOv2 conditioner is saved in Hugging Face format). Components:
 ``conditioner``, ``dense_dit``, ``dense_vae``, ``sparse_dit_<R>`` and ``sparse_vae_<R>`` per mesh resolution R, and
-optionally ``refiner_<R>`` (``refiner`` alone = 512, the published name). The folders ``d3s2 convert`` writes
-from the published checkpoints use the same names (their ``defaults`` become the settings, refiners on; the
-DINOv2 conditioner is passed separately).
+optionally ``refiner_<R>`` (``refiner`` alone = 512, the published name).
+A DiT trained with its own image encoder (the small from-scratch encoders of ``d3s2 train dit_dense|dit_sparse``)
+has it as ``conditioner_<dit component>`` (``conditioner_dense_dit``, ``conditioner_sparse_dit_<R>``); a DiT
+without one uses ``conditioner``, which may then be absent. Each encoder sees the input image prepared at its own
+size. DiTs trained on normalised latents (``(z - mean) / std`` per channel) have the statistics in the settings
+(``dense_latent``, ``sparse_latent[R]``); samples are un-normalised before the VAE decodes them.
+The folders ``d3s2 convert`` writes from the published checkpoints use the same names (their ``defaults``
+become the settings, refiners on; the DINOv2 conditioner is passed separately).
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ PIPELINE_FILE = "pipeline.json"
 FORMAT = "d3s2-image-to-3d"
 _SPARSE_NAME = re.compile(r"^sparse_(dit|vae)_(\d+)$")
 _REFINER_NAME = re.compile(r"^refiner(?:_(\d+))?$")  # "refiner" alone: the published 512³ one
+_OWN_PREFIX = "conditioner_"  # conditioner_<DiT component>: that DiT's own image encoder
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -80,6 +86,28 @@ def _published_sparse(resolution: int) -> StageSettings:
 
 
 @dataclass(kw_only=True)
+class LatentNorm:
+    """Per-channel statistics a DiT's latents were normalised with: the DiT samples ``(z - mean) / std``."""
+
+    mean: list[float]
+    std: list[float]
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != len(self.std) or not self.mean:
+            raise ValueError(f"expected equal non-empty mean and std lists, got {len(self.mean)} and {len(self.std)}")
+
+    def denormalize(self, z: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        """``z · std + mean`` along ``channel_dim`` (float32 arithmetic, ``z``'s dtype back)."""
+        if z.shape[channel_dim] != len(self.mean):
+            raise ValueError(f"expected {len(self.mean)} channels on dim {channel_dim}, got {tuple(z.shape)}")
+        shape = [1] * z.ndim
+        shape[channel_dim] = -1
+        mean = torch.tensor(self.mean, device=z.device).view(shape)
+        std = torch.tensor(self.std, device=z.device).view(shape)
+        return (z.float() * std + mean).to(z.dtype)
+
+
+@dataclass(kw_only=True)
 class PipelineSettings:
     """Everything the pipeline runs with besides the weights. Defaults are the published ones.
 
@@ -96,6 +124,8 @@ class PipelineSettings:
     min_component_fraction: float = 0.01  # drop components with fewer faces than this × the largest one's
     refine: bool = False  # apply the refiners (published folders); d3s2's own models have none
     refine_level: float = 0.4  # iso level on a VoxelRefinerXL's tanh output (published: 2 × mc_threshold)
+    dense_latent: LatentNorm | None = None  # the dense DiT's latent normalisation (None: raw latents)
+    sparse_latent: dict[int, LatentNorm] = field(default_factory=dict)  # per mesh resolution
 
     def stage(self, resolution: int) -> StageSettings:
         return self.sparse.get(resolution) or _published_sparse(resolution)
@@ -108,6 +138,7 @@ class PipelineSettings:
         d = dataclasses.asdict(self)
         d["sparse"] = {str(k): v for k, v in d["sparse"].items()}
         d["decode_chunk"] = {str(k): v for k, v in d["decode_chunk"].items()}
+        d["sparse_latent"] = {str(k): v for k, v in d["sparse_latent"].items()}
         return d
 
     @classmethod
@@ -121,6 +152,9 @@ class PipelineSettings:
             kw["dense"] = StageSettings(**kw["dense"])
         kw["sparse"] = {int(k): StageSettings(**v) for k, v in kw.get("sparse", {}).items()}
         kw["decode_chunk"] = {int(k): int(v) for k, v in kw.get("decode_chunk", {}).items()}
+        if kw.get("dense_latent") is not None:
+            kw["dense_latent"] = LatentNorm(**kw["dense_latent"])
+        kw["sparse_latent"] = {int(k): LatentNorm(**v) for k, v in kw.get("sparse_latent", {}).items()}
         return cls(**kw)
 
     @classmethod
@@ -160,19 +194,23 @@ class ImageTo3DPipeline:
     """Image → watertight ``trimesh.Trimesh`` in ``[-1, 1]³``.
 
     Args:
-        conditioner: an :class:`~d3s2.models.conditioner.ImageEncoder` (DINOv2 or the small encoder).
+        conditioner: an :class:`~d3s2.models.conditioner.ImageEncoder` (DINOv2 or the small encoder) for every
+            DiT without its own; None when ``conditioners`` covers every DiT.
         dense_dit / dense_vae: the structure stage (:class:`DenseDiT`, :class:`DenseShapeVAE`).
         sparse_dits / sparse_vaes: ``{mesh resolution: module}``, e.g. ``{512: ..., 1024: ...}``; the lowest
             resolution takes its tokens from the dense stage, higher ones cascade from the previous mesh.
         settings: :class:`PipelineSettings` (published defaults when None).
         refiners: ``{mesh resolution: VoxelRefinerXL | VoxelRefinerXLSign}``, used when ``settings.refine``.
+        conditioners: per-DiT encoders ``{"dense_dit" | "sparse_dit_<R>": encoder}`` (DiTs trained jointly with
+            their own encoder).
 
     Modules built any way (random, :func:`~d3s2.models.registry.from_pretrained`, the published loaders) work.
     """
 
-    def __init__(self, conditioner: nn.Module, dense_dit: nn.Module, dense_vae: nn.Module,
+    def __init__(self, conditioner: nn.Module | None, dense_dit: nn.Module, dense_vae: nn.Module,
                  sparse_dits: Mapping[int, nn.Module], sparse_vaes: Mapping[int, nn.Module],
-                 settings: PipelineSettings | None = None, refiners: Mapping[int, nn.Module] | None = None) -> None:
+                 settings: PipelineSettings | None = None, refiners: Mapping[int, nn.Module] | None = None,
+                 conditioners: Mapping[str, nn.Module] | None = None) -> None:
         if not sparse_dits:
             raise ValueError("expected at least one sparse stage (sparse_dits), got none")
         if set(sparse_dits) != set(sparse_vaes):
@@ -182,7 +220,16 @@ class ImageTo3DPipeline:
             if r != dit.config.resolution * 8:
                 raise ValueError(f"sparse DiT for {r}³ has a {dit.config.resolution}³ latent grid; expected "
                                  f"{r // 8}³")
-        self.conditioner = conditioner.eval()
+        dit_names = ["dense_dit", *[f"sparse_dit_{r}" for r in sorted(sparse_dits)]]
+        conditioners = dict(conditioners or {})
+        unknown = sorted(set(conditioners) - set(dit_names))
+        if unknown:
+            raise ValueError(f"conditioners for unknown DiTs {unknown}; expected keys among {dit_names}")
+        uncovered = [n for n in dit_names if n not in conditioners]
+        if conditioner is None and uncovered:
+            raise ValueError(f"no conditioner for {uncovered}: pass conditioner= or conditioners[...]")
+        self.conditioner = conditioner.eval() if conditioner is not None else None
+        self.conditioners = {k: m.eval() for k, m in conditioners.items()}
         self.dense_dit = dense_dit.eval()
         self.dense_vae = dense_vae.eval()
         self.sparse_dits = {int(r): m.eval() for r, m in sorted(sparse_dits.items())}
@@ -206,13 +253,19 @@ class ImageTo3DPipeline:
         return sorted(self.sparse_dits)
 
     def components(self) -> dict[str, nn.Module]:
-        out = {"conditioner": self.conditioner, "dense_dit": self.dense_dit, "dense_vae": self.dense_vae}
+        out = {} if self.conditioner is None else {"conditioner": self.conditioner}
+        out.update({"dense_dit": self.dense_dit, "dense_vae": self.dense_vae})
         for r in self.resolutions:
             out[f"sparse_dit_{r}"] = self.sparse_dits[r]
             out[f"sparse_vae_{r}"] = self.sparse_vaes[r]
         for r, m in self.refiners.items():
             out["refiner" if r == 512 else f"refiner_{r}"] = m
+        out.update({f"{_OWN_PREFIX}{k}": m for k, m in self.conditioners.items()})
         return out
+
+    def encoder_for(self, dit_name: str) -> nn.Module:
+        """The image encoder of DiT component ``dit_name`` (its own, else the shared ``conditioner``)."""
+        return self.conditioners.get(dit_name, self.conditioner)
 
     # -------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -222,6 +275,7 @@ class ImageTo3DPipeline:
         their resolution (``refiner`` = 512, ``refiner_<R>``); unknown names are ignored with a log line."""
         sparse: dict[str, dict[int, nn.Module]] = {"dit": {}, "vae": {}}
         refiners: dict[int, nn.Module] = {}
+        own: dict[str, nn.Module] = {}
         for name, module in models.items():
             m = _SPARSE_NAME.match(name)
             ref = _REFINER_NAME.match(name)
@@ -229,17 +283,20 @@ class ImageTo3DPipeline:
                 sparse[m.group(1)][int(m.group(2))] = module
             elif ref:
                 refiners[int(ref.group(1) or 512)] = module
+            elif name.startswith(_OWN_PREFIX):
+                own[name[len(_OWN_PREFIX):]] = module
             elif name not in ("conditioner", "dense_dit", "dense_vae"):
                 logger.info("not using component %s", name)
         conditioner = conditioner if conditioner is not None else models.get("conditioner")
         missing = [n for n in ("dense_dit", "dense_vae") if n not in models]
-        if conditioner is None:
+        dit_names = ["dense_dit", *[f"sparse_dit_{r}" for r in sparse["dit"]]]
+        if conditioner is None and any(n not in own for n in dit_names):
             missing.insert(0, "conditioner")
         if missing:
             raise ValueError(f"missing pipeline components {missing}; got {sorted(models)}")
         refiners = {r: m for r, m in refiners.items() if r in sparse["dit"]}  # stages not loaded have no use
         return cls(conditioner, models["dense_dit"], models["dense_vae"], sparse["dit"], sparse["vae"], settings,
-                   refiners)
+                   refiners, conditioners=own)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, conditioner: str | os.PathLike | nn.Module | None = None,
@@ -275,8 +332,12 @@ class ImageTo3DPipeline:
         names = list(manifest["components"])
         if resolutions:
             top = max(resolutions)
-            names = [n for n in names if not (_SPARSE_NAME.match(n) and int(_SPARSE_NAME.match(n).group(2)) > top)
-                     and not (_REFINER_NAME.match(n) and int(_REFINER_NAME.match(n).group(1) or 512) > top)]
+
+            def above(n: str) -> bool:
+                m = _SPARSE_NAME.match(n.removeprefix(_OWN_PREFIX))
+                ref = _REFINER_NAME.match(n)
+                return (m is not None and int(m.group(2)) > top) or (ref is not None and int(ref.group(1) or 512) > top)
+            names = [n for n in names if not above(n)]
         if not settings.refine:
             names = [n for n in names if not _REFINER_NAME.match(n)]
         models: dict[str, nn.Module] = {}
@@ -285,6 +346,9 @@ class ImageTo3DPipeline:
             if name == "conditioner":
                 if conditioner is None:
                     models[name] = load_conditioner(sub)
+                continue
+            if name.startswith(_OWN_PREFIX):
+                models[name] = load_conditioner(sub)
                 continue
             if _SPARSE_NAME.match(name) is None and _REFINER_NAME.match(name) is None and name not in (
                     "dense_dit", "dense_vae"):
@@ -295,7 +359,9 @@ class ImageTo3DPipeline:
             models[name] = from_pretrained(sub, dtype=dtype)
         if conditioner is not None and not isinstance(conditioner, nn.Module):
             conditioner = load_conditioner(conditioner)
-        if conditioner is None and "conditioner" not in models:
+        own = {n[len(_OWN_PREFIX):] for n in models if n.startswith(_OWN_PREFIX)}
+        dits = [n for n in models if n == "dense_dit" or n.startswith("sparse_dit_")]
+        if conditioner is None and "conditioner" not in models and any(n not in own for n in dits):
             raise FileNotFoundError(f"{root} holds no conditioner: pass conditioner= (a DINOv2 Hugging Face folder "
                                     "or dinov2_vitl14_reg4_pretrain.pth; CLI: --conditioner)")
         return cls.from_components(models, conditioner=conditioner, settings=settings)
@@ -363,17 +429,23 @@ class ImageTo3DPipeline:
             bar.update(1)
 
         if not low_vram:
-            for m in [self.conditioner, self.dense_dit, self.dense_vae,
+            for m in [*self._encoders(stages), self.dense_dit, self.dense_vae,
                       *[self.sparse_dits[r] for r in stages], *[self.sparse_vaes[r] for r in stages],
                       *[self.refiners[r] for r in stages if self.settings.refine and r in self.refiners]]:
                 _place(m, device, dtype)
         with self._timed("total", device), torch.inference_mode():
             with stage("prepare"):
-                rgb, mask = self._prepare(image)
-            with stage("condition"), self._on(self.conditioner, device, dtype, low_vram):
-                features = self.conditioner(rgb.to(device)).float()  # [1, T, C]
+                prepared = {e.image_size: self._prepare(image, e.image_size) for e in self._encoders(stages)}
+            with stage("condition"):
+                encoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(encoder) -> (features, mask)
+                for e in self._encoders(stages):
+                    rgb, mask = prepared[e.image_size]
+                    with self._on(e, device, dtype, low_vram):
+                        encoded[id(e)] = (e(rgb.to(device)).float(), mask)  # [1, T, C], [1, S, S]
+                features = {n: encoded[id(self.encoder_for(n))] for n in self._dit_names(stages)}
             with stage("dense"):
-                coords = self._dense_stage(features, mask, seed, steps, cfg, device, dtype, low_vram, progress)
+                coords = self._dense_stage(*features["dense_dit"], seed, steps, cfg, device, dtype, low_vram,
+                                           progress)
             if coords.shape[0] == 0 and not (structure is not None and stages[0] in structure):
                 raise RuntimeError(f"the dense stage produced an empty structure (no voxel with occupancy ≥ "
                                    f"{self.settings.occupancy_threshold}); try another seed or a lower "
@@ -390,29 +462,41 @@ class ImageTo3DPipeline:
                         with self._timed(f"index {r}", device):
                             coords = self._cascade_index(mesh, r, device)
                     timing.tokens[r] = int(coords.shape[0])
-                    mesh = self._sparse_stage(r, coords, features, mask, seed + 1 + i, steps, cfg, device, dtype,
-                                              low_vram, progress)
+                    mesh = self._sparse_stage(r, coords, *features[f"sparse_dit_{r}"], seed + 1 + i, steps, cfg,
+                                              device, dtype, low_vram, progress)
             with stage("post"):
                 mesh = self._post(mesh, faces)
         bar.close()
         return mesh
 
     # stage implementations ---------------------------------------------------------------------------
-    def _prepare(self, image: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _dit_names(stages: list[int]) -> list[str]:
+        return ["dense_dit", *[f"sparse_dit_{r}" for r in stages]]
+
+    def _encoders(self, stages: list[int]) -> list[nn.Module]:
+        """The distinct image encoders the DiTs of ``stages`` use, in first-use order."""
+        out: dict[int, nn.Module] = {}
+        for n in self._dit_names(stages):
+            e = self.encoder_for(n)
+            out.setdefault(id(e), e)
+        return list(out.values())
+
+    def _prepare(self, image: Any, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         from ..models.conditioner import preprocess_image
 
-        prepared = preprocess_image(image, size=self.conditioner.image_size)
+        prepared = preprocess_image(image, size=size)
         return prepared.rgb[None], prepared.mask[None]
 
-    def _condition(self, model: nn.Module, features: torch.Tensor, mask: torch.Tensor
+    def _condition(self, model: nn.Module, encoder: nn.Module, features: torch.Tensor, mask: torch.Tensor
                    ) -> tuple[ConditionTokens, ConditionTokens]:
         """(cond, uncond) for ``model``: foreground tokens with coords when it uses sparse conditions."""
         from ..models.conditioner import sparse_condition_tokens
 
         if getattr(model.config, "sparse_conditions", False):
             c = sparse_condition_tokens(features, mask.to(features.device),
-                                        patch_size=self.conditioner.patch_size,
-                                        num_prefix_tokens=self.conditioner.num_prefix_tokens)
+                                        patch_size=encoder.patch_size,
+                                        num_prefix_tokens=encoder.num_prefix_tokens)
         else:
             c = ConditionTokens(features)
         return c, ConditionTokens(torch.zeros_like(c.tokens), c.mask, c.coords)
@@ -435,9 +519,11 @@ class ImageTo3DPipeline:
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn(1, dit_cfg.in_channels, r, r, r, generator=gen).to(device)
         with self._on(self.dense_dit, device, dtype, low_vram):
-            cond, uncond = self._condition(self.dense_dit, features, mask)
+            cond, uncond = self._condition(self.dense_dit, self.encoder_for("dense_dit"), features, mask)
             latent = self._sample(self.dense_dit, noise, cond, uncond, self.settings.dense, steps, cfg, progress,
                                   "dense")
+        if self.settings.dense_latent is not None:
+            latent = self.settings.dense_latent.denormalize(latent, 1)
         with self._on(self.dense_vae, device, dtype, low_vram):
             logits = self.dense_vae.decode(latent.to(dtype))
         return self.dense_vae.occupied_coords(logits, self.settings.occupancy_threshold)[:, 1:]
@@ -459,9 +545,11 @@ class ImageTo3DPipeline:
         gen = torch.Generator().manual_seed(seed)
         noise = x.replace(torch.randn(n, dit.config.in_channels, generator=gen).to(device))
         with self._on(dit, device, dtype, low_vram):
-            cond, uncond = self._condition(dit, features, mask)
+            cond, uncond = self._condition(dit, self.encoder_for(f"sparse_dit_{r}"), features, mask)
             latent = self._sample(dit, noise, cond, uncond, self.settings.stage(r), steps, cfg, progress,
                                   f"sparse {r}")
+        if r in self.settings.sparse_latent:
+            latent = latent.replace(self.settings.sparse_latent[r].denormalize(latent.feats, 1))
         refiner = self.refiners.get(r) if self.settings.refine else None
         with_feat = isinstance(refiner, VoxelRefinerXL)
         with self._timed(f"decode {r}", device), self._on(vae, device, dtype, low_vram):

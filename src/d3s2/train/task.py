@@ -100,6 +100,9 @@ class TrainTask(Protocol):
 TASKS: dict[str, str] = {
     "toy": "d3s2.train.toy:ToyTask",
     "vae": "d3s2.models.vae.task:SparseVAETask",
+    "dense_vae": "d3s2.models.vae.dense_task:DenseVAETask",
+    "dit_dense": "d3s2.models.dit.task:DenseDiTTask",
+    "dit_sparse": "d3s2.models.dit.task:SparseDiTTask",
 }
 
 _RUNTIME: dict[str, type] = {}

@@ -180,6 +180,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, resume: str | Path | None = None,
                  command: Sequence[str] | None = None) -> None:
+        self.started = time.monotonic()  # train.max_minutes counts from here (setup included)
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         tc = cfg.train
@@ -443,7 +444,10 @@ class Trainer:
         return sums, grad_norm
 
     def run(self, *, stop_after: int | None = None) -> dict[str, float]:
-        """Train to ``train.max_steps``; returns the last logged training metrics.
+        """Train to ``train.max_steps`` (or until ``train.max_minutes`` have passed since the trainer was built);
+        returns the last logged training metrics. A time-limited run ends like a finished one: final checkpoint,
+        validation, export. The lr schedule still spans ``max_steps`` (``optim.schedule: constant`` suits
+        time-limited runs).
 
         ``stop_after``: return right after that step without the final checkpoint, validation or export, as if
         the process had been killed (for tests of resuming).
@@ -462,6 +466,7 @@ class Trainer:
         last: dict[str, float] = {}
         saved_at = start_step = self.step  # a resumed run starts right after its checkpoint
         consecutive_bad = 0
+        deadline = self.started + 60.0 * tc.max_minutes if tc.max_minutes > 0 else None
         data = self._steps()
         try:
             if self.step >= tc.max_steps:
@@ -519,6 +524,18 @@ class Trainer:
                     return last
                 if self.step >= tc.max_steps:
                     break
+                if deadline is not None and self._past(deadline):
+                    log.info("train.max_minutes = %g reached at step %d", tc.max_minutes, self.step)
+                    if (self.step % tc.log_every) and window_steps:
+                        local = {k: float(v) / window_steps for k, v in window.items()}
+                        elapsed = time.perf_counter() - window_start
+                        last = D.all_reduce_mean(local, self.info)
+                        last.update(lr=lr, tokens_per_s=window_tokens / max(elapsed, 1e-9),
+                                    tokens_per_step=window_tokens / window_steps,
+                                    step_time_s=elapsed / window_steps, epoch=float(epoch),
+                                    skipped_steps=float(skipped))
+                        self.logger.log(self.step, last)
+                    break
             if saved_at != self.step:
                 self.save_checkpoint()
             if tc.val_every and self.step % tc.val_every:
@@ -529,6 +546,11 @@ class Trainer:
             bar.close()
             self.logger.close()
         return last
+
+    def _past(self, deadline: float) -> bool:
+        """Whether any rank is past ``deadline`` (all ranks stop at the same step)."""
+        flag = float(time.monotonic() >= deadline)
+        return D.all_reduce_mean({"past": flag}, self.info)["past"] > 0
 
     def close(self) -> None:
         """Leave the process group (if this trainer joined one)."""

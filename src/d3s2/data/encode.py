@@ -1,0 +1,164 @@
+"""``d3s2 data encode``: every asset of a built data folder → its SS-VAE posterior (the DiTs' training latents).
+
+Output folder layout (a fixed format; GPU scripts write it too)::
+
+    ENC/encoded.json        {"format": "d3s2-latents", "resolution": R, "latent_resolution": R // 8,
+                             "channels": C, "band": τ, "vae": <the VAE folder as given>}
+    ENC/assets/<name>.npz   coords int16 [n, 3] latent-grid coords sorted lexicographically (x, y, z),
+                            mean float16 [n, C], logvar float16 [n, C]
+
+Every asset file is written atomically, and a re-run skips assets whose file exists (settings must match).
+The encoder sees SDF / τ of the build's band voxels, exactly as in VAE training (:mod:`d3s2.models.vae.task`).
+
+Dimension legend: N band voxels, n latent voxels, C latent channels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .build import asset_path, write_npz_atomic
+
+FORMAT = "d3s2-latents"
+SETTINGS_FILE = "encoded.json"
+
+
+@dataclass
+class EncodeSummary:
+    encoded: int = 0
+    skipped: int = 0  # already done
+    seconds: float = 0.0
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def read_settings(root: str | os.PathLike) -> dict:
+    """``encoded.json`` of a latent folder, checked."""
+    path = Path(root) / SETTINGS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{root} is not an encoded latent folder (no {SETTINGS_FILE}); run `d3s2 data encode`")
+    settings = json.loads(path.read_text())
+    if settings.get("format") != FORMAT:
+        raise ValueError(f"{path}: expected format {FORMAT!r}, got {settings.get('format')!r}")
+    return settings
+
+
+def latent_names(root: str | os.PathLike) -> list[str]:
+    """Sorted asset names of a latent folder (names may contain '/')."""
+    assets = Path(root) / "assets"
+    return sorted(p.relative_to(assets).as_posix()[:-4] for p in assets.rglob("*.npz")) if assets.is_dir() else []
+
+
+def load_latent(root: str | os.PathLike, name: str) -> dict[str, np.ndarray]:
+    """``coords`` int16 ``[n, 3]``, ``mean`` / ``logvar`` float16 ``[n, C]`` of one asset."""
+    with np.load(asset_path(root, name), allow_pickle=False) as z:
+        return {k: z[k] for k in ("coords", "mean", "logvar")}
+
+
+def load_vae(vae_dir: str | os.PathLike) -> tuple[torch.nn.Module, float]:
+    """The SS-VAE of a ``vae`` task export and its band τ (from ``vae_task.json``)."""
+    from ..models.registry import from_pretrained
+    from ..models.vae.task import TASK_FILE
+
+    root = Path(vae_dir)
+    task_file = root / TASK_FILE
+    if not task_file.is_file():
+        raise FileNotFoundError(f"expected {task_file}: an SS-VAE exported by `d3s2 train vae` (it records the band)")
+    band = float(json.loads(task_file.read_text())["band"])
+    model = from_pretrained(root)
+    if type(model).__name__ != "SparseSDFVAE":
+        raise ValueError(f"{root} holds a {type(model).__name__}, expected a SparseSDFVAE")
+    return model, band
+
+
+def _pack(sizes: Sequence[int], budget: int) -> list[list[int]]:
+    """Consecutive index groups whose sizes sum to at most ``budget`` (an oversized item goes alone)."""
+    groups: list[list[int]] = []
+    total = 0
+    for i, n in enumerate(sizes):
+        if groups and total + n <= budget:
+            groups[-1].append(i)
+            total += n
+        else:
+            groups.append([i])
+            total = n
+    return groups
+
+
+def encode_folder(data: str | os.PathLike, vae_dir: str | os.PathLike, out: str | os.PathLike, *,
+                  resolution: int = 256, device: str = "cpu", batch_tokens: int = 500_000,
+                  progress: bool = True) -> EncodeSummary:
+    """Encode every finished asset of built folder ``data`` at ``resolution`` into ``out`` (see module docstring).
+
+    Posterior parameters are taken in float32 (autocast bf16 on CUDA inside the encoder) and stored as float16.
+    """
+    from tqdm.auto import tqdm
+
+    from ..sparse import SparseTensor
+    from .dataset import SparseSDFDataset
+
+    t0 = time.perf_counter()
+    ds = SparseSDFDataset(data, resolution, split=None, with_blocks=False, with_image=False)
+    model, band = load_vae(vae_dir)
+    dev = torch.device(device)
+    model = model.to(dev)
+    channels = model.config.latent_channels
+    settings = {"format": FORMAT, "resolution": int(resolution), "latent_resolution": int(resolution) // 8,
+                "channels": int(channels), "band": band, "vae": str(vae_dir)}
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    settings_path = root / SETTINGS_FILE
+    if settings_path.is_file():
+        old = json.loads(settings_path.read_text())
+        diff = sorted(k for k in ("format", "resolution", "channels", "band") if old.get(k) != settings[k])
+        if diff:
+            raise ValueError(f"{root} was encoded with other settings ({', '.join(diff)}: {old} vs {settings}); "
+                             "use another --out")
+    else:
+        from ..train.checkpoint import atomic_write_text
+
+        atomic_write_text(settings_path, json.dumps(settings, indent=2) + "\n")
+    todo = [i for i, n in enumerate(ds.names) if not asset_path(root, n).is_file()]
+    summary = EncodeSummary(skipped=len(ds) - len(todo))
+    counts = ds.token_counts
+    groups = _pack([counts[i] for i in todo], batch_tokens)
+    use_bf16 = dev.type == "cuda"
+    bar = tqdm(total=len(todo), desc="encode", unit="asset", disable=not progress)
+    for group in groups:
+        idx = [todo[j] for j in group]
+        items = []
+        for i in idx:
+            try:
+                items.append(ds[i])
+            except (OSError, ValueError, KeyError) as err:  # unreadable or incomplete asset file
+                summary.failed[ds.names[i]] = f"{type(err).__name__}: {err}"
+                bar.update(1)
+        if not items:
+            continue
+        x = SparseTensor.from_samples([it["coords"] for it in items], [it["sdf"] / band for it in items],
+                                      resolution=resolution).to(dev)
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+            z, posterior = model.encode(x, sample_posterior=False)
+        coords = z.coords.cpu()
+        mean, logvar = posterior.mean.float().cpu(), posterior.logvar.float().cpu()
+        for b, item in enumerate(items):
+            rows = coords[:, 0] == b
+            c = coords[rows, 1:].numpy().astype(np.int64)
+            order = np.lexsort((c[:, 2], c[:, 1], c[:, 0]))  # x, then y, then z
+            write_npz_atomic(asset_path(root, item["name"]), {
+                "coords": c[order].astype(np.int16),
+                "mean": mean[rows].numpy()[order].astype(np.float16),
+                "logvar": logvar[rows].numpy()[order].astype(np.float16),
+            })
+            summary.encoded += 1
+            bar.update(1)
+    bar.close()
+    summary.seconds = time.perf_counter() - t0
+    return summary
