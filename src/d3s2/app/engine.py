@@ -350,7 +350,6 @@ class Engine:
             self._run(job)
             with self._cond:
                 self._running = None
-            self._enforce_cap()
 
     def _run(self, job: Job) -> None:
         try:
@@ -385,6 +384,7 @@ class Engine:
         job.status, job.error = status, error
         if status == "done":
             job.stage_index = job.stage_total
+            self._enforce_cap()  # before anyone waiting on the job looks at the folder
         job.finished.set()
 
     def _check_running(self, module: Any, args: Any) -> None:
@@ -415,7 +415,7 @@ class Engine:
             done = [j for j in self._jobs.values() if j.status == "done" and not j.expired]
         sizes = {j.id: sum(f.stat().st_size for f in j.folder.glob("*") if f.is_file()) for j in done}
         total = sum(sizes.values())
-        for job in done:  # insertion order = oldest first
+        for job in done[:-1]:  # insertion order = oldest first; the newest result always stays
             if total <= self.limits.results_cap_bytes:
                 break
             shutil.rmtree(job.folder, ignore_errors=True)
