@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch first: on a CPU box `torch==2.13.0` is the local CPU wheel; a bare `torch` would pull CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint install install-dev clean
+.PHONY: demo test lint install install-dev chromium clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -25,7 +25,16 @@ install-dev: $(VENV)/.installed-dev
 demo: $(VENV)/.installed
 	$(VENV)/bin/d3s2 demo --out out/demo
 
-test: $(VENV)/.installed-dev
+# Headless Chromium + ChromeDriver for tests/app/test_browser.py (Debian packages; only when missing).
+chromium:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	    chromium chromium-driver fonts-liberation; \
+	else echo "note: no chromium/chromedriver (as root: apt-get install chromium chromium-driver);" \
+	  "the browser test will be skipped"; fi
+
+test: $(VENV)/.installed-dev chromium
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
