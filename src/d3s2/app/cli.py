@@ -78,15 +78,21 @@ def _run_app(args: argparse.Namespace) -> int:
     # Before gradio builds anything: its upload and result copies go inside our output folder.
     os.environ["GRADIO_TEMP_DIR"] = str(out / "gradio")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+    import uvicorn
+    from fastapi import FastAPI
+
     from .web import build_app
 
     engine = _engine(args)
-    app = build_app(engine)
+    # Mounted on our own server rather than Blocks.launch(): launch() gives up when its 3 s self-check of the
+    # page times out (a busy machine), and uvicorn shuts down cleanly on Ctrl-C / SIGTERM.
+    server = gr.mount_gradio_app(FastAPI(), build_app(engine), path="/", server_name=args.host,
+                                 server_port=args.port, footer_links=["api"], show_error=True, ssr_mode=False,
+                                 max_file_size=engine.limits.max_upload_bytes, allowed_paths=[str(engine.jobs_dir)])
     print(f"d3s2 app: http://{args.host}:{args.port}, device {engine.device}, out {engine.out_dir}", flush=True)
     try:
-        app.launch(server_name=args.host, server_port=args.port, share=False, ssr_mode=False,
-                   max_file_size=engine.limits.max_upload_bytes, allowed_paths=[str(engine.jobs_dir)],
-                   footer_links=["api"], show_error=True, quiet=True)
+        uvicorn.run(server, host=args.host, port=args.port, log_level="warning")
     finally:
         engine.close()
     return 0
