@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import importlib.util
 import os
-from pathlib import Path
-
-logger = logging.getLogger(__name__)
 
 WEIGHTS_ENV = "D3S2_WEIGHTS"
 MIB = 2**20
@@ -45,13 +42,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_run_serve)
 
 
+def _require(*modules: str) -> None:
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RuntimeError(f"missing {', '.join(missing)}: install the app extra, pip install 'd3s2[app]'")
+
+
 def _engine(args: argparse.Namespace):
     from .engine import Engine, Limits
 
     if not args.weights:
         raise FileNotFoundError(f"missing weights: pass --weights DIR (a d3s2 pipeline folder) or set ${WEIGHTS_ENV}")
     for name in ("max_upload_mb", "max_pixels", "max_queue", "timeout", "results_cap_mb"):
-        if getattr(args, name) < (0 if name == "max_queue" else 1e-9):
+        if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * MIB), max_pixels=args.max_pixels,
                     max_queue=args.max_queue, timeout_s=args.timeout,
@@ -61,6 +64,7 @@ def _engine(args: argparse.Namespace):
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    _require("fastapi", "uvicorn", "python_multipart")
     import uvicorn
 
     from .service import create_service
@@ -68,15 +72,18 @@ def _run_serve(args: argparse.Namespace) -> int:
     engine = _engine(args)
     print(f"d3s2 serve: http://{args.host}:{args.port} (OpenAPI: /docs), device {engine.device}, "
           f"out {engine.out_dir}", flush=True)
-    uvicorn.run(create_service(engine), host=args.host, port=args.port, log_level="warning")
-    engine.close()
+    try:
+        uvicorn.run(create_service(engine), host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.close()  # also on a failed start (port taken); closing twice is harmless
     return 0
 
 
 def _run_app(args: argparse.Namespace) -> int:
-    out = Path(args.out).resolve()
+    _require("gradio", "fastapi", "uvicorn")
+    engine = _engine(args)
     # Before gradio builds anything: its upload and result copies go inside our output folder.
-    os.environ["GRADIO_TEMP_DIR"] = str(out / "gradio")
+    os.environ["GRADIO_TEMP_DIR"] = str(engine.out_dir / "gradio")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
     import uvicorn
@@ -84,7 +91,6 @@ def _run_app(args: argparse.Namespace) -> int:
 
     from .web import build_app
 
-    engine = _engine(args)
     # Mounted on our own server rather than Blocks.launch(): launch() gives up when its 3 s self-check of the
     # page times out (a busy machine), and uvicorn shuts down cleanly on Ctrl-C / SIGTERM.
     server = gr.mount_gradio_app(FastAPI(), build_app(engine), path="/", server_name=args.host,

@@ -22,6 +22,7 @@ import contextlib
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
@@ -89,7 +90,7 @@ def create_service(engine: Engine, *, close_engine: bool = True) -> FastAPI:
         except ValidationError as err:
             raise RequestError(422, "bad parameters: " + "; ".join(
                 f"{'.'.join(map(str, e['loc'])) or 'form'}: {e['msg']}" for e in err.errors())) from err
-        image = read_image(image_bytes, engine.limits)
+        image = await run_in_threadpool(read_image, image_bytes, engine.limits)  # decoding blocks: off the loop
         job = engine.submit_generate(image, GenerateParams(**form.model_dump()))
         return job.to_dict()
 
