@@ -50,7 +50,7 @@ def browser(tmp_path):
     driver.quit()
 
 
-def _wait_for(driver, css: str, timeout: float = 60):
+def _wait_for(driver, css: str, timeout: float = 120):  # generous: CI machines are shared
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
