@@ -46,9 +46,14 @@ def example_images() -> list[str]:
     return sorted(str(p) for p in root.iterdir() if p.name.endswith(".png"))
 
 
+def _error(message: str) -> gr.Error:
+    # Shown until closed: a message that fades after a few seconds is easy to miss.
+    return gr.Error(message, duration=None)
+
+
 def _read_upload(path: str | None) -> bytes:
     if not path:
-        raise gr.Error("upload an image first (or pick an example)")
+        raise _error("upload an image first (or pick an example)")
     return Path(path).read_bytes()
 
 
@@ -62,7 +67,7 @@ def preview(engine: Engine, path: str | None) -> np.ndarray | None:
         image = read_image(_read_upload(path), engine.limits)
         prepared = preprocess_image(image, size=max(engine.pipeline.conditioner.image_size, 256))
     except (RequestError, ValueError) as err:
-        raise gr.Error(str(err)) from err
+        raise _error(str(err)) from err
     rgb = prepared.rgb.permute(1, 2, 0).numpy()
     mask = np.repeat(prepared.mask.numpy()[..., None], 3, axis=2)
     return np.round(np.concatenate([rgb, mask], axis=1) * 255).astype(np.uint8)
@@ -75,7 +80,7 @@ def _wait(job: Any, progress: gr.Progress) -> None:
         elif job.stage_total:
             progress((job.stage_index, job.stage_total), desc=job.stage, unit="stages")
     if job.status != "done":
-        raise gr.Error(f"{job.kind} {job.status}: {job.error}")
+        raise _error(f"{job.kind} {job.status}: {job.error}")
 
 
 def _downloads(job: Any) -> list[str]:
@@ -116,7 +121,7 @@ def build_app(engine: Engine) -> gr.Blocks:
                                     faces=int(faces) if faces else None)
             job = engine.submit_generate(image, params)
         except RequestError as err:
-            raise gr.Error(err.message) from err
+            raise _error(err.message) from err
         _wait(job, progress)
         files = _downloads(job)
         return files[0], files, _summary(job)
@@ -124,12 +129,12 @@ def build_app(engine: Engine) -> gr.Blocks:
     def reconstruct(path: str | None, resolution: int,
                     progress: gr.Progress = gr.Progress()) -> tuple[str, str, list[str], str]:  # noqa: B008
         if not path:
-            raise gr.Error("upload a mesh first")
+            raise _error("upload a mesh first")
         try:
             mesh = read_mesh(Path(path).read_bytes(), Path(path).suffix, engine.limits)
             job = engine.submit_reconstruct(mesh, int(resolution))
         except RequestError as err:
-            raise gr.Error(err.message) from err
+            raise _error(err.message) from err
         _wait(job, progress)
         files = _downloads(job)
         return str(job.folder / f"{INPUT_NAME}.glb"), files[0], files, _summary(job)
