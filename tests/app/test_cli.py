@@ -23,3 +23,12 @@ def test_argument_errors(command, tmp_path, capsys, monkeypatch):
     assert "--max-queue must be positive, got 0" in capsys.readouterr().err
     assert main([command, "--weights", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 1
     assert "weights folder not found" in capsys.readouterr().err
+
+
+def test_no_cuda_is_a_clear_error(tiny_weights, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["serve", "--weights", str(tiny_weights), "--device", "cuda", "--out", str(tmp_path)]) == 1
+    assert "torch sees no CUDA device" in capsys.readouterr().err

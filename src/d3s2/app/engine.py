@@ -230,8 +230,10 @@ class Engine:
 
         from ..pipeline.image_to_3d import ImageTo3DPipeline
 
-        pipe = ImageTo3DPipeline.from_pretrained(weights, conditioner=conditioner)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device} asked for but torch sees no CUDA device; use --device cpu")
+        pipe = ImageTo3DPipeline.from_pretrained(weights, conditioner=conditioner)
         return cls(pipe, out_dir, device=device, limits=limits, band=band or _weights_band(Path(weights), pipe))
 
     # -------------------------------------------------------------------------------------------- submit

@@ -15,7 +15,6 @@ of uploads and results stay there too.
 
 from __future__ import annotations
 
-import logging
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -34,8 +33,6 @@ from .engine import (
     read_image,
     read_mesh,
 )
-
-logger = logging.getLogger(__name__)
 
 POLL_S = 0.2
 
