@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 # `d3s2 demo` says so and runs the mesh → sparse SDF → watertight mesh demo.
 DEMO_IMAGE ?= examples/horse_lusitano.png
 
-.PHONY: demo test lint install install-dev clean
+.PHONY: demo test lint install install-dev chromium clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -28,7 +28,16 @@ install-dev: $(VENV)/.installed-dev
 demo: $(VENV)/.installed
 	$(VENV)/bin/d3s2 demo --image $(DEMO_IMAGE) --out out/demo
 
-test: $(VENV)/.installed-dev
+# Headless Chromium + ChromeDriver for tests/app/test_browser.py (Debian packages; only when missing).
+chromium:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	    chromium chromium-driver fonts-liberation; \
+	else echo "note: no chromium/chromedriver (as root: apt-get install chromium chromium-driver);" \
+	  "the browser test will be skipped"; fi
+
+test: $(VENV)/.installed-dev chromium
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q
 

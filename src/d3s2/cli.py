@@ -22,6 +22,7 @@ SUBCOMMAND_MODULES = [
     "d3s2.pipeline.convert_cli",
     "d3s2.pipeline.cli",
     "d3s2.models.vae.cli",
+    "d3s2.app.cli",
 ]
 
 

@@ -15,7 +15,7 @@ OP_MODULES = [
 ]
 
 PACKAGES = ["torch", "triton", "numpy", "scipy", "trimesh", "libigl", "embreex", "scikit-image",
-            "safetensors", "transformers", "tensorboard", "spconv"]
+            "safetensors", "transformers", "tensorboard", "spconv", "gradio", "fastapi", "uvicorn"]
 
 
 def report() -> list[str]:

@@ -140,3 +140,17 @@ def test_structure_override(pipe):
     _check_mesh(mesh)
     with pytest.raises(ValueError, match="structure\\[64\\]"):
         pipe(rgba_image(), resolution=64, progress=False, device="cpu", structure={64: torch.zeros(0, 3)})
+
+
+def test_on_stage_reports_and_can_stop(pipe):
+    seen = []
+    pipe(rgba_image(), resolution=64, steps=1, progress=False, device="cpu",
+         on_stage=lambda name, i, n: seen.append((name, i, n)))
+    assert seen == [("prepare", 0, 5), ("condition", 1, 5), ("dense", 2, 5), ("sparse 64", 3, 5), ("post", 4, 5)]
+
+    def stop(name, i, n):
+        if name == "dense":
+            raise TimeoutError("stop here")
+
+    with pytest.raises(TimeoutError, match="stop here"):
+        pipe(rgba_image(), resolution=64, steps=1, progress=False, device="cpu", on_stage=stop)

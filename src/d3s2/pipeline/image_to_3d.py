@@ -46,7 +46,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -393,7 +393,8 @@ class ImageTo3DPipeline:
     def __call__(self, image: Any, *, resolution: int | None = None, seed: int = 0, steps: int | None = None,
                  cfg: float | None = None, faces: int | None = None, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, progress: bool = True, low_vram: bool | None = None,
-                 structure: Mapping[int, torch.Tensor] | None = None) -> trimesh.Trimesh:
+                 structure: Mapping[int, torch.Tensor] | None = None,
+                 on_stage: Callable[[str, int, int], None] | None = None) -> trimesh.Trimesh:
         """Generate a mesh from ``image`` (path, PIL image or uint8 ``[H, W, 3|4]``; RGBA preferred).
 
         Args:
@@ -406,6 +407,8 @@ class ImageTo3DPipeline:
             structure: ``{mesh resolution: int [N, 3] latent coords}`` used instead of that stage's own token
                 set (the dense structure or the cascade index), e.g. a known layout for benchmarks; the dense
                 stage still runs.
+            on_stage: called as ``on_stage(name, index, total)`` when each stage starts (progress reports; an
+                exception it raises stops the run, e.g. a timeout).
         """
         resolution = self.resolutions[-1] if resolution is None else int(resolution)
         if resolution not in self.resolutions:
@@ -424,6 +427,8 @@ class ImageTo3DPipeline:
         @contextlib.contextmanager
         def stage(name: str) -> Iterator[None]:
             bar.set_postfix_str(name)
+            if on_stage is not None:
+                on_stage(name, names.index(name), len(names))
             with self._timed(name, device):
                 yield
             bar.update(1)

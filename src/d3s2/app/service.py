@@ -1,0 +1,152 @@
+"""``d3s2 serve``: the JSON HTTP API (FastAPI) over an :class:`~d3s2.app.engine.Engine`.
+
+Endpoints (the OpenAPI schema is at ``/openapi.json``, interactive docs at ``/docs``):
+
+* ``POST /v1/generate``: ``multipart/form-data`` with an ``image`` file and optional fields ``resolution``,
+  ``seed``, ``steps``, ``cfg``, ``faces`` → 202 ``{"id": ..., "status": "queued", ...}``. Errors: 400 empty
+  upload, 413 upload or image too large, 415 not an image, 422 bad parameter, 429 queue full, 503 shutting down.
+* ``GET /v1/jobs/{id}``: status (``queued``, ``running``, ``done``, ``failed``, ``timeout``, ``cancelled``), the
+  current stage and its index, progress in [0, 1], the result summary or the error. 404 for an unknown id.
+* ``DELETE /v1/jobs/{id}``: cancel (a running job stops at its next stage or model call).
+* ``GET /v1/jobs/{id}/mesh.glb`` (also ``.obj`` / ``.ply``): the mesh; 409 while not done, 410 once the results
+  size cap removed it.
+* ``GET /healthz``: device, resolutions and queue state.
+
+The body is read with a byte cap and parsed in memory: an upload never touches the disk outside the engine's
+output folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from .engine import MESH_FORMATS, Engine, GenerateParams, RequestError, mesh_bytes, read_image
+
+MEDIA_TYPES = {"glb": "model/gltf-binary", "obj": "model/obj", "ply": "application/octet-stream"}
+FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small parameter fields
+
+
+class GenerateForm(BaseModel):
+    """The parameter fields of ``POST /v1/generate`` (the ``image`` file part comes beside them)."""
+
+    model_config = {"extra": "forbid"}
+
+    resolution: int | None = Field(None, description="mesh resolution, one of /healthz 'resolutions' "
+                                   "(default: the highest)")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    steps: int | None = Field(None, ge=1, description="sampling steps of every stage (default: per stage)")
+    cfg: float | None = Field(None, ge=0, description="guidance scale of every stage (default: per stage)")
+    faces: int | None = Field(None, ge=1, description="decimate to about this many faces")
+
+
+_GENERATE_BODY = {
+    "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["image"],
+        "properties": {"image": {"type": "string", "format": "binary",
+                                 "description": "PNG/JPEG/WebP/BMP/TIFF; RGBA with the object's alpha works best"},
+                       "resolution": {"type": "integer"}, "seed": {"type": "integer", "default": 0},
+                       "steps": {"type": "integer"}, "cfg": {"type": "number"}, "faces": {"type": "integer"}}}}}},
+}
+
+
+def create_service(engine: Engine, *, close_engine: bool = True) -> FastAPI:
+    """The FastAPI app; with ``close_engine`` the engine is closed when the server shuts down."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        if close_engine:
+            engine.close()
+
+    from .. import __version__
+
+    app = FastAPI(title="d3s2", version=__version__, lifespan=lifespan,
+                  description="Direct3D-S2 image → watertight 3D mesh. Submit an image, poll the job, fetch the "
+                              "mesh.")
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, err: RequestError) -> JSONResponse:
+        headers = {"Retry-After": "5"} if err.status in (429, 503) else None
+        return JSONResponse({"detail": err.message}, status_code=err.status, headers=headers)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        return {"status": "ok", "device": engine.device, "resolutions": engine.pipeline.resolutions,
+                "queue": engine.queue_state()}
+
+    @app.post("/v1/generate", status_code=202, openapi_extra=_GENERATE_BODY)
+    async def generate(request: Request) -> dict[str, Any]:
+        image_bytes, fields = await _read_form(request, engine.limits.max_upload_bytes)
+        try:
+            form = GenerateForm.model_validate(fields)
+        except ValidationError as err:
+            raise RequestError(422, "bad parameters: " + "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'form'}: {e['msg']}" for e in err.errors())) from err
+        image = await run_in_threadpool(read_image, image_bytes, engine.limits)  # decoding blocks: off the loop
+        job = engine.submit_generate(image, GenerateParams(**form.model_dump()))
+        return job.to_dict()
+
+    @app.get("/v1/jobs/{job_id}")
+    def job_status(job_id: str) -> dict[str, Any]:
+        return engine.get(job_id).to_dict()
+
+    @app.delete("/v1/jobs/{job_id}")
+    def job_cancel(job_id: str) -> dict[str, Any]:
+        return engine.cancel(job_id).to_dict()
+
+    @app.get("/v1/jobs/{job_id}/mesh.{fmt}", responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}})
+    def job_mesh(job_id: str, fmt: str) -> Response:
+        job = engine.get(job_id)
+        if fmt not in MESH_FORMATS:
+            raise RequestError(404, f"unknown format {fmt[:16]!r}: expected one of {', '.join(MESH_FORMATS)}")
+        if job.expired:
+            raise RequestError(410, f"job {job.id}: the result was removed (results size cap)")
+        path = job.file("mesh.glb")
+        if path is None:
+            raise RequestError(409, f"job {job.id} is {job.status}: no mesh" + (f" ({job.error})" if job.error
+                                                                               else ""))
+        return Response(mesh_bytes(path, fmt), media_type=MEDIA_TYPES[fmt],
+                        headers={"Content-Disposition": f'attachment; filename="{job.id}.{fmt}"'})
+
+    return app
+
+
+async def _read_form(request: Request, max_upload: int) -> tuple[bytes, dict[str, str]]:
+    """(image bytes, other fields) of a multipart body read with a byte cap, all in memory."""
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith("multipart/form-data"):
+        raise RequestError(415, f"expected a multipart/form-data body with an 'image' file, got {ctype or 'none'}")
+    cap = max_upload + FORM_OVERHEAD
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > cap:
+        raise RequestError(413, f"upload too large: {declared} bytes, the limit is {max_upload}")
+
+    async def capped():
+        n = 0
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > cap:
+                raise RequestError(413, f"upload too large: more than {max_upload} bytes")
+            yield chunk
+
+    parser = MultiPartParser(request.headers, capped(), max_files=1, max_fields=16, max_part_size=1024)
+    parser.spool_max_size = cap  # keep the file part in memory: nothing is written to the system temp folder
+    try:
+        form = await parser.parse()
+    except MultiPartException as err:
+        raise RequestError(400, f"malformed form: {err.message}") from err
+    image = form.get("image")
+    if not isinstance(image, UploadFile):
+        raise RequestError(400, "missing the 'image' file field")
+    data = await image.read()
+    await image.close()
+    fields = {k: v for k, v in form.multi_items() if k != "image" and isinstance(v, str) and v != ""}
+    return data, fields

@@ -1,0 +1,120 @@
+"""The job engine in-process: upload checks, timeouts, the results size cap, reconstruct jobs."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import trimesh
+from PIL import Image
+
+from d3s2.app.engine import Engine, GenerateParams, Limits, RequestError, read_image, read_mesh
+from d3s2.geometry.render import encode_png
+
+from ..pipeline.tiny import rgba_image, tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+@pytest.fixture
+def engine(pipe, tmp_path):
+    eng = Engine(pipe, tmp_path / "out", device="cpu", limits=Limits(max_queue=2, timeout_s=60), band=2 / 64)
+    yield eng
+    eng.close()
+    assert not eng._thread.is_alive()
+
+
+def test_read_image_modes_and_limits():
+    rgba = read_image(encode_png(rgba_image()), Limits())
+    assert rgba.shape == (40, 40, 4) and rgba.dtype == np.uint8
+    buf = io.BytesIO()
+    Image.fromarray(rgba_image()[..., :3]).save(buf, format="JPEG")
+    assert read_image(buf.getvalue(), Limits()).shape == (40, 40, 3)
+    buf = io.BytesIO()
+    pal = Image.fromarray(rgba_image()).convert("P")
+    pal.info["transparency"] = 0
+    pal.save(buf, format="PNG", transparency=0)
+    assert read_image(buf.getvalue(), Limits()).shape[2] == 4  # palette transparency becomes alpha
+    buf = io.BytesIO()
+    Image.fromarray(rgba_image()).save(buf, format="GIF")
+    with pytest.raises(RequestError, match="unsupported image format GIF") as err:
+        read_image(buf.getvalue(), Limits())
+    assert err.value.status == 415
+    with pytest.raises(RequestError, match="pixels") as err:
+        read_image(encode_png(rgba_image(40)), Limits(max_pixels=1000))
+    assert err.value.status == 413
+    with pytest.raises(RequestError, match="upload too large") as err:
+        read_image(encode_png(rgba_image(40)), Limits(max_upload_bytes=10))
+    assert err.value.status == 413
+    truncated = encode_png(rgba_image())[:60]
+    with pytest.raises(RequestError) as err:
+        read_image(truncated, Limits())
+    assert err.value.status == 415
+
+
+def test_read_mesh():
+    box = trimesh.creation.box()
+    mesh = read_mesh(box.export(file_type="glb"), ".GLB", Limits())
+    assert len(mesh.faces) == 12
+    with pytest.raises(RequestError, match="mesh too large: 12 faces") as err:
+        read_mesh(box.export(file_type="glb"), ".glb", Limits(max_mesh_faces=10))
+    assert err.value.status == 413
+    with pytest.raises(RequestError, match="unsupported mesh file type .exe") as err:
+        read_mesh(b"MZ", ".exe", Limits())
+    assert err.value.status == 415
+    with pytest.raises(RequestError, match="cannot read the mesh"):
+        read_mesh(b"definitely not a glb", ".glb", Limits())
+    with pytest.raises(RequestError, match="empty upload"):
+        read_mesh(b"", ".obj", Limits())
+
+
+def test_timeout_stops_a_running_job(engine):
+    engine.limits.timeout_s = 0.5
+    job = engine.submit_generate(rgba_image(), GenerateParams(resolution=128, steps=100))
+    assert job.finished.wait(60)
+    assert job.status == "timeout" and job.error == "timed out after 0.5 s"
+    assert not job.folder.exists()
+    # A job that waited past its deadline never starts.
+    engine.limits.timeout_s = 0.0
+    late = engine.submit_generate(rgba_image(), GenerateParams(resolution=64, steps=1))
+    assert late.finished.wait(30) and late.status == "timeout" and "in the queue" in late.error
+
+
+def test_results_size_cap(engine):
+    first = engine.submit_generate(rgba_image(), GenerateParams(resolution=64, steps=1))
+    assert first.finished.wait(60) and first.status == "done", first.error
+    size = sum(f.stat().st_size for f in first.folder.iterdir())
+    engine.limits.results_cap_bytes = size + size // 2  # room for one result only
+    second = engine.submit_generate(rgba_image(), GenerateParams(resolution=64, steps=1))
+    assert second.finished.wait(60) and second.status == "done"
+    assert first.expired and not first.folder.exists() and first.file("mesh.glb") is None
+    assert not second.expired and second.file("mesh.glb") is not None
+    assert [p.name for p in engine.jobs_dir.iterdir()] == [second.id]
+
+
+def test_reconstruct_job(engine):
+    sphere = trimesh.creation.icosphere(subdivisions=2)
+    job = engine.submit_reconstruct(sphere, 64)
+    assert job.finished.wait(60), "reconstruct did not finish"
+    assert job.status == "done", job.error
+    assert job.result["input_faces"] == len(sphere.faces) and job.result["resolution"] == 64
+    out = trimesh.load(job.file("mesh.glb"), force="mesh")
+    assert len(out.faces) == job.result["faces"] > 0
+    assert len(trimesh.load(job.file("input.glb"), force="mesh").faces) == len(sphere.faces)
+    with pytest.raises(RequestError, match="expected resolution in \\[64, 128\\], got 96"):
+        engine.submit_reconstruct(sphere, 96)
+
+
+def test_close_cancels_waiting_jobs(pipe, tmp_path):
+    eng = Engine(pipe, tmp_path / "out", device="cpu", limits=Limits(max_queue=2))
+    running = eng.submit_generate(rgba_image(), GenerateParams(resolution=128, steps=100))
+    waiting = eng.submit_generate(rgba_image(), GenerateParams(resolution=64, steps=1))
+    eng.close()
+    assert running.status == "cancelled" and waiting.status == "cancelled"
+    with pytest.raises(RequestError, match="shutting down") as err:
+        eng.submit_generate(rgba_image(), GenerateParams())
+    assert err.value.status == 503

@@ -1,0 +1,165 @@
+"""`d3s2 serve` in a subprocess on localhost, driven over HTTP with the tiny random pipeline."""
+
+from __future__ import annotations
+
+import io
+import time
+import uuid
+
+import numpy as np
+import pytest
+import trimesh
+
+from d3s2.geometry.render import encode_png
+
+from ..pipeline.tiny import rgba_image
+from .conftest import Server, pid_alive, port_open
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+MAX_PIXELS = 200_000
+MAX_UPLOAD_MB = 0.25
+
+
+@pytest.fixture(scope="module")
+def server(tiny_weights, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    srv = Server("serve", tiny_weights, root / "out", root / "cwd", "--max-queue", "1", "--max-pixels",
+                 str(MAX_PIXELS), "--max-upload-mb", str(MAX_UPLOAD_MB), "--timeout", "60", ready_path="/healthz")
+    yield srv
+    srv.kill()  # only if a test failed before test_shutdown_leaves_nothing_running
+
+
+def _post(server, data: bytes, filename: str = "in.png", **fields) -> httpx.Response:
+    return httpx.post(server.url + "/v1/generate", files={"image": (filename, data, "image/png")},
+                      data={k: str(v) for k, v in fields.items()}, timeout=30)
+
+
+def _wait(server, job_id: str, status=("done", "failed", "timeout", "cancelled"), timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        r = httpx.get(f"{server.url}/v1/jobs/{job_id}", timeout=10)
+        assert r.status_code == 200, r.text
+        job = r.json()
+        if job["status"] in status:
+            return job
+        assert time.monotonic() < deadline, f"job still {job['status']} after {timeout} s"
+        time.sleep(0.1)
+
+
+def _detail(r: httpx.Response) -> str:
+    return r.json()["detail"]
+
+
+def test_health_and_openapi(server):
+    r = httpx.get(server.url + "/healthz")
+    assert r.status_code == 200
+    assert r.json()["resolutions"] == [64, 128] and r.json()["device"] == "cpu"
+    paths = httpx.get(server.url + "/openapi.json").json()["paths"]
+    assert {"/v1/generate", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/mesh.{fmt}", "/healthz"} <= set(paths)
+    assert "multipart/form-data" in paths["/v1/generate"]["post"]["requestBody"]["content"]
+
+
+def test_generate_round_trip(server):
+    r = _post(server, encode_png(rgba_image()), resolution=64, seed=0, steps=1)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    assert uuid.UUID(hex=job_id).hex == job_id and r.json()["status"] in ("queued", "running")
+    job = _wait(server, job_id)
+    assert job["status"] == "done", job
+    assert job["progress"] == 1.0 and job["stage_index"] == job["stage_total"] == 5  # prepare … post
+    r = httpx.get(f"{server.url}/v1/jobs/{job_id}/mesh.glb")
+    assert r.status_code == 200 and r.headers["content-type"] == "model/gltf-binary"
+    mesh = trimesh.load(io.BytesIO(r.content), file_type="glb", force="mesh")
+    assert len(mesh.faces) == job["result"]["faces"] > 0
+    assert mesh.is_watertight == job["result"]["watertight"]
+    obj = httpx.get(f"{server.url}/v1/jobs/{job_id}/mesh.obj")
+    assert obj.status_code == 200
+    assert len(trimesh.load(io.BytesIO(obj.content), file_type="obj", force="mesh").faces) == len(mesh.faces)
+    # The result lives in the output folder under the server-made id, and nothing else was written.
+    assert (server.out / "jobs" / job_id / "mesh.glb").is_file()
+    assert not list((server.out.parent / "cwd").iterdir())
+
+
+def _png(width: int, height: int) -> bytes:
+    img = np.zeros((height, width, 4), np.uint8)
+    img[height // 4: height // 2, width // 4: width // 2] = 255
+    return encode_png(img)
+
+
+@pytest.mark.parametrize("case, status, message", [
+    ("not an image", 415, "not an image"),
+    ("empty file", 400, "empty upload"),
+    ("too many pixels", 413, "image too large: 600x400 = 240000 pixels, the limit is 200000"),
+    ("too many bytes", 413, "upload too large"),
+    ("no image field", 400, "missing the 'image' file field"),
+    ("not multipart", 415, "expected a multipart/form-data body"),
+    ("bad seed", 422, "seed"),
+    ("bad resolution", 422, "expected resolution in [64, 128], got 512"),
+    ("unknown field", 422, "bogus"),
+])
+def test_bad_uploads(server, case, status, message):
+    good = encode_png(rgba_image())
+    if case == "not an image":
+        r = _post(server, b"%PDF-1.4 this is not a picture", filename="x.png")
+    elif case == "empty file":
+        r = _post(server, b"")
+    elif case == "too many pixels":
+        r = _post(server, _png(600, 400))
+    elif case == "too many bytes":
+        r = _post(server, np.random.default_rng(0).bytes(int(MAX_UPLOAD_MB * 2**20) + 70_000))
+    elif case == "no image field":
+        r = httpx.post(server.url + "/v1/generate", files={"picture": ("in.png", good, "image/png")})
+    elif case == "not multipart":
+        r = httpx.post(server.url + "/v1/generate", content=good, headers={"content-type": "image/png"})
+    elif case == "bad seed":
+        r = _post(server, good, seed=-1)
+    elif case == "bad resolution":
+        r = _post(server, good, resolution=512)
+    else:
+        r = _post(server, good, bogus=1)
+    assert r.status_code == status, r.text
+    assert message in _detail(r)
+    assert httpx.get(server.url + "/healthz").json()["queue"]["waiting"] == 0  # nothing was queued
+
+
+@pytest.mark.parametrize("path, status, message", [
+    ("/v1/jobs/" + "0" * 32, 404, "unknown job id"),
+    ("/v1/jobs/not-a-job", 404, "unknown job id"),
+    ("/v1/jobs/%2e%2e%2f%2e%2e%2fetc%2fpasswd", 404, ""),
+    ("/v1/jobs/" + "0" * 32 + "/mesh.glb", 404, "unknown job id"),
+])
+def test_unknown_jobs(server, path, status, message):
+    r = httpx.get(server.url + path)
+    assert r.status_code == status
+    assert message in r.text
+
+
+def test_queue_full_then_cancel(server):
+    png = encode_png(rgba_image())
+    # Many steps through the 128³ cascade: seconds of work, so the worker is busy while we fill the queue.
+    running = _post(server, png, resolution=128, steps=100).json()["id"]
+    _wait(server, running, status=("running",), timeout=30)
+    waiting = _post(server, png, resolution=64, steps=1)
+    assert waiting.status_code == 202, waiting.text
+    full = _post(server, png, resolution=64, steps=1)
+    assert full.status_code == 429
+    assert _detail(full) == "queue full: 1 jobs waiting (limit 1); retry later"
+    assert full.headers["retry-after"]
+    r = httpx.get(f"{server.url}/v1/jobs/{running}/mesh.glb")
+    assert r.status_code == 409 and "is running" in _detail(r)
+    for job_id in (waiting.json()["id"], running):
+        assert httpx.delete(f"{server.url}/v1/jobs/{job_id}").status_code == 200
+    assert _wait(server, running, timeout=30)["status"] == "cancelled"  # stopped at its next model call
+    assert _wait(server, waiting.json()["id"])["status"] == "cancelled"
+    assert not (server.out / "jobs" / running).exists()
+    r = httpx.get(f"{server.url}/v1/jobs/{running}/mesh.glb")
+    assert r.status_code == 409 and "cancelled" in _detail(r)
+
+
+def test_shutdown_leaves_nothing_running(server):
+    children = server.children()
+    assert server.stop() == 0, server.log.read_text()
+    assert not port_open(server.port)
+    assert not [p for p in [server.proc.pid, *children] if pid_alive(p)]
