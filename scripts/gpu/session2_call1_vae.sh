@@ -21,9 +21,9 @@ $TR --out /tmp/vae_run --max-steps $STEPS --train.ckpt_every=100000 > $LOG/train
 el "train rc=$?"; tail -2 /tmp/vae_run/train_log.jsonl; cp /tmp/vae_run/train_log.jsonl /tmp/res/
 (CUDA_VISIBLE_DEVICES=0 timeout 135 python3 -m d3s2.cli eval vae --data /tmp/d256 --weights /tmp/vae_run/export --split test --samples 50000 \
    --device cuda --json /tmp/res/vae_eval_test.json > $LOG/eval.log 2>&1; echo "eval rc=$?" >> $LOG/eval.log) &
-CUDA_VISIBLE_DEVICES=1 timeout 90 python3 .gpu/run1/encode.py /tmp/d256 /tmp/vae_run/export /tmp/enc 256 520 > $LOG/encode.log 2>&1
+CUDA_VISIBLE_DEVICES=1 timeout 90 python3 scripts/gpu/session2_call1_encode.py /tmp/d256 /tmp/vae_run/export /tmp/enc 256 520 > $LOG/encode.log 2>&1
 el "encode rc=$?"
-python3 .gpu/run1/pack.py /tmp/d256 /tmp/enc /tmp/vae_run/export /tmp/packdir ${NTRAIN:-450} > $LOG/pack.log 2>&1
+python3 scripts/gpu/session2_call1_pack.py /tmp/d256 /tmp/enc /tmp/vae_run/export /tmp/packdir ${NTRAIN:-450} > $LOG/pack.log 2>&1
 el "pack rc=$?"; cat $LOG/pack.log
 wait; el "eval done"; cat $LOG/eval.log | tail -12
 cp /tmp/vae_run/config.yaml /tmp/vae_run/run.json /tmp/res/ 2>/dev/null
