@@ -17,8 +17,9 @@ def test_commands_registered():
 @pytest.mark.parametrize("command", ["app", "serve"])
 def test_argument_errors(command, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("D3S2_WEIGHTS", raising=False)
+    monkeypatch.setattr("d3s2.pipeline.demo_weights_dir", lambda: tmp_path / "no_demo_pipeline")
     assert main([command, "--out", str(tmp_path / "out")]) == 1
-    assert "missing weights: pass --weights DIR" in capsys.readouterr().err
+    assert "the bundled demo pipeline is missing" in capsys.readouterr().err
     assert main([command, "--weights", str(tmp_path), "--max-queue", "0"]) == 1
     assert "--max-queue must be positive, got 0" in capsys.readouterr().err
     assert main([command, "--weights", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 1

@@ -12,7 +12,8 @@ MIB = 2**20
 
 def _common(p: argparse.ArgumentParser, port: int, out: str) -> None:
     p.add_argument("--weights", default=os.environ.get(WEIGHTS_ENV),
-                   help=f"pipeline folder (pipeline.json + components); default ${WEIGHTS_ENV}")
+                   help=f"pipeline folder (pipeline.json + components); default ${WEIGHTS_ENV}, else the bundled "
+                        "demo pipeline")
     p.add_argument("--conditioner", default=None,
                    help="image encoder weights when the folder has none (DINOv2 Hugging Face folder or .pth)")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
@@ -49,18 +50,17 @@ def _require(*modules: str) -> None:
 
 
 def _engine(args: argparse.Namespace):
+    from ..pipeline.cli import resolve_weights
     from .engine import Engine, Limits
 
-    if not args.weights:
-        raise FileNotFoundError(f"missing weights: pass --weights DIR (a d3s2 pipeline folder) or set ${WEIGHTS_ENV}")
     for name in ("max_upload_mb", "max_pixels", "max_queue", "timeout", "results_cap_mb"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * MIB), max_pixels=args.max_pixels,
                     max_queue=args.max_queue, timeout_s=args.timeout,
                     results_cap_bytes=int(args.results_cap_mb * MIB))
-    return Engine.from_weights(args.weights, args.out, device=args.device, conditioner=args.conditioner,
-                               limits=limits, band=args.band)
+    return Engine.from_weights(resolve_weights(args.weights), args.out, device=args.device,
+                               conditioner=args.conditioner, limits=limits, band=args.band)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
