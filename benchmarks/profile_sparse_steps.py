@@ -72,6 +72,38 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def graph_experiment(model, noise, cond, uncond, reps: int) -> dict:
+    """One CFG forward captured in a CUDA graph: replay ms vs eager ms at the same input, and whether the two
+    outputs are equal (a measurement of the launch overhead, not a code path of the package)."""
+    from d3s2.flow.sampler import _cat2
+    from d3s2.sparse import SparseTensor
+
+    device = noise.device
+    pair = SparseTensor.cat([noise, noise])
+    x = pair.replace(pair.feats.clone())
+    both = _cat2(cond, uncond)
+    t = torch.full((2,), 500.0, device=device)
+    eager = [model(x, t, both).feats.clone() for _ in range(2)][-1]  # builds the structure caches
+    eager_s = timed(lambda: [model(x, t, both) for _ in range(reps)], device) / reps
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            model(x, t, both)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(x, t, both)
+        graph.replay()
+        _sync(device)
+        diff = (out.feats.float() - eager.float()).abs().max().item()
+        graph_s = timed(lambda: [graph.replay() for _ in range(reps)], device) / reps
+    except RuntimeError as e:  # a host sync inside the forward makes the capture fail: report it
+        return {"eager_ms": round(1000 * eager_s, 2), "graph_error": str(e)[:500]}
+    return {"eager_ms": round(1000 * eager_s, 2), "graph_ms": round(1000 * graph_s, 2),
+            "graph_max_abs_diff": diff, "graph_equal": bool(torch.equal(out.feats, eager))}
+
+
 def profile_table(model, noise, cond, uncond, steps: int, device: torch.device, rows: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -111,6 +143,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--profile-steps", type=int, default=3, help="steps under the profiler (first resolution); 0: off")
     ap.add_argument("--rows", type=int, default=30, help="rows of each top-ops table")
+    ap.add_argument("--cuda-graph", action="store_true", help="also time one forward replayed from a CUDA graph")
     ap.add_argument("--label", default="", help="appended to the output file names (e.g. before / after)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default=None, help="default $OUT, else benchmarks/results")
@@ -139,6 +172,8 @@ def main() -> None:
             total = timed(partial(run_steps, model, noise, cond, uncond, args.steps), device)
             row = {"resolution": r, "tokens": int(noise.num_voxels), "first_step_s": round(first, 3),
                    "steps": args.steps, "ms_per_step": round(1000 * total / args.steps, 2)}
+            if args.cuda_graph and device.type == "cuda":
+                row["cuda_graph"] = graph_experiment(model, noise, cond, uncond, args.steps)
             if i == 0 and args.profile_steps > 0:
                 row["profile"] = profile_table(model, noise, cond, uncond, args.profile_steps, device, args.rows)
         print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
@@ -161,6 +196,9 @@ def markdown(result: dict) -> str:
              "| resolution | tokens | first step s | ms / step |", "|---:|---:|---:|---:|"]
     for r in result["runs"]:
         lines.append(f"| {r['resolution']} | {r['tokens']} | {r['first_step_s']} | {r['ms_per_step']} |")
+    for r in result["runs"]:
+        if "cuda_graph" in r:
+            lines += ["", f"CUDA graph at {r['resolution']}: {r['cuda_graph']}"]
     for r in result["runs"]:
         prof = r.get("profile")
         if not prof:
