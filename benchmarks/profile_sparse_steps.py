@@ -72,6 +72,29 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def sync_points(model, noise, cond, uncond) -> dict:
+    """Host syncs of one sampling call of 1 and of 3 steps (``torch.cuda.set_sync_debug_mode``): their
+    difference / 2 is the syncs per step after the first; the top Python lines that issued them."""
+    import collections
+    import warnings
+
+    out = {}
+    for steps in (1, 3):
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                run_steps(model, noise, cond, uncond, steps)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        sites = collections.Counter(f"{w.filename.split('src/')[-1]}:{w.lineno}" for w in caught
+                                    if "synchroniz" in str(w.message))
+        out[f"syncs_{steps}_steps"] = sum(sites.values())
+        out[f"sites_{steps}_steps"] = dict(sites.most_common(12))
+    out["syncs_per_later_step"] = (out["syncs_3_steps"] - out["syncs_1_steps"]) / 2
+    return out
+
+
 def graph_experiment(model, noise, cond, uncond, reps: int) -> dict:
     """One CFG forward captured in a CUDA graph: replay ms vs eager ms at the same input, and whether the two
     outputs are equal (a measurement of the launch overhead, not a code path of the package)."""
@@ -144,6 +167,7 @@ def main() -> None:
     ap.add_argument("--profile-steps", type=int, default=3, help="steps under the profiler (first resolution); 0: off")
     ap.add_argument("--rows", type=int, default=30, help="rows of each top-ops table")
     ap.add_argument("--cuda-graph", action="store_true", help="also time one forward replayed from a CUDA graph")
+    ap.add_argument("--sync-debug", action="store_true", help="list the host syncs of the sampling steps")
     ap.add_argument("--label", default="", help="appended to the output file names (e.g. before / after)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default=None, help="default $OUT, else benchmarks/results")
@@ -172,6 +196,8 @@ def main() -> None:
             total = timed(partial(run_steps, model, noise, cond, uncond, args.steps), device)
             row = {"resolution": r, "tokens": int(noise.num_voxels), "first_step_s": round(first, 3),
                    "steps": args.steps, "ms_per_step": round(1000 * total / args.steps, 2)}
+            if args.sync_debug and device.type == "cuda":
+                row["sync_debug"] = sync_points(model, noise, cond, uncond)
             if args.cuda_graph and device.type == "cuda":
                 row["cuda_graph"] = graph_experiment(model, noise, cond, uncond, args.steps)
             if i == 0 and args.profile_steps > 0:
@@ -197,8 +223,9 @@ def markdown(result: dict) -> str:
     for r in result["runs"]:
         lines.append(f"| {r['resolution']} | {r['tokens']} | {r['first_step_s']} | {r['ms_per_step']} |")
     for r in result["runs"]:
-        if "cuda_graph" in r:
-            lines += ["", f"CUDA graph at {r['resolution']}: {r['cuda_graph']}"]
+        for key in ("cuda_graph", "sync_debug"):
+            if key in r:
+                lines += ["", f"{key} at {r['resolution']}: {r[key]}"]
     for r in result["runs"]:
         prof = r.get("profile")
         if not prof:
