@@ -67,3 +67,21 @@ def test_bench_vae_tiny(tmp_path):
     assert r["train_1024"][0]["decoded_voxels"] > 0 and np.isfinite(r["train_lo"]["loss"])
     sizes = r["meshes"][0]["resolutions"]
     assert sizes["64"]["decoded_voxels"] == 512 * sizes["64"]["latent_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_profile_sparse_steps_tiny(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_sparse_steps.py"), "--tiny", "--device", "cpu",
+           "--resolutions", "128", "--steps", "1", "--warmup", "0", "--profile-steps", "1", "--rows", "5",
+           "--out-dir", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((out / "profile_sparse_tiny_cpu.json").read_text())
+    run = r["runs"][0]
+    assert run["tokens"] > 0 and run["ms_per_step"] > 0
+    assert "self_cpu_time_total" in run["profile"]["tables"]
+    assert "## Profile at 128" in (out / "profile_sparse_tiny_cpu.md").read_text()

@@ -109,3 +109,40 @@ def test_seeded_sampling_is_reproducible_and_errors_are_clear():
         euler_sigmas(0)
     with pytest.raises(TypeError, match="cannot batch conditions"):
         sample_euler(model, torch.zeros(1, 3), steps=2, cond=object(), uncond=object(), guidance_scale=2.0)
+
+
+class _SparseCondModel(torch.nn.Module):
+    """Sparse model whose output uses a structure-cached value, recording which cache each call saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+        self.caches, self.builds = [], 0
+
+    def _build(self, x):
+        self.builds += 1
+        return x.coords[:, 1:].float().sum(1, keepdim=True)
+
+    def forward(self, x, t, cond):
+        self.caches.append(id(x._cache))
+        pos = x.cached("test_pos", lambda: self._build(x))
+        return x.replace(self.lin(x.feats) * torch.tanh(t / 1000)[x.batch_index][:, None] + cond[x.batch_index] + pos)
+
+
+def test_sparse_cfg_reuses_one_structure_across_steps_and_matches_per_step_cat():
+    model = _SparseCondModel()
+    noise = SparseTensor.from_samples([torch.tensor([[0, 0, 0], [1, 2, 3]]), torch.tensor([[2, 2, 2]])],
+                                      [torch.randn(2, 3), torch.randn(1, 3)], resolution=4)
+    cond, uncond = torch.randn(2, 3), torch.zeros(2, 3)
+    out = sample_euler(model, noise, steps=4, cond=cond, uncond=uncond, guidance_scale=5.0, shift=3.0)
+    assert len(set(model.caches)) == 1 and model.builds == 1  # structure work done once, not per step
+    x = noise.feats.clone()
+    sig = euler_sigmas(4, shift=3.0)
+    with torch.no_grad():
+        for i in range(4):
+            t = torch.full((4,), float(sig[i]) * 1000)
+            xx = SparseTensor.cat([noise.replace(x), noise.replace(x)])  # a fresh structure, as before
+            v = model(xx, t, torch.cat([cond, uncond])).feats
+            vc, vu = v[:3], v[3:]
+            x = x + float(sig[i + 1] - sig[i]) * (vu + 5.0 * (vc - vu))
+    assert torch.equal(out.feats, x) and torch.equal(out.coords, noise.coords)

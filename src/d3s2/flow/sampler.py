@@ -116,11 +116,15 @@ def sample_euler(
     b = _batch_size(noise)
     device = state.device
     both = _cat2(cond, uncond) if guided else None
+    # The doubled batch's coordinates never change: build it once so that its structure cache (SSA layouts,
+    # block sorts, window partitions, padding plans) is built on the first step and reused by every later one.
+    pair = SparseTensor.cat([noise, noise]) if guided and sparse else None
     for i in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
         x = noise.replace(state.to(noise.dtype)) if sparse else state.to(noise.dtype)
         t = torch.full((b,), float(sigmas[i]) * num_train_timesteps, dtype=torch.float32, device=device)
         if guided:
-            v = model(_cat2(x, x), torch.cat([t, t]), both)
+            xx = pair.replace(torch.cat([x.feats, x.feats], 0)) if sparse else _cat2(x, x)
+            v = model(xx, torch.cat([t, t]), both)
             v_c, v_u = _halves(v, x)
             vel = v_u.float() + guidance_scale * (v_c.float() - v_u.float())
         else:

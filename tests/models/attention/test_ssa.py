@@ -158,3 +158,28 @@ def test_triton_backend_matches_torch_backend():
     a = m(x, backend="torch").feats
     b = m(x, backend="triton").feats
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_block_mean_matches_segment_reduce_and_its_gradient(dtype):
+    """The sync-free padded-gather mean equals torch.segment_reduce's: exactly up to float32 summation order
+    (float32 / float64), and within one rounding of the bfloat16 output (both accumulate in float32)."""
+    from d3s2.models.attention.ssa import _block_mean
+    from d3s2.ops.ssa import build_ssa_layout
+
+    x = _input([37, 3, 20], 8, 5, seed=3)
+    layout = build_ssa_layout(x, m_cmp=2, m_slc=4, m_win=4)
+    feats = x.feats.to(dtype).requires_grad_()
+    got = _block_mean(feats, x, layout)
+    lengths = (layout.cmp_offsets[1:] - layout.cmp_offsets[:-1]).long()
+    ref_in = feats.detach().requires_grad_()
+    ref = torch.segment_reduce(ref_in.float() if dtype != torch.float64 else ref_in, "mean", lengths=lengths,
+                               axis=0).to(dtype)
+    assert got.shape == (layout.num_cmp, 5) and got.dtype == dtype
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 2.0**-7}[dtype]
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+    w = torch.randn_like(got, dtype=torch.float32).to(dtype)
+    (got * w).sum().backward()
+    (ref * w).sum().backward()
+    torch.testing.assert_close(feats.grad, ref_in.grad, rtol=tol, atol=tol)
+    assert torch.equal(_block_mean(feats.detach(), x, layout), got.detach())  # deterministic, cached rows

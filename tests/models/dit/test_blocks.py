@@ -2,7 +2,16 @@ import pytest
 import torch
 
 from d3s2.models.dit import ConditionTokens
-from d3s2.models.dit.blocks import CrossAttention, MultiHeadRMSNorm, SparseFullAttention, attention, pad_ragged
+from d3s2.models.dit.blocks import (
+    CrossAttention,
+    MultiHeadRMSNorm,
+    SparseFullAttention,
+    attention,
+    pad_ragged,
+    ragged_pad_plan,
+    sparse_pad_plan,
+)
+from d3s2.sparse import SparseTensor
 
 from .common import random_sparse
 
@@ -20,6 +29,37 @@ def test_pad_ragged_roundtrip_and_mask():
     assert padded.shape == (3, 5, 1)
     assert torch.equal(padded[rows[0], rows[1]], x)
     assert valid.tolist() == [[True, True, False, False, False], [False] * 5, [True] * 5]
+
+
+def test_pad_plan_uniform_lengths_is_a_reshape_equal_to_the_scatter():
+    x = torch.randn(6, 2, 3)
+    cu = torch.tensor([0, 3, 6], dtype=torch.int32)
+    plan = ragged_pad_plan(cu)
+    assert plan.uniform and plan.max_len == 3
+    padded, rows, valid = pad_ragged(x, cu, plan)
+    assert torch.equal(padded, x.view(2, 3, 2, 3)) and bool(valid.all())
+    assert torch.equal(padded[rows[0], rows[1]], x)
+    ragged = ragged_pad_plan(torch.tensor([0, 2, 6], dtype=torch.int32))
+    assert not ragged.uniform and ragged.max_len == 4
+
+
+def test_cross_and_full_attention_same_with_cached_pad_plan_on_a_cfg_pair():
+    x = random_sparse(counts=(5,), channels=16)
+    pair = SparseTensor.cat([x, x.replace(torch.randn_like(x.feats))])  # equal halves: the uniform path
+    plan = sparse_pad_plan(pair)
+    assert plan.uniform and sparse_pad_plan(pair) is plan  # cached on the structure
+    xattn = CrossAttention(16, 12, num_heads=2)
+    cond = ConditionTokens(torch.randn(2, 4, 12))
+    fast = xattn(pair.feats, cond, pair.cu_seqlens, pad_plan=plan)
+    cu = pair.cu_seqlens.tolist()
+    for b in range(2):
+        ref = xattn(pair.feats[None, cu[b]:cu[b + 1]], ConditionTokens(cond.tokens[b:b + 1]))[0]
+        torch.testing.assert_close(fast[cu[b]:cu[b + 1]], ref)
+    attn = SparseFullAttention(16, 4, 2)
+    out = attn(pair).feats
+    for b in range(2):
+        one = SparseTensor(pair.feats[cu[b]:cu[b + 1]], x.coords, resolution=x.resolution, batch_size=1)
+        torch.testing.assert_close(out[cu[b]:cu[b + 1]], attn(one).feats)
 
 
 def test_gqa_attention_matches_naive_and_masked_keys_are_ignored():

@@ -202,3 +202,19 @@ def test_bf16_dq_partials():
     got = kernels.block_attn_bwd(do, q, k, v, o, lse, off, idx, plan, 0.3, dq_partial_dtype=torch.bfloat16)
     assert 0 < _rel(got[0], ref[0]) < s * 2.0**-8
     assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])  # dK/dV do not use the partials
+
+
+def test_selection_plan_lists_match_a_bincount():
+    """The sync-free plan (searchsorted bounds) equals the bincount / exclusive-cumsum definition."""
+    from d3s2.ops.block_attn import triton as kernels
+
+    n, hkv, s, nb = 37, 2, 4, 6
+    idx = random_selection(n, hkv, s, nb, empty_frac=0.25).to(DEV)
+    idx[0, 0, 0] = nb + 3  # out of range: an empty slot, like -1
+    plan = kernels.selection_plan(idx, nb)
+    g = torch.arange(hkv, device=idx.device)[None, :, None]
+    key = torch.where((idx >= 0) & (idx < nb), g * nb + idx, hkv * nb).flatten().long()
+    counts = torch.bincount(key, minlength=hkv * nb + 1)[: hkv * nb]
+    assert torch.equal(plan.list_count.long(), counts)
+    assert torch.equal(plan.list_start.long(), torch.cumsum(counts, 0) - counts)
+    assert torch.equal(plan.entry.long(), torch.sort(key, stable=True).indices)

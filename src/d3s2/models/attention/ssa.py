@@ -20,14 +20,30 @@ from ...ops.ssa import SSALayout, build_ssa_layout, spatial_sparse_attention
 from ...sparse import SparseConv3d, SparseGroupNorm, SparseSiLU, SparseTensor
 
 
-def _block_mean(feats: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """``[M, C]`` mean of each contiguous row segment ``offsets[i] : offsets[i + 1]`` of ``feats [N, C]``.
+def _block_gather(x: SparseTensor, layout: SSALayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 ``[NBc, Lmax]`` token rows of each compression block (padding: row N) and int64 ``[NBc]`` lengths,
+    cached on x (one host sync when built, none per call)."""
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
+        offsets = layout.cmp_offsets.long()
+        lengths = offsets[1:] - offsets[:-1]
+        lmax = int(lengths.max()) if lengths.numel() else 0
+        pos = torch.arange(lmax, device=offsets.device)
+        rows = torch.where(pos[None] < lengths[:, None], offsets[:-1, None] + pos[None], layout.num_tokens)
+        return rows, lengths
+    return x.cached(f"ssa_cmp_gather_{layout.m_cmp}_{layout.m_slc}", build)
 
-    A segment reduction in at least float32 (deterministic, unlike a scatter with atomics), cast back.
+
+def _block_mean(feats: torch.Tensor, x: SparseTensor, layout: SSALayout) -> torch.Tensor:
+    """``[NBc, C]`` mean of each compression block's contiguous rows of ``feats [N, C]`` (block order).
+
+    A padded gather and a fixed-order sum in at least float32, cast back: deterministic (each token fills one
+    slot, so the gather's backward never accumulates two real rows) and free of host syncs, unlike
+    ``torch.segment_reduce``, which checks its lengths on the host on every call.
     """
-    lengths = (offsets[1:] - offsets[:-1]).long()
+    rows, lengths = _block_gather(x, layout)
     acc = torch.promote_types(feats.dtype, torch.float32)
-    return torch.segment_reduce(feats.to(acc), "mean", lengths=lengths, axis=0).to(feats.dtype)
+    ext = torch.cat([feats.to(acc), feats.new_zeros(1, feats.shape[1], dtype=acc)])  # [N + 1, C], row N = 0
+    return (ext[rows].sum(1) / lengths[:, None].to(acc)).to(feats.dtype)
 
 
 def _sorted_template(x: SparseTensor, layout: SSALayout) -> SparseTensor:
@@ -58,7 +74,7 @@ class CompressionV1(nn.Module):
     def forward(self, feats: torch.Tensor, x: SparseTensor, layout: SSALayout) -> torch.Tensor:
         """feats ``[N, C]`` in block order → ``[NBc, C]``."""
         h = self.act_layers(_sorted_template(x, layout).replace(feats)).feats
-        return _block_mean(h, layout.cmp_offsets)
+        return _block_mean(h, x, layout)
 
 
 class CompressionV2(nn.Module):
@@ -76,8 +92,8 @@ class CompressionV2(nn.Module):
         """feats ``[N, C]`` in block order → ``[NBc, C]``."""
         h = self.act_layers(_sorted_template(x, layout).replace(feats)).feats
         coarse = _coarse_template(x, layout)
-        h = self.out_layers(coarse.replace(_block_mean(h, layout.cmp_offsets))).feats
-        return h + _block_mean(feats, layout.cmp_offsets)
+        h = self.out_layers(coarse.replace(_block_mean(h, x, layout))).feats
+        return h + _block_mean(feats, x, layout)
 
 
 class SpatialSparseAttention(nn.Module):

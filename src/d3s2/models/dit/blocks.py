@@ -9,6 +9,8 @@ H heads, Hkv key/value heads, D head dim, C channels.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,21 +60,62 @@ def _split_heads(channels: int, num_heads: int) -> int:
     return channels // num_heads
 
 
-def pad_ragged(x: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class RaggedPadPlan:
+    """Where the rows of a ragged batch go when padded to ``[B, Lmax]`` (see :func:`ragged_pad_plan`).
+
+    Attributes:
+        rows: int64 ``[2, N]`` (sample, position) of each row.
+        valid: bool ``[B, Lmax]`` key mask, True on real rows.
+        max_len: Lmax.
+        uniform: every sample has Lmax rows, so padding is a reshape.
+    """
+
+    rows: torch.Tensor
+    valid: torch.Tensor
+    max_len: int
+    uniform: bool
+
+
+def ragged_pad_plan(cu_seqlens: torch.Tensor) -> RaggedPadPlan:
+    """The :class:`RaggedPadPlan` of ragged rows with sample offsets ``cu_seqlens [B+1]`` (one host sync)."""
+    counts = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    b = counts.numel()
+    lmin, lmax = torch.stack([counts.min(), counts.max()]).tolist() if b else (0, 0)
+    dev = cu_seqlens.device
+    sample = torch.repeat_interleave(torch.arange(b, device=dev), counts)  # [N]
+    pos = torch.arange(sample.numel(), device=dev) - cu_seqlens.long()[sample]  # [N]
+    valid = torch.arange(lmax, device=dev)[None] < counts[:, None]
+    return RaggedPadPlan(torch.stack([sample, pos]), valid, int(lmax), lmin == lmax)
+
+
+def sparse_pad_plan(x: SparseTensor) -> RaggedPadPlan:
+    """:func:`ragged_pad_plan` of x's samples, cached on x's structure (built once per token layout)."""
+    return x.cached("ragged_pad_plan", lambda: ragged_pad_plan(x.cu_seqlens))
+
+
+def pad_ragged(x: torch.Tensor, cu_seqlens: torch.Tensor, plan: RaggedPadPlan | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pad ragged rows ``x [N, ...]`` (sample b = rows ``cu[b]:cu[b+1]``) to ``[B, Lmax, ...]``.
 
     Returns ``(padded, rows, valid)``: ``rows = (sample, position)`` int64 ``[2, N]`` to gather back with
-    ``padded[rows[0], rows[1]]``, and the bool key mask ``valid [B, Lmax]``.
+    ``padded[rows[0], rows[1]]``, and the bool key mask ``valid [B, Lmax]``. ``plan`` (from
+    :func:`ragged_pad_plan` of the same ``cu_seqlens``) skips rebuilding the indices.
     """
-    counts = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    b = counts.numel()
-    lmax = int(counts.max()) if b else 0
-    sample = torch.repeat_interleave(torch.arange(b, device=x.device), counts)  # [N]
-    pos = torch.arange(x.shape[0], device=x.device) - cu_seqlens.long()[sample]  # [N]
-    padded = x.new_zeros(b, lmax, *x.shape[1:])
-    padded[sample, pos] = x
-    valid = torch.arange(lmax, device=x.device)[None] < counts[:, None]
-    return padded, torch.stack([sample, pos]), valid
+    plan = ragged_pad_plan(cu_seqlens) if plan is None else plan
+    b = plan.valid.shape[0]
+    if plan.uniform:  # equal lengths (e.g. the two halves of a CFG batch): no scatter needed
+        return x.reshape(b, plan.max_len, *x.shape[1:]), plan.rows, plan.valid
+    padded = x.new_zeros(b, plan.max_len, *x.shape[1:])
+    padded[plan.rows[0], plan.rows[1]] = x
+    return padded, plan.rows, plan.valid
+
+
+def _unpad(y: torch.Tensor, plan: RaggedPadPlan) -> torch.Tensor:
+    """Inverse of :func:`pad_ragged`: ``[B, Lmax, ...]`` → ``[N, ...]``."""
+    if plan.uniform:
+        return y.reshape(-1, *y.shape[2:])
+    return y[plan.rows[0], plan.rows[1]]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -144,9 +187,10 @@ class SparseFullAttention(nn.Module):
         q = self.proj_q(f).view(n, self.num_heads, self.head_dim)
         k = self.proj_k(f).view(n, self.num_kv_heads, self.head_dim)
         v = self.proj_v(f).view(n, self.num_kv_heads, self.head_dim)
-        qkv, rows, valid = pad_ragged(torch.cat([q, k, v], 1), x.cu_seqlens)  # [B, Lmax, H + 2Hkv, D]
+        plan = sparse_pad_plan(x)
+        qkv, _, valid = pad_ragged(torch.cat([q, k, v], 1), x.cu_seqlens, plan)  # [B, Lmax, H + 2Hkv, D]
         qp, kp, vp = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
-        out = attention(qp, kp, vp, valid)[rows[0], rows[1]]  # [N, H, D]
+        out = _unpad(attention(qp, kp, vp, valid), plan)  # [N, H, D]
         return x.replace(self.proj_o(out.reshape(n, -1)))
 
 
@@ -161,8 +205,10 @@ class CrossAttention(nn.Module):
         self.to_kv = nn.Linear(cond_channels, 2 * channels)
         self.to_out = nn.Linear(channels, channels)
 
-    def forward(self, x: torch.Tensor, cond: ConditionTokens, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        """``x [B, T, C]`` dense, or ragged ``[N, C]`` with ``cu_seqlens [B+1]``; returns the same shape."""
+    def forward(self, x: torch.Tensor, cond: ConditionTokens, cu_seqlens: torch.Tensor | None = None, *,
+                pad_plan: RaggedPadPlan | None = None) -> torch.Tensor:
+        """``x [B, T, C]`` dense, or ragged ``[N, C]`` with ``cu_seqlens [B+1]`` (and optionally its cached
+        ``pad_plan``, see :func:`sparse_pad_plan`); returns the same shape."""
         ctx = cond.tokens.to(x.dtype)
         b, l, _ = ctx.shape
         k, v = self.to_kv(ctx).view(b, l, 2, self.num_heads, self.head_dim).unbind(2)
@@ -173,8 +219,9 @@ class CrossAttention(nn.Module):
             raise ValueError(f"expected {cu_seqlens.numel() - 1} condition samples, got {b}")
         if b == 1:  # no padding needed
             return self.to_out(attention(q[None], k, v, cond.mask)[0].flatten(-2))
-        qp, rows, _ = pad_ragged(q, cu_seqlens)
-        return self.to_out(attention(qp, k, v, cond.mask)[rows[0], rows[1]].flatten(-2))
+        plan = ragged_pad_plan(cu_seqlens) if pad_plan is None else pad_plan
+        qp, _, _ = pad_ragged(q, cu_seqlens, plan)
+        return self.to_out(_unpad(attention(qp, k, v, cond.mask), plan).flatten(-2))
 
 
 class ModulatedCrossBlock(nn.Module):
@@ -208,6 +255,9 @@ class ModulatedCrossBlock(nn.Module):
         a = self.norm1(h) * (1 + scale1) + shift1
         a = self.self_attn(x.replace(a)).feats if sparse else self.self_attn(a)
         h = h + gate1 * a
-        h = h + self.cross_attn(self.norm2(h), cond, x.cu_seqlens if sparse else None)
+        if sparse:
+            h = h + self.cross_attn(self.norm2(h), cond, x.cu_seqlens, pad_plan=sparse_pad_plan(x))
+        else:
+            h = h + self.cross_attn(self.norm2(h), cond)
         h = h + gate2 * self.mlp(self.norm3(h) * (1 + scale2) + shift2)
         return x.replace(h) if sparse else h

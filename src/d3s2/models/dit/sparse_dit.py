@@ -121,7 +121,10 @@ class SparseDiT(nn.Module):
             raise ValueError(f"expected condition tokens [{x.batch_size}, L, {cfg.cond_channels}], got "
                              f"{tuple(cond.tokens.shape)}")
         dtype = self.dtype
-        h = self.input_layer(x.feats.to(dtype)) + self.pos_embedder(x.coords[:, 1:]).to(dtype)
+        pe = self.pos_embedder
+        # Parameter-free, so it is a function of the token layout: computed once per layout (not per step).
+        ape = x.cached(f"ape_{pe.channels}_{pe.factor}", lambda: pe(x.coords[:, 1:]))
+        h = self.input_layer(x.feats.to(dtype)) + ape.to(dtype)
         h = x.replace(h)
         t_emb = self.t_embedder(t).to(dtype)
         for block in self.blocks:
