@@ -62,7 +62,9 @@ def preview(engine: Engine, path: str | None) -> np.ndarray | None:
         return None
     try:
         image = read_image(_read_upload(path), engine.limits)
-        prepared = preprocess_image(image, size=max(engine.pipeline.conditioner.image_size, 256))
+        # The first stage's encoder (the shared conditioner, or the dense DiT's own one).
+        encoder = engine.pipeline.encoder_for("dense_dit")
+        prepared = preprocess_image(image, size=max(encoder.image_size, 256))
     except (RequestError, ValueError) as err:
         raise _error(str(err)) from err
     rgb = prepared.rgb.permute(1, 2, 0).numpy()

@@ -1,0 +1,38 @@
+"""The web app's preview of the conditioner input, for shared and per-DiT image encoders."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from d3s2.pipeline.image_to_3d import ImageTo3DPipeline
+
+from ..pipeline.tiny import rgba_image, tiny_pipeline
+
+pytest.importorskip("gradio")
+
+
+def _png(tmp_path) -> str:
+    path = tmp_path / "in.png"
+    Image.fromarray(rgba_image(40)).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("own_encoders", [False, True])
+def test_preview_uses_the_first_stage_encoder(tmp_path, own_encoders):
+    from d3s2.app.engine import Limits
+    from d3s2.app.web import preview
+
+    pipe = tiny_pipeline()
+    if own_encoders:  # as the trained demo pipeline: no shared conditioner, one encoder per DiT
+        own = {n: pipe.conditioner for n in ("dense_dit", *[f"sparse_dit_{r}" for r in pipe.resolutions])}
+        pipe = ImageTo3DPipeline(None, pipe.dense_dit, pipe.dense_vae, pipe.sparse_dits, pipe.sparse_vaes,
+                                 pipe.settings, conditioners=own)
+    out = preview(SimpleNamespace(pipeline=pipe, limits=Limits()), _png(tmp_path))
+    size = max(pipe.encoder_for("dense_dit").image_size, 256)
+    assert out.shape == (size, 2 * size, 3) and out.dtype == np.uint8
+    mask = out[:, size:, 0]
+    assert 0 < (mask > 127).mean() < 1  # the foreground mask is neither empty nor everything
