@@ -76,6 +76,18 @@ def random_dino(device: str) -> tuple[torch.nn.Module, str]:
             return SmallImageEncoder(cfg), "ViT-L-sized SmallImageEncoder (transformers missing)"
 
 
+def tiny_shell_layouts(pipe) -> dict[int, torch.Tensor]:
+    """A ball shell per tiny resolution (stands in for a layouts file in --tiny runs)."""
+    out = {}
+    for r in pipe.resolutions:
+        g = r // 8
+        ax = torch.arange(g)
+        c = torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), -1).reshape(-1, 3)
+        d = ((c.float() + 0.5) / g * 2 - 1).norm(dim=1)
+        out[r] = c[(d - 0.6).abs() < 1.5 / g].to(torch.int32)
+    return out
+
+
 def rgba_disc(size: int = 512) -> np.ndarray:
     """uint8 ``[size, size, 4]``: an opaque disc on a transparent background (no background removal needed)."""
     img = np.zeros((size, size, 4), np.uint8)

@@ -31,6 +31,7 @@ from _common import (
     load_layouts,
     random_dino,
     rgba_disc,
+    tiny_shell_layouts,
     write_outputs,
 )
 
@@ -66,18 +67,6 @@ def set_outputs(pipe, seed: int) -> None:
         for v in pipe.sparse_vaes.values():
             v.decoder.out_layer.weight.zero_()
             v.decoder.out_layer.bias.fill_(-0.5)
-
-
-def tiny_layouts(pipe) -> dict[int, torch.Tensor]:
-    """A ball shell at each tiny resolution (no shared data needed)."""
-    out = {}
-    for r in pipe.resolutions:
-        g = r // 8
-        ax = torch.arange(g)
-        c = torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), -1).reshape(-1, 3)
-        d = ((c.float() + 0.5) / g * 2 - 1).norm(dim=1)
-        out[r] = c[(d - 0.6).abs() < 1.5 / g].to(torch.int32)
-    return out
 
 
 def run_one(pipe, resolution: int, structure: dict[int, torch.Tensor], args) -> dict:
@@ -138,7 +127,7 @@ def main() -> None:
         set_outputs(pipe, args.seed)
     resolutions = args.resolutions or pipe.resolutions
     layouts_path = args.layouts or (None if args.tiny else DEFAULT_LAYOUTS)
-    structure = load_layouts(layouts_path, args.layout, pipe.resolutions) if layouts_path else tiny_layouts(pipe)
+    structure = load_layouts(layouts_path, args.layout, pipe.resolutions) if layouts_path else tiny_shell_layouts(pipe)
     rows, index = [], None
     for r in resolutions:
         for rep in range(args.repeats):

@@ -34,7 +34,17 @@ import time
 from pathlib import Path
 
 import torch
-from _common import DEFAULT_LAYOUTS, ROOT, environment, gib, load_layouts, random_dino, rgba_disc, write_outputs
+from _common import (
+    DEFAULT_LAYOUTS,
+    ROOT,
+    environment,
+    gib,
+    load_layouts,
+    random_dino,
+    rgba_disc,
+    tiny_shell_layouts,
+    write_outputs,
+)
 
 PUBLISHED_NEEDS_GB = {512: "at least 10 GB", 1024: "about 24 GB"}  # the published README
 
@@ -97,18 +107,6 @@ def pin_surfaces(pipe) -> None:
         for ref in pipe.refiners.values():
             if isinstance(ref, VoxelRefinerXL):
                 ref.adaptive_conv3[-1].weight.zero_()  # zero filter weights → zero output → tanh 0
-
-
-def tiny_shell_layouts(pipe) -> dict[int, torch.Tensor]:
-    """A ball shell per tiny resolution (when no layouts file is given)."""
-    out = {}
-    for r in pipe.resolutions:
-        g = r // 8
-        ax = torch.arange(g)
-        c = torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), -1).reshape(-1, 3)
-        d = ((c.float() + 0.5) / g * 2 - 1).norm(dim=1)
-        out[r] = c[(d - 0.6).abs() < 1.5 / g].to(torch.int32)
-    return out
 
 
 def run(pipe, resolution: int, structure: dict[int, torch.Tensor], args, steps: int | None) -> dict:

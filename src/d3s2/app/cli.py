@@ -6,17 +6,13 @@ import argparse
 import importlib.util
 import os
 
-WEIGHTS_ENV = "D3S2_WEIGHTS"
 MIB = 2**20
 
 
 def _common(p: argparse.ArgumentParser, port: int, out: str) -> None:
-    p.add_argument("--weights", default=os.environ.get(WEIGHTS_ENV),
-                   help=f"pipeline folder (pipeline.json + components); default ${WEIGHTS_ENV}, else the bundled "
-                        "demo pipeline")
-    p.add_argument("--conditioner", default=None,
-                   help="image encoder weights when the folder has none (DINOv2 Hugging Face folder or .pth)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    from ..pipeline.cli import add_weights_arguments
+
+    add_weights_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=port, help=f"port (default {port})")
     p.add_argument("--out", default=out, help=f"the only folder written to: job results, upload copies "

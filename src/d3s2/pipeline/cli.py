@@ -21,6 +21,16 @@ FORMATS = ("glb", "obj", "ply")
 WEIGHTS_ENV = "D3S2_WEIGHTS"
 
 
+
+def add_weights_arguments(p: argparse.ArgumentParser) -> None:
+    """``--weights``, ``--conditioner`` and ``--device``, shared by every command that runs a pipeline."""
+    p.add_argument("--weights", default=os.environ.get(WEIGHTS_ENV),
+                   help=f"pipeline folder (pipeline.json + components); default ${WEIGHTS_ENV}, else the bundled "
+                        "demo pipeline")
+    p.add_argument("--conditioner", default=None,
+                   help="image encoder weights when the folder has none (DINOv2 Hugging Face folder or .pth)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="image(s) → watertight 3D mesh(es)",
                               description="Generate one mesh per input image (RGBA with the object's alpha works "
@@ -33,12 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampling steps for every stage (default: per stage)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale for every stage (default: per stage)")
     p.add_argument("--faces", type=int, default=None, help="decimate to about N faces")
-    p.add_argument("--weights", default=os.environ.get(WEIGHTS_ENV),
-                   help=f"pipeline folder (pipeline.json + components); default ${WEIGHTS_ENV}, else the bundled "
-                        "demo pipeline")
-    p.add_argument("--conditioner", default=None,
-                   help="image encoder weights when the folder has none (DINOv2 Hugging Face folder or .pth)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    add_weights_arguments(p)
     p.add_argument("--low-vram", action="store_true", help="keep models on the CPU between their stages")
     p.add_argument("--format", choices=FORMATS, default="glb")
     p.add_argument("--occupancy-threshold", type=float, default=None,
