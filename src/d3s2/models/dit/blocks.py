@@ -250,7 +250,7 @@ class ModulatedCrossBlock(nn.Module):
         sparse = isinstance(x, SparseTensor)
         h = x.feats if sparse else x
         mod = self.adaLN_modulation(t_emb).to(h.dtype)  # [B, 6C]
-        mod = mod[x.batch_index] if sparse else mod[:, None, :]  # one row per token, or broadcast over T
+        mod = mod.index_select(0, x.batch_index) if sparse else mod[:, None, :]  # a row per token, or broadcast
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
         a = self.norm1(h) * (1 + scale1) + shift1
         a = self.self_attn(x.replace(a)).feats if sparse else self.self_attn(a)
