@@ -7,6 +7,10 @@ the velocity ``noise - x0``, so one Euler step is ``x ← x + (sigma_next - sigm
 
 With guidance, the conditional and unconditional passes run as ONE batched forward: the batch is
 ``[x, x]`` with conditions ``[cond, uncond]``; ``v = v_u + scale·(v_c - v_u)``.
+
+The condition is constant over a stage: a model with ``prepare_condition(cond)`` (the DiTs: condition
+embedding and every block's cross-attention keys/values) gets it prepared once and the result at every step.
+On CUDA the per-step call is replayed from a CUDA graph (:mod:`d3s2.flow.cuda_graph`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..sparse import SparseTensor
+from .cuda_graph import GraphedStep, use_cuda_graphs
 from .training import NUM_TRAIN_TIMESTEPS, Latent, shift_timesteps
 
 ModelFn = Callable[[Latent, torch.Tensor, Any], Latent]
@@ -63,10 +68,9 @@ def _cat2(a: Any, b: Any) -> Any:
     return cat([a, b])
 
 
-def _halves(v: Latent, x: Latent) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split a doubled-batch prediction into its (cond, uncond) feature halves."""
+def _halves(v: Latent, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a doubled-batch prediction of ``2n`` rows into its (cond, uncond) feature halves."""
     f = v.feats if isinstance(v, SparseTensor) else v
-    n = x.num_voxels if isinstance(x, SparseTensor) else x.shape[0]
     if f.shape[0] != 2 * n:
         raise ValueError(f"expected the guided prediction to have {2 * n} rows, got {f.shape[0]}")
     return f[:n], f[n:]
@@ -74,6 +78,12 @@ def _halves(v: Latent, x: Latent) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _batch_size(x: Latent) -> int:
     return x.batch_size if isinstance(x, SparseTensor) else x.shape[0]
+
+
+def _prepared(model: ModelFn, cond: Any) -> Any:
+    """``model.prepare_condition(cond)`` when the model has it (work on a constant condition done once)."""
+    prepare = getattr(model, "prepare_condition", None)
+    return prepare(cond) if callable(prepare) and cond is not None else cond
 
 
 @torch.no_grad()
@@ -90,6 +100,7 @@ def sample_euler(
     sigma_min: float | None = None,
     progress: bool = False,
     desc: str = "sampling",
+    cuda_graph: bool | None = None,
 ) -> Latent:
     """Integrate the flow ODE from ``noise`` (sigma = 1) to data (sigma = 0) with Euler steps.
 
@@ -103,6 +114,9 @@ def sample_euler(
         guidance_scale: classifier-free guidance scale s; ``v = v_u + s·(v_c - v_u)``.
         shift, num_train_timesteps, sigma_min: the schedule (:func:`euler_sigmas`).
         progress: show a tqdm bar.
+        cuda_graph: replay the model call from a CUDA graph after the first step (CUDA only; default
+            ``$D3S2_CUDA_GRAPHS``, on). The model must not synchronise with the host after its first call;
+            when the capture fails, sampling goes on eagerly (one warning per model type).
 
     Returns the sample at sigma = 0 with the same kind, shape and dtype as ``noise``; the state is kept in
     float32 between steps.
@@ -113,23 +127,27 @@ def sample_euler(
     sigmas = euler_sigmas(steps, shift=shift, num_train_timesteps=num_train_timesteps, sigma_min=sigma_min)
     sparse = isinstance(noise, SparseTensor)
     state = (noise.feats if sparse else noise).float().clone()
-    b = _batch_size(noise)
+    b, n = _batch_size(noise), state.shape[0]
     device = state.device
-    both = _cat2(cond, uncond) if guided else None
     # The doubled batch's coordinates never change: build it once so that its structure cache (SSA layouts,
     # block sorts, window partitions, padding plans) is built on the first step and reused by every later one.
     pair = SparseTensor.cat([noise, noise]) if guided and sparse else None
-    for i in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
-        x = noise.replace(state.to(noise.dtype)) if sparse else state.to(noise.dtype)
-        t = torch.full((b,), float(sigmas[i]) * num_train_timesteps, dtype=torch.float32, device=device)
+    both = _prepared(model, _cat2(cond, uncond)) if guided else None
+    single = None if guided else _prepared(model, cond)
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """float32 velocity for latent features / batch ``x`` (noise's dtype) at model times ``t [b]``."""
         if guided:
-            xx = pair.replace(torch.cat([x.feats, x.feats], 0)) if sparse else _cat2(x, x)
-            v = model(xx, torch.cat([t, t]), both)
-            v_c, v_u = _halves(v, x)
-            vel = v_u.float() + guidance_scale * (v_c.float() - v_u.float())
-        else:
-            out = model(x, t, cond)
-            vel = (out.feats if isinstance(out, SparseTensor) else out).float()
+            xx = torch.cat([x, x], 0)
+            v_c, v_u = _halves(model(pair.replace(xx) if sparse else xx, torch.cat([t, t]), both), n)
+            return v_u.float() + guidance_scale * (v_c.float() - v_u.float())
+        out = model(noise.replace(x) if sparse else x, t, single)
+        return (out.feats if isinstance(out, SparseTensor) else out).float()
+
+    step = GraphedStep(velocity, enabled=use_cuda_graphs(device, cuda_graph), name=type(model).__name__)
+    for i in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+        t = torch.full((b,), float(sigmas[i]) * num_train_timesteps, dtype=torch.float32, device=device)
+        vel = step(state.to(noise.dtype), t)
         if vel.shape != state.shape:
             raise ValueError(f"expected a velocity of shape {tuple(state.shape)}, got {tuple(vel.shape)}")
         state = state + float(sigmas[i + 1] - sigmas[i]) * vel

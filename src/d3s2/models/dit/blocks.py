@@ -9,6 +9,7 @@ H heads, Hkv key/value heads, D head dim, C channels.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,13 +22,23 @@ from .condition import ConditionTokens
 Tokens = torch.Tensor | SparseTensor
 
 
+def layer_norm32(x: torch.Tensor, normalized_shape: tuple[int, ...], weight: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm with float32 statistics and arithmetic, returned in ``x``'s dtype."""
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and all(
+            p is None or p.dtype == x.dtype for p in (weight, bias)):
+        # CUDA's half-precision kernel already computes in float32 and rounds once: skip the float32 copies.
+        return F.layer_norm(x, normalized_shape, weight, bias, eps)
+    w = None if weight is None else weight.float()
+    b = None if bias is None else bias.float()
+    return F.layer_norm(x.float(), normalized_shape, w, b, eps).to(x.dtype)
+
+
 class LayerNorm32(nn.LayerNorm):
     """LayerNorm computed in float32 and cast back (stable under fp16/bf16 weights)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = None if self.weight is None else self.weight.float()
-        b = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+        return layer_norm32(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 class MultiHeadRMSNorm(nn.Module):
@@ -39,7 +50,9 @@ class MultiHeadRMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(num_heads, head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (F.normalize(x.float(), dim=-1) * self.gamma.float() * self.scale).to(x.dtype)
+        # float32 arithmetic without a float32 copy of x: the norm reads x once, one product writes float32.
+        inv = self.scale / torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).clamp_min(1e-12)
+        return (x * inv).mul_(self.gamma.float()).to(x.dtype)
 
 
 class FeedForward(nn.Module):
@@ -205,13 +218,20 @@ class CrossAttention(nn.Module):
         self.to_kv = nn.Linear(cond_channels, 2 * channels)
         self.to_out = nn.Linear(channels, channels)
 
-    def forward(self, x: torch.Tensor, cond: ConditionTokens, cu_seqlens: torch.Tensor | None = None, *,
-                pad_plan: RaggedPadPlan | None = None) -> torch.Tensor:
-        """``x [B, T, C]`` dense, or ragged ``[N, C]`` with ``cu_seqlens [B+1]`` (and optionally its cached
-        ``pad_plan``, see :func:`sparse_pad_plan`); returns the same shape."""
-        ctx = cond.tokens.to(x.dtype)
+    def project_kv(self, cond: ConditionTokens, dtype: torch.dtype) -> torch.Tensor:
+        """Keys and values of the condition tokens ``[B, L, 2, H, D]`` (``[:, :, 0]`` keys), in ``dtype``."""
+        ctx = cond.tokens.to(dtype)
         b, l, _ = ctx.shape
-        k, v = self.to_kv(ctx).view(b, l, 2, self.num_heads, self.head_dim).unbind(2)
+        return self.to_kv(ctx).view(b, l, 2, self.num_heads, self.head_dim)
+
+    def forward(self, x: torch.Tensor, cond: ConditionTokens, cu_seqlens: torch.Tensor | None = None, *,
+                pad_plan: RaggedPadPlan | None = None, kv: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [B, T, C]`` dense, or ragged ``[N, C]`` with ``cu_seqlens [B+1]`` (and optionally its cached
+        ``pad_plan``, see :func:`sparse_pad_plan`); returns the same shape. ``kv``: :meth:`project_kv` of
+        ``cond`` computed beforehand (a constant condition over sampling steps)."""
+        kv = self.project_kv(cond, x.dtype) if kv is None else kv
+        b = kv.shape[0]
+        k, v = kv.unbind(2)
         q = self.to_q(x).view(*x.shape[:-1], self.num_heads, self.head_dim)
         if cu_seqlens is None:
             return self.to_out(attention(q, k, v, cond.mask).flatten(-2))
@@ -245,19 +265,31 @@ class ModulatedCrossBlock(nn.Module):
         self.mlp = FeedForward(channels, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 6 * channels))
 
-    def forward(self, x: Tokens, t_emb: torch.Tensor, cond: ConditionTokens) -> Tokens:
-        """``x`` dense ``[B, T, C]`` or SparseTensor ``[N, C]``; ``t_emb [B, C]``; returns the same kind."""
-        sparse = isinstance(x, SparseTensor)
-        h = x.feats if sparse else x
-        mod = self.adaLN_modulation(t_emb).to(h.dtype)  # [B, 6C]
-        mod = mod.index_select(0, x.batch_index) if sparse else mod[:, None, :]  # a row per token, or broadcast
+    def forward(self, x: Tokens, t_emb: torch.Tensor, cond: ConditionTokens, kv: torch.Tensor | None = None
+                ) -> Tokens:
+        """``x`` dense ``[B, T, C]`` or SparseTensor ``[N, C]``; ``t_emb [B, C]``; ``kv``: the cross-attention's
+        :meth:`CrossAttention.project_kv` of ``cond``, when computed beforehand. Returns the same kind as x."""
+        mod = self.adaLN_modulation(t_emb)  # [B, 6C]
+        if not isinstance(x, SparseTensor):
+            return self._forward(x, mod.to(x.dtype)[:, None, :], self.self_attn,
+                                 lambda y: self.cross_attn(y, cond, kv=kv))
+        n, c = x.feats.shape
+        plan = sparse_pad_plan(x)
+        if plan.uniform:  # equal-length samples (one sample, a CFG pair): a [B, L, C] view, broadcast modulation
+            def self_attn(y: torch.Tensor) -> torch.Tensor:
+                return self.self_attn(x.replace(y.reshape(n, c))).feats.reshape(y.shape)
+            h = self._forward(x.feats.reshape(x.batch_size, plan.max_len, c), mod.to(x.dtype)[:, None, :],
+                              self_attn, lambda y: self.cross_attn(y, cond, kv=kv))
+            return x.replace(h.reshape(n, c))
+        h = self._forward(x.feats, mod.to(x.dtype).index_select(0, x.batch_index),  # a modulation row per token
+                          lambda y: self.self_attn(x.replace(y)).feats,
+                          lambda y: self.cross_attn(y, cond, x.cu_seqlens, pad_plan=plan, kv=kv))
+        return x.replace(h)
+
+    def _forward(self, h: torch.Tensor, mod: torch.Tensor, self_attn: Callable[[torch.Tensor], torch.Tensor],
+                 cross_attn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The block on features ``h [..., C]`` with modulation ``mod [..., 6C]`` broadcastable to ``h``."""
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
-        a = self.norm1(h) * (1 + scale1) + shift1
-        a = self.self_attn(x.replace(a)).feats if sparse else self.self_attn(a)
-        h = h + gate1 * a
-        if sparse:
-            h = h + self.cross_attn(self.norm2(h), cond, x.cu_seqlens, pad_plan=sparse_pad_plan(x))
-        else:
-            h = h + self.cross_attn(self.norm2(h), cond)
-        h = h + gate2 * self.mlp(self.norm3(h) * (1 + scale2) + shift2)
-        return x.replace(h) if sparse else h
+        h = torch.addcmul(h, gate1, self_attn(torch.addcmul(shift1, self.norm1(h), 1 + scale1)))
+        h = h + cross_attn(self.norm2(h))
+        return torch.addcmul(h, gate2, self.mlp(torch.addcmul(shift2, self.norm3(h), 1 + scale2)))

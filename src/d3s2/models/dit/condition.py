@@ -85,6 +85,34 @@ class ConditionTokens:
         return ConditionTokens(self.tokens.to(device=device, dtype=dtype), mv(self.mask), mv(self.coords))
 
 
+@dataclass(frozen=True)
+class PreparedCondition:
+    """A condition with the work that depends only on it done once, for a DiT that sees it at every sampling
+    step: the embedded tokens and every block's cross-attention keys/values. Made by the DiTs'
+    ``prepare_condition``; valid for that model (``owner``) while its weights do not change.
+
+    Attributes:
+        cond: the tokens as the blocks see them (the model's dtype, condition embedding applied).
+        kv: per block ``[B, L, 2, H, D]`` cross-attention keys (``[:, :, 0]``) and values.
+        owner: ``id()`` of the model that prepared it.
+    """
+
+    cond: ConditionTokens
+    kv: tuple[torch.Tensor, ...]
+    owner: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.cond.batch_size
+
+    def unpack(self, model: object, num_blocks: int) -> tuple[ConditionTokens, tuple[torch.Tensor, ...]]:
+        """``(cond, kv)`` after checking that ``model`` with ``num_blocks`` blocks prepared it."""
+        if self.owner != id(model) or len(self.kv) != num_blocks:
+            raise ValueError(f"this PreparedCondition was made by another model (expected one from "
+                             f"{type(model).__name__}.prepare_condition with {num_blocks} blocks)")
+        return self.cond, self.kv
+
+
 def as_condition(cond: torch.Tensor | ConditionTokens) -> ConditionTokens:
     """Accept a plain ``[B, L, C]`` tensor as dense conditioning."""
     return cond if isinstance(cond, ConditionTokens) else ConditionTokens(cond)

@@ -9,13 +9,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..embeddings import TimestepEmbedder, sincos_position_embedding
-from .blocks import ModulatedCrossBlock, SelfAttention
-from .condition import ConditionTokens, as_condition
+from .blocks import ModulatedCrossBlock, SelfAttention, layer_norm32
+from .condition import ConditionTokens, PreparedCondition, as_condition
 from .init import init_dit_weights
 
 
@@ -65,8 +64,19 @@ class DenseDiT(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.input_layer.weight.dtype
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | ConditionTokens) -> torch.Tensor:
-        """Velocity ``[B, Cout, R, R, R]`` for ``x [B, Cin, R, R, R]``, ``t [B]`` (0–1000), condition ``[B, L, Cc]``."""
+    def embed_condition(self, cond: torch.Tensor | ConditionTokens) -> ConditionTokens:
+        """Condition tokens as the blocks see them (in the model's dtype)."""
+        return as_condition(cond).to(dtype=self.dtype)
+
+    def prepare_condition(self, cond: torch.Tensor | ConditionTokens) -> PreparedCondition:
+        """The condition with every block's cross-attention keys/values computed once (sampling steps)."""
+        cond = self.embed_condition(cond)
+        return PreparedCondition(cond, tuple(b.cross_attn.project_kv(cond, self.dtype) for b in self.blocks), id(self))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor,
+                cond: torch.Tensor | ConditionTokens | PreparedCondition) -> torch.Tensor:
+        """Velocity ``[B, Cout, R, R, R]`` for ``x [B, Cin, R, R, R]``, ``t [B]`` (0–1000), condition ``[B, L, Cc]``
+        (or its :meth:`prepare_condition`)."""
         cfg = self.config
         r = cfg.resolution
         if x.ndim != 5 or x.shape[1] != cfg.in_channels or tuple(x.shape[2:]) != (r, r, r):
@@ -74,7 +84,10 @@ class DenseDiT(nn.Module):
         b = x.shape[0]
         if t.shape != (b,):
             raise ValueError(f"expected t of shape [{b}], got {tuple(t.shape)}")
-        cond = as_condition(cond)
+        if isinstance(cond, PreparedCondition):
+            cond, kvs = cond.unpack(self, len(self.blocks))
+        else:
+            cond, kvs = self.embed_condition(cond), (None,) * len(self.blocks)
         if cond.batch_size != b or cond.tokens.shape[-1] != cfg.cond_channels:
             raise ValueError(f"expected condition tokens [{b}, L, {cfg.cond_channels}], got "
                              f"{tuple(cond.tokens.shape)}")
@@ -82,12 +95,10 @@ class DenseDiT(nn.Module):
         h = x.reshape(b, cfg.in_channels, -1).transpose(1, 2).to(dtype)  # [B, T, Cin], token = x·R² + y·R + z
         h = self.input_layer(h) + self.pos_emb.to(dtype)[None]
         t_emb = self.t_embedder(t).to(dtype)
-        cond = cond.to(dtype=dtype)
-        for block in self.blocks:
+        for block, kv in zip(self.blocks, kvs, strict=True):
             if cfg.use_checkpoint and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, t_emb, cond, use_reentrant=False)
+                h = checkpoint(block, h, t_emb, cond, kv, use_reentrant=False)
             else:
-                h = block(h, t_emb, cond)
-        h = F.layer_norm(h.float(), h.shape[-1:]).to(dtype)
-        out = self.out_layer(h)  # [B, T, Cout]
+                h = block(h, t_emb, cond, kv)
+        out = self.out_layer(layer_norm32(h, h.shape[-1:]))  # [B, T, Cout]
         return out.transpose(1, 2).reshape(b, cfg.out_channels, r, r, r).to(x.dtype)

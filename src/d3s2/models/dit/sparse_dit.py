@@ -10,14 +10,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ...sparse import SparseTensor
 from ..embeddings import AbsolutePositionEmbedder, TimestepEmbedder
-from .blocks import ModulatedCrossBlock, SparseFullAttention
-from .condition import ConditionTokens, as_condition
+from .blocks import ModulatedCrossBlock, SparseFullAttention, layer_norm32
+from .condition import ConditionTokens, PreparedCondition, as_condition
 from .init import init_dit_weights
 
 
@@ -107,8 +106,16 @@ class SparseDiT(nn.Module):
         pe = self.cond_pos_embedder(cond.coords.reshape(b * l, 3)).view(b, l, cc)
         return ConditionTokens(self.cond_proj(cond.tokens) + pe.to(self.dtype), cond.mask, cond.coords)
 
-    def forward(self, x: SparseTensor, t: torch.Tensor, cond: torch.Tensor | ConditionTokens) -> SparseTensor:
-        """Velocity for the tokens of ``x`` (feats ``[N, Cin]``), ``t [B]`` (0–1000), condition ``[B, L, Cc]``."""
+    def prepare_condition(self, cond: torch.Tensor | ConditionTokens) -> PreparedCondition:
+        """The condition with its embedding and every block's cross-attention keys/values computed once
+        (sampling steps)."""
+        cond = self.embed_condition(cond)
+        return PreparedCondition(cond, tuple(b.cross_attn.project_kv(cond, self.dtype) for b in self.blocks), id(self))
+
+    def forward(self, x: SparseTensor, t: torch.Tensor,
+                cond: torch.Tensor | ConditionTokens | PreparedCondition) -> SparseTensor:
+        """Velocity for the tokens of ``x`` (feats ``[N, Cin]``), ``t [B]`` (0–1000), condition ``[B, L, Cc]``
+        (or its :meth:`prepare_condition`)."""
         cfg = self.config
         if not isinstance(x, SparseTensor):
             raise TypeError(f"expected a SparseTensor, got {type(x).__name__}")
@@ -116,7 +123,10 @@ class SparseDiT(nn.Module):
             raise ValueError(f"expected {cfg.in_channels} input channels, got {x.num_channels}")
         if t.shape != (x.batch_size,):
             raise ValueError(f"expected t of shape [{x.batch_size}], got {tuple(t.shape)}")
-        cond = self.embed_condition(cond)
+        if isinstance(cond, PreparedCondition):
+            cond, kvs = cond.unpack(self, len(self.blocks))
+        else:
+            cond, kvs = self.embed_condition(cond), (None,) * len(self.blocks)
         if cond.batch_size != x.batch_size or cond.tokens.shape[-1] != cfg.cond_channels:
             raise ValueError(f"expected condition tokens [{x.batch_size}, L, {cfg.cond_channels}], got "
                              f"{tuple(cond.tokens.shape)}")
@@ -127,12 +137,12 @@ class SparseDiT(nn.Module):
         h = self.input_layer(x.feats.to(dtype)) + ape.to(dtype)
         h = x.replace(h)
         t_emb = self.t_embedder(t).to(dtype)
-        for block in self.blocks:
+        for block, kv in zip(self.blocks, kvs, strict=True):
             if cfg.use_checkpoint and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, t_emb, cond, use_reentrant=False)
+                h = checkpoint(block, h, t_emb, cond, kv, use_reentrant=False)
             else:
-                h = block(h, t_emb, cond)
-        out = self.out_layer(F.layer_norm(h.feats.float(), h.feats.shape[-1:]).to(dtype))
+                h = block(h, t_emb, cond, kv)
+        out = self.out_layer(layer_norm32(h.feats, h.feats.shape[-1:]))
         return x.replace(out.to(x.dtype))
 
 
