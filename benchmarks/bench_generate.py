@@ -115,7 +115,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="override every stage's steps (default: published)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--low-vram", action="store_true")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="sample eagerly (no CUDA-graph replay)")
     ap.add_argument("--skip-index", action="store_true", help="do not time the cascade index on the 512³ mesh")
+    ap.add_argument("--label", default="", help="appended to the output file names (e.g. eager)")
     ap.add_argument("--out-dir", default=None, help="default $OUT, else benchmarks/results")
     args = ap.parse_args()
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -125,6 +127,7 @@ def main() -> None:
     pipe = build_tiny() if args.tiny else build_full(args.device)
     if not args.tiny:
         set_outputs(pipe, args.seed)
+    pipe.cuda_graphs = False if args.no_cuda_graphs else None
     resolutions = args.resolutions or pipe.resolutions
     layouts_path = args.layouts or (None if args.tiny else DEFAULT_LAYOUTS)
     structure = load_layouts(layouts_path, args.layout, pipe.resolutions) if layouts_path else tiny_shell_layouts(pipe)
@@ -140,10 +143,11 @@ def main() -> None:
             print(json.dumps({"cascade_index": index}), flush=True)
     result = {**environment(args.device), "tiny": args.tiny, "dtype": str(args.torch_dtype).removeprefix("torch."),
               "layout": args.layout if layouts_path else "ball shell", "low_vram": args.low_vram,
+              "cuda_graphs": not args.no_cuda_graphs,
               "steps": {"dense": args.steps or pipe.settings.dense.steps,
                         **{str(r): args.steps or pipe.settings.stage(r).steps for r in pipe.resolutions}},
               "cfg": pipe.settings.dense.guidance_scale, "runs": rows, "cascade_index": index}
-    stem = f"generate_{'tiny_' if args.tiny else ''}{args.device.split(':')[0]}"
+    stem = f"generate_{'tiny_' if args.tiny else ''}{args.device.split(':')[0]}{'_' + args.label if args.label else ''}"
     for p in write_outputs(args.out_dir or default_out_dir(), stem, result, markdown(result)):
         print(f"wrote {p}")
 
@@ -151,7 +155,8 @@ def main() -> None:
 def markdown(result: dict) -> str:
     lines = [f"# d3s2 image → mesh, random weights ({result['device']})", "", f"`{result['command']}`", "",
              f"commit {result['commit'][:10]}, torch {result['torch']}, {result['date']}, dtype {result['dtype']}, "
-             f"steps {result['steps']}, CFG {result['cfg']}, layout {result['layout']}", "",
+             f"steps {result['steps']}, CFG {result['cfg']}, layout {result['layout']}, "
+             f"CUDA graphs {result.get('cuda_graphs')}", "",
              "| resolution | repeat | end to end s | peak GiB | tokens | faces | stages s |",
              "|---:|---:|---:|---:|---|---:|---|"]
     for r in result["runs"]:

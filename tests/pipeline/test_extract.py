@@ -57,3 +57,21 @@ def test_outside_fraction_decides_enclosed_regions_only():
     two = closed_mesh(coords, values, blocks, r, outside_fraction=torch.ones(g, g, g))
     assert one.is_watertight and two.is_watertight
     assert len(one.split(only_watertight=False)) == 1 and len(two.split(only_watertight=False)) == 2
+
+
+def test_drop_small_components_keeps_vertex_order_and_drops_unreferenced():
+    import trimesh
+
+    big = trimesh.creation.icosphere(subdivisions=2)
+    small = trimesh.creation.icosahedron()
+    small.vertices = small.vertices * 0.1 + 3
+    # vertex layout: small part, one unreferenced vertex, big part
+    verts = np.concatenate([small.vertices, [[9.0, 9.0, 9.0]], big.vertices])
+    faces = np.concatenate([small.faces, big.faces + len(small.vertices) + 1])
+    mesh = trimesh.Trimesh(verts, faces, process=False)
+    cleaned = drop_small_components(mesh, 0.5)
+    np.testing.assert_array_equal(cleaned.vertices, big.vertices)
+    np.testing.assert_array_equal(cleaned.faces, big.faces)
+    kept = drop_small_components(mesh, 0.01)  # nothing dropped, the unreferenced vertex still goes
+    assert len(kept.faces) == len(faces) and len(kept.vertices) == len(verts) - 1
+    assert drop_small_components(big, 0.01) is big  # nothing to remove: no copy

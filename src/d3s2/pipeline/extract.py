@@ -144,8 +144,11 @@ def drop_small_components(mesh: trimesh.Trimesh, min_fraction: float) -> trimesh
     face_label = label[faces[:, 0]]
     counts = np.bincount(face_label)
     keep = counts[face_label] >= min_fraction * counts.max()
-    faces = faces[keep]
-    used = np.unique(faces)
-    remap = np.full(nv, -1, dtype=np.int64)
-    remap[used] = np.arange(used.size)
+    kept_all = bool(keep.all())
+    faces = faces if kept_all else faces[keep]
+    used = np.zeros(nv, dtype=bool)
+    used[faces.ravel()] = True  # a mark per vertex, not np.unique's sort (2/3 of the time on 2.6M faces)
+    if kept_all and used.all():
+        return mesh
+    remap = np.cumsum(used) - 1  # old vertex index -> new (ascending, as np.unique gave)
     return trimesh.Trimesh(np.asarray(mesh.vertices)[used], remap[faces], process=False)

@@ -239,6 +239,7 @@ class ImageTo3DPipeline:
             _check_refiner(r, m, self.sparse_vaes.get(r))
         self.settings = settings or PipelineSettings()
         self.low_vram = False
+        self.cuda_graphs: bool | None = None  # replay sampling steps from CUDA graphs; None: $D3S2_CUDA_GRAPHS (on)
         self.last_timing = StageTiming()
         self._peak_floors: list[int] = []  # peaks of the enclosing _timed blocks (CUDA)
         base = self.resolutions[0] // 8
@@ -513,7 +514,7 @@ class ImageTo3DPipeline:
         scale = st.guidance_scale if cfg is None else float(cfg)
         return sample_euler(model, noise, steps=steps or st.steps, cond=cond, uncond=uncond if scale != 1 else None,
                             guidance_scale=scale, shift=st.shift, num_train_timesteps=st.num_train_timesteps,
-                            progress=progress, desc=desc)
+                            progress=progress, desc=desc, cuda_graph=self.cuda_graphs)
 
     def _dense_stage(self, features: torch.Tensor, mask: torch.Tensor, seed: int, steps: int | None,
                      cfg: float | None, device: torch.device, dtype: torch.dtype, low_vram: bool,

@@ -128,3 +128,49 @@ def test_condition_tokens_cat_drop_and_errors():
         ConditionTokens.cat([ConditionTokens(torch.randn(1, 3, 4)), ConditionTokens(torch.randn(1, 4, 4))])
     with pytest.raises(ValueError, match=r"shape \[B, L, C\]"):
         ConditionTokens(torch.randn(3, 4))
+
+
+def _published_block(block, x, t_emb, cond):
+    """The published block written out per token (modulation gathered per row), as the reference."""
+    h = x.feats
+    shift1, scale1, gate1, shift2, scale2, gate2 = block.adaLN_modulation(t_emb)[x.batch_index].chunk(6, dim=-1)
+    a = block.self_attn(x.replace(block.norm1(h) * (1 + scale1) + shift1)).feats
+    h = h + gate1 * a
+    cu = x.cu_seqlens.tolist()
+    cross = [block.cross_attn(block.norm2(h)[None, cu[b]:cu[b + 1]], ConditionTokens(cond.tokens[b:b + 1]))[0]
+             for b in range(x.batch_size)]
+    h = h + torch.cat(cross)
+    return h + gate2 * block.mlp(block.norm3(h) * (1 + scale2) + shift2)
+
+
+@pytest.mark.parametrize("counts", [(6, 6), (4, 7)])  # equal halves (a [B, L, C] view) and ragged (rows per token)
+def test_modulated_block_matches_the_published_formula_and_precomputed_kv(counts):
+    from d3s2.models.dit.blocks import ModulatedCrossBlock
+
+    from .common import perturb
+
+    block = ModulatedCrossBlock(16, 12, 2, SparseFullAttention(16, 4, 2))
+    perturb(block, scale=0.3)
+    x = random_sparse(counts=counts, channels=16)
+    t_emb, cond = torch.randn(2, 16), ConditionTokens(torch.randn(2, 5, 12))
+    with torch.no_grad():
+        out = block(x, t_emb, cond).feats
+        torch.testing.assert_close(out, _published_block(block, x, t_emb, cond), rtol=1e-5, atol=1e-5)
+        kv = block.cross_attn.project_kv(cond, x.feats.dtype)
+        assert kv.shape == (2, 5, 2, 2, 8)
+        assert torch.equal(block(x, t_emb, cond, kv).feats, out)
+
+
+def test_constant_samples_skip_attention_with_the_same_result():
+    from d3s2.models.dit.blocks import attention_constant_aware
+
+    q, k, v = torch.randn(4, 5, 4, 8), torch.randn(4, 6, 2, 8), torch.randn(4, 6, 2, 8)
+    constant = (False, True, True, False)
+    for b in (1, 2):  # equal key/value rows, as zero condition tokens give
+        k[b], v[b] = k[b, :1].expand(6, -1, -1), v[b, :1].expand(6, -1, -1)
+    out = attention_constant_aware(q, k, v, None, constant)
+    torch.testing.assert_close(out, attention(q, k, v))
+    assert torch.equal(out[1], v[1, :1].repeat_interleave(2, 1).expand(5, -1, -1))
+    assert torch.equal(attention_constant_aware(q, k, v, None, None), attention(q, k, v))
+    with pytest.raises(ValueError, match="constant flags"):
+        attention_constant_aware(q, k, v, None, (True,))

@@ -96,3 +96,29 @@ def test_clear_errors():
         model(torch.randn(1, 3, 4, 4, 4), torch.zeros(2), random_cond(1))
     with pytest.raises(ValueError, match="expected condition tokens"):
         model(torch.randn(1, 3, 4, 4, 4), torch.zeros(1), random_cond(1, channels=8))
+
+
+def test_prepared_condition_gives_the_same_velocity_and_belongs_to_its_model():
+    from d3s2.models.dit import PreparedCondition
+
+    model, other = tiny_dense(), tiny_dense()
+    perturb(model)
+    x, t, cond = torch.randn(2, 3, 4, 4, 4), torch.tensor([1.0, 700.0]), random_cond(2)
+    with torch.no_grad():
+        prepared = model.prepare_condition(cond)
+        assert isinstance(prepared, PreparedCondition) and len(prepared.kv) == len(model.blocks)
+        assert torch.equal(model(x, t, prepared), model(x, t, cond))
+        with pytest.raises(ValueError, match="another model"):
+            other(x, t, prepared)
+
+
+def test_prepared_cfg_pair_marks_the_zero_condition_constant_and_matches():
+    model = tiny_dense()
+    perturb(model)
+    x, t = torch.randn(2, 3, 4, 4, 4), torch.tensor([700.0, 700.0])
+    cond = random_cond(1)
+    pair = ConditionTokens.cat([cond, cond.zeros_like()])
+    with torch.no_grad():
+        prepared = model.prepare_condition(pair)
+        assert prepared.constant == (False, True)
+        torch.testing.assert_close(model(x, t, prepared), model(x, t, pair), rtol=1e-5, atol=1e-6)

@@ -175,3 +175,17 @@ def test_safetensors_roundtrip(tmp_path):
     cond = ConditionTokens(torch.randn(2, 4, 24), torch.ones(2, 4, dtype=torch.bool), torch.zeros(2, 4, 3))
     with torch.no_grad():
         assert torch.equal(other(x, t, cond).feats, model(x, t, cond).feats)
+
+
+@pytest.mark.parametrize("sparse_conditions", [False, True])
+def test_prepared_condition_gives_the_same_velocity(sparse_conditions):
+    model = tiny_sparse(sparse_conditions=sparse_conditions)
+    perturb(model)
+    x, t = random_sparse(counts=(5, 9)), torch.tensor([5.0, 700.0])
+    cond = ConditionTokens(torch.randn(2, 6, 24), torch.tensor([[True] * 4 + [False] * 2, [True] * 6]),
+                           torch.randint(0, 4, (2, 6, 3))) if sparse_conditions else random_cond(2)
+    with torch.no_grad():
+        prepared = model.prepare_condition(cond)
+        assert torch.equal(model(x, t, prepared).feats, model(x, t, cond).feats)
+        with pytest.raises(ValueError, match="another model"):
+            tiny_sparse(sparse_conditions=sparse_conditions)(x, t, prepared)

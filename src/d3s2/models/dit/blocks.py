@@ -9,6 +9,7 @@ H heads, Hkv key/value heads, D head dim, C channels.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -153,6 +154,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
     return out.transpose(1, 2)
 
 
+def attention_constant_aware(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+                             constant: tuple[bool, ...] | None) -> torch.Tensor:
+    """:func:`attention`, where samples flagged in ``constant`` have all their key/value rows equal (e.g. the zero
+    tokens of the CFG unconditional pass): softmax weights then average equal values, so their output is the
+    value row, and only the other samples run attention."""
+    if constant is None or not any(constant):
+        return attention(q, k, v, key_mask)
+    if len(constant) != q.shape[0]:
+        raise ValueError(f"expected {q.shape[0]} constant flags, got {len(constant)}")
+    h, hkv = q.shape[2], k.shape[2]
+    parts, start = [], 0
+    for flag, run in itertools.groupby(constant):  # runs of equal flags: one attention call per live run
+        end = start + len(list(run))
+        if flag:
+            row = v[start:end, :1].repeat_interleave(h // hkv, dim=2)  # [n, 1, H, D]
+            parts.append(row.expand(-1, q.shape[1], -1, -1))
+        else:
+            mask = None if key_mask is None else key_mask[start:end]
+            parts.append(attention(q[start:end], k[start:end], v[start:end], mask))
+        start = end
+    return torch.cat(parts, 0)
+
+
 class SelfAttention(nn.Module):
     """Dense multi-head self-attention with optional QK RMS norm; ``[B, T, C] → [B, T, C]``."""
 
@@ -225,16 +249,18 @@ class CrossAttention(nn.Module):
         return self.to_kv(ctx).view(b, l, 2, self.num_heads, self.head_dim)
 
     def forward(self, x: torch.Tensor, cond: ConditionTokens, cu_seqlens: torch.Tensor | None = None, *,
-                pad_plan: RaggedPadPlan | None = None, kv: torch.Tensor | None = None) -> torch.Tensor:
+                pad_plan: RaggedPadPlan | None = None, kv: torch.Tensor | None = None,
+                constant: tuple[bool, ...] | None = None) -> torch.Tensor:
         """``x [B, T, C]`` dense, or ragged ``[N, C]`` with ``cu_seqlens [B+1]`` (and optionally its cached
         ``pad_plan``, see :func:`sparse_pad_plan`); returns the same shape. ``kv``: :meth:`project_kv` of
-        ``cond`` computed beforehand (a constant condition over sampling steps)."""
+        ``cond`` computed beforehand (a constant condition over sampling steps). ``constant`` (dense ``x``):
+        per sample, whether all its condition tokens are equal (see :func:`attention_constant_aware`)."""
         kv = self.project_kv(cond, x.dtype) if kv is None else kv
         b = kv.shape[0]
         k, v = kv.unbind(2)
         q = self.to_q(x).view(*x.shape[:-1], self.num_heads, self.head_dim)
         if cu_seqlens is None:
-            return self.to_out(attention(q, k, v, cond.mask).flatten(-2))
+            return self.to_out(attention_constant_aware(q, k, v, cond.mask, constant).flatten(-2))
         if cu_seqlens.numel() - 1 != b:
             raise ValueError(f"expected {cu_seqlens.numel() - 1} condition samples, got {b}")
         if b == 1:  # no padding needed
@@ -265,21 +291,23 @@ class ModulatedCrossBlock(nn.Module):
         self.mlp = FeedForward(channels, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 6 * channels))
 
-    def forward(self, x: Tokens, t_emb: torch.Tensor, cond: ConditionTokens, kv: torch.Tensor | None = None
-                ) -> Tokens:
+    def forward(self, x: Tokens, t_emb: torch.Tensor, cond: ConditionTokens, kv: torch.Tensor | None = None,
+                constant: tuple[bool, ...] | None = None) -> Tokens:
         """``x`` dense ``[B, T, C]`` or SparseTensor ``[N, C]``; ``t_emb [B, C]``; ``kv``: the cross-attention's
-        :meth:`CrossAttention.project_kv` of ``cond``, when computed beforehand. Returns the same kind as x."""
+        :meth:`CrossAttention.project_kv` of ``cond``, when computed beforehand; ``constant``: per sample, whether
+        its condition tokens are all equal (:class:`~d3s2.models.dit.condition.PreparedCondition`). Returns the
+        same kind as x."""
         mod = self.adaLN_modulation(t_emb)  # [B, 6C]
         if not isinstance(x, SparseTensor):
             return self._forward(x, mod.to(x.dtype)[:, None, :], self.self_attn,
-                                 lambda y: self.cross_attn(y, cond, kv=kv))
+                                 lambda y: self.cross_attn(y, cond, kv=kv, constant=constant))
         n, c = x.feats.shape
         plan = sparse_pad_plan(x)
         if plan.uniform:  # equal-length samples (one sample, a CFG pair): a [B, L, C] view, broadcast modulation
             def self_attn(y: torch.Tensor) -> torch.Tensor:
                 return self.self_attn(x.replace(y.reshape(n, c))).feats.reshape(y.shape)
             h = self._forward(x.feats.reshape(x.batch_size, plan.max_len, c), mod.to(x.dtype)[:, None, :],
-                              self_attn, lambda y: self.cross_attn(y, cond, kv=kv))
+                              self_attn, lambda y: self.cross_attn(y, cond, kv=kv, constant=constant))
             return x.replace(h.reshape(n, c))
         h = self._forward(x.feats, mod.to(x.dtype).index_select(0, x.batch_index),  # a modulation row per token
                           lambda y: self.self_attn(x.replace(y)).feats,

@@ -95,11 +95,23 @@ class PreparedCondition:
         cond: the tokens as the blocks see them (the model's dtype, condition embedding applied).
         kv: per block ``[B, L, 2, H, D]`` cross-attention keys (``[:, :, 0]``) and values.
         owner: ``id()`` of the model that prepared it.
+        constant: per sample, whether all its tokens are equal (and unmasked), like the zero tokens of the CFG
+            unconditional pass: its cross-attention output is then the value row, with no attention to run.
     """
 
     cond: ConditionTokens
     kv: tuple[torch.Tensor, ...]
     owner: int
+    constant: tuple[bool, ...]
+
+    @classmethod
+    def build(cls, model: object, cond: ConditionTokens, kv: tuple[torch.Tensor, ...]) -> PreparedCondition:
+        """For ``model``: embedded ``cond`` and its per-block ``kv``; finds the constant samples (one host sync)."""
+        t = cond.tokens
+        same = (t == t[:, :1]).flatten(1).all(1)  # [B]
+        if cond.mask is not None:
+            same &= cond.mask.all(1)
+        return cls(cond, kv, id(model), tuple(bool(s) for s in same.tolist()))
 
     @property
     def batch_size(self) -> int:

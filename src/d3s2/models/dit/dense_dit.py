@@ -71,7 +71,8 @@ class DenseDiT(nn.Module):
     def prepare_condition(self, cond: torch.Tensor | ConditionTokens) -> PreparedCondition:
         """The condition with every block's cross-attention keys/values computed once (sampling steps)."""
         cond = self.embed_condition(cond)
-        return PreparedCondition(cond, tuple(b.cross_attn.project_kv(cond, self.dtype) for b in self.blocks), id(self))
+        kv = tuple(b.cross_attn.project_kv(cond, self.dtype) for b in self.blocks)
+        return PreparedCondition.build(self, cond, kv)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor,
                 cond: torch.Tensor | ConditionTokens | PreparedCondition) -> torch.Tensor:
@@ -84,7 +85,9 @@ class DenseDiT(nn.Module):
         b = x.shape[0]
         if t.shape != (b,):
             raise ValueError(f"expected t of shape [{b}], got {tuple(t.shape)}")
+        constant = None
         if isinstance(cond, PreparedCondition):
+            constant = cond.constant
             cond, kvs = cond.unpack(self, len(self.blocks))
         else:
             cond, kvs = self.embed_condition(cond), (None,) * len(self.blocks)
@@ -97,8 +100,8 @@ class DenseDiT(nn.Module):
         t_emb = self.t_embedder(t).to(dtype)
         for block, kv in zip(self.blocks, kvs, strict=True):
             if cfg.use_checkpoint and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, t_emb, cond, kv, use_reentrant=False)
+                h = checkpoint(block, h, t_emb, cond, kv, constant, use_reentrant=False)
             else:
-                h = block(h, t_emb, cond, kv)
+                h = block(h, t_emb, cond, kv, constant)
         out = self.out_layer(layer_norm32(h, h.shape[-1:]))  # [B, T, Cout]
         return out.transpose(1, 2).reshape(b, cfg.out_channels, r, r, r).to(x.dtype)

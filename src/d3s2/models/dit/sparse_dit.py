@@ -110,7 +110,8 @@ class SparseDiT(nn.Module):
         """The condition with its embedding and every block's cross-attention keys/values computed once
         (sampling steps)."""
         cond = self.embed_condition(cond)
-        return PreparedCondition(cond, tuple(b.cross_attn.project_kv(cond, self.dtype) for b in self.blocks), id(self))
+        kv = tuple(b.cross_attn.project_kv(cond, self.dtype) for b in self.blocks)
+        return PreparedCondition.build(self, cond, kv)
 
     def forward(self, x: SparseTensor, t: torch.Tensor,
                 cond: torch.Tensor | ConditionTokens | PreparedCondition) -> SparseTensor:
@@ -123,7 +124,9 @@ class SparseDiT(nn.Module):
             raise ValueError(f"expected {cfg.in_channels} input channels, got {x.num_channels}")
         if t.shape != (x.batch_size,):
             raise ValueError(f"expected t of shape [{x.batch_size}], got {tuple(t.shape)}")
+        constant = None
         if isinstance(cond, PreparedCondition):
+            constant = cond.constant
             cond, kvs = cond.unpack(self, len(self.blocks))
         else:
             cond, kvs = self.embed_condition(cond), (None,) * len(self.blocks)
@@ -139,9 +142,9 @@ class SparseDiT(nn.Module):
         t_emb = self.t_embedder(t).to(dtype)
         for block, kv in zip(self.blocks, kvs, strict=True):
             if cfg.use_checkpoint and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, t_emb, cond, kv, use_reentrant=False)
+                h = checkpoint(block, h, t_emb, cond, kv, constant, use_reentrant=False)
             else:
-                h = block(h, t_emb, cond, kv)
+                h = block(h, t_emb, cond, kv, constant)
         out = self.out_layer(layer_norm32(h.feats, h.feats.shape[-1:]))
         return x.replace(out.to(x.dtype))
 
