@@ -1,7 +1,8 @@
 import numpy as np
+import pytest
 import torch
 
-from d3s2.pipeline.extract import closed_mesh, drop_small_components, empty_block_signs
+from d3s2.pipeline.extract import closed_mesh, drop_small_components, empty_block_signs, vertex_components
 
 
 def _blocks_field(fn, resolution: int, keep_block):
@@ -75,3 +76,37 @@ def test_drop_small_components_keeps_vertex_order_and_drops_unreferenced():
     kept = drop_small_components(mesh, 0.01)  # nothing dropped, the unreferenced vertex still goes
     assert len(kept.faces) == len(faces) and len(kept.vertices) == len(verts) - 1
     assert drop_small_components(big, 0.01) is big  # nothing to remove: no copy
+
+
+def _partition(labels) -> set[frozenset[int]]:
+    groups: dict[int, set[int]] = {}
+    for i, lab in enumerate(np.asarray(labels).tolist()):
+        groups.setdefault(lab, set()).add(i)
+    return {frozenset(g) for g in groups.values()}
+
+
+def test_vertex_components_match_scipy_and_are_component_minima():
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    rng = np.random.default_rng(0)
+    nv = 300
+    faces = rng.integers(0, nv, size=(120, 3))  # many small components, some isolated vertices
+    path = np.stack([np.arange(200, 297), np.arange(201, 298), np.arange(202, 299)], 1)[::-1]  # a long strip
+    faces = np.concatenate([faces % 200, path])
+    label = vertex_components(torch.from_numpy(faces), nv).numpy()
+    rows, cols = np.concatenate([faces[:, 0], faces[:, 1]]), np.concatenate([faces[:, 1], faces[:, 2]])
+    _, ref = connected_components(coo_matrix((np.ones(rows.size), (rows, cols)), shape=(nv, nv)), directed=False)
+    assert _partition(label) == _partition(ref)
+    assert all(label[min(g)] == min(g) for g in _partition(label))
+
+
+@pytest.mark.gpu
+def test_drop_small_components_on_cuda_equals_cpu():
+    torch.manual_seed(0)
+    coords, values, blocks = _blocks_field(lambda p: torch.randn(len(p)) * 0.5 + 0.3, 40,
+                                           lambda b: torch.rand(len(b)) < 0.4)
+    mesh = closed_mesh(coords, values, blocks, 40)
+    cpu, gpu = drop_small_components(mesh, 0.05), drop_small_components(mesh, 0.05, "cuda")
+    np.testing.assert_array_equal(gpu.faces, cpu.faces)
+    np.testing.assert_array_equal(gpu.vertices, cpu.vertices)

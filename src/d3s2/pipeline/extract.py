@@ -127,20 +127,51 @@ def closed_mesh(coords: torch.Tensor, values: torch.Tensor, block_coords: torch.
     return trimesh.Trimesh(verts.cpu().numpy().astype(np.float64), faces.cpu().numpy(), process=False)
 
 
-def drop_small_components(mesh: trimesh.Trimesh, min_fraction: float) -> trimesh.Trimesh:
-    """Remove connected components with fewer faces than ``min_fraction`` × the largest one's; closed
-    components stay closed. Unreferenced vertices are dropped."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
+def vertex_components(faces: torch.Tensor, num_vertices: int) -> torch.Tensor:
+    """Connected component of every vertex of a triangle mesh: int64 ``[V]``, the smallest vertex index of its
+    component (unreferenced vertices are their own component). ``faces`` int ``[F, 3]`` on any device.
 
+    Hooking and pointer jumping (data-parallel union-find): each round, every edge between two trees hangs the
+    higher root under the lower one, then every vertex jumps to its root; a vertex's parent never exceeds it,
+    so there are no cycles and the final roots are the component minima. Rounds: a few for meshes.
+    """
+    faces = faces.long()
+    u = torch.cat([faces[:, 0], faces[:, 1]])
+    v = torch.cat([faces[:, 1], faces[:, 2]])  # edges 0-1 and 1-2 connect a triangle's three vertices
+    parent = torch.arange(num_vertices, device=faces.device)
+    while True:
+        pu, pv = parent[u], parent[v]
+        cross = pu != pv
+        if not bool(cross.any()):
+            return parent
+        hi, lo = torch.maximum(pu, pv)[cross], torch.minimum(pu, pv)[cross]
+        parent.scatter_reduce_(0, hi, lo, reduce="amin")
+        while True:  # pointer jumping until every vertex points at a root
+            nxt = parent[parent]
+            if torch.equal(nxt, parent):
+                break
+            parent = nxt
+
+
+def drop_small_components(mesh: trimesh.Trimesh, min_fraction: float,
+                          device: torch.device | str | None = None) -> trimesh.Trimesh:
+    """Remove connected components with fewer faces than ``min_fraction`` × the largest one's; closed
+    components stay closed. Unreferenced vertices are dropped. ``device``: a CUDA device labels the components
+    there (:func:`vertex_components`); otherwise scipy's ``connected_components`` on the CPU."""
     faces = np.asarray(mesh.faces)
     if len(faces) == 0 or min_fraction <= 0:
         return mesh
     nv = len(mesh.vertices)
-    rows = np.concatenate([faces[:, 0], faces[:, 1]])
-    cols = np.concatenate([faces[:, 1], faces[:, 2]])
-    graph = coo_matrix((np.ones(rows.size, dtype=np.int8), (rows, cols)), shape=(nv, nv))
-    _, label = connected_components(graph, directed=False)
+    if device is not None and torch.device(device).type == "cuda":
+        label = vertex_components(torch.from_numpy(faces).to(device), nv).cpu().numpy()
+    else:
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        rows = np.concatenate([faces[:, 0], faces[:, 1]])
+        cols = np.concatenate([faces[:, 1], faces[:, 2]])
+        graph = coo_matrix((np.ones(rows.size, dtype=np.int8), (rows, cols)), shape=(nv, nv))
+        _, label = connected_components(graph, directed=False)
     face_label = label[faces[:, 0]]
     counts = np.bincount(face_label)
     keep = counts[face_label] >= min_fraction * counts.max()

@@ -471,7 +471,7 @@ class ImageTo3DPipeline:
                     mesh = self._sparse_stage(r, coords, *features[f"sparse_dit_{r}"], seed + 1 + i, steps, cfg,
                                               device, dtype, low_vram, progress)
             with stage("post"):
-                mesh = self._post(mesh, faces)
+                mesh = self._post(mesh, faces, device)
         bar.close()
         return mesh
 
@@ -581,7 +581,7 @@ class ImageTo3DPipeline:
         from ..geometry.sdf import compute_sparse_sdf
         from .extract import drop_small_components
 
-        mesh = drop_small_components(mesh, self.settings.min_component_fraction)  # floaters are not refined
+        mesh = drop_small_components(mesh, self.settings.min_component_fraction, device)  # floaters: not refined
         if len(mesh.faces) == 0:
             raise RuntimeError(f"no surface to refine at {r}³: the previous stage produced an empty mesh")
         band = self.settings.index_band_voxels * 2.0 / r
@@ -590,11 +590,11 @@ class ImageTo3DPipeline:
                                  backend=backend)[r]
         return torch.from_numpy(sdf.block_coords.astype(np.int32))
 
-    def _post(self, mesh: trimesh.Trimesh, faces: int | None) -> trimesh.Trimesh:
+    def _post(self, mesh: trimesh.Trimesh, faces: int | None, device: torch.device) -> trimesh.Trimesh:
         from ..geometry.export import decimate
         from .extract import drop_small_components
 
-        mesh = drop_small_components(mesh, self.settings.min_component_fraction)
+        mesh = drop_small_components(mesh, self.settings.min_component_fraction, device)
         if faces is not None and len(mesh.faces) > faces:
             mesh = decimate(mesh, faces)
         return mesh

@@ -174,3 +174,26 @@ def test_constant_samples_skip_attention_with_the_same_result():
     assert torch.equal(attention_constant_aware(q, k, v, None, None), attention(q, k, v))
     with pytest.raises(ValueError, match="constant flags"):
         attention_constant_aware(q, k, v, None, (True,))
+
+
+@pytest.mark.gpu
+def test_half_precision_norms_on_cuda_match_float32_arithmetic():
+    """The CUDA bf16 LayerNorm (no float32 copies) and the RMS norm rewrite against the float32 formulas."""
+    import torch.nn.functional as F
+
+    from d3s2.models.dit.blocks import layer_norm32
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(4096, 1024, device="cuda", generator=g) * 3 + 1).bfloat16()
+    w, b = torch.randn(1024, device="cuda", generator=g).bfloat16(), torch.randn(1024, device="cuda").bfloat16()
+    ref = F.layer_norm(x.float(), (1024,), w.float(), b.float(), 1e-6).bfloat16()
+    fast = layer_norm32(x, (1024,), w, b, 1e-6)
+    torch.testing.assert_close(fast, ref, rtol=2**-7, atol=1e-5)  # at most one bf16 rounding step apart
+    assert (fast == ref).float().mean() > 0.99
+    norm = MultiHeadRMSNorm(64, 16).cuda()
+    with torch.no_grad():
+        norm.gamma.copy_(torch.rand(16, 64, device="cuda", generator=g) + 0.5)
+    norm = norm.bfloat16()
+    q = x.view(4096, 16, 64)
+    ref = (F.normalize(q.float(), dim=-1) * norm.gamma.float() * 8.0).bfloat16()
+    torch.testing.assert_close(norm(q), ref, rtol=2**-7, atol=1e-5)
