@@ -9,7 +9,8 @@ fi
 export PYTHONPATH=/tmp/site:$PWD/src:$PYTHONPATH PYTHONUNBUFFERED=1
 L=.gpu/layouts/latent_layouts_1024.npz
 nvidia-smi -L; el start
-timeout 150 python3 -m pytest -q -m gpu tests/flow/test_cuda_graph.py tests/models/dit/test_blocks.py > $OUT/gpu_tests.log 2>&1
+timeout 150 python3 -m pytest -q -m gpu tests/flow/test_cuda_graph.py tests/models/dit/test_blocks.py \
+  tests/pipeline/test_extract.py > $OUT/gpu_tests.log 2>&1
 el "gpu tests rc=$?"; tail -4 $OUT/gpu_tests.log
 timeout 90 python3 benchmarks/profile_sparse_steps.py --model dense --steps 10 --profile-steps 2 --cuda-graph \
   --out-dir $OUT > /dev/null 2> $OUT/profile.err; el "profile dense rc=$?"; sed -n 5,9p $OUT/profile_dense_cuda.md

@@ -91,8 +91,14 @@ class GraphedStep:
         result.record_stream(stream)  # used on the main stream from here on
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
-                out = self.fn(*self._static)
+            # capture_begin/end directly: torch.cuda.graph's context would also synchronise and empty the
+            # allocator's cache, which the next stage would then pay for in fresh cudaMallocs.
+            with torch.cuda.stream(side):
+                graph.capture_begin()
+                try:
+                    out = self.fn(*self._static)
+                finally:
+                    graph.capture_end()
         except RuntimeError as err:  # a host sync or an uncapturable op inside fn
             self.enabled = False
             self._static = []

@@ -52,8 +52,9 @@ class MultiHeadRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # float32 arithmetic without a float32 copy of x: the norm reads x once, one product writes float32.
-        inv = self.scale / torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).clamp_min(1e-12)
-        return (x * inv).mul_(self.gamma.float()).to(x.dtype)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        inv = self.scale / torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc).clamp_min(1e-12)
+        return (x * inv).mul_(self.gamma.to(acc)).to(x.dtype)
 
 
 class FeedForward(nn.Module):
