@@ -162,18 +162,22 @@ def test_modulated_block_matches_the_published_formula_and_precomputed_kv(counts
 
 
 def test_constant_samples_skip_attention_with_the_same_result():
-    from d3s2.models.dit.blocks import attention_constant_aware
-
-    q, k, v = torch.randn(4, 5, 4, 8), torch.randn(4, 6, 2, 8), torch.randn(4, 6, 2, 8)
+    xattn = CrossAttention(16, 12, num_heads=2)
+    x = torch.randn(4, 5, 16)
+    tokens = torch.randn(4, 6, 12)
+    tokens[1:3] = torch.randn(2, 1, 12)  # samples 1 and 2: all tokens equal (zero tokens in CFG)
+    cond = ConditionTokens(tokens)
     constant = (False, True, True, False)
-    for b in (1, 2):  # equal key/value rows, as zero condition tokens give
-        k[b], v[b] = k[b, :1].expand(6, -1, -1), v[b, :1].expand(6, -1, -1)
-    out = attention_constant_aware(q, k, v, None, constant)
-    torch.testing.assert_close(out, attention(q, k, v))
-    assert torch.equal(out[1], v[1, :1].repeat_interleave(2, 1).expand(5, -1, -1))
-    assert torch.equal(attention_constant_aware(q, k, v, None, None), attention(q, k, v))
-    with pytest.raises(ValueError, match="constant flags"):
-        attention_constant_aware(q, k, v, None, (True,))
+    with torch.no_grad():
+        ref = xattn(x, cond)
+        out = xattn(x, cond, constant=constant)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        kv = xattn.project_kv(cond, x.dtype)
+        assert torch.equal(out[1], out[1, :1].expand(5, -1))  # one row for every query of a constant sample
+        torch.testing.assert_close(out[1, 0], xattn.to_out(kv[1, 0, 1].flatten()))
+        assert torch.equal(xattn(x, cond, kv=kv, constant=(False,) * 4), ref)
+        with pytest.raises(ValueError, match="constant flags"):
+            xattn(x, cond, constant=(True,))
 
 
 @pytest.mark.gpu

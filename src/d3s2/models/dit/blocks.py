@@ -155,29 +155,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
     return out.transpose(1, 2)
 
 
-def attention_constant_aware(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
-                             constant: tuple[bool, ...] | None) -> torch.Tensor:
-    """:func:`attention`, where samples flagged in ``constant`` have all their key/value rows equal (e.g. the zero
-    tokens of the CFG unconditional pass): softmax weights then average equal values, so their output is the
-    value row, and only the other samples run attention."""
-    if constant is None or not any(constant):
-        return attention(q, k, v, key_mask)
-    if len(constant) != q.shape[0]:
-        raise ValueError(f"expected {q.shape[0]} constant flags, got {len(constant)}")
-    h, hkv = q.shape[2], k.shape[2]
-    parts, start = [], 0
-    for flag, run in itertools.groupby(constant):  # runs of equal flags: one attention call per live run
-        end = start + len(list(run))
-        if flag:
-            row = v[start:end, :1].repeat_interleave(h // hkv, dim=2)  # [n, 1, H, D]
-            parts.append(row.expand(-1, q.shape[1], -1, -1))
-        else:
-            mask = None if key_mask is None else key_mask[start:end]
-            parts.append(attention(q[start:end], k[start:end], v[start:end], mask))
-        start = end
-    return torch.cat(parts, 0)
-
-
 class SelfAttention(nn.Module):
     """Dense multi-head self-attention with optional QK RMS norm; ``[B, T, C] → [B, T, C]``."""
 
@@ -259,9 +236,11 @@ class CrossAttention(nn.Module):
         kv = self.project_kv(cond, x.dtype) if kv is None else kv
         b = kv.shape[0]
         k, v = kv.unbind(2)
+        if cu_seqlens is None and constant is not None and any(constant):
+            return self._constant_aware(x, k, v, cond.mask, constant)
         q = self.to_q(x).view(*x.shape[:-1], self.num_heads, self.head_dim)
         if cu_seqlens is None:
-            return self.to_out(attention_constant_aware(q, k, v, cond.mask, constant).flatten(-2))
+            return self.to_out(attention(q, k, v, cond.mask).flatten(-2))
         if cu_seqlens.numel() - 1 != b:
             raise ValueError(f"expected {cu_seqlens.numel() - 1} condition samples, got {b}")
         if b == 1:  # no padding needed
@@ -269,6 +248,26 @@ class CrossAttention(nn.Module):
         plan = ragged_pad_plan(cu_seqlens) if pad_plan is None else pad_plan
         qp, _, _ = pad_ragged(q, cu_seqlens, plan)
         return self.to_out(_unpad(attention(qp, k, v, cond.mask), plan).flatten(-2))
+
+    def _constant_aware(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                        constant: tuple[bool, ...]) -> torch.Tensor:
+        """Dense ``x [B, T, C]`` where the samples flagged in ``constant`` have all their key/value rows equal
+        (the zero tokens of the CFG unconditional pass): softmax weights then average equal values, so every
+        query of such a sample gets the value row, and only the other samples run attention."""
+        if len(constant) != x.shape[0]:
+            raise ValueError(f"expected {x.shape[0]} constant flags, got {len(constant)}")
+        parts, start = [], 0
+        for flag, run in itertools.groupby(constant):  # runs of equal flags: one call per run
+            end = start + len(list(run))
+            if flag:
+                row = self.to_out(v[start:end, 0].flatten(-2))  # [n, C]: one row per sample, not per query
+                parts.append(row[:, None].expand(-1, x.shape[1], -1))
+            else:
+                q = self.to_q(x[start:end]).view(end - start, x.shape[1], self.num_heads, self.head_dim)
+                m = None if mask is None else mask[start:end]
+                parts.append(self.to_out(attention(q, k[start:end], v[start:end], m).flatten(-2)))
+            start = end
+        return torch.cat(parts, 0)
 
 
 class ModulatedCrossBlock(nn.Module):
