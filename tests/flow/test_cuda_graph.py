@@ -112,7 +112,7 @@ def test_graph_replay_equals_eager_sparse_dit_ssa(monkeypatch):
     from d3s2.sparse.serialize import sort_by_blocks
 
     dev = torch.device("cuda")
-    cfg = SparseDiT.Config(resolution=16, model_channels=64, cond_channels=32, num_blocks=2, num_heads=4,
+    cfg = SparseDiT.Config(resolution=16, model_channels=128, cond_channels=32, num_blocks=2, num_heads=4,
                            num_kv_heads=2, compression_block_size=4, selection_block_size=4, topk=2, window_size=4)
     with dev:
         model = SparseDiT(cfg).to(torch.bfloat16).eval()

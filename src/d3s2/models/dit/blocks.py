@@ -232,7 +232,7 @@ class CrossAttention(nn.Module):
         """``x [B, T, C]`` dense, or ragged ``[N, C]`` with ``cu_seqlens [B+1]`` (and optionally its cached
         ``pad_plan``, see :func:`sparse_pad_plan`); returns the same shape. ``kv``: :meth:`project_kv` of
         ``cond`` computed beforehand (a constant condition over sampling steps). ``constant`` (dense ``x``):
-        per sample, whether all its condition tokens are equal (see :func:`attention_constant_aware`)."""
+        per sample, whether all its condition tokens are equal (see :meth:`_constant_aware`)."""
         kv = self.project_kv(cond, x.dtype) if kv is None else kv
         b = kv.shape[0]
         k, v = kv.unbind(2)
