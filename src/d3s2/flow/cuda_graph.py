@@ -85,9 +85,22 @@ class GraphedStep:
         self._static = [a.clone() for a in args]
         side = torch.cuda.Stream()
         side.wait_stream(stream)
-        with torch.cuda.stream(side):  # warm-up outside the capture, on another stream (torch.cuda.graph docs)
-            result = self.fn(*self._static)
+        # Warm-up outside the capture, on another stream (torch.cuda.graph docs), with host syncs made errors: a
+        # step that syncs cannot be captured, and a capture that fails midway can leave the stream or the RNG
+        # in capture mode for the rest of the process.
+        previous_mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.cuda.stream(side):
+                result = self.fn(*self._static)
+            syncs = None
+        except RuntimeError as err:
+            syncs = err
+        finally:
+            torch.cuda.set_sync_debug_mode(previous_mode)
         stream.wait_stream(side)
+        if syncs is not None:
+            return self._fall_back(syncs, args)
         result.record_stream(stream)  # used on the main stream from here on
         graph = torch.cuda.CUDAGraph()
         try:
@@ -99,13 +112,21 @@ class GraphedStep:
                     out = self.fn(*self._static)
                 finally:
                     graph.capture_end()
-        except RuntimeError as err:  # a host sync or an uncapturable op inside fn
-            self.enabled = False
-            self._static = []
-            if self.name not in _FAILED:
-                _FAILED.add(self.name)
-                logger.warning("CUDA graph capture of %s failed, sampling eagerly: %s", self.name,
-                               str(err).splitlines()[0] if str(err) else type(err).__name__)
+        except RuntimeError as err:  # an uncapturable op inside fn
+            self._disable(err)
             return result
         self.graph, self._out = graph, out
         return result
+
+    def _fall_back(self, err: RuntimeError, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Disable graphs for this step function (a host sync in it) and run the step eagerly."""
+        self._disable(err)
+        return self.fn(*args)
+
+    def _disable(self, err: RuntimeError) -> None:
+        self.enabled = False
+        self._static = []
+        if self.name not in _FAILED:
+            _FAILED.add(self.name)
+            logger.warning("CUDA graph capture of %s failed, sampling eagerly: %s", self.name,
+                           str(err).splitlines()[0] if str(err) else type(err).__name__)
