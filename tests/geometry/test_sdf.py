@@ -215,3 +215,32 @@ def test_cuda_backend_matches_igl_on_damaged_meshes():
         assert np.array_equal(a.sharp, b.sharp), name
         assert np.array_equal(a.block_coords, b.block_coords), name
         assert np.array_equal(a.block_inside, b.block_inside), name
+
+
+def test_open_mesh_reading_inside_on_both_sides_is_reversed(monkeypatch):
+    """Crossed billboard quads of a clockwise asset can read as inside on both sides with no boundary at all."""
+    from d3s2.geometry import sdf as sdf_module
+
+    sheet = trimesh.Trimesh([[-0.5, -0.5, 0.01], [0.5, -0.5, 0.01], [0.5, 0.5, 0.01], [-0.5, 0.5, 0.01]],
+                            [[0, 1, 2], [0, 2, 3]], process=False)
+    real = sdf_module.classify_triangles
+    seen = []
+
+    def first_call_all_internal(field, mesh):
+        seen.append(np.asarray(mesh.faces).copy())
+        classes = real(field, mesh)
+        return np.full_like(classes, 2) if len(seen) == 1 else classes
+
+    monkeypatch.setattr(sdf_module, "classify_triangles", first_call_all_internal)
+    r = 32
+    s = compute_sparse_sdf(sheet, r, band=4 / r)[r]
+    assert len(seen) == 2 and np.array_equal(seen[1], seen[0][:, ::-1])  # classified again, faces reversed
+    assert len(s) > 0 and marching_cubes_mesh(s).is_watertight
+
+
+def test_mesh_without_usable_surface_gets_a_clear_error(monkeypatch):
+    from d3s2.geometry import sdf as sdf_module
+
+    monkeypatch.setattr(sdf_module, "classify_triangles", lambda field, mesh: np.full(len(mesh.faces), 2, np.int8))
+    with pytest.raises(ValueError, match="no usable surface: all 12 triangles"):
+        compute_sparse_sdf(trimesh.creation.box(extents=(0.5, 0.5, 0.5)), 16)

@@ -22,7 +22,10 @@ mesh, and it degrades gracefully on real meshes:
   each triangle) are thickened into a closed shell of half-thickness one voxel, and the solid is the union
   of the winding-number solid and these shells. Triangles with the inside on both sides (inside another
   part, duplicates) are internal and ignored. The distance is measured to the boundary of that solid:
-  ``sdf = min(±distance to boundary triangles, distance to lost triangles - h)``.
+  ``sdf = min(±distance to boundary triangles, distance to lost triangles - h)``;
+- inside-out as a whole: a closed mesh with negative signed volume, and an open mesh in which no triangle
+  bounds the solid but some read as inside on both sides (crossed billboard quads wound clockwise), have
+  their faces reversed first. A mesh left with no boundary or lost triangle is an error.
 
 Off-band voxels on the outer faces of the grid count as outside, so the surface also closes there.
 
@@ -689,6 +692,8 @@ def _sparse_sdf_one(field, resolution: int, band: float) -> SparseSDF:
 
     # Inside bits of every voxel of every occupied block: band voxels from their winding number, the rest
     # propagated from them; voxels that propagation cannot reach get their own winding number.
+    if coords.shape[0] == 0:
+        raise ValueError(f"no voxel lies within the band ({band:.5g}) at {resolution}^3: the surface is degenerate")
     block_keys, rows = torch.unique(_keys(coords // BLOCK, g), return_inverse=True)
     nb = block_keys.numel()
     signs = torch.zeros((nb, _BLOCK_VOXELS), dtype=torch.int8, device=dev)
@@ -754,8 +759,25 @@ def compute_sparse_sdf(
         if band < 2.0 / r:
             logger.warning("band %.5f is narrower than one voxel at %d^3: band voxels will not form complete "
                            "marching-cubes cells; only the block targets are closed", band, r)
-    flags = np.stack([sharp_face_edges(mesh, sharp_angle_deg), open_face_edges(mesh)], axis=2)  # [F, 3, 2]
-    field = _make_field(backend, mesh, flags, band, str(device))
-    field.prepare(int(resolutions[0]), band + 2.0 / int(resolutions[0]))
-    field.set_classes(classify_triangles(field, mesh))
+    field, classes = _classified_field(mesh, backend, band, str(device), int(resolutions[0]), sharp_angle_deg)
+    if not (classes == 0).any() and (classes == 2).any():
+        # No triangle bounds the solid, yet some read as inside on both sides: an open mesh wound inside-out as
+        # a whole (e.g. crossed billboard quads of clockwise game assets). Reversed, they are open sheets.
+        logger.info("no triangle bounds the winding-number solid and %d are inside on both sides: reversing the "
+                    "mesh's faces", int((classes == 2).sum()))
+        mesh = trimesh.Trimesh(vertices, np.asarray(mesh.faces)[:, ::-1].copy(), process=False)
+        field, classes = _classified_field(mesh, backend, band, str(device), int(resolutions[0]), sharp_angle_deg)
+    if not (classes < 2).any():
+        raise ValueError(f"mesh has no usable surface: all {len(classes)} triangles are degenerate or inside the "
+                         "solid on both sides")
+    field.set_classes(classes)
     return {int(r): _sparse_sdf_one(field, int(r), band) for r in resolutions}
+
+
+def _classified_field(mesh: trimesh.Trimesh, backend: str, band: float, device: str, resolution: int,
+                      sharp_angle_deg: float):
+    """The distance/winding field of ``mesh`` prepared for ``resolution``, and its triangle classes."""
+    flags = np.stack([sharp_face_edges(mesh, sharp_angle_deg), open_face_edges(mesh)], axis=2)  # [F, 3, 2]
+    field = _make_field(backend, mesh, flags, band, device)
+    field.prepare(resolution, band + 2.0 / resolution)
+    return field, classify_triangles(field, mesh)
