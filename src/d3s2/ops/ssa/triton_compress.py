@@ -48,7 +48,7 @@ CONFIG = {
     "topk": {"variant": "dot", "skip": True, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
     "topk_seg": {"variant": "dot", "skip": True, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
     # compressed attention + scores + top-k in one kernel (m_cmp == m_slc: "fused"; m_cmp < m_slc: "fused_seg")
-    "fused": {"rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
+    "fused": {"rows": 128, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
     "fused_seg": {"rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
     "bwd_dq": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
     "bwd_dkdv": {"rows": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 8},
@@ -321,18 +321,39 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
 
 
 @triton.jit
+def _topk_insert_rows(best, score, jj, j_ok, s0, NEG: tl.constexpr):
+    """``_topk_insert`` for token-major tiles: score [BLOCK_T, BLOCK_J], best [BLOCK_T, TOPK_PAD]."""
+    bits = score.to(tl.int32, bitcast=True).to(tl.int64)
+    key = (bits << 32) + (2147483647 - (jj - s0)).to(tl.int64)[None, :]
+    cand = tl.where(j_ok[None, :], key, NEG)
+    c_max = tl.max(cand, 1)
+    t_min = tl.min(best, 1)
+    better = c_max > t_min
+    n_better = tl.sum(better.to(tl.int32), 0)
+    while n_better > 0:
+        best = tl.where((best == t_min[:, None]) & better[:, None], c_max[:, None], best)
+        cand = tl.where(cand == c_max[:, None], NEG, cand)
+        c_max = tl.max(cand, 1)
+        t_min = tl.min(best, 1)
+        better = c_max > t_min
+        n_better = tl.sum(better.to(tl.int32), 0)
+    return best
+
+
+@triton.jit
 def _cmp_fused_fwd_kernel(Q, K, V, O, LSE, IDX, CU_SEQ, CU_CMP, CU_SLC, SLC_CMP_OFF, CMP_SLC,
                           stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
                           qk_scale,
                           HQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, HS_PAD: tl.constexpr,
                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr,
                           BLOCK_C: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
-                          ONE_CMP_PER_SLC: tl.constexpr, P_FP16: tl.constexpr, DOT_PREC: tl.constexpr):
+                          ONE_CMP_PER_SLC: tl.constexpr, DOT_PREC: tl.constexpr):
     """Compressed attention, block scores and top-k in one program per (token tile, kv head).
 
-    Pass 1 streams the compressed keys for the LSE only (no P·V, no rescaling); pass 2 recomputes the exact
-    probabilities once and uses them twice: P·V (o_cmp, already normalised) and the group-summed block scores
-    that feed the running top-k. Tiles are transposed ([keys, rows]) as in ``_cmp_topk_dot_kernel``.
+    Pass 1 streams the compressed keys for the LSE only (no P·V, no rescaling); pass 2 computes the exact
+    probabilities once and uses them twice: P·V (o_cmp, already normalised) and the block scores (a reshape-sum
+    over the group's heads, which are adjacent rows) that feed the running top-k. Tiles are [rows, keys] as in
+    ``_cmp_fwd_kernel``, so P feeds the P·V dot from registers.
     """
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
@@ -354,7 +375,7 @@ def _cmp_fused_fwd_kernel(Q, K, V, O, LSE, IDX, CU_SEQ, CU_CMP, CU_SLC, SLC_CMP_
     row_ok = (tok < t1) & (hh < HS)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q_t = tl.trans(_load_rows(Q, tok, head, offs_d, row_ok, d_ok, stride_qn, stride_qh))  # [BLOCK_D, BLOCK_M]
+    q = _load_rows(Q, tok, head, offs_d, row_ok, d_ok, stride_qn, stride_qh)  # [BLOCK_M, BLOCK_D]
 
     # pass 1: log2-domain LSE per row
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -365,80 +386,69 @@ def _cmp_fused_fwd_kernel(Q, K, V, O, LSE, IDX, CU_SEQ, CU_CMP, CU_SLC, SLC_CMP_
         col_ok = cols < c1
         k_off = cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
         k = tl.load(K + k_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        s_t = tl.dot(k, q_t, input_precision=DOT_PREC) * qk_scale  # [BLOCK_C, BLOCK_M]
-        s_t = tl.where(col_ok[:, None], s_t, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s_t, 0))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s_t - m_new[None, :]), 0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_C]
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
         m_i = m_new
     # padding rows: +inf makes their probabilities 0
     lse2 = tl.where(row_ok, m_i + tl.log2(l_i), float("inf"))
 
     # pass 2: probabilities → o_cmp and block scores → top-k
-    tcol = tl.arange(0, BLOCK_T)
-    group_t = (((rows // HS_PAD)[:, None] == tcol[None, :]) & row_ok[:, None]).to(tl.float32)
-    if P_FP16:
-        group_t = group_t.to(tl.float16)
     NEG: tl.constexpr = -4611686018427387904
     slot = tl.arange(0, TOPK_PAD)
     init = tl.where(slot < TOPK, -1 - slot.to(tl.int64), 9223372036854775807)
-    best = tl.zeros([TOPK_PAD, BLOCK_T], tl.int64) + init[:, None]  # [slot, token]
-    # score of each token's weakest kept block; -1 while a slot is empty (every score is >= 0)
+    best = tl.zeros([BLOCK_T, TOPK_PAD], tl.int64) + init[None, :]
+    # score of each token's weakest kept block, -1 while a slot is empty (scores are >= 0); later blocks lose
+    # ties (higher ids), so a tile whose best score does not beat it for any token skips the int64 insertion
     thr = tl.full([BLOCK_T], -1.0, tl.float32)
-    o_t = tl.zeros([BLOCK_D, BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     offs_j = tl.arange(0, BLOCK_J)
     for j_start in range(s0, s1, BLOCK_J):
         jj = j_start + offs_j
         j_ok = jj < s1
         if ONE_CMP_PER_SLC:
-            k_off = jj.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
-            k = tl.load(K + k_off, mask=j_ok[:, None] & d_ok[None, :], other=0.0)
-            v_off = jj.to(tl.int64)[None, :] * stride_kn + g * stride_kh + offs_d[:, None]
-            v_t = tl.load(V + v_off, mask=j_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_J]
-            p_t = tl.exp2(tl.dot(k, q_t, input_precision=DOT_PREC) * qk_scale - lse2[None, :])
-            p_t = tl.where(j_ok[:, None], p_t, 0.0)  # [BLOCK_J, BLOCK_M]
-            o_t += tl.dot(v_t, p_t.to(v_t.dtype), input_precision=DOT_PREC)
-            if P_FP16:
-                score = tl.dot(p_t.to(tl.float16), group_t, input_precision=DOT_PREC)  # [BLOCK_J, BLOCK_T]
-            else:
-                score = tl.dot(p_t, group_t, input_precision=DOT_PREC)
+            kv_off = jj.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
+            kv_mask = j_ok[:, None] & d_ok[None, :]
+            k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+            v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+            p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale - lse2[:, None])
+            p = tl.where(j_ok[None, :], p, 0.0)  # [BLOCK_M, BLOCK_J]
+            acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            score = tl.sum(tl.reshape(p, [BLOCK_T, HS_PAD, BLOCK_J]), 1)  # [BLOCK_T, BLOCK_J]
         else:
             c_a = tl.load(SLC_CMP_OFF + j_start)
             c_b = tl.load(SLC_CMP_OFF + tl.minimum(j_start + BLOCK_J, s1))
-            score = tl.zeros([BLOCK_J, BLOCK_T], tl.float32)
+            score = tl.zeros([BLOCK_T, BLOCK_J], tl.float32)
             for c_start in range(c_a, c_b, BLOCK_C):
                 cols = c_start + offs_c
                 col_ok = cols < c_b
-                k_off = cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
-                k = tl.load(K + k_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                v_off = cols.to(tl.int64)[None, :] * stride_kn + g * stride_kh + offs_d[:, None]
-                v_t = tl.load(V + v_off, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-                p_t = tl.exp2(tl.dot(k, q_t, input_precision=DOT_PREC) * qk_scale - lse2[None, :])
-                p_t = tl.where(col_ok[:, None], p_t, 0.0)
-                o_t += tl.dot(v_t, p_t.to(v_t.dtype), input_precision=DOT_PREC)
-                if P_FP16:
-                    p_tok = tl.dot(p_t.to(tl.float16), group_t, input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_T]
-                else:
-                    p_tok = tl.dot(p_t, group_t, input_precision=DOT_PREC)
+                kv_off = cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
+                kv_mask = col_ok[:, None] & d_ok[None, :]
+                k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+                v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+                p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale - lse2[:, None])
+                p = tl.where(col_ok[None, :], p, 0.0)
+                acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+                p_tok = tl.sum(tl.reshape(p, [BLOCK_T, HS_PAD, BLOCK_C]), 1)  # [BLOCK_T, BLOCK_C]
+                # one-hot [BLOCK_C, BLOCK_J]: which selection block of this tile each compression block is in
                 local = tl.load(CMP_SLC + cols, mask=col_ok, other=-1) - j_start
-                onehot = (offs_j[:, None] == local[None, :]).to(tl.float32)  # [BLOCK_J, BLOCK_C]
-                score += tl.dot(onehot, p_tok, input_precision="tf32x3")
-        score = tl.where(j_ok[:, None], score, -1.0)
-        # Later blocks lose ties (higher ids), so only a strictly higher score can enter: most tiles skip the
-        # int64 insertion below after one float max.
-        enter = tl.max(score, 0) > thr
+                onehot = (local[:, None] == offs_j[None, :]).to(tl.float32)
+                score += tl.dot(p_tok, onehot, input_precision="tf32x3")
+        enter = tl.max(tl.where(j_ok[None, :], score, -1.0), 1) > thr
         if tl.sum(enter.to(tl.int32), 0) > 0:
-            best = _topk_insert(best, score, jj, j_ok, s0, NEG)
-            t_min = tl.min(best, 0)
+            best = _topk_insert_rows(best, score, jj, j_ok, s0, NEG)
+            t_min = tl.min(best, 1)
             thr = tl.where(t_min < 0, -1.0, (t_min >> 32).to(tl.int32).to(tl.float32, bitcast=True))
 
-    o_ptrs = O + tok.to(tl.int64)[None, :] * stride_on + head[None, :] * stride_oh + offs_d[:, None]
-    tl.store(o_ptrs, o_t.to(O.dtype.element_ty), mask=row_ok[None, :] & d_ok[:, None])
+    o_ptrs = O + tok.to(tl.int64)[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + tok.to(tl.int64) * HQ + head, lse2 * 0.6931471805599453, mask=row_ok)
-    best = tl.where(slot[:, None] < TOPK, best, NEG)
-    best = tl.sort(tl.trans(best), 1, descending=True)  # [BLOCK_T, TOPK_PAD]
+    best = tl.where(slot[None, :] < TOPK, best, NEG)
+    best = tl.sort(best, 1, descending=True)
     local_id = 2147483647 - (best - ((best >> 32) << 32))
     out = tl.where(best >= 0, local_id + s0, -1).to(tl.int32)
-    toks = start + tcol
+    toks = start + tl.arange(0, BLOCK_T)
     ptrs = IDX + (toks.to(tl.int64)[:, None] * HKV + g) * TOPK + slot[None, :]
     tl.store(ptrs, out, mask=(toks < t1)[:, None] & (slot < TOPK)[None, :])
 
@@ -637,14 +647,14 @@ def cmp_attention_topk_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Te
     meta = _common(q, hq, hkv, d)
     one = layout.m_cmp == layout.m_slc
     cfg = CONFIG["fused" if one else "fused_seg"]
-    block_t = _block_t(cfg["rows"], meta["HS_PAD"], 16)  # tokens are the N dimension of the group-sum tl.dot
+    block_t = _block_t(cfg["rows"], meta["HS_PAD"], 1 if one else 16)  # the one-hot tl.dot needs M >= 16
     grid = (triton.cdiv(layout.max_seqlen, block_t), layout.batch_size, hkv)
     _cmp_fused_fwd_kernel[grid](q, k_cmp, v_cmp, o, lse, idx, layout.cu_seqlens, layout.cu_cmp, layout.cu_slc,
                                 layout.slc_cmp_offsets, layout.cmp_slc, q.stride(0), q.stride(1), k_cmp.stride(0),
                                 k_cmp.stride(1), o.stride(0), o.stride(1), scale * LOG2E, HKV=hkv, BLOCK_T=block_t,
                                 BLOCK_J=cfg["BLOCK_J"], BLOCK_C=cfg["BLOCK_C"], TOPK=topk,
                                 TOPK_PAD=triton.next_power_of_2(topk), ONE_CMP_PER_SLC=one,
-                                P_FP16=q.dtype != torch.float32, num_warps=cfg["num_warps"],
+                                num_warps=cfg["num_warps"],
                                 num_stages=cfg["num_stages"], **meta)
     return o, lse, idx
 
