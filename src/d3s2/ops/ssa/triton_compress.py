@@ -45,8 +45,10 @@ CONFIG = {
     # top-k with m_cmp == m_slc ("topk") and m_cmp < m_slc ("topk_seg", one-hot segment sum over compression
     # blocks); variant "reshape": head sum by tl.reshape + tl.sum; "dot": transposed tiles, head sum by tl.dot
     # "skip": a float test per tile before the int64 insertion (dot variant)
-    "topk": {"variant": "dot", "skip": True, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
-    "topk_seg": {"variant": "dot", "skip": True, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
+    "topk": {"variant": "dot", "skip": True, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
+             "num_stages": 2},
+    "topk_seg": {"variant": "dot", "skip": True, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
+                 "num_stages": 2},
     # compressed attention + scores + top-k in one kernel (m_cmp == m_slc: "fused"; m_cmp < m_slc: "fused_seg")
     "fused": {"rows": 128, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
     "fused_seg": {"rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
