@@ -15,6 +15,13 @@ every pass streams them all.
   Working memory beyond the inputs is the ``[N, Hkv, S]`` output: no ``[H, N, NBc]`` score tensor exists.
   A candidate is one int64 ``(float32 score bits << 32) | (2³¹ − 1 − local block id)``: scores are ≥ 0, so
   integer order is score order, and ties go to the lower block id.
+  The ``dot`` variant with ``skip`` (default): a tile whose best score beats no token's weakest kept score (one
+  float max) skips the int64 insertion rounds.
+- ``_cmp_fused_fwd_kernel`` (the whole SSA op's default): both of the above in one program with token-major
+  ``[rows, keys]`` tiles. Pass 1 computes only the LSE (no P·V, no rescaling); pass 2 computes each probability
+  once and feeds it to P·V (o_cmp, already normalised, P from registers as in FlashAttention) and to the block
+  scores (the group's heads are adjacent rows: a reshape-sum), then the top-k with the float pre-test. Same
+  exp count as the two kernels, one launch, one Q load, no LSE round trip.
 - ``_cmp_bwd_dq_kernel`` / ``_cmp_bwd_dkdv_kernel``: FlashAttention-2 style backward. dK/dV split the sample's
   queries into ``n_chunks`` chunks (enough programs to fill the GPU although NBc is small) and write per-chunk
   partial sums that are added in a fixed order afterwards: deterministic, no atomics.
@@ -649,7 +656,9 @@ def cmp_attention_topk_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Te
     meta = _common(q, hq, hkv, d)
     one = layout.m_cmp == layout.m_slc
     cfg = CONFIG["fused" if one else "fused_seg"]
-    block_t = _block_t(cfg["rows"], meta["HS_PAD"], 1 if one else 16)  # the one-hot tl.dot needs M >= 16
+    # wide heads: the [rows, D] float32 accumulator must stay in registers next to the [rows, keys] tile
+    rows = cfg["rows"] if meta["BLOCK_D"] <= 64 else min(cfg["rows"], 64)
+    block_t = _block_t(rows, meta["HS_PAD"], 1 if one else 16)  # the one-hot tl.dot needs M >= 16
     grid = (triton.cdiv(layout.max_seqlen, block_t), layout.batch_size, hkv)
     _cmp_fused_fwd_kernel[grid](q, k_cmp, v_cmp, o, lse, idx, layout.cu_seqlens, layout.cu_cmp, layout.cu_slc,
                                 layout.slc_cmp_offsets, layout.cmp_slc, q.stride(0), q.stride(1), k_cmp.stride(0),
