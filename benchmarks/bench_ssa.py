@@ -259,8 +259,7 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
         topk_key: [{"variant": "dot", "BLOCK_J": 32 if default[topk_key]["BLOCK_J"] == 64 else 64},
                    {"variant": "dot", "num_warps": 8},
                    {"variant": "reshape", "rows": 128, "BLOCK_J": 32}, {"skip": False}],
-        "fused": [{"BLOCK_J": 128}, {"rows": 256}, {"rows": 256, "num_warps": 8}, {"num_stages": 3},
-                  {"BLOCK_J": 32}],
+        "fused": [{"BLOCK_J": 128}, {"rows": 256, "num_warps": 8}, {"num_stages": 3}, {"BLOCK_J": 32}],
         "bwd_dq": [{"BLOCK_C": 128, "num_warps": 8}, {"rows": 64}],
         "bwd_dkdv": [{"rows": 32}, {"programs_per_sm": 16}, {"rows": 32, "programs_per_sm": 16},
                      {"num_stages": 3}],
@@ -319,8 +318,7 @@ def _sweep_slc(layout, topk, ins) -> list[dict]:
     base = run()
     rows, best = [], None
     flops = _selection_flops(off, idx)
-    for change in [{}, {"BLOCK_M": 256, "num_warps": 8}, {"num_stages": 3}, {"BLOCK_M": 256, "num_warps": 8,
-                                                                              "num_stages": 3}, {"BLOCK_M": 64}]:
+    for change in [{}, {"BLOCK_M": 256, "num_warps": 8}, {"num_stages": 3}, {"BLOCK_M": 64}]:
         ba_kernels.FWD_CONFIG = {**default, **change}
         try:
             err = _rel_max(run(), base)

@@ -656,8 +656,8 @@ def cmp_attention_topk_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Te
     meta = _common(q, hq, hkv, d)
     one = layout.m_cmp == layout.m_slc
     cfg = CONFIG["fused" if one else "fused_seg"]
-    # wide heads: the [rows, D] float32 accumulator must stay in registers next to the [rows, keys] tile
-    rows = cfg["rows"] if meta["BLOCK_D"] <= 64 else min(cfg["rows"], 64)
+    # wide heads or float32 operands: the tiles must stay in registers (the defaults spill there on sm_90)
+    rows = cfg["rows"] if meta["BLOCK_D"] <= 64 and q.dtype != torch.float32 else min(cfg["rows"], 64)
     block_t = _block_t(rows, meta["HS_PAD"], 1 if one else 16)  # the one-hot tl.dot needs M >= 16
     grid = (triton.cdiv(layout.max_seqlen, block_t), layout.batch_size, hkv)
     _cmp_fused_fwd_kernel[grid](q, k_cmp, v_cmp, o, lse, idx, layout.cu_seqlens, layout.cu_cmp, layout.cu_slc,
