@@ -48,10 +48,12 @@ CONFIGS = {"v1.1": {"m_cmp": 8, "m_slc": 8, "topk": 8}, "v1.0": {"m_cmp": 4, "m_
 M_WIN = 8
 
 
-# Paths an --ab run compares: "new" (the defaults) and "before" (torch gate combine, float32 selection partials).
+# Paths an --ab run compares: "new" (the defaults: one kernel for compressed attention + scoring + top-k) and
+# "before" (session 2: two kernels, the top-k without the float pre-test).
 VARIANTS = {"new": {"fused_combine": True, "partial": ba_kernels.PARTIAL_DTYPE,
-                    "dq_partial": ba_kernels.DQ_PARTIAL_DTYPE},
-            "before": {"fused_combine": False, "partial": torch.float32, "dq_partial": torch.float32}}
+                    "dq_partial": ba_kernels.DQ_PARTIAL_DTYPE, "fused_cmp": True, "topk_skip": True},
+            "before": {"fused_combine": True, "partial": torch.float16, "dq_partial": torch.bfloat16,
+                       "fused_cmp": False, "topk_skip": False}}
 # --device cpu (a smoke run under TRITON_INTERPRET=1): float32, one timed call per measurement.
 DEV, DTYPE = "cuda", torch.bfloat16
 
@@ -59,13 +61,17 @@ DEV, DTYPE = "cuda", torch.bfloat16
 @contextlib.contextmanager
 def _variant(name: str):
     v = VARIANTS[name]
-    saved = ssa_ops.FUSED_COMBINE, ba_kernels.PARTIAL_DTYPE, ba_kernels.DQ_PARTIAL_DTYPE
-    ssa_ops.FUSED_COMBINE, ba_kernels.PARTIAL_DTYPE, ba_kernels.DQ_PARTIAL_DTYPE = (
-        v["fused_combine"], v["partial"], v["dq_partial"])
+    saved = (ssa_ops.FUSED_COMBINE, ba_kernels.PARTIAL_DTYPE, ba_kernels.DQ_PARTIAL_DTYPE, ssa_ops.FUSED_CMP,
+             {k: dict(tc.CONFIG[k]) for k in ("topk", "topk_seg")})
+    ssa_ops.FUSED_COMBINE, ba_kernels.PARTIAL_DTYPE, ba_kernels.DQ_PARTIAL_DTYPE, ssa_ops.FUSED_CMP = (
+        v["fused_combine"], v["partial"], v["dq_partial"], v["fused_cmp"])
+    for k in ("topk", "topk_seg"):
+        tc.CONFIG[k]["skip"] = v["topk_skip"]
     try:
         yield
     finally:
-        ssa_ops.FUSED_COMBINE, ba_kernels.PARTIAL_DTYPE, ba_kernels.DQ_PARTIAL_DTYPE = saved
+        ssa_ops.FUSED_COMBINE, ba_kernels.PARTIAL_DTYPE, ba_kernels.DQ_PARTIAL_DTYPE, ssa_ops.FUSED_CMP = saved[:4]
+        tc.CONFIG.update(saved[4])
 
 
 def _bench(fn, warmup=5, rep=40) -> float:
@@ -168,6 +174,9 @@ def _measure(layout, topk: int, ins, do, with_branches: bool = True) -> dict:
     o_cmp, lse = tc.cmp_attention_fwd(q, kc, vc, layout, scale)
     br["score_topk_ms"] = _bench(lambda: tc.cmp_select_topk(q, kc, lse, layout, topk, scale))
     idx = tc.cmp_select_topk(q, kc, lse, layout, topk, scale)
+    br["cmp_topk_fused_ms"] = _bench(lambda: tc.cmp_attention_topk_fwd(q, kc, vc, layout, topk, scale))
+    fused_idx = tc.cmp_attention_topk_fwd(q, kc, vc, layout, topk, scale)[2]
+    br["fused_idx_diff"] = float((fused_idx != idx).float().mean())  # near-ties only (fp16-rounded scores)
     br["cmp_bwd_ms"] = _bench(lambda: tc.cmp_attention_bwd(q, kc, vc, o_cmp, lse, do, layout, scale))
     off = layout.slc_offsets
     br["slc_fwd_ms"] = _bench(lambda: selection_attention(q, k, v, off, idx, scale=scale, backend="triton"))
@@ -199,7 +208,8 @@ def _measure(layout, topk: int, ins, do, with_branches: bool = True) -> dict:
     pairs = sum((cu[b + 1] - cu[b]) * (cc[b + 1] - cc[b]) for b in range(len(cu) - 1))
     br["cmp_fwd_tflops"] = 4.0 * pairs * HQ * D / br["cmp_fwd_ms"] / 1e9
     br["cmp_logits"] = pairs * HQ  # exp() evaluations per pass
-    br["cmp_plus_topk_share_of_fwd"] = (br["cmp_fwd_ms"] + br["score_topk_ms"]) / row["fwd_ms"]
+    cmp_topk = br["cmp_topk_fused_ms"] if ssa_ops.FUSED_CMP else br["cmp_fwd_ms"] + br["score_topk_ms"]
+    br["cmp_plus_topk_share_of_fwd"] = cmp_topk / row["fwd_ms"]
     row["branches"] = br
     return row
 
@@ -248,7 +258,8 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
         "fwd": [{"rows": 128, "BLOCK_C": 128, "num_warps": 8}, {"rows": 64}, {"num_stages": 2}],
         topk_key: [{"variant": "dot", "BLOCK_J": 32 if default[topk_key]["BLOCK_J"] == 64 else 64},
                    {"variant": "dot", "num_warps": 8},
-                   {"variant": "reshape", "rows": 128, "BLOCK_J": 32}],
+                   {"variant": "reshape", "rows": 128, "BLOCK_J": 32}, {"skip": False}],
+        "fused": [{"BLOCK_J": 128}, {"rows": 256, "num_warps": 8}, {"num_stages": 3}, {"BLOCK_J": 32}],
         "bwd_dq": [{"BLOCK_C": 128, "num_warps": 8}, {"rows": 64}],
         "bwd_dkdv": [{"rows": 32}, {"programs_per_sm": 16}, {"rows": 32, "programs_per_sm": 16},
                      {"num_stages": 3}],
@@ -256,6 +267,9 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
     rows = []
     for kernel in kernels:
         kernel = topk_key if kernel == "topk" else kernel
+        if kernel == "fused" and layout.m_cmp != layout.m_slc:
+            kernel = "fused_seg"
+            variants["fused_seg"] = variants["fused"]
         best = None
         for change in [{}] + variants[kernel]:
             tc.CONFIG[kernel] = {**default[kernel], **change}
@@ -267,11 +281,19 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
                 elif kernel == topk_key:
                     err = float((tc.cmp_select_topk(q, kc, base_lse, layout, topk, scale) != base_idx).float().mean())
                     ms = _bench(lambda: tc.cmp_select_topk(q, kc, base_lse, layout, topk, scale))
+                elif kernel in ("fused", "fused_seg"):
+                    o, _, idx = tc.cmp_attention_topk_fwd(q, kc, vc, layout, topk, scale)
+                    if not change:  # its float32 scores tie-break differently from the float16 ones of base_idx
+                        fused_idx = idx
+                    # selection near-ties only, and o_cmp within a few bfloat16 roundings
+                    err = float((idx != fused_idx).float().mean()) if _rel_max(o, base_o) < 2.0**-6 else 1.0
+                    ms = _bench(lambda: tc.cmp_attention_topk_fwd(q, kc, vc, layout, topk, scale))
                 else:
                     got = tc.cmp_attention_bwd(q, kc, vc, base_o, base_lse, do, layout, scale)
                     err = max(_rel_max(a, b) for a, b in zip(got, base_g))
                     ms = _bench(lambda: tc.cmp_attention_bwd(q, kc, vc, base_o, base_lse, do, layout, scale))
-                if err < (1e-3 if kernel == topk_key else 2.0**-6) and (best is None or ms < best[0]):
+                tight = kernel in (topk_key, "fused", "fused_seg")
+                if err < (1e-3 if tight else 2.0**-6) and (best is None or ms < best[0]):
                     best = (ms, dict(tc.CONFIG[kernel]))
                 rows.append({"kernel": kernel, **tc.CONFIG[kernel], "ms": ms, "diff_vs_default": err})
             except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
@@ -281,14 +303,46 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
     return rows
 
 
+def _sweep_slc(layout, topk, ins) -> list[dict]:
+    """The selection forward (plan + kernel + combine) under several ``block_attn`` launch configs; the fastest
+    one whose output matches the default's (a different tiling changes no row's arithmetic) is then used."""
+    q, k, v, kc, vc, _ = (t.detach() for t in ins)
+    scale = D**-0.5
+    idx = tc.cmp_attention_topk_fwd(q, kc, vc, layout, topk, scale)[2]
+    off = layout.slc_offsets
+    default = dict(ba_kernels.FWD_CONFIG)
+
+    def run():
+        return selection_attention(q, k, v, off, idx, scale=scale, backend="triton")
+
+    base = run()
+    rows, best = [], None
+    flops = _selection_flops(off, idx)
+    for change in [{}, {"BLOCK_M": 256, "num_warps": 8}, {"num_stages": 3}, {"BLOCK_M": 64}]:
+        ba_kernels.FWD_CONFIG = {**default, **change}
+        try:
+            err = _rel_max(run(), base)
+            ms = _bench(run)
+            if err < 2.0**-10 and (best is None or ms < best[0]):
+                best = (ms, dict(ba_kernels.FWD_CONFIG))
+            rows.append({"kernel": "slc", **ba_kernels.FWD_CONFIG, "ms": ms, "tflops": flops / ms / 1e9,
+                         "diff_vs_default": err})
+        except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
+            rows.append({"kernel": "slc", **ba_kernels.FWD_CONFIG, "error": repr(e)[:300]})
+        print(json.dumps(rows[-1]), flush=True)
+    ba_kernels.FWD_CONFIG = best[1] if best else default
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layouts", default=str(Path(__file__).resolve().parents[2] / "shared/data/"
                                              "latent_layouts_1024.npz"))
     ap.add_argument("--sizes", default="8192,16384,32768,65536,131072")
     ap.add_argument("--configs", default="v1.1,v1.0")
-    ap.add_argument("--sweep", default="", help="comma-separated compressed kernels (fwd, topk, bwd_dq, bwd_dkdv) to "
-                    "sweep at the largest N before measuring it; the fastest valid config of each is then used")
+    ap.add_argument("--sweep", default="", help="comma-separated kernels (compressed: fwd, topk, fused, bwd_dq, "
+                    "bwd_dkdv; slc: the selection forward) to sweep at the largest N before measuring it; the "
+                    "fastest valid config of each is then used")
     ap.add_argument("--no-batch", action="store_true", help="skip the ragged batch")
     ap.add_argument("--no-module", action="store_true", help="skip the whole-layer rows")
     ap.add_argument("--no-shifted", action="store_true", help="skip the odd-layer (shifted windows) rows")
@@ -330,7 +384,10 @@ def main() -> None:
             do = torch.randn(layout.num_tokens, HQ, D, device=DEV, generator=gen).to(DTYPE)
             last = keys == [sizes[-1]] or args.tiny
             if last and args.sweep:
-                result.setdefault("sweep", {})[name] = _sweep(layout, cfg["topk"], ins, do, args.sweep.split(","))
+                kernels = args.sweep.split(",")
+                rows = _sweep_slc(layout, cfg["topk"], ins) if "slc" in kernels else []
+                kernels = [kk for kk in kernels if kk != "slc"]
+                result.setdefault("sweep", {})[name] = rows + _sweep(layout, cfg["topk"], ins, do, kernels)
             if sdpa is None:
                 sdpa = _sdpa(layout, ins, do)
             for variant in ["new"] + (["before"] if args.ab else []):
@@ -356,6 +413,7 @@ def main() -> None:
             if DEV == "cuda":
                 torch.cuda.empty_cache()
     result["setup"]["compress_kernel_config_used"] = {k: dict(v) for k, v in tc.CONFIG.items()}
+    result["setup"]["block_attn_fwd_config_used"] = dict(ba_kernels.FWD_CONFIG)
     _write(result, Path(args.out))
 
 
@@ -366,13 +424,14 @@ def _write(result: dict, out: Path) -> None:
              f"commit {result['commit']}, {result['date']})", "",
              f"Hq 32 / Hkv 2 / D 32, {result['setup']['dtype']}, window 8 (unshifted); op inputs q, k, v, k_cmp, "
              "v_cmp, gates; "
-             "SDPA = flash full attention per sample. Times in ms (median, CUDA events). Variant `new`: fused "
-             "gate combine, 16-bit selection partials and partial dQ; `before`: torch gate combine, float32 "
-             "partials (same run).", "",
+             "SDPA = flash full attention per sample. Times in ms (median, CUDA events). Variant `new`: one "
+             "kernel for compressed attention + scoring + top-k (`fused cmp+top-k`), the top-k's float pre-test; "
+             "`before`: session 2 (two kernels `cmp fwd` + `score+top-k`, same run). `(cmp+top-k)/fwd` uses the "
+             "variant's own path.", "",
              "| config | N | blocks slc/cmp | SSA fwd | SSA bwd | SSA fwd+bwd | SDPA fwd | SDPA bwd | speedup fwd "
-             "| speedup bwd | cmp fwd | score+top-k | slc fwd | win fwd | (cmp+top-k)/fwd | slc TFLOP/s "
-             "| cmp bwd | slc bwd | win bwd | combine fwd/bwd | peak extra MB fwd+bwd |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| speedup bwd | cmp fwd | score+top-k | fused cmp+top-k | slc fwd | win fwd | (cmp+top-k)/fwd "
+             "| slc TFLOP/s | cmp bwd | slc bwd | win bwd | combine fwd/bwd | peak extra MB fwd+bwd |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         s, f, b = r["ssa"], r["sdpa_flash"], r["ssa"]["branches"]
         n = f"{r['N']:,}" + (f" ({r['samples']} meshes)" if r["samples"] > 1 else "")
@@ -380,7 +439,8 @@ def _write(result: dict, out: Path) -> None:
         lines.append(
             f"| {cfg} | {n} | {r['slc_blocks']}/{r['cmp_blocks']} | {s['fwd_ms']:.2f} | {s['bwd_ms']:.2f} "
             f"| {s['fwd_bwd_ms']:.2f} | {f['fwd_ms']:.2f} | {f['bwd_ms']:.2f} | {r['speedup_fwd']:.1f}x "
-            f"| {r['speedup_bwd']:.1f}x | {b['cmp_fwd_ms']:.2f} | {b['score_topk_ms']:.2f} | {b['slc_fwd_ms']:.2f} "
+            f"| {r['speedup_bwd']:.1f}x | {b['cmp_fwd_ms']:.2f} | {b['score_topk_ms']:.2f} "
+            f"| {b['cmp_topk_fused_ms']:.2f} | {b['slc_fwd_ms']:.2f} "
             f"| {b['win_fwd_ms']:.2f} | {100 * b['cmp_plus_topk_share_of_fwd']:.0f}% | {b['slc_fwd_tflops']:.0f} "
             f"| {b['cmp_bwd_ms']:.2f} | {b['slc_bwd_ms']:.2f} | {b['win_bwd_ms']:.2f} "
             f"| {b['combine_fwd_ms']:.2f}/{b['combine_bwd_ms']:.2f} | {s['peak_extra_mb_fwd_bwd']:.0f} |")

@@ -204,11 +204,12 @@ def test_bf16_dq_partials():
     assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])  # dK/dV do not use the partials
 
 
-def test_selection_plan_lists_match_a_bincount():
+@pytest.mark.parametrize("nb", [6, 20000], ids=["int16-keys", "int32-keys"])
+def test_selection_plan_lists_match_a_bincount(nb):
     """The sync-free plan (searchsorted bounds) equals the bincount / exclusive-cumsum definition."""
     from d3s2.ops.block_attn import triton as kernels
 
-    n, hkv, s, nb = 37, 2, 4, 6
+    n, hkv, s = 37, 2, 4
     idx = random_selection(n, hkv, s, nb, empty_frac=0.25).to(DEV)
     idx[0, 0, 0] = nb + 3  # out of range: an empty slot, like -1
     plan = kernels.selection_plan(idx, nb)

@@ -2,9 +2,9 @@
 
 Backends, chosen per call (argument → ``use_backend("ssa", ...)`` → ``D3S2_SSA_BACKEND`` → auto):
 ``triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1``): compressed attention, block scoring and top-k in
-:mod:`.triton_compress`, selection and window attention from :mod:`d3s2.ops.block_attn`, the gate combine in
-:mod:`.triton_combine`; ``torch``: the reference in :mod:`.reference` (any device; the spec, memory-hungry at
-large N).
+:mod:`.triton_compress` (one kernel inside the whole op), selection and window attention from
+:mod:`d3s2.ops.block_attn`, the gate combine in :mod:`.triton_combine`; ``torch``: the reference in
+:mod:`.reference` (any device; the spec, memory-hungry at large N).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from .reference import (
 BACKENDS = op_backends("ssa")
 # Gate combine of the triton backend: the fused kernel (True) or the torch reference (the benchmark's A/B).
 FUSED_COMBINE = True
+# Compressed attention, scoring and top-k of the triton backend: one kernel (True) or two (the benchmark's A/B).
+FUSED_CMP = True
 
 
 BACKENDS.register("triton", needs_triton, needs_float_dtype(torch.float16, torch.bfloat16, torch.float32),
@@ -76,8 +78,11 @@ def spatial_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     from . import triton_combine, triton_compress
 
     sc = _scale(q, scale)
-    o_cmp, lse = triton_compress.compressed_attention(q, k_cmp, v_cmp, layout, sc)
-    block_idx = triton_compress.select_blocks(q, k_cmp, lse, layout, topk, sc)
+    if FUSED_CMP:
+        o_cmp, _, block_idx = triton_compress.compressed_attention_topk(q, k_cmp, v_cmp, layout, topk, sc)
+    else:
+        o_cmp, lse = triton_compress.compressed_attention(q, k_cmp, v_cmp, layout, sc)
+        block_idx = triton_compress.select_blocks(q, k_cmp, lse, layout, topk, sc)
     o_slc = selection_attention(q, k, v, layout.slc_offsets, block_idx, scale=sc)
     if layout.win_perm is None:
         o_win = window_attention(q, k, v, layout.win_offsets, scale=sc)
