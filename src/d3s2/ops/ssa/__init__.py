@@ -26,7 +26,8 @@ BACKENDS = op_backends("ssa")
 # Gate combine of the triton backend: the fused kernel (True) or the torch reference (the benchmark's A/B).
 FUSED_COMBINE = True
 # Compressed attention, scoring and top-k of the triton backend: one kernel (True) or two (the benchmark's A/B).
-FUSED_CMP = True
+# Two: on an H200 at N = 134k (v1.1) the fused kernel took 9.7 ms against 2.3 + 4.4 ms (ssa_NVIDIA_H200.md).
+FUSED_CMP = False
 
 
 BACKENDS.register("triton", needs_triton, needs_float_dtype(torch.float16, torch.bfloat16, torch.float32),
