@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 import math
 import random
@@ -116,11 +117,19 @@ def to_device(batch: Any, device: torch.device) -> Any:
         return type(batch)(*(to_device(v, device) for v in batch))
     to = getattr(batch, "to", None)
     if callable(to):  # SparseTensor, or a batch class that knows how to move itself
-        return to(device)
+        return to(device, non_blocking=True) if _takes_non_blocking(to) else to(device)
     if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
         return dataclasses.replace(batch, **{f.name: to_device(getattr(batch, f.name), device)
                                              for f in dataclasses.fields(batch) if f.init})
     return batch
+
+
+def _takes_non_blocking(fn: Any) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+    return any(p.name == "non_blocking" or p.kind == p.VAR_KEYWORD for p in params)
 
 
 def load_initial_weights(model: nn.Module, path: str | Path, *, use_ema: bool = True) -> None:

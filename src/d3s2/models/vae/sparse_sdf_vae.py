@@ -274,12 +274,18 @@ class SparseSDFBatch:
     sharp: torch.Tensor
     factor: float | None = None
 
-    def to(self, device: torch.device | str) -> SparseSDFBatch:
-        def move(t: sp.SparseTensor) -> sp.SparseTensor:
-            return sp.SparseTensor(t.feats.to(device), t.coords.to(device), resolution=t.resolution,
-                                   batch_size=t.batch_size, validate=False)
-        return dataclasses.replace(self, sdf=move(self.sdf), target=move(self.target),
-                                   in_band=self.in_band.to(device), sharp=self.sharp.to(device))
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> SparseSDFBatch:
+        """Move to ``device`` (structure caches of ``sdf`` and ``target`` come along, see ``SparseTensor.to``)."""
+        return dataclasses.replace(self, sdf=self.sdf.to(device, non_blocking=non_blocking),
+                                   target=self.target.to(device, non_blocking=non_blocking),
+                                   in_band=self.in_band.to(device, non_blocking=non_blocking),
+                                   sharp=self.sharp.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> SparseSDFBatch:
+        """Page-locked host copy (the DataLoader's ``pin_memory=True`` calls it): the copies to the GPU then run
+        asynchronously instead of blocking the host as pageable copies do."""
+        return dataclasses.replace(self, sdf=self.sdf.pin_memory(), target=self.target.pin_memory(),
+                                   in_band=self.in_band.pin_memory(), sharp=self.sharp.pin_memory())
 
     @property
     def num_tokens(self) -> int:
