@@ -78,6 +78,29 @@ def _reuse_structure(parent: sp.SparseTensor, key: str, child: sp.SparseTensor) 
     return template.replace(child.feats)
 
 
+# Cache key of a pooled level's structure on its parent level (SparseDownBlock3d).
+POOL_KEY = "vae_pool2"
+
+
+def prepare_structure(x: sp.SparseTensor, window_size: int = 8) -> sp.SparseTensor:
+    """Build on ``x`` the structure the encoder derives from its coordinates with host syncs on a GPU (unique
+    parents, window groups): per sample voxel counts and the pooled structure of the three down blocks, and the
+    latent level's two window partitions. Run it where syncs are free (DataLoader workers, on the CPU); the
+    structure travels with the batch (``SparseTensor.to``) and the model reuses it. Returns ``x``.
+    """
+    h = x
+    for _ in range(3):
+        h.batch_counts  # noqa: B018 - cached on access (with cu_seqlens)
+        parents, _, _ = h.cached("down_2", lambda h=h: sp.downsample_structure(h, 2))
+        h = h.cached(POOL_KEY, lambda h=h, parents=parents: sp.SparseTensor(
+            torch.zeros(parents.shape[0], 0, device=parents.device), parents, resolution=h.resolution // 2,
+            batch_size=h.batch_size, validate=False))
+    h.batch_counts  # noqa: B018
+    for shift in (0, window_size // 2):
+        sp.window_partition(h, window_size, shift)
+    return x
+
+
 class SparseDownBlock3d(nn.Module):
     """Residual down block: ``GN → SiLU → mean-pool ×2 → conv3 → GN → SiLU → conv3`` plus the pooled input
     (through a 1×1 conv when the channel count changes)."""
@@ -96,7 +119,7 @@ class SparseDownBlock3d(nn.Module):
 
     @staticmethod
     def _pool(x: sp.SparseTensor) -> sp.SparseTensor:
-        return _reuse_structure(x, "vae_pool2", sp.sparse_downsample(x, 2))
+        return _reuse_structure(x, POOL_KEY, sp.sparse_downsample(x, 2))
 
     def forward(self, x: sp.SparseTensor) -> sp.SparseTensor:
         h = self.out_layers(self._pool(self.act_layers(x)))

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ... import sparse as sp
-from .sparse_sdf_vae import SparseSDFBatch, SparseSDFVAE
+from .sparse_sdf_vae import SparseSDFBatch, SparseSDFVAE, SparseSDFVAEConfig, prepare_structure
 
 __all__ = ["SparseVAETaskConfig", "MultiResolutionDataset", "SparseVAETask", "decode_mesh", "target_mesh",
            "TASK_FILE", "load_model_config", "shape_metrics", "EMPTY_MESH_METRICS"]
@@ -166,6 +166,8 @@ class SparseVAETask:
             raise ValueError(f"{config.data} has resolutions {settings['resolutions']}, not {missing}")
         self.band = float(config.band or settings["band"])
         self.val_resolution = config.val_resolution or max(config.resolutions)
+        _, model_args = load_model_config(config.model_config, config.model_args)
+        self.window_size = int(model_args.get("window_size", SparseSDFVAEConfig.window_size))
 
     def build_model(self) -> SparseSDFVAE:
         from ..registry import build_model
@@ -190,7 +192,9 @@ class SparseVAETask:
         from ...data.collate import collate_sparse
 
         c = collate_sparse(items)
-        return SparseSDFBatch.from_blocks(c["sdf"], c["blocks"], sharp=c["sharp"], tau=self.band)
+        batch = SparseSDFBatch.from_blocks(c["sdf"], c["blocks"], sharp=c["sharp"], tau=self.band)
+        prepare_structure(batch.sdf, self.window_size)  # in the DataLoader workers: no GPU syncs for it later
+        return batch
 
     def loss(self, model: nn.Module, batch: SparseSDFBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         from ...train.distributed import unwrap

@@ -198,9 +198,8 @@ def kernel_map_pairs(kernel_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     k_total = kernel_map.shape[1]
     k, p = (kernel_map.t() >= 0).nonzero(as_tuple=True)  # sorted by k, then p
     in_rows = kernel_map[p, k].to(torch.int32)
-    counts = torch.bincount(k, minlength=k_total)
-    offsets = torch.zeros(k_total + 1, dtype=torch.int64, device=kernel_map.device)
-    offsets[1:] = torch.cumsum(counts, 0)
+    # k is sorted: each offset's first pair by binary search (a CUDA bincount would read its maximum on the host).
+    offsets = torch.searchsorted(k, torch.arange(k_total + 1, dtype=k.dtype, device=k.device))
     return in_rows, p.to(torch.int32), offsets
 
 
