@@ -339,12 +339,21 @@ class SparseSDFBatch:
             raise ValueError(f"expected sharp of shape [{sdf.num_voxels}], got {tuple(sharp.shape)}")
         local = torch.stack(torch.meshgrid(*[torch.arange(UPSAMPLE, device=sdf.device)] * 3, indexing="ij"),
                             -1).reshape(-1, 3)  # [512, 3], z fastest
-        fine = blocks.coords.repeat_interleave(UPSAMPLE**3, dim=0)  # [NB·512, 4], batch order kept
-        fine[:, 1:] = fine[:, 1:] * UPSAMPLE + local.repeat(blocks.num_voxels, 1).to(fine.dtype)
-        target_feats = (blocks.feats.float().reshape(-1, 1) / tau).clamp(-1.0, 1.0)
+        local = torch.cat([torch.zeros_like(local[:, :1]), local], 1).to(blocks.coords.dtype)  # [512, 4] (0, l)
+        scale = torch.tensor([1, UPSAMPLE, UPSAMPLE, UPSAMPLE], dtype=blocks.coords.dtype, device=sdf.device)
+        # [NB·512, 4]: block b's voxels (b, 8·block + l), blocks in order (batch order kept); one broadcast op.
+        fine = (blocks.coords[:, None, :] * scale + local[None]).reshape(-1, 4)
+        target_feats = (blocks.feats.float().reshape(-1, 1) / tau).clamp_(-1.0, 1.0)
         target = sp.SparseTensor(target_feats, fine, resolution=r, batch_size=sdf.batch_size, validate=False)
         x = sdf.replace(sdf.feats.float() / tau)
-        row = lookup(target.coords, x.coords, r).long()  # [N] target row of each band voxel
+        # [N] target row of each band voxel: its block's row (a search among NB blocks, not NB·512 voxels) times
+        # 512 plus its in-block column.
+        parent = x.coords.clone()
+        parent[:, 1:] = torch.div(parent[:, 1:], UPSAMPLE, rounding_mode="floor")
+        block_row = lookup(blocks.coords, parent, blocks.resolution).long()
+        lxyz = (x.coords[:, 1:] % UPSAMPLE).long()
+        row = torch.where(block_row >= 0, block_row * UPSAMPLE**3 + (lxyz[:, 0] * UPSAMPLE + lxyz[:, 1]) * UPSAMPLE
+                          + lxyz[:, 2], -1)
         if bool((row < 0).any()):
             raise ValueError(f"{int((row < 0).sum())} band voxels lie outside the given blocks")
         in_band = torch.zeros(target.num_voxels, dtype=torch.bool, device=sdf.device)
