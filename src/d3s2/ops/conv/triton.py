@@ -39,7 +39,9 @@ import triton.language as tl
 from .reference import KernelMap
 
 
-@triton.jit
+# Row counts change with every batch: not specialised on (÷16, == 1), or each new combination recompiles the kernel
+# in the middle of training (seconds per step; they are only used in masks and loop bounds).
+@triton.jit(do_not_specialize=["M"])
 def sparse_conv_fwd_kernel(
     feats_ptr, map_ptr, order_ptr, tile_offsets_ptr, tile_counts_ptr, weight_ptr, bias_ptr, out_ptr,
     M, C_IN, C_OUT, K,
@@ -78,7 +80,7 @@ def sparse_conv_fwd_kernel(
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "SPLIT", "ROWS"])
 def sparse_conv_wgrad_kernel(
     feats_ptr, grad_ptr, in_rows_ptr, out_rows_ptr, bounds_ptr, partial_ptr, bias_partial_ptr,
     M, C_IN, C_OUT, K, NUM_SLOTS, SPLIT, ROWS,
