@@ -229,3 +229,33 @@ def test_prepared_structure_same_result_and_no_host_syncs(monkeypatch):
     assert not syncs_b, dict(syncs_b)
     assert torch.equal(loss_a, loss_b)
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
+
+@pytest.mark.gpu
+def test_training_step_runs_without_host_syncs_on_gpu():
+    """On CUDA with the triton backends: a prepared, pinned batch moved without blocking, then forward, loss and
+    backward under ``set_sync_debug_mode("error")`` (any host sync raises)."""
+    from d3s2.models.vae.sparse_sdf_vae import prepare_structure
+    from d3s2.ops._backend import use_backend
+
+    torch.manual_seed(0)
+    model = SparseSDFVAE(tiny_config()).cuda()
+
+    def step() -> None:
+        batch = sphere_batch(32, radii=(9.0, 11.0))
+        prepare_structure(batch.sdf, model.config.window_size)
+        batch = batch.pin_memory().to("cuda", non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(batch)
+            loss, _ = model.loss(out, batch)
+        loss.backward()
+
+    with use_backend("conv", "triton"), use_backend("block_attn", "triton"):
+        step()  # compiles the kernels
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
