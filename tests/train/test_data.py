@@ -113,6 +113,13 @@ def test_balanced_steps_group_similar_micro_batches():
     assert all(a[1] <= b[0] for a, b in zip(runs, runs[1:]))
     if len(tot) % 2:  # the leftover micro-batch is last and the cheapest
         assert tot[-1] == min(tot)
+    # Steps of 4 split over 2 ranks: outside-in order pairs the largest with the smallest.
+    four = pack_batches(costs, step_size=4, **kw)
+    tot4 = [sum(costs[i] for i in b) for b in four]
+    for j in range(0, len(tot4) // 4 * 4, 4):
+        run = tot4[j:j + 4]
+        assert run[0] >= run[2] >= run[3] >= run[1]
+        assert abs((run[0] + run[1]) - (run[2] + run[3])) <= run[0] - run[1]
 
 
 def test_item_costs_scaled_to_token_units():

@@ -189,7 +189,9 @@ class SparseTensor:
     def pin_memory(self) -> SparseTensor:
         """A copy in page-locked host memory (feats, coords and the structure cache), for asynchronous copies to
         the GPU; the DataLoader calls it when ``pin_memory=True``."""
-        return self._map_structure(self.feats.pin_memory(), lambda t: t.pin_memory(), {})
+        def pin(t: torch.Tensor) -> torch.Tensor:
+            return t.pin_memory() if t.numel() else t  # empty tensors (structure templates) have nothing to copy
+        return self._map_structure(pin(self.feats), pin, {})
 
     def _map_structure(self, feats: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor],
                        memo: dict[int, Any]) -> SparseTensor:

@@ -90,11 +90,14 @@ def pack_batches(
 def _balanced_steps(batches: list[list[int]], lengths: Sequence[int], step_size: int,
                     rng: np.random.Generator | None) -> list[list[int]]:
     """Batches sorted by total length (longest first, ties in packing order), cut into runs of ``step_size``,
-    the full runs shuffled; the remainder run last."""
+    each run ordered outside-in, the full runs shuffled; the remainder run last."""
     totals = [sum(int(lengths[i]) for i in b) for b in batches]
     order = sorted(range(len(batches)), key=lambda j: -totals[j])  # stable
     runs = [order[i: i + step_size] for i in range(0, len(order), step_size)]
     tail = runs.pop() if runs and len(runs[-1]) < step_size else []
+    # Inside a run: largest, smallest, 2nd largest, 2nd smallest, ...: consecutive pairs (and pairs of pairs) have
+    # similar sums, so ranks taking consecutive shares of a step get similar work for any world size.
+    runs = [[run[j // 2] if j % 2 == 0 else run[-1 - j // 2] for j in range(len(run))] for run in runs]
     if rng is not None:
         runs = [runs[j] for j in rng.permutation(len(runs)).tolist()]
     return [batches[j] for run in runs for j in run] + [batches[j] for j in tail]
