@@ -85,3 +85,16 @@ def test_device_move_carries_structure_cache():
     assert parents is moved_child.coords  # shared tensors stay shared
     assert moved.batch_counts.device.type == "meta"
     assert moved.replace(moved.feats)._cache is moved._cache
+
+
+def test_pickled_structure_cache_stays_shared():
+    """DataLoader workers pickle batches: the prepared structure arrives whole, shared tensors still shared."""
+    import pickle
+
+    from d3s2.models.vae.sparse_sdf_vae import POOL_KEY, prepare_structure
+
+    x = prepare_structure(_random_sparse([40, 25], resolution=16, channels=1), 8)
+    y = pickle.loads(pickle.dumps(x))
+    assert set(y._cache) == set(x._cache)
+    assert y.get_cache(POOL_KEY).coords is y.get_cache("down_2")[0]
+    assert torch.equal(y.get_cache(POOL_KEY).coords, x.get_cache(POOL_KEY).coords)
