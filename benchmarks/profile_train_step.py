@@ -47,8 +47,42 @@ def _one_step(trainer: Trainer, data) -> dict[str, float]:
     _sync(device)
     t3 = time.perf_counter()
     trainer.step += 1
+    # Decoded voxels (the SS-VAE's target rows): with tokens they explain a VAE step's time (see _fit_costs).
+    decoded = sum(getattr(getattr(b, "target", None), "num_voxels", 0) for b in micro)
     return {"data_s": t1 - t0, "fwd_bwd_s": t2 - t1, "update_s": t3 - t2, "step_s": t3 - t0,
-            "tokens": float(tokens), "micro_batches": float(len(micro))}
+            "tokens": float(tokens), "micro_batches": float(len(micro)), "decoded": float(decoded)}
+
+
+def _fit_costs(rows: list[dict[str, float]]) -> dict[str, float] | None:
+    """Least squares ``fwd_bwd_s ≈ a + b·tokens + c·decoded`` over the timed steps (this rank's micro-batches;
+    single process: all of them); ``decode_cost = c / b`` is the value for ``task.args.decode_cost``."""
+    import numpy as np
+
+    if len(rows) < 4 or not any(r["decoded"] for r in rows):
+        return None
+    a = np.array([[1.0, r["tokens"], r["decoded"]] for r in rows])
+    y = np.array([r["fwd_bwd_s"] for r in rows])
+    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+    pred = a @ coef
+    r2 = 1 - float(((y - pred) ** 2).sum()) / max(float(((y - y.mean()) ** 2).sum()), 1e-12)
+    return {"intercept_s": float(coef[0]), "s_per_token": float(coef[1]), "s_per_decoded": float(coef[2]),
+            "decode_cost": float(coef[2] / coef[1]) if coef[1] > 0 else float("nan"), "r2": r2}
+
+
+def _sync_report(trainer: Trainer, data) -> list[tuple[str, int]]:
+    """Run one step under ``torch.cuda.set_sync_debug_mode("warn")``: (source line, host syncs) most first."""
+    import collections
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            _one_step(trainer, data)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    where = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    return where.most_common()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.warmup):
             _one_step(trainer, data)
         rows = [_one_step(trainer, data) for _ in range(args.steps)]
+        syncs = _sync_report(trainer, data) if device.type == "cuda" else []
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -86,13 +121,21 @@ def main(argv: list[str] | None = None) -> int:
     tables = {"self CPU": averages.table(sort_by="self_cpu_time_total", row_limit=30),
               "self device": averages.table(sort_by=device_key, row_limit=30)}
     summary = {k: statistics.median(r[k] for r in rows) for k in ("data_s", "fwd_bwd_s", "update_s", "step_s")}
+    fit = _fit_costs(rows)
     result = {"config": args.config, "overrides": overrides, "device": torch.cuda.get_device_name(device)
-              if device.type == "cuda" else "cpu", "torch": torch.__version__, "median": summary, "steps": rows}
+              if device.type == "cuda" else "cpu", "torch": torch.__version__, "median": summary, "cost_fit": fit,
+              "host_syncs_per_step": sum(n for _, n in syncs), "host_sync_sources": syncs, "steps": rows}
     text = [f"# profile_train_step: {args.config} on {result['device']}", "",
-            "median s per step: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()), "",
-            "| step | data s | fwd+bwd s | update s | tokens |", "|---:|---:|---:|---:|---:|"]
-    text += [f"| {i} | {r['data_s']:.4f} | {r['fwd_bwd_s']:.4f} | {r['update_s']:.4f} | {int(r['tokens'])} |"
-             for i, r in enumerate(rows)]
+            "median s per step: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()), ""]
+    if fit is not None:
+        text += ["fwd+bwd s ≈ {intercept_s:.4f} + {s_per_token:.3e}·tokens + {s_per_decoded:.3e}·decoded "
+                 "(R² {r2:.2f}): decode_cost ≈ {decode_cost:.2f}".format(**fit), ""]
+    if device.type == "cuda":
+        text += [f"host syncs in one step (set_sync_debug_mode): {result['host_syncs_per_step']}", ""]
+        text += [f"- {n} × {where}" for where, n in syncs[:20]] + [""]
+    text += ["| step | data s | fwd+bwd s | update s | tokens | decoded |", "|---:|---:|---:|---:|---:|---:|"]
+    text += [f"| {i} | {r['data_s']:.4f} | {r['fwd_bwd_s']:.4f} | {r['update_s']:.4f} | {int(r['tokens'])} | "
+             f"{int(r['decoded'])} |" for i, r in enumerate(rows)]
     for name, table in tables.items():
         text += ["", f"## top operators by {name} time ({args.profile_steps} steps)", "", "```", table, "```"]
     report = "\n".join(text)

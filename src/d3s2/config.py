@@ -301,11 +301,13 @@ class TaskSpec:
 @dataclasses.dataclass(kw_only=True)
 class DataConfig:
     max_tokens: int = 65536  # token budget of one micro-batch; a token is what the dataset's num_tokens() counts
+    # (datasets with item_costs, e.g. the VAE's band + decoded voxels, are packed by cost scaled to token units)
     max_batch_size: int = 0  # also cap samples per micro-batch; 0 = no cap
     micro_batches_per_step: int = 1  # global micro-batches per optimizer step, split evenly over the ranks
     num_workers: int = 2  # DataLoader worker processes per rank
     shuffle: bool = True
     sort_window: int = 64  # sort by length inside windows of this many shuffled samples: tighter packing, still random
+    balance_steps: bool = True  # one step's micro-batches have similar cost, so the ranks finish it together
     val_max_batches: int = 0  # cap on validation micro-batches (over all ranks); 0 = the whole split
 
     def __post_init__(self) -> None:

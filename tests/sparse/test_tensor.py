@@ -68,3 +68,33 @@ def test_dense_places_features():
     c = x.coords.long()
     torch.testing.assert_close(d[c[:, 0], :, c[:, 1], c[:, 2], c[:, 3]], x.feats)
     assert d.abs().sum() == pytest.approx(x.feats.abs().sum().item(), rel=1e-5)
+
+
+def test_device_move_carries_structure_cache():
+    from d3s2.models.vae.sparse_sdf_vae import POOL_KEY, prepare_structure
+
+    x = _random_sparse([40, 0, 25], resolution=16, channels=1)
+    prepare_structure(x, 8)
+    x.set_cache("opaque", object())  # not walkable: dropped by a device move
+    moved = x.to("meta")
+    assert moved.coords.device.type == "meta" and "opaque" not in moved._cache
+    assert set(moved._cache) == set(x._cache) - {"opaque"}
+    child, moved_child = x.get_cache(POOL_KEY), moved.get_cache(POOL_KEY)
+    assert moved_child.coords.device.type == "meta" and moved_child.coords.shape == child.coords.shape
+    parents, inverse, counts = moved.get_cache("down_2")
+    assert parents is moved_child.coords  # shared tensors stay shared
+    assert moved.batch_counts.device.type == "meta"
+    assert moved.replace(moved.feats)._cache is moved._cache
+
+
+def test_pickled_structure_cache_stays_shared():
+    """DataLoader workers pickle batches: the prepared structure arrives whole, shared tensors still shared."""
+    import pickle
+
+    from d3s2.models.vae.sparse_sdf_vae import POOL_KEY, prepare_structure
+
+    x = prepare_structure(_random_sparse([40, 25], resolution=16, channels=1), 8)
+    y = pickle.loads(pickle.dumps(x))
+    assert set(y._cache) == set(x._cache)
+    assert y.get_cache(POOL_KEY).coords is y.get_cache("down_2")[0]
+    assert torch.equal(y.get_cache(POOL_KEY).coords, x.get_cache(POOL_KEY).coords)

@@ -92,3 +92,47 @@ def test_token_lengths_sources():
     assert token_lengths(Counts()) == [5, 6, 7]
     with pytest.raises(TypeError, match="needs token_counts or num_tokens"):
         token_lengths(Bad())
+
+
+def test_balanced_steps_group_similar_micro_batches():
+    costs = np.random.default_rng(4).integers(1, 400, size=300).tolist()
+    kw = dict(max_tokens=500, seed=2, epoch=1, sort_window=16)
+    plain = pack_batches(costs, **kw)
+    balanced = pack_batches(costs, step_size=2, **kw)
+    assert sorted(map(sorted, plain)) == sorted(map(sorted, balanced))  # same micro-batches, regrouped
+    assert balanced == pack_batches(costs, step_size=2, **kw)  # deterministic (resume-safe)
+
+    def spread(plan):  # mean |cost difference| between the two micro-batches of a step
+        tot = [sum(costs[i] for i in b) for b in plan]
+        return np.mean([abs(tot[j] - tot[j + 1]) for j in range(0, len(tot) - 1, 2)])
+
+    assert spread(balanced) < 0.25 * spread(plain)
+    # Runs are consecutive in cost order: no step's micro-batches straddle another step's.
+    tot = [sum(costs[i] for i in b) for b in balanced]
+    runs = sorted((min(tot[j:j + 2]), max(tot[j:j + 2])) for j in range(0, len(tot) // 2 * 2, 2))
+    assert all(a[1] <= b[0] for a, b in zip(runs, runs[1:]))
+    if len(tot) % 2:  # the leftover micro-batch is last and the cheapest
+        assert tot[-1] == min(tot)
+    # Steps of 4 split over 2 ranks: outside-in order pairs the largest with the smallest.
+    four = pack_batches(costs, step_size=4, **kw)
+    tot4 = [sum(costs[i] for i in b) for b in four]
+    for j in range(0, len(tot4) // 4 * 4, 4):
+        run = tot4[j:j + 4]
+        assert run[0] >= run[2] >= run[3] >= run[1]
+        assert abs((run[0] + run[1]) - (run[2] + run[3])) <= run[0] - run[1]
+
+
+def test_item_costs_scaled_to_token_units():
+    from d3s2.train.task import item_costs
+
+    class Plain:
+        def __len__(self):
+            return 3
+
+    class Costly(Plain):
+        item_costs = [1.0, 3.0, 4.0]
+
+    assert item_costs(Plain(), [5, 6, 7]) == [5, 6, 7]
+    assert item_costs(Costly(), [10, 10, 20]) == [5, 15, 20]  # total 40 tokens, proportions of the costs
+    with pytest.raises(ValueError, match="3 entries for 2 items"):
+        item_costs(Costly(), [1, 2])

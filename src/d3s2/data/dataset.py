@@ -96,6 +96,18 @@ class SparseSDFDataset(Dataset):
             counts.append(int(voxels))
         return counts
 
+    @property
+    def block_counts(self) -> list[int]:
+        """Occupied 8³ blocks NB of each sample (the SS-VAE decodes NB·512 voxels; from the manifest, else the file)."""
+        counts = []
+        for n in self.names:
+            blocks = self._records.get(n, {}).get("blocks", {}).get(str(self.resolution))
+            if blocks is None:
+                with np.load(asset_path(self.root, n)) as z:
+                    blocks = len(z[f"sdf{self.resolution}/block_coords"])
+            counts.append(int(blocks))
+        return counts
+
     def _view_index(self, name: str, num_views: int) -> int:
         if self.view is not None:
             if not 0 <= self.view < num_views:

@@ -3,11 +3,18 @@
 from .conv import SparseConv3d, SparseDownConv3d
 from .layers import SparseGELU, SparseGroupNorm, SparseLayerNorm, SparseLinear, SparseSiLU
 from .serialize import BlockSort, block_sort, sort_by_blocks, window_partition
-from .spatial import SparseDownsample, SparseSubdivide, sparse_downsample, sparse_subdivide
+from .spatial import (
+    SparseDownsample,
+    SparseSubdivide,
+    downsample_structure,
+    sparse_downsample,
+    sparse_subdivide,
+)
 from .tensor import SparseTensor
 
 __all__ = [
     "SparseTensor", "BlockSort", "block_sort", "window_partition", "sort_by_blocks",
     "SparseConv3d", "SparseDownConv3d", "SparseDownsample", "SparseSubdivide", "sparse_downsample",
-    "sparse_subdivide", "SparseLinear", "SparseLayerNorm", "SparseGroupNorm", "SparseSiLU", "SparseGELU",
+    "downsample_structure", "sparse_subdivide", "SparseLinear", "SparseLayerNorm", "SparseGroupNorm",
+    "SparseSiLU", "SparseGELU",
 ]

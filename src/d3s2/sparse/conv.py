@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..ops import conv as conv_op
+from .spatial import SUBDIVIDED_FROM
 from .tensor import SparseTensor
 
 
@@ -17,6 +18,20 @@ def _init_conv(weight: torch.Tensor, bias: torch.Tensor | None, fan_in: int) -> 
     nn.init.uniform_(weight, -bound, bound)
     if bias is not None:
         nn.init.uniform_(bias, -bound, bound)
+
+
+def submanifold_map(x: SparseTensor) -> torch.Tensor:
+    """int32 ``[N, 27]`` submanifold 3³ kernel map of ``x``'s voxels, cached on ``x`` (key ``kmap_subm3``).
+
+    A tensor made by :func:`~d3s2.sparse.sparse_subdivide` derives it from its parents' map by a gather
+    (:func:`~d3s2.ops.conv.subdivided_kernel_map`, same result as hashing its coords, far fewer launches).
+    """
+    def build() -> torch.Tensor:
+        parent = x.get_cache(SUBDIVIDED_FROM)
+        if parent is not None:
+            return conv_op.subdivided_kernel_map(submanifold_map(parent))
+        return conv_op.submanifold_kernel_map(x.coords, x.resolution, 3)
+    return x.cached("kmap_subm3", build)
 
 
 class SparseConv3d(nn.Module):
@@ -43,8 +58,7 @@ class SparseConv3d(nn.Module):
             out = x.feats @ self.weight[0].to(x.dtype)
             return x.replace(out + self.bias.to(x.dtype) if self.bias is not None else out)
         # The KernelMap wrapper caches what backends derive from the map (transpose, pairs, tile schedules).
-        kmap = x.cached("kernel_map_subm3", lambda: conv_op.KernelMap.submanifold(
-            x.cached("kmap_subm3", lambda: conv_op.submanifold_kernel_map(x.coords, x.resolution, 3))))
+        kmap = x.cached("kernel_map_subm3", lambda: conv_op.KernelMap.submanifold(submanifold_map(x)))
         w = self.weight.to(x.dtype)
         b = self.bias.to(x.dtype) if self.bias is not None else None
         return x.replace(conv_op.sparse_conv(x.feats, kmap, w, b, backend=backend))

@@ -5,6 +5,7 @@ Dimension legend: N active voxels (all samples), B batch size, C channels, R res
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -112,16 +113,16 @@ class SparseTensor:
     @property
     def batch_counts(self) -> torch.Tensor:
         """int64 ``[B]`` voxels per sample."""
-        return self.cached("batch_counts", lambda: torch.bincount(
-            self.coords[:, 0].long(), minlength=self.batch_size)[: self.batch_size])
+        return self.cached("batch_counts", lambda: (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long())
 
     @property
     def cu_seqlens(self) -> torch.Tensor:
         """int32 ``[B+1]`` start offset of each sample's rows, then N."""
         def build() -> torch.Tensor:
-            cu = torch.zeros(self.batch_size + 1, dtype=torch.int32, device=self.coords.device)
-            cu[1:] = torch.cumsum(self.batch_counts, 0)
-            return cu
+            # Rows are sorted by batch: a binary search finds each sample's start with no host sync (a CUDA
+            # bincount reads the maximum on the host).
+            starts = torch.arange(self.batch_size + 1, dtype=self.coords.dtype, device=self.coords.device)
+            return torch.searchsorted(self.coords[:, 0].contiguous(), starts).to(torch.int32)
         return self.cached("cu_seqlens", build)
 
     @property
@@ -176,12 +177,38 @@ class SparseTensor:
         return out
 
     def to(self, *args: Any, **kwargs: Any) -> SparseTensor:
-        """``feats.to(...)``; a device move also moves coords (and drops the cache)."""
+        """``feats.to(...)``; a device move also moves coords and the structure cache (its tensors, tuples and
+        dataclasses of tensors and SparseTensors; other entries are dropped), so structure built on the host
+        (e.g. in DataLoader workers) is not rebuilt on the device. ``non_blocking`` applies to every copy."""
         feats = self.feats.to(*args, **kwargs)
         if feats.device == self.feats.device:
             return self.replace(feats)
-        return SparseTensor(feats, self.coords.to(feats.device), resolution=self.resolution,
-                            batch_size=self.batch_size, validate=False)
+        non_blocking = bool(kwargs.get("non_blocking", False))
+        return self._map_structure(feats, lambda t: t.to(feats.device, non_blocking=non_blocking), {})
+
+    def pin_memory(self) -> SparseTensor:
+        """A copy in page-locked host memory (feats, coords and the structure cache), for asynchronous copies to
+        the GPU; the DataLoader calls it when ``pin_memory=True``."""
+        def pin(t: torch.Tensor) -> torch.Tensor:
+            return t.pin_memory() if t.numel() else t  # empty tensors (structure templates) have nothing to copy
+        return self._map_structure(pin(self.feats), pin, {})
+
+    def _map_structure(self, feats: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor],
+                       memo: dict[int, Any]) -> SparseTensor:
+        """This tensor with ``feats``, ``fn`` applied to coords and to the tensors of the cache (shared caches stay
+        shared through ``memo``)."""
+        cache = memo.get(id(self._cache))
+        if cache is None:
+            cache = memo[id(self._cache)] = {}
+            for key, value in self._cache.items():
+                moved = _map_tensors(value, fn, memo)
+                if moved is not _UNMOVABLE:
+                    cache[key] = moved
+        coords = memo.get(id(self.coords))
+        if coords is None:
+            coords = memo[id(self.coords)] = fn(self.coords)
+        return SparseTensor(feats, coords, resolution=self.resolution, batch_size=self.batch_size, validate=False,
+                            _cache=cache)
 
     def dense(self) -> torch.Tensor:
         """``[B, C, R, R, R]`` dense grid, zeros at inactive sites (for tests and small R only)."""
@@ -194,6 +221,30 @@ class SparseTensor:
     def __repr__(self) -> str:
         return (f"SparseTensor(N={self.num_voxels}, C={self.num_channels}, B={self.batch_size}, "
                 f"R={self.resolution}, dtype={self.dtype}, device={self.device})")
+
+
+_UNMOVABLE = object()
+
+
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor], memo: dict[int, Any]) -> Any:
+    """``value`` with ``fn`` applied to every tensor in it, or ``_UNMOVABLE`` for a type it cannot walk."""
+    if isinstance(value, torch.Tensor):
+        if id(value) not in memo:
+            memo[id(value)] = fn(value)
+        return memo[id(value)]
+    if isinstance(value, SparseTensor):
+        return value._map_structure(_map_tensors(value.feats, fn, memo), fn, memo)
+    if isinstance(value, int | float | str | bool) or value is None:
+        return value
+    if isinstance(value, tuple | list):
+        items = [_map_tensors(v, fn, memo) for v in value]
+        return _UNMOVABLE if any(v is _UNMOVABLE for v in items) else type(value)(items)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: _map_tensors(getattr(value, f.name), fn, memo) for f in dataclasses.fields(value)}
+        if any(v is _UNMOVABLE for v in fields.values()):
+            return _UNMOVABLE
+        return dataclasses.replace(value, **fields)
+    return _UNMOVABLE
 
 
 def _validate(feats: torch.Tensor, coords: torch.Tensor, resolution: int, batch_size: int | None) -> None:

@@ -34,6 +34,7 @@ def pack_batches(
     seed: int = 0,
     epoch: int = 0,
     sort_window: int = 64,
+    step_size: int = 1,
 ) -> list[list[int]]:
     """Pack item indices into micro-batches of at most ``max_tokens`` tokens (and ``max_batch_size`` items).
 
@@ -41,8 +42,12 @@ def pack_batches(
     each window is packed first-fit-decreasing; the batch order is shuffled again. An item longer than
     ``max_tokens`` gets a batch of its own. Deterministic for given arguments.
 
+    ``step_size > 1`` (the micro-batches of one optimizer step): micro-batches are grouped into consecutive runs
+    of ``step_size`` of similar total length (sorted by it, then the runs shuffled), so the ranks that share a step
+    get equal work whatever the world size; the run left over (fewer than ``step_size``) comes last.
+
     Args:
-        lengths: ``[n]`` tokens per item.
+        lengths: ``[n]`` tokens (or cost in token units) per item.
         groups: ``[n]`` group of each item (items of one batch share a group); ``None``: one group.
     Returns:
         micro-batches, each a list of item indices.
@@ -74,10 +79,28 @@ def pack_batches(
                     open_batches.append([i])
                     room.append(max_tokens - cost)
             batches.extend(open_batches)
+    if step_size > 1:
+        return _balanced_steps(batches, lengths, step_size, rng if shuffle else None)
     if shuffle:
         perm = rng.permutation(len(batches))
         batches = [batches[j] for j in perm.tolist()]
     return batches
+
+
+def _balanced_steps(batches: list[list[int]], lengths: Sequence[int], step_size: int,
+                    rng: np.random.Generator | None) -> list[list[int]]:
+    """Batches sorted by total length (longest first, ties in packing order), cut into runs of ``step_size``,
+    each run ordered outside-in, the full runs shuffled; the remainder run last."""
+    totals = [sum(int(lengths[i]) for i in b) for b in batches]
+    order = sorted(range(len(batches)), key=lambda j: -totals[j])  # stable
+    runs = [order[i: i + step_size] for i in range(0, len(order), step_size)]
+    tail = runs.pop() if runs and len(runs[-1]) < step_size else []
+    # Inside a run: largest, smallest, 2nd largest, 2nd smallest, ...: consecutive pairs (and pairs of pairs) have
+    # similar sums, so ranks taking consecutive shares of a step get similar work for any world size.
+    runs = [[run[j // 2] if j % 2 == 0 else run[-1 - j // 2] for j in range(len(run))] for run in runs]
+    if rng is not None:
+        runs = [runs[j] for j in rng.permutation(len(runs)).tolist()]
+    return [batches[j] for run in runs for j in run] + [batches[j] for j in tail]
 
 
 class StepBatchSampler(Sampler[list[int]]):

@@ -145,7 +145,8 @@ def parallelize(
             # DDP searches the output for tensors to find unused parameters.
             _expose_output_tensors(model, only_inside_ddp=True)
         # device_ids=None: the model is on one device already and batches are moved by the trainer.
-        return _DDP(model, find_unused_parameters=find_unused_parameters)
+        # gradient_as_bucket_view: gradients live in the all-reduce buckets (no copy in and out of them).
+        return _DDP(model, find_unused_parameters=find_unused_parameters, gradient_as_bucket_view=True)
     if mode == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -36,7 +36,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-__all__ = ["TrainTask", "TokenDataset", "TASKS", "register_task", "get_task", "task_names", "token_lengths"]
+__all__ = ["TrainTask", "TokenDataset", "TASKS", "register_task", "get_task", "task_names", "token_lengths",
+           "item_costs"]
 
 
 @runtime_checkable
@@ -162,6 +163,23 @@ def token_lengths(dataset: Any) -> list[int]:
         raise TypeError(f"{type(dataset).__name__} needs token_counts or num_tokens(index) so batches can be packed "
                         "to data.max_tokens")
     return [int(num_tokens(i)) for i in range(len(dataset))]
+
+
+def item_costs(dataset: Any, lengths: Sequence[int]) -> list[int]:
+    """What packs micro-batches: ``dataset.item_costs`` (a sequence, or a method returning one: the relative
+    compute of each item, e.g. band + decoded voxels for the VAE) scaled so its total equals the total of
+    ``lengths`` (so ``data.max_tokens`` keeps its scale), else ``lengths`` themselves."""
+    costs = getattr(dataset, "item_costs", None)
+    if costs is None:
+        return [int(n) for n in lengths]
+    costs = costs() if callable(costs) else costs
+    if len(costs) != len(lengths):
+        raise ValueError(f"{type(dataset).__name__}.item_costs has {len(costs)} entries for {len(lengths)} items")
+    if any(float(c) < 0 for c in costs):
+        raise ValueError(f"{type(dataset).__name__}.item_costs must be >= 0")
+    total = sum(float(c) for c in costs)
+    scale = sum(int(n) for n in lengths) / total if total > 0 else 1.0
+    return [max(1, round(float(c) * scale)) for c in costs]
 
 
 def batch_group(dataset: Any, index: int) -> Hashable:

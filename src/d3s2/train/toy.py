@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import sparse as sp
-from ..ops.conv import downsample_coords
 from .checkpoint import atomic_write, atomic_write_text
 from .data import item_rng
 
@@ -118,7 +117,7 @@ class ToyAutoencoder(nn.Module):
 
     def forward(self, x: sp.SparseTensor) -> sp.SparseTensor:
         z = self.to_latent(self.pool(self.encoder(self.stem(x))))  # [M parents, L]
-        _, parent = x.cached("down_2", lambda: downsample_coords(x.coords, 2))  # [N] parent row
+        _, parent, _ = x.cached("down_2", lambda: sp.downsample_structure(x, 2))  # [N] parent row
         xyz = x.coords[:, 1:].long() % 2
         child = xyz[:, 0] + 2 * xyz[:, 1] + 4 * xyz[:, 2]  # [N] in 0..7
         h = self.from_latent(z.feats)[parent] + self.child(child)  # [N, C]

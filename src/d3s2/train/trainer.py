@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 import math
 import random
@@ -46,7 +47,7 @@ from .checkpoint import CheckpointDir, capture_rng_state, restore_rng_state
 from .data import StepBatchSampler, pack_batches, rank_share
 from .ema import EMA
 from .logger import RunLogger
-from .task import batch_group, get_task, has_validate, token_lengths, val_dir
+from .task import batch_group, get_task, has_validate, item_costs, token_lengths, val_dir
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +117,19 @@ def to_device(batch: Any, device: torch.device) -> Any:
         return type(batch)(*(to_device(v, device) for v in batch))
     to = getattr(batch, "to", None)
     if callable(to):  # SparseTensor, or a batch class that knows how to move itself
-        return to(device)
+        return to(device, non_blocking=True) if _takes_non_blocking(to) else to(device)
     if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
         return dataclasses.replace(batch, **{f.name: to_device(getattr(batch, f.name), device)
                                              for f in dataclasses.fields(batch) if f.init})
     return batch
+
+
+def _takes_non_blocking(fn: Any) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+    return any(p.name == "non_blocking" or p.kind == p.VAR_KEYWORD for p in params)
 
 
 def load_initial_weights(model: nn.Module, path: str | Path, *, use_ema: bool = True) -> None:
@@ -222,6 +231,7 @@ class Trainer:
         self.lengths = token_lengths(self.train_set)
         if not self.lengths:
             raise ValueError(f"task {cfg.task.name}: the training dataset is empty")
+        self.costs = item_costs(self.train_set, self.lengths)  # what micro-batches are packed by
         self.groups = [batch_group(self.train_set, i) for i in range(len(self.train_set))]
         self.per_rank = cfg.data.micro_batches_per_step // info.world_size
         if cfg.data.micro_batches_per_step % info.world_size:
@@ -284,9 +294,10 @@ class Trainer:
     # ------------------------------------------------------------------ data
     def _plan(self, epoch: int) -> list[list[int]]:
         dc = self.cfg.data
-        return pack_batches(self.lengths, max_tokens=dc.max_tokens, max_batch_size=dc.max_batch_size,
+        return pack_batches(self.costs, max_tokens=dc.max_tokens, max_batch_size=dc.max_batch_size,
                             groups=self.groups, shuffle=dc.shuffle, seed=self.cfg.seed, epoch=epoch,
-                            sort_window=dc.sort_window)
+                            sort_window=dc.sort_window,
+                            step_size=dc.micro_batches_per_step if dc.balance_steps else 1)
 
     def _loader(self, dataset: Any, batch_sampler: Any, seed_key: Sequence[int]) -> DataLoader:
         workers = self.cfg.data.num_workers
@@ -310,7 +321,7 @@ class Trainer:
                 epoch, start = epoch + 1, 0
                 continue
             if epoch == 0 and start == 0 and self.info.is_main:
-                big = [b for b in plan if len(b) == 1 and self.lengths[b[0]] > self.cfg.data.max_tokens]
+                big = [b for b in plan if len(b) == 1 and self.costs[b[0]] > self.cfg.data.max_tokens]
                 if big:
                     log.warning("%d items exceed data.max_tokens = %d and form batches of their own",
                                 len(big), self.cfg.data.max_tokens)

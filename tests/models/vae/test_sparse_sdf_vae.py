@@ -199,3 +199,63 @@ def test_batch_from_blocks_normalises_by_tau():
     assert batch.target.feats[row, 0] == (block_sdf[5, row - 5 * 512] * 3.0 / 2.0).clamp(-1, 1)
     with pytest.raises(ValueError, match="expected blocks"):
         SparseSDFBatch.from_blocks(x, bl.replace(bl.feats[:, :8]))
+
+
+def test_prepared_structure_same_result_and_no_host_syncs(monkeypatch):
+    """Structure built in the collate (prepare_structure) gives the same loss and gradients, and the model's
+    forward, loss and backward then run no op that would block the host on a GPU."""
+    import d3s2.models.vae.transformer as transformer
+    from d3s2.models.vae.sparse_sdf_vae import prepare_structure
+    from tests._sync_ops import SyncOps
+
+    # The reference attention reads window bounds on the host (the triton kernel does not): stand it in.
+    monkeypatch.setattr(transformer, "window_attention", lambda q, k, v, off: v * torch.sigmoid(q + k))
+
+    def run(prepare: bool):
+        torch.manual_seed(0)
+        model = SparseSDFVAE(tiny_config())
+        batch = sphere_batch(32, radii=(9.0, 11.0))
+        if prepare:
+            prepare_structure(batch.sdf, model.config.window_size)
+        with SyncOps() as syncs:
+            out = model(batch)
+            loss, _ = model.loss(out, batch)
+            loss.backward()
+        return loss, [p.grad.clone() for p in model.parameters() if p.grad is not None], syncs.counts
+
+    loss_a, grads_a, syncs_a = run(False)
+    loss_b, grads_b, syncs_b = run(True)
+    assert sum(syncs_a.values()) > 0  # the counter sees the unprepared structure's unique/partition ops
+    assert not syncs_b, dict(syncs_b)
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
+
+@pytest.mark.gpu
+def test_training_step_runs_without_host_syncs_on_gpu():
+    """On CUDA with the triton backends: a prepared, pinned batch moved without blocking, then forward, loss and
+    backward under ``set_sync_debug_mode("error")`` (any host sync raises)."""
+    from d3s2.models.vae.sparse_sdf_vae import prepare_structure
+    from d3s2.ops._backend import use_backend
+
+    torch.manual_seed(0)
+    model = SparseSDFVAE(tiny_config()).cuda()
+
+    def step() -> None:
+        batch = sphere_batch(32, radii=(9.0, 11.0))
+        prepare_structure(batch.sdf, model.config.window_size)
+        batch = batch.pin_memory().to("cuda", non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(batch)
+            loss, _ = model.loss(out, batch)
+        loss.backward()
+
+    with use_backend("conv", "triton"), use_backend("block_attn", "triton"):
+        step()  # compiles the kernels
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()

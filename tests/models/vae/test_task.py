@@ -103,6 +103,23 @@ def test_multi_resolution_groups_and_collate(data):
         multi.collate([train[0], train[n]])
 
 
+def test_item_costs_count_decoded_voxels_and_collate_prepares_structure(data):
+    from d3s2.models.vae.sparse_sdf_vae import POOL_KEY
+
+    task = SparseVAETask(SparseVAETaskConfig(data=str(data), resolutions=[32], val_fraction=0.5, test_fraction=0.0,
+                                             model_config=TINY_MODEL, decode_cost=0.5))
+    train, _ = task.build_datasets()
+    blocks = [len(train[i]["block_coords"]) for i in range(len(train))]
+    assert train.parts[0].block_counts == blocks
+    assert train.item_costs() == [n + 0.5 * 512 * b for n, b in zip(train.token_counts, blocks)]
+    train.decode_cost = 0.0
+    assert train.item_costs() == train.token_counts
+    batch = task.collate([train[0], train[1]])
+    assert "down_2" in batch.sdf._cache and POOL_KEY in batch.sdf._cache  # built in the worker, not on the GPU
+    with pytest.raises(ValueError, match="decode_cost"):
+        SparseVAETaskConfig(data=str(data), decode_cost=-1.0)
+
+
 def test_overfit_one_shape_reconstructs_it(data):
     """Quality, not only validity: 30 steps on one shape (the box) bring the closed mesh much closer to the
     target's (measured: Chamfer-L1 0.218 -> 0.084; a voxel is 0.0625)."""

@@ -51,3 +51,44 @@ def test_kernel_map_validates():
         KernelMap(torch.zeros(3, 27, dtype=torch.int64), 3)
     with pytest.raises(ValueError, match="symmetric"):
         KernelMap(torch.zeros(3, 27, dtype=torch.int32), 4, symmetric=True)
+
+
+def _loop_kernel_map(coords: torch.Tensor) -> torch.Tensor:
+    """The submanifold map by a Python dict over voxels (independent of the sort-and-search implementation)."""
+    from d3s2.ops.conv.reference import OFFSETS_3
+
+    rows = {tuple(c): i for i, c in enumerate(coords.tolist())}
+    return torch.tensor([[rows.get((c[0], c[1] + dx, c[2] + dy, c[3] + dz), -1) for dx, dy, dz in OFFSETS_3.tolist()]
+                         for c in coords.tolist()], dtype=torch.int32).reshape(-1, 27)
+
+
+def test_submanifold_map_matches_a_dict_lookup():
+    x = random_sparse([30, 0, 17], 5, 1)
+    assert torch.equal(submanifold_kernel_map(x.coords, x.resolution), _loop_kernel_map(x.coords))
+
+
+def test_subdivided_map_equals_the_hashed_map_of_the_children():
+    from d3s2 import sparse as sp
+    from d3s2.ops.conv import subdivided_kernel_map
+    from d3s2.sparse.conv import submanifold_map
+
+    x = random_sparse([25, 0, 40], 4, 1)
+    child = sp.sparse_subdivide(sp.sparse_subdivide(x))  # two levels: the derivation chains
+    expected = submanifold_kernel_map(child.coords, child.resolution)
+    assert torch.equal(submanifold_map(child), expected)
+    assert torch.equal(subdivided_kernel_map(submanifold_kernel_map(x.coords, x.resolution)),
+                       submanifold_kernel_map(sp.sparse_subdivide(x).coords, 2 * x.resolution))
+
+
+def test_down_map_and_downsample_keys_match_unique_rows():
+    from d3s2.ops.conv import downsample_coords
+
+    x = random_sparse([50, 0, 9], 8, 1)
+    by_rows = downsample_coords(x.coords, 2)
+    by_keys = downsample_coords(x.coords, 2, x.resolution)
+    assert torch.equal(by_rows[0], by_keys[0]) and torch.equal(by_rows[1], by_keys[1])
+    out_coords, kmap = down_kernel_map(x.coords, x.resolution)
+    rows = {tuple(c): i for i, c in enumerate(x.coords.tolist())}
+    for p, c in enumerate(out_coords.tolist()):
+        for k, (lx, ly, lz) in enumerate([(a, b, d) for d in (0, 1) for b in (0, 1) for a in (0, 1)]):
+            assert kmap[p, k] == rows.get((c[0], 2 * c[1] + lx, 2 * c[2] + ly, 2 * c[3] + lz), -1)

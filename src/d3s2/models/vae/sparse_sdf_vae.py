@@ -78,6 +78,29 @@ def _reuse_structure(parent: sp.SparseTensor, key: str, child: sp.SparseTensor) 
     return template.replace(child.feats)
 
 
+# Cache key of a pooled level's structure on its parent level (SparseDownBlock3d).
+POOL_KEY = "vae_pool2"
+
+
+def prepare_structure(x: sp.SparseTensor, window_size: int = 8) -> sp.SparseTensor:
+    """Build on ``x`` the structure the encoder derives from its coordinates with host syncs on a GPU (unique
+    parents, window groups): per sample voxel counts and the pooled structure of the three down blocks, and the
+    latent level's two window partitions. Run it where syncs are free (DataLoader workers, on the CPU); the
+    structure travels with the batch (``SparseTensor.to``) and the model reuses it. Returns ``x``.
+    """
+    h = x
+    for _ in range(3):
+        h.batch_counts  # noqa: B018 - cached on access (with cu_seqlens)
+        parents, _, _ = h.cached("down_2", lambda h=h: sp.downsample_structure(h, 2))
+        h = h.cached(POOL_KEY, lambda h=h, parents=parents: sp.SparseTensor(
+            torch.zeros(parents.shape[0], 0, device=parents.device), parents, resolution=h.resolution // 2,
+            batch_size=h.batch_size, validate=False))
+    h.batch_counts  # noqa: B018
+    for shift in (0, window_size // 2):
+        sp.window_partition(h, window_size, shift)
+    return x
+
+
 class SparseDownBlock3d(nn.Module):
     """Residual down block: ``GN → SiLU → mean-pool ×2 → conv3 → GN → SiLU → conv3`` plus the pooled input
     (through a 1×1 conv when the channel count changes)."""
@@ -96,7 +119,7 @@ class SparseDownBlock3d(nn.Module):
 
     @staticmethod
     def _pool(x: sp.SparseTensor) -> sp.SparseTensor:
-        return _reuse_structure(x, "vae_pool2", sp.sparse_downsample(x, 2))
+        return _reuse_structure(x, POOL_KEY, sp.sparse_downsample(x, 2))
 
     def forward(self, x: sp.SparseTensor) -> sp.SparseTensor:
         h = self.out_layers(self._pool(self.act_layers(x)))
@@ -274,12 +297,18 @@ class SparseSDFBatch:
     sharp: torch.Tensor
     factor: float | None = None
 
-    def to(self, device: torch.device | str) -> SparseSDFBatch:
-        def move(t: sp.SparseTensor) -> sp.SparseTensor:
-            return sp.SparseTensor(t.feats.to(device), t.coords.to(device), resolution=t.resolution,
-                                   batch_size=t.batch_size, validate=False)
-        return dataclasses.replace(self, sdf=move(self.sdf), target=move(self.target),
-                                   in_band=self.in_band.to(device), sharp=self.sharp.to(device))
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> SparseSDFBatch:
+        """Move to ``device`` (structure caches of ``sdf`` and ``target`` come along, see ``SparseTensor.to``)."""
+        return dataclasses.replace(self, sdf=self.sdf.to(device, non_blocking=non_blocking),
+                                   target=self.target.to(device, non_blocking=non_blocking),
+                                   in_band=self.in_band.to(device, non_blocking=non_blocking),
+                                   sharp=self.sharp.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> SparseSDFBatch:
+        """Page-locked host copy (the DataLoader's ``pin_memory=True`` calls it): the copies to the GPU then run
+        asynchronously instead of blocking the host as pageable copies do."""
+        return dataclasses.replace(self, sdf=self.sdf.pin_memory(), target=self.target.pin_memory(),
+                                   in_band=self.in_band.pin_memory(), sharp=self.sharp.pin_memory())
 
     @property
     def num_tokens(self) -> int:
@@ -310,12 +339,21 @@ class SparseSDFBatch:
             raise ValueError(f"expected sharp of shape [{sdf.num_voxels}], got {tuple(sharp.shape)}")
         local = torch.stack(torch.meshgrid(*[torch.arange(UPSAMPLE, device=sdf.device)] * 3, indexing="ij"),
                             -1).reshape(-1, 3)  # [512, 3], z fastest
-        fine = blocks.coords.repeat_interleave(UPSAMPLE**3, dim=0)  # [NB·512, 4], batch order kept
-        fine[:, 1:] = fine[:, 1:] * UPSAMPLE + local.repeat(blocks.num_voxels, 1).to(fine.dtype)
-        target_feats = (blocks.feats.float().reshape(-1, 1) / tau).clamp(-1.0, 1.0)
+        local = torch.cat([torch.zeros_like(local[:, :1]), local], 1).to(blocks.coords.dtype)  # [512, 4] (0, l)
+        scale = torch.tensor([1, UPSAMPLE, UPSAMPLE, UPSAMPLE], dtype=blocks.coords.dtype, device=sdf.device)
+        # [NB·512, 4]: block b's voxels (b, 8·block + l), blocks in order (batch order kept); one broadcast op.
+        fine = (blocks.coords[:, None, :] * scale + local[None]).reshape(-1, 4)
+        target_feats = (blocks.feats.float().reshape(-1, 1) / tau).clamp_(-1.0, 1.0)
         target = sp.SparseTensor(target_feats, fine, resolution=r, batch_size=sdf.batch_size, validate=False)
         x = sdf.replace(sdf.feats.float() / tau)
-        row = lookup(target.coords, x.coords, r).long()  # [N] target row of each band voxel
+        # [N] target row of each band voxel: its block's row (a search among NB blocks, not NB·512 voxels) times
+        # 512 plus its in-block column.
+        parent = x.coords.clone()
+        parent[:, 1:] = torch.div(parent[:, 1:], UPSAMPLE, rounding_mode="floor")
+        block_row = lookup(blocks.coords, parent, blocks.resolution).long()
+        lxyz = (x.coords[:, 1:] % UPSAMPLE).long()
+        row = torch.where(block_row >= 0, block_row * UPSAMPLE**3 + (lxyz[:, 0] * UPSAMPLE + lxyz[:, 1]) * UPSAMPLE
+                          + lxyz[:, 2], -1)
         if bool((row < 0).any()):
             raise ValueError(f"{int((row < 0).sum())} band voxels lie outside the given blocks")
         in_band = torch.zeros(target.num_voxels, dtype=torch.bool, device=sdf.device)

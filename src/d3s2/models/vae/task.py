@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ... import sparse as sp
-from .sparse_sdf_vae import SparseSDFBatch, SparseSDFVAE
+from .sparse_sdf_vae import SparseSDFBatch, SparseSDFVAE, SparseSDFVAEConfig, prepare_structure
 
 __all__ = ["SparseVAETaskConfig", "MultiResolutionDataset", "SparseVAETask", "decode_mesh", "target_mesh",
            "TASK_FILE", "load_model_config", "shape_metrics", "EMPTY_MESH_METRICS"]
@@ -49,10 +49,16 @@ class SparseVAETaskConfig:
     val_resolution: int = 0  # resolution validated at; 0 = the largest of ``resolutions``
     val_samples: int = 20_000  # surface samples per mesh for the validation metrics
     decode_chunk: int = 0  # latent voxels per decode chunk edge in validation (0 = whole shape)
+    # Cost of one decoded voxel relative to one band voxel when packing micro-batches (0: pack by band voxels).
+    # The decoder's 256³-level convolutions and the loss run on every voxel of every occupied 8³ block, 4-14x the
+    # band voxels per 0 A.D. asset, so band voxels alone make equal-token micro-batches differ 2-3x in time.
+    decode_cost: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.resolutions or any(r % 8 or r < 8 for r in self.resolutions):
             raise ValueError(f"expected resolutions that are multiples of 8, got {self.resolutions}")
+        if self.decode_cost < 0:
+            raise ValueError(f"expected decode_cost >= 0, got {self.decode_cost}")
         if self.band < 0:
             raise ValueError(f"expected band >= 0, got {self.band}")
         if self.val_resolution and self.val_resolution not in self.resolutions:
@@ -75,11 +81,16 @@ def load_model_config(path: str | None, overrides: dict[str, Any]) -> tuple[str,
 
 
 class MultiResolutionDataset(Dataset):
-    """The concatenation of one :class:`~d3s2.data.SparseSDFDataset` per resolution; ``group(i)`` is R."""
+    """The concatenation of one :class:`~d3s2.data.SparseSDFDataset` per resolution; ``group(i)`` is R.
 
-    def __init__(self, parts: Sequence[Dataset]) -> None:
+    ``item_costs``: the relative compute of a training step on each item, band voxels plus ``decode_cost`` per
+    decoded voxel (512 per occupied 8³ block); the trainer packs micro-batches by it.
+    """
+
+    def __init__(self, parts: Sequence[Dataset], *, decode_cost: float = 0.0) -> None:
         self.parts = list(parts)
         self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+        self.decode_cost = float(decode_cost)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -93,6 +104,12 @@ class MultiResolutionDataset(Dataset):
     @property
     def token_counts(self) -> list[int]:
         return [c for p in self.parts for c in p.token_counts]
+
+    def item_costs(self) -> list[float]:
+        if self.decode_cost <= 0:
+            return [float(c) for c in self.token_counts]
+        blocks = [b for p in self.parts for b in p.block_counts]
+        return [n + self.decode_cost * 512 * b for n, b in zip(self.token_counts, blocks)]
 
     def group(self, index: int) -> int:
         part, _ = self._locate(index)
@@ -166,6 +183,8 @@ class SparseVAETask:
             raise ValueError(f"{config.data} has resolutions {settings['resolutions']}, not {missing}")
         self.band = float(config.band or settings["band"])
         self.val_resolution = config.val_resolution or max(config.resolutions)
+        _, model_args = load_model_config(config.model_config, config.model_args)
+        self.window_size = int(model_args.get("window_size", SparseSDFVAEConfig.window_size))
 
     def build_model(self) -> SparseSDFVAE:
         from ..registry import build_model
@@ -180,7 +199,8 @@ class SparseVAETask:
                                 test_fraction=self.cfg.test_fraction, with_image=False)
 
     def build_datasets(self) -> tuple[MultiResolutionDataset, MultiResolutionDataset | None]:
-        train = MultiResolutionDataset([self._dataset(r, "train") for r in self.cfg.resolutions])
+        train = MultiResolutionDataset([self._dataset(r, "train") for r in self.cfg.resolutions],
+                                       decode_cost=self.cfg.decode_cost)
         if len(train) == 0:
             raise ValueError(f"{self.cfg.data}: the train split is empty")
         val = MultiResolutionDataset([self._dataset(self.val_resolution, "val")])
@@ -190,7 +210,9 @@ class SparseVAETask:
         from ...data.collate import collate_sparse
 
         c = collate_sparse(items)
-        return SparseSDFBatch.from_blocks(c["sdf"], c["blocks"], sharp=c["sharp"], tau=self.band)
+        batch = SparseSDFBatch.from_blocks(c["sdf"], c["blocks"], sharp=c["sharp"], tau=self.band)
+        prepare_structure(batch.sdf, self.window_size)  # in the DataLoader workers: no GPU syncs for it later
+        return batch
 
     def loss(self, model: nn.Module, batch: SparseSDFBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         from ...train.distributed import unwrap

@@ -72,7 +72,9 @@ def _tile_rows(TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, t, num_lists, NB,
     return lst, lst_c // NB, lst_c % NB, ent, row_ok, head
 
 
-@triton.jit
+# Token and block counts change with every batch: not specialised on their values, or each new (÷16, == 1)
+# combination recompiles the kernel in the middle of training.
+@triton.jit(do_not_specialize=["num_lists", "NB"])
 def block_attn_fwd_kernel(
     Q, K, V, PO, PLSE, PBIG,  # q [N, Hq, D], k/v [N, Hkv, D], partial o [E, G, D], partial lse [E, G]
     ENTRY, TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, BLOCK_OFF,
@@ -124,7 +126,7 @@ def block_attn_fwd_kernel(
         tl.store(PLSE + prow, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "NB"])
 def block_attn_combine_kernel(
     P, PLSE, PBIG, IDX, OUT, LSE,  # partial [E, G, D], partial lse [E, G], block_idx [N·Hkv, S], out [N, Hq, D]
     num_pairs, S, NB,
@@ -176,7 +178,7 @@ def block_attn_combine_kernel(
     tl.store(OUT + out_row[:, None] * D + d[None, :], acc.to(OUT.dtype.element_ty), mask=rd_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R"])
 def row_dot_kernel(A, B, OUT, R, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """OUT[r] = Σ_d A[r, d]·B[r, d] in float32 for contiguous [R, D] A, B (Δ of the attention backward)."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -189,7 +191,7 @@ def row_dot_kernel(A, B, OUT, R, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D
     tl.store(OUT + r, tl.sum(a * b, 1), mask=r_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_lists", "NB"])
 def block_attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, PDQ,  # lse/delta [N, Hq] fp32, partial dq [E, G, D]
     ENTRY, TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, BLOCK_OFF,
@@ -230,7 +232,7 @@ def block_attn_bwd_dq_kernel(
         tl.store(PDQ + prow[:, None] * D + d[None, :], (dq * scale).to(PDQ.dtype.element_ty), mask=qd_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NB"])
 def block_attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     ENTRY, KT_BLOCK, KT_CUM, LIST_START, LIST_COUNT, BLOCK_OFF,

@@ -15,6 +15,7 @@ from .reference import (
     downsample_coords,
     kernel_map_pairs,
     sparse_conv_ref,
+    subdivided_kernel_map,
     submanifold_kernel_map,
     transpose_kernel_map,
 )
@@ -43,5 +44,5 @@ def sparse_conv(feats: torch.Tensor, kernel_map: torch.Tensor | KernelMap, weigh
     raise AssertionError(f"unhandled conv backend {name}")  # every registered backend is dispatched above
 
 
-__all__ = ["sparse_conv", "sparse_conv_ref", "KernelMap", "submanifold_kernel_map", "down_kernel_map",
-           "downsample_coords", "transpose_kernel_map", "kernel_map_pairs", "BACKENDS"]
+__all__ = ["sparse_conv", "sparse_conv_ref", "KernelMap", "submanifold_kernel_map", "subdivided_kernel_map",
+           "down_kernel_map", "downsample_coords", "transpose_kernel_map", "kernel_map_pairs", "BACKENDS"]

@@ -11,6 +11,7 @@ For the stride-2, 2³ down convolution, ``k = lx + 2·ly + 4·lz`` with ``(lx, l
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -29,26 +30,44 @@ OFFSETS_2 = torch.tensor([(lx, ly, lz) for lz in (0, 1) for ly in (0, 1) for lx 
 
 
 def _keys(coords: torch.Tensor, extent: int) -> torch.Tensor:
-    """int64 key of (b, x, y, z) with spatial coords in [-1, extent - 1] (one voxel of padding)."""
+    """int64 key of (b, x, y, z) with spatial coords in [-1, extent] (one voxel of padding each side)."""
     c = coords.long()
     e = extent + 2
     return ((c[:, 0] * e + (c[:, 1] + 1)) * e + (c[:, 2] + 1)) * e + (c[:, 3] + 1)
 
 
+@functools.lru_cache(maxsize=32)
+def _offset_keys(kernel: int, extent: int, device: torch.device) -> torch.Tensor:
+    """int64 [K] key shift of each offset of ``OFFSETS_{kernel}`` (keys are linear in the coordinates), cached
+    per device: building it there once avoids a blocking pageable host-to-device copy per call."""
+    offsets = {2: OFFSETS_2, 3: OFFSETS_3}[kernel].long()
+    e = extent + 2
+    return ((offsets[:, 0] * e + offsets[:, 1]) * e + offsets[:, 2]).to(device)
+
+
+@functools.lru_cache(maxsize=32)
+def offsets_on(kernel: int, device: torch.device) -> torch.Tensor:
+    """``OFFSETS_2`` or ``OFFSETS_3`` on ``device`` (one copy per process, not one per call)."""
+    return {2: OFFSETS_2, 3: OFFSETS_3}[kernel].to(device)
+
+
 class _Table:
-    """Sorted int64 keys of a coordinate table: built once, queried once per kernel offset."""
+    """Sorted int64 keys of a coordinate table: built once, queried for all kernel offsets at once."""
 
     def __init__(self, table_coords: torch.Tensor, extent: int) -> None:
         self.extent = extent
         self.sorted_keys, self.order = torch.sort(_keys(table_coords, extent))
 
-    def rows(self, query_coords: torch.Tensor) -> torch.Tensor:
-        q = _keys(query_coords, self.extent)
+    def rows_of_keys(self, q: torch.Tensor) -> torch.Tensor:
+        """int32 rows (same shape as the int64 keys ``q``), -1 where absent."""
         if self.sorted_keys.numel() == 0:
             return torch.full_like(q, -1, dtype=torch.int32)
-        pos = torch.searchsorted(self.sorted_keys, q).clamp_(max=self.sorted_keys.numel() - 1)
-        found = self.sorted_keys[pos] == q
-        return torch.where(found, self.order[pos], -1).to(torch.int32)
+        pos = torch.searchsorted(self.sorted_keys, q.reshape(-1)).clamp_(max=self.sorted_keys.numel() - 1)
+        found = self.sorted_keys[pos] == q.reshape(-1)
+        return torch.where(found, self.order[pos], -1).to(torch.int32).reshape(q.shape)
+
+    def rows(self, query_coords: torch.Tensor) -> torch.Tensor:
+        return self.rows_of_keys(_keys(query_coords, self.extent))
 
 
 def lookup(table_coords: torch.Tensor, query_coords: torch.Tensor, extent: int) -> torch.Tensor:
@@ -65,35 +84,63 @@ def submanifold_kernel_map(coords: torch.Tensor, resolution: int, kernel_size: i
         return torch.arange(coords.shape[0], dtype=torch.int32, device=coords.device)[:, None]
     if kernel_size != 3:
         raise ValueError(f"expected kernel_size 1 or 3, got {kernel_size}")
-    offsets = OFFSETS_3.to(coords.device)
     table = _Table(coords, resolution)
-    cols = []
-    for off in offsets:
-        q = coords.clone()
-        q[:, 1:] += off
-        cols.append(table.rows(q))
-    return torch.stack(cols, 1)
+    # key(p + offset) = key(p) + key shift of the offset: one [N, 27] query instead of 27 shifted copies.
+    queries = _keys(coords, resolution)[:, None] + _offset_keys(3, resolution, coords.device)[None, :]
+    return table.rows_of_keys(queries)
 
 
-def downsample_coords(coords: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Parents of voxels at a coarser grid: (int32 [M, 4] parent coords sorted by batch, int64 [N] parent row)."""
+def subdivided_kernel_map(parent_map: torch.Tensor) -> torch.Tensor:
+    """The submanifold 3³ map of the subdivision of a voxel set (every voxel into its 8 children, in
+    :func:`d3s2.sparse.sparse_subdivide` order: child row ``8·p + c``, ``c = lx + 2·ly + 4·lz``), derived from the
+    parent set's submanifold 3³ map ``[N, 27]`` by a gather (no hashing). Returns int32 ``[8N, 27]``.
+
+    Child ``2p + l`` reads ``2p + l + d``, whose parent is ``p + (l + d) // 2`` (a 3³ neighbour of p) and whose
+    child index is ``(l + d) % 2``; it exists exactly when that parent does, since every parent has all 8 children.
+    """
+    parent_off, child = _subdivide_tables(parent_map.device)  # [8, 27] each
+    src = parent_map[:, parent_off.reshape(-1)].view(-1, 8, 27)  # [N, 8, 27] parent row of each neighbour
+    return torch.where(src >= 0, src * 8 + child, -1).view(-1, 27).to(torch.int32)
+
+
+@functools.lru_cache(maxsize=8)
+def _subdivide_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 [8, 27] parent offset index and int32 [8, 27] child index of child c's neighbour at offset k."""
+    local = OFFSETS_2.long()[:, None, :] + OFFSETS_3.long()[None, :, :]  # [8, 27, 3] l + d in [-1, 2]
+    step = torch.div(local, 2, rounding_mode="floor")  # parent offset in {-1, 0, 1}
+    rest = local - 2 * step  # child position in {0, 1}
+    parent_off = (step[..., 0] + 1) + 3 * (step[..., 1] + 1) + 9 * (step[..., 2] + 1)
+    child = rest[..., 0] + 2 * rest[..., 1] + 4 * rest[..., 2]
+    return parent_off.to(device), child.to(torch.int32).to(device)
+
+
+def downsample_coords(coords: torch.Tensor, factor: int,
+                      resolution: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Parents of voxels at a coarser grid: (int32 [M, 4] parent coords sorted by batch, int64 [N] parent row).
+
+    ``resolution`` (of ``coords``) lets the parents be found as unique int64 keys (faster than unique rows).
+    """
     parent = coords.clone()
     parent[:, 1:] = torch.div(parent[:, 1:], factor, rounding_mode="floor")
-    uniq, inverse = torch.unique(parent, dim=0, return_inverse=True)
-    return uniq.to(torch.int32), inverse
+    if resolution is None:
+        uniq, inverse = torch.unique(parent, dim=0, return_inverse=True)
+        return uniq.to(torch.int32), inverse
+    r = -(-resolution // factor)
+    c = parent.long()
+    keys = ((c[:, 0] * r + c[:, 1]) * r + c[:, 2]) * r + c[:, 3]  # same order as the rows (b, x, y, z)
+    uniq, inverse = torch.unique(keys, return_inverse=True)
+    out = torch.stack([uniq // r**3, (uniq // r**2) % r, (uniq // r) % r, uniq % r], 1)
+    return out.to(torch.int32), inverse
 
 
 def down_kernel_map(coords: torch.Tensor, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel map of the stride-2, 2³ conv: (int32 [M, 4] output coords, int32 [M, 8] child row per offset or -1)."""
-    out_coords, _ = downsample_coords(coords, 2)
-    offsets = OFFSETS_2.to(coords.device)
+    out_coords, _ = downsample_coords(coords, 2, resolution)
     table = _Table(coords, resolution)
-    cols = []
-    for off in offsets:
-        q = out_coords.clone()
-        q[:, 1:] = q[:, 1:] * 2 + off
-        cols.append(table.rows(q))
-    return out_coords, torch.stack(cols, 1)
+    doubled = out_coords.clone()
+    doubled[:, 1:] *= 2
+    queries = _keys(doubled, resolution)[:, None] + _offset_keys(2, resolution, coords.device)[None, :]
+    return out_coords, table.rows_of_keys(queries)
 
 
 def sparse_conv_ref(feats: torch.Tensor, kernel_map: torch.Tensor, weight: torch.Tensor,
@@ -151,9 +198,8 @@ def kernel_map_pairs(kernel_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     k_total = kernel_map.shape[1]
     k, p = (kernel_map.t() >= 0).nonzero(as_tuple=True)  # sorted by k, then p
     in_rows = kernel_map[p, k].to(torch.int32)
-    counts = torch.bincount(k, minlength=k_total)
-    offsets = torch.zeros(k_total + 1, dtype=torch.int64, device=kernel_map.device)
-    offsets[1:] = torch.cumsum(counts, 0)
+    # k is sorted: each offset's first pair by binary search (a CUDA bincount would read its maximum on the host).
+    offsets = torch.searchsorted(k, torch.arange(k_total + 1, dtype=k.dtype, device=k.device))
     return in_rows, p.to(torch.int32), offsets
 
 

@@ -1,25 +1,25 @@
 """Sparse convolution as a Triton implicit GEMM: forward, input gradient and weight gradient.
 
-Dimension legend: N input rows, M output rows, K kernel offsets, C_in / C_out channels, T row tiles of BLOCK_M,
-P valid (input, output) pairs.
+Dimension legend: N input rows, M output rows, K kernel offsets, C_in / C_out channels, T row tiles of BLOCK_M.
 
     forward   out[p]     = bias + Σ_k feats[map[p, k]] @ weight[k]          sparse_conv_fwd_kernel
     d_feats   d_feats[q] = Σ_k grad[mapᵀ[q, k]] @ weight[k]ᵀ                the same kernel on the transposed map
                                                                         (submanifold: on the map itself, offsets
                                                                         of the weight reversed)
-    d_weight  d_w[k]     = Σ_{(q, p) pairs of k} feats[q]ᵀ grad[p]          sparse_conv_wgrad_kernel
+    d_weight  d_w[k]     = Σ_{p: map[p, k] >= 0} feats[map[p, k]]ᵀ grad[p]  sparse_conv_wgrad_kernel
 
 The forward kernel gathers each tile's input rows through the kernel map inside the kernel (no gathered copy in
 memory), multiplies C_in tiles on the tensor cores and accumulates in fp32; every output row is written once, by one
 program, so there are no atomics. Output rows are visited in the order of their neighbour mask (bit k set when
 ``map[p, k] >= 0``), so the rows of a tile share their active offsets and each tile loops only over the offsets
 that some row of it uses (a mask-sorted implicit GEMM). The weight gradient is one launch over (chunk of output
-rows, offset, channel tile): each program walks the pairs of its offset whose output row lies in its chunk (a
-contiguous run of the output-major pair list, so grad rows are read in ascending order), and programs are launched
-chunk by chunk with the offsets fastest, so the grad rows and neighbouring feats rows of a chunk come from HBM once
-and are reused from L2 by all K offsets (launched offset by offset, every offset re-read both tensors from HBM).
-An extra slot per chunk sums grad for the bias gradient while those rows are in L2. Programs write fp32 partial
-sums that are added in a fixed order: deterministic, no atomics.
+rows, offset, channel tile): each program walks the rows of its chunk in ascending order, reading its offset's
+column of the kernel map and masking rows without that neighbour (no pair lists: building them needs a nonzero, a
+host sync, and 8 bytes per pair), and programs are launched chunk by chunk with the offsets fastest, so the grad
+rows and neighbouring feats rows of a chunk come from HBM once and are reused from L2 by all K offsets (launched
+offset by offset, every offset re-read both tensors from HBM). An extra slot per chunk sums grad for the bias
+gradient while those rows are in L2. Programs write fp32 partial sums that are added in a fixed order:
+deterministic, no atomics.
 
 The kernels use only builtins of ``triton.language`` (no ``tl.cdiv``/``tl.zeros``, which are themselves jitted),
 so they also run under ``TRITON_INTERPRET=1`` when triton was imported before that variable was set.
@@ -39,7 +39,9 @@ import triton.language as tl
 from .reference import KernelMap
 
 
-@triton.jit
+# Row counts change with every batch: not specialised on (÷16, == 1), or each new combination recompiles the kernel
+# in the middle of training (seconds per step; they are only used in masks and loop bounds).
+@triton.jit(do_not_specialize=["M"])
 def sparse_conv_fwd_kernel(
     feats_ptr, map_ptr, order_ptr, tile_offsets_ptr, tile_counts_ptr, weight_ptr, bias_ptr, out_ptr,
     M, C_IN, C_OUT, K,
@@ -78,9 +80,9 @@ def sparse_conv_fwd_kernel(
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "SPLIT", "ROWS"])
 def sparse_conv_wgrad_kernel(
-    feats_ptr, grad_ptr, in_rows_ptr, out_rows_ptr, bounds_ptr, partial_ptr, bias_partial_ptr,
+    feats_ptr, grad_ptr, map_ptr, partial_ptr, bias_partial_ptr,
     M, C_IN, C_OUT, K, NUM_SLOTS, SPLIT, ROWS,
     PRECISION: tl.constexpr, BIAS_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr,
@@ -89,8 +91,8 @@ def sparse_conv_wgrad_kernel(
     num_i = (C_IN + BLOCK_I - 1) // BLOCK_I
     num_o = (C_OUT + BLOCK_O - 1) // BLOCK_O
     # Launch order (row chunk s, offset slot k, channel tile) with the tile fastest, then the offset: the programs
-    # in flight at any time share one chunk of output rows, so its grad rows and neighbouring feats rows come from
-    # HBM once and are reused from L2 by every offset.
+    # in flight at any time share one chunk of output rows, so its grad rows, map rows and neighbouring feats rows
+    # come from HBM once and are reused from L2 by every offset.
     t = pid % (num_i * num_o)
     slot = pid // (num_i * num_o)
     k = slot % NUM_SLOTS
@@ -99,17 +101,16 @@ def sparse_conv_wgrad_kernel(
     co = (t % num_o) * BLOCK_O + tl.arange(0, BLOCK_O)
     ci_ok = ci < C_IN
     co_ok = co < C_OUT
+    r0 = s * ROWS
+    r1 = tl.minimum(r0 + ROWS, M)
     if k < K:
-        # Pairs of offset k whose output row lies in chunk s: a contiguous run of the output-major pair list.
-        start = tl.load(bounds_ptr + k * (SPLIT + 1) + s)
-        end = tl.load(bounds_ptr + k * (SPLIT + 1) + s + 1)
+        # The chunk's output rows in ascending order; rows without a neighbour at offset k are masked out.
         acc = tl.full((BLOCK_I, BLOCK_O), 0.0, tl.float32)
-        for p0 in range(start, end, BLOCK_P):
-            pr = p0 + tl.arange(0, BLOCK_P)
-            ok = pr < end
-            q = tl.load(in_rows_ptr + pr, mask=ok, other=0).to(tl.int64)
-            p = tl.load(out_rows_ptr + pr, mask=ok, other=0).to(tl.int64)
-            a = tl.load(feats_ptr + q[:, None] * C_IN + ci[None, :], mask=ok[:, None] & ci_ok[None, :],
+        for p0 in range(r0, r1, BLOCK_P):
+            p = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)
+            q = tl.load(map_ptr + p * K + k, mask=p < r1, other=-1)  # [BLOCK_P] input rows, -1 = none
+            ok = q >= 0
+            a = tl.load(feats_ptr + q.to(tl.int64)[:, None] * C_IN + ci[None, :], mask=ok[:, None] & ci_ok[None, :],
                         other=0.0)  # [BLOCK_P, BLOCK_I] gathered input rows
             g = tl.load(grad_ptr + p[:, None] * C_OUT + co[None, :], mask=ok[:, None] & co_ok[None, :],
                         other=0.0)  # [BLOCK_P, BLOCK_O] output-gradient rows, ascending
@@ -119,8 +120,6 @@ def sparse_conv_wgrad_kernel(
     elif t // num_o == 0:
         # The extra slot (only launched with a bias): column sums of grad over the chunk's rows, as a dot with
         # ones (tl.sum is a jitted helper); the rows are hot in L2 from the offsets of the same chunk.
-        r0 = s * ROWS
-        r1 = tl.minimum(r0 + ROWS, M)
         ones = tl.full((16, BLOCK_P), 1.0, grad_ptr.dtype.element_ty)
         acc_b = tl.full((16, BLOCK_O), 0.0, tl.float32)
         for p0 in range(r0, r1, BLOCK_P):
@@ -188,19 +187,6 @@ def _wgrad_split(m: int, k_total: int, c_in: int, c_out: int, cfg: dict[str, int
     split = min(split, _WGRAD_PARTIAL_BYTES // (4 * k_total * c_in * c_out), triton.cdiv(m, cfg["BLOCK_P"]))
     rows = triton.cdiv(m, max(split, 1))
     return triton.cdiv(m, rows), rows
-
-
-def _wgrad_bounds(kmap: KernelMap, split: int, rows: int) -> torch.Tensor:
-    """int64 [K, split + 1]: the pairs of offset k with output rows in chunk s are ``[b[k, s], b[k, s + 1])``."""
-    def build() -> torch.Tensor:
-        m, k_total = kmap.map.shape
-        offsets = kmap.pairs()[2]
-        valid = torch.zeros(split * rows, k_total, dtype=torch.bool, device=kmap.map.device)
-        valid[:m] = kmap.map >= 0
-        bounds = torch.zeros(k_total, split + 1, dtype=torch.int64, device=kmap.map.device)
-        bounds[:, 1:] = valid.view(split, rows, k_total).sum(1).cumsum(0).t()  # pairs per offset before chunk end
-        return (bounds + offsets[:-1, None]).contiguous()
-    return kmap.cached(("triton_wgrad_bounds", split, rows), build)
 
 
 def _row_order(kmap: KernelMap) -> torch.Tensor:
@@ -281,21 +267,19 @@ def sparse_conv_wgrad(feats: torch.Tensor, grad: torch.Tensor, kmap: KernelMap, 
     """
     feats, grad = feats.contiguous(), grad.contiguous()
     m, k_total, c_in, c_out = kmap.num_outputs, kmap.num_offsets, feats.shape[1], grad.shape[1]
-    in_rows, out_rows, offsets = kmap.pairs()
-    if m == 0 or c_out == 0 or c_in == 0 or in_rows.numel() == 0:
+    if m == 0 or c_out == 0 or c_in == 0 or feats.shape[0] == 0:
         d_bias = grad.sum(0, dtype=torch.float32) if bias else None
         return torch.zeros(k_total, c_in, c_out, dtype=torch.float32, device=feats.device), d_bias
     cfg = dict(wgrad_config(c_in, c_out))
     split, rows = _wgrad_split(m, k_total, c_in, c_out, cfg, _sm_count(feats.device))
     del cfg["CHUNK_ROWS"]
-    bounds = _wgrad_bounds(kmap, split, rows)
     partial = torch.empty(split, k_total, c_in, c_out, dtype=torch.float32, device=feats.device)
     bias_partial = torch.empty(split, c_out, dtype=torch.float32, device=feats.device) if bias else partial
     slots = k_total + 1 if bias else k_total  # the extra offset slot sums grad for the bias
     tiles = triton.cdiv(c_in, cfg["BLOCK_I"]) * triton.cdiv(c_out, cfg["BLOCK_O"])
     precision = _precision(feats.dtype)
     sparse_conv_wgrad_kernel[(split * slots * tiles,)](
-        feats, grad, in_rows, out_rows, bounds, partial, bias_partial,
+        feats, grad, kmap.map, partial, bias_partial,
         m, c_in, c_out, k_total, slots, split, rows,
         PRECISION=precision, BIAS_PRECISION="ieee" if feats.dtype == torch.float32 else precision, **cfg,
     )
