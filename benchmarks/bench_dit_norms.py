@@ -11,6 +11,8 @@ is the block's autograd (training) path, "fused" its inference path:
 - ``gated_residual``: ``addcmul(x, gate, u)``;
 - ``qk_rms_norm`` (dense only): the per-head RMS norm of q and k (two MultiHeadRMSNorm calls vs one in-place
   launch on the qkv projection output);
+- ``ffn`` (GEMM C → 4C + GELU(tanh)): torch (GEMM, then a GELU pass) vs the cuBLASLt GELU epilogue
+  (``d3s2.ops.linear_gelu``, backend ``cublaslt``; off in auto until these rows show it faster);
 - ``block``: one whole dense block (C 1024, full size) under no_grad with the ``dit_norm`` backend torch vs triton.
 
 The per-step saving is the per-block sum × 24 blocks.
@@ -34,6 +36,7 @@ from d3s2.models.dit import ConditionTokens
 from d3s2.models.dit.blocks import ModulatedCrossBlock, MultiHeadRMSNorm, SelfAttention, layer_norm32
 from d3s2.ops import use_backend
 from d3s2.ops.dit_norm import add_norm, qk_rms_norm_
+from d3s2.ops.linear_gelu import linear_gelu
 
 NUM_BLOCKS = 24
 
@@ -96,6 +99,14 @@ def _qk_ops(b: int, t: int, h: int, d: int, device: str, dtype: torch.dtype):
     return before, lambda: qk_rms_norm_(qkv, norm_q.gamma, norm_k.gamma)
 
 
+def _ffn_ops(m: int, c: int, device: str, dtype: torch.dtype):
+    x = torch.randn(m, c, device=device, dtype=dtype)
+    w = torch.randn(4 * c, c, device=device, dtype=dtype) * 0.03
+    b = torch.randn(4 * c, device=device, dtype=dtype)
+    epilogue = "cublaslt" if device.startswith("cuda") else "torch"  # the epilogue backend is CUDA-only
+    return lambda: linear_gelu(x, w, b, backend="torch"), lambda: linear_gelu(x, w, b, backend=epilogue)
+
+
 def _block_ops(b: int, t: int, c: int, heads: int, device: str, dtype: torch.dtype):
     torch.manual_seed(0)
     block = ModulatedCrossBlock(c, c, heads, SelfAttention(c, heads, qk_rms_norm=True)).to(device, dtype)
@@ -134,6 +145,8 @@ def main() -> None:
         "sparse_ragged": _norm_ops(2, 0, sparse[2], dev, dtype, ragged),
     }
     cases["dense"]["qk_rms_norm"] = _qk_ops(dense[0], dense[1], heads, dense[2] // heads, dev, dtype)
+    cases["dense"]["ffn"] = _ffn_ops(dense[0] * dense[1], dense[2], dev, dtype)
+    cases["sparse_512"]["ffn"] = _ffn_ops(sparse[0] * sparse[1], sparse[2], dev, dtype)
     rows = []
     for case, ops in cases.items():
         for op, (before, after) in ops.items():
@@ -145,8 +158,8 @@ def main() -> None:
     t_before, t_after = timer(block_before), timer(block_after)
     rows.append({"case": "dense", "op": "block", "torch_ms": round(t_before, 4), "fused_ms": round(t_after, 4),
                  "speedup": round(t_before / t_after, 2) if t_after else None})
-    per_block = {case: sum(r["torch_ms"] - r["fused_ms"] for r in rows if r["case"] == case and r["op"] != "block")
-                 for case in cases}
+    per_block = {case: sum(r["torch_ms"] - r["fused_ms"] for r in rows
+                           if r["case"] == case and r["op"] not in ("block", "ffn")) for case in cases}
     result = {**environment(dev), "dtype": str(dtype).removeprefix("torch."), "tiny": args.tiny,
               "shapes": {"dense": dense, "sparse_512": sparse, "sparse_ragged": ragged, "heads": heads},
               "rows": rows, "saved_ms_per_block": {k: round(v, 4) for k, v in per_block.items()},
@@ -155,7 +168,7 @@ def main() -> None:
           f"commit {result['commit'][:10]}, torch {result['torch']}, triton {result['triton']}, {result['date']}, "
           f"dtype {result['dtype']}\n", "| case | op | torch ms | fused ms | speedup |", "|---|---|---:|---:|---:|"]
     md += [f"| {r['case']} | {r['op']} | {r['torch_ms']:.4f} | {r['fused_ms']:.4f} | {r['speedup']} |" for r in rows]
-    md += ["", "Saved per step (per-block sum × 24, block row excluded): "
+    md += ["", "Saved per step by the norms (per-block sum × 24; ffn and block rows excluded): "
            + ", ".join(f"{k} {v} ms" for k, v in result["saved_ms_per_step"].items()), ""]
     stem = "dit_norms" + (f"_{args.label}" if args.label else "")
     for path in write_outputs(args.out_dir or default_out_dir(), stem, result, "\n".join(md)):
