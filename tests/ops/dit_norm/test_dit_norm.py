@@ -96,6 +96,9 @@ def test_add_norm_strided_rows_and_errors():
         add_norm(x, u, mod[:, :16], sample=3, backend="triton")
     with pytest.raises(ValueError, match="sample map"):
         add_norm(x, shift=mod[:, :16], scale=mod[:, 16:32], backend="triton")
+    empty = x[:0]
+    r, y = add_norm(empty, empty, mod[:, :16], shift=mod[:, 16:32], scale=mod[:, 32:48], sample=0, backend="triton")
+    assert r.shape == y.shape == (0, 16)
     with pytest.raises(RuntimeError, match="forward-only"):
         add_norm(x.requires_grad_(), backend="triton")
 

@@ -26,10 +26,10 @@ def test_torch_backend_is_the_mlp_expression_and_cublaslt_refuses_cpu():
 @pytest.mark.parametrize("m", [8192, 12180, 37])
 def test_cublaslt_epilogue_matches_reference_bf16(m):
     """DiT MLP shapes (C 1024 → 4096), bf16: within twice the torch path's error against float64."""
-    g = torch.Generator(device="cuda").manual_seed(m)
-    x = torch.randn(m, 1024, device="cuda", generator=g).bfloat16()
-    w = (torch.randn(4096, 1024, device="cuda", generator=g) * 0.03).bfloat16()
-    b = (torch.randn(4096, device="cuda", generator=g) * 0.1).bfloat16()
+    g = torch.Generator().manual_seed(m)  # a CPU generator: unaffected by CUDA-graph captures in other tests
+    x = torch.randn(m, 1024, generator=g).cuda().bfloat16()
+    w = (torch.randn(4096, 1024, generator=g) * 0.03).cuda().bfloat16()
+    b = (torch.randn(4096, generator=g) * 0.1).cuda().bfloat16()
     with torch.no_grad():
         got = linear_gelu(x, w, b, backend="cublaslt")
         pt = linear_gelu(x, w, b, backend="torch")

@@ -81,7 +81,7 @@ def add_norm(x: torch.Tensor, update: torch.Tensor | None = None, gate: torch.Te
         if sample.shape != (m,) or sample.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"expected an int sample index of shape [{m}], got {tuple(sample.shape)} {sample.dtype}")
     elif isinstance(sample, int):
-        if sample <= 0 or m != b * sample:
+        if sample < 0 or m != b * sample:
             raise ValueError(f"expected {b} samples × {sample} rows, got {m} rows")
     elif sample is None:
         if b != 1:
@@ -90,6 +90,8 @@ def add_norm(x: torch.Tensor, update: torch.Tensor | None = None, gate: torch.Te
         raise TypeError(f"expected sample int, tensor or None, got {type(sample).__name__}")
     if not no_autograd(x, update, gate, weight, bias, shift, scale):
         raise RuntimeError("add_norm is forward-only: call it with grad mode off or on tensors without grad")
+    if m == 0:  # no rows (e.g. samples without tokens): nothing to compute, whatever the sample map
+        return (x if update is None else torch.empty_like(x)), (torch.empty_like(x) if normalize else None)
     name = BACKENDS.resolve(backend, *(t for t in (x, update, gate, weight, bias, shift, scale) if t is not None))
     if name == "torch":
         return add_norm_ref(x, update, gate, weight=weight, bias=bias, shift=shift, scale=scale, eps=eps,
