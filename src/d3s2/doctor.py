@@ -12,6 +12,8 @@ OP_MODULES = [
     "d3s2.ops.conv",
     "d3s2.ops.block_attn",
     "d3s2.ops.ssa",
+    "d3s2.ops.dit_norm",
+    "d3s2.ops.linear_gelu",
 ]
 
 PACKAGES = ["torch", "triton", "numpy", "scipy", "trimesh", "libigl", "embreex", "scikit-image",

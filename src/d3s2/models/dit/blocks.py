@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...ops.dit_norm import add_norm, no_autograd, qk_rms_norm_
+from ...ops.linear_gelu import linear_gelu
 from ...sparse import SparseTensor
 from .condition import ConditionTokens
 
@@ -66,6 +68,9 @@ class FeedForward(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fc1, fc2 = self.mlp[0], self.mlp[2]
+        if no_autograd(x, fc1.weight, fc1.bias):  # inference: the GELU may run in the GEMM epilogue
+            return fc2(linear_gelu(x, fc1.weight, fc1.bias))
         return self.mlp(x)
 
 
@@ -171,7 +176,12 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape
-        q, k, v = self.to_qkv(x).view(b, t, 3, self.num_heads, self.head_dim).unbind(2)  # rows [q | k | v]
+        qkv = self.to_qkv(x).view(b, t, 3, self.num_heads, self.head_dim)  # rows [q | k | v]
+        if self.qk_rms_norm and no_autograd(qkv, self.q_rms_norm.gamma, self.k_rms_norm.gamma):
+            # inference: q and k normalised in place in one launch, so the split stays three views
+            q, k, v = qk_rms_norm_(qkv, self.q_rms_norm.gamma, self.k_rms_norm.gamma).unbind(2)
+            return self.to_out(attention(q, k, v).reshape(b, t, c))
+        q, k, v = qkv.unbind(2)
         if self.qk_rms_norm:
             q, k = self.q_rms_norm(q), self.k_rms_norm(k)
         return self.to_out(attention(q, k, v).reshape(b, t, c))
@@ -298,20 +308,41 @@ class ModulatedCrossBlock(nn.Module):
         its condition tokens are all equal (:class:`~d3s2.models.dit.condition.PreparedCondition`). Returns the
         same kind as x."""
         mod = self.adaLN_modulation(t_emb)  # [B, 6C]
+        # Inference (nothing records a graph) takes the fused norms of d3s2.ops.dit_norm; training the torch path.
+        fused = no_autograd(x.feats if isinstance(x, SparseTensor) else x, mod)
         if not isinstance(x, SparseTensor):
-            return self._forward(x, mod.to(x.dtype)[:, None, :], self.self_attn,
-                                 lambda y: self.cross_attn(y, cond, kv=kv, constant=constant))
+            def cross(y: torch.Tensor) -> torch.Tensor:
+                return self.cross_attn(y, cond, kv=kv, constant=constant)
+            if fused:
+                b, t, c = x.shape
+                h = self._forward_fused(x.reshape(b * t, c), mod.to(x.dtype), t, x.shape, self.self_attn, cross)
+                return h.view(x.shape)
+            return self._forward(x, mod.to(x.dtype)[:, None, :], self.self_attn, cross)
         n, c = x.feats.shape
         plan = sparse_pad_plan(x)
         if plan.uniform:  # equal-length samples (one sample, a CFG pair): a [B, L, C] view, broadcast modulation
             def self_attn(y: torch.Tensor) -> torch.Tensor:
                 return self.self_attn(x.replace(y.reshape(n, c))).feats.reshape(y.shape)
-            h = self._forward(x.feats.reshape(x.batch_size, plan.max_len, c), mod.to(x.dtype)[:, None, :],
-                              self_attn, lambda y: self.cross_attn(y, cond, kv=kv, constant=constant))
+
+            def cross_uniform(y: torch.Tensor) -> torch.Tensor:
+                return self.cross_attn(y, cond, kv=kv, constant=constant)
+            shape = (x.batch_size, plan.max_len, c)
+            if fused:
+                return x.replace(self._forward_fused(x.feats, mod.to(x.dtype), plan.max_len, shape, self_attn,
+                                                     cross_uniform))
+            h = self._forward(x.feats.reshape(shape), mod.to(x.dtype)[:, None, :], self_attn, cross_uniform)
             return x.replace(h.reshape(n, c))
+
+        def self_attn_ragged(y: torch.Tensor) -> torch.Tensor:
+            return self.self_attn(x.replace(y)).feats
+
+        def cross_ragged(y: torch.Tensor) -> torch.Tensor:
+            return self.cross_attn(y, cond, x.cu_seqlens, pad_plan=plan, kv=kv)
+        if fused:  # a modulation row per token, gathered inside the kernels
+            return x.replace(self._forward_fused(x.feats, mod.to(x.dtype), x.batch_index, (n, c), self_attn_ragged,
+                                                 cross_ragged))
         h = self._forward(x.feats, mod.to(x.dtype).index_select(0, x.batch_index),  # a modulation row per token
-                          lambda y: self.self_attn(x.replace(y)).feats,
-                          lambda y: self.cross_attn(y, cond, x.cu_seqlens, pad_plan=plan, kv=kv))
+                          self_attn_ragged, cross_ragged)
         return x.replace(h)
 
     def _forward(self, h: torch.Tensor, mod: torch.Tensor, self_attn: Callable[[torch.Tensor], torch.Tensor],
@@ -321,3 +352,22 @@ class ModulatedCrossBlock(nn.Module):
         h = torch.addcmul(h, gate1, self_attn(torch.addcmul(shift1, self.norm1(h), 1 + scale1)))
         h = h + cross_attn(self.norm2(h))
         return torch.addcmul(h, gate2, self.mlp(torch.addcmul(shift2, self.norm3(h), 1 + scale2)))
+
+    def _forward_fused(self, h: torch.Tensor, mod: torch.Tensor, sample: int | torch.Tensor,
+                       shape: tuple[int, ...], self_attn: Callable[[torch.Tensor], torch.Tensor],
+                       cross_attn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """:meth:`_forward` without autograd, with each residual update fused into the norm after it.
+
+        ``h [M, C]`` token rows, ``mod [B, 6C]``, ``sample``: rows per sample (int) or the sample index ``[M]``
+        of each row; ``self_attn`` / ``cross_attn`` take and return their input reshaped to ``shape``.
+        Returns ``[M, C]``.
+        """
+        c = h.shape[1]
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)  # [B, C] views
+        _, y = add_norm(h, shift=shift1, scale=scale1, eps=self.norm1.eps, sample=sample)
+        h, y = add_norm(h, self_attn(y.view(shape)).reshape(-1, c), gate1, weight=self.norm2.weight,
+                        bias=self.norm2.bias, eps=self.norm2.eps, sample=sample)
+        h, y = add_norm(h, cross_attn(y.view(shape)).reshape(-1, c), shift=shift2, scale=scale2,
+                        eps=self.norm3.eps, sample=sample)
+        h, _ = add_norm(h, self.mlp(y.view(shape)).reshape(-1, c), gate2, normalize=False, sample=sample)
+        return h
