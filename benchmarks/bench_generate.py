@@ -147,8 +147,8 @@ def main() -> None:
             print(json.dumps({"cascade_index": index}), flush=True)
     result = {**environment(args.device), "tiny": args.tiny, "dtype": str(args.torch_dtype).removeprefix("torch."),
               "layout": args.layout if layouts_path else "ball shell", "low_vram": args.low_vram,
-              "residency": args.residency or ("low_vram" if args.low_vram else "prefetch" if args.device.startswith("cuda")
-                                              else "resident"),
+              "residency": args.residency or ("low_vram" if args.low_vram
+                                              else "prefetch" if args.device.startswith("cuda") else "resident"),
               "cuda_graphs": not args.no_cuda_graphs,
               "steps": {"dense": args.steps or pipe.settings.dense.steps,
                         **{str(r): args.steps or pipe.settings.stage(r).steps for r in pipe.resolutions}},

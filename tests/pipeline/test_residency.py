@@ -168,3 +168,15 @@ def test_pipeline_stage_models_on_cuda_and_others_on_the_host():
         assert name in on and on <= set(plan[i: i + 3]), (name, on)
     assert not any(next(m.parameters()).is_cuda for m in comps.values())
     assert next(comps["sparse_dit_64"].parameters()).is_pinned()
+
+
+def test_residency_module_used_at_two_stages_keeps_the_window_ahead():
+    a, b, c, d = (nn.Linear(2, 2) for _ in range(4))
+    res = WeightResidency(lookahead=1)
+    res.begin([a, b, a, c, d], torch.device("cpu"), torch.float32, "prefetch")
+    on = []
+    for m in (a, b, a, c, d):
+        with res.use(m):
+            on.append({n for n, x in zip("abcd", (a, b, c, d), strict=True) if res.on_device(x)})
+    assert on == [{"a", "b"}, {"b", "a"}, {"a", "c"}, {"c", "d"}, {"d"}]
+    res.end()

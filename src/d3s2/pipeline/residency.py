@@ -31,6 +31,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
+from torch._utils import _unflatten_dense_tensors
 
 RESIDENCY = ("prefetch", "resident", "low_vram")
 _ALIGN = 256  # bytes: every packed tensor starts on a boundary that vectorised kernels accept
@@ -60,12 +61,24 @@ class PackedWeights:
         self.params = list(params.values())
         self.buffer_slots = list(buffers.values())
         current = self._tensors()
-        self.specs: list[tuple[int, torch.dtype, torch.Size]] = []
+        # One region per storage dtype; in it every tensor is followed by a pad to the next _ALIGN boundary, so
+        # all views of a region come from one C++ call (torch's unflatten) on [tensor, pad, tensor, pad, ...].
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, t in enumerate(current):
+            by_dtype.setdefault(dtype if t.is_floating_point() else t.dtype, []).append(i)
+        self.groups: list[tuple[torch.dtype, int, int, list[torch.Tensor], list[int]]] = []
         offset = 0
-        for t in current:
-            dt = dtype if t.is_floating_point() else t.dtype
-            self.specs.append((offset, dt, t.shape))
-            offset += -(-t.numel() * dt.itemsize // _ALIGN) * _ALIGN
+        for dt, idx in by_dtype.items():
+            per = _ALIGN // dt.itemsize
+            templates = []
+            for i in idx:
+                n = current[i].numel()
+                templates += [torch.empty(current[i].shape, dtype=dt, device="meta"),
+                              torch.empty((-n) % per, dtype=dt, device="meta")]
+            numel = sum(t.numel() for t in templates)
+            self.groups.append((dt, offset, numel, templates, idx))
+            offset += numel * dt.itemsize
+        self.num_tensors = len(current)
         self.nbytes = offset
         self.home = torch.empty(max(offset, 1), dtype=torch.uint8, pin_memory=pin)
         self.home_views = self._views(self.home)
@@ -81,7 +94,12 @@ class PackedWeights:
         return [p.data for p in self.params] + [m._buffers[n] for m, n in (s[0] for s in self.buffer_slots)]
 
     def _views(self, buf: torch.Tensor) -> list[torch.Tensor]:
-        return [buf[o: o + s.numel() * dt.itemsize].view(dt).view(s) for o, dt, s in self.specs]
+        out: list[torch.Tensor] = [buf] * self.num_tensors
+        for dt, offset, numel, templates, idx in self.groups:
+            flat = buf[offset: offset + numel * dt.itemsize].view(dt)
+            for i, v in zip(idx, _unflatten_dense_tensors(flat, templates)[::2], strict=True):
+                out[i] = v
+        return out
 
     def _assign(self, views: Sequence[torch.Tensor]) -> None:
         n = len(self.params)
@@ -170,7 +188,9 @@ class WeightResidency:
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         self.plan: list[nn.Module] = []
+        self._pos = 0  # index in the plan of the module in use
         self._stream: torch.cuda.Stream | None = None
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}  # one side stream per device, reused
 
     # ------------------------------------------------------------------------------------------ queries
     def on_device(self, module: nn.Module) -> bool:
@@ -185,19 +205,25 @@ class WeightResidency:
     # ------------------------------------------------------------------------------------------ a call
     def begin(self, plan: Sequence[nn.Module], device: torch.device, dtype: torch.dtype, mode: str,
               others: Sequence[nn.Module] = ()) -> None:
-        """Start a call: ``plan`` lists the models in the order :meth:`use` will be called (repeats allowed),
-        ``others`` the pipeline's models the call does not use (sent to the host unless ``"resident"``)."""
+        """Start a call: ``plan`` lists the models in the order :meth:`use` will be called (a module may appear
+        several times), ``others`` the pipeline's models the call does not use (sent to the host unless
+        ``"resident"``)."""
         if mode not in RESIDENCY:
             raise ValueError(f"expected residency in {RESIDENCY}, got {mode!r}")
         self.mode, self.device, self.dtype = mode, torch.device(device), dtype
-        self.plan = _unique(plan)
+        self.plan = list(plan)
+        self._pos = 0
         cuda = self.device.type == "cuda"
-        self._stream = torch.cuda.Stream(self.device) if cuda and mode == "prefetch" else None
+        self._stream = None
+        if cuda and mode == "prefetch":
+            self._stream = self._streams.setdefault(self.device, torch.cuda.Stream(self.device))
         with torch.inference_mode(False):  # packed tensors must stay usable outside inference mode
             if mode == "resident":
-                for m in self.plan:
+                for m in _unique(self.plan):
                     self._place_whole(m)
                 return
+            for m in _unique([*self.plan, *others]):
+                self._refresh(m)
             planned = {id(p) for p in self.plan}
             for m in _unique(others):
                 if id(m) not in planned:
@@ -215,10 +241,13 @@ class WeightResidency:
             if self.mode == "resident":
                 self._place_whole(module)
             else:
-                idx = next((i for i, m in enumerate(self.plan) if m is module), None)
+                # Its next place in the plan from the current one (a module may run at several stages).
+                order = [*range(self._pos, len(self.plan)), *range(self._pos)]
+                idx = next((i for i in order if self.plan[i] is module), None)
                 if idx is None:  # not announced: bring it in now
                     self.plan.append(module)
                     idx = len(self.plan) - 1
+                self._pos = idx
                 self._schedule(idx)
                 self._packed(module).wait()
         try:
@@ -250,19 +279,25 @@ class WeightResidency:
         ahead = 0 if self.mode == "low_vram" else self.lookahead
         window = self.plan[idx: idx + ahead + 1]
         keep = {id(m) for m in window}
-        for m in self.plan:
+        for m in _unique(self.plan):
             if id(m) not in keep:
                 self._evict(m)
-        for m in window:
+        for m in _unique(window):
             self._packed(m).load(self.device, self._stream)
+
+    def _refresh(self, module: nn.Module) -> None:
+        """Forget a packing that no longer describes ``module`` (other dtype, tensors replaced from outside)."""
+        pw = self.packed.get(id(module))
+        if pw is None:
+            return
+        if not pw.intact():
+            del self.packed[id(module)]  # module.to(...), new parameters: the next use packs the new tensors
+        elif pw.dtype != self.dtype:
+            pw.release()
+            del self.packed[id(module)]
 
     def _packed(self, module: nn.Module) -> PackedWeights:
         pw = self.packed.get(id(module))
-        if pw is not None and not pw.intact():
-            pw = None  # tensors replaced from outside (module.to, new parameters): pack the new ones
-        elif pw is not None and pw.dtype != self.dtype:
-            pw.release()  # repacked below in the new dtype
-            pw = None
         if pw is None:
             pw = PackedWeights(module, self.dtype, pin=torch.cuda.is_available() and self.device.type == "cuda")
             self.packed[id(module)] = pw
