@@ -182,3 +182,21 @@ def test_residency_module_used_at_two_stages_keeps_the_window_ahead():
             on.append({n for n, x in zip("abcd", (a, b, c, d), strict=True) if res.on_device(x)})
     assert on == [{"a", "b"}, {"b", "a"}, {"a", "c"}, {"c", "d"}, {"d"}]
     res.end()
+
+
+@pytest.mark.gpu
+def test_side_stream_prefetch_is_waited_for():
+    torch.manual_seed(0)
+    net = nn.Sequential(*(nn.Linear(512, 512) for _ in range(4)))
+    x = torch.randn(64, 512)
+    ref = net(x)
+    res = WeightResidency(lookahead=2)
+    res.begin(list(net), torch.device("cuda"), torch.float32, "prefetch")
+    h = x.cuda()
+    for layer in net:
+        with res.use(layer):
+            assert layer.weight.is_cuda
+            h = layer(h)
+    torch.testing.assert_close(h.cpu(), ref, rtol=1e-4, atol=1e-4)
+    res.end()
+    assert all(p.is_pinned() and not p.is_cuda for p in net.parameters()) and res.device_bytes() == 0
