@@ -49,7 +49,6 @@ class PackedWeights:
         self.dtype = dtype
         params: dict[int, nn.Parameter] = {}
         buffers: dict[int, list[tuple[nn.Module, str]]] = {}
-        buffer_tensors: dict[int, torch.Tensor] = {}
         for m in module.modules():
             for p in m._parameters.values():
                 if p is not None:
@@ -57,7 +56,6 @@ class PackedWeights:
             for name, b in m._buffers.items():
                 if b is not None:
                     buffers.setdefault(id(b), []).append((m, name))
-                    buffer_tensors[id(b)] = b
         self.params = list(params.values())
         self.buffer_slots = list(buffers.values())
         current = self._tensors()
