@@ -146,7 +146,8 @@ def test_pipeline_save_after_prefetch_call(tmp_path):
 @pytest.mark.gpu
 def test_pipeline_stage_models_on_cuda_and_others_on_the_host():
     pipe = tiny_pipeline()
-    ref = pipe(rgba_image(), resolution=64, seed=0, progress=False, device="cuda", residency="resident")
+    kw = dict(resolution=64, seed=0, progress=False, device="cuda", dtype=torch.float32)
+    ref = pipe(rgba_image(), residency="resident", **kw)
     pipe.weights.release()
     comps = pipe.components()
     log: list[tuple[str, set[str]]] = []
@@ -156,11 +157,11 @@ def test_pipeline_stage_models_on_cuda_and_others_on_the_host():
             log.append((name, {k for k, m in comps.items() if next(m.parameters()).is_cuda}))
         handles += [sub.register_forward_pre_hook(hook) for sub in comp.modules()]
     try:
-        mesh = pipe(rgba_image(), resolution=64, seed=0, progress=False, device="cuda")  # default: prefetch
+        mesh = pipe(rgba_image(), **kw)  # the default on CUDA: prefetch
     finally:
         for h in handles:
             h.remove()
-    # Same bf16 weights either way; only run-to-run GPU nondeterminism may move a few faces.
+    # Same weights either way; only run-to-run GPU nondeterminism may move a few faces.
     assert abs(len(mesh.faces) - len(ref.faces)) <= 0.02 * len(ref.faces)
     if len(mesh.faces) == len(ref.faces):
         np.testing.assert_allclose(mesh.vertices, ref.vertices, atol=1e-3)
