@@ -607,8 +607,10 @@ class ImageTo3DPipeline:
                 else:
                     outside = block_outside_fraction(refiner.predict_outside(decoded)[0])
             del feats
+        voxels = decoded.coords[:, 1:]
+        del decoded  # its structure cache holds the decoder's last kernel map (~108 bytes per voxel)
         with self._timed(f"mesh {r}", device):
-            mesh = closed_mesh(decoded.coords[:, 1:], values, latent.coords[:, 1:], r, level=level,
+            mesh = closed_mesh(voxels, values, latent.coords[:, 1:], r, level=level,
                                outside_fraction=outside)
         return mesh
 
