@@ -201,3 +201,15 @@ def test_side_stream_prefetch_is_waited_for():
     torch.testing.assert_close(h.cpu(), ref, rtol=1e-4, atol=1e-4)
     res.end()
     assert all(p.is_pinned() and not p.is_cuda for p in net.parameters()) and res.device_bytes() == 0
+
+
+def test_pipeline_residency_choice():
+    pipe = tiny_pipeline()
+    with pytest.raises(ValueError, match="residency"):
+        pipe(rgba_image(), resolution=64, device="cpu", progress=False, residency="sometimes")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert pipe._residency_mode(None, None, cpu) == "resident" and pipe._residency_mode(None, None, cuda) == "prefetch"
+    assert pipe._residency_mode(None, True, cuda) == "low_vram" and pipe._residency_mode(None, True, cpu) == "resident"
+    pipe.residency = "resident"
+    assert pipe._residency_mode(None, None, cuda) == "resident"
+    assert pipe._residency_mode("prefetch", None, cuda) == "prefetch"

@@ -14,6 +14,10 @@ Stages (one tqdm bar over them, one per flow sampler):
    R₁³ grid), sparse DiT R₁, chunked decode, closed mesh.
 6. **post**: drop tiny floating components, optional decimation to N faces. Vertices in ``[-1, 1]``.
 
+Weights (:mod:`d3s2.pipeline.residency`): on CUDA only the running model and the next two of the call are on the
+GPU, the next ones copied in from page-locked host memory on a side stream while the current one computes
+(``residency="resident"`` keeps them all there; ``low_vram`` holds only the running one).
+
 Refiners (``settings.refine``, on for folders converted from the published checkpoints): after a stage's decode,
 a :class:`~d3s2.models.refiner.VoxelRefinerXL` (published: 512³) replaces the decoded SDF by its refined values
 (from the SDF and the decoder's 32-channel features, ``decode(return_feat=True)``) and the mesh is taken at
