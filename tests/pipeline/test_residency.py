@@ -213,3 +213,13 @@ def test_pipeline_residency_choice():
     pipe.residency = "resident"
     assert pipe._residency_mode(None, None, cuda) == "resident"
     assert pipe._residency_mode("prefetch", None, cuda) == "prefetch"
+
+
+def test_evict_copies_back_only_after_writes():
+    net = _Net()
+    pw = PackedWeights(net, torch.float32, pin=False)
+    pw.load(torch.device("cpu"), None)
+    net(torch.randn(2, 5))  # reading the weights is no write
+    pw.home_views[0].fill_(42.0)  # a marker in the host copy: a copy-back would overwrite it
+    pw.evict()
+    assert bool((net.a.weight == 42.0).all())
