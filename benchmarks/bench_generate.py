@@ -76,7 +76,7 @@ def run_one(pipe, resolution: int, structure: dict[int, torch.Tensor], args) -> 
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     mesh = pipe(rgba_disc(), resolution=resolution, seed=args.seed, steps=args.steps, device=device,
-                dtype=args.torch_dtype, progress=False, low_vram=args.low_vram,
+                dtype=args.torch_dtype, progress=False, low_vram=args.low_vram, residency=args.residency,
                 structure={r: c for r, c in structure.items() if r <= resolution})
     wall = time.perf_counter() - t0
     row = {"resolution": resolution, "end_to_end_s": round(wall, 3),
@@ -117,6 +117,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="override every stage's steps (default: published)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--low-vram", action="store_true")
+    ap.add_argument("--residency", choices=["prefetch", "resident", "low_vram"], default=None,
+                    help="where the weights live during a call (default: prefetch on CUDA)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="sample eagerly (no CUDA-graph replay)")
     ap.add_argument("--skip-index", action="store_true", help="do not time the cascade index on the 512³ mesh")
     ap.add_argument("--label", default="", help="appended to the output file names (e.g. eager)")
@@ -145,6 +147,8 @@ def main() -> None:
             print(json.dumps({"cascade_index": index}), flush=True)
     result = {**environment(args.device), "tiny": args.tiny, "dtype": str(args.torch_dtype).removeprefix("torch."),
               "layout": args.layout if layouts_path else "ball shell", "low_vram": args.low_vram,
+              "residency": args.residency or ("low_vram" if args.low_vram
+                                              else "prefetch" if args.device.startswith("cuda") else "resident"),
               "cuda_graphs": not args.no_cuda_graphs,
               "steps": {"dense": args.steps or pipe.settings.dense.steps,
                         **{str(r): args.steps or pipe.settings.stage(r).steps for r in pipe.resolutions}},
@@ -158,12 +162,12 @@ def markdown(result: dict) -> str:
     lines = [f"# d3s2 image → mesh, random weights ({result['device']})", "", f"`{result['command']}`", "",
              f"commit {result['commit'][:10]}, torch {result['torch']}, {result['date']}, dtype {result['dtype']}, "
              f"steps {result['steps']}, CFG {result['cfg']}, layout {result['layout']}, "
-             f"CUDA graphs {result.get('cuda_graphs')}", "",
-             "| resolution | repeat | end to end s | peak GiB | tokens | faces | stages s |",
-             "|---:|---:|---:|---:|---|---:|---|"]
+             f"CUDA graphs {result.get('cuda_graphs')}, weights {result.get('residency')}", "",
+             "| resolution | repeat | end to end s | peak GiB | tokens | faces | stages s | stage peaks GiB |",
+             "|---:|---:|---:|---:|---|---:|---|---|"]
     for r in result["runs"]:
         lines.append(f"| {r['resolution']} | {r['repeat']} | {r['end_to_end_s']} | {r.get('peak_vram_gib', '')} | "
-                     f"{r['tokens']} | {r['faces']} | {r['stages_s']} |")
+                     f"{r['tokens']} | {r['faces']} | {r['stages_s']} | {r.get('stage_peak_gib', '')} |")
     if result["cascade_index"]:
         lines += ["", f"Cascade index: {result['cascade_index']}"]
     return "\n".join(lines) + "\n"

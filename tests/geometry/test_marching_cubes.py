@@ -129,3 +129,15 @@ def test_noise_field_is_watertight_and_manifold():
     _, counts = np.unique(m.edges_sorted, axis=0, return_counts=True)
     assert (counts == 2).all()
     assert m.is_winding_consistent
+
+
+@pytest.mark.parametrize("chunk", [1, 37, 1000])
+def test_chunked_equals_unchunked(chunk):
+    r = 16
+    f = _smooth_field(r, 5)
+    keep = np.abs(f) < 3 * (2 / r)
+    perm = np.random.default_rng(1).permutation(keep.sum())  # chunks of an unsorted voxel list
+    c, v = torch.as_tensor(_grid(r)[keep][perm]), torch.as_tensor(f[keep][perm])
+    v0, f0 = sparse_marching_cubes(c, v, r, chunk=0)
+    v1, f1 = sparse_marching_cubes(c, v, r, chunk=chunk)
+    assert len(f0) > 0 and torch.equal(f0, f1) and torch.equal(v0, v1)

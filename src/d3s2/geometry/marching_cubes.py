@@ -167,6 +167,23 @@ def _as_tensors(coords, values, resolution, device):
     return coords.long(), values.float()
 
 
+def _active_cubes(origins: torch.Tensor, skeys: torch.Tensor, svals: torch.Tensor, corner_off: torch.Tensor,
+                  r1: int, level: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cubes with lowest corner in ``origins`` int64 ``[n, 3]`` whose 8 voxels are present (sorted keys
+    ``skeys``, values ``svals``) and that the surface crosses: ``(corner values [m, 8], origins [m, 3],
+    case [m])``, in ``origins`` order."""
+    ck = (((origins[:, None, 0] + corner_off[None, :, 0]) * r1 + origins[:, None, 1] + corner_off[None, :, 1]) * r1
+          + origins[:, None, 2] + corner_off[None, :, 2])  # [n, 8] corner keys
+    pos = torch.searchsorted(skeys, ck).clamp_max(max(skeys.numel() - 1, 0))
+    present = (skeys[pos] == ck).all(dim=1)
+    del ck
+    cube_vals = svals[pos[present]]  # [m', 8]
+    cube_origin = origins[present]
+    case = ((cube_vals < level).long() << torch.arange(8, device=origins.device)).sum(dim=1)
+    active = (case > 0) & (case < 255)
+    return cube_vals[active], cube_origin[active], case[active]
+
+
 def sparse_marching_cubes(
     coords,
     values=None,
@@ -175,6 +192,7 @@ def sparse_marching_cubes(
     level: float = 0.0,
     device: str | torch.device | None = None,
     to_unit_cube: bool = True,
+    chunk: int = 1 << 21,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triangle mesh of the ``level`` iso-surface of a sparse voxel field.
 
@@ -187,6 +205,8 @@ def sparse_marching_cubes(
         device: run on this device (default: the device of ``coords``).
         to_unit_cube: return vertices in ``[-1, 1]`` units (voxel centres at ``(i + 0.5) * 2 / R - 1``);
             otherwise in voxel-index units (voxel centre ``i``, as scikit-image).
+        chunk: find the surface cubes this many voxels at a time (bounded memory: ~100 bytes per voxel of a
+            chunk; the result does not depend on it); 0 = all at once.
 
     Returns:
         ``(vertices float32 [V, 3], faces int64 [T, 3])`` on the device used.
@@ -217,17 +237,15 @@ def sparse_marching_cubes(
     order = torch.argsort(keys)
     skeys, svals = keys[order], values[order]
 
-    # Corners of the cube whose lowest corner is each voxel: [N, 8].
-    ck = (((coords[:, None, 0] + corner_off[None, :, 0]) * r1 + coords[:, None, 1] + corner_off[None, :, 1]) * r1
-          + coords[:, None, 2] + corner_off[None, :, 2])
-    pos = torch.searchsorted(skeys, ck).clamp_max(max(skeys.numel() - 1, 0))
-    present = (skeys[pos] == ck).all(dim=1) if skeys.numel() else torch.zeros(0, dtype=torch.bool, device=dev)
-    cube_vals = svals[pos[present]]  # [M, 8]
-    cube_origin = coords[present]  # [M, 3]
-    inside = cube_vals < level
-    case = (inside.long() << torch.arange(8, device=dev)).sum(dim=1)  # [M]
-    active = (case > 0) & (case < 255)
-    cube_vals, cube_origin, case = cube_vals[active], cube_origin[active], case[active]
+    # The surface cubes, a chunk of lowest corners at a time: the [n, 8] corner lookups are the largest arrays.
+    step = coords.shape[0] if chunk <= 0 else chunk
+    parts = [_active_cubes(coords[i: i + step], skeys, svals, corner_off, r1, level)
+             for i in range(0, coords.shape[0], max(step, 1))]
+    if parts:
+        cube_vals, cube_origin, case = (torch.cat(x) for x in zip(*parts, strict=True))
+    else:
+        cube_vals, cube_origin = values.new_zeros(0, 8), coords.new_zeros(0, 3)
+        case = torch.zeros(0, dtype=torch.long, device=dev)
 
     # Triangles as (cube, local edge) -> global edge id = key(lower endpoint) * 3 + axis.
     tris = tri_table_t[case]  # [M, K, 3]

@@ -44,7 +44,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cfg", type=float, default=None, help="guidance scale for every stage (default: per stage)")
     p.add_argument("--faces", type=int, default=None, help="decimate to about N faces")
     add_weights_arguments(p)
-    p.add_argument("--low-vram", action="store_true", help="keep models on the CPU between their stages")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--low-vram", action="store_true",
+                         help="only the running model on the GPU, nothing brought in ahead (slower)")
+    weights.add_argument("--keep-weights", action="store_true",
+                         help="keep every model on the GPU for the whole run (default on CUDA: only the running "
+                              "model and the next two, copied in ahead)")
     p.add_argument("--format", choices=FORMATS, default="glb")
     p.add_argument("--occupancy-threshold", type=float, default=None,
                    help="structure stage threshold on sigmoid(logit) (default: the pipeline's, 0.1 published)")
@@ -135,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
     for image, out in zip(images, outputs):
         try:
             mesh = pipe(image, resolution=args.resolution, seed=args.seed, steps=args.steps, cfg=args.cfg,
-                        faces=args.faces, device=device, progress=not args.no_progress, low_vram=args.low_vram)
+                        faces=args.faces, device=device, progress=not args.no_progress, low_vram=args.low_vram,
+                        residency="resident" if args.keep_weights else None)
         except (ValueError, FileNotFoundError, RuntimeError) as err:
             # One bad image does not stop the others.
             print(f"d3s2 generate: error: {image}: {err}", file=sys.stderr)

@@ -120,7 +120,8 @@ def closed_mesh(coords: torch.Tensor, values: torch.Tensor, block_coords: torch.
     if coords.shape[0] == 0:
         return trimesh.Trimesh(np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64), process=False)
     halo_c, halo_v = halo_voxels(block_coords.to(coords.device), resolution // BLOCK, outside_fraction)
-    all_c = torch.cat([coords.long(), halo_c]) + 1  # shift so the halo at -1 is a valid index
+    # Shift so the halo at -1 is a valid index; concatenated at the input width, widened once, shifted in place.
+    all_c = torch.cat([coords, halo_c.to(coords.dtype)]).long().add_(1)
     all_v = torch.cat([values.float(), halo_v.float()])
     verts, faces = sparse_marching_cubes(all_c, all_v, resolution + 2, level=level, to_unit_cube=False)
     verts = ((verts - 1 + 0.5) * (2.0 / resolution) - 1.0).clamp(-1.0, 1.0)

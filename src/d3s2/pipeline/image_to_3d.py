@@ -14,6 +14,10 @@ Stages (one tqdm bar over them, one per flow sampler):
    R₁³ grid), sparse DiT R₁, chunked decode, closed mesh.
 6. **post**: drop tiny floating components, optional decimation to N faces. Vertices in ``[-1, 1]``.
 
+Weights (:mod:`d3s2.pipeline.residency`): on CUDA only the running model and the next two of the call are on the
+GPU, the next ones copied in from page-locked host memory on a side stream while the current one computes
+(``residency="resident"`` keeps them all there; ``low_vram`` holds only the running one).
+
 Refiners (``settings.refine``, on for folders converted from the published checkpoints): after a stage's decode,
 a :class:`~d3s2.models.refiner.VoxelRefinerXL` (published: 512³) replaces the decoded SDF by its refined values
 (from the SDF and the decoder's 32-channel features, ``decode(return_feat=True)``) and the mesh is taken at
@@ -59,6 +63,7 @@ from tqdm.auto import tqdm
 
 from ..models.dit.condition import ConditionTokens
 from .published import replace_dir
+from .residency import RESIDENCY, WeightResidency
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +243,11 @@ class ImageTo3DPipeline:
         for r, m in self.refiners.items():
             _check_refiner(r, m, self.sparse_vaes.get(r))
         self.settings = settings or PipelineSettings()
-        self.low_vram = False
+        self.low_vram = False  # shorthand for residency "low_vram"
+        # Where the weights live during a call (see d3s2.pipeline.residency): None = "prefetch" on CUDA (only the
+        # running model and the next two on the GPU, brought in on a side stream), "resident" elsewhere.
+        self.residency: str | None = None
+        self.weights = WeightResidency()
         self.cuda_graphs: bool | None = None  # replay sampling steps from CUDA graphs; None: $D3S2_CUDA_GRAPHS (on)
         self.last_timing = StageTiming()
         self._peak_floors: list[int] = []  # peaks of the enclosing _timed blocks (CUDA)
@@ -374,6 +383,7 @@ class ImageTo3DPipeline:
 
         out = Path(directory)
         out.parent.mkdir(parents=True, exist_ok=True)
+        self.weights.release()  # packed weights share one buffer per model: give every tensor its own storage
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
         try:
             for name, module in self.components().items():
@@ -394,7 +404,7 @@ class ImageTo3DPipeline:
     def __call__(self, image: Any, *, resolution: int | None = None, seed: int = 0, steps: int | None = None,
                  cfg: float | None = None, faces: int | None = None, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, progress: bool = True, low_vram: bool | None = None,
-                 structure: Mapping[int, torch.Tensor] | None = None,
+                 residency: str | None = None, structure: Mapping[int, torch.Tensor] | None = None,
                  on_stage: Callable[[str, int, int], None] | None = None) -> trimesh.Trimesh:
         """Generate a mesh from ``image`` (path, PIL image or uint8 ``[H, W, 3|4]``; RGBA preferred).
 
@@ -404,7 +414,12 @@ class ImageTo3DPipeline:
             steps / cfg: override every stage's step count / guidance scale.
             faces: decimate to about this many faces.
             device: default CUDA when available. dtype: default bf16 on CUDA, float32 on the CPU.
-            low_vram: keep models on the CPU and move each to the device only for its stage.
+            low_vram: keep models on the CPU and move each to the device only while it runs (residency
+                ``"low_vram"``; default :attr:`low_vram`).
+            residency: where the weights live during the call, one of :data:`~d3s2.pipeline.residency.RESIDENCY`
+                (default :attr:`residency`; None: ``"prefetch"`` on CUDA, ``"resident"`` elsewhere).
+                ``"prefetch"`` keeps on the device only the running model and the next two, copied in ahead on
+                a side stream; ``"resident"`` keeps every model the call uses on the device (the opt-out).
             structure: ``{mesh resolution: int [N, 3] latent coords}`` used instead of that stage's own token
                 set (the dense structure or the cascade index), e.g. a known layout for benchmarks; the dense
                 stage still runs.
@@ -418,7 +433,7 @@ class ImageTo3DPipeline:
             raise ValueError(f"expected a positive face count, got {faces}")
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        low_vram = self.low_vram if low_vram is None else low_vram
+        mode = self._residency_mode(residency, low_vram, device)
         stages = [r for r in self.resolutions if r <= resolution]
         timing = StageTiming()
         self.last_timing = timing
@@ -434,24 +449,19 @@ class ImageTo3DPipeline:
                 yield
             bar.update(1)
 
-        if not low_vram:
-            for m in [*self._encoders(stages), self.dense_dit, self.dense_vae,
-                      *[self.sparse_dits[r] for r in stages], *[self.sparse_vaes[r] for r in stages],
-                      *[self.refiners[r] for r in stages if self.settings.refine and r in self.refiners]]:
-                _place(m, device, dtype)
-        with self._timed("total", device), torch.inference_mode():
+        self.weights.begin(self._plan(stages), device, dtype, mode, others=list(self.components().values()))
+        with self._timed("total", device), torch.inference_mode(), self._weights_call():
             with stage("prepare"):
                 prepared = {e.image_size: self._prepare(image, e.image_size) for e in self._encoders(stages)}
             with stage("condition"):
                 encoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(encoder) -> (features, mask)
                 for e in self._encoders(stages):
                     rgb, mask = prepared[e.image_size]
-                    with self._on(e, device, dtype, low_vram):
+                    with self._on(e):
                         encoded[id(e)] = (e(rgb.to(device)).float(), mask)  # [1, T, C], [1, S, S]
                 features = {n: encoded[id(self.encoder_for(n))] for n in self._dit_names(stages)}
             with stage("dense"):
-                coords = self._dense_stage(*features["dense_dit"], seed, steps, cfg, device, dtype, low_vram,
-                                           progress)
+                coords = self._dense_stage(*features["dense_dit"], seed, steps, cfg, device, dtype, progress)
             if coords.shape[0] == 0 and not (structure is not None and stages[0] in structure):
                 raise RuntimeError(f"the dense stage produced an empty structure (no voxel with occupancy ≥ "
                                    f"{self.settings.occupancy_threshold}); try another seed or a lower "
@@ -469,11 +479,42 @@ class ImageTo3DPipeline:
                             coords = self._cascade_index(mesh, r, device)
                     timing.tokens[r] = int(coords.shape[0])
                     mesh = self._sparse_stage(r, coords, *features[f"sparse_dit_{r}"], seed + 1 + i, steps, cfg,
-                                              device, dtype, low_vram, progress)
+                                              device, dtype, progress)
             with stage("post"):
                 mesh = self._post(mesh, faces, device)
         bar.close()
         return mesh
+
+    # weights -------------------------------------------------------------------------------------------
+    def _residency_mode(self, residency: str | None, low_vram: bool | None, device: torch.device) -> str:
+        if low_vram if low_vram is not None else self.low_vram:
+            return "low_vram" if device.type != "cpu" else "resident"  # the CPU holds everything anyway
+        mode = residency if residency is not None else self.residency
+        if mode is None:
+            return "prefetch" if device.type == "cuda" else "resident"
+        if mode not in RESIDENCY:
+            raise ValueError(f"expected residency in {RESIDENCY}, got {mode!r}")
+        return mode
+
+    def _plan(self, stages: list[int]) -> list[nn.Module]:
+        """The models a call over ``stages`` runs, in order (what :class:`WeightResidency` brings in ahead)."""
+        plan = [*self._encoders(stages), self.dense_dit, self.dense_vae]
+        for r in stages:
+            plan += [self.sparse_dits[r], self.sparse_vaes[r]]
+            if self.settings.refine and r in self.refiners:
+                plan.append(self.refiners[r])
+        return plan
+
+    @contextlib.contextmanager
+    def _weights_call(self) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            self.weights.end()
+
+    def _on(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
+        """Run a block with ``model``'s weights on the call's device (see :attr:`residency`)."""
+        return self.weights.use(model)
 
     # stage implementations ---------------------------------------------------------------------------
     @staticmethod
@@ -517,26 +558,25 @@ class ImageTo3DPipeline:
                             progress=progress, desc=desc, cuda_graph=self.cuda_graphs)
 
     def _dense_stage(self, features: torch.Tensor, mask: torch.Tensor, seed: int, steps: int | None,
-                     cfg: float | None, device: torch.device, dtype: torch.dtype, low_vram: bool,
-                     progress: bool) -> torch.Tensor:
+                     cfg: float | None, device: torch.device, dtype: torch.dtype, progress: bool) -> torch.Tensor:
         """Occupied latent coords int32 ``[N, 3]`` of the first sparse stage (possibly none)."""
         dit_cfg = self.dense_dit.config
         r = dit_cfg.resolution
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn(1, dit_cfg.in_channels, r, r, r, generator=gen).to(device)
-        with self._on(self.dense_dit, device, dtype, low_vram):
+        with self._on(self.dense_dit):
             cond, uncond = self._condition(self.dense_dit, self.encoder_for("dense_dit"), features, mask)
             latent = self._sample(self.dense_dit, noise, cond, uncond, self.settings.dense, steps, cfg, progress,
                                   "dense")
         if self.settings.dense_latent is not None:
             latent = self.settings.dense_latent.denormalize(latent, 1)
-        with self._on(self.dense_vae, device, dtype, low_vram):
+        with self._on(self.dense_vae):
             logits = self.dense_vae.decode(latent.to(dtype))
         return self.dense_vae.occupied_coords(logits, self.settings.occupancy_threshold)[:, 1:]
 
     def _sparse_stage(self, r: int, coords: torch.Tensor, features: torch.Tensor, mask: torch.Tensor, seed: int,
                       steps: int | None, cfg: float | None, device: torch.device, dtype: torch.dtype,
-                      low_vram: bool, progress: bool) -> trimesh.Trimesh:
+                      progress: bool) -> trimesh.Trimesh:
         from ..models.refiner import VoxelRefinerXL
         from ..sparse import SparseTensor
         from ..sparse.serialize import sort_by_blocks
@@ -550,7 +590,7 @@ class ImageTo3DPipeline:
         x = sort_by_blocks(x, getattr(dit.config, "selection_block_size", 8))  # the order SSA requires
         gen = torch.Generator().manual_seed(seed)
         noise = x.replace(torch.randn(n, dit.config.in_channels, generator=gen).to(device))
-        with self._on(dit, device, dtype, low_vram):
+        with self._on(dit):
             cond, uncond = self._condition(dit, self.encoder_for(f"sparse_dit_{r}"), features, mask)
             latent = self._sample(dit, noise, cond, uncond, self.settings.stage(r), steps, cfg, progress,
                                   f"sparse {r}")
@@ -558,21 +598,23 @@ class ImageTo3DPipeline:
             latent = latent.replace(self.settings.sparse_latent[r].denormalize(latent.feats, 1))
         refiner = self.refiners.get(r) if self.settings.refine else None
         with_feat = isinstance(refiner, VoxelRefinerXL)
-        with self._timed(f"decode {r}", device), self._on(vae, device, dtype, low_vram):
+        with self._timed(f"decode {r}", device), self._on(vae):
             decoded = vae.decode(latent.replace(latent.feats.to(dtype)), chunk_size=self.settings.chunk(r),
                                  return_feat=with_feat)
         decoded, feats = decoded if with_feat else (decoded, None)
         self.last_timing.voxels[r] = int(decoded.num_voxels)
         values, level, outside = decoded.feats[:, 0].float(), self.settings.mc_level, None
         if refiner is not None:
-            with self._timed(f"refine {r}", device), self._on(refiner, device, dtype, low_vram):
+            with self._timed(f"refine {r}", device), self._on(refiner):
                 if with_feat:
                     values, level = refiner.refine_voxels(decoded, feats)[:, 0], self.settings.refine_level
                 else:
                     outside = block_outside_fraction(refiner.predict_outside(decoded)[0])
             del feats
+        voxels = decoded.coords[:, 1:]
+        del decoded  # its structure cache holds the decoder's last kernel map (~108 bytes per voxel)
         with self._timed(f"mesh {r}", device):
-            mesh = closed_mesh(decoded.coords[:, 1:], values, latent.coords[:, 1:], r, level=level,
+            mesh = closed_mesh(voxels, values, latent.coords[:, 1:], r, level=level,
                                outside_fraction=outside)
         return mesh
 
@@ -606,7 +648,7 @@ class ImageTo3DPipeline:
         to the enclosing block on exit."""
         cuda = device.type == "cuda"
         if cuda:
-            torch.cuda.synchronize(device)
+            _sync(device)
             if self._peak_floors:
                 self._peak_floors[-1] = max(self._peak_floors[-1], torch.cuda.max_memory_allocated(device))
             torch.cuda.reset_peak_memory_stats(device)
@@ -622,17 +664,6 @@ class ImageTo3DPipeline:
                 self.last_timing.peak_bytes[name] = peak
                 if self._peak_floors:
                     self._peak_floors[-1] = max(self._peak_floors[-1], peak)
-
-    @contextlib.contextmanager
-    def _on(self, model: nn.Module, device: torch.device, dtype: torch.dtype, low_vram: bool) -> Iterator[None]:
-        """Run a stage with ``model`` on ``device``; with ``low_vram`` it goes back to the CPU afterwards."""
-        _place(model, device, dtype)
-        try:
-            yield
-        finally:
-            if low_vram and device.type != "cpu":
-                model.to("cpu")
-                torch.cuda.empty_cache()
 
 
 def _check_refiner(resolution: int, refiner: nn.Module, vae: nn.Module | None) -> None:
@@ -667,15 +698,10 @@ def block_outside_fraction(outside: torch.Tensor, block: int = 8) -> torch.Tenso
     return outside.float().reshape(g, cells, g, cells, g, cells).mean((1, 3, 5))
 
 
-def _place(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    p = next(model.parameters(), None)
-    if p is None or p.device != device or p.dtype != dtype:
-        model.to(device=device, dtype=dtype)
-
-
 def _sync(device: torch.device) -> None:
+    # The current stream only: weights still arriving on the side stream belong to later stages.
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 def load_conditioner(path: str | os.PathLike) -> nn.Module:
