@@ -10,7 +10,7 @@ v_cmp are N(0, 1), gates U(0, 1): the op's inputs, so projections and compressio
 Reported per size: SSA op forward, backward, forward+backward (scoring and top-k included), each branch's
 time, effective TFLOP/s of the selection kernel (4·D·Hs·Σ selected keys), peak extra memory, and SDPA flash
 (``enable_gqa``) over the same tokens, per sample for the batch. ``--ab`` also measures every row with the
-previous paths (torch gate combine, float32 selection partials and partial dQ) in the same run; the module rows
+session-2 path (``VARIANTS["before"]``: the top-k without its float pre-test) in the same run; the module rows
 compare the conv backends of the v1.0 compression (torch reference vs triton).
 
     PYTHONPATH=src python benchmarks/bench_ssa.py --layouts ../shared/data/latent_layouts_1024.npz [--sweep] [--ab]
@@ -48,12 +48,12 @@ CONFIGS = {"v1.1": {"m_cmp": 8, "m_slc": 8, "topk": 8}, "v1.0": {"m_cmp": 4, "m_
 M_WIN = 8
 
 
-# Paths an --ab run compares: "new" (the defaults: one kernel for compressed attention + scoring + top-k) and
-# "before" (session 2: two kernels, the top-k without the float pre-test).
+# Paths an --ab run compares: "new" (the defaults: the top-k with its float pre-test) and "before" (session 2:
+# the top-k without it).
 VARIANTS = {"new": {"fused_combine": True, "partial": ba_kernels.PARTIAL_DTYPE,
-                    "dq_partial": ba_kernels.DQ_PARTIAL_DTYPE, "fused_cmp": True, "topk_skip": True},
+                    "dq_partial": ba_kernels.DQ_PARTIAL_DTYPE, "topk_skip": True},
             "before": {"fused_combine": True, "partial": torch.float16, "dq_partial": torch.bfloat16,
-                       "fused_cmp": False, "topk_skip": False}}
+                       "topk_skip": False}}
 # --device cpu (a smoke run under TRITON_INTERPRET=1): float32, one timed call per measurement.
 DEV, DTYPE = "cuda", torch.bfloat16
 
@@ -61,17 +61,17 @@ DEV, DTYPE = "cuda", torch.bfloat16
 @contextlib.contextmanager
 def _variant(name: str):
     v = VARIANTS[name]
-    saved = (ssa_ops.FUSED_COMBINE, ba_kernels.PARTIAL_DTYPE, ba_kernels.DQ_PARTIAL_DTYPE, ssa_ops.FUSED_CMP,
+    saved = (ssa_ops.FUSED_COMBINE, ba_kernels.PARTIAL_DTYPE, ba_kernels.DQ_PARTIAL_DTYPE,
              {k: dict(tc.CONFIG[k]) for k in ("topk", "topk_seg")})
-    ssa_ops.FUSED_COMBINE, ba_kernels.PARTIAL_DTYPE, ba_kernels.DQ_PARTIAL_DTYPE, ssa_ops.FUSED_CMP = (
-        v["fused_combine"], v["partial"], v["dq_partial"], v["fused_cmp"])
+    ssa_ops.FUSED_COMBINE, ba_kernels.PARTIAL_DTYPE, ba_kernels.DQ_PARTIAL_DTYPE = (
+        v["fused_combine"], v["partial"], v["dq_partial"])
     for k in ("topk", "topk_seg"):
         tc.CONFIG[k]["skip"] = v["topk_skip"]
     try:
         yield
     finally:
-        ssa_ops.FUSED_COMBINE, ba_kernels.PARTIAL_DTYPE, ba_kernels.DQ_PARTIAL_DTYPE, ssa_ops.FUSED_CMP = saved[:4]
-        tc.CONFIG.update(saved[4])
+        ssa_ops.FUSED_COMBINE, ba_kernels.PARTIAL_DTYPE, ba_kernels.DQ_PARTIAL_DTYPE = saved[:3]
+        tc.CONFIG.update(saved[3])
 
 
 def _bench(fn, warmup=5, rep=40) -> float:
@@ -174,9 +174,6 @@ def _measure(layout, topk: int, ins, do, with_branches: bool = True) -> dict:
     o_cmp, lse = tc.cmp_attention_fwd(q, kc, vc, layout, scale)
     br["score_topk_ms"] = _bench(lambda: tc.cmp_select_topk(q, kc, lse, layout, topk, scale))
     idx = tc.cmp_select_topk(q, kc, lse, layout, topk, scale)
-    br["cmp_topk_fused_ms"] = _bench(lambda: tc.cmp_attention_topk_fwd(q, kc, vc, layout, topk, scale))
-    fused_idx = tc.cmp_attention_topk_fwd(q, kc, vc, layout, topk, scale)[2]
-    br["fused_idx_diff"] = float((fused_idx != idx).float().mean())  # near-ties only (fp16-rounded scores)
     br["cmp_bwd_ms"] = _bench(lambda: tc.cmp_attention_bwd(q, kc, vc, o_cmp, lse, do, layout, scale))
     off = layout.slc_offsets
     br["slc_fwd_ms"] = _bench(lambda: selection_attention(q, k, v, off, idx, scale=scale, backend="triton"))
@@ -208,8 +205,7 @@ def _measure(layout, topk: int, ins, do, with_branches: bool = True) -> dict:
     pairs = sum((cu[b + 1] - cu[b]) * (cc[b + 1] - cc[b]) for b in range(len(cu) - 1))
     br["cmp_fwd_tflops"] = 4.0 * pairs * HQ * D / br["cmp_fwd_ms"] / 1e9
     br["cmp_logits"] = pairs * HQ  # exp() evaluations per pass
-    cmp_topk = br["cmp_topk_fused_ms"] if ssa_ops.FUSED_CMP else br["cmp_fwd_ms"] + br["score_topk_ms"]
-    br["cmp_plus_topk_share_of_fwd"] = cmp_topk / row["fwd_ms"]
+    br["cmp_plus_topk_share_of_fwd"] = (br["cmp_fwd_ms"] + br["score_topk_ms"]) / row["fwd_ms"]
     row["branches"] = br
     return row
 
@@ -259,7 +255,6 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
         topk_key: [{"variant": "dot", "BLOCK_J": 32 if default[topk_key]["BLOCK_J"] == 64 else 64},
                    {"variant": "dot", "num_warps": 8},
                    {"variant": "reshape", "rows": 128, "BLOCK_J": 32}, {"skip": False}],
-        "fused": [{"BLOCK_J": 128}, {"rows": 256, "num_warps": 8}, {"num_stages": 3}, {"BLOCK_J": 32}],
         "bwd_dq": [{"BLOCK_C": 128, "num_warps": 8}, {"rows": 64}],
         "bwd_dkdv": [{"rows": 32}, {"programs_per_sm": 16}, {"rows": 32, "programs_per_sm": 16},
                      {"num_stages": 3}],
@@ -267,9 +262,6 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
     rows = []
     for kernel in kernels:
         kernel = topk_key if kernel == "topk" else kernel
-        if kernel == "fused" and layout.m_cmp != layout.m_slc:
-            kernel = "fused_seg"
-            variants["fused_seg"] = variants["fused"]
         best = None
         for change in [{}] + variants[kernel]:
             tc.CONFIG[kernel] = {**default[kernel], **change}
@@ -281,19 +273,11 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
                 elif kernel == topk_key:
                     err = float((tc.cmp_select_topk(q, kc, base_lse, layout, topk, scale) != base_idx).float().mean())
                     ms = _bench(lambda: tc.cmp_select_topk(q, kc, base_lse, layout, topk, scale))
-                elif kernel in ("fused", "fused_seg"):
-                    o, _, idx = tc.cmp_attention_topk_fwd(q, kc, vc, layout, topk, scale)
-                    if not change:  # its float32 scores tie-break differently from the float16 ones of base_idx
-                        fused_idx = idx
-                    # selection near-ties only, and o_cmp within a few bfloat16 roundings
-                    err = float((idx != fused_idx).float().mean()) if _rel_max(o, base_o) < 2.0**-6 else 1.0
-                    ms = _bench(lambda: tc.cmp_attention_topk_fwd(q, kc, vc, layout, topk, scale))
                 else:
                     got = tc.cmp_attention_bwd(q, kc, vc, base_o, base_lse, do, layout, scale)
                     err = max(_rel_max(a, b) for a, b in zip(got, base_g))
                     ms = _bench(lambda: tc.cmp_attention_bwd(q, kc, vc, base_o, base_lse, do, layout, scale))
-                tight = kernel in (topk_key, "fused", "fused_seg")
-                if err < (1e-3 if tight else 2.0**-6) and (best is None or ms < best[0]):
+                if err < (1e-3 if kernel == topk_key else 2.0**-6) and (best is None or ms < best[0]):
                     best = (ms, dict(tc.CONFIG[kernel]))
                 rows.append({"kernel": kernel, **tc.CONFIG[kernel], "ms": ms, "diff_vs_default": err})
             except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
@@ -308,7 +292,7 @@ def _sweep_slc(layout, topk, ins) -> list[dict]:
     one whose output matches the default's (a different tiling changes no row's arithmetic) is then used."""
     q, k, v, kc, vc, _ = (t.detach() for t in ins)
     scale = D**-0.5
-    idx = tc.cmp_attention_topk_fwd(q, kc, vc, layout, topk, scale)[2]
+    idx = tc.cmp_select_topk(q, kc, tc.cmp_attention_fwd(q, kc, vc, layout, scale)[1], layout, topk, scale)
     off = layout.slc_offsets
     default = dict(ba_kernels.FWD_CONFIG)
 
@@ -340,14 +324,14 @@ def main() -> None:
                                              "latent_layouts_1024.npz"))
     ap.add_argument("--sizes", default="8192,16384,32768,65536,131072")
     ap.add_argument("--configs", default="v1.1,v1.0")
-    ap.add_argument("--sweep", default="", help="comma-separated kernels (compressed: fwd, topk, fused, bwd_dq, "
-                    "bwd_dkdv; slc: the selection forward) to sweep at the largest N before measuring it; the "
+    ap.add_argument("--sweep", default="", help="comma-separated kernels (compressed: fwd, topk, bwd_dq, bwd_dkdv; "
+                    " slc: the selection forward) to sweep at the largest N before measuring it; the "
                     "fastest valid config of each is then used")
     ap.add_argument("--no-batch", action="store_true", help="skip the ragged batch")
     ap.add_argument("--no-module", action="store_true", help="skip the whole-layer rows")
     ap.add_argument("--no-shifted", action="store_true", help="skip the odd-layer (shifted windows) rows")
-    ap.add_argument("--ab", action="store_true", help="also measure each row with the previous paths (torch gate "
-                    "combine, float32 selection partials) and the v1.0 layer with the torch conv backend")
+    ap.add_argument("--ab", action="store_true", help="also measure each row with the session-2 path (the top-k "
+                    "without its float pre-test) and the v1.0 layer with the torch conv backend")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run of this script "
                     "(set TRITON_INTERPRET=1; float32; use with --tiny)")
     ap.add_argument("--tiny", type=int, default=0, help="only one mesh of this many tokens (a smoke run)")
@@ -424,14 +408,13 @@ def _write(result: dict, out: Path) -> None:
              f"commit {result['commit']}, {result['date']})", "",
              f"Hq 32 / Hkv 2 / D 32, {result['setup']['dtype']}, window 8 (unshifted); op inputs q, k, v, k_cmp, "
              "v_cmp, gates; "
-             "SDPA = flash full attention per sample. Times in ms (median, CUDA events). Variant `new`: one "
-             "kernel for compressed attention + scoring + top-k (`fused cmp+top-k`), the top-k's float pre-test; "
-             "`before`: session 2 (two kernels `cmp fwd` + `score+top-k`, same run). `(cmp+top-k)/fwd` uses the "
-             "variant's own path.", "",
+             "SDPA = flash full attention per sample. Times in ms (median, CUDA events). Variant `new`: the defaults "
+             "(the top-k's float pre-test); `before`: session 2 (the top-k without it, same run). "
+             "`(cmp+top-k)/fwd` = (`cmp fwd` + `score+top-k`) / `SSA fwd`.", "",
              "| config | N | blocks slc/cmp | SSA fwd | SSA bwd | SSA fwd+bwd | SDPA fwd | SDPA bwd | speedup fwd "
-             "| speedup bwd | cmp fwd | score+top-k | fused cmp+top-k | slc fwd | win fwd | (cmp+top-k)/fwd "
+             "| speedup bwd | cmp fwd | score+top-k | slc fwd | win fwd | (cmp+top-k)/fwd "
              "| slc TFLOP/s | cmp bwd | slc bwd | win bwd | combine fwd/bwd | peak extra MB fwd+bwd |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         s, f, b = r["ssa"], r["sdpa_flash"], r["ssa"]["branches"]
         n = f"{r['N']:,}" + (f" ({r['samples']} meshes)" if r["samples"] > 1 else "")
@@ -440,7 +423,7 @@ def _write(result: dict, out: Path) -> None:
             f"| {cfg} | {n} | {r['slc_blocks']}/{r['cmp_blocks']} | {s['fwd_ms']:.2f} | {s['bwd_ms']:.2f} "
             f"| {s['fwd_bwd_ms']:.2f} | {f['fwd_ms']:.2f} | {f['bwd_ms']:.2f} | {r['speedup_fwd']:.1f}x "
             f"| {r['speedup_bwd']:.1f}x | {b['cmp_fwd_ms']:.2f} | {b['score_topk_ms']:.2f} "
-            f"| {b['cmp_topk_fused_ms']:.2f} | {b['slc_fwd_ms']:.2f} "
+            f"| {b['slc_fwd_ms']:.2f} "
             f"| {b['win_fwd_ms']:.2f} | {100 * b['cmp_plus_topk_share_of_fwd']:.0f}% | {b['slc_fwd_tflops']:.0f} "
             f"| {b['cmp_bwd_ms']:.2f} | {b['slc_bwd_ms']:.2f} | {b['win_bwd_ms']:.2f} "
             f"| {b['combine_fwd_ms']:.2f}/{b['combine_bwd_ms']:.2f} | {s['peak_extra_mb_fwd_bwd']:.0f} |")

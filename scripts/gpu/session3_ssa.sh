@@ -1,6 +1,7 @@
 #!/bin/bash
 # Session 3, one H200: GPU tests of the CUDA-graph fallback fix and of SSA/block attention, then bench_ssa A/B
 # (session-2 path vs fused compression + scoring + top-k) with the tile sweeps, N = 128k, v1.1.
+# Ran on main ccb86eb; the fused kernel (and so `--sweep fused`) was removed afterwards, being slower.
 T0=$(date +%s); el() { echo "[t=$(( $(date +%s) - T0 ))s] $*"; }
 export PYTHONPATH=$PWD/src:$PYTHONPATH PYTHONUNBUFFERED=1
 nvidia-smi -L

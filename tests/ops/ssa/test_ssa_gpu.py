@@ -86,24 +86,3 @@ def test_ssa_triton_matches_reference(config, dtype, d):
     scores = [s.cpu() for s in block_scores_ref(q, k_cmp, lse, layout)]
     assert_topk_equivalent(block_idx.cpu(), ref_idx.cpu(), scores, layout, rtol=1e-3)
 
-
-
-@pytest.mark.parametrize("config", ["v1.1", "v1.0"])
-def test_fused_cmp_kernel_matches_two_kernels_bf16(config):
-    """The benchmark's shape (Hq 32 / Hkv 2 / D 32, bf16): the one-kernel compressed branch against the two-kernel
-    path (o_cmp, lse) and the float64 top-k (every chosen block within rounding of the reference's k-th best)."""
-    from d3s2.ops.ssa import triton_compress as tc
-
-    m_cmp, m_slc, m_win, shift, topk = CONFIGS[config]
-    x = random_batch([1900, 1, 37], 64, seed=11, compact=(2,)).to("cuda")
-    layout = layout_for(x, m_cmp, m_slc, m_win, shift)
-    q, _, _, k_cmp, v_cmp, _ = (t.to(torch.bfloat16) for t in make_inputs(x, layout, 32, 2, 32, seed=11,
-                                                                           device="cuda"))
-    o, lse, idx = tc.cmp_attention_topk_fwd(q, k_cmp, v_cmp, layout, topk, 32**-0.5)
-    o2, lse2 = tc.cmp_attention_fwd(q, k_cmp, v_cmp, layout, 32**-0.5)
-    o_hi, lse_hi = compressed_attention_ref(q.double(), k_cmp.double(), v_cmp.double(), layout)
-    assert _err(o, o_hi) <= 2 * _err(o2, o_hi) + ATOL[torch.bfloat16]
-    torch.testing.assert_close(lse.double(), lse_hi, atol=1e-4, rtol=1e-5)
-    ref_idx = select_blocks_ref(q.double(), k_cmp.double(), lse_hi, layout, topk=topk)
-    scores = [s.cpu() for s in block_scores_ref(q.double(), k_cmp.double(), lse_hi, layout)]
-    assert_topk_equivalent(idx.cpu(), ref_idx.cpu(), scores, layout, rtol=1e-3)

@@ -1,8 +1,8 @@
 """Spatial Sparse Attention (SSA) op: compressed, selection and window branches with sigmoid gates.
 
 Backends, chosen per call (argument → ``use_backend("ssa", ...)`` → ``D3S2_SSA_BACKEND`` → auto):
-``triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1``): compressed attention, block scoring and top-k in
-:mod:`.triton_compress` (one kernel inside the whole op), selection and window attention from
+``triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1``): compressed attention and block scoring with top-k in
+:mod:`.triton_compress` (two kernels), selection and window attention from
 :mod:`d3s2.ops.block_attn`, the gate combine in :mod:`.triton_combine`; ``torch``: the reference in
 :mod:`.reference` (any device; the spec, memory-hungry at large N).
 """
@@ -25,9 +25,6 @@ from .reference import (
 BACKENDS = op_backends("ssa")
 # Gate combine of the triton backend: the fused kernel (True) or the torch reference (the benchmark's A/B).
 FUSED_COMBINE = True
-# Compressed attention, scoring and top-k of the triton backend: one kernel (True) or two (the benchmark's A/B).
-# Two: on an H200 at N = 134k (v1.1) the fused kernel took 9.7 ms against 2.3 + 4.4 ms (ssa_NVIDIA_H200.md).
-FUSED_CMP = False
 
 
 BACKENDS.register("triton", needs_triton, needs_float_dtype(torch.float16, torch.bfloat16, torch.float32),
@@ -79,11 +76,8 @@ def spatial_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     from . import triton_combine, triton_compress
 
     sc = _scale(q, scale)
-    if FUSED_CMP:
-        o_cmp, _, block_idx = triton_compress.compressed_attention_topk(q, k_cmp, v_cmp, layout, topk, sc)
-    else:
-        o_cmp, lse = triton_compress.compressed_attention(q, k_cmp, v_cmp, layout, sc)
-        block_idx = triton_compress.select_blocks(q, k_cmp, lse, layout, topk, sc)
+    o_cmp, lse = triton_compress.compressed_attention(q, k_cmp, v_cmp, layout, sc)
+    block_idx = triton_compress.select_blocks(q, k_cmp, lse, layout, topk, sc)
     o_slc = selection_attention(q, k, v, layout.slc_offsets, block_idx, scale=sc)
     if layout.win_perm is None:
         o_win = window_attention(q, k, v, layout.win_offsets, scale=sc)

@@ -17,11 +17,6 @@ every pass streams them all.
   integer order is score order, and ties go to the lower block id.
   The ``dot`` variant with ``skip`` (default): a tile whose best score beats no token's weakest kept score (one
   float max) skips the int64 insertion rounds.
-- ``_cmp_fused_fwd_kernel`` (the whole SSA op's default): both of the above in one program with token-major
-  ``[rows, keys]`` tiles. Pass 1 computes only the LSE (no P·V, no rescaling); pass 2 computes each probability
-  once and feeds it to P·V (o_cmp, already normalised, P from registers as in FlashAttention) and to the block
-  scores (the group's heads are adjacent rows: a reshape-sum), then the top-k with the float pre-test. Same
-  exp count as the two kernels, one launch, one Q load, no LSE round trip.
 - ``_cmp_bwd_dq_kernel`` / ``_cmp_bwd_dkdv_kernel``: FlashAttention-2 style backward. dK/dV split the sample's
   queries into ``n_chunks`` chunks (enough programs to fill the GPU although NBc is small) and write per-chunk
   partial sums that are added in a fixed order afterwards: deterministic, no atomics.
@@ -56,9 +51,6 @@ CONFIG = {
              "num_stages": 2},
     "topk_seg": {"variant": "dot", "skip": True, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
                  "num_stages": 2},
-    # compressed attention + scores + top-k in one kernel (m_cmp == m_slc: "fused"; m_cmp < m_slc: "fused_seg")
-    "fused": {"rows": 128, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
-    "fused_seg": {"rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
     "bwd_dq": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
     "bwd_dkdv": {"rows": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 8},
 }
@@ -330,139 +322,6 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
 
 
 @triton.jit
-def _topk_insert_rows(best, score, jj, j_ok, s0, NEG: tl.constexpr):
-    """``_topk_insert`` for token-major tiles: score [BLOCK_T, BLOCK_J], best [BLOCK_T, TOPK_PAD]."""
-    bits = score.to(tl.int32, bitcast=True).to(tl.int64)
-    key = (bits << 32) + (2147483647 - (jj - s0)).to(tl.int64)[None, :]
-    cand = tl.where(j_ok[None, :], key, NEG)
-    c_max = tl.max(cand, 1)
-    t_min = tl.min(best, 1)
-    better = c_max > t_min
-    n_better = tl.sum(better.to(tl.int32), 0)
-    while n_better > 0:
-        best = tl.where((best == t_min[:, None]) & better[:, None], c_max[:, None], best)
-        cand = tl.where(cand == c_max[:, None], NEG, cand)
-        c_max = tl.max(cand, 1)
-        t_min = tl.min(best, 1)
-        better = c_max > t_min
-        n_better = tl.sum(better.to(tl.int32), 0)
-    return best
-
-
-@triton.jit
-def _cmp_fused_fwd_kernel(Q, K, V, O, LSE, IDX, CU_SEQ, CU_CMP, CU_SLC, SLC_CMP_OFF, CMP_SLC,
-                          stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
-                          qk_scale,
-                          HQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, HS_PAD: tl.constexpr,
-                          D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr,
-                          BLOCK_C: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
-                          ONE_CMP_PER_SLC: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Compressed attention, block scores and top-k in one program per (token tile, kv head).
-
-    Pass 1 streams the compressed keys for the LSE only (no P·V, no rescaling); pass 2 computes the exact
-    probabilities once and uses them twice: P·V (o_cmp, already normalised) and the block scores (a reshape-sum
-    over the group's heads, which are adjacent rows) that feed the running top-k. Tiles are [rows, keys] as in
-    ``_cmp_fwd_kernel``, so P feeds the P·V dot from registers.
-    """
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1)
-    g = tl.program_id(2)
-    t0 = tl.load(CU_SEQ + b)
-    t1 = tl.load(CU_SEQ + b + 1)
-    start = t0 + pid_t * BLOCK_T
-    if start >= t1:
-        return
-    c0 = tl.load(CU_CMP + b)
-    c1 = tl.load(CU_CMP + b + 1)
-    s0 = tl.load(CU_SLC + b)
-    s1 = tl.load(CU_SLC + b + 1)
-    BLOCK_M: tl.constexpr = BLOCK_T * HS_PAD
-    rows = tl.arange(0, BLOCK_M)
-    tok = start + rows // HS_PAD
-    hh = rows % HS_PAD
-    head = g * HS + hh
-    row_ok = (tok < t1) & (hh < HS)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    q = _load_rows(Q, tok, head, offs_d, row_ok, d_ok, stride_qn, stride_qh)  # [BLOCK_M, BLOCK_D]
-
-    # pass 1: log2-domain LSE per row
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    offs_c = tl.arange(0, BLOCK_C)
-    for c_start in range(c0, c1, BLOCK_C):
-        cols = c_start + offs_c
-        col_ok = cols < c1
-        k_off = cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
-        k = tl.load(K + k_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_C]
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
-        m_i = m_new
-    # padding rows: +inf makes their probabilities 0
-    lse2 = tl.where(row_ok, m_i + tl.log2(l_i), float("inf"))
-
-    # pass 2: probabilities → o_cmp and block scores → top-k
-    NEG: tl.constexpr = -4611686018427387904
-    slot = tl.arange(0, TOPK_PAD)
-    init = tl.where(slot < TOPK, -1 - slot.to(tl.int64), 9223372036854775807)
-    best = tl.zeros([BLOCK_T, TOPK_PAD], tl.int64) + init[None, :]
-    # score of each token's weakest kept block, -1 while a slot is empty (scores are >= 0); later blocks lose
-    # ties (higher ids), so a tile whose best score does not beat it for any token skips the int64 insertion
-    thr = tl.full([BLOCK_T], -1.0, tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    offs_j = tl.arange(0, BLOCK_J)
-    for j_start in range(s0, s1, BLOCK_J):
-        jj = j_start + offs_j
-        j_ok = jj < s1
-        if ONE_CMP_PER_SLC:
-            kv_off = jj.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
-            kv_mask = j_ok[:, None] & d_ok[None, :]
-            k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-            v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-            p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale - lse2[:, None])
-            p = tl.where(j_ok[None, :], p, 0.0)  # [BLOCK_M, BLOCK_J]
-            acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-            score = tl.sum(tl.reshape(p, [BLOCK_T, HS_PAD, BLOCK_J]), 1)  # [BLOCK_T, BLOCK_J]
-        else:
-            c_a = tl.load(SLC_CMP_OFF + j_start)
-            c_b = tl.load(SLC_CMP_OFF + tl.minimum(j_start + BLOCK_J, s1))
-            score = tl.zeros([BLOCK_T, BLOCK_J], tl.float32)
-            for c_start in range(c_a, c_b, BLOCK_C):
-                cols = c_start + offs_c
-                col_ok = cols < c_b
-                kv_off = cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
-                kv_mask = col_ok[:, None] & d_ok[None, :]
-                k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-                v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-                p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale - lse2[:, None])
-                p = tl.where(col_ok[None, :], p, 0.0)
-                acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-                p_tok = tl.sum(tl.reshape(p, [BLOCK_T, HS_PAD, BLOCK_C]), 1)  # [BLOCK_T, BLOCK_C]
-                # one-hot [BLOCK_C, BLOCK_J]: which selection block of this tile each compression block is in
-                local = tl.load(CMP_SLC + cols, mask=col_ok, other=-1) - j_start
-                onehot = (local[:, None] == offs_j[None, :]).to(tl.float32)
-                score += tl.dot(p_tok, onehot, input_precision="tf32x3")
-        enter = tl.max(tl.where(j_ok[None, :], score, -1.0), 1) > thr
-        if tl.sum(enter.to(tl.int32), 0) > 0:
-            best = _topk_insert_rows(best, score, jj, j_ok, s0, NEG)
-            t_min = tl.min(best, 1)
-            thr = tl.where(t_min < 0, -1.0, (t_min >> 32).to(tl.int32).to(tl.float32, bitcast=True))
-
-    o_ptrs = O + tok.to(tl.int64)[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :]
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + tok.to(tl.int64) * HQ + head, lse2 * 0.6931471805599453, mask=row_ok)
-    best = tl.where(slot[None, :] < TOPK, best, NEG)
-    best = tl.sort(best, 1, descending=True)
-    local_id = 2147483647 - (best - ((best >> 32) << 32))
-    out = tl.where(best >= 0, local_id + s0, -1).to(tl.int32)
-    toks = start + tl.arange(0, BLOCK_T)
-    ptrs = IDX + (toks.to(tl.int64)[:, None] * HKV + g) * TOPK + slot[None, :]
-    tl.store(ptrs, out, mask=(toks < t1)[:, None] & (slot < TOPK)[None, :])
-
-
-@triton.jit
 def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQ, CU_CMP,
                        stride_qn, stride_qh, stride_kn, stride_kh,
                        qk_scale, sm_scale,
@@ -642,34 +501,6 @@ def cmp_select_topk(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, lay
     return idx
 
 
-def cmp_attention_topk_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, layout: SSALayout,
-                           topk: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One launch for ``cmp_attention_fwd`` + ``cmp_select_topk``: ``(o_cmp, lse, block_idx)``, same contracts."""
-    n, hq, hkv, d = _check(q, k_cmp, v_cmp)
-    if not 1 <= topk <= MAX_TOPK:
-        raise ValueError(f"expected 1 <= topk <= {MAX_TOPK} for the triton SSA kernels, got {topk}")
-    o = torch.empty_like(q)
-    lse = torch.empty(n, hq, dtype=torch.float32, device=q.device)
-    idx = torch.empty(n, hkv, topk, dtype=torch.int32, device=q.device)
-    if n == 0:
-        return o, lse, idx
-    meta = _common(q, hq, hkv, d)
-    one = layout.m_cmp == layout.m_slc
-    cfg = CONFIG["fused" if one else "fused_seg"]
-    # wide heads or float32 operands: the tiles must stay in registers (the defaults spill there on sm_90)
-    rows = cfg["rows"] if meta["BLOCK_D"] <= 64 and q.dtype != torch.float32 else min(cfg["rows"], 64)
-    block_t = _block_t(rows, meta["HS_PAD"], 1 if one else 16)  # the one-hot tl.dot needs M >= 16
-    grid = (triton.cdiv(layout.max_seqlen, block_t), layout.batch_size, hkv)
-    _cmp_fused_fwd_kernel[grid](q, k_cmp, v_cmp, o, lse, idx, layout.cu_seqlens, layout.cu_cmp, layout.cu_slc,
-                                layout.slc_cmp_offsets, layout.cmp_slc, q.stride(0), q.stride(1), k_cmp.stride(0),
-                                k_cmp.stride(1), o.stride(0), o.stride(1), scale * LOG2E, HKV=hkv, BLOCK_T=block_t,
-                                BLOCK_J=cfg["BLOCK_J"], BLOCK_C=cfg["BLOCK_C"], TOPK=topk,
-                                TOPK_PAD=triton.next_power_of_2(topk), ONE_CMP_PER_SLC=one,
-                                num_warps=cfg["num_warps"],
-                                num_stages=cfg["num_stages"], **meta)
-    return o, lse, idx
-
-
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -732,30 +563,6 @@ class CompressedAttentionFunction(torch.autograd.Function):
         q, k_cmp, v_cmp, o, lse = ctx.saved_tensors
         dq, dk, dv = cmp_attention_bwd(q, k_cmp, v_cmp, o, lse, do, ctx.layout, ctx.scale)
         return dq, dk, dv, None, None
-
-
-class CompressedAttentionTopkFunction(torch.autograd.Function):
-    """Autograd for :func:`cmp_attention_topk_fwd`: ``(o_cmp, lse, block_idx)``; only o_cmp has a gradient."""
-
-    @staticmethod
-    def forward(ctx, q, k_cmp, v_cmp, layout, topk, scale):  # type: ignore[override]
-        q, k_cmp, v_cmp = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous()
-        o, lse, idx = cmp_attention_topk_fwd(q, k_cmp, v_cmp, layout, topk, scale)
-        ctx.save_for_backward(q, k_cmp, v_cmp, o, lse)
-        ctx.layout, ctx.scale = layout, scale
-        ctx.mark_non_differentiable(lse, idx)
-        return o, lse, idx
-
-    @staticmethod
-    def backward(ctx, do, _dlse, _didx):  # type: ignore[override]
-        q, k_cmp, v_cmp, o, lse = ctx.saved_tensors
-        dq, dk, dv = cmp_attention_bwd(q, k_cmp, v_cmp, o, lse, do, ctx.layout, ctx.scale)
-        return dq, dk, dv, None, None, None
-
-
-def compressed_attention_topk(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, layout: SSALayout,
-                              topk: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return CompressedAttentionTopkFunction.apply(q, k_cmp, v_cmp, layout, topk, scale)
 
 
 def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, layout: SSALayout,
