@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,11 @@ class PreparedCondition:
     constant: tuple[bool, ...]
 
     @classmethod
-    def build(cls, model: object, cond: ConditionTokens, kv: tuple[torch.Tensor, ...]) -> PreparedCondition:
-        """For ``model``: embedded ``cond`` and its per-block ``kv``; finds the constant samples (one host sync)."""
+    def build(cls, model: nn.Module, cond: torch.Tensor | ConditionTokens) -> PreparedCondition:
+        """For the DiT ``model``: ``cond`` embedded (``model.embed_condition``) and every block's cross-attention
+        keys/values; finds the constant samples (one host sync)."""
+        cond = model.embed_condition(cond)
+        kv = tuple(b.cross_attn.project_kv(cond, model.dtype) for b in model.blocks)
         t = cond.tokens
         same = (t == t[:, :1]).flatten(1).all(1)  # [B]
         if cond.mask is not None:
@@ -117,12 +121,26 @@ class PreparedCondition:
     def batch_size(self) -> int:
         return self.cond.batch_size
 
-    def unpack(self, model: object, num_blocks: int) -> tuple[ConditionTokens, tuple[torch.Tensor, ...]]:
-        """``(cond, kv)`` after checking that ``model`` with ``num_blocks`` blocks prepared it."""
-        if self.owner != id(model) or len(self.kv) != num_blocks:
+
+def unpack_condition(model: nn.Module, cond: torch.Tensor | ConditionTokens | PreparedCondition, batch_size: int
+                     ) -> tuple[ConditionTokens, tuple[torch.Tensor | None, ...], tuple[bool, ...] | None]:
+    """The ``cond`` argument of a DiT's forward as its blocks take it: ``(tokens, per-block kv, constant)``.
+
+    Plain tokens are embedded by ``model.embed_condition`` (kv None: each block projects them; constant None); a
+    :class:`PreparedCondition` must come from ``model.prepare_condition``. Tokens must be ``[batch_size, L, Cc]``.
+    """
+    n = len(model.blocks)
+    if isinstance(cond, PreparedCondition):
+        if cond.owner != id(model) or len(cond.kv) != n:
             raise ValueError(f"this PreparedCondition was made by another model (expected one from "
-                             f"{type(model).__name__}.prepare_condition with {num_blocks} blocks)")
-        return self.cond, self.kv
+                             f"{type(model).__name__}.prepare_condition with {n} blocks)")
+        tokens, kvs, constant = cond.cond, cond.kv, cond.constant
+    else:
+        tokens, kvs, constant = model.embed_condition(cond), (None,) * n, None
+    cc = model.config.cond_channels
+    if tokens.batch_size != batch_size or tokens.tokens.shape[-1] != cc:
+        raise ValueError(f"expected condition tokens [{batch_size}, L, {cc}], got {tuple(tokens.tokens.shape)}")
+    return tokens, kvs, constant
 
 
 def as_condition(cond: torch.Tensor | ConditionTokens) -> ConditionTokens:

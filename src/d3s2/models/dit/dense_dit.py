@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..embeddings import TimestepEmbedder, sincos_position_embedding
 from .blocks import ModulatedCrossBlock, SelfAttention, layer_norm32
-from .condition import ConditionTokens, PreparedCondition, as_condition
+from .condition import ConditionTokens, PreparedCondition, as_condition, unpack_condition
 from .init import init_dit_weights
 
 
@@ -70,9 +70,7 @@ class DenseDiT(nn.Module):
 
     def prepare_condition(self, cond: torch.Tensor | ConditionTokens) -> PreparedCondition:
         """The condition with every block's cross-attention keys/values computed once (sampling steps)."""
-        cond = self.embed_condition(cond)
-        kv = tuple(b.cross_attn.project_kv(cond, self.dtype) for b in self.blocks)
-        return PreparedCondition.build(self, cond, kv)
+        return PreparedCondition.build(self, cond)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor,
                 cond: torch.Tensor | ConditionTokens | PreparedCondition) -> torch.Tensor:
@@ -85,15 +83,7 @@ class DenseDiT(nn.Module):
         b = x.shape[0]
         if t.shape != (b,):
             raise ValueError(f"expected t of shape [{b}], got {tuple(t.shape)}")
-        constant = None
-        if isinstance(cond, PreparedCondition):
-            constant = cond.constant
-            cond, kvs = cond.unpack(self, len(self.blocks))
-        else:
-            cond, kvs = self.embed_condition(cond), (None,) * len(self.blocks)
-        if cond.batch_size != b or cond.tokens.shape[-1] != cfg.cond_channels:
-            raise ValueError(f"expected condition tokens [{b}, L, {cfg.cond_channels}], got "
-                             f"{tuple(cond.tokens.shape)}")
+        cond, kvs, constant = unpack_condition(self, cond, b)
         dtype = self.dtype
         h = x.reshape(b, cfg.in_channels, -1).transpose(1, 2).to(dtype)  # [B, T, Cin], token = x·R² + y·R + z
         h = self.input_layer(h) + self.pos_emb.to(dtype)[None]

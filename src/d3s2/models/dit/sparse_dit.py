@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from ...sparse import SparseTensor
 from ..embeddings import AbsolutePositionEmbedder, TimestepEmbedder
 from .blocks import ModulatedCrossBlock, SparseFullAttention, layer_norm32
-from .condition import ConditionTokens, PreparedCondition, as_condition
+from .condition import ConditionTokens, PreparedCondition, as_condition, unpack_condition
 from .init import init_dit_weights
 
 
@@ -109,9 +109,7 @@ class SparseDiT(nn.Module):
     def prepare_condition(self, cond: torch.Tensor | ConditionTokens) -> PreparedCondition:
         """The condition with its embedding and every block's cross-attention keys/values computed once
         (sampling steps)."""
-        cond = self.embed_condition(cond)
-        kv = tuple(b.cross_attn.project_kv(cond, self.dtype) for b in self.blocks)
-        return PreparedCondition.build(self, cond, kv)
+        return PreparedCondition.build(self, cond)
 
     def forward(self, x: SparseTensor, t: torch.Tensor,
                 cond: torch.Tensor | ConditionTokens | PreparedCondition) -> SparseTensor:
@@ -124,15 +122,7 @@ class SparseDiT(nn.Module):
             raise ValueError(f"expected {cfg.in_channels} input channels, got {x.num_channels}")
         if t.shape != (x.batch_size,):
             raise ValueError(f"expected t of shape [{x.batch_size}], got {tuple(t.shape)}")
-        constant = None
-        if isinstance(cond, PreparedCondition):
-            constant = cond.constant
-            cond, kvs = cond.unpack(self, len(self.blocks))
-        else:
-            cond, kvs = self.embed_condition(cond), (None,) * len(self.blocks)
-        if cond.batch_size != x.batch_size or cond.tokens.shape[-1] != cfg.cond_channels:
-            raise ValueError(f"expected condition tokens [{x.batch_size}, L, {cfg.cond_channels}], got "
-                             f"{tuple(cond.tokens.shape)}")
+        cond, kvs, constant = unpack_condition(self, cond, x.batch_size)
         dtype = self.dtype
         pe = self.pos_embedder
         # Parameter-free, so it is a function of the token layout: computed once per layout (not per step).
