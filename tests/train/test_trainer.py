@@ -88,6 +88,8 @@ def test_cli_train_and_errors(tmp_path, capsys):
 
     assert main(["train", "vae", "--config", str(cfg_path), "--out", str(tmp_path / "x")]) == 1
     assert "task 'toy' is a 'toy' task; run `d3s2 train toy`" in capsys.readouterr().err
+    assert main(["train", "toy", "--stage", "sparse", "--config", str(cfg_path), "--out", str(tmp_path / "z")]) == 1
+    assert "--stage applies to dit tasks only" in capsys.readouterr().err
     assert main(["train", "toy", "--config", str(cfg_path), "--out", str(tmp_path / "y"), "--optim.lrr=1"]) == 1
     assert "unknown key optim.lrr" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"task.args.channels \(from --task.args.channels=x\): expected int"):

@@ -1,7 +1,9 @@
-"""``d3s2 train FAMILY --config FILE [--a.b=c ...] [--max-steps N] [--out DIR] [--resume [CKPT]]``.
+"""``d3s2 train FAMILY --config FILE [--stage S] [--a.b=c ...] [--max-steps N] [--out DIR] [--resume [CKPT]]``.
 
 FAMILY is the kind of model (``vae``, ``dit``, ``toy``) or an exact task name; the config's ``task.name``
-must belong to it. Several GPUs: ``torchrun --standalone --nproc_per_node N -m d3s2.cli train ...``.
+must belong to it. ``--stage dense|sparse`` (family ``dit``) also requires the config's task to be that
+stage's (``dit_dense`` / ``dit_sparse``).
+Several GPUs: ``torchrun --standalone --nproc_per_node N -m d3s2.cli train ...``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ _OVERRIDE = re.compile(r"^--[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=")
 EPILOG = """examples:
   d3s2 train toy --config configs/debug/tiny_toy.yaml --out runs/toy --max-steps 20
   d3s2 train vae --config configs/vae/demo.yaml --optim.lr=5e-5 --data.max_tokens=200000
+  d3s2 train dit --stage sparse --config configs/demo/dit_sparse_train.yaml --train.max_minutes=6
   torchrun --standalone --nproc_per_node 2 -m d3s2.cli train vae --config configs/vae/demo.yaml --out runs/v
   d3s2 train vae --config configs/vae/demo.yaml --out runs/v --resume
 
@@ -49,6 +52,11 @@ def _run(args: argparse.Namespace) -> int:
     family = get_task(cfg.task.name).family
     if args.family not in (family, cfg.task.name):
         raise ConfigError(f"{args.config}: task {cfg.task.name!r} is a {family!r} task; run `d3s2 train {family}`")
+    if args.stage is not None and family != "dit":
+        raise ConfigError(f"--stage applies to dit tasks only; {args.config} trains a {family!r} task")
+    if args.stage is not None and cfg.task.name != f"dit_{args.stage}":
+        raise ConfigError(f"{args.config}: task {cfg.task.name!r} is not the {args.stage} stage's "
+                          f"(dit_{args.stage}); pick that stage's config")
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.task.name}-{Path(args.config).stem}"
     # The d3s2 command as typed (also under torchrun, whose argv starts with the module path).
     command = ["d3s2", "train", *getattr(args, "train_argv", [])]
@@ -70,6 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="YAML run config (see d3s2.config.TrainConfig)")
     p.add_argument("--out", default=None, help="run directory (default runs/<task>-<config name>)")
     p.add_argument("--max-steps", type=int, default=None, help="shorthand for --train.max_steps=N")
+    p.add_argument("--stage", choices=["dense", "sparse"], default=None,
+                   help="dit only: the stage the config must train (a check against task.name)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
                    help="continue from CKPT, or without a value from the newest checkpoint in --out (if any)")
     p.set_defaults(func=_run, overrides=[])

@@ -47,10 +47,13 @@ def runs(tiny_encoded, tmp_path_factory) -> dict[str, Path]:
                      f"--task.args.model_config={ROOT / 'configs/debug/tiny_dense_vae.yaml'}", *STEPS]) == 0
         for task, extra in [("dit_dense", [f"--task.args.dense_vae={out / 'dense_vae' / 'export'}"]),
                             ("dit_sparse", [])]:
-            assert main(["train", "dit", "--config", str(ROOT / f"configs/debug/tiny_{task}_train.yaml"),
+            assert main(["train", "dit", "--stage", task.split("_")[1],
+                         "--config", str(ROOT / f"configs/debug/tiny_{task}_train.yaml"),
                          "--out", str(out / task), f"--task.args.latents={latents}", f"--task.args.data={data}",
                          f"--task.args.model_config={ROOT / f'configs/debug/tiny_{task}.yaml'}", *extra,
                          *STEPS]) == 0
+        assert main(["train", "dit", "--stage", "sparse", "--config",
+                     str(ROOT / "configs/debug/tiny_dit_dense_train.yaml"), "--out", str(out / "wrong")]) == 1
     return {name: out / name for name in ("dense_vae", "dit_dense", "dit_sparse")}
 
 
