@@ -244,3 +244,34 @@ def test_mesh_without_usable_surface_gets_a_clear_error(monkeypatch):
     monkeypatch.setattr(sdf_module, "classify_triangles", lambda field, mesh: np.full(len(mesh.faces), 2, np.int8))
     with pytest.raises(ValueError, match="no usable surface: all 12 triangles"):
         compute_sparse_sdf(trimesh.creation.box(extents=(0.5, 0.5, 0.5)), 16)
+
+
+def test_band_signs_skip_only_what_is_not_needed(monkeypatch):
+    """With ``needed``, band voxels whose sign is used get the signs of the full evaluation, from fewer winding
+    numbers (components without a needed voxel get no vote)."""
+    import d3s2.geometry.sdf as sdf_mod
+
+    mesh, _ = _damaged_meshes()["parts"]  # internal faces: band voxels nearest to them may need no sign
+    captured = {}
+    real_signs = sdf_mod.band_signs
+
+    def capture(field, coords, udf, exact, resolution, needed=None):
+        captured.update(field=field, args=(coords, udf, exact, resolution), needed=needed)
+        return real_signs(field, coords, udf, exact, resolution, needed=needed)
+
+    monkeypatch.setattr(sdf_mod, "band_signs", capture)
+    compute_sparse_sdf(mesh, 32, band=2 / 32)  # one voxel, as at 256³
+    field, args, needed = captured["field"], captured["args"], captured["needed"]
+    coords, _, exact, r = args
+    exact_centers = {tuple(c) for c in voxel_centers(coords[exact], r).tolist()}
+    votes = []
+    real_inside = field.inside
+    monkeypatch.setattr(field, "inside", lambda p: votes.append(sum(tuple(c) not in exact_centers
+                                                                    for c in p.tolist())) or real_inside(p))
+    full = real_signs(field, *args)
+    full_votes = sum(votes)
+    votes.clear()
+    part = real_signs(field, *args, needed=needed)
+    assert 0 < needed.sum() < len(needed)
+    assert torch.equal(part[needed], full[needed])
+    assert 0 < sum(votes) < full_votes

@@ -606,7 +606,8 @@ def band_signs(field, coords: torch.Tensor, udf: torch.Tensor, exact: torch.Tens
     between them, so their (integer) winding numbers agree: voxels are grouped into connected components
     of such pairs and each component takes the majority of ``samples`` evaluations spread over it.
     ``coords`` int64 [N, 3] must be sorted by key; all inputs on the field's device. ``needed`` (bool [N],
-    default all): exact voxels outside it get no winding number (False); their sign is not used by the caller.
+    default all): exact voxels outside it, and components without a voxel in it, get no winding number (False);
+    their sign is not used by the caller.
     """
     n = coords.shape[0]
     dev = coords.device
@@ -635,6 +636,10 @@ def band_signs(field, coords: torch.Tensor, udf: torch.Tensor, exact: torch.Tens
     _, lab = torch.unique(labels[rest], return_inverse=True)
     nl = int(lab.max()) + 1
     pick = _spread(lab, nl, samples)
+    if needed is not None:
+        # A component without a needed voxel needs no vote; the others keep the same samples, so the same votes.
+        wanted = torch.zeros(nl, dtype=torch.long, device=dev).index_add_(0, lab, needed[rest].long()) > 0
+        pick = pick[wanted[lab[pick]]]
     vote = field.inside(voxel_centers(coords[rest[pick]], resolution))
     pos = torch.zeros(nl, dtype=torch.long, device=dev).index_add_(0, lab[pick], vote.long())
     tot = torch.bincount(lab[pick], minlength=nl)
