@@ -4,13 +4,7 @@
 # Needs .gpu/layouts/latent_layouts_1024.npz; wheels in .gpu/whl (trimesh, ...) are installed when present.
 # $OUT gets 8 files: log.txt, dit_norms.{json,md}, profile_dense_cuda.{json,md}, generate_cuda_fuse4.{json,md},
 # gpu_tests.log.
-T0=$(date +%s); el() { echo "[t=$(( $(date +%s) - T0 ))s] $*"; }
-if ls .gpu/whl/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl
-fi
-export PYTHONPATH=/tmp/site:$PWD/src:$PYTHONPATH PYTHONUNBUFFERED=1
-L=.gpu/layouts/latent_layouts_1024.npz
-nvidia-smi -L; el start
+source scripts/gpu/_prelude.sh
 # test_blocks.py first: its CUDA generator fails after another test's graph capture in the same process (gen3 log)
 timeout 150 python3 -m pytest -q -m gpu tests/models/dit/test_blocks.py tests/ops/dit_norm tests/ops/linear_gelu \
   tests/models/dit/test_blocks_fused.py tests/flow/test_cuda_graph.py > $OUT/gpu_tests.log 2>&1

@@ -2,13 +2,7 @@
 # gen3 (issue 6 generation speed), one H200, ~3 min: GPU tests of the CUDA-graph sampler and the half-precision
 # norms, dense and sparse DiT step profiles (CUDA-graph replay vs eager, equality), end-to-end bench_generate.
 # Needs .gpu/layouts/latent_layouts_1024.npz; wheels in .gpu/whl (trimesh, ...) are installed when present.
-T0=$(date +%s); el() { echo "[t=$(( $(date +%s) - T0 ))s] $*"; }
-if ls .gpu/whl/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl
-fi
-export PYTHONPATH=/tmp/site:$PWD/src:$PYTHONPATH PYTHONUNBUFFERED=1
-L=.gpu/layouts/latent_layouts_1024.npz
-nvidia-smi -L; el start
+source scripts/gpu/_prelude.sh
 timeout 150 python3 -m pytest -q -m gpu tests/flow/test_cuda_graph.py tests/models/dit/test_blocks.py \
   tests/pipeline/test_extract.py > $OUT/gpu_tests.log 2>&1
 el "gpu tests rc=$?"; tail -4 $OUT/gpu_tests.log

@@ -87,25 +87,22 @@ class SparseSDFDataset(Dataset):
     @property
     def token_counts(self) -> list[int]:
         """Band voxels N of each sample (from the manifest; read from the file when it lacks them)."""
-        counts = []
-        for n in self.names:
-            voxels = self._records.get(n, {}).get("voxels", {}).get(str(self.resolution))
-            if voxels is None:
-                with np.load(asset_path(self.root, n)) as z:
-                    voxels = len(z[f"sdf{self.resolution}/sdf"])
-            counts.append(int(voxels))
-        return counts
+        return self._per_sample("voxels", "sdf")
 
     @property
     def block_counts(self) -> list[int]:
         """Occupied 8³ blocks NB of each sample (the SS-VAE decodes NB·512 voxels; from the manifest, else the file)."""
+        return self._per_sample("blocks", "block_coords")
+
+    def _per_sample(self, stat: str, array: str) -> list[int]:
+        """The manifest's ``stat`` at this resolution per sample, else the length of the file's ``sdf{R}/array``."""
         counts = []
         for n in self.names:
-            blocks = self._records.get(n, {}).get("blocks", {}).get(str(self.resolution))
-            if blocks is None:
+            value = self._records.get(n, {}).get(stat, {}).get(str(self.resolution))
+            if value is None:
                 with np.load(asset_path(self.root, n)) as z:
-                    blocks = len(z[f"sdf{self.resolution}/block_coords"])
-            counts.append(int(blocks))
+                    value = len(z[f"sdf{self.resolution}/{array}"])
+            counts.append(int(value))
         return counts
 
     def _view_index(self, name: str, num_views: int) -> int:
