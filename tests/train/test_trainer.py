@@ -59,6 +59,17 @@ def test_kill_and_resume_reproduces_losses(tmp_path, tiny_cfg):
     assert a["data"] == b["data"] and a["scheduler"] == b["scheduler"]
 
 
+def test_workers_give_the_in_process_losses_across_epochs(tmp_path, tiny_cfg):
+    # The next epoch's loader opens (set_epoch included) before this epoch ends: with epoch-derived flips and
+    # several short epochs, worker processes must still see each item with its own epoch's flips.
+    losses = {}
+    for workers in (0, 2):
+        cfg = tiny_cfg(train={"max_steps": 9}, data={"num_workers": workers})
+        Trainer(cfg, tmp_path / str(workers)).run()
+        losses[workers] = _losses(tmp_path / str(workers))
+    assert losses[0] == losses[2]
+
+
 def test_lr_schedule():
     kw = {"warmup_steps": 4, "max_steps": 14, "schedule": "cosine", "min_lr_ratio": 0.1}
     values = [lr_lambda(s, **kw) for s in range(14)]

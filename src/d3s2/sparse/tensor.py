@@ -275,6 +275,8 @@ def _validate(feats: torch.Tensor, coords: torch.Tensor, resolution: int, batch_
     if lo < 0 or hi >= resolution:
         raise ValueError(f"coords out of range [0, {resolution}): found values in [{lo}, {hi}]")
     keys = _flat_keys(coords, resolution)
+    if bool((keys[1:] > keys[:-1]).all()):
+        return  # strictly increasing keys (the usual sorted layout) cannot repeat; skips the sort below
     if torch.unique(keys).numel() != keys.numel():
         repeated = keys.numel() - torch.unique(keys).numel()
         raise ValueError(f"duplicate voxels: {repeated} repeated (batch, x, y, z) rows")

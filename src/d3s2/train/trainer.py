@@ -307,35 +307,53 @@ class Trainer:
                           generator=gen, worker_init_fn=_seed_worker if workers else None,
                           pin_memory=self.info.device.type == "cuda")
 
+    def _open_epoch(self, epoch: int, start: int) -> tuple[list[list[int]], int, Iterator[Any]]:
+        """(plan, optimizer steps, iterator over this rank's micro-batches from step ``start``) of one epoch."""
+        m = self.cfg.data.micro_batches_per_step
+        plan = self._plan(epoch)
+        num_steps = len(plan) // m
+        if num_steps == 0:
+            raise ValueError(f"the training set packs into {len(plan)} micro-batches per epoch, fewer than "
+                             f"data.micro_batches_per_step = {m}; lower it or data.max_tokens")
+        if epoch == 0 and start == 0 and self.info.is_main:
+            big = [b for b in plan if len(b) == 1 and self.costs[b[0]] > self.cfg.data.max_tokens]
+            if big:
+                log.warning("%d items exceed data.max_tokens = %d and form batches of their own",
+                            len(big), self.cfg.data.max_tokens)
+        set_epoch = getattr(self.train_set, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+        sampler = StepBatchSampler(plan, micro_batches_per_step=m, rank=self.info.rank,
+                                   world_size=self.info.world_size, start_step=min(start, num_steps))
+        loader = self._loader(self.train_set, sampler, (self.cfg.seed, self.info.rank, epoch, start))
+        return plan, num_steps, iter(loader)
+
     def _steps(self) -> Iterator[tuple[int, int, list[Any], int]]:
-        """Yield ``(epoch, step_in_epoch, this rank's micro-batches, global tokens)`` from ``self.data_pos`` on."""
+        """Yield ``(epoch, step_in_epoch, this rank's micro-batches, global tokens)`` from ``self.data_pos`` on.
+
+        With worker processes, the next epoch's loader starts once every remaining micro-batch of this epoch is
+        already queued with the workers, so its workers start up and load while this epoch's last steps run
+        (without it every epoch begins with a stall). Its workers copy the dataset, so the early ``set_epoch``
+        cannot reach this epoch's items; without workers the next epoch opens only when this one is done.
+        """
         epoch, start = self.data_pos
         m = self.cfg.data.micro_batches_per_step
+        workers = self.cfg.data.num_workers
+        in_flight = 2 * workers  # DataLoader's default prefetch_factor (2) per worker
+        opened = self._open_epoch(epoch, start)
         while True:
-            plan = self._plan(epoch)
-            num_steps = len(plan) // m
-            if num_steps == 0:
-                raise ValueError(f"the training set packs into {len(plan)} micro-batches per epoch, fewer than "
-                                 f"data.micro_batches_per_step = {m}; lower it or data.max_tokens")
-            if start >= num_steps:
-                epoch, start = epoch + 1, 0
-                continue
-            if epoch == 0 and start == 0 and self.info.is_main:
-                big = [b for b in plan if len(b) == 1 and self.costs[b[0]] > self.cfg.data.max_tokens]
-                if big:
-                    log.warning("%d items exceed data.max_tokens = %d and form batches of their own",
-                                len(big), self.cfg.data.max_tokens)
-            set_epoch = getattr(self.train_set, "set_epoch", None)
-            if callable(set_epoch):
-                set_epoch(epoch)
-            sampler = StepBatchSampler(plan, micro_batches_per_step=m, rank=self.info.rank,
-                                       world_size=self.info.world_size, start_step=start)
-            it = iter(self._loader(self.train_set, sampler, (self.cfg.seed, self.info.rank, epoch, start)))
+            plan, num_steps, it = opened
+            opened = None
             for s in range(start, num_steps):
+                if workers and opened is None and (num_steps - s) * self.per_rank <= in_flight:
+                    opened = self._open_epoch(epoch + 1, 0)
                 micro = [next(it) for _ in range(self.per_rank)]
                 tokens = sum(self.lengths[i] for b in plan[s * m: (s + 1) * m] for i in b)
                 yield epoch, s, micro, tokens
+            del it  # shuts this epoch's workers down
             epoch, start = epoch + 1, 0
+            if opened is None:
+                opened = self._open_epoch(epoch, start)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path | None:
