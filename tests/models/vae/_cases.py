@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from d3s2 import sparse as sp
-from d3s2.models.vae import SparseSDFBatch, SparseSDFVAEConfig
+from d3s2.models.vae import PackedSDFBatch, SparseSDFBatch, SparseSDFVAEConfig
 
 
 def tiny_config(**overrides) -> SparseSDFVAEConfig:
@@ -37,13 +37,16 @@ def sphere_sample(resolution: int, radius: float, tau: float = 2.0, centre=None)
     return coords, sdf, blocks, block_sdf
 
 
-def sphere_batch(resolution: int = 16, radii=(5.0,), tau: float = 2.0, sharp_every: int = 0) -> SparseSDFBatch:
+def sphere_batch(resolution: int = 16, radii=(5.0,), tau: float = 2.0, sharp_every: int = 0,
+                 packed: bool = False) -> SparseSDFBatch | PackedSDFBatch:
+    """Spheres as a full batch, or ``packed`` as the DataLoader workers hand it over."""
     samples = [sphere_sample(resolution, r, tau) for r in radii]
     sharp = None
     if sharp_every:
         sharp = [torch.arange(s[0].shape[0]) % sharp_every == 0 for s in samples]
-    return SparseSDFBatch.from_samples([s[0] for s in samples], [s[1] for s in samples], [s[2] for s in samples],
-                                       [s[3] for s in samples], resolution=resolution, sharp=sharp)
+    make = PackedSDFBatch.from_samples if packed else SparseSDFBatch.from_samples
+    return make([s[0] for s in samples], [s[1] for s in samples], [s[2] for s in samples], [s[3] for s in samples],
+                resolution=resolution, sharp=sharp)
 
 
 def random_latent(num_per_sample, resolution: int, channels: int, seed: int = 0, box=None) -> sp.SparseTensor:

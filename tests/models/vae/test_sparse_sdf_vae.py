@@ -233,8 +233,9 @@ def test_prepared_structure_same_result_and_no_host_syncs(monkeypatch):
 
 @pytest.mark.gpu
 def test_training_step_runs_without_host_syncs_on_gpu():
-    """On CUDA with the triton backends: a prepared, pinned batch moved without blocking, then forward, loss and
-    backward under ``set_sync_debug_mode("error")`` (any host sync raises)."""
+    """On CUDA with the triton backends: a prepared, pinned, packed batch (as the DataLoader workers hand it over)
+    moved without blocking and expanded on the GPU, then forward, loss and backward under
+    ``set_sync_debug_mode("error")`` (any host sync raises)."""
     from d3s2.models.vae.sparse_sdf_vae import prepare_structure
     from d3s2.ops._backend import use_backend
 
@@ -242,7 +243,7 @@ def test_training_step_runs_without_host_syncs_on_gpu():
     model = SparseSDFVAE(tiny_config()).cuda()
 
     def step() -> None:
-        batch = sphere_batch(32, radii=(9.0, 11.0))
+        batch = sphere_batch(32, radii=(9.0, 11.0), sharp_every=3, packed=True)
         prepare_structure(batch.sdf, model.config.window_size)
         batch = batch.pin_memory().to("cuda", non_blocking=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -4,6 +4,7 @@ from .dense_vae import DenseShapeVAE, DenseShapeVAEConfig, DenseShapeVAEOutput, 
 from .distributions import DiagonalGaussian
 from .losses import SDFLossWeights, sparse_sdf_loss
 from .sparse_sdf_vae import (
+    PackedSDFBatch,
     SparseSDFBatch,
     SparseSDFDecoder,
     SparseSDFEncoder,
@@ -14,6 +15,7 @@ from .sparse_sdf_vae import (
 
 __all__ = [
     "DenseShapeVAE", "DenseShapeVAEConfig", "DenseShapeVAEOutput", "DenseVAELossWeights", "DiagonalGaussian",
+    "PackedSDFBatch",
     "SDFLossWeights", "sparse_sdf_loss", "SparseSDFBatch", "SparseSDFDecoder", "SparseSDFEncoder", "SparseSDFVAE",
     "SparseSDFVAEConfig", "SparseSDFVAEOutput",
 ]

@@ -121,7 +121,7 @@ def evaluate(model, data: str, resolutions: list[int], *, split: str, band: floa
 
     from ...data.collate import collate_sparse
     from ...data.dataset import SparseSDFDataset
-    from .sparse_sdf_vae import SparseSDFBatch
+    from .sparse_sdf_vae import PackedSDFBatch
     from .task import decode_mesh, shape_metrics, target_mesh
 
     results: dict[int, dict[str, float]] = {}
@@ -133,7 +133,7 @@ def evaluate(model, data: str, resolutions: list[int], *, split: str, band: floa
         sums: dict[str, float] = {}
         for i in tqdm(range(n), desc=f"eval {r}^3", disable=n < 2):
             c = collate_sparse([ds[i]])
-            batch = SparseSDFBatch.from_blocks(c["sdf"], c["blocks"], tau=band).to(device)
+            batch = PackedSDFBatch.pack(c["sdf"], c["blocks"], tau=band).to(device)  # expanded on the device
             with torch.no_grad():
                 (pred,) = decode_mesh(model, batch.sdf)
             (ref,) = target_mesh(batch)

@@ -327,41 +327,7 @@ class SparseSDFBatch:
             sharp: bool ``[N]`` band voxels near sharp edges (None: no sharp supervision).
             tau: the band half-width τ; values are divided by it (and targets clamped to [-1, 1]).
         """
-        from ...ops.conv.reference import lookup
-
-        r = sdf.resolution
-        if blocks.resolution * UPSAMPLE != r or blocks.num_channels != UPSAMPLE**3:
-            raise ValueError(f"expected blocks [NB, {UPSAMPLE**3}] at resolution {r // UPSAMPLE}, got "
-                             f"[{blocks.num_voxels}, {blocks.num_channels}] at {blocks.resolution}")
-        if sdf.num_channels != 1:
-            raise ValueError(f"expected one SDF channel, got {sdf.num_channels}")
-        if sharp is not None and sharp.shape != (sdf.num_voxels,):
-            raise ValueError(f"expected sharp of shape [{sdf.num_voxels}], got {tuple(sharp.shape)}")
-        local = torch.stack(torch.meshgrid(*[torch.arange(UPSAMPLE, device=sdf.device)] * 3, indexing="ij"),
-                            -1).reshape(-1, 3)  # [512, 3], z fastest
-        local = torch.cat([torch.zeros_like(local[:, :1]), local], 1).to(blocks.coords.dtype)  # [512, 4] (0, l)
-        scale = torch.tensor([1, UPSAMPLE, UPSAMPLE, UPSAMPLE], dtype=blocks.coords.dtype, device=sdf.device)
-        # [NB·512, 4]: block b's voxels (b, 8·block + l), blocks in order (batch order kept); one broadcast op.
-        fine = (blocks.coords[:, None, :] * scale + local[None]).reshape(-1, 4)
-        target_feats = (blocks.feats.float().reshape(-1, 1) / tau).clamp_(-1.0, 1.0)
-        target = sp.SparseTensor(target_feats, fine, resolution=r, batch_size=sdf.batch_size, validate=False)
-        x = sdf.replace(sdf.feats.float() / tau)
-        # [N] target row of each band voxel: its block's row (a search among NB blocks, not NB·512 voxels) times
-        # 512 plus its in-block column.
-        parent = x.coords.clone()
-        parent[:, 1:] = torch.div(parent[:, 1:], UPSAMPLE, rounding_mode="floor")
-        block_row = lookup(blocks.coords, parent, blocks.resolution).long()
-        lxyz = (x.coords[:, 1:] % UPSAMPLE).long()
-        row = torch.where(block_row >= 0, block_row * UPSAMPLE**3 + (lxyz[:, 0] * UPSAMPLE + lxyz[:, 1]) * UPSAMPLE
-                          + lxyz[:, 2], -1)
-        if bool((row < 0).any()):
-            raise ValueError(f"{int((row < 0).sum())} band voxels lie outside the given blocks")
-        in_band = torch.zeros(target.num_voxels, dtype=torch.bool, device=sdf.device)
-        in_band[row] = True
-        sharp_mask = torch.zeros(target.num_voxels, dtype=torch.bool, device=sdf.device)
-        if sharp is not None:
-            sharp_mask[row] = sharp.bool()
-        return cls(x, target, in_band, sharp_mask, factor)
+        return PackedSDFBatch.pack(sdf, blocks, sharp=sharp, tau=tau, factor=factor).unpack()
 
     @classmethod
     def from_samples(
@@ -385,6 +351,81 @@ class SparseSDFBatch:
             block_sdf: per sample float ``[nb, 512]`` truncated SDF of every voxel of each block.
             sharp: per sample bool ``[n]`` band voxels near sharp edges (None: no sharp supervision).
         """
+        return PackedSDFBatch.from_samples(coords, sdf, block_coords, block_sdf, resolution=resolution, sharp=sharp,
+                                           tau=tau, factor=factor).unpack()
+
+
+@dataclass
+class PackedSDFBatch:
+    """A :class:`SparseSDFBatch` before its per-decoded-voxel tensors exist: what DataLoader workers hand over.
+
+    The target coordinates, values and masks have one row per voxel of every occupied 8³ block (≈ 6× the band
+    voxels at 256³); :meth:`to` builds them on the destination device from the blocks instead, so workers do
+    not compute them and the host does not pin and copy them (about 20 bytes per decoded voxel).
+
+    Attributes:
+        sdf: encoder input, as :attr:`SparseSDFBatch.sdf` (feats ``[N, 1]`` SDF / τ).
+        blocks: occupied blocks at R/8, feats ``[NB, 512]`` truncated SDF in the units of ``tau``.
+        rows: int64 ``[N]`` target row of each band voxel (block row · 512 + in-block column).
+        sharp: bool ``[N]`` band voxels near sharp edges, or None.
+        tau, factor: as :meth:`SparseSDFBatch.from_blocks`.
+    """
+
+    sdf: sp.SparseTensor
+    blocks: sp.SparseTensor
+    rows: torch.Tensor
+    sharp: torch.Tensor | None
+    tau: float
+    factor: float | None = None
+
+    @classmethod
+    def pack(cls, sdf: sp.SparseTensor, blocks: sp.SparseTensor, *, sharp: torch.Tensor | None = None,
+             tau: float = 1.0, factor: float | None = None) -> PackedSDFBatch:
+        """Check the inputs of :meth:`SparseSDFBatch.from_blocks` and find each band voxel's target row."""
+        from ...ops.conv.reference import lookup
+
+        r = sdf.resolution
+        if blocks.resolution * UPSAMPLE != r or blocks.num_channels != UPSAMPLE**3:
+            raise ValueError(f"expected blocks [NB, {UPSAMPLE**3}] at resolution {r // UPSAMPLE}, got "
+                             f"[{blocks.num_voxels}, {blocks.num_channels}] at {blocks.resolution}")
+        if sdf.num_channels != 1:
+            raise ValueError(f"expected one SDF channel, got {sdf.num_channels}")
+        if sharp is not None and sharp.shape != (sdf.num_voxels,):
+            raise ValueError(f"expected sharp of shape [{sdf.num_voxels}], got {tuple(sharp.shape)}")
+        x = sdf.replace(sdf.feats.float() / tau)
+        # A search among the NB blocks, not the NB·512 voxels: block row · 512 + in-block column.
+        parent = x.coords.clone()
+        parent[:, 1:] = torch.div(parent[:, 1:], UPSAMPLE, rounding_mode="floor")
+        block_row = lookup(blocks.coords, parent, blocks.resolution).long()
+        lxyz = (x.coords[:, 1:] % UPSAMPLE).long()
+        rows = torch.where(block_row >= 0, block_row * UPSAMPLE**3 + (lxyz[:, 0] * UPSAMPLE + lxyz[:, 1]) * UPSAMPLE
+                           + lxyz[:, 2], -1)
+        if bool((rows < 0).any()):
+            raise ValueError(f"{int((rows < 0).sum())} band voxels lie outside the given blocks")
+        return cls(x, blocks, rows, None if sharp is None else sharp.bool(), float(tau), factor)
+
+    @classmethod
+    def from_samples(
+        cls,
+        coords: Sequence[torch.Tensor],
+        sdf: Sequence[torch.Tensor],
+        block_coords: Sequence[torch.Tensor],
+        block_sdf: Sequence[torch.Tensor],
+        *,
+        resolution: int,
+        sharp: Sequence[torch.Tensor] | None = None,
+        tau: float = 1.0,
+        factor: float | None = None,
+    ) -> PackedSDFBatch:
+        """Collate per-sample arrays (see :meth:`SparseSDFBatch.from_blocks`).
+
+        Args:
+            coords: per sample int ``[n, 3]`` band voxel coords at ``resolution``.
+            sdf: per sample float ``[n]`` (or ``[n, 1]``) SDF of those voxels.
+            block_coords: per sample int ``[nb, 3]`` occupied 8³ blocks (block units: voxel // 8).
+            block_sdf: per sample float ``[nb, 512]`` truncated SDF of every voxel of each block.
+            sharp: per sample bool ``[n]`` band voxels near sharp edges (None: no sharp supervision).
+        """
         n_samples = len(coords)
         if not (len(sdf) == len(block_coords) == len(block_sdf) == n_samples):
             raise ValueError("expected coords, sdf, block_coords and block_sdf with one entry per sample")
@@ -397,7 +438,47 @@ class SparseSDFBatch:
         blocks = sp.SparseTensor.from_samples([c.to(torch.int32) for c in block_coords],
                                               [s.float() for s in block_sdf], resolution=resolution // UPSAMPLE)
         sharp_all = torch.cat([s.bool().reshape(-1) for s in sharp]) if sharp is not None else None
-        return cls.from_blocks(x, blocks, sharp=sharp_all, tau=tau, factor=factor)
+        return cls.pack(x, blocks, sharp=sharp_all, tau=tau, factor=factor)
+
+    @property
+    def num_tokens(self) -> int:
+        """Encoder input voxels (what a token budget counts)."""
+        return self.sdf.num_voxels
+
+    def pin_memory(self) -> PackedSDFBatch:
+        """Page-locked host copy (called by the DataLoader's ``pin_memory=True``)."""
+        return dataclasses.replace(self, sdf=self.sdf.pin_memory(), blocks=self.blocks.pin_memory(),
+                                   rows=self.rows.pin_memory(),
+                                   sharp=None if self.sharp is None else self.sharp.pin_memory())
+
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> SparseSDFBatch:
+        """The full :class:`SparseSDFBatch` on ``device`` (its per-voxel tensors built there, without host syncs)."""
+        moved = dataclasses.replace(
+            self, sdf=self.sdf.to(device, non_blocking=non_blocking),
+            blocks=self.blocks.to(device, non_blocking=non_blocking),
+            rows=self.rows.to(device, non_blocking=non_blocking),
+            sharp=None if self.sharp is None else self.sharp.to(device, non_blocking=non_blocking))
+        return moved.unpack()
+
+    def unpack(self) -> SparseSDFBatch:
+        """The full :class:`SparseSDFBatch` on this batch's device."""
+        dev = self.sdf.device
+        blocks = self.blocks
+        local = torch.stack(torch.meshgrid(*[torch.arange(UPSAMPLE, device=dev)] * 3, indexing="ij"),
+                            -1).reshape(-1, 3)  # [512, 3], z fastest
+        local = torch.cat([torch.zeros_like(local[:, :1]), local], 1).to(blocks.coords.dtype)  # [512, 4] (0, l)
+        scale = torch.tensor([1, UPSAMPLE, UPSAMPLE, UPSAMPLE], dtype=blocks.coords.dtype, device=dev)
+        # [NB·512, 4]: block b's voxels (b, 8·block + l), blocks in order (batch order kept); one broadcast op.
+        fine = (blocks.coords[:, None, :] * scale + local[None]).reshape(-1, 4)
+        target_feats = (blocks.feats.float().reshape(-1, 1) / self.tau).clamp_(-1.0, 1.0)
+        target = sp.SparseTensor(target_feats, fine, resolution=self.sdf.resolution, batch_size=self.sdf.batch_size,
+                                 validate=False)
+        in_band = torch.zeros(target.num_voxels, dtype=torch.bool, device=dev)
+        in_band[self.rows] = True
+        sharp_mask = torch.zeros(target.num_voxels, dtype=torch.bool, device=dev)
+        if self.sharp is not None:
+            sharp_mask[self.rows] = self.sharp
+        return SparseSDFBatch(self.sdf, target, in_band, sharp_mask, self.factor)
 
 
 @dataclass

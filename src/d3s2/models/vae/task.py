@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ... import sparse as sp
-from .sparse_sdf_vae import SparseSDFBatch, SparseSDFVAE, SparseSDFVAEConfig, prepare_structure
+from .sparse_sdf_vae import PackedSDFBatch, SparseSDFBatch, SparseSDFVAE, SparseSDFVAEConfig, prepare_structure
 
 __all__ = ["SparseVAETaskConfig", "MultiResolutionDataset", "SparseVAETask", "decode_mesh", "target_mesh",
            "TASK_FILE", "load_model_config", "shape_metrics", "EMPTY_MESH_METRICS"]
@@ -139,12 +139,17 @@ def decode_mesh(model: SparseSDFVAE, batch_sdf: sp.SparseTensor, *, chunk_size: 
             for d, b in zip(decoded.unbind(), z.unbind())]
 
 
-def target_mesh(batch: SparseSDFBatch) -> list[trimesh.Trimesh]:
+def unpacked(batch: SparseSDFBatch | PackedSDFBatch) -> SparseSDFBatch:
+    """The full batch: a packed one (what :meth:`SparseVAETask.collate` returns) expanded on its device."""
+    return batch.unpack() if isinstance(batch, PackedSDFBatch) else batch
+
+
+def target_mesh(batch: SparseSDFBatch | PackedSDFBatch) -> list[trimesh.Trimesh]:
     """The closed mesh of each sample's own block SDF targets (the reference of the validation metrics)."""
     from ...pipeline.extract import closed_mesh
 
     meshes = []
-    for t in batch.target.unbind():
+    for t in unpacked(batch).target.unbind():
         blocks = torch.unique(t.coords[:, 1:] // 8, dim=0)
         meshes.append(closed_mesh(t.coords[:, 1:], t.feats[:, 0].float(), blocks, t.resolution))
     return meshes
@@ -206,17 +211,20 @@ class SparseVAETask:
         val = MultiResolutionDataset([self._dataset(self.val_resolution, "val")])
         return train, (val if len(val) else None)
 
-    def collate(self, items: Sequence[dict]) -> SparseSDFBatch:
+    def collate(self, items: Sequence[dict]) -> PackedSDFBatch:
+        """The packed batch (``.to(device)`` gives the :class:`SparseSDFBatch`), structure prepared."""
         from ...data.collate import collate_sparse
 
         c = collate_sparse(items)
-        batch = SparseSDFBatch.from_blocks(c["sdf"], c["blocks"], sharp=c["sharp"], tau=self.band)
+        batch = PackedSDFBatch.pack(c["sdf"], c["blocks"], sharp=c["sharp"], tau=self.band)
         prepare_structure(batch.sdf, self.window_size)  # in the DataLoader workers: no GPU syncs for it later
         return batch
 
-    def loss(self, model: nn.Module, batch: SparseSDFBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, model: nn.Module, batch: SparseSDFBatch | PackedSDFBatch
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         from ...train.distributed import unwrap
 
+        batch = unpacked(batch)
         out = model(batch)
         loss, logs = unwrap(model).loss(out, batch)
         return loss, {k: v.detach() if torch.is_tensor(v) else v for k, v in logs.items() if k != "loss"}
@@ -228,6 +236,7 @@ class SparseVAETask:
         count = 0
         snapshot_written = False
         for batch in loader:
+            batch = unpacked(batch)
             out = model(batch)
             _, logs = model.loss(out, batch)
             preds = decode_mesh(model, batch.sdf, chunk_size=self.cfg.decode_chunk, factor=batch.factor)
