@@ -467,17 +467,18 @@ class PackedSDFBatch:
         local = torch.stack(torch.meshgrid(*[torch.arange(UPSAMPLE, device=dev)] * 3, indexing="ij"),
                             -1).reshape(-1, 3)  # [512, 3], z fastest
         local = torch.cat([torch.zeros_like(local[:, :1]), local], 1).to(blocks.coords.dtype)  # [512, 4] (0, l)
-        scale = torch.tensor([1, UPSAMPLE, UPSAMPLE, UPSAMPLE], dtype=blocks.coords.dtype, device=dev)
+        # No tensor literals or scalar index_put here: on a GPU both copy from the host and synchronise.
+        base = blocks.coords.clone()
+        base[:, 1:] *= UPSAMPLE
         # [NB·512, 4]: block b's voxels (b, 8·block + l), blocks in order (batch order kept); one broadcast op.
-        fine = (blocks.coords[:, None, :] * scale + local[None]).reshape(-1, 4)
+        fine = (base[:, None, :] + local[None]).reshape(-1, 4)
         target_feats = (blocks.feats.float().reshape(-1, 1) / self.tau).clamp_(-1.0, 1.0)
         target = sp.SparseTensor(target_feats, fine, resolution=self.sdf.resolution, batch_size=self.sdf.batch_size,
                                  validate=False)
-        in_band = torch.zeros(target.num_voxels, dtype=torch.bool, device=dev)
-        in_band[self.rows] = True
+        in_band = torch.zeros(target.num_voxels, dtype=torch.bool, device=dev).index_fill_(0, self.rows, True)
         sharp_mask = torch.zeros(target.num_voxels, dtype=torch.bool, device=dev)
         if self.sharp is not None:
-            sharp_mask[self.rows] = self.sharp
+            sharp_mask.index_copy_(0, self.rows, self.sharp)
         return SparseSDFBatch(self.sdf, target, in_band, sharp_mask, self.factor)
 
 
