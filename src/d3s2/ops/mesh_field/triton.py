@@ -22,9 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .._backend import triton_interpret
 from .reference import NearField
 
 BLOCK_Q = 128  # query points per program
+BLOCK_Q_INTERPRET = 1024  # under TRITON_INTERPRET=1 each program costs ~20 ms per near-list step, whatever its size
 NUM_WARPS = 4
 _PI = tl.constexpr(math.pi)
 _HALF_PI = tl.constexpr(math.pi / 2)
@@ -193,13 +195,14 @@ def near_field_triton(points: torch.Tensor, owner: torch.Tensor, offsets: torch.
         dummy = torch.empty(1, dtype=torch.float32, device=dev)
         cls = classes.contiguous() if nc else dummy
         bits = edge_bits(edge_flags) if k else dummy
-        grid = (triton.cdiv(q_n, BLOCK_Q),)
+        block = BLOCK_Q_INTERPRET if triton_interpret() else BLOCK_Q
+        grid = (triton.cdiv(q_n, block),)
         _near_field_kernel[grid](
             points.contiguous(), owner.contiguous(), offsets.contiguous(), near_tri.contiguous(), tris.contiguous(),
             cls, bits, d2 if need_dist else dummy, nearest if need_nearest else dummy, cd2 if nc else dummy,
             wind if need_wind else dummy, ed2 if k else dummy, q_n, f,
             NEED_DIST=need_dist, NEED_WIND=need_wind, NEED_NEAREST=need_nearest, NEED_D=need_dist or nc > 0 or k > 0,
             NUM_CLASSES=nc,
-            NC_P2=max(2, triton.next_power_of_2(nc)), K=k, K_P2=max(2, triton.next_power_of_2(k)), BLOCK=BLOCK_Q,
+            NC_P2=max(2, triton.next_power_of_2(nc)), K=k, K_P2=max(2, triton.next_power_of_2(k)), BLOCK=block,
             num_warps=NUM_WARPS, enable_fp_fusion=False)
     return NearField(dist2=d2, nearest=nearest, class_dist2=cd2, winding=wind, edge_dist2=ed2)
