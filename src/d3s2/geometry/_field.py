@@ -57,6 +57,9 @@ class TorchField:
                  edge_flags: np.ndarray | None = None) -> None:
         self.device = torch.device(device)
         self.dtype = torch.float32
+        self.child = _CHILD.to(self.device)  # on the device once: a per-call copy would sync with the host
+        self.corner = _CORNER.to(self.device)
+        self.corner_mask = self.corner.bool()
         self.chunk = _PAIR_CHUNK if self.device.type == "cpu" else _PAIR_CHUNK_GPU
         v = torch.as_tensor(np.asarray(vertices), dtype=torch.float64)
         f = torch.as_tensor(np.asarray(faces, dtype=np.int64))
@@ -99,7 +102,7 @@ class TorchField:
         """Trilinear interpolation of the owner cells' far-field corner values at points [Q, 3]."""
         lo = level.coords[owner].to(self.dtype) * level.size - 1.0
         u = ((points - lo) / level.size).clamp(0.0, 1.0)  # [Q, 3]
-        wts = torch.where(_CORNER.to(points.device)[None].bool(), u[:, None, :], 1 - u[:, None, :]).prod(-1)  # [Q, 8]
+        wts = torch.where(self.corner_mask[None], u[:, None, :], 1 - u[:, None, :]).prod(-1)  # [Q, 8]
         return (wts * level.far[owner]).sum(1)
 
     def _evaluate(self, points: torch.Tensor, owner: torch.Tensor, level: _Level, need_dist: bool = True,
@@ -124,7 +127,7 @@ class TorchField:
                      torch.zeros((1, 8), dtype=self.dtype, device=dev))
         lvl.has_far[:] = True  # the root's near list is every triangle: no far part
         levels = [lvl]
-        child = _CHILD.to(dev)
+        child = self.child
         for j in range(1, num):  # build levels 1 .. num-1; voxels (level num) are queried in level num-1 cells
             size = sizes[j]
             g = 2 ** j
@@ -172,7 +175,7 @@ class TorchField:
         distances [N, 3] to all, boundary and lost-sheet triangles, flagged-edge distances [N, K])."""
         self.prepare(resolution, radius)
         parent = self._levels[-1]
-        vox = (parent.coords[:, None, :] * 2 + _CHILD.to(self.device)[None]).reshape(-1, 3)
+        vox = (parent.coords[:, None, :] * 2 + self.child[None]).reshape(-1, 3)
         owner = torch.arange(parent.coords.shape[0], device=self.device)[:, None].expand(-1, 8).reshape(-1)
         inside_grid = (vox < resolution).all(1)
         vox, owner = vox[inside_grid], owner[inside_grid]
@@ -213,7 +216,7 @@ class TorchField:
         found, prow = self._rows(j - 1, coords // 2)
         assert bool(found.all()), "every cell's parent exists"
         self._ensure_far(j - 1, prow)
-        corners = ((coords[:, None, :] + _CORNER.to(self.device)[None]).reshape(-1, 3).to(self.dtype) * level.size
+        corners = ((coords[:, None, :] + self.corner[None]).reshape(-1, 3).to(self.dtype) * level.size
                    - 1.0)  # [8M, 3]
         _, w_corner, _ = self._evaluate(corners, prow.repeat_interleave(8), parent, need_dist=False)
         _, near_w, _ = self._near(corners, missing.repeat_interleave(8), level, False, False)
