@@ -507,6 +507,9 @@ def propagate_signs(signs: torch.Tensor, max_steps: int = 3 * BLOCK) -> torch.Te
     return s
 
 
+_DIRS = [(dx, dy, dz) for dx in (-1, 0, 1) for dy in (-1, 0, 1) for dz in (-1, 0, 1) if (dx, dy, dz) != (0, 0, 0)]
+
+
 def _close_blocks(field, resolution: int, block_keys: torch.Tensor, inside: torch.Tensor,
                   max_rounds: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Add missing blocks next to a sign change; see the module docstring.
@@ -515,45 +518,58 @@ def _close_blocks(field, resolution: int, block_keys: torch.Tensor, inside: torc
     corner voxels of its 26 neighbours) hold both signs: some marching-cubes cell between them and D may
     cross the surface. ``block_keys`` int64 [NB] sorted, ``inside`` bool [NB, 8, 8, 8]. Returns the grown
     pair, still sorted; new blocks get the inside bits of all their voxels from the winding number.
+
+    Blocks are only added, so a missing block's verdict can change only when a neighbour was added in the last
+    round: each round examines the missing neighbours of the blocks added in the previous one (all blocks in the
+    first), and inside bits are appended to a growing buffer, sorted once at the end.
     """
     g = resolution // BLOCK
     dev = block_keys.device
-    dirs = [(dx, dy, dz) for dx in (-1, 0, 1) for dy in (-1, 0, 1) for dz in (-1, 0, 1) if (dx, dy, dz) != (0, 0, 0)]
+    n = block_keys.numel()
+    buf = inside
+    row_of = torch.arange(n, device=dev)  # row in buf of each entry of the sorted block_keys
+    frontier = _block_coords(block_keys, g)
     new_keys = block_keys
     for _ in range(max_rounds):
-        coords = _block_coords(block_keys, g)
-        cand, has_in, has_out = [], [], []
-        for d in dirs:
-            region = inside[(slice(None),) + tuple(slice(None) if x == 0 else (0 if x < 0 else BLOCK - 1) for x in d)]
-            region = region.reshape(len(block_keys), -1)
-            nb = coords + torch.tensor(d, device=dev)
-            ok = ((nb >= 0) & (nb < g)).all(1)
-            k = _keys(nb[ok], g)
-            present, _ = _member(block_keys, k)
-            r = region[ok][~present]
-            cand.append(k[~present])
-            has_in.append(r.any(1))
-            has_out.append(~r.all(1))
-        cand = torch.cat(cand)
+        nb = (frontier[:, None, :] + torch.tensor(_DIRS, device=dev)[None]).reshape(-1, 3)
+        nb = nb[((nb >= 0) & (nb < g)).all(1)]
+        k = _keys(nb, g)
+        cand = torch.unique(k[~_member(block_keys, k)[0]])
         if cand.numel() == 0:
             new_keys = cand
             break
-        uniq, inv = torch.unique(cand, return_inverse=True)
-        count_in = torch.zeros(uniq.numel(), dtype=torch.long, device=dev).index_add_(0, inv, torch.cat(has_in).long())
-        count_out = torch.zeros_like(count_in).index_add_(0, inv, torch.cat(has_out).long())
-        new_keys = uniq[(count_in > 0) & (count_out > 0)]
+        cc = _block_coords(cand, g)
+        count_in = torch.zeros(cand.numel(), dtype=torch.long, device=dev)
+        count_out = torch.zeros_like(count_in)
+        for d in _DIRS:  # present block B = D - d touches candidate D with its voxels on the side facing d
+            b = cc - torch.tensor(d, device=dev)
+            ok = torch.nonzero(((b >= 0) & (b < g)).all(1)).squeeze(1)
+            found, pos = _member(block_keys, _keys(b[ok], g))
+            sides = tuple(slice(None) if x == 0 else (0 if x < 0 else BLOCK - 1) for x in d)
+            region = buf[row_of[pos[found]]][(slice(None),) + sides].reshape(-1, BLOCK ** d.count(0))
+            at = ok[found]
+            count_in.index_add_(0, at, region.any(1).long())
+            count_out.index_add_(0, at, (~region.all(1)).long())
+        new_keys = cand[(count_in > 0) & (count_out > 0)]
         if new_keys.numel() == 0:
             break
-        new_coords = _block_coords(new_keys, g)
-        new_inside = field.inside(voxel_centers(_block_voxels(new_coords), resolution)).reshape(-1, BLOCK, BLOCK, BLOCK)
-        new_inside &= ~_grid_face_mask(new_coords, g)
+        frontier = _block_coords(new_keys, g)
+        new_inside = field.inside(voxel_centers(_block_voxels(frontier), resolution)).reshape(-1, BLOCK, BLOCK, BLOCK)
+        new_inside &= ~_grid_face_mask(frontier, g)
+        if n + new_keys.numel() > buf.shape[0]:  # grow geometrically: appends cost O(total), not O(rounds * total)
+            grown = torch.empty((max(2 * buf.shape[0], n + new_keys.numel()), BLOCK, BLOCK, BLOCK), dtype=torch.bool,
+                                device=dev)
+            grown[:n] = buf[:n]
+            buf = grown
+        buf[n:n + new_keys.numel()] = new_inside
         all_keys = torch.cat([block_keys, new_keys])
         order = torch.argsort(all_keys)  # keys are distinct
         block_keys = all_keys[order]
-        inside = torch.cat([inside, new_inside])[order]
+        row_of = torch.cat([row_of, torch.arange(n, n + new_keys.numel(), device=dev)])[order]
+        n += new_keys.numel()
     else:
         logger.warning("band closure stopped after %d rounds with %d blocks still open", max_rounds, new_keys.numel())
-    return block_keys, inside
+    return block_keys, buf[row_of]
 
 
 def label_components(src: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tensor:
