@@ -6,16 +6,19 @@ corpus holding named meshes missing from it):
 
     python3 benchmarks/bench_sdf_gpu.py --npz .gpu/sub/0ad_meshes.npz --named-npz .gpu/named_0ad.npz
 
-CPU smoke run (32³, 3 small assets, the kernel under the Triton interpreter):
+CPU smoke run (32³, 3 small assets; the interpreted kernel takes minutes per asset even there, so the "new" path
+runs the torch backend too):
 
-    TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/bench_sdf_gpu.py --tiny --device cpu --npz NPZ
+    PYTHONPATH=src python benchmarks/bench_sdf_gpu.py --tiny --device cpu --new-backend torch --npz NPZ
 
 What it does: (1) ``pytest -m gpu`` on tests/ops/mesh_field and tests/geometry (skipped with ``--no-tests``);
 (2) a warm-up asset through both paths (the new path twice: its first call includes Triton's compilation, reported
 as ``compile_s``); (3) the named meshes and a deterministic random sample of the corpus: per asset and path, a clean
-timed call (wall, GPU peak), a call with CUDA-synchronised timers around the SDF's stages, and whether the two
-paths' outputs agree. Stages are inclusive times of the functions named in ``STAGES``; ``other`` is the rest
-(sorting, sign bookkeeping, transfers). Assets are skipped once ``--time-budget`` seconds are spent.
+timed call (wall, GPU peak), a call with CUDA-synchronised timers around the SDF's stages (the old path's only for
+the named meshes unless ``--old-stages all``), and whether the two paths' outputs agree. Stages are inclusive times
+of the functions named in ``STAGES``; ``other`` is the rest (sorting, sign bookkeeping, transfers); counters give
+the near_field calls, points and (point, triangle) pairs. Assets are skipped once ``--time-budget`` seconds are
+spent.
 Writes ``sdf_gpu_<tag>.json`` and ``.md`` to ``$OUT`` (or ``--out-dir``).
 """
 
@@ -120,7 +123,7 @@ def sdf_call(mesh, args, path: str):
     from d3s2.geometry.sdf import compute_sparse_sdf
     from d3s2.ops import use_backend
 
-    with use_backend("mesh_field", PATHS[path]):
+    with use_backend("mesh_field", args.new_backend if path == "new" else PATHS[path]):
         return compute_sparse_sdf(mesh, args.resolution, band=args.band, device=args.device,
                                   backend="torch")[args.resolution]
 
@@ -154,14 +157,15 @@ def compare(a, b) -> dict:
     return res
 
 
-def measure(name: str, mesh, args, stages: bool) -> dict:
+def measure(name: str, mesh, args, stages: set[str]) -> dict:
+    """Both paths on one mesh: clean wall and GPU peak, stage times for the paths in ``stages``, agreement."""
     row: dict = {"asset": name, "triangles": int(len(mesh.faces))}
     outs = {}
     for path in PATHS:
         out, wall, peak = timed_call(mesh, args, path)
         outs[path] = out
         row[path] = {"wall_s": round(wall, 3), "gpu_peak_gib": peak}
-        if stages:
+        if path in stages:
             with staged(args.device) as (times, counts):
                 t0 = time.perf_counter()
                 sdf_call(mesh, args, path)
@@ -267,10 +271,11 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=1024)
     p.add_argument("--band", type=float, default=1 / 128)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--stages", choices=["all", "named", "none"], default="all",
-                   help="which assets also get the per-stage run (both paths)")
+    p.add_argument("--old-stages", choices=["all", "named", "none"], default="named",
+                   help="which assets get a per-stage run of the old path (the new path gets one on every asset)")
     p.add_argument("--no-tests", action="store_true", help="skip the pytest -m gpu step")
     p.add_argument("--time-budget", type=float, default=180.0, help="seconds of timing after which assets are skipped")
+    p.add_argument("--new-backend", default=PATHS["new"], help="mesh_field backend of the new path")
     p.add_argument("--tiny", action="store_true", help="CPU smoke: 32³, 3 sampled assets with <= 300 triangles")
     p.add_argument("--out-dir", default=None)
     args = p.parse_args()
@@ -313,7 +318,8 @@ def main() -> None:
         elif time.perf_counter() - t_start > args.time_budget:
             result[group].append({"asset": name, "skipped": f"time budget {args.time_budget:.0f} s spent"})
         else:
-            stages = args.stages == "all" or (args.stages == "named" and group == "named")
+            stages = {"new"} | ({"old"} if args.old_stages == "all" or (args.old_stages == "named"
+                                                                       and group == "named") else set())
             try:
                 row = measure(name, load(name, source), args, stages)
             except ValueError as e:  # an unusable asset (MeshError is a ValueError): recorded, not fatal
