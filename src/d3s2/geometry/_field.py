@@ -25,7 +25,7 @@ import math
 import numpy as np
 import torch
 
-from d3s2.ops.mesh_field import near_field, pair_terms
+from d3s2.ops.mesh_field import near_field, pair_dist2
 
 logger = logging.getLogger(__name__)
 
@@ -139,15 +139,10 @@ class TorchField:
             ccoords = (parent.coords[:, None, :] * 2 + child[None]).reshape(-1, 3)  # [8C, 3]
             cell_of_pair = (pc[:, None] * 8 + torch.arange(8, device=dev)[None]).reshape(-1)
             tri_of_pair = ptri[:, None].expand(-1, 8).reshape(-1)
-            keep_pair = torch.empty(cell_of_pair.numel(), dtype=torch.bool, device=dev)
+            d = pair_dist2(self._centers(ccoords, size), cell_of_pair, tri_of_pair, self.tri, chunk=self.chunk).sqrt()
+            keep_pair = d <= radius
             mind = torch.full((ccoords.shape[0],), float("inf"), device=dev, dtype=self.dtype)
-            centers = self._centers(ccoords, size).T.contiguous()  # [3, 8C]
-            for s in range(0, cell_of_pair.numel(), self.chunk):
-                cq = cell_of_pair[s:s + self.chunk]
-                d2, _, _ = pair_terms(centers[:, cq], self.tri[:, tri_of_pair[s:s + self.chunk]], need_wind=False)
-                d = d2.sqrt()
-                keep_pair[s:s + self.chunk] = d <= radius
-                mind.scatter_reduce_(0, cq, d, reduce="amin")
+            mind.scatter_reduce_(0, cell_of_pair, d, reduce="amin")
             # Keep children that may still contain band voxel centres.
             keep_cell = mind < band + hd
             remap = torch.cumsum(keep_cell.long(), 0) - 1

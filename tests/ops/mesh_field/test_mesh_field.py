@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from d3s2.ops import use_backend  # noqa: E402
-from d3s2.ops.mesh_field import BACKENDS, near_field  # noqa: E402
+from d3s2.ops.mesh_field import BACKENDS, near_field, pair_dist2  # noqa: E402
 from d3s2.ops.mesh_field import triton as mf_triton  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -71,6 +71,18 @@ def test_near_field_matches_reference(n_tri, n_cells, n_points, max_list, monkey
     empty = owner == 0
     assert torch.isinf(got.dist2[empty]).all() and (got.nearest[empty] == -1).all()
     assert (got.winding[empty] == 0).all() and torch.isinf(got.edge_dist2[empty]).all()
+
+
+def test_pair_dist2_matches_reference(monkeypatch):
+    monkeypatch.setattr(mf_triton, "BLOCK_Q_INTERPRET", 64)
+    pts, owner, offsets, near, tris, *_ = _case(30, 6, 50, 20, seed=5)
+    g = torch.Generator().manual_seed(1)
+    pi = torch.randint(0, 50, (300,), generator=g).to(DEV)
+    ti = torch.randint(0, 30, (300,), generator=g).int().to(DEV)
+    got = pair_dist2(pts, pi, ti, tris, backend="triton")
+    ref = pair_dist2(pts, pi, ti, tris, backend="torch", chunk=70)
+    assert got.shape == (300,) and torch.equal(got, ref)  # bit-identical
+    assert pair_dist2(pts, pi[:0], ti[:0], tris, backend="triton").shape == (0,)
 
 
 def test_nearest_ties_go_to_smallest_id():
@@ -135,3 +147,5 @@ def test_near_field_full_size_gpu():
     assert torch.equal(got.class_dist2, ref.class_dist2)
     assert torch.equal(got.edge_dist2, ref.edge_dist2)
     torch.testing.assert_close(got.winding, ref.winding, atol=2e-5, rtol=0)
+    pi, ti = torch.randint(0, 200000, (1 << 22,), device=DEV), torch.randint(0, 20000, (1 << 22,), device=DEV)
+    assert torch.equal(pair_dist2(pts, pi, ti, tris, backend="triton"), pair_dist2(pts, pi, ti, tris, backend="torch"))

@@ -1,6 +1,7 @@
 """Near-list mesh field: per query point, the squared distance, nearest triangle, winding number (solid-angle
-sum) and flagged-edge distances over the near list of the point's cell. The inner loop of the SDF's "torch"
-field evaluator (:mod:`d3s2.geometry._field`).
+sum) and flagged-edge distances over the near list of the point's cell (:func:`near_field`), and the squared
+distance of explicit (point, triangle) pairs (:func:`pair_dist2`). The inner loops of the SDF's "torch" field
+evaluator (:mod:`d3s2.geometry._field`).
 
 Backends, chosen per call (``backend=`` → ``use_backend("mesh_field", ...)`` → ``D3S2_MESH_FIELD_BACKEND`` →
 auto): ``triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1``; one lane per point, reductions in registers) and
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import needs_triton, op_backends
-from .reference import NearField, near_field_ref, pair_terms
+from .reference import NearField, near_field_ref, pair_dist2_ref, pair_terms
 
 BACKENDS = op_backends("mesh_field")
 BACKENDS.register("triton", needs_triton)
@@ -84,4 +85,24 @@ def near_field(points: torch.Tensor, owner: torch.Tensor, offsets: torch.Tensor,
     raise AssertionError(f"unhandled mesh_field backend {name}")  # every registered backend is dispatched above
 
 
-__all__ = ["BACKENDS", "NearField", "near_field", "near_field_ref", "pair_terms"]
+def pair_dist2(points: torch.Tensor, point_idx: torch.Tensor, tri_idx: torch.Tensor, tris: torch.Tensor, *,
+               chunk: int = 1 << 18, backend: str | None = None) -> torch.Tensor:
+    """float32 [P]: squared distance from ``points[point_idx]`` to triangle ``tri_idx`` (points float32 [Q, 3],
+    indices int32/int64 [P], tris float32 [9, F]); the same backends as :func:`near_field`. The torch backend
+    works in chunks of ``chunk`` pairs. See :func:`~d3s2.ops.mesh_field.reference.pair_dist2_ref`."""
+    dev = points.device
+    _check("points", points, (None, 3), (torch.float32,), dev)
+    _check("point_idx", point_idx, (None,), _INT, dev)
+    _check("tri_idx", tri_idx, (point_idx.numel(),), _INT, dev)
+    _check("tris", tris, (9, None), (torch.float32,), dev)
+    name = BACKENDS.resolve(backend, points, point_idx, tri_idx, tris)
+    if name == "torch":
+        return pair_dist2_ref(points, point_idx, tri_idx, tris, chunk=chunk)
+    if name == "triton":
+        from .triton import pair_dist2_triton
+
+        return pair_dist2_triton(points, point_idx, tri_idx, tris)
+    raise AssertionError(f"unhandled mesh_field backend {name}")  # every registered backend is dispatched above
+
+
+__all__ = ["BACKENDS", "NearField", "near_field", "near_field_ref", "pair_dist2", "pair_dist2_ref", "pair_terms"]

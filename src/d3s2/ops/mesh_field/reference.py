@@ -1,5 +1,6 @@
 """Pure-torch reference (the spec) of the near-list mesh field: per query point, distance, nearest triangle,
-winding number and flagged-edge distances over the triangles of its cell's near list.
+winding number and flagged-edge distances over the triangles of its cell's near list; and the squared distance
+of explicit (point, triangle) pairs (:func:`pair_dist2_ref`, used to filter near lists).
 
 Inputs (see :func:`near_field_ref`): points ``[Q, 3]``, each with an owner cell ``owner [Q]``; cell ``c`` has the
 near list ``near_tri[offsets[c]:offsets[c + 1]]`` (CSR, triangle ids into ``tris``). Per point ``q`` with near
@@ -94,6 +95,19 @@ def pair_terms(p: torch.Tensor, tri: torch.Tensor, sharp: torch.Tensor | None = 
     if sharp is not None:
         sharp_d2 = torch.where(sharp, e[:, :, None], torch.full_like(e[:, :, None], float("inf"))).amin(dim=1)
     return dist2, wind, sharp_d2
+
+
+def pair_dist2_ref(points: torch.Tensor, point_idx: torch.Tensor, tri_idx: torch.Tensor, tris: torch.Tensor,
+                   chunk: int = 1 << 18) -> torch.Tensor:
+    """float32 [P]: squared distance of each (point, triangle) pair (:func:`pair_terms`), in chunks of pairs.
+
+    points float32 [Q, 3], point_idx / tri_idx int [P], tris float32 [9, F].
+    """
+    out = torch.empty(point_idx.numel(), dtype=torch.float32, device=points.device)
+    for s in range(0, point_idx.numel(), chunk):
+        q, t = point_idx[s:s + chunk].long(), tri_idx[s:s + chunk].long()
+        out[s:s + chunk] = pair_terms(points[q].T, tris[:, t], need_wind=False)[0]
+    return out
 
 
 def expand_pairs(owner: torch.Tensor, offsets: torch.Tensor, near_tri: torch.Tensor):

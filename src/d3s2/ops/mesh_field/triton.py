@@ -72,6 +72,54 @@ def _segment_dist2(apx, apy, apz, abx, aby, abz):
 
 
 @triton.jit
+def _tri_dist2(ax, ay, az, bx, by, bz, cx, cy, cz):
+    """(squared distance to the triangle, squared distances to its edges v0v1, v1v2, v2v0) from the vertices
+    relative to the point (``a = v0 - p`` ...), with the reference's operations in its order."""
+    abx = bx - ax
+    aby = by - ay
+    abz = bz - az
+    bcx = cx - bx
+    bcy = cy - by
+    bcz = cz - bz
+    cax = ax - cx
+    cay = ay - cy
+    caz = az - cz
+    e0 = _segment_dist2(-ax, -ay, -az, abx, aby, abz)
+    e1 = _segment_dist2(-bx, -by, -bz, bcx, bcy, bcz)
+    e2 = _segment_dist2(-cx, -cy, -cz, cax, cay, caz)
+    acx = cx - ax
+    acy = cy - ay
+    acz = cz - az
+    nx = aby * acz - abz * acy
+    ny = abz * acx - abx * acz
+    nz = abx * acy - aby * acx
+    nn = _dot(nx, ny, nz, nx, ny, nz)
+    # cross(edge, p - v) . n >= 0 for the three edges: the projection falls inside the triangle.
+    s0 = _dot(aby * -az - abz * -ay, abz * -ax - abx * -az, abx * -ay - aby * -ax, nx, ny, nz)
+    s1 = _dot(bcy * -bz - bcz * -by, bcz * -bx - bcx * -bz, bcx * -by - bcy * -bx, nx, ny, nz)
+    s2 = _dot(cay * -cz - caz * -cy, caz * -cx - cax * -cz, cax * -cy - cay * -cx, nx, ny, nz)
+    inside = (s0 >= 0) & (s1 >= 0) & (s2 >= 0) & (nn > 1e-30)
+    an = _dot(ax, ay, az, nx, ny, nz)
+    plane = tl.div_rn(an * an, tl.maximum(nn, 1e-30))
+    return tl.where(inside, plane, tl.minimum(tl.minimum(e0, e1), e2)), e0, e1, e2
+
+
+@triton.jit
+def _load_relative(TRI, F, t, mask, px, py, pz):
+    """The 9 vertex coordinates of triangles ``t`` minus the points (``v0 - p``, ``v1 - p``, ``v2 - p``)."""
+    ax = tl.load(TRI + t, mask=mask, other=0.0) - px
+    ay = tl.load(TRI + F + t, mask=mask, other=0.0) - py
+    az = tl.load(TRI + 2 * F + t, mask=mask, other=0.0) - pz
+    bx = tl.load(TRI + 3 * F + t, mask=mask, other=0.0) - px
+    by = tl.load(TRI + 4 * F + t, mask=mask, other=0.0) - py
+    bz = tl.load(TRI + 5 * F + t, mask=mask, other=0.0) - pz
+    cx = tl.load(TRI + 6 * F + t, mask=mask, other=0.0) - px
+    cy = tl.load(TRI + 7 * F + t, mask=mask, other=0.0) - py
+    cz = tl.load(TRI + 8 * F + t, mask=mask, other=0.0) - pz
+    return ax, ay, az, bx, by, bz, cx, cy, cz
+
+
+@triton.jit
 def _near_field_kernel(P, OWNER, OFFS, NEAR, TRI, CLS, EBITS, D2, NEAREST, CD2, WIND, ED2, Q, F,
                        NEED_DIST: tl.constexpr, NEED_WIND: tl.constexpr, NEED_NEAREST: tl.constexpr,
                        NEED_D: tl.constexpr, NUM_CLASSES: tl.constexpr, NC_P2: tl.constexpr, K: tl.constexpr,
@@ -96,15 +144,7 @@ def _near_field_kernel(P, OWNER, OFFS, NEAR, TRI, CLS, EBITS, D2, NEAREST, CD2, 
     for j in range(0, tl.max(count, axis=0)):
         active = j < count
         t = tl.load(NEAR + start + j, mask=active, other=0).to(tl.int32)
-        ax = tl.load(TRI + t, mask=active, other=0.0) - px  # v0 - p
-        ay = tl.load(TRI + F + t, mask=active, other=0.0) - py
-        az = tl.load(TRI + 2 * F + t, mask=active, other=0.0) - pz
-        bx = tl.load(TRI + 3 * F + t, mask=active, other=0.0) - px
-        by = tl.load(TRI + 4 * F + t, mask=active, other=0.0) - py
-        bz = tl.load(TRI + 5 * F + t, mask=active, other=0.0) - pz
-        cx = tl.load(TRI + 6 * F + t, mask=active, other=0.0) - px
-        cy = tl.load(TRI + 7 * F + t, mask=active, other=0.0) - py
-        cz = tl.load(TRI + 8 * F + t, mask=active, other=0.0) - pz
+        ax, ay, az, bx, by, bz, cx, cy, cz = _load_relative(TRI, F, t, active, px, py, pz)
         if NEED_WIND:
             la = tl.sqrt_rn(_dot(ax, ay, az, ax, ay, az))
             lb = tl.sqrt_rn(_dot(bx, by, bz, bx, by, bz))
@@ -114,33 +154,7 @@ def _near_field_kernel(P, OWNER, OFFS, NEAR, TRI, CLS, EBITS, D2, NEAREST, CD2, 
                    + _dot(cx, cy, cz, ax, ay, az) * lb)
             wsum += tl.where(active, _atan2(num, den) * _INV_2PI, 0.0)
         if NEED_D:  # any distance output: dist, class or edge distances
-            abx = bx - ax
-            aby = by - ay
-            abz = bz - az
-            bcx = cx - bx
-            bcy = cy - by
-            bcz = cz - bz
-            cax = ax - cx
-            cay = ay - cy
-            caz = az - cz
-            e0 = _segment_dist2(-ax, -ay, -az, abx, aby, abz)
-            e1 = _segment_dist2(-bx, -by, -bz, bcx, bcy, bcz)
-            e2 = _segment_dist2(-cx, -cy, -cz, cax, cay, caz)
-            acx = cx - ax
-            acy = cy - ay
-            acz = cz - az
-            nx = aby * acz - abz * acy
-            ny = abz * acx - abx * acz
-            nz = abx * acy - aby * acx
-            nn = _dot(nx, ny, nz, nx, ny, nz)
-            # cross(edge, p - v) . n >= 0 for the three edges: the projection falls inside the triangle.
-            s0 = _dot(aby * -az - abz * -ay, abz * -ax - abx * -az, abx * -ay - aby * -ax, nx, ny, nz)
-            s1 = _dot(bcy * -bz - bcz * -by, bcz * -bx - bcx * -bz, bcx * -by - bcy * -bx, nx, ny, nz)
-            s2 = _dot(cay * -cz - caz * -cy, caz * -cx - cax * -cz, cax * -cy - cay * -cx, nx, ny, nz)
-            inside = (s0 >= 0) & (s1 >= 0) & (s2 >= 0) & (nn > 1e-30)
-            an = _dot(ax, ay, az, nx, ny, nz)
-            plane = tl.div_rn(an * an, tl.maximum(nn, 1e-30))
-            d2 = tl.where(inside, plane, tl.minimum(tl.minimum(e0, e1), e2))
+            d2, e0, e1, e2 = _tri_dist2(ax, ay, az, bx, by, bz, cx, cy, cz)
             d2 = tl.where(active, d2, float("inf"))
             if NEED_NEAREST:
                 better = (d2 < best) | ((d2 == best) & (t < best_id) & active)
@@ -169,6 +183,33 @@ def _near_field_kernel(P, OWNER, OFFS, NEAR, TRI, CLS, EBITS, D2, NEAREST, CD2, 
         tl.store(CD2 + q64[:, None] * NUM_CLASSES + kc[None, :], cls_best, mask=cmask)
     if K > 0:
         tl.store(ED2 + q64[:, None] * K + kk[None, :], edge_best, mask=qm[:, None] & (kk[None, :] < K))
+
+
+@triton.jit
+def _pair_dist2_kernel(P, PT, TI, TRI, D2, N, F, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < N
+    q = tl.load(PT + i, mask=m, other=0).to(tl.int64)
+    t = tl.load(TI + i, mask=m, other=0).to(tl.int32)
+    px = tl.load(P + q * 3, mask=m, other=0.0)
+    py = tl.load(P + q * 3 + 1, mask=m, other=0.0)
+    pz = tl.load(P + q * 3 + 2, mask=m, other=0.0)
+    ax, ay, az, bx, by, bz, cx, cy, cz = _load_relative(TRI, F, t, m, px, py, pz)
+    d2, _, _, _ = _tri_dist2(ax, ay, az, bx, by, bz, cx, cy, cz)
+    tl.store(D2 + i, d2, mask=m)
+
+
+def pair_dist2_triton(points: torch.Tensor, point_idx: torch.Tensor, tri_idx: torch.Tensor,
+                      tris: torch.Tensor) -> torch.Tensor:
+    """Launcher of ``_pair_dist2_kernel``; arguments validated by :func:`d3s2.ops.mesh_field.pair_dist2`."""
+    n = point_idx.numel()
+    out = torch.empty(n, dtype=torch.float32, device=points.device)
+    if n:
+        block = BLOCK_Q_INTERPRET if triton_interpret() else 256
+        _pair_dist2_kernel[(triton.cdiv(n, block),)](points.contiguous(), point_idx.contiguous(),
+                                                     tri_idx.contiguous(), tris.contiguous(), out, n, tris.shape[1],
+                                                     BLOCK=block, num_warps=4, enable_fp_fusion=False)
+    return out
 
 
 def edge_bits(edge_flags: torch.Tensor) -> torch.Tensor:
