@@ -7,9 +7,10 @@ by memory traffic and launches; here each lane keeps its running minima and wind
 and writes only the per-point outputs.
 
 Distances use the reference's operations in the same order with correctly rounded division and square root and
-no FMA contraction (``enable_fp_fusion=False``), so they are bit-identical to the torch path. The solid angle's
-``atan2`` is a minimax polynomial (about 1e-7 rad from the exact angle; libdevice is not available under the
-interpreter), so winding numbers agree with the torch path to float rounding, not bit for bit.
+no FMA contraction (``enable_fp_fusion=False`` for launches with distance outputs), so they are bit-identical to
+the torch path. The solid angle's ``atan2`` is a minimax polynomial (about 1e-7 rad from the exact angle; libdevice
+is not available under the interpreter) and its vector lengths use the fast square root, so winding numbers agree
+with the torch path to float rounding, not bit for bit (winding-only launches also allow FMAs).
 
 Dimension legend: Q points, C cells, P near-list entries, F triangles, K edge flag sets.
 """
@@ -146,9 +147,9 @@ def _near_field_kernel(P, OWNER, OFFS, NEAR, TRI, CLS, EBITS, D2, NEAREST, CD2, 
         t = tl.load(NEAR + start + j, mask=active, other=0).to(tl.int32)
         ax, ay, az, bx, by, bz, cx, cy, cz = _load_relative(TRI, F, t, active, px, py, pz)
         if NEED_WIND:
-            la = tl.sqrt_rn(_dot(ax, ay, az, ax, ay, az))
-            lb = tl.sqrt_rn(_dot(bx, by, bz, bx, by, bz))
-            lc = tl.sqrt_rn(_dot(cx, cy, cz, cx, cy, cz))
+            la = tl.sqrt(_dot(ax, ay, az, ax, ay, az))  # approximate: winding numbers are not bit-exact anyway
+            lb = tl.sqrt(_dot(bx, by, bz, bx, by, bz))
+            lc = tl.sqrt(_dot(cx, cy, cz, cx, cy, cz))
             num = _dot(ax, ay, az, by * cz - bz * cy, bz * cx - bx * cz, bx * cy - by * cx)
             den = (la * lb * lc + _dot(ax, ay, az, bx, by, bz) * lc + _dot(bx, by, bz, cx, cy, cz) * la
                    + _dot(cx, cy, cz, ax, ay, az) * lb)
@@ -232,6 +233,7 @@ def near_field_triton(points: torch.Tensor, owner: torch.Tensor, offsets: torch.
     cd2 = torch.empty((q_n, nc), dtype=torch.float32, device=dev) if nc else None
     wind = torch.empty(q_n, dtype=torch.float32, device=dev) if need_wind else None
     ed2 = torch.empty((q_n, k), dtype=torch.float32, device=dev) if k else None
+    need_d = need_dist or nc > 0 or k > 0
     if q_n:
         dummy = torch.empty(1, dtype=torch.float32, device=dev)
         cls = classes.contiguous() if nc else dummy
@@ -242,8 +244,7 @@ def near_field_triton(points: torch.Tensor, owner: torch.Tensor, offsets: torch.
             points.contiguous(), owner.contiguous(), offsets.contiguous(), near_tri.contiguous(), tris.contiguous(),
             cls, bits, d2 if need_dist else dummy, nearest if need_nearest else dummy, cd2 if nc else dummy,
             wind if need_wind else dummy, ed2 if k else dummy, q_n, f,
-            NEED_DIST=need_dist, NEED_WIND=need_wind, NEED_NEAREST=need_nearest, NEED_D=need_dist or nc > 0 or k > 0,
-            NUM_CLASSES=nc,
+            NEED_DIST=need_dist, NEED_WIND=need_wind, NEED_NEAREST=need_nearest, NEED_D=need_d, NUM_CLASSES=nc,
             NC_P2=max(2, triton.next_power_of_2(nc)), K=k, K_P2=max(2, triton.next_power_of_2(k)), BLOCK=block,
-            num_warps=NUM_WARPS, enable_fp_fusion=False)
+            num_warps=NUM_WARPS, enable_fp_fusion=not need_d)  # FMAs would change distances' roundings
     return NearField(dist2=d2, nearest=nearest, class_dist2=cd2, winding=wind, edge_dist2=ed2)
