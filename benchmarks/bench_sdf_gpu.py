@@ -157,29 +157,21 @@ def compare(a, b) -> dict:
     return res
 
 
-def measure(name: str, mesh, args, stages: set[str]) -> dict:
-    """Both paths on one mesh: clean wall and GPU peak, stage times for the paths in ``stages``, agreement."""
-    row: dict = {"asset": name, "triangles": int(len(mesh.faces))}
-    outs = {}
-    for path in PATHS:
-        out, wall, peak = timed_call(mesh, args, path)
-        outs[path] = out
-        row[path] = {"wall_s": round(wall, 3), "gpu_peak_gib": peak}
-        if path in stages:
-            with staged(args.device) as (times, counts):
-                t0 = time.perf_counter()
-                sdf_call(mesh, args, path)
-                _sync(args.device)
-                total = time.perf_counter() - t0
-            top = sum(v for k, v in times.items() if k not in TOTALS)
-            row[path]["stages_s"] = {k: round(v, 3) for k, v in times.items()} | {"other": round(total - top, 3)}
-            row[path]["staged_wall_s"] = round(total, 3)
-            row[path]["counts"] = counts
-    row["band_voxels"] = len(outs["new"])
-    row["blocks"] = int(len(outs["new"].block_coords))
-    row["agreement"] = compare(outs["new"], outs["old"])
-    row["speedup"] = round(row["old"]["wall_s"] / max(row["new"]["wall_s"], 1e-9), 2)
-    return row
+def measure(mesh, args, path: str, stages: bool) -> tuple:
+    """One path on one mesh: (SparseSDF, {wall_s, gpu_peak_gib[, stages_s, staged_wall_s, counts]})."""
+    out, wall, peak = timed_call(mesh, args, path)
+    row: dict = {"wall_s": round(wall, 3), "gpu_peak_gib": peak}
+    if stages:
+        with staged(args.device) as (times, counts):
+            t0 = time.perf_counter()
+            sdf_call(mesh, args, path)
+            _sync(args.device)
+            total = time.perf_counter() - t0
+        top = sum(v for k, v in times.items() if k not in TOTALS)
+        row["stages_s"] = {k: round(v, 3) for k, v in times.items()} | {"other": round(total - top, 3)}
+        row["staged_wall_s"] = round(total, 3)
+        row["counts"] = counts
+    return out, row
 
 
 def run_tests(device: str) -> dict:
@@ -222,15 +214,17 @@ def markdown(result: dict) -> str:
         lines += [f"## {title}", "", "| asset | triangles | band voxels | new s | old s | speedup | new peak GiB | "
                   "old peak GiB | same output |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in rows:
-            if "skipped" in r:
-                lines.append(f"| {r['asset']} | — | — | — | — | — | — | — | {r['skipped']} |")
+            if "skipped" in r or "wall_s" not in r["new"]:
+                reason = r.get("skipped") or r["new"]["skipped"]
+                lines.append(f"| {r['asset']} | — | — | — | — | — | — | — | {reason} |")
                 continue
-            ag = r["agreement"]
-            same = ("yes" if ag["same_band_voxels"] and ag["same_blocks"] and not ag.get("sign_flips")
-                    and not ag.get("inside_bit_diff") else f"no: {ag}")
+            ag = r.get("agreement")
+            same = ("—" if ag is None else "yes" if ag["same_band_voxels"] and ag["same_blocks"]
+                    and not ag.get("sign_flips") and not ag.get("inside_bit_diff") else f"no: {ag}")
+            old = r["old"]
             lines.append(f"| {r['asset']} | {r['triangles']:,} | {r['band_voxels']:,} | {r['new']['wall_s']} | "
-                         f"{r['old']['wall_s']} | {r['speedup']}× | {r['new']['gpu_peak_gib']} | "
-                         f"{r['old']['gpu_peak_gib']} | {same} |")
+                         f"{old.get('wall_s', old.get('skipped'))} | {r.get('speedup', '—')}× | "
+                         f"{r['new']['gpu_peak_gib']} | {old.get('gpu_peak_gib', '—')} | {same} |")
         lines.append("")
     s = result["summary"]
     if s:
@@ -242,18 +236,18 @@ def markdown(result: dict) -> str:
                 lines.append(f"| {path} | {st['n']} | {st['median']} | {st['p90']} | {st['max']} | {st['mean']} | "
                              f"{st['at_most_1s']} |")
         lines.append("")
-    staged_rows = [r for r in result["named"] + result["sample"] if "new" in r and "stages_s" in r["new"]]
+    staged_rows = [r for r in result["named"] + result["sample"] if "stages_s" in r.get("new", {})]
     if staged_rows:
         names = []
         for r in staged_rows:
             for path in PATHS:
-                names += [k for k in r[path].get("stages_s", {}) if k not in names]
+                names += [k for k in r.get(path, {}).get("stages_s", {}) if k not in names]
         lines += ["## Stages (seconds, synchronised timers; totals marked (all) overlap the others)", "",
                   "| asset | path | staged wall | " + " | ".join(names) + " |",
                   "|---|---|---:|" + "---:|" * len(names)]
         for r in staged_rows:
             for path in PATHS:
-                st = r[path].get("stages_s")
+                st = r.get(path, {}).get("stages_s")
                 if st:
                     lines.append(f"| {r['asset']} | {path} | {r[path]['staged_wall_s']} | "
                                  + " | ".join(str(st.get(n, "")) for n in names) + " |")
@@ -274,17 +268,18 @@ def main() -> None:
     p.add_argument("--old-stages", choices=["all", "named", "none"], default="named",
                    help="which assets get a per-stage run of the old path (the new path gets one on every asset)")
     p.add_argument("--no-tests", action="store_true", help="skip the pytest -m gpu step")
-    p.add_argument("--time-budget", type=float, default=180.0, help="seconds of timing after which assets are skipped")
+    p.add_argument("--time-budget", type=float, default=170.0, help="seconds of timing after which assets are skipped")
     p.add_argument("--new-backend", default=PATHS["new"], help="mesh_field backend of the new path")
-    p.add_argument("--tiny", action="store_true", help="CPU smoke: 32³, 3 sampled assets with <= 300 triangles")
+    p.add_argument("--tiny", action="store_true",
+                   help="CPU smoke: 32³, 3 sampled assets with <= 300 triangles, no named meshes unless --named")
     p.add_argument("--out-dir", default=None)
     args = p.parse_args()
     from d3s2.data.corpus import MeshCorpus
     from d3s2.geometry.mesh_io import normalize_mesh
 
-    named = NAMED if args.named is None else args.named
+    named = ([] if args.tiny else NAMED) if args.named is None else args.named
     if args.tiny:
-        args.resolution, args.sample, named = 32, 3, []
+        args.resolution, args.sample = 32, 3
     corpus = MeshCorpus(args.npz)
     extra = MeshCorpus(args.named_npz) if args.named_npz else None
     names = corpus.names()
@@ -309,27 +304,44 @@ def main() -> None:
     result["warmup"] = {"asset": warm_name, "triangles": int(len(mesh.faces)), "first_new_s": round(first, 3),
                         "second_new_s": round(second, 3), "compile_s": round(first - second, 3)}
     print("warm-up:", result["warmup"], flush=True)
+    # The new path on every asset first, then the old one while the time budget lasts: a slow old path cuts the
+    # comparison short, not the new path's sample.
     t_start = time.perf_counter()
     jobs = [("named", n) for n in named] + [("sample", n) for n in sample]
-    for group, name in jobs:
-        source = corpus if name in corpus else extra if extra is not None and name in extra else None
-        if source is None:
-            result[group].append({"asset": name, "skipped": "not in --npz / --named-npz"})
-        elif time.perf_counter() - t_start > args.time_budget:
-            result[group].append({"asset": name, "skipped": f"time budget {args.time_budget:.0f} s spent"})
-        else:
-            stages = {"new"} | ({"old"} if args.old_stages == "all" or (args.old_stages == "named"
-                                                                       and group == "named") else set())
-            try:
-                row = measure(name, load(name, source), args, stages)
-            except ValueError as e:  # an unusable asset (MeshError is a ValueError): recorded, not fatal
-                result[group].append({"asset": name, "skipped": f"error: {e}"})
+    outs, rows = {}, {}
+    for path in PATHS:
+        for group, name in jobs:
+            source = corpus if name in corpus else extra if extra is not None and name in extra else None
+            row = rows.setdefault(name, {"asset": name})
+            if source is None:
+                row["skipped"] = "not in --npz / --named-npz"
+            if "skipped" in row or (path == "old" and "wall_s" not in row["new"]):
                 continue
-            result[group].append(row)
-            print(f"{group} {name}: new {row['new']['wall_s']} s, old {row['old']['wall_s']} s, "
-                  f"{row['band_voxels']} band voxels", flush=True)
-    done = [r for r in result["sample"] if "new" in r]
-    result["summary"] = {path: _stats([r[path]["wall_s"] for r in done]) for path in PATHS}
+            if time.perf_counter() - t_start > args.time_budget:
+                row[path] = {"skipped": f"time budget {args.time_budget:.0f} s spent"}
+                continue
+            stages = path == "new" or args.old_stages == "all" or (args.old_stages == "named" and group == "named")
+            mesh = load(name, source)
+            row["triangles"] = int(len(mesh.faces))
+            try:
+                out, row[path] = measure(mesh, args, path, stages)
+            except (ValueError, torch.cuda.OutOfMemoryError) as e:  # an unusable asset (MeshError is a ValueError)
+                row["skipped"] = f"error in the {path} path: {type(e).__name__}: {e}"
+                continue
+            finally:
+                if args.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+            if path == "new":
+                outs[name] = out
+                row.update(band_voxels=len(out), blocks=int(len(out.block_coords)))
+            else:
+                row["agreement"] = compare(outs.pop(name), out)
+                row["speedup"] = round(row["old"]["wall_s"] / max(row["new"]["wall_s"], 1e-9), 2)
+            print(f"{path} {group} {name}: {row[path]['wall_s']} s, {row['band_voxels']} band voxels", flush=True)
+    for group, name in jobs:
+        result[group].append(rows[name])
+    result["summary"] = {path: _stats([r[path]["wall_s"] for r in result["sample"] if "wall_s" in r.get(path, {})])
+                         for path in PATHS}
     result["timing_s"] = round(time.perf_counter() - t_start, 1)
     tag = "tiny_" + args.device.split(":")[0] if args.tiny else args.device.split(":")[0] + f"_{args.resolution}"
     paths = write_outputs(args.out_dir or default_out_dir(), f"sdf_gpu_{tag}", result, markdown(result))
