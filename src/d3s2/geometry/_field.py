@@ -12,7 +12,9 @@ a superset of the triangles closer than ``r_j`` to any point of the cell. For a 
   same way one level up, down from a root cell whose near list is every triangle (so its far part is 0).
 
 Solid angles use the Van Oosterom–Strackee formula, so near-field terms are exact; only the far-field
-interpolation is approximate (well below the 1/2 threshold that decides the sign).
+interpolation is approximate (well below the 1/2 threshold that decides the sign). The near-list reductions and
+the pair distances that filter near lists are the op :mod:`d3s2.ops.mesh_field` (backend per call: Triton kernels
+on CUDA, materialised torch pairs elsewhere; ``use_backend("mesh_field", "torch")`` gives the old GPU path).
 
 Dimension legend: P (point, triangle) pairs, Q query points, C cells, F triangles.
 """

@@ -38,7 +38,8 @@ Sharp voxels: band voxels closer than ``tau`` to a mesh edge whose dihedral angl
 two face normals) exceeds ``sharp_angle_deg``.
 
 Backends: ``"igl"`` (CPU, libigl's AABB distance and fast winding number) and ``"torch"`` (CPU or CUDA,
-this module's own multilevel evaluator, see :mod:`d3s2.geometry._field`). Both follow the rule above.
+this module's own multilevel evaluator, see :mod:`d3s2.geometry._field`; its inner loops are the op
+:mod:`d3s2.ops.mesh_field`, Triton kernels on CUDA). Both follow the rule above.
 Everything after the distance queries (sorting, sign components, sign propagation, block closure) runs in
 torch on the field's device, so the CUDA path keeps its band voxels on the GPU; connected components use
 scipy on the CPU and :func:`label_components` elsewhere.
