@@ -531,8 +531,9 @@ def _close_blocks(field, resolution: int, block_keys: torch.Tensor, inside: torc
     row_of = torch.arange(n, device=dev)  # row in buf of each entry of the sorted block_keys
     frontier = _block_coords(block_keys, g)
     new_keys = block_keys
+    dirs = torch.tensor(_DIRS, device=dev)  # once: a host-to-device copy waits for the queued kernels
     for _ in range(max_rounds):
-        nb = (frontier[:, None, :] + torch.tensor(_DIRS, device=dev)[None]).reshape(-1, 3)
+        nb = (frontier[:, None, :] + dirs[None]).reshape(-1, 3)
         nb = nb[((nb >= 0) & (nb < g)).all(1)]
         k = _keys(nb, g)
         cand = torch.unique(k[~_member(block_keys, k)[0]])
@@ -542,8 +543,8 @@ def _close_blocks(field, resolution: int, block_keys: torch.Tensor, inside: torc
         cc = _block_coords(cand, g)
         count_in = torch.zeros(cand.numel(), dtype=torch.long, device=dev)
         count_out = torch.zeros_like(count_in)
-        for d in _DIRS:  # present block B = D - d touches candidate D with its voxels on the side facing d
-            b = cc - torch.tensor(d, device=dev)
+        for d, dt in zip(_DIRS, dirs, strict=True):  # present block B = D - d touches D with its side facing d
+            b = cc - dt
             ok = torch.nonzero(((b >= 0) & (b < g)).all(1)).squeeze(1)
             found, pos = _member(block_keys, _keys(b[ok], g))
             sides = tuple(slice(None) if x == 0 else (0 if x < 0 else BLOCK - 1) for x in d)
