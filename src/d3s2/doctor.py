@@ -14,6 +14,7 @@ OP_MODULES = [
     "d3s2.ops.ssa",
     "d3s2.ops.dit_norm",
     "d3s2.ops.linear_gelu",
+    "d3s2.ops.mesh_field",
 ]
 
 PACKAGES = ["torch", "triton", "numpy", "scipy", "trimesh", "libigl", "embreex", "scikit-image",

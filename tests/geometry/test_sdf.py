@@ -275,3 +275,10 @@ def test_band_signs_skip_only_what_is_not_needed(monkeypatch):
     assert 0 < needed.sum() < len(needed)
     assert torch.equal(part[needed], full[needed])
     assert 0 < sum(votes) < full_votes
+
+
+def test_pack_bits_matches_numpy():
+    from d3s2.geometry.sdf import pack_bits
+
+    bits = torch.rand(5, 512) < 0.5
+    assert np.array_equal(pack_bits(bits).numpy(), np.packbits(bits.numpy(), axis=1))

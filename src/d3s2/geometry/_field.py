@@ -12,7 +12,9 @@ a superset of the triangles closer than ``r_j`` to any point of the cell. For a 
   same way one level up, down from a root cell whose near list is every triangle (so its far part is 0).
 
 Solid angles use the Van Oosterom–Strackee formula, so near-field terms are exact; only the far-field
-interpolation is approximate (well below the 1/2 threshold that decides the sign).
+interpolation is approximate (well below the 1/2 threshold that decides the sign). The near-list reductions and
+the pair distances that filter near lists are the op :mod:`d3s2.ops.mesh_field` (backend per call: Triton kernels
+on CUDA, materialised torch pairs elsewhere; ``use_backend("mesh_field", "torch")`` gives the old GPU path).
 
 Dimension legend: P (point, triangle) pairs, Q query points, C cells, F triangles.
 """
@@ -25,6 +27,8 @@ import math
 import numpy as np
 import torch
 
+from d3s2.ops.mesh_field import near_field, pair_dist2
+
 logger = logging.getLogger(__name__)
 
 _CHILD = torch.tensor([[i >> 2 & 1, i >> 1 & 1, i & 1] for i in range(8)], dtype=torch.long)  # (x, y, z), z fastest
@@ -34,72 +38,17 @@ _PAIR_CHUNK_GPU = 1 << 22  # on a GPU: fewer, larger launches (under 1 GiB of fl
 _BRUTE_FORCE_PAIRS = 1 << 24  # winding queries with fewer (point, triangle) pairs skip the hierarchy
 
 
-# Pair kernels work on structure-of-arrays inputs (each coordinate a contiguous [P] tensor): on the CPU this
-# is several times faster than [P, 3] tensors reduced over their last dimension.
-def _sub(a, b):
-    return (a[0] - b[0], a[1] - b[1], a[2] - b[2])
-
-
-def _dot(a, b):
-    return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
-
-
-def _cross(a, b):
-    return (a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0])
-
-
-def _segment_dist2(ap, ab):
-    """Squared distance from points to segments, given ``ap = p - a`` and ``ab = b - a`` (SoA)."""
-    t = (_dot(ap, ab) / _dot(ab, ab).clamp_min(1e-30)).clamp(0.0, 1.0)
-    d = (ap[0] - t * ab[0], ap[1] - t * ab[1], ap[2] - t * ab[2])
-    return _dot(d, d)
-
-
-def pair_terms(p: torch.Tensor, tri: torch.Tensor, sharp: torch.Tensor | None = None, need_dist: bool = True,
-               need_wind: bool = True):
-    """Per (point, triangle) pair: squared distance, solid angle / 4pi, squared distances to flagged edges.
-
-    Args:
-        p: [3, P] points (SoA). tri: [9, P] triangle vertices (v0 xyz, v1 xyz, v2 xyz). sharp: bool [P, 3, K]
-        edge (v0v1, v1v2, v2v0) is in flag set k (sharp edges, open edges, ...).
-    Returns:
-        (dist2 [P] or None, winding [P] or None, flagged_dist2 [P, K] or None); inf where no edge is flagged.
-    """
-    pp = (p[0], p[1], p[2])
-    a = _sub((tri[0], tri[1], tri[2]), pp)  # v0 - p
-    b = _sub((tri[3], tri[4], tri[5]), pp)
-    c = _sub((tri[6], tri[7], tri[8]), pp)
-    wind = None
-    if need_wind:
-        la, lb, lc = _dot(a, a).sqrt(), _dot(b, b).sqrt(), _dot(c, c).sqrt()
-        num = _dot(a, _cross(b, c))
-        den = la * lb * lc + _dot(a, b) * lc + _dot(b, c) * la + _dot(c, a) * lb
-        wind = torch.atan2(num, den) * (1.0 / (2.0 * math.pi))  # 2 atan2 / (4 pi)
-    if not need_dist:
-        return None, wind, None
-    ab, bc, ca = _sub(b, a), _sub(c, b), _sub(a, c)  # triangle edges
-    ma, mb, mc = (-a[0], -a[1], -a[2]), (-b[0], -b[1], -b[2]), (-c[0], -c[1], -c[2])  # p - v
-    e = torch.stack([_segment_dist2(ma, ab), _segment_dist2(mb, bc), _segment_dist2(mc, ca)], 1)  # [P, 3]
-    n = _cross(ab, _sub(c, a))
-    nn = _dot(n, n)
-    inside = ((_dot(_cross(ab, ma), n) >= 0) & (_dot(_cross(bc, mb), n) >= 0) & (_dot(_cross(ca, mc), n) >= 0)
-              & (nn > 1e-30))
-    plane = _dot(a, n) ** 2 / nn.clamp_min(1e-30)
-    dist2 = torch.where(inside, plane, e.min(dim=1).values)
-    sharp_d2 = None
-    if sharp is not None:
-        sharp_d2 = torch.where(sharp, e[:, :, None], torch.full_like(e[:, :, None], float("inf"))).amin(dim=1)
-    return dist2, wind, sharp_d2
-
-
 class _Level:
-    """Cells of one level: int64 coords [C, 3], near-list CSR (pair_cell [P] sorted, pair_tri [P]), far [C, 8]."""
+    """Cells of one level: int64 coords [C, 3], near lists (pair_cell [P] sorted, pair_tri [P], CSR offsets
+    [C + 1]), far [C, 8]."""
 
-    __slots__ = ("size", "coords", "keys", "pair_cell", "pair_tri", "far", "has_far")
+    __slots__ = ("size", "coords", "keys", "pair_cell", "pair_tri", "offsets", "far", "has_far")
 
     def __init__(self, size, coords, keys, pair_cell, pair_tri, far):
         self.size, self.coords, self.keys = size, coords, keys  # keys sorted ascending
         self.pair_cell, self.pair_tri, self.far = pair_cell, pair_tri, far
+        counts = torch.bincount(pair_cell, minlength=coords.shape[0])
+        self.offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
         self.has_far = torch.zeros(coords.shape[0], dtype=torch.bool, device=coords.device)
 
 
@@ -110,6 +59,9 @@ class TorchField:
                  edge_flags: np.ndarray | None = None) -> None:
         self.device = torch.device(device)
         self.dtype = torch.float32
+        self.child = _CHILD.to(self.device)  # on the device once: a per-call copy would sync with the host
+        self.corner = _CORNER.to(self.device)
+        self.corner_mask = self.corner.bool()
         self.chunk = _PAIR_CHUNK if self.device.type == "cpu" else _PAIR_CHUNK_GPU
         v = torch.as_tensor(np.asarray(vertices), dtype=torch.float64)
         f = torch.as_tensor(np.asarray(faces, dtype=np.int64))
@@ -133,61 +85,31 @@ class TorchField:
             self._radius = float(radius)
             self.build(resolution)
 
-    # ------------------------------------------------------------------ pair evaluation
-    def _eval_pairs(self, points: torch.Tensor, pt: torch.Tensor, tri_idx: torch.Tensor, n_points: int,
-                    need_dist: bool, need_sharp: bool, need_wind: bool = True, by_class: bool = False):
-        """Reduce pair terms per point: (dist [Q] | None, winding [Q] (zeros if not needed), sharp dist [Q] | None).
+    # ------------------------------------------------------------------ near-list evaluation
+    def _near(self, points: torch.Tensor, owner: torch.Tensor, level: _Level, need_dist: bool, need_sharp: bool,
+              need_wind: bool = True, by_class: bool = False):
+        """Reduce over the near list of each point's owner cell (op ``mesh_field``): (dist [Q] | None, winding [Q]
+        (zeros if not needed), sharp dist [Q, K] | None).
 
         With ``by_class`` the distance is [Q, 3]: all triangles, boundary triangles, lost-sheet triangles.
         """
-        dev = self.device
-        if by_class:
-            cls2 = torch.full((n_points, 2), float("inf"), device=dev, dtype=self.dtype)
-        wind = torch.zeros(n_points, device=dev, dtype=self.dtype)
-        dist2 = torch.full((n_points,), float("inf"), device=dev, dtype=self.dtype) if need_dist else None
-        nk = self.tri_sharp.shape[2]
-        pts = points.T.contiguous()  # [3, Q]
-        sharp2 = torch.full((n_points, nk), float("inf"), device=dev, dtype=self.dtype) if need_sharp else None
-        for s in range(0, pt.numel(), self.chunk):
-            q = pt[s:s + self.chunk]
-            t = tri_idx[s:s + self.chunk]
-            d2, w, sd2 = pair_terms(pts[:, q], self.tri[:, t], self.tri_sharp[t] if need_sharp else None, need_dist,
-                                    need_wind)
-            if need_wind:
-                wind.index_add_(0, q, w)
-            if need_dist:
-                dist2.scatter_reduce_(0, q, d2, reduce="amin")
-            if by_class:
-                c = self.tri_class[t]
-                for k in range(2):
-                    cls2[:, k].scatter_reduce_(0, q, torch.where(c == k, d2, float("inf")), reduce="amin")
-            if need_sharp:
-                sharp2.scatter_reduce_(0, q[:, None].expand(-1, nk), sd2, reduce="amin")
-        if by_class:
-            dist2 = torch.cat([dist2[:, None], cls2], 1)
-        return (dist2.sqrt() if need_dist else None), wind, (sharp2.sqrt() if need_sharp else None)
-
-    @staticmethod
-    def _expand(owner: torch.Tensor, level: _Level) -> tuple[torch.Tensor, torch.Tensor]:
-        """(point index [P], triangle index [P]) pairing each point with the near list of its owner cell."""
-        counts = torch.bincount(level.pair_cell, minlength=level.coords.shape[0])
-        starts = torch.cumsum(counts, 0) - counts
-        n = counts[owner]
-        pt = torch.repeat_interleave(torch.arange(owner.numel(), device=owner.device), n)
-        offs = torch.arange(pt.numel(), device=owner.device) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
-        return pt, level.pair_tri[starts[owner][pt] + offs]
+        r = near_field(points.to(self.dtype).contiguous(), owner, level.offsets, level.pair_tri, self.tri,
+                       need_dist=need_dist, need_wind=need_wind, classes=self.tri_class if by_class else None,
+                       num_classes=2, edge_flags=self.tri_sharp if need_sharp else None, chunk=self.chunk)
+        dist2 = torch.cat([r.dist2[:, None], r.class_dist2], 1) if by_class else r.dist2
+        wind = r.winding if need_wind else torch.zeros(points.shape[0], device=self.device, dtype=self.dtype)
+        return (dist2.sqrt() if need_dist else None), wind, (r.edge_dist2.sqrt() if need_sharp else None)
 
     def _far(self, points: torch.Tensor, owner: torch.Tensor, level: _Level) -> torch.Tensor:
         """Trilinear interpolation of the owner cells' far-field corner values at points [Q, 3]."""
         lo = level.coords[owner].to(self.dtype) * level.size - 1.0
         u = ((points - lo) / level.size).clamp(0.0, 1.0)  # [Q, 3]
-        wts = torch.where(_CORNER.to(points.device)[None].bool(), u[:, None, :], 1 - u[:, None, :]).prod(-1)  # [Q, 8]
+        wts = torch.where(self.corner_mask[None], u[:, None, :], 1 - u[:, None, :]).prod(-1)  # [Q, 8]
         return (wts * level.far[owner]).sum(1)
 
     def _evaluate(self, points: torch.Tensor, owner: torch.Tensor, level: _Level, need_dist: bool = True,
                   need_sharp: bool = False):
-        pt, ti = self._expand(owner, level)
-        d, w, sd = self._eval_pairs(points, pt, ti, points.shape[0], need_dist, need_sharp)
+        d, w, sd = self._near(points, owner, level, need_dist, need_sharp)
         return d, w + self._far(points, owner, level), sd
 
     # ------------------------------------------------------------------ hierarchy
@@ -207,7 +129,7 @@ class TorchField:
                      torch.zeros((1, 8), dtype=self.dtype, device=dev))
         lvl.has_far[:] = True  # the root's near list is every triangle: no far part
         levels = [lvl]
-        child = _CHILD.to(dev)
+        child = self.child
         for j in range(1, num):  # build levels 1 .. num-1; voxels (level num) are queried in level num-1 cells
             size = sizes[j]
             g = 2 ** j
@@ -219,15 +141,10 @@ class TorchField:
             ccoords = (parent.coords[:, None, :] * 2 + child[None]).reshape(-1, 3)  # [8C, 3]
             cell_of_pair = (pc[:, None] * 8 + torch.arange(8, device=dev)[None]).reshape(-1)
             tri_of_pair = ptri[:, None].expand(-1, 8).reshape(-1)
-            keep_pair = torch.empty(cell_of_pair.numel(), dtype=torch.bool, device=dev)
+            d = pair_dist2(self._centers(ccoords, size), cell_of_pair, tri_of_pair, self.tri, chunk=self.chunk).sqrt()
+            keep_pair = d <= radius
             mind = torch.full((ccoords.shape[0],), float("inf"), device=dev, dtype=self.dtype)
-            centers = self._centers(ccoords, size).T.contiguous()  # [3, 8C]
-            for s in range(0, cell_of_pair.numel(), self.chunk):
-                cq = cell_of_pair[s:s + self.chunk]
-                d2, _, _ = pair_terms(centers[:, cq], self.tri[:, tri_of_pair[s:s + self.chunk]], need_wind=False)
-                d = d2.sqrt()
-                keep_pair[s:s + self.chunk] = d <= radius
-                mind.scatter_reduce_(0, cq, d, reduce="amin")
+            mind.scatter_reduce_(0, cell_of_pair, d, reduce="amin")
             # Keep children that may still contain band voxel centres.
             keep_cell = mind < band + hd
             remap = torch.cumsum(keep_cell.long(), 0) - 1
@@ -255,13 +172,12 @@ class TorchField:
         distances [N, 3] to all, boundary and lost-sheet triangles, flagged-edge distances [N, K])."""
         self.prepare(resolution, radius)
         parent = self._levels[-1]
-        vox = (parent.coords[:, None, :] * 2 + _CHILD.to(self.device)[None]).reshape(-1, 3)
+        vox = (parent.coords[:, None, :] * 2 + self.child[None]).reshape(-1, 3)
         owner = torch.arange(parent.coords.shape[0], device=self.device)[:, None].expand(-1, 8).reshape(-1)
         inside_grid = (vox < resolution).all(1)
         vox, owner = vox[inside_grid], owner[inside_grid]
         pts = self._centers(vox, 2.0 / resolution)
-        pt, ti = self._expand(owner, parent)
-        d, _, sd = self._eval_pairs(pts, pt, ti, pts.shape[0], True, True, need_wind=False, by_class=True)
+        d, _, sd = self._near(pts, owner, parent, True, True, need_wind=False, by_class=True)
         keep = d[:, 0] < radius
         return vox[keep], d[keep], sd[keep]
 
@@ -297,11 +213,10 @@ class TorchField:
         found, prow = self._rows(j - 1, coords // 2)
         assert bool(found.all()), "every cell's parent exists"
         self._ensure_far(j - 1, prow)
-        corners = ((coords[:, None, :] + _CORNER.to(self.device)[None]).reshape(-1, 3).to(self.dtype) * level.size
+        corners = ((coords[:, None, :] + self.corner[None]).reshape(-1, 3).to(self.dtype) * level.size
                    - 1.0)  # [8M, 3]
         _, w_corner, _ = self._evaluate(corners, prow.repeat_interleave(8), parent, need_dist=False)
-        pt, ti = self._expand(missing.repeat_interleave(8), level)
-        _, near_w, _ = self._eval_pairs(corners, pt, ti, corners.shape[0], False, False)
+        _, near_w, _ = self._near(corners, missing.repeat_interleave(8), level, False, False)
         level.far[missing] = (w_corner - near_w).reshape(-1, 8)
         level.has_far[missing] = True
 
@@ -318,9 +233,8 @@ class TorchField:
         nf = self.tri.shape[1]
         if pts.shape[0] * nf <= _BRUTE_FORCE_PAIRS:
             # Few points: summing every triangle exactly is cheaper than filling far-field corners.
-            pt = torch.arange(pts.shape[0], device=self.device).repeat_interleave(nf)
-            ti = torch.arange(nf, device=self.device).repeat(pts.shape[0])
-            _, w, _ = self._eval_pairs(pts, pt, ti, pts.shape[0], False, False)
+            root = torch.zeros(pts.shape[0], dtype=torch.long, device=self.device)  # its near list: every triangle
+            _, w, _ = self._near(pts, root, self._levels[0], False, False)
             return w
         lvl_idx, row = self._locate(pts)
         for j in torch.unique(lvl_idx).tolist():

@@ -38,7 +38,8 @@ Sharp voxels: band voxels closer than ``tau`` to a mesh edge whose dihedral angl
 two face normals) exceeds ``sharp_angle_deg``.
 
 Backends: ``"igl"`` (CPU, libigl's AABB distance and fast winding number) and ``"torch"`` (CPU or CUDA,
-this module's own multilevel evaluator, see :mod:`d3s2.geometry._field`). Both follow the rule above.
+this module's own multilevel evaluator, see :mod:`d3s2.geometry._field`; its inner loops are the op
+:mod:`d3s2.ops.mesh_field`, Triton kernels on CUDA). Both follow the rule above.
 Everything after the distance queries (sorting, sign components, sign propagation, block closure) runs in
 torch on the field's device, so the CUDA path keeps its band voxels on the GPU; connected components use
 scipy on the CPU and :func:`label_components` elsewhere.
@@ -182,6 +183,12 @@ def _member(sorted_keys: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tenso
         return torch.zeros(query.shape, dtype=torch.bool, device=query.device), torch.zeros_like(query)
     row = torch.searchsorted(sorted_keys, query).clamp_max(sorted_keys.numel() - 1)
     return sorted_keys[row] == query, row
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """uint8 [M, L / 8]: ``np.packbits(bits, axis=1)`` of bool ``[M, L]`` (L a multiple of 8), on bits' device."""
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=bits.device)
+    return (bits.reshape(bits.shape[0], -1, 8).to(torch.uint8) * weights).sum(-1).to(torch.uint8)
 
 
 def voxel_centers(coords, resolution: int):
@@ -501,6 +508,9 @@ def propagate_signs(signs: torch.Tensor, max_steps: int = 3 * BLOCK) -> torch.Te
     return s
 
 
+_DIRS = [(dx, dy, dz) for dx in (-1, 0, 1) for dy in (-1, 0, 1) for dz in (-1, 0, 1) if (dx, dy, dz) != (0, 0, 0)]
+
+
 def _close_blocks(field, resolution: int, block_keys: torch.Tensor, inside: torch.Tensor,
                   max_rounds: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Add missing blocks next to a sign change; see the module docstring.
@@ -509,45 +519,59 @@ def _close_blocks(field, resolution: int, block_keys: torch.Tensor, inside: torc
     corner voxels of its 26 neighbours) hold both signs: some marching-cubes cell between them and D may
     cross the surface. ``block_keys`` int64 [NB] sorted, ``inside`` bool [NB, 8, 8, 8]. Returns the grown
     pair, still sorted; new blocks get the inside bits of all their voxels from the winding number.
+
+    Blocks are only added, so a missing block's verdict can change only when a neighbour was added in the last
+    round: each round examines the missing neighbours of the blocks added in the previous one (all blocks in the
+    first), and inside bits are appended to a growing buffer, sorted once at the end.
     """
     g = resolution // BLOCK
     dev = block_keys.device
-    dirs = [(dx, dy, dz) for dx in (-1, 0, 1) for dy in (-1, 0, 1) for dz in (-1, 0, 1) if (dx, dy, dz) != (0, 0, 0)]
+    n = block_keys.numel()
+    buf = inside
+    row_of = torch.arange(n, device=dev)  # row in buf of each entry of the sorted block_keys
+    frontier = _block_coords(block_keys, g)
     new_keys = block_keys
+    dirs = torch.tensor(_DIRS, device=dev)  # once: a host-to-device copy waits for the queued kernels
     for _ in range(max_rounds):
-        coords = _block_coords(block_keys, g)
-        cand, has_in, has_out = [], [], []
-        for d in dirs:
-            region = inside[(slice(None),) + tuple(slice(None) if x == 0 else (0 if x < 0 else BLOCK - 1) for x in d)]
-            region = region.reshape(len(block_keys), -1)
-            nb = coords + torch.tensor(d, device=dev)
-            ok = ((nb >= 0) & (nb < g)).all(1)
-            k = _keys(nb[ok], g)
-            present, _ = _member(block_keys, k)
-            r = region[ok][~present]
-            cand.append(k[~present])
-            has_in.append(r.any(1))
-            has_out.append(~r.all(1))
-        cand = torch.cat(cand)
+        nb = (frontier[:, None, :] + dirs[None]).reshape(-1, 3)
+        nb = nb[((nb >= 0) & (nb < g)).all(1)]
+        k = _keys(nb, g)
+        cand = torch.unique(k[~_member(block_keys, k)[0]])
         if cand.numel() == 0:
             new_keys = cand
             break
-        uniq, inv = torch.unique(cand, return_inverse=True)
-        count_in = torch.zeros(uniq.numel(), dtype=torch.long, device=dev).index_add_(0, inv, torch.cat(has_in).long())
-        count_out = torch.zeros_like(count_in).index_add_(0, inv, torch.cat(has_out).long())
-        new_keys = uniq[(count_in > 0) & (count_out > 0)]
+        cc = _block_coords(cand, g)
+        count_in = torch.zeros(cand.numel(), dtype=torch.long, device=dev)
+        count_out = torch.zeros_like(count_in)
+        for d, dt in zip(_DIRS, dirs, strict=True):  # present block B = D - d touches D with its side facing d
+            b = cc - dt
+            ok = torch.nonzero(((b >= 0) & (b < g)).all(1)).squeeze(1)
+            found, pos = _member(block_keys, _keys(b[ok], g))
+            sides = tuple(slice(None) if x == 0 else (0 if x < 0 else BLOCK - 1) for x in d)
+            region = buf[row_of[pos[found]]][(slice(None),) + sides].reshape(-1, BLOCK ** d.count(0))
+            at = ok[found]
+            count_in.index_add_(0, at, region.any(1).long())
+            count_out.index_add_(0, at, (~region.all(1)).long())
+        new_keys = cand[(count_in > 0) & (count_out > 0)]
         if new_keys.numel() == 0:
             break
-        new_coords = _block_coords(new_keys, g)
-        new_inside = field.inside(voxel_centers(_block_voxels(new_coords), resolution)).reshape(-1, BLOCK, BLOCK, BLOCK)
-        new_inside &= ~_grid_face_mask(new_coords, g)
+        frontier = _block_coords(new_keys, g)
+        new_inside = field.inside(voxel_centers(_block_voxels(frontier), resolution)).reshape(-1, BLOCK, BLOCK, BLOCK)
+        new_inside &= ~_grid_face_mask(frontier, g)
+        if n + new_keys.numel() > buf.shape[0]:  # grow geometrically: appends cost O(total), not O(rounds * total)
+            grown = torch.empty((max(2 * buf.shape[0], n + new_keys.numel()), BLOCK, BLOCK, BLOCK), dtype=torch.bool,
+                                device=dev)
+            grown[:n] = buf[:n]
+            buf = grown
+        buf[n:n + new_keys.numel()] = new_inside
         all_keys = torch.cat([block_keys, new_keys])
         order = torch.argsort(all_keys)  # keys are distinct
         block_keys = all_keys[order]
-        inside = torch.cat([inside, new_inside])[order]
+        row_of = torch.cat([row_of, torch.arange(n, n + new_keys.numel(), device=dev)])[order]
+        n += new_keys.numel()
     else:
         logger.warning("band closure stopped after %d rounds with %d blocks still open", max_rounds, new_keys.numel())
-    return block_keys, inside
+    return block_keys, buf[row_of]
 
 
 def label_components(src: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tensor:
@@ -715,10 +739,11 @@ def _sparse_sdf_one(field, resolution: int, band: float) -> SparseSDF:
     inside = (signs > 0).reshape(nb, BLOCK, BLOCK, BLOCK)
     inside &= ~(off_band & _grid_face_mask(_block_coords(block_keys, g), g))
     block_keys, inside = _close_blocks(field, resolution, block_keys, inside, max_rounds=4 * g)
-    packed = np.packbits(inside.reshape(len(block_keys), -1).cpu().numpy(), axis=1)
-    return SparseSDF(coords=coords.cpu().numpy().astype(np.int32), sdf=sdf.cpu().numpy(),
-                     sharp=sharp.cpu().numpy(), resolution=resolution, band=float(band),
-                     block_coords=_block_coords(block_keys, g).cpu().numpy().astype(np.int32), block_inside=packed)
+    # Packed and narrowed on the device: an eighth of the inside bits and half the coordinates cross to the host.
+    return SparseSDF(coords=coords.int().cpu().numpy(), sdf=sdf.cpu().numpy(), sharp=sharp.cpu().numpy(),
+                     resolution=resolution, band=float(band),
+                     block_coords=_block_coords(block_keys, g).int().cpu().numpy(),
+                     block_inside=pack_bits(inside.reshape(len(block_keys), -1)).cpu().numpy())
 
 
 def compute_sparse_sdf(
