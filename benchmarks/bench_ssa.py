@@ -256,11 +256,11 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
     base_g = tc.cmp_attention_bwd(q, kc, vc, base_o, base_lse, do, layout, scale)
     topk_key = "topk" if layout.m_cmp == layout.m_slc else "topk_seg"
     default = {k: dict(v) for k, v in tc.CONFIG.items()}
-    # exp2 modes (d3s2.ops._exp2): "mix" = half the exps on the FMA pipe, "poly" = all; tiles sessions 1-3 found
-    # slower are no longer swept
+    # exp2 modes (d3s2.ops._exp2): "mix" / "mix4" = half / a quarter of the exps on the FMA pipe, "poly" = all;
+    # tiles sessions 1-3 found slower are no longer swept
     variants = {
-        "fwd": [{"exp2": "mix"}, {"exp2": "poly"}],
-        topk_key: [{"exp2": "mix"}, {"exp2": "poly"}, {"exp2": "mix", "num_stages": 3}],
+        "fwd": [{"exp2": "mix"}, {"exp2": "mix4"}, {"exp2": "poly"}],
+        topk_key: [{"exp2": "mix"}, {"exp2": "mix4"}, {"exp2": "poly"}, {"exp2": "mix", "num_stages": 3}],
         "bwd_dq": [{"BLOCK_C": 128, "num_warps": 8}, {"rows": 64}],
         "bwd_dkdv": [{"rows": 32}, {"programs_per_sm": 16}, {"rows": 32, "programs_per_sm": 16},
                      {"num_stages": 3}],
@@ -310,7 +310,8 @@ def _sweep_slc(layout, topk, ins) -> list[dict]:
     rows, best = [], None
     flops = _selection_flops(off, idx)
     for change in [{}, {"split": True}, {"exp2": "mix"}, {"exp2": "mix", "split": True},
-                   {"exp2": "poly", "split": True}, {"split": True, "BLOCK_N": 64, "TAIL_N": 16},
+                   {"exp2": "mix4", "split": True}, {"exp2": "poly", "split": True},
+                   {"split": True, "BLOCK_N": 64, "TAIL_N": 16},
                    {"exp2": "mix", "split": True, "BLOCK_N": 64, "TAIL_N": 16}]:
         ba_kernels.FWD_CONFIG = {**default, **change}
         try:
@@ -447,7 +448,7 @@ def _write(result: dict, out: Path) -> None:
                          f"bwd {s['bwd_ms']:.2f} ms, fwd+bwd {s['fwd_bwd_ms']:.2f} ms.")
     for name, rows in result.get("sweep", {}).items():
         used = result["setup"]["compress_kernel_config_used"]
-        lines += ["", f"Sweep ({name}; winner = the config used afterwards, `*`): kernel, changes from the default, "
+        lines += ["", f"Sweep ({name}; winner = the config used afterwards, `*`): kernel, launch config, "
                   "ms, TFLOP/s (selection), difference from the default's output", "",
                   "| kernel | config | ms | TFLOP/s | diff vs default |", "|---|---|---|---|---|"]
         for r in rows:

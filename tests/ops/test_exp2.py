@@ -50,7 +50,7 @@ def test_poly_reference_accuracy():
     assert torch.all((low > 0) & (low < 3e-38))
 
 
-@pytest.mark.parametrize("mode", ["mufu", "poly", "mix"])
+@pytest.mark.parametrize("mode", ["mufu", "poly", "mix", "mix4"])
 def test_triton_exp2_modes(mode):
     x = _inputs().to(DEV)
     y = _run(x, mode).cpu().double()

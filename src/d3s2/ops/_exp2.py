@@ -10,7 +10,9 @@ sm_90: max, 3 adds, 3 FMAs, one LEA) raises the ceiling (the FlashAttention-4 tr
   degree-3 minimax polynomial on [−½, ½] (relative error ≤ 7.5e-5, about a third of a float16 ulp), and j
   added into the exponent bits with integer ops. Written in Triton ops, so it also runs in the interpreter.
 - ``"mix"``: inline PTX on element pairs: one ``ex2.approx.ftz.f32`` and one polynomial (half the MUFU load).
-  Inline asm does not run under ``TRITON_INTERPRET=1``: :func:`resolve_mode` maps it to ``"poly"`` there.
+- ``"mix4"``: inline PTX on groups of four: three ``ex2.approx.ftz.f32``, one polynomial (for kernels whose FMA
+  pipe is already busy).
+  Inline asm does not run under ``TRITON_INTERPRET=1``: :func:`resolve_mode` maps both to ``"poly"`` there.
 
 Inputs must be ≤ 127 (attention exponents are ≤ 0); below −125 the polynomial clamps to 2^−125·p (≈ 1e-38
 instead of 0: negligible next to any probability ≥ 2^−125 of the same row, and masked columns carry zero
@@ -25,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-MODES = ("mufu", "poly", "mix")
-ASM_MODES = ("mix",)
+MODES = ("mufu", "poly", "mix", "mix4")
+ASM_MODES = ("mix", "mix4")
 # p(f) ≈ 2^f on [-1/2, 1/2] (relative-error minimax fit, float32 coefficients; bits in the PTX below)
 C0, C1, C2, C3 = 0.9999280571937561, 0.6932609677314758, 0.2426111400127411, 0.0551716685295105
 MAGIC = 12582912.0  # 1.5 * 2**23: x + MAGIC rounds x to an integer held in the low mantissa bits
@@ -62,14 +64,9 @@ def exp2_poly(x):
     return (p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)).to(tl.float32, bitcast=True)
 
 
-@triton.jit
-def _exp2_mix(x):
-    # pairs (a, b): a by MUFU, b by the polynomial; every register .b32 so float and integer ops may share them
-    return tl.inline_asm_elementwise(
-        """{
-        .reg .b32 x, t, j, f, p, e;
-        ex2.approx.ftz.f32 $0, $2;
-        max.f32 x, $3, 0fC2FA0000;
+# 2^x of input operand IN into output operand OUT by the polynomial (PTX; the float32 bits of the constants above)
+_POLY_PTX = """
+        max.f32 x, IN, 0fC2FA0000;
         add.rn.f32 t, x, 0f4B400000;
         sub.rn.f32 j, t, 0f4B400000;
         sub.rn.f32 f, x, j;
@@ -77,17 +74,34 @@ def _exp2_mix(x):
         fma.rn.f32 p, p, f, 0f3F31798D;
         fma.rn.f32 p, p, f, 0f3F7FFB49;
         shl.b32 e, t, 23;
-        add.s32 $1, p, e;
-        }""",
-        "=r,=r,r,r", [x], dtype=tl.float32, is_pure=True, pack=2)
+        add.s32 OUT, p, e;"""
+# every register .b32 so that float and integer instructions may share them (constexpr: read inside @jit)
+_MIX2_ASM = tl.constexpr("{ .reg .b32 x, t, j, f, p, e;\n ex2.approx.ftz.f32 $0, $2;"
+                         + _POLY_PTX.replace("IN", "$3").replace("OUT", "$1") + "\n}")
+_MIX4_ASM = tl.constexpr("{ .reg .b32 x, t, j, f, p, e;\n ex2.approx.ftz.f32 $0, $4;\n ex2.approx.ftz.f32 $1, $5;\n"
+                         " ex2.approx.ftz.f32 $2, $6;" + _POLY_PTX.replace("IN", "$7").replace("OUT", "$3") + "\n}")
+
+
+@triton.jit
+def _exp2_mix(x):
+    # pairs (a, b): a by MUFU, b by the polynomial
+    return tl.inline_asm_elementwise(_MIX2_ASM, "=r,=r,r,r", [x], dtype=tl.float32, is_pure=True, pack=2)
+
+
+@triton.jit
+def _exp2_mix4(x):
+    # groups of four: three by MUFU, one by the polynomial
+    return tl.inline_asm_elementwise(_MIX4_ASM, "=r,=r,=r,=r,r,r,r,r", [x], dtype=tl.float32, is_pure=True, pack=4)
 
 
 @triton.jit
 def exp2(x, MODE: tl.constexpr):
-    """2^x of a float32 tile by ``MODE`` (``"mufu"``, ``"poly"``, ``"mix"``; see :func:`resolve_mode`)."""
+    """2^x of a float32 tile by ``MODE`` (one of ``MODES``; see :func:`resolve_mode`)."""
     if MODE == "poly":
         return exp2_poly(x)
     elif MODE == "mix":
         return _exp2_mix(x)
+    elif MODE == "mix4":
+        return _exp2_mix4(x)
     else:
         return tl.exp2(x)

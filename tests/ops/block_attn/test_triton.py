@@ -221,8 +221,8 @@ def test_selection_plan_lists_match_a_bincount(nb):
     assert torch.equal(plan.entry.long(), torch.sort(key, stable=True).indices)
 
 
-@pytest.mark.parametrize("mode,split", [("poly", True), ("mufu", True)] + ([("mix", False)] if DEV == "cuda" else []))
-@pytest.mark.parametrize("case", [0, 3])
+@pytest.mark.parametrize("mode,split,case", [("poly", True, 3), ("mufu", True, 0)]
+                         + ([("mix", False, 3), ("mix4", True, 0)] if DEV == "cuda" else []))
 def test_forward_exp2_modes_and_split(mode, split, case, monkeypatch):
     """The forward with FMA-pipe exps ("mix", inline asm, on CUDA only) and/or only the last key chunk
     masked: output, LSE and every gradient against the reference (the backward recomputes P from that LSE)."""

@@ -88,10 +88,9 @@ def test_ssa_triton_matches_reference(config, dtype, d):
 
 
 
-@pytest.mark.parametrize("mode", ["mix", "poly"])
-@pytest.mark.parametrize("config", ["v1.1", "v1.0"])
+@pytest.mark.parametrize("config,mode", [("v1.1", "mix"), ("v1.0", "mix"), ("v1.1", "mix4"), ("v1.1", "poly")])
 def test_ssa_triton_fma_exps(config, mode, monkeypatch):
-    """Every forward softmax exp on the FMA pipe (all, or half by inline PTX): the same bf16 criterion, every
+    """Forward softmax exps on the FMA pipe (all, or a half / quarter by inline PTX): the same bf16 criterion, every
     gradient, and the top-k within rounding of the float64 reference's k-th best."""
     from d3s2.ops.block_attn import triton as ba_kernels
     from d3s2.ops.ssa import triton_compress as tc
