@@ -259,7 +259,8 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
     # exp2 modes (d3s2.ops._exp2): "mix" / "mix4" = half / a quarter of the exps on the FMA pipe, "poly" = all;
     # tiles sessions 1-3 found slower are no longer swept
     variants = {
-        "fwd": [{"exp2": "mix"}, {"exp2": "mix4"}, {"exp2": "poly"}],
+        "fwd": [{"split": True}, {"exp2": "mix", "split": True}, {"exp2": "mix4", "split": True},
+                {"exp2": "poly", "split": True}],
         topk_key: [{"exp2": "mix"}, {"exp2": "mix4"}, {"exp2": "poly"}, {"exp2": "mix", "num_stages": 3}],
         "bwd_dq": [{"BLOCK_C": 128, "num_warps": 8}, {"rows": 64}],
         "bwd_dkdv": [{"rows": 32}, {"programs_per_sm": 16}, {"rows": 32, "programs_per_sm": 16},

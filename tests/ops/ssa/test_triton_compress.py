@@ -125,12 +125,14 @@ def test_topk_skip_matches_full_insertion(case, monkeypatch):
 @pytest.mark.parametrize("mode", ["poly"] + (["mix"] if DEV == "cuda" else []))  # inline asm: CUDA only
 @pytest.mark.parametrize("case", [0, 3])
 def test_exp2_modes_match_reference(mode, case, monkeypatch):
-    """Compressed forward and top-k with FMA-pipe exps: outputs, LSE and every gradient (the backward recomputes
-    the probabilities from that LSE) within the polynomial's 8e-5 relative error; the top-k equivalent up to
-    near-ties of that size."""
+    """Compressed forward (whole tiles unmasked) and top-k with FMA-pipe exps: outputs, LSE and every gradient (the
+    backward recomputes the probabilities from that LSE) within the polynomial's 8e-5 relative error; the top-k
+    equivalent up to near-ties of that size."""
     sizes, res, m_cmp, m_slc, hq, hkv, d, topk = CASES[case]
     for key in ("fwd", "topk", "topk_seg"):
         monkeypatch.setitem(tc.CONFIG, key, {**tc.CONFIG[key], "exp2": mode})
+    # whole tiles unmasked (16 compressed blocks per tile: samples of several tiles and of one partial tile)
+    monkeypatch.setitem(tc.CONFIG, "fwd", {**tc.CONFIG["fwd"], "split": True, "BLOCK_C": 16})
     x = random_batch(sizes, res, seed=res + d + 5)
     layout = layout_for(x.to(DEV), m_cmp, m_slc, m_slc, 0)
     q, _, _, k_cmp, v_cmp, _ = make_inputs(x, layout, hq, hkv, d, seed=d + 5, device=DEV)

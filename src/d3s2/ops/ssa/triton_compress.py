@@ -45,7 +45,8 @@ MAX_HEAD_DIM = 128
 # Tile configuration per kernel; the benchmark may override entries to compare variants.
 CONFIG = {
     # "exp2": exp mode of the softmax probabilities (d3s2.ops._exp2: mufu, poly, mix)
-    "fwd": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3, "exp2": "mufu"},
+    # "split": only the last tile of compressed blocks is masked
+    "fwd": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": False},
     # top-k with m_cmp == m_slc ("topk") and m_cmp < m_slc ("topk_seg", one-hot segment sum over compression
     # blocks); variant "reshape": head sum by tl.reshape + tl.sum; "dot": transposed tiles, head sum by tl.dot
     # "skip": a float test per tile before the int64 insertion (dot variant)
@@ -66,12 +67,38 @@ def _load_rows(ptr, tok, head, offs_d, row_ok, d_ok, stride_n, stride_h):
 
 
 @triton.jit
+def _cmp_fwd_step(q, K, V, c_start, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i, l_i, acc, qk_scale,
+                  DOT_PREC: tl.constexpr, EXP2: tl.constexpr, MASK: tl.constexpr):
+    """Online-softmax step over compressed blocks [c_start, c_start + BLOCK_C); MASK: the tile may pass ``c1``."""
+    cols = c_start + offs_c
+    kv_off = cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
+    if MASK:
+        col_ok = cols < c1
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+    else:
+        kv_mask = d_ok[None, :]
+    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_C], unscaled
+    if MASK:
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+    # log2 domain; the scale (> 0) is folded into the exponent's FMA
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    alpha = tl.exp2(m_i - m_new)
+    p = exp2(s * qk_scale - m_new[:, None], EXP2)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _cmp_fwd_kernel(Q, K, V, O, LSE, CU_SEQ, CU_CMP,
                     stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
                     qk_scale,
                     HQ: tl.constexpr, HS: tl.constexpr, HS_PAD: tl.constexpr, D: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr,
-                    EXP2: tl.constexpr):
+                    EXP2: tl.constexpr, SPLIT: tl.constexpr):
+    """SPLIT: whole ``BLOCK_C`` tiles of compressed blocks run unmasked, only the last partial one masked."""
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
     g = tl.program_id(2)
@@ -96,22 +123,18 @@ def _cmp_fwd_kernel(Q, K, V, O, LSE, CU_SEQ, CU_CMP,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     offs_c = tl.arange(0, BLOCK_C)
-    for c_start in range(c0, c1, BLOCK_C):
-        cols = c_start + offs_c
-        col_ok = cols < c1
-        kv_off = cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_C], unscaled
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-        # log2 domain; the scale (> 0) is folded into the exponent's FMA
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        alpha = tl.exp2(m_i - m_new)
-        p = exp2(s * qk_scale - m_new[:, None], EXP2)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+    if SPLIT:
+        c_full = c0 + (c1 - c0) // BLOCK_C * BLOCK_C
+        for c_start in range(c0, c_full, BLOCK_C):
+            m_i, l_i, acc = _cmp_fwd_step(q, K, V, c_start, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i,
+                                          l_i, acc, qk_scale, DOT_PREC, EXP2, False)
+        if c_full < c1:
+            m_i, l_i, acc = _cmp_fwd_step(q, K, V, c_full, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i,
+                                          l_i, acc, qk_scale, DOT_PREC, EXP2, True)
+    else:
+        for c_start in range(c0, c1, BLOCK_C):
+            m_i, l_i, acc = _cmp_fwd_step(q, K, V, c_start, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i,
+                                          l_i, acc, qk_scale, DOT_PREC, EXP2, True)
     o = acc / l_i[:, None]
     o_ptrs = O + tok.to(tl.int64)[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -470,8 +493,8 @@ def cmp_attention_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     _cmp_fwd_kernel[grid](q, k_cmp, v_cmp, o, lse, layout.cu_seqlens, layout.cu_cmp,
                           q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), o.stride(0), o.stride(1),
                           scale * LOG2E, BLOCK_T=block_t, BLOCK_C=cfg["BLOCK_C"],
-                          EXP2=resolve_mode(cfg.get("exp2", "mufu"), q.device), num_warps=cfg["num_warps"],
-                          num_stages=cfg["num_stages"], **meta)
+                          EXP2=resolve_mode(cfg.get("exp2", "mufu"), q.device), SPLIT=cfg.get("split", False),
+                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **meta)
     return o, lse
 
 
