@@ -48,14 +48,19 @@ CONFIGS = {"v1.1": {"m_cmp": 8, "m_slc": 8, "topk": 8}, "v1.0": {"m_cmp": 4, "m_
 M_WIN = 8
 
 
-# Paths an --ab run compares: "new" (the defaults, or what --sweep picked) and "before" (session 3: every
-# softmax exp on the MUFU unit, every key chunk of the selection masked). None: keep the current setting.
-VARIANTS = {"new": {"fused_combine": True, "partial": ba_kernels.PARTIAL_DTYPE,
-                    "dq_partial": ba_kernels.DQ_PARTIAL_DTYPE, "topk_skip": True, "cmp_exp2": None,
-                    "slc_exp2": None, "slc_split": None},
-            "before": {"fused_combine": True, "partial": torch.float16, "dq_partial": torch.bfloat16,
-                       "topk_skip": True, "cmp_exp2": "mufu", "slc_exp2": "mufu", "slc_split": False}}
+# Paths an --ab run compares: "new" (the defaults, or what --sweep picked) and "before" (session 3's launch
+# configs: every softmax exp on the MUFU unit, every key chunk masked). None: keep the current configs.
 CMP_KERNELS = ("fwd", "topk", "topk_seg")
+SESSION3_CMP = {
+    "fwd": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": False},
+    **{k: {"variant": "dot", "skip": True, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
+           "num_stages": 2, "exp2": "mufu"} for k in ("topk", "topk_seg")}}
+SESSION3_SLC = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "exp2": "mufu", "split": False,
+                "TAIL_N": None, "tile_info": False}
+VARIANTS = {"new": {"fused_combine": True, "partial": ba_kernels.PARTIAL_DTYPE,
+                    "dq_partial": ba_kernels.DQ_PARTIAL_DTYPE, "cmp": None, "slc": None},
+            "before": {"fused_combine": True, "partial": torch.float16, "dq_partial": torch.bfloat16,
+                       "cmp": SESSION3_CMP, "slc": SESSION3_SLC}}
 # --device cpu (a smoke run under TRITON_INTERPRET=1): float32, one timed call per measurement.
 DEV, DTYPE = "cuda", torch.bfloat16
 
@@ -67,11 +72,10 @@ def _variant(name: str):
              {k: dict(tc.CONFIG[k]) for k in CMP_KERNELS}, dict(ba_kernels.FWD_CONFIG))
     ssa_ops.FUSED_COMBINE, ba_kernels.PARTIAL_DTYPE, ba_kernels.DQ_PARTIAL_DTYPE = (
         v["fused_combine"], v["partial"], v["dq_partial"])
-    for k in CMP_KERNELS:
-        tc.CONFIG[k] = {**tc.CONFIG[k], **({"skip": v["topk_skip"]} if k != "fwd" else {}),
-                        **({"exp2": v["cmp_exp2"]} if v["cmp_exp2"] else {})}
-    ba_kernels.FWD_CONFIG = {**ba_kernels.FWD_CONFIG, **({"exp2": v["slc_exp2"]} if v["slc_exp2"] else {}),
-                             **({"split": v["slc_split"]} if v["slc_split"] is not None else {})}
+    if v["cmp"]:
+        tc.CONFIG.update({k: dict(c) for k, c in v["cmp"].items()})
+    if v["slc"]:
+        ba_kernels.FWD_CONFIG = dict(v["slc"])
     try:
         yield
     finally:
@@ -310,8 +314,8 @@ def _sweep_slc(layout, topk, ins) -> list[dict]:
     base = run()
     rows, best = [], None
     flops = _selection_flops(off, idx)
-    for change in [{}, {"split": True}, {"exp2": "mix"}, {"exp2": "mix", "split": True},
-                   {"exp2": "mix4", "split": True}, {"exp2": "poly", "split": True},
+    for change in [{}, {"split": True}, {"split": True, "tile_info": True}, {"exp2": "mix"},
+                   {"exp2": "mix", "split": True}, {"exp2": "mix4", "split": True}, {"exp2": "poly", "split": True},
                    {"split": True, "BLOCK_N": 64, "TAIL_N": 16},
                    {"exp2": "mix", "split": True, "BLOCK_N": 64, "TAIL_N": 16}]:
         ba_kernels.FWD_CONFIG = {**default, **change}
