@@ -56,7 +56,7 @@ SESSION3_CMP = {
     **{k: {"variant": "dot", "skip": True, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
            "num_stages": 2, "exp2": "mufu"} for k in ("topk", "topk_seg")}}
 SESSION3_SLC = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "exp2": "mufu", "split": False,
-                "TAIL_N": None, "tile_info": False}
+                "TAIL_N": None}
 VARIANTS = {"new": {"fused_combine": True, "partial": ba_kernels.PARTIAL_DTYPE,
                     "dq_partial": ba_kernels.DQ_PARTIAL_DTYPE, "cmp": None, "slc": None},
             "before": {"fused_combine": True, "partial": torch.float16, "dq_partial": torch.bfloat16,
@@ -260,12 +260,11 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
     base_g = tc.cmp_attention_bwd(q, kc, vc, base_o, base_lse, do, layout, scale)
     topk_key = "topk" if layout.m_cmp == layout.m_slc else "topk_seg"
     default = {k: dict(v) for k, v in tc.CONFIG.items()}
-    # exp2 modes (d3s2.ops._exp2): "mix" / "mix4" = half / a quarter of the exps on the FMA pipe, "poly" = all;
-    # tiles sessions 1-3 found slower are no longer swept
+    # exp2 modes (d3s2.ops._exp2): "mix4" = a quarter of the exps on the FMA pipe ("mix" = half and "poly" = all
+    # were slower in session 4's first run); tiles sessions 1-3 found slower are no longer swept
     variants = {
-        "fwd": [{"split": True}, {"exp2": "mix", "split": True}, {"exp2": "mix4", "split": True},
-                {"exp2": "poly", "split": True}],
-        topk_key: [{"exp2": "mix"}, {"exp2": "mix4"}, {"exp2": "poly"}, {"exp2": "mix", "num_stages": 3}],
+        "fwd": [{"split": False}, {"num_stages": 2}, {"num_stages": 4}, {"exp2": "mix4"}],
+        topk_key: [{"num_stages": 1}, {"num_stages": 3}, {"exp2": "mix4"}],
         "bwd_dq": [{"BLOCK_C": 128, "num_warps": 8}, {"rows": 64}],
         "bwd_dkdv": [{"rows": 32}, {"programs_per_sm": 16}, {"rows": 32, "programs_per_sm": 16},
                      {"num_stages": 3}],
@@ -314,10 +313,9 @@ def _sweep_slc(layout, topk, ins) -> list[dict]:
     base = run()
     rows, best = [], None
     flops = _selection_flops(off, idx)
-    for change in [{}, {"split": True}, {"split": True, "tile_info": True}, {"exp2": "mix"},
-                   {"exp2": "mix", "split": True}, {"exp2": "mix4", "split": True}, {"exp2": "poly", "split": True},
-                   {"split": True, "BLOCK_N": 64, "TAIL_N": 16},
-                   {"exp2": "mix", "split": True, "BLOCK_N": 64, "TAIL_N": 16}]:
+    # session 4's first run also measured exp2 "mix" / "poly" and 64-key chunks with a 16-key tail: all slower
+    for change in [{}, {"split": False}, {"num_warps": 8}, {"BLOCK_M": 64}, {"num_stages": 3}, {"num_stages": 1},
+                   {"exp2": "mix4"}]:
         ba_kernels.FWD_CONFIG = {**default, **change}
         try:
             err = _rel_max(run(), base)

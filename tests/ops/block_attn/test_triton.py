@@ -221,18 +221,17 @@ def test_selection_plan_lists_match_a_bincount(nb):
     assert torch.equal(plan.entry.long(), torch.sort(key, stable=True).indices)
 
 
-@pytest.mark.parametrize("mode,split,tile_info,case", [("poly", True, True, 3), ("mufu", True, True, 0)]
-                         + ([("mix", False, False, 3), ("mix4", True, False, 0)] if DEV == "cuda" else []))
-def test_forward_exp2_modes_and_split(mode, split, tile_info, case, monkeypatch):
-    """The forward with FMA-pipe exps ("mix*": inline asm, CUDA only), only the last key chunks masked and/or
-    precomputed tile rows: output, LSE and every gradient against the reference (the backward recomputes P from
-    that LSE)."""
+@pytest.mark.parametrize("mode,split,case", [("poly", True, 3), ("mufu", False, 0)]
+                         + ([("mix", False, 3), ("mix4", True, 0)] if DEV == "cuda" else []))
+def test_forward_exp2_modes_and_split(mode, split, case, monkeypatch):
+    """The forward with FMA-pipe exps ("mix*": inline asm, CUDA only) and with or without only the last key
+    chunks masked (wide chunks, narrow tail): output, LSE and every gradient against the reference (the backward
+    recomputes P from that LSE)."""
     from d3s2.ops.block_attn import triton as kernels
 
     # split: 32-key chunks unmasked, the rest in masked 16-key chunks
     monkeypatch.setattr(kernels, "FWD_CONFIG", {**kernels.FWD_CONFIG, "exp2": mode, "split": split,
-                                                "BLOCK_N": 32 if split else 16, "TAIL_N": 16,
-                                                "tile_info": tile_info})
+                                                "BLOCK_N": 32 if split else 16, "TAIL_N": 16})
     sizes, hq, hkv, d, s = CASES[case]
     off = ragged_offsets(sizes, DEV)
     n = int(off[-1])

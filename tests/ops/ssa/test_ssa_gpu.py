@@ -97,6 +97,5 @@ def test_ssa_triton_fma_exps(config, mode, monkeypatch):
 
     for key in ("fwd", "topk", "topk_seg"):
         monkeypatch.setitem(tc.CONFIG, key, {**tc.CONFIG[key], "exp2": mode})
-    monkeypatch.setattr(ba_kernels, "FWD_CONFIG", {**ba_kernels.FWD_CONFIG, "exp2": mode, "split": True,
-                                                   "tile_info": True})
+    monkeypatch.setattr(ba_kernels, "FWD_CONFIG", {**ba_kernels.FWD_CONFIG, "exp2": mode, "split": True})
     test_ssa_triton_matches_reference(config, torch.bfloat16, 32)

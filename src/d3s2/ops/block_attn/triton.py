@@ -45,10 +45,10 @@ LOG2E = 1.4426950408889634
 # Tuned on an H200 at N = 134k, Hq 32 / Hkv 2 / D 32 (benchmarks/bench_block_attn.py --sweep): 32-key chunks
 # waste less on ~135-token blocks than 64 or 128.
 # exp2: the forward's exp mode (d3s2.ops._exp2); split: only the keys after a block's last whole BLOCK_N chunk are
-# masked, in chunks of TAIL_N (None: BLOCK_N); tile_info: per-tile rows precomputed (_tile_info), fewer dependent
-# loads before a tile's first matmul.
-FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "exp2": "mufu", "split": False,
-              "TAIL_N": None, "tile_info": False}
+# masked, in chunks of TAIL_N (None: BLOCK_N). H200, N = 134k (bench_ssa.py --sweep slc, session 4): split 2 %
+# faster; FMA-pipe exps slower (mix4 +2 %, mix +21 %, poly +32 %), 64-key chunks with a 16-key tail +34 %.
+FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "exp2": "mufu", "split": True,
+              "TAIL_N": None}
 BWD_DQ_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 BWD_DKDV_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 COMBINE_ROWS = 64  # (pair, head) rows per program of the combine kernel
@@ -80,24 +80,6 @@ def _tile_rows(TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, t, num_lists, NB,
 
 # Token and block counts change with every batch: not specialised on their values, or each new (÷16, == 1)
 # combination recompiles the kernel in the middle of training.
-@triton.jit
-def _tile_info_rows(TINFO, t, num_lists, NB, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
-    """As :func:`_tile_rows`, from a precomputed row of ``TINFO`` [tiles, 8] (list, first entry, list end, key
-    range): one dependent load level instead of two before the entry and key loads. Also returns the key range."""
-    base = TINFO + t * 8
-    lst = tl.load(base)
-    e0 = tl.load(base + 1)
-    e_hi = tl.load(base + 2)
-    k_lo = tl.load(base + 3)
-    k_hi = tl.load(base + 4)
-    rows = tl.arange(0, BLOCK_M)
-    ent = e0 + rows // G_PAD
-    head = rows % G_PAD
-    row_ok = (ent < e_hi) & (head < G) & (lst < num_lists)
-    lst_c = tl.minimum(lst, num_lists - 1)
-    return lst, lst_c // NB, ent, row_ok, head, k_lo, k_hi
-
-
 @triton.jit
 def _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D: tl.constexpr,
                BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, EXP2: tl.constexpr, MASK: tl.constexpr):
@@ -135,20 +117,14 @@ def block_attn_fwd_kernel(
     scale_log2, num_lists, NB, HkvS, Hkv,
     G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, PART16: tl.constexpr,
-    EXP2: tl.constexpr, SPLIT: tl.constexpr, TAIL_N: tl.constexpr, TILE_INFO: tl.constexpr,
+    EXP2: tl.constexpr, SPLIT: tl.constexpr, TAIL_N: tl.constexpr,
 ):
     """PART16: PO is int16 holding float16 bits, or bfloat16 bits where the flag ``PBIG[0]`` is set.
     EXP2: exp2 mode (:mod:`d3s2.ops._exp2`); SPLIT: the block's whole ``BLOCK_N``-key chunks run unmasked, the
-    remaining keys in masked chunks of ``TAIL_N`` (≤ BLOCK_N: wide chunks without wide padding).
-    TILE_INFO: TILE_LIST is the [tiles, 8] table of :func:`_tile_info` (TILE_CUM, LIST_START, LIST_COUNT unused)."""
+    remaining keys in masked chunks of ``TAIL_N`` (≤ BLOCK_N: wide chunks without wide padding)."""
     t = tl.program_id(0)
-    if TILE_INFO:
-        lst, g, ent, row_ok, head, k_lo, k_hi = _tile_info_rows(TILE_LIST, t, num_lists, NB, G, G_PAD, BLOCK_M)
-    else:
-        lst, g, b, ent, row_ok, head = _tile_rows(TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, t, num_lists, NB,
-                                                  G, G_PAD, BLOCK_M)
-        k_lo = tl.load(BLOCK_OFF + b)
-        k_hi = tl.load(BLOCK_OFF + b + 1)
+    lst, g, b, ent, row_ok, head = _tile_rows(TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, t, num_lists, NB,
+                                              G, G_PAD, BLOCK_M)
     if lst < num_lists:
         f = tl.load(ENTRY + ent, mask=row_ok, other=0)
         qi = f // HkvS
@@ -156,6 +132,8 @@ def block_attn_fwd_kernel(
         d_ok = d < D
         qh = qi * (Hkv * G) + g * G + head  # row of q viewed as [N·Hq, D]
         q = tl.load(Q + qh[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        k_lo = tl.load(BLOCK_OFF + b)
+        k_hi = tl.load(BLOCK_OFF + b + 1)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -411,21 +389,6 @@ def _tiles(counts: torch.Tensor, per_tile: int, bound: int) -> tuple[torch.Tenso
     return owner.to(torch.int32), cum.to(torch.int32)
 
 
-def _tile_info(plan: BlockAttnPlan, tile_list: torch.Tensor, tile_cum: torch.Tensor, per_tile: int,
-               block_offsets: torch.Tensor) -> torch.Tensor:
-    """int32 [tiles, 8]: (list or num_lists if idle, first entry, list end, first key, key end, 0, 0, 0) per tile."""
-    num_lists = plan.list_count.numel()
-    lst = tile_list.long().clamp(max=num_lists - 1)
-    start = plan.list_start.long()[lst]
-    first = start + (torch.arange(tile_list.numel(), device=lst.device) - tile_cum.long()[lst]) * per_tile
-    b = lst % plan.num_blocks
-    off = block_offsets.long()
-    info = torch.zeros(tile_list.numel(), 8, dtype=torch.int64, device=lst.device)
-    info[:, 0], info[:, 1], info[:, 2] = tile_list, first, start + plan.list_count.long()[lst]
-    info[:, 3], info[:, 4] = off[b], off[b + 1]
-    return info.to(torch.int32)
-
-
 def _meta(q: torch.Tensor, k: torch.Tensor) -> dict:
     g = q.shape[1] // k.shape[1]
     d = q.shape[2]
@@ -520,14 +483,11 @@ def block_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offs
     per_tile = block_m // meta["G_PAD"]
     bound = (plan.entry.numel() + per_tile - 1) // per_tile + num_lists
     tile_list, tile_cum = _tiles(plan.list_count, per_tile, bound)
-    if cfg["tile_info"]:
-        tile_list = _tile_info(plan, tile_list, tile_cum, per_tile, block_offsets)
     block_attn_fwd_kernel[(bound,)](
         q, k, v, po, plse, big, plan.entry, tile_list, tile_cum, plan.list_start, plan.list_count, block_offsets,
         scale * LOG2E, num_lists, plan.num_blocks, hkv * s, hkv, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
         PART16=part16, EXP2=resolve_mode(cfg["exp2"], q.device), SPLIT=cfg["split"],
-        TAIL_N=min(cfg["TAIL_N"] or cfg["BLOCK_N"], cfg["BLOCK_N"]), TILE_INFO=cfg["tile_info"],
-        num_warps=cfg["num_warps"],
+        TAIL_N=min(cfg["TAIL_N"] or cfg["BLOCK_N"], cfg["BLOCK_N"]), num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **meta)
     if block_idx is not None:
         _combine(po, plse, big, block_idx, o, lse, plan, meta, is_sum=False, part16=part16)
