@@ -3,7 +3,10 @@
 At head dim 32 attention is bounded by exponentials, not by matmuls: the MUFU unit evaluates 16 ex2 per clock per
 SM against 128 FP32 FMAs, so evaluating part of the exps as a polynomial on the FMA pipe (8 instructions each on
 sm_90: max, 3 adds, 3 FMAs, one LEA) raises the ceiling (the FlashAttention-4 trick). Half precision does not:
-``ex2.approx.f16x2`` compiles to two ``MUFU.EX2.F16`` on sm_90. Modes:
+``ex2.approx.f16x2`` compiles to two ``MUFU.EX2.F16`` on sm_90. That only pays in a kernel whose MUFU is the
+bottleneck: on an H200 SSA's compressed forward, score pass and selection forward all ran slower with any share of
+their exps on the polynomial (latency- and occupancy-bound; ``benchmarks/results/ssa_NVIDIA_H200.md``, session 4),
+so every default is ``"mufu"``. Modes:
 
 - ``"mufu"``: ``tl.exp2`` (``ex2.approx.ftz.f32``, one MUFU op).
 - ``"poly"``: every exp on the FMA pipe: 2^x = 2^j · p(x − j), j = round(x) by the 1.5·2²³ magic add, p a
