@@ -46,8 +46,9 @@ LOG2E = 1.4426950408889634
 # waste less on ~135-token blocks than 64 or 128.
 # exp2: the forward's exp mode (d3s2.ops._exp2); split: only the keys after a block's last whole BLOCK_N chunk are
 # masked, in chunks of TAIL_N (None: BLOCK_N). H200, N = 134k (bench_ssa.py --sweep slc, session 4): split 2 %
-# faster; FMA-pipe exps slower (mix4 +2 %, mix +21 %, poly +32 %), 64-key chunks with a 16-key tail +34 %.
-FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "exp2": "mufu", "split": True,
+# faster, then 3 stages another 5 % (1 stage +11 %, 8 warps +16 %, BLOCK_M 64 +1 %); FMA-pipe exps slower (mix4
+# +2 %, mix +21 %, poly +32 %), 64-key chunks with a 16-key tail +34 %.
+FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True,
               "TAIL_N": None}
 BWD_DQ_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 BWD_DKDV_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}

@@ -45,14 +45,15 @@ MAX_HEAD_DIM = 128
 # Tile configuration per kernel; the benchmark may override entries to compare variants.
 CONFIG = {
     # "exp2": exp mode of the softmax probabilities (d3s2.ops._exp2); "split": only the last tile of compressed
-    # blocks is masked. H200, N = 134k (session 4 sweep): split 11 % faster; FMA-pipe exps slower in all three
-    # kernels (fwd mix4 +7 %, mix +20 %, poly +65 %; top-k mix4 +4 %, mix +12 %, poly +23 %)
+    # blocks is masked. H200, N = 134k (session 4 sweep): split 11 % faster (2 or 4 stages: +3 %, +1 %); FMA-pipe
+    # exps slower in all three kernels (fwd mix4 +7 %, mix +20 %, poly +65 %; top-k mix4 +4 %, mix +12 %, poly +23 %)
     "fwd": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True},
     # top-k with m_cmp == m_slc ("topk") and m_cmp < m_slc ("topk_seg", one-hot segment sum over compression
     # blocks); variant "reshape": head sum by tl.reshape + tl.sum; "dot": transposed tiles, head sum by tl.dot
     # "skip": a float test per tile before the int64 insertion (dot variant)
+    # (v1.1 top-k, session 4: 3 stages 4.77 ms, 2 stages 4.78, 1 stage 4.95)
     "topk": {"variant": "dot", "skip": True, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
-             "num_stages": 2, "exp2": "mufu"},
+             "num_stages": 3, "exp2": "mufu"},
     "topk_seg": {"variant": "dot", "skip": True, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
                  "num_stages": 2, "exp2": "mufu"},
     "bwd_dq": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
