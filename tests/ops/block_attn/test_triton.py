@@ -219,3 +219,36 @@ def test_selection_plan_lists_match_a_bincount(nb):
     assert torch.equal(plan.list_count.long(), counts)
     assert torch.equal(plan.list_start.long(), torch.cumsum(counts, 0) - counts)
     assert torch.equal(plan.entry.long(), torch.sort(key, stable=True).indices)
+
+
+@pytest.mark.parametrize("mode,split,case", [("poly", True, 3), ("mufu", False, 0)]
+                         + ([("mix", False, 3), ("mix4", True, 0)] if DEV == "cuda" else []))
+def test_forward_exp2_modes_and_split(mode, split, case, monkeypatch):
+    """The forward with FMA-pipe exps ("mix*": inline asm, CUDA only) and with or without only the last key
+    chunks masked (wide chunks, narrow tail): output, LSE and every gradient against the reference (the backward
+    recomputes P from that LSE)."""
+    from d3s2.ops.block_attn import triton as kernels
+
+    # split: 32-key chunks unmasked, the rest in masked 16-key chunks
+    monkeypatch.setattr(kernels, "FWD_CONFIG", {**kernels.FWD_CONFIG, "exp2": mode, "split": split,
+                                                "BLOCK_N": 32 if split else 16, "TAIL_N": 16})
+    sizes, hq, hkv, d, s = CASES[case]
+    off = ragged_offsets(sizes, DEV)
+    n = int(off[-1])
+    q, k, v = _inputs(n, hq, hkv, d)
+    idx = random_selection(n, hkv, s, len(sizes), empty_frac=0.25).to(DEV)
+    do = torch.randn(n, hq, d, device=DEV)
+    tol = 1e-5 if mode == "mufu" else 3e-4  # the polynomial's 8e-5 relative error per probability
+    for ref_fn, tri_fn in (
+            (lambda q, k, v: selection_attention_ref(q, k, v, off, idx, scale=0.3),
+             lambda q, k, v: selection_attention(q, k, v, off, idx, scale=0.3, backend="triton")),
+            (lambda q, k, v: window_attention_ref(q, k, v, off),
+             lambda q, k, v: window_attention(q, k, v, off, backend="triton"))):
+        ref = _run(ref_fn, q, k, v, do)
+        tri = _run(tri_fn, q, k, v, do)
+        for name, a, b in zip(("o", "dq", "dk", "dv"), tri, ref):
+            assert torch.isfinite(a).all(), name
+            assert _rel(a, b) < tol, (name, _rel(a, b))
+    _, lse_t = selection_attention(q, k, v, off, idx, scale=0.3, backend="triton", return_lse=True)
+    _, lse_r = selection_attention_ref(q, k, v, off, idx, scale=0.3, return_lse=True)
+    torch.testing.assert_close(lse_t, lse_r, rtol=tol, atol=tol)

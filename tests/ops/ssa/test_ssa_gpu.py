@@ -86,3 +86,16 @@ def test_ssa_triton_matches_reference(config, dtype, d):
     scores = [s.cpu() for s in block_scores_ref(q, k_cmp, lse, layout)]
     assert_topk_equivalent(block_idx.cpu(), ref_idx.cpu(), scores, layout, rtol=1e-3)
 
+
+
+@pytest.mark.parametrize("config,mode", [("v1.1", "mix"), ("v1.0", "mix"), ("v1.1", "mix4"), ("v1.1", "poly")])
+def test_ssa_triton_fma_exps(config, mode, monkeypatch):
+    """Forward softmax exps on the FMA pipe (all, or a half / quarter by inline PTX): the same bf16 criterion, every
+    gradient, and the top-k within rounding of the float64 reference's k-th best."""
+    from d3s2.ops.block_attn import triton as ba_kernels
+    from d3s2.ops.ssa import triton_compress as tc
+
+    for key in ("fwd", "topk", "topk_seg"):
+        monkeypatch.setitem(tc.CONFIG, key, {**tc.CONFIG[key], "exp2": mode})
+    monkeypatch.setattr(ba_kernels, "FWD_CONFIG", {**ba_kernels.FWD_CONFIG, "exp2": mode, "split": True})
+    test_ssa_triton_matches_reference(config, torch.bfloat16, 32)

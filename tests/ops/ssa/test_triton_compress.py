@@ -120,3 +120,36 @@ def test_topk_skip_matches_full_insertion(case, monkeypatch):
             monkeypatch.setitem(tc.CONFIG, key, {**tc.CONFIG[key], "variant": "dot", "skip": skip, "BLOCK_J": 16})
         got[skip] = tc.cmp_select_topk(q, k_cmp, lse, layout, topk, d**-0.5)
     assert torch.equal(got[True], got[False])
+
+
+@pytest.mark.parametrize("mode", ["poly"] + (["mix"] if DEV == "cuda" else []))  # inline asm: CUDA only
+@pytest.mark.parametrize("case", [0, 3])
+def test_exp2_modes_match_reference(mode, case, monkeypatch):
+    """Compressed forward (whole tiles unmasked) and top-k with FMA-pipe exps: outputs, LSE and every gradient (the
+    backward recomputes the probabilities from that LSE) within the polynomial's 8e-5 relative error; the top-k
+    equivalent up to near-ties of that size."""
+    sizes, res, m_cmp, m_slc, hq, hkv, d, topk = CASES[case]
+    for key in ("fwd", "topk", "topk_seg"):
+        monkeypatch.setitem(tc.CONFIG, key, {**tc.CONFIG[key], "exp2": mode})
+    # whole tiles unmasked (16 compressed blocks per tile: samples of several tiles and of one partial tile)
+    monkeypatch.setitem(tc.CONFIG, "fwd", {**tc.CONFIG["fwd"], "split": True, "BLOCK_C": 16})
+    x = random_batch(sizes, res, seed=res + d + 5)
+    layout = layout_for(x.to(DEV), m_cmp, m_slc, m_slc, 0)
+    q, _, _, k_cmp, v_cmp, _ = make_inputs(x, layout, hq, hkv, d, seed=d + 5, device=DEV)
+    scale = d**-0.5
+    o, lse = tc.cmp_attention_fwd(q, k_cmp, v_cmp, layout, scale)
+    o_ref, lse_ref = compressed_attention_ref(q.double(), k_cmp.double(), v_cmp.double(), layout)
+    torch.testing.assert_close(o.double(), o_ref, atol=3e-4, rtol=3e-4)
+    torch.testing.assert_close(lse.double(), lse_ref, atol=2e-4, rtol=1e-4)
+    idx = tc.cmp_select_topk(q, k_cmp, lse, layout, topk, scale)
+    scores = [s.cpu() for s in block_scores_ref(q.double(), k_cmp.double(), lse_ref, layout)]
+    ref_idx = select_blocks_ref(q.double(), k_cmp.double(), lse_ref, layout, topk=topk)
+    assert_topk_equivalent(idx.cpu(), ref_idx.cpu(), scores, layout, rtol=5e-4)
+
+    do = torch.randn_like(o)
+    qr, kr, vr = (t.double().requires_grad_() for t in (q, k_cmp, v_cmp))
+    compressed_attention_ref(qr, kr, vr, layout)[0].backward(do.double())
+    qt, kt, vt = (t.clone().requires_grad_() for t in (q, k_cmp, v_cmp))
+    tc.compressed_attention(qt, kt, vt, layout, scale)[0].backward(do)
+    for got, want in ((qt.grad, qr.grad), (kt.grad, kr.grad), (vt.grad, vr.grad)):
+        torch.testing.assert_close(got.double(), want, atol=5e-4, rtol=5e-4)

@@ -37,12 +37,19 @@ import torch
 import triton
 import triton.language as tl
 
+from .._exp2 import exp2, resolve_mode
+
 LOG2E = 1.4426950408889634
 
 # Launch parameters: rows (entries × query heads) per tile, keys per chunk, warps, pipeline depth.
 # Tuned on an H200 at N = 134k, Hq 32 / Hkv 2 / D 32 (benchmarks/bench_block_attn.py --sweep): 32-key chunks
 # waste less on ~135-token blocks than 64 or 128.
-FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+# exp2: the forward's exp mode (d3s2.ops._exp2); split: only the keys after a block's last whole BLOCK_N chunk are
+# masked, in chunks of TAIL_N (None: BLOCK_N). H200, N = 134k (bench_ssa.py --sweep slc, session 4): split 2 %
+# faster, then 3 stages another 5 % (1 stage +11 %, 8 warps +16 %, BLOCK_M 64 +1 %); FMA-pipe exps slower (mix4
+# +2 %, mix +21 %, poly +32 %), 64-key chunks with a 16-key tail +34 %.
+FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True,
+              "TAIL_N": None}
 BWD_DQ_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 BWD_DKDV_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 COMBINE_ROWS = 64  # (pair, head) rows per program of the combine kernel
@@ -74,6 +81,36 @@ def _tile_rows(TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, t, num_lists, NB,
 
 # Token and block counts change with every batch: not specialised on their values, or each new (÷16, == 1)
 # combination recompiles the kernel in the middle of training.
+@triton.jit
+def _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D: tl.constexpr,
+               BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, EXP2: tl.constexpr, MASK: tl.constexpr):
+    """One online-softmax step over keys [start, start + BLOCK_N); MASK: the chunk may run past ``k_hi``.
+
+    The scale is folded into the exponent's FMA (max taken over raw logits: the scale is positive)."""
+    kn = start + tl.arange(0, BLOCK_N)
+    kv_off = (kn * Hkv + g) * D
+    if MASK:
+        k_ok = kn < k_hi
+        kt = tl.load(K + kv_off[None, :] + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PREC)
+        s = tl.where(k_ok[None, :], s, float("-inf"))
+    else:
+        kt = tl.load(K + kv_off[None, :] + d[:, None], mask=d_ok[:, None], other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PREC)
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
+    alpha = tl.exp2(m_i - m_new)
+    p = exp2(s * scale_log2 - m_new[:, None], EXP2)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASK:
+        vv = tl.load(V + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        vv = tl.load(V + kv_off[:, None] + d[None, :], mask=d_ok[None, :], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
+# Token and block counts change with every batch: not specialised on their values, or each new (÷16, == 1)
+# combination recompiles the kernel in the middle of training.
 @triton.jit(do_not_specialize=["num_lists", "NB"])
 def block_attn_fwd_kernel(
     Q, K, V, PO, PLSE, PBIG,  # q [N, Hq, D], k/v [N, Hkv, D], partial o [E, G, D], partial lse [E, G]
@@ -81,8 +118,11 @@ def block_attn_fwd_kernel(
     scale_log2, num_lists, NB, HkvS, Hkv,
     G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, PART16: tl.constexpr,
+    EXP2: tl.constexpr, SPLIT: tl.constexpr, TAIL_N: tl.constexpr,
 ):
-    """PART16: PO is int16 holding float16 bits, or bfloat16 bits where the flag ``PBIG[0]`` is set."""
+    """PART16: PO is int16 holding float16 bits, or bfloat16 bits where the flag ``PBIG[0]`` is set.
+    EXP2: exp2 mode (:mod:`d3s2.ops._exp2`); SPLIT: the block's whole ``BLOCK_N``-key chunks run unmasked, the
+    remaining keys in masked chunks of ``TAIL_N`` (≤ BLOCK_N: wide chunks without wide padding)."""
     t = tl.program_id(0)
     lst, g, b, ent, row_ok, head = _tile_rows(TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, t, num_lists, NB,
                                               G, G_PAD, BLOCK_M)
@@ -98,31 +138,32 @@ def block_attn_fwd_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for start in range(k_lo, k_hi, BLOCK_N):
-            kn = start + tl.arange(0, BLOCK_N)
-            k_ok = kn < k_hi
-            kv_off = (kn * Hkv + g) * D
-            kt = tl.load(K + kv_off[None, :] + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-            s = tl.dot(q, kt, input_precision=DOT_PREC) * scale_log2
-            s = tl.where(k_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            vv = tl.load(V + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=DOT_PREC)
-            m_i = m_new
+        if SPLIT:
+            k_full = k_lo + (k_hi - k_lo) // BLOCK_N * BLOCK_N
+            for start in range(k_lo, k_full, BLOCK_N):
+                m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
+                                           BLOCK_N, DOT_PREC, EXP2, False)
+            for start in range(k_full, k_hi, TAIL_N):
+                m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
+                                           TAIL_N, DOT_PREC, EXP2, True)
+        else:
+            for start in range(k_lo, k_hi, BLOCK_N):
+                m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
+                                           BLOCK_N, DOT_PREC, EXP2, True)
         has = l_i > 0  # an empty block gives no keys: partial o 0, lse -inf
         o = acc / tl.where(has, l_i, 1.0)[:, None]
         lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
         prow = f.to(tl.int64) * G + head
+        po_ptrs = PO + prow[:, None] * D + d[None, :]
+        po_mask = row_ok[:, None] & d_ok[None, :]
         if PART16:
-            big = tl.load(PBIG) != 0
-            po = tl.where(big, o.to(tl.bfloat16).to(tl.int16, bitcast=True),
-                          o.to(tl.float16).to(tl.int16, bitcast=True))
+            # a scalar branch: only one of the two conversions runs (conversions share the slow MUFU-rate pipe)
+            if tl.load(PBIG) != 0:
+                tl.store(po_ptrs, o.to(tl.bfloat16).to(tl.int16, bitcast=True), mask=po_mask)
+            else:
+                tl.store(po_ptrs, o.to(tl.float16).to(tl.int16, bitcast=True), mask=po_mask)
         else:
-            po = o.to(PO.dtype.element_ty)
-        tl.store(PO + prow[:, None] * D + d[None, :], po, mask=row_ok[:, None] & d_ok[None, :])
+            tl.store(po_ptrs, o.to(PO.dtype.element_ty), mask=po_mask)
         tl.store(PLSE + prow, lse, mask=row_ok)
 
 
@@ -446,7 +487,9 @@ def block_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offs
     block_attn_fwd_kernel[(bound,)](
         q, k, v, po, plse, big, plan.entry, tile_list, tile_cum, plan.list_start, plan.list_count, block_offsets,
         scale * LOG2E, num_lists, plan.num_blocks, hkv * s, hkv, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
-        PART16=part16, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **meta)
+        PART16=part16, EXP2=resolve_mode(cfg["exp2"], q.device), SPLIT=cfg["split"],
+        TAIL_N=min(cfg["TAIL_N"] or cfg["BLOCK_N"], cfg["BLOCK_N"]), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **meta)
     if block_idx is not None:
         _combine(po, plse, big, block_idx, o, lse, plan, meta, is_sum=False, part16=part16)
     return o, lse

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._exp2 import exp2, resolve_mode
 from ..block_attn.triton import row_dot
 from .layout import SSALayout
 
@@ -43,14 +44,18 @@ MAX_HEAD_DIM = 128
 
 # Tile configuration per kernel; the benchmark may override entries to compare variants.
 CONFIG = {
-    "fwd": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3},
+    # "exp2": exp mode of the softmax probabilities (d3s2.ops._exp2); "split": only the last tile of compressed
+    # blocks is masked. H200, N = 134k (session 4 sweep): split 11 % faster (2 or 4 stages: +3 %, +1 %); FMA-pipe
+    # exps slower in all three kernels (fwd mix4 +7 %, mix +20 %, poly +65 %; top-k mix4 +4 %, mix +12 %, poly +23 %)
+    "fwd": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True},
     # top-k with m_cmp == m_slc ("topk") and m_cmp < m_slc ("topk_seg", one-hot segment sum over compression
     # blocks); variant "reshape": head sum by tl.reshape + tl.sum; "dot": transposed tiles, head sum by tl.dot
     # "skip": a float test per tile before the int64 insertion (dot variant)
+    # (v1.1 top-k, session 4: 3 stages 4.77 ms, 2 stages 4.78, 1 stage 4.95)
     "topk": {"variant": "dot", "skip": True, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
-             "num_stages": 2},
+             "num_stages": 3, "exp2": "mufu"},
     "topk_seg": {"variant": "dot", "skip": True, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
-                 "num_stages": 2},
+                 "num_stages": 2, "exp2": "mufu"},
     "bwd_dq": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
     "bwd_dkdv": {"rows": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 8},
 }
@@ -64,11 +69,38 @@ def _load_rows(ptr, tok, head, offs_d, row_ok, d_ok, stride_n, stride_h):
 
 
 @triton.jit
+def _cmp_fwd_step(q, K, V, c_start, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i, l_i, acc, qk_scale,
+                  DOT_PREC: tl.constexpr, EXP2: tl.constexpr, MASK: tl.constexpr):
+    """Online-softmax step over compressed blocks [c_start, c_start + BLOCK_C); MASK: the tile may pass ``c1``."""
+    cols = c_start + offs_c
+    kv_off = cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
+    if MASK:
+        col_ok = cols < c1
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+    else:
+        kv_mask = d_ok[None, :]
+    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_C], unscaled
+    if MASK:
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+    # log2 domain; the scale (> 0) is folded into the exponent's FMA
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    alpha = tl.exp2(m_i - m_new)
+    p = exp2(s * qk_scale - m_new[:, None], EXP2)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _cmp_fwd_kernel(Q, K, V, O, LSE, CU_SEQ, CU_CMP,
                     stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
                     qk_scale,
                     HQ: tl.constexpr, HS: tl.constexpr, HS_PAD: tl.constexpr, D: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr):
+                    BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr,
+                    EXP2: tl.constexpr, SPLIT: tl.constexpr):
+    """SPLIT: whole ``BLOCK_C`` tiles of compressed blocks run unmasked, only the last partial one masked."""
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
     g = tl.program_id(2)
@@ -93,21 +125,18 @@ def _cmp_fwd_kernel(Q, K, V, O, LSE, CU_SEQ, CU_CMP,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     offs_c = tl.arange(0, BLOCK_C)
-    for c_start in range(c0, c1, BLOCK_C):
-        cols = c_start + offs_c
-        col_ok = cols < c1
-        kv_off = cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_C], log2 domain
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+    if SPLIT:
+        c_full = c0 + (c1 - c0) // BLOCK_C * BLOCK_C
+        for c_start in range(c0, c_full, BLOCK_C):
+            m_i, l_i, acc = _cmp_fwd_step(q, K, V, c_start, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i,
+                                          l_i, acc, qk_scale, DOT_PREC, EXP2, False)
+        if c_full < c1:
+            m_i, l_i, acc = _cmp_fwd_step(q, K, V, c_full, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i,
+                                          l_i, acc, qk_scale, DOT_PREC, EXP2, True)
+    else:
+        for c_start in range(c0, c1, BLOCK_C):
+            m_i, l_i, acc = _cmp_fwd_step(q, K, V, c_start, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i,
+                                          l_i, acc, qk_scale, DOT_PREC, EXP2, True)
     o = acc / l_i[:, None]
     o_ptrs = O + tok.to(tl.int64)[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -236,7 +265,7 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
                          D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr,
                          BLOCK_C: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
                          ONE_CMP_PER_SLC: tl.constexpr, DOT_PREC: tl.constexpr, P_FP16: tl.constexpr,
-                         SKIP: tl.constexpr):
+                         SKIP: tl.constexpr, EXP2: tl.constexpr):
     """Same result as ``_cmp_topk_kernel``, computed transposed: logits ``[blocks, rows]`` = K·Qᵀ, and the sum
     over the GQA group is a second tl.dot with a 0/1 ``[rows, tokens]`` matrix (probabilities in float16 for
     16-bit inputs: ≤ 2⁻¹¹ relative error per term), so the probabilities stay in the matmul register layout
@@ -282,7 +311,7 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
         if ONE_CMP_PER_SLC:
             k_off = jj.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
             k = tl.load(K + k_off, mask=j_ok[:, None] & d_ok[None, :], other=0.0)
-            p_t = tl.exp2(tl.dot(k, q_t, input_precision=DOT_PREC) * qk_scale - lse2[None, :])  # [BLOCK_J, BLOCK_M]
+            p_t = exp2(tl.dot(k, q_t, input_precision=DOT_PREC) * qk_scale - lse2[None, :], EXP2)  # [J, M]
             if P_FP16:
                 p_t = p_t.to(tl.float16)
             score = tl.dot(p_t, group_t, input_precision=DOT_PREC)  # [BLOCK_J, BLOCK_T]
@@ -295,7 +324,7 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
                 col_ok = cols < c_b
                 k_off = cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
                 k = tl.load(K + k_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                p_t = tl.exp2(tl.dot(k, q_t, input_precision=DOT_PREC) * qk_scale - lse2[None, :])
+                p_t = exp2(tl.dot(k, q_t, input_precision=DOT_PREC) * qk_scale - lse2[None, :], EXP2)
                 p_t = tl.where(col_ok[:, None], p_t, 0.0)
                 if P_FP16:
                     p_t = p_t.to(tl.float16)
@@ -465,8 +494,9 @@ def cmp_attention_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     grid = (triton.cdiv(layout.max_seqlen, block_t), layout.batch_size, hkv)
     _cmp_fwd_kernel[grid](q, k_cmp, v_cmp, o, lse, layout.cu_seqlens, layout.cu_cmp,
                           q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), o.stride(0), o.stride(1),
-                          scale * LOG2E, BLOCK_T=block_t, BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
-                          num_stages=cfg["num_stages"], **meta)
+                          scale * LOG2E, BLOCK_T=block_t, BLOCK_C=cfg["BLOCK_C"],
+                          EXP2=resolve_mode(cfg.get("exp2", "mufu"), q.device), SPLIT=cfg.get("split", False),
+                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **meta)
     return o, lse
 
 
@@ -492,7 +522,8 @@ def cmp_select_topk(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, lay
         block_t = _block_t(cfg["rows"], meta["HS_PAD"], 16)
         grid = (triton.cdiv(layout.max_seqlen, block_t), layout.batch_size, hkv)
         _cmp_topk_dot_kernel[grid](*args, BLOCK_T=block_t, P_FP16=q.dtype != torch.float32,
-                                   SKIP=cfg.get("skip", True), **common)
+                                   SKIP=cfg.get("skip", True), EXP2=resolve_mode(cfg.get("exp2", "mufu"), q.device),
+                                   **common)
     else:
         # the one-hot segment sum is a tl.dot, whose M dimension must be >= 16
         block_t = _block_t(cfg["rows"], meta["HS_PAD"], 1 if one else 16)
