@@ -31,6 +31,17 @@ CASES = [
 ]
 
 
+def assert_grads_match_reference(q, k_cmp, v_cmp, o, layout, scale, *, atol, rtol):
+    """dq, dk_cmp, dv_cmp of the Triton compressed attention vs the float64 reference for one random dO."""
+    do = torch.randn_like(o)
+    qr, kr, vr = (t.double().requires_grad_() for t in (q, k_cmp, v_cmp))
+    compressed_attention_ref(qr, kr, vr, layout)[0].backward(do.double())
+    qt, kt, vt = (t.clone().requires_grad_() for t in (q, k_cmp, v_cmp))
+    tc.compressed_attention(qt, kt, vt, layout, scale)[0].backward(do)
+    for got, want in ((qt.grad, qr.grad), (kt.grad, kr.grad), (vt.grad, vr.grad)):
+        torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol)
+
+
 def assert_topk_equivalent(idx, ref_idx, scores, layout, rtol=1e-4):
     """Same valid counts; every chosen block scores within rtol of the reference's worst chosen block."""
     assert torch.equal((idx >= 0).sum(-1), (ref_idx >= 0).sum(-1))
@@ -66,13 +77,7 @@ def test_compressed_kernels_match_reference(sizes, res, m_cmp, m_slc, hq, hkv, d
     assert_topk_equivalent(idx.cpu(), ref_idx.cpu(), [s.cpu() for s in block_scores_ref(
         q.double(), k_cmp.double(), lse_ref, layout)], layout)
 
-    do = torch.randn_like(o)
-    qr, kr, vr = (t.double().requires_grad_() for t in (q, k_cmp, v_cmp))
-    compressed_attention_ref(qr, kr, vr, layout)[0].backward(do.double())
-    qt, kt, vt = (t.clone().requires_grad_() for t in (q, k_cmp, v_cmp))
-    tc.compressed_attention(qt, kt, vt, layout, scale)[0].backward(do)
-    for got, want in ((qt.grad, qr.grad), (kt.grad, kr.grad), (vt.grad, vr.grad)):
-        torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=1e-4)
+    assert_grads_match_reference(q, k_cmp, v_cmp, o, layout, scale, atol=5e-5, rtol=1e-4)
 
 
 def test_dkdv_deterministic_and_chunked(monkeypatch):
@@ -146,10 +151,4 @@ def test_exp2_modes_match_reference(mode, case, monkeypatch):
     ref_idx = select_blocks_ref(q.double(), k_cmp.double(), lse_ref, layout, topk=topk)
     assert_topk_equivalent(idx.cpu(), ref_idx.cpu(), scores, layout, rtol=5e-4)
 
-    do = torch.randn_like(o)
-    qr, kr, vr = (t.double().requires_grad_() for t in (q, k_cmp, v_cmp))
-    compressed_attention_ref(qr, kr, vr, layout)[0].backward(do.double())
-    qt, kt, vt = (t.clone().requires_grad_() for t in (q, k_cmp, v_cmp))
-    tc.compressed_attention(qt, kt, vt, layout, scale)[0].backward(do)
-    for got, want in ((qt.grad, qr.grad), (kt.grad, kr.grad), (vt.grad, vr.grad)):
-        torch.testing.assert_close(got.double(), want, atol=5e-4, rtol=5e-4)
+    assert_grads_match_reference(q, k_cmp, v_cmp, o, layout, scale, atol=5e-4, rtol=5e-4)

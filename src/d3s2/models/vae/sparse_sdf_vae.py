@@ -342,15 +342,7 @@ class SparseSDFBatch:
         tau: float = 1.0,
         factor: float | None = None,
     ) -> SparseSDFBatch:
-        """Collate per-sample arrays (see :meth:`from_blocks`).
-
-        Args:
-            coords: per sample int ``[n, 3]`` band voxel coords at ``resolution``.
-            sdf: per sample float ``[n]`` (or ``[n, 1]``) SDF of those voxels.
-            block_coords: per sample int ``[nb, 3]`` occupied 8³ blocks (block units: voxel // 8).
-            block_sdf: per sample float ``[nb, 512]`` truncated SDF of every voxel of each block.
-            sharp: per sample bool ``[n]`` band voxels near sharp edges (None: no sharp supervision).
-        """
+        """Collate per-sample arrays: :meth:`PackedSDFBatch.from_samples` (same arguments), expanded here."""
         return PackedSDFBatch.from_samples(coords, sdf, block_coords, block_sdf, resolution=resolution, sharp=sharp,
                                            tau=tau, factor=factor).unpack()
 
