@@ -140,6 +140,8 @@ def downsample_coords(coords: torch.Tensor, factor: int,
 
     ``resolution`` (of ``coords``) lets the parents be found as unique int64 keys (faster than unique rows).
     """
+    if resolution is not None and coords.device.type == "cpu" and coords.shape[0]:
+        return _downsample_coords_numpy(coords, factor, resolution)
     parent = coords.clone()
     parent[:, 1:] = torch.div(parent[:, 1:], factor, rounding_mode="floor")
     if resolution is None:
@@ -151,6 +153,31 @@ def downsample_coords(coords: torch.Tensor, factor: int,
     uniq, inverse = unique_inverse(keys)
     out = torch.stack([uniq // r**3, (uniq // r**2) % r, (uniq // r) % r, uniq % r], 1)
     return out.to(torch.int32), inverse
+
+
+def _downsample_coords_numpy(coords: torch.Tensor, factor: int, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`downsample_coords` on the CPU (same outputs): numpy, int32 keys where they fit, shifts for powers of
+    two, and the parent rows gathered from a child of each instead of decoded from the keys."""
+    c = coords.numpy()
+    r = -(-resolution // factor)
+    key_type = np.int32 if (int(c[:, 0].max()) + 1) * r**3 < 2**31 else np.int64
+    if factor & (factor - 1) == 0:
+        parent = c[:, 1:] >> (factor.bit_length() - 1)  # floor division by a power of two, also below zero
+    else:
+        parent = c[:, 1:] // factor
+    keys = ((c[:, 0].astype(key_type) * r + parent[:, 0]) * r + parent[:, 1]) * r + parent[:, 2]
+    order = np.argsort(keys, kind="stable")  # a timsort: parents of sorted voxels come as a few sorted runs
+    sorted_keys = keys[order]
+    first = np.empty(len(keys), dtype=bool)
+    first[0] = True
+    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=first[1:])
+    inverse = np.empty(len(keys), dtype=np.int64)
+    inverse[order] = np.cumsum(first) - 1
+    child = order[first]  # one child of each parent, parents in key order
+    out = np.empty((len(child), 4), dtype=np.int32)
+    out[:, 0] = c[child, 0]
+    out[:, 1:] = parent[child]
+    return torch.from_numpy(out), torch.from_numpy(inverse)
 
 
 def down_kernel_map(coords: torch.Tensor, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
