@@ -156,27 +156,31 @@ def downsample_coords(coords: torch.Tensor, factor: int,
 
 
 def _downsample_coords_numpy(coords: torch.Tensor, factor: int, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`downsample_coords` on the CPU (same outputs): numpy, int32 keys where they fit, shifts for powers of
-    two, and the parent rows gathered from a child of each instead of decoded from the keys."""
+    """:func:`downsample_coords` on the CPU (same outputs) in numpy: int32 keys where they fit, built in place,
+    shifts for powers of two, a stable argsort (a timsort: parents of sorted voxels come as sorted runs)."""
     c = coords.numpy()
     r = -(-resolution // factor)
     key_type = np.int32 if (int(c[:, 0].max()) + 1) * r**3 < 2**31 else np.int64
-    if factor & (factor - 1) == 0:
-        parent = c[:, 1:] >> (factor.bit_length() - 1)  # floor division by a power of two, also below zero
-    else:
-        parent = c[:, 1:] // factor
-    keys = ((c[:, 0].astype(key_type) * r + parent[:, 0]) * r + parent[:, 1]) * r + parent[:, 2]
-    order = np.argsort(keys, kind="stable")  # a timsort: parents of sorted voxels come as a few sorted runs
+    shift = factor.bit_length() - 1 if factor & (factor - 1) == 0 else None
+    keys = c[:, 0].astype(key_type)
+    for j in (1, 2, 3):
+        keys *= r
+        keys += c[:, j] >> shift if shift is not None else c[:, j] // factor  # floor division, also below zero
+    order = np.argsort(keys, kind="stable")
     sorted_keys = keys[order]
     first = np.empty(len(keys), dtype=bool)
     first[0] = True
     np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=first[1:])
+    ids = np.cumsum(first)
+    ids -= 1
     inverse = np.empty(len(keys), dtype=np.int64)
-    inverse[order] = np.cumsum(first) - 1
-    child = order[first]  # one child of each parent, parents in key order
-    out = np.empty((len(child), 4), dtype=np.int32)
-    out[:, 0] = c[child, 0]
-    out[:, 1:] = parent[child]
+    inverse[order] = ids
+    uniq = sorted_keys[first]
+    out = np.empty((len(uniq), 4), dtype=np.int32)
+    for j in (3, 2, 1):
+        out[:, j] = uniq % r
+        uniq //= r
+    out[:, 0] = uniq
     return torch.from_numpy(out), torch.from_numpy(inverse)
 
 
