@@ -202,12 +202,18 @@ def band_block_rows(coords: np.ndarray, block_coords: np.ndarray, resolution: in
         raise ValueError(f"{name}: band voxel coordinates outside [0, {r}): {int(coords.min())}..{int(coords.max())}")
     x, y, z = coords[:, 0], coords[:, 1], coords[:, 2]
     key_type = np.int32 if r**3 < 2**31 else np.int64  # int32 arithmetic halves the memory traffic
-    keys = (x.astype(key_type) * r + y) * r + z
+    keys = x.astype(key_type)  # (x·R + y)·R + z, in place
+    for c in (y, z):
+        keys *= r
+        keys += c
     if not bool((keys[1:] > keys[:-1]).all()):
         raise ValueError(f"{name}: band voxels are not sorted by (x, y, z) without repeats")
     if len(block_coords) and (int(block_coords.min()) < 0 or int(block_coords.max()) >= g):
         raise ValueError(f"{name}: block coordinates outside [0, {g})")
-    bkeys = ((x >> 3).astype(key_type) * g + (y >> 3)) * g + (z >> 3)
+    bkeys = (x >> 3).astype(key_type, copy=False)
+    for c in (y, z):
+        bkeys *= g
+        bkeys += c >> 3
     table_keys = (block_coords[:, 0].astype(np.int64) * g + block_coords[:, 1]) * g + block_coords[:, 2]
     if not bool((table_keys[1:] > table_keys[:-1]).all()):
         raise ValueError(f"{name}: blocks are not sorted by (bx, by, bz) without repeats")
@@ -222,8 +228,14 @@ def band_block_rows(coords: np.ndarray, block_coords: np.ndarray, resolution: in
         missing = table_keys[block_row] != bkeys if len(table_keys) else np.ones(len(bkeys), bool)
     if bool(missing.any()):
         raise ValueError(f"{name}: {int(missing.sum())} band voxels lie outside the listed blocks")
-    local = ((x & 7) * BLOCK_SIZE + (y & 7)) * BLOCK_SIZE + (z & 7)
-    return block_row.astype(np.int64) * BLOCK_SIZE**3 + local
+    local = x & 7  # in-block column (lx·8 + ly)·8 + lz, with shifts
+    for c in (y, z):
+        local <<= 3
+        local |= c & 7
+    rows = block_row.astype(np.int64)
+    rows <<= 9
+    rows |= local
+    return rows
 
 
 # Block grids up to this many cells (R ≤ 1024) use a dense table in band_block_rows, larger ones a binary search.
