@@ -522,7 +522,7 @@ class PackedSDFBatch:
         if self.inside is None:
             return self.blocks.feats.float()
         dev = self.inside.device
-        shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=dev)  # np.packbits order: first bit is the MSB
+        shifts = (7 - torch.arange(8, device=dev)).to(torch.uint8)  # np.packbits order: the first bit is the MSB
         bits = ((self.inside[:, :, None] >> shifts) & 1).reshape(-1, UPSAMPLE**3).bool()  # [NB, 512]
         fill = self.fill[self.blocks.batch_index][:, None]  # [NB, 1]
         values = torch.where(bits, -fill, fill).reshape(-1)
