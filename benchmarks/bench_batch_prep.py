@@ -11,7 +11,8 @@ alternating ``--rounds`` times, so an A/B on a busy machine sees the same load:
         --max-tokens 3000000 --batches 4 --rounds 3 --out benchmarks/results/batch_prep_cpu.json
 
 Without ``--src`` it measures the tree it runs from. Results: JSON (per source: median core-seconds per micro-batch
-and per million band voxels, split into items / collate / main process) and a Markdown table beside it.
+and per million band voxels, split into items / collate / main process, and the bytes of each micro-batch's tensors,
+what the main process pins and copies) and a Markdown table beside it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,30 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def batch_bytes(obj, seen: set[int] | None = None) -> int:
+    """Bytes of the distinct tensors in a batch (dataclass fields, SparseTensor feats, coords and structure cache,
+    tuples, lists, dicts): what ``pin_memory`` copies and the main process sends to the GPU."""
+    import dataclasses
+
+    import torch
+
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        if id(obj) in seen:
+            return 0
+        seen.add(id(obj))
+        return obj.numel() * obj.element_size()
+    if hasattr(obj, "_cache") and hasattr(obj, "coords"):  # SparseTensor
+        return sum(batch_bytes(v, seen) for v in (obj.feats, obj.coords, *obj._cache.values()))
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(batch_bytes(getattr(obj, f.name), seen) for f in dataclasses.fields(obj))
+    if isinstance(obj, tuple | list):
+        return sum(batch_bytes(v, seen) for v in obj)
+    if isinstance(obj, dict):
+        return sum(batch_bytes(v, seen) for v in obj.values())
+    return 0
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -66,7 +91,7 @@ def measure(args: argparse.Namespace) -> dict:
         if k == 0:
             continue  # warm-up: imports, allocator, page cache
         rows.append({"voxels": sum(lengths[i] for i in b), "items": len(b), "items_s": t1 - t0, "collate_s": t2 - t1,
-                     "main_s": main})
+                     "main_s": main, "bytes": batch_bytes(batch)})
     return {"rows": rows, "cuda": cuda}
 
 
@@ -75,7 +100,7 @@ def _summary(runs: list[dict]) -> dict:
     voxels = sum(r["voxels"] for r in runs[0]["rows"])
     n = len(runs[0]["rows"])
     out = {"micro_batches": n, "voxels_per_micro_batch": voxels / n, "rounds": len(runs)}
-    for key in ("items_s", "collate_s", "main_s"):
+    for key in ("items_s", "collate_s", "main_s", "bytes"):
         out[key] = statistics.median(sum(r[key] for r in run["rows"]) / n for run in runs)
     out["worker_s"] = out["items_s"] + out["collate_s"]
     out["worker_s_per_mvoxel"] = out["worker_s"] / (out["voxels_per_micro_batch"] / 1e6)
@@ -117,11 +142,13 @@ def main() -> None:
         "command": " ".join(["python", *sys.argv]),
         "results": {src: _summary(r) for src, r in runs.items()},
     }
-    lines = ["| source | µ-batch voxels | items s | collate s | main s | worker core-s / M voxels |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| source | µ-batch voxels | items s | collate s | main s | worker core-s / M voxels | vs first | "
+             "MB to pin |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    first = next(iter(result["results"].values()))
     for src, s in result["results"].items():
         lines.append(f"| {src} | {s['voxels_per_micro_batch']:,.0f} | {s['items_s']:.3f} | {s['collate_s']:.3f} | "
-                     f"{s['main_s']:.3f} | {s['worker_s_per_mvoxel']:.3f} |")
+                     f"{s['main_s']:.3f} | {s['worker_s_per_mvoxel']:.3f} | "
+                     f"{first['worker_s_per_mvoxel'] / s['worker_s_per_mvoxel']:.2f}x | {s['bytes'] / 1e6:.0f} |")
     print("\n".join(lines))
     if args.out:
         out = Path(args.out)
