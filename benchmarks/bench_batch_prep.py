@@ -70,9 +70,14 @@ def measure(args: argparse.Namespace) -> dict:
     task = SparseVAETask(cfg)
     train, _ = task.build_datasets()
     lengths = train.token_counts
-    plan = pack_batches(item_costs(train, lengths), max_tokens=args.max_tokens, groups=[args.resolution] * len(train),
-                        seed=0, epoch=0, step_size=2)
-    batches = plan[:args.batches + 1]
+    names = train.parts[0].names
+    if args.plan:  # the micro-batches the first run measured: a folder still being built keeps growing
+        index = {n: i for i, n in enumerate(names)}
+        batches = [[index[n] for n in b] for b in json.loads(Path(args.plan).read_text())]
+    else:
+        plan = pack_batches(item_costs(train, lengths), max_tokens=args.max_tokens,
+                            groups=[args.resolution] * len(train), seed=0, epoch=0, step_size=2)
+        batches = plan[:args.batches + 1]
     cuda = torch.cuda.is_available()
     rows = []
     for k, b in enumerate(batches):
@@ -92,7 +97,7 @@ def measure(args: argparse.Namespace) -> dict:
             continue  # warm-up: imports, allocator, page cache
         rows.append({"voxels": sum(lengths[i] for i in b), "items": len(b), "items_s": t1 - t0, "collate_s": t2 - t1,
                      "main_s": main, "bytes": batch_bytes(batch)})
-    return {"rows": rows, "cuda": cuda}
+    return {"rows": rows, "cuda": cuda, "plan": [[names[i] for i in b] for b in batches]}
 
 
 def _summary(runs: list[dict]) -> dict:
@@ -119,6 +124,7 @@ def main() -> None:
     p.add_argument("--src", nargs="+", default=None, help="source trees to compare (default: this one)")
     p.add_argument("--out", default=None, help="JSON path (a .md summary is written beside it)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--plan", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(measure(args)))
@@ -126,14 +132,18 @@ def main() -> None:
     sources = args.src or [str(ROOT / "src")]
     runs: dict[str, list[dict]] = {s: [] for s in sources}
     child = [a for a in sys.argv[1:] if a not in sources and a != "--src"]
+    plan_file = Path(tempfile.mkdtemp()) / "plan.json"
     for r in range(args.rounds):
         for src in sources:  # interleaved: every round measures every tree under the same background load
             env = dict(os.environ, PYTHONPATH=str(Path(src).resolve()), OMP_NUM_THREADS="1")
-            proc = subprocess.run([sys.executable, __file__, *child, "--child"], env=env, capture_output=True,
-                                  text=True, cwd=ROOT)
+            extra = ["--plan", str(plan_file)] if plan_file.exists() else []
+            proc = subprocess.run([sys.executable, __file__, *child, "--child", *extra], env=env,
+                                  capture_output=True, text=True, cwd=ROOT)
             if proc.returncode:
                 raise SystemExit(f"measurement with {src} failed:\n{proc.stderr[-3000:]}")
             runs[src].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            if not plan_file.exists():
+                plan_file.write_text(json.dumps(runs[src][-1]["plan"]))
             print(f"round {r} {src}: {_summary(runs[src][-1:])}", flush=True)
     result = {
         "data": args.data, "resolution": args.resolution, "max_tokens": args.max_tokens,
@@ -141,6 +151,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", *sys.argv]),
         "results": {src: _summary(r) for src, r in runs.items()},
+        "micro_batches": runs[sources[0]][0]["plan"],  # item names; the first one is the warm-up
     }
     lines = ["| source | µ-batch voxels | items s | collate s | main s | worker core-s / M voxels | vs first | "
              "MB to pin |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
