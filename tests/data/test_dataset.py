@@ -88,6 +88,8 @@ def test_packed_blocks_expand_to_the_block_targets(root, monkeypatch):
         band_block_rows(coords, blocks[1:], R)
     with pytest.raises(ValueError, match="with_blocks"):
         SparseSDFDataset(root, R, split=None, with_blocks="dense")
+    with pytest.raises(ValueError, match="collate_packed"):
+        collate_sparse([p])
 
 
 def test_views_are_deterministic_per_epoch(root):

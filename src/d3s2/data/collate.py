@@ -110,6 +110,9 @@ def collate_sparse(samples: Sequence[dict]) -> dict:
     resolutions = {s["resolution"] for s in samples}
     if len(resolutions) != 1:
         raise ValueError(f"expected samples of one resolution, got {sorted(resolutions)}")
+    if "block_inside" in samples[0]:
+        raise ValueError("expected samples with block targets, got SparseSDFDataset(with_blocks='packed') ones; "
+                         "batch those with collate_packed")
     (res,) = resolutions
     batch: dict = {
         "names": [s["name"] for s in samples],
