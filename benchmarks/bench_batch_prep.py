@@ -135,7 +135,9 @@ def main() -> None:
     plan_file = Path(tempfile.mkdtemp()) / "plan.json"
     for r in range(args.rounds):
         for src in sources:  # interleaved: every round measures every tree under the same background load
-            env = dict(os.environ, PYTHONPATH=str(Path(src).resolve()), OMP_NUM_THREADS="1")
+            # The tree first (it shadows any other d3s2 on the path); the rest of the path keeps carried packages.
+            path = os.pathsep.join(p for p in (str(Path(src).resolve()), os.environ.get("PYTHONPATH", "")) if p)
+            env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
             extra = ["--plan", str(plan_file)] if plan_file.exists() else []
             proc = subprocess.run([sys.executable, __file__, *child, "--child", *extra], env=env,
                                   capture_output=True, text=True, cwd=ROOT)
