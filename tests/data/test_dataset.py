@@ -60,6 +60,38 @@ def test_sample_fields(root):
     torch.testing.assert_close(s["world_to_camera"], full["world_to_camera"])
 
 
+def test_packed_blocks_expand_to_the_block_targets(root, monkeypatch):
+    from d3s2.data import dataset
+    from d3s2.data.dataset import band_block_rows
+
+    full = SparseSDFDataset(root, R, split=None, with_image=False)
+    packed = SparseSDFDataset(root, R, split=None, with_blocks="packed", with_image=False)
+    for i in range(len(full)):
+        f, p = full[i], packed[i]
+        assert torch.equal(f["coords"], p["coords"]) and torch.equal(f["sdf"][:, 0], p["sdf"])
+        assert torch.equal(f["sharp"], p["sharp"]) and torch.equal(f["block_coords"], p["block_coords"])
+        bits = torch.from_numpy(np.unpackbits(p["block_inside"].numpy(), axis=1).astype(bool))
+        expanded = torch.where(bits, -np.float32(p["band"]), np.float32(p["band"])).reshape(-1)
+        expanded[p["block_rows"]] = p["sdf"]
+        assert torch.equal(expanded.reshape(-1, 512), f["block_sdf"])
+    coords, blocks = p["coords"].numpy(), p["block_coords"].numpy()
+    with pytest.raises(ValueError, match="not sorted"):
+        band_block_rows(coords[::-1].copy(), blocks, R)
+    with pytest.raises(ValueError, match="outside the listed blocks"):
+        band_block_rows(coords, blocks[1:], R)
+    with pytest.raises(ValueError, match="outside"):
+        band_block_rows(coords + R, blocks, R)
+    # Block grids too large for the dense table take a binary search: the same rows and checks.
+    monkeypatch.setattr(dataset, "_DENSE_BLOCK_TABLE", 0)
+    assert np.array_equal(band_block_rows(coords, blocks, R), p["block_rows"].numpy())
+    with pytest.raises(ValueError, match="outside the listed blocks"):
+        band_block_rows(coords, blocks[1:], R)
+    with pytest.raises(ValueError, match="with_blocks"):
+        SparseSDFDataset(root, R, split=None, with_blocks="dense")
+    with pytest.raises(ValueError, match="collate_packed"):
+        collate_sparse([p])
+
+
 def test_views_are_deterministic_per_epoch(root):
     ds = SparseSDFDataset(root, R, split=None, with_blocks=False)
     first = [ds[i]["view"] for i in range(len(ds))]

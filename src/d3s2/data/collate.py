@@ -110,6 +110,9 @@ def collate_sparse(samples: Sequence[dict]) -> dict:
     resolutions = {s["resolution"] for s in samples}
     if len(resolutions) != 1:
         raise ValueError(f"expected samples of one resolution, got {sorted(resolutions)}")
+    if "block_inside" in samples[0]:
+        raise ValueError("expected samples with block targets, got SparseSDFDataset(with_blocks='packed') ones; "
+                         "batch those with collate_packed")
     (res,) = resolutions
     batch: dict = {
         "names": [s["name"] for s in samples],
@@ -129,3 +132,53 @@ def collate_sparse(samples: Sequence[dict]) -> dict:
         batch["world_to_camera"] = torch.stack([s["world_to_camera"] for s in samples])
         batch["view"] = torch.tensor([s["view"] for s in samples], dtype=torch.int64)
     return batch
+
+
+def collate_packed(samples: Sequence[dict]) -> dict:
+    """Pack samples of ``SparseSDFDataset(with_blocks="packed")`` into one batch (the SS-VAE training layout).
+
+    Returns a dict:
+        ``sdf``: SparseTensor, feats float32 ``[N, 1]`` the stored SDF, coords int32 ``[N, 4]``, resolution R;
+        ``sharp``: bool ``[N]``;
+        ``blocks``: SparseTensor, feats float32 ``[NB, 0]``, coords ``[NB, 4]`` (b, bx, by, bz), resolution R / 8;
+        ``inside``: uint8 ``[NB, 64]`` packed inside bits of the blocks' voxels;
+        ``fill``: float32 ``[B]`` each sample's τ (its targets outside the band are ∓τ);
+        ``rows``: int64 ``[N]`` row of each band voxel in the flattened targets ``[NB·512]`` of the whole batch;
+        ``names``: list of B str.
+
+    The samples were checked by the dataset (sorted, in range, inside their blocks), so the batch is built
+    without a second check.
+    """
+    if not samples:
+        raise ValueError("expected at least one sample to collate")
+    resolutions = {s["resolution"] for s in samples}
+    if len(resolutions) != 1:
+        raise ValueError(f"expected samples of one resolution, got {sorted(resolutions)}")
+    if "block_inside" not in samples[0]:
+        raise ValueError("expected samples of SparseSDFDataset(with_blocks='packed')")
+    (res,) = resolutions
+    counts = [int(s["coords"].shape[0]) for s in samples]
+    block_counts = [int(s["block_coords"].shape[0]) for s in samples]
+    coords = torch.empty(sum(counts), 4, dtype=torch.int32)
+    block_coords = torch.empty(sum(block_counts), 4, dtype=torch.int32)
+    rows = torch.empty(sum(counts), dtype=torch.int64)
+    start = block_start = 0
+    for b, s in enumerate(samples):
+        n, nb = counts[b], block_counts[b]
+        coords[start:start + n, 0] = b
+        coords[start:start + n, 1:] = s["coords"]
+        block_coords[block_start:block_start + nb, 0] = b
+        block_coords[block_start:block_start + nb, 1:] = s["block_coords"]
+        torch.add(s["block_rows"], block_start * 512, out=rows[start:start + n])
+        start, block_start = start + n, block_start + nb
+    feats = torch.cat([s["sdf"] for s in samples]).reshape(-1, 1)
+    return {
+        "names": [s["name"] for s in samples],
+        "sdf": SparseTensor(feats, coords, resolution=res, batch_size=len(samples), validate=False),
+        "sharp": torch.cat([s["sharp"] for s in samples]),
+        "blocks": SparseTensor(torch.zeros(len(block_coords), 0), block_coords, resolution=res // 8,
+                               batch_size=len(samples), validate=False),
+        "inside": torch.cat([s["block_inside"] for s in samples]),
+        "fill": torch.tensor(np.array([s["band"] for s in samples], dtype=np.float32)),
+        "rows": rows,
+    }

@@ -49,6 +49,18 @@ def sphere_batch(resolution: int = 16, radii=(5.0,), tau: float = 2.0, sharp_eve
                 resolution=resolution, sharp=sharp)
 
 
+def with_inside_bits(batch: PackedSDFBatch) -> PackedSDFBatch:
+    """``batch`` (of :func:`sphere_batch`, ``packed``: targets outside the band are exactly ±1 at τ = 1) with its
+    block targets as inside bits, the layout the ``vae`` training task collates."""
+    from d3s2.geometry.sdf import pack_bits
+
+    values = batch.blocks.feats
+    blocks = batch.blocks.replace(values.new_zeros(values.shape[0], 0))
+    raw = batch.sdf.replace(batch.sdf.feats * batch.tau)
+    return PackedSDFBatch.from_inside_bits(raw, blocks, batch.rows, pack_bits(values < 0),
+                                           torch.ones(batch.sdf.batch_size), sharp=batch.sharp, tau=batch.tau)
+
+
 def random_latent(num_per_sample, resolution: int, channels: int, seed: int = 0, box=None) -> sp.SparseTensor:
     """Random sparse latent: distinct random voxels per sample (inside ``box = (lo, hi)`` if given), normal feats."""
     g = torch.Generator().manual_seed(seed)

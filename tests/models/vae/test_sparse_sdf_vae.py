@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from d3s2 import sparse as sp
-from d3s2.models.vae import SparseSDFBatch, SparseSDFVAE
+from d3s2.models.vae import PackedSDFBatch, SparseSDFBatch, SparseSDFVAE
 from d3s2.models.vae.transformer import SparseWindowSelfAttention
-from tests.models.vae._cases import random_latent, sphere_batch, sphere_sample, tiny_config
+from tests.models.vae._cases import random_latent, sphere_batch, sphere_sample, tiny_config, with_inside_bits
 
 
 def _keyed(x: sp.SparseTensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,8 +231,21 @@ def test_prepared_structure_same_result_and_no_host_syncs(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
 
 
+def test_inside_bits_expand_to_the_same_batch():
+    packed = sphere_batch(16, radii=(5.0, 6.5), sharp_every=3, packed=True)
+    bits = with_inside_bits(packed)
+    assert bits.blocks.num_channels == 0 and bits.inside.shape == (packed.blocks.num_voxels, 64)
+    got, ref = bits.unpack(), packed.unpack()
+    assert torch.equal(got.target.coords, ref.target.coords) and torch.equal(got.target.feats, ref.target.feats)
+    assert torch.equal(got.in_band, ref.in_band) and torch.equal(got.sharp, ref.sharp)
+    assert torch.equal(got.sdf.feats, ref.sdf.feats)
+    with pytest.raises(ValueError, match="inside"):
+        PackedSDFBatch.from_inside_bits(bits.sdf, bits.blocks, bits.rows, bits.inside[1:], bits.fill)
+
+
 @pytest.mark.gpu
-def test_training_step_runs_without_host_syncs_on_gpu():
+@pytest.mark.parametrize("inside_bits", [False, True])
+def test_training_step_runs_without_host_syncs_on_gpu(inside_bits):
     """On CUDA with the triton backends: a prepared, pinned, packed batch (as the DataLoader workers hand it over)
     moved without blocking and expanded on the GPU, then forward, loss and backward under
     ``set_sync_debug_mode("error")`` (any host sync raises)."""
@@ -244,6 +257,8 @@ def test_training_step_runs_without_host_syncs_on_gpu():
 
     def step() -> None:
         batch = sphere_batch(32, radii=(9.0, 11.0), sharp_every=3, packed=True)
+        if inside_bits:
+            batch = with_inside_bits(batch)
         prepare_structure(batch.sdf, model.config.window_size)
         batch = batch.pin_memory().to("cuda", non_blocking=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):

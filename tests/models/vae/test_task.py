@@ -148,24 +148,65 @@ def test_overfit_one_shape_reconstructs_it(data):
     assert after < 0.12 and after < 0.6 * before, (before, after)
 
 
-def test_collate_packs_and_to_builds_the_full_batch(data):
-    from d3s2.data.collate import collate_sparse
-    from d3s2.models.vae import PackedSDFBatch, SparseSDFBatch
+def _assert_same_structure(a, b, path="cache"):
+    """Equal structure caches: the same keys, equal tensors (values and dtypes), recursively."""
+    import dataclasses
 
-    task = SparseVAETask(SparseVAETaskConfig(data=str(data), resolutions=[32], val_fraction=0.5, test_fraction=0.0,
-                                             model_config=TINY_MODEL))
+    from d3s2 import sparse as sp
+
+    if isinstance(a, sp.SparseTensor):
+        assert isinstance(b, sp.SparseTensor) and a.resolution == b.resolution and a.batch_size == b.batch_size
+        _assert_same_structure(a.feats, b.feats, path + ".feats")
+        _assert_same_structure(a.coords, b.coords, path + ".coords")
+        assert sorted(a._cache) == sorted(b._cache), path
+        for k in a._cache:
+            _assert_same_structure(a._cache[k], b._cache[k], f"{path}[{k}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, tuple | list):
+        assert len(a) == len(b), path
+        for i, (u, v) in enumerate(zip(a, b)):
+            _assert_same_structure(u, v, f"{path}[{i}]")
+    elif dataclasses.is_dataclass(a):
+        for f in dataclasses.fields(a):
+            _assert_same_structure(getattr(a, f.name), getattr(b, f.name), f"{path}.{f.name}")
+    else:
+        assert a == b, path
+
+
+@pytest.mark.parametrize("resolution", [16, RESOLUTION])
+def test_collate_matches_the_unpacked_path(data, resolution):
+    """The training collate (stored inside bits, rows found in the dataset, numpy structure) gives the model
+    exactly what the earlier path gave (block targets in the dataset, SparseTensor collate, pack): every tensor
+    and every prepared structure equal, on a batch of all samples in a shuffled order."""
+    from d3s2.data.collate import collate_sparse
+    from d3s2.data.dataset import SparseSDFDataset
+    from d3s2.models.vae import PackedSDFBatch, SparseSDFBatch
+    from d3s2.models.vae.sparse_sdf_vae import prepare_structure
+
+    task = SparseVAETask(SparseVAETaskConfig(data=str(data), resolutions=[resolution], val_fraction=0.0,
+                                             test_fraction=0.0, model_config=TINY_MODEL))
     train, _ = task.build_datasets()
-    items = [train[0], train[1]]
-    packed = task.collate(items)
-    assert isinstance(packed, PackedSDFBatch)
-    got = packed.to("cpu")
-    c = collate_sparse(items)
-    ref = SparseSDFBatch.from_blocks(c["sdf"], c["blocks"], sharp=c["sharp"], tau=task.band)
+    full = SparseSDFDataset(data, resolution, split="train", val_fraction=0.0, test_fraction=0.0, with_image=False)
+    assert full.names == train.parts[0].names and len(full) == 4
+    order = [2, 0, 3, 1]
+    packed = task.collate([train[i] for i in order])
+    assert isinstance(packed, PackedSDFBatch) and packed.inside is not None
+    assert packed.blocks.num_channels == 0  # no per-voxel targets travel from the workers
+    c = collate_sparse([full[i] for i in order])
+    ref_packed = PackedSDFBatch.pack(c["sdf"], c["blocks"], sharp=c["sharp"], tau=task.band)
+    prepare_structure(ref_packed.sdf, task.window_size)
+    _assert_same_structure(packed.sdf, ref_packed.sdf, "sdf")
+    assert torch.equal(packed.rows, ref_packed.rows) and torch.equal(packed.sharp, ref_packed.sharp)
+    assert torch.equal(packed.blocks.coords, ref_packed.blocks.coords)
+    got, ref = packed.to("cpu"), ref_packed.unpack()
     assert isinstance(got, SparseSDFBatch)
-    assert torch.equal(got.target.coords, ref.target.coords) and torch.equal(got.target.feats, ref.target.feats)
+    for name in ("target", "sdf"):
+        g, r = getattr(got, name), getattr(ref, name)
+        assert torch.equal(g.coords, r.coords) and torch.equal(g.feats, r.feats), name
     assert torch.equal(got.in_band, ref.in_band) and torch.equal(got.sharp, ref.sharp)
-    assert torch.equal(got.sdf.feats, ref.sdf.feats) and int(got.in_band.sum()) == got.sdf.num_voxels
-    # The packed batch carries the blocks, not one coordinate row per decoded voxel.
-    assert packed.blocks.num_voxels * 512 == got.target.num_voxels
+    assert int(got.in_band.sum()) == got.sdf.num_voxels
+    # Outside the band the targets are the truncation values, in it the band voxels' own SDF.
+    assert set(got.target.feats[~got.in_band, 0].unique().tolist()) <= {-1.0, 1.0}
     loss, _ = task.loss(task.build_model(), packed)  # direct callers may pass the packed batch
     assert torch.isfinite(loss)

@@ -94,6 +94,18 @@ def test_down_map_and_downsample_keys_match_unique_rows():
             assert kmap[p, k] == rows.get((c[0], 2 * c[1] + lx, 2 * c[2] + ly, 2 * c[3] + lz), -1)
 
 
+@pytest.mark.parametrize("factor", [2, 3, 4])
+def test_downsample_keys_on_the_cpu_match_torch_unique(factor):
+    from d3s2.ops.conv import downsample_coords
+
+    x = random_sparse([300, 0, 120, 7], 16, 1)
+    parents, inverse = downsample_coords(x.coords, factor, x.resolution)  # the numpy path on the CPU
+    ref_parents, ref_inverse = torch.unique(torch.cat([x.coords[:, :1], x.coords[:, 1:] // factor], 1), dim=0,
+                                            return_inverse=True)
+    assert parents.dtype == torch.int32 and inverse.dtype == torch.int64
+    assert torch.equal(parents, ref_parents.to(torch.int32)) and torch.equal(inverse, ref_inverse)
+
+
 @pytest.mark.parametrize("case", ["random", "sorted_runs", "one", "empty"])
 def test_unique_inverse_matches_torch_unique(case):
     from d3s2.ops.conv.reference import unique_inverse

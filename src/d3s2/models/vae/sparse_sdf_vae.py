@@ -355,12 +355,22 @@ class PackedSDFBatch:
     voxels at 256³); :meth:`to` builds them on the destination device from the blocks instead, so workers do
     not compute them and the host does not pin and copy them (about 20 bytes per decoded voxel).
 
+    With ``inside`` (:meth:`from_inside_bits`, what the ``vae`` training task collates) even the blocks' targets
+    travel packed: 64 bytes of inside bits per block instead of 2 KiB of values, expanded as
+    ``SparseSDF.block_targets`` does (∓τ by the inside bit, the band voxels' SDF at their rows).
+
     Attributes:
         sdf: encoder input, as :attr:`SparseSDFBatch.sdf` (feats ``[N, 1]`` SDF / τ).
-        blocks: occupied blocks at R/8, feats ``[NB, 512]`` truncated SDF in the units of ``tau``.
+        blocks: occupied blocks at R/8, feats ``[NB, 512]`` truncated SDF in the units of ``tau`` (``[NB, 0]``
+            when ``inside`` is given).
         rows: int64 ``[N]`` target row of each band voxel (block row · 512 + in-block column).
         sharp: bool ``[N]`` band voxels near sharp edges, or None.
         tau, factor: as :meth:`SparseSDFBatch.from_blocks`.
+        inside: uint8 ``[NB, 64]`` ``np.packbits`` of the 512 inside bits of each block (big-endian bit order,
+            bit = in-block column), or None.
+        fill: float32 ``[B]`` each sample's truncation value (targets outside the band are ``-fill`` inside,
+            ``+fill`` outside), with ``inside``.
+        band_sdf: float32 ``[N]`` the band voxels' SDF before the division by τ, with ``inside``.
     """
 
     sdf: sp.SparseTensor
@@ -369,6 +379,9 @@ class PackedSDFBatch:
     sharp: torch.Tensor | None
     tau: float
     factor: float | None = None
+    inside: torch.Tensor | None = None
+    fill: torch.Tensor | None = None
+    band_sdf: torch.Tensor | None = None
 
     @classmethod
     def pack(cls, sdf: sp.SparseTensor, blocks: sp.SparseTensor, *, sharp: torch.Tensor | None = None,
@@ -432,25 +445,56 @@ class PackedSDFBatch:
         sharp_all = torch.cat([s.bool().reshape(-1) for s in sharp]) if sharp is not None else None
         return cls.pack(x, blocks, sharp=sharp_all, tau=tau, factor=factor)
 
+    @classmethod
+    def from_inside_bits(cls, sdf: sp.SparseTensor, blocks: sp.SparseTensor, rows: torch.Tensor,
+                         inside: torch.Tensor, fill: torch.Tensor, *, sharp: torch.Tensor | None = None,
+                         tau: float = 1.0, factor: float | None = None) -> PackedSDFBatch:
+        """The batch whose block targets are the stored inside bits (``d3s2.data.collate_packed``'s layout).
+
+        Args:
+            sdf: band voxels, feats ``[N, 1]`` SDF at resolution R (in the units of ``tau``).
+            blocks: occupied 8³ blocks at R/8 (block units), ``NB`` rows; their feats are not used.
+            rows: int64 ``[N]`` each band voxel's row in the flattened ``[NB·512]`` targets.
+            inside: uint8 ``[NB, 64]`` packed inside bits. fill: float ``[B]`` per-sample truncation value.
+        """
+        nb, n = blocks.num_voxels, sdf.num_voxels
+        if blocks.resolution * UPSAMPLE != sdf.resolution:
+            raise ValueError(f"expected blocks at resolution {sdf.resolution // UPSAMPLE}, got {blocks.resolution}")
+        if sdf.num_channels != 1:
+            raise ValueError(f"expected one SDF channel, got {sdf.num_channels}")
+        if inside.dtype != torch.uint8 or inside.shape != (nb, UPSAMPLE**3 // 8):
+            raise ValueError(f"expected uint8 inside of shape [{nb}, 64], got {inside.dtype} {tuple(inside.shape)}")
+        if rows.shape != (n,) or fill.shape != (sdf.batch_size,):
+            raise ValueError(f"expected rows [{n}] and fill [{sdf.batch_size}], got {tuple(rows.shape)} and "
+                             f"{tuple(fill.shape)}")
+        if sharp is not None and sharp.shape != (n,):
+            raise ValueError(f"expected sharp of shape [{n}], got {tuple(sharp.shape)}")
+        band_sdf = sdf.feats[:, 0].float()
+        return cls(sdf.replace(sdf.feats.float() / tau), blocks, rows.long(), None if sharp is None else sharp.bool(),
+                   float(tau), factor, inside, fill.float(), band_sdf)
+
     @property
     def num_tokens(self) -> int:
         """Encoder input voxels (what a token budget counts)."""
         return self.sdf.num_voxels
 
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor], sparse: Callable[[sp.SparseTensor], sp.SparseTensor]
+             ) -> PackedSDFBatch:
+        """This batch with ``sparse`` applied to its SparseTensors and ``fn`` to its other tensors."""
+        def opt(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else fn(t)
+        return dataclasses.replace(self, sdf=sparse(self.sdf), blocks=sparse(self.blocks), rows=fn(self.rows),
+                                   sharp=opt(self.sharp), inside=opt(self.inside), fill=opt(self.fill),
+                                   band_sdf=opt(self.band_sdf))
+
     def pin_memory(self) -> PackedSDFBatch:
         """Page-locked host copy (called by the DataLoader's ``pin_memory=True``)."""
-        return dataclasses.replace(self, sdf=self.sdf.pin_memory(), blocks=self.blocks.pin_memory(),
-                                   rows=self.rows.pin_memory(),
-                                   sharp=None if self.sharp is None else self.sharp.pin_memory())
+        return self._map(lambda t: t.pin_memory() if t.numel() else t, lambda x: x.pin_memory())
 
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> SparseSDFBatch:
         """The full :class:`SparseSDFBatch` on ``device`` (its per-voxel tensors built there, without host syncs)."""
-        moved = dataclasses.replace(
-            self, sdf=self.sdf.to(device, non_blocking=non_blocking),
-            blocks=self.blocks.to(device, non_blocking=non_blocking),
-            rows=self.rows.to(device, non_blocking=non_blocking),
-            sharp=None if self.sharp is None else self.sharp.to(device, non_blocking=non_blocking))
-        return moved.unpack()
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking),
+                         lambda x: x.to(device, non_blocking=non_blocking)).unpack()
 
     def unpack(self) -> SparseSDFBatch:
         """The full :class:`SparseSDFBatch` on this batch's device."""
@@ -464,7 +508,7 @@ class PackedSDFBatch:
         base[:, 1:] *= UPSAMPLE
         # [NB·512, 4]: block b's voxels (b, 8·block + l), blocks in order (batch order kept); one broadcast op.
         fine = (base[:, None, :] + local[None]).reshape(-1, 4)
-        target_feats = (blocks.feats.float().reshape(-1, 1) / self.tau).clamp_(-1.0, 1.0)
+        target_feats = (self._block_values().reshape(-1, 1) / self.tau).clamp_(-1.0, 1.0)
         target = sp.SparseTensor(target_feats, fine, resolution=self.sdf.resolution, batch_size=self.sdf.batch_size,
                                  validate=False)
         in_band = torch.zeros(target.num_voxels, dtype=torch.bool, device=dev).index_fill_(0, self.rows, True)
@@ -472,6 +516,17 @@ class PackedSDFBatch:
         if self.sharp is not None:
             sharp_mask.index_copy_(0, self.rows, self.sharp)
         return SparseSDFBatch(self.sdf, target, in_band, sharp_mask, self.factor)
+
+    def _block_values(self) -> torch.Tensor:
+        """float32 ``[NB, 512]`` truncated SDF of the blocks' voxels (in the units of ``tau``)."""
+        if self.inside is None:
+            return self.blocks.feats.float()
+        dev = self.inside.device
+        shifts = (7 - torch.arange(8, device=dev)).to(torch.uint8)  # np.packbits order: the first bit is the MSB
+        bits = ((self.inside[:, :, None] >> shifts) & 1).reshape(-1, UPSAMPLE**3).bool()  # [NB, 512]
+        fill = self.fill[self.blocks.batch_index][:, None]  # [NB, 1]
+        values = torch.where(bits, -fill, fill).reshape(-1)
+        return values.index_copy_(0, self.rows, self.band_sdf).reshape(-1, UPSAMPLE**3)
 
 
 @dataclass

@@ -201,7 +201,7 @@ class SparseVAETask:
         from ...data.dataset import SparseSDFDataset
 
         return SparseSDFDataset(self.cfg.data, resolution, split=split, val_fraction=self.cfg.val_fraction,
-                                test_fraction=self.cfg.test_fraction, with_image=False)
+                                test_fraction=self.cfg.test_fraction, with_blocks="packed", with_image=False)
 
     def build_datasets(self) -> tuple[MultiResolutionDataset, MultiResolutionDataset | None]:
         train = MultiResolutionDataset([self._dataset(r, "train") for r in self.cfg.resolutions],
@@ -213,10 +213,11 @@ class SparseVAETask:
 
     def collate(self, items: Sequence[dict]) -> PackedSDFBatch:
         """The packed batch (``.to(device)`` gives the :class:`SparseSDFBatch`), structure prepared."""
-        from ...data.collate import collate_sparse
+        from ...data.collate import collate_packed
 
-        c = collate_sparse(items)
-        batch = PackedSDFBatch.pack(c["sdf"], c["blocks"], sharp=c["sharp"], tau=self.band)
+        c = collate_packed(items)
+        batch = PackedSDFBatch.from_inside_bits(c["sdf"], c["blocks"], c["rows"], c["inside"], c["fill"],
+                                                sharp=c["sharp"], tau=self.band)
         prepare_structure(batch.sdf, self.window_size)  # in the DataLoader workers: no GPU syncs for it later
         return batch
 

@@ -140,6 +140,8 @@ def downsample_coords(coords: torch.Tensor, factor: int,
 
     ``resolution`` (of ``coords``) lets the parents be found as unique int64 keys (faster than unique rows).
     """
+    if resolution is not None and coords.device.type == "cpu" and coords.shape[0]:
+        return _downsample_coords_numpy(coords, factor, resolution)
     parent = coords.clone()
     parent[:, 1:] = torch.div(parent[:, 1:], factor, rounding_mode="floor")
     if resolution is None:
@@ -151,6 +153,35 @@ def downsample_coords(coords: torch.Tensor, factor: int,
     uniq, inverse = unique_inverse(keys)
     out = torch.stack([uniq // r**3, (uniq // r**2) % r, (uniq // r) % r, uniq % r], 1)
     return out.to(torch.int32), inverse
+
+
+def _downsample_coords_numpy(coords: torch.Tensor, factor: int, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`downsample_coords` on the CPU (same outputs) in numpy: int32 keys where they fit, built in place,
+    shifts for powers of two, a stable argsort (a timsort: parents of sorted voxels come as sorted runs)."""
+    c = coords.numpy()
+    r = -(-resolution // factor)
+    key_type = np.int32 if (int(c[:, 0].max()) + 1) * r**3 < 2**31 else np.int64
+    shift = factor.bit_length() - 1 if factor & (factor - 1) == 0 else None
+    keys = c[:, 0].astype(key_type)
+    for j in (1, 2, 3):
+        keys *= r
+        keys += c[:, j] >> shift if shift is not None else c[:, j] // factor  # floor division, also below zero
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    first = np.empty(len(keys), dtype=bool)
+    first[0] = True
+    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=first[1:])
+    ids = np.cumsum(first)
+    ids -= 1
+    inverse = np.empty(len(keys), dtype=np.int64)
+    inverse[order] = ids
+    uniq = sorted_keys[first]
+    out = np.empty((len(uniq), 4), dtype=np.int32)
+    for j in (3, 2, 1):
+        out[:, j] = uniq % r
+        uniq //= r
+    out[:, 0] = uniq
+    return torch.from_numpy(out), torch.from_numpy(inverse)
 
 
 def down_kernel_map(coords: torch.Tensor, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
