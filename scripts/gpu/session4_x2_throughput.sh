@@ -14,3 +14,6 @@ python3 benchmarks/bench_train_step.py --task vae --config configs/demo/ss_vae_t
   --task.args.data=/tmp/d256 --data.max_tokens=3000000 --data.micro_batches_per_step=2 --data.num_workers=14 \
   --out $OUT/train_step_vae_2xH200_session5.json > $OUT/bench.log 2>&1
 el "bench rc=$?"; tail -30 $OUT/bench.log
+# Session 5: the SS-VAE GPU tests (sync-free step for both batch layouts) on this machine's first GPU.
+timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/models/vae > $OUT/vae_gpu_tests.txt 2>&1
+el "vae gpu tests rc=$?"; tail -3 $OUT/vae_gpu_tests.txt
