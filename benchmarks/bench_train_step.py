@@ -33,8 +33,8 @@ def _run(nproc: int, args: argparse.Namespace, overrides: list[str], out: Path) 
     env.setdefault("OMP_NUM_THREADS", "1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "d3s2.cli", "train", args.task, "--config", args.config, "--out", str(out),
-           f"--train.max_steps={args.warmup + args.steps}", "--train.log_every=1", "--train.ckpt_every=0",
-           "--train.val_every=0", "--train.progress=false", *overrides]
+           f"--train.max_steps={args.warmup + args.steps}", f"--train.log_every={args.log_every}",
+           "--train.ckpt_every=0", "--train.val_every=0", "--train.progress=false", *overrides]
     print(f"[{nproc} process{'es' if nproc > 1 else ''}] {' '.join(cmd)}", flush=True)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode:
@@ -44,7 +44,9 @@ def _run(nproc: int, args: argparse.Namespace, overrides: list[str], out: Path) 
     rows = [r for r in rows if r["split"] == "train" and r["step"] > args.warmup]
     tokens = sum(r["tokens_per_step"] for r in rows)
     seconds = sum(r["step_time_s"] for r in rows)
-    result = {"nproc": nproc, "steps": len(rows), "tokens_per_s": tokens / seconds, "step_time_s": seconds / len(rows),
+    # Every row averages a window of log_every steps (equal windows: warmup and steps are multiples of it).
+    result = {"nproc": nproc, "steps": len(rows) * args.log_every, "tokens_per_s": tokens / seconds,
+              "step_time_s": seconds / len(rows),
               "tokens_per_step": tokens / len(rows), "final_loss": rows[-1]["loss"]}
     if "mem_peak_gib" in rows[-1]:
         result["mem_peak_gib"] = max(r["mem_peak_gib"] for r in rows)
@@ -79,12 +81,17 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, nargs="+", default=[1, 2], help="process counts to compare")
     parser.add_argument("--steps", type=int, default=20, help="measured optimizer steps")
     parser.add_argument("--warmup", type=int, default=5, help="steps not measured (compilation, allocator warmup)")
+    parser.add_argument("--log-every", type=int, default=5,
+                        help="train.log_every of the runs (a log syncs the host: 1 would add a sync per step)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per run")
     parser.add_argument("--out", default=None, help="result JSON (default benchmarks/results/train_step_<task>.json)")
     args, overrides = parser.parse_known_args()
     bad = [o for o in overrides if not (o.startswith("--") and "=" in o)]
     if bad:
         parser.error(f"unrecognised arguments {bad}; overrides look like --section.key=value")
+    if args.log_every < 1 or args.steps % args.log_every or args.warmup % args.log_every:
+        parser.error(f"--steps ({args.steps}) and --warmup ({args.warmup}) must be multiples of --log-every "
+                     f"({args.log_every})")
 
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
@@ -94,7 +101,8 @@ def main() -> None:
     for r in results:
         r["speedup"] = r["tokens_per_s"] / base
     report = {"task": args.task, "config": args.config, "overrides": overrides, "warmup": args.warmup,
-              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), **_environment(), "results": results}
+              "log_every": args.log_every, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+              **_environment(), "results": results}
     print(f"\n{'procs':>5} {'tokens/s':>12} {'s/step':>9} {'tokens/step':>12} {'speedup':>8} {'peak GiB':>9}")
     for r in results:
         mem = f"{r['mem_peak_gib']:9.2f}" if "mem_peak_gib" in r else f"{'-':>9}"

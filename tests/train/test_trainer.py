@@ -167,3 +167,52 @@ def test_max_minutes_stops_like_a_finished_run(tmp_path, tiny_cfg):
     assert (tmp_path / "export" / "model.safetensors").is_file()
     with pytest.raises(ConfigError, match="max_minutes"):
         tiny_cfg(train={"max_steps": 10, "max_minutes": -1.0})
+
+
+def _poison_steps(trainer: Trainer, steps: set[int]) -> None:
+    """Make the gradients of the given (1-based) optimizer steps NaN, as an overflow would."""
+    real = trainer._train_step
+
+    def step(micro):
+        metrics, grad_norm = real(micro)
+        if trainer.step + 1 in steps:
+            for p in trainer.module.parameters():
+                p.grad.fill_(float("nan"))
+            grad_norm = torch.tensor(float("nan"))
+        return metrics, grad_norm
+    trainer._train_step = step
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+def test_non_finite_gradient_steps_are_skipped_exactly(tmp_path, tiny_cfg, on_device):
+    # Step 3 overflows: its update is skipped (parameters, AdamW moments and step count untouched), the log counts it.
+    cfg = tiny_cfg(train={"max_steps": 4, "log_every": 2}, ema={"decay": 0.0})
+    trainer = Trainer(cfg, tmp_path / "run", command=["test"])
+    trainer.skip_on_device = on_device
+    _poison_steps(trainer, {3})
+    snapshots = {}
+    real_step = trainer._optimizer_step
+
+    def record(grad_norm):
+        bad = real_step(grad_norm)
+        snapshots[trainer.step + 1] = ([p.detach().clone() for p in trainer.module.parameters()],
+                                       {k: v.clone() for k, v in trainer.optimizer.state[
+                                           next(trainer.module.parameters())].items()})
+        return bad
+    trainer._optimizer_step = record
+    trainer.run()
+    (params2, state2), (params3, state3), (params4, _) = snapshots[2], snapshots[3], snapshots[4]
+    assert all(torch.equal(a, b) for a, b in zip(params2, params3))
+    assert all(torch.equal(state2[k], state3[k]) for k in state2) and int(state3["step"]) == 2
+    assert not all(torch.equal(a, b) for a, b in zip(params3, params4))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["skipped_steps"]) for r in rows if r["split"] == "train"] == [(2, 0.0), (4, 1.0)]
+    assert all("skipped" not in r for r in rows)
+
+
+def test_ten_non_finite_steps_in_a_row_stop_training(tmp_path, tiny_cfg):
+    trainer = Trainer(tiny_cfg(train={"max_steps": 14, "log_every": 4}), tmp_path / "run", command=["test"])
+    _poison_steps(trainer, set(range(3, 13)))
+    with pytest.raises(RuntimeError, match="10 consecutive steps with non-finite gradients"):
+        trainer.run()
+    assert trainer.step == 12  # noticed at the first log after the tenth, without a host sync per step

@@ -284,7 +284,20 @@ class Trainer:
         if not groups:
             raise ValueError(f"task {self.cfg.task.name}: the model has no trainable parameters")
         oc = self.cfg.optim
-        return torch.optim.AdamW(groups, lr=oc.lr, betas=oc.betas, eps=oc.eps)
+        # Fused AdamW skips a step with a non-finite gradient norm on the device (``found_inf``), so a step needs no
+        # host sync; FSDP's sharded parameters keep the foreach AdamW and a host-side check.
+        self.skip_on_device = self.cfg.train.parallel != "fsdp"
+        return torch.optim.AdamW(groups, lr=oc.lr, betas=oc.betas, eps=oc.eps, fused=self.skip_on_device or None)
+
+    def _optimizer_step(self, grad_norm: torch.Tensor) -> torch.Tensor:
+        """Apply the update unless ``grad_norm`` is non-finite; returns that flag (bool tensor ``[]``)."""
+        bad = ~torch.isfinite(grad_norm)
+        if self.skip_on_device:
+            self.optimizer.found_inf = bad.float()
+            self.optimizer.step()
+        elif not bad:
+            self.optimizer.step()
+        return bad
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if not self.use_bf16:
@@ -494,7 +507,7 @@ class Trainer:
         window_start = time.perf_counter()
         last: dict[str, float] = {}
         saved_at = start_step = self.step  # a resumed run starts right after its checkpoint
-        consecutive_bad = 0
+        bad_run = worst_run = torch.zeros((), dtype=torch.long, device=self.info.device)
         deadline = self.started + 60.0 * tc.max_minutes if tc.max_minutes > 0 else None
         data = self._steps()
         try:
@@ -505,15 +518,9 @@ class Trainer:
                 metrics, grad_norm = self._train_step(micro)
                 if self.info.distributed and tc.parallel == "fsdp" and self.step == start_step:
                     D.check_sharded(self.module)
-                if torch.isfinite(grad_norm):
-                    self.optimizer.step()
-                    consecutive_bad = 0
-                else:
-                    skipped += 1
-                    consecutive_bad += 1
-                    log.warning("step %d: non-finite gradient norm, update skipped", self.step + 1)
-                    if consecutive_bad >= 10:
-                        raise RuntimeError("10 consecutive steps with non-finite gradients: training diverged")
+                bad = self._optimizer_step(grad_norm)
+                bad_run = (bad_run + 1) * bad  # consecutive skipped steps, counted on the device
+                worst_run = torch.maximum(worst_run, bad_run)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
                 if self.ema is not None:
@@ -521,6 +528,7 @@ class Trainer:
                 self.step += 1
                 self.data_pos = (epoch, s + 1)
                 metrics["grad_norm"] = grad_norm.detach().float()
+                metrics["skipped"] = bad.float()
                 for k, v in metrics.items():
                     window[k] = window.get(k, 0) + v
                 window_steps += 1
@@ -528,6 +536,7 @@ class Trainer:
                 bar.update(1)
 
                 if self.step % tc.log_every == 0 or self.step == tc.max_steps:
+                    skipped += self._check_skipped(window, worst_run)
                     local = {k: float(v) / window_steps for k, v in window.items()}
                     last = D.all_reduce_mean(local, self.info)
                     elapsed = time.perf_counter() - window_start
@@ -556,6 +565,7 @@ class Trainer:
                 if deadline is not None and self._past(deadline):
                     log.info("train.max_minutes = %g reached at step %d", tc.max_minutes, self.step)
                     if (self.step % tc.log_every) and window_steps:
+                        skipped += self._check_skipped(window, worst_run)
                         local = {k: float(v) / window_steps for k, v in window.items()}
                         elapsed = time.perf_counter() - window_start
                         last = D.all_reduce_mean(local, self.info)
@@ -575,6 +585,16 @@ class Trainer:
             bar.close()
             self.logger.close()
         return last
+
+    def _check_skipped(self, window: dict[str, torch.Tensor], worst_run: torch.Tensor) -> int:
+        """Pop the window's count of skipped steps (non-finite gradient norm) and warn; raise after 10 in a row."""
+        n = int(window.pop("skipped", 0))
+        if n:
+            log.warning("step %d: %d step(s) since the last log had a non-finite gradient norm; their updates "
+                        "were skipped", self.step, n)
+        if int(worst_run) >= 10:
+            raise RuntimeError("10 consecutive steps with non-finite gradients: training diverged")
+        return n
 
     def _past(self, deadline: float) -> bool:
         """Whether any rank is past ``deadline`` (all ranks stop at the same step)."""
