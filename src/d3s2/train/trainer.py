@@ -562,7 +562,9 @@ class Trainer:
                     return last
                 if self.step >= tc.max_steps:
                     break
-                if deadline is not None and self._past(deadline):
+                # Ranks agree on the deadline through a collective (a host sync): only at log steps.
+                at_check = not self.info.distributed or self.step % tc.log_every == 0
+                if deadline is not None and at_check and self._past(deadline):
                     log.info("train.max_minutes = %g reached at step %d", tc.max_minutes, self.step)
                     if (self.step % tc.log_every) and window_steps:
                         skipped += self._check_skipped(window, worst_run)
