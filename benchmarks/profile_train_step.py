@@ -8,6 +8,7 @@ steps with ``torch.profiler`` and writes the top operators by self CPU and self 
     python benchmarks/profile_train_step.py --config configs/demo/ss_vae_train.yaml --task.args.data=DIR \\
         --out-dir $OUT
     python benchmarks/profile_train_step.py --config configs/debug/tiny_toy.yaml --steps 3 --profile-steps 1
+    torchrun --nproc_per_node 2 benchmarks/profile_train_step.py --config ... --out-dir $OUT   # one report per rank
 """
 
 from __future__ import annotations
@@ -38,8 +39,7 @@ def _one_step(trainer: Trainer, data) -> dict[str, float]:
     _, grad_norm = trainer._train_step(micro)
     _sync(device)
     t2 = time.perf_counter()
-    if torch.isfinite(grad_norm):
-        trainer.optimizer.step()
+    trainer._optimizer_step(grad_norm)
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.scheduler.step()
     if trainer.ema is not None:
@@ -143,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out_dir:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "profile_train_step.json").write_text(json.dumps(result, indent=1))
-        (out / "profile_train_step.md").write_text(report + "\n")
+        stem = f"profile_train_step_rank{trainer.info.rank}" if trainer.info.distributed else "profile_train_step"
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+        (out / f"{stem}.md").write_text(report + "\n")
     return 0
 
 
