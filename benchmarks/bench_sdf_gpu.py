@@ -52,7 +52,9 @@ STAGES = [
     ("d3s2.geometry._field:TorchField", "band_voxels", "band_voxels"),
     ("d3s2.geometry.sdf", "band_signs", "band_signs"),
     ("d3s2.geometry.sdf", "propagate_signs", "propagate"),
+    ("d3s2.geometry.sdf", "_fill_unknown_signs", "unknown_signs"),
     ("d3s2.geometry.sdf", "_close_blocks", "close_blocks"),
+    ("d3s2.geometry.sdf", "_to_host", "to_host"),
     ("d3s2.geometry._field:TorchField", "winding", "winding (all)"),
     ("d3s2.geometry._field", "near_field", "near_field op (all)"),
 ]
@@ -175,6 +177,25 @@ def measure(mesh, args, path: str, stages: bool) -> tuple:
     return out, row
 
 
+def profile_table(mesh, args, name: str) -> str:
+    """One new-path call under torch.profiler: the 40 costliest ops by self CPU time and by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    _sync(args.device)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        sdf_call(mesh, args, "new")
+        _sync(args.device)
+    wall = time.perf_counter() - t0
+    ka = prof.key_averages()
+    parts = [f"# {name}: {len(mesh.faces)} triangles, profiled wall {wall:.3f} s", "## by self CPU time",
+             ka.table(sort_by="self_cpu_time_total", row_limit=40)]
+    if args.device.startswith("cuda"):
+        parts += ["## by device time", ka.table(sort_by="self_device_time_total", row_limit=40)]
+    return "\n".join(parts)
+
+
 def run_tests(device: str) -> dict:
     """``pytest -m gpu`` on the op and geometry tests: return code and summary line."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/ops/mesh_field",
@@ -273,6 +294,9 @@ def main() -> None:
     p.add_argument("--new-backend", default=PATHS["new"], help="mesh_field backend of the new path")
     p.add_argument("--tiny", action="store_true",
                    help="CPU smoke: 32³, 3 sampled assets with <= 300 triangles, no named meshes unless --named")
+    p.add_argument("--profile", nargs="*", default=[],
+                   help="assets (of --npz / --named-npz) to run once more under torch.profiler: per-op table to "
+                        "sdf_gpu_profile_<tag>.txt (where the time of slow assets goes: kernels, launches, syncs)")
     p.add_argument("--out-dir", default=None)
     args = p.parse_args()
     from d3s2.data.corpus import MeshCorpus
@@ -347,6 +371,16 @@ def main() -> None:
                          for path in PATHS}
     result["timing_s"] = round(time.perf_counter() - t_start, 1)
     tag = "tiny_" + args.device.split(":")[0] if args.tiny else args.device.split(":")[0] + f"_{args.resolution}"
+    if args.profile:
+        tables = []
+        for name in args.profile:
+            source = corpus if name in corpus else extra if extra is not None and name in extra else None
+            if source is not None:
+                tables.append(profile_table(load(name, source), args, name))
+        out = os.path.join(args.out_dir or default_out_dir(), f"sdf_gpu_profile_{tag}.txt")
+        with open(out + ".tmp", "w") as f:
+            f.write("\n\n".join(tables) + "\n")
+        os.replace(out + ".tmp", out)
     paths = write_outputs(args.out_dir or default_out_dir(), f"sdf_gpu_{tag}", result, markdown(result))
     print("wrote", *map(str, paths))
     if result.get("tests", {}).get("returncode", 0) not in (0, 5):  # 5: no test collected

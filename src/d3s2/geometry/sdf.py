@@ -763,18 +763,32 @@ def _sparse_sdf_one(field, resolution: int, band: float) -> SparseSDF:
         torch.int8)
     off_band = (signs == 0).reshape(nb, BLOCK, BLOCK, BLOCK)
     signs = propagate_signs(signs.reshape(nb, BLOCK, BLOCK, BLOCK)).reshape(nb, _BLOCK_VOXELS)
-    unknown_b, unknown_v = torch.nonzero(signs == 0, as_tuple=True)
-    if unknown_b.numel():
-        offsets = torch.from_numpy(_block_offsets()).to(dev)
-        vox = _block_coords(block_keys, g)[unknown_b] * BLOCK + offsets[unknown_v]
-        signs[unknown_b, unknown_v] = torch.where(field.inside(voxel_centers(vox, resolution)), 1, -1).to(torch.int8)
+    signs = _fill_unknown_signs(field, signs, block_keys, resolution)
     inside = (signs > 0).reshape(nb, BLOCK, BLOCK, BLOCK)
     inside &= ~(off_band & _grid_face_mask(_block_coords(block_keys, g), g))
     block_keys, inside = _close_blocks(field, resolution, block_keys, inside, max_rounds=4 * g)
+    return _to_host(coords, sdf, sharp, resolution, band, block_keys, inside)
+
+
+def _fill_unknown_signs(field, signs: torch.Tensor, block_keys: torch.Tensor, resolution: int) -> torch.Tensor:
+    """int8 ``signs`` [NB, 512] (+1 inside, -1 outside, 0 unknown) with the unknown entries, voxels that sign
+    propagation did not reach, set from their winding number (in place; returned)."""
+    unknown_b, unknown_v = torch.nonzero(signs == 0, as_tuple=True)
+    if unknown_b.numel():
+        offsets = torch.from_numpy(_block_offsets()).to(signs.device)
+        vox = _block_coords(block_keys, resolution // BLOCK)[unknown_b] * BLOCK + offsets[unknown_v]
+        signs[unknown_b, unknown_v] = torch.where(field.inside(voxel_centers(vox, resolution)), 1, -1).to(torch.int8)
+    return signs
+
+
+def _to_host(coords: torch.Tensor, sdf: torch.Tensor, sharp: torch.Tensor, resolution: int, band: float,
+             block_keys: torch.Tensor, inside: torch.Tensor) -> SparseSDF:
+    """The :class:`SparseSDF` in numpy of the device tensors (coords int64 [N, 3], sdf [N], sharp bool [N],
+    block_keys int64 [NB] sorted, inside bool [NB, 8, 8, 8])."""
     # Packed and narrowed on the device: an eighth of the inside bits and half the coordinates cross to the host.
     return SparseSDF(coords=coords.int().cpu().numpy(), sdf=sdf.cpu().numpy(), sharp=sharp.cpu().numpy(),
                      resolution=resolution, band=float(band),
-                     block_coords=_block_coords(block_keys, g).int().cpu().numpy(),
+                     block_coords=_block_coords(block_keys, resolution // BLOCK).int().cpu().numpy(),
                      block_inside=pack_bits(inside.reshape(len(block_keys), -1)).cpu().numpy())
 
 
