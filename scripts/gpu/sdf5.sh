@@ -1,7 +1,8 @@
 #!/bin/bash
 # Session 5, one H200 (~5 min): 1024³ GPU SDF after the block-closure rework (branch sdf5). (1) The session-4
 # sample (seed 0, 30 assets) and named meshes, new (Triton) vs old (torch pairs) path, with the geometry /
-# mesh_field GPU tests and a torch.profiler table of three slow assets; (2) 60 more assets (seed 1), new path staged, old path while its budget lasts.
+# mesh_field GPU tests and a torch.profiler table of three slow assets; (2) 60 more assets (seed 1), new path
+# staged, old path while its budget lasts.
 # Carried: .gpu/whl, .gpu/sub (1200-asset subset), .gpu/named_0ad.npz.
 source scripts/gpu/_prelude.sh
 timeout 220 python3 benchmarks/bench_sdf_gpu.py --npz .gpu/sub/0ad_meshes.npz --named-npz .gpu/named_0ad.npz \
