@@ -54,6 +54,7 @@ STAGES = [
     ("d3s2.geometry.sdf", "propagate_signs", "propagate"),
     ("d3s2.geometry.sdf", "_fill_unknown_signs", "unknown_signs"),
     ("d3s2.geometry.sdf", "_close_blocks", "close_blocks"),
+    ("d3s2.geometry.sdf", "_start_host_copy", "to_host"),
     ("d3s2.geometry.sdf", "_to_host", "to_host"),
     ("d3s2.geometry._field:TorchField", "winding", "winding (all)"),
     ("d3s2.geometry._field", "near_field", "near_field op (all)"),
@@ -243,7 +244,7 @@ def markdown(result: dict) -> str:
             ag = r.get("agreement")
             same = ("—" if ag is None else "yes" if ag["same_band_voxels"] and ag["same_blocks"]
                     and not ag.get("sign_flips") and not ag.get("inside_bit_diff") else f"no: {ag}")
-            old = r["old"]
+            old = r.get("old", {})
             lines.append(f"| {r['asset']} | {r['triangles']:,} | {r['band_voxels']:,} | {r['new']['wall_s']} | "
                          f"{old.get('wall_s', old.get('skipped'))} | {r.get('speedup', '—')}× | "
                          f"{r['new']['gpu_peak_gib']} | {old.get('gpu_peak_gib', '—')} | {same} |")
@@ -290,6 +291,7 @@ def main() -> None:
     p.add_argument("--old-stages", choices=["all", "named", "none"], default="named",
                    help="which assets get a per-stage run of the old path (the new path gets one on every asset)")
     p.add_argument("--no-tests", action="store_true", help="skip the pytest -m gpu step")
+    p.add_argument("--no-old", action="store_true", help="time the new path only (no agreement check)")
     p.add_argument("--time-budget", type=float, default=170.0, help="seconds of timing after which assets are skipped")
     p.add_argument("--new-backend", default=PATHS["new"], help="mesh_field backend of the new path")
     p.add_argument("--tiny", action="store_true",
@@ -324,7 +326,8 @@ def main() -> None:
     mesh = load(warm_name, corpus)
     _, first, _ = timed_call(mesh, args, "new")
     _, second, _ = timed_call(mesh, args, "new")
-    timed_call(mesh, args, "old")
+    if not args.no_old:
+        timed_call(mesh, args, "old")
     result["warmup"] = {"asset": warm_name, "triangles": int(len(mesh.faces)), "first_new_s": round(first, 3),
                         "second_new_s": round(second, 3), "compile_s": round(first - second, 3)}
     print("warm-up:", result["warmup"], flush=True)
@@ -336,7 +339,7 @@ def main() -> None:
     t_start = time.perf_counter()
     jobs = [("named", n) for n in named] + [("sample", n) for n in sample]
     outs, rows = {}, {}
-    for path in PATHS:
+    for path in ["new"] if args.no_old else list(PATHS):
         for group, name in jobs:
             source = corpus if name in corpus else extra if extra is not None and name in extra else None
             row = rows.setdefault(name, {"asset": name})

@@ -755,6 +755,7 @@ def _sparse_sdf_one(field, resolution: int, band: float) -> SparseSDF:
     # propagated from them; voxels that propagation cannot reach get their own winding number.
     if coords.shape[0] == 0:
         raise ValueError(f"no voxel lies within the band ({band:.5g}) at {resolution}^3: the surface is degenerate")
+    band_host = _start_host_copy(coords.int(), sdf, sharp)
     block_keys, rows = torch.unique(_keys(coords // BLOCK, g), return_inverse=True)
     nb = block_keys.numel()
     signs = torch.zeros((nb, _BLOCK_VOXELS), dtype=torch.int8, device=dev)
@@ -767,7 +768,7 @@ def _sparse_sdf_one(field, resolution: int, band: float) -> SparseSDF:
     inside = (signs > 0).reshape(nb, BLOCK, BLOCK, BLOCK)
     inside &= ~(off_band & _grid_face_mask(_block_coords(block_keys, g), g))
     block_keys, inside = _close_blocks(field, resolution, block_keys, inside, max_rounds=4 * g)
-    return _to_host(coords, sdf, sharp, resolution, band, block_keys, inside)
+    return _to_host(band_host, resolution, band, block_keys, inside)
 
 
 def _fill_unknown_signs(field, signs: torch.Tensor, block_keys: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -781,15 +782,35 @@ def _fill_unknown_signs(field, signs: torch.Tensor, block_keys: torch.Tensor, re
     return signs
 
 
-def _to_host(coords: torch.Tensor, sdf: torch.Tensor, sharp: torch.Tensor, resolution: int, band: float,
+def _start_host_copy(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], torch.cuda.Stream | None]:
+    """Copies of ``tensors`` on the host. On CUDA they go to pinned memory on a side stream, so the transfer
+    (hundreds of MB for a large mesh, slow from pageable memory) overlaps the sign work and block closure that
+    follow; pass the returned stream to :func:`_to_host`, which waits for it."""
+    if tensors[0].device.type != "cuda":
+        return [t.cpu() for t in tensors], None
+    dev = tensors[0].device
+    stream = torch.cuda.Stream(dev)
+    stream.wait_stream(torch.cuda.current_stream(dev))  # the tensors are ready when the copies start
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    with torch.cuda.stream(stream):
+        for h, t in zip(host, tensors, strict=True):
+            h.copy_(t, non_blocking=True)
+            t.record_stream(stream)  # its memory is not reused before the copy is done
+    return host, stream
+
+
+def _to_host(band_host: tuple[list[torch.Tensor], torch.cuda.Stream | None], resolution: int, band: float,
              block_keys: torch.Tensor, inside: torch.Tensor) -> SparseSDF:
-    """The :class:`SparseSDF` in numpy of the device tensors (coords int64 [N, 3], sdf [N], sharp bool [N],
-    block_keys int64 [NB] sorted, inside bool [NB, 8, 8, 8])."""
+    """The :class:`SparseSDF` from the host copies of the band voxels (coords int32 [N, 3], sdf [N], sharp bool
+    [N], from :func:`_start_host_copy`) and the device blocks (keys int64 [NB] sorted, inside bool [NB, 8, 8, 8])."""
+    (coords, sdf, sharp), stream = band_host
     # Packed and narrowed on the device: an eighth of the inside bits and half the coordinates cross to the host.
-    return SparseSDF(coords=coords.int().cpu().numpy(), sdf=sdf.cpu().numpy(), sharp=sharp.cpu().numpy(),
-                     resolution=resolution, band=float(band),
-                     block_coords=_block_coords(block_keys, resolution // BLOCK).int().cpu().numpy(),
-                     block_inside=pack_bits(inside.reshape(len(block_keys), -1)).cpu().numpy())
+    block_coords = _block_coords(block_keys, resolution // BLOCK).int().cpu().numpy()
+    block_inside = pack_bits(inside.reshape(len(block_keys), -1)).cpu().numpy()
+    if stream is not None:
+        stream.synchronize()
+    return SparseSDF(coords=coords.numpy(), sdf=sdf.numpy(), sharp=sharp.numpy(), resolution=resolution,
+                     band=float(band), block_coords=block_coords, block_inside=block_inside)
 
 
 def compute_sparse_sdf(
