@@ -380,6 +380,7 @@ def main() -> None:
             source = corpus if name in corpus else extra if extra is not None and name in extra else None
             if source is not None:
                 tables.append(profile_table(load(name, source), args, name))
+        os.makedirs(args.out_dir or default_out_dir(), exist_ok=True)
         out = os.path.join(args.out_dir or default_out_dir(), f"sdf_gpu_profile_{tag}.txt")
         with open(out + ".tmp", "w") as f:
             f.write("\n\n".join(tables) + "\n")

@@ -12,9 +12,14 @@ a superset of the triangles closer than ``r_j`` to any point of the cell. For a 
   same way one level up, down from a root cell whose near list is every triangle (so its far part is 0).
 
 Solid angles use the Van Oosterom–Strackee formula, so near-field terms are exact; only the far-field
-interpolation is approximate (well below the 1/2 threshold that decides the sign). The near-list reductions and
-the pair distances that filter near lists are the op :mod:`d3s2.ops.mesh_field` (backend per call: Triton kernels
-on CUDA, materialised torch pairs elsewhere; ``use_backend("mesh_field", "torch")`` gives the old GPU path).
+interpolation is approximate (well below the 1/2 threshold that decides the sign: up to 9e-3 from libigl's exact
+winding number over 200k random points around a 306-triangle game asset at 128³). Queries with few (point,
+triangle) pairs skip the hierarchy and sum every triangle exactly: up to 2^24 pairs, and 2^28 with the Triton kernel
+on a GPU, where that sum is cheaper than the hierarchy's host round trips. All levels' cells share one global id
+space, so a hierarchical query is one near-list evaluation plus one per step that fills missing far fields.
+The near-list reductions and the pair distances that filter near lists are the op :mod:`d3s2.ops.mesh_field`
+(backend per call: Triton kernels on CUDA, materialised torch pairs elsewhere; ``use_backend("mesh_field",
+"torch")`` gives the old GPU path).
 
 Dimension legend: P (point, triangle) pairs, Q query points, C cells, F triangles.
 """
