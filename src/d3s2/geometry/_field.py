@@ -72,6 +72,7 @@ class _Flat:
         for c in counts:
             self.base.append(self.base[-1] + c)
         self.kbase = [sum(8**i for i in range(j)) for j in range(len(levels))]
+        self.kbase_t = torch.tensor(self.kbase, device=dev)  # once: a host-to-device copy waits for queued kernels
         self.keys = torch.cat([lv.keys + kb for lv, kb in zip(levels, self.kbase, strict=True)])
         self.level = torch.repeat_interleave(torch.arange(len(levels), device=dev),
                                              torch.tensor(counts, device=dev))
@@ -103,8 +104,7 @@ class _Flat:
         j = self.level[gid] - 1
         g = torch.bitwise_left_shift(torch.ones_like(j), j)
         c = self.coords[gid] // 2
-        kb = torch.tensor(self.kbase, device=gid.device)[j]
-        k = (c[:, 0] * g + c[:, 1]) * g + c[:, 2] + kb
+        k = (c[:, 0] * g + c[:, 1]) * g + c[:, 2] + self.kbase_t[j]
         return torch.searchsorted(self.keys, k)
 
 
