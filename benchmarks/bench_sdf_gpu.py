@@ -197,6 +197,20 @@ def profile_table(mesh, args, name: str) -> str:
     return "\n".join(parts)
 
 
+@contextlib.contextmanager
+def synchronous_host_copy() -> Iterator[None]:
+    """The SDF's band voxels copied to the host with a plain ``.cpu()`` (pageable memory, after the closure) instead
+    of pinned memory on a side stream: the A/B of ``--host-copy-ab``."""
+    from d3s2.geometry import sdf
+
+    saved = sdf._start_host_copy
+    sdf._start_host_copy = lambda *tensors: ([t.cpu() for t in tensors], None)
+    try:
+        yield
+    finally:
+        sdf._start_host_copy = saved
+
+
 def run_tests(device: str) -> dict:
     """``pytest -m gpu`` on the op and geometry tests: return code and summary line."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/ops/mesh_field",
@@ -292,6 +306,8 @@ def main() -> None:
                    help="which assets get a per-stage run of the old path (the new path gets one on every asset)")
     p.add_argument("--no-tests", action="store_true", help="skip the pytest -m gpu step")
     p.add_argument("--no-old", action="store_true", help="time the new path only (no agreement check)")
+    p.add_argument("--host-copy-ab", action="store_true",
+                   help="one more clean call of the new path per asset with synchronous pageable host copies")
     p.add_argument("--time-budget", type=float, default=170.0, help="seconds of timing after which assets are skipped")
     p.add_argument("--new-backend", default=PATHS["new"], help="mesh_field backend of the new path")
     p.add_argument("--tiny", action="store_true",
@@ -355,6 +371,9 @@ def main() -> None:
             row["triangles"] = int(len(mesh.faces))
             try:
                 out, row[path] = measure(mesh, args, path, stages)
+                if args.host_copy_ab and path == "new":
+                    with synchronous_host_copy():
+                        row[path]["wall_sync_host_copy_s"] = round(timed_call(mesh, args, path)[1], 3)
             except (ValueError, torch.cuda.OutOfMemoryError) as e:  # an unusable asset (MeshError is a ValueError)
                 row["skipped"] = f"error in the {path} path: {type(e).__name__}: {e}"
                 continue
@@ -367,7 +386,9 @@ def main() -> None:
             else:
                 row["agreement"] = compare(outs.pop(name), out)
                 row["speedup"] = round(row["old"]["wall_s"] / max(row["new"]["wall_s"], 1e-9), 2)
-            print(f"{path} {group} {name}: {row[path]['wall_s']} s, {row['band_voxels']} band voxels", flush=True)
+            ab = row[path].get("wall_sync_host_copy_s")
+            print(f"{path} {group} {name}: {row[path]['wall_s']} s" + (f" ({ab} s with synchronous host copies)" if ab
+                  else "") + f", {row['band_voxels']} band voxels", flush=True)
     for group, name in jobs:
         result[group].append(rows[name])
     result["summary"] = {path: _stats([r[path]["wall_s"] for r in result["sample"] if "wall_s" in r.get(path, {})])
