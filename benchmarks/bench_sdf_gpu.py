@@ -52,7 +52,10 @@ STAGES = [
     ("d3s2.geometry._field:TorchField", "band_voxels", "band_voxels"),
     ("d3s2.geometry.sdf", "band_signs", "band_signs"),
     ("d3s2.geometry.sdf", "propagate_signs", "propagate"),
+    ("d3s2.geometry.sdf", "_fill_unknown_signs", "unknown_signs"),
     ("d3s2.geometry.sdf", "_close_blocks", "close_blocks"),
+    ("d3s2.geometry.sdf", "_start_host_copy", "to_host"),
+    ("d3s2.geometry.sdf", "_to_host", "to_host"),
     ("d3s2.geometry._field:TorchField", "winding", "winding (all)"),
     ("d3s2.geometry._field", "near_field", "near_field op (all)"),
 ]
@@ -175,6 +178,39 @@ def measure(mesh, args, path: str, stages: bool) -> tuple:
     return out, row
 
 
+def profile_table(mesh, args, name: str) -> str:
+    """One new-path call under torch.profiler: the 40 costliest ops by self CPU time and by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    _sync(args.device)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        sdf_call(mesh, args, "new")
+        _sync(args.device)
+    wall = time.perf_counter() - t0
+    ka = prof.key_averages()
+    parts = [f"# {name}: {len(mesh.faces)} triangles, profiled wall {wall:.3f} s", "## by self CPU time",
+             ka.table(sort_by="self_cpu_time_total", row_limit=40)]
+    if args.device.startswith("cuda"):
+        parts += ["## by device time", ka.table(sort_by="self_device_time_total", row_limit=40)]
+    return "\n".join(parts)
+
+
+@contextlib.contextmanager
+def synchronous_host_copy() -> Iterator[None]:
+    """The SDF's band voxels copied to the host with a plain ``.cpu()`` (pageable memory, after the closure) instead
+    of pinned memory on a side stream: the A/B of ``--host-copy-ab``."""
+    from d3s2.geometry import sdf
+
+    saved = sdf._start_host_copy
+    sdf._start_host_copy = lambda *tensors: ([t.cpu() for t in tensors], None)
+    try:
+        yield
+    finally:
+        sdf._start_host_copy = saved
+
+
 def run_tests(device: str) -> dict:
     """``pytest -m gpu`` on the op and geometry tests: return code and summary line."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/ops/mesh_field",
@@ -222,7 +258,7 @@ def markdown(result: dict) -> str:
             ag = r.get("agreement")
             same = ("—" if ag is None else "yes" if ag["same_band_voxels"] and ag["same_blocks"]
                     and not ag.get("sign_flips") and not ag.get("inside_bit_diff") else f"no: {ag}")
-            old = r["old"]
+            old = r.get("old", {})
             lines.append(f"| {r['asset']} | {r['triangles']:,} | {r['band_voxels']:,} | {r['new']['wall_s']} | "
                          f"{old.get('wall_s', old.get('skipped'))} | {r.get('speedup', '—')}× | "
                          f"{r['new']['gpu_peak_gib']} | {old.get('gpu_peak_gib', '—')} | {same} |")
@@ -269,10 +305,16 @@ def main() -> None:
     p.add_argument("--old-stages", choices=["all", "named", "none"], default="named",
                    help="which assets get a per-stage run of the old path (the new path gets one on every asset)")
     p.add_argument("--no-tests", action="store_true", help="skip the pytest -m gpu step")
+    p.add_argument("--no-old", action="store_true", help="time the new path only (no agreement check)")
+    p.add_argument("--host-copy-ab", action="store_true",
+                   help="one more clean call of the new path per asset with synchronous pageable host copies")
     p.add_argument("--time-budget", type=float, default=170.0, help="seconds of timing after which assets are skipped")
     p.add_argument("--new-backend", default=PATHS["new"], help="mesh_field backend of the new path")
     p.add_argument("--tiny", action="store_true",
                    help="CPU smoke: 32³, 3 sampled assets with <= 300 triangles, no named meshes unless --named")
+    p.add_argument("--profile", nargs="*", default=[],
+                   help="assets (of --npz / --named-npz) to run once more under torch.profiler: per-op table to "
+                        "sdf_gpu_profile_<tag>.txt (where the time of slow assets goes: kernels, launches, syncs)")
     p.add_argument("--out-dir", default=None)
     args = p.parse_args()
     from d3s2.data.corpus import MeshCorpus
@@ -300,7 +342,8 @@ def main() -> None:
     mesh = load(warm_name, corpus)
     _, first, _ = timed_call(mesh, args, "new")
     _, second, _ = timed_call(mesh, args, "new")
-    timed_call(mesh, args, "old")
+    if not args.no_old:
+        timed_call(mesh, args, "old")
     result["warmup"] = {"asset": warm_name, "triangles": int(len(mesh.faces)), "first_new_s": round(first, 3),
                         "second_new_s": round(second, 3), "compile_s": round(first - second, 3)}
     print("warm-up:", result["warmup"], flush=True)
@@ -312,7 +355,7 @@ def main() -> None:
     t_start = time.perf_counter()
     jobs = [("named", n) for n in named] + [("sample", n) for n in sample]
     outs, rows = {}, {}
-    for path in PATHS:
+    for path in ["new"] if args.no_old else list(PATHS):
         for group, name in jobs:
             source = corpus if name in corpus else extra if extra is not None and name in extra else None
             row = rows.setdefault(name, {"asset": name})
@@ -328,6 +371,9 @@ def main() -> None:
             row["triangles"] = int(len(mesh.faces))
             try:
                 out, row[path] = measure(mesh, args, path, stages)
+                if args.host_copy_ab and path == "new":
+                    with synchronous_host_copy():
+                        row[path]["wall_sync_host_copy_s"] = round(timed_call(mesh, args, path)[1], 3)
             except (ValueError, torch.cuda.OutOfMemoryError) as e:  # an unusable asset (MeshError is a ValueError)
                 row["skipped"] = f"error in the {path} path: {type(e).__name__}: {e}"
                 continue
@@ -340,13 +386,26 @@ def main() -> None:
             else:
                 row["agreement"] = compare(outs.pop(name), out)
                 row["speedup"] = round(row["old"]["wall_s"] / max(row["new"]["wall_s"], 1e-9), 2)
-            print(f"{path} {group} {name}: {row[path]['wall_s']} s, {row['band_voxels']} band voxels", flush=True)
+            ab = row[path].get("wall_sync_host_copy_s")
+            print(f"{path} {group} {name}: {row[path]['wall_s']} s" + (f" ({ab} s with synchronous host copies)" if ab
+                  else "") + f", {row['band_voxels']} band voxels", flush=True)
     for group, name in jobs:
         result[group].append(rows[name])
     result["summary"] = {path: _stats([r[path]["wall_s"] for r in result["sample"] if "wall_s" in r.get(path, {})])
                          for path in PATHS}
     result["timing_s"] = round(time.perf_counter() - t_start, 1)
     tag = "tiny_" + args.device.split(":")[0] if args.tiny else args.device.split(":")[0] + f"_{args.resolution}"
+    if args.profile:
+        tables = []
+        for name in args.profile:
+            source = corpus if name in corpus else extra if extra is not None and name in extra else None
+            if source is not None:
+                tables.append(profile_table(load(name, source), args, name))
+        os.makedirs(args.out_dir or default_out_dir(), exist_ok=True)
+        out = os.path.join(args.out_dir or default_out_dir(), f"sdf_gpu_profile_{tag}.txt")
+        with open(out + ".tmp", "w") as f:
+            f.write("\n\n".join(tables) + "\n")
+        os.replace(out + ".tmp", out)
     paths = write_outputs(args.out_dir or default_out_dir(), f"sdf_gpu_{tag}", result, markdown(result))
     print("wrote", *map(str, paths))
     if result.get("tests", {}).get("returncode", 0) not in (0, 5):  # 5: no test collected

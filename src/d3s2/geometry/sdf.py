@@ -509,6 +509,33 @@ def propagate_signs(signs: torch.Tensor, max_steps: int = 3 * BLOCK) -> torch.Te
 
 
 _DIRS = [(dx, dy, dz) for dx in (-1, 0, 1) for dy in (-1, 0, 1) for dz in (-1, 0, 1) if (dx, dy, dz) != (0, 0, 0)]
+_SIDE_CHUNK = 1 << 15  # blocks per side-sign gather: [chunk, 26, 64] bools stay under 60 MB
+
+
+def _side_regions() -> np.ndarray:
+    """int64 [26, 64]: the voxels (rows of :func:`_block_offsets`) of a block's side facing each of ``_DIRS``: a
+    face layer (64 voxels), an edge line (8, repeated to 64) or a corner voxel (1, repeated)."""
+    off = _block_offsets()
+    rows = []
+    for d in _DIRS:
+        m = np.ones(len(off), dtype=bool)
+        for axis, x in enumerate(d):
+            if x:
+                m &= off[:, axis] == (0 if x < 0 else BLOCK - 1)
+        rows.append(np.resize(np.nonzero(m)[0], BLOCK * BLOCK))  # repeats change neither any() nor all()
+    return np.stack(rows)
+
+
+def _side_signs(inside: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """bool [M, 26, 2]: whether the side of each block facing each of ``_DIRS`` holds an inside voxel (0) and an
+    outside voxel (1); ``inside`` bool [M, 8, 8, 8], ``regions`` from :func:`_side_regions` on its device."""
+    flat = inside.reshape(inside.shape[0], -1)
+    out = torch.empty((inside.shape[0], len(_DIRS), 2), dtype=torch.bool, device=inside.device)
+    for s in range(0, inside.shape[0], _SIDE_CHUNK):
+        r = flat[s:s + _SIDE_CHUNK][:, regions]  # [m, 26, 64]
+        out[s:s + _SIDE_CHUNK, :, 0] = r.any(2)
+        out[s:s + _SIDE_CHUNK, :, 1] = ~r.all(2)
+    return out
 
 
 def _close_blocks(field, resolution: int, block_keys: torch.Tensor, inside: torch.Tensor,
@@ -522,16 +549,21 @@ def _close_blocks(field, resolution: int, block_keys: torch.Tensor, inside: torc
 
     Blocks are only added, so a missing block's verdict can change only when a neighbour was added in the last
     round: each round examines the missing neighbours of the blocks added in the previous one (all blocks in the
-    first), and inside bits are appended to a growing buffer, sorted once at the end.
+    first). Each block's 26 sides are summarised once, when it is added, as two bits (holds an inside voxel,
+    holds an outside voxel), so a round tests all (candidate, direction) pairs with one lookup. Inside bits and
+    side bits are appended to growing buffers, sorted once at the end.
     """
     g = resolution // BLOCK
     dev = block_keys.device
     n = block_keys.numel()
     buf = inside
+    dirs = torch.tensor(_DIRS, device=dev)  # once: a host-to-device copy waits for the queued kernels
+    regions = torch.from_numpy(_side_regions()).to(dev)
+    sides = _side_signs(inside, regions)  # [cap, 26, 2], rows as in buf
+    dir_idx = torch.arange(len(_DIRS), device=dev)
     row_of = torch.arange(n, device=dev)  # row in buf of each entry of the sorted block_keys
     frontier = _block_coords(block_keys, g)
     new_keys = block_keys
-    dirs = torch.tensor(_DIRS, device=dev)  # once: a host-to-device copy waits for the queued kernels
     for _ in range(max_rounds):
         nb = (frontier[:, None, :] + dirs[None]).reshape(-1, 3)
         nb = nb[((nb >= 0) & (nb < g)).all(1)]
@@ -540,35 +572,35 @@ def _close_blocks(field, resolution: int, block_keys: torch.Tensor, inside: torc
         if cand.numel() == 0:
             new_keys = cand
             break
-        cc = _block_coords(cand, g)
-        count_in = torch.zeros(cand.numel(), dtype=torch.long, device=dev)
-        count_out = torch.zeros_like(count_in)
-        for d, dt in zip(_DIRS, dirs, strict=True):  # present block B = D - d touches D with its side facing d
-            b = cc - dt
-            ok = torch.nonzero(((b >= 0) & (b < g)).all(1)).squeeze(1)
-            found, pos = _member(block_keys, _keys(b[ok], g))
-            sides = tuple(slice(None) if x == 0 else (0 if x < 0 else BLOCK - 1) for x in d)
-            region = buf[row_of[pos[found]]][(slice(None),) + sides].reshape(-1, BLOCK ** d.count(0))
-            at = ok[found]
-            count_in.index_add_(0, at, region.any(1).long())
-            count_out.index_add_(0, at, (~region.all(1)).long())
-        new_keys = cand[(count_in > 0) & (count_out > 0)]
+        # Present block B = D - d touches candidate D with its side facing d.
+        b = _block_coords(cand, g)[:, None, :] - dirs[None]  # [M, 26, 3]
+        ok = ((b >= 0) & (b < g)).all(2)
+        found, pos = _member(block_keys, _keys(b.clamp(0, g - 1).reshape(-1, 3), g))
+        found = found.reshape(b.shape[:2]) & ok
+        touch = sides[row_of[pos].reshape(b.shape[:2]), dir_idx[None]] & found[..., None]  # [M, 26, 2]
+        both = touch.any(1).all(1)
+        new_keys = cand[both]
         if new_keys.numel() == 0:
             break
         frontier = _block_coords(new_keys, g)
         new_inside = field.inside(voxel_centers(_block_voxels(frontier), resolution)).reshape(-1, BLOCK, BLOCK, BLOCK)
         new_inside &= ~_grid_face_mask(frontier, g)
-        if n + new_keys.numel() > buf.shape[0]:  # grow geometrically: appends cost O(total), not O(rounds * total)
-            grown = torch.empty((max(2 * buf.shape[0], n + new_keys.numel()), BLOCK, BLOCK, BLOCK), dtype=torch.bool,
-                                device=dev)
+        m = new_keys.numel()
+        if n + m > buf.shape[0]:  # grow geometrically: appends cost O(total), not O(rounds * total)
+            cap = max(2 * buf.shape[0], n + m)
+            grown = torch.empty((cap, BLOCK, BLOCK, BLOCK), dtype=torch.bool, device=dev)
             grown[:n] = buf[:n]
             buf = grown
-        buf[n:n + new_keys.numel()] = new_inside
+            grown_sides = torch.empty((cap, len(_DIRS), 2), dtype=torch.bool, device=dev)
+            grown_sides[:n] = sides[:n]
+            sides = grown_sides
+        buf[n:n + m] = new_inside
+        sides[n:n + m] = _side_signs(new_inside, regions)
         all_keys = torch.cat([block_keys, new_keys])
         order = torch.argsort(all_keys)  # keys are distinct
         block_keys = all_keys[order]
-        row_of = torch.cat([row_of, torch.arange(n, n + new_keys.numel(), device=dev)])[order]
-        n += new_keys.numel()
+        row_of = torch.cat([row_of, torch.arange(n, n + m, device=dev)])[order]
+        n += m
     else:
         logger.warning("band closure stopped after %d rounds with %d blocks still open", max_rounds, new_keys.numel())
     return block_keys, buf[row_of]
@@ -723,6 +755,7 @@ def _sparse_sdf_one(field, resolution: int, band: float) -> SparseSDF:
     # propagated from them; voxels that propagation cannot reach get their own winding number.
     if coords.shape[0] == 0:
         raise ValueError(f"no voxel lies within the band ({band:.5g}) at {resolution}^3: the surface is degenerate")
+    band_host = _start_host_copy(coords.int(), sdf, sharp)
     block_keys, rows = torch.unique(_keys(coords // BLOCK, g), return_inverse=True)
     nb = block_keys.numel()
     signs = torch.zeros((nb, _BLOCK_VOXELS), dtype=torch.int8, device=dev)
@@ -731,19 +764,53 @@ def _sparse_sdf_one(field, resolution: int, band: float) -> SparseSDF:
         torch.int8)
     off_band = (signs == 0).reshape(nb, BLOCK, BLOCK, BLOCK)
     signs = propagate_signs(signs.reshape(nb, BLOCK, BLOCK, BLOCK)).reshape(nb, _BLOCK_VOXELS)
-    unknown_b, unknown_v = torch.nonzero(signs == 0, as_tuple=True)
-    if unknown_b.numel():
-        offsets = torch.from_numpy(_block_offsets()).to(dev)
-        vox = _block_coords(block_keys, g)[unknown_b] * BLOCK + offsets[unknown_v]
-        signs[unknown_b, unknown_v] = torch.where(field.inside(voxel_centers(vox, resolution)), 1, -1).to(torch.int8)
+    signs = _fill_unknown_signs(field, signs, block_keys, resolution)
     inside = (signs > 0).reshape(nb, BLOCK, BLOCK, BLOCK)
     inside &= ~(off_band & _grid_face_mask(_block_coords(block_keys, g), g))
     block_keys, inside = _close_blocks(field, resolution, block_keys, inside, max_rounds=4 * g)
+    return _to_host(band_host, resolution, band, block_keys, inside)
+
+
+def _fill_unknown_signs(field, signs: torch.Tensor, block_keys: torch.Tensor, resolution: int) -> torch.Tensor:
+    """int8 ``signs`` [NB, 512] (+1 inside, -1 outside, 0 unknown) with the unknown entries, voxels that sign
+    propagation did not reach, set from their winding number (in place; returned)."""
+    unknown_b, unknown_v = torch.nonzero(signs == 0, as_tuple=True)
+    if unknown_b.numel():
+        offsets = torch.from_numpy(_block_offsets()).to(signs.device)
+        vox = _block_coords(block_keys, resolution // BLOCK)[unknown_b] * BLOCK + offsets[unknown_v]
+        signs[unknown_b, unknown_v] = torch.where(field.inside(voxel_centers(vox, resolution)), 1, -1).to(torch.int8)
+    return signs
+
+
+def _start_host_copy(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], torch.cuda.Stream | None]:
+    """Copies of ``tensors`` on the host. On CUDA they go to pinned memory on a side stream, so the transfer
+    (hundreds of MB for a large mesh, slow from pageable memory) overlaps the sign work and block closure that
+    follow; pass the returned stream to :func:`_to_host`, which waits for it."""
+    if tensors[0].device.type != "cuda":
+        return [t.cpu() for t in tensors], None
+    dev = tensors[0].device
+    stream = torch.cuda.Stream(dev)
+    stream.wait_stream(torch.cuda.current_stream(dev))  # the tensors are ready when the copies start
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    with torch.cuda.stream(stream):
+        for h, t in zip(host, tensors, strict=True):
+            h.copy_(t, non_blocking=True)
+            t.record_stream(stream)  # its memory is not reused before the copy is done
+    return host, stream
+
+
+def _to_host(band_host: tuple[list[torch.Tensor], torch.cuda.Stream | None], resolution: int, band: float,
+             block_keys: torch.Tensor, inside: torch.Tensor) -> SparseSDF:
+    """The :class:`SparseSDF` from the host copies of the band voxels (coords int32 [N, 3], sdf [N], sharp bool
+    [N], from :func:`_start_host_copy`) and the device blocks (keys int64 [NB] sorted, inside bool [NB, 8, 8, 8])."""
+    (coords, sdf, sharp), stream = band_host
     # Packed and narrowed on the device: an eighth of the inside bits and half the coordinates cross to the host.
-    return SparseSDF(coords=coords.int().cpu().numpy(), sdf=sdf.cpu().numpy(), sharp=sharp.cpu().numpy(),
-                     resolution=resolution, band=float(band),
-                     block_coords=_block_coords(block_keys, g).int().cpu().numpy(),
-                     block_inside=pack_bits(inside.reshape(len(block_keys), -1)).cpu().numpy())
+    block_coords = _block_coords(block_keys, resolution // BLOCK).int().cpu().numpy()
+    block_inside = pack_bits(inside.reshape(len(block_keys), -1)).cpu().numpy()
+    if stream is not None:
+        stream.synchronize()
+    return SparseSDF(coords=coords.numpy(), sdf=sdf.numpy(), sharp=sharp.numpy(), resolution=resolution,
+                     band=float(band), block_coords=block_coords, block_inside=block_inside)
 
 
 def compute_sparse_sdf(

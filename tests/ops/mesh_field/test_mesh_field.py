@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -149,3 +151,18 @@ def test_near_field_full_size_gpu():
     torch.testing.assert_close(got.winding, ref.winding, atol=2e-5, rtol=0)
     pi, ti = torch.randint(0, 200000, (1 << 22,), device=DEV), torch.randint(0, 20000, (1 << 22,), device=DEV)
     assert torch.equal(pair_dist2(pts, pi, ti, tris, backend="triton"), pair_dist2(pts, pi, ti, tris, backend="torch"))
+
+
+def test_size_arguments_are_not_specialised():
+    """A one-triangle mesh or a new point count must not compile new kernel variants: the compiled (not
+    interpreted) kernels mark their size arguments ``do_not_specialize``."""
+    code = ("from d3s2.ops.mesh_field import triton as t\n"
+            "for k, names in ((t._near_field_kernel, ('Q', 'F')), (t._pair_dist2_kernel, ('N', 'F'))):\n"
+            "    flags = {p.name: p.do_not_specialize for p in k.params}\n"
+            "    assert all(flags[n] for n in names), flags\n"
+            "    assert not any(flags[p.name] for p in k.params if p.name not in names), flags\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "..", "..", "src"),
+                                         env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -120,7 +120,9 @@ def _load_relative(TRI, F, t, mask, px, py, pz):
     return ax, ay, az, bx, by, bz, cx, cy, cz
 
 
-@triton.jit
+# Sizes are not specialised: Triton would compile a variant per value class (1, a multiple of 16, other) of each,
+# so the first mesh with one triangle, or a new point count class, would pay a compilation mid-run.
+@triton.jit(do_not_specialize=["Q", "F"])
 def _near_field_kernel(P, OWNER, OFFS, NEAR, TRI, CLS, EBITS, D2, NEAREST, CD2, WIND, ED2, Q, F,
                        NEED_DIST: tl.constexpr, NEED_WIND: tl.constexpr, NEED_NEAREST: tl.constexpr,
                        NEED_D: tl.constexpr, NUM_CLASSES: tl.constexpr, NC_P2: tl.constexpr, K: tl.constexpr,
@@ -186,7 +188,7 @@ def _near_field_kernel(P, OWNER, OFFS, NEAR, TRI, CLS, EBITS, D2, NEAREST, CD2, 
         tl.store(ED2 + q64[:, None] * K + kk[None, :], edge_best, mask=qm[:, None] & (kk[None, :] < K))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "F"])
 def _pair_dist2_kernel(P, PT, TI, TRI, D2, N, F, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = i < N
