@@ -152,3 +152,25 @@ def test_exp2_modes_match_reference(mode, case, monkeypatch):
     assert_topk_equivalent(idx.cpu(), ref_idx.cpu(), scores, layout, rtol=5e-4)
 
     assert_grads_match_reference(q, k_cmp, v_cmp, o, layout, scale, atol=5e-4, rtol=5e-4)
+
+
+@pytest.mark.parametrize("case,dtype", [(0, torch.float32), (3, torch.float16), (2, torch.float16)])
+def test_topk_key32_split_rows_match_reference(case, dtype, monkeypatch):
+    """int32 keys, the logit tile in two row halves and counted insertion rounds (several key tiles per sample):
+    the reference's blocks up to near-ties; counted rounds pick exactly what the round-by-round test picks."""
+    sizes, res, m_cmp, m_slc, hq, hkv, d, topk = CASES[case]
+    x = random_batch(sizes, res, seed=res + d + 7)
+    layout = layout_for(x.to(DEV), m_cmp, m_slc, m_slc, 0)
+    q, _, _, k_cmp, v_cmp, _ = make_inputs(x, layout, hq, hkv, d, seed=d + 7, device=DEV, dtype=dtype)
+    _, lse = compressed_attention_ref(q.double(), k_cmp.double(), v_cmp.double(), layout)
+    scores = [s.cpu() for s in block_scores_ref(q.double(), k_cmp.double(), lse, layout)]
+    ref_idx = select_blocks_ref(q.double(), k_cmp.double(), lse, layout, topk=topk)
+    got = {}
+    for counted in (True, False):
+        for key in ("topk", "topk_seg"):
+            monkeypatch.setitem(tc.CONFIG, key, {**tc.CONFIG[key], "variant": "dot", "key32": True, "m_split": 2,
+                                                 "counted": counted, "BLOCK_J": 16})
+        got[counted] = tc.cmp_select_topk(q, k_cmp, lse.float(), layout, topk, d**-0.5)
+        assert_topk_equivalent(got[counted].cpu(), ref_idx.cpu(), scores, layout,
+                               rtol=1e-4 if dtype == torch.float32 else 1e-3)
+    assert torch.equal(got[True], got[False])
