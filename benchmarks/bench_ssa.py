@@ -10,8 +10,9 @@ v_cmp are N(0, 1), gates U(0, 1): the op's inputs, so projections and compressio
 Reported per size: SSA op forward, backward, forward+backward (scoring and top-k included), each branch's
 time, effective TFLOP/s of the selection kernel (4·D·Hs·Σ selected keys), peak extra memory, and SDPA flash
 (``enable_gqa``) over the same tokens, per sample for the batch. ``--ab`` also measures every row with the
-session-2 path (``VARIANTS["before"]``: the top-k without its float pre-test) in the same run; the module rows
-compare the conv backends of the v1.0 compression (torch reference vs triton).
+session-4 path (``VARIANTS["before"]``: session 4's launch configs, int64 top-k keys, one logit tile per top-k
+step) in the same run; the module rows compare the conv backends of the v1.0 compression (torch reference vs
+triton).
 
     PYTHONPATH=src python benchmarks/bench_ssa.py --layouts ../shared/data/latent_layouts_1024.npz [--sweep] [--ab]
 
@@ -48,19 +49,22 @@ CONFIGS = {"v1.1": {"m_cmp": 8, "m_slc": 8, "topk": 8}, "v1.0": {"m_cmp": 4, "m_
 M_WIN = 8
 
 
-# Paths an --ab run compares: "new" (the defaults, or what --sweep picked) and "before" (session 3's launch
-# configs: every softmax exp on the MUFU unit, every key chunk masked). None: keep the current configs.
+# Paths an --ab run compares: "new" (the defaults, or what --sweep picked) and "before" (session 4's launch
+# configs: int64 top-k keys, the whole [BLOCK_J, rows] logit tile at once). None: keep the current configs.
 CMP_KERNELS = ("fwd", "topk", "topk_seg")
-SESSION3_CMP = {
-    "fwd": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": False},
-    **{k: {"variant": "dot", "skip": True, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
-           "num_stages": 2, "exp2": "mufu"} for k in ("topk", "topk_seg")}}
-SESSION3_SLC = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "exp2": "mufu", "split": False,
+SESSION4_OFF = {"key32": False, "m_split": 1, "counted": False}
+SESSION4_CMP = {
+    "fwd": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True},
+    "topk": {"variant": "dot", "skip": True, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
+             "num_stages": 3, "exp2": "mufu", **SESSION4_OFF},
+    "topk_seg": {"variant": "dot", "skip": True, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
+                 "num_stages": 2, "exp2": "mufu", **SESSION4_OFF}}
+SESSION4_SLC = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True,
                 "TAIL_N": None}
 VARIANTS = {"new": {"fused_combine": True, "partial": ba_kernels.PARTIAL_DTYPE,
                     "dq_partial": ba_kernels.DQ_PARTIAL_DTYPE, "cmp": None, "slc": None},
             "before": {"fused_combine": True, "partial": torch.float16, "dq_partial": torch.bfloat16,
-                       "cmp": SESSION3_CMP, "slc": SESSION3_SLC}}
+                       "cmp": SESSION4_CMP, "slc": SESSION4_SLC}}
 # --device cpu (a smoke run under TRITON_INTERPRET=1): float32, one timed call per measurement.
 DEV, DTYPE = "cuda", torch.bfloat16
 
@@ -245,12 +249,19 @@ def _rel_max(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item() / max(b.float().abs().max().item(), 1e-30)
 
 
+def _set_diff(idx: torch.Tensor, base: torch.Tensor) -> float:
+    """Fraction of selected blocks (``[N, Hkv, S]``) missing from the same (token, kv head)'s ``base`` selection."""
+    found = (idx[..., :, None] == base[..., None, :]).any(-1)
+    return float((~found & (idx >= 0)).float().sum() / (idx >= 0).sum().clamp_min(1))
+
+
 def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
     """Compressed-branch kernels alone under several launch configurations, each checked against the default.
 
     Returns one row per configuration. For each kernel the fastest valid configuration becomes the one used for
-    the rest of the run (recorded in the result's setup): top-k, a selection that differs from the default's
-    in under 0.1% of entries (near-ties: the "dot" variant rounds probabilities to float16); the others, outputs
+    the rest of the run (recorded in the result's setup): top-k, a selection whose block sets differ from the
+    default's in under 0.1% of entries (near-ties: the "dot" variant rounds probabilities to float16, int32 keys
+    truncate scores to 23 − id bits; the order inside a selection does not matter); the others, outputs
     within 2⁻⁶ of the default's largest magnitude (a few bfloat16 roundings: the order of sums differs).
     """
     q, _, _, kc, vc, _ = (t.detach() for t in ins)
@@ -260,11 +271,15 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
     base_g = tc.cmp_attention_bwd(q, kc, vc, base_o, base_lse, do, layout, scale)
     topk_key = "topk" if layout.m_cmp == layout.m_slc else "topk_seg"
     default = {k: dict(v) for k, v in tc.CONFIG.items()}
-    # exp2 modes (d3s2.ops._exp2): "mix4" = a quarter of the exps on the FMA pipe ("mix" = half and "poly" = all
-    # were slower in session 4's first run); tiles sessions 1-3 found slower are no longer swept
+    # session 4 swept exp2 modes and stages of the forward and top-k (FMA-pipe exps slower everywhere); session 5:
+    # the top-k's int32 keys, split logit tile and counted rounds, alone and combined, and tiles around them
+    new = {"key32": True, "m_split": 2, "counted": True}
     variants = {
-        "fwd": [{"split": False}, {"num_stages": 2}, {"num_stages": 4}, {"exp2": "mix4"}],
-        topk_key: [{"num_stages": 1}, {"num_stages": 3}, {"exp2": "mix4"}],
+        "fwd": [{"rows": 256}, {"BLOCK_C": 32}],
+        # 1-2 warps: every reduction over the blocks of a tile stays inside a warp (no barrier per round)
+        topk_key: [{"key32": True}, {"m_split": 2}, {"key32": True, "m_split": 2}, {"key32": True, "counted": True},
+                   new, {**new, "BLOCK_J": 128}, {**new, "rows": 512}, {**new, "num_warps": 1, "BLOCK_J": 16},
+                   {**new, "num_warps": 1, "BLOCK_J": 32}, {**new, "num_warps": 2, "BLOCK_J": 32}],
         "bwd_dq": [{"BLOCK_C": 128, "num_warps": 8}, {"rows": 64}],
         "bwd_dkdv": [{"rows": 32}, {"programs_per_sm": 16}, {"rows": 32, "programs_per_sm": 16},
                      {"num_stages": 3}],
@@ -281,7 +296,7 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
                     err = _rel_max(o, base_o)
                     ms = _bench(lambda: tc.cmp_attention_fwd(q, kc, vc, layout, scale))
                 elif kernel == topk_key:
-                    err = float((tc.cmp_select_topk(q, kc, base_lse, layout, topk, scale) != base_idx).float().mean())
+                    err = _set_diff(tc.cmp_select_topk(q, kc, base_lse, layout, topk, scale), base_idx)
                     ms = _bench(lambda: tc.cmp_select_topk(q, kc, base_lse, layout, topk, scale))
                 else:
                     got = tc.cmp_attention_bwd(q, kc, vc, base_o, base_lse, do, layout, scale)
@@ -294,6 +309,10 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
                 rows.append({"kernel": kernel, **tc.CONFIG[kernel], "error": repr(e)[:300]})
             print(json.dumps(rows[-1]), flush=True)
         tc.CONFIG[kernel] = best[1] if best else default[kernel]
+        if kernel == topk_key:  # the winner with k = 1 (one insertion round per tile at most): the scoring's share
+            ms = _bench(lambda: tc.cmp_select_topk(q, kc, base_lse, layout, 1, scale))
+            rows.append({"kernel": f"{kernel} k=1", **tc.CONFIG[kernel], "ms": ms, "diff_vs_default": float("nan")})
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -313,9 +332,12 @@ def _sweep_slc(layout, topk, ins) -> list[dict]:
     base = run()
     rows, best = [], None
     flops = _selection_flops(off, idx)
-    # session 4's first run also measured exp2 "mix" / "poly" and 64-key chunks with a 16-key tail: all slower
-    for change in [{}, {"split": False}, {"num_warps": 8}, {"BLOCK_M": 64}, {"num_stages": 3}, {"num_stages": 1},
-                   {"exp2": "mix4"}]:
+    # session 4 also measured exp2 "mix4" / "mix" / "poly", no split, 8 warps, BLOCK_M 64, 1-2 stages and 64-key
+    # chunks with a 16-key tail: all slower than the default (3 stages, split). Session 5: 16 entries per tile
+    # (one load of a block's keys for twice the queries), a 4th stage, 16-key tail chunks (less padding), 2-warp
+    # programs of 4 entries
+    for change in [{}, {"BLOCK_M": 256}, {"BLOCK_M": 256, "num_stages": 2}, {"num_stages": 4}, {"TAIL_N": 16},
+                   {"BLOCK_M": 64, "num_warps": 2}]:
         ba_kernels.FWD_CONFIG = {**default, **change}
         try:
             err = _rel_max(run(), base)
@@ -345,8 +367,8 @@ def main() -> None:
     ap.add_argument("--no-batch", action="store_true", help="skip the ragged batch")
     ap.add_argument("--no-module", action="store_true", help="skip the whole-layer rows")
     ap.add_argument("--no-shifted", action="store_true", help="skip the odd-layer (shifted windows) rows")
-    ap.add_argument("--ab", action="store_true", help="also measure each row with the session-3 path (all exps on "
-                    "the MUFU unit, every selection key chunk masked) and the v1.0 layer with the torch conv backend")
+    ap.add_argument("--ab", action="store_true", help="also measure each row with the session-4 path (int64 top-k "
+                    "keys, whole logit tiles) and the v1.0 layer with the torch conv backend")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run of this script "
                     "(set TRITON_INTERPRET=1; float32; use with --tiny)")
     ap.add_argument("--tiny", type=int, default=0, help="only one mesh of this many tokens (a smoke run)")
@@ -424,8 +446,8 @@ def _write(result: dict, out: Path) -> None:
              f"Hq 32 / Hkv 2 / D 32, {result['setup']['dtype']}, window 8 (unshifted); op inputs q, k, v, k_cmp, "
              "v_cmp, gates; "
              "SDPA = flash full attention per sample. Times in ms (median, CUDA events). Variant `new`: the defaults "
-             "or the swept winners (below); `before`: session 3 (every softmax exp on the MUFU unit, every selection "
-             "key chunk masked; same run). "
+             "or the swept winners (below); `before`: session 4's path (int64 top-k keys, "
+             "whole logit tiles, session 4's launch configs; same run). "
              "`(cmp+top-k)/fwd` = (`cmp fwd` + `score+top-k`) / `SSA fwd`.", "",
              "| config | N | blocks slc/cmp | SSA fwd | SSA bwd | SSA fwd+bwd | SDPA fwd | SDPA bwd | speedup fwd "
              "| speedup bwd | cmp fwd | score+top-k | slc fwd | win fwd | (cmp+top-k)/fwd "
