@@ -278,7 +278,8 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
         "fwd": [{"rows": 256}, {"BLOCK_C": 32}],
         # 1-2 warps: every reduction over the blocks of a tile stays inside a warp (no barrier per round)
         topk_key: [{"key32": True}, {"m_split": 2}, {"key32": True, "m_split": 2}, {"key32": True, "counted": True},
-                   new, {**new, "BLOCK_J": 128}, {**new, "rows": 512}, {**new, "num_warps": 1, "BLOCK_J": 16},
+                   new, {**new, "BLOCK_J": 128}, {**new, "rows": 512}, {**new, "m_split": 4},
+                   {**new, "m_split": 4, "rows": 512}, {**new, "num_warps": 1, "BLOCK_J": 16},
                    {**new, "num_warps": 1, "BLOCK_J": 32}, {**new, "num_warps": 2, "BLOCK_J": 32}],
         "bwd_dq": [{"BLOCK_C": 128, "num_warps": 8}, {"rows": 64}],
         "bwd_dkdv": [{"rows": 32}, {"programs_per_sm": 16}, {"rows": 32, "programs_per_sm": 16},

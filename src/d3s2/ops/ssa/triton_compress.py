@@ -19,8 +19,8 @@ every pass streams them all.
   float max) skips the insertion rounds. Options of the ``dot`` variant (``CONFIG``): ``key32``, one int32 key
   ``(score bits, low id bits cleared) | (id_mask − local id)`` instead of the int64 (half the registers and
   integer work per round; the score keeps 23 − id_bits ≥ 11 mantissa bits, float16's precision, which the
-  probabilities already have); ``m_split`` 2, the logit tile in two row halves (half its registers);
-  ``counted``, the insertion rounds of a tile counted once.
+  probabilities already have); ``m_split`` 2 or 4, the logit tile in two or four row chunks (a half or a quarter
+  of its registers); ``counted``, the insertion rounds of a tile counted once.
 - ``_cmp_bwd_dq_kernel`` / ``_cmp_bwd_dkdv_kernel``: FlashAttention-2 style backward. dK/dV split the sample's
   queries into ``n_chunks`` chunks (enough programs to fill the GPU although NBc is small) and write per-chunk
   partial sums that are added in a fixed order afterwards: deterministic, no atomics.
@@ -56,7 +56,8 @@ CONFIG = {
     # top-k with m_cmp == m_slc ("topk") and m_cmp < m_slc ("topk_seg", one-hot segment sum over compression
     # blocks); variant "reshape": head sum by tl.reshape + tl.sum; "dot": transposed tiles, head sum by tl.dot
     # "skip": a float test per tile before the key insertion (dot variant); "key32": int32 keys (int64 otherwise),
-    # "m_split": row chunks per logit tile (2 halves its registers), "counted": rounds counted once per tile
+    # "m_split": row chunks per logit tile (2 or 4: a half / quarter of its registers), "counted": rounds counted
+    # once per tile
     # (v1.1 top-k, session 4: 3 stages 4.77 ms, 2 stages 4.78, 1 stage 4.95)
     "topk": {"variant": "dot", "skip": True, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
              "num_stages": 3, "exp2": "mufu", "key32": False, "m_split": 1, "counted": False},
@@ -328,7 +329,7 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
     16-bit inputs: ≤ 2⁻¹¹ relative error per term), so the probabilities stay in the matmul register layout
     (no reshape) and the candidate tiles are ``[blocks, tokens]``.
 
-    M_SPLIT (1 or 2): the rows are scored in that many chunks whose group sums accumulate into one score tile,
+    M_SPLIT (1, 2 or 4): the rows are scored in that many chunks whose group sums accumulate into one score tile,
     so the fp32 logit tile in registers is ``[BLOCK_J, BLOCK_M / M_SPLIT]``. KEY32, COUNTED: see ``_topk_insert``
     (KEY32 needs ``id_bits`` ≥ the bits of the largest local block id)."""
     pid_t = tl.program_id(0)
@@ -346,9 +347,14 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
     d_ok = offs_d < D
     q_t, lse2, group = _group_rows(Q, LSE, start, t1, g, 0, stride_qn, stride_qh, offs_d, d_ok, HQ, HS, HS_PAD,
                                    BLOCK_T, ROWS, P_FP16)
-    if M_SPLIT == 2:
+    if M_SPLIT >= 2:
         q_t2, lse2_2, group2 = _group_rows(Q, LSE, start, t1, g, ROWS, stride_qn, stride_qh, offs_d, d_ok, HQ, HS,
                                            HS_PAD, BLOCK_T, ROWS, P_FP16)
+    if M_SPLIT == 4:
+        q_t3, lse2_3, group3 = _group_rows(Q, LSE, start, t1, g, 2 * ROWS, stride_qn, stride_qh, offs_d, d_ok, HQ,
+                                           HS, HS_PAD, BLOCK_T, ROWS, P_FP16)
+        q_t4, lse2_4, group4 = _group_rows(Q, LSE, start, t1, g, 3 * ROWS, stride_qn, stride_qh, offs_d, d_ok, HQ,
+                                           HS, HS_PAD, BLOCK_T, ROWS, P_FP16)
 
     slot = tl.arange(0, TOPK_PAD)
     id_mask = (1 << id_bits) - 1
@@ -374,8 +380,11 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
             k_off = jj.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
             k = tl.load(K + k_off, mask=j_ok[:, None] & d_ok[None, :], other=0.0)
             score = _group_scores(k, j_ok, q_t, lse2, group, qk_scale, False, DOT_PREC, P_FP16, EXP2)
-            if M_SPLIT == 2:
+            if M_SPLIT >= 2:
                 score += _group_scores(k, j_ok, q_t2, lse2_2, group2, qk_scale, False, DOT_PREC, P_FP16, EXP2)
+            if M_SPLIT == 4:
+                score += _group_scores(k, j_ok, q_t3, lse2_3, group3, qk_scale, False, DOT_PREC, P_FP16, EXP2)
+                score += _group_scores(k, j_ok, q_t4, lse2_4, group4, qk_scale, False, DOT_PREC, P_FP16, EXP2)
         else:
             c_a = tl.load(SLC_CMP_OFF + j_start)
             c_b = tl.load(SLC_CMP_OFF + tl.minimum(j_start + BLOCK_J, s1))
@@ -386,8 +395,11 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
                 k_off = cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
                 k = tl.load(K + k_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
                 p_tok = _group_scores(k, col_ok, q_t, lse2, group, qk_scale, True, DOT_PREC, P_FP16, EXP2)
-                if M_SPLIT == 2:
+                if M_SPLIT >= 2:
                     p_tok += _group_scores(k, col_ok, q_t2, lse2_2, group2, qk_scale, True, DOT_PREC, P_FP16, EXP2)
+                if M_SPLIT == 4:
+                    p_tok += _group_scores(k, col_ok, q_t3, lse2_3, group3, qk_scale, True, DOT_PREC, P_FP16, EXP2)
+                    p_tok += _group_scores(k, col_ok, q_t4, lse2_4, group4, qk_scale, True, DOT_PREC, P_FP16, EXP2)
                 local = tl.load(CMP_SLC + cols, mask=col_ok, other=-1) - j_start
                 onehot = (offs_j[:, None] == local[None, :]).to(tl.float32)  # [BLOCK_J, BLOCK_C]
                 score += tl.dot(onehot, p_tok, input_precision="tf32x3")
@@ -585,8 +597,8 @@ def cmp_select_topk(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, lay
     if cfg["variant"] == "dot":
         # tokens are the N dimension of the group-sum tl.dot: at least 16 (per row chunk: M_SPLIT · 16 rows)
         m_split = cfg.get("m_split", 1)
-        if m_split not in (1, 2):
-            raise ValueError(f"expected m_split 1 or 2 in the top-k config, got {m_split}")
+        if m_split not in (1, 2, 4):
+            raise ValueError(f"expected m_split 1, 2 or 4 in the top-k config, got {m_split}")
         block_t = _block_t(cfg["rows"], meta["HS_PAD"], 16)
         block_t = max(block_t, triton.next_power_of_2(triton.cdiv(16 * m_split, meta["HS_PAD"])))
         # int32 keys keep 23 − id_bits mantissa bits of a score: used while that is at least float16's 11
