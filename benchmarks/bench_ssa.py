@@ -73,19 +73,20 @@ DEV, DTYPE = "cuda", torch.bfloat16
 def _variant(name: str):
     v = VARIANTS[name]
     saved = (ssa_ops.FUSED_COMBINE, ba_kernels.PARTIAL_DTYPE, ba_kernels.DQ_PARTIAL_DTYPE,
-             {k: dict(tc.CONFIG[k]) for k in CMP_KERNELS}, dict(ba_kernels.FWD_CONFIG))
+             {k: dict(tc.CONFIG[k]) for k in CMP_KERNELS}, dict(ba_kernels.FWD_CONFIG), ba_kernels.WIN_FWD_CONFIG)
     ssa_ops.FUSED_COMBINE, ba_kernels.PARTIAL_DTYPE, ba_kernels.DQ_PARTIAL_DTYPE = (
         v["fused_combine"], v["partial"], v["dq_partial"])
     if v["cmp"]:
         tc.CONFIG.update({k: dict(c) for k, c in v["cmp"].items()})
     if v["slc"]:
         ba_kernels.FWD_CONFIG = dict(v["slc"])
+        ba_kernels.WIN_FWD_CONFIG = None  # the window follows the selection's config (session 4)
     try:
         yield
     finally:
         ssa_ops.FUSED_COMBINE, ba_kernels.PARTIAL_DTYPE, ba_kernels.DQ_PARTIAL_DTYPE = saved[:3]
         tc.CONFIG.update(saved[3])
-        ba_kernels.FWD_CONFIG = saved[4]
+        ba_kernels.FWD_CONFIG, ba_kernels.WIN_FWD_CONFIG = saved[4:]
 
 
 def _bench(fn, warmup=5, rep=40) -> float:
@@ -356,6 +357,38 @@ def _sweep_slc(layout, topk, ins) -> list[dict]:
     return rows
 
 
+def _sweep_win(layout, ins) -> list[dict]:
+    """The window forward (plan + kernel) under several block_attn forward configs, starting from the selection's;
+    the fastest whose output matches (to 2⁻¹⁰ of its largest magnitude) becomes ``WIN_FWD_CONFIG``."""
+    q, k, v = (t.detach() for t in ins[:3])
+    scale = D**-0.5
+    default = dict(ba_kernels.FWD_CONFIG)
+
+    def run():
+        if layout.win_perm is None:
+            return window_attention(q, k, v, layout.win_offsets, scale=scale, backend="triton")
+        p = layout.win_perm
+        return window_attention(q[p], k[p], v[p], layout.win_offsets, scale=scale, backend="triton")[
+            layout.win_inverse]
+
+    base = run()
+    rows, best = [], None
+    for change in [{}, {"BLOCK_M": 256}, {"BLOCK_M": 64, "num_warps": 2}, {"TAIL_N": 16}, {"num_stages": 2},
+                   {"BLOCK_M": 64}]:
+        ba_kernels.WIN_FWD_CONFIG = {**default, **change}
+        try:
+            err = _rel_max(run(), base)
+            ms = _bench(run)
+            if err < 2.0**-10 and (best is None or ms < best[0]):
+                best = (ms, dict(ba_kernels.WIN_FWD_CONFIG))
+            rows.append({"kernel": "win", **ba_kernels.WIN_FWD_CONFIG, "ms": ms, "diff_vs_default": err})
+        except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
+            rows.append({"kernel": "win", **ba_kernels.WIN_FWD_CONFIG, "error": repr(e)[:300]})
+        print(json.dumps(rows[-1]), flush=True)
+    ba_kernels.WIN_FWD_CONFIG = best[1] if best else None
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layouts", default=str(Path(__file__).resolve().parents[2] / "shared/data/"
@@ -363,7 +396,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="8192,16384,32768,65536,131072")
     ap.add_argument("--configs", default="v1.1,v1.0")
     ap.add_argument("--sweep", default="", help="comma-separated kernels (compressed: fwd, topk, bwd_dq, bwd_dkdv; "
-                    " slc: the selection forward) to sweep at the largest N before measuring it; the "
+                    " slc / win: the selection / window forward) to sweep at the largest N before measuring it; the "
                     "fastest valid config of each is then used")
     ap.add_argument("--no-batch", action="store_true", help="skip the ragged batch")
     ap.add_argument("--no-module", action="store_true", help="skip the whole-layer rows")
@@ -408,7 +441,8 @@ def main() -> None:
             if last and args.sweep:
                 kernels = args.sweep.split(",")
                 rows = _sweep_slc(layout, cfg["topk"], ins) if "slc" in kernels else []
-                kernels = [kk for kk in kernels if kk != "slc"]
+                rows += _sweep_win(layout, ins) if "win" in kernels else []
+                kernels = [kk for kk in kernels if kk not in ("slc", "win")]
                 result.setdefault("sweep", {})[name] = rows + _sweep(layout, cfg["topk"], ins, do, kernels)
             if sdpa is None:
                 sdpa = _sdpa(layout, ins, do)
@@ -436,6 +470,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
     result["setup"]["compress_kernel_config_used"] = {k: dict(v) for k, v in tc.CONFIG.items()}
     result["setup"]["block_attn_fwd_config_used"] = dict(ba_kernels.FWD_CONFIG)
+    result["setup"]["window_fwd_config_used"] = ba_kernels.WIN_FWD_CONFIG
     _write(result, Path(args.out))
 
 
@@ -479,8 +514,8 @@ def _write(result: dict, out: Path) -> None:
                   "| kernel | config | ms | TFLOP/s | diff vs default |", "|---|---|---|---|---|"]
         for r in rows:
             cfg = {k: v for k, v in r.items() if k not in ("kernel", "ms", "tflops", "diff_vs_default", "error")}
-            win = cfg == (result["setup"]["block_attn_fwd_config_used"] if r["kernel"] == "slc"
-                          else used.get(r["kernel"]))
+            win = cfg == {"slc": result["setup"]["block_attn_fwd_config_used"],
+                          "win": result["setup"]["window_fwd_config_used"]}.get(r["kernel"], used.get(r["kernel"]))
             lines.append(f"| {r['kernel']}{' *' if win else ''} | {json.dumps(cfg)} | "
                          + (f"{r['ms']:.3f} | {r.get('tflops', float('nan')):.0f} | {r['diff_vs_default']:.2e} |"
                             if "ms" in r else f"error: {r['error'][:120]} | | |"))
