@@ -277,11 +277,13 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
     new = {"key32": True, "m_split": 2, "counted": True}
     variants = {
         "fwd": [{"rows": 256}, {"BLOCK_C": 32}],
-        # 1-2 warps: every reduction over the blocks of a tile stays inside a warp (no barrier per round)
+        # 1-2 warps, or 16-block tiles (too small for a warpgroup matmul: warps split the tokens): every reduction
+        # over the blocks of a tile may stay inside a warp (no barrier per insertion round)
         topk_key: [{"key32": True}, {"m_split": 2}, {"key32": True, "m_split": 2}, {"key32": True, "counted": True},
                    new, {**new, "BLOCK_J": 128}, {**new, "rows": 512}, {**new, "m_split": 4},
                    {**new, "m_split": 4, "rows": 512}, {**new, "num_warps": 1, "BLOCK_J": 16},
-                   {**new, "num_warps": 1, "BLOCK_J": 32}, {**new, "num_warps": 2, "BLOCK_J": 32}],
+                   {**new, "num_warps": 1, "BLOCK_J": 32}, {**new, "num_warps": 2, "BLOCK_J": 32},
+                   {**new, "BLOCK_J": 16}, {**new, "BLOCK_J": 16, "rows": 512}],
         "bwd_dq": [{"BLOCK_C": 128, "num_warps": 8}, {"rows": 64}],
         "bwd_dkdv": [{"rows": 32}, {"programs_per_sm": 16}, {"rows": 32, "programs_per_sm": 16},
                      {"num_stages": 3}],
