@@ -52,7 +52,7 @@ M_WIN = 8
 # Paths an --ab run compares: "new" (the defaults, or what --sweep picked) and "before" (session 4's launch
 # configs: int64 top-k keys, the whole [BLOCK_J, rows] logit tile at once). None: keep the current configs.
 CMP_KERNELS = ("fwd", "topk", "topk_seg")
-SESSION4_OFF = {"key32": False, "m_split": 1, "counted": False}
+SESSION4_OFF = {"key32": False, "m_split": 1, "counted": False, "lse_dot": False}
 SESSION4_CMP = {
     "fwd": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True},
     "topk": {"variant": "dot", "skip": True, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
@@ -272,18 +272,18 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
     base_g = tc.cmp_attention_bwd(q, kc, vc, base_o, base_lse, do, layout, scale)
     topk_key = "topk" if layout.m_cmp == layout.m_slc else "topk_seg"
     default = {k: dict(v) for k, v in tc.CONFIG.items()}
-    # session 4 swept exp2 modes and stages of the forward and top-k (FMA-pipe exps slower everywhere); session 5:
-    # the top-k's int32 keys, split logit tile and counted rounds, alone and combined, and tiles around them
-    new = {"key32": True, "m_split": 2, "counted": True}
+    # session 4 swept exp2 modes and stages of the forward and top-k (FMA-pipe exps slower everywhere). Session 5:
+    # the top-k's options alone and combined (registers per thread from ptxas for sm_90, BLOCK_J 64, 4 warps:
+    # session 4's 254; key32 250; m_split 2: 195; key32 + m_split 2: 179; + m_split 4: 154; lse_dot with key32
+    # and m_split 1 / 2 / 4: 175 / 126 / 92), and tiles around the combination
+    new2 = {"key32": True, "m_split": 2, "counted": True, "lse_dot": True}
+    new4 = {**new2, "m_split": 4}
     variants = {
         "fwd": [{"rows": 256}, {"BLOCK_C": 32}],
-        # 1-2 warps, or 16-block tiles (too small for a warpgroup matmul: warps split the tokens): every reduction
-        # over the blocks of a tile may stay inside a warp (no barrier per insertion round)
-        topk_key: [{"key32": True}, {"m_split": 2}, {"key32": True, "m_split": 2}, {"key32": True, "counted": True},
-                   new, {**new, "BLOCK_J": 128}, {**new, "rows": 512}, {**new, "m_split": 4},
-                   {**new, "m_split": 4, "rows": 512}, {**new, "num_warps": 1, "BLOCK_J": 16},
-                   {**new, "num_warps": 1, "BLOCK_J": 32}, {**new, "num_warps": 2, "BLOCK_J": 32},
-                   {**new, "BLOCK_J": 16}, {**new, "BLOCK_J": 16, "rows": 512}],
+        topk_key: [{"key32": True}, {"m_split": 2}, {"key32": True, "m_split": 2, "counted": True},
+                   {**new2, "m_split": 1}, new2, new4, {**new4, "num_stages": 2}, {**new4, "counted": False},
+                   {**new4, "rows": 512}, {**new2, "BLOCK_J": 16}, {**new4, "BLOCK_J": 128},
+                   {**new4, "BLOCK_J": 128, "num_warps": 8}],
         "bwd_dq": [{"BLOCK_C": 128, "num_warps": 8}, {"rows": 64}],
         "bwd_dkdv": [{"rows": 32}, {"programs_per_sm": 16}, {"rows": 32, "programs_per_sm": 16},
                      {"num_stages": 3}],

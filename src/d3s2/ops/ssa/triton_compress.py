@@ -20,7 +20,10 @@ every pass streams them all.
   ``(score bits, low id bits cleared) | (id_mask − local id)`` instead of the int64 (half the registers and
   integer work per round; the score keeps 23 − id_bits ≥ 11 mantissa bits, float16's precision, which the
   probabilities already have); ``m_split`` 2 or 4, the logit tile in two or four row chunks (a half or a quarter
-  of its registers); ``counted``, the insertion rounds of a tile counted once.
+  of its registers); ``counted``, the insertion rounds of a tile counted once; ``lse_dot``, the rows' LSE shift
+  added by the logit matmul (two more K columns holding hi + lo of −LSE₂ / scale against columns of ones)
+  instead of one float32 register per row and thread: ptxas for sm_90 counts 254 registers per thread for session
+  4's kernel, 92 with key32 + m_split 4 + lse_dot (2 → 5 CTAs of 4 warps per SM).
 - ``_cmp_bwd_dq_kernel`` / ``_cmp_bwd_dkdv_kernel``: FlashAttention-2 style backward. dK/dV split the sample's
   queries into ``n_chunks`` chunks (enough programs to fill the GPU although NBc is small) and write per-chunk
   partial sums that are added in a fixed order afterwards: deterministic, no atomics.
@@ -57,12 +60,13 @@ CONFIG = {
     # blocks); variant "reshape": head sum by tl.reshape + tl.sum; "dot": transposed tiles, head sum by tl.dot
     # "skip": a float test per tile before the key insertion (dot variant); "key32": int32 keys (int64 otherwise),
     # "m_split": row chunks per logit tile (2 or 4: a half / quarter of its registers), "counted": rounds counted
-    # once per tile
+    # once per tile, "lse_dot": the LSE shift inside the logit matmul (no float32 LSE registers per row)
     # (v1.1 top-k, session 4: 3 stages 4.77 ms, 2 stages 4.78, 1 stage 4.95)
     "topk": {"variant": "dot", "skip": True, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
-             "num_stages": 3, "exp2": "mufu", "key32": False, "m_split": 1, "counted": False},
+             "num_stages": 3, "exp2": "mufu", "key32": False, "m_split": 1, "counted": False, "lse_dot": False},
     "topk_seg": {"variant": "dot", "skip": True, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
-                 "num_stages": 2, "exp2": "mufu", "key32": False, "m_split": 1, "counted": False},
+                 "num_stages": 2, "exp2": "mufu", "key32": False, "m_split": 1, "counted": False,
+                 "lse_dot": False},
     "bwd_dq": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
     "bwd_dkdv": {"rows": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 8},
 }
@@ -282,10 +286,15 @@ def _topk_insert(best, score, jj, j_ok, s0, id_mask, NEG: tl.constexpr, KEY32: t
 
 
 @triton.jit
-def _group_rows(Q, LSE, start, t1, g, r0, stride_qn, stride_qh, offs_d, d_ok,
+def _group_rows(Q, LSE, start, t1, g, r0, stride_qn, stride_qh, offs_d, d_ok, qk_scale,
                 HQ: tl.constexpr, HS: tl.constexpr, HS_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                ROWS: tl.constexpr, P_FP16: tl.constexpr):
-    """Rows ``r0 … r0 + ROWS`` of a top-k tile: (qᵀ [BLOCK_D, ROWS], log2 LSE [ROWS], 0/1 group [ROWS, BLOCK_T])."""
+                ROWS: tl.constexpr, P_FP16: tl.constexpr, LSE_DOT: tl.constexpr):
+    """Rows ``r0 … r0 + ROWS`` of a top-k tile: (qᵀ [BLOCK_D, ROWS], shift, 0/1 group [ROWS, BLOCK_T]).
+
+    shift: the log2 LSE [ROWS], or with LSE_DOT ``aᵀ`` [16, ROWS] in q's dtype whose rows 0 and 1 are a two-term
+    split hi + lo of a = −LSE₂ / qk_scale, so that ``qk_scale · (q·k + hi + lo)`` is the log2 probability (to
+    ~2⁻¹⁶ of a): the shift rides in the logit matmul instead of costing float32 registers per row (padding rows
+    get a = −30000: probability 0)."""
     rows = r0 + tl.arange(0, ROWS)
     tok = start + rows // HS_PAD
     hh = rows % HS_PAD
@@ -294,19 +303,34 @@ def _group_rows(Q, LSE, start, t1, g, r0, stride_qn, stride_qh, offs_d, d_ok,
     q_t = tl.trans(_load_rows(Q, tok, head, offs_d, row_ok, d_ok, stride_qn, stride_qh))
     # log2-domain LSE; +inf on padding rows makes their probabilities 0
     lse2 = tl.load(LSE + tok.to(tl.int64) * HQ + head, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    if LSE_DOT:
+        a = tl.where(row_ok, -lse2 / qk_scale, -30000.0)
+        hi = a.to(Q.dtype.element_ty)
+        lo = (a - hi.to(tl.float32)).to(Q.dtype.element_ty)
+        col = tl.arange(0, 16)[:, None]
+        shift = tl.where(col == 0, hi[None, :], tl.where(col == 1, lo[None, :], 0.0)).to(Q.dtype.element_ty)
+    else:
+        shift = lse2
     # group[r, t] = 1 when row r is a valid head of token t
     group = (((rows // HS_PAD)[:, None] == tl.arange(0, BLOCK_T)[None, :]) & row_ok[:, None]).to(tl.float32)
     if P_FP16:
         group = group.to(tl.float16)
-    return q_t, lse2, group
+    return q_t, shift, group
 
 
 @triton.jit
-def _group_scores(k, col_ok, q_t, lse2, group, qk_scale, MASK: tl.constexpr, DOT_PREC: tl.constexpr,
-                  P_FP16: tl.constexpr, EXP2: tl.constexpr):
+def _group_scores(k, col_ok, q_t, shift, group, qk_scale, MASK: tl.constexpr, DOT_PREC: tl.constexpr,
+                  P_FP16: tl.constexpr, EXP2: tl.constexpr, LSE_DOT: tl.constexpr):
     """[BLOCK_C, BLOCK_T] probabilities of compressed keys ``k`` [BLOCK_C, BLOCK_D] summed over the group's heads
-    (MASK: rows outside ``col_ok`` contribute 0)."""
-    p_t = exp2(tl.dot(k, q_t, input_precision=DOT_PREC) * qk_scale - lse2[None, :], EXP2)  # [BLOCK_C, ROWS]
+    (MASK: rows outside ``col_ok`` contribute 0); ``shift`` from ``_group_rows``."""
+    s = tl.dot(k, q_t, input_precision=DOT_PREC)  # [BLOCK_C, ROWS]
+    if LSE_DOT:
+        # ones in columns 0 and 1: adds each row's hi + lo to its logits
+        ones = tl.where(tl.arange(0, 16)[None, :] < 2, 1.0, 0.0) + tl.zeros([k.shape[0], 16], tl.float32)
+        s = tl.dot(ones.to(k.dtype), shift, s, input_precision=DOT_PREC)
+        p_t = exp2(s * qk_scale, EXP2)
+    else:
+        p_t = exp2(s * qk_scale - shift[None, :], EXP2)
     if MASK:
         p_t = tl.where(col_ok[:, None], p_t, 0.0)
     if P_FP16:
@@ -323,7 +347,7 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
                          BLOCK_C: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
                          ONE_CMP_PER_SLC: tl.constexpr, DOT_PREC: tl.constexpr, P_FP16: tl.constexpr,
                          SKIP: tl.constexpr, EXP2: tl.constexpr, KEY32: tl.constexpr, M_SPLIT: tl.constexpr,
-                         COUNTED: tl.constexpr):
+                         COUNTED: tl.constexpr, LSE_DOT: tl.constexpr):
     """Same result as ``_cmp_topk_kernel``, computed transposed: logits ``[blocks, rows]`` = K·Qᵀ, and the sum
     over the GQA group is a second tl.dot with a 0/1 ``[rows, tokens]`` matrix (probabilities in float16 for
     16-bit inputs: ≤ 2⁻¹¹ relative error per term), so the probabilities stay in the matmul register layout
@@ -345,16 +369,16 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
     ROWS: tl.constexpr = BLOCK_T * HS_PAD // M_SPLIT
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q_t, lse2, group = _group_rows(Q, LSE, start, t1, g, 0, stride_qn, stride_qh, offs_d, d_ok, HQ, HS, HS_PAD,
-                                   BLOCK_T, ROWS, P_FP16)
+    q_t, sh, group = _group_rows(Q, LSE, start, t1, g, 0, stride_qn, stride_qh, offs_d, d_ok, qk_scale, HQ, HS,
+                                 HS_PAD, BLOCK_T, ROWS, P_FP16, LSE_DOT)
     if M_SPLIT >= 2:
-        q_t2, lse2_2, group2 = _group_rows(Q, LSE, start, t1, g, ROWS, stride_qn, stride_qh, offs_d, d_ok, HQ, HS,
-                                           HS_PAD, BLOCK_T, ROWS, P_FP16)
+        q_t2, sh2, group2 = _group_rows(Q, LSE, start, t1, g, ROWS, stride_qn, stride_qh, offs_d, d_ok, qk_scale,
+                                        HQ, HS, HS_PAD, BLOCK_T, ROWS, P_FP16, LSE_DOT)
     if M_SPLIT == 4:
-        q_t3, lse2_3, group3 = _group_rows(Q, LSE, start, t1, g, 2 * ROWS, stride_qn, stride_qh, offs_d, d_ok, HQ,
-                                           HS, HS_PAD, BLOCK_T, ROWS, P_FP16)
-        q_t4, lse2_4, group4 = _group_rows(Q, LSE, start, t1, g, 3 * ROWS, stride_qn, stride_qh, offs_d, d_ok, HQ,
-                                           HS, HS_PAD, BLOCK_T, ROWS, P_FP16)
+        q_t3, sh3, group3 = _group_rows(Q, LSE, start, t1, g, 2 * ROWS, stride_qn, stride_qh, offs_d, d_ok,
+                                        qk_scale, HQ, HS, HS_PAD, BLOCK_T, ROWS, P_FP16, LSE_DOT)
+        q_t4, sh4, group4 = _group_rows(Q, LSE, start, t1, g, 3 * ROWS, stride_qn, stride_qh, offs_d, d_ok,
+                                        qk_scale, HQ, HS, HS_PAD, BLOCK_T, ROWS, P_FP16, LSE_DOT)
 
     slot = tl.arange(0, TOPK_PAD)
     id_mask = (1 << id_bits) - 1
@@ -379,12 +403,15 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
             # compression block id == selection block id; rows past s1 are dropped by the candidate mask
             k_off = jj.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
             k = tl.load(K + k_off, mask=j_ok[:, None] & d_ok[None, :], other=0.0)
-            score = _group_scores(k, j_ok, q_t, lse2, group, qk_scale, False, DOT_PREC, P_FP16, EXP2)
+            score = _group_scores(k, j_ok, q_t, sh, group, qk_scale, False, DOT_PREC, P_FP16, EXP2, LSE_DOT)
             if M_SPLIT >= 2:
-                score += _group_scores(k, j_ok, q_t2, lse2_2, group2, qk_scale, False, DOT_PREC, P_FP16, EXP2)
+                score += _group_scores(k, j_ok, q_t2, sh2, group2, qk_scale, False, DOT_PREC, P_FP16,
+                                       EXP2, LSE_DOT)
             if M_SPLIT == 4:
-                score += _group_scores(k, j_ok, q_t3, lse2_3, group3, qk_scale, False, DOT_PREC, P_FP16, EXP2)
-                score += _group_scores(k, j_ok, q_t4, lse2_4, group4, qk_scale, False, DOT_PREC, P_FP16, EXP2)
+                score += _group_scores(k, j_ok, q_t3, sh3, group3, qk_scale, False, DOT_PREC, P_FP16,
+                                       EXP2, LSE_DOT)
+                score += _group_scores(k, j_ok, q_t4, sh4, group4, qk_scale, False, DOT_PREC, P_FP16,
+                                       EXP2, LSE_DOT)
         else:
             c_a = tl.load(SLC_CMP_OFF + j_start)
             c_b = tl.load(SLC_CMP_OFF + tl.minimum(j_start + BLOCK_J, s1))
@@ -394,12 +421,15 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
                 col_ok = cols < c_b
                 k_off = cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
                 k = tl.load(K + k_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                p_tok = _group_scores(k, col_ok, q_t, lse2, group, qk_scale, True, DOT_PREC, P_FP16, EXP2)
+                p_tok = _group_scores(k, col_ok, q_t, sh, group, qk_scale, True, DOT_PREC, P_FP16, EXP2, LSE_DOT)
                 if M_SPLIT >= 2:
-                    p_tok += _group_scores(k, col_ok, q_t2, lse2_2, group2, qk_scale, True, DOT_PREC, P_FP16, EXP2)
+                    p_tok += _group_scores(k, col_ok, q_t2, sh2, group2, qk_scale, True, DOT_PREC, P_FP16,
+                                           EXP2, LSE_DOT)
                 if M_SPLIT == 4:
-                    p_tok += _group_scores(k, col_ok, q_t3, lse2_3, group3, qk_scale, True, DOT_PREC, P_FP16, EXP2)
-                    p_tok += _group_scores(k, col_ok, q_t4, lse2_4, group4, qk_scale, True, DOT_PREC, P_FP16, EXP2)
+                    p_tok += _group_scores(k, col_ok, q_t3, sh3, group3, qk_scale, True, DOT_PREC, P_FP16,
+                                           EXP2, LSE_DOT)
+                    p_tok += _group_scores(k, col_ok, q_t4, sh4, group4, qk_scale, True, DOT_PREC, P_FP16,
+                                           EXP2, LSE_DOT)
                 local = tl.load(CMP_SLC + cols, mask=col_ok, other=-1) - j_start
                 onehot = (offs_j[:, None] == local[None, :]).to(tl.float32)  # [BLOCK_J, BLOCK_C]
                 score += tl.dot(onehot, p_tok, input_precision="tf32x3")
@@ -607,7 +637,8 @@ def cmp_select_topk(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, lay
         grid = (triton.cdiv(layout.max_seqlen, block_t), layout.batch_size, hkv)
         _cmp_topk_dot_kernel[grid](*args, id_bits, BLOCK_T=block_t, P_FP16=q.dtype != torch.float32,
                                    SKIP=cfg.get("skip", True), EXP2=resolve_mode(cfg.get("exp2", "mufu"), q.device),
-                                   KEY32=key32, M_SPLIT=m_split, COUNTED=cfg.get("counted", False), **common)
+                                   KEY32=key32, M_SPLIT=m_split, COUNTED=cfg.get("counted", False),
+                                   LSE_DOT=cfg.get("lse_dot", False), **common)
     else:
         # the one-hot segment sum is a tl.dot, whose M dimension must be >= 16
         block_t = _block_t(cfg["rows"], meta["HS_PAD"], 1 if one else 16)
