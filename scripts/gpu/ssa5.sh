@@ -1,8 +1,9 @@
 #!/bin/bash
 # issue 4 (SSA forward targets), one H200, <= 8 min: bench_ssa at N = 133,758 (v1.1) with the top-k's new options
 # (int32 keys, logit tile in row chunks, LSE shift in the logit matmul, counted rounds, tiles around them), the
-# selection and window tiles swept, then A/B: `new` = the swept winners, `before` = session 4's path (int64 keys, whole logit tiles), same run; then the
-# GPU tests of the new top-k options first (compiled), then the rest of the SSA GPU tests (compile-bound, capped).
+# selection and window tiles swept, then A/B: `new` = the swept winners, `before` = session 4's path (int64 keys,
+# whole logit tiles), same run; then the GPU tests of the new top-k options first (compiled), then the rest of the
+# SSA GPU tests (compile-bound, capped).
 # Needs .gpu/layouts/latent_layouts_1024.npz. COMMIT (optional): the tree's commit to record in the results.
 source scripts/gpu/_prelude.sh
 timeout 320 python3 benchmarks/bench_ssa.py --layouts $L --sizes 131072 --configs v1.1 --no-batch --no-shifted \
