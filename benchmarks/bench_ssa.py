@@ -282,6 +282,7 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
         "fwd": [{"rows": 256}, {"BLOCK_C": 32}],
         topk_key: [{"key32": True}, {"m_split": 2}, {"key32": True, "m_split": 2, "counted": True},
                    {**new2, "m_split": 1}, new2, new4, {**new4, "num_stages": 2}, {**new4, "counted": False},
+                   {**new4, "skip": False},  # counted rounds: a tile nobody improves on costs 0 rounds anyway
                    {**new4, "rows": 512}, {**new2, "BLOCK_J": 16}, {**new4, "BLOCK_J": 128},
                    {**new4, "BLOCK_J": 128, "num_warps": 8}],
         "bwd_dq": [{"BLOCK_C": 128, "num_warps": 8}, {"rows": 64}],
