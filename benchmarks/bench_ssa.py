@@ -273,18 +273,20 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
     topk_key = "topk" if layout.m_cmp == layout.m_slc else "topk_seg"
     default = {k: dict(v) for k, v in tc.CONFIG.items()}
     # session 4 swept exp2 modes and stages of the forward and top-k (FMA-pipe exps slower everywhere). Session 5:
-    # the top-k's options alone and combined (registers per thread from ptxas for sm_90, BLOCK_J 64, 4 warps:
-    # session 4's 254; key32 250; m_split 2: 195; key32 + m_split 2: 179; + m_split 4: 154; lse_dot with key32
-    # and m_split 1 / 2 / 4: 175 / 126 / 92), and tiles around the combination
+    # the top-k's options alone and combined on session 4's kernel (registers per thread from ptxas for sm_90,
+    # BLOCK_J 64, 4 warps: session 4's 254; key32 250; m_split 2: 195; key32 + m_split 2: 179; + m_split 4: 154;
+    # lse_dot with key32 and m_split 1 / 2 / 4: 175 / 126 / 92), and tiles around the combination (the v1.1
+    # default since: new4 without the float pre-test); v1.0's one-hot segment top-k against the same options
+    s4 = {"skip": True, "key32": False, "m_split": 1, "counted": False, "lse_dot": False}
     new2 = {"key32": True, "m_split": 2, "counted": True, "lse_dot": True}
     new4 = {**new2, "m_split": 4}
     variants = {
         "fwd": [{"rows": 256}, {"BLOCK_C": 32}],
-        topk_key: [{"key32": True}, {"m_split": 2}, {"key32": True, "m_split": 2, "counted": True},
-                   {**new2, "m_split": 1}, new2, new4, {**new4, "num_stages": 2}, {**new4, "counted": False},
-                   {**new4, "skip": False},  # counted rounds: a tile nobody improves on costs 0 rounds anyway
-                   {**new4, "rows": 512}, {**new2, "BLOCK_J": 16}, {**new4, "BLOCK_J": 128},
-                   {**new4, "BLOCK_J": 128, "num_warps": 8}],
+        "topk_seg": [new4, {**new4, "skip": False}, {**new2, "skip": False}],
+        "topk": [s4, {**s4, "key32": True}, {**s4, "m_split": 2}, {**s4, "key32": True, "m_split": 2, "counted": True},
+                 {**s4, **new2, "m_split": 1}, {**s4, **new2}, {**s4, **new4}, {**s4, **new4, "num_stages": 2},
+                 {**s4, **new4, "counted": False}, {**new4, "rows": 512}, {**new2, "BLOCK_J": 16},
+                 {**new4, "BLOCK_J": 128}, {**new4, "BLOCK_J": 128, "num_warps": 8}],
         "bwd_dq": [{"BLOCK_C": 128, "num_warps": 8}, {"rows": 64}],
         "bwd_dkdv": [{"rows": 32}, {"programs_per_sm": 16}, {"rows": 32, "programs_per_sm": 16},
                      {"num_stages": 3}],

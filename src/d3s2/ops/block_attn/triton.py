@@ -50,8 +50,11 @@ LOG2E = 1.4426950408889634
 # +2 %, mix +21 %, poly +32 %), 64-key chunks with a 16-key tail +34 %.
 FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True,
               "TAIL_N": None}
-# Window attention's forward (S = 1: outputs written directly, ~1 tile per 8 queries of a window); None: FWD_CONFIG.
-WIN_FWD_CONFIG: dict | None = None
+# Window attention's forward (S = 1: outputs written directly); None: FWD_CONFIG. H200, N = 134k, 8³ windows
+# (bench_ssa.py --sweep win, session 5): BLOCK_M 64 0.682 ms against FWD_CONFIG's 0.732 (2 stages 0.713, BLOCK_M 64
+# with 2 warps 0.712, BLOCK_M 256 0.915).
+WIN_FWD_CONFIG: dict | None = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu",
+                               "split": True, "TAIL_N": None}
 BWD_DQ_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 BWD_DKDV_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 COMBINE_ROWS = 64  # (pair, head) rows per program of the combine kernel

@@ -15,7 +15,7 @@ every pass streams them all.
   Working memory beyond the inputs is the ``[N, Hkv, S]`` output: no ``[H, N, NBc]`` score tensor exists.
   A candidate is one int64 ``(float32 score bits << 32) | (2³¹ − 1 − local block id)``: scores are ≥ 0, so
   integer order is score order, and ties go to the lower block id.
-  The ``dot`` variant with ``skip`` (default): a tile whose best score beats no token's weakest kept score (one
+  The ``dot`` variant (default) with ``skip``: a tile whose best score beats no token's weakest kept score (one
   float max) skips the insertion rounds. Options of the ``dot`` variant (``CONFIG``): ``key32``, one int32 key
   ``(score bits, low id bits cleared) | (id_mask − local id)`` instead of the int64 (half the registers and
   integer work per round; the score keeps 23 − id_bits ≥ 11 mantissa bits, float16's precision, which the
@@ -23,7 +23,9 @@ every pass streams them all.
   of its registers); ``counted``, the insertion rounds of a tile counted once; ``lse_dot``, the rows' LSE shift
   added by the logit matmul (two more K columns holding hi + lo of −LSE₂ / scale against columns of ones)
   instead of one float32 register per row and thread: ptxas for sm_90 counts 254 registers per thread for session
-  4's kernel, 92 with key32 + m_split 4 + lse_dot (2 → 5 CTAs of 4 warps per SM).
+  4's kernel, 92 with key32 + m_split 4 + lse_dot (2 → 5 CTAs of 4 warps per SM). The v1.1 default (``topk``):
+  all four options, no float pre-test (counted rounds skip a quiet tile anyway): 2.21 ms against 4.86 ms at
+  N = 134k on an H200.
 - ``_cmp_bwd_dq_kernel`` / ``_cmp_bwd_dkdv_kernel``: FlashAttention-2 style backward. dK/dV split the sample's
   queries into ``n_chunks`` chunks (enough programs to fill the GPU although NBc is small) and write per-chunk
   partial sums that are added in a fixed order afterwards: deterministic, no atomics.
@@ -61,9 +63,12 @@ CONFIG = {
     # "skip": a float test per tile before the key insertion (dot variant); "key32": int32 keys (int64 otherwise),
     # "m_split": row chunks per logit tile (2 or 4: a half / quarter of its registers), "counted": rounds counted
     # once per tile, "lse_dot": the LSE shift inside the logit matmul (no float32 LSE registers per row)
-    # (v1.1 top-k, session 4: 3 stages 4.77 ms, 2 stages 4.78, 1 stage 4.95)
-    "topk": {"variant": "dot", "skip": True, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
-             "num_stages": 3, "exp2": "mufu", "key32": False, "m_split": 1, "counted": False, "lse_dot": False},
+    # v1.1 top-k, H200, N = 134k (session 5 sweep, ms): session 4's kernel 4.86; key32 3.45; m_split 2 4.41; key32 +
+    # m_split 2 + counted 3.31; + lse_dot 2.41; m_split 4 2.32; without the float pre-test (skip False: counted
+    # rounds cost nothing on a tile nobody improves on) 2.21 (this default; k = 1: 1.72); rows 512 3.06, BLOCK_J 128
+    # 2.92, BLOCK_J 16 8.25. v1.0 ("topk_seg") keeps session 4's options until measured.
+    "topk": {"variant": "dot", "skip": False, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
+             "num_stages": 3, "exp2": "mufu", "key32": True, "m_split": 4, "counted": True, "lse_dot": True},
     "topk_seg": {"variant": "dot", "skip": True, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
                  "num_stages": 2, "exp2": "mufu", "key32": False, "m_split": 1, "counted": False,
                  "lse_dot": False},
