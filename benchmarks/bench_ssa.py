@@ -192,6 +192,10 @@ def _measure(layout, topk: int, ins, do, with_branches: bool = True) -> dict:
     br["cmp_bwd_ms"] = _bench(lambda: tc.cmp_attention_bwd(q, kc, vc, o_cmp, lse, do, layout, scale))
     off = layout.slc_offsets
     br["slc_fwd_ms"] = _bench(lambda: selection_attention(q, k, v, off, idx, scale=scale, backend="triton"))
+    # where the selection forward goes: the plan (a sort of the entries by block) vs the kernel + partial combine
+    br["slc_plan_ms"] = _bench(lambda: ba_kernels.selection_plan(idx, off.numel() - 1))
+    plan = ba_kernels.selection_plan(idx, off.numel() - 1)
+    br["slc_kernel_combine_ms"] = _bench(lambda: ba_kernels.block_attn_fwd(q, k, v, off, idx, plan, scale))
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
     o_slc = selection_attention(qg, kg, vg, off, idx, scale=scale, backend="triton")
     br["slc_bwd_ms"] = _bench(lambda: torch.autograd.grad(o_slc, (qg, kg, vg), do, retain_graph=True))
@@ -293,6 +297,8 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
     }
     rows = []
     for kernel in kernels:
+        if kernel in ("topk", "topk_seg") and kernel != topk_key and kernel != "topk":
+            continue  # "topk_seg": only the v1.0 layout's top-k
         kernel = topk_key if kernel == "topk" else kernel
         best = None
         for change in [{}] + variants[kernel]:
@@ -400,7 +406,8 @@ def main() -> None:
                                              "latent_layouts_1024.npz"))
     ap.add_argument("--sizes", default="8192,16384,32768,65536,131072")
     ap.add_argument("--configs", default="v1.1,v1.0")
-    ap.add_argument("--sweep", default="", help="comma-separated kernels (compressed: fwd, topk, bwd_dq, bwd_dkdv; "
+    ap.add_argument("--sweep", default="", help="comma-separated kernels (compressed: fwd, topk (either config's), "
+                    "topk_seg (v1.0's only), bwd_dq, bwd_dkdv; "
                     " slc / win: the selection / window forward) to sweep at the largest N before measuring it; the "
                     "fastest valid config of each is then used")
     ap.add_argument("--no-batch", action="store_true", help="skip the ragged batch")
@@ -506,6 +513,12 @@ def _write(result: dict, out: Path) -> None:
             f"| {b['win_fwd_ms']:.2f} | {100 * b['cmp_plus_topk_share_of_fwd']:.0f}% | {b['slc_fwd_tflops']:.0f} "
             f"| {b['cmp_bwd_ms']:.2f} | {b['slc_bwd_ms']:.2f} | {b['win_bwd_ms']:.2f} "
             f"| {b['combine_fwd_ms']:.2f}/{b['combine_bwd_ms']:.2f} | {s['peak_extra_mb_fwd_bwd']:.0f} |")
+    for r in result["rows"]:
+        b = r["ssa"]["branches"]
+        if "slc_plan_ms" in b:
+            lines.append(f"\nSelection forward, {r['config']} ({r.get('variant', 'new')}): plan (entry sort) "
+                         f"{b['slc_plan_ms']:.2f} ms, kernel + partial combine {b['slc_kernel_combine_ms']:.2f} ms "
+                         f"(of {b['slc_fwd_ms']:.2f}).")
     for r in result["rows"]:
         if "ssa_shifted" in r:
             s = r["ssa_shifted"]
