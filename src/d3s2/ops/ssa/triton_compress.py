@@ -25,7 +25,7 @@ every pass streams them all.
   instead of one float32 register per row and thread: ptxas for sm_90 counts 254 registers per thread for session
   4's kernel, 92 with key32 + m_split 4 + lse_dot (2 → 5 CTAs of 4 warps per SM). The v1.1 default (``topk``):
   all four options, no float pre-test (counted rounds skip a quiet tile anyway): 2.21 ms against 4.86 ms at
-  N = 134k on an H200.
+  N = 134k on an H200; v1.0's (``topk_seg``) with m_split 2: 18.15 against 18.89 ms.
 - ``_cmp_bwd_dq_kernel`` / ``_cmp_bwd_dkdv_kernel``: FlashAttention-2 style backward. dK/dV split the sample's
   queries into ``n_chunks`` chunks (enough programs to fill the GPU although NBc is small) and write per-chunk
   partial sums that are added in a fixed order afterwards: deterministic, no atomics.
@@ -66,12 +66,12 @@ CONFIG = {
     # v1.1 top-k, H200, N = 134k (session 5 sweep, ms): session 4's kernel 4.86; key32 3.45; m_split 2 4.41; key32 +
     # m_split 2 + counted 3.31; + lse_dot 2.41; m_split 4 2.32; without the float pre-test (skip False: counted
     # rounds cost nothing on a tile nobody improves on) 2.21 (this default; k = 1: 1.72); rows 512 3.06, BLOCK_J 128
-    # 2.92, BLOCK_J 16 8.25. v1.0 ("topk_seg") keeps session 4's options until measured.
+    # 2.92, BLOCK_J 16 8.25. v1.0 ("topk_seg", session 5 round 2): session 4's 18.89 ms; key32 + counted + lse_dot
+    # with m_split 4: 19.41 (no pre-test 18.54), m_split 2 without the pre-test 18.15 (this default).
     "topk": {"variant": "dot", "skip": False, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
              "num_stages": 3, "exp2": "mufu", "key32": True, "m_split": 4, "counted": True, "lse_dot": True},
-    "topk_seg": {"variant": "dot", "skip": True, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
-                 "num_stages": 2, "exp2": "mufu", "key32": False, "m_split": 1, "counted": False,
-                 "lse_dot": False},
+    "topk_seg": {"variant": "dot", "skip": False, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
+                 "num_stages": 2, "exp2": "mufu", "key32": True, "m_split": 2, "counted": True, "lse_dot": True},
     "bwd_dq": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
     "bwd_dkdv": {"rows": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 8},
 }
