@@ -10,8 +10,9 @@ v_cmp are N(0, 1), gates U(0, 1): the op's inputs, so projections and compressio
 Reported per size: SSA op forward, backward, forward+backward (scoring and top-k included), each branch's
 time, effective TFLOP/s of the selection kernel (4·D·Hs·Σ selected keys), peak extra memory, and SDPA flash
 (``enable_gqa``) over the same tokens, per sample for the batch. ``--ab`` also measures every row with the
-session-2 path (``VARIANTS["before"]``: the top-k without its float pre-test) in the same run; the module rows
-compare the conv backends of the v1.0 compression (torch reference vs triton).
+session-4 path (``VARIANTS["before"]``: session 4's launch configs, int64 top-k keys, one logit tile per top-k
+step) in the same run; the module rows compare the conv backends of the v1.0 compression (torch reference vs
+triton).
 
     PYTHONPATH=src python benchmarks/bench_ssa.py --layouts ../shared/data/latent_layouts_1024.npz [--sweep] [--ab]
 
@@ -48,19 +49,22 @@ CONFIGS = {"v1.1": {"m_cmp": 8, "m_slc": 8, "topk": 8}, "v1.0": {"m_cmp": 4, "m_
 M_WIN = 8
 
 
-# Paths an --ab run compares: "new" (the defaults, or what --sweep picked) and "before" (session 3's launch
-# configs: every softmax exp on the MUFU unit, every key chunk masked). None: keep the current configs.
+# Paths an --ab run compares: "new" (the defaults, or what --sweep picked) and "before" (session 4's launch
+# configs: int64 top-k keys, the whole [BLOCK_J, rows] logit tile at once). None: keep the current configs.
 CMP_KERNELS = ("fwd", "topk", "topk_seg")
-SESSION3_CMP = {
-    "fwd": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": False},
-    **{k: {"variant": "dot", "skip": True, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
-           "num_stages": 2, "exp2": "mufu"} for k in ("topk", "topk_seg")}}
-SESSION3_SLC = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "exp2": "mufu", "split": False,
+SESSION4_OFF = {"key32": False, "m_split": 1, "counted": False, "lse_dot": False}
+SESSION4_CMP = {
+    "fwd": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True},
+    "topk": {"variant": "dot", "skip": True, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
+             "num_stages": 3, "exp2": "mufu", **SESSION4_OFF},
+    "topk_seg": {"variant": "dot", "skip": True, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
+                 "num_stages": 2, "exp2": "mufu", **SESSION4_OFF}}
+SESSION4_SLC = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True,
                 "TAIL_N": None}
 VARIANTS = {"new": {"fused_combine": True, "partial": ba_kernels.PARTIAL_DTYPE,
                     "dq_partial": ba_kernels.DQ_PARTIAL_DTYPE, "cmp": None, "slc": None},
             "before": {"fused_combine": True, "partial": torch.float16, "dq_partial": torch.bfloat16,
-                       "cmp": SESSION3_CMP, "slc": SESSION3_SLC}}
+                       "cmp": SESSION4_CMP, "slc": SESSION4_SLC}}
 # --device cpu (a smoke run under TRITON_INTERPRET=1): float32, one timed call per measurement.
 DEV, DTYPE = "cuda", torch.bfloat16
 
@@ -69,19 +73,20 @@ DEV, DTYPE = "cuda", torch.bfloat16
 def _variant(name: str):
     v = VARIANTS[name]
     saved = (ssa_ops.FUSED_COMBINE, ba_kernels.PARTIAL_DTYPE, ba_kernels.DQ_PARTIAL_DTYPE,
-             {k: dict(tc.CONFIG[k]) for k in CMP_KERNELS}, dict(ba_kernels.FWD_CONFIG))
+             {k: dict(tc.CONFIG[k]) for k in CMP_KERNELS}, dict(ba_kernels.FWD_CONFIG), ba_kernels.WIN_FWD_CONFIG)
     ssa_ops.FUSED_COMBINE, ba_kernels.PARTIAL_DTYPE, ba_kernels.DQ_PARTIAL_DTYPE = (
         v["fused_combine"], v["partial"], v["dq_partial"])
     if v["cmp"]:
         tc.CONFIG.update({k: dict(c) for k, c in v["cmp"].items()})
     if v["slc"]:
         ba_kernels.FWD_CONFIG = dict(v["slc"])
+        ba_kernels.WIN_FWD_CONFIG = None  # the window follows the selection's config (session 4)
     try:
         yield
     finally:
         ssa_ops.FUSED_COMBINE, ba_kernels.PARTIAL_DTYPE, ba_kernels.DQ_PARTIAL_DTYPE = saved[:3]
         tc.CONFIG.update(saved[3])
-        ba_kernels.FWD_CONFIG = saved[4]
+        ba_kernels.FWD_CONFIG, ba_kernels.WIN_FWD_CONFIG = saved[4:]
 
 
 def _bench(fn, warmup=5, rep=40) -> float:
@@ -187,6 +192,10 @@ def _measure(layout, topk: int, ins, do, with_branches: bool = True) -> dict:
     br["cmp_bwd_ms"] = _bench(lambda: tc.cmp_attention_bwd(q, kc, vc, o_cmp, lse, do, layout, scale))
     off = layout.slc_offsets
     br["slc_fwd_ms"] = _bench(lambda: selection_attention(q, k, v, off, idx, scale=scale, backend="triton"))
+    # where the selection forward goes: the plan (a sort of the entries by block) vs the kernel + partial combine
+    br["slc_plan_ms"] = _bench(lambda: ba_kernels.selection_plan(idx, off.numel() - 1))
+    plan = ba_kernels.selection_plan(idx, off.numel() - 1)
+    br["slc_kernel_combine_ms"] = _bench(lambda: ba_kernels.block_attn_fwd(q, k, v, off, idx, plan, scale))
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
     o_slc = selection_attention(qg, kg, vg, off, idx, scale=scale, backend="triton")
     br["slc_bwd_ms"] = _bench(lambda: torch.autograd.grad(o_slc, (qg, kg, vg), do, retain_graph=True))
@@ -245,12 +254,19 @@ def _rel_max(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item() / max(b.float().abs().max().item(), 1e-30)
 
 
+def _set_diff(idx: torch.Tensor, base: torch.Tensor) -> float:
+    """Fraction of selected blocks (``[N, Hkv, S]``) missing from the same (token, kv head)'s ``base`` selection."""
+    found = (idx[..., :, None] == base[..., None, :]).any(-1)
+    return float((~found & (idx >= 0)).float().sum() / (idx >= 0).sum().clamp_min(1))
+
+
 def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
     """Compressed-branch kernels alone under several launch configurations, each checked against the default.
 
     Returns one row per configuration. For each kernel the fastest valid configuration becomes the one used for
-    the rest of the run (recorded in the result's setup): top-k, a selection that differs from the default's
-    in under 0.1% of entries (near-ties: the "dot" variant rounds probabilities to float16); the others, outputs
+    the rest of the run (recorded in the result's setup): top-k, a selection whose block sets differ from the
+    default's in under 0.1% of entries (near-ties: the "dot" variant rounds probabilities to float16, int32 keys
+    truncate scores to 23 − id bits; the order inside a selection does not matter); the others, outputs
     within 2⁻⁶ of the default's largest magnitude (a few bfloat16 roundings: the order of sums differs).
     """
     q, _, _, kc, vc, _ = (t.detach() for t in ins)
@@ -260,17 +276,29 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
     base_g = tc.cmp_attention_bwd(q, kc, vc, base_o, base_lse, do, layout, scale)
     topk_key = "topk" if layout.m_cmp == layout.m_slc else "topk_seg"
     default = {k: dict(v) for k, v in tc.CONFIG.items()}
-    # exp2 modes (d3s2.ops._exp2): "mix4" = a quarter of the exps on the FMA pipe ("mix" = half and "poly" = all
-    # were slower in session 4's first run); tiles sessions 1-3 found slower are no longer swept
+    # session 4 swept exp2 modes and stages of the forward and top-k (FMA-pipe exps slower everywhere). Session 5:
+    # the top-k's options alone and combined on session 4's kernel (registers per thread from ptxas for sm_90,
+    # BLOCK_J 64, 4 warps: session 4's 254; key32 250; m_split 2: 195; key32 + m_split 2: 179; + m_split 4: 154;
+    # lse_dot with key32 and m_split 1 / 2 / 4: 175 / 126 / 92), and tiles around the combination (the v1.1
+    # default since: new4 without the float pre-test); v1.0's one-hot segment top-k against the same options
+    s4 = {"skip": True, "key32": False, "m_split": 1, "counted": False, "lse_dot": False}
+    new2 = {"key32": True, "m_split": 2, "counted": True, "lse_dot": True}
+    new4 = {**new2, "m_split": 4}
     variants = {
-        "fwd": [{"split": False}, {"num_stages": 2}, {"num_stages": 4}, {"exp2": "mix4"}],
-        topk_key: [{"num_stages": 1}, {"num_stages": 3}, {"exp2": "mix4"}],
+        "fwd": [{"rows": 256}, {"BLOCK_C": 32}],
+        "topk_seg": [new4, {**new4, "skip": False}, {**new2, "skip": False}],
+        "topk": [s4, {**s4, "key32": True}, {**s4, "m_split": 2}, {**s4, "key32": True, "m_split": 2, "counted": True},
+                 {**s4, **new2, "m_split": 1}, {**s4, **new2}, {**s4, **new4}, {**s4, **new4, "num_stages": 2},
+                 {**s4, **new4, "counted": False}, {**new4, "rows": 512}, {**new2, "BLOCK_J": 16},
+                 {**new4, "BLOCK_J": 128}, {**new4, "BLOCK_J": 128, "num_warps": 8}],
         "bwd_dq": [{"BLOCK_C": 128, "num_warps": 8}, {"rows": 64}],
         "bwd_dkdv": [{"rows": 32}, {"programs_per_sm": 16}, {"rows": 32, "programs_per_sm": 16},
                      {"num_stages": 3}],
     }
     rows = []
     for kernel in kernels:
+        if kernel in ("topk", "topk_seg") and kernel != topk_key and kernel != "topk":
+            continue  # "topk_seg": only the v1.0 layout's top-k
         kernel = topk_key if kernel == "topk" else kernel
         best = None
         for change in [{}] + variants[kernel]:
@@ -281,7 +309,7 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
                     err = _rel_max(o, base_o)
                     ms = _bench(lambda: tc.cmp_attention_fwd(q, kc, vc, layout, scale))
                 elif kernel == topk_key:
-                    err = float((tc.cmp_select_topk(q, kc, base_lse, layout, topk, scale) != base_idx).float().mean())
+                    err = _set_diff(tc.cmp_select_topk(q, kc, base_lse, layout, topk, scale), base_idx)
                     ms = _bench(lambda: tc.cmp_select_topk(q, kc, base_lse, layout, topk, scale))
                 else:
                     got = tc.cmp_attention_bwd(q, kc, vc, base_o, base_lse, do, layout, scale)
@@ -294,6 +322,10 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
                 rows.append({"kernel": kernel, **tc.CONFIG[kernel], "error": repr(e)[:300]})
             print(json.dumps(rows[-1]), flush=True)
         tc.CONFIG[kernel] = best[1] if best else default[kernel]
+        if kernel == topk_key:  # the winner with k = 1 (one insertion round per tile at most): the scoring's share
+            ms = _bench(lambda: tc.cmp_select_topk(q, kc, base_lse, layout, 1, scale))
+            rows.append({"kernel": f"{kernel} k=1", **tc.CONFIG[kernel], "ms": ms, "diff_vs_default": float("nan")})
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -313,9 +345,12 @@ def _sweep_slc(layout, topk, ins) -> list[dict]:
     base = run()
     rows, best = [], None
     flops = _selection_flops(off, idx)
-    # session 4's first run also measured exp2 "mix" / "poly" and 64-key chunks with a 16-key tail: all slower
-    for change in [{}, {"split": False}, {"num_warps": 8}, {"BLOCK_M": 64}, {"num_stages": 3}, {"num_stages": 1},
-                   {"exp2": "mix4"}]:
+    # session 4 also measured exp2 "mix4" / "mix" / "poly", no split, 8 warps, BLOCK_M 64, 1-2 stages and 64-key
+    # chunks with a 16-key tail: all slower than the default (3 stages, split). Session 5: 16 entries per tile
+    # (one load of a block's keys for twice the queries), a 4th stage, 16-key tail chunks (less padding), 2-warp
+    # programs of 4 entries
+    for change in [{}, {"BLOCK_M": 256}, {"BLOCK_M": 256, "num_stages": 2}, {"num_stages": 4}, {"TAIL_N": 16},
+                   {"BLOCK_M": 64, "num_warps": 2}]:
         ba_kernels.FWD_CONFIG = {**default, **change}
         try:
             err = _rel_max(run(), base)
@@ -333,20 +368,53 @@ def _sweep_slc(layout, topk, ins) -> list[dict]:
     return rows
 
 
+def _sweep_win(layout, ins) -> list[dict]:
+    """The window forward (plan + kernel) under several block_attn forward configs, starting from the selection's;
+    the fastest whose output matches (to 2⁻¹⁰ of its largest magnitude) becomes ``WIN_FWD_CONFIG``."""
+    q, k, v = (t.detach() for t in ins[:3])
+    scale = D**-0.5
+    default = dict(ba_kernels.FWD_CONFIG)
+
+    def run():
+        if layout.win_perm is None:
+            return window_attention(q, k, v, layout.win_offsets, scale=scale, backend="triton")
+        p = layout.win_perm
+        return window_attention(q[p], k[p], v[p], layout.win_offsets, scale=scale, backend="triton")[
+            layout.win_inverse]
+
+    base = run()
+    rows, best = [], None
+    for change in [{}, {"BLOCK_M": 256}, {"BLOCK_M": 64, "num_warps": 2}, {"TAIL_N": 16}, {"num_stages": 2},
+                   {"BLOCK_M": 64}]:
+        ba_kernels.WIN_FWD_CONFIG = {**default, **change}
+        try:
+            err = _rel_max(run(), base)
+            ms = _bench(run)
+            if err < 2.0**-10 and (best is None or ms < best[0]):
+                best = (ms, dict(ba_kernels.WIN_FWD_CONFIG))
+            rows.append({"kernel": "win", **ba_kernels.WIN_FWD_CONFIG, "ms": ms, "diff_vs_default": err})
+        except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
+            rows.append({"kernel": "win", **ba_kernels.WIN_FWD_CONFIG, "error": repr(e)[:300]})
+        print(json.dumps(rows[-1]), flush=True)
+    ba_kernels.WIN_FWD_CONFIG = best[1] if best else None
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layouts", default=str(Path(__file__).resolve().parents[2] / "shared/data/"
                                              "latent_layouts_1024.npz"))
     ap.add_argument("--sizes", default="8192,16384,32768,65536,131072")
     ap.add_argument("--configs", default="v1.1,v1.0")
-    ap.add_argument("--sweep", default="", help="comma-separated kernels (compressed: fwd, topk, bwd_dq, bwd_dkdv; "
-                    " slc: the selection forward) to sweep at the largest N before measuring it; the "
+    ap.add_argument("--sweep", default="", help="comma-separated kernels (compressed: fwd, topk (either config's), "
+                    "topk_seg (v1.0's only), bwd_dq, bwd_dkdv; "
+                    " slc / win: the selection / window forward) to sweep at the largest N before measuring it; the "
                     "fastest valid config of each is then used")
     ap.add_argument("--no-batch", action="store_true", help="skip the ragged batch")
     ap.add_argument("--no-module", action="store_true", help="skip the whole-layer rows")
     ap.add_argument("--no-shifted", action="store_true", help="skip the odd-layer (shifted windows) rows")
-    ap.add_argument("--ab", action="store_true", help="also measure each row with the session-3 path (all exps on "
-                    "the MUFU unit, every selection key chunk masked) and the v1.0 layer with the torch conv backend")
+    ap.add_argument("--ab", action="store_true", help="also measure each row with the session-4 path (int64 top-k "
+                    "keys, whole logit tiles) and the v1.0 layer with the torch conv backend")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run of this script "
                     "(set TRITON_INTERPRET=1; float32; use with --tiny)")
     ap.add_argument("--tiny", type=int, default=0, help="only one mesh of this many tokens (a smoke run)")
@@ -385,7 +453,8 @@ def main() -> None:
             if last and args.sweep:
                 kernels = args.sweep.split(",")
                 rows = _sweep_slc(layout, cfg["topk"], ins) if "slc" in kernels else []
-                kernels = [kk for kk in kernels if kk != "slc"]
+                rows += _sweep_win(layout, ins) if "win" in kernels else []
+                kernels = [kk for kk in kernels if kk not in ("slc", "win")]
                 result.setdefault("sweep", {})[name] = rows + _sweep(layout, cfg["topk"], ins, do, kernels)
             if sdpa is None:
                 sdpa = _sdpa(layout, ins, do)
@@ -413,6 +482,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
     result["setup"]["compress_kernel_config_used"] = {k: dict(v) for k, v in tc.CONFIG.items()}
     result["setup"]["block_attn_fwd_config_used"] = dict(ba_kernels.FWD_CONFIG)
+    result["setup"]["window_fwd_config_used"] = ba_kernels.WIN_FWD_CONFIG
     _write(result, Path(args.out))
 
 
@@ -424,8 +494,8 @@ def _write(result: dict, out: Path) -> None:
              f"Hq 32 / Hkv 2 / D 32, {result['setup']['dtype']}, window 8 (unshifted); op inputs q, k, v, k_cmp, "
              "v_cmp, gates; "
              "SDPA = flash full attention per sample. Times in ms (median, CUDA events). Variant `new`: the defaults "
-             "or the swept winners (below); `before`: session 3 (every softmax exp on the MUFU unit, every selection "
-             "key chunk masked; same run). "
+             "or the swept winners (below); `before`: session 4's path (int64 top-k keys, "
+             "whole logit tiles, session 4's launch configs; same run). "
              "`(cmp+top-k)/fwd` = (`cmp fwd` + `score+top-k`) / `SSA fwd`.", "",
              "| config | N | blocks slc/cmp | SSA fwd | SSA bwd | SSA fwd+bwd | SDPA fwd | SDPA bwd | speedup fwd "
              "| speedup bwd | cmp fwd | score+top-k | slc fwd | win fwd | (cmp+top-k)/fwd "
@@ -444,6 +514,12 @@ def _write(result: dict, out: Path) -> None:
             f"| {b['cmp_bwd_ms']:.2f} | {b['slc_bwd_ms']:.2f} | {b['win_bwd_ms']:.2f} "
             f"| {b['combine_fwd_ms']:.2f}/{b['combine_bwd_ms']:.2f} | {s['peak_extra_mb_fwd_bwd']:.0f} |")
     for r in result["rows"]:
+        b = r["ssa"]["branches"]
+        if "slc_plan_ms" in b:
+            lines.append(f"\nSelection forward, {r['config']} ({r.get('variant', 'new')}): plan (entry sort) "
+                         f"{b['slc_plan_ms']:.2f} ms, kernel + partial combine {b['slc_kernel_combine_ms']:.2f} ms "
+                         f"(of {b['slc_fwd_ms']:.2f}).")
+    for r in result["rows"]:
         if "ssa_shifted" in r:
             s = r["ssa_shifted"]
             lines.append(f"\nOdd layer (shifted windows), {r['config']} ({r.get('variant', 'new')}), N = {r['N']:,}: "
@@ -456,8 +532,8 @@ def _write(result: dict, out: Path) -> None:
                   "| kernel | config | ms | TFLOP/s | diff vs default |", "|---|---|---|---|---|"]
         for r in rows:
             cfg = {k: v for k, v in r.items() if k not in ("kernel", "ms", "tflops", "diff_vs_default", "error")}
-            win = cfg == (result["setup"]["block_attn_fwd_config_used"] if r["kernel"] == "slc"
-                          else used.get(r["kernel"]))
+            win = cfg == {"slc": result["setup"]["block_attn_fwd_config_used"],
+                          "win": result["setup"]["window_fwd_config_used"]}.get(r["kernel"], used.get(r["kernel"]))
             lines.append(f"| {r['kernel']}{' *' if win else ''} | {json.dumps(cfg)} | "
                          + (f"{r['ms']:.3f} | {r.get('tflops', float('nan')):.0f} | {r['diff_vs_default']:.2e} |"
                             if "ms" in r else f"error: {r['error'][:120]} | | |"))

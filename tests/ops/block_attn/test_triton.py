@@ -84,6 +84,33 @@ def test_window_triton_matches_reference(sizes, hq, hkv, d):
         assert _rel(a, b) < 1e-5, (name, _rel(a, b))
 
 
+def test_window_config_of_its_own(monkeypatch):
+    """``WIN_FWD_CONFIG`` (16-row tiles, 16-key tail chunks) drives the window forward alone: output, LSE and every
+    gradient against the reference, while the selection keeps ``FWD_CONFIG``."""
+    from d3s2.ops.block_attn import triton as kernels
+
+    monkeypatch.setattr(kernels, "WIN_FWD_CONFIG", {**kernels.FWD_CONFIG, "BLOCK_M": 16, "BLOCK_N": 32,
+                                                    "TAIL_N": 16, "split": True})
+    sizes, hq, hkv, d = [40, 2, 1, 17, 33], 4, 2, 16
+    off = ragged_offsets(sizes, DEV)
+    n = int(off[-1])
+    q, k, v = _inputs(n, hq, hkv, d)
+    do = torch.randn(n, hq, d, device=DEV)
+    ref = _run(lambda q, k, v: window_attention_ref(q, k, v, off), q, k, v, do)
+    tri = _run(lambda q, k, v: window_attention(q, k, v, off, backend="triton"), q, k, v, do)
+    for name, a, b in zip(("o", "dq", "dk", "dv"), tri, ref):
+        assert _rel(a, b) < 1e-5, (name, _rel(a, b))
+    _, lse_t = window_attention(q, k, v, off, backend="triton", return_lse=True)
+    _, lse_r = window_attention_ref(q, k, v, off, return_lse=True)
+    torch.testing.assert_close(lse_t, lse_r, rtol=1e-5, atol=1e-5)
+    # the window reads WIN_FWD_CONFIG and the selection does not: an invalid exp2 mode fails only the window
+    monkeypatch.setattr(kernels, "WIN_FWD_CONFIG", {**kernels.FWD_CONFIG, "exp2": "invalid"})
+    with pytest.raises(ValueError, match="exp2 mode"):
+        window_attention(q, k, v, off, backend="triton")
+    idx = random_selection(n, hkv, 2, len(sizes)).to(DEV)
+    selection_attention(q, k, v, off, idx, backend="triton")
+
+
 def test_empty_block_and_backend_env(monkeypatch):
     off = ragged_offsets([4, 0, 3], DEV)  # block 1 is empty
     n = 7

@@ -99,3 +99,16 @@ def test_ssa_triton_fma_exps(config, mode, monkeypatch):
         monkeypatch.setitem(tc.CONFIG, key, {**tc.CONFIG[key], "exp2": mode})
     monkeypatch.setattr(ba_kernels, "FWD_CONFIG", {**ba_kernels.FWD_CONFIG, "exp2": mode, "split": True})
     test_ssa_triton_matches_reference(config, torch.bfloat16, 32)
+
+
+@pytest.mark.parametrize("config", ["v1.1", "v1.0"])
+def test_ssa_triton_topk_options(config, monkeypatch):
+    """The top-k with int32 keys, the logit tile in four row chunks, the LSE shift in the logit matmul and counted
+    rounds: the same bf16 criterion, every gradient, and the selection within rounding of the float64 reference's
+    k-th best."""
+    from d3s2.ops.ssa import triton_compress as tc
+
+    for key in ("topk", "topk_seg"):
+        monkeypatch.setitem(tc.CONFIG, key, {**tc.CONFIG[key], "key32": True, "m_split": 4, "counted": True,
+                                             "lse_dot": True})
+    test_ssa_triton_matches_reference(config, torch.bfloat16, 32)

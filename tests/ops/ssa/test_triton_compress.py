@@ -152,3 +152,54 @@ def test_exp2_modes_match_reference(mode, case, monkeypatch):
     assert_topk_equivalent(idx.cpu(), ref_idx.cpu(), scores, layout, rtol=5e-4)
 
     assert_grads_match_reference(q, k_cmp, v_cmp, o, layout, scale, atol=5e-4, rtol=5e-4)
+
+
+@pytest.mark.parametrize("case,dtype,m_split,lse_dot", [(0, torch.float32, 4, True), (3, torch.float16, 4, True),
+                                                         (2, torch.float16, 2, False), (2, torch.float16, 1, True)])
+def test_topk_key32_split_rows_match_reference(case, dtype, m_split, lse_dot, monkeypatch):
+    """int32 keys, the logit tile in row chunks, the LSE shift inside the logit matmul (hi + lo split; bfloat16
+    dots are wrong under the interpreter, so bfloat16 runs on the GPU only) and counted insertion rounds (several key
+    tiles per sample):
+    the reference's blocks up to near-ties; counted rounds pick exactly what the round-by-round test picks."""
+    sizes, res, m_cmp, m_slc, hq, hkv, d, topk = CASES[case]
+    x = random_batch(sizes, res, seed=res + d + 7)
+    layout = layout_for(x.to(DEV), m_cmp, m_slc, m_slc, 0)
+    q, _, _, k_cmp, v_cmp, _ = make_inputs(x, layout, hq, hkv, d, seed=d + 7, device=DEV, dtype=dtype)
+    _, lse = compressed_attention_ref(q.double(), k_cmp.double(), v_cmp.double(), layout)
+    scores = [s.cpu() for s in block_scores_ref(q.double(), k_cmp.double(), lse, layout)]
+    ref_idx = select_blocks_ref(q.double(), k_cmp.double(), lse, layout, topk=topk)
+    got = {}
+    for counted in (True, False):
+        for key in ("topk", "topk_seg"):
+            # 64 rows: several programs per sample, every row chunk holding tokens
+            monkeypatch.setitem(tc.CONFIG, key, {**tc.CONFIG[key], "variant": "dot", "key32": True, "m_split": m_split,
+                                                 "rows": 64, "counted": counted, "BLOCK_J": 16, "lse_dot": lse_dot})
+        got[counted] = tc.cmp_select_topk(q, k_cmp, lse.float(), layout, topk, d**-0.5)
+        assert_topk_equivalent(got[counted].cpu(), ref_idx.cpu(), scores, layout,
+                               rtol=1e-4 if dtype == torch.float32 else 1e-3)
+    assert torch.equal(got[True], got[False])
+
+
+def test_topk_default_falls_back_to_int64_keys(monkeypatch):
+    """Samples with more selection blocks than int32 keys can tell apart use int64 keys with the other default
+    options (forced here by a 0-bit limit): the same blocks as with int32 keys (no near-ties at this size)."""
+    sizes, res, m_cmp, m_slc, hq, hkv, d, topk = CASES[3]
+    x = random_batch(sizes, res, seed=res + d + 11)
+    layout = layout_for(x.to(DEV), m_cmp, m_slc, m_slc, 0)
+    q, _, _, k_cmp, v_cmp, _ = make_inputs(x, layout, hq, hkv, d, seed=d + 11, device=DEV)
+    _, lse = tc.cmp_attention_fwd(q, k_cmp, v_cmp, layout, d**-0.5)
+    monkeypatch.setitem(tc.CONFIG, "topk", {**tc.CONFIG["topk"], "key32": True, "rows": 64, "BLOCK_J": 16})
+    want = tc.cmp_select_topk(q, k_cmp, lse, layout, topk, d**-0.5)
+    monkeypatch.setattr(tc, "KEY32_MAX_ID_BITS", 0)
+    kernel, launched = tc._cmp_topk_dot_kernel, []
+
+    class Recorder:  # records the launch's KEY32 flag
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs["KEY32"])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(tc, "_cmp_topk_dot_kernel", Recorder())
+    assert torch.equal(tc.cmp_select_topk(q, k_cmp, lse, layout, topk, d**-0.5), want)
+    assert launched == [False]

@@ -50,6 +50,11 @@ LOG2E = 1.4426950408889634
 # +2 %, mix +21 %, poly +32 %), 64-key chunks with a 16-key tail +34 %.
 FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True,
               "TAIL_N": None}
+# Window attention's forward (S = 1: outputs written directly); None: FWD_CONFIG. H200, N = 134k, 8³ windows
+# (bench_ssa.py --sweep win, session 5): BLOCK_M 64 0.682 ms against FWD_CONFIG's 0.732 (2 stages 0.713, BLOCK_M 64
+# with 2 warps 0.712, BLOCK_M 256 0.915).
+WIN_FWD_CONFIG: dict | None = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu",
+                               "split": True, "TAIL_N": None}
 BWD_DQ_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 BWD_DKDV_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 COMBINE_ROWS = 64  # (pair, head) rows per program of the combine kernel
@@ -469,7 +474,8 @@ def block_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offs
     hkv = k.shape[1]
     s = plan.num_slots
     meta = _meta(q, k)
-    cfg = _fit(FWD_CONFIG, cfg, meta["BLOCK_D"])
+    base = WIN_FWD_CONFIG if block_idx is None and WIN_FWD_CONFIG is not None else FWD_CONFIG
+    cfg = _fit(base, cfg, meta["BLOCK_D"])
     block_m = _block_m(cfg, meta["G_PAD"])
     num_lists = hkv * plan.num_blocks
     o = torch.empty_like(q)

@@ -15,8 +15,17 @@ every pass streams them all.
   Working memory beyond the inputs is the ``[N, Hkv, S]`` output: no ``[H, N, NBc]`` score tensor exists.
   A candidate is one int64 ``(float32 score bits << 32) | (2³¹ − 1 − local block id)``: scores are ≥ 0, so
   integer order is score order, and ties go to the lower block id.
-  The ``dot`` variant with ``skip`` (default): a tile whose best score beats no token's weakest kept score (one
-  float max) skips the int64 insertion rounds.
+  The ``dot`` variant (default) with ``skip``: a tile whose best score beats no token's weakest kept score (one
+  float max) skips the insertion rounds. Options of the ``dot`` variant (``CONFIG``): ``key32``, one int32 key
+  ``(score bits, low id bits cleared) | (id_mask − local id)`` instead of the int64 (half the registers and
+  integer work per round; the score keeps 23 − id_bits ≥ 11 mantissa bits, float16's precision, which the
+  probabilities already have); ``m_split`` 2 or 4, the logit tile in two or four row chunks (a half or a quarter
+  of its registers); ``counted``, the insertion rounds of a tile counted once; ``lse_dot``, the rows' LSE shift
+  added by the logit matmul (two more K columns holding hi + lo of −LSE₂ / scale against columns of ones)
+  instead of one float32 register per row and thread: ptxas for sm_90 counts 254 registers per thread for session
+  4's kernel, 92 with key32 + m_split 4 + lse_dot (2 → 5 CTAs of 4 warps per SM). The v1.1 default (``topk``):
+  all four options, no float pre-test (counted rounds skip a quiet tile anyway): 2.21 ms against 4.86 ms at
+  N = 134k on an H200; v1.0's (``topk_seg``) with m_split 2: 18.15 against 18.89 ms.
 - ``_cmp_bwd_dq_kernel`` / ``_cmp_bwd_dkdv_kernel``: FlashAttention-2 style backward. dK/dV split the sample's
   queries into ``n_chunks`` chunks (enough programs to fill the GPU although NBc is small) and write per-chunk
   partial sums that are added in a fixed order afterwards: deterministic, no atomics.
@@ -41,6 +50,7 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 MAX_TOPK = 32
 MAX_HEAD_DIM = 128
+KEY32_MAX_ID_BITS = 12  # int32 top-k keys for samples of at most 4096 selection blocks (else int64)
 
 # Tile configuration per kernel; the benchmark may override entries to compare variants.
 CONFIG = {
@@ -50,12 +60,18 @@ CONFIG = {
     "fwd": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True},
     # top-k with m_cmp == m_slc ("topk") and m_cmp < m_slc ("topk_seg", one-hot segment sum over compression
     # blocks); variant "reshape": head sum by tl.reshape + tl.sum; "dot": transposed tiles, head sum by tl.dot
-    # "skip": a float test per tile before the int64 insertion (dot variant)
-    # (v1.1 top-k, session 4: 3 stages 4.77 ms, 2 stages 4.78, 1 stage 4.95)
-    "topk": {"variant": "dot", "skip": True, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
-             "num_stages": 3, "exp2": "mufu"},
-    "topk_seg": {"variant": "dot", "skip": True, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
-                 "num_stages": 2, "exp2": "mufu"},
+    # "skip": a float test per tile before the key insertion (dot variant); "key32": int32 keys (int64 otherwise),
+    # "m_split": row chunks per logit tile (2 or 4: a half / quarter of its registers), "counted": rounds counted
+    # once per tile, "lse_dot": the LSE shift inside the logit matmul (no float32 LSE registers per row)
+    # v1.1 top-k, H200, N = 134k (session 5 sweep, ms): session 4's kernel 4.86; key32 3.45; m_split 2 4.41; key32 +
+    # m_split 2 + counted 3.31; + lse_dot 2.41; m_split 4 2.32; without the float pre-test (skip False: counted
+    # rounds cost nothing on a tile nobody improves on) 2.21 (this default; k = 1: 1.72); rows 512 3.06, BLOCK_J 128
+    # 2.92, BLOCK_J 16 8.25. v1.0 ("topk_seg", session 5 round 2): session 4's 18.89 ms; key32 + counted + lse_dot
+    # with m_split 4: 19.41 (no pre-test 18.54), m_split 2 without the pre-test 18.15 (this default).
+    "topk": {"variant": "dot", "skip": False, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
+             "num_stages": 3, "exp2": "mufu", "key32": True, "m_split": 4, "counted": True, "lse_dot": True},
+    "topk_seg": {"variant": "dot", "skip": False, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
+                 "num_stages": 2, "exp2": "mufu", "key32": True, "m_split": 2, "counted": True, "lse_dot": True},
     "bwd_dq": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
     "bwd_dkdv": {"rows": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 8},
 }
@@ -235,41 +251,116 @@ def _cmp_topk_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
 
 
 @triton.jit
-def _topk_insert(best, score, jj, j_ok, s0, NEG: tl.constexpr):
-    """Merge a [BLOCK_J, BLOCK_T] score tile into the running top-k ``best`` [TOPK_PAD, BLOCK_T] (int64 keys).
+def _topk_insert(best, score, jj, j_ok, s0, id_mask, NEG: tl.constexpr, KEY32: tl.constexpr,
+                 COUNTED: tl.constexpr, TOPK: tl.constexpr):
+    """Merge a [BLOCK_J, BLOCK_T] score tile into the running top-k ``best`` [TOPK_PAD, BLOCK_T].
 
-    One round per insertion: every token whose tile maximum beats its weakest kept key swaps them.
+    Keys: int64 ``(score bits << 32) | (2³¹ − 1 − local id)``, or with KEY32 one int32
+    ``(score bits with the low id bits cleared) | (id_mask − local id)`` (scores ≥ 0, so integer order is score
+    order; ties go to the lower id). One round per insertion: every token whose tile maximum beats its weakest
+    kept key swaps them. COUNTED: the number of rounds (the most keys of one token that beat its weakest kept
+    key, at most TOPK) is counted once instead of testing after every round (one reduction less per round).
     """
-    bits = score.to(tl.int32, bitcast=True).to(tl.int64)
-    key = (bits << 32) + (2147483647 - (jj - s0)).to(tl.int64)[:, None]
+    if KEY32:
+        key = (score.to(tl.int32, bitcast=True) & (-1 - id_mask)) | (id_mask - (jj - s0))[:, None]
+    else:
+        bits = score.to(tl.int32, bitcast=True).to(tl.int64)
+        key = (bits << 32) + (2147483647 - (jj - s0)).to(tl.int64)[:, None]
     cand = tl.where(j_ok[:, None], key, NEG)
-    c_max = tl.max(cand, 0)
     t_min = tl.min(best, 0)
-    better = c_max > t_min
-    n_better = tl.sum(better.to(tl.int32), 0)
-    while n_better > 0:
-        best = tl.where((best == t_min[None, :]) & better[None, :], c_max[None, :], best)
-        cand = tl.where(cand == c_max[None, :], NEG, cand)
+    if COUNTED:
+        n_beat = tl.minimum(tl.sum((cand > t_min[None, :]).to(tl.int32), 0), TOPK)
+        for _ in range(tl.max(n_beat, 0)):
+            c_max = tl.max(cand, 0)
+            better = c_max > t_min
+            best = tl.where((best == t_min[None, :]) & better[None, :], c_max[None, :], best)
+            cand = tl.where(cand == c_max[None, :], NEG, cand)
+            t_min = tl.min(best, 0)
+    else:
         c_max = tl.max(cand, 0)
-        t_min = tl.min(best, 0)
         better = c_max > t_min
         n_better = tl.sum(better.to(tl.int32), 0)
+        while n_better > 0:
+            best = tl.where((best == t_min[None, :]) & better[None, :], c_max[None, :], best)
+            cand = tl.where(cand == c_max[None, :], NEG, cand)
+            c_max = tl.max(cand, 0)
+            t_min = tl.min(best, 0)
+            better = c_max > t_min
+            n_better = tl.sum(better.to(tl.int32), 0)
     return best
+
+
+@triton.jit
+def _group_rows(Q, LSE, start, t1, g, r0, stride_qn, stride_qh, offs_d, d_ok, qk_scale,
+                HQ: tl.constexpr, HS: tl.constexpr, HS_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                ROWS: tl.constexpr, P_FP16: tl.constexpr, LSE_DOT: tl.constexpr):
+    """Rows ``r0 … r0 + ROWS`` of a top-k tile: (qᵀ [BLOCK_D, ROWS], shift, 0/1 group [ROWS, BLOCK_T]).
+
+    shift: the log2 LSE [ROWS], or with LSE_DOT ``aᵀ`` [16, ROWS] in q's dtype whose rows 0 and 1 are a two-term
+    split hi + lo of a = −LSE₂ / qk_scale, so that ``qk_scale · (q·k + hi + lo)`` is the log2 probability (to
+    ~2⁻¹⁶ of a): the shift rides in the logit matmul instead of costing float32 registers per row (padding rows
+    get a = −30000: probability 0)."""
+    rows = r0 + tl.arange(0, ROWS)
+    tok = start + rows // HS_PAD
+    hh = rows % HS_PAD
+    head = g * HS + hh
+    row_ok = (tok < t1) & (hh < HS)
+    q_t = tl.trans(_load_rows(Q, tok, head, offs_d, row_ok, d_ok, stride_qn, stride_qh))
+    # log2-domain LSE; +inf on padding rows makes their probabilities 0
+    lse2 = tl.load(LSE + tok.to(tl.int64) * HQ + head, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    if LSE_DOT:
+        a = tl.where(row_ok, -lse2 / qk_scale, -30000.0)
+        hi = a.to(Q.dtype.element_ty)
+        lo = (a - hi.to(tl.float32)).to(Q.dtype.element_ty)
+        col = tl.arange(0, 16)[:, None]
+        shift = tl.where(col == 0, hi[None, :], tl.where(col == 1, lo[None, :], 0.0)).to(Q.dtype.element_ty)
+    else:
+        shift = lse2
+    # group[r, t] = 1 when row r is a valid head of token t
+    group = (((rows // HS_PAD)[:, None] == tl.arange(0, BLOCK_T)[None, :]) & row_ok[:, None]).to(tl.float32)
+    if P_FP16:
+        group = group.to(tl.float16)
+    return q_t, shift, group
+
+
+@triton.jit
+def _group_scores(k, col_ok, q_t, shift, group, qk_scale, MASK: tl.constexpr, DOT_PREC: tl.constexpr,
+                  P_FP16: tl.constexpr, EXP2: tl.constexpr, LSE_DOT: tl.constexpr):
+    """[BLOCK_C, BLOCK_T] probabilities of compressed keys ``k`` [BLOCK_C, BLOCK_D] summed over the group's heads
+    (MASK: rows outside ``col_ok`` contribute 0); ``shift`` from ``_group_rows``."""
+    s = tl.dot(k, q_t, input_precision=DOT_PREC)  # [BLOCK_C, ROWS]
+    if LSE_DOT:
+        # ones in columns 0 and 1: adds each row's hi + lo to its logits
+        ones = tl.where(tl.arange(0, 16)[None, :] < 2, 1.0, 0.0) + tl.zeros([k.shape[0], 16], tl.float32)
+        s = tl.dot(ones.to(k.dtype), shift, s, input_precision=DOT_PREC)
+        p_t = exp2(s * qk_scale, EXP2)
+    else:
+        p_t = exp2(s * qk_scale - shift[None, :], EXP2)
+    if MASK:
+        p_t = tl.where(col_ok[:, None], p_t, 0.0)
+    if P_FP16:
+        p_t = p_t.to(tl.float16)
+    return tl.dot(p_t, group, input_precision=DOT_PREC)
 
 
 @triton.jit
 def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
                          stride_qn, stride_qh, stride_kn, stride_kh,
-                         qk_scale,
+                         qk_scale, id_bits,
                          HQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, HS_PAD: tl.constexpr,
                          D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr,
                          BLOCK_C: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
                          ONE_CMP_PER_SLC: tl.constexpr, DOT_PREC: tl.constexpr, P_FP16: tl.constexpr,
-                         SKIP: tl.constexpr, EXP2: tl.constexpr):
+                         SKIP: tl.constexpr, EXP2: tl.constexpr, KEY32: tl.constexpr, M_SPLIT: tl.constexpr,
+                         COUNTED: tl.constexpr, LSE_DOT: tl.constexpr):
     """Same result as ``_cmp_topk_kernel``, computed transposed: logits ``[blocks, rows]`` = K·Qᵀ, and the sum
     over the GQA group is a second tl.dot with a 0/1 ``[rows, tokens]`` matrix (probabilities in float16 for
     16-bit inputs: ≤ 2⁻¹¹ relative error per term), so the probabilities stay in the matmul register layout
-    (no reshape) and the candidate tiles are ``[blocks, tokens]``."""
+    (no reshape) and the candidate tiles are ``[blocks, tokens]``.
+
+    M_SPLIT (1, 2 or 4): the rows are scored in that many chunks whose group sums accumulate into one score tile,
+    so the fp32 logit tile in registers is ``[BLOCK_J, BLOCK_M / M_SPLIT]``. KEY32, COUNTED: see ``_topk_insert``
+    (KEY32 needs ``id_bits`` ≥ the bits of the largest local block id)."""
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
     g = tl.program_id(2)
@@ -280,28 +371,33 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
         return
     s0 = tl.load(CU_SLC + b)
     s1 = tl.load(CU_SLC + b + 1)
-    BLOCK_M: tl.constexpr = BLOCK_T * HS_PAD
-    rows = tl.arange(0, BLOCK_M)
-    tok = start + rows // HS_PAD
-    hh = rows % HS_PAD
-    head = g * HS + hh
-    row_ok = (tok < t1) & (hh < HS)
+    ROWS: tl.constexpr = BLOCK_T * HS_PAD // M_SPLIT
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q_t = tl.trans(_load_rows(Q, tok, head, offs_d, row_ok, d_ok, stride_qn, stride_qh))  # [BLOCK_D, BLOCK_M]
-    lse2 = tl.load(LSE + tok.to(tl.int64) * HQ + head, mask=row_ok, other=float("inf")) * 1.4426950408889634
-    # group_t[r, t] = 1 when row r is a valid head of token t
-    tcol = tl.arange(0, BLOCK_T)
-    group_t = (((rows // HS_PAD)[:, None] == tcol[None, :]) & row_ok[:, None]).to(tl.float32)
-    if P_FP16:
-        group_t = group_t.to(tl.float16)
+    q_t, sh, group = _group_rows(Q, LSE, start, t1, g, 0, stride_qn, stride_qh, offs_d, d_ok, qk_scale, HQ, HS,
+                                 HS_PAD, BLOCK_T, ROWS, P_FP16, LSE_DOT)
+    if M_SPLIT >= 2:
+        q_t2, sh2, group2 = _group_rows(Q, LSE, start, t1, g, ROWS, stride_qn, stride_qh, offs_d, d_ok, qk_scale,
+                                        HQ, HS, HS_PAD, BLOCK_T, ROWS, P_FP16, LSE_DOT)
+    if M_SPLIT == 4:
+        q_t3, sh3, group3 = _group_rows(Q, LSE, start, t1, g, 2 * ROWS, stride_qn, stride_qh, offs_d, d_ok,
+                                        qk_scale, HQ, HS, HS_PAD, BLOCK_T, ROWS, P_FP16, LSE_DOT)
+        q_t4, sh4, group4 = _group_rows(Q, LSE, start, t1, g, 3 * ROWS, stride_qn, stride_qh, offs_d, d_ok,
+                                        qk_scale, HQ, HS, HS_PAD, BLOCK_T, ROWS, P_FP16, LSE_DOT)
 
-    NEG: tl.constexpr = -4611686018427387904
     slot = tl.arange(0, TOPK_PAD)
-    init = tl.where(slot < TOPK, -1 - slot.to(tl.int64), 9223372036854775807)
-    best = tl.zeros([TOPK_PAD, BLOCK_T], tl.int64) + init[:, None]  # [slot, token]
+    id_mask = (1 << id_bits) - 1
+    if KEY32:
+        NEG: tl.constexpr = -1073741824  # below every candidate key and every empty slot
+        # empty slots hold distinct negatives; padding slots (>= TOPK) hold the int max so they are never replaced
+        init = tl.where(slot < TOPK, -1 - slot, 2147483647)
+        best = tl.zeros([TOPK_PAD, BLOCK_T], tl.int32) + init[:, None]  # [slot, token]
+    else:
+        NEG: tl.constexpr = -4611686018427387904
+        init = tl.where(slot < TOPK, -1 - slot.to(tl.int64), 9223372036854775807)
+        best = tl.zeros([TOPK_PAD, BLOCK_T], tl.int64) + init[:, None]
     # SKIP: score of each token's weakest kept block (-1 while a slot is empty; scores are >= 0); later blocks
-    # lose ties (higher ids), so a tile whose best score does not beat it for any token skips the int64 insertion
+    # lose ties (higher ids), so a tile whose best score does not beat it for any token skips the insertion
     thr = tl.full([BLOCK_T], -1.0, tl.float32)
     offs_j = tl.arange(0, BLOCK_J)
     offs_c = tl.arange(0, BLOCK_C)
@@ -309,12 +405,18 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
         jj = j_start + offs_j
         j_ok = jj < s1
         if ONE_CMP_PER_SLC:
+            # compression block id == selection block id; rows past s1 are dropped by the candidate mask
             k_off = jj.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
             k = tl.load(K + k_off, mask=j_ok[:, None] & d_ok[None, :], other=0.0)
-            p_t = exp2(tl.dot(k, q_t, input_precision=DOT_PREC) * qk_scale - lse2[None, :], EXP2)  # [J, M]
-            if P_FP16:
-                p_t = p_t.to(tl.float16)
-            score = tl.dot(p_t, group_t, input_precision=DOT_PREC)  # [BLOCK_J, BLOCK_T]
+            score = _group_scores(k, j_ok, q_t, sh, group, qk_scale, False, DOT_PREC, P_FP16, EXP2, LSE_DOT)
+            if M_SPLIT >= 2:
+                score += _group_scores(k, j_ok, q_t2, sh2, group2, qk_scale, False, DOT_PREC, P_FP16,
+                                       EXP2, LSE_DOT)
+            if M_SPLIT == 4:
+                score += _group_scores(k, j_ok, q_t3, sh3, group3, qk_scale, False, DOT_PREC, P_FP16,
+                                       EXP2, LSE_DOT)
+                score += _group_scores(k, j_ok, q_t4, sh4, group4, qk_scale, False, DOT_PREC, P_FP16,
+                                       EXP2, LSE_DOT)
         else:
             c_a = tl.load(SLC_CMP_OFF + j_start)
             c_b = tl.load(SLC_CMP_OFF + tl.minimum(j_start + BLOCK_J, s1))
@@ -324,28 +426,38 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
                 col_ok = cols < c_b
                 k_off = cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
                 k = tl.load(K + k_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                p_t = exp2(tl.dot(k, q_t, input_precision=DOT_PREC) * qk_scale - lse2[None, :], EXP2)
-                p_t = tl.where(col_ok[:, None], p_t, 0.0)
-                if P_FP16:
-                    p_t = p_t.to(tl.float16)
-                p_tok = tl.dot(p_t, group_t, input_precision=DOT_PREC)  # [BLOCK_C, BLOCK_T]
+                p_tok = _group_scores(k, col_ok, q_t, sh, group, qk_scale, True, DOT_PREC, P_FP16, EXP2, LSE_DOT)
+                if M_SPLIT >= 2:
+                    p_tok += _group_scores(k, col_ok, q_t2, sh2, group2, qk_scale, True, DOT_PREC, P_FP16,
+                                           EXP2, LSE_DOT)
+                if M_SPLIT == 4:
+                    p_tok += _group_scores(k, col_ok, q_t3, sh3, group3, qk_scale, True, DOT_PREC, P_FP16,
+                                           EXP2, LSE_DOT)
+                    p_tok += _group_scores(k, col_ok, q_t4, sh4, group4, qk_scale, True, DOT_PREC, P_FP16,
+                                           EXP2, LSE_DOT)
                 local = tl.load(CMP_SLC + cols, mask=col_ok, other=-1) - j_start
                 onehot = (offs_j[:, None] == local[None, :]).to(tl.float32)  # [BLOCK_J, BLOCK_C]
                 score += tl.dot(onehot, p_tok, input_precision="tf32x3")
         if SKIP:
             enter = tl.max(tl.where(j_ok[:, None], score, -1.0), 0) > thr
             if tl.sum(enter.to(tl.int32), 0) > 0:
-                best = _topk_insert(best, score, jj, j_ok, s0, NEG)
+                best = _topk_insert(best, score, jj, j_ok, s0, id_mask, NEG, KEY32, COUNTED, TOPK)
                 t_min = tl.min(best, 0)
-                thr = tl.where(t_min < 0, -1.0, (t_min >> 32).to(tl.int32).to(tl.float32, bitcast=True))
+                if KEY32:  # the score with its id bits cleared: a lower bound of the weakest kept score
+                    thr = tl.where(t_min < 0, -1.0, (t_min & (-1 - id_mask)).to(tl.float32, bitcast=True))
+                else:
+                    thr = tl.where(t_min < 0, -1.0, (t_min >> 32).to(tl.int32).to(tl.float32, bitcast=True))
         else:
-            best = _topk_insert(best, score, jj, j_ok, s0, NEG)
+            best = _topk_insert(best, score, jj, j_ok, s0, id_mask, NEG, KEY32, COUNTED, TOPK)
 
     best = tl.where(slot[:, None] < TOPK, best, NEG)
     best = tl.sort(tl.trans(best), 1, descending=True)  # [BLOCK_T, TOPK_PAD]
-    local_id = 2147483647 - (best - ((best >> 32) << 32))
+    if KEY32:
+        local_id = id_mask - (best & id_mask)
+    else:
+        local_id = 2147483647 - (best - ((best >> 32) << 32))
     out = tl.where(best >= 0, local_id + s0, -1).to(tl.int32)
-    toks = start + tcol
+    toks = start + tl.arange(0, BLOCK_T)
     ptrs = IDX + (toks.to(tl.int64)[:, None] * HKV + g) * TOPK + slot[None, :]
     tl.store(ptrs, out, mask=(toks < t1)[:, None] & (slot < TOPK)[None, :])
 
@@ -518,12 +630,20 @@ def cmp_select_topk(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, lay
     args = (q, k_cmp, lse, idx, layout.cu_seqlens, layout.cu_slc, layout.slc_cmp_offsets, layout.cmp_slc,
             q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), scale * LOG2E)
     if cfg["variant"] == "dot":
-        # tokens are the N dimension of the group-sum tl.dot: at least 16
+        # tokens are the N dimension of the group-sum tl.dot: at least 16 (per row chunk: M_SPLIT · 16 rows)
+        m_split = cfg.get("m_split", 1)
+        if m_split not in (1, 2, 4):
+            raise ValueError(f"expected m_split 1, 2 or 4 in the top-k config, got {m_split}")
         block_t = _block_t(cfg["rows"], meta["HS_PAD"], 16)
+        block_t = max(block_t, triton.next_power_of_2(triton.cdiv(16 * m_split, meta["HS_PAD"])))
+        # int32 keys keep 23 − id_bits mantissa bits of a score: used while that is at least float16's 11
+        id_bits = max(1, (layout.max_cmp - 1).bit_length())
+        key32 = cfg.get("key32", False) and id_bits <= KEY32_MAX_ID_BITS
         grid = (triton.cdiv(layout.max_seqlen, block_t), layout.batch_size, hkv)
-        _cmp_topk_dot_kernel[grid](*args, BLOCK_T=block_t, P_FP16=q.dtype != torch.float32,
+        _cmp_topk_dot_kernel[grid](*args, id_bits, BLOCK_T=block_t, P_FP16=q.dtype != torch.float32,
                                    SKIP=cfg.get("skip", True), EXP2=resolve_mode(cfg.get("exp2", "mufu"), q.device),
-                                   **common)
+                                   KEY32=key32, M_SPLIT=m_split, COUNTED=cfg.get("counted", False),
+                                   LSE_DOT=cfg.get("lse_dot", False), **common)
     else:
         # the one-hot segment sum is a tl.dot, whose M dimension must be >= 16
         block_t = _block_t(cfg["rows"], meta["HS_PAD"], 1 if one else 16)
