@@ -74,6 +74,11 @@ def test_selection_triton_matches_reference(sizes, hq, hkv, d, s):
 @pytest.mark.parametrize("sizes,hq,hkv,d", [([3, 1, 7, 5, 1, 9, 4], 4, 2, 16), ([1], 2, 1, 32),
                                              ([40, 2, 1, 17], 4, 4, 16)])
 def test_window_triton_matches_reference(sizes, hq, hkv, d):
+    _check_window(sizes, hq, hkv, d)
+
+
+def _check_window(sizes: list[int], hq: int, hkv: int, d: int) -> tuple[torch.Tensor, ...]:
+    """Window kernel vs reference on a ragged batch: output and every gradient; returns (q, k, v, offsets)."""
     off = ragged_offsets(sizes, DEV)
     n = int(off[-1])
     q, k, v = _inputs(n, hq, hkv, d)
@@ -82,6 +87,7 @@ def test_window_triton_matches_reference(sizes, hq, hkv, d):
     tri = _run(lambda q, k, v: window_attention(q, k, v, off, backend="triton"), q, k, v, do)
     for name, a, b in zip(("o", "dq", "dk", "dv"), tri, ref):
         assert _rel(a, b) < 1e-5, (name, _rel(a, b))
+    return q, k, v, off
 
 
 def test_window_config_of_its_own(monkeypatch):
@@ -91,15 +97,7 @@ def test_window_config_of_its_own(monkeypatch):
 
     monkeypatch.setattr(kernels, "WIN_FWD_CONFIG", {**kernels.FWD_CONFIG, "BLOCK_M": 16, "BLOCK_N": 32,
                                                     "TAIL_N": 16, "split": True})
-    sizes, hq, hkv, d = [40, 2, 1, 17, 33], 4, 2, 16
-    off = ragged_offsets(sizes, DEV)
-    n = int(off[-1])
-    q, k, v = _inputs(n, hq, hkv, d)
-    do = torch.randn(n, hq, d, device=DEV)
-    ref = _run(lambda q, k, v: window_attention_ref(q, k, v, off), q, k, v, do)
-    tri = _run(lambda q, k, v: window_attention(q, k, v, off, backend="triton"), q, k, v, do)
-    for name, a, b in zip(("o", "dq", "dk", "dv"), tri, ref):
-        assert _rel(a, b) < 1e-5, (name, _rel(a, b))
+    q, k, v, off = _check_window([40, 2, 1, 17, 33], 4, 2, 16)
     _, lse_t = window_attention(q, k, v, off, backend="triton", return_lse=True)
     _, lse_r = window_attention_ref(q, k, v, off, return_lse=True)
     torch.testing.assert_close(lse_t, lse_r, rtol=1e-5, atol=1e-5)
@@ -107,7 +105,7 @@ def test_window_config_of_its_own(monkeypatch):
     monkeypatch.setattr(kernels, "WIN_FWD_CONFIG", {**kernels.FWD_CONFIG, "exp2": "invalid"})
     with pytest.raises(ValueError, match="exp2 mode"):
         window_attention(q, k, v, off, backend="triton")
-    idx = random_selection(n, hkv, 2, len(sizes)).to(DEV)
+    idx = random_selection(q.shape[0], k.shape[1], 2, len(off) - 1).to(DEV)
     selection_attention(q, k, v, off, idx, backend="triton")
 
 
