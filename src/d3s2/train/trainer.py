@@ -220,6 +220,9 @@ class Trainer:
         self.model = D.parallelize(model, info, mode=tc.parallel, fsdp_units=tc.fsdp_units, bf16=self.use_bf16,
                                    find_unused_parameters=tc.find_unused_parameters)
         self.module = D.unwrap(self.model)
+        # Fused AdamW skips a step with a non-finite gradient norm on the device (``found_inf``), so a step needs no
+        # host sync; FSDP's sharded parameters keep the foreach AdamW and a host-side check.
+        self.skip_on_device = tc.parallel != "fsdp"
         self.optimizer = self._build_optimizer()
         oc = cfg.optim
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_lambda(
@@ -284,9 +287,6 @@ class Trainer:
         if not groups:
             raise ValueError(f"task {self.cfg.task.name}: the model has no trainable parameters")
         oc = self.cfg.optim
-        # Fused AdamW skips a step with a non-finite gradient norm on the device (``found_inf``), so a step needs no
-        # host sync; FSDP's sharded parameters keep the foreach AdamW and a host-side check.
-        self.skip_on_device = self.cfg.train.parallel != "fsdp"
         return torch.optim.AdamW(groups, lr=oc.lr, betas=oc.betas, eps=oc.eps, fused=self.skip_on_device or None)
 
     def _optimizer_step(self, grad_norm: torch.Tensor) -> torch.Tensor:

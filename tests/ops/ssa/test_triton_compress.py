@@ -62,22 +62,30 @@ def assert_topk_equivalent(idx, ref_idx, scores, layout, rtol=1e-4):
 
 @pytest.mark.parametrize("sizes,res,m_cmp,m_slc,hq,hkv,d,topk", CASES)
 def test_compressed_kernels_match_reference(sizes, res, m_cmp, m_slc, hq, hkv, d, topk):
-    x = random_batch(sizes, res, seed=res + d)
+    check_forward_topk_grads(sizes, res, m_cmp, m_slc, hq, hkv, d, topk, seed=0, o_tol=(2e-5, 1e-4),
+                             lse_tol=(2e-5, 1e-5), topk_rtol=1e-4, grad_tol=(5e-5, 1e-4))
+
+
+def check_forward_topk_grads(sizes, res, m_cmp, m_slc, hq, hkv, d, topk, *, seed, o_tol, lse_tol, topk_rtol,
+                             grad_tol):
+    """Compressed forward (output, LSE), top-k (equivalent up to near-ties) and every gradient against the
+    float64 reference on a ragged batch; tolerances are (atol, rtol) pairs."""
+    x = random_batch(sizes, res, seed=res + d + seed)
     layout = layout_for(x.to(DEV), m_cmp, m_slc, m_slc, 0)
-    q, _, _, k_cmp, v_cmp, _ = make_inputs(x, layout, hq, hkv, d, seed=d, device=DEV)
+    q, _, _, k_cmp, v_cmp, _ = make_inputs(x, layout, hq, hkv, d, seed=d + seed, device=DEV)
     scale = d**-0.5
     o, lse = tc.cmp_attention_fwd(q, k_cmp, v_cmp, layout, scale)
     o_ref, lse_ref = compressed_attention_ref(q.double(), k_cmp.double(), v_cmp.double(), layout)
-    torch.testing.assert_close(o.double(), o_ref, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(lse.double(), lse_ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(o.double(), o_ref, atol=o_tol[0], rtol=o_tol[1])
+    torch.testing.assert_close(lse.double(), lse_ref, atol=lse_tol[0], rtol=lse_tol[1])
 
     idx = tc.cmp_select_topk(q, k_cmp, lse, layout, topk, scale)
     ref_idx = select_blocks_ref(q.double(), k_cmp.double(), lse_ref, layout, topk=topk)
     assert idx.shape == ref_idx.shape and idx.dtype == torch.int32
-    assert_topk_equivalent(idx.cpu(), ref_idx.cpu(), [s.cpu() for s in block_scores_ref(
-        q.double(), k_cmp.double(), lse_ref, layout)], layout)
+    scores = [s.cpu() for s in block_scores_ref(q.double(), k_cmp.double(), lse_ref, layout)]
+    assert_topk_equivalent(idx.cpu(), ref_idx.cpu(), scores, layout, rtol=topk_rtol)
 
-    assert_grads_match_reference(q, k_cmp, v_cmp, o, layout, scale, atol=5e-5, rtol=1e-4)
+    assert_grads_match_reference(q, k_cmp, v_cmp, o, layout, scale, atol=grad_tol[0], rtol=grad_tol[1])
 
 
 def test_dkdv_deterministic_and_chunked(monkeypatch):
@@ -133,25 +141,12 @@ def test_exp2_modes_match_reference(mode, case, monkeypatch):
     """Compressed forward (whole tiles unmasked) and top-k with FMA-pipe exps: outputs, LSE and every gradient (the
     backward recomputes the probabilities from that LSE) within the polynomial's 8e-5 relative error; the top-k
     equivalent up to near-ties of that size."""
-    sizes, res, m_cmp, m_slc, hq, hkv, d, topk = CASES[case]
     for key in ("fwd", "topk", "topk_seg"):
         monkeypatch.setitem(tc.CONFIG, key, {**tc.CONFIG[key], "exp2": mode})
     # whole tiles unmasked (16 compressed blocks per tile: samples of several tiles and of one partial tile)
     monkeypatch.setitem(tc.CONFIG, "fwd", {**tc.CONFIG["fwd"], "split": True, "BLOCK_C": 16})
-    x = random_batch(sizes, res, seed=res + d + 5)
-    layout = layout_for(x.to(DEV), m_cmp, m_slc, m_slc, 0)
-    q, _, _, k_cmp, v_cmp, _ = make_inputs(x, layout, hq, hkv, d, seed=d + 5, device=DEV)
-    scale = d**-0.5
-    o, lse = tc.cmp_attention_fwd(q, k_cmp, v_cmp, layout, scale)
-    o_ref, lse_ref = compressed_attention_ref(q.double(), k_cmp.double(), v_cmp.double(), layout)
-    torch.testing.assert_close(o.double(), o_ref, atol=3e-4, rtol=3e-4)
-    torch.testing.assert_close(lse.double(), lse_ref, atol=2e-4, rtol=1e-4)
-    idx = tc.cmp_select_topk(q, k_cmp, lse, layout, topk, scale)
-    scores = [s.cpu() for s in block_scores_ref(q.double(), k_cmp.double(), lse_ref, layout)]
-    ref_idx = select_blocks_ref(q.double(), k_cmp.double(), lse_ref, layout, topk=topk)
-    assert_topk_equivalent(idx.cpu(), ref_idx.cpu(), scores, layout, rtol=5e-4)
-
-    assert_grads_match_reference(q, k_cmp, v_cmp, o, layout, scale, atol=5e-4, rtol=5e-4)
+    check_forward_topk_grads(*CASES[case], seed=5, o_tol=(3e-4, 3e-4), lse_tol=(2e-4, 1e-4), topk_rtol=5e-4,
+                             grad_tol=(5e-4, 5e-4))
 
 
 @pytest.mark.parametrize("case,dtype,m_split,lse_dot", [(0, torch.float32, 4, True), (3, torch.float16, 4, True),
