@@ -357,6 +357,7 @@ class TrainSection:
     fsdp_units: list[str] = dataclasses.field(default_factory=list)  # modules sharded as their own FSDP unit
     activation_checkpointing: list[str] = dataclasses.field(default_factory=list)  # modules recomputed in backward
     find_unused_parameters: bool = False  # DDP: set when some parameters get no gradient in a step
+    ddp_bucket_mb: float = 25.0  # DDP gradient bucket size; all-reduces of full buckets overlap the backward
     log_every: int = 10  # steps between logged (rank-averaged) metrics
     val_every: int = 0  # steps between validations (and one at the end); 0 = no validation
     ckpt_every: int = 1000  # steps between checkpoints; 0 = only the final one
@@ -370,6 +371,8 @@ class TrainSection:
             raise ValueError("val_every and ckpt_every must be >= 0")
         if self.max_minutes < 0:
             raise ValueError(f"max_minutes must be >= 0, got {self.max_minutes}")
+        if self.ddp_bucket_mb <= 0:
+            raise ValueError(f"ddp_bucket_mb must be > 0, got {self.ddp_bucket_mb}")
 
 
 @dataclasses.dataclass(kw_only=True)

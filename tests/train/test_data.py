@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from d3s2.train.data import StepBatchSampler, item_rng, pack_batches, rank_share
+from d3s2.train.data import EpochItems, EpochStreamSampler, StepBatchSampler, item_rng, pack_batches, rank_share
 
 
 def _lengths(n=200, seed=0):
@@ -54,6 +54,42 @@ def test_ranks_split_each_step_of_the_same_plan(world):
         assert union == list(range(4 * (step + 1), 4 * (step + 2)))
     with pytest.raises(ValueError, match="must be divisible by the number of processes"):
         StepBatchSampler(plan, micro_batches_per_step=3, rank=0, world_size=2)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_epoch_stream_chains_each_epochs_share(world):
+    plans = {e: [[e * 100 + i] for i in range(5 + e)] for e in range(4)}  # epoch e: 5 + e micro-batches
+    for rank in range(world):
+        stream = iter(EpochStreamSampler(plans.__getitem__, micro_batches_per_step=2, rank=rank, world_size=world,
+                                         epoch=1, start_step=2))
+        want = [[(e, i) for i in b]
+                for e, start in ((1, 2), (2, 0), (3, 0))
+                for b in StepBatchSampler(plans[e], micro_batches_per_step=2, rank=rank, world_size=world,
+                                          start_step=start)]
+        assert len(want) == 16 // world
+        assert [next(stream) for _ in want] == want  # epoch 1 from step 2 on, then every step of epochs 2 and 3
+    with pytest.raises(ValueError, match="divisible"):
+        EpochStreamSampler(plans.__getitem__, micro_batches_per_step=3, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="fewer than 8 micro-batches"):
+        next(iter(EpochStreamSampler(plans.__getitem__, micro_batches_per_step=8, rank=0, world_size=1)))
+
+
+def test_epoch_items_load_each_key_with_its_epoch():
+    class Seen:
+        epoch = -1
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+        def __getitem__(self, index):
+            return self.epoch, index
+
+        def __len__(self):
+            return 3
+
+    items = EpochItems(Seen())
+    assert len(items) == 3 and items[(4, 2)] == (4, 2) and items[(1, 0)] == (1, 0)
+    assert EpochItems([10, 20])[(7, 1)] == 20  # datasets without set_epoch are indexed as they are
 
 
 def test_rank_share_equal_counts():

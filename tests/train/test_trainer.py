@@ -59,15 +59,21 @@ def test_kill_and_resume_reproduces_losses(tmp_path, tiny_cfg):
     assert a["data"] == b["data"] and a["scheduler"] == b["scheduler"]
 
 
-def test_workers_give_the_in_process_losses_across_epochs(tmp_path, tiny_cfg):
-    # The next epoch's loader opens (set_epoch included) before this epoch ends: with epoch-derived flips and
+def test_workers_give_the_in_process_losses_across_epochs(tmp_path, tiny_cfg, monkeypatch):
+    # One loader streams all epochs and its workers run ahead into the next epoch: with epoch-derived flips and
     # several short epochs, worker processes must still see each item with its own epoch's flips.
+    opened = []
+    real_loader = Trainer._loader
+    monkeypatch.setattr(Trainer, "_loader", lambda self, *a: opened.append(a[2]) or real_loader(self, *a))
     losses = {}
     for workers in (0, 2):
-        cfg = tiny_cfg(train={"max_steps": 9}, data={"num_workers": workers})
-        Trainer(cfg, tmp_path / str(workers)).run()
+        cfg = tiny_cfg(train={"max_steps": 9, "val_every": 0}, data={"num_workers": workers})
+        trainer = Trainer(cfg, tmp_path / str(workers))
+        trainer.run()
+        assert trainer.data_pos[0] >= 2  # the run crossed at least two epoch ends
         losses[workers] = _losses(tmp_path / str(workers))
     assert losses[0] == losses[2]
+    assert len(opened) == 2  # one training loader per run, not one per epoch (each would fork its workers)
 
 
 def test_lr_schedule():

@@ -131,10 +131,12 @@ def parallelize(
     fsdp_units: Sequence[str] = (),
     bf16: bool = False,
     find_unused_parameters: bool = False,
+    bucket_mb: float = 25.0,
 ) -> nn.Module:
     """Wrap a model already on ``info.device`` for ``info.world_size`` processes; returns it unchanged for W = 1.
 
-    ``ddp``: DistributedDataParallel (the whole model on every rank; gradients all-reduced in buckets).
+    ``ddp``: DistributedDataParallel (the whole model on every rank; gradients all-reduced in buckets of
+    ``bucket_mb`` MB, each launched as soon as its gradients are ready).
     ``fsdp``: FSDP2 ``fully_shard`` on each ``fsdp_units`` module, then on the root (parameters, gradients and
     optimizer state sharded over ranks); with ``bf16`` parameters are gathered in bf16, gradients reduced in fp32.
     """
@@ -146,7 +148,8 @@ def parallelize(
             _expose_output_tensors(model, only_inside_ddp=True)
         # device_ids=None: the model is on one device already and batches are moved by the trainer.
         # gradient_as_bucket_view: gradients live in the all-reduce buckets (no copy in and out of them).
-        return _DDP(model, find_unused_parameters=find_unused_parameters, gradient_as_bucket_view=True)
+        return _DDP(model, find_unused_parameters=find_unused_parameters, gradient_as_bucket_view=True,
+                    bucket_cap_mb=bucket_mb)
     if mode == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

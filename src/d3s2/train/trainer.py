@@ -44,7 +44,7 @@ from ..config import (
 )
 from . import distributed as D
 from .checkpoint import CheckpointDir, capture_rng_state, restore_rng_state
-from .data import StepBatchSampler, pack_batches, rank_share
+from .data import EpochItems, EpochStreamSampler, pack_batches, rank_share
 from .ema import EMA
 from .logger import RunLogger
 from .task import batch_group, get_task, has_validate, item_costs, token_lengths, val_dir
@@ -218,7 +218,7 @@ class Trainer:
             names = D.apply_activation_checkpointing(model, tc.activation_checkpointing)
             log.info("activation checkpointing on %d modules", len(names))
         self.model = D.parallelize(model, info, mode=tc.parallel, fsdp_units=tc.fsdp_units, bf16=self.use_bf16,
-                                   find_unused_parameters=tc.find_unused_parameters)
+                                   find_unused_parameters=tc.find_unused_parameters, bucket_mb=tc.ddp_bucket_mb)
         self.module = D.unwrap(self.model)
         # Fused AdamW skips a step with a non-finite gradient norm on the device (``found_inf``), so a step needs no
         # host sync; FSDP's sharded parameters keep the foreach AdamW and a host-side check.
@@ -244,6 +244,7 @@ class Trainer:
 
         self.step = 0
         self.data_pos = (0, 0)  # (epoch, optimizer step inside the epoch) of the next step
+        self._plans: dict[int, list[list[int]]] = {}  # epoch -> micro-batches (see _epoch_plan)
         rng_state = None
         if resume_path is not None:
             rng_state = self._load(resume_path)
@@ -320,53 +321,42 @@ class Trainer:
                           generator=gen, worker_init_fn=_seed_worker if workers else None,
                           pin_memory=self.info.device.type == "cuda")
 
-    def _open_epoch(self, epoch: int, start: int) -> tuple[list[list[int]], int, Iterator[Any]]:
-        """(plan, optimizer steps, iterator over this rank's micro-batches from step ``start``) of one epoch."""
-        m = self.cfg.data.micro_batches_per_step
-        plan = self._plan(epoch)
-        num_steps = len(plan) // m
-        if num_steps == 0:
-            raise ValueError(f"the training set packs into {len(plan)} micro-batches per epoch, fewer than "
-                             f"data.micro_batches_per_step = {m}; lower it or data.max_tokens")
-        if epoch == 0 and start == 0 and self.info.is_main:
-            big = [b for b in plan if len(b) == 1 and self.costs[b[0]] > self.cfg.data.max_tokens]
-            if big:
-                log.warning("%d items exceed data.max_tokens = %d and form batches of their own",
-                            len(big), self.cfg.data.max_tokens)
-        set_epoch = getattr(self.train_set, "set_epoch", None)
-        if callable(set_epoch):
-            set_epoch(epoch)
-        sampler = StepBatchSampler(plan, micro_batches_per_step=m, rank=self.info.rank,
-                                   world_size=self.info.world_size, start_step=min(start, num_steps))
-        loader = self._loader(self.train_set, sampler, (self.cfg.seed, self.info.rank, epoch, start))
-        return plan, num_steps, iter(loader)
+    def _epoch_plan(self, epoch: int) -> list[list[int]]:
+        """One epoch's micro-batches, cached: the loader's sampler runs ahead of the step that counts tokens."""
+        plan = self._plans.get(epoch)
+        if plan is None:
+            plan = self._plan(epoch)
+            m = self.cfg.data.micro_batches_per_step
+            if len(plan) < m:
+                raise ValueError(f"the training set packs into {len(plan)} micro-batches per epoch, fewer than "
+                                 f"data.micro_batches_per_step = {m}; lower it or data.max_tokens")
+            if not self._plans and self.info.is_main:
+                big = [b for b in plan if len(b) == 1 and self.costs[b[0]] > self.cfg.data.max_tokens]
+                if big:
+                    log.warning("%d items exceed data.max_tokens = %d and form batches of their own",
+                                len(big), self.cfg.data.max_tokens)
+            self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}  # this epoch and the one before
+            self._plans[epoch] = plan
+        return plan
 
     def _steps(self) -> Iterator[tuple[int, int, list[Any], int]]:
         """Yield ``(epoch, step_in_epoch, this rank's micro-batches, global tokens)`` from ``self.data_pos`` on.
 
-        With worker processes, the next epoch's loader starts once every remaining micro-batch of this epoch is
-        already queued with the workers, so its workers start up and load while this epoch's last steps run
-        (without it every epoch begins with a stall). Its workers copy the dataset, so the early ``set_epoch``
-        cannot reach this epoch's items; without workers the next epoch opens only when this one is done.
+        One DataLoader streams every epoch (:class:`EpochStreamSampler`): its workers start once and keep
+        loading across epoch ends, so no epoch begins with a stall.
         """
         epoch, start = self.data_pos
         m = self.cfg.data.micro_batches_per_step
-        workers = self.cfg.data.num_workers
-        in_flight = 2 * workers  # DataLoader's default prefetch_factor (2) per worker
-        opened = self._open_epoch(epoch, start)
+        sampler = EpochStreamSampler(self._epoch_plan, micro_batches_per_step=m, rank=self.info.rank,
+                                     world_size=self.info.world_size, epoch=epoch, start_step=start)
+        it = iter(self._loader(EpochItems(self.train_set), sampler, (self.cfg.seed, self.info.rank, epoch, start)))
         while True:
-            plan, num_steps, it = opened
-            opened = None
-            for s in range(start, num_steps):
-                if workers and opened is None and (num_steps - s) * self.per_rank <= in_flight:
-                    opened = self._open_epoch(epoch + 1, 0)
+            plan = self._epoch_plan(epoch)
+            for s in range(start, len(plan) // m):
                 micro = [next(it) for _ in range(self.per_rank)]
                 tokens = sum(self.lengths[i] for b in plan[s * m: (s + 1) * m] for i in b)
                 yield epoch, s, micro, tokens
-            del it  # shuts this epoch's workers down
             epoch, start = epoch + 1, 0
-            if opened is None:
-                opened = self._open_epoch(epoch, start)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path | None:
