@@ -66,7 +66,7 @@ def diagnose(model, data: str, resolution: int, *, split: str, limit: int, iters
         full = unpacked(PackedSDFBatch.pack(c["sdf"], c["blocks"], tau=band).to(device))
         (ref,) = target_mesh(full)
         with torch.no_grad():
-            z, posterior = model.encode(full.sdf, sample_posterior=False)
+            z, posterior = model.encode(full.sdf, sample_posterior=False, structure=full.block_structure())
         row = {"name": ds.names[i], "band_voxels": int(full.sdf.num_voxels), "latents": int(z.num_voxels),
                "encoded": shape_metrics(_mesh(model, z, resolution), ref, samples),
                "encoded_sign_errors": _sign_errors(model, z, full)}

@@ -19,7 +19,7 @@ def test_format_and_round_trip(tiny_encoded):
     settings = json.loads((latents / "encoded.json").read_text())
     assert settings == {"format": "d3s2-latents", "resolution": 32, "latent_resolution": 4, "channels": 8,
                         "band": 0.0625, "vae": str(vae_dir)}
-    ds = SparseSDFDataset(data, 32, split=None, with_blocks=False, with_image=False)
+    ds = SparseSDFDataset(data, 32, split=None, with_blocks="packed", with_image=False)
     assert latent_names(latents) == ds.names and "/" in ds.names[0]
     vae, band = load_vae(vae_dir)
     for i, name in enumerate(ds.names):
@@ -28,11 +28,14 @@ def test_format_and_round_trip(tiny_encoded):
         c = lat["coords"].astype(np.int64)
         assert np.array_equal(np.lexsort((c[:, 2], c[:, 1], c[:, 0])), np.arange(len(c)))  # lexicographic
         item = ds[i]
-        # the latent voxels are the occupied 8³ blocks of the band
-        assert {tuple(r) for r in c} == {tuple(r) for r in (item["coords"].numpy() // 8)}
+        # the latent voxels are the occupied 8³ blocks: every block of the band plus those that close it
+        assert {tuple(r) for r in c} == {tuple(r) for r in item["block_coords"].numpy()}
+        assert {tuple(r) for r in c} >= {tuple(r) for r in (item["coords"].numpy() // 8)}
+        blocks = item["block_coords"]
+        structure = SparseTensor.from_samples([blocks], [torch.zeros(len(blocks), 0)], resolution=4)
         with torch.no_grad():
-            z, post = vae.encode(SparseTensor.from_samples([item["coords"]], [item["sdf"] / band], resolution=32),
-                                 sample_posterior=False)
+            z, post = vae.encode(SparseTensor.from_samples([item["coords"]], [item["sdf"].reshape(-1, 1) / band],
+                                                           resolution=32), sample_posterior=False, structure=structure)
         zc = z.coords[:, 1:].numpy().astype(np.int64)
         order = np.lexsort((zc[:, 2], zc[:, 1], zc[:, 0]))
         assert np.array_equal(zc[order], c)

@@ -105,7 +105,7 @@ def encode_folder(data: str | os.PathLike, vae_dir: str | os.PathLike, out: str 
     from .dataset import SparseSDFDataset
 
     t0 = time.perf_counter()
-    ds = SparseSDFDataset(data, resolution, split=None, with_blocks=False, with_image=False)
+    ds = SparseSDFDataset(data, resolution, split=None, with_blocks="packed", with_image=False)
     model, band = load_vae(vae_dir)
     dev = torch.device(device)
     model = model.to(dev)
@@ -142,10 +142,14 @@ def encode_folder(data: str | os.PathLike, vae_dir: str | os.PathLike, out: str 
                 bar.update(1)
         if not items:
             continue
-        x = SparseTensor.from_samples([it["coords"] for it in items], [it["sdf"] / band for it in items],
-                                      resolution=resolution).to(dev)
+        x = SparseTensor.from_samples([it["coords"] for it in items],
+                                      [it["sdf"].reshape(-1, 1) / band for it in items], resolution=resolution).to(dev)
+        # The occupied blocks (band blocks plus the blocks that close it): the latent covers them all.
+        structure = SparseTensor.from_samples([torch.as_tensor(it["block_coords"]) for it in items],
+                                              [torch.zeros(len(it["block_coords"]), 0) for it in items],
+                                              resolution=resolution // 8).to(dev)
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-            z, posterior = model.encode(x, sample_posterior=False)
+            z, posterior = model.encode(x, sample_posterior=False, structure=structure)
         coords = z.coords.cpu()
         mean, logvar = posterior.mean.float().cpu(), posterior.logvar.float().cpu()
         for b, item in enumerate(items):

@@ -195,7 +195,8 @@ def _sparse_vae(p: _Params) -> nn.Module:
         raise ValueError(f"{p.where}: expected num_heads × num_head_channels = model_channels, got {heads} × "
                          f"{head_channels} != {channels}")
     cfg = SparseSDFVAEConfig(latent_channels=p.get("embed_dim"), model_channels=channels,
-                             num_blocks=p.same("num_blocks_encoder", "num_blocks_decoder"), num_heads=heads)
+                             num_blocks=p.same("num_blocks_encoder", "num_blocks_decoder"), num_heads=heads,
+                             latent_structure="band")  # the published encoder's latents: the band's blocks only
     return SparseSDFVAE(cfg)
 
 

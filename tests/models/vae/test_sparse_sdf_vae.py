@@ -45,6 +45,45 @@ def test_encoder_downsamples_by_8_and_keeps_blocks():
     assert torch.equal(_keyed(z)[0][:, 1:], expect.to(torch.int32))
 
 
+def _batch_with_a_closure_block() -> SparseSDFBatch:
+    """A sphere whose occupied blocks include one without band voxels (as the data's band-closing blocks)."""
+    from tests.models.vae._cases import sphere_sdf
+
+    coords, sdf, blocks, _ = sphere_sample(32, 5.0)
+    blocks = torch.cat([blocks, torch.tensor([[3, 3, 3]])])  # far from the sphere: no band voxel in it
+    local = torch.stack(torch.meshgrid(*[torch.arange(8)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    block_sdf = sphere_sdf((blocks[:, None] * 8 + local).reshape(-1, 3), 32, 5.0, 2.0).clamp(-1, 1).reshape(-1, 512)
+    return SparseSDFBatch.from_samples([coords], [sdf], [blocks], [block_sdf], resolution=32)
+
+
+def test_latents_cover_every_occupied_block():
+    batch = _batch_with_a_closure_block()
+    blocks = batch.block_structure()
+    band_blocks = torch.unique(batch.sdf.coords[:, 1:] // 8, dim=0).to(torch.int32)
+    assert blocks.num_voxels == band_blocks.shape[0] + 1 and blocks.resolution == 4
+    assert torch.equal(blocks.coords, _block_structure_of(batch.target))  # the blocks' runs of target rows
+    torch.manual_seed(0)
+    model = SparseSDFVAE(tiny_config())
+    out = model(batch)
+    assert torch.equal(_keyed(out.latent)[0], _keyed(blocks)[0])  # one latent per occupied block, the extra one too
+    assert out.decoded.num_voxels == batch.target.num_voxels  # every target voxel is decoded and supervised
+    _, logs = model.loss(out, batch)
+    assert int(logs["supervised"]) == batch.target.num_voxels
+    z, _ = model.encode(batch.sdf, sample_posterior=False)  # without a structure: the band's blocks
+    assert torch.equal(_keyed(z)[0][:, 1:], band_blocks)
+
+    torch.manual_seed(0)
+    published = SparseSDFVAE(tiny_config(latent_structure="band"))  # the published encoder ignores the structure
+    assert torch.equal(_keyed(published(batch).latent)[0][:, 1:], band_blocks)
+    with pytest.raises(ValueError, match="latent_structure"):
+        tiny_config(latent_structure="all")
+
+
+def _block_structure_of(target: sp.SparseTensor) -> torch.Tensor:
+    """coords ``[NB, 4]`` (b, block) of the runs of ``target`` rows that share a block, in order."""
+    return torch.unique_consecutive(torch.cat([target.coords[:, :1], target.coords[:, 1:] // 8], 1), dim=0)
+
+
 def test_seeded_determinism():
     def run():
         torch.manual_seed(123)
@@ -216,7 +255,7 @@ def test_prepared_structure_same_result_and_no_host_syncs(monkeypatch):
         model = SparseSDFVAE(tiny_config())
         batch = sphere_batch(32, radii=(9.0, 11.0))
         if prepare:
-            prepare_structure(batch.sdf, model.config.window_size)
+            prepare_structure(batch.sdf, model.config.window_size, structure=batch.block_structure())
         with SyncOps() as syncs:
             out = model(batch)
             loss, _ = model.loss(out, batch)

@@ -195,8 +195,12 @@ def test_collate_matches_the_unpacked_path(data, resolution):
     assert packed.blocks.num_channels == 0  # no per-voxel targets travel from the workers
     c = collate_sparse([full[i] for i in order])
     ref_packed = PackedSDFBatch.pack(c["sdf"], c["blocks"], sharp=c["sharp"], tau=task.band)
-    prepare_structure(ref_packed.sdf, task.window_size)
+    prepare_structure(ref_packed.sdf, task.window_size, structure=ref_packed.blocks)
     _assert_same_structure(packed.sdf, ref_packed.sdf, "sdf")
+    # The latent level (latent_structure "blocks"): the blocks' window partitions, prepared alike.
+    assert sorted(packed.blocks._cache) == sorted(ref_packed.blocks._cache) and "window_8_0" in packed.blocks._cache
+    for key in packed.blocks._cache:
+        _assert_same_structure(packed.blocks._cache[key], ref_packed.blocks._cache[key], f"blocks[{key}]")
     assert torch.equal(packed.rows, ref_packed.rows) and torch.equal(packed.sharp, ref_packed.sharp)
     assert torch.equal(packed.blocks.coords, ref_packed.blocks.coords)
     got, ref = packed.to("cpu"), ref_packed.unpack()

@@ -85,8 +85,10 @@ def reconstruct_mesh(model, mesh, resolution: int, band: float, *, chunk_size: i
     x = SparseTensor.from_samples([torch.from_numpy(sdf.coords.astype("int32"))],
                                   [torch.from_numpy(sdf.sdf.astype("float32")).reshape(-1, 1) / band],
                                   resolution=resolution).to(device)
+    blocks = torch.from_numpy(sdf.block_coords.astype("int32"))
+    structure = SparseTensor.from_samples([blocks], [torch.zeros(len(blocks), 0)], resolution=resolution // 8)
     with torch.no_grad():
-        (out,) = decode_mesh(model, x, chunk_size=chunk_size)
+        (out,) = decode_mesh(model, x, structure=structure.to(device), chunk_size=chunk_size)
     if len(out.faces) == 0:
         raise ValueError("the reconstruction is empty (every decoded value has the same sign): are the weights "
                          "trained, and is the band the one they were trained with?")
@@ -135,7 +137,7 @@ def evaluate(model, data: str, resolutions: list[int], *, split: str, band: floa
             c = collate_sparse([ds[i]])
             batch = PackedSDFBatch.pack(c["sdf"], c["blocks"], tau=band).to(device)  # expanded on the device
             with torch.no_grad():
-                (pred,) = decode_mesh(model, batch.sdf)
+                (pred,) = decode_mesh(model, batch.sdf, structure=batch.block_structure())
             (ref,) = target_mesh(batch)
             m = shape_metrics(pred, ref, num_samples)
             for k, v in m.items():

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import sparse as sp
+from ...ops.conv.reference import lookup
 from .distributions import DiagonalGaussian
 from .losses import SDFLossWeights, sparse_sdf_loss
 from .transformer import SparseWindowTransformer
@@ -50,6 +51,10 @@ class SparseSDFVAEConfig:
     pe_factor: float = 1.0  # APE coordinate factor (0.5 lets a 128³ latent grid reuse the 64³ range)
     train_chunk_size: int = 0  # >0: training decodes one random sub-volume of this many latent voxels per edge
     chunk_padding: int = 4  # halo (latent voxels) around a decode chunk; ≥3 makes chunks exact
+    # Which 8³ blocks get a latent (and are decoded): "blocks" = every occupied block of the data, including the
+    # blocks that close the band (hole membranes, see d3s2.geometry.sdf); "band" = only blocks holding band
+    # voxels (the published encoder: a mesh with holes then decodes to a double-walled shell).
+    latent_structure: str = "blocks"
     loss: SDFLossWeights = field(default_factory=SDFLossWeights)
 
     def __post_init__(self) -> None:
@@ -58,6 +63,8 @@ class SparseSDFVAEConfig:
         if len(self.down_channels) != 3 or len(self.up_channels) != 3:
             raise ValueError(f"expected 3 down and 3 up channel counts (f = 8), got {self.down_channels}, "
                              f"{self.up_channels}")
+        if self.latent_structure not in ("blocks", "band"):
+            raise ValueError(f"expected latent_structure 'blocks' or 'band', got {self.latent_structure!r}")
         if self.model_channels % self.num_heads:
             raise ValueError(f"model_channels {self.model_channels} not divisible by num_heads {self.num_heads}")
         for c in [*self.down_channels, self.model_channels]:
@@ -82,11 +89,13 @@ def _reuse_structure(parent: sp.SparseTensor, key: str, child: sp.SparseTensor) 
 POOL_KEY = "vae_pool2"
 
 
-def prepare_structure(x: sp.SparseTensor, window_size: int = 8) -> sp.SparseTensor:
+def prepare_structure(x: sp.SparseTensor, window_size: int = 8,
+                      structure: sp.SparseTensor | None = None) -> sp.SparseTensor:
     """Build on ``x`` the structure the encoder derives from its coordinates with host syncs on a GPU (unique
     parents, window groups): per sample voxel counts and the pooled structure of the three down blocks, and the
-    latent level's two window partitions. Run it where syncs are free (DataLoader workers, on the CPU); the
-    structure travels with the batch (``SparseTensor.to``) and the model reuses it. Returns ``x``.
+    latent level's two window partitions (on ``structure``, the latent voxels given to the encoder, when given).
+    Run it where syncs are free (DataLoader workers, on the CPU); the structure travels with the batch
+    (``SparseTensor.to``) and the model reuses it. Returns ``x``.
     """
     h = x
     for _ in range(3):
@@ -95,9 +104,10 @@ def prepare_structure(x: sp.SparseTensor, window_size: int = 8) -> sp.SparseTens
         h = h.cached(POOL_KEY, lambda h=h, parents=parents: sp.SparseTensor(
             torch.zeros(parents.shape[0], 0, device=parents.device), parents, resolution=h.resolution // 2,
             batch_size=h.batch_size, validate=False))
-    h.batch_counts  # noqa: B018
+    latent = h if structure is None else structure
+    latent.batch_counts  # noqa: B018
     for shift in (0, window_size // 2):
-        sp.window_partition(h, window_size, shift)
+        sp.window_partition(latent, window_size, shift)
     return x
 
 
@@ -156,7 +166,11 @@ class SparseSDFEncoder(SparseWindowTransformer):
         ])
         self.out_layer = nn.Linear(cfg.model_channels, 2 * cfg.latent_channels)
 
-    def forward(self, x: sp.SparseTensor, *, factor: float | None = None) -> sp.SparseTensor:  # type: ignore[override]
+    def forward(self, x: sp.SparseTensor, *, factor: float | None = None,  # type: ignore[override]
+                structure: sp.SparseTensor | None = None) -> sp.SparseTensor:
+        """``structure``: the latent voxels to emit (coords at R/8, feats unused), a superset of the band's
+        blocks (e.g. every occupied block of the data); blocks without band voxels enter the transformer with
+        zero features. None: the band's blocks."""
         if x.num_channels != 1:
             raise ValueError(f"expected one SDF channel per voxel, got {x.num_channels}")
         if x.resolution % UPSAMPLE:
@@ -164,8 +178,21 @@ class SparseSDFEncoder(SparseWindowTransformer):
         h = x.replace(self.input_layer1(x.feats))
         for block in self.downsample:
             h = block(h)
+        if structure is not None:
+            h = _onto_structure(h, structure)
         h = super().forward(h, factor=factor)
         return h.replace(self.out_layer(F.layer_norm(h.feats, h.feats.shape[-1:])))
+
+
+def _onto_structure(h: sp.SparseTensor, structure: sp.SparseTensor) -> sp.SparseTensor:
+    """``h`` ``[NL, C]`` scattered into the rows of ``structure`` (``NB ≥ NL`` voxels, every one of ``h``'s among
+    them); the other rows are zero. No host sync: the row count comes from ``structure``."""
+    if structure.resolution != h.resolution or structure.batch_size != h.batch_size:
+        raise ValueError(f"expected a structure at resolution {h.resolution} with {h.batch_size} samples, got "
+                         f"{structure.resolution} with {structure.batch_size}")
+    rows = lookup(structure.coords, h.coords, h.resolution).long()  # [NL]; the caller guarantees rows >= 0
+    feats = h.feats.new_zeros(structure.num_voxels, h.num_channels).index_copy(0, rows, h.feats)
+    return structure.replace(feats)  # shares the structure's cache (window partitions prepared with it)
 
 
 # ---------------------------------------------------------------------------------------------- decoder
@@ -277,6 +304,16 @@ def decode_chunked(head: Head, h: sp.SparseTensor, chunk_size: int, padding: int
 
 
 # ---------------------------------------------------------------------------------------------- batch
+def _block_structure(target: sp.SparseTensor) -> sp.SparseTensor:
+    blocks = UPSAMPLE**3
+    if target.num_voxels % blocks:
+        raise ValueError(f"expected whole 8³ blocks of target rows, got {target.num_voxels} rows")
+    first = target.coords[::blocks]  # [NB, 4] the first voxel of each block's run
+    coords = torch.cat([first[:, :1], first[:, 1:] // UPSAMPLE], 1)
+    return sp.SparseTensor(first.new_zeros(first.shape[0], 0).float(), coords,
+                           resolution=target.resolution // UPSAMPLE, batch_size=target.batch_size, validate=False)
+
+
 @dataclass
 class SparseSDFBatch:
     """One training batch of the SS-VAE.
@@ -289,6 +326,9 @@ class SparseSDFBatch:
         in_band: bool ``[M]``: target row is a band (input) voxel → ``L_in``; the rest → ``L_ext``.
         sharp: bool ``[M]``: target row lies near a sharp edge → ``L_sharp``.
         factor: APE coordinate factor for this batch (None: the model's ``pe_factor``).
+        blocks: the occupied blocks at R/8 (``[NB, *]``, coords only used) whose 512-voxel runs make up
+            ``target``, when the batch was unpacked from them (their structure cache may be prepared); None:
+            derived from ``target``.
     """
 
     sdf: sp.SparseTensor
@@ -296,19 +336,30 @@ class SparseSDFBatch:
     in_band: torch.Tensor
     sharp: torch.Tensor
     factor: float | None = None
+    blocks: sp.SparseTensor | None = None
+
+    def block_structure(self) -> sp.SparseTensor:
+        """The occupied blocks at R/8 (coords ``[NB, 4]``, no feats), in the target's block order: the target
+        holds each block's 512 voxels as one run of rows."""
+        if self.blocks is not None:
+            return self.blocks
+        return self.target.cached("vae_block_structure", lambda: _block_structure(self.target))
 
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> SparseSDFBatch:
-        """Move to ``device`` (structure caches of ``sdf`` and ``target`` come along, see ``SparseTensor.to``)."""
+        """Move to ``device`` (structure caches come along, see ``SparseTensor.to``)."""
         return dataclasses.replace(self, sdf=self.sdf.to(device, non_blocking=non_blocking),
                                    target=self.target.to(device, non_blocking=non_blocking),
                                    in_band=self.in_band.to(device, non_blocking=non_blocking),
-                                   sharp=self.sharp.to(device, non_blocking=non_blocking))
+                                   sharp=self.sharp.to(device, non_blocking=non_blocking),
+                                   blocks=None if self.blocks is None else
+                                   self.blocks.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> SparseSDFBatch:
         """Page-locked host copy (the DataLoader's ``pin_memory=True`` calls it): the copies to the GPU then run
         asynchronously instead of blocking the host as pageable copies do."""
         return dataclasses.replace(self, sdf=self.sdf.pin_memory(), target=self.target.pin_memory(),
-                                   in_band=self.in_band.pin_memory(), sharp=self.sharp.pin_memory())
+                                   in_band=self.in_band.pin_memory(), sharp=self.sharp.pin_memory(),
+                                   blocks=None if self.blocks is None else self.blocks.pin_memory())
 
     @property
     def num_tokens(self) -> int:
@@ -387,8 +438,6 @@ class PackedSDFBatch:
     def pack(cls, sdf: sp.SparseTensor, blocks: sp.SparseTensor, *, sharp: torch.Tensor | None = None,
              tau: float = 1.0, factor: float | None = None) -> PackedSDFBatch:
         """Check the inputs of :meth:`SparseSDFBatch.from_blocks` and find each band voxel's target row."""
-        from ...ops.conv.reference import lookup
-
         r = sdf.resolution
         if blocks.resolution * UPSAMPLE != r or blocks.num_channels != UPSAMPLE**3:
             raise ValueError(f"expected blocks [NB, {UPSAMPLE**3}] at resolution {r // UPSAMPLE}, got "
@@ -515,7 +564,7 @@ class PackedSDFBatch:
         sharp_mask = torch.zeros(target.num_voxels, dtype=torch.bool, device=dev)
         if self.sharp is not None:
             sharp_mask.index_copy_(0, self.rows, self.sharp)
-        return SparseSDFBatch(self.sdf, target, in_band, sharp_mask, self.factor)
+        return SparseSDFBatch(self.sdf, target, in_band, sharp_mask, self.factor, blocks)
 
     def _block_values(self) -> torch.Tensor:
         """float32 ``[NB, 512]`` truncated SDF of the blocks' voxels (in the units of ``tau``)."""
@@ -552,9 +601,16 @@ class SparseSDFVAE(nn.Module):
         self.decoder = SparseSDFDecoder(self.config)
 
     def encode(self, x: sp.SparseTensor, *, factor: float | None = None, sample_posterior: bool = True,
-               generator: torch.Generator | None = None) -> tuple[sp.SparseTensor, DiagonalGaussian]:
-        """``[N, 1]`` SDF / τ at R -> (latent ``[NL, Z]`` at R/8, posterior)."""
-        params = self.encoder(x, factor=factor)
+               generator: torch.Generator | None = None,
+               structure: sp.SparseTensor | None = None) -> tuple[sp.SparseTensor, DiagonalGaussian]:
+        """``[N, 1]`` SDF / τ at R -> (latent ``[NL, Z]`` at R/8, posterior).
+
+        ``structure``: the data's occupied blocks at R/8 (coords only; a superset of the band's blocks); with
+        ``config.latent_structure == "blocks"`` the latent covers exactly these. None, or ``"band"``: the band's
+        blocks.
+        """
+        use = structure if self.config.latent_structure == "blocks" else None
+        params = self.encoder(x, factor=factor, structure=use)
         posterior = DiagonalGaussian(params.feats, dim=1)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return params.replace(z), posterior
@@ -593,7 +649,8 @@ class SparseSDFVAE(nn.Module):
         """Encode the band, sample the posterior (mode in eval mode), decode (one random chunk if
         ``train_chunk_size > 0`` in training mode)."""
         factor = batch.factor
-        z, posterior = self.encode(batch.sdf, factor=factor, sample_posterior=self.training)
+        z, posterior = self.encode(batch.sdf, factor=factor, sample_posterior=self.training,
+                                   structure=batch.block_structure())
         if self.training and self.config.train_chunk_size > 0:
             decoded = self.decode_random_chunk(z, self.config.train_chunk_size, factor=factor)
         else:

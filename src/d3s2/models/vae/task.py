@@ -124,16 +124,17 @@ class MultiResolutionDataset(Dataset):
         return part[i]
 
 
-def decode_mesh(model: SparseSDFVAE, batch_sdf: sp.SparseTensor, *, chunk_size: int = 0,
-                factor: float | None = None) -> list[trimesh.Trimesh]:
+def decode_mesh(model: SparseSDFVAE, batch_sdf: sp.SparseTensor, *, structure: sp.SparseTensor | None = None,
+                chunk_size: int = 0, factor: float | None = None) -> list[trimesh.Trimesh]:
     """Encode (posterior mode), decode and extract one closed mesh per sample, vertices in ``[-1, 1]``.
 
     Args:
         batch_sdf: band voxels, feats ``[N, 1]`` SDF / τ, at resolution R.
+        structure: the data's occupied blocks at R/8 (see :meth:`SparseSDFVAE.encode`); None: the band's.
     """
     from ...pipeline.extract import closed_mesh
 
-    z, _ = model.encode(batch_sdf, factor=factor, sample_posterior=False)
+    z, _ = model.encode(batch_sdf, factor=factor, sample_posterior=False, structure=structure)
     decoded = model.decode(z, factor=factor, chunk_size=chunk_size)
     return [closed_mesh(d.coords[:, 1:], d.feats[:, 0].float(), b.coords[:, 1:], batch_sdf.resolution)
             for d, b in zip(decoded.unbind(), z.unbind())]
@@ -190,6 +191,7 @@ class SparseVAETask:
         self.val_resolution = config.val_resolution or max(config.resolutions)
         _, model_args = load_model_config(config.model_config, config.model_args)
         self.window_size = int(model_args.get("window_size", SparseSDFVAEConfig.window_size))
+        self.latent_structure = str(model_args.get("latent_structure", SparseSDFVAEConfig.latent_structure))
 
     def build_model(self) -> SparseSDFVAE:
         from ..registry import build_model
@@ -218,7 +220,9 @@ class SparseVAETask:
         c = collate_packed(items)
         batch = PackedSDFBatch.from_inside_bits(c["sdf"], c["blocks"], c["rows"], c["inside"], c["fill"],
                                                 sharp=c["sharp"], tau=self.band)
-        prepare_structure(batch.sdf, self.window_size)  # in the DataLoader workers: no GPU syncs for it later
+        # In the DataLoader workers: no GPU syncs for it later. The latent level is the blocks' (or the band's).
+        prepare_structure(batch.sdf, self.window_size,
+                          structure=batch.blocks if self.latent_structure == "blocks" else None)
         return batch
 
     def loss(self, model: nn.Module, batch: SparseSDFBatch | PackedSDFBatch
@@ -240,7 +244,8 @@ class SparseVAETask:
             batch = unpacked(batch)
             out = model(batch)
             _, logs = model.loss(out, batch)
-            preds = decode_mesh(model, batch.sdf, chunk_size=self.cfg.decode_chunk, factor=batch.factor)
+            preds = decode_mesh(model, batch.sdf, structure=batch.block_structure(), chunk_size=self.cfg.decode_chunk,
+                                factor=batch.factor)
             for pred, ref in zip(preds, target_mesh(batch)):
                 metrics = {k: float(v) for k, v in logs.items() if k != "supervised"}
                 metrics.update(shape_metrics(pred, ref, self.cfg.val_samples))
