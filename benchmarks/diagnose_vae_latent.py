@@ -6,6 +6,10 @@ that latent is optimised directly (Adam on the latent features, decoder frozen) 
 decoder can express with one 16-channel latent per occupied 8³ block: if they reach the targets, the encoder
 (or the KL weight, or training time) is what holds the VAE back; if not, the decoder or the latent size is.
 
+``--band-reference`` also scores both against a reference built from the blocks that hold band voxels only (the
+structure a ``latent_structure: band`` VAE decodes): the gap between the two references is what the band-closing
+blocks (hole membranes) add. ``--iters 0`` skips the optimisation.
+
     python benchmarks/diagnose_vae_latent.py --data BUILD --weights DIR --split test --limit 16 --iters 200 \\
         --device cuda --out benchmarks/results/vae_latent_oracle.json
 """
@@ -49,10 +53,22 @@ def _sign_errors(model, z, full) -> float:
     return float(((pred > 0) != (want > 0)).float().mean())
 
 
+def _band_block_reference(full, resolution):
+    """The closed mesh of the targets of only the blocks that hold band voxels."""
+    t = full.target
+    blocks = torch.unique(full.sdf.coords[:, 1:] // 8, dim=0)
+    g = resolution // 8
+    key = lambda b: (b[:, 0].long() * g + b[:, 1]) * g + b[:, 2]  # noqa: E731
+    keep = torch.isin(key(t.coords[:, 1:] // 8), key(blocks))
+    return closed_mesh(t.coords[keep, 1:], t.feats[keep, 0].float(), blocks, resolution)
+
+
 def diagnose(model, data: str, resolution: int, *, split: str, limit: int, iters: int, lr: float,
-             samples: int, device: str) -> dict:
+             samples: int, device: str, band_reference: bool = False, names: list[str] | None = None) -> dict:
     ds = SparseSDFDataset(data, resolution, split=split, with_image=False)
-    n = min(limit, len(ds)) if limit else len(ds)
+    picked = [ds.names.index(name) for name in names] if names else list(range(len(ds)))
+    picked = picked[:limit] if limit else picked
+    n = len(picked)
     if n == 0:
         raise ValueError(f"{data}: the {split} split is empty")
     band = float(json.loads((Path(data) / "build.json").read_text())["band"])
@@ -60,16 +76,24 @@ def diagnose(model, data: str, resolution: int, *, split: str, limit: int, iters
     for p in model.parameters():
         p.requires_grad_(False)
     shapes = []
-    for i in range(n):
+    for i, index in enumerate(picked):
         t0 = time.perf_counter()
-        c = collate_sparse([ds[i]])
+        c = collate_sparse([ds[index]])
         full = unpacked(PackedSDFBatch.pack(c["sdf"], c["blocks"], tau=band).to(device))
         (ref,) = target_mesh(full)
         with torch.no_grad():
             z, posterior = model.encode(full.sdf, sample_posterior=False, structure=full.block_structure())
-        row = {"name": ds.names[i], "band_voxels": int(full.sdf.num_voxels), "latents": int(z.num_voxels),
+        row = {"name": ds.names[index], "band_voxels": int(full.sdf.num_voxels), "latents": int(z.num_voxels),
                "encoded": shape_metrics(_mesh(model, z, resolution), ref, samples),
                "encoded_sign_errors": _sign_errors(model, z, full)}
+        if band_reference:
+            ref_band = _band_block_reference(full, resolution)
+            row["band_reference_vs_reference"] = shape_metrics(ref_band, ref, samples)
+            row["encoded_vs_band_reference"] = shape_metrics(_mesh(model, z, resolution), ref_band, samples)
+        if iters == 0:
+            shapes.append(row)
+            print(f"{i + 1}/{n} {row['name']}: F@0.005 {row['encoded']['fscore@0.005']:.3f}", flush=True)
+            continue
         feats = z.feats.detach().clone().requires_grad_(True)
         opt = torch.optim.Adam([feats], lr=lr)
         curve = []
@@ -91,9 +115,12 @@ def diagnose(model, data: str, resolution: int, *, split: str, limit: int, iters
               f"{row['optimised']['fscore@0.005']:.3f}, NC {row['encoded']['normal_consistency']:.3f} -> "
               f"{row['optimised']['normal_consistency']:.3f}, l_in {curve[0]['l_in']:.4f} -> {curve[-1]['l_in']:.4f}",
               flush=True)
-    mean = {kind: {k: sum(s[kind][k] for s in shapes) / n for k in KEYS} for kind in ("encoded", "optimised")}
+    kinds = [k for k in ("encoded", "optimised", "band_reference_vs_reference", "encoded_vs_band_reference")
+             if k in shapes[0]]
+    mean = {kind: {k: sum(s[kind][k] for s in shapes) / n for k in KEYS} for kind in kinds}
     for kind in ("encoded", "optimised"):
-        mean[kind]["sign_errors"] = sum(s[f"{kind}_sign_errors"] for s in shapes) / n
+        if kind in mean:
+            mean[kind]["sign_errors"] = sum(s[f"{kind}_sign_errors"] for s in shapes) / n
     return {"data": data, "resolution": resolution, "split": split, "shapes": n, "iters": iters, "lr": lr,
             "samples": samples, "mean": mean, "per_shape": shapes}
 
@@ -108,13 +135,17 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=200, help="Adam steps on the latent")
     parser.add_argument("--lr", type=float, default=0.03)
     parser.add_argument("--samples", type=int, default=50_000, help="surface samples per metric")
+    parser.add_argument("--band-reference", action="store_true",
+                        help="also score against the reference of the band's blocks only")
+    parser.add_argument("--names", nargs="*", help="only these shapes of the split")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="result JSON")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = from_pretrained(args.weights, map_location=args.device).float().eval()
     report = diagnose(model, args.data, args.resolution, split=args.split, limit=args.limit, iters=args.iters,
-                      lr=args.lr, samples=args.samples, device=args.device)
+                      lr=args.lr, samples=args.samples, device=args.device, band_reference=args.band_reference,
+                      names=args.names)
     report.update(weights=args.weights, device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                   torch=torch.__version__)
     for kind, m in report["mean"].items():
