@@ -298,7 +298,7 @@ def test_training_step_runs_without_host_syncs_on_gpu(inside_bits):
         batch = sphere_batch(32, radii=(9.0, 11.0), sharp_every=3, packed=True)
         if inside_bits:
             batch = with_inside_bits(batch)
-        prepare_structure(batch.sdf, model.config.window_size)
+        prepare_structure(batch.sdf, model.config.window_size, structure=batch.blocks)  # as SparseVAETask.collate
         batch = batch.pin_memory().to("cuda", non_blocking=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(batch)
