@@ -55,7 +55,9 @@ class _Level:
     def __init__(self, size, coords, keys, pair_cell, pair_tri, far):
         self.size, self.coords, self.keys = size, coords, keys  # keys sorted ascending
         self.pair_cell, self.pair_tri, self.far = pair_cell, pair_tri, far
-        counts = torch.bincount(pair_cell, minlength=coords.shape[0])
+        # index_add, not bincount: CUDA's bincount reads the largest index back to the host.
+        counts = torch.zeros(coords.shape[0], dtype=torch.long, device=coords.device).index_add_(
+            0, pair_cell, torch.ones_like(pair_cell))
         self.offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
         self.has_far = torch.zeros(coords.shape[0], dtype=torch.bool, device=coords.device)
 
@@ -73,6 +75,7 @@ class _Flat:
             self.base.append(self.base[-1] + c)
         self.kbase = [sum(8**i for i in range(j)) for j in range(len(levels))]
         self.kbase_t = torch.tensor(self.kbase, device=dev)  # once: a host-to-device copy waits for queued kernels
+        self.base_t = torch.tensor(self.base, device=dev)
         self.keys = torch.cat([lv.keys + kb for lv, kb in zip(levels, self.kbase, strict=True)])
         self.level = torch.repeat_interleave(torch.arange(len(levels), device=dev),
                                              torch.tensor(counts, device=dev))
@@ -209,9 +212,10 @@ class TorchField:
             keep_cell = mind < band + hd
             remap = torch.cumsum(keep_cell.long(), 0) - 1
             keep_pair &= keep_cell[cell_of_pair]
-            new_coords = ccoords[keep_cell]
-            pair_cell = remap[cell_of_pair[keep_pair]]
-            pair_tri = tri_of_pair[keep_pair]
+            new_coords = ccoords[torch.nonzero(keep_cell).squeeze(1)]
+            kept = torch.nonzero(keep_pair).squeeze(1)  # one host sync for both gathers
+            pair_cell = remap[cell_of_pair[kept]]
+            pair_tri = tri_of_pair[kept]
             logger.debug("level %d: %d cells, %d near pairs", j, new_coords.shape[0], pair_cell.numel())
             # Sort cells by key so points can be located by binary search.
             keys = (new_coords[:, 0] * g + new_coords[:, 1]) * g + new_coords[:, 2]
@@ -235,11 +239,12 @@ class TorchField:
         parent = self._levels[-1]
         vox = (parent.coords[:, None, :] * 2 + self.child[None]).reshape(-1, 3)
         owner = torch.arange(parent.coords.shape[0], device=self.device)[:, None].expand(-1, 8).reshape(-1)
-        inside_grid = (vox < resolution).all(1)
-        vox, owner = vox[inside_grid], owner[inside_grid]
+        if 2 ** len(self._levels) != resolution:  # the hierarchy's grid (a power of two) overhangs the voxels
+            inside_grid = torch.nonzero((vox < resolution).all(1)).squeeze(1)
+            vox, owner = vox[inside_grid], owner[inside_grid]
         pts = self._centers(vox, 2.0 / resolution)
         d, _, sd = self._near(pts, owner, parent, True, True, need_wind=False, by_class=True)
-        keep = d[:, 0] < radius
+        keep = torch.nonzero(d[:, 0] < radius).squeeze(1)  # one host sync for the three gathers
         return vox[keep], d[keep], sd[keep]
 
     def _locate(self, points: torch.Tensor) -> torch.Tensor:
@@ -255,28 +260,46 @@ class TorchField:
     def _fill_far(self, gid: torch.Tensor) -> None:
         """Compute the far-field corner values of cells ``gid`` (global ids) and of their ancestors if missing.
 
-        Missing cells are gathered level by level upwards, then filled from the top down (a cell's corner values
-        need its parent's far field): one near-list evaluation per step, whatever the levels involved.
+        A cell's far field needs its parent's, and a cell with a far field has ancestors with one, so the missing
+        cells are the cells without one among ``gid`` and all their ancestors (found level by level from their
+        coordinates, without a host round trip); they are filled level by level from the top: one near-list
+        evaluation per level. Three host syncs per call, whatever the depth.
         """
         flat = self._flat()
-        cells = torch.unique(gid)
-        missing = cells[~flat.has[cells]]
-        steps = []
-        while missing.numel():  # the root always has its far field (zero), so this ends
-            parent = flat.parent(missing)
-            steps.append((missing, parent))
-            cells = torch.unique(parent)
-            missing = cells[~flat.has[cells]]
-        for missing, parent in reversed(steps):
-            m = missing.numel()
-            corners = ((flat.coords[missing][:, None, :] + self.corner[None]).reshape(-1, 3).to(self.dtype)
-                       * flat.size[missing].repeat_interleave(8)[:, None] - 1.0)  # [8M, 3]
-            # Corner winding numbers one level up (near list and far field of the parent), minus this cell's near part.
-            owner = torch.cat([parent.repeat_interleave(8), missing.repeat_interleave(8)])
-            w = self._near_flat(torch.cat([corners, corners]), owner)
-            w_corner = w[:8 * m] + self._far(corners, owner[:8 * m])
-            flat.far[missing] = (w_corner - w[8 * m:]).reshape(-1, 8)
-            flat.has[missing] = True
+        missing = self._without_far(gid)
+        if missing.numel() == 0:
+            return
+        lv, co = flat.level[missing], flat.coords[missing]
+        ancestors = [missing]
+        for i in range(1, len(self._levels) - 1):  # the level-i ancestor of a deeper cell: coordinates >> depth
+            _, pos = flat.find(i, co >> (lv - i).clamp_min(0)[:, None])
+            ancestors.append(torch.where(lv > i, pos, 0))
+        missing = self._without_far(torch.cat(ancestors))
+        # Global ids are ordered by level: one search splits the sorted missing cells into levels.
+        bounds = torch.searchsorted(missing, flat.base_t).tolist()
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            if hi > lo:
+                self._fill_level(missing[lo:hi])
+
+    def _without_far(self, gid: torch.Tensor) -> torch.Tensor:
+        """Sorted distinct cells among ``gid`` without a far field (one host sync: the root, id 0, has one)."""
+        flat = self._flat()
+        zero = gid.new_zeros(1)
+        return torch.unique(torch.cat([zero, torch.where(flat.has[gid], 0, gid)]))[1:]
+
+    def _fill_level(self, missing: torch.Tensor) -> None:
+        """Far-field corner values of cells ``missing`` [M] (distinct global ids) whose parents have theirs."""
+        flat = self._flat()
+        parent = flat.parent(missing)
+        m = missing.numel()
+        corners = ((flat.coords[missing][:, None, :] + self.corner[None]).reshape(-1, 3).to(self.dtype)
+                   * flat.size[missing].repeat_interleave(8)[:, None] - 1.0)  # [8M, 3]
+        # Corner winding numbers one level up (near list and far field of the parent), minus this cell's near part.
+        owner = torch.cat([parent.repeat_interleave(8), missing.repeat_interleave(8)])
+        w = self._near_flat(torch.cat([corners, corners]), owner)
+        w_corner = w[:8 * m] + self._far(corners, owner[:8 * m])
+        flat.far[missing] = (w_corner - w[8 * m:]).reshape(-1, 8)
+        flat.has[missing] = True
 
     def _near_flat(self, points: torch.Tensor, gid: torch.Tensor) -> torch.Tensor:
         """Near-list winding number [Q] of points [Q, 3] over the lists of cells ``gid`` (global ids)."""

@@ -488,7 +488,12 @@ def propagate_signs(signs: torch.Tensor, max_steps: int = 3 * BLOCK) -> torch.Te
     """
     s = signs.to(torch.int8).clone()
     active = torch.nonzero((s == 0).flatten(1).any(1)).squeeze(1)
-    for _ in range(max_steps):
+    changing = None
+    for step in range(max_steps):
+        if step & (step - 1) == 0 and changing is not None:
+            # Compacted before steps 1, 2, 4, 8, ... only (each compaction is a host sync): a block left in the
+            # batch after its last fill gets no fill again, so the result is the same.
+            active = active[torch.nonzero(changing).squeeze(1)]
         if active.numel() == 0:
             break
         a = s[active]
@@ -504,7 +509,7 @@ def propagate_signs(signs: torch.Tensor, max_steps: int = 3 * BLOCK) -> torch.Te
         a = torch.where(fill, total.sign(), a)
         s[active] = a
         # A block without a fill this round never changes again; one without unknowns is done.
-        active = active[fill.flatten(1).any(1) & (a == 0).flatten(1).any(1)]
+        changing = fill.flatten(1).any(1) & (a == 0).flatten(1).any(1)
     return s
 
 
@@ -564,11 +569,13 @@ def _close_blocks(field, resolution: int, block_keys: torch.Tensor, inside: torc
     row_of = torch.arange(n, device=dev)  # row in buf of each entry of the sorted block_keys
     frontier = _block_coords(block_keys, g)
     new_keys = block_keys
+    minus_one = torch.full((1,), -1, dtype=torch.long, device=dev)
     for _ in range(max_rounds):
         nb = (frontier[:, None, :] + dirs[None]).reshape(-1, 3)
-        nb = nb[((nb >= 0) & (nb < g)).all(1)]
-        k = _keys(nb, g)
-        cand = torch.unique(k[~_member(block_keys, k)[0]])
+        k = _keys(nb.clamp(0, g - 1), g)
+        # Off-grid and present neighbours become -1, which sorts first: one unique (one host sync) compacts.
+        k = torch.where(((nb >= 0) & (nb < g)).all(1) & ~_member(block_keys, k)[0], k, -1)
+        cand = torch.unique(torch.cat([minus_one, k]))[1:]
         if cand.numel() == 0:
             new_keys = cand
             break
@@ -578,8 +585,7 @@ def _close_blocks(field, resolution: int, block_keys: torch.Tensor, inside: torc
         found, pos = _member(block_keys, _keys(b.clamp(0, g - 1).reshape(-1, 3), g))
         found = found.reshape(b.shape[:2]) & ok
         touch = sides[row_of[pos].reshape(b.shape[:2]), dir_idx[None]] & found[..., None]  # [M, 26, 2]
-        both = touch.any(1).all(1)
-        new_keys = cand[both]
+        new_keys = cand[torch.nonzero(touch.any(1).all(1)).squeeze(1)]
         if new_keys.numel() == 0:
             break
         frontier = _block_coords(new_keys, g)
@@ -610,22 +616,26 @@ def label_components(src: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tens
     """int64 [n]: the smallest node index of each node's connected component (undirected edges ``src``-``dst``).
 
     Label propagation with hooking and pointer jumping, all in torch on the edges' device: each round the root
-    of every edge's larger label is hooked under the smaller one, then every node jumps to its root.
+    of every edge's larger label is hooked under the smaller one, then every node jumps to its root. An edge whose
+    ends share a label keeps sharing it (labels only merge), so it is dropped for good: each round works on the
+    edges still between components, with one host sync for the round and one per two jumps.
     """
     label = torch.arange(n, device=src.device)
     while src.numel():
         ls, ld = label[src], label[dst]
-        differ = ls != ld
-        if not bool(differ.any()):
+        keep = torch.nonzero(ls != ld).squeeze(1)
+        if keep.numel() == 0:
             break
-        ls, ld = ls[differ], ld[differ]
+        src, dst, ls, ld = src[keep], dst[keep], ls[keep], ld[keep]
         low = torch.minimum(ls, ld)
         label.scatter_reduce_(0, torch.maximum(ls, ld), low, reduce="amin")  # labels are roots here
         while True:
-            jumped = label[label]
-            if torch.equal(jumped, label):
+            once = label[label]
+            twice = once[once]
+            if torch.equal(twice, once):
+                label = twice
                 break
-            label = jumped
+            label = twice
     return label
 
 
@@ -640,17 +650,49 @@ def _components(src: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tensor:
     return torch.from_numpy(connected_components(graph, directed=False)[1].astype(np.int64))
 
 
+def _count(index: torch.Tensor, num: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 [num]: ``torch.bincount(index, weights, minlength=num)`` for indices < num, without the host sync of
+    CUDA's bincount (it reads the largest index back)."""
+    src = torch.ones_like(index) if weights is None else weights.long()
+    return torch.zeros(num, dtype=torch.long, device=index.device).index_add_(0, index, src)
+
+
 def _spread(labels: torch.Tensor, num: int, samples: int) -> torch.Tensor:
     """Indices of up to ``samples`` members of each label, spread over its members (sorted order)."""
     dev = labels.device
     order = torch.argsort(labels, stable=True)
-    counts = torch.bincount(labels, minlength=num)
+    counts = _count(labels, num)
     starts = torch.cumsum(counts, 0) - counts
     k = counts.clamp_max(samples)
-    lab = torch.repeat_interleave(torch.arange(num, device=dev), k)
-    rank = torch.arange(lab.numel(), device=dev) - torch.repeat_interleave(torch.cumsum(k, 0) - k, k)
+    total = int(k.sum())  # one host sync: both repeats below then know their output size
+    lab = torch.repeat_interleave(torch.arange(num, device=dev), k, output_size=total)
+    rank = torch.arange(total, device=dev) - torch.repeat_interleave(torch.cumsum(k, 0) - k, k, output_size=total)
     pick = starts[lab] + torch.div(rank * counts[lab], k[lab].clamp_min(1), rounding_mode="floor")
     return order[pick]
+
+
+def _safe_pairs(coords: torch.Tensor, udf: torch.Tensor, exact: torch.Tensor,
+                resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Edges (src, dst int64 [E]) between 6-neighbour band voxels that cannot have the surface between them
+    (``udf_a + udf_b > h``, neither exact); ``coords`` int64 [N, 3] sorted by key. Fixed-size work per axis, one
+    host sync for the compaction."""
+    n = coords.shape[0]
+    h = 2.0 / resolution
+    keys = _keys(coords, resolution)
+    idx = torch.arange(n, device=coords.device)
+    dst = []
+    for axis, stride in enumerate((resolution * resolution, resolution, 1)):
+        if stride == 1:  # keys are sorted and distinct: the +z neighbour, if present, is the next voxel
+            row = (idx + 1).clamp_max(n - 1)
+            found = keys[row] == keys + 1
+        else:
+            found, row = _member(keys, keys + stride)
+        ok = found & (coords[:, axis] < resolution - 1)
+        ok &= (udf + udf[row] > h * (1 + 1e-6)) & ~exact & ~exact[row]
+        dst.append(torch.where(ok, row, -1))
+    dst = torch.stack(dst, 1).reshape(-1)  # [3N]: voxel-major, as the per-axis edges of a voxel
+    edge = torch.nonzero(dst >= 0).squeeze(1)
+    return torch.div(edge, 3, rounding_mode="floor"), dst[edge]
 
 
 def band_signs(field, coords: torch.Tensor, udf: torch.Tensor, exact: torch.Tensor, resolution: int,
@@ -672,33 +714,21 @@ def band_signs(field, coords: torch.Tensor, udf: torch.Tensor, exact: torch.Tens
         return inside
     idx = torch.nonzero(exact if needed is None else exact & needed).squeeze(1)
     inside[idx] = field.inside(voxel_centers(coords[idx], resolution))
-    h = 2.0 / resolution
-    keys = _keys(coords, resolution)
-    src, dst = [], []
-    for axis in range(3):
-        nb = coords.clone()
-        nb[:, axis] += 1
-        ok = nb[:, axis] < resolution
-        found, row = _member(keys, _keys(nb[ok], resolution))
-        i = torch.nonzero(ok).squeeze(1)[found]
-        j = row[found]
-        safe = (udf[i] + udf[j] > h * (1 + 1e-6)) & ~exact[i] & ~exact[j]
-        src.append(i[safe])
-        dst.append(j[safe])
     rest = torch.nonzero(~exact).squeeze(1)
     if rest.numel() == 0:
         return inside
-    labels = _components(torch.cat(src), torch.cat(dst), n).to(dev)
-    _, lab = torch.unique(labels[rest], return_inverse=True)
-    nl = int(lab.max()) + 1
+    labels = _components(*_safe_pairs(coords, udf, exact, resolution), n).to(dev)
+    uniq, lab = torch.unique(labels[rest], return_inverse=True)
+    nl = uniq.numel()
     pick = _spread(lab, nl, samples)
     if needed is not None:
         # A component without a needed voxel needs no vote; the others keep the same samples, so the same votes.
-        wanted = torch.zeros(nl, dtype=torch.long, device=dev).index_add_(0, lab, needed[rest].long()) > 0
+        wanted = torch.zeros(nl + 1, dtype=torch.bool, device=dev)
+        wanted[torch.where(needed[rest], lab, nl)] = True  # slot nl takes the voxels that are not needed
         pick = pick[wanted[lab[pick]]]
     vote = field.inside(voxel_centers(coords[rest[pick]], resolution))
-    pos = torch.zeros(nl, dtype=torch.long, device=dev).index_add_(0, lab[pick], vote.long())
-    tot = torch.bincount(lab[pick], minlength=nl)
+    pos = _count(lab[pick], nl, vote)
+    tot = _count(lab[pick], nl)
     inside[rest] = (2 * pos > tot)[lab]
     logger.debug("band signs: %d voxels, %d exact, %d components", n, idx.numel(), nl)
     return inside
@@ -747,7 +777,7 @@ def _sparse_sdf_one(field, resolution: int, band: float) -> SparseSDF:
                           needed=needed)
     # Union of the winding-number solid (distance to its boundary triangles) and the thickened lost sheets.
     sdf = torch.minimum(torch.where(inside_w, -dist[:, 1], dist[:, 1]), dist[:, 2] - shell)
-    keep = sdf.abs() < band
+    keep = torch.nonzero(sdf.abs() < band).squeeze(1)  # one host sync for the three gathers
     coords, sdf, sharp = coords[keep], sdf[keep].float(), sharp_dist[keep] < band
     inside_band = sdf < 0
 
