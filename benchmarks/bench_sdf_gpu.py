@@ -199,12 +199,12 @@ def profile_table(mesh, args, name: str) -> str:
 
 @contextlib.contextmanager
 def synchronous_host_copy() -> Iterator[None]:
-    """The SDF's band voxels copied to the host with a plain ``.cpu()`` (pageable memory, after the closure) instead
-    of pinned memory on a side stream: the A/B of ``--host-copy-ab``."""
+    """The SDF's band voxels copied to the host with a plain ``.cpu()`` (pageable memory, synchronous) instead of
+    the background thread streaming them through pinned slots: the A/B of ``--host-copy-ab``."""
     from d3s2.geometry import sdf
 
     saved = sdf._start_host_copy
-    sdf._start_host_copy = lambda *tensors: ([t.cpu() for t in tensors], None)
+    sdf._start_host_copy = lambda *tensors: sdf._HostCopy(*tensors, background=False)
     try:
         yield
     finally:
