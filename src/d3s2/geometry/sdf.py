@@ -659,17 +659,24 @@ def _count(index: torch.Tensor, num: int, weights: torch.Tensor | None = None) -
     return torch.zeros(num, dtype=torch.long, device=index.device).index_add_(0, index, src)
 
 
-def _spread(labels: torch.Tensor, num: int, samples: int) -> torch.Tensor:
-    """Indices of up to ``samples`` members of each label, spread over its members (sorted order)."""
-    dev = labels.device
+def _groups(labels: torch.Tensor, num: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order [M], bounds [num + 1]): the members of label ``l`` (labels int64 [M] in [0, num)) are
+    ``order[bounds[l]:bounds[l + 1]]``, in index order. Counts from a sorted search, not atomics: a few labels
+    hold most of tens of millions of voxels."""
     order = torch.argsort(labels, stable=True)
-    counts = _count(labels, num)
-    starts = torch.cumsum(counts, 0) - counts
+    return order, torch.searchsorted(labels[order], torch.arange(num + 1, device=labels.device))
+
+
+def _spread(order: torch.Tensor, bounds: torch.Tensor, samples: int) -> torch.Tensor:
+    """Indices of up to ``samples`` members of each group of :func:`_groups`, spread over its members."""
+    dev = order.device
+    num = bounds.numel() - 1
+    counts = bounds[1:] - bounds[:-1]
     k = counts.clamp_max(samples)
     total = int(k.sum())  # one host sync: both repeats below then know their output size
     lab = torch.repeat_interleave(torch.arange(num, device=dev), k, output_size=total)
     rank = torch.arange(total, device=dev) - torch.repeat_interleave(torch.cumsum(k, 0) - k, k, output_size=total)
-    pick = starts[lab] + torch.div(rank * counts[lab], k[lab].clamp_min(1), rounding_mode="floor")
+    pick = bounds[lab] + torch.div(rank * counts[lab], k[lab].clamp_min(1), rounding_mode="floor")
     return order[pick]
 
 
@@ -722,11 +729,12 @@ def band_signs(field, coords: torch.Tensor, udf: torch.Tensor, exact: torch.Tens
     labels = _components(*_safe_pairs(coords, udf, exact, resolution), n).to(dev)
     uniq, lab = torch.unique(labels[rest], return_inverse=True)
     nl = uniq.numel()
-    pick = _spread(lab, nl, samples)
+    order, bounds = _groups(lab, nl)
+    pick = _spread(order, bounds, samples)
     if needed is not None:
         # A component without a needed voxel needs no vote; the others keep the same samples, so the same votes.
-        wanted = torch.zeros(nl + 1, dtype=torch.bool, device=dev)
-        wanted[torch.where(needed[rest], lab, nl)] = True  # slot nl takes the voxels that are not needed
+        have = torch.nn.functional.pad(torch.cumsum(needed[rest][order], 0), (1, 0))  # needed members so far
+        wanted = have[bounds[1:]] > have[bounds[:-1]]
         pick = pick[wanted[lab[pick]]]
     vote = field.inside(voxel_centers(coords[rest[pick]], resolution))
     pos = _count(lab[pick], nl, vote)
