@@ -76,6 +76,7 @@ class _Flat:
         self.kbase = [sum(8**i for i in range(j)) for j in range(len(levels))]
         self.kbase_t = torch.tensor(self.kbase, device=dev)  # once: a host-to-device copy waits for queued kernels
         self.base_t = torch.tensor(self.base, device=dev)
+        self.levels_t = torch.arange(len(levels), device=dev)
         self.keys = torch.cat([lv.keys + kb for lv, kb in zip(levels, self.kbase, strict=True)])
         self.level = torch.repeat_interleave(torch.arange(len(levels), device=dev),
                                              torch.tensor(counts, device=dev))
@@ -95,11 +96,12 @@ class _Flat:
         for lv, b, c in zip(levels, self.base[:-1], counts, strict=True):
             lv.far, lv.has_far = self.far[b:b + c], self.has[b:b + c]
 
-    def find(self, j: int, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(found bool [Q], global id [Q]) of the level-``j`` cells ``coords`` int64 [Q, 3]."""
-        g = 2**j
-        k = (coords[:, 0] * g + coords[:, 1]) * g + coords[:, 2] + self.kbase[j]
-        pos = torch.searchsorted(self.keys, k).clamp_max(self.keys.numel() - 1)
+    def find(self, levels: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(found bool [Q, L'], global id [Q, L']) of the cells ``coords`` int64 [Q, L', 3] at ``levels`` int64 [L']:
+        one search for cells of several levels."""
+        g = torch.bitwise_left_shift(torch.ones_like(levels), levels)
+        k = (coords[..., 0] * g + coords[..., 1]) * g + coords[..., 2] + self.kbase_t[levels]
+        pos = torch.searchsorted(self.keys, k.reshape(-1)).clamp_max(self.keys.numel() - 1).reshape(k.shape)
         return self.keys[pos] == k, pos
 
     def parent(self, gid: torch.Tensor) -> torch.Tensor:
@@ -250,12 +252,15 @@ class TorchField:
     def _locate(self, points: torch.Tensor) -> torch.Tensor:
         """Global id (see :meth:`_flat`) of the deepest cell holding each point [Q, 3]."""
         flat = self._flat()
-        gid = torch.zeros(points.shape[0], dtype=torch.long, device=self.device)  # the root
-        for j in range(1, len(self._levels)):
-            c = ((points + 1.0) / self._levels[j].size).floor().long().clamp(0, 2**j - 1)
-            found, pos = flat.find(j, c)
-            gid = torch.where(found, pos, gid)
-        return gid
+        num = len(self._levels)
+        if num == 1:
+            return torch.zeros(points.shape[0], dtype=torch.long, device=self.device)  # the root
+        shifted = points + 1.0
+        c = torch.stack([(shifted / self._levels[j].size).floor().long().clamp(0, 2**j - 1) for j in range(1, num)],
+                        1)  # [Q, num - 1, 3]: the cell of each level holding each point
+        found, pos = flat.find(flat.levels_t[1:], c)
+        depth = (found * flat.levels_t[1:]).amax(1)  # the deepest level whose cell exists, 0 (the root) if none
+        return torch.where(depth > 0, pos.gather(1, (depth - 1).clamp_min(0)[:, None]).squeeze(1), 0)
 
     def _fill_far(self, gid: torch.Tensor) -> None:
         """Compute the far-field corner values of cells ``gid`` (global ids) and of their ancestors if missing.
@@ -270,11 +275,12 @@ class TorchField:
         if missing.numel() == 0:
             return
         lv, co = flat.level[missing], flat.coords[missing]
-        ancestors = [missing]
-        for i in range(1, len(self._levels) - 1):  # the level-i ancestor of a deeper cell: coordinates >> depth
-            _, pos = flat.find(i, co >> (lv - i).clamp_min(0)[:, None])
-            ancestors.append(torch.where(lv > i, pos, 0))
-        missing = self._without_far(torch.cat(ancestors))
+        up = flat.levels_t[1:-1]  # the levels that can hold ancestors
+        if up.numel():
+            # The level-i ancestor of a cell of level l > i has its coordinates >> (l - i).
+            shift = (lv[:, None] - up[None]).clamp_min(0)  # [M, L']
+            _, pos = flat.find(up, co[:, None, :] >> shift[..., None])
+            missing = self._without_far(torch.cat([missing, torch.where(lv[:, None] > up[None], pos, 0).reshape(-1)]))
         # Global ids are ordered by level: one search splits the sorted missing cells into levels.
         bounds = torch.searchsorted(missing, flat.base_t).tolist()
         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
