@@ -1,10 +1,9 @@
 #!/bin/bash
-# Session 6, one H200 (~2.5 min, at most 4): 1024³ GPU SDF after the host-sync rework (branch sdf6). (1) The
-# geometry /
-# mesh_field GPU tests (full output kept); (2) the 14 slowest assets of session 5 (han_ministry and
-# sele_civ_center_metropolitan, the two still over 1 s, first), per stage, with an A/B of the host copy (background
-# thread vs synchronous .cpu()), near-field kernel configs and a torch.profiler table of the two; (3) the session-4/5
-# seed-0 sample (30 assets + 3 named), new path only, for the full comparison with session 5 round 1.
+# Session 6, one H200 (~2.5 min, at most 4): 1024³ GPU SDF after the host-sync rework (branch sdf6).
+# (1) The geometry / mesh_field GPU tests (full output kept); (2) the 14 slowest assets of session 5 (han_ministry
+# and sele_civ_center_metropolitan, the two still over 1 s, first), per stage, with an A/B of the host copy
+# (background thread vs synchronous .cpu()), near-field kernel configs and a torch.profiler table of the two;
+# (3) the session-4/5 seed-0 sample (30 assets + 3 named), new path only, for the full comparison with session 5.
 # Carried: .gpu/whl, .gpu/sub (1200-asset subset), .gpu/named_0ad.npz. Writes 8 files under $OUT.
 source scripts/gpu/_prelude.sh
 timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/mesh_field tests/geometry > $OUT/gpu_tests.txt 2>&1
