@@ -179,6 +179,12 @@ def _lookup(sorted_keys: np.ndarray, query: np.ndarray) -> np.ndarray:
     return np.searchsorted(sorted_keys, query)
 
 
+def _narrow(values: torch.Tensor, bound: int) -> torch.Tensor:
+    """int32 copy of int64 ``values`` in ``[0, bound)`` when they fit (sorting them is then about twice as fast on a
+    GPU: half the radix passes), else ``values``."""
+    return values.int() if bound <= 2**31 else values
+
+
 def _member(sorted_keys: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(found bool [M], row int64 [M]) for each query key in ``sorted_keys``."""
     if sorted_keys.numel() == 0:
@@ -663,8 +669,9 @@ def _groups(labels: torch.Tensor, num: int) -> tuple[torch.Tensor, torch.Tensor]
     """(order [M], bounds [num + 1]): the members of label ``l`` (labels int64 [M] in [0, num)) are
     ``order[bounds[l]:bounds[l + 1]]``, in index order. Counts from a sorted search, not atomics: a few labels
     hold most of tens of millions of voxels."""
-    order = torch.argsort(labels, stable=True)
-    return order, torch.searchsorted(labels[order], torch.arange(num + 1, device=labels.device))
+    narrow = _narrow(labels, num)
+    order = torch.argsort(narrow, stable=True)
+    return order, torch.searchsorted(narrow[order], torch.arange(num + 1, device=labels.device, dtype=narrow.dtype))
 
 
 def _spread(order: torch.Tensor, bounds: torch.Tensor, samples: int) -> torch.Tensor:
@@ -727,7 +734,7 @@ def band_signs(field, coords: torch.Tensor, udf: torch.Tensor, exact: torch.Tens
     if rest.numel() == 0:
         return inside
     labels = _components(*_safe_pairs(coords, udf, exact, resolution), n).to(dev)
-    uniq, lab = torch.unique(labels[rest], return_inverse=True)
+    uniq, lab = torch.unique(_narrow(labels[rest], n), return_inverse=True)
     nl = uniq.numel()
     order, bounds = _groups(lab, nl)
     pick = _spread(order, bounds, samples)
@@ -778,7 +785,7 @@ def _sparse_sdf_one(field, resolution: int, band: float) -> SparseSDF:
     radius = band + shell
     coords, dist, edge_dist = (torch.as_tensor(x, device=dev) for x in field.band_voxels(resolution, radius))
     g = resolution // BLOCK
-    order = torch.argsort(_keys(coords, resolution))  # voxels are distinct
+    order = torch.argsort(_narrow(_keys(coords, resolution), resolution**3))  # voxels are distinct
     coords, dist, edge_dist = coords[order], dist[order], edge_dist[order]
     sharp_dist, open_dist = edge_dist[:, 0], edge_dist[:, 1]
     # A voxel's sign matters only if its |sdf| can be below the band: ±dist[:, 1] or the lost-sheet shell is.
@@ -796,7 +803,8 @@ def _sparse_sdf_one(field, resolution: int, band: float) -> SparseSDF:
     if coords.shape[0] == 0:
         raise ValueError(f"no voxel lies within the band ({band:.5g}) at {resolution}^3: the surface is degenerate")
     band_host = _start_host_copy(coords.int(), sdf, sharp)
-    block_keys, rows = torch.unique(_keys(coords // BLOCK, g), return_inverse=True)
+    block_keys, rows = torch.unique(_narrow(_keys(coords // BLOCK, g), g**3), return_inverse=True)
+    block_keys = block_keys.long()
     nb = block_keys.numel()
     signs = torch.zeros((nb, _BLOCK_VOXELS), dtype=torch.int8, device=dev)
     local = coords % BLOCK
