@@ -47,7 +47,7 @@ _BRUTE_FORCE_PAIRS_KERNEL = 1 << 28
 
 
 class _Level:
-    """Cells of one level: int64 coords [C, 3], near lists (pair_cell [P] sorted, pair_tri [P], CSR offsets
+    """Cells of one level: int64 coords [C, 3], near lists (pair_cell [P] sorted, int32 pair_tri [P], CSR offsets
     [C + 1]), far [C, 8]."""
 
     __slots__ = ("size", "coords", "keys", "pair_cell", "pair_tri", "offsets", "far", "has_far")
@@ -90,7 +90,7 @@ class _Flat:
             pbase.append(pbase[-1] + lv.pair_tri.numel())
         self.offsets = torch.cat([lv.offsets[:-1] + pb for lv, pb in zip(levels, pbase[:-1], strict=True)]
                                  + [torch.tensor([pbase[-1]], device=dev)])
-        self.pair_tri = torch.cat([lv.pair_tri.int() for lv in levels])  # int32: half the bytes of a copy
+        self.pair_tri = torch.cat([lv.pair_tri for lv in levels])  # int32, as every level's
         self.far = torch.cat([lv.far for lv in levels])
         self.has = torch.cat([lv.has_far for lv in levels])
         for lv, b, c in zip(levels, self.base[:-1], counts, strict=True):
@@ -190,7 +190,7 @@ class TorchField:
         nf = self.tri.shape[1]
         root = torch.zeros((1, 3), dtype=torch.long, device=dev)
         lvl = _Level(sizes[0], root, torch.zeros(1, dtype=torch.long, device=dev),
-                     torch.zeros(nf, dtype=torch.long, device=dev), torch.arange(nf, device=dev),
+                     torch.zeros(nf, dtype=torch.long, device=dev), torch.arange(nf, dtype=torch.int32, device=dev),
                      torch.zeros((1, 8), dtype=self.dtype, device=dev))
         lvl.has_far[:] = True  # the root's near list is every triangle: no far part
         levels = [lvl]
