@@ -57,8 +57,9 @@ def test_propagate_signs_with_sparse_compactions_matches_full_steps():
 
 
 def test_fill_far_level_by_level_matches_cell_by_cell():
-    """The far fields filled for a batch of cells (missing ancestors found from coordinates, one evaluation per
-    level) are the cells and values of filling each cell's chain of ancestors one cell at a time, top down."""
+    """The far fields filled for a batch of cells (missing ancestors found from coordinates, near parts of all
+    levels in one evaluation) are the cells and values of filling each cell's chain of ancestors one cell at a
+    time, top down."""
     sphere = trimesh.creation.icosphere(subdivisions=2, radius=0.6)
     sphere.update_faces(sphere.triangles_center[:, 2] < 0.4)
     g = torch.Generator().manual_seed(1)
@@ -77,8 +78,8 @@ def test_fill_far_level_by_level_matches_cell_by_cell():
         chain = [c]
         while not bool(flat.has[chain[-1]]):
             chain.append(int(flat.parent(torch.tensor([chain[-1]]))[0]))
-        for cell in reversed(chain[:-1]):
-            single._fill_level(torch.tensor([cell]))
+        for cell in reversed(chain[:-1]):  # top down: each call fills this one cell
+            single._fill_far(torch.tensor([cell]))
     assert len(torch.unique(flat.level[gid])) >= 3 and int(flat.has.sum()) > 20
     assert torch.equal(batched._flat().has, flat.has)
     # Not bit for bit on the CPU: torch's vectorised atan2 and its scalar tail round differently, so a value

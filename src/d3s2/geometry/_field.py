@@ -266,9 +266,11 @@ class TorchField:
         """Compute the far-field corner values of cells ``gid`` (global ids) and of their ancestors if missing.
 
         A cell's far field needs its parent's, and a cell with a far field has ancestors with one, so the missing
-        cells are the cells without one among ``gid`` and all their ancestors (found level by level from their
-        coordinates, without a host round trip); they are filled level by level from the top: one near-list
-        evaluation per level. Three host syncs per call, whatever the depth.
+        cells are the cells without one among ``gid`` and all their ancestors (found for all levels at once from
+        their coordinates). A corner value is the winding number one level up (the parent's near list plus its
+        interpolated far field) minus the cell's own near part: the near parts of every missing cell take one
+        near-list evaluation, then the levels are filled from the top, each from its parents' far fields. Three
+        host syncs per call, whatever the depth.
         """
         flat = self._flat()
         missing = self._without_far(gid)
@@ -282,30 +284,25 @@ class TorchField:
             _, pos = flat.find(up, co[:, None, :] >> shift[..., None])
             missing = self._without_far(torch.cat([missing, torch.where(lv[:, None] > up[None], pos, 0).reshape(-1)]))
         # Global ids are ordered by level: one search splits the sorted missing cells into levels.
-        bounds = torch.searchsorted(missing, flat.base_t).tolist()
+        bounds = (8 * torch.searchsorted(missing, flat.base_t)).tolist()
+        m = missing.numel()
+        parent = flat.parent(missing).repeat_interleave(8)
+        corners = ((flat.coords[missing][:, None, :] + self.corner[None]).reshape(-1, 3).to(self.dtype)
+                   * flat.size[missing].repeat_interleave(8)[:, None] - 1.0)  # [8M, 3]
+        w = self._near_flat(torch.cat([corners, corners]), torch.cat([parent, missing.repeat_interleave(8)]))
+        w_parent, w_own = w[:8 * m], w[8 * m:]
         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
             if hi > lo:
-                self._fill_level(missing[lo:hi])
+                w_corner = w_parent[lo:hi] + self._far(corners[lo:hi], parent[lo:hi])
+                cells = missing[lo // 8:hi // 8]
+                flat.far[cells] = (w_corner - w_own[lo:hi]).reshape(-1, 8)
+                flat.has[cells] = True
 
     def _without_far(self, gid: torch.Tensor) -> torch.Tensor:
         """Sorted distinct cells among ``gid`` without a far field (one host sync: the root, id 0, has one)."""
         flat = self._flat()
         zero = gid.new_zeros(1)
         return torch.unique(torch.cat([zero, torch.where(flat.has[gid], 0, gid)]))[1:]
-
-    def _fill_level(self, missing: torch.Tensor) -> None:
-        """Far-field corner values of cells ``missing`` [M] (distinct global ids) whose parents have theirs."""
-        flat = self._flat()
-        parent = flat.parent(missing)
-        m = missing.numel()
-        corners = ((flat.coords[missing][:, None, :] + self.corner[None]).reshape(-1, 3).to(self.dtype)
-                   * flat.size[missing].repeat_interleave(8)[:, None] - 1.0)  # [8M, 3]
-        # Corner winding numbers one level up (near list and far field of the parent), minus this cell's near part.
-        owner = torch.cat([parent.repeat_interleave(8), missing.repeat_interleave(8)])
-        w = self._near_flat(torch.cat([corners, corners]), owner)
-        w_corner = w[:8 * m] + self._far(corners, owner[:8 * m])
-        flat.far[missing] = (w_corner - w[8 * m:]).reshape(-1, 8)
-        flat.has[missing] = True
 
     def _near_flat(self, points: torch.Tensor, gid: torch.Tensor) -> torch.Tensor:
         """Near-list winding number [Q] of points [Q, 3] over the lists of cells ``gid`` (global ids)."""
