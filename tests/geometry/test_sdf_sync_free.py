@@ -118,3 +118,22 @@ def test_host_copy_streams_through_small_slots(monkeypatch):
     host = sdf_mod._HostCopy(*tensors).result()
     assert all(h.device.type == "cpu" and not h.is_pinned() for h in host)
     assert all(torch.equal(h, t.cpu()) for h, t in zip(host, tensors, strict=True))
+
+
+def test_locate_matches_the_level_by_level_search():
+    """All levels searched at once give each point the deepest cell holding it, as a per-level search does (points
+    on cell boundaries included)."""
+    sphere = trimesh.creation.icosphere(subdivisions=2, radius=0.6)
+    field = TorchField(sphere.vertices, sphere.faces, band=1 / 32, device="cpu")
+    field.prepare(64, 1 / 32 + 2 / 64)
+    g = torch.Generator().manual_seed(4)
+    pts = torch.cat([torch.rand(500, 3, generator=g) * 2 - 1,
+                     torch.randint(0, 65, (200, 3), generator=g) / 32.0 - 1.0]).float()  # on cell faces, and at +-1
+    flat = field._flat()
+    want = torch.zeros(len(pts), dtype=torch.long)
+    for j in range(1, len(field._levels)):
+        c = ((pts + 1.0) / field._levels[j].size).floor().long().clamp(0, 2**j - 1)
+        found, pos = flat.find(flat.levels_t[j:j + 1], c[:, None, :])
+        want = torch.where(found[:, 0], pos[:, 0], want)
+    got = field._locate(pts)
+    assert torch.equal(got, want) and len(torch.unique(flat.level[got])) >= 3

@@ -77,6 +77,8 @@ class _Flat:
         self.kbase_t = torch.tensor(self.kbase, device=dev)  # once: a host-to-device copy waits for queued kernels
         self.base_t = torch.tensor(self.base, device=dev)
         self.levels_t = torch.arange(len(levels), device=dev)
+        self.level_size = torch.tensor([lv.size for lv in levels], dtype=dtype, device=dev)
+        self.level_max = torch.bitwise_left_shift(torch.ones_like(self.levels_t), self.levels_t) - 1  # 2^j - 1
         self.keys = torch.cat([lv.keys + kb for lv, kb in zip(levels, self.kbase, strict=True)])
         self.level = torch.repeat_interleave(torch.arange(len(levels), device=dev),
                                              torch.tensor(counts, device=dev))
@@ -255,9 +257,11 @@ class TorchField:
         num = len(self._levels)
         if num == 1:
             return torch.zeros(points.shape[0], dtype=torch.long, device=self.device)  # the root
-        shifted = points + 1.0
-        c = torch.stack([(shifted / self._levels[j].size).floor().long().clamp(0, 2**j - 1) for j in range(1, num)],
-                        1)  # [Q, num - 1, 3]: the cell of each level holding each point
+        # [Q, num - 1, 3]: the cell of each level holding each point. A true division by the float32 cell size, as
+        # a per-level division by the size on the CPU; CUDA's division by a scalar multiplies by its reciprocal
+        # instead, which is the same at power-of-two resolutions (power-of-two cell sizes).
+        c = ((points + 1.0)[:, None, :] / flat.level_size[1:, None]).floor().long()
+        c = torch.minimum(c.clamp_min(0), flat.level_max[1:, None])
         found, pos = flat.find(flat.levels_t[1:], c)
         depth = (found * flat.levels_t[1:]).amax(1)  # the deepest level whose cell exists, 0 (the root) if none
         return torch.where(depth > 0, pos.gather(1, (depth - 1).clamp_min(0)[:, None]).squeeze(1), 0)
