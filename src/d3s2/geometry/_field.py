@@ -16,7 +16,8 @@ interpolation is approximate (well below the 1/2 threshold that decides the sign
 winding number over 200k random points around a 306-triangle game asset at 128³). Queries with few (point,
 triangle) pairs skip the hierarchy and sum every triangle exactly: up to 2^24 pairs, and 2^28 with the Triton kernel
 on a GPU, where that sum is cheaper than the hierarchy's host round trips. All levels' cells share one global id
-space, so a hierarchical query is one near-list evaluation plus one per step that fills missing far fields.
+space, so a hierarchical query is one near-list evaluation plus, if far fields are missing, one more for all of
+them (their interpolations then go level by level), with three host syncs.
 The near-list reductions and the pair distances that filter near lists are the op :mod:`d3s2.ops.mesh_field`
 (backend per call: Triton kernels on CUDA, materialised torch pairs elsewhere; ``use_backend("mesh_field",
 "torch")`` gives the old GPU path).
