@@ -199,16 +199,40 @@ def profile_table(mesh, args, name: str) -> str:
 
 @contextlib.contextmanager
 def synchronous_host_copy() -> Iterator[None]:
-    """The SDF's band voxels copied to the host with a plain ``.cpu()`` (pageable memory, after the closure) instead
-    of pinned memory on a side stream: the A/B of ``--host-copy-ab``."""
+    """The SDF's band voxels copied to the host with a plain ``.cpu()`` (pageable memory, synchronous) instead of
+    the background thread streaming them through pinned slots: the A/B of ``--host-copy-ab``."""
     from d3s2.geometry import sdf
 
     saved = sdf._start_host_copy
-    sdf._start_host_copy = lambda *tensors: ([t.cpu() for t in tensors], None)
+    sdf._start_host_copy = lambda *tensors: sdf._HostCopy(*tensors, background=False)
     try:
         yield
     finally:
         sdf._start_host_copy = saved
+
+
+@contextlib.contextmanager
+def kernel_config(config: str) -> Iterator[None]:
+    """The near-field kernel launched with ``config`` = "BLOCKxWARPS" (query points per program, warps)."""
+    from d3s2.ops.mesh_field import triton as kernels
+
+    block, warps = (int(x) for x in config.split("x"))
+    saved = kernels.BLOCK_Q, kernels.NUM_WARPS
+    kernels.BLOCK_Q, kernels.NUM_WARPS = block, warps
+    try:
+        yield
+    finally:
+        kernels.BLOCK_Q, kernels.NUM_WARPS = saved
+
+
+def kernel_ab(mesh, args) -> dict:
+    """Clean new-path wall seconds (best of two, after a call that compiles) per near-field kernel config."""
+    res = {}
+    for config in args.kernel_ab:
+        with kernel_config(config):
+            timed_call(mesh, args, "new")
+            res[config] = round(min(timed_call(mesh, args, "new")[1] for _ in range(2)), 3)
+    return res
 
 
 def run_tests(device: str) -> dict:
@@ -273,6 +297,13 @@ def markdown(result: dict) -> str:
                 lines.append(f"| {path} | {st['n']} | {st['median']} | {st['p90']} | {st['max']} | {st['mean']} | "
                              f"{st['at_most_1s']} |")
         lines.append("")
+    if result.get("kernel_ab"):
+        configs = list(next(iter(result["kernel_ab"].values())))
+        lines += ["## Near-field kernel configs (clean wall seconds, best of two; BLOCKxWARPS)", "",
+                  "| asset | " + " | ".join(configs) + " |", "|---|" + "---:|" * len(configs)]
+        lines += [f"| {name} | " + " | ".join(str(v[c]) for c in configs) + " |"
+                  for name, v in result["kernel_ab"].items()]
+        lines.append("")
     staged_rows = [r for r in result["named"] + result["sample"] if "stages_s" in r.get("new", {})]
     if staged_rows:
         names = []
@@ -315,6 +346,8 @@ def main() -> None:
     p.add_argument("--profile", nargs="*", default=[],
                    help="assets (of --npz / --named-npz) to run once more under torch.profiler: per-op table to "
                         "sdf_gpu_profile_<tag>.txt (where the time of slow assets goes: kernels, launches, syncs)")
+    p.add_argument("--kernel-ab", nargs="*", default=[],
+                   help="near-field kernel configs BLOCKxWARPS (e.g. 64x2 128x4 256x8) timed on the --profile assets")
     p.add_argument("--out-dir", default=None)
     args = p.parse_args()
     from d3s2.data.corpus import MeshCorpus
@@ -342,6 +375,16 @@ def main() -> None:
     mesh = load(warm_name, corpus)
     _, first, _ = timed_call(mesh, args, "new")
     _, second, _ = timed_call(mesh, args, "new")
+    # Winding queries of a tiny mesh are summed brute force; one call through the hierarchy as well, so that no
+    # kernel variant of the timed assets compiles in their calls.
+    import d3s2.geometry._field as field_mod
+
+    saved = field_mod._BRUTE_FORCE_PAIRS_KERNEL, field_mod._BRUTE_FORCE_PAIRS
+    field_mod._BRUTE_FORCE_PAIRS_KERNEL = field_mod._BRUTE_FORCE_PAIRS = 0
+    try:
+        timed_call(mesh, args, "new")
+    finally:
+        field_mod._BRUTE_FORCE_PAIRS_KERNEL, field_mod._BRUTE_FORCE_PAIRS = saved
     if not args.no_old:
         timed_call(mesh, args, "old")
     result["warmup"] = {"asset": warm_name, "triangles": int(len(mesh.faces)), "first_new_s": round(first, 3),
@@ -395,6 +438,13 @@ def main() -> None:
                          for path in PATHS}
     result["timing_s"] = round(time.perf_counter() - t_start, 1)
     tag = "tiny_" + args.device.split(":")[0] if args.tiny else args.device.split(":")[0] + f"_{args.resolution}"
+    if args.kernel_ab:
+        result["kernel_ab"] = {}
+        for name in args.profile:
+            source = corpus if name in corpus else extra if extra is not None and name in extra else None
+            if source is not None:
+                result["kernel_ab"][name] = kernel_ab(load(name, source), args)
+                print("kernel configs", name, result["kernel_ab"][name], flush=True)
     if args.profile:
         tables = []
         for name in args.profile:

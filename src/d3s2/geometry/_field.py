@@ -16,7 +16,8 @@ interpolation is approximate (well below the 1/2 threshold that decides the sign
 winding number over 200k random points around a 306-triangle game asset at 128³). Queries with few (point,
 triangle) pairs skip the hierarchy and sum every triangle exactly: up to 2^24 pairs, and 2^28 with the Triton kernel
 on a GPU, where that sum is cheaper than the hierarchy's host round trips. All levels' cells share one global id
-space, so a hierarchical query is one near-list evaluation plus one per step that fills missing far fields.
+space, so a hierarchical query is one near-list evaluation plus, if far fields are missing, one more for all of
+them (their interpolations then go level by level), with three host syncs.
 The near-list reductions and the pair distances that filter near lists are the op :mod:`d3s2.ops.mesh_field`
 (backend per call: Triton kernels on CUDA, materialised torch pairs elsewhere; ``use_backend("mesh_field",
 "torch")`` gives the old GPU path).
@@ -47,7 +48,7 @@ _BRUTE_FORCE_PAIRS_KERNEL = 1 << 28
 
 
 class _Level:
-    """Cells of one level: int64 coords [C, 3], near lists (pair_cell [P] sorted, pair_tri [P], CSR offsets
+    """Cells of one level: int64 coords [C, 3], near lists (pair_cell [P] sorted, int32 pair_tri [P], CSR offsets
     [C + 1]), far [C, 8]."""
 
     __slots__ = ("size", "coords", "keys", "pair_cell", "pair_tri", "offsets", "far", "has_far")
@@ -55,7 +56,9 @@ class _Level:
     def __init__(self, size, coords, keys, pair_cell, pair_tri, far):
         self.size, self.coords, self.keys = size, coords, keys  # keys sorted ascending
         self.pair_cell, self.pair_tri, self.far = pair_cell, pair_tri, far
-        counts = torch.bincount(pair_cell, minlength=coords.shape[0])
+        # index_add, not bincount: CUDA's bincount reads the largest index back to the host.
+        counts = torch.zeros(coords.shape[0], dtype=torch.long, device=coords.device).index_add_(
+            0, pair_cell, torch.ones_like(pair_cell))
         self.offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
         self.has_far = torch.zeros(coords.shape[0], dtype=torch.bool, device=coords.device)
 
@@ -73,6 +76,10 @@ class _Flat:
             self.base.append(self.base[-1] + c)
         self.kbase = [sum(8**i for i in range(j)) for j in range(len(levels))]
         self.kbase_t = torch.tensor(self.kbase, device=dev)  # once: a host-to-device copy waits for queued kernels
+        self.base_t = torch.tensor(self.base, device=dev)
+        self.levels_t = torch.arange(len(levels), device=dev)
+        self.level_size = torch.tensor([lv.size for lv in levels], dtype=dtype, device=dev)
+        self.level_max = torch.bitwise_left_shift(torch.ones_like(self.levels_t), self.levels_t) - 1  # 2^j - 1
         self.keys = torch.cat([lv.keys + kb for lv, kb in zip(levels, self.kbase, strict=True)])
         self.level = torch.repeat_interleave(torch.arange(len(levels), device=dev),
                                              torch.tensor(counts, device=dev))
@@ -86,17 +93,18 @@ class _Flat:
             pbase.append(pbase[-1] + lv.pair_tri.numel())
         self.offsets = torch.cat([lv.offsets[:-1] + pb for lv, pb in zip(levels, pbase[:-1], strict=True)]
                                  + [torch.tensor([pbase[-1]], device=dev)])
-        self.pair_tri = torch.cat([lv.pair_tri.int() for lv in levels])  # int32: half the bytes of a copy
+        self.pair_tri = torch.cat([lv.pair_tri for lv in levels])  # int32, as every level's
         self.far = torch.cat([lv.far for lv in levels])
         self.has = torch.cat([lv.has_far for lv in levels])
         for lv, b, c in zip(levels, self.base[:-1], counts, strict=True):
             lv.far, lv.has_far = self.far[b:b + c], self.has[b:b + c]
 
-    def find(self, j: int, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(found bool [Q], global id [Q]) of the level-``j`` cells ``coords`` int64 [Q, 3]."""
-        g = 2**j
-        k = (coords[:, 0] * g + coords[:, 1]) * g + coords[:, 2] + self.kbase[j]
-        pos = torch.searchsorted(self.keys, k).clamp_max(self.keys.numel() - 1)
+    def find(self, levels: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(found bool [Q, L'], global id [Q, L']) of the cells ``coords`` int64 [Q, L', 3] at ``levels`` int64 [L']:
+        one search for cells of several levels."""
+        g = torch.bitwise_left_shift(torch.ones_like(levels), levels)
+        k = (coords[..., 0] * g + coords[..., 1]) * g + coords[..., 2] + self.kbase_t[levels]
+        pos = torch.searchsorted(self.keys, k.reshape(-1)).clamp_max(self.keys.numel() - 1).reshape(k.shape)
         return self.keys[pos] == k, pos
 
     def parent(self, gid: torch.Tensor) -> torch.Tensor:
@@ -185,7 +193,7 @@ class TorchField:
         nf = self.tri.shape[1]
         root = torch.zeros((1, 3), dtype=torch.long, device=dev)
         lvl = _Level(sizes[0], root, torch.zeros(1, dtype=torch.long, device=dev),
-                     torch.zeros(nf, dtype=torch.long, device=dev), torch.arange(nf, device=dev),
+                     torch.zeros(nf, dtype=torch.long, device=dev), torch.arange(nf, dtype=torch.int32, device=dev),
                      torch.zeros((1, 8), dtype=self.dtype, device=dev))
         lvl.has_far[:] = True  # the root's near list is every triangle: no far part
         levels = [lvl]
@@ -209,9 +217,10 @@ class TorchField:
             keep_cell = mind < band + hd
             remap = torch.cumsum(keep_cell.long(), 0) - 1
             keep_pair &= keep_cell[cell_of_pair]
-            new_coords = ccoords[keep_cell]
-            pair_cell = remap[cell_of_pair[keep_pair]]
-            pair_tri = tri_of_pair[keep_pair]
+            new_coords = ccoords[torch.nonzero(keep_cell).squeeze(1)]
+            kept = torch.nonzero(keep_pair).squeeze(1)  # one host sync for both gathers
+            pair_cell = remap[cell_of_pair[kept]]
+            pair_tri = tri_of_pair[kept]
             logger.debug("level %d: %d cells, %d near pairs", j, new_coords.shape[0], pair_cell.numel())
             # Sort cells by key so points can be located by binary search.
             keys = (new_coords[:, 0] * g + new_coords[:, 1]) * g + new_coords[:, 2]
@@ -235,48 +244,70 @@ class TorchField:
         parent = self._levels[-1]
         vox = (parent.coords[:, None, :] * 2 + self.child[None]).reshape(-1, 3)
         owner = torch.arange(parent.coords.shape[0], device=self.device)[:, None].expand(-1, 8).reshape(-1)
-        inside_grid = (vox < resolution).all(1)
-        vox, owner = vox[inside_grid], owner[inside_grid]
+        if 2 ** len(self._levels) != resolution:  # the hierarchy's grid (a power of two) overhangs the voxels
+            inside_grid = torch.nonzero((vox < resolution).all(1)).squeeze(1)
+            vox, owner = vox[inside_grid], owner[inside_grid]
         pts = self._centers(vox, 2.0 / resolution)
         d, _, sd = self._near(pts, owner, parent, True, True, need_wind=False, by_class=True)
-        keep = d[:, 0] < radius
+        keep = torch.nonzero(d[:, 0] < radius).squeeze(1)  # one host sync for the three gathers
         return vox[keep], d[keep], sd[keep]
 
     def _locate(self, points: torch.Tensor) -> torch.Tensor:
         """Global id (see :meth:`_flat`) of the deepest cell holding each point [Q, 3]."""
         flat = self._flat()
-        gid = torch.zeros(points.shape[0], dtype=torch.long, device=self.device)  # the root
-        for j in range(1, len(self._levels)):
-            c = ((points + 1.0) / self._levels[j].size).floor().long().clamp(0, 2**j - 1)
-            found, pos = flat.find(j, c)
-            gid = torch.where(found, pos, gid)
-        return gid
+        num = len(self._levels)
+        if num == 1:
+            return torch.zeros(points.shape[0], dtype=torch.long, device=self.device)  # the root
+        # [Q, num - 1, 3]: the cell of each level holding each point. A true division by the float32 cell size, as
+        # a per-level division by the size on the CPU; CUDA's division by a scalar multiplies by its reciprocal
+        # instead, which is the same at power-of-two resolutions (power-of-two cell sizes).
+        c = ((points + 1.0)[:, None, :] / flat.level_size[1:, None]).floor().long()
+        c = torch.minimum(c.clamp_min(0), flat.level_max[1:, None])
+        found, pos = flat.find(flat.levels_t[1:], c)
+        depth = (found * flat.levels_t[1:]).amax(1)  # the deepest level whose cell exists, 0 (the root) if none
+        return torch.where(depth > 0, pos.gather(1, (depth - 1).clamp_min(0)[:, None]).squeeze(1), 0)
 
     def _fill_far(self, gid: torch.Tensor) -> None:
         """Compute the far-field corner values of cells ``gid`` (global ids) and of their ancestors if missing.
 
-        Missing cells are gathered level by level upwards, then filled from the top down (a cell's corner values
-        need its parent's far field): one near-list evaluation per step, whatever the levels involved.
+        A cell's far field needs its parent's, and a cell with a far field has ancestors with one, so the missing
+        cells are the cells without one among ``gid`` and all their ancestors (found for all levels at once from
+        their coordinates). A corner value is the winding number one level up (the parent's near list plus its
+        interpolated far field) minus the cell's own near part: the near parts of every missing cell take one
+        near-list evaluation, then the levels are filled from the top, each from its parents' far fields. Three
+        host syncs per call, whatever the depth.
         """
         flat = self._flat()
-        cells = torch.unique(gid)
-        missing = cells[~flat.has[cells]]
-        steps = []
-        while missing.numel():  # the root always has its far field (zero), so this ends
-            parent = flat.parent(missing)
-            steps.append((missing, parent))
-            cells = torch.unique(parent)
-            missing = cells[~flat.has[cells]]
-        for missing, parent in reversed(steps):
-            m = missing.numel()
-            corners = ((flat.coords[missing][:, None, :] + self.corner[None]).reshape(-1, 3).to(self.dtype)
-                       * flat.size[missing].repeat_interleave(8)[:, None] - 1.0)  # [8M, 3]
-            # Corner winding numbers one level up (near list and far field of the parent), minus this cell's near part.
-            owner = torch.cat([parent.repeat_interleave(8), missing.repeat_interleave(8)])
-            w = self._near_flat(torch.cat([corners, corners]), owner)
-            w_corner = w[:8 * m] + self._far(corners, owner[:8 * m])
-            flat.far[missing] = (w_corner - w[8 * m:]).reshape(-1, 8)
-            flat.has[missing] = True
+        missing = self._without_far(gid)
+        if missing.numel() == 0:
+            return
+        lv, co = flat.level[missing], flat.coords[missing]
+        up = flat.levels_t[1:-1]  # the levels that can hold ancestors
+        if up.numel():
+            # The level-i ancestor of a cell of level l > i has its coordinates >> (l - i).
+            shift = (lv[:, None] - up[None]).clamp_min(0)  # [M, L']
+            _, pos = flat.find(up, co[:, None, :] >> shift[..., None])
+            missing = self._without_far(torch.cat([missing, torch.where(lv[:, None] > up[None], pos, 0).reshape(-1)]))
+        # Global ids are ordered by level: one search splits the sorted missing cells into levels.
+        bounds = (8 * torch.searchsorted(missing, flat.base_t)).tolist()
+        m = missing.numel()
+        parent = flat.parent(missing).repeat_interleave(8)
+        corners = ((flat.coords[missing][:, None, :] + self.corner[None]).reshape(-1, 3).to(self.dtype)
+                   * flat.size[missing].repeat_interleave(8)[:, None] - 1.0)  # [8M, 3]
+        w = self._near_flat(torch.cat([corners, corners]), torch.cat([parent, missing.repeat_interleave(8)]))
+        w_parent, w_own = w[:8 * m], w[8 * m:]
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            if hi > lo:
+                w_corner = w_parent[lo:hi] + self._far(corners[lo:hi], parent[lo:hi])
+                cells = missing[lo // 8:hi // 8]
+                flat.far[cells] = (w_corner - w_own[lo:hi]).reshape(-1, 8)
+                flat.has[cells] = True
+
+    def _without_far(self, gid: torch.Tensor) -> torch.Tensor:
+        """Sorted distinct cells among ``gid`` without a far field (one host sync: the root, id 0, has one)."""
+        flat = self._flat()
+        zero = gid.new_zeros(1)
+        return torch.unique(torch.cat([zero, torch.where(flat.has[gid], 0, gid)]))[1:]
 
     def _near_flat(self, points: torch.Tensor, gid: torch.Tensor) -> torch.Tensor:
         """Near-list winding number [Q] of points [Q, 3] over the lists of cells ``gid`` (global ids)."""
