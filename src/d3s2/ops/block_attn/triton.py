@@ -48,13 +48,16 @@ LOG2E = 1.4426950408889634
 # masked, in chunks of TAIL_N (None: BLOCK_N). H200, N = 134k (bench_ssa.py --sweep slc, session 4): split 2 %
 # faster, then 3 stages another 5 % (1 stage +11 %, 8 warps +16 %, BLOCK_M 64 +1 %); FMA-pipe exps slower (mix4
 # +2 %, mix +21 %, poly +32 %), 64-key chunks with a 16-key tail +34 %.
+# shift: "online" (running max, rescaled sums) or "bound" (a fixed per-row shift from |q| and the block's largest
+# key norm: no max, no rescaling); rowsum (with "bound"): "reduce" (per-row adds) or "dot" (P · ones on the tensor
+# cores, in the P·V pass).
 FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True,
-              "TAIL_N": None}
+              "TAIL_N": None, "shift": "bound", "rowsum": "dot"}
 # Window attention's forward (S = 1: outputs written directly); None: FWD_CONFIG. H200, N = 134k, 8³ windows
 # (bench_ssa.py --sweep win, session 5): BLOCK_M 64 0.682 ms against FWD_CONFIG's 0.732 (2 stages 0.713, BLOCK_M 64
 # with 2 warps 0.712, BLOCK_M 256 0.915).
 WIN_FWD_CONFIG: dict | None = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu",
-                               "split": True, "TAIL_N": None}
+                               "split": True, "TAIL_N": None, "shift": "bound", "rowsum": "dot"}
 BWD_DQ_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 BWD_DKDV_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 COMBINE_ROWS = 64  # (pair, head) rows per program of the combine kernel
@@ -84,14 +87,15 @@ def _tile_rows(TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, t, num_lists, NB,
     return lst, lst_c // NB, lst_c % NB, ent, row_ok, head
 
 
-# Token and block counts change with every batch: not specialised on their values, or each new (÷16, == 1)
-# combination recompiles the kernel in the middle of training.
 @triton.jit
 def _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D: tl.constexpr,
-               BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, EXP2: tl.constexpr, MASK: tl.constexpr):
-    """One online-softmax step over keys [start, start + BLOCK_N); MASK: the chunk may run past ``k_hi``.
+               BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, EXP2: tl.constexpr, MASK: tl.constexpr,
+               BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr):
+    """One softmax step over keys [start, start + BLOCK_N); MASK: the chunk may run past ``k_hi``.
 
-    The scale is folded into the exponent's FMA (max taken over raw logits: the scale is positive)."""
+    Online (BOUND False): the scale is folded into the exponent's FMA (max taken over raw logits: the scale is
+    positive). BOUND: ``m_i`` is a fixed per-row shift ≥ every scaled logit (no max, no rescaling); ROWSUM_DOT:
+    ``l_i`` is a [BLOCK_M, 16] accumulator of ``P · ones`` (row sums on the tensor cores)."""
     kn = start + tl.arange(0, BLOCK_N)
     kv_off = (kn * Hkv + g) * D
     if MASK:
@@ -102,16 +106,47 @@ def _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv,
     else:
         kt = tl.load(K + kv_off[None, :] + d[:, None], mask=d_ok[:, None], other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PREC)
-    m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
-    alpha = tl.exp2(m_i - m_new)
-    p = exp2(s * scale_log2 - m_new[:, None], EXP2)
-    l_i = l_i * alpha + tl.sum(p, 1)
     if MASK:
         vv = tl.load(V + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
     else:
         vv = tl.load(V + kv_off[:, None] + d[None, :], mask=d_ok[None, :], other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=DOT_PREC)
-    return m_new, l_i, acc
+    if BOUND:
+        p = exp2(s * scale_log2 - m_i[:, None], EXP2)
+        pv = p.to(vv.dtype)
+        if ROWSUM_DOT:  # column 0 of ones: the row sums
+            ones = tl.where(tl.arange(0, 16)[None, :] == 0, 1.0, 0.0) + tl.zeros([BLOCK_N, 16], tl.float32)
+            l_i = tl.dot(pv, ones.to(pv.dtype), l_i, input_precision=DOT_PREC)
+        else:
+            l_i = l_i + tl.sum(p, 1)
+        acc = tl.dot(pv, vv, acc, input_precision=DOT_PREC)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
+        alpha = tl.exp2(m_i - m_new)
+        p = exp2(s * scale_log2 - m_new[:, None], EXP2)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=DOT_PREC)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D: tl.constexpr,
+              BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, EXP2: tl.constexpr, SPLIT: tl.constexpr,
+              TAIL_N: tl.constexpr, BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr):
+    """Every key of the block [k_lo, k_hi); SPLIT: whole ``BLOCK_N`` chunks unmasked, the rest in ``TAIL_N``."""
+    if SPLIT:
+        k_full = k_lo + (k_hi - k_lo) // BLOCK_N * BLOCK_N
+        for start in range(k_lo, k_full, BLOCK_N):
+            m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
+                                       BLOCK_N, DOT_PREC, EXP2, False, BOUND, ROWSUM_DOT)
+        for start in range(k_full, k_hi, TAIL_N):
+            m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
+                                       TAIL_N, DOT_PREC, EXP2, True, BOUND, ROWSUM_DOT)
+    else:
+        for start in range(k_lo, k_hi, BLOCK_N):
+            m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
+                                       BLOCK_N, DOT_PREC, EXP2, True, BOUND, ROWSUM_DOT)
+    return m_i, l_i, acc
 
 
 # Token and block counts change with every batch: not specialised on their values, or each new (÷16, == 1)
@@ -119,15 +154,19 @@ def _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv,
 @triton.jit(do_not_specialize=["num_lists", "NB"])
 def block_attn_fwd_kernel(
     Q, K, V, PO, PLSE, PBIG,  # q [N, Hq, D], k/v [N, Hkv, D], partial o [E, G, D], partial lse [E, G]
-    ENTRY, TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, BLOCK_OFF,
+    ENTRY, TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, BLOCK_OFF, KMAX,  # KMAX [NB, Hkv] float32 (BOUND)
     scale_log2, num_lists, NB, HkvS, Hkv,
     G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, PART16: tl.constexpr,
-    EXP2: tl.constexpr, SPLIT: tl.constexpr, TAIL_N: tl.constexpr,
+    EXP2: tl.constexpr, SPLIT: tl.constexpr, TAIL_N: tl.constexpr, BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr,
 ):
     """PART16: PO is int16 holding float16 bits, or bfloat16 bits where the flag ``PBIG[0]`` is set.
     EXP2: exp2 mode (:mod:`d3s2.ops._exp2`); SPLIT: the block's whole ``BLOCK_N``-key chunks run unmasked, the
-    remaining keys in masked chunks of ``TAIL_N`` (≤ BLOCK_N: wide chunks without wide padding)."""
+    remaining keys in masked chunks of ``TAIL_N`` (≤ BLOCK_N: wide chunks without wide padding).
+    BOUND: each row's softmax shift is fixed before the key loop, ``scale_log2 · |q| · KMAX[b, g]`` (KMAX: the
+    block's largest key norm per kv head; by Cauchy–Schwarz no scaled logit exceeds it): no running max, no
+    rescaling. A tile with a row whose sum stays below 2⁻⁶⁴ (the bound more than 64 binades above the row's
+    largest logit) reruns with the online softmax. ROWSUM_DOT: see ``_fwd_chunk``."""
     t = tl.program_id(0)
     lst, g, b, ent, row_ok, head = _tile_rows(TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, t, num_lists, NB,
                                               G, G_PAD, BLOCK_M)
@@ -140,21 +179,30 @@ def block_attn_fwd_kernel(
         q = tl.load(Q + qh[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         k_lo = tl.load(BLOCK_OFF + b)
         k_hi = tl.load(BLOCK_OFF + b + 1)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        if SPLIT:
-            k_full = k_lo + (k_hi - k_lo) // BLOCK_N * BLOCK_N
-            for start in range(k_lo, k_full, BLOCK_N):
-                m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
-                                           BLOCK_N, DOT_PREC, EXP2, False)
-            for start in range(k_full, k_hi, TAIL_N):
-                m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
-                                           TAIL_N, DOT_PREC, EXP2, True)
+        if BOUND:
+            qf = q.to(tl.float32)
+            m_i = tl.sqrt(tl.sum(qf * qf, 1)) * (tl.load(KMAX + b * Hkv + g) * scale_log2)
+            if ROWSUM_DOT:
+                l_d = tl.zeros([BLOCK_M, 16], tl.float32)
+                m_i, l_d, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_d, acc, scale_log2, Hkv, D,
+                                          BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, True, True)
+                l_i = tl.sum(l_d, 1)
+            else:
+                l_i = tl.zeros([BLOCK_M], tl.float32)
+                m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
+                                          BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, True, False)
+            if (k_hi > k_lo) & (tl.min(tl.where(row_ok, l_i, 1.0), 0) < 5.421010862427522e-20):  # 2^-64: rare
+                m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                l_i = tl.zeros([BLOCK_M], tl.float32)
+                acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+                m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
+                                          BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, False, False)
         else:
-            for start in range(k_lo, k_hi, BLOCK_N):
-                m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
-                                           BLOCK_N, DOT_PREC, EXP2, True)
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
+                                      BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, False, False)
         has = l_i > 0  # an empty block gives no keys: partial o 0, lse -inf
         o = acc / tl.where(has, l_i, 1.0)[:, None]
         lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
@@ -386,6 +434,14 @@ def window_plan(window_offsets: torch.Tensor, n: int, hkv: int) -> BlockAttnPlan
     return BlockAttnPlan(entry, start.to(torch.int32), count.to(torch.int32), 1, nw)
 
 
+def segment_max_norm(k: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """float32 ``[S, Hkv]``: the largest row norm ‖k[i, g]‖ over each segment ``[offsets[s], offsets[s + 1])`` of
+    ``k`` [N, Hkv, D] (0 for an empty segment): with ``|q|`` a bound of every logit q·k of the segment, the fixed
+    softmax shift of the ``BOUND`` forward kernels."""
+    norms = torch.linalg.vector_norm(k, dim=-1, dtype=torch.float32)
+    return torch.segment_reduce(norms, "max", offsets=offsets.long(), axis=0, unsafe=True).clamp_min(0.0)
+
+
 def _tiles(counts: torch.Tensor, per_tile: int, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Tile table without a host sync: tile t → its list (or len(counts) if idle), and tiles' cumsum."""
     chunks = (counts.long() + per_tile - 1) // per_tile
@@ -490,10 +546,15 @@ def block_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offs
     per_tile = block_m // meta["G_PAD"]
     bound = (plan.entry.numel() + per_tile - 1) // per_tile + num_lists
     tile_list, tile_cum = _tiles(plan.list_count, per_tile, bound)
+    shift = cfg.get("shift", "online")
+    if shift not in ("online", "bound"):
+        raise ValueError(f"expected shift 'online' or 'bound' in the block attention config, got {shift!r}")
+    kmax = segment_max_norm(k, block_offsets) if shift == "bound" else lse
     block_attn_fwd_kernel[(bound,)](
         q, k, v, po, plse, big, plan.entry, tile_list, tile_cum, plan.list_start, plan.list_count, block_offsets,
-        scale * LOG2E, num_lists, plan.num_blocks, hkv * s, hkv, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
-        PART16=part16, EXP2=resolve_mode(cfg["exp2"], q.device), SPLIT=cfg["split"],
+        kmax, scale * LOG2E, num_lists, plan.num_blocks, hkv * s, hkv, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
+        PART16=part16, EXP2=resolve_mode(cfg["exp2"], q.device), SPLIT=cfg["split"], BOUND=shift == "bound",
+        ROWSUM_DOT=shift == "bound" and cfg.get("rowsum", "reduce") == "dot",
         TAIL_N=min(cfg["TAIL_N"] or cfg["BLOCK_N"], cfg["BLOCK_N"]), num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **meta)
     if block_idx is not None:

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from .._exp2 import exp2, resolve_mode
-from ..block_attn.triton import row_dot
+from ..block_attn.triton import row_dot, segment_max_norm
 from .layout import SSALayout
 
 LOG2E = 1.4426950408889634
@@ -57,7 +57,10 @@ CONFIG = {
     # "exp2": exp mode of the softmax probabilities (d3s2.ops._exp2); "split": only the last tile of compressed
     # blocks is masked. H200, N = 134k (session 4 sweep): split 11 % faster (2 or 4 stages: +3 %, +1 %); FMA-pipe
     # exps slower in all three kernels (fwd mix4 +7 %, mix +20 %, poly +65 %; top-k mix4 +4 %, mix +12 %, poly +23 %)
-    "fwd": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True},
+    # "shift": "online" (running max) or "bound" (fixed per-row shift from |q| and the sample's largest compressed-key
+    # norm: no max, no rescaling); "rowsum" (with "bound"): "reduce" (per-row adds) or "dot" (P · ones, tensor cores)
+    "fwd": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True,
+            "shift": "bound", "rowsum": "dot"},
     # top-k with m_cmp == m_slc ("topk") and m_cmp < m_slc ("topk_seg", one-hot segment sum over compression
     # blocks); variant "reshape": head sum by tl.reshape + tl.sum; "dot": transposed tiles, head sum by tl.dot
     # "skip": a float test per tile before the key insertion (dot variant); "key32": int32 keys (int64 otherwise),
@@ -86,8 +89,13 @@ def _load_rows(ptr, tok, head, offs_d, row_ok, d_ok, stride_n, stride_h):
 
 @triton.jit
 def _cmp_fwd_step(q, K, V, c_start, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i, l_i, acc, qk_scale,
-                  DOT_PREC: tl.constexpr, EXP2: tl.constexpr, MASK: tl.constexpr):
-    """Online-softmax step over compressed blocks [c_start, c_start + BLOCK_C); MASK: the tile may pass ``c1``."""
+                  DOT_PREC: tl.constexpr, EXP2: tl.constexpr, MASK: tl.constexpr, BOUND: tl.constexpr,
+                  ROWSUM_DOT: tl.constexpr):
+    """Softmax step over compressed blocks [c_start, c_start + BLOCK_C); MASK: the tile may pass ``c1``.
+
+    BOUND: ``m_i`` is a fixed per-row shift ≥ every scaled logit of the row (no running max, no rescaling of
+    ``l_i`` and ``acc``); ROWSUM_DOT (with BOUND): ``l_i`` is a [BLOCK_M, 16] accumulator of ``P · ones`` (ones in
+    column 0), the row sums done by the P·V tensor-core pass instead of per-row adds and shuffles."""
     cols = c_start + offs_c
     kv_off = cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
     if MASK:
@@ -100,23 +108,59 @@ def _cmp_fwd_step(q, K, V, c_start, c1, g, offs_c, offs_d, d_ok, stride_kn, stri
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_C], unscaled
     if MASK:
         s = tl.where(col_ok[None, :], s, float("-inf"))
-    # log2 domain; the scale (> 0) is folded into the exponent's FMA
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    alpha = tl.exp2(m_i - m_new)
-    p = exp2(s * qk_scale - m_new[:, None], EXP2)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-    return m_new, l_i, acc
+    if BOUND:
+        p = exp2(s * qk_scale - m_i[:, None], EXP2)
+        pv = p.to(v.dtype)
+        if ROWSUM_DOT:  # column 0 of ones: the row sums
+            ones = tl.where(tl.arange(0, 16)[None, :] == 0, 1.0, 0.0) + tl.zeros([k.shape[0], 16], tl.float32)
+            l_i = tl.dot(pv, ones.to(pv.dtype), l_i, input_precision=DOT_PREC)
+        else:
+            l_i = l_i + tl.sum(p, 1)
+        acc = tl.dot(pv, v, acc, input_precision=DOT_PREC)
+    else:
+        # log2 domain; the scale (> 0) is folded into the exponent's FMA
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        alpha = tl.exp2(m_i - m_new)
+        p = exp2(s * qk_scale - m_new[:, None], EXP2)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    return m_i, l_i, acc
 
 
 @triton.jit
-def _cmp_fwd_kernel(Q, K, V, O, LSE, CU_SEQ, CU_CMP,
+def _cmp_fwd_loop(q, K, V, c0, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i, l_i, acc, qk_scale,
+                  BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr, EXP2: tl.constexpr, SPLIT: tl.constexpr,
+                  BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr):
+    """All compressed blocks [c0, c1) of the sample; SPLIT: whole ``BLOCK_C`` tiles unmasked, the last one masked."""
+    if SPLIT:
+        c_full = c0 + (c1 - c0) // BLOCK_C * BLOCK_C
+        for c_start in range(c0, c_full, BLOCK_C):
+            m_i, l_i, acc = _cmp_fwd_step(q, K, V, c_start, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i,
+                                          l_i, acc, qk_scale, DOT_PREC, EXP2, False, BOUND, ROWSUM_DOT)
+        if c_full < c1:
+            m_i, l_i, acc = _cmp_fwd_step(q, K, V, c_full, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i,
+                                          l_i, acc, qk_scale, DOT_PREC, EXP2, True, BOUND, ROWSUM_DOT)
+    else:
+        for c_start in range(c0, c1, BLOCK_C):
+            m_i, l_i, acc = _cmp_fwd_step(q, K, V, c_start, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i,
+                                          l_i, acc, qk_scale, DOT_PREC, EXP2, True, BOUND, ROWSUM_DOT)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _cmp_fwd_kernel(Q, K, V, O, LSE, CU_SEQ, CU_CMP, KMAX,
                     stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
                     qk_scale,
-                    HQ: tl.constexpr, HS: tl.constexpr, HS_PAD: tl.constexpr, D: tl.constexpr,
+                    HQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, HS_PAD: tl.constexpr, D: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr,
-                    EXP2: tl.constexpr, SPLIT: tl.constexpr):
-    """SPLIT: whole ``BLOCK_C`` tiles of compressed blocks run unmasked, only the last partial one masked."""
+                    EXP2: tl.constexpr, SPLIT: tl.constexpr, BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr):
+    """SPLIT: whole ``BLOCK_C`` tiles of compressed blocks run unmasked, only the last partial one masked.
+
+    BOUND: the softmax shift of a row is fixed before the loop, ``qk_scale · |q| · KMAX[b, g]`` (KMAX: the
+    sample's largest compressed-key norm per kv head, so by Cauchy–Schwarz no scaled logit exceeds it): no running
+    max, no rescaling. A row whose sum stays below 2⁻⁶⁴ (the bound more than 64 binades above its largest logit,
+    where flushed terms could matter) reruns the whole tile with the online softmax."""
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
     g = tl.program_id(2)
@@ -136,23 +180,31 @@ def _cmp_fwd_kernel(Q, K, V, O, LSE, CU_SEQ, CU_CMP,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     q = _load_rows(Q, tok, head, offs_d, row_ok, d_ok, stride_qn, stride_qh)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     offs_c = tl.arange(0, BLOCK_C)
-    if SPLIT:
-        c_full = c0 + (c1 - c0) // BLOCK_C * BLOCK_C
-        for c_start in range(c0, c_full, BLOCK_C):
-            m_i, l_i, acc = _cmp_fwd_step(q, K, V, c_start, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i,
-                                          l_i, acc, qk_scale, DOT_PREC, EXP2, False)
-        if c_full < c1:
-            m_i, l_i, acc = _cmp_fwd_step(q, K, V, c_full, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i,
-                                          l_i, acc, qk_scale, DOT_PREC, EXP2, True)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if BOUND:
+        qf = q.to(tl.float32)
+        m_i = tl.sqrt(tl.sum(qf * qf, 1)) * (tl.load(KMAX + b * HKV + g) * qk_scale)
+        if ROWSUM_DOT:
+            l_d = tl.zeros([BLOCK_M, 16], tl.float32)
+            m_i, l_d, acc = _cmp_fwd_loop(q, K, V, c0, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i, l_d,
+                                          acc, qk_scale, BLOCK_C, DOT_PREC, EXP2, SPLIT, True, True)
+            l_i = tl.sum(l_d, 1)
+        else:
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            m_i, l_i, acc = _cmp_fwd_loop(q, K, V, c0, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i, l_i,
+                                          acc, qk_scale, BLOCK_C, DOT_PREC, EXP2, SPLIT, True, False)
+        if tl.min(tl.where(row_ok, l_i, 1.0), 0) < 5.421010862427522e-20:  # 2^-64: rare, see the docstring
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            m_i, l_i, acc = _cmp_fwd_loop(q, K, V, c0, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i, l_i,
+                                          acc, qk_scale, BLOCK_C, DOT_PREC, EXP2, SPLIT, False, False)
     else:
-        for c_start in range(c0, c1, BLOCK_C):
-            m_i, l_i, acc = _cmp_fwd_step(q, K, V, c_start, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i,
-                                          l_i, acc, qk_scale, DOT_PREC, EXP2, True)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        m_i, l_i, acc = _cmp_fwd_loop(q, K, V, c0, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i, l_i, acc,
+                                      qk_scale, BLOCK_C, DOT_PREC, EXP2, SPLIT, False, False)
     o = acc / l_i[:, None]
     o_ptrs = O + tok.to(tl.int64)[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -604,10 +656,16 @@ def cmp_attention_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     cfg = CONFIG["fwd"]
     block_t = _block_t(cfg["rows"], meta["HS_PAD"])
     grid = (triton.cdiv(layout.max_seqlen, block_t), layout.batch_size, hkv)
-    _cmp_fwd_kernel[grid](q, k_cmp, v_cmp, o, lse, layout.cu_seqlens, layout.cu_cmp,
+    shift = cfg.get("shift", "online")
+    if shift not in ("online", "bound"):
+        raise ValueError(f"expected shift 'online' or 'bound' in the compressed forward config, got {shift!r}")
+    bound = shift == "bound"
+    kmax = segment_max_norm(k_cmp, layout.cu_cmp) if bound else lse
+    _cmp_fwd_kernel[grid](q, k_cmp, v_cmp, o, lse, layout.cu_seqlens, layout.cu_cmp, kmax,
                           q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), o.stride(0), o.stride(1),
-                          scale * LOG2E, BLOCK_T=block_t, BLOCK_C=cfg["BLOCK_C"],
+                          scale * LOG2E, HKV=hkv, BLOCK_T=block_t, BLOCK_C=cfg["BLOCK_C"],
                           EXP2=resolve_mode(cfg.get("exp2", "mufu"), q.device), SPLIT=cfg.get("split", False),
+                          BOUND=bound, ROWSUM_DOT=bound and cfg.get("rowsum", "reduce") == "dot",
                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **meta)
     return o, lse
 
