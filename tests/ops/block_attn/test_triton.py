@@ -309,8 +309,8 @@ def test_forward_shift_modes(shift, rowsum, case, far, monkeypatch):
              lambda q, k, v: selection_attention(q, k, v, off, idx, scale=0.3, backend="triton", return_lse=True)),
             (lambda q, k, v: window_attention_ref(q, k, v, off, return_lse=True),
              lambda q, k, v: window_attention(q, k, v, off, backend="triton", return_lse=True))):
-        ref = _run(lambda q, k, v: ref_fn(q, k, v)[0], q, k, v, do)
-        tri = _run(lambda q, k, v: tri_fn(q, k, v)[0], q, k, v, do)
+        ref = _run(lambda q, k, v, f=ref_fn: f(q, k, v)[0], q, k, v, do)
+        tri = _run(lambda q, k, v, f=tri_fn: f(q, k, v)[0], q, k, v, do)
         for name, a, b in zip(("o", "dq", "dk", "dv"), tri, ref):
             assert torch.isfinite(a).all(), name
             assert _rel(a, b) < 1e-5, (name, _rel(a, b))
