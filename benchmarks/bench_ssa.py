@@ -306,8 +306,9 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
         "topk_seg": [new4, {**new4, "skip": False}, {**new2, "skip": False}],
         # session 5 swept session 4's kernel (skip, int64 keys, m_split 1, no counted / lse_dot), with key32,
         # m_split 2, key32 + m_split 2 + counted, new2 with m_split 1, new2, new4 (with 2 stages, without counted),
-        # rows 512, BLOCK_J 16 / 128 (8 warps). Session 6: FMA-pipe exps again
-        "topk": [{"exp2": "mix4"}],
+        # rows 512, BLOCK_J 16 / 128 (8 warps). Session 6: the softmax scale inside the logit matmul (no multiply
+        # per logit; ptxas sm_90: 113 registers, 52 KB shared memory against 87, 36 KB), FMA-pipe exps again
+        "topk": [{"scale_dot": True}, {"exp2": "mix4"}],
         "bwd_dq": [{"BLOCK_C": 128, "num_warps": 8}, {"rows": 64}],
         "bwd_dkdv": [{"rows": 32}, {"programs_per_sm": 16}, {"rows": 32, "programs_per_sm": 16},
                      {"num_stages": 3}],
