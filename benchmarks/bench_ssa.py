@@ -62,10 +62,12 @@ SESSION5_CMP = {
 SESSION5_SLC = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True,
                 "TAIL_N": None, "shift": "online", "rowsum": "reduce"}
 SESSION5_WIN = {**SESSION5_SLC, "BLOCK_M": 64}
+SESSION5_COMBINE = {"rows": 64, "num_warps": 4, "unroll": False}
 VARIANTS = {"new": {"fused_combine": True, "partial": ba_kernels.PARTIAL_DTYPE,
-                    "dq_partial": ba_kernels.DQ_PARTIAL_DTYPE, "cmp": None, "slc": None, "win": None},
+                    "dq_partial": ba_kernels.DQ_PARTIAL_DTYPE, "cmp": None, "slc": None, "win": None,
+                    "combine": None},
             "before": {"fused_combine": True, "partial": torch.float16, "dq_partial": torch.bfloat16,
-                       "cmp": SESSION5_CMP, "slc": SESSION5_SLC, "win": SESSION5_WIN}}
+                       "cmp": SESSION5_CMP, "slc": SESSION5_SLC, "win": SESSION5_WIN, "combine": SESSION5_COMBINE}}
 # Sweep changes whose outputs differ from the default's by roundings (another exp2 or shift): checked to 2⁻⁶
 ROUNDING_KEYS = ("exp2", "shift", "rowsum")
 # --device cpu (a smoke run under TRITON_INTERPRET=1): float32, one timed call per measurement.
@@ -76,7 +78,8 @@ DEV, DTYPE = "cuda", torch.bfloat16
 def _variant(name: str):
     v = VARIANTS[name]
     saved = (ssa_ops.FUSED_COMBINE, ba_kernels.PARTIAL_DTYPE, ba_kernels.DQ_PARTIAL_DTYPE,
-             {k: dict(tc.CONFIG[k]) for k in CMP_KERNELS}, dict(ba_kernels.FWD_CONFIG), ba_kernels.WIN_FWD_CONFIG)
+             {k: dict(tc.CONFIG[k]) for k in CMP_KERNELS}, dict(ba_kernels.FWD_CONFIG), ba_kernels.WIN_FWD_CONFIG,
+             dict(ba_kernels.COMBINE_CONFIG))
     ssa_ops.FUSED_COMBINE, ba_kernels.PARTIAL_DTYPE, ba_kernels.DQ_PARTIAL_DTYPE = (
         v["fused_combine"], v["partial"], v["dq_partial"])
     if v["cmp"]:
@@ -85,12 +88,14 @@ def _variant(name: str):
         ba_kernels.FWD_CONFIG = dict(v["slc"])
     if v["win"]:
         ba_kernels.WIN_FWD_CONFIG = dict(v["win"])
+    if v["combine"]:
+        ba_kernels.COMBINE_CONFIG = dict(v["combine"])
     try:
         yield
     finally:
         ssa_ops.FUSED_COMBINE, ba_kernels.PARTIAL_DTYPE, ba_kernels.DQ_PARTIAL_DTYPE = saved[:3]
         tc.CONFIG.update(saved[3])
-        ba_kernels.FWD_CONFIG, ba_kernels.WIN_FWD_CONFIG = saved[4:]
+        ba_kernels.FWD_CONFIG, ba_kernels.WIN_FWD_CONFIG, ba_kernels.COMBINE_CONFIG = saved[4:]
 
 
 def _bench(fn, warmup=5, rep=40) -> float:
@@ -384,6 +389,23 @@ def _sweep_slc(layout, topk, ins) -> list[dict]:
             rows.append({"kernel": "slc", **ba_kernels.FWD_CONFIG, "error": repr(e)[:300]})
         print(json.dumps(rows[-1]), flush=True)
     ba_kernels.FWD_CONFIG = best[1] if best else default
+    # the combine of the partials (session 6): the slot loop unrolled (all S loads in flight), 128-row programs
+    default_c = dict(ba_kernels.COMBINE_CONFIG)
+    base = run()
+    best = None
+    for change in [{}, {"unroll": True}, {"unroll": True, "rows": 128}]:
+        ba_kernels.COMBINE_CONFIG = {**default_c, **change}
+        try:
+            err = _rel_max(run(), base)
+            ms = _bench(run)
+            if err < 2.0**-10 and (best is None or ms < best[0] * 0.99):
+                best = (ms, dict(ba_kernels.COMBINE_CONFIG))
+            rows.append({"kernel": "slc combine", **ba_kernels.COMBINE_CONFIG, "ms": ms, "tflops": flops / ms / 1e9,
+                         "diff_vs_default": err})
+        except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
+            rows.append({"kernel": "slc combine", **ba_kernels.COMBINE_CONFIG, "error": repr(e)[:300]})
+        print(json.dumps(rows[-1]), flush=True)
+    ba_kernels.COMBINE_CONFIG = best[1] if best else default_c
     return rows
 
 
@@ -503,6 +525,7 @@ def main() -> None:
     result["setup"]["compress_kernel_config_used"] = {k: dict(v) for k, v in tc.CONFIG.items()}
     result["setup"]["block_attn_fwd_config_used"] = dict(ba_kernels.FWD_CONFIG)
     result["setup"]["window_fwd_config_used"] = ba_kernels.WIN_FWD_CONFIG
+    result["setup"]["combine_config_used"] = dict(ba_kernels.COMBINE_CONFIG)
     _write(result, Path(args.out))
 
 
@@ -553,7 +576,8 @@ def _write(result: dict, out: Path) -> None:
         for r in rows:
             cfg = {k: v for k, v in r.items() if k not in ("kernel", "ms", "tflops", "diff_vs_default", "error")}
             win = cfg == {"slc": result["setup"]["block_attn_fwd_config_used"],
-                          "win": result["setup"]["window_fwd_config_used"]}.get(r["kernel"], used.get(r["kernel"]))
+                          "win": result["setup"]["window_fwd_config_used"],
+                          "slc combine": result["setup"]["combine_config_used"]}.get(r["kernel"], used.get(r["kernel"]))
             lines.append(f"| {r['kernel']}{' *' if win else ''} | {json.dumps(cfg)} | "
                          + (f"{r['ms']:.3f} | {r.get('tflops', float('nan')):.0f} | {r['diff_vs_default']:.2e} |"
                             if "ms" in r else f"error: {r['error'][:120]} | | |"))

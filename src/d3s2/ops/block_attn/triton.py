@@ -60,7 +60,9 @@ WIN_FWD_CONFIG: dict | None = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "nu
                                "split": True, "TAIL_N": None, "shift": "bound", "rowsum": "dot"}
 BWD_DQ_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 BWD_DKDV_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-COMBINE_ROWS = 64  # (pair, head) rows per program of the combine kernel
+# Combine of the S partials per (query, kv head): (pair, head) rows per program, warps, and "unroll": the slot loop
+# unrolled at compile time (S a constexpr: all S loads of a program in flight at once) or a runtime loop.
+COMBINE_CONFIG = {"rows": 64, "num_warps": 4, "unroll": False}
 ROW_DOT_ELEMS = 8192  # elements per program of the Δ = rowsum(O·dO) kernel
 # Storage of the forward's partial outputs for 16-bit inputs: torch.float16 (see the module docstring: float16,
 # or bfloat16 bits when |v| is out of float16's range) or torch.float32; float32 inputs always use float32.
@@ -220,17 +222,44 @@ def block_attn_fwd_kernel(
         tl.store(PLSE + prow, lse, mask=row_ok)
 
 
+@triton.jit
+def _combine_slot(P, PLSE, IDX, pair, h, d, s, S, NB, row_ok, rd_ok, big, acc, m, w_sum, G: tl.constexpr,
+                  D: tl.constexpr, IS_SUM: tl.constexpr, PART16: tl.constexpr):
+    """Slot s of every row's pair merged into (acc, m, w_sum): summed (IS_SUM) or softmax-weighted by its LSE."""
+    bi = tl.load(IDX + pair * S + s, mask=row_ok, other=-1)
+    ok = row_ok & (bi >= 0) & (bi < NB)
+    prow = (pair.to(tl.int64) * S + s) * G + h
+    if PART16:
+        raw = tl.load(P + prow[:, None] * D + d[None, :], mask=ok[:, None] & rd_ok, other=0)
+        part = tl.where(big, raw.to(tl.bfloat16, bitcast=True).to(tl.float32),
+                        raw.to(tl.float16, bitcast=True).to(tl.float32))
+    else:
+        part = tl.load(P + prow[:, None] * D + d[None, :], mask=ok[:, None] & rd_ok, other=0.0)
+    if IS_SUM:
+        acc += part
+    else:  # online merge: rescale what was summed so far to the running max
+        lse_s = tl.load(PLSE + prow, mask=ok, other=float("-inf"))
+        m_new = tl.maximum(m, lse_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        w = tl.exp(lse_s - m_safe)
+        acc = acc * alpha[:, None] + w[:, None] * part
+        w_sum = w_sum * alpha + w
+        m = m_new
+    return acc, m, w_sum
+
+
 @triton.jit(do_not_specialize=["num_pairs", "NB"])
 def block_attn_combine_kernel(
     P, PLSE, PBIG, IDX, OUT, LSE,  # partial [E, G, D], partial lse [E, G], block_idx [N·Hkv, S], out [N, Hq, D]
     num_pairs, S, NB,
     G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    IS_SUM: tl.constexpr, PART16: tl.constexpr,
+    IS_SUM: tl.constexpr, PART16: tl.constexpr, S_UNROLL: tl.constexpr,
 ):
     """Merge the S partials of each (query, kv head) pair: softmax-weighted by LSE (forward) or summed (dQ).
 
-    A program takes ``BLOCK_R // G_PAD`` pairs × G heads as rows. PART16: as in the forward kernel.
-    """
+    A program takes ``BLOCK_R // G_PAD`` pairs × G heads as rows. PART16: as in the forward kernel. S_UNROLL:
+    0, or S itself as a compile-time constant (the slot loop unrolled)."""
     rows = tl.arange(0, BLOCK_R)
     pair = tl.program_id(0) * (BLOCK_R // G_PAD) + rows // G_PAD  # i·Hkv + g
     h = rows % G_PAD
@@ -241,29 +270,15 @@ def block_attn_combine_kernel(
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     w_sum = tl.zeros([BLOCK_R], tl.float32)
-    if PART16:
-        big = tl.load(PBIG) != 0
-    for s in range(S):
-        bi = tl.load(IDX + pair * S + s, mask=row_ok, other=-1)
-        ok = row_ok & (bi >= 0) & (bi < NB)
-        prow = (pair.to(tl.int64) * S + s) * G + h
-        if PART16:
-            raw = tl.load(P + prow[:, None] * D + d[None, :], mask=ok[:, None] & rd_ok, other=0)
-            part = tl.where(big, raw.to(tl.bfloat16, bitcast=True).to(tl.float32),
-                            raw.to(tl.float16, bitcast=True).to(tl.float32))
-        else:
-            part = tl.load(P + prow[:, None] * D + d[None, :], mask=ok[:, None] & rd_ok, other=0.0)
-        if IS_SUM:
-            acc += part
-        else:  # online merge: rescale what was summed so far to the running max
-            lse_s = tl.load(PLSE + prow, mask=ok, other=float("-inf"))
-            m_new = tl.maximum(m, lse_s)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_safe)
-            w = tl.exp(lse_s - m_safe)
-            acc = acc * alpha[:, None] + w[:, None] * part
-            w_sum = w_sum * alpha + w
-            m = m_new
+    big = tl.load(PBIG) != 0 if PART16 else False
+    if S_UNROLL:
+        for s in tl.static_range(S_UNROLL):
+            acc, m, w_sum = _combine_slot(P, PLSE, IDX, pair, h, d, s, S, NB, row_ok, rd_ok, big, acc, m, w_sum, G, D,
+                                          IS_SUM, PART16)
+    else:
+        for s in range(S):
+            acc, m, w_sum = _combine_slot(P, PLSE, IDX, pair, h, d, s, S, NB, row_ok, rd_ok, big, acc, m, w_sum, G, D,
+                                          IS_SUM, PART16)
     if not IS_SUM:
         has = w_sum > 0
         acc = acc / tl.where(has, w_sum, 1.0)[:, None]
@@ -489,11 +504,12 @@ def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _combine(part, part_lse, big, block_idx, out, lse, plan, meta, *, is_sum, part16=False):
     pairs = block_idx.shape[0] * block_idx.shape[1]
-    block_r = max(COMBINE_ROWS, meta["G_PAD"])
+    cfg = COMBINE_CONFIG
+    block_r = max(cfg["rows"], meta["G_PAD"])
     block_attn_combine_kernel[(triton.cdiv(pairs, block_r // meta["G_PAD"]),)](
         part, part_lse, big, block_idx, out, lse, pairs, plan.num_slots, plan.num_blocks, G=meta["G"],
         D=meta["D"], G_PAD=meta["G_PAD"], BLOCK_D=meta["BLOCK_D"], BLOCK_R=block_r, IS_SUM=is_sum,
-        PART16=part16, num_warps=4)
+        PART16=part16, S_UNROLL=plan.num_slots if cfg["unroll"] else 0, num_warps=cfg["num_warps"])
 
 
 def _partial_buffer(q: torch.Tensor, v: torch.Tensor, rows: int, g: int, partial_dtype: torch.dtype | None
