@@ -8,8 +8,8 @@
 # Needs .gpu/layouts/latent_layouts_1024.npz. COMMIT (optional): the tree's commit to record in the results.
 source scripts/gpu/_prelude.sh
 timeout 60 python3 -m pytest -q -p no:cacheprovider tests/ops/ssa/test_ssa_gpu.py tests/ops/block_attn/test_triton.py \
-  tests/ops/ssa/test_triton_compress.py \
-  -k "shift_modes or online_softmax or key32_split or unrolled or (matches_reference and 32-v1.1-bf16) or (gpu_error and dtype0-32-2-32)" \
+  tests/ops/ssa/test_triton_compress.py tests/flow/test_cuda_graph.py \
+  -k "sparse_dit_ssa or segment_max or shift_modes or online_softmax or key32_split or unrolled or (matches_reference and 32-v1.1-bf16) or (gpu_error and dtype0-32-2-32)" \
   > $OUT/ssa6_gpu_tests.txt 2>&1
 el "gpu tests rc=$?"; tail -4 $OUT/ssa6_gpu_tests.txt
 timeout 165 python3 benchmarks/bench_ssa.py --layouts $L --sizes 131072 --configs v1.1 --no-batch --no-shifted \

@@ -337,3 +337,19 @@ def test_combine_unrolled_slots(rows, monkeypatch):
     tri = _run(lambda q, k, v: selection_attention(q, k, v, off, idx, scale=0.3, backend="triton"), q, k, v, do)
     for name, a, b in zip(("o", "dq", "dk", "dv"), tri, ref):
         assert _rel(a, b) < 1e-5, (name, _rel(a, b))
+
+
+@pytest.mark.parametrize("hkv", [1, 2, 3])
+def test_segment_max_norm(hkv):
+    """Largest key norm per (segment, kv head), empty segments 0, segments longer than one kernel step."""
+    from d3s2.ops.block_attn.triton import SEGMENT_NORM_TOKENS, segment_max_norm
+
+    sizes = [3, 0, 2 * SEGMENT_NORM_TOKENS + 5, 1]
+    off = ragged_offsets(sizes, DEV)
+    k = torch.randn(int(off[-1]), hkv, 20, device=DEV)
+    got = segment_max_norm(k, off)
+    norms = k.norm(dim=-1)
+    want = torch.stack([norms[a:b].amax(0) if b > a else torch.zeros(hkv, device=DEV)
+                        for a, b in zip(off[:-1].tolist(), off[1:].tolist())])
+    assert got.shape == (len(sizes), hkv)
+    torch.testing.assert_close(got, want)

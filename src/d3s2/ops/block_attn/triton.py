@@ -64,6 +64,7 @@ BWD_DKDV_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 
 # unrolled at compile time (S a constexpr: all S loads of a program in flight at once) or a runtime loop.
 COMBINE_CONFIG = {"rows": 64, "num_warps": 4, "unroll": False}
 ROW_DOT_ELEMS = 8192  # elements per program of the Δ = rowsum(O·dO) kernel
+SEGMENT_NORM_TOKENS = 64  # tokens per step of the segment max-norm kernel (the BOUND forwards' shift)
 # Storage of the forward's partial outputs for 16-bit inputs: torch.float16 (see the module docstring: float16,
 # or bfloat16 bits when |v| is out of float16's range) or torch.float32; float32 inputs always use float32.
 PARTIAL_DTYPE = torch.float16
@@ -287,6 +288,26 @@ def block_attn_combine_kernel(
     tl.store(OUT + out_row[:, None] * D + d[None, :], acc.to(OUT.dtype.element_ty), mask=rd_ok)
 
 
+@triton.jit
+def _segment_max_norm_kernel(K, OFF, OUT, HKV: tl.constexpr, HKV_PAD: tl.constexpr, D: tl.constexpr,
+                             BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """OUT[s, g] = max over tokens i of segment s of ‖K[i, g, :]‖ (0 if empty); K contiguous [N, HKV, D]."""
+    seg = tl.program_id(0)
+    lo = tl.load(OFF + seg)
+    hi = tl.load(OFF + seg + 1)
+    t = tl.arange(0, BLOCK_T)[:, None, None]
+    g = tl.arange(0, HKV_PAD)[None, :, None]
+    d = tl.arange(0, BLOCK_D)[None, None, :]
+    best = tl.zeros([BLOCK_T, HKV_PAD], tl.float32)
+    for t0 in range(lo, hi, BLOCK_T):
+        tok = t0 + t
+        x = tl.load(K + (tok.to(tl.int64) * HKV + g) * D + d, mask=(tok < hi) & (g < HKV) & (d < D),
+                    other=0.0).to(tl.float32)
+        best = tl.maximum(best, tl.sum(x * x, 2))
+    gg = tl.arange(0, HKV_PAD)
+    tl.store(OUT + seg * HKV + gg, tl.sqrt(tl.max(best, 0)), mask=gg < HKV)
+
+
 @triton.jit(do_not_specialize=["R"])
 def row_dot_kernel(A, B, OUT, R, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """OUT[r] = Σ_d A[r, d]·B[r, d] in float32 for contiguous [R, D] A, B (Δ of the attention backward)."""
@@ -452,9 +473,15 @@ def window_plan(window_offsets: torch.Tensor, n: int, hkv: int) -> BlockAttnPlan
 def segment_max_norm(k: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """float32 ``[S, Hkv]``: the largest row norm ‖k[i, g]‖ over each segment ``[offsets[s], offsets[s + 1])`` of
     ``k`` [N, Hkv, D] (0 for an empty segment): with ``|q|`` a bound of every logit q·k of the segment, the fixed
-    softmax shift of the ``BOUND`` forward kernels."""
-    norms = torch.linalg.vector_norm(k, dim=-1, dtype=torch.float32)
-    return torch.segment_reduce(norms, "max", offsets=offsets.long(), axis=0, unsafe=True).clamp_min(0.0)
+    softmax shift of the ``BOUND`` forward kernels. One kernel, no host sync (CUDA-graph safe)."""
+    k = k.contiguous()
+    n_seg = offsets.numel() - 1
+    out = torch.empty(max(n_seg, 0), k.shape[1], dtype=torch.float32, device=k.device)
+    if n_seg > 0:
+        _segment_max_norm_kernel[(n_seg,)](k, offsets, out, HKV=k.shape[1], HKV_PAD=triton.next_power_of_2(k.shape[1]),
+                                           D=k.shape[2], BLOCK_D=triton.next_power_of_2(k.shape[2]),
+                                           BLOCK_T=SEGMENT_NORM_TOKENS, num_warps=4)
+    return out
 
 
 def _tiles(counts: torch.Tensor, per_tile: int, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
