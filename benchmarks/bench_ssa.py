@@ -66,6 +66,10 @@ SESSION5_COMBINE = {"rows": 64, "num_warps": 4, "unroll": False}
 VARIANTS = {"new": {"fused_combine": True, "partial": ba_kernels.PARTIAL_DTYPE,
                     "dq_partial": ba_kernels.DQ_PARTIAL_DTYPE, "cmp": None, "slc": None, "win": None,
                     "combine": None},
+            # the same as "new", measured again after "before": the run-to-run spread of one configuration
+            "new, repeated": {"fused_combine": True, "partial": ba_kernels.PARTIAL_DTYPE,
+                              "dq_partial": ba_kernels.DQ_PARTIAL_DTYPE, "cmp": None, "slc": None, "win": None,
+                              "combine": None},
             "before": {"fused_combine": True, "partial": torch.float16, "dq_partial": torch.bfloat16,
                        "cmp": SESSION5_CMP, "slc": SESSION5_SLC, "win": SESSION5_WIN, "combine": SESSION5_COMBINE}}
 # Sweep changes whose outputs differ from the default's by roundings (another exp2 or shift): checked to 2⁻⁶
@@ -307,13 +311,19 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
         # session 6: the fixed Cauchy–Schwarz shift (no running max) with row sums on the tensor cores (the
         # default: "bound" + "dot"), FMA-pipe exps on top (the MUFU is then the bottleneck), the online softmax,
         # 64-row tiles (ptxas sm_90: 118 registers per thread against 200 at 128 rows)
-        "fwd": [{"exp2": "mix4"}, {"shift": "online", "rowsum": "reduce"}, {"rows": 64}],
+        # (round 1 at 128 rows: bound + dot 2.11 ms, + mix4 2.12, online 1.95; bound + dot at 64 rows 1.86: the
+        # default since); round 2: per-row adds and the online softmax at 64 rows,
+        # and registers capped at 96 per thread (5 CTAs per SM instead of 4; ptxas: no spill in the loop)
+        "fwd": [{"rowsum": "reduce"}, {"shift": "online", "rowsum": "reduce"}, {"maxnreg": 96},
+                {"rowsum": "reduce", "maxnreg": 96}],
         "topk_seg": [new4, {**new4, "skip": False}, {**new2, "skip": False}],
         # session 5 swept session 4's kernel (skip, int64 keys, m_split 1, no counted / lse_dot), with key32,
         # m_split 2, key32 + m_split 2 + counted, new2 with m_split 1, new2, new4 (with 2 stages, without counted),
-        # rows 512, BLOCK_J 16 / 128 (8 warps). Session 6: the softmax scale inside the logit matmul (no multiply
-        # per logit; ptxas sm_90: 113 registers, 52 KB shared memory against 87, 36 KB), FMA-pipe exps again
-        "topk": [{"scale_dot": True}, {"exp2": "mix4"}],
+        # rows 512, BLOCK_J 16 / 128 (8 warps). Session 6, round 1 (ms): default 2.215; the softmax scale inside
+        # the logit matmul too (q pre-scaled, hi + lo: no multiply per logit; ptxas sm_90: 113 registers, 52 KB
+        # shared memory against 87, 36 KB; removed since) 2.614; FMA-pipe exps (mix4) 2.297. Round 2: registers
+        # capped at 80 per thread (6 CTAs per SM instead of 5; ptxas: no spill)
+        "topk": [{"maxnreg": 80}],
         "bwd_dq": [{"BLOCK_C": 128, "num_warps": 8}, {"rows": 64}],
         "bwd_dkdv": [{"rows": 32}, {"programs_per_sm": 16}, {"rows": 32, "programs_per_sm": 16},
                      {"num_stages": 3}],
@@ -372,10 +382,13 @@ def _sweep_slc(layout, topk, ins) -> list[dict]:
     # chunks with a 16-key tail: all slower than the default (3 stages, split). Session 5: 16 entries per tile
     # (one load of a block's keys for twice the queries), a 4th stage, 16-key tail chunks (less padding), 2-warp
     # programs of 4 entries
-    # session 6: the fixed shift (default, "bound" + "dot") against per-row adds (ptxas sm_90: 122 registers per
-    # thread, 4 CTAs per SM, against 149 and 3), FMA-pipe exps, the online softmax, 64-row tiles (88 registers)
-    for change in [{}, {"rowsum": "reduce"}, {"exp2": "mix4"}, {"shift": "online", "rowsum": "reduce"},
-                   {"BLOCK_M": 64}]:
+    # session 6, round 1 (ms): fixed shift with row sums on the tensor cores 5.29 (ptxas sm_90: 149 registers per
+    # thread, 3 CTAs per SM), + mix4 5.39, per-row adds 4.64 (122 registers, 4 CTAs: the default since), the online
+    # softmax 4.77, 64-row tiles 5.55. Round 2: 16-key tails, 16-key chunks (fewer registers), registers capped at
+    # 96 per thread (5 CTAs per SM instead of 4; ptxas: no spill in the loop), 16-entry tiles on 8 warps, the online
+    # softmax
+    for change in [{}, {"TAIL_N": 16}, {"BLOCK_N": 16}, {"maxnreg": 96}, {"BLOCK_M": 256, "num_warps": 8},
+                   {"shift": "online"}]:
         ba_kernels.FWD_CONFIG = {**default, **change}
         try:
             err = _rel_max(run(), base)
@@ -390,11 +403,12 @@ def _sweep_slc(layout, topk, ins) -> list[dict]:
             rows.append({"kernel": "slc", **ba_kernels.FWD_CONFIG, "error": repr(e)[:300]})
         print(json.dumps(rows[-1]), flush=True)
     ba_kernels.FWD_CONFIG = best[1] if best else default
-    # the combine of the partials (session 6): the slot loop unrolled (all S loads in flight), 128-row programs
+    # the combine of the partials (session 6, round 1: the slot loop unrolled, all S loads in flight, 4.608 ms
+    # against 4.665 for the whole selection forward, 128-row programs 4.940); round 2: 32-row programs
     default_c = dict(ba_kernels.COMBINE_CONFIG)
     base = run()
     best = None
-    for change in [{}, {"unroll": True}, {"unroll": True, "rows": 128}]:
+    for change in [{}, {"rows": 32}]:
         ba_kernels.COMBINE_CONFIG = {**default_c, **change}
         try:
             err = _rel_max(run(), base)
@@ -427,7 +441,9 @@ def _sweep_win(layout, ins) -> list[dict]:
 
     base = run()
     rows, best = [], None
-    for change in [{}, {"exp2": "mix4"}, {"shift": "online", "rowsum": "reduce"}]:
+    # session 6, round 1 (ms): fixed shift with row sums on the tensor cores 0.81, + mix4 0.82, the online softmax
+    # 0.72 (the default since); round 2: the fixed shift with per-row adds, 16-key tails
+    for change in [{}, {"shift": "bound"}, {"TAIL_N": 16}]:
         ba_kernels.WIN_FWD_CONFIG = {**default, **change}
         try:
             err = _rel_max(run(), base)
@@ -501,7 +517,7 @@ def main() -> None:
                 result.setdefault("sweep", {})[name] = rows + _sweep(layout, cfg["topk"], ins, do, kernels)
             if sdpa is None:
                 sdpa = _sdpa(layout, ins, do)
-            for variant in ["new"] + (["before"] if args.ab else []):
+            for variant in ["new"] + (["before", "new, repeated"] if args.ab else []):
                 with _variant(variant):
                     row = {"config": name, "variant": variant, "meshes": keys + ([f"{small} tokens"] if small else []),
                            "N": layout.num_tokens, "samples": layout.batch_size, "slc_blocks": layout.num_slc,

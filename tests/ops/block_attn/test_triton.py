@@ -353,3 +353,16 @@ def test_segment_max_norm(hkv):
                         for a, b in zip(off[:-1].tolist(), off[1:].tolist())])
     assert got.shape == (len(sizes), hkv)
     torch.testing.assert_close(got, want)
+
+
+def test_max_registers_only_on_compiled_cuda(monkeypatch):
+    """The register cap is a ptxas option: passed for compiled CUDA launches only, never to the interpreter."""
+    from d3s2.ops.block_attn.triton import max_registers
+
+    cfg = {"maxnreg": 96}
+    assert max_registers(cfg, torch.device("cpu")) == {}
+    assert max_registers({}, torch.device("cuda")) == {}
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert max_registers(cfg, torch.device("cuda")) == {"maxnreg": 96}
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert max_registers(cfg, torch.device("cuda")) == {}

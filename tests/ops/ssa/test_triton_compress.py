@@ -149,13 +149,12 @@ def test_exp2_modes_match_reference(mode, case, monkeypatch):
                              grad_tol=(5e-4, 5e-4))
 
 
-@pytest.mark.parametrize("case,dtype,m_split,lse_dot,scale_dot", [
-    (0, torch.float32, 4, True, False), (3, torch.float16, 4, True, False), (2, torch.float16, 2, False, False),
-    (2, torch.float16, 1, True, False), (0, torch.float32, 2, True, True), (3, torch.float16, 4, True, True)])
-def test_topk_key32_split_rows_match_reference(case, dtype, m_split, lse_dot, scale_dot, monkeypatch):
-    """int32 keys, the logit tile in row chunks, the LSE shift (and the softmax scale: q pre-scaled) inside the
-    logit matmul (hi + lo splits; bfloat16 dots are wrong under the interpreter, so bfloat16 runs on the GPU only)
-    and counted insertion rounds (several key tiles per sample):
+@pytest.mark.parametrize("case,dtype,m_split,lse_dot", [(0, torch.float32, 4, True), (3, torch.float16, 4, True),
+                                                         (2, torch.float16, 2, False), (2, torch.float16, 1, True)])
+def test_topk_key32_split_rows_match_reference(case, dtype, m_split, lse_dot, monkeypatch):
+    """int32 keys, the logit tile in row chunks, the LSE shift inside the logit matmul (hi + lo split; bfloat16
+    dots are wrong under the interpreter, so bfloat16 runs on the GPU only) and counted insertion rounds (several key
+    tiles per sample):
     the reference's blocks up to near-ties; counted rounds pick exactly what the round-by-round test picks."""
     sizes, res, m_cmp, m_slc, hq, hkv, d, topk = CASES[case]
     x = random_batch(sizes, res, seed=res + d + 7)
@@ -169,8 +168,7 @@ def test_topk_key32_split_rows_match_reference(case, dtype, m_split, lse_dot, sc
         for key in ("topk", "topk_seg"):
             # 64 rows: several programs per sample, every row chunk holding tokens
             monkeypatch.setitem(tc.CONFIG, key, {**tc.CONFIG[key], "variant": "dot", "key32": True, "m_split": m_split,
-                                                 "rows": 64, "counted": counted, "BLOCK_J": 16, "lse_dot": lse_dot,
-                                                 "scale_dot": scale_dot})
+                                                 "rows": 64, "counted": counted, "BLOCK_J": 16, "lse_dot": lse_dot})
         got[counted] = tc.cmp_select_topk(q, k_cmp, lse.float(), layout, topk, d**-0.5)
         assert_topk_equivalent(got[counted].cpu(), ref_idx.cpu(), scores, layout,
                                rtol=1e-4 if dtype == torch.float32 else 1e-3)

@@ -31,6 +31,7 @@ Hq 32 / Hkv 2 / D 32, S 8. Offsets are trusted (not synced to the host): they mu
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -50,19 +51,19 @@ LOG2E = 1.4426950408889634
 # +2 %, mix +21 %, poly +32 %), 64-key chunks with a 16-key tail +34 %.
 # shift: "online" (running max, rescaled sums) or "bound" (a fixed per-row shift from |q| and the block's largest
 # key norm: no max, no rescaling); rowsum (with "bound"): "reduce" (per-row adds) or "dot" (P · ones on the tensor
-# cores, in the P·V pass).
+# cores, in the P·V pass); maxnreg (optional): registers per thread capped (ptxas), for more CTAs per SM.
 FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True,
-              "TAIL_N": None, "shift": "bound", "rowsum": "dot"}
+              "TAIL_N": None, "shift": "bound", "rowsum": "reduce"}
 # Window attention's forward (S = 1: outputs written directly); None: FWD_CONFIG. H200, N = 134k, 8³ windows
 # (bench_ssa.py --sweep win, session 5): BLOCK_M 64 0.682 ms against FWD_CONFIG's 0.732 (2 stages 0.713, BLOCK_M 64
 # with 2 warps 0.712, BLOCK_M 256 0.915).
 WIN_FWD_CONFIG: dict | None = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu",
-                               "split": True, "TAIL_N": None, "shift": "bound", "rowsum": "dot"}
+                               "split": True, "TAIL_N": None, "shift": "online", "rowsum": "reduce"}
 BWD_DQ_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 BWD_DKDV_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 # Combine of the S partials per (query, kv head): (pair, head) rows per program, warps, and "unroll": the slot loop
 # unrolled at compile time (S a constexpr: all S loads of a program in flight at once) or a runtime loop.
-COMBINE_CONFIG = {"rows": 64, "num_warps": 4, "unroll": False}
+COMBINE_CONFIG = {"rows": 64, "num_warps": 4, "unroll": True}
 ROW_DOT_ELEMS = 8192  # elements per program of the Δ = rowsum(O·dO) kernel
 SEGMENT_NORM_TOKENS = 64  # tokens per step of the segment max-norm kernel (the BOUND forwards' shift)
 # Storage of the forward's partial outputs for 16-bit inputs: torch.float16 (see the module docstring: float16,
@@ -470,6 +471,13 @@ def window_plan(window_offsets: torch.Tensor, n: int, hkv: int) -> BlockAttnPlan
     return BlockAttnPlan(entry, start.to(torch.int32), count.to(torch.int32), 1, nw)
 
 
+def max_registers(cfg: dict, device: torch.device) -> dict:
+    """Launch option capping registers per thread (``cfg["maxnreg"]``: more resident CTAs per SM), for CUDA."""
+    if cfg.get("maxnreg") and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return {"maxnreg": cfg["maxnreg"]}
+    return {}
+
+
 def segment_max_norm(k: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """float32 ``[S, Hkv]``: the largest row norm ‖k[i, g]‖ over each segment ``[offsets[s], offsets[s + 1])`` of
     ``k`` [N, Hkv, D] (0 for an empty segment): with ``|q|`` a bound of every logit q·k of the segment, the fixed
@@ -599,7 +607,7 @@ def block_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offs
         PART16=part16, EXP2=resolve_mode(cfg["exp2"], q.device), SPLIT=cfg["split"], BOUND=shift == "bound",
         ROWSUM_DOT=shift == "bound" and cfg.get("rowsum", "reduce") == "dot",
         TAIL_N=min(cfg["TAIL_N"] or cfg["BLOCK_N"], cfg["BLOCK_N"]), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **meta)
+        num_stages=cfg["num_stages"], **max_registers(cfg, q.device), **meta)
     if block_idx is not None:
         _combine(po, plse, big, block_idx, o, lse, plan, meta, is_sum=False, part16=part16)
     return o, lse

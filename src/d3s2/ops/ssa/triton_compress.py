@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from .._exp2 import exp2, resolve_mode
-from ..block_attn.triton import row_dot, segment_max_norm
+from ..block_attn.triton import max_registers, row_dot, segment_max_norm
 from .layout import SSALayout
 
 LOG2E = 1.4426950408889634
@@ -58,23 +58,22 @@ CONFIG = {
     # blocks is masked. H200, N = 134k (session 4 sweep): split 11 % faster (2 or 4 stages: +3 %, +1 %); FMA-pipe
     # exps slower in all three kernels (fwd mix4 +7 %, mix +20 %, poly +65 %; top-k mix4 +4 %, mix +12 %, poly +23 %)
     # "shift": "online" (running max) or "bound" (fixed per-row shift from |q| and the sample's largest compressed-key
-    # norm: no max, no rescaling); "rowsum" (with "bound"): "reduce" (per-row adds) or "dot" (P · ones, tensor cores)
-    "fwd": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True,
+    # norm: no max, no rescaling); "rowsum" (with "bound"): "reduce" (per-row adds) or "dot" (P · ones, tensor cores);
+    # "maxnreg" (optional, here and in the top-k configs): registers per thread capped (ptxas), more CTAs per SM
+    "fwd": {"rows": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True,
             "shift": "bound", "rowsum": "dot"},
     # top-k with m_cmp == m_slc ("topk") and m_cmp < m_slc ("topk_seg", one-hot segment sum over compression
     # blocks); variant "reshape": head sum by tl.reshape + tl.sum; "dot": transposed tiles, head sum by tl.dot
     # "skip": a float test per tile before the key insertion (dot variant); "key32": int32 keys (int64 otherwise),
     # "m_split": row chunks per logit tile (2 or 4: a half / quarter of its registers), "counted": rounds counted
-    # once per tile, "lse_dot": the LSE shift inside the logit matmul (no float32 LSE registers per row),
-    # "scale_dot" (with lse_dot): the softmax scale inside it too (q pre-scaled, hi + lo: no multiply per logit)
+    # once per tile, "lse_dot": the LSE shift inside the logit matmul (no float32 LSE registers per row)
     # v1.1 top-k, H200, N = 134k (session 5 sweep, ms): session 4's kernel 4.86; key32 3.45; m_split 2 4.41; key32 +
     # m_split 2 + counted 3.31; + lse_dot 2.41; m_split 4 2.32; without the float pre-test (skip False: counted
     # rounds cost nothing on a tile nobody improves on) 2.21 (this default; k = 1: 1.72); rows 512 3.06, BLOCK_J 128
     # 2.92, BLOCK_J 16 8.25. v1.0 ("topk_seg", session 5 round 2): session 4's 18.89 ms; key32 + counted + lse_dot
     # with m_split 4: 19.41 (no pre-test 18.54), m_split 2 without the pre-test 18.15 (this default).
     "topk": {"variant": "dot", "skip": False, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
-             "num_stages": 3, "exp2": "mufu", "key32": True, "m_split": 4, "counted": True, "lse_dot": True,
-             "scale_dot": False},
+             "num_stages": 3, "exp2": "mufu", "key32": True, "m_split": 4, "counted": True, "lse_dot": True},
     "topk_seg": {"variant": "dot", "skip": False, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
                  "num_stages": 2, "exp2": "mufu", "key32": True, "m_split": 2, "counted": True, "lse_dot": True},
     "bwd_dq": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
@@ -347,37 +346,23 @@ def _topk_insert(best, score, jj, j_ok, s0, id_mask, NEG: tl.constexpr, KEY32: t
 @triton.jit
 def _group_rows(Q, LSE, start, t1, g, r0, stride_qn, stride_qh, offs_d, d_ok, qk_scale,
                 HQ: tl.constexpr, HS: tl.constexpr, HS_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                ROWS: tl.constexpr, P_FP16: tl.constexpr, LSE_DOT: tl.constexpr, SCALE_DOT: tl.constexpr):
-    """Rows ``r0 … r0 + ROWS`` of a top-k tile: (qᵀ [BLOCK_D, ROWS], qᵀ low part, shift, 0/1 group [ROWS, BLOCK_T]).
+                ROWS: tl.constexpr, P_FP16: tl.constexpr, LSE_DOT: tl.constexpr):
+    """Rows ``r0 … r0 + ROWS`` of a top-k tile: (qᵀ [BLOCK_D, ROWS], shift, 0/1 group [ROWS, BLOCK_T]).
 
     shift: the log2 LSE [ROWS], or with LSE_DOT ``aᵀ`` [16, ROWS] in q's dtype whose rows 0 and 1 are a two-term
     split hi + lo of a = −LSE₂ / qk_scale, so that ``qk_scale · (q·k + hi + lo)`` is the log2 probability (to
     ~2⁻¹⁶ of a): the shift rides in the logit matmul instead of costing float32 registers per row (padding rows
-    get a = −30000: probability 0). SCALE_DOT (with LSE_DOT): the scale rides in the matmul too: qᵀ is the
-    hi part of qk_scale · q and the second value its lo part (a two-term split, ~2⁻¹⁶ relative), a = −LSE₂, so
-    that ``q_hi·k + q_lo·k + hi + lo`` is the log2 probability (no multiply per logit); else the second value is
-    qᵀ again (unused)."""
+    get a = −30000: probability 0)."""
     rows = r0 + tl.arange(0, ROWS)
     tok = start + rows // HS_PAD
     hh = rows % HS_PAD
     head = g * HS + hh
     row_ok = (tok < t1) & (hh < HS)
-    q = _load_rows(Q, tok, head, offs_d, row_ok, d_ok, stride_qn, stride_qh)
-    if SCALE_DOT:
-        qs = q.to(tl.float32) * qk_scale
-        q_hi = qs.to(Q.dtype.element_ty)
-        q_t = tl.trans(q_hi)
-        q_t_lo = tl.trans((qs - q_hi.to(tl.float32)).to(Q.dtype.element_ty))
-    else:
-        q_t = tl.trans(q)
-        q_t_lo = q_t
+    q_t = tl.trans(_load_rows(Q, tok, head, offs_d, row_ok, d_ok, stride_qn, stride_qh))
     # log2-domain LSE; +inf on padding rows makes their probabilities 0
     lse2 = tl.load(LSE + tok.to(tl.int64) * HQ + head, mask=row_ok, other=float("inf")) * 1.4426950408889634
     if LSE_DOT:
-        if SCALE_DOT:
-            a = tl.where(row_ok, -lse2, -30000.0)
-        else:
-            a = tl.where(row_ok, -lse2 / qk_scale, -30000.0)
+        a = tl.where(row_ok, -lse2 / qk_scale, -30000.0)
         hi = a.to(Q.dtype.element_ty)
         lo = (a - hi.to(tl.float32)).to(Q.dtype.element_ty)
         col = tl.arange(0, 16)[:, None]
@@ -388,25 +373,20 @@ def _group_rows(Q, LSE, start, t1, g, r0, stride_qn, stride_qh, offs_d, d_ok, qk
     group = (((rows // HS_PAD)[:, None] == tl.arange(0, BLOCK_T)[None, :]) & row_ok[:, None]).to(tl.float32)
     if P_FP16:
         group = group.to(tl.float16)
-    return q_t, q_t_lo, shift, group
+    return q_t, shift, group
 
 
 @triton.jit
-def _group_scores(k, col_ok, q_t, q_t_lo, shift, group, qk_scale, MASK: tl.constexpr, DOT_PREC: tl.constexpr,
-                  P_FP16: tl.constexpr, EXP2: tl.constexpr, LSE_DOT: tl.constexpr, SCALE_DOT: tl.constexpr):
+def _group_scores(k, col_ok, q_t, shift, group, qk_scale, MASK: tl.constexpr, DOT_PREC: tl.constexpr,
+                  P_FP16: tl.constexpr, EXP2: tl.constexpr, LSE_DOT: tl.constexpr):
     """[BLOCK_C, BLOCK_T] probabilities of compressed keys ``k`` [BLOCK_C, BLOCK_D] summed over the group's heads
-    (MASK: rows outside ``col_ok`` contribute 0); ``q_t``, ``q_t_lo``, ``shift`` from ``_group_rows``."""
+    (MASK: rows outside ``col_ok`` contribute 0); ``shift`` from ``_group_rows``."""
     s = tl.dot(k, q_t, input_precision=DOT_PREC)  # [BLOCK_C, ROWS]
-    if SCALE_DOT:
-        s = tl.dot(k, q_t_lo, s, input_precision=DOT_PREC)
     if LSE_DOT:
         # ones in columns 0 and 1: adds each row's hi + lo to its logits
         ones = tl.where(tl.arange(0, 16)[None, :] < 2, 1.0, 0.0) + tl.zeros([k.shape[0], 16], tl.float32)
         s = tl.dot(ones.to(k.dtype), shift, s, input_precision=DOT_PREC)
-        if SCALE_DOT:
-            p_t = exp2(s, EXP2)
-        else:
-            p_t = exp2(s * qk_scale, EXP2)
+        p_t = exp2(s * qk_scale, EXP2)
     else:
         p_t = exp2(s * qk_scale - shift[None, :], EXP2)
     if MASK:
@@ -425,7 +405,7 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
                          BLOCK_C: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
                          ONE_CMP_PER_SLC: tl.constexpr, DOT_PREC: tl.constexpr, P_FP16: tl.constexpr,
                          SKIP: tl.constexpr, EXP2: tl.constexpr, KEY32: tl.constexpr, M_SPLIT: tl.constexpr,
-                         COUNTED: tl.constexpr, LSE_DOT: tl.constexpr, SCALE_DOT: tl.constexpr):
+                         COUNTED: tl.constexpr, LSE_DOT: tl.constexpr):
     """Same result as ``_cmp_topk_kernel``, computed transposed: logits ``[blocks, rows]`` = K·Qᵀ, and the sum
     over the GQA group is a second tl.dot with a 0/1 ``[rows, tokens]`` matrix (probabilities in float16 for
     16-bit inputs: ≤ 2⁻¹¹ relative error per term), so the probabilities stay in the matmul register layout
@@ -433,7 +413,7 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
 
     M_SPLIT (1, 2 or 4): the rows are scored in that many chunks whose group sums accumulate into one score tile,
     so the fp32 logit tile in registers is ``[BLOCK_J, BLOCK_M / M_SPLIT]``. KEY32, COUNTED: see ``_topk_insert``
-    (KEY32 needs ``id_bits`` ≥ the bits of the largest local block id). LSE_DOT, SCALE_DOT: see ``_group_rows``."""
+    (KEY32 needs ``id_bits`` ≥ the bits of the largest local block id)."""
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
     g = tl.program_id(2)
@@ -447,16 +427,16 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
     ROWS: tl.constexpr = BLOCK_T * HS_PAD // M_SPLIT
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q_t, q_tl, sh, group = _group_rows(Q, LSE, start, t1, g, 0, stride_qn, stride_qh, offs_d, d_ok, qk_scale, HQ, HS,
-                                 HS_PAD, BLOCK_T, ROWS, P_FP16, LSE_DOT, SCALE_DOT)
+    q_t, sh, group = _group_rows(Q, LSE, start, t1, g, 0, stride_qn, stride_qh, offs_d, d_ok, qk_scale, HQ, HS,
+                                 HS_PAD, BLOCK_T, ROWS, P_FP16, LSE_DOT)
     if M_SPLIT >= 2:
-        q_t2, q_t2l, sh2, group2 = _group_rows(Q, LSE, start, t1, g, ROWS, stride_qn, stride_qh, offs_d, d_ok, qk_scale,
-                                        HQ, HS, HS_PAD, BLOCK_T, ROWS, P_FP16, LSE_DOT, SCALE_DOT)
+        q_t2, sh2, group2 = _group_rows(Q, LSE, start, t1, g, ROWS, stride_qn, stride_qh, offs_d, d_ok, qk_scale,
+                                        HQ, HS, HS_PAD, BLOCK_T, ROWS, P_FP16, LSE_DOT)
     if M_SPLIT == 4:
-        q_t3, q_t3l, sh3, group3 = _group_rows(Q, LSE, start, t1, g, 2 * ROWS, stride_qn, stride_qh, offs_d, d_ok,
-                                        qk_scale, HQ, HS, HS_PAD, BLOCK_T, ROWS, P_FP16, LSE_DOT, SCALE_DOT)
-        q_t4, q_t4l, sh4, group4 = _group_rows(Q, LSE, start, t1, g, 3 * ROWS, stride_qn, stride_qh, offs_d, d_ok,
-                                        qk_scale, HQ, HS, HS_PAD, BLOCK_T, ROWS, P_FP16, LSE_DOT, SCALE_DOT)
+        q_t3, sh3, group3 = _group_rows(Q, LSE, start, t1, g, 2 * ROWS, stride_qn, stride_qh, offs_d, d_ok,
+                                        qk_scale, HQ, HS, HS_PAD, BLOCK_T, ROWS, P_FP16, LSE_DOT)
+        q_t4, sh4, group4 = _group_rows(Q, LSE, start, t1, g, 3 * ROWS, stride_qn, stride_qh, offs_d, d_ok,
+                                        qk_scale, HQ, HS, HS_PAD, BLOCK_T, ROWS, P_FP16, LSE_DOT)
 
     slot = tl.arange(0, TOPK_PAD)
     id_mask = (1 << id_bits) - 1
@@ -481,16 +461,15 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
             # compression block id == selection block id; rows past s1 are dropped by the candidate mask
             k_off = jj.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
             k = tl.load(K + k_off, mask=j_ok[:, None] & d_ok[None, :], other=0.0)
-            score = _group_scores(k, j_ok, q_t, q_tl, sh, group, qk_scale, False, DOT_PREC, P_FP16, EXP2, LSE_DOT,
-                                  SCALE_DOT)
+            score = _group_scores(k, j_ok, q_t, sh, group, qk_scale, False, DOT_PREC, P_FP16, EXP2, LSE_DOT)
             if M_SPLIT >= 2:
-                score += _group_scores(k, j_ok, q_t2, q_t2l, sh2, group2, qk_scale, False, DOT_PREC, P_FP16,
-                                       EXP2, LSE_DOT, SCALE_DOT)
+                score += _group_scores(k, j_ok, q_t2, sh2, group2, qk_scale, False, DOT_PREC, P_FP16,
+                                       EXP2, LSE_DOT)
             if M_SPLIT == 4:
-                score += _group_scores(k, j_ok, q_t3, q_t3l, sh3, group3, qk_scale, False, DOT_PREC, P_FP16,
-                                       EXP2, LSE_DOT, SCALE_DOT)
-                score += _group_scores(k, j_ok, q_t4, q_t4l, sh4, group4, qk_scale, False, DOT_PREC, P_FP16,
-                                       EXP2, LSE_DOT, SCALE_DOT)
+                score += _group_scores(k, j_ok, q_t3, sh3, group3, qk_scale, False, DOT_PREC, P_FP16,
+                                       EXP2, LSE_DOT)
+                score += _group_scores(k, j_ok, q_t4, sh4, group4, qk_scale, False, DOT_PREC, P_FP16,
+                                       EXP2, LSE_DOT)
         else:
             c_a = tl.load(SLC_CMP_OFF + j_start)
             c_b = tl.load(SLC_CMP_OFF + tl.minimum(j_start + BLOCK_J, s1))
@@ -500,16 +479,15 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
                 col_ok = cols < c_b
                 k_off = cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
                 k = tl.load(K + k_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                p_tok = _group_scores(k, col_ok, q_t, q_tl, sh, group, qk_scale, True, DOT_PREC, P_FP16, EXP2,
-                                      LSE_DOT, SCALE_DOT)
+                p_tok = _group_scores(k, col_ok, q_t, sh, group, qk_scale, True, DOT_PREC, P_FP16, EXP2, LSE_DOT)
                 if M_SPLIT >= 2:
-                    p_tok += _group_scores(k, col_ok, q_t2, q_t2l, sh2, group2, qk_scale, True, DOT_PREC, P_FP16,
-                                           EXP2, LSE_DOT, SCALE_DOT)
+                    p_tok += _group_scores(k, col_ok, q_t2, sh2, group2, qk_scale, True, DOT_PREC, P_FP16,
+                                           EXP2, LSE_DOT)
                 if M_SPLIT == 4:
-                    p_tok += _group_scores(k, col_ok, q_t3, q_t3l, sh3, group3, qk_scale, True, DOT_PREC, P_FP16,
-                                           EXP2, LSE_DOT, SCALE_DOT)
-                    p_tok += _group_scores(k, col_ok, q_t4, q_t4l, sh4, group4, qk_scale, True, DOT_PREC, P_FP16,
-                                           EXP2, LSE_DOT, SCALE_DOT)
+                    p_tok += _group_scores(k, col_ok, q_t3, sh3, group3, qk_scale, True, DOT_PREC, P_FP16,
+                                           EXP2, LSE_DOT)
+                    p_tok += _group_scores(k, col_ok, q_t4, sh4, group4, qk_scale, True, DOT_PREC, P_FP16,
+                                           EXP2, LSE_DOT)
                 local = tl.load(CMP_SLC + cols, mask=col_ok, other=-1) - j_start
                 onehot = (offs_j[:, None] == local[None, :]).to(tl.float32)  # [BLOCK_J, BLOCK_C]
                 score += tl.dot(onehot, p_tok, input_precision="tf32x3")
@@ -689,7 +667,8 @@ def cmp_attention_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
                           scale * LOG2E, HKV=hkv, BLOCK_T=block_t, BLOCK_C=cfg["BLOCK_C"],
                           EXP2=resolve_mode(cfg.get("exp2", "mufu"), q.device), SPLIT=cfg.get("split", False),
                           BOUND=bound, ROWSUM_DOT=bound and cfg.get("rowsum", "reduce") == "dot",
-                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **meta)
+                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **max_registers(cfg, q.device),
+                          **meta)
     return o, lse
 
 
@@ -707,7 +686,7 @@ def cmp_select_topk(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, lay
     cfg = CONFIG["topk" if one else "topk_seg"]
     common = dict(HKV=hkv, BLOCK_J=cfg["BLOCK_J"], BLOCK_C=cfg["BLOCK_C"], TOPK=topk,
                   TOPK_PAD=triton.next_power_of_2(topk), ONE_CMP_PER_SLC=one, num_warps=cfg["num_warps"],
-                  num_stages=cfg["num_stages"], **meta)
+                  num_stages=cfg["num_stages"], **max_registers(cfg, q.device), **meta)
     args = (q, k_cmp, lse, idx, layout.cu_seqlens, layout.cu_slc, layout.slc_cmp_offsets, layout.cmp_slc,
             q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), scale * LOG2E)
     if cfg["variant"] == "dot":
@@ -724,8 +703,7 @@ def cmp_select_topk(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, lay
         _cmp_topk_dot_kernel[grid](*args, id_bits, BLOCK_T=block_t, P_FP16=q.dtype != torch.float32,
                                    SKIP=cfg.get("skip", True), EXP2=resolve_mode(cfg.get("exp2", "mufu"), q.device),
                                    KEY32=key32, M_SPLIT=m_split, COUNTED=cfg.get("counted", False),
-                                   LSE_DOT=cfg.get("lse_dot", False),
-                                   SCALE_DOT=cfg.get("lse_dot", False) and cfg.get("scale_dot", False), **common)
+                                   LSE_DOT=cfg.get("lse_dot", False), **common)
     else:
         # the one-hot segment sum is a tl.dot, whose M dimension must be >= 16
         block_t = _block_t(cfg["rows"], meta["HS_PAD"], 1 if one else 16)
