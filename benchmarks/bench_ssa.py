@@ -385,10 +385,10 @@ def _sweep_slc(layout, topk, ins) -> list[dict]:
     # session 6, round 1 (ms): fixed shift with row sums on the tensor cores 5.29 (ptxas sm_90: 149 registers per
     # thread, 3 CTAs per SM), + mix4 5.39, per-row adds 4.64 (122 registers, 4 CTAs: the default since), the online
     # softmax 4.77, 64-row tiles 5.55. Round 2: 16-key tails, 16-key chunks (fewer registers), registers capped at
-    # 96 per thread (5 CTAs per SM instead of 4; ptxas: no spill in the loop), 16-entry tiles on 8 warps, the online
-    # softmax
-    for change in [{}, {"TAIL_N": 16}, {"BLOCK_N": 16}, {"maxnreg": 96}, {"BLOCK_M": 256, "num_warps": 8},
-                   {"shift": "online"}]:
+    # 96 per thread (5 CTAs per SM instead of 4; ptxas: no spill in the loop) alone and with 16-key tails, 16-entry
+    # tiles on 8 warps, the online softmax
+    for change in [{}, {"TAIL_N": 16}, {"BLOCK_N": 16}, {"maxnreg": 96}, {"TAIL_N": 16, "maxnreg": 96},
+                   {"BLOCK_M": 256, "num_warps": 8}, {"shift": "online"}]:
         ba_kernels.FWD_CONFIG = {**default, **change}
         try:
             err = _rel_max(run(), base)
