@@ -51,9 +51,10 @@ LOG2E = 1.4426950408889634
 # +2 %, mix +21 %, poly +32 %), 64-key chunks with a 16-key tail +34 %.
 # shift: "online" (running max, rescaled sums) or "bound" (a fixed per-row shift from |q| and the block's largest
 # key norm: no max, no rescaling); rowsum (with "bound"): "reduce" (per-row adds) or "dot" (P · ones on the tensor
-# cores, in the P·V pass); maxnreg (optional): registers per thread capped (ptxas), for more CTAs per SM.
+# cores, in the P·V pass); maxnreg (optional): registers per thread capped (ptxas), for more CTAs per SM;
+# tile_table: each tile's rows and key range from one row of a per-tile table (fewer dependent loads per tile).
 FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True,
-              "TAIL_N": None, "shift": "bound", "rowsum": "reduce"}
+              "TAIL_N": None, "shift": "bound", "rowsum": "reduce", "tile_table": False}
 # Window attention's forward (S = 1: outputs written directly); None: FWD_CONFIG. H200, N = 134k, 8³ windows
 # (bench_ssa.py --sweep win, session 5): BLOCK_M 64 0.682 ms against FWD_CONFIG's 0.732 (2 stages 0.713, BLOCK_M 64
 # with 2 warps 0.712, BLOCK_M 256 0.915).
@@ -89,6 +90,49 @@ def _tile_rows(TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, t, num_lists, NB,
     head = rows % G_PAD
     row_ok = (ent < e_hi) & (head < G) & (lst < num_lists)
     return lst, lst_c // NB, lst_c % NB, ent, row_ok, head
+
+
+@triton.jit
+def _table_rows(TABLE, t, num_lists, NB, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``_tile_rows`` from one row of the tile table (list, first entry, list end, first key, key end): one level
+    of dependent loads instead of two before the rows' entries, and the block's key range with it."""
+    row = TABLE + t.to(tl.int64) * 8
+    lst = tl.load(row)
+    e_lo = tl.load(row + 1)
+    e_hi = tl.load(row + 2)
+    k_lo = tl.load(row + 3)
+    k_hi = tl.load(row + 4)
+    lst_c = tl.minimum(lst, num_lists - 1)
+    rows = tl.arange(0, BLOCK_M)
+    ent = e_lo + rows // G_PAD
+    head = rows % G_PAD
+    row_ok = (ent < e_hi) & (head < G) & (lst < num_lists)
+    return lst, lst_c // NB, lst_c % NB, ent, row_ok, head, k_lo, k_hi
+
+
+@triton.jit
+def _tile_table_kernel(TABLE, CUM, LIST_START, LIST_COUNT, BLOCK_OFF, NB, PER_TILE: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """Rows CUM[l] … CUM[l + 1] of the tile table for list l: (l, first entry of the tile, list end, block's first
+    key, block's key end, 3 × padding)."""
+    lst = tl.program_id(0)
+    c0 = tl.load(CUM + lst)
+    c1 = tl.load(CUM + lst + 1)
+    start = tl.load(LIST_START + lst)
+    end = start + tl.load(LIST_COUNT + lst)
+    b = lst % NB
+    k_lo = tl.load(BLOCK_OFF + b)
+    k_hi = tl.load(BLOCK_OFF + b + 1)
+    for t0 in range(c0, c1, BLOCK):
+        t = t0 + tl.arange(0, BLOCK)
+        ok = t < c1
+        row = TABLE + t.to(tl.int64) * 8
+        zero = tl.zeros([BLOCK], tl.int32)
+        tl.store(row, zero + lst, mask=ok)
+        tl.store(row + 1, start + (t - c0) * PER_TILE, mask=ok)
+        tl.store(row + 2, zero + end, mask=ok)
+        tl.store(row + 3, zero + k_lo, mask=ok)
+        tl.store(row + 4, zero + k_hi, mask=ok)
 
 
 @triton.jit
@@ -159,10 +203,12 @@ def _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D
 def block_attn_fwd_kernel(
     Q, K, V, PO, PLSE, PBIG,  # q [N, Hq, D], k/v [N, Hkv, D], partial o [E, G, D], partial lse [E, G]
     ENTRY, TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, BLOCK_OFF, KMAX,  # KMAX [NB, Hkv] float32 (BOUND)
+    TABLE,  # int32 [tiles, 8] tile table (TILE_TABLE)
     scale_log2, num_lists, NB, HkvS, Hkv,
     G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, PART16: tl.constexpr,
     EXP2: tl.constexpr, SPLIT: tl.constexpr, TAIL_N: tl.constexpr, BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr,
+    TILE_TABLE: tl.constexpr,
 ):
     """PART16: PO is int16 holding float16 bits, or bfloat16 bits where the flag ``PBIG[0]`` is set.
     EXP2: exp2 mode (:mod:`d3s2.ops._exp2`); SPLIT: the block's whole ``BLOCK_N``-key chunks run unmasked, the
@@ -170,10 +216,16 @@ def block_attn_fwd_kernel(
     BOUND: each row's softmax shift is fixed before the key loop, ``scale_log2 · |q| · KMAX[b, g]`` (KMAX: the
     block's largest key norm per kv head; by Cauchy–Schwarz no scaled logit exceeds it): no running max, no
     rescaling. A tile with a row whose sum stays below 2⁻⁶⁴ (the bound more than 64 binades above the row's
-    largest logit) reruns with the online softmax. ROWSUM_DOT: see ``_fwd_chunk``."""
+    largest logit) reruns with the online softmax. ROWSUM_DOT: see ``_fwd_chunk``. TILE_TABLE: the tile's rows
+    and key range from one row of ``TABLE`` (``_table_rows``) instead of the list tables."""
     t = tl.program_id(0)
-    lst, g, b, ent, row_ok, head = _tile_rows(TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, t, num_lists, NB,
-                                              G, G_PAD, BLOCK_M)
+    if TILE_TABLE:
+        lst, g, b, ent, row_ok, head, k_lo, k_hi = _table_rows(TABLE, t, num_lists, NB, G, G_PAD, BLOCK_M)
+    else:
+        lst, g, b, ent, row_ok, head = _tile_rows(TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, t, num_lists, NB,
+                                                  G, G_PAD, BLOCK_M)
+        k_lo = tl.load(BLOCK_OFF + b)
+        k_hi = tl.load(BLOCK_OFF + b + 1)
     if lst < num_lists:
         f = tl.load(ENTRY + ent, mask=row_ok, other=0)
         qi = f // HkvS
@@ -181,8 +233,6 @@ def block_attn_fwd_kernel(
         d_ok = d < D
         qh = qi * (Hkv * G) + g * G + head  # row of q viewed as [N·Hq, D]
         q = tl.load(Q + qh[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        k_lo = tl.load(BLOCK_OFF + b)
-        k_hi = tl.load(BLOCK_OFF + b + 1)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         if BOUND:
             qf = q.to(tl.float32)
@@ -492,6 +542,19 @@ def segment_max_norm(k: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _tile_table(plan: BlockAttnPlan, per_tile: int, bound: int, block_offsets: torch.Tensor) -> torch.Tensor:
+    """int32 ``[bound, 8]`` tile table of the forward (``_table_rows``); tiles past the last list's are idle (list id
+    ``Hkv·NB``, no rows). No host sync."""
+    num_lists = plan.list_count.numel()
+    chunks = (plan.list_count.long() + per_tile - 1) // per_tile
+    cum = _exclusive_cumsum(chunks).to(torch.int32)
+    table = torch.full((bound, 8), num_lists, dtype=torch.int32, device=block_offsets.device)
+    if num_lists:
+        _tile_table_kernel[(num_lists,)](table, cum, plan.list_start, plan.list_count, block_offsets,
+                                         plan.num_blocks, PER_TILE=per_tile, BLOCK=256, num_warps=4)
+    return table
+
+
 def _tiles(counts: torch.Tensor, per_tile: int, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Tile table without a host sync: tile t → its list (or len(counts) if idle), and tiles' cumsum."""
     chunks = (counts.long() + per_tile - 1) // per_tile
@@ -596,16 +659,21 @@ def block_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offs
         plse = torch.empty(n * hkv * s, meta["G"], dtype=torch.float32, device=q.device)
     per_tile = block_m // meta["G_PAD"]
     bound = (plan.entry.numel() + per_tile - 1) // per_tile + num_lists
-    tile_list, tile_cum = _tiles(plan.list_count, per_tile, bound)
+    if cfg.get("tile_table", False):
+        table = _tile_table(plan, per_tile, bound, block_offsets)
+        tile_list = tile_cum = table
+    else:
+        tile_list, tile_cum = _tiles(plan.list_count, per_tile, bound)
+        table = tile_list
     shift = cfg.get("shift", "online")
     if shift not in ("online", "bound"):
         raise ValueError(f"expected shift 'online' or 'bound' in the block attention config, got {shift!r}")
     kmax = segment_max_norm(k, block_offsets) if shift == "bound" else lse
     block_attn_fwd_kernel[(bound,)](
         q, k, v, po, plse, big, plan.entry, tile_list, tile_cum, plan.list_start, plan.list_count, block_offsets,
-        kmax, scale * LOG2E, num_lists, plan.num_blocks, hkv * s, hkv, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
+        kmax, table, scale * LOG2E, num_lists, plan.num_blocks, hkv * s, hkv, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
         PART16=part16, EXP2=resolve_mode(cfg["exp2"], q.device), SPLIT=cfg["split"], BOUND=shift == "bound",
-        ROWSUM_DOT=shift == "bound" and cfg.get("rowsum", "reduce") == "dot",
+        ROWSUM_DOT=shift == "bound" and cfg.get("rowsum", "reduce") == "dot", TILE_TABLE=cfg.get("tile_table", False),
         TAIL_N=min(cfg["TAIL_N"] or cfg["BLOCK_N"], cfg["BLOCK_N"]), num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **max_registers(cfg, q.device), **meta)
     if block_idx is not None:
