@@ -279,8 +279,8 @@ def test_forward_exp2_modes_and_split(mode, split, case, monkeypatch):
     torch.testing.assert_close(lse_t, lse_r, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("shift,rowsum,case,far", [("bound", "reduce", 0, False), ("bound", "dot", 3, False),
-                                                   ("bound", "dot", 2, True), ("online", "reduce", 1, False)])
+@pytest.mark.parametrize("shift,rowsum,case,far", [("bound", "reduce", 1, False), ("bound", "dot", 3, False),
+                                                   ("bound", "dot", 2, True)])
 def test_forward_shift_modes(shift, rowsum, case, far, monkeypatch):
     """The forward with a fixed per-row softmax shift (|q| · the block's largest key norm, no running max; row sums
     by per-row adds or on the tensor cores) or the online softmax: output, LSE and every gradient against the
@@ -320,7 +320,7 @@ def test_forward_shift_modes(shift, rowsum, case, far, monkeypatch):
         torch.testing.assert_close(lse_t[ok], lse_r[ok], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [16, 64])
+@pytest.mark.parametrize("rows", [16])
 def test_combine_unrolled_slots(rows, monkeypatch):
     """The partial combine with its slot loop unrolled (S a compile-time constant), forward merge and dQ sum: the
     same output and gradients as the reference."""
@@ -368,15 +368,16 @@ def test_max_registers_only_on_compiled_cuda(monkeypatch):
     assert max_registers(cfg, torch.device("cuda")) == {}
 
 
-@pytest.mark.parametrize("case,shift", [(0, "bound"), (2, "online")])
+@pytest.mark.parametrize("case,shift", [(0, "bound")])
 def test_forward_tile_table(case, shift, monkeypatch):
     """The forward reading each tile's rows and key range from the per-tile table: output, LSE and every gradient
     against the reference, for the selection (empty slots, a query without blocks) and the window."""
     from d3s2.ops.block_attn import triton as kernels
 
     for name in ("FWD_CONFIG", "WIN_FWD_CONFIG"):
+        # 16 entries per tile: lists of one and of several tiles
         monkeypatch.setattr(kernels, name, {**kernels.FWD_CONFIG, "tile_table": True, "shift": shift,
-                                            "BLOCK_M": 16})
+                                            "BLOCK_M": 32})
     sizes, hq, hkv, d, s = CASES[case]
     off = ragged_offsets(sizes, DEV)
     n = int(off[-1])
