@@ -10,10 +10,12 @@ block b): the queries that selected b through g, in ascending query order (a sta
 gets M = 64…128 even though every query has its own selection, and each block's keys are read once per tile
 instead of once per query.
 
-- Forward: one program per tile loops over the block's keys in ``BLOCK_N`` chunks (online softmax, exp2,
-  fp32 accumulation) and writes the tile's normalised partial output and LSE per entry; a combine kernel
-  merges the S partials of each (query, kv head) by their LSEs. Window attention is the case S = 1, where
-  the partial is the output and no combine runs.
+- Forward: one program per tile loops over the block's keys in ``BLOCK_N`` chunks (exp2, fp32 accumulation)
+  and writes the tile's normalised partial output and LSE per entry; a combine kernel merges the S partials of
+  each (query, kv head) by their LSEs. Window attention is the case S = 1, where the partial is the output and
+  no combine runs. The softmax shift is the online running max, or (``shift: "bound"``) fixed per row before the
+  loop at ``scale · |q| · max ‖k‖`` over the block (``segment_max_norm``): no logit exceeds it (Cauchy–Schwarz),
+  so nothing is rescaled; a tile whose row sum stays below 2⁻⁶⁴ reruns with the online softmax.
 - Backward: Δ = rowsum(O·dO); dQ mirrors the forward (partial dQ per entry, then a sum over slots); dK/dV
   runs one program per (block key tile, kv head) that loops over the block's whole entry list, so each key
   row is written by exactly one program: deterministic, no atomics, no per-head replicated buffers.

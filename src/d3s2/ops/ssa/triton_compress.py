@@ -9,7 +9,9 @@ Tiles: a program owns ``BLOCK_T`` consecutive tokens of one sample and one kv he
 compressed key tile serves the whole group. Compressed keys of a sample are few (N/64 … N/512 per sample), so
 every pass streams them all.
 
-- ``_cmp_fwd_kernel``: online-softmax attention → ``o_cmp`` and the natural-log LSE.
+- ``_cmp_fwd_kernel``: softmax attention → ``o_cmp`` and the natural-log LSE; the shift per row is the online
+  running max or (``shift: "bound"``, the default) fixed before the loop at ``scale · |q| · max ‖k_cmp‖`` over
+  the sample (no logit exceeds it: no max, no rescaling; rows whose sum stays below 2⁻⁶⁴ rerun online).
 - ``_cmp_topk_kernel``: recomputes the probabilities from the LSE, sums them over the group's heads and over
   the compression blocks of each selection block, and keeps a running top-k per (token, kv head) in registers.
   Working memory beyond the inputs is the ``[N, Hkv, S]`` output: no ``[H, N, NBc]`` score tensor exists.
