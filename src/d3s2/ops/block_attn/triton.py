@@ -55,17 +55,25 @@ LOG2E = 1.4426950408889634
 # key norm: no max, no rescaling); rowsum (with "bound"): "reduce" (per-row adds) or "dot" (P · ones on the tensor
 # cores, in the P·V pass); maxnreg (optional): registers per thread capped (ptxas), for more CTAs per SM;
 # tile_table: each tile's rows and key range from one row of a per-tile table (fewer dependent loads per tile).
+# H200, N = 134k, selection forward (session 6, ms): online 4.77; bound + dot 5.29 (149 registers per thread: 3 CTAs
+# per SM); bound + reduce 4.61-4.64 (122: 4 CTAs), with registers capped at 96 (5 CTAs, no spill in the loop) 4.45
+# (this default); + 16-key tails 4.54; 16-key chunks 5.14; + the tile table 4.44 (a wash).
 FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True,
-              "TAIL_N": None, "shift": "bound", "rowsum": "reduce", "tile_table": False}
+              "TAIL_N": None, "shift": "bound", "rowsum": "reduce", "tile_table": False, "maxnreg": 96}
 # Window attention's forward (S = 1: outputs written directly); None: FWD_CONFIG. H200, N = 134k, 8³ windows
 # (bench_ssa.py --sweep win, session 5): BLOCK_M 64 0.682 ms against FWD_CONFIG's 0.732 (2 stages 0.713, BLOCK_M 64
 # with 2 warps 0.712, BLOCK_M 256 0.915).
+# Session 6: the window stays online (bound + dot 0.81, bound + reduce 0.73 against 0.68-0.72 ms: 66 registers, its
+# occupancy is not the limit); the tile table 0.672 against 0.682 (the default since), 16-key tails 0.676.
 WIN_FWD_CONFIG: dict | None = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu",
-                               "split": True, "TAIL_N": None, "shift": "online", "rowsum": "reduce"}
+                               "split": True, "TAIL_N": None, "shift": "online", "rowsum": "reduce",
+                               "tile_table": True}
 BWD_DQ_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 BWD_DKDV_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 # Combine of the S partials per (query, kv head): (pair, head) rows per program, warps, and "unroll": the slot loop
 # unrolled at compile time (S a constexpr: all S loads of a program in flight at once) or a runtime loop.
+# Session 6 (selection forward, ms): unrolled 4.61 against 4.67 (the combine alone 0.64 against 0.68: 2.6 GB at
+# 4.1 TB/s); 128-row programs 4.94, 32-row 4.40 against 4.42.
 COMBINE_CONFIG = {"rows": 64, "num_warps": 4, "unroll": True}
 ROW_DOT_ELEMS = 8192  # elements per program of the Δ = rowsum(O·dO) kernel
 SEGMENT_NORM_TOKENS = 64  # tokens per step of the segment max-norm kernel (the BOUND forwards' shift)

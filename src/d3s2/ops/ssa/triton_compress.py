@@ -62,8 +62,10 @@ CONFIG = {
     # "shift": "online" (running max) or "bound" (fixed per-row shift from |q| and the sample's largest compressed-key
     # norm: no max, no rescaling); "rowsum" (with "bound"): "reduce" (per-row adds) or "dot" (P · ones, tensor cores);
     # "maxnreg" (optional, here and in the top-k configs): registers per thread capped (ptxas), more CTAs per SM
+    # H200, N = 134k (session 6, ms): online 128 rows 1.95 (session 5's default); bound + dot 128 rows 2.11 (200
+    # registers per thread), 64 rows 1.86-1.88; bound + reduce 64 rows 1.85 (this default), online 64 rows 2.00
     "fwd": {"rows": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True,
-            "shift": "bound", "rowsum": "dot"},
+            "shift": "bound", "rowsum": "reduce"},
     # top-k with m_cmp == m_slc ("topk") and m_cmp < m_slc ("topk_seg", one-hot segment sum over compression
     # blocks); variant "reshape": head sum by tl.reshape + tl.sum; "dot": transposed tiles, head sum by tl.dot
     # "skip": a float test per tile before the key insertion (dot variant); "key32": int32 keys (int64 otherwise),
@@ -74,8 +76,10 @@ CONFIG = {
     # rounds cost nothing on a tile nobody improves on) 2.21 (this default; k = 1: 1.72); rows 512 3.06, BLOCK_J 128
     # 2.92, BLOCK_J 16 8.25. v1.0 ("topk_seg", session 5 round 2): session 4's 18.89 ms; key32 + counted + lse_dot
     # with m_split 4: 19.41 (no pre-test 18.54), m_split 2 without the pre-test 18.15 (this default).
+    # Session 6: registers capped at 80 per thread (6 CTAs per SM instead of 5, no spill) 2.12 against 2.23 ms
     "topk": {"variant": "dot", "skip": False, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
-             "num_stages": 3, "exp2": "mufu", "key32": True, "m_split": 4, "counted": True, "lse_dot": True},
+             "num_stages": 3, "exp2": "mufu", "key32": True, "m_split": 4, "counted": True, "lse_dot": True,
+             "maxnreg": 80},
     "topk_seg": {"variant": "dot", "skip": False, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
                  "num_stages": 2, "exp2": "mufu", "key32": True, "m_split": 2, "counted": True, "lse_dot": True},
     "bwd_dq": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
