@@ -120,7 +120,7 @@ def _table_rows(TABLE, t, num_lists, NB, G: tl.constexpr, G_PAD: tl.constexpr, B
     return lst, lst_c // NB, lst_c % NB, ent, row_ok, head, k_lo, k_hi
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NB"])  # block counts change with every batch: no recompiles on their value
 def _tile_table_kernel(TABLE, CUM, LIST_START, LIST_COUNT, BLOCK_OFF, NB, PER_TILE: tl.constexpr,
                        BLOCK: tl.constexpr):
     """Rows CUM[l] … CUM[l + 1] of the tile table for list l: (l, first entry of the tile, list end, block's first
