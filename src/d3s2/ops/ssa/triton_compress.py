@@ -43,6 +43,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from .._exp2 import exp2, resolve_mode
 from ..block_attn.triton import max_registers, row_dot, segment_max_norm
@@ -53,6 +54,9 @@ LN2 = 0.6931471805599453
 MAX_TOPK = 32
 MAX_HEAD_DIM = 128
 KEY32_MAX_ID_BITS = 12  # int32 top-k keys for samples of at most 4096 selection blocks (else int64)
+# (rows, stages, row chunks) of the dot top-k that fit the device's shared memory, per shape and config (see
+# cmp_select_topk): found once per process by shrinking the config when a launch runs out of resources
+_TOPK_FIT: dict[tuple, tuple[int, int, int]] = {}
 
 # Tile configuration per kernel; the benchmark may override entries to compare variants.
 CONFIG = {
@@ -692,29 +696,47 @@ def cmp_select_topk(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, lay
     cfg = CONFIG["topk" if one else "topk_seg"]
     common = dict(HKV=hkv, BLOCK_J=cfg["BLOCK_J"], BLOCK_C=cfg["BLOCK_C"], TOPK=topk,
                   TOPK_PAD=triton.next_power_of_2(topk), ONE_CMP_PER_SLC=one, num_warps=cfg["num_warps"],
-                  num_stages=cfg["num_stages"], **max_registers(cfg, q.device), **meta)
+                  **max_registers(cfg, q.device), **meta)
     args = (q, k_cmp, lse, idx, layout.cu_seqlens, layout.cu_slc, layout.slc_cmp_offsets, layout.cmp_slc,
             q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), scale * LOG2E)
     if cfg["variant"] == "dot":
-        # tokens are the N dimension of the group-sum tl.dot: at least 16 (per row chunk: M_SPLIT · 16 rows)
         m_split = cfg.get("m_split", 1)
         if m_split not in (1, 2, 4):
             raise ValueError(f"expected m_split 1, 2 or 4 in the top-k config, got {m_split}")
-        block_t = _block_t(cfg["rows"], meta["HS_PAD"], 16)
-        block_t = max(block_t, triton.next_power_of_2(triton.cdiv(16 * m_split, meta["HS_PAD"])))
         # int32 keys keep 23 − id_bits mantissa bits of a score: used while that is at least float16's 11
         id_bits = max(1, (layout.max_cmp - 1).bit_length())
         key32 = cfg.get("key32", False) and id_bits <= KEY32_MAX_ID_BITS
-        grid = (triton.cdiv(layout.max_seqlen, block_t), layout.batch_size, hkv)
-        _cmp_topk_dot_kernel[grid](*args, id_bits, BLOCK_T=block_t, P_FP16=q.dtype != torch.float32,
-                                   SKIP=cfg.get("skip", True), EXP2=resolve_mode(cfg.get("exp2", "mufu"), q.device),
-                                   KEY32=key32, M_SPLIT=m_split, COUNTED=cfg.get("counted", False),
-                                   LSE_DOT=cfg.get("lse_dot", False), **common)
+        fit_key = (q.device.index, q.dtype, meta["HS_PAD"], meta["BLOCK_D"], topk, one, tuple(sorted(cfg.items())))
+        rows, stages, m_split = _TOPK_FIT.get(fit_key, (cfg["rows"], cfg["num_stages"], m_split))
+        while True:
+            # tokens are the N dimension of the group-sum tl.dot: at least 16 (per row chunk: M_SPLIT · 16 rows)
+            block_t = _block_t(rows, meta["HS_PAD"], 16)
+            block_t = max(block_t, triton.next_power_of_2(triton.cdiv(16 * m_split, meta["HS_PAD"])))
+            grid = (triton.cdiv(layout.max_seqlen, block_t), layout.batch_size, hkv)
+            try:
+                _cmp_topk_dot_kernel[grid](*args, id_bits, BLOCK_T=block_t, P_FP16=q.dtype != torch.float32,
+                                           SKIP=cfg.get("skip", True),
+                                           EXP2=resolve_mode(cfg.get("exp2", "mufu"), q.device), KEY32=key32,
+                                           M_SPLIT=m_split, COUNTED=cfg.get("counted", False),
+                                           LSE_DOT=cfg.get("lse_dot", False), num_stages=stages, **common)
+                break
+            except OutOfResources:
+                # shared memory: float32 operands or few heads per group (many tokens per program) can exceed it;
+                # fewer stages, then fewer rows, then fewer row chunks (remembered for this shape and config)
+                if stages > 1:
+                    stages = 1
+                elif block_t > 16 and rows > 16:
+                    rows //= 2
+                elif m_split > 1:
+                    m_split //= 2
+                else:
+                    raise
+                _TOPK_FIT[fit_key] = (rows, stages, m_split)
     else:
         # the one-hot segment sum is a tl.dot, whose M dimension must be >= 16
         block_t = _block_t(cfg["rows"], meta["HS_PAD"], 1 if one else 16)
         grid = (triton.cdiv(layout.max_seqlen, block_t), layout.batch_size, hkv)
-        _cmp_topk_kernel[grid](*args, BLOCK_T=block_t, **common)
+        _cmp_topk_kernel[grid](*args, BLOCK_T=block_t, num_stages=cfg["num_stages"], **common)
     return idx
 
 
