@@ -228,34 +228,17 @@ def test_bound_shift_falls_back_to_online_softmax(monkeypatch):
     torch.testing.assert_close(lse.double(), lse_ref, atol=2e-5, rtol=1e-5)
 
 
-def test_topk_shrinks_a_config_that_runs_out_of_resources(monkeypatch):
-    """A launch that runs out of shared memory is retried with fewer stages, then fewer rows, and the fitting
-    config is remembered: the same blocks as the default's, one failed launch per shape."""
-    from triton.runtime.errors import OutOfResources
-
-    sizes, res, m_cmp, m_slc, hq, hkv, d, topk = CASES[3]
-    x = random_batch(sizes, res, seed=res + d + 19)
-    layout = layout_for(x.to(DEV), m_cmp, m_slc, m_slc, 0)
-    q, _, _, k_cmp, v_cmp, _ = make_inputs(x, layout, hq, hkv, d, seed=d + 19, device=DEV)
-    _, lse = tc.cmp_attention_fwd(q, k_cmp, v_cmp, layout, d**-0.5)
-    monkeypatch.setitem(tc.CONFIG, "topk", {**tc.CONFIG["topk"], "rows": 128, "BLOCK_J": 16, "num_stages": 3})
-    monkeypatch.setattr(tc, "_TOPK_FIT", {})
-    want = tc.cmp_select_topk(q, k_cmp, lse, layout, topk, d**-0.5)
-    monkeypatch.setattr(tc, "_TOPK_FIT", {})
-    kernel, launched = tc._cmp_topk_dot_kernel, []
-
-    class Limited:  # only single-stage launches of at most 64-token tiles fit
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launched.append((kwargs["num_stages"], kwargs["BLOCK_T"]))
-                if kwargs["num_stages"] > 1 or kwargs["BLOCK_T"] > 16:
-                    raise OutOfResources(240000, 232448, "shared memory")
-                return kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(tc, "_cmp_topk_dot_kernel", Limited())
-    assert torch.equal(tc.cmp_select_topk(q, k_cmp, lse, layout, topk, d**-0.5), want)
-    assert launched[0][0] == 3 and launched[-1] == (1, 16)
-    n_failed = len(launched) - 1
-    assert torch.equal(tc.cmp_select_topk(q, k_cmp, lse, layout, topk, d**-0.5), want)
-    assert len(launched) == n_failed + 2  # the fitting config straight away
+def test_topk_config_fits_shared_memory():
+    """The dot top-k's config shrinks on the host until its shared-memory estimate fits: the bfloat16 v1.1 default
+    (16 heads per group) stays as it is; float32 with one or two heads per group (256 / 128 tokens per program) or
+    wide heads gets fewer stages and fewer tokens; without a limit (interpreter) nothing changes."""
+    limit = 232448  # H100 / H200 per-block opt-in
+    shape = dict(block_j=64, block_c=64, lse_dot=True, one_cmp_per_slc=True)
+    assert tc._topk_fit(256, 3, 4, 16, limit, block_d=32, esz=2, **shape) == (256, 3, 4, 16)
+    for hs_pad, block_d in ((1, 32), (2, 32), (2, 128), (16, 128)):
+        rows, stages, m_split, block_t = tc._topk_fit(256, 3, 4, hs_pad, limit, block_d=block_d, esz=4, **shape)
+        assert tc._topk_smem_bytes(block_t, hs_pad, block_d=block_d, m_split=m_split, stages=stages, esz=4,
+                                   **shape) <= limit
+        assert block_t * hs_pad >= 16 * m_split and block_t >= 16
+    assert tc._topk_fit(256, 3, 4, 1, limit, block_d=32, esz=4, **shape)[3] < 256
+    assert tc._topk_fit(256, 3, 4, 1, None, block_d=32, esz=4, **shape) == (256, 3, 4, 256)

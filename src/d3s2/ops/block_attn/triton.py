@@ -64,10 +64,9 @@ FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "e
 # (bench_ssa.py --sweep win, session 5): BLOCK_M 64 0.682 ms against FWD_CONFIG's 0.732 (2 stages 0.713, BLOCK_M 64
 # with 2 warps 0.712, BLOCK_M 256 0.915).
 # Session 6: the window stays online (bound + dot 0.81, bound + reduce 0.73 against 0.68-0.72 ms: 66 registers, its
-# occupancy is not the limit); the tile table 0.672 against 0.682 (the default since), 16-key tails 0.676.
+# occupancy is not the limit); the tile table 0.672 against 0.682 and 16-key tails 0.676: within the spread.
 WIN_FWD_CONFIG: dict | None = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu",
-                               "split": True, "TAIL_N": None, "shift": "online", "rowsum": "reduce",
-                               "tile_table": True}
+                               "split": True, "TAIL_N": None, "shift": "online", "rowsum": "reduce"}
 BWD_DQ_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 BWD_DKDV_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 # Combine of the S partials per (query, kv head): (pair, head) rows per program, warps, and "unroll": the slot loop

@@ -43,7 +43,6 @@ import math
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.errors import OutOfResources
 
 from .._exp2 import exp2, resolve_mode
 from ..block_attn.triton import max_registers, row_dot, segment_max_norm
@@ -54,9 +53,7 @@ LN2 = 0.6931471805599453
 MAX_TOPK = 32
 MAX_HEAD_DIM = 128
 KEY32_MAX_ID_BITS = 12  # int32 top-k keys for samples of at most 4096 selection blocks (else int64)
-# (rows, stages, row chunks) of the dot top-k that fit the device's shared memory, per shape and config (see
-# cmp_select_topk): found once per process by shrinking the config when a launch runs out of resources
-_TOPK_FIT: dict[tuple, tuple[int, int, int]] = {}
+
 
 # Tile configuration per kernel; the benchmark may override entries to compare variants.
 CONFIG = {
@@ -706,38 +703,64 @@ def cmp_select_topk(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, lay
         # int32 keys keep 23 − id_bits mantissa bits of a score: used while that is at least float16's 11
         id_bits = max(1, (layout.max_cmp - 1).bit_length())
         key32 = cfg.get("key32", False) and id_bits <= KEY32_MAX_ID_BITS
-        fit_key = (q.device.index, q.dtype, meta["HS_PAD"], meta["BLOCK_D"], topk, one, tuple(sorted(cfg.items())))
-        rows, stages, m_split = _TOPK_FIT.get(fit_key, (cfg["rows"], cfg["num_stages"], m_split))
-        while True:
-            # tokens are the N dimension of the group-sum tl.dot: at least 16 (per row chunk: M_SPLIT · 16 rows)
-            block_t = _block_t(rows, meta["HS_PAD"], 16)
-            block_t = max(block_t, triton.next_power_of_2(triton.cdiv(16 * m_split, meta["HS_PAD"])))
-            grid = (triton.cdiv(layout.max_seqlen, block_t), layout.batch_size, hkv)
-            try:
-                _cmp_topk_dot_kernel[grid](*args, id_bits, BLOCK_T=block_t, P_FP16=q.dtype != torch.float32,
-                                           SKIP=cfg.get("skip", True),
-                                           EXP2=resolve_mode(cfg.get("exp2", "mufu"), q.device), KEY32=key32,
-                                           M_SPLIT=m_split, COUNTED=cfg.get("counted", False),
-                                           LSE_DOT=cfg.get("lse_dot", False), num_stages=stages, **common)
-                break
-            except OutOfResources:
-                # shared memory: float32 operands or few heads per group (many tokens per program) can exceed it;
-                # fewer stages, then fewer rows, then fewer row chunks (remembered for this shape and config)
-                if stages > 1:
-                    stages = 1
-                elif block_t > 16 and rows > 16:
-                    rows //= 2
-                elif m_split > 1:
-                    m_split //= 2
-                else:
-                    raise
-                _TOPK_FIT[fit_key] = (rows, stages, m_split)
+        limit = (torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
+                 if q.device.type == "cuda" else None)
+        _, stages, m_split, block_t = _topk_fit(
+            cfg["rows"], cfg["num_stages"], m_split, meta["HS_PAD"], limit, block_d=meta["BLOCK_D"],
+            block_j=cfg["BLOCK_J"], block_c=cfg["BLOCK_C"], esz=q.element_size(), lse_dot=cfg.get("lse_dot", False),
+            one_cmp_per_slc=one)
+        grid = (triton.cdiv(layout.max_seqlen, block_t), layout.batch_size, hkv)
+        _cmp_topk_dot_kernel[grid](*args, id_bits, BLOCK_T=block_t, P_FP16=q.dtype != torch.float32,
+                                   SKIP=cfg.get("skip", True), EXP2=resolve_mode(cfg.get("exp2", "mufu"), q.device),
+                                   KEY32=key32, M_SPLIT=m_split, COUNTED=cfg.get("counted", False),
+                                   LSE_DOT=cfg.get("lse_dot", False), num_stages=stages, **common)
     else:
         # the one-hot segment sum is a tl.dot, whose M dimension must be >= 16
         block_t = _block_t(cfg["rows"], meta["HS_PAD"], 1 if one else 16)
         grid = (triton.cdiv(layout.max_seqlen, block_t), layout.batch_size, hkv)
         _cmp_topk_kernel[grid](*args, BLOCK_T=block_t, num_stages=cfg["num_stages"], **common)
     return idx
+
+
+def _topk_block_t(rows: int, hs_pad: int, m_split: int) -> int:
+    # tokens are the N dimension of the group-sum tl.dot: at least 16 (per row chunk: M_SPLIT · 16 rows)
+    return max(_block_t(rows, hs_pad, 16), triton.next_power_of_2(triton.cdiv(16 * m_split, hs_pad)))
+
+
+def _topk_smem_bytes(block_t: int, hs_pad: int, block_d: int, block_j: int, block_c: int, m_split: int, stages: int,
+                     esz: int, lse_dot: bool, one_cmp_per_slc: bool) -> int:
+    """Upper estimate of the dot top-k kernel's shared memory: the pipelined key tiles, the rows' operands (qᵀ, the
+    LSE shift, the 0/1 group matrix), the one-hot segment operands (m_cmp < m_slc), reduction and staging scratch
+    (ptxas for sm_90 at the bf16 v1.1 default: 36 KB against this 61 KB)."""
+    block_m = block_t * hs_pad
+    p_esz = 2 if esz == 2 else 4  # probabilities in float16 for 16-bit inputs
+    width = block_j if one_cmp_per_slc else block_c
+    keys = stages * width * block_d * esz
+    operands = block_m * block_d * esz + (16 * block_m * esz if lse_dot else 0) + block_m * block_t * p_esz
+    segment = 0 if one_cmp_per_slc else (block_j * block_c + block_c * block_t) * 4
+    scratch = block_j * block_t * 8 + width * (block_m // m_split) * p_esz
+    return keys + operands + segment + scratch
+
+
+def _topk_fit(rows: int, stages: int, m_split: int, hs_pad: int, limit: int | None,
+              **shape) -> tuple[int, int, int, int]:
+    """(rows, stages, row chunks, tokens per program) of the dot top-k within ``limit`` bytes of shared memory
+    (None: no limit). float32 operands, few heads per group (many tokens per program) or wide heads can exceed it
+    with the default config, so fewer stages, then fewer rows, then fewer row chunks. Decided on the host from
+    ``_topk_smem_bytes`` (``shape``: its other arguments): no failed launch, no sync, safe inside a CUDA-graph
+    capture."""
+    while True:
+        block_t = _topk_block_t(rows, hs_pad, m_split)
+        if limit is None or _topk_smem_bytes(block_t, hs_pad, m_split=m_split, stages=stages, **shape) <= limit:
+            return rows, stages, m_split, block_t
+        if stages > 1:
+            stages = 1
+        elif block_t > 16 and _topk_block_t(rows // 2, hs_pad, m_split) < block_t:
+            rows //= 2
+        elif m_split > 1:
+            m_split //= 2
+        else:
+            return rows, stages, m_split, block_t
 
 
 def _num_sms(device: torch.device) -> int:
