@@ -10,8 +10,8 @@ v_cmp are N(0, 1), gates U(0, 1): the op's inputs, so projections and compressio
 Reported per size: SSA op forward, backward, forward+backward (scoring and top-k included), each branch's
 time, effective TFLOP/s of the selection kernel (4·D·Hs·Σ selected keys), peak extra memory, and SDPA flash
 (``enable_gqa``) over the same tokens, per sample for the batch. ``--ab`` also measures every row with the
-session-4 path (``VARIANTS["before"]``: session 4's launch configs, int64 top-k keys, one logit tile per top-k
-step) in the same run; the module rows compare the conv backends of the v1.0 compression (torch reference vs
+session-5 path (``VARIANTS["before"]``: session 5's launch configs, the online softmax in every forward) in the
+same run; the module rows compare the conv backends of the v1.0 compression (torch reference vs
 triton).
 
     PYTHONPATH=src python benchmarks/bench_ssa.py --layouts ../shared/data/latent_layouts_1024.npz [--sweep] [--ab]
@@ -49,22 +49,31 @@ CONFIGS = {"v1.1": {"m_cmp": 8, "m_slc": 8, "topk": 8}, "v1.0": {"m_cmp": 4, "m_
 M_WIN = 8
 
 
-# Paths an --ab run compares: "new" (the defaults, or what --sweep picked) and "before" (session 4's launch
-# configs: int64 top-k keys, the whole [BLOCK_J, rows] logit tile at once). None: keep the current configs.
+# Paths an --ab run compares: "new" (the defaults, or what --sweep picked) and "before" (session 5's launch
+# configs: online softmax in every forward, the top-k of session 5). None: keep the current configs.
 CMP_KERNELS = ("fwd", "topk", "topk_seg")
-SESSION4_OFF = {"key32": False, "m_split": 1, "counted": False, "lse_dot": False}
-SESSION4_CMP = {
-    "fwd": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True},
-    "topk": {"variant": "dot", "skip": True, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
-             "num_stages": 3, "exp2": "mufu", **SESSION4_OFF},
-    "topk_seg": {"variant": "dot", "skip": True, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
-                 "num_stages": 2, "exp2": "mufu", **SESSION4_OFF}}
-SESSION4_SLC = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True,
-                "TAIL_N": None}
+SESSION5_CMP = {
+    "fwd": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True,
+            "shift": "online", "rowsum": "reduce"},
+    "topk": {"variant": "dot", "skip": False, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
+             "num_stages": 3, "exp2": "mufu", "key32": True, "m_split": 4, "counted": True, "lse_dot": True},
+    "topk_seg": {"variant": "dot", "skip": False, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
+                 "num_stages": 2, "exp2": "mufu", "key32": True, "m_split": 2, "counted": True, "lse_dot": True}}
+SESSION5_SLC = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True,
+                "TAIL_N": None, "shift": "online", "rowsum": "reduce"}
+SESSION5_WIN = {**SESSION5_SLC, "BLOCK_M": 64}
+SESSION5_COMBINE = {"rows": 64, "num_warps": 4, "unroll": False}
 VARIANTS = {"new": {"fused_combine": True, "partial": ba_kernels.PARTIAL_DTYPE,
-                    "dq_partial": ba_kernels.DQ_PARTIAL_DTYPE, "cmp": None, "slc": None},
+                    "dq_partial": ba_kernels.DQ_PARTIAL_DTYPE, "cmp": None, "slc": None, "win": None,
+                    "combine": None},
+            # the same as "new", measured again after "before": the run-to-run spread of one configuration
+            "new, repeated": {"fused_combine": True, "partial": ba_kernels.PARTIAL_DTYPE,
+                              "dq_partial": ba_kernels.DQ_PARTIAL_DTYPE, "cmp": None, "slc": None, "win": None,
+                              "combine": None},
             "before": {"fused_combine": True, "partial": torch.float16, "dq_partial": torch.bfloat16,
-                       "cmp": SESSION4_CMP, "slc": SESSION4_SLC}}
+                       "cmp": SESSION5_CMP, "slc": SESSION5_SLC, "win": SESSION5_WIN, "combine": SESSION5_COMBINE}}
+# Sweep changes whose outputs differ from the default's by roundings (another exp2 or shift): checked to 2⁻⁶
+ROUNDING_KEYS = ("exp2", "shift", "rowsum")
 # --device cpu (a smoke run under TRITON_INTERPRET=1): float32, one timed call per measurement.
 DEV, DTYPE = "cuda", torch.bfloat16
 
@@ -73,20 +82,24 @@ DEV, DTYPE = "cuda", torch.bfloat16
 def _variant(name: str):
     v = VARIANTS[name]
     saved = (ssa_ops.FUSED_COMBINE, ba_kernels.PARTIAL_DTYPE, ba_kernels.DQ_PARTIAL_DTYPE,
-             {k: dict(tc.CONFIG[k]) for k in CMP_KERNELS}, dict(ba_kernels.FWD_CONFIG), ba_kernels.WIN_FWD_CONFIG)
+             {k: dict(tc.CONFIG[k]) for k in CMP_KERNELS}, dict(ba_kernels.FWD_CONFIG), ba_kernels.WIN_FWD_CONFIG,
+             dict(ba_kernels.COMBINE_CONFIG))
     ssa_ops.FUSED_COMBINE, ba_kernels.PARTIAL_DTYPE, ba_kernels.DQ_PARTIAL_DTYPE = (
         v["fused_combine"], v["partial"], v["dq_partial"])
     if v["cmp"]:
         tc.CONFIG.update({k: dict(c) for k, c in v["cmp"].items()})
     if v["slc"]:
         ba_kernels.FWD_CONFIG = dict(v["slc"])
-        ba_kernels.WIN_FWD_CONFIG = None  # the window follows the selection's config (session 4)
+    if v["win"]:
+        ba_kernels.WIN_FWD_CONFIG = dict(v["win"])
+    if v["combine"]:
+        ba_kernels.COMBINE_CONFIG = dict(v["combine"])
     try:
         yield
     finally:
         ssa_ops.FUSED_COMBINE, ba_kernels.PARTIAL_DTYPE, ba_kernels.DQ_PARTIAL_DTYPE = saved[:3]
         tc.CONFIG.update(saved[3])
-        ba_kernels.FWD_CONFIG, ba_kernels.WIN_FWD_CONFIG = saved[4:]
+        ba_kernels.FWD_CONFIG, ba_kernels.WIN_FWD_CONFIG, ba_kernels.COMBINE_CONFIG = saved[4:]
 
 
 def _bench(fn, warmup=5, rep=40) -> float:
@@ -165,6 +178,16 @@ def _sdpa(layout, ins, do) -> dict:
     return {"fwd_ms": fwd, "bwd_ms": bwd, "fwd_bwd_ms": fwd + bwd, "fwd_tflops": 4.0 * n2 * D * HQ / fwd / 1e9}
 
 
+def _combine_ms(q, k, v, idx, plan) -> float:
+    """The selection's partial combine alone, on zero partials (its time depends on the bytes, not the values)."""
+    meta = ba_kernels._meta(q, k)
+    po, big, part16 = ba_kernels._partial_buffer(q, v, idx.numel(), meta["G"], None)
+    po.zero_()
+    plse = torch.zeros(idx.numel(), meta["G"], dtype=torch.float32, device=q.device)
+    o, lse = torch.empty_like(q), torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    return _bench(lambda: ba_kernels._combine(po, plse, big, idx, o, lse, plan, meta, is_sum=False, part16=part16))
+
+
 def _measure(layout, topk: int, ins, do, with_branches: bool = True) -> dict:
     leaves = ins
     scale = D**-0.5
@@ -196,6 +219,7 @@ def _measure(layout, topk: int, ins, do, with_branches: bool = True) -> dict:
     br["slc_plan_ms"] = _bench(lambda: ba_kernels.selection_plan(idx, off.numel() - 1))
     plan = ba_kernels.selection_plan(idx, off.numel() - 1)
     br["slc_kernel_combine_ms"] = _bench(lambda: ba_kernels.block_attn_fwd(q, k, v, off, idx, plan, scale))
+    br["slc_combine_ms"] = _combine_ms(q, k, v, idx, plan)
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
     o_slc = selection_attention(qg, kg, vg, off, idx, scale=scale, backend="triton")
     br["slc_bwd_ms"] = _bench(lambda: torch.autograd.grad(o_slc, (qg, kg, vg), do, retain_graph=True))
@@ -281,16 +305,25 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
     # BLOCK_J 64, 4 warps: session 4's 254; key32 250; m_split 2: 195; key32 + m_split 2: 179; + m_split 4: 154;
     # lse_dot with key32 and m_split 1 / 2 / 4: 175 / 126 / 92), and tiles around the combination (the v1.1
     # default since: new4 without the float pre-test); v1.0's one-hot segment top-k against the same options
-    s4 = {"skip": True, "key32": False, "m_split": 1, "counted": False, "lse_dot": False}
     new2 = {"key32": True, "m_split": 2, "counted": True, "lse_dot": True}
     new4 = {**new2, "m_split": 4}
     variants = {
-        "fwd": [{"rows": 256}, {"BLOCK_C": 32}],
+        # session 6: the fixed Cauchy–Schwarz shift (no running max) with row sums on the tensor cores (the
+        # default: "bound" + "dot"), FMA-pipe exps on top (the MUFU is then the bottleneck), the online softmax,
+        # 64-row tiles (ptxas sm_90: 118 registers per thread against 200 at 128 rows)
+        # (round 1 at 128 rows: bound + dot 2.11 ms, + mix4 2.12, online 1.95; bound + dot at 64 rows 1.86: the
+        # default since); round 2: per-row adds and the online softmax at 64 rows,
+        # and registers capped at 96 per thread (5 CTAs per SM instead of 4; ptxas: no spill in the loop)
+        "fwd": [{"rowsum": "reduce"}, {"shift": "online", "rowsum": "reduce"}, {"maxnreg": 96},
+                {"rowsum": "reduce", "maxnreg": 96}],
         "topk_seg": [new4, {**new4, "skip": False}, {**new2, "skip": False}],
-        "topk": [s4, {**s4, "key32": True}, {**s4, "m_split": 2}, {**s4, "key32": True, "m_split": 2, "counted": True},
-                 {**s4, **new2, "m_split": 1}, {**s4, **new2}, {**s4, **new4}, {**s4, **new4, "num_stages": 2},
-                 {**s4, **new4, "counted": False}, {**new4, "rows": 512}, {**new2, "BLOCK_J": 16},
-                 {**new4, "BLOCK_J": 128}, {**new4, "BLOCK_J": 128, "num_warps": 8}],
+        # session 5 swept session 4's kernel (skip, int64 keys, m_split 1, no counted / lse_dot), with key32,
+        # m_split 2, key32 + m_split 2 + counted, new2 with m_split 1, new2, new4 (with 2 stages, without counted),
+        # rows 512, BLOCK_J 16 / 128 (8 warps). Session 6, round 1 (ms): default 2.215; the softmax scale inside
+        # the logit matmul too (q pre-scaled, hi + lo: no multiply per logit; ptxas sm_90: 113 registers, 52 KB
+        # shared memory against 87, 36 KB; removed since) 2.614; FMA-pipe exps (mix4) 2.297. Round 2: registers
+        # capped at 80 per thread (6 CTAs per SM instead of 5; ptxas: no spill)
+        "topk": [{"maxnreg": 80}],
         "bwd_dq": [{"BLOCK_C": 128, "num_warps": 8}, {"rows": 64}],
         "bwd_dkdv": [{"rows": 32}, {"programs_per_sm": 16}, {"rows": 32, "programs_per_sm": 16},
                      {"num_stages": 3}],
@@ -315,7 +348,7 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
                     got = tc.cmp_attention_bwd(q, kc, vc, base_o, base_lse, do, layout, scale)
                     err = max(_rel_max(a, b) for a, b in zip(got, base_g))
                     ms = _bench(lambda: tc.cmp_attention_bwd(q, kc, vc, base_o, base_lse, do, layout, scale))
-                if err < (1e-3 if kernel == topk_key else 2.0**-6) and (best is None or ms < best[0]):
+                if err < (1e-3 if kernel == topk_key else 2.0**-6) and (best is None or ms < best[0] * 0.99):
                     best = (ms, dict(tc.CONFIG[kernel]))
                 rows.append({"kernel": kernel, **tc.CONFIG[kernel], "ms": ms, "diff_vs_default": err})
             except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
@@ -331,8 +364,8 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
 
 def _sweep_slc(layout, topk, ins) -> list[dict]:
     """The selection forward (plan + kernel + combine) under several ``block_attn`` forward configs (tiles, exp2
-    mode, last-chunk-only masking); the fastest one whose output matches the default's (to 2⁻¹⁰ of its largest
-    magnitude, 2⁻⁶ for another exp2 mode) is then used (also by window attention: the same kernel)."""
+    mode, softmax shift); the fastest one (by at least 1 %) whose output matches the default's (to 2⁻¹⁰ of its
+    largest magnitude, 2⁻⁶ for another exp2 mode or shift) is then used."""
     q, k, v, kc, vc, _ = (t.detach() for t in ins)
     scale = D**-0.5
     idx = tc.cmp_select_topk(q, kc, tc.cmp_attention_fwd(q, kc, vc, layout, scale)[1], layout, topk, scale)
@@ -349,15 +382,20 @@ def _sweep_slc(layout, topk, ins) -> list[dict]:
     # chunks with a 16-key tail: all slower than the default (3 stages, split). Session 5: 16 entries per tile
     # (one load of a block's keys for twice the queries), a 4th stage, 16-key tail chunks (less padding), 2-warp
     # programs of 4 entries
-    for change in [{}, {"BLOCK_M": 256}, {"BLOCK_M": 256, "num_stages": 2}, {"num_stages": 4}, {"TAIL_N": 16},
-                   {"BLOCK_M": 64, "num_warps": 2}]:
+    # session 6, round 1 (ms): fixed shift with row sums on the tensor cores 5.29 (ptxas sm_90: 149 registers per
+    # thread, 3 CTAs per SM), + mix4 5.39, per-row adds 4.64 (122 registers, 4 CTAs: the default since), the online
+    # softmax 4.77, 64-row tiles 5.55. Round 2: 16-key tails, 16-key chunks (fewer registers), registers capped at
+    # 96 per thread (5 CTAs per SM instead of 4; ptxas: no spill in the loop) alone and with 16-key tails, the tile
+    # table (one level of dependent loads less per tile) alone and with the register cap
+    for change in [{}, {"TAIL_N": 16}, {"BLOCK_N": 16}, {"maxnreg": 96}, {"TAIL_N": 16, "maxnreg": 96},
+                   {"tile_table": True}, {"tile_table": True, "maxnreg": 96}]:
         ba_kernels.FWD_CONFIG = {**default, **change}
         try:
             err = _rel_max(run(), base)
             ms = _bench(run)
-            # a tiling or masking change moves no rounding; another exp2 moves P by ≤ 8e-5 (bf16 output roundings)
-            if err < (2.0**-10 if ba_kernels.FWD_CONFIG["exp2"] == default["exp2"] else 2.0**-6) and (
-                    best is None or ms < best[0]):
+            # a tiling or masking change moves no rounding; another exp2 or shift moves P by a few roundings
+            rounding = any(ba_kernels.FWD_CONFIG.get(k) != default.get(k) for k in ROUNDING_KEYS)
+            if err < (2.0**-6 if rounding else 2.0**-10) and (best is None or ms < best[0] * 0.99):
                 best = (ms, dict(ba_kernels.FWD_CONFIG))
             rows.append({"kernel": "slc", **ba_kernels.FWD_CONFIG, "ms": ms, "tflops": flops / ms / 1e9,
                          "diff_vs_default": err})
@@ -365,15 +403,34 @@ def _sweep_slc(layout, topk, ins) -> list[dict]:
             rows.append({"kernel": "slc", **ba_kernels.FWD_CONFIG, "error": repr(e)[:300]})
         print(json.dumps(rows[-1]), flush=True)
     ba_kernels.FWD_CONFIG = best[1] if best else default
+    # the combine of the partials (session 6, round 1: the slot loop unrolled, all S loads in flight, 4.608 ms
+    # against 4.665 for the whole selection forward, 128-row programs 4.940); round 2: 32-row programs
+    default_c = dict(ba_kernels.COMBINE_CONFIG)
+    base = run()
+    best = None
+    for change in [{}, {"rows": 32}]:
+        ba_kernels.COMBINE_CONFIG = {**default_c, **change}
+        try:
+            err = _rel_max(run(), base)
+            ms = _bench(run)
+            if err < 2.0**-10 and (best is None or ms < best[0] * 0.99):
+                best = (ms, dict(ba_kernels.COMBINE_CONFIG))
+            rows.append({"kernel": "slc combine", **ba_kernels.COMBINE_CONFIG, "ms": ms, "tflops": flops / ms / 1e9,
+                         "diff_vs_default": err})
+        except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
+            rows.append({"kernel": "slc combine", **ba_kernels.COMBINE_CONFIG, "error": repr(e)[:300]})
+        print(json.dumps(rows[-1]), flush=True)
+    ba_kernels.COMBINE_CONFIG = best[1] if best else default_c
     return rows
 
 
 def _sweep_win(layout, ins) -> list[dict]:
-    """The window forward (plan + kernel) under several block_attn forward configs, starting from the selection's;
-    the fastest whose output matches (to 2⁻¹⁰ of its largest magnitude) becomes ``WIN_FWD_CONFIG``."""
+    """The window forward (plan + kernel) under several block_attn forward configs, starting from its own default;
+    the fastest whose output matches (to 2⁻¹⁰ of its largest magnitude, 2⁻⁶ for another exp2 or shift) becomes
+    ``WIN_FWD_CONFIG``."""
     q, k, v = (t.detach() for t in ins[:3])
     scale = D**-0.5
-    default = dict(ba_kernels.FWD_CONFIG)
+    default = dict(ba_kernels.WIN_FWD_CONFIG or ba_kernels.FWD_CONFIG)
 
     def run():
         if layout.win_perm is None:
@@ -384,19 +441,21 @@ def _sweep_win(layout, ins) -> list[dict]:
 
     base = run()
     rows, best = [], None
-    for change in [{}, {"BLOCK_M": 256}, {"BLOCK_M": 64, "num_warps": 2}, {"TAIL_N": 16}, {"num_stages": 2},
-                   {"BLOCK_M": 64}]:
+    # session 6, round 1 (ms): fixed shift with row sums on the tensor cores 0.81, + mix4 0.82, the online softmax
+    # 0.72 (the default since); round 2: the fixed shift with per-row adds, 16-key tails, the tile table
+    for change in [{}, {"shift": "bound"}, {"TAIL_N": 16}, {"tile_table": True}]:
         ba_kernels.WIN_FWD_CONFIG = {**default, **change}
         try:
             err = _rel_max(run(), base)
             ms = _bench(run)
-            if err < 2.0**-10 and (best is None or ms < best[0]):
+            rounding = any(ba_kernels.WIN_FWD_CONFIG.get(k) != default.get(k) for k in ROUNDING_KEYS)
+            if err < (2.0**-6 if rounding else 2.0**-10) and (best is None or ms < best[0] * 0.99):
                 best = (ms, dict(ba_kernels.WIN_FWD_CONFIG))
             rows.append({"kernel": "win", **ba_kernels.WIN_FWD_CONFIG, "ms": ms, "diff_vs_default": err})
         except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
             rows.append({"kernel": "win", **ba_kernels.WIN_FWD_CONFIG, "error": repr(e)[:300]})
         print(json.dumps(rows[-1]), flush=True)
-    ba_kernels.WIN_FWD_CONFIG = best[1] if best else None
+    ba_kernels.WIN_FWD_CONFIG = best[1] if best else default
     return rows
 
 
@@ -413,8 +472,8 @@ def main() -> None:
     ap.add_argument("--no-batch", action="store_true", help="skip the ragged batch")
     ap.add_argument("--no-module", action="store_true", help="skip the whole-layer rows")
     ap.add_argument("--no-shifted", action="store_true", help="skip the odd-layer (shifted windows) rows")
-    ap.add_argument("--ab", action="store_true", help="also measure each row with the session-4 path (int64 top-k "
-                    "keys, whole logit tiles) and the v1.0 layer with the torch conv backend")
+    ap.add_argument("--ab", action="store_true", help="also measure each row with the session-5 path (online "
+                    "softmax in every forward) and the v1.0 layer with the torch conv backend")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run of this script "
                     "(set TRITON_INTERPRET=1; float32; use with --tiny)")
     ap.add_argument("--tiny", type=int, default=0, help="only one mesh of this many tokens (a smoke run)")
@@ -458,7 +517,7 @@ def main() -> None:
                 result.setdefault("sweep", {})[name] = rows + _sweep(layout, cfg["topk"], ins, do, kernels)
             if sdpa is None:
                 sdpa = _sdpa(layout, ins, do)
-            for variant in ["new"] + (["before"] if args.ab else []):
+            for variant in ["new"] + (["before", "new, repeated"] if args.ab else []):
                 with _variant(variant):
                     row = {"config": name, "variant": variant, "meshes": keys + ([f"{small} tokens"] if small else []),
                            "N": layout.num_tokens, "samples": layout.batch_size, "slc_blocks": layout.num_slc,
@@ -473,6 +532,8 @@ def main() -> None:
                         row["ssa_shifted"] = _measure(shifted, cfg["topk"], ins, do, with_branches=False)
                 result["rows"].append(row)
                 print(json.dumps(row), flush=True)
+                _record_used(result)
+                _write(result, Path(args.out), quiet=True)  # what is measured so far survives a time cap
             del ins, do
             if last and not args.no_module:
                 for conv_backend in ["auto"] + (["torch"] if args.ab and name == "v1.0" else []):
@@ -480,13 +541,19 @@ def main() -> None:
                     print(json.dumps(result["module"][-1]), flush=True)
             if DEV == "cuda":
                 torch.cuda.empty_cache()
-    result["setup"]["compress_kernel_config_used"] = {k: dict(v) for k, v in tc.CONFIG.items()}
-    result["setup"]["block_attn_fwd_config_used"] = dict(ba_kernels.FWD_CONFIG)
-    result["setup"]["window_fwd_config_used"] = ba_kernels.WIN_FWD_CONFIG
+    _record_used(result)
     _write(result, Path(args.out))
 
 
-def _write(result: dict, out: Path) -> None:
+def _record_used(result: dict) -> None:
+    """The launch configs in use (the defaults or the sweeps' winners) into the result's setup."""
+    result["setup"]["compress_kernel_config_used"] = {k: dict(v) for k, v in tc.CONFIG.items()}
+    result["setup"]["block_attn_fwd_config_used"] = dict(ba_kernels.FWD_CONFIG)
+    result["setup"]["window_fwd_config_used"] = ba_kernels.WIN_FWD_CONFIG
+    result["setup"]["combine_config_used"] = dict(ba_kernels.COMBINE_CONFIG)
+
+
+def _write(result: dict, out: Path, quiet: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tag = result["device"].replace(" ", "_")
     lines = [f"# SSA (triton backend) on {result['device']} (torch {result['torch']}, triton {result['triton']}, "
@@ -494,8 +561,8 @@ def _write(result: dict, out: Path) -> None:
              f"Hq 32 / Hkv 2 / D 32, {result['setup']['dtype']}, window 8 (unshifted); op inputs q, k, v, k_cmp, "
              "v_cmp, gates; "
              "SDPA = flash full attention per sample. Times in ms (median, CUDA events). Variant `new`: the defaults "
-             "or the swept winners (below); `before`: session 4's path (int64 top-k keys, "
-             "whole logit tiles, session 4's launch configs; same run). "
+             "or the swept winners (below); `before`: session 5's path (online softmax in "
+             "every forward, session 5's launch configs; same run). "
              "`(cmp+top-k)/fwd` = (`cmp fwd` + `score+top-k`) / `SSA fwd`.", "",
              "| config | N | blocks slc/cmp | SSA fwd | SSA bwd | SSA fwd+bwd | SDPA fwd | SDPA bwd | speedup fwd "
              "| speedup bwd | cmp fwd | score+top-k | slc fwd | win fwd | (cmp+top-k)/fwd "
@@ -518,7 +585,7 @@ def _write(result: dict, out: Path) -> None:
         if "slc_plan_ms" in b:
             lines.append(f"\nSelection forward, {r['config']} ({r.get('variant', 'new')}): plan (entry sort) "
                          f"{b['slc_plan_ms']:.2f} ms, kernel + partial combine {b['slc_kernel_combine_ms']:.2f} ms "
-                         f"(of {b['slc_fwd_ms']:.2f}).")
+                         f"(of {b['slc_fwd_ms']:.2f}; the combine alone {b.get('slc_combine_ms', float('nan')):.2f}).")
     for r in result["rows"]:
         if "ssa_shifted" in r:
             s = r["ssa_shifted"]
@@ -533,7 +600,8 @@ def _write(result: dict, out: Path) -> None:
         for r in rows:
             cfg = {k: v for k, v in r.items() if k not in ("kernel", "ms", "tflops", "diff_vs_default", "error")}
             win = cfg == {"slc": result["setup"]["block_attn_fwd_config_used"],
-                          "win": result["setup"]["window_fwd_config_used"]}.get(r["kernel"], used.get(r["kernel"]))
+                          "win": result["setup"]["window_fwd_config_used"],
+                          "slc combine": result["setup"]["combine_config_used"]}.get(r["kernel"], used.get(r["kernel"]))
             lines.append(f"| {r['kernel']}{' *' if win else ''} | {json.dumps(cfg)} | "
                          + (f"{r['ms']:.3f} | {r.get('tflops', float('nan')):.0f} | {r['diff_vs_default']:.2e} |"
                             if "ms" in r else f"error: {r['error'][:120]} | | |"))
@@ -546,7 +614,8 @@ def _write(result: dict, out: Path) -> None:
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(text)
         os.replace(tmp, path)
-    print("\n".join(lines))
+    if not quiet:
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -277,3 +277,124 @@ def test_forward_exp2_modes_and_split(mode, split, case, monkeypatch):
     _, lse_t = selection_attention(q, k, v, off, idx, scale=0.3, backend="triton", return_lse=True)
     _, lse_r = selection_attention_ref(q, k, v, off, idx, scale=0.3, return_lse=True)
     torch.testing.assert_close(lse_t, lse_r, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("shift,rowsum,case,far", [("bound", "reduce", 1, False), ("bound", "dot", 3, False),
+                                                   ("bound", "dot", 2, True)])
+def test_forward_shift_modes(shift, rowsum, case, far, monkeypatch):
+    """The forward with a fixed per-row softmax shift (|q| · the block's largest key norm, no running max; row sums
+    by per-row adds or on the tensor cores) or the online softmax: output, LSE and every gradient against the
+    reference, for the selection and the window. ``far``: one key per block of huge norm orthogonal to every query
+    (the shift ~1000 binades above the logits, every probability would flush to 0): those tiles rerun with the
+    online softmax."""
+    from d3s2.ops.block_attn import triton as kernels
+
+    for name in ("FWD_CONFIG", "WIN_FWD_CONFIG"):
+        monkeypatch.setattr(kernels, name, {**kernels.FWD_CONFIG, "shift": shift, "rowsum": rowsum,
+                                            "BLOCK_N": 16, "TAIL_N": 16})
+    sizes, hq, hkv, d, s = CASES[case]
+    off = ragged_offsets(sizes, DEV)
+    n = int(off[-1])
+    q, k, v = (t.detach() for t in _inputs(n, hq, hkv, d))
+    if far:
+        q[..., 0] = 0.0
+        first = off[:-1].long()
+        k[first] = 0.0
+        k[first, :, 0] = 1e3
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    idx = random_selection(n, hkv, s, len(sizes), empty_frac=0.25).to(DEV)
+    do = torch.randn(n, hq, d, device=DEV)
+    for ref_fn, tri_fn in (
+            (lambda q, k, v: selection_attention_ref(q, k, v, off, idx, scale=0.3, return_lse=True),
+             lambda q, k, v: selection_attention(q, k, v, off, idx, scale=0.3, backend="triton", return_lse=True)),
+            (lambda q, k, v: window_attention_ref(q, k, v, off, return_lse=True),
+             lambda q, k, v: window_attention(q, k, v, off, backend="triton", return_lse=True))):
+        ref = _run(lambda q, k, v, f=ref_fn: f(q, k, v)[0], q, k, v, do)
+        tri = _run(lambda q, k, v, f=tri_fn: f(q, k, v)[0], q, k, v, do)
+        for name, a, b in zip(("o", "dq", "dk", "dv"), tri, ref):
+            assert torch.isfinite(a).all(), name
+            assert _rel(a, b) < 1e-5, (name, _rel(a, b))
+        lse_t, lse_r = tri_fn(q, k, v)[1], ref_fn(q, k, v)[1]
+        ok = torch.isfinite(lse_r)
+        assert torch.equal(ok, torch.isfinite(lse_t))
+        torch.testing.assert_close(lse_t[ok], lse_r[ok], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [16])
+def test_combine_unrolled_slots(rows, monkeypatch):
+    """The partial combine with its slot loop unrolled (S a compile-time constant), forward merge and dQ sum: the
+    same output and gradients as the reference."""
+    from d3s2.ops.block_attn import triton as kernels
+
+    monkeypatch.setattr(kernels, "COMBINE_CONFIG", {**kernels.COMBINE_CONFIG, "unroll": True, "rows": rows})
+    sizes, hq, hkv, d, s = CASES[0]
+    off = ragged_offsets(sizes, DEV)
+    n = int(off[-1])
+    q, k, v = _inputs(n, hq, hkv, d)
+    idx = random_selection(n, hkv, s, len(sizes), empty_frac=0.25).to(DEV)
+    do = torch.randn(n, hq, d, device=DEV)
+    ref = _run(lambda q, k, v: selection_attention_ref(q, k, v, off, idx, scale=0.3), q, k, v, do)
+    tri = _run(lambda q, k, v: selection_attention(q, k, v, off, idx, scale=0.3, backend="triton"), q, k, v, do)
+    for name, a, b in zip(("o", "dq", "dk", "dv"), tri, ref):
+        assert _rel(a, b) < 1e-5, (name, _rel(a, b))
+
+
+@pytest.mark.parametrize("hkv", [1, 2, 3])
+def test_segment_max_norm(hkv):
+    """Largest key norm per (segment, kv head), empty segments 0, segments longer than one kernel step."""
+    from d3s2.ops.block_attn.triton import SEGMENT_NORM_TOKENS, segment_max_norm
+
+    sizes = [3, 0, 2 * SEGMENT_NORM_TOKENS + 5, 1]
+    off = ragged_offsets(sizes, DEV)
+    k = torch.randn(int(off[-1]), hkv, 20, device=DEV)
+    got = segment_max_norm(k, off)
+    norms = k.norm(dim=-1)
+    want = torch.stack([norms[a:b].amax(0) if b > a else torch.zeros(hkv, device=DEV)
+                        for a, b in zip(off[:-1].tolist(), off[1:].tolist())])
+    assert got.shape == (len(sizes), hkv)
+    torch.testing.assert_close(got, want)
+
+
+def test_max_registers_only_on_compiled_cuda(monkeypatch):
+    """The register cap is a ptxas option: passed for compiled CUDA launches only, never to the interpreter."""
+    from d3s2.ops.block_attn.triton import max_registers
+
+    cfg = {"maxnreg": 96}
+    assert max_registers(cfg, torch.device("cpu")) == {}
+    assert max_registers({}, torch.device("cuda")) == {}
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert max_registers(cfg, torch.device("cuda")) == {"maxnreg": 96}
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert max_registers(cfg, torch.device("cuda")) == {}
+
+
+@pytest.mark.parametrize("case,shift", [(0, "bound")])
+def test_forward_tile_table(case, shift, monkeypatch):
+    """The forward reading each tile's rows and key range from the per-tile table: output, LSE and every gradient
+    against the reference, for the selection (empty slots, a query without blocks) and the window."""
+    from d3s2.ops.block_attn import triton as kernels
+
+    for name in ("FWD_CONFIG", "WIN_FWD_CONFIG"):
+        # 16 entries per tile: lists of one and of several tiles
+        monkeypatch.setattr(kernels, name, {**kernels.FWD_CONFIG, "tile_table": True, "shift": shift,
+                                            "BLOCK_M": 32})
+    sizes, hq, hkv, d, s = CASES[case]
+    off = ragged_offsets(sizes, DEV)
+    n = int(off[-1])
+    q, k, v = _inputs(n, hq, hkv, d)
+    idx = random_selection(n, hkv, s, len(sizes), empty_frac=0.25).to(DEV)
+    idx[0] = -1
+    do = torch.randn(n, hq, d, device=DEV)
+    for ref_fn, tri_fn in (
+            (lambda q, k, v: selection_attention_ref(q, k, v, off, idx, scale=0.3, return_lse=True),
+             lambda q, k, v: selection_attention(q, k, v, off, idx, scale=0.3, backend="triton", return_lse=True)),
+            (lambda q, k, v: window_attention_ref(q, k, v, off, return_lse=True),
+             lambda q, k, v: window_attention(q, k, v, off, backend="triton", return_lse=True))):
+        ref = _run(lambda q, k, v, f=ref_fn: f(q, k, v)[0], q, k, v, do)
+        tri = _run(lambda q, k, v, f=tri_fn: f(q, k, v)[0], q, k, v, do)
+        for name, a, b in zip(("o", "dq", "dk", "dv"), tri, ref):
+            assert _rel(a, b) < 1e-5, (name, _rel(a, b))
+        lse_t, lse_r = tri_fn(q, k, v)[1], ref_fn(q, k, v)[1]
+        ok = torch.isfinite(lse_r)
+        assert torch.equal(ok, torch.isfinite(lse_t))
+        torch.testing.assert_close(lse_t[ok], lse_r[ok], rtol=1e-5, atol=1e-5)

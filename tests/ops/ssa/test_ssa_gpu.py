@@ -112,3 +112,21 @@ def test_ssa_triton_topk_options(config, monkeypatch):
         monkeypatch.setitem(tc.CONFIG, key, {**tc.CONFIG[key], "key32": True, "m_split": 4, "counted": True,
                                              "lse_dot": True})
     test_ssa_triton_matches_reference(config, torch.bfloat16, 32)
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(2, 2, 32), (4, 2, 128)])
+def test_ssa_triton_topk_float32_fits_shared_memory(hq, hkv, d):
+    """float32 inputs with one or two query heads per kv head (256 / 128 tokens per top-k program) and wide heads:
+    the top-k's default config would need more shared memory than an H100 / H200 block may have (it overflowed in
+    the float32 pipeline test); it now shrinks on the host to fit. The top-k against float64 scores."""
+    from d3s2.ops.ssa import triton_compress as tc
+
+    m_cmp, m_slc, m_win, shift, topk = CONFIGS["v1.1"]
+    x = random_batch([1900, 1, 37], 64, seed=d + hq, compact=(2,)).to("cuda")
+    layout = layout_for(x, m_cmp, m_slc, m_win, shift)
+    q, _, _, k_cmp, v_cmp, _ = make_inputs(x, layout, hq, hkv, d, dtype=torch.float32, seed=d, device="cuda")
+    _, lse = compressed_attention_ref(q.double(), k_cmp.double(), v_cmp.double(), layout)
+    idx = tc.cmp_select_topk(q, k_cmp, lse.float(), layout, topk, d**-0.5)
+    ref_idx = select_blocks_ref(q.double(), k_cmp.double(), lse, layout, topk=topk)
+    scores = [s.cpu() for s in block_scores_ref(q.double(), k_cmp.double(), lse, layout)]
+    assert_topk_equivalent(idx.cpu(), ref_idx.cpu(), scores, layout, rtol=1e-4)

@@ -198,3 +198,47 @@ def test_topk_default_falls_back_to_int64_keys(monkeypatch):
     monkeypatch.setattr(tc, "_cmp_topk_dot_kernel", Recorder())
     assert torch.equal(tc.cmp_select_topk(q, k_cmp, lse, layout, topk, d**-0.5), want)
     assert launched == [False]
+
+
+@pytest.mark.parametrize("shift,rowsum,case", [("bound", "reduce", 3), ("bound", "dot", 1), ("online", "reduce", 3)])
+def test_forward_shift_modes_match_reference(shift, rowsum, case, monkeypatch):
+    """The compressed forward with a fixed per-row softmax shift (|q| · the sample's largest key norm, no running
+    max; row sums by per-row adds or on the tensor cores) or the online softmax: output, LSE, top-k and every
+    gradient."""
+    monkeypatch.setitem(tc.CONFIG, "fwd", {**tc.CONFIG["fwd"], "shift": shift, "rowsum": rowsum, "BLOCK_C": 16})
+    check_forward_topk_grads(*CASES[case], seed=9, o_tol=(2e-5, 1e-4), lse_tol=(2e-5, 1e-5), topk_rtol=1e-4,
+                             grad_tol=(5e-5, 1e-4))
+
+
+def test_bound_shift_falls_back_to_online_softmax(monkeypatch):
+    """A compressed key of huge norm orthogonal to every query puts the Cauchy–Schwarz shift ~1400 binades above
+    the real logits (every probability would flush to 0): the tile reruns with the online softmax and matches."""
+    monkeypatch.setitem(tc.CONFIG, "fwd", {**tc.CONFIG["fwd"], "shift": "bound", "rowsum": "dot", "BLOCK_C": 16})
+    sizes, res, m_cmp, m_slc, hq, hkv, d, topk = CASES[0]
+    x = random_batch(sizes, res, seed=13)
+    layout = layout_for(x.to(DEV), m_cmp, m_slc, m_slc, 0)
+    q, _, _, k_cmp, v_cmp, _ = make_inputs(x, layout, hq, hkv, d, seed=13, device=DEV)
+    q[..., 0] = 0.0
+    first = layout.cu_cmp[:-1].long()
+    k_cmp[first] = 0.0
+    k_cmp[first, :, 0] = 1e3
+    o, lse = tc.cmp_attention_fwd(q, k_cmp, v_cmp, layout, d**-0.5)
+    o_ref, lse_ref = compressed_attention_ref(q.double(), k_cmp.double(), v_cmp.double(), layout)
+    torch.testing.assert_close(o.double(), o_ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse.double(), lse_ref, atol=2e-5, rtol=1e-5)
+
+
+def test_topk_config_fits_shared_memory():
+    """The dot top-k's config shrinks on the host until its shared-memory estimate fits: the bfloat16 v1.1 default
+    (16 heads per group) stays as it is; float32 with one or two heads per group (256 / 128 tokens per program) or
+    wide heads gets fewer stages and fewer tokens; without a limit (interpreter) nothing changes."""
+    limit = 232448  # H100 / H200 per-block opt-in
+    shape = dict(block_j=64, block_c=64, lse_dot=True, one_cmp_per_slc=True)
+    assert tc._topk_fit(256, 3, 4, 16, limit, block_d=32, esz=2, **shape) == (256, 3, 4, 16)
+    for hs_pad, block_d in ((1, 32), (2, 32), (2, 128), (16, 128)):
+        rows, stages, m_split, block_t = tc._topk_fit(256, 3, 4, hs_pad, limit, block_d=block_d, esz=4, **shape)
+        assert tc._topk_smem_bytes(block_t, hs_pad, block_d=block_d, m_split=m_split, stages=stages, esz=4,
+                                   **shape) <= limit
+        assert block_t * hs_pad >= 16 * m_split and block_t >= 16
+    assert tc._topk_fit(256, 3, 4, 1, limit, block_d=32, esz=4, **shape)[3] < 256
+    assert tc._topk_fit(256, 3, 4, 1, None, block_d=32, esz=4, **shape) == (256, 3, 4, 256)

@@ -10,10 +10,12 @@ block b): the queries that selected b through g, in ascending query order (a sta
 gets M = 64…128 even though every query has its own selection, and each block's keys are read once per tile
 instead of once per query.
 
-- Forward: one program per tile loops over the block's keys in ``BLOCK_N`` chunks (online softmax, exp2,
-  fp32 accumulation) and writes the tile's normalised partial output and LSE per entry; a combine kernel
-  merges the S partials of each (query, kv head) by their LSEs. Window attention is the case S = 1, where
-  the partial is the output and no combine runs.
+- Forward: one program per tile loops over the block's keys in ``BLOCK_N`` chunks (exp2, fp32 accumulation)
+  and writes the tile's normalised partial output and LSE per entry; a combine kernel merges the S partials of
+  each (query, kv head) by their LSEs. Window attention is the case S = 1, where the partial is the output and
+  no combine runs. The softmax shift is the online running max, or (``shift: "bound"``) fixed per row before the
+  loop at ``scale · |q| · max ‖k‖`` over the block (``segment_max_norm``): no logit exceeds it (Cauchy–Schwarz),
+  so nothing is rescaled; a tile whose row sum stays below 2⁻⁶⁴ reruns with the online softmax.
 - Backward: Δ = rowsum(O·dO); dQ mirrors the forward (partial dQ per entry, then a sum over slots); dK/dV
   runs one program per (block key tile, kv head) that loops over the block's whole entry list, so each key
   row is written by exactly one program: deterministic, no atomics, no per-head replicated buffers.
@@ -31,6 +33,7 @@ Hq 32 / Hkv 2 / D 32, S 8. Offsets are trusted (not synced to the host): they mu
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -48,17 +51,31 @@ LOG2E = 1.4426950408889634
 # masked, in chunks of TAIL_N (None: BLOCK_N). H200, N = 134k (bench_ssa.py --sweep slc, session 4): split 2 %
 # faster, then 3 stages another 5 % (1 stage +11 %, 8 warps +16 %, BLOCK_M 64 +1 %); FMA-pipe exps slower (mix4
 # +2 %, mix +21 %, poly +32 %), 64-key chunks with a 16-key tail +34 %.
+# shift: "online" (running max, rescaled sums) or "bound" (a fixed per-row shift from |q| and the block's largest
+# key norm: no max, no rescaling); rowsum (with "bound"): "reduce" (per-row adds) or "dot" (P · ones on the tensor
+# cores, in the P·V pass); maxnreg (optional): registers per thread capped (ptxas), for more CTAs per SM;
+# tile_table: each tile's rows and key range from one row of a per-tile table (fewer dependent loads per tile).
+# H200, N = 134k, selection forward (session 6, ms): online 4.77; bound + dot 5.29 (149 registers per thread: 3 CTAs
+# per SM); bound + reduce 4.61-4.64 (122: 4 CTAs), with registers capped at 96 (5 CTAs, no spill in the loop) 4.45
+# (this default); + 16-key tails 4.54; 16-key chunks 5.14; + the tile table 4.44 (a wash).
 FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True,
-              "TAIL_N": None}
+              "TAIL_N": None, "shift": "bound", "rowsum": "reduce", "tile_table": False, "maxnreg": 96}
 # Window attention's forward (S = 1: outputs written directly); None: FWD_CONFIG. H200, N = 134k, 8³ windows
 # (bench_ssa.py --sweep win, session 5): BLOCK_M 64 0.682 ms against FWD_CONFIG's 0.732 (2 stages 0.713, BLOCK_M 64
 # with 2 warps 0.712, BLOCK_M 256 0.915).
+# Session 6: the window stays online (bound + dot 0.81, bound + reduce 0.73 against 0.68-0.72 ms: 66 registers, its
+# occupancy is not the limit); the tile table 0.672 against 0.682 and 16-key tails 0.676: within the spread.
 WIN_FWD_CONFIG: dict | None = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu",
-                               "split": True, "TAIL_N": None}
+                               "split": True, "TAIL_N": None, "shift": "online", "rowsum": "reduce"}
 BWD_DQ_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 BWD_DKDV_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-COMBINE_ROWS = 64  # (pair, head) rows per program of the combine kernel
+# Combine of the S partials per (query, kv head): (pair, head) rows per program, warps, and "unroll": the slot loop
+# unrolled at compile time (S a constexpr: all S loads of a program in flight at once) or a runtime loop.
+# Session 6 (selection forward, ms): unrolled 4.61 against 4.67 (the combine alone 0.64 against 0.68: 2.6 GB at
+# 4.1 TB/s); 128-row programs 4.94, 32-row 4.40 against 4.42.
+COMBINE_CONFIG = {"rows": 64, "num_warps": 4, "unroll": True}
 ROW_DOT_ELEMS = 8192  # elements per program of the Δ = rowsum(O·dO) kernel
+SEGMENT_NORM_TOKENS = 64  # tokens per step of the segment max-norm kernel (the BOUND forwards' shift)
 # Storage of the forward's partial outputs for 16-bit inputs: torch.float16 (see the module docstring: float16,
 # or bfloat16 bits when |v| is out of float16's range) or torch.float32; float32 inputs always use float32.
 PARTIAL_DTYPE = torch.float16
@@ -84,14 +101,58 @@ def _tile_rows(TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, t, num_lists, NB,
     return lst, lst_c // NB, lst_c % NB, ent, row_ok, head
 
 
-# Token and block counts change with every batch: not specialised on their values, or each new (÷16, == 1)
-# combination recompiles the kernel in the middle of training.
+@triton.jit
+def _table_rows(TABLE, t, num_lists, NB, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``_tile_rows`` from one row of the tile table (list, first entry, list end, first key, key end): one level
+    of dependent loads instead of two before the rows' entries, and the block's key range with it."""
+    row = TABLE + t.to(tl.int64) * 8
+    lst = tl.load(row)
+    e_lo = tl.load(row + 1)
+    e_hi = tl.load(row + 2)
+    k_lo = tl.load(row + 3)
+    k_hi = tl.load(row + 4)
+    lst_c = tl.minimum(lst, num_lists - 1)
+    rows = tl.arange(0, BLOCK_M)
+    ent = e_lo + rows // G_PAD
+    head = rows % G_PAD
+    row_ok = (ent < e_hi) & (head < G) & (lst < num_lists)
+    return lst, lst_c // NB, lst_c % NB, ent, row_ok, head, k_lo, k_hi
+
+
+@triton.jit(do_not_specialize=["NB"])  # block counts change with every batch: no recompiles on their value
+def _tile_table_kernel(TABLE, CUM, LIST_START, LIST_COUNT, BLOCK_OFF, NB, PER_TILE: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """Rows CUM[l] … CUM[l + 1] of the tile table for list l: (l, first entry of the tile, list end, block's first
+    key, block's key end, 3 × padding)."""
+    lst = tl.program_id(0)
+    c0 = tl.load(CUM + lst)
+    c1 = tl.load(CUM + lst + 1)
+    start = tl.load(LIST_START + lst)
+    end = start + tl.load(LIST_COUNT + lst)
+    b = lst % NB
+    k_lo = tl.load(BLOCK_OFF + b)
+    k_hi = tl.load(BLOCK_OFF + b + 1)
+    for t0 in range(c0, c1, BLOCK):
+        t = t0 + tl.arange(0, BLOCK)
+        ok = t < c1
+        row = TABLE + t.to(tl.int64) * 8
+        zero = tl.zeros([BLOCK], tl.int32)
+        tl.store(row, zero + lst, mask=ok)
+        tl.store(row + 1, start + (t - c0) * PER_TILE, mask=ok)
+        tl.store(row + 2, zero + end, mask=ok)
+        tl.store(row + 3, zero + k_lo, mask=ok)
+        tl.store(row + 4, zero + k_hi, mask=ok)
+
+
 @triton.jit
 def _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D: tl.constexpr,
-               BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, EXP2: tl.constexpr, MASK: tl.constexpr):
-    """One online-softmax step over keys [start, start + BLOCK_N); MASK: the chunk may run past ``k_hi``.
+               BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, EXP2: tl.constexpr, MASK: tl.constexpr,
+               BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr):
+    """One softmax step over keys [start, start + BLOCK_N); MASK: the chunk may run past ``k_hi``.
 
-    The scale is folded into the exponent's FMA (max taken over raw logits: the scale is positive)."""
+    Online (BOUND False): the scale is folded into the exponent's FMA (max taken over raw logits: the scale is
+    positive). BOUND: ``m_i`` is a fixed per-row shift ≥ every scaled logit (no max, no rescaling); ROWSUM_DOT:
+    ``l_i`` is a [BLOCK_M, 16] accumulator of ``P · ones`` (row sums on the tensor cores)."""
     kn = start + tl.arange(0, BLOCK_N)
     kv_off = (kn * Hkv + g) * D
     if MASK:
@@ -102,16 +163,47 @@ def _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv,
     else:
         kt = tl.load(K + kv_off[None, :] + d[:, None], mask=d_ok[:, None], other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PREC)
-    m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
-    alpha = tl.exp2(m_i - m_new)
-    p = exp2(s * scale_log2 - m_new[:, None], EXP2)
-    l_i = l_i * alpha + tl.sum(p, 1)
     if MASK:
         vv = tl.load(V + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
     else:
         vv = tl.load(V + kv_off[:, None] + d[None, :], mask=d_ok[None, :], other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=DOT_PREC)
-    return m_new, l_i, acc
+    if BOUND:
+        p = exp2(s * scale_log2 - m_i[:, None], EXP2)
+        pv = p.to(vv.dtype)
+        if ROWSUM_DOT:  # column 0 of ones: the row sums
+            ones = tl.where(tl.arange(0, 16)[None, :] == 0, 1.0, 0.0) + tl.zeros([BLOCK_N, 16], tl.float32)
+            l_i = tl.dot(pv, ones.to(pv.dtype), l_i, input_precision=DOT_PREC)
+        else:
+            l_i = l_i + tl.sum(p, 1)
+        acc = tl.dot(pv, vv, acc, input_precision=DOT_PREC)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
+        alpha = tl.exp2(m_i - m_new)
+        p = exp2(s * scale_log2 - m_new[:, None], EXP2)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=DOT_PREC)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D: tl.constexpr,
+              BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, EXP2: tl.constexpr, SPLIT: tl.constexpr,
+              TAIL_N: tl.constexpr, BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr):
+    """Every key of the block [k_lo, k_hi); SPLIT: whole ``BLOCK_N`` chunks unmasked, the rest in ``TAIL_N``."""
+    if SPLIT:
+        k_full = k_lo + (k_hi - k_lo) // BLOCK_N * BLOCK_N
+        for start in range(k_lo, k_full, BLOCK_N):
+            m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
+                                       BLOCK_N, DOT_PREC, EXP2, False, BOUND, ROWSUM_DOT)
+        for start in range(k_full, k_hi, TAIL_N):
+            m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
+                                       TAIL_N, DOT_PREC, EXP2, True, BOUND, ROWSUM_DOT)
+    else:
+        for start in range(k_lo, k_hi, BLOCK_N):
+            m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
+                                       BLOCK_N, DOT_PREC, EXP2, True, BOUND, ROWSUM_DOT)
+    return m_i, l_i, acc
 
 
 # Token and block counts change with every batch: not specialised on their values, or each new (÷16, == 1)
@@ -119,18 +211,30 @@ def _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv,
 @triton.jit(do_not_specialize=["num_lists", "NB"])
 def block_attn_fwd_kernel(
     Q, K, V, PO, PLSE, PBIG,  # q [N, Hq, D], k/v [N, Hkv, D], partial o [E, G, D], partial lse [E, G]
-    ENTRY, TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, BLOCK_OFF,
+    ENTRY, TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, BLOCK_OFF, KMAX,  # KMAX [NB, Hkv] float32 (BOUND)
+    TABLE,  # int32 [tiles, 8] tile table (TILE_TABLE)
     scale_log2, num_lists, NB, HkvS, Hkv,
     G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, PART16: tl.constexpr,
-    EXP2: tl.constexpr, SPLIT: tl.constexpr, TAIL_N: tl.constexpr,
+    EXP2: tl.constexpr, SPLIT: tl.constexpr, TAIL_N: tl.constexpr, BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr,
+    TILE_TABLE: tl.constexpr,
 ):
     """PART16: PO is int16 holding float16 bits, or bfloat16 bits where the flag ``PBIG[0]`` is set.
     EXP2: exp2 mode (:mod:`d3s2.ops._exp2`); SPLIT: the block's whole ``BLOCK_N``-key chunks run unmasked, the
-    remaining keys in masked chunks of ``TAIL_N`` (≤ BLOCK_N: wide chunks without wide padding)."""
+    remaining keys in masked chunks of ``TAIL_N`` (≤ BLOCK_N: wide chunks without wide padding).
+    BOUND: each row's softmax shift is fixed before the key loop, ``scale_log2 · |q| · KMAX[b, g]`` (KMAX: the
+    block's largest key norm per kv head; by Cauchy–Schwarz no scaled logit exceeds it): no running max, no
+    rescaling. A tile with a row whose sum stays below 2⁻⁶⁴ (the bound more than 64 binades above the row's
+    largest logit) reruns with the online softmax. ROWSUM_DOT: see ``_fwd_chunk``. TILE_TABLE: the tile's rows
+    and key range from one row of ``TABLE`` (``_table_rows``) instead of the list tables."""
     t = tl.program_id(0)
-    lst, g, b, ent, row_ok, head = _tile_rows(TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, t, num_lists, NB,
-                                              G, G_PAD, BLOCK_M)
+    if TILE_TABLE:
+        lst, g, b, ent, row_ok, head, k_lo, k_hi = _table_rows(TABLE, t, num_lists, NB, G, G_PAD, BLOCK_M)
+    else:
+        lst, g, b, ent, row_ok, head = _tile_rows(TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, t, num_lists, NB,
+                                                  G, G_PAD, BLOCK_M)
+        k_lo = tl.load(BLOCK_OFF + b)
+        k_hi = tl.load(BLOCK_OFF + b + 1)
     if lst < num_lists:
         f = tl.load(ENTRY + ent, mask=row_ok, other=0)
         qi = f // HkvS
@@ -138,23 +242,30 @@ def block_attn_fwd_kernel(
         d_ok = d < D
         qh = qi * (Hkv * G) + g * G + head  # row of q viewed as [N·Hq, D]
         q = tl.load(Q + qh[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        k_lo = tl.load(BLOCK_OFF + b)
-        k_hi = tl.load(BLOCK_OFF + b + 1)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        if SPLIT:
-            k_full = k_lo + (k_hi - k_lo) // BLOCK_N * BLOCK_N
-            for start in range(k_lo, k_full, BLOCK_N):
-                m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
-                                           BLOCK_N, DOT_PREC, EXP2, False)
-            for start in range(k_full, k_hi, TAIL_N):
-                m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
-                                           TAIL_N, DOT_PREC, EXP2, True)
+        if BOUND:
+            qf = q.to(tl.float32)
+            m_i = tl.sqrt(tl.sum(qf * qf, 1)) * (tl.load(KMAX + b * Hkv + g) * scale_log2)
+            if ROWSUM_DOT:
+                l_d = tl.zeros([BLOCK_M, 16], tl.float32)
+                m_i, l_d, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_d, acc, scale_log2, Hkv, D,
+                                          BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, True, True)
+                l_i = tl.sum(l_d, 1)
+            else:
+                l_i = tl.zeros([BLOCK_M], tl.float32)
+                m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
+                                          BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, True, False)
+            if (k_hi > k_lo) & (tl.min(tl.where(row_ok, l_i, 1.0), 0) < 5.421010862427522e-20):  # 2^-64: rare
+                m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                l_i = tl.zeros([BLOCK_M], tl.float32)
+                acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+                m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
+                                          BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, False, False)
         else:
-            for start in range(k_lo, k_hi, BLOCK_N):
-                m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
-                                           BLOCK_N, DOT_PREC, EXP2, True)
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
+                                      BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, False, False)
         has = l_i > 0  # an empty block gives no keys: partial o 0, lse -inf
         o = acc / tl.where(has, l_i, 1.0)[:, None]
         lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
@@ -172,17 +283,44 @@ def block_attn_fwd_kernel(
         tl.store(PLSE + prow, lse, mask=row_ok)
 
 
+@triton.jit
+def _combine_slot(P, PLSE, IDX, pair, h, d, s, S, NB, row_ok, rd_ok, big, acc, m, w_sum, G: tl.constexpr,
+                  D: tl.constexpr, IS_SUM: tl.constexpr, PART16: tl.constexpr):
+    """Slot s of every row's pair merged into (acc, m, w_sum): summed (IS_SUM) or softmax-weighted by its LSE."""
+    bi = tl.load(IDX + pair * S + s, mask=row_ok, other=-1)
+    ok = row_ok & (bi >= 0) & (bi < NB)
+    prow = (pair.to(tl.int64) * S + s) * G + h
+    if PART16:
+        raw = tl.load(P + prow[:, None] * D + d[None, :], mask=ok[:, None] & rd_ok, other=0)
+        part = tl.where(big, raw.to(tl.bfloat16, bitcast=True).to(tl.float32),
+                        raw.to(tl.float16, bitcast=True).to(tl.float32))
+    else:
+        part = tl.load(P + prow[:, None] * D + d[None, :], mask=ok[:, None] & rd_ok, other=0.0)
+    if IS_SUM:
+        acc += part
+    else:  # online merge: rescale what was summed so far to the running max
+        lse_s = tl.load(PLSE + prow, mask=ok, other=float("-inf"))
+        m_new = tl.maximum(m, lse_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        w = tl.exp(lse_s - m_safe)
+        acc = acc * alpha[:, None] + w[:, None] * part
+        w_sum = w_sum * alpha + w
+        m = m_new
+    return acc, m, w_sum
+
+
 @triton.jit(do_not_specialize=["num_pairs", "NB"])
 def block_attn_combine_kernel(
     P, PLSE, PBIG, IDX, OUT, LSE,  # partial [E, G, D], partial lse [E, G], block_idx [N·Hkv, S], out [N, Hq, D]
     num_pairs, S, NB,
     G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    IS_SUM: tl.constexpr, PART16: tl.constexpr,
+    IS_SUM: tl.constexpr, PART16: tl.constexpr, S_UNROLL: tl.constexpr,
 ):
     """Merge the S partials of each (query, kv head) pair: softmax-weighted by LSE (forward) or summed (dQ).
 
-    A program takes ``BLOCK_R // G_PAD`` pairs × G heads as rows. PART16: as in the forward kernel.
-    """
+    A program takes ``BLOCK_R // G_PAD`` pairs × G heads as rows. PART16: as in the forward kernel. S_UNROLL:
+    0, or S itself as a compile-time constant (the slot loop unrolled)."""
     rows = tl.arange(0, BLOCK_R)
     pair = tl.program_id(0) * (BLOCK_R // G_PAD) + rows // G_PAD  # i·Hkv + g
     h = rows % G_PAD
@@ -193,35 +331,41 @@ def block_attn_combine_kernel(
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     w_sum = tl.zeros([BLOCK_R], tl.float32)
-    if PART16:
-        big = tl.load(PBIG) != 0
-    for s in range(S):
-        bi = tl.load(IDX + pair * S + s, mask=row_ok, other=-1)
-        ok = row_ok & (bi >= 0) & (bi < NB)
-        prow = (pair.to(tl.int64) * S + s) * G + h
-        if PART16:
-            raw = tl.load(P + prow[:, None] * D + d[None, :], mask=ok[:, None] & rd_ok, other=0)
-            part = tl.where(big, raw.to(tl.bfloat16, bitcast=True).to(tl.float32),
-                            raw.to(tl.float16, bitcast=True).to(tl.float32))
-        else:
-            part = tl.load(P + prow[:, None] * D + d[None, :], mask=ok[:, None] & rd_ok, other=0.0)
-        if IS_SUM:
-            acc += part
-        else:  # online merge: rescale what was summed so far to the running max
-            lse_s = tl.load(PLSE + prow, mask=ok, other=float("-inf"))
-            m_new = tl.maximum(m, lse_s)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_safe)
-            w = tl.exp(lse_s - m_safe)
-            acc = acc * alpha[:, None] + w[:, None] * part
-            w_sum = w_sum * alpha + w
-            m = m_new
+    big = tl.load(PBIG) != 0 if PART16 else False
+    if S_UNROLL:
+        for s in tl.static_range(S_UNROLL):
+            acc, m, w_sum = _combine_slot(P, PLSE, IDX, pair, h, d, s, S, NB, row_ok, rd_ok, big, acc, m, w_sum, G, D,
+                                          IS_SUM, PART16)
+    else:
+        for s in range(S):
+            acc, m, w_sum = _combine_slot(P, PLSE, IDX, pair, h, d, s, S, NB, row_ok, rd_ok, big, acc, m, w_sum, G, D,
+                                          IS_SUM, PART16)
     if not IS_SUM:
         has = w_sum > 0
         acc = acc / tl.where(has, w_sum, 1.0)[:, None]
         lse = tl.where(has, m + tl.log(tl.where(has, w_sum, 1.0)), float("-inf"))
         tl.store(LSE + out_row, lse, mask=row_ok)
     tl.store(OUT + out_row[:, None] * D + d[None, :], acc.to(OUT.dtype.element_ty), mask=rd_ok)
+
+
+@triton.jit
+def _segment_max_norm_kernel(K, OFF, OUT, HKV: tl.constexpr, HKV_PAD: tl.constexpr, D: tl.constexpr,
+                             BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """OUT[s, g] = max over tokens i of segment s of ‖K[i, g, :]‖ (0 if empty); K contiguous [N, HKV, D]."""
+    seg = tl.program_id(0)
+    lo = tl.load(OFF + seg)
+    hi = tl.load(OFF + seg + 1)
+    t = tl.arange(0, BLOCK_T)[:, None, None]
+    g = tl.arange(0, HKV_PAD)[None, :, None]
+    d = tl.arange(0, BLOCK_D)[None, None, :]
+    best = tl.zeros([BLOCK_T, HKV_PAD], tl.float32)
+    for t0 in range(lo, hi, BLOCK_T):
+        tok = t0 + t
+        x = tl.load(K + (tok.to(tl.int64) * HKV + g) * D + d, mask=(tok < hi) & (g < HKV) & (d < D),
+                    other=0.0).to(tl.float32)
+        best = tl.maximum(best, tl.sum(x * x, 2))
+    gg = tl.arange(0, HKV_PAD)
+    tl.store(OUT + seg * HKV + gg, tl.sqrt(tl.max(best, 0)), mask=gg < HKV)
 
 
 @triton.jit(do_not_specialize=["R"])
@@ -386,6 +530,40 @@ def window_plan(window_offsets: torch.Tensor, n: int, hkv: int) -> BlockAttnPlan
     return BlockAttnPlan(entry, start.to(torch.int32), count.to(torch.int32), 1, nw)
 
 
+def max_registers(cfg: dict, device: torch.device) -> dict:
+    """Launch option capping registers per thread (``cfg["maxnreg"]``: more resident CTAs per SM), for CUDA."""
+    if cfg.get("maxnreg") and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return {"maxnreg": cfg["maxnreg"]}
+    return {}
+
+
+def segment_max_norm(k: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """float32 ``[S, Hkv]``: the largest row norm ‖k[i, g]‖ over each segment ``[offsets[s], offsets[s + 1])`` of
+    ``k`` [N, Hkv, D] (0 for an empty segment): with ``|q|`` a bound of every logit q·k of the segment, the fixed
+    softmax shift of the ``BOUND`` forward kernels. One kernel, no host sync (CUDA-graph safe)."""
+    k = k.contiguous()
+    n_seg = offsets.numel() - 1
+    out = torch.empty(max(n_seg, 0), k.shape[1], dtype=torch.float32, device=k.device)
+    if n_seg > 0:
+        _segment_max_norm_kernel[(n_seg,)](k, offsets, out, HKV=k.shape[1], HKV_PAD=triton.next_power_of_2(k.shape[1]),
+                                           D=k.shape[2], BLOCK_D=triton.next_power_of_2(k.shape[2]),
+                                           BLOCK_T=SEGMENT_NORM_TOKENS, num_warps=4)
+    return out
+
+
+def _tile_table(plan: BlockAttnPlan, per_tile: int, bound: int, block_offsets: torch.Tensor) -> torch.Tensor:
+    """int32 ``[bound, 8]`` tile table of the forward (``_table_rows``); tiles past the last list's are idle (list id
+    ``Hkv·NB``, no rows). No host sync."""
+    num_lists = plan.list_count.numel()
+    chunks = (plan.list_count.long() + per_tile - 1) // per_tile
+    cum = _exclusive_cumsum(chunks).to(torch.int32)
+    table = torch.full((bound, 8), num_lists, dtype=torch.int32, device=block_offsets.device)
+    if num_lists:
+        _tile_table_kernel[(num_lists,)](table, cum, plan.list_start, plan.list_count, block_offsets,
+                                         plan.num_blocks, PER_TILE=per_tile, BLOCK=256, num_warps=4)
+    return table
+
+
 def _tiles(counts: torch.Tensor, per_tile: int, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Tile table without a host sync: tile t → its list (or len(counts) if idle), and tiles' cumsum."""
     chunks = (counts.long() + per_tile - 1) // per_tile
@@ -433,11 +611,12 @@ def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _combine(part, part_lse, big, block_idx, out, lse, plan, meta, *, is_sum, part16=False):
     pairs = block_idx.shape[0] * block_idx.shape[1]
-    block_r = max(COMBINE_ROWS, meta["G_PAD"])
+    cfg = COMBINE_CONFIG
+    block_r = max(cfg["rows"], meta["G_PAD"])
     block_attn_combine_kernel[(triton.cdiv(pairs, block_r // meta["G_PAD"]),)](
         part, part_lse, big, block_idx, out, lse, pairs, plan.num_slots, plan.num_blocks, G=meta["G"],
         D=meta["D"], G_PAD=meta["G_PAD"], BLOCK_D=meta["BLOCK_D"], BLOCK_R=block_r, IS_SUM=is_sum,
-        PART16=part16, num_warps=4)
+        PART16=part16, S_UNROLL=plan.num_slots if cfg["unroll"] else 0, num_warps=cfg["num_warps"])
 
 
 def _partial_buffer(q: torch.Tensor, v: torch.Tensor, rows: int, g: int, partial_dtype: torch.dtype | None
@@ -489,13 +668,23 @@ def block_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offs
         plse = torch.empty(n * hkv * s, meta["G"], dtype=torch.float32, device=q.device)
     per_tile = block_m // meta["G_PAD"]
     bound = (plan.entry.numel() + per_tile - 1) // per_tile + num_lists
-    tile_list, tile_cum = _tiles(plan.list_count, per_tile, bound)
+    if cfg.get("tile_table", False):
+        table = _tile_table(plan, per_tile, bound, block_offsets)
+        tile_list = tile_cum = table
+    else:
+        tile_list, tile_cum = _tiles(plan.list_count, per_tile, bound)
+        table = tile_list
+    shift = cfg.get("shift", "online")
+    if shift not in ("online", "bound"):
+        raise ValueError(f"expected shift 'online' or 'bound' in the block attention config, got {shift!r}")
+    kmax = segment_max_norm(k, block_offsets) if shift == "bound" else lse
     block_attn_fwd_kernel[(bound,)](
         q, k, v, po, plse, big, plan.entry, tile_list, tile_cum, plan.list_start, plan.list_count, block_offsets,
-        scale * LOG2E, num_lists, plan.num_blocks, hkv * s, hkv, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
-        PART16=part16, EXP2=resolve_mode(cfg["exp2"], q.device), SPLIT=cfg["split"],
+        kmax, table, scale * LOG2E, num_lists, plan.num_blocks, hkv * s, hkv, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
+        PART16=part16, EXP2=resolve_mode(cfg["exp2"], q.device), SPLIT=cfg["split"], BOUND=shift == "bound",
+        ROWSUM_DOT=shift == "bound" and cfg.get("rowsum", "reduce") == "dot", TILE_TABLE=cfg.get("tile_table", False),
         TAIL_N=min(cfg["TAIL_N"] or cfg["BLOCK_N"], cfg["BLOCK_N"]), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **meta)
+        num_stages=cfg["num_stages"], **max_registers(cfg, q.device), **meta)
     if block_idx is not None:
         _combine(po, plse, big, block_idx, o, lse, plan, meta, is_sum=False, part16=part16)
     return o, lse

@@ -9,7 +9,9 @@ Tiles: a program owns ``BLOCK_T`` consecutive tokens of one sample and one kv he
 compressed key tile serves the whole group. Compressed keys of a sample are few (N/64 … N/512 per sample), so
 every pass streams them all.
 
-- ``_cmp_fwd_kernel``: online-softmax attention → ``o_cmp`` and the natural-log LSE.
+- ``_cmp_fwd_kernel``: softmax attention → ``o_cmp`` and the natural-log LSE; the shift per row is the online
+  running max or (``shift: "bound"``, the default) fixed before the loop at ``scale · |q| · max ‖k_cmp‖`` over
+  the sample (no logit exceeds it: no max, no rescaling; rows whose sum stays below 2⁻⁶⁴ rerun online).
 - ``_cmp_topk_kernel``: recomputes the probabilities from the LSE, sums them over the group's heads and over
   the compression blocks of each selection block, and keeps a running top-k per (token, kv head) in registers.
   Working memory beyond the inputs is the ``[N, Hkv, S]`` output: no ``[H, N, NBc]`` score tensor exists.
@@ -43,7 +45,7 @@ import triton
 import triton.language as tl
 
 from .._exp2 import exp2, resolve_mode
-from ..block_attn.triton import row_dot
+from ..block_attn.triton import max_registers, row_dot, segment_max_norm
 from .layout import SSALayout
 
 LOG2E = 1.4426950408889634
@@ -52,12 +54,19 @@ MAX_TOPK = 32
 MAX_HEAD_DIM = 128
 KEY32_MAX_ID_BITS = 12  # int32 top-k keys for samples of at most 4096 selection blocks (else int64)
 
+
 # Tile configuration per kernel; the benchmark may override entries to compare variants.
 CONFIG = {
     # "exp2": exp mode of the softmax probabilities (d3s2.ops._exp2); "split": only the last tile of compressed
     # blocks is masked. H200, N = 134k (session 4 sweep): split 11 % faster (2 or 4 stages: +3 %, +1 %); FMA-pipe
     # exps slower in all three kernels (fwd mix4 +7 %, mix +20 %, poly +65 %; top-k mix4 +4 %, mix +12 %, poly +23 %)
-    "fwd": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True},
+    # "shift": "online" (running max) or "bound" (fixed per-row shift from |q| and the sample's largest compressed-key
+    # norm: no max, no rescaling); "rowsum" (with "bound"): "reduce" (per-row adds) or "dot" (P · ones, tensor cores);
+    # "maxnreg" (optional, here and in the top-k configs): registers per thread capped (ptxas), more CTAs per SM
+    # H200, N = 134k (session 6, ms): online 128 rows 1.95 (session 5's default); bound + dot 128 rows 2.11 (200
+    # registers per thread), 64 rows 1.86-1.88; bound + reduce 64 rows 1.85 (this default), online 64 rows 2.00
+    "fwd": {"rows": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True,
+            "shift": "bound", "rowsum": "reduce"},
     # top-k with m_cmp == m_slc ("topk") and m_cmp < m_slc ("topk_seg", one-hot segment sum over compression
     # blocks); variant "reshape": head sum by tl.reshape + tl.sum; "dot": transposed tiles, head sum by tl.dot
     # "skip": a float test per tile before the key insertion (dot variant); "key32": int32 keys (int64 otherwise),
@@ -68,8 +77,10 @@ CONFIG = {
     # rounds cost nothing on a tile nobody improves on) 2.21 (this default; k = 1: 1.72); rows 512 3.06, BLOCK_J 128
     # 2.92, BLOCK_J 16 8.25. v1.0 ("topk_seg", session 5 round 2): session 4's 18.89 ms; key32 + counted + lse_dot
     # with m_split 4: 19.41 (no pre-test 18.54), m_split 2 without the pre-test 18.15 (this default).
+    # Session 6: registers capped at 80 per thread (6 CTAs per SM instead of 5, no spill) 2.12 against 2.23 ms
     "topk": {"variant": "dot", "skip": False, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
-             "num_stages": 3, "exp2": "mufu", "key32": True, "m_split": 4, "counted": True, "lse_dot": True},
+             "num_stages": 3, "exp2": "mufu", "key32": True, "m_split": 4, "counted": True, "lse_dot": True,
+             "maxnreg": 80},
     "topk_seg": {"variant": "dot", "skip": False, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
                  "num_stages": 2, "exp2": "mufu", "key32": True, "m_split": 2, "counted": True, "lse_dot": True},
     "bwd_dq": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
@@ -86,8 +97,13 @@ def _load_rows(ptr, tok, head, offs_d, row_ok, d_ok, stride_n, stride_h):
 
 @triton.jit
 def _cmp_fwd_step(q, K, V, c_start, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i, l_i, acc, qk_scale,
-                  DOT_PREC: tl.constexpr, EXP2: tl.constexpr, MASK: tl.constexpr):
-    """Online-softmax step over compressed blocks [c_start, c_start + BLOCK_C); MASK: the tile may pass ``c1``."""
+                  DOT_PREC: tl.constexpr, EXP2: tl.constexpr, MASK: tl.constexpr, BOUND: tl.constexpr,
+                  ROWSUM_DOT: tl.constexpr):
+    """Softmax step over compressed blocks [c_start, c_start + BLOCK_C); MASK: the tile may pass ``c1``.
+
+    BOUND: ``m_i`` is a fixed per-row shift ≥ every scaled logit of the row (no running max, no rescaling of
+    ``l_i`` and ``acc``); ROWSUM_DOT (with BOUND): ``l_i`` is a [BLOCK_M, 16] accumulator of ``P · ones`` (ones in
+    column 0), the row sums done by the P·V tensor-core pass instead of per-row adds and shuffles."""
     cols = c_start + offs_c
     kv_off = cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
     if MASK:
@@ -100,23 +116,59 @@ def _cmp_fwd_step(q, K, V, c_start, c1, g, offs_c, offs_d, d_ok, stride_kn, stri
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_C], unscaled
     if MASK:
         s = tl.where(col_ok[None, :], s, float("-inf"))
-    # log2 domain; the scale (> 0) is folded into the exponent's FMA
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    alpha = tl.exp2(m_i - m_new)
-    p = exp2(s * qk_scale - m_new[:, None], EXP2)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-    return m_new, l_i, acc
+    if BOUND:
+        p = exp2(s * qk_scale - m_i[:, None], EXP2)
+        pv = p.to(v.dtype)
+        if ROWSUM_DOT:  # column 0 of ones: the row sums
+            ones = tl.where(tl.arange(0, 16)[None, :] == 0, 1.0, 0.0) + tl.zeros([k.shape[0], 16], tl.float32)
+            l_i = tl.dot(pv, ones.to(pv.dtype), l_i, input_precision=DOT_PREC)
+        else:
+            l_i = l_i + tl.sum(p, 1)
+        acc = tl.dot(pv, v, acc, input_precision=DOT_PREC)
+    else:
+        # log2 domain; the scale (> 0) is folded into the exponent's FMA
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        alpha = tl.exp2(m_i - m_new)
+        p = exp2(s * qk_scale - m_new[:, None], EXP2)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    return m_i, l_i, acc
 
 
 @triton.jit
-def _cmp_fwd_kernel(Q, K, V, O, LSE, CU_SEQ, CU_CMP,
+def _cmp_fwd_loop(q, K, V, c0, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i, l_i, acc, qk_scale,
+                  BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr, EXP2: tl.constexpr, SPLIT: tl.constexpr,
+                  BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr):
+    """All compressed blocks [c0, c1) of the sample; SPLIT: whole ``BLOCK_C`` tiles unmasked, the last one masked."""
+    if SPLIT:
+        c_full = c0 + (c1 - c0) // BLOCK_C * BLOCK_C
+        for c_start in range(c0, c_full, BLOCK_C):
+            m_i, l_i, acc = _cmp_fwd_step(q, K, V, c_start, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i,
+                                          l_i, acc, qk_scale, DOT_PREC, EXP2, False, BOUND, ROWSUM_DOT)
+        if c_full < c1:
+            m_i, l_i, acc = _cmp_fwd_step(q, K, V, c_full, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i,
+                                          l_i, acc, qk_scale, DOT_PREC, EXP2, True, BOUND, ROWSUM_DOT)
+    else:
+        for c_start in range(c0, c1, BLOCK_C):
+            m_i, l_i, acc = _cmp_fwd_step(q, K, V, c_start, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i,
+                                          l_i, acc, qk_scale, DOT_PREC, EXP2, True, BOUND, ROWSUM_DOT)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _cmp_fwd_kernel(Q, K, V, O, LSE, CU_SEQ, CU_CMP, KMAX,
                     stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
                     qk_scale,
-                    HQ: tl.constexpr, HS: tl.constexpr, HS_PAD: tl.constexpr, D: tl.constexpr,
+                    HQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, HS_PAD: tl.constexpr, D: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr,
-                    EXP2: tl.constexpr, SPLIT: tl.constexpr):
-    """SPLIT: whole ``BLOCK_C`` tiles of compressed blocks run unmasked, only the last partial one masked."""
+                    EXP2: tl.constexpr, SPLIT: tl.constexpr, BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr):
+    """SPLIT: whole ``BLOCK_C`` tiles of compressed blocks run unmasked, only the last partial one masked.
+
+    BOUND: the softmax shift of a row is fixed before the loop, ``qk_scale · |q| · KMAX[b, g]`` (KMAX: the
+    sample's largest compressed-key norm per kv head, so by Cauchy–Schwarz no scaled logit exceeds it): no running
+    max, no rescaling. A row whose sum stays below 2⁻⁶⁴ (the bound more than 64 binades above its largest logit,
+    where flushed terms could matter) reruns the whole tile with the online softmax."""
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
     g = tl.program_id(2)
@@ -136,23 +188,31 @@ def _cmp_fwd_kernel(Q, K, V, O, LSE, CU_SEQ, CU_CMP,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     q = _load_rows(Q, tok, head, offs_d, row_ok, d_ok, stride_qn, stride_qh)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     offs_c = tl.arange(0, BLOCK_C)
-    if SPLIT:
-        c_full = c0 + (c1 - c0) // BLOCK_C * BLOCK_C
-        for c_start in range(c0, c_full, BLOCK_C):
-            m_i, l_i, acc = _cmp_fwd_step(q, K, V, c_start, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i,
-                                          l_i, acc, qk_scale, DOT_PREC, EXP2, False)
-        if c_full < c1:
-            m_i, l_i, acc = _cmp_fwd_step(q, K, V, c_full, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i,
-                                          l_i, acc, qk_scale, DOT_PREC, EXP2, True)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if BOUND:
+        qf = q.to(tl.float32)
+        m_i = tl.sqrt(tl.sum(qf * qf, 1)) * (tl.load(KMAX + b * HKV + g) * qk_scale)
+        if ROWSUM_DOT:
+            l_d = tl.zeros([BLOCK_M, 16], tl.float32)
+            m_i, l_d, acc = _cmp_fwd_loop(q, K, V, c0, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i, l_d,
+                                          acc, qk_scale, BLOCK_C, DOT_PREC, EXP2, SPLIT, True, True)
+            l_i = tl.sum(l_d, 1)
+        else:
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            m_i, l_i, acc = _cmp_fwd_loop(q, K, V, c0, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i, l_i,
+                                          acc, qk_scale, BLOCK_C, DOT_PREC, EXP2, SPLIT, True, False)
+        if tl.min(tl.where(row_ok, l_i, 1.0), 0) < 5.421010862427522e-20:  # 2^-64: rare, see the docstring
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            m_i, l_i, acc = _cmp_fwd_loop(q, K, V, c0, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i, l_i,
+                                          acc, qk_scale, BLOCK_C, DOT_PREC, EXP2, SPLIT, False, False)
     else:
-        for c_start in range(c0, c1, BLOCK_C):
-            m_i, l_i, acc = _cmp_fwd_step(q, K, V, c_start, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i,
-                                          l_i, acc, qk_scale, DOT_PREC, EXP2, True)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        m_i, l_i, acc = _cmp_fwd_loop(q, K, V, c0, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i, l_i, acc,
+                                      qk_scale, BLOCK_C, DOT_PREC, EXP2, SPLIT, False, False)
     o = acc / l_i[:, None]
     o_ptrs = O + tok.to(tl.int64)[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -604,11 +664,18 @@ def cmp_attention_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     cfg = CONFIG["fwd"]
     block_t = _block_t(cfg["rows"], meta["HS_PAD"])
     grid = (triton.cdiv(layout.max_seqlen, block_t), layout.batch_size, hkv)
-    _cmp_fwd_kernel[grid](q, k_cmp, v_cmp, o, lse, layout.cu_seqlens, layout.cu_cmp,
+    shift = cfg.get("shift", "online")
+    if shift not in ("online", "bound"):
+        raise ValueError(f"expected shift 'online' or 'bound' in the compressed forward config, got {shift!r}")
+    bound = shift == "bound"
+    kmax = segment_max_norm(k_cmp, layout.cu_cmp) if bound else lse
+    _cmp_fwd_kernel[grid](q, k_cmp, v_cmp, o, lse, layout.cu_seqlens, layout.cu_cmp, kmax,
                           q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), o.stride(0), o.stride(1),
-                          scale * LOG2E, BLOCK_T=block_t, BLOCK_C=cfg["BLOCK_C"],
+                          scale * LOG2E, HKV=hkv, BLOCK_T=block_t, BLOCK_C=cfg["BLOCK_C"],
                           EXP2=resolve_mode(cfg.get("exp2", "mufu"), q.device), SPLIT=cfg.get("split", False),
-                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **meta)
+                          BOUND=bound, ROWSUM_DOT=bound and cfg.get("rowsum", "reduce") == "dot",
+                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **max_registers(cfg, q.device),
+                          **meta)
     return o, lse
 
 
@@ -626,30 +693,74 @@ def cmp_select_topk(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, lay
     cfg = CONFIG["topk" if one else "topk_seg"]
     common = dict(HKV=hkv, BLOCK_J=cfg["BLOCK_J"], BLOCK_C=cfg["BLOCK_C"], TOPK=topk,
                   TOPK_PAD=triton.next_power_of_2(topk), ONE_CMP_PER_SLC=one, num_warps=cfg["num_warps"],
-                  num_stages=cfg["num_stages"], **meta)
+                  **max_registers(cfg, q.device), **meta)
     args = (q, k_cmp, lse, idx, layout.cu_seqlens, layout.cu_slc, layout.slc_cmp_offsets, layout.cmp_slc,
             q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), scale * LOG2E)
     if cfg["variant"] == "dot":
-        # tokens are the N dimension of the group-sum tl.dot: at least 16 (per row chunk: M_SPLIT · 16 rows)
         m_split = cfg.get("m_split", 1)
         if m_split not in (1, 2, 4):
             raise ValueError(f"expected m_split 1, 2 or 4 in the top-k config, got {m_split}")
-        block_t = _block_t(cfg["rows"], meta["HS_PAD"], 16)
-        block_t = max(block_t, triton.next_power_of_2(triton.cdiv(16 * m_split, meta["HS_PAD"])))
         # int32 keys keep 23 − id_bits mantissa bits of a score: used while that is at least float16's 11
         id_bits = max(1, (layout.max_cmp - 1).bit_length())
         key32 = cfg.get("key32", False) and id_bits <= KEY32_MAX_ID_BITS
+        limit = (torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
+                 if q.device.type == "cuda" else None)
+        _, stages, m_split, block_t = _topk_fit(
+            cfg["rows"], cfg["num_stages"], m_split, meta["HS_PAD"], limit, block_d=meta["BLOCK_D"],
+            block_j=cfg["BLOCK_J"], block_c=cfg["BLOCK_C"], esz=q.element_size(), lse_dot=cfg.get("lse_dot", False),
+            one_cmp_per_slc=one)
         grid = (triton.cdiv(layout.max_seqlen, block_t), layout.batch_size, hkv)
         _cmp_topk_dot_kernel[grid](*args, id_bits, BLOCK_T=block_t, P_FP16=q.dtype != torch.float32,
                                    SKIP=cfg.get("skip", True), EXP2=resolve_mode(cfg.get("exp2", "mufu"), q.device),
                                    KEY32=key32, M_SPLIT=m_split, COUNTED=cfg.get("counted", False),
-                                   LSE_DOT=cfg.get("lse_dot", False), **common)
+                                   LSE_DOT=cfg.get("lse_dot", False), num_stages=stages, **common)
     else:
         # the one-hot segment sum is a tl.dot, whose M dimension must be >= 16
         block_t = _block_t(cfg["rows"], meta["HS_PAD"], 1 if one else 16)
         grid = (triton.cdiv(layout.max_seqlen, block_t), layout.batch_size, hkv)
-        _cmp_topk_kernel[grid](*args, BLOCK_T=block_t, **common)
+        _cmp_topk_kernel[grid](*args, BLOCK_T=block_t, num_stages=cfg["num_stages"], **common)
     return idx
+
+
+def _topk_block_t(rows: int, hs_pad: int, m_split: int) -> int:
+    # tokens are the N dimension of the group-sum tl.dot: at least 16 (per row chunk: M_SPLIT · 16 rows)
+    return max(_block_t(rows, hs_pad, 16), triton.next_power_of_2(triton.cdiv(16 * m_split, hs_pad)))
+
+
+def _topk_smem_bytes(block_t: int, hs_pad: int, block_d: int, block_j: int, block_c: int, m_split: int, stages: int,
+                     esz: int, lse_dot: bool, one_cmp_per_slc: bool) -> int:
+    """Upper estimate of the dot top-k kernel's shared memory: the pipelined key tiles, the rows' operands (qᵀ, the
+    LSE shift, the 0/1 group matrix), the one-hot segment operands (m_cmp < m_slc), reduction and staging scratch
+    (ptxas for sm_90 at the bf16 v1.1 default: 36 KB against this 61 KB)."""
+    block_m = block_t * hs_pad
+    p_esz = 2 if esz == 2 else 4  # probabilities in float16 for 16-bit inputs
+    width = block_j if one_cmp_per_slc else block_c
+    keys = stages * width * block_d * esz
+    operands = block_m * block_d * esz + (16 * block_m * esz if lse_dot else 0) + block_m * block_t * p_esz
+    segment = 0 if one_cmp_per_slc else (block_j * block_c + block_c * block_t) * 4
+    scratch = block_j * block_t * 8 + width * (block_m // m_split) * p_esz
+    return keys + operands + segment + scratch
+
+
+def _topk_fit(rows: int, stages: int, m_split: int, hs_pad: int, limit: int | None,
+              **shape) -> tuple[int, int, int, int]:
+    """(rows, stages, row chunks, tokens per program) of the dot top-k within ``limit`` bytes of shared memory
+    (None: no limit). float32 operands, few heads per group (many tokens per program) or wide heads can exceed it
+    with the default config, so fewer stages, then fewer rows, then fewer row chunks. Decided on the host from
+    ``_topk_smem_bytes`` (``shape``: its other arguments): no failed launch, no sync, safe inside a CUDA-graph
+    capture."""
+    while True:
+        block_t = _topk_block_t(rows, hs_pad, m_split)
+        if limit is None or _topk_smem_bytes(block_t, hs_pad, m_split=m_split, stages=stages, **shape) <= limit:
+            return rows, stages, m_split, block_t
+        if stages > 1:
+            stages = 1
+        elif block_t > 16 and _topk_block_t(rows // 2, hs_pad, m_split) < block_t:
+            rows //= 2
+        elif m_split > 1:
+            m_split //= 2
+        else:
+            return rows, stages, m_split, block_t
 
 
 def _num_sms(device: torch.device) -> int:
