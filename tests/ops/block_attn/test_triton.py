@@ -320,6 +320,24 @@ def test_forward_shift_modes(shift, rowsum, case, far, monkeypatch):
         torch.testing.assert_close(lse_t[ok], lse_r[ok], rtol=1e-5, atol=1e-5)
 
 
+def test_float16_keeps_the_online_shift(monkeypatch):
+    """float16 probabilities underflow below 2^-24 under a fixed shift far above a row's largest logit (15x the torch
+    error on an H200 at D = 128), so a "bound" config runs the online softmax for float16 inputs: the same bits."""
+    from d3s2.ops.block_attn import triton as kernels
+
+    sizes, hq, hkv, d, s = CASES[1]
+    off = ragged_offsets(sizes, DEV)
+    n = int(off[-1])
+    q, k, v = (t.detach().half() for t in _inputs(n, hq, hkv, d))
+    idx = random_selection(n, hkv, s, len(sizes), empty_frac=0.25).to(DEV)
+    outs = {}
+    for shift in ("online", "bound"):
+        monkeypatch.setattr(kernels, "FWD_CONFIG", {**kernels.FWD_CONFIG, "shift": shift, "BLOCK_N": 16,
+                                                    "TAIL_N": 16})
+        outs[shift] = selection_attention(q, k, v, off, idx, scale=0.3, backend="triton")
+    assert outs["online"].dtype == torch.float16 and torch.equal(outs["online"], outs["bound"])
+
+
 @pytest.mark.parametrize("rows", [16])
 def test_combine_unrolled_slots(rows, monkeypatch):
     """The partial combine with its slot loop unrolled (S a compile-time constant), forward merge and dQ sum: the
