@@ -167,21 +167,33 @@ def _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv,
         vv = tl.load(V + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
     else:
         vv = tl.load(V + kv_off[:, None] + d[None, :], mask=d_ok[None, :], other=0.0)
+    return softmax_update(s, vv, m_i, l_i, acc, scale_log2, DOT_PREC, EXP2, BOUND, ROWSUM_DOT)
+
+
+@triton.jit
+def softmax_update(s, v, m_i, l_i, acc, scale_log2, DOT_PREC: tl.constexpr, EXP2: tl.constexpr,
+                   BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr):
+    """Fold one tile of raw logits ``s`` [M, N] and values ``v`` [N, D] into ``(m_i, l_i, acc)``; shared by the
+    selection / window forwards and the compressed forward (d3s2.ops.ssa).
+
+    Online (BOUND False): running max, the scale (> 0) folded into the exponent's FMA. BOUND: ``m_i`` is a fixed
+    per-row shift ≥ every scaled logit (no max, no rescaling); ROWSUM_DOT: ``l_i`` is an [M, 16] accumulator of
+    ``P · ones`` (ones in column 0: the row sums on the tensor cores)."""
     if BOUND:
         p = exp2(s * scale_log2 - m_i[:, None], EXP2)
-        pv = p.to(vv.dtype)
-        if ROWSUM_DOT:  # column 0 of ones: the row sums
-            ones = tl.where(tl.arange(0, 16)[None, :] == 0, 1.0, 0.0) + tl.zeros([BLOCK_N, 16], tl.float32)
+        pv = p.to(v.dtype)
+        if ROWSUM_DOT:
+            ones = tl.where(tl.arange(0, 16)[None, :] == 0, 1.0, 0.0) + tl.zeros([v.shape[0], 16], tl.float32)
             l_i = tl.dot(pv, ones.to(pv.dtype), l_i, input_precision=DOT_PREC)
         else:
             l_i = l_i + tl.sum(p, 1)
-        acc = tl.dot(pv, vv, acc, input_precision=DOT_PREC)
+        acc = tl.dot(pv, v, acc, input_precision=DOT_PREC)
     else:
         m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
         alpha = tl.exp2(m_i - m_new)
         p = exp2(s * scale_log2 - m_new[:, None], EXP2)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=DOT_PREC)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
     return m_i, l_i, acc
 

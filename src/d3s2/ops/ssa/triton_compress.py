@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from .._exp2 import exp2, resolve_mode
-from ..block_attn.triton import max_registers, row_dot, segment_max_norm
+from ..block_attn.triton import max_registers, row_dot, segment_max_norm, softmax_update
 from .layout import SSALayout
 
 LOG2E = 1.4426950408889634
@@ -116,24 +116,7 @@ def _cmp_fwd_step(q, K, V, c_start, c1, g, offs_c, offs_d, d_ok, stride_kn, stri
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_C], unscaled
     if MASK:
         s = tl.where(col_ok[None, :], s, float("-inf"))
-    if BOUND:
-        p = exp2(s * qk_scale - m_i[:, None], EXP2)
-        pv = p.to(v.dtype)
-        if ROWSUM_DOT:  # column 0 of ones: the row sums
-            ones = tl.where(tl.arange(0, 16)[None, :] == 0, 1.0, 0.0) + tl.zeros([k.shape[0], 16], tl.float32)
-            l_i = tl.dot(pv, ones.to(pv.dtype), l_i, input_precision=DOT_PREC)
-        else:
-            l_i = l_i + tl.sum(p, 1)
-        acc = tl.dot(pv, v, acc, input_precision=DOT_PREC)
-    else:
-        # log2 domain; the scale (> 0) is folded into the exponent's FMA
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        alpha = tl.exp2(m_i - m_new)
-        p = exp2(s * qk_scale - m_new[:, None], EXP2)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
-    return m_i, l_i, acc
+    return softmax_update(s, v, m_i, l_i, acc, qk_scale, DOT_PREC, EXP2, BOUND, ROWSUM_DOT)
 
 
 @triton.jit
