@@ -345,6 +345,7 @@ def test_combine_unrolled_slots(rows, monkeypatch):
     from d3s2.ops.block_attn import triton as kernels
 
     monkeypatch.setattr(kernels, "COMBINE_CONFIG", {**kernels.COMBINE_CONFIG, "unroll": True, "rows": rows})
+    monkeypatch.setattr(kernels, "FWD_CONFIG", {**kernels.FWD_CONFIG, "merge": "pass"})  # the forward's combine too
     sizes, hq, hkv, d, s = CASES[0]
     off = ragged_offsets(sizes, DEV)
     n = int(off[-1])
@@ -416,3 +417,91 @@ def test_forward_tile_table(case, shift, monkeypatch):
         ok = torch.isfinite(lse_r)
         assert torch.equal(ok, torch.isfinite(lse_t))
         torch.testing.assert_close(lse_t[ok], lse_r[ok], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("merge", ["fused", "pass"])
+def test_merge_of_spread_slots(merge, monkeypatch):
+    """The S partials of a (query, kv head) come from many programs (16-row tiles of 8 entries; 12 slots over 9
+    blocks: top-k above the block count pads with -1), merged inside the forward by the program that writes a
+    pair's last one ("fused"), or by the combine pass ("pass", and "fused" for pairs too wide for the in-kernel
+    merge, ``test_merge_mode_is_checked``): output, LSE and every gradient against the reference, with empty
+    slots, a selected empty block, one
+    pair and one query without any block (o 0, lse -inf from the zero-filling programs)."""
+    from d3s2.ops.block_attn import triton as kernels
+
+    monkeypatch.setattr(kernels, "FWD_CONFIG", {**kernels.FWD_CONFIG, "merge": merge, "BLOCK_M": 16})
+    combines = _count_combines(kernels, monkeypatch)
+    sizes = [3, 1, 0, 7, 5, 1, 9, 4, 2]  # block 2 is empty
+    off = ragged_offsets(sizes, DEV)
+    n = int(off[-1])
+    q, k, v = _inputs(n, 4, 2, 16)
+    gen = torch.Generator().manual_seed(3)
+    idx = random_selection(n, 2, 12, len(sizes), empty_frac=0.2, generator=gen).to(DEV)
+    idx[0] = -1
+    idx[5, 1] = -1
+    idx[7, 0] = torch.tensor([2, -1, 0, 4, -1, -1, 8, -1, -1, -1, -1, 3])  # block 2 (empty) selected
+    do = torch.randn(n, 4, 16, device=DEV)
+    ref = _run(lambda q, k, v: selection_attention_ref(q, k, v, off, idx, scale=0.3), q, k, v, do)
+    tri = _run(lambda q, k, v: selection_attention(q, k, v, off, idx, scale=0.3, backend="triton"), q, k, v, do)
+    for name, a, b in zip(("o", "dq", "dk", "dv"), tri, ref):
+        assert _rel(a, b) < 1e-5, (name, _rel(a, b))
+    # the forward's combine ran only where the merge is not fused (the backward's dQ sum always does)
+    assert (False in combines) == (merge == "pass"), combines
+    _, lse_t = selection_attention(q, k, v, off, idx, scale=0.3, backend="triton", return_lse=True)
+    _, lse_r = selection_attention_ref(q, k, v, off, idx, scale=0.3, return_lse=True)
+    assert torch.equal(torch.isfinite(lse_t), torch.isfinite(lse_r)) and not torch.isfinite(lse_t[0]).any()
+    torch.testing.assert_close(lse_t, lse_r, rtol=1e-5, atol=1e-5)
+    assert torch.all(tri[0][0] == 0) and torch.all(tri[0][5, 2:] == 0)
+
+
+def _count_combines(kernels, monkeypatch) -> list[bool]:
+    """Record ``is_sum`` of every ``_combine`` call (False: the forward's merge pass)."""
+    calls = []
+    combine = kernels._combine
+    monkeypatch.setattr(kernels, "_combine", lambda *a, **kw: (calls.append(kw["is_sum"]), combine(*a, **kw)))
+    return calls
+
+
+def test_merge_mode_is_checked(monkeypatch):
+    """An unknown merge mode is refused; pairs wider than ``MERGE_MAX_ELEMS`` take the combine pass."""
+    from d3s2.ops.block_attn import triton as kernels
+
+    off = ragged_offsets([4, 3], DEV)
+    q, k, v = (t.detach() for t in _inputs(7, 2, 1, 16))
+    idx = torch.tensor([[0, 1]] * 7, dtype=torch.int32, device=DEV)[:, None, :]
+    monkeypatch.setattr(kernels, "FWD_CONFIG", {**kernels.FWD_CONFIG, "merge": "atomic"})
+    with pytest.raises(ValueError, match="merge 'pass' or 'fused'"):
+        selection_attention(q, k, v, off, idx, backend="triton")
+    monkeypatch.setattr(kernels, "FWD_CONFIG", {**kernels.FWD_CONFIG, "merge": "fused"})
+    monkeypatch.setattr(kernels, "MERGE_MAX_ELEMS", 16)
+    combines = _count_combines(kernels, monkeypatch)
+    o = selection_attention(q, k, v, off, idx, backend="triton")
+    assert combines == [False] and _rel(o, selection_attention_ref(q, k, v, off, idx)) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("v_max", [1.0, 1e5], ids=["fp16-partials", "bf16-partials"])
+def test_gpu_fused_merge_is_deterministic(v_max, monkeypatch):
+    """Full size, every SM racing on the arrival counters: the fused merge gives the same bits on two calls made
+    after a call on other inputs (stale or early partial reads would differ), o 0 / lse -inf for queries without
+    blocks, and agrees with the combine pass to one bfloat16 rounding (fp32 sums in another order)."""
+    from d3s2.ops.block_attn import triton as kernels
+
+    gen = torch.Generator().manual_seed(2)
+    off = _sorted_layout(400, 130, "cuda", gen)
+    n = int(off[-1])
+    idx = random_selection(n, 2, 8, 400, empty_frac=0.1, generator=gen).cuda()
+    idx[:7] = -1
+    q, k, v = (t.detach() for t in _inputs(n, 32, 2, 32, dtype=torch.bfloat16, device="cuda"))
+    v = v * v_max
+    outs = {}
+    for merge in ("fused", "pass"):
+        monkeypatch.setattr(kernels, "FWD_CONFIG", {**kernels.FWD_CONFIG, "merge": merge})
+        selection_attention(q.flip(0), k, v.flip(0), off, idx, backend="triton")  # other inputs first
+        outs[merge] = [selection_attention(q, k, v, off, idx, backend="triton", return_lse=True) for _ in range(2)]
+    (o1, lse1), (o2, lse2) = outs["fused"]
+    assert torch.equal(o1, o2) and torch.equal(lse1, lse2)
+    assert torch.all(o1[:7] == 0) and torch.all(lse1[:7] == float("-inf"))
+    o_p, lse_p = outs["pass"][0]
+    torch.testing.assert_close(o1.float(), o_p.float(), rtol=2.0**-7, atol=1e-6 * v_max)
+    torch.testing.assert_close(lse1, lse_p, rtol=1e-5, atol=1e-5)
