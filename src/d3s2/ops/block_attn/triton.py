@@ -332,10 +332,6 @@ def block_attn_fwd_kernel(
             d_ok = d < D
             qh = qi * (Hkv * G) + g * G + head  # row of q viewed as [N·Hq, D]
             q = tl.load(Q + qh[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            if MERGE:  # each entry's pair and its arrival count, loaded before the key loop (which hides the latency)
-                first = row_ok & (head == 0)  # one arrival per entry
-                pair = f // S
-                n_valid = _valid_slots(IDX, pair, first, S, NB, S_PAD)
             acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
             if BOUND:
                 qf = q.to(tl.float32)
@@ -380,6 +376,9 @@ def block_attn_fwd_kernel(
                 # releases this tile's partials (cumulative over the barrier) and, for a pair's last arrival,
                 # acquires the other programs' (their loads follow a barrier too: the flag reductions)
                 tl.debug_barrier()
+                first = row_ok & (head == 0)  # one arrival per entry
+                pair = f // S
+                n_valid = _valid_slots(IDX, pair, first, S, NB, S_PAD)
                 old = tl.atomic_add(CNT + pair, tl.full([BLOCK_M], 1, tl.int32), mask=first, sem="acq_rel", scope="gpu")
                 _merge_flagged(first & (old == n_valid - 1), pair, PO, PLSE, PBIG, IDX, OUT, LSE, S, NB, G, D, G_PAD,
                                BLOCK_D, S_PAD, PART16)
