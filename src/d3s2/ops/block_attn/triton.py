@@ -68,7 +68,8 @@ LOG2E = 1.4426950408889634
 FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True,
               "TAIL_N": None, "shift": "bound", "rowsum": "reduce", "tile_table": False, "maxnreg": 96,
               "merge": "fused"}
-# The fused merge holds one pair's [S, G, D] partials in registers: wider pairs take the combine pass.
+# The fused merge unrolls the S slots of a pair's [G, D] partials (all loads in flight): wider pairs take the combine
+# pass.
 MERGE_MAX_ELEMS = 8192
 # Window attention's forward (S = 1: outputs written directly); None: FWD_CONFIG. H200, N = 134k, 8³ windows
 # (bench_ssa.py --sweep win, session 5): BLOCK_M 64 0.682 ms against FWD_CONFIG's 0.732 (2 stages 0.713, BLOCK_M 64
@@ -229,51 +230,38 @@ def _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D
 
 
 @triton.jit
-def _valid_slots(IDX, pair, ok, S, NB, S_PAD: tl.constexpr):
+def _valid_slots(IDX, pair, ok, S, NB, S_UNROLL: tl.constexpr):
     """int32 per pair: its slots in ``IDX`` [pairs, S] holding a block id in [0, NB) (the plan's entries)."""
-    s = tl.arange(0, S_PAD)
-    bi = tl.load(IDX + pair[:, None] * S + s[None, :], mask=ok[:, None] & (s < S)[None, :], other=-1)
-    return tl.sum(((bi >= 0) & (bi < NB)).to(tl.int32), 1)
+    n = tl.zeros(pair.shape, tl.int32)
+    for s in tl.static_range(S_UNROLL):
+        bi = tl.load(IDX + pair * S + s, mask=ok, other=-1)
+        n += ((bi >= 0) & (bi < NB)).to(tl.int32)
+    return n
 
 
 @triton.jit
 def _merge_pair(PO, PLSE, IDX, OUT, LSE, pair, S, NB, big, G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr,
-                BLOCK_D: tl.constexpr, S_PAD: tl.constexpr, PART16: tl.constexpr):
-    """Output rows [G, D] and LSE [G] of one (query, kv head) pair from its S partials, all slots in one
-    [S, G, D] tile reduced in slot order: the same bits whichever program runs it. No valid slot: o 0, lse -inf.
-    Other programs' partials are read past L1 (``.cg``: L1 is not coherent across SMs)."""
-    s = tl.arange(0, S_PAD)
+                BLOCK_D: tl.constexpr, S_UNROLL: tl.constexpr, PART16: tl.constexpr):
+    """Output rows [G, D] and LSE [G] of one (query, kv head) pair from its S partials: the combine kernel's
+    slot-order merge on one pair's rows, so the bits do not depend on which program runs it. No valid slot: o 0,
+    lse -inf. Other programs' partials are read past L1 (``.cg``: L1 is not coherent across SMs)."""
     h = tl.arange(0, G_PAD)
     d = tl.arange(0, BLOCK_D)
-    bi = tl.load(IDX + pair * S + s, mask=s < S, other=-1)
-    sh_ok = ((s < S) & (bi >= 0) & (bi < NB))[:, None] & (h < G)[None, :]
-    prow = (pair.to(tl.int64) * S + s[:, None]) * G + h[None, :]  # [S_PAD, G_PAD] rows of the partials
-    plse = tl.load(PLSE + prow, mask=sh_ok, other=float("-inf"), cache_modifier=".cg")
-    m = tl.max(plse, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(plse - m_safe[None, :])
-    w_sum = tl.sum(w, 0)
-    ptrs = PO + prow[:, :, None] * D + d[None, None, :]
-    mask = sh_ok[:, :, None] & (d < D)[None, None, :]
-    if PART16:
-        raw = tl.load(ptrs, mask=mask, other=0, cache_modifier=".cg")
-        if big:  # a scalar branch: one conversion per element
-            part = raw.to(tl.bfloat16, bitcast=True).to(tl.float32)
-        else:
-            part = raw.to(tl.float16, bitcast=True).to(tl.float32)
-    else:
-        part = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-    has = w_sum > 0
-    o = tl.sum(w[:, :, None] * part, 0) / tl.where(has, w_sum, 1.0)[:, None]
-    out_row = pair.to(tl.int64) * G + h  # rows of out viewed as [N·Hq, D]
-    tl.store(OUT + out_row[:, None] * D + d[None, :], o.to(OUT.dtype.element_ty),
-             mask=(h < G)[:, None] & (d < D)[None, :])
-    tl.store(LSE + out_row, tl.where(has, m + tl.log(tl.where(has, w_sum, 1.0)), float("-inf")), mask=h < G)
+    pairs = pair + tl.zeros([G_PAD], tl.int32)
+    row_ok = h < G
+    rd_ok = row_ok[:, None] & (d < D)[None, :]
+    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    m = tl.full([G_PAD], float("-inf"), tl.float32)
+    w_sum = tl.zeros([G_PAD], tl.float32)
+    for s in tl.static_range(S_UNROLL):
+        acc, m, w_sum = _combine_slot(PO, PLSE, IDX, pairs, h, d, s, S, NB, row_ok, rd_ok, big, acc, m, w_sum, G, D,
+                                      False, PART16, ".cg")
+    _store_merged(OUT, LSE, pairs.to(tl.int64) * G + h, d, row_ok, rd_ok, acc, m, w_sum, D)
 
 
 @triton.jit
 def _merge_flagged(flag, pair, PO, PLSE, PBIG, IDX, OUT, LSE, S, NB, G: tl.constexpr, D: tl.constexpr,
-                   G_PAD: tl.constexpr, BLOCK_D: tl.constexpr, S_PAD: tl.constexpr, PART16: tl.constexpr):
+                   G_PAD: tl.constexpr, BLOCK_D: tl.constexpr, S_UNROLL: tl.constexpr, PART16: tl.constexpr):
     """``_merge_pair`` for every pair whose flag is set; the j-th set flag is found by an exclusive prefix count,
     so the loop runs once per flagged pair, not once per row."""
     fl = flag.to(tl.int32)
@@ -281,7 +269,7 @@ def _merge_flagged(flag, pair, PO, PLSE, PBIG, IDX, OUT, LSE, S, NB, G: tl.const
     big = tl.load(PBIG) != 0 if PART16 else False
     for j in range(tl.sum(fl, 0)):
         p = tl.sum(tl.where(flag & (rank == j), pair, 0), 0)
-        _merge_pair(PO, PLSE, IDX, OUT, LSE, p, S, NB, big, G, D, G_PAD, BLOCK_D, S_PAD, PART16)
+        _merge_pair(PO, PLSE, IDX, OUT, LSE, p, S, NB, big, G, D, G_PAD, BLOCK_D, S_UNROLL, PART16)
 
 
 # Token and block counts change with every batch: not specialised on their values, or each new (÷16, == 1)
@@ -296,7 +284,7 @@ def block_attn_fwd_kernel(
     G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, PART16: tl.constexpr,
     EXP2: tl.constexpr, SPLIT: tl.constexpr, TAIL_N: tl.constexpr, BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr,
-    TILE_TABLE: tl.constexpr, MERGE: tl.constexpr, S_PAD: tl.constexpr,
+    TILE_TABLE: tl.constexpr, MERGE: tl.constexpr, S_UNROLL: tl.constexpr,
 ):
     """PART16: PO is int16 holding float16 bits, or bfloat16 bits where the flag ``PBIG[0]`` is set.
     EXP2: exp2 mode (:mod:`d3s2.ops._exp2`); SPLIT: the block's whole ``BLOCK_N``-key chunks run unmasked, the
@@ -315,8 +303,8 @@ def block_attn_fwd_kernel(
         if MERGE:
             pair = (t + n_zero) * BLOCK_M + tl.arange(0, BLOCK_M)
             ok = pair < num_pairs
-            _merge_flagged(ok & (_valid_slots(IDX, pair, ok, S, NB, S_PAD) == 0), pair, PO, PLSE, PBIG, IDX, OUT,
-                           LSE, S, NB, G, D, G_PAD, BLOCK_D, S_PAD, PART16)
+            _merge_flagged(ok & (_valid_slots(IDX, pair, ok, S, NB, S_UNROLL) == 0), pair, PO, PLSE, PBIG, IDX,
+                           OUT, LSE, S, NB, G, D, G_PAD, BLOCK_D, S_UNROLL, PART16)
     else:
         if TILE_TABLE:
             lst, g, b, ent, row_ok, head, k_lo, k_hi = _table_rows(TABLE, t, num_lists, NB, G, G_PAD, BLOCK_M)
@@ -378,29 +366,30 @@ def block_attn_fwd_kernel(
                 tl.debug_barrier()
                 first = row_ok & (head == 0)  # one arrival per entry
                 pair = f // S
-                n_valid = _valid_slots(IDX, pair, first, S, NB, S_PAD)
+                n_valid = _valid_slots(IDX, pair, first, S, NB, S_UNROLL)
                 old = tl.atomic_add(CNT + pair, tl.full([BLOCK_M], 1, tl.int32), mask=first, sem="acq_rel", scope="gpu")
                 _merge_flagged(first & (old == n_valid - 1), pair, PO, PLSE, PBIG, IDX, OUT, LSE, S, NB, G, D, G_PAD,
-                               BLOCK_D, S_PAD, PART16)
+                               BLOCK_D, S_UNROLL, PART16)
 
 
 @triton.jit
 def _combine_slot(P, PLSE, IDX, pair, h, d, s, S, NB, row_ok, rd_ok, big, acc, m, w_sum, G: tl.constexpr,
-                  D: tl.constexpr, IS_SUM: tl.constexpr, PART16: tl.constexpr):
-    """Slot s of every row's pair merged into (acc, m, w_sum): summed (IS_SUM) or softmax-weighted by its LSE."""
+                  D: tl.constexpr, IS_SUM: tl.constexpr, PART16: tl.constexpr, CACHE: tl.constexpr = ""):
+    """Slot s of every row's pair merged into (acc, m, w_sum): summed (IS_SUM) or softmax-weighted by its LSE.
+    CACHE: the partials' load cache modifier."""
     bi = tl.load(IDX + pair * S + s, mask=row_ok, other=-1)
     ok = row_ok & (bi >= 0) & (bi < NB)
     prow = (pair.to(tl.int64) * S + s) * G + h
     if PART16:
-        raw = tl.load(P + prow[:, None] * D + d[None, :], mask=ok[:, None] & rd_ok, other=0)
+        raw = tl.load(P + prow[:, None] * D + d[None, :], mask=ok[:, None] & rd_ok, other=0, cache_modifier=CACHE)
         part = tl.where(big, raw.to(tl.bfloat16, bitcast=True).to(tl.float32),
                         raw.to(tl.float16, bitcast=True).to(tl.float32))
     else:
-        part = tl.load(P + prow[:, None] * D + d[None, :], mask=ok[:, None] & rd_ok, other=0.0)
+        part = tl.load(P + prow[:, None] * D + d[None, :], mask=ok[:, None] & rd_ok, other=0.0, cache_modifier=CACHE)
     if IS_SUM:
         acc += part
     else:  # online merge: rescale what was summed so far to the running max
-        lse_s = tl.load(PLSE + prow, mask=ok, other=float("-inf"))
+        lse_s = tl.load(PLSE + prow, mask=ok, other=float("-inf"), cache_modifier=CACHE)
         m_new = tl.maximum(m, lse_s)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_safe)
@@ -441,11 +430,19 @@ def block_attn_combine_kernel(
         for s in range(S):
             acc, m, w_sum = _combine_slot(P, PLSE, IDX, pair, h, d, s, S, NB, row_ok, rd_ok, big, acc, m, w_sum, G, D,
                                           IS_SUM, PART16)
-    if not IS_SUM:
-        has = w_sum > 0
-        acc = acc / tl.where(has, w_sum, 1.0)[:, None]
-        lse = tl.where(has, m + tl.log(tl.where(has, w_sum, 1.0)), float("-inf"))
-        tl.store(LSE + out_row, lse, mask=row_ok)
+    if IS_SUM:
+        tl.store(OUT + out_row[:, None] * D + d[None, :], acc.to(OUT.dtype.element_ty), mask=rd_ok)
+    else:
+        _store_merged(OUT, LSE, out_row, d, row_ok, rd_ok, acc, m, w_sum, D)
+
+
+@triton.jit
+def _store_merged(OUT, LSE, out_row, d, row_ok, rd_ok, acc, m, w_sum, D: tl.constexpr):
+    """Normalised merge (``acc / w_sum``, lse ``m + log w_sum``; nothing merged: 0, -inf) into rows ``out_row``."""
+    has = w_sum > 0
+    acc = acc / tl.where(has, w_sum, 1.0)[:, None]
+    lse = tl.where(has, m + tl.log(tl.where(has, w_sum, 1.0)), float("-inf"))
+    tl.store(LSE + out_row, lse, mask=row_ok)
     tl.store(OUT + out_row[:, None] * D + d[None, :], acc.to(OUT.dtype.element_ty), mask=rd_ok)
 
 
@@ -786,8 +783,7 @@ def block_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offs
     merge = cfg.get("merge", "pass")
     if merge not in ("pass", "fused"):
         raise ValueError(f"expected merge 'pass' or 'fused' in the block attention config, got {merge!r}")
-    s_pad = triton.next_power_of_2(s)
-    fused = block_idx is not None and merge == "fused" and s_pad * meta["G_PAD"] * meta["BLOCK_D"] <= MERGE_MAX_ELEMS
+    fused = block_idx is not None and merge == "fused" and s * meta["G_PAD"] * meta["BLOCK_D"] <= MERGE_MAX_ELEMS
     pairs = n * hkv
     # arrival counters: zeroed per call (1 MB at N = 134k), so no state outlives a launch
     cnt = torch.zeros(pairs, dtype=torch.int32, device=q.device) if fused else lse
@@ -798,7 +794,7 @@ def block_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offs
         hkv * s, hkv, s, pairs, n_zero, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
         PART16=part16, EXP2=resolve_mode(cfg["exp2"], q.device), SPLIT=cfg["split"], BOUND=shift == "bound",
         ROWSUM_DOT=shift == "bound" and cfg.get("rowsum", "reduce") == "dot", TILE_TABLE=cfg.get("tile_table", False),
-        TAIL_N=min(cfg["TAIL_N"] or cfg["BLOCK_N"], cfg["BLOCK_N"]), MERGE=fused, S_PAD=s_pad,
+        TAIL_N=min(cfg["TAIL_N"] or cfg["BLOCK_N"], cfg["BLOCK_N"]), MERGE=fused, S_UNROLL=s,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **max_registers(cfg, q.device), **meta)
     if block_idx is not None and not fused:
         _combine(po, plse, big, block_idx, o, lse, plan, meta, is_sum=False, part16=part16)
