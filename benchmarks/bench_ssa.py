@@ -10,8 +10,9 @@ v_cmp are N(0, 1), gates U(0, 1): the op's inputs, so projections and compressio
 Reported per size: SSA op forward, backward, forward+backward (scoring and top-k included), each branch's
 time, effective TFLOP/s of the selection kernel (4·D·Hs·Σ selected keys), peak extra memory, and SDPA flash
 (``enable_gqa``) over the same tokens, per sample for the batch. ``--ab`` also measures every row with the
-session-6 path (``VARIANTS["before"]``: the selection's partials merged by a separate combine pass) in the same
-run; the module rows compare the conv backends of the v1.0 compression (torch reference vs triton).
+session-5 path (``VARIANTS["before"]``: session 5's launch configs, the online softmax in every forward) in the
+same run; the module rows compare the conv backends of the v1.0 compression (torch reference vs
+triton).
 
     PYTHONPATH=src python benchmarks/bench_ssa.py --layouts ../shared/data/latent_layouts_1024.npz [--sweep] [--ab]
 
@@ -48,13 +49,20 @@ CONFIGS = {"v1.1": {"m_cmp": 8, "m_slc": 8, "topk": 8}, "v1.0": {"m_cmp": 4, "m_
 M_WIN = 8
 
 
-# Paths an --ab run compares: "new" (the defaults, or what --sweep picked) and "before" (session 6's path: the
-# selection forward's S partials per (query, kv head) merged by the combine kernel after it). None: keep the
-# current configs.
+# Paths an --ab run compares: "new" (the defaults, or what --sweep picked) and "before" (session 5's launch
+# configs: online softmax in every forward, the top-k of session 5). None: keep the current configs.
 CMP_KERNELS = ("fwd", "topk", "topk_seg")
-SESSION6_SLC = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True,
-                "TAIL_N": None, "shift": "bound", "rowsum": "reduce", "tile_table": False, "maxnreg": 96,
-                "merge": "pass"}
+SESSION5_CMP = {
+    "fwd": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True,
+            "shift": "online", "rowsum": "reduce"},
+    "topk": {"variant": "dot", "skip": False, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
+             "num_stages": 3, "exp2": "mufu", "key32": True, "m_split": 4, "counted": True, "lse_dot": True},
+    "topk_seg": {"variant": "dot", "skip": False, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
+                 "num_stages": 2, "exp2": "mufu", "key32": True, "m_split": 2, "counted": True, "lse_dot": True}}
+SESSION5_SLC = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True,
+                "TAIL_N": None, "shift": "online", "rowsum": "reduce"}
+SESSION5_WIN = {**SESSION5_SLC, "BLOCK_M": 64}
+SESSION5_COMBINE = {"rows": 64, "num_warps": 4, "unroll": False}
 VARIANTS = {"new": {"fused_combine": True, "partial": ba_kernels.PARTIAL_DTYPE,
                     "dq_partial": ba_kernels.DQ_PARTIAL_DTYPE, "cmp": None, "slc": None, "win": None,
                     "combine": None},
@@ -63,9 +71,9 @@ VARIANTS = {"new": {"fused_combine": True, "partial": ba_kernels.PARTIAL_DTYPE,
                               "dq_partial": ba_kernels.DQ_PARTIAL_DTYPE, "cmp": None, "slc": None, "win": None,
                               "combine": None},
             "before": {"fused_combine": True, "partial": torch.float16, "dq_partial": torch.bfloat16,
-                       "cmp": None, "slc": SESSION6_SLC, "win": None, "combine": None}}
+                       "cmp": SESSION5_CMP, "slc": SESSION5_SLC, "win": SESSION5_WIN, "combine": SESSION5_COMBINE}}
 # Sweep changes whose outputs differ from the default's by roundings (another exp2 or shift): checked to 2⁻⁶
-ROUNDING_KEYS = ("exp2", "shift", "rowsum", "merge")
+ROUNDING_KEYS = ("exp2", "shift", "rowsum")
 # --device cpu (a smoke run under TRITON_INTERPRET=1): float32, one timed call per measurement.
 DEV, DTYPE = "cuda", torch.bfloat16
 
@@ -207,11 +215,10 @@ def _measure(layout, topk: int, ins, do, with_branches: bool = True) -> dict:
     br["cmp_bwd_ms"] = _bench(lambda: tc.cmp_attention_bwd(q, kc, vc, o_cmp, lse, do, layout, scale))
     off = layout.slc_offsets
     br["slc_fwd_ms"] = _bench(lambda: selection_attention(q, k, v, off, idx, scale=scale, backend="triton"))
-    # where the selection forward goes: the plan (a sort of the entries by block) vs the kernel + partial merge
+    # where the selection forward goes: the plan (a sort of the entries by block) vs the kernel + partial combine
     br["slc_plan_ms"] = _bench(lambda: ba_kernels.selection_plan(idx, off.numel() - 1))
     plan = ba_kernels.selection_plan(idx, off.numel() - 1)
     br["slc_kernel_combine_ms"] = _bench(lambda: ba_kernels.block_attn_fwd(q, k, v, off, idx, plan, scale))
-    br["slc_merge"] = ba_kernels.FWD_CONFIG.get("merge", "pass")  # partials merged in the kernel or by the pass
     br["slc_combine_ms"] = _combine_ms(q, k, v, idx, plan)
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
     o_slc = selection_attention(qg, kg, vg, off, idx, scale=scale, backend="triton")
@@ -355,29 +362,6 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
     return rows
 
 
-class _LaunchInfo:
-    """Stands in for the Triton kernel ``module.name`` and keeps the registers and spills per thread of its last
-    launch (ptxas, from the compiled kernel that a launch returns; None under the interpreter)."""
-
-    def __init__(self, module, name: str):
-        self.module, self.name, self.kernel = module, name, getattr(module, name)
-        self.info: dict = {}
-        setattr(module, name, self)
-
-    def __getitem__(self, grid):
-        launch = self.kernel[grid]
-
-        def run(*args, **kwargs):
-            compiled = launch(*args, **kwargs)
-            self.info = {"regs": getattr(compiled, "n_regs", None), "spills": getattr(compiled, "n_spills", None)}
-            return compiled
-
-        return run
-
-    def restore(self) -> None:
-        setattr(self.module, self.name, self.kernel)
-
-
 def _sweep_slc(layout, topk, ins) -> list[dict]:
     """The selection forward (plan + kernel + combine) under several ``block_attn`` forward configs (tiles, exp2
     mode, softmax shift); the fastest one (by at least 1 %) whose output matches the default's (to 2⁻¹⁰ of its
@@ -402,12 +386,9 @@ def _sweep_slc(layout, topk, ins) -> list[dict]:
     # thread, 3 CTAs per SM), + mix4 5.39, per-row adds 4.64 (122 registers, 4 CTAs: the default since), the online
     # softmax 4.77, 64-row tiles 5.55. Round 2: 16-key tails, 16-key chunks (fewer registers), registers capped at
     # 96 per thread (5 CTAs per SM instead of 4; ptxas: no spill in the loop) alone and with 16-key tails, the tile
-    # table (one level of dependent loads less per tile) alone and with the register cap: 4.45-4.54, the cap the
-    # default. Session 7: the partials merged in the kernel by each pair's last arriving program (the default)
-    # against the combine pass, and around it registers capped at 128 (4 CTAs per SM, room for the merge's
-    # [S, G, D] tile), 64-row tiles (half the entries per tile: less merge work per program), 2 pipeline stages
-    launches = _LaunchInfo(ba_kernels, "block_attn_fwd_kernel")
-    for change in [{}, {"merge": "pass"}, {"maxnreg": 128}, {"BLOCK_M": 64}, {"num_stages": 2}]:
+    # table (one level of dependent loads less per tile) alone and with the register cap
+    for change in [{}, {"TAIL_N": 16}, {"BLOCK_N": 16}, {"maxnreg": 96}, {"TAIL_N": 16, "maxnreg": 96},
+                   {"tile_table": True}, {"tile_table": True, "maxnreg": 96}]:
         ba_kernels.FWD_CONFIG = {**default, **change}
         try:
             err = _rel_max(run(), base)
@@ -417,12 +398,29 @@ def _sweep_slc(layout, topk, ins) -> list[dict]:
             if err < (2.0**-6 if rounding else 2.0**-10) and (best is None or ms < best[0] * 0.99):
                 best = (ms, dict(ba_kernels.FWD_CONFIG))
             rows.append({"kernel": "slc", **ba_kernels.FWD_CONFIG, "ms": ms, "tflops": flops / ms / 1e9,
-                         "diff_vs_default": err, "ptxas": launches.info})
+                         "diff_vs_default": err})
         except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
             rows.append({"kernel": "slc", **ba_kernels.FWD_CONFIG, "error": repr(e)[:300]})
         print(json.dumps(rows[-1]), flush=True)
-    launches.restore()
     ba_kernels.FWD_CONFIG = best[1] if best else default
+    # the combine of the partials (session 6, round 1: the slot loop unrolled, all S loads in flight, 4.608 ms
+    # against 4.665 for the whole selection forward, 128-row programs 4.940); round 2: 32-row programs
+    default_c = dict(ba_kernels.COMBINE_CONFIG)
+    base = run()
+    best = None
+    for change in [{}, {"rows": 32}]:
+        ba_kernels.COMBINE_CONFIG = {**default_c, **change}
+        try:
+            err = _rel_max(run(), base)
+            ms = _bench(run)
+            if err < 2.0**-10 and (best is None or ms < best[0] * 0.99):
+                best = (ms, dict(ba_kernels.COMBINE_CONFIG))
+            rows.append({"kernel": "slc combine", **ba_kernels.COMBINE_CONFIG, "ms": ms, "tflops": flops / ms / 1e9,
+                         "diff_vs_default": err})
+        except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
+            rows.append({"kernel": "slc combine", **ba_kernels.COMBINE_CONFIG, "error": repr(e)[:300]})
+        print(json.dumps(rows[-1]), flush=True)
+    ba_kernels.COMBINE_CONFIG = best[1] if best else default_c
     return rows
 
 
@@ -474,8 +472,8 @@ def main() -> None:
     ap.add_argument("--no-batch", action="store_true", help="skip the ragged batch")
     ap.add_argument("--no-module", action="store_true", help="skip the whole-layer rows")
     ap.add_argument("--no-shifted", action="store_true", help="skip the odd-layer (shifted windows) rows")
-    ap.add_argument("--ab", action="store_true", help="also measure each row with the session-6 path (the "
-                    "selection's partials merged by a combine pass) and the v1.0 layer with the torch conv backend")
+    ap.add_argument("--ab", action="store_true", help="also measure each row with the session-5 path (online "
+                    "softmax in every forward) and the v1.0 layer with the torch conv backend")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run of this script "
                     "(set TRITON_INTERPRET=1; float32; use with --tiny)")
     ap.add_argument("--tiny", type=int, default=0, help="only one mesh of this many tokens (a smoke run)")
@@ -563,8 +561,8 @@ def _write(result: dict, out: Path, quiet: bool = False) -> None:
              f"Hq 32 / Hkv 2 / D 32, {result['setup']['dtype']}, window 8 (unshifted); op inputs q, k, v, k_cmp, "
              "v_cmp, gates; "
              "SDPA = flash full attention per sample. Times in ms (median, CUDA events). Variant `new`: the defaults "
-             "or the swept winners (below); `before`: session 6's path (the selection's partials merged by a "
-             "combine pass after its kernel; same run). "
+             "or the swept winners (below); `before`: session 5's path (online softmax in "
+             "every forward, session 5's launch configs; same run). "
              "`(cmp+top-k)/fwd` = (`cmp fwd` + `score+top-k`) / `SSA fwd`.", "",
              "| config | N | blocks slc/cmp | SSA fwd | SSA bwd | SSA fwd+bwd | SDPA fwd | SDPA bwd | speedup fwd "
              "| speedup bwd | cmp fwd | score+top-k | slc fwd | win fwd | (cmp+top-k)/fwd "
@@ -586,9 +584,8 @@ def _write(result: dict, out: Path, quiet: bool = False) -> None:
         b = r["ssa"]["branches"]
         if "slc_plan_ms" in b:
             lines.append(f"\nSelection forward, {r['config']} ({r.get('variant', 'new')}): plan (entry sort) "
-                         f"{b['slc_plan_ms']:.2f} ms, kernel + partial merge ({b.get('slc_merge', 'pass')}) "
-                         f"{b['slc_kernel_combine_ms']:.2f} ms (of {b['slc_fwd_ms']:.2f}; the combine pass alone "
-                         f"{b.get('slc_combine_ms', float('nan')):.2f}).")
+                         f"{b['slc_plan_ms']:.2f} ms, kernel + partial combine {b['slc_kernel_combine_ms']:.2f} ms "
+                         f"(of {b['slc_fwd_ms']:.2f}; the combine alone {b.get('slc_combine_ms', float('nan')):.2f}).")
     for r in result["rows"]:
         if "ssa_shifted" in r:
             s = r["ssa_shifted"]
@@ -598,19 +595,16 @@ def _write(result: dict, out: Path, quiet: bool = False) -> None:
     for name, rows in result.get("sweep", {}).items():
         used = result["setup"]["compress_kernel_config_used"]
         lines += ["", f"Sweep ({name}; winner = the config used afterwards, `*`): kernel, launch config, "
-                  "ms, TFLOP/s (selection), difference from the default's output, registers / spills per thread "
-                  "(ptxas; selection)", "",
-                  "| kernel | config | ms | TFLOP/s | diff vs default | regs / spills |", "|---|---|---|---|---|---|"]
+                  "ms, TFLOP/s (selection), difference from the default's output", "",
+                  "| kernel | config | ms | TFLOP/s | diff vs default |", "|---|---|---|---|---|"]
         for r in rows:
-            cfg = {k: v for k, v in r.items()
-                   if k not in ("kernel", "ms", "tflops", "diff_vs_default", "error", "ptxas")}
+            cfg = {k: v for k, v in r.items() if k not in ("kernel", "ms", "tflops", "diff_vs_default", "error")}
             win = cfg == {"slc": result["setup"]["block_attn_fwd_config_used"],
-                          "win": result["setup"]["window_fwd_config_used"]}.get(r["kernel"], used.get(r["kernel"]))
-            ptxas = r.get("ptxas") or {}
-            regs = f"{ptxas.get('regs')} / {ptxas.get('spills')}" if ptxas else ""
+                          "win": result["setup"]["window_fwd_config_used"],
+                          "slc combine": result["setup"]["combine_config_used"]}.get(r["kernel"], used.get(r["kernel"]))
             lines.append(f"| {r['kernel']}{' *' if win else ''} | {json.dumps(cfg)} | "
-                         + (f"{r['ms']:.3f} | {r.get('tflops', float('nan')):.0f} | {r['diff_vs_default']:.2e} "
-                            f"| {regs} |" if "ms" in r else f"error: {r['error'][:120]} | | | |"))
+                         + (f"{r['ms']:.3f} | {r.get('tflops', float('nan')):.0f} | {r['diff_vs_default']:.2e} |"
+                            if "ms" in r else f"error: {r['error'][:120]} | | |"))
     for m in result["module"]:
         lines.append(f"\nWhole `SpatialSparseAttention` layer ({m['config']}, conv backend {m['conv_backend']}, dim "
                      f"1024, projections and compression included), N = {m['N']:,}: inference fwd "

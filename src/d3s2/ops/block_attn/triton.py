@@ -11,14 +11,11 @@ gets M = 64…128 even though every query has its own selection, and each block'
 instead of once per query.
 
 - Forward: one program per tile loops over the block's keys in ``BLOCK_N`` chunks (exp2, fp32 accumulation)
-  and writes the tile's normalised partial output and LSE per entry; the S partials of each (query, kv head)
-  are merged by their LSEs, either by a combine kernel after the forward or (``merge: "fused"``) inside it by the
-  program that writes a pair's last partial (an atomic arrival counter per pair; the merge reads all S partials
-  in slot order, so the output bits do not depend on which program arrives last). Window attention is the case
-  S = 1, where the partial is the output and no merge runs. The softmax shift is the online running max, or
-  (``shift: "bound"``) fixed per row before the loop at ``scale · |q| · max ‖k‖`` over the block
-  (``segment_max_norm``): no logit exceeds it (Cauchy–Schwarz), so nothing is rescaled; a tile whose row sum
-  stays below 2⁻⁶⁴ reruns with the online softmax.
+  and writes the tile's normalised partial output and LSE per entry; a combine kernel merges the S partials of
+  each (query, kv head) by their LSEs. Window attention is the case S = 1, where the partial is the output and
+  no combine runs. The softmax shift is the online running max, or (``shift: "bound"``) fixed per row before the
+  loop at ``scale · |q| · max ‖k‖`` over the block (``segment_max_norm``): no logit exceeds it (Cauchy–Schwarz),
+  so nothing is rescaled; a tile whose row sum stays below 2⁻⁶⁴ reruns with the online softmax.
 - Backward: Δ = rowsum(O·dO); dQ mirrors the forward (partial dQ per entry, then a sum over slots); dK/dV
   runs one program per (block key tile, kv head) that loops over the block's whole entry list, so each key
   row is written by exactly one program: deterministic, no atomics, no per-head replicated buffers.
@@ -61,16 +58,8 @@ LOG2E = 1.4426950408889634
 # H200, N = 134k, selection forward (session 6, ms): online 4.77; bound + dot 5.29 (149 registers per thread: 3 CTAs
 # per SM); bound + reduce 4.61-4.64 (122: 4 CTAs), with registers capped at 96 (5 CTAs, no spill in the loop) 4.45
 # (this default); + 16-key tails 4.54; 16-key chunks 5.14; + the tile table 4.44 (a wash).
-# merge: "pass" (the S partials of a (query, kv head) merged by a separate combine kernel) or "fused" (merged
-# inside the forward by the program that writes the pair's last partial: the partials' reads overlap the
-# latency-bound tiles instead of running as a bandwidth phase after them). Session 6: the combine pass 0.65 ms
-# of the 4.45 (2.6 GB at 4.1 TB/s).
 FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True,
-              "TAIL_N": None, "shift": "bound", "rowsum": "reduce", "tile_table": False, "maxnreg": 96,
-              "merge": "fused"}
-# The fused merge unrolls the S slots of a pair's [G, D] partials (all loads in flight): wider pairs take the combine
-# pass.
-MERGE_MAX_ELEMS = 8192
+              "TAIL_N": None, "shift": "bound", "rowsum": "reduce", "tile_table": False, "maxnreg": 96}
 # Window attention's forward (S = 1: outputs written directly); None: FWD_CONFIG. H200, N = 134k, 8³ windows
 # (bench_ssa.py --sweep win, session 5): BLOCK_M 64 0.682 ms against FWD_CONFIG's 0.732 (2 stages 0.713, BLOCK_M 64
 # with 2 warps 0.712, BLOCK_M 256 0.915).
@@ -229,62 +218,18 @@ def _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D
     return m_i, l_i, acc
 
 
-@triton.jit
-def _valid_slots(IDX, pair, ok, S, NB, S_UNROLL: tl.constexpr):
-    """int32 per pair: its slots in ``IDX`` [pairs, S] holding a block id in [0, NB) (the plan's entries)."""
-    n = tl.zeros(pair.shape, tl.int32)
-    for s in tl.static_range(S_UNROLL):
-        bi = tl.load(IDX + pair * S + s, mask=ok, other=-1)
-        n += ((bi >= 0) & (bi < NB)).to(tl.int32)
-    return n
-
-
-@triton.jit
-def _merge_pair(PO, PLSE, IDX, OUT, LSE, pair, S, NB, big, G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr,
-                BLOCK_D: tl.constexpr, S_UNROLL: tl.constexpr, PART16: tl.constexpr):
-    """Output rows [G, D] and LSE [G] of one (query, kv head) pair from its S partials: the combine kernel's
-    slot-order merge on one pair's rows, so the bits do not depend on which program runs it. No valid slot: o 0,
-    lse -inf. Other programs' partials are read past L1 (``.cg``: L1 is not coherent across SMs)."""
-    h = tl.arange(0, G_PAD)
-    d = tl.arange(0, BLOCK_D)
-    pairs = pair + tl.zeros([G_PAD], tl.int32)
-    row_ok = h < G
-    rd_ok = row_ok[:, None] & (d < D)[None, :]
-    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
-    m = tl.full([G_PAD], float("-inf"), tl.float32)
-    w_sum = tl.zeros([G_PAD], tl.float32)
-    for s in tl.static_range(S_UNROLL):
-        acc, m, w_sum = _combine_slot(PO, PLSE, IDX, pairs, h, d, s, S, NB, row_ok, rd_ok, big, acc, m, w_sum, G, D,
-                                      False, PART16, ".cg")
-    _store_merged(OUT, LSE, pairs.to(tl.int64) * G + h, d, row_ok, rd_ok, acc, m, w_sum, D)
-
-
-@triton.jit
-def _merge_flagged(flag, pair, PO, PLSE, PBIG, IDX, OUT, LSE, S, NB, G: tl.constexpr, D: tl.constexpr,
-                   G_PAD: tl.constexpr, BLOCK_D: tl.constexpr, S_UNROLL: tl.constexpr, PART16: tl.constexpr):
-    """``_merge_pair`` for every pair whose flag is set; the j-th set flag is found by an exclusive prefix count,
-    so the loop runs once per flagged pair, not once per row."""
-    fl = flag.to(tl.int32)
-    rank = tl.cumsum(fl, 0) - fl
-    big = tl.load(PBIG) != 0 if PART16 else False
-    for j in range(tl.sum(fl, 0)):
-        p = tl.sum(tl.where(flag & (rank == j), pair, 0), 0)
-        _merge_pair(PO, PLSE, IDX, OUT, LSE, p, S, NB, big, G, D, G_PAD, BLOCK_D, S_UNROLL, PART16)
-
-
 # Token and block counts change with every batch: not specialised on their values, or each new (÷16, == 1)
 # combination recompiles the kernel in the middle of training.
-@triton.jit(do_not_specialize=["num_lists", "NB", "num_pairs", "n_zero"])
+@triton.jit(do_not_specialize=["num_lists", "NB"])
 def block_attn_fwd_kernel(
     Q, K, V, PO, PLSE, PBIG,  # q [N, Hq, D], k/v [N, Hkv, D], partial o [E, G, D], partial lse [E, G]
     ENTRY, TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, BLOCK_OFF, KMAX,  # KMAX [NB, Hkv] float32 (BOUND)
     TABLE,  # int32 [tiles, 8] tile table (TILE_TABLE)
-    IDX, OUT, LSE, CNT,  # (MERGE) block_idx [N·Hkv, S], out [N, Hq, D], lse [N, Hq], int32 zeros [N·Hkv]
-    scale_log2, num_lists, NB, HkvS, Hkv, S, num_pairs, n_zero,
+    scale_log2, num_lists, NB, HkvS, Hkv,
     G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, PART16: tl.constexpr,
     EXP2: tl.constexpr, SPLIT: tl.constexpr, TAIL_N: tl.constexpr, BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr,
-    TILE_TABLE: tl.constexpr, MERGE: tl.constexpr, S_UNROLL: tl.constexpr,
+    TILE_TABLE: tl.constexpr,
 ):
     """PART16: PO is int16 holding float16 bits, or bfloat16 bits where the flag ``PBIG[0]`` is set.
     EXP2: exp2 mode (:mod:`d3s2.ops._exp2`); SPLIT: the block's whole ``BLOCK_N``-key chunks run unmasked, the
@@ -293,103 +238,80 @@ def block_attn_fwd_kernel(
     block's largest key norm per kv head; by Cauchy–Schwarz no scaled logit exceeds it): no running max, no
     rescaling. A tile with a row whose sum stays below 2⁻⁶⁴ (the bound more than 64 binades above the row's
     largest logit) reruns with the online softmax. ROWSUM_DOT: see ``_fwd_chunk``. TILE_TABLE: the tile's rows
-    and key range from one row of ``TABLE`` (``_table_rows``) instead of the list tables.
-    MERGE: the last writer merges. After writing its partials, a tile counts one arrival per entry on ``CNT``
-    (its pair's counter); the program whose arrival is a pair's last (of its valid slots) merges the pair's S
-    partials into OUT / LSE (``_merge_pair``). The first ``n_zero`` programs write o 0, lse -inf for the pairs
-    without a valid slot (no program arrives for them); the tiles are programs ``n_zero …``."""
-    t = tl.program_id(0) - n_zero
-    if t < 0:
-        if MERGE:
-            pair = (t + n_zero) * BLOCK_M + tl.arange(0, BLOCK_M)
-            ok = pair < num_pairs
-            _merge_flagged(ok & (_valid_slots(IDX, pair, ok, S, NB, S_UNROLL) == 0), pair, PO, PLSE, PBIG, IDX,
-                           OUT, LSE, S, NB, G, D, G_PAD, BLOCK_D, S_UNROLL, PART16)
+    and key range from one row of ``TABLE`` (``_table_rows``) instead of the list tables."""
+    t = tl.program_id(0)
+    if TILE_TABLE:
+        lst, g, b, ent, row_ok, head, k_lo, k_hi = _table_rows(TABLE, t, num_lists, NB, G, G_PAD, BLOCK_M)
     else:
-        if TILE_TABLE:
-            lst, g, b, ent, row_ok, head, k_lo, k_hi = _table_rows(TABLE, t, num_lists, NB, G, G_PAD, BLOCK_M)
-        else:
-            lst, g, b, ent, row_ok, head = _tile_rows(TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, t, num_lists, NB,
-                                                      G, G_PAD, BLOCK_M)
-            k_lo = tl.load(BLOCK_OFF + b)
-            k_hi = tl.load(BLOCK_OFF + b + 1)
-        if lst < num_lists:
-            f = tl.load(ENTRY + ent, mask=row_ok, other=0)
-            qi = f // HkvS
-            d = tl.arange(0, BLOCK_D)
-            d_ok = d < D
-            qh = qi * (Hkv * G) + g * G + head  # row of q viewed as [N·Hq, D]
-            q = tl.load(Q + qh[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-            if BOUND:
-                qf = q.to(tl.float32)
-                m_i = tl.sqrt(tl.sum(qf * qf, 1)) * (tl.load(KMAX + b * Hkv + g) * scale_log2)
-                if ROWSUM_DOT:
-                    l_d = tl.zeros([BLOCK_M, 16], tl.float32)
-                    m_i, l_d, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_d, acc, scale_log2, Hkv, D,
-                                              BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, True, True)
-                    l_i = tl.sum(l_d, 1)
-                else:
-                    l_i = tl.zeros([BLOCK_M], tl.float32)
-                    m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
-                                              BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, True, False)
-                if (k_hi > k_lo) & (tl.min(tl.where(row_ok, l_i, 1.0), 0) < 5.421010862427522e-20):  # 2^-64: rare
-                    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-                    l_i = tl.zeros([BLOCK_M], tl.float32)
-                    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-                    m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
-                                              BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, False, False)
+        lst, g, b, ent, row_ok, head = _tile_rows(TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, t, num_lists, NB,
+                                                  G, G_PAD, BLOCK_M)
+        k_lo = tl.load(BLOCK_OFF + b)
+        k_hi = tl.load(BLOCK_OFF + b + 1)
+    if lst < num_lists:
+        f = tl.load(ENTRY + ent, mask=row_ok, other=0)
+        qi = f // HkvS
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        qh = qi * (Hkv * G) + g * G + head  # row of q viewed as [N·Hq, D]
+        q = tl.load(Q + qh[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        if BOUND:
+            qf = q.to(tl.float32)
+            m_i = tl.sqrt(tl.sum(qf * qf, 1)) * (tl.load(KMAX + b * Hkv + g) * scale_log2)
+            if ROWSUM_DOT:
+                l_d = tl.zeros([BLOCK_M, 16], tl.float32)
+                m_i, l_d, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_d, acc, scale_log2, Hkv, D,
+                                          BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, True, True)
+                l_i = tl.sum(l_d, 1)
             else:
-                m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
                 l_i = tl.zeros([BLOCK_M], tl.float32)
                 m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
+                                          BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, True, False)
+            if (k_hi > k_lo) & (tl.min(tl.where(row_ok, l_i, 1.0), 0) < 5.421010862427522e-20):  # 2^-64: rare
+                m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                l_i = tl.zeros([BLOCK_M], tl.float32)
+                acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+                m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
                                           BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, False, False)
-            has = l_i > 0  # an empty block gives no keys: partial o 0, lse -inf
-            o = acc / tl.where(has, l_i, 1.0)[:, None]
-            lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-            prow = f.to(tl.int64) * G + head
-            po_ptrs = PO + prow[:, None] * D + d[None, :]
-            po_mask = row_ok[:, None] & d_ok[None, :]
-            if PART16:
-                # a scalar branch: only one of the two conversions runs (conversions share the slow MUFU-rate pipe)
-                if tl.load(PBIG) != 0:
-                    tl.store(po_ptrs, o.to(tl.bfloat16).to(tl.int16, bitcast=True), mask=po_mask)
-                else:
-                    tl.store(po_ptrs, o.to(tl.float16).to(tl.int16, bitcast=True), mask=po_mask)
+        else:
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
+                                      BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, False, False)
+        has = l_i > 0  # an empty block gives no keys: partial o 0, lse -inf
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+        prow = f.to(tl.int64) * G + head
+        po_ptrs = PO + prow[:, None] * D + d[None, :]
+        po_mask = row_ok[:, None] & d_ok[None, :]
+        if PART16:
+            # a scalar branch: only one of the two conversions runs (conversions share the slow MUFU-rate pipe)
+            if tl.load(PBIG) != 0:
+                tl.store(po_ptrs, o.to(tl.bfloat16).to(tl.int16, bitcast=True), mask=po_mask)
             else:
-                tl.store(po_ptrs, o.to(PO.dtype.element_ty), mask=po_mask)
-            tl.store(PLSE + prow, lse, mask=row_ok)
-            if MERGE:
-                # every thread's partial stores, a CTA barrier, then per entry one gpu-scope acq_rel atomic: it
-                # releases this tile's partials (cumulative over the barrier) and, for a pair's last arrival,
-                # acquires the other programs' (their loads follow a barrier too: the flag reductions)
-                tl.debug_barrier()
-                first = row_ok & (head == 0)  # one arrival per entry
-                pair = f // S
-                n_valid = _valid_slots(IDX, pair, first, S, NB, S_UNROLL)
-                old = tl.atomic_add(CNT + pair, tl.full([BLOCK_M], 1, tl.int32), mask=first, sem="acq_rel", scope="gpu")
-                _merge_flagged(first & (old == n_valid - 1), pair, PO, PLSE, PBIG, IDX, OUT, LSE, S, NB, G, D, G_PAD,
-                               BLOCK_D, S_UNROLL, PART16)
+                tl.store(po_ptrs, o.to(tl.float16).to(tl.int16, bitcast=True), mask=po_mask)
+        else:
+            tl.store(po_ptrs, o.to(PO.dtype.element_ty), mask=po_mask)
+        tl.store(PLSE + prow, lse, mask=row_ok)
 
 
 @triton.jit
 def _combine_slot(P, PLSE, IDX, pair, h, d, s, S, NB, row_ok, rd_ok, big, acc, m, w_sum, G: tl.constexpr,
-                  D: tl.constexpr, IS_SUM: tl.constexpr, PART16: tl.constexpr, CACHE: tl.constexpr = ""):
-    """Slot s of every row's pair merged into (acc, m, w_sum): summed (IS_SUM) or softmax-weighted by its LSE.
-    CACHE: the partials' load cache modifier."""
+                  D: tl.constexpr, IS_SUM: tl.constexpr, PART16: tl.constexpr):
+    """Slot s of every row's pair merged into (acc, m, w_sum): summed (IS_SUM) or softmax-weighted by its LSE."""
     bi = tl.load(IDX + pair * S + s, mask=row_ok, other=-1)
     ok = row_ok & (bi >= 0) & (bi < NB)
     prow = (pair.to(tl.int64) * S + s) * G + h
     if PART16:
-        raw = tl.load(P + prow[:, None] * D + d[None, :], mask=ok[:, None] & rd_ok, other=0, cache_modifier=CACHE)
+        raw = tl.load(P + prow[:, None] * D + d[None, :], mask=ok[:, None] & rd_ok, other=0)
         part = tl.where(big, raw.to(tl.bfloat16, bitcast=True).to(tl.float32),
                         raw.to(tl.float16, bitcast=True).to(tl.float32))
     else:
-        part = tl.load(P + prow[:, None] * D + d[None, :], mask=ok[:, None] & rd_ok, other=0.0, cache_modifier=CACHE)
+        part = tl.load(P + prow[:, None] * D + d[None, :], mask=ok[:, None] & rd_ok, other=0.0)
     if IS_SUM:
         acc += part
     else:  # online merge: rescale what was summed so far to the running max
-        lse_s = tl.load(PLSE + prow, mask=ok, other=float("-inf"), cache_modifier=CACHE)
+        lse_s = tl.load(PLSE + prow, mask=ok, other=float("-inf"))
         m_new = tl.maximum(m, lse_s)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_safe)
@@ -430,19 +352,11 @@ def block_attn_combine_kernel(
         for s in range(S):
             acc, m, w_sum = _combine_slot(P, PLSE, IDX, pair, h, d, s, S, NB, row_ok, rd_ok, big, acc, m, w_sum, G, D,
                                           IS_SUM, PART16)
-    if IS_SUM:
-        tl.store(OUT + out_row[:, None] * D + d[None, :], acc.to(OUT.dtype.element_ty), mask=rd_ok)
-    else:
-        _store_merged(OUT, LSE, out_row, d, row_ok, rd_ok, acc, m, w_sum, D)
-
-
-@triton.jit
-def _store_merged(OUT, LSE, out_row, d, row_ok, rd_ok, acc, m, w_sum, D: tl.constexpr):
-    """Normalised merge (``acc / w_sum``, lse ``m + log w_sum``; nothing merged: 0, -inf) into rows ``out_row``."""
-    has = w_sum > 0
-    acc = acc / tl.where(has, w_sum, 1.0)[:, None]
-    lse = tl.where(has, m + tl.log(tl.where(has, w_sum, 1.0)), float("-inf"))
-    tl.store(LSE + out_row, lse, mask=row_ok)
+    if not IS_SUM:
+        has = w_sum > 0
+        acc = acc / tl.where(has, w_sum, 1.0)[:, None]
+        lse = tl.where(has, m + tl.log(tl.where(has, w_sum, 1.0)), float("-inf"))
+        tl.store(LSE + out_row, lse, mask=row_ok)
     tl.store(OUT + out_row[:, None] * D + d[None, :], acc.to(OUT.dtype.element_ty), mask=rd_ok)
 
 
@@ -780,23 +694,14 @@ def block_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offs
         # (measured: 15x the torch error at D = 128), so float16 keeps the running max
         shift = "online"
     kmax = segment_max_norm(k, block_offsets) if shift == "bound" else lse
-    merge = cfg.get("merge", "pass")
-    if merge not in ("pass", "fused"):
-        raise ValueError(f"expected merge 'pass' or 'fused' in the block attention config, got {merge!r}")
-    fused = block_idx is not None and merge == "fused" and s * meta["G_PAD"] * meta["BLOCK_D"] <= MERGE_MAX_ELEMS
-    pairs = n * hkv
-    # arrival counters: zeroed per call (1 MB at N = 134k), so no state outlives a launch
-    cnt = torch.zeros(pairs, dtype=torch.int32, device=q.device) if fused else lse
-    n_zero = triton.cdiv(pairs, block_m) if fused else 0
-    block_attn_fwd_kernel[(n_zero + bound,)](
+    block_attn_fwd_kernel[(bound,)](
         q, k, v, po, plse, big, plan.entry, tile_list, tile_cum, plan.list_start, plan.list_count, block_offsets,
-        kmax, table, block_idx if fused else plan.entry, o, lse, cnt, scale * LOG2E, num_lists, plan.num_blocks,
-        hkv * s, hkv, s, pairs, n_zero, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
+        kmax, table, scale * LOG2E, num_lists, plan.num_blocks, hkv * s, hkv, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
         PART16=part16, EXP2=resolve_mode(cfg["exp2"], q.device), SPLIT=cfg["split"], BOUND=shift == "bound",
         ROWSUM_DOT=shift == "bound" and cfg.get("rowsum", "reduce") == "dot", TILE_TABLE=cfg.get("tile_table", False),
-        TAIL_N=min(cfg["TAIL_N"] or cfg["BLOCK_N"], cfg["BLOCK_N"]), MERGE=fused, S_UNROLL=s,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **max_registers(cfg, q.device), **meta)
-    if block_idx is not None and not fused:
+        TAIL_N=min(cfg["TAIL_N"] or cfg["BLOCK_N"], cfg["BLOCK_N"]), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **max_registers(cfg, q.device), **meta)
+    if block_idx is not None:
         _combine(po, plse, big, block_idx, o, lse, plan, meta, is_sum=False, part16=part16)
     return o, lse
 
