@@ -33,6 +33,17 @@ def weights(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def refinable_weights(tmp_path_factory) -> Path:
+    """A tiny SS-VAE with a random output head (the zero-initialised one passes no gradient to the latent)."""
+    torch.manual_seed(0)
+    model = SparseSDFVAE(tiny_config())
+    torch.nn.init.normal_(model.decoder.out_layer.weight, std=0.3)
+    out = save_pretrained(model, tmp_path_factory.mktemp("refinable"))
+    (out / TASK_FILE).write_text(json.dumps({"band": BAND, "resolutions": [32]}))
+    return out
+
+
+@pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return build_tiny(tmp_path_factory.mktemp("vae_cli"))
 
@@ -93,9 +104,39 @@ def test_eval_prints_and_writes_metrics(weights, data, tmp_path, capsys):
     printed = capsys.readouterr().out
     for key in ("chamfer_l1", "fscore@0.01", "fscore@0.005", "normal_consistency", "volume_iou"):
         assert key in printed
-    result = json.loads(report.read_text())["results"]["32"]
+    payload = json.loads(report.read_text())
+    result = payload["results"]["32"]
     assert KEYS <= set(result) and result["shapes"] == 1.0
     assert 0.0 <= result["fscore@0.01"] <= 1.0 and result["chamfer_l1"] > 0
+    assert payload["refine"] == {"steps": 0, "lr": None} and "no refinement" in printed
+    assert not any(k.startswith("refine") for k in result)
+
+
+def test_eval_with_refinement_records_the_setting(refinable_weights, data, tmp_path, capsys):
+    report = tmp_path / "metrics.json"
+    assert main(["eval", "vae", "--data", str(data), "--weights", str(refinable_weights), "--split", "train",
+                 "--resolution", "32", "--limit", "2", "--samples", "1000", "--json", str(report),
+                 "--refine-steps", "3", "--refine-lr", "0.3"]) == 0
+    printed = capsys.readouterr().out
+    assert "refined, 3 Adam steps at lr 0.3" in printed and "refine_seconds" in printed
+    payload = json.loads(report.read_text())
+    assert payload["refine"] == {"steps": 3, "lr": 0.3}
+    result = payload["results"]["32"]
+    assert KEYS <= set(result) and result["shapes"] == 2.0
+    assert result["refine_seconds"] > 0 and result["refine_seconds_first"] > 0
+    assert result["refine_loss_end"] < result["refine_loss_start"]
+
+
+def test_reconstruct_with_refinement(refinable_weights, tmp_path, capsys):
+    trimesh.creation.icosphere(2, radius=3.0).export(tmp_path / "sphere.obj")
+    args = ["reconstruct", str(tmp_path / "sphere.obj"), "--resolution", "32", "--weights", str(refinable_weights)]
+    assert main([*args, "-o", str(tmp_path / "a.glb"), "--refine-steps", "2"]) == 0
+    assert "watertight=True" in capsys.readouterr().out
+    assert main([*args, "-o", str(tmp_path / "b.glb"), "--refine-steps", "2", "--chunk", "2"]) == 1
+    assert "decodes the whole shape" in capsys.readouterr().err
+    assert main([*args, "-o", str(tmp_path / "b.glb"), "--refine-steps", "-1"]) == 1
+    assert "--refine-steps must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "b.glb").exists()
 
 
 def test_eval_errors(weights, data, tmp_path, capsys):

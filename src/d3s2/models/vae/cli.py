@@ -3,6 +3,9 @@ over a built data folder).
 
 Both load weights written by ``save_pretrained`` (e.g. a training run's ``export/``). The band τ is read from
 the ``vae_task.json`` a training export writes beside the weights, else from ``--band``.
+
+``--refine-steps N`` (both): semi-amortised encoding, the encoder's latent refined by N Adam steps against the
+decoder's loss on the input's own SDF (:func:`d3s2.models.vae.refine.refine_latent`); 0 = the encoder's latent.
 """
 
 from __future__ import annotations
@@ -19,6 +22,17 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_ENV = "D3S2_VAE_WEIGHTS"
 DEFAULT_BAND = 1 / 128
+DEFAULT_REFINE_LR = 0.03
+
+
+def add_refine_arguments(p: argparse.ArgumentParser) -> None:
+    """``--refine-steps`` / ``--refine-lr`` (shared by reconstruct, eval vae and data encode)."""
+    p.add_argument("--refine-steps", type=int, default=0,
+                   help="refine the encoder's latent by this many Adam steps against the decoder's loss on the "
+                        "input itself (semi-amortised encoding; each step costs about a decoder training step; "
+                        "default 0 = the encoder's latent)")
+    p.add_argument("--refine-lr", type=float, default=DEFAULT_REFINE_LR,
+                   help=f"Adam learning rate of the refinement (default {DEFAULT_REFINE_LR:g})")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,6 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk", type=int, default=None,
                    help="latent voxels per decode chunk edge (default: 32 when R > 512, else whole shape)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_refine_arguments(p)
     p.set_defaults(func=_reconstruct)
 
     e = eval_subparsers(subparsers).add_parser("vae", help="SS-VAE reconstruction metrics on a built data folder")
@@ -46,6 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--band", type=float, default=None, help="band τ (default: the folder's build band)")
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
     e.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_refine_arguments(e)
     e.set_defaults(func=_eval)
 
 
@@ -68,27 +84,50 @@ def _weights_band(weights: str) -> float | None:
     return float(json.loads(path.read_text())["band"]) if path.is_file() else None
 
 
-def reconstruct_mesh(model, mesh, resolution: int, band: float, *, chunk_size: int = 0, device: str = "cpu"):
-    """Mesh (any units) → normalise → band SDF at R → encode → decode → closed mesh in the input's units."""
+def reconstruct_mesh(model, mesh, resolution: int, band: float, *, chunk_size: int = 0, device: str = "cpu",
+                     refine_steps: int = 0, refine_lr: float = DEFAULT_REFINE_LR):
+    """Mesh (any units) → normalise → band SDF at R → encode (→ refine) → decode → closed mesh in the input's units.
+
+    ``refine_steps > 0`` refines the latent against the decoder's loss on the mesh's own block SDF targets
+    (:func:`d3s2.models.vae.refine.refine_latent`); it decodes the whole shape, so ``chunk_size`` must be 0.
+    """
     import torch
     import trimesh
 
     from ...geometry.mesh_io import normalize_mesh
     from ...geometry.sdf import compute_sparse_sdf
     from ...sparse import SparseTensor
-    from .task import decode_mesh
+    from .refine import refine_latent
+    from .sparse_sdf_vae import PackedSDFBatch
+    from .task import decode_mesh, latent_meshes
 
+    if refine_steps and chunk_size:
+        raise ValueError(f"latent refinement decodes the whole shape at once, got a chunked decode (chunk "
+                         f"{chunk_size}, the default above 512^3): pass --chunk 0 if the memory allows, or "
+                         "--refine-steps 0")
     normalized, transform = normalize_mesh(mesh)
     sdf = compute_sparse_sdf(normalized, resolution, band)[resolution]
     if len(sdf) == 0:
         raise ValueError(f"the mesh has no band voxels at {resolution}^3 (band {band:g})")
-    x = SparseTensor.from_samples([torch.from_numpy(sdf.coords.astype("int32"))],
-                                  [torch.from_numpy(sdf.sdf.astype("float32")).reshape(-1, 1) / band],
-                                  resolution=resolution).to(device)
-    blocks = torch.from_numpy(sdf.block_coords.astype("int32"))
-    structure = SparseTensor.from_samples([blocks], [torch.zeros(len(blocks), 0)], resolution=resolution // 8)
-    with torch.no_grad():
-        (out,) = decode_mesh(model, x, structure=structure.to(device), chunk_size=chunk_size)
+    coords = torch.from_numpy(sdf.coords.astype("int32"))
+    if refine_steps:
+        blocks, targets = sdf.block_targets()
+        batch = PackedSDFBatch.from_samples([coords], [torch.from_numpy(sdf.sdf.astype("float32"))],
+                                            [torch.from_numpy(blocks)], [torch.from_numpy(targets)],
+                                            resolution=resolution, sharp=[torch.from_numpy(sdf.sharp.astype(bool))],
+                                            tau=band).to(device)
+        with torch.no_grad():
+            z, _ = model.encode(batch.sdf, sample_posterior=False, structure=batch.block_structure())
+        z = refine_latent(model, batch, z, steps=refine_steps, lr=refine_lr, progress=True).latent
+        with torch.no_grad():
+            (out,) = latent_meshes(model, z)
+    else:
+        x = SparseTensor.from_samples([coords], [torch.from_numpy(sdf.sdf.astype("float32")).reshape(-1, 1) / band],
+                                      resolution=resolution).to(device)
+        blocks = torch.from_numpy(sdf.block_coords.astype("int32"))
+        structure = SparseTensor.from_samples([blocks], [torch.zeros(len(blocks), 0)], resolution=resolution // 8)
+        with torch.no_grad():
+            (out,) = decode_mesh(model, x, structure=structure.to(device), chunk_size=chunk_size)
     if len(out.faces) == 0:
         raise ValueError("the reconstruction is empty (every decoded value has the same sign): are the weights "
                          "trained, and is the band the one they were trained with?")
@@ -105,26 +144,42 @@ def _reconstruct(args: argparse.Namespace) -> int:
     band = args.band or _weights_band(args.weights) or DEFAULT_BAND
     mesh = load_mesh(args.mesh)  # MeshError (a ValueError) names the file and the problem
     chunk = args.chunk if args.chunk is not None else (32 if args.resolution > 512 else 0)
-    out = reconstruct_mesh(model, mesh, args.resolution, band, chunk_size=chunk, device=args.device)
+    if args.refine_steps < 0:
+        raise ValueError(f"--refine-steps must be >= 0, got {args.refine_steps}")
+    out = reconstruct_mesh(model, mesh, args.resolution, band, chunk_size=chunk, device=args.device,
+                           refine_steps=args.refine_steps, refine_lr=args.refine_lr)
     export_mesh(out, args.out)
     print(f"{args.out}: {len(out.vertices)} vertices, {len(out.faces)} faces, watertight={out.is_watertight}")
     return 0
 
 
 def evaluate(model, data: str, resolutions: list[int], *, split: str, band: float, limit: int = 0,
-             num_samples: int = 100_000, device: str = "cpu") -> dict[int, dict[str, float]]:
+             num_samples: int = 100_000, device: str = "cpu", refine_steps: int = 0,
+             refine_lr: float = DEFAULT_REFINE_LR) -> dict[int, dict[str, float]]:
     """Mean reconstruction metrics per resolution over a split: ``{R: {metric: value, "shapes": n}}``.
 
     The reference of each shape is the closed mesh of its own block SDF targets; empty reconstructions are
     scored as in :func:`d3s2.models.vae.task.shape_metrics` and counted in ``empty_mesh``.
+
+    ``refine_steps > 0``: each shape's latent is refined first (:func:`d3s2.models.vae.refine.refine_latent`);
+    the results then also hold ``refine_seconds`` (mean wall seconds of the refinement per shape),
+    ``refine_seconds_first`` (the first shape's, which includes the warm-up of the kernels) and
+    ``refine_loss_start`` / ``refine_loss_end`` (mean decoder loss of the encoder's and the kept latent).
     """
+    import time
+
     import torch
     from tqdm import tqdm
 
     from ...data.collate import collate_sparse
     from ...data.dataset import SparseSDFDataset
+    from .refine import refine_latent
     from .sparse_sdf_vae import PackedSDFBatch
-    from .task import decode_mesh, shape_metrics, target_mesh
+    from .task import decode_mesh, latent_meshes, shape_metrics, target_mesh
+
+    if refine_steps < 0:
+        raise ValueError(f"expected refine_steps >= 0, got {refine_steps}")
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
     results: dict[int, dict[str, float]] = {}
     for r in resolutions:
@@ -133,16 +188,34 @@ def evaluate(model, data: str, resolutions: list[int], *, split: str, band: floa
         if n == 0:
             raise ValueError(f"{data}: the {split} split is empty")
         sums: dict[str, float] = {}
+        first: dict[str, float] = {}
         for i in tqdm(range(n), desc=f"eval {r}^3", disable=n < 2):
             c = collate_sparse([ds[i]])
-            batch = PackedSDFBatch.pack(c["sdf"], c["blocks"], tau=band).to(device)  # expanded on the device
-            with torch.no_grad():
-                (pred,) = decode_mesh(model, batch.sdf, structure=batch.block_structure())
+            # Expanded on the device; the sharp mask only weighs the refinement's L_sharp.
+            batch = PackedSDFBatch.pack(c["sdf"], c["blocks"], sharp=c["sharp"], tau=band).to(device)
+            m: dict[str, float] = {}
+            if refine_steps:
+                with torch.no_grad():
+                    z, _ = model.encode(batch.sdf, sample_posterior=False, structure=batch.block_structure())
+                sync()
+                t0 = time.perf_counter()
+                refined = refine_latent(model, batch, z, steps=refine_steps, lr=refine_lr)
+                sync()
+                m["refine_seconds"] = time.perf_counter() - t0
+                best = refined.losses.min(0).values  # [1]: the kept latent's loss
+                m["refine_loss_start"], m["refine_loss_end"] = float(refined.losses[0, 0]), float(best[0])
+                with torch.no_grad():
+                    (pred,) = latent_meshes(model, refined.latent)
+            else:
+                with torch.no_grad():
+                    (pred,) = decode_mesh(model, batch.sdf, structure=batch.block_structure())
             (ref,) = target_mesh(batch)
-            m = shape_metrics(pred, ref, num_samples)
+            m.update(shape_metrics(pred, ref, num_samples))
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
-        results[r] = {**{k: v / n for k, v in sums.items()}, "shapes": float(n)}
+            if i == 0 and refine_steps:
+                first["refine_seconds_first"] = m["refine_seconds"]
+        results[r] = {**{k: v / n for k, v in sums.items()}, **first, "shapes": float(n)}
     return results
 
 
@@ -158,16 +231,23 @@ def _eval(args: argparse.Namespace) -> int:
     model = _load(args.weights, args.device)
     band = args.band or float(settings["band"])
     results = evaluate(model, str(data), resolutions, split=args.split, band=band, limit=args.limit,
-                       num_samples=args.samples, device=args.device)
+                       num_samples=args.samples, device=args.device, refine_steps=args.refine_steps,
+                       refine_lr=args.refine_lr)
+    # The setting travels with every printout and JSON, so refined and encoder-only numbers never get mixed up.
+    refine = {"steps": args.refine_steps, "lr": args.refine_lr if args.refine_steps else None}
+    print("latent: " + (f"refined, {args.refine_steps} Adam steps at lr {args.refine_lr:g}" if args.refine_steps
+                        else "the encoder's (no refinement)"))
     keys = ["chamfer_l1", "fscore@0.01", "fscore@0.005", "normal_consistency", "volume_iou", "watertight",
             "empty_mesh"]
+    if args.refine_steps:
+        keys += ["refine_seconds", "refine_loss_start", "refine_loss_end"]
     print(f"{'R':>6} {'shapes':>6} " + " ".join(f"{k:>18}" for k in keys))
     for r, m in results.items():
         print(f"{r:>6} {int(m['shapes']):>6} " + " ".join(f"{m[k]:>18.5f}" for k in keys))
     if args.json:
         from ...train.checkpoint import atomic_write_text
 
-        payload = {"data": str(data), "weights": args.weights, "split": args.split,
+        payload = {"data": str(data), "weights": args.weights, "split": args.split, "refine": refine,
                    "results": {str(r): m for r, m in results.items()}}
         atomic_write_text(args.json, json.dumps(payload, indent=2) + "\n")
     return 0

@@ -29,8 +29,8 @@ from torch.utils.data import Dataset
 from ... import sparse as sp
 from .sparse_sdf_vae import PackedSDFBatch, SparseSDFBatch, SparseSDFVAE, SparseSDFVAEConfig, prepare_structure
 
-__all__ = ["SparseVAETaskConfig", "MultiResolutionDataset", "SparseVAETask", "decode_mesh", "target_mesh",
-           "TASK_FILE", "load_model_config", "shape_metrics", "EMPTY_MESH_METRICS"]
+__all__ = ["SparseVAETaskConfig", "MultiResolutionDataset", "SparseVAETask", "decode_mesh", "latent_meshes",
+           "target_mesh", "TASK_FILE", "load_model_config", "shape_metrics", "EMPTY_MESH_METRICS"]
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +132,17 @@ def decode_mesh(model: SparseSDFVAE, batch_sdf: sp.SparseTensor, *, structure: s
         batch_sdf: band voxels, feats ``[N, 1]`` SDF / τ, at resolution R.
         structure: the data's occupied blocks at R/8 (see :meth:`SparseSDFVAE.encode`); None: the band's.
     """
+    z, _ = model.encode(batch_sdf, factor=factor, sample_posterior=False, structure=structure)
+    return latent_meshes(model, z, chunk_size=chunk_size, factor=factor)
+
+
+def latent_meshes(model: SparseSDFVAE, z: sp.SparseTensor, *, chunk_size: int = 0,
+                  factor: float | None = None) -> list[trimesh.Trimesh]:
+    """Decode latent ``[NL, Z]`` at R/8 and extract one closed mesh per sample, vertices in ``[-1, 1]``."""
     from ...pipeline.extract import closed_mesh
 
-    z, _ = model.encode(batch_sdf, factor=factor, sample_posterior=False, structure=structure)
     decoded = model.decode(z, factor=factor, chunk_size=chunk_size)
-    return [closed_mesh(d.coords[:, 1:], d.feats[:, 0].float(), b.coords[:, 1:], batch_sdf.resolution)
+    return [closed_mesh(d.coords[:, 1:], d.feats[:, 0].float(), b.coords[:, 1:], decoded.resolution)
             for d, b in zip(decoded.unbind(), z.unbind())]
 
 
