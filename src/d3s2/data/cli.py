@@ -35,7 +35,8 @@ def _encode(args: argparse.Namespace) -> int:
     from d3s2.data.encode import encode_folder
 
     summary = encode_folder(args.data, args.vae, args.out, resolution=args.resolution, device=args.device,
-                            batch_tokens=args.batch_tokens, progress=not args.no_progress)
+                            batch_tokens=args.batch_tokens, progress=not args.no_progress,
+                            refine_steps=args.refine_steps, refine_lr=args.refine_lr)
     print(f"encoded {summary.encoded}, skipped {summary.skipped} (already done), failed {len(summary.failed)} "
           f"in {summary.seconds:.1f} s -> {args.out}")
     for name, reason in sorted(summary.failed.items()):
@@ -44,6 +45,8 @@ def _encode(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from d3s2.models.vae.cli import add_refine_arguments
+
     p = sub.add_parser("data", help="build training data from meshes")
     data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     b = data_sub.add_parser(
@@ -80,4 +83,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     e.add_argument("--batch-tokens", type=int, default=500_000, help="band voxels per encoder batch (500000)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_refine_arguments(e)
     e.set_defaults(func=_encode)

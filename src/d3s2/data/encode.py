@@ -3,12 +3,16 @@
 Output folder layout (a fixed format; GPU scripts write it too)::
 
     ENC/encoded.json        {"format": "d3s2-latents", "resolution": R, "latent_resolution": R // 8,
-                             "channels": C, "band": τ, "vae": <the VAE folder as given>}
+                             "channels": C, "band": τ, "vae": <the VAE folder as given>, "refine_steps": N
+                             (absent in folders written before it: 0), "refine_lr": lr (when N > 0)}
     ENC/assets/<name>.npz   coords int16 [n, 3] latent-grid coords sorted lexicographically (x, y, z),
                             mean float16 [n, C], logvar float16 [n, C]
 
 Every asset file is written atomically, and a re-run skips assets whose file exists (settings must match).
 The encoder sees SDF / τ of the build's band voxels, exactly as in VAE training (:mod:`d3s2.models.vae.task`).
+With ``refine_steps > 0`` the stored ``mean`` is the encoder's posterior mode refined by that many Adam steps
+against the decoder's loss on the asset's own targets (:func:`d3s2.models.vae.refine.refine_latent`, semi-amortised
+encoding); ``logvar`` stays the encoder's.
 
 Dimension legend: N band voxels, n latent voxels, C latent channels.
 """
@@ -92,17 +96,29 @@ def _pack(sizes: Sequence[int], budget: int) -> list[list[int]]:
     return groups
 
 
+# Settings that must match to resume a folder, with their value in folders written before they existed.
+_RESUME_KEYS = {"format": None, "resolution": None, "channels": None, "band": None, "refine_steps": 0,
+                "refine_lr": None}
+
+
 def encode_folder(data: str | os.PathLike, vae_dir: str | os.PathLike, out: str | os.PathLike, *,
                   resolution: int = 256, device: str = "cpu", batch_tokens: int = 500_000,
-                  progress: bool = True) -> EncodeSummary:
+                  progress: bool = True, refine_steps: int = 0, refine_lr: float = 0.03) -> EncodeSummary:
     """Encode every finished asset of built folder ``data`` at ``resolution`` into ``out`` (see module docstring).
 
     Posterior parameters are taken in float32 (autocast bf16 on CUDA inside the encoder) and stored as float16.
+    ``refine_steps > 0``: the posterior mode is refined per batch (each asset as if alone) before it is stored.
     """
     from tqdm.auto import tqdm
 
+    from ..models.vae.refine import refine_latent
+    from ..models.vae.sparse_sdf_vae import PackedSDFBatch
     from ..sparse import SparseTensor
+    from .collate import collate_packed
     from .dataset import SparseSDFDataset
+
+    if refine_steps < 0:
+        raise ValueError(f"expected refine_steps >= 0, got {refine_steps}")
 
     t0 = time.perf_counter()
     ds = SparseSDFDataset(data, resolution, split=None, with_blocks="packed", with_image=False)
@@ -111,13 +127,15 @@ def encode_folder(data: str | os.PathLike, vae_dir: str | os.PathLike, out: str 
     model = model.to(dev)
     channels = model.config.latent_channels
     settings = {"format": FORMAT, "resolution": int(resolution), "latent_resolution": int(resolution) // 8,
-                "channels": int(channels), "band": band, "vae": str(vae_dir)}
+                "channels": int(channels), "band": band, "vae": str(vae_dir), "refine_steps": int(refine_steps)}
+    if refine_steps:
+        settings["refine_lr"] = float(refine_lr)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     settings_path = root / SETTINGS_FILE
     if settings_path.is_file():
         old = json.loads(settings_path.read_text())
-        diff = sorted(k for k in ("format", "resolution", "channels", "band") if old.get(k) != settings[k])
+        diff = sorted(k for k, before in _RESUME_KEYS.items() if old.get(k, before) != settings.get(k))
         if diff:
             raise ValueError(f"{root} was encoded with other settings ({', '.join(diff)}: {old} vs {settings}); "
                              "use another --out")
@@ -150,8 +168,16 @@ def encode_folder(data: str | os.PathLike, vae_dir: str | os.PathLike, out: str 
                                               resolution=resolution // 8).to(dev)
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
             z, posterior = model.encode(x, sample_posterior=False, structure=structure)
+        mean = posterior.mean
+        if refine_steps:
+            # The decoder's targets, built as the vae training task builds them.
+            p = collate_packed(items)
+            batch = PackedSDFBatch.from_inside_bits(p["sdf"], p["blocks"], p["rows"], p["inside"], p["fill"],
+                                                    sharp=p["sharp"], tau=band).to(dev)
+            mean = refine_latent(model, batch, z, steps=refine_steps, lr=refine_lr,
+                                 autocast_dtype=torch.bfloat16 if use_bf16 else None).latent.feats
         coords = z.coords.cpu()
-        mean, logvar = posterior.mean.float().cpu(), posterior.logvar.float().cpu()
+        mean, logvar = mean.float().cpu(), posterior.logvar.float().cpu()
         for b, item in enumerate(items):
             rows = coords[:, 0] == b
             c = coords[rows, 1:].numpy().astype(np.int64)
