@@ -2,7 +2,8 @@
 
 For each shape of a split, the latent is first the encoder's posterior mode (what ``d3s2 eval vae`` scores), then
 that latent is optimised directly (Adam on the latent features, decoder frozen) to minimise the decoder's loss
-``L_in + 0.1 L_ext + L_sharp`` against the shape's own targets. The optimised latent's metrics bound what the
+``L_in + 0.1 L_ext + L_sharp`` against the shape's own targets: :func:`d3s2.models.vae.refine.refine_latent`, the
+refinement ``--refine-steps`` runs (the best latent by that loss is kept). The optimised latent's metrics bound what the
 decoder can express with one 16-channel latent per occupied 8³ block: if they reach the targets, the encoder
 (or the KL weight, or training time) is what holds the VAE back; if not, the decoder or the latent size is.
 
@@ -17,7 +18,6 @@ blocks (hole membranes) add. ``--iters 0`` skips the optimisation.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -27,7 +27,7 @@ import torch
 from d3s2.data.collate import collate_sparse
 from d3s2.data.dataset import SparseSDFDataset
 from d3s2.models.registry import from_pretrained
-from d3s2.models.vae.losses import sparse_sdf_loss
+from d3s2.models.vae.refine import refine_latent
 from d3s2.models.vae.sparse_sdf_vae import PackedSDFBatch
 from d3s2.models.vae.task import shape_metrics, target_mesh, unpacked
 from d3s2.pipeline.extract import closed_mesh
@@ -72,17 +72,14 @@ def diagnose(model, data: str, resolution: int, *, split: str, limit: int, iters
     if n == 0:
         raise ValueError(f"{data}: the {split} split is empty")
     band = float(json.loads((Path(data) / "build.json").read_text())["band"])
-    weights = dataclasses.replace(model.config.loss, kl=0.0)
-    for p in model.parameters():
-        p.requires_grad_(False)
     shapes = []
     for i, index in enumerate(picked):
         t0 = time.perf_counter()
         c = collate_sparse([ds[index]])
-        full = unpacked(PackedSDFBatch.pack(c["sdf"], c["blocks"], tau=band).to(device))
+        full = unpacked(PackedSDFBatch.pack(c["sdf"], c["blocks"], sharp=c["sharp"], tau=band).to(device))
         (ref,) = target_mesh(full)
         with torch.no_grad():
-            z, posterior = model.encode(full.sdf, sample_posterior=False, structure=full.block_structure())
+            z, _ = model.encode(full.sdf, sample_posterior=False, structure=full.block_structure())
         row = {"name": ds.names[index], "band_voxels": int(full.sdf.num_voxels), "latents": int(z.num_voxels),
                "encoded": shape_metrics(_mesh(model, z, resolution), ref, samples),
                "encoded_sign_errors": _sign_errors(model, z, full)}
@@ -94,26 +91,19 @@ def diagnose(model, data: str, resolution: int, *, split: str, limit: int, iters
             shapes.append(row)
             print(f"{i + 1}/{n} {row['name']}: F@0.005 {row['encoded']['fscore@0.005']:.3f}", flush=True)
             continue
-        feats = z.feats.detach().clone().requires_grad_(True)
-        opt = torch.optim.Adam([feats], lr=lr)
-        curve = []
-        for it in range(iters):
-            decoded = model.decode(z.replace(feats))
-            loss, logs = sparse_sdf_loss(decoded, full.target, full.in_band, full.sharp, posterior, weights)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if it in (0, iters // 4, iters // 2, iters - 1):
-                curve.append({"iter": it, "loss": float(loss.detach()), "l_in": float(logs["l_in"])})
-        zo = z.replace(feats.detach())
+        refined = refine_latent(model, full, z, steps=iters, lr=lr)
+        losses = refined.losses[:, 0].tolist()  # [iters + 1]
+        curve = [{"iter": it, "loss": losses[it]} for it in sorted({0, iters // 4, iters // 2, iters})]
+        zo = refined.latent
         row.update(optimised=shape_metrics(_mesh(model, zo, resolution), ref, samples),
                    optimised_sign_errors=_sign_errors(model, zo, full), curve=curve,
-                   latent_shift_rms=float((feats.detach() - z.feats).pow(2).mean().sqrt()),
+                   best_iter=int(refined.best_step[0]),
+                   latent_shift_rms=float((zo.feats - z.feats).pow(2).mean().sqrt()),
                    seconds=time.perf_counter() - t0)
         shapes.append(row)
         print(f"{i + 1}/{n} {row['name']}: F@0.005 {row['encoded']['fscore@0.005']:.3f} -> "
               f"{row['optimised']['fscore@0.005']:.3f}, NC {row['encoded']['normal_consistency']:.3f} -> "
-              f"{row['optimised']['normal_consistency']:.3f}, l_in {curve[0]['l_in']:.4f} -> {curve[-1]['l_in']:.4f}",
+              f"{row['optimised']['normal_consistency']:.3f}, loss {losses[0]:.4f} -> {min(losses):.4f}",
               flush=True)
     kinds = [k for k in ("encoded", "optimised", "band_reference_vs_reference", "encoded_vs_band_reference")
              if k in shapes[0]]
