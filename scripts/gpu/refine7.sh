@@ -36,7 +36,8 @@ el "build rc=$?"; tail -1 $OUT/build.log
 JSON=$OUT/vae_v5_eval_test_refine${STEPS}.json
 timeout -s TERM $(( $(left) - 10 )) python3 -m d3s2.cli eval vae --data $DATA --weights $W --split $SPLIT \
   --samples 50000 --device $DEV --limit ${LIMIT:-0} --refine-steps $STEPS --json $JSON > $OUT/eval_refine.log 2>&1
-el "eval (refine $STEPS) rc=$?"; grep -v "it/s\|s/it" $OUT/eval_refine.log | tail -4
+RC=$?; el "eval (refine $STEPS) rc=$RC"; grep -v "it/s\|s/it" $OUT/eval_refine.log | tail -4
+[ $RC = 0 ] || tr '\r' '\n' < $OUT/eval_refine.log | grep "it/s\|s/it" | tail -1  # killed: how far it got, how fast
 [ -f $JSON ] && python3 - $JSON $STEPS <<'PY'
 import json, sys
 

@@ -3,6 +3,7 @@
 from .dense_vae import DenseShapeVAE, DenseShapeVAEConfig, DenseShapeVAEOutput, DenseVAELossWeights
 from .distributions import DiagonalGaussian
 from .losses import SDFLossWeights, sparse_sdf_loss
+from .refine import RefinedLatent, refine_latent
 from .sparse_sdf_vae import (
     PackedSDFBatch,
     SparseSDFBatch,
@@ -15,7 +16,7 @@ from .sparse_sdf_vae import (
 
 __all__ = [
     "DenseShapeVAE", "DenseShapeVAEConfig", "DenseShapeVAEOutput", "DenseVAELossWeights", "DiagonalGaussian",
-    "PackedSDFBatch",
+    "PackedSDFBatch", "RefinedLatent", "refine_latent",
     "SDFLossWeights", "sparse_sdf_loss", "SparseSDFBatch", "SparseSDFDecoder", "SparseSDFEncoder", "SparseSDFVAE",
     "SparseSDFVAEConfig", "SparseSDFVAEOutput",
 ]

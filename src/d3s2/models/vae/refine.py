@@ -119,8 +119,9 @@ def refine_latent(
 ) -> RefinedLatent:
     """Adam on the latent features of ``z`` against the decoder's loss on ``batch``'s own targets.
 
-    Deterministic given its inputs (no sampling; the whole-shape decode each step). The decoder is put in eval
-    mode with no parameter requiring grad for the call (restored after; no parameter gets a ``.grad``).
+    Nothing is sampled: the result is a function of the inputs (bit for bit on CPU; on CUDA up to the order of
+    the kernels' atomic adds). The model is put in eval mode with no parameter requiring grad for the call
+    (both restored after; no parameter gets a ``.grad``).
     The whole shape is decoded at once: a chunked decode (R > 512) is not supported here.
 
     Args:
