@@ -29,7 +29,7 @@ def add_refine_arguments(p: argparse.ArgumentParser) -> None:
     """``--refine-steps`` / ``--refine-lr`` (shared by reconstruct, eval vae and data encode)."""
     p.add_argument("--refine-steps", type=int, default=0,
                    help="refine the encoder's latent by this many Adam steps against the decoder's loss on the "
-                        "input itself (semi-amortised encoding; each step costs about a decoder training step; "
+                        "input itself (semi-amortised encoding; each step costs about one decoder forward+backward; "
                         "default 0 = the encoder's latent)")
     p.add_argument("--refine-lr", type=float, default=DEFAULT_REFINE_LR,
                    help=f"Adam learning rate of the refinement (default {DEFAULT_REFINE_LR:g})")

@@ -8,8 +8,8 @@ frozen, to lower the training's decoder terms ``λ_in L_in + λ_ext L_ext + λ_s
 KL, :mod:`d3s2.models.vae.losses`) on that shape's own targets: the DeepSDF-style auto-decoding step used as an
 encoder. Each sample keeps its best latent by that loss, so the result is never worse than the start by it.
 
-Cost: every step decodes the whole shape with gradients (about a training step of the decoder), so ``N`` steps
-cost about ``N`` times a training step's decoder half; the decoder's weights and the encoder are not touched.
+Cost: every step decodes the whole shape and back-propagates to the latent only (no weight gradients), so ``N``
+steps cost about ``N`` decoder forward+backward passes; the decoder's weights and the encoder are not touched.
 
 Dimension legend: NL latent voxels, Z latent channels, M' decoded voxels (512 per latent voxel), B samples.
 """
