@@ -68,6 +68,7 @@ def test_reconstruct_writes_a_watertight_glb_in_input_units(weights, tmp_path, c
 def test_reconstruct_errors(weights, tmp_path, capsys, monkeypatch):
     trimesh.creation.box().export(tmp_path / "box.obj")
     monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    monkeypatch.setattr("d3s2.models.vae.cli.bundled_vae_dir", lambda: tmp_path / "no_bundled_vae")
     assert main(["reconstruct", str(tmp_path / "box.obj"), "-o", str(tmp_path / "o.glb"), "--resolution", "32"]) == 1
     assert "no SS-VAE weights" in capsys.readouterr().err
     assert main(["reconstruct", str(tmp_path / "box.obj"), "-o", str(tmp_path / "o.glb"), "--resolution", "32",

@@ -1,8 +1,10 @@
 """``d3s2 reconstruct`` (mesh → SS-VAE round trip → closed mesh) and ``d3s2 eval vae`` (reconstruction metrics
 over a built data folder).
 
-Both load weights written by ``save_pretrained`` (e.g. a training run's ``export/``). The band τ is read from
-the ``vae_task.json`` a training export writes beside the weights, else from ``--band``.
+Both load weights written by ``save_pretrained`` (e.g. a training run's ``export/``); without ``--weights`` or
+``$D3S2_VAE_WEIGHTS`` they use the demo SS-VAE bundled in the package (``d3s2/assets/ss_vae_256``, trained at 256³
+on the 0 A.D. corpus). The band τ is read from the ``vae_task.json`` a training export writes beside the weights,
+else from ``--band``.
 
 ``--refine-steps N`` (both): semi-amortised encoding, the encoder's latent refined by N Adam steps against the
 decoder's loss on the input's own SDF (:func:`d3s2.models.vae.refine.refine_latent`); 0 = the encoder's latent.
@@ -14,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+from importlib import resources
 from pathlib import Path
 
 from ...cli import eval_subparsers
@@ -21,6 +24,7 @@ from ...cli import eval_subparsers
 log = logging.getLogger(__name__)
 
 WEIGHTS_ENV = "D3S2_VAE_WEIGHTS"
+BUNDLED_VAE = "ss_vae_256"  # folder under d3s2/assets
 DEFAULT_BAND = 1 / 128
 DEFAULT_REFINE_LR = 0.03
 
@@ -36,7 +40,8 @@ def add_refine_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    weights_help = f"SS-VAE weights folder (save_pretrained / a run's export/; default ${WEIGHTS_ENV})"
+    weights_help = (f"SS-VAE weights folder (save_pretrained / a run's export/; default ${WEIGHTS_ENV}, else the "
+                    "bundled demo SS-VAE)")
     p = subparsers.add_parser("reconstruct", help="encode and decode a mesh with the SS-VAE (closed mesh out)")
     p.add_argument("mesh", help="input mesh (obj, ply, glb, stl, off, pmd)")
     p.add_argument("-o", "--out", required=True, help="output mesh (glb, obj, ply, stl, off)")
@@ -65,12 +70,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.set_defaults(func=_eval)
 
 
-def _load(weights: str | None, device: str):
+def bundled_vae_dir() -> Path:
+    """Where the bundled demo SS-VAE lives (it may be missing from a build: see :func:`resolve_weights`)."""
+    return Path(str(resources.files("d3s2") / "assets" / BUNDLED_VAE))
+
+
+def resolve_weights(weights: str | None) -> str:
+    """``weights`` if given, else the bundled demo SS-VAE folder.
+
+    Raises:
+        ValueError: no weights were given and the bundled folder is missing.
+    """
+    if weights:
+        return weights
+    bundled = bundled_vae_dir()
+    if not (bundled / "config.json").is_file():
+        raise ValueError(f"no SS-VAE weights: pass --weights DIR or set ${WEIGHTS_ENV} (this build has no bundled "
+                         f"demo SS-VAE: expected {bundled / 'config.json'})")
+    return str(bundled)
+
+
+def _load(weights: str, device: str):
     from ..registry import from_pretrained
     from .sparse_sdf_vae import SparseSDFVAE
 
-    if not weights:
-        raise ValueError(f"no SS-VAE weights: pass --weights DIR or set ${WEIGHTS_ENV}")
     model = from_pretrained(weights, map_location=device)
     if not isinstance(model, SparseSDFVAE):
         raise ValueError(f"{weights} holds a {type(model).__name__}, expected a SparseSDFVAE")
@@ -140,6 +163,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
     if args.resolution % 8 or args.resolution < 8:
         raise ValueError(f"--resolution must be a multiple of 8, got {args.resolution}")
+    args.weights = resolve_weights(args.weights)
     model = _load(args.weights, args.device)
     band = args.band or _weights_band(args.weights) or DEFAULT_BAND
     mesh = load_mesh(args.mesh)  # MeshError (a ValueError) names the file and the problem
@@ -228,6 +252,7 @@ def _eval(args: argparse.Namespace) -> int:
     bad = sorted(set(resolutions) - set(settings["resolutions"]))
     if bad:
         raise ValueError(f"{data} has resolutions {settings['resolutions']}, not {bad}")
+    args.weights = resolve_weights(args.weights)
     model = _load(args.weights, args.device)
     band = args.band or float(settings["band"])
     results = evaluate(model, str(data), resolutions, split=args.split, band=band, limit=args.limit,
