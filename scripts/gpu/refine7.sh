@@ -7,6 +7,8 @@
 #  2. `d3s2 eval vae --refine-steps ${STEPS:-100}` on the test split (all 65 shapes; LIMIT=n for fewer), 50k samples;
 #  3. if time is left, the encoder-only baseline on the same shapes (as session 7 phase B scored v5).
 # Prints the per-resolution tables and the refinement's seconds per shape (the first shape's includes the warm-up).
+# Per-shape metrics go to /tmp/refine${STEPS}_shapes.jsonl (and $OUT): a call killed by its cap resumes there when
+# the script runs again on the same warm machine (the build is skipped as already done).
 # Carried: .gpu/whl, .gpu/sub/0ad_meshes.npz, .gpu/s7v5. Ends by CALL_S (560) seconds.
 # CPU smoke test (tiny): OUT=/tmp/o DATA=/tmp/o_data WORKERS=2 SRC=tests/assets/0ad_tiny.npz W=<tiny export> DEV=cpu RES=32 SPLIT=train STEPS=2
 source scripts/gpu/_prelude.sh
@@ -35,8 +37,10 @@ IGL_NUM_THREADS=1 OMP_NUM_THREADS=1 timeout -s TERM 300 python3 -m d3s2.cli data
 el "build rc=$?"; tail -1 $OUT/build.log
 JSON=$OUT/vae_v5_eval_test_refine${STEPS}.json
 timeout -s TERM $(( $(left) - 10 )) python3 -m d3s2.cli eval vae --data $DATA --weights $W --split $SPLIT \
-  --samples 50000 --device $DEV --limit ${LIMIT:-0} --refine-steps $STEPS --json $JSON > $OUT/eval_refine.log 2>&1
+  --samples 50000 --device $DEV --limit ${LIMIT:-0} --refine-steps $STEPS --json $JSON \
+  --per-shape /tmp/refine${STEPS}_shapes.jsonl > $OUT/eval_refine.log 2>&1
 RC=$?; el "eval (refine $STEPS) rc=$RC"; grep -v "it/s\|s/it" $OUT/eval_refine.log | tail -4
+cp /tmp/refine${STEPS}_shapes.jsonl $OUT/  # per shape; a killed run resumes from it when called again on this machine
 [ $RC = 0 ] || tr '\r' '\n' < $OUT/eval_refine.log | grep "it/s\|s/it" | tail -1  # killed: how far it got, how fast
 [ -f $JSON ] && python3 - $JSON $STEPS <<'PY'
 import json, sys

@@ -128,6 +128,26 @@ def test_eval_with_refinement_records_the_setting(refinable_weights, data, tmp_p
     assert result["refine_loss_end"] < result["refine_loss_start"]
 
 
+def test_eval_per_shape_log_resumes_a_killed_run(weights, data, tmp_path, capsys):
+    args = ["eval", "vae", "--data", str(data), "--weights", str(weights), "--split", "train", "--resolution", "32",
+            "--limit", "3", "--samples", "1000"]
+    full, log = tmp_path / "full.json", tmp_path / "shapes.jsonl"
+    assert main([*args, "--json", str(full), "--per-shape", str(log)]) == 0
+    lines = log.read_text().splitlines()
+    assert len(lines) == 3 and len({json.loads(x)["name"] for x in lines}) == 3
+    # a kill after the first shape, in the middle of writing the second line
+    log.write_text(lines[0] + "\n" + lines[1][:25])
+    resumed = tmp_path / "resumed.json"
+    assert main([*args, "--json", str(resumed), "--per-shape", str(log)]) == 0
+    again = log.read_text().splitlines()
+    assert again[0] == lines[0] and len(again) == 3  # the torn line dropped, two shapes scored again
+    want, got = json.loads(full.read_text())["results"]["32"], json.loads(resumed.read_text())["results"]["32"]
+    assert got["shapes"] == 3.0 and got["chamfer_l1"] == pytest.approx(want["chamfer_l1"], rel=1e-9)
+    capsys.readouterr()
+    assert main([*args, "--per-shape", str(log), "--refine-steps", "2"]) == 1  # another setting: refused
+    assert "another file" in capsys.readouterr().err
+
+
 def test_reconstruct_with_refinement(refinable_weights, tmp_path, capsys):
     trimesh.creation.icosphere(2, radius=3.0).export(tmp_path / "sphere.obj")
     args = ["reconstruct", str(tmp_path / "sphere.obj"), "--resolution", "32", "--weights", str(refinable_weights)]

@@ -65,6 +65,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--samples", type=int, default=100_000, help="surface samples per mesh (default 100000)")
     e.add_argument("--band", type=float, default=None, help="band τ (default: the folder's build band)")
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
+    e.add_argument("--per-shape", default=None, help="JSONL file of per-shape metrics, appended as each shape is "
+                   "scored; shapes already in it are skipped (resume)")
     e.add_argument("--device", default="cpu", help="cpu or cuda")
     add_refine_arguments(e)
     e.set_defaults(func=_eval)
@@ -179,7 +181,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
 def evaluate(model, data: str, resolutions: list[int], *, split: str, band: float, limit: int = 0,
              num_samples: int = 100_000, device: str = "cpu", refine_steps: int = 0,
-             refine_lr: float = DEFAULT_REFINE_LR) -> dict[int, dict[str, float]]:
+             refine_lr: float = DEFAULT_REFINE_LR, per_shape: str | None = None) -> dict[int, dict[str, float]]:
     """Mean reconstruction metrics per resolution over a split: ``{R: {metric: value, "shapes": n}}``.
 
     The reference of each shape is the closed mesh of its own block SDF targets; empty reconstructions are
@@ -189,6 +191,10 @@ def evaluate(model, data: str, resolutions: list[int], *, split: str, band: floa
     the results then also hold ``refine_seconds`` (mean wall seconds of the refinement per shape),
     ``refine_seconds_first`` (the first shape's, which includes the warm-up of the kernels) and
     ``refine_loss_start`` / ``refine_loss_end`` (mean decoder loss of the encoder's and the kept latent).
+
+    ``per_shape``: a JSONL file that gets one line per shape as soon as it is scored (``resolution``, ``name``,
+    the refinement setting and the metrics). Shapes already in it are not scored again but count in the means,
+    so a killed evaluation resumes where it stopped; a file written with another refinement setting is refused.
     """
     import time
 
@@ -205,6 +211,8 @@ def evaluate(model, data: str, resolutions: list[int], *, split: str, band: floa
         raise ValueError(f"expected refine_steps >= 0, got {refine_steps}")
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
+    setting = {"refine_steps": refine_steps, "refine_lr": refine_lr if refine_steps else None}
+    done = _read_per_shape(per_shape, setting) if per_shape else {}
     results: dict[int, dict[str, float]] = {}
     for r in resolutions:
         ds = SparseSDFDataset(data, r, split=split, with_image=False)
@@ -214,6 +222,10 @@ def evaluate(model, data: str, resolutions: list[int], *, split: str, band: floa
         sums: dict[str, float] = {}
         first: dict[str, float] = {}
         for i in tqdm(range(n), desc=f"eval {r}^3", disable=n < 2):
+            if (r, ds.names[i]) in done:
+                for k, v in done[(r, ds.names[i])].items():
+                    sums[k] = sums.get(k, 0.0) + v
+                continue
             c = collate_sparse([ds[i]])
             # Expanded on the device; the sharp mask only weighs the refinement's L_sharp.
             batch = PackedSDFBatch.pack(c["sdf"], c["blocks"], sharp=c["sharp"], tau=band).to(device)
@@ -235,12 +247,45 @@ def evaluate(model, data: str, resolutions: list[int], *, split: str, band: floa
                     (pred,) = decode_mesh(model, batch.sdf, structure=batch.block_structure())
             (ref,) = target_mesh(batch)
             m.update(shape_metrics(pred, ref, num_samples))
+            if per_shape:
+                _append_line(per_shape, {"resolution": r, "name": ds.names[i], **setting, "metrics": m})
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
-            if i == 0 and refine_steps:
+            if refine_steps and not first:  # the first shape scored in this run carries the kernels' warm-up
                 first["refine_seconds_first"] = m["refine_seconds"]
         results[r] = {**{k: v / n for k, v in sums.items()}, **first, "shapes": float(n)}
     return results
+
+
+def _read_per_shape(path: str, setting: dict) -> dict[tuple[int, str], dict[str, float]]:
+    """``{(resolution, name): metrics}`` of a per-shape JSONL file (missing: empty; a torn last line is ignored)."""
+    out: dict[tuple[int, str], dict[str, float]] = {}
+    if not Path(path).is_file():
+        return out
+    lines = Path(path).read_text().splitlines()
+    for j, line in enumerate(lines):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if j == len(lines) - 1:  # cut off by a kill while it was written: dropped before appending again
+                from ...train.checkpoint import atomic_write_text
+
+                atomic_write_text(path, "".join(x + "\n" for x in lines[:j]))
+                break
+            raise ValueError(f"{path}: line {j + 1} is not JSON") from None
+        got = {k: rec.get(k) for k in setting}
+        if got != setting:
+            raise ValueError(f"{path} was written with {got}, this evaluation uses {setting}: use another file")
+        out[(int(rec["resolution"]), rec["name"])] = rec["metrics"]
+    return out
+
+
+def _append_line(path: str, record: dict) -> None:
+    """Append one JSON line and flush it to disk (the file is the evaluation's resume point)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -257,7 +302,7 @@ def _eval(args: argparse.Namespace) -> int:
     band = args.band or float(settings["band"])
     results = evaluate(model, str(data), resolutions, split=args.split, band=band, limit=args.limit,
                        num_samples=args.samples, device=args.device, refine_steps=args.refine_steps,
-                       refine_lr=args.refine_lr)
+                       refine_lr=args.refine_lr, per_shape=args.per_shape)
     # The setting travels with every printout and JSON, so refined and encoder-only numbers never get mixed up.
     refine = {"steps": args.refine_steps, "lr": args.refine_lr if args.refine_steps else None}
     print("latent: " + (f"refined, {args.refine_steps} Adam steps at lr {args.refine_lr:g}" if args.refine_steps
