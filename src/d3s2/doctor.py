@@ -1,4 +1,5 @@
-"""``d3s2 doctor``: versions, devices, and which backend each op would pick for inputs on each device."""
+"""``d3s2 doctor``: versions, devices, the bundled weights, and which backend each op would pick for inputs on
+each device."""
 
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ def report() -> list[str]:
             devices.append(torch.device("cuda", i))
     else:
         lines.append("  cuda           not available")
+    lines += ["", "bundled weights:", *bundled_weights()]
     for mod in OP_MODULES:
         importlib.import_module(mod)
     lines += ["", "op backends (auto choice for fp16/fp32 inputs per device):"]
@@ -54,6 +56,22 @@ def report() -> list[str]:
                 choice = f"none ({err})"
             lines.append(f"  {op:14s} {str(dev):8s} -> {choice}   [available: {', '.join(table.names)}; "
                          f"env {table.env_var}]")
+    return lines
+
+
+def bundled_weights() -> list[str]:
+    """One line per weights folder shipped in the package: where it is and its size, or that it is missing."""
+    from d3s2.models.vae.cli import bundled_vae_dir
+    from d3s2.pipeline import demo_weights_dir
+
+    lines = []
+    for label, root, marker in (("demo pipeline", demo_weights_dir(), "pipeline.json"),
+                                ("demo SS-VAE", bundled_vae_dir(), "config.json")):
+        if (root / marker).is_file():
+            size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+            lines.append(f"  {label:14s} {root} ({size / 2**20:.1f} MiB)")
+        else:
+            lines.append(f"  {label:14s} missing (expected {root / marker}): pass --weights")
     return lines
 
 
