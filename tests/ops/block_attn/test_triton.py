@@ -43,6 +43,25 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1.0)).item()
 
 
+def _check_selection_and_window(q, k, v, off, idx, do):
+    """Triton selection and window attention against the torch references: o, every gradient (finite, relative
+    error < 1e-5) and the LSE (the same rows infinite, the rest within 1e-5)."""
+    for ref_fn, tri_fn in (
+            (lambda q, k, v: selection_attention_ref(q, k, v, off, idx, scale=0.3, return_lse=True),
+             lambda q, k, v: selection_attention(q, k, v, off, idx, scale=0.3, backend="triton", return_lse=True)),
+            (lambda q, k, v: window_attention_ref(q, k, v, off, return_lse=True),
+             lambda q, k, v: window_attention(q, k, v, off, backend="triton", return_lse=True))):
+        ref = _run(lambda q, k, v, f=ref_fn: f(q, k, v)[0], q, k, v, do)
+        tri = _run(lambda q, k, v, f=tri_fn: f(q, k, v)[0], q, k, v, do)
+        for name, a, b in zip(("o", "dq", "dk", "dv"), tri, ref):
+            assert torch.isfinite(a).all(), name
+            assert _rel(a, b) < 1e-5, (name, _rel(a, b))
+        lse_t, lse_r = tri_fn(q, k, v)[1], ref_fn(q, k, v)[1]
+        ok = torch.isfinite(lse_r)
+        assert torch.equal(ok, torch.isfinite(lse_t))
+        torch.testing.assert_close(lse_t[ok], lse_r[ok], rtol=1e-5, atol=1e-5)
+
+
 # (block sizes, Hq, Hkv, D, S): one-token blocks, N not a multiple of tiles, S > number of blocks, G = 1, 2, 4.
 CASES = [
     ([3, 1, 7, 5, 1, 9, 4], 4, 2, 16, 3),
@@ -304,20 +323,7 @@ def test_forward_shift_modes(shift, rowsum, case, far, monkeypatch):
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     idx = random_selection(n, hkv, s, len(sizes), empty_frac=0.25).to(DEV)
     do = torch.randn(n, hq, d, device=DEV)
-    for ref_fn, tri_fn in (
-            (lambda q, k, v: selection_attention_ref(q, k, v, off, idx, scale=0.3, return_lse=True),
-             lambda q, k, v: selection_attention(q, k, v, off, idx, scale=0.3, backend="triton", return_lse=True)),
-            (lambda q, k, v: window_attention_ref(q, k, v, off, return_lse=True),
-             lambda q, k, v: window_attention(q, k, v, off, backend="triton", return_lse=True))):
-        ref = _run(lambda q, k, v, f=ref_fn: f(q, k, v)[0], q, k, v, do)
-        tri = _run(lambda q, k, v, f=tri_fn: f(q, k, v)[0], q, k, v, do)
-        for name, a, b in zip(("o", "dq", "dk", "dv"), tri, ref):
-            assert torch.isfinite(a).all(), name
-            assert _rel(a, b) < 1e-5, (name, _rel(a, b))
-        lse_t, lse_r = tri_fn(q, k, v)[1], ref_fn(q, k, v)[1]
-        ok = torch.isfinite(lse_r)
-        assert torch.equal(ok, torch.isfinite(lse_t))
-        torch.testing.assert_close(lse_t[ok], lse_r[ok], rtol=1e-5, atol=1e-5)
+    _check_selection_and_window(q, k, v, off, idx, do)
 
 
 def test_float16_keeps_the_online_shift(monkeypatch):
@@ -403,16 +409,4 @@ def test_forward_tile_table(case, shift, monkeypatch):
     idx = random_selection(n, hkv, s, len(sizes), empty_frac=0.25).to(DEV)
     idx[0] = -1
     do = torch.randn(n, hq, d, device=DEV)
-    for ref_fn, tri_fn in (
-            (lambda q, k, v: selection_attention_ref(q, k, v, off, idx, scale=0.3, return_lse=True),
-             lambda q, k, v: selection_attention(q, k, v, off, idx, scale=0.3, backend="triton", return_lse=True)),
-            (lambda q, k, v: window_attention_ref(q, k, v, off, return_lse=True),
-             lambda q, k, v: window_attention(q, k, v, off, backend="triton", return_lse=True))):
-        ref = _run(lambda q, k, v, f=ref_fn: f(q, k, v)[0], q, k, v, do)
-        tri = _run(lambda q, k, v, f=tri_fn: f(q, k, v)[0], q, k, v, do)
-        for name, a, b in zip(("o", "dq", "dk", "dv"), tri, ref):
-            assert _rel(a, b) < 1e-5, (name, _rel(a, b))
-        lse_t, lse_r = tri_fn(q, k, v)[1], ref_fn(q, k, v)[1]
-        ok = torch.isfinite(lse_r)
-        assert torch.equal(ok, torch.isfinite(lse_t))
-        torch.testing.assert_close(lse_t[ok], lse_r[ok], rtol=1e-5, atol=1e-5)
+    _check_selection_and_window(q, k, v, off, idx, do)
