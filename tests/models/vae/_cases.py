@@ -23,10 +23,12 @@ def sphere_sdf(coords: torch.Tensor, resolution: int, radius: float, tau: float,
     return (torch.linalg.norm(coords.float() + 0.5 - c, dim=1) - radius) / tau
 
 
-def sphere_sample(resolution: int, radius: float, tau: float = 2.0, centre=None):
-    """(band coords [n, 3], band sdf [n], block coords [nb, 3], block sdf [nb, 512]) of one sphere."""
+def sphere_sample(resolution: int, radius: float, tau: float = 2.0, centre=None, window=None):
+    """(band coords [n, 3], band sdf [n], block coords [nb, 3], block sdf [nb, 512]) of one sphere; ``window =
+    (lo, hi)`` searches the band in that cube of the grid only (a small sphere in a large grid)."""
     r = resolution
-    grid = torch.stack(torch.meshgrid(*[torch.arange(r)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    lo, hi = window if window is not None else (0, r)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(lo, hi)] * 3, indexing="ij"), -1).reshape(-1, 3)
     s = sphere_sdf(grid, r, radius, tau, centre)
     band = s.abs() < 1
     coords, sdf = grid[band], s[band]

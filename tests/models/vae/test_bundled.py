@@ -9,22 +9,14 @@ import torch
 from d3s2.models.registry import from_pretrained
 from d3s2.models.vae import SparseSDFBatch, SparseSDFVAE
 from d3s2.models.vae.cli import WEIGHTS_ENV, _weights_band, bundled_vae_dir, resolve_weights
-from tests.models.vae._cases import sphere_sdf
+from tests.models.vae._cases import sphere_sample
 
 RES, RADIUS, HALF = 256, 12.0, 16  # a sphere of 12 voxels in a 32³ corner-free box at the grid's centre
 
 
 def _sphere_at_256() -> SparseSDFBatch:
     """The band (|SDF| < τ = one voxel, the bundled model's band at 256³) and block targets of a small sphere."""
-    lo = RES // 2 - HALF
-    axis = torch.arange(lo, lo + 2 * HALF)
-    grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
-    s = sphere_sdf(grid, RES, RADIUS, 1.0)
-    coords, sdf = grid[s.abs() < 1], s[s.abs() < 1]
-    blocks = torch.unique(coords // 8, dim=0)
-    local = torch.stack(torch.meshgrid(*[torch.arange(8)] * 3, indexing="ij"), -1).reshape(-1, 3)
-    fine = (blocks[:, None] * 8 + local).reshape(-1, 3)
-    block_sdf = sphere_sdf(fine, RES, RADIUS, 1.0).clamp(-1, 1).reshape(-1, 512)
+    coords, sdf, blocks, block_sdf = sphere_sample(RES, RADIUS, tau=1.0, window=(RES // 2 - HALF, RES // 2 + HALF))
     return SparseSDFBatch.from_samples([coords], [sdf], [blocks], [block_sdf], resolution=RES)
 
 
