@@ -9,7 +9,8 @@
 # Prints the per-resolution tables and the refinement's seconds per shape (the first shape's includes the warm-up).
 # Per-shape metrics go to /tmp/refine${STEPS}_shapes.jsonl (and $OUT): a call killed by its cap resumes there when
 # the script runs again on the same warm machine (the build is skipped as already done).
-# Carried: .gpu/whl, .gpu/sub/0ad_meshes.npz, .gpu/s7v5. Ends by CALL_S (560) seconds.
+# Carried: .gpu/whl, .gpu/sub/0ad_meshes.npz, .gpu/s7v5. Ends by CALL_S (560) seconds. Session 8 ran all 65 in one call
+# (465 s) with SRC=.gpu/test65_0ad.npz W=src/d3s2/assets/ss_vae_256, carrying only .gpu/whl and that corpus.
 # CPU smoke test (tiny): OUT=/tmp/o DATA=/tmp/o_data WORKERS=2 SRC=tests/assets/0ad_tiny.npz W=<tiny export> DEV=cpu RES=32 SPLIT=train STEPS=2
 source scripts/gpu/_prelude.sh
 CALL_S=${CALL_S:-560}
