@@ -89,6 +89,16 @@ CONFIG = {
 
 
 @triton.jit
+def _token_rows(start, t1, g, r0, HS: tl.constexpr, HS_PAD: tl.constexpr, ROWS: tl.constexpr):
+    """Rows ``r0 … r0 + ROWS`` of a tile of tokens from ``start`` × the HS query heads of kv head g (padded to HS_PAD):
+    (token, query head, row mask: token before ``t1`` and head not padding)."""
+    rows = r0 + tl.arange(0, ROWS)
+    tok = start + rows // HS_PAD
+    hh = rows % HS_PAD
+    return tok, g * HS + hh, (tok < t1) & (hh < HS)
+
+
+@triton.jit
 def _load_rows(ptr, tok, head, offs_d, row_ok, d_ok, stride_n, stride_h):
     """[BLOCK_M, BLOCK_D] tile of rows (tok, head) of a [N, H, D] tensor (zeros outside)."""
     ptrs = ptr + tok.to(tl.int64)[:, None] * stride_n + head[:, None] * stride_h + offs_d[None, :]
@@ -163,11 +173,7 @@ def _cmp_fwd_kernel(Q, K, V, O, LSE, CU_SEQ, CU_CMP, KMAX,
     c0 = tl.load(CU_CMP + b)
     c1 = tl.load(CU_CMP + b + 1)
     BLOCK_M: tl.constexpr = BLOCK_T * HS_PAD
-    rows = tl.arange(0, BLOCK_M)
-    tok = start + rows // HS_PAD
-    hh = rows % HS_PAD
-    head = g * HS + hh
-    row_ok = (tok < t1) & (hh < HS)
+    tok, head, row_ok = _token_rows(start, t1, g, 0, HS, HS_PAD, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     q = _load_rows(Q, tok, head, offs_d, row_ok, d_ok, stride_qn, stride_qh)
@@ -222,11 +228,7 @@ def _cmp_topk_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
     s0 = tl.load(CU_SLC + b)
     s1 = tl.load(CU_SLC + b + 1)
     BLOCK_M: tl.constexpr = BLOCK_T * HS_PAD
-    rows = tl.arange(0, BLOCK_M)
-    tok = start + rows // HS_PAD
-    hh = rows % HS_PAD
-    head = g * HS + hh
-    row_ok = (tok < t1) & (hh < HS)
+    tok, head, row_ok = _token_rows(start, t1, g, 0, HS, HS_PAD, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     q = _load_rows(Q, tok, head, offs_d, row_ok, d_ok, stride_qn, stride_qh)
@@ -343,11 +345,7 @@ def _group_rows(Q, LSE, start, t1, g, r0, stride_qn, stride_qh, offs_d, d_ok, qk
     split hi + lo of a = −LSE₂ / qk_scale, so that ``qk_scale · (q·k + hi + lo)`` is the log2 probability (to
     ~2⁻¹⁶ of a): the shift rides in the logit matmul instead of costing float32 registers per row (padding rows
     get a = −30000: probability 0)."""
-    rows = r0 + tl.arange(0, ROWS)
-    tok = start + rows // HS_PAD
-    hh = rows % HS_PAD
-    head = g * HS + hh
-    row_ok = (tok < t1) & (hh < HS)
+    tok, head, row_ok = _token_rows(start, t1, g, r0, HS, HS_PAD, ROWS)
     q_t = tl.trans(_load_rows(Q, tok, head, offs_d, row_ok, d_ok, stride_qn, stride_qh))
     # log2-domain LSE; +inf on padding rows makes their probabilities 0
     lse2 = tl.load(LSE + tok.to(tl.int64) * HQ + head, mask=row_ok, other=float("inf")) * 1.4426950408889634
@@ -360,7 +358,7 @@ def _group_rows(Q, LSE, start, t1, g, r0, stride_qn, stride_qh, offs_d, d_ok, qk
     else:
         shift = lse2
     # group[r, t] = 1 when row r is a valid head of token t
-    group = (((rows // HS_PAD)[:, None] == tl.arange(0, BLOCK_T)[None, :]) & row_ok[:, None]).to(tl.float32)
+    group = (((tok - start)[:, None] == tl.arange(0, BLOCK_T)[None, :]) & row_ok[:, None]).to(tl.float32)
     if P_FP16:
         group = group.to(tl.float16)
     return q_t, shift, group
@@ -522,11 +520,7 @@ def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQ, CU_CMP,
     c0 = tl.load(CU_CMP + b)
     c1 = tl.load(CU_CMP + b + 1)
     BLOCK_M: tl.constexpr = BLOCK_T * HS_PAD
-    rows = tl.arange(0, BLOCK_M)
-    tok = start + rows // HS_PAD
-    hh = rows % HS_PAD
-    head = g * HS + hh
-    row_ok = (tok < t1) & (hh < HS)
+    tok, head, row_ok = _token_rows(start, t1, g, 0, HS, HS_PAD, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     # q, do and dq share q's strides (the launcher makes them contiguous)
@@ -588,12 +582,8 @@ def _cmp_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_PART, DV_PART, CU_SEQ, CU_C
     dk = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
     BLOCK_M: tl.constexpr = BLOCK_T * HS_PAD
-    rows = tl.arange(0, BLOCK_M)
     for t_start in range(q_a, q_b, BLOCK_T):
-        tok = t_start + rows // HS_PAD
-        hh = rows % HS_PAD
-        head = g * HS + hh
-        row_ok = (tok < q_b) & (hh < HS)
+        tok, head, row_ok = _token_rows(t_start, q_b, g, 0, HS, HS_PAD, BLOCK_M)
         q = _load_rows(Q, tok, head, offs_d, row_ok, d_ok, stride_qn, stride_qh)
         do = _load_rows(DO, tok, head, offs_d, row_ok, d_ok, stride_qn, stride_qh)
         row_off = tok.to(tl.int64) * HQ + head
