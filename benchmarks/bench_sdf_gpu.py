@@ -83,12 +83,9 @@ def _count(stage: str, args: tuple, counts: dict[str, int]) -> None:
 def staged(device: str) -> Iterator[tuple[dict[str, float], dict[str, int]]]:
     """Patch the STAGES functions with synchronised timers; yields ({stage: seconds}, {counter: n}), filled on exit
     (counting adds a reduction and a sync per near_field call, outside the timed spans)."""
-    import importlib
-
     times: dict[str, float] = {}
     counts: dict[str, int] = {}
     depth = [0]  # nesting of top-level stages: only the outermost one counts
-    saved = []
 
     def wrap(fn, stage):
         def timed(*args, **kwargs):
@@ -110,14 +107,26 @@ def staged(device: str) -> Iterator[tuple[dict[str, float], dict[str, int]]]:
                     depth[0] -= 1
         return timed
 
+    with patched_stages(wrap):
+        yield times, counts
+
+
+@contextlib.contextmanager
+def patched_stages(wrap, skip=()) -> Iterator[None]:
+    """Each ``STAGES`` function (but the stages in ``skip``) replaced by ``wrap(fn, stage)`` inside the block."""
+    import importlib
+
+    saved = []
     for mod_name, attr, stage in STAGES:
+        if stage in skip:
+            continue
         mod_name, _, cls = mod_name.partition(":")
         owner = importlib.import_module(mod_name)
         owner = getattr(owner, cls) if cls else owner
         saved.append((owner, attr, getattr(owner, attr)))
         setattr(owner, attr, wrap(getattr(owner, attr), stage))
     try:
-        yield times, counts
+        yield
     finally:
         for owner, attr, fn in saved:
             setattr(owner, attr, fn)

@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import d3s2  # noqa: E402,F401  first: the package on PYTHONPATH, not the one beside this script (A/B runs)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_sdf_gpu import STAGES, TOTALS  # noqa: E402
+from bench_sdf_gpu import TOTALS, patched_stages  # noqa: E402
 
 _SYNC_OPS = {"nonzero", "_unique2", "unique_dim", "unique_consecutive", "_local_scalar_dense", "equal",
              "masked_select", "bincount"}
@@ -74,9 +74,6 @@ class OpCounter(TorchDispatchMode):
 @contextlib.contextmanager
 def attributed(counter: OpCounter):
     """Patch the STAGES functions so ops are attributed to the innermost stage; the near_field op is one op."""
-    import importlib
-
-    saved = []
 
     def wrap(fn, stage):
         def inner(*args, **kwargs):
@@ -95,19 +92,8 @@ def attributed(counter: OpCounter):
                 counter.stack.pop()
         return inner
 
-    for mod_name, attr, stage in STAGES:
-        if stage in TOTALS and stage != "near_field op (all)":
-            continue
-        mod_name, _, cls = mod_name.partition(":")
-        owner = importlib.import_module(mod_name)
-        owner = getattr(owner, cls) if cls else owner
-        saved.append((owner, attr, getattr(owner, attr)))
-        setattr(owner, attr, wrap(getattr(owner, attr), stage))
-    try:
+    with patched_stages(wrap, skip=set(TOTALS) - {"near_field op (all)"}):
         yield
-    finally:
-        for owner, attr, fn in saved:
-            setattr(owner, attr, fn)
 
 
 def count(mesh, resolution: int, band: float) -> dict:
