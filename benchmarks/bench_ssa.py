@@ -322,8 +322,9 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
         # rows 512, BLOCK_J 16 / 128 (8 warps). Session 6, round 1 (ms): default 2.215; the softmax scale inside
         # the logit matmul too (q pre-scaled, hi + lo: no multiply per logit; ptxas sm_90: 113 registers, 52 KB
         # shared memory against 87, 36 KB; removed since) 2.614; FMA-pipe exps (mix4) 2.297. Round 2: registers
-        # capped at 80 per thread (6 CTAs per SM instead of 5; ptxas: no spill)
-        "topk": [{"maxnreg": 80}],
+        # capped at 80 per thread (6 CTAs per SM instead of 5; ptxas: no spill). Session 9: the running top-k in
+        # several lists per token (insertion rounds without shared memory or barriers), merged at the end
+        "topk": [{"lists": 4}, {"lists": 32}, {"lists": 32, "maxnreg": 96}, {"lists": 16}],
         "bwd_dq": [{"BLOCK_C": 128, "num_warps": 8}, {"rows": 64}],
         "bwd_dkdv": [{"rows": 32}, {"programs_per_sm": 16}, {"rows": 32, "programs_per_sm": 16},
                      {"num_stages": 3}],

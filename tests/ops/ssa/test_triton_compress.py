@@ -175,6 +175,25 @@ def test_topk_key32_split_rows_match_reference(case, dtype, m_split, lse_dot, mo
     assert torch.equal(got[True], got[False])
 
 
+@pytest.mark.parametrize("case,key32", [(0, True), (3, True), (3, False)])
+def test_topk_lists_match_one_list(case, key32, monkeypatch):
+    """Top-k kept in several lists per token (4 of 4 rows, or 8 of the 2 rows one thread holds) and merged at the
+    end: exactly the blocks of the single list (the lists' union holds every token's best blocks)."""
+    sizes, res, m_cmp, m_slc, hq, hkv, d, topk = CASES[case]
+    x = random_batch(sizes, res, seed=res + d + 13)
+    layout = layout_for(x.to(DEV), m_cmp, m_slc, m_slc, 0)
+    q, _, _, k_cmp, v_cmp, _ = make_inputs(x, layout, hq, hkv, d, seed=d + 13, device=DEV)
+    _, lse = tc.cmp_attention_fwd(q, k_cmp, v_cmp, layout, d**-0.5)
+    got = {}
+    for lists in (1, 4, 8):
+        for key in ("topk", "topk_seg"):
+            monkeypatch.setitem(tc.CONFIG, key, {**tc.CONFIG[key], "variant": "dot", "key32": key32, "rows": 64,
+                                                 "counted": True, "skip": False, "BLOCK_J": 16, "lists": lists})
+        got[lists] = tc.cmp_select_topk(q, k_cmp, lse, layout, topk, d**-0.5)
+    assert torch.equal(got[4], got[1]) and torch.equal(got[8], got[1])
+    assert bool((got[1] >= 0).any())
+
+
 def test_topk_default_falls_back_to_int64_keys(monkeypatch):
     """Samples with more selection blocks than int32 keys can tell apart use int64 keys with the other default
     options (forced here by a 0-bit limit): the same blocks as with int32 keys (no near-ties at this size)."""

@@ -336,6 +336,38 @@ def _topk_insert(best, score, jj, j_ok, s0, id_mask, NEG: tl.constexpr, KEY32: t
 
 
 @triton.jit
+def _topk_insert_lists(best, score, jj, j_ok, s0, id_mask, NEG: tl.constexpr, KEY32: tl.constexpr,
+                       TOPK: tl.constexpr, LISTS: tl.constexpr):
+    """``_topk_insert`` (counted rounds) into LISTS independent lists ``best`` [LISTS, TOPK_PAD, BLOCK_T]: list w
+    takes the tile's rows w·BLOCK_J/LISTS … (w + 1)·BLOCK_J/LISTS, which one warp holds in the transposed
+    tile's layout, so a round's maxima and minima stay inside a warp (no shared memory, no barrier). The lists'
+    union holds every token's top-k (each of its best blocks is among the best of its own list)."""
+    BLOCK_J: tl.constexpr = score.shape[0]
+    BLOCK_T: tl.constexpr = score.shape[1]
+    if KEY32:
+        key = (score.to(tl.int32, bitcast=True) & (-1 - id_mask)) | (id_mask - (jj - s0))[:, None]
+    else:
+        bits = score.to(tl.int32, bitcast=True).to(tl.int64)
+        key = (bits << 32) + (2147483647 - (jj - s0)).to(tl.int64)[:, None]
+    cand = tl.where(j_ok[:, None], key, NEG)
+    if LISTS == BLOCK_J // 2:
+        # list (16-row group, r) takes rows r and r + 8 of the group: the two rows one thread holds
+        cand = tl.reshape(tl.permute(tl.reshape(cand, [BLOCK_J // 16, 2, 8, BLOCK_T]), (0, 2, 1, 3)),
+                          [LISTS, 2, BLOCK_T])
+    else:
+        cand = tl.reshape(cand, [LISTS, BLOCK_J // LISTS, BLOCK_T])
+    t_min = tl.min(best, 1)
+    n_beat = tl.minimum(tl.sum((cand > t_min[:, None, :]).to(tl.int32), 1), TOPK)
+    for _ in range(tl.max(tl.max(n_beat, 1), 0)):
+        c_max = tl.max(cand, 1)
+        better = c_max > t_min
+        best = tl.where((best == t_min[:, None, :]) & better[:, None, :], c_max[:, None, :], best)
+        cand = tl.where(cand == c_max[:, None, :], NEG, cand)
+        t_min = tl.min(best, 1)
+    return best
+
+
+@triton.jit
 def _group_rows(Q, LSE, start, t1, g, r0, stride_qn, stride_qh, offs_d, d_ok, qk_scale,
                 HQ: tl.constexpr, HS: tl.constexpr, HS_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
                 ROWS: tl.constexpr, P_FP16: tl.constexpr, LSE_DOT: tl.constexpr):
@@ -393,7 +425,7 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
                          BLOCK_C: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
                          ONE_CMP_PER_SLC: tl.constexpr, DOT_PREC: tl.constexpr, P_FP16: tl.constexpr,
                          SKIP: tl.constexpr, EXP2: tl.constexpr, KEY32: tl.constexpr, M_SPLIT: tl.constexpr,
-                         COUNTED: tl.constexpr, LSE_DOT: tl.constexpr):
+                         COUNTED: tl.constexpr, LSE_DOT: tl.constexpr, LISTS: tl.constexpr):
     """Same result as ``_cmp_topk_kernel``, computed transposed: logits ``[blocks, rows]`` = K·Qᵀ, and the sum
     over the GQA group is a second tl.dot with a 0/1 ``[rows, tokens]`` matrix (probabilities in float16 for
     16-bit inputs: ≤ 2⁻¹¹ relative error per term), so the probabilities stay in the matmul register layout
@@ -433,10 +465,14 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
         # empty slots hold distinct negatives; padding slots (>= TOPK) hold the int max so they are never replaced
         init = tl.where(slot < TOPK, -1 - slot, 2147483647)
         best = tl.zeros([TOPK_PAD, BLOCK_T], tl.int32) + init[:, None]  # [slot, token]
+        if LISTS > 1:
+            best = tl.zeros([LISTS, TOPK_PAD, BLOCK_T], tl.int32) + init[None, :, None]  # [list, slot, token]
     else:
         NEG: tl.constexpr = -4611686018427387904
         init = tl.where(slot < TOPK, -1 - slot.to(tl.int64), 9223372036854775807)
         best = tl.zeros([TOPK_PAD, BLOCK_T], tl.int64) + init[:, None]
+        if LISTS > 1:
+            best = tl.zeros([LISTS, TOPK_PAD, BLOCK_T], tl.int64) + init[None, :, None]
     # SKIP: score of each token's weakest kept block (-1 while a slot is empty; scores are >= 0); later blocks
     # lose ties (higher ids), so a tile whose best score does not beat it for any token skips the insertion
     thr = tl.full([BLOCK_T], -1.0, tl.float32)
@@ -488,11 +524,21 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
                     thr = tl.where(t_min < 0, -1.0, (t_min & (-1 - id_mask)).to(tl.float32, bitcast=True))
                 else:
                     thr = tl.where(t_min < 0, -1.0, (t_min >> 32).to(tl.int32).to(tl.float32, bitcast=True))
+        elif LISTS > 1:
+            best = _topk_insert_lists(best, score, jj, j_ok, s0, id_mask, NEG, KEY32, TOPK, LISTS)
         else:
             best = _topk_insert(best, score, jj, j_ok, s0, id_mask, NEG, KEY32, COUNTED, TOPK)
 
-    best = tl.where(slot[:, None] < TOPK, best, NEG)
-    best = tl.sort(tl.trans(best), 1, descending=True)  # [BLOCK_T, TOPK_PAD]
+    if LISTS > 1:  # the lists' union: its TOPK largest keys, taken one by one, best first
+        union = tl.reshape(tl.where(slot[None, :, None] < TOPK, best, NEG), [LISTS * TOPK_PAD, BLOCK_T])
+        best = tl.zeros([BLOCK_T, TOPK_PAD], union.dtype) + NEG
+        for i in range(TOPK):
+            top = tl.max(union, 0)
+            best = tl.where(slot[None, :] == i, top[:, None], best)
+            union = tl.where(union == top[None, :], NEG, union)
+    else:
+        best = tl.where(slot[:, None] < TOPK, best, NEG)
+        best = tl.sort(tl.trans(best), 1, descending=True)  # [BLOCK_T, TOPK_PAD]
     if KEY32:
         local_id = id_mask - (best & id_mask)
     else:
@@ -683,10 +729,14 @@ def cmp_select_topk(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, lay
             block_j=cfg["BLOCK_J"], block_c=cfg["BLOCK_C"], esz=q.element_size(), lse_dot=cfg.get("lse_dot", False),
             one_cmp_per_slc=one)
         grid = (triton.cdiv(layout.max_seqlen, block_t), layout.batch_size, hkv)
+        lists = cfg.get("lists", 1)
+        if lists > 1 and (cfg.get("skip", True) or not cfg.get("counted", False) or cfg["BLOCK_J"] % lists):
+            raise ValueError(f"expected counted rounds without skip and BLOCK_J divisible by lists ({lists}) in the "
+                             f"top-k config, got {cfg}")
         _cmp_topk_dot_kernel[grid](*args, id_bits, BLOCK_T=block_t, P_FP16=q.dtype != torch.float32,
                                    SKIP=cfg.get("skip", True), EXP2=resolve_mode(cfg.get("exp2", "mufu"), q.device),
                                    KEY32=key32, M_SPLIT=m_split, COUNTED=cfg.get("counted", False),
-                                   LSE_DOT=cfg.get("lse_dot", False), num_stages=stages, **common)
+                                   LSE_DOT=cfg.get("lse_dot", False), LISTS=lists, num_stages=stages, **common)
     else:
         # the one-hot segment sum is a tl.dot, whose M dimension must be >= 16
         block_t = _block_t(cfg["rows"], meta["HS_PAD"], 1 if one else 16)
