@@ -27,7 +27,10 @@ every pass streams them all.
   instead of one float32 register per row and thread: ptxas for sm_90 counts 254 registers per thread for session
   4's kernel, 92 with key32 + m_split 4 + lse_dot (2 → 5 CTAs of 4 warps per SM). The v1.1 default (``topk``):
   all four options, no float pre-test (counted rounds skip a quiet tile anyway): 2.21 ms against 4.86 ms at
-  N = 134k on an H200; v1.0's (``topk_seg``) with m_split 2: 18.15 against 18.89 ms.
+  N = 134k on an H200; v1.0's (``topk_seg``) with m_split 2: 18.15 against 18.89 ms. ``lists`` (v1.1 default 32,
+  capped at BLOCK_J / 2): each token's running top-k in that many lists (``_topk_insert_lists``; at BLOCK_J / 2 a
+  list holds the two rows of a tile that one thread holds, so an insertion round stays in registers), merged once
+  at the end: 1.94 ms.
 - ``_cmp_bwd_dq_kernel`` / ``_cmp_bwd_dkdv_kernel``: FlashAttention-2 style backward. dK/dV split the sample's
   queries into ``n_chunks`` chunks (enough programs to fill the GPU although NBc is small) and write per-chunk
   partial sums that are added in a fixed order afterwards: deterministic, no atomics.
@@ -79,8 +82,14 @@ CONFIG = {
     # with m_split 4: 19.41 (no pre-test 18.54), m_split 2 without the pre-test 18.15 (this default).
     # Session 6: registers capped at 80 per thread (6 CTAs per SM instead of 5, no spill) 2.12 against 2.23 ms, but
     # ptxas then fails on other shapes (the sparse DiT's top-k needs 94): no cap
+    # Session 9 ("lists": the running top-k of a token kept in that many lists, at most BLOCK_J / 2: list = the
+    # two rows of the transposed tile that one thread holds, so an insertion round needs no shuffle, no shared
+    # memory and no barrier; merged once at the end; ncu: the rounds had been 37 % of the kernel, 3 barriers each):
+    # H200, N = 134k (ms): 2.212 (one list); 4 lists 2.134, 16 2.375, 32 2.069 (120 registers: 4 CTAs per SM),
+    # 32 with registers capped at 96 1.938 (this default; k = 1: 1.670)
     "topk": {"variant": "dot", "skip": False, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
-             "num_stages": 3, "exp2": "mufu", "key32": True, "m_split": 4, "counted": True, "lse_dot": True},
+             "num_stages": 3, "exp2": "mufu", "key32": True, "m_split": 4, "counted": True, "lse_dot": True,
+             "lists": 32, "maxnreg": 96},
     "topk_seg": {"variant": "dot", "skip": False, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
                  "num_stages": 2, "exp2": "mufu", "key32": True, "m_split": 2, "counted": True, "lse_dot": True},
     "bwd_dq": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
@@ -336,19 +345,16 @@ def _topk_insert(best, score, jj, j_ok, s0, id_mask, NEG: tl.constexpr, KEY32: t
 
 
 @triton.jit
-def _topk_insert_lists(best, score, jj, j_ok, s0, id_mask, NEG: tl.constexpr, KEY32: tl.constexpr,
-                       TOPK: tl.constexpr, LISTS: tl.constexpr):
-    """``_topk_insert`` (counted rounds) into LISTS independent lists ``best`` [LISTS, TOPK_PAD, BLOCK_T]: list w
-    takes the tile's rows w·BLOCK_J/LISTS … (w + 1)·BLOCK_J/LISTS, which one warp holds in the transposed
-    tile's layout, so a round's maxima and minima stay inside a warp (no shared memory, no barrier). The lists'
-    union holds every token's top-k (each of its best blocks is among the best of its own list)."""
+def _topk_insert_lists(best, score, jj, j_ok, s0, id_mask, NEG: tl.constexpr, TOPK: tl.constexpr,
+                       LISTS: tl.constexpr):
+    """``_topk_insert`` (counted rounds, int32 keys) into LISTS independent lists ``best`` [LISTS, TOPK_PAD, BLOCK_T]
+    of every token. LISTS = BLOCK_J / 2: list (16-row group, r) takes rows r and r + 8 of the group, the two rows
+    that one thread holds in the transposed tile's layout, so a round's maxima and minima stay in registers (no
+    shuffle, no shared memory, no barrier); otherwise list w takes the rows w·BLOCK_J/LISTS … (w + 1)·BLOCK_J/LISTS.
+    The lists' union holds every token's top-k (each of its best blocks is among the best of its own list)."""
     BLOCK_J: tl.constexpr = score.shape[0]
     BLOCK_T: tl.constexpr = score.shape[1]
-    if KEY32:
-        key = (score.to(tl.int32, bitcast=True) & (-1 - id_mask)) | (id_mask - (jj - s0))[:, None]
-    else:
-        bits = score.to(tl.int32, bitcast=True).to(tl.int64)
-        key = (bits << 32) + (2147483647 - (jj - s0)).to(tl.int64)[:, None]
+    key = (score.to(tl.int32, bitcast=True) & (-1 - id_mask)) | (id_mask - (jj - s0))[:, None]  # int32 keys only
     cand = tl.where(j_ok[:, None], key, NEG)
     if LISTS == BLOCK_J // 2:
         # list (16-row group, r) takes rows r and r + 8 of the group: the two rows one thread holds
@@ -471,8 +477,6 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
         NEG: tl.constexpr = -4611686018427387904
         init = tl.where(slot < TOPK, -1 - slot.to(tl.int64), 9223372036854775807)
         best = tl.zeros([TOPK_PAD, BLOCK_T], tl.int64) + init[:, None]
-        if LISTS > 1:
-            best = tl.zeros([LISTS, TOPK_PAD, BLOCK_T], tl.int64) + init[None, :, None]
     # SKIP: score of each token's weakest kept block (-1 while a slot is empty; scores are >= 0); later blocks
     # lose ties (higher ids), so a tile whose best score does not beat it for any token skips the insertion
     thr = tl.full([BLOCK_T], -1.0, tl.float32)
@@ -525,7 +529,7 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
                 else:
                     thr = tl.where(t_min < 0, -1.0, (t_min >> 32).to(tl.int32).to(tl.float32, bitcast=True))
         elif LISTS > 1:
-            best = _topk_insert_lists(best, score, jj, j_ok, s0, id_mask, NEG, KEY32, TOPK, LISTS)
+            best = _topk_insert_lists(best, score, jj, j_ok, s0, id_mask, NEG, TOPK, LISTS)
         else:
             best = _topk_insert(best, score, jj, j_ok, s0, id_mask, NEG, KEY32, COUNTED, TOPK)
 
@@ -729,10 +733,18 @@ def cmp_select_topk(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, lay
             block_j=cfg["BLOCK_J"], block_c=cfg["BLOCK_C"], esz=q.element_size(), lse_dot=cfg.get("lse_dot", False),
             one_cmp_per_slc=one)
         grid = (triton.cdiv(layout.max_seqlen, block_t), layout.batch_size, hkv)
-        lists = cfg.get("lists", 1)
-        if lists > 1 and (cfg.get("skip", True) or not cfg.get("counted", False) or cfg["BLOCK_J"] % lists):
-            raise ValueError(f"expected counted rounds without skip and BLOCK_J divisible by lists ({lists}) in the "
-                             f"top-k config, got {cfg}")
+        # several lists with counted rounds only (skip and round-by-round insertion keep one); a list takes at
+        # least two rows of a tile. Lists and the register cap are tuned for int32 keys, D <= 32 and 16 heads per
+        # group (the v1.1 shape): ptxas spills 3-6x more elsewhere, so other shapes keep one list and no cap
+        lists = min(cfg.get("lists", 1), cfg["BLOCK_J"] // 2)
+        if cfg.get("skip", True) or not cfg.get("counted", False):
+            lists = 1
+        if not (key32 and meta["BLOCK_D"] <= 32 and meta["HS_PAD"] == 16):
+            lists = 1
+            common.pop("maxnreg", None)
+        if lists > 1 and (cfg["BLOCK_J"] % lists or (lists == cfg["BLOCK_J"] // 2 and cfg["BLOCK_J"] % 16)):
+            raise ValueError(f"expected lists dividing BLOCK_J (lists = BLOCK_J / 2: BLOCK_J a multiple of 16) in "
+                             f"the top-k config, got {cfg}")
         _cmp_topk_dot_kernel[grid](*args, id_bits, BLOCK_T=block_t, P_FP16=q.dtype != torch.float32,
                                    SKIP=cfg.get("skip", True), EXP2=resolve_mode(cfg.get("exp2", "mufu"), q.device),
                                    KEY32=key32, M_SPLIT=m_split, COUNTED=cfg.get("counted", False),
