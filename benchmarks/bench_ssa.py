@@ -314,8 +314,11 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
         # (round 1 at 128 rows: bound + dot 2.11 ms, + mix4 2.12, online 1.95; bound + dot at 64 rows 1.86: the
         # default since); round 2: per-row adds and the online softmax at 64 rows,
         # and registers capped at 96 per thread (5 CTAs per SM instead of 4; ptxas: no spill in the loop)
+        # session 10: 6 CTAs per SM (ptxas sm_90: 80 registers without a spill at 2 stages; 32-block tiles 82
+        # uncapped, 80 capped without a spill; 3 stages at 80: 32 bytes of spill)
         "fwd": [{"rowsum": "reduce"}, {"shift": "online", "rowsum": "reduce"}, {"maxnreg": 96},
-                {"rowsum": "reduce", "maxnreg": 96}],
+                {"rowsum": "reduce", "maxnreg": 96}, {"num_stages": 2, "maxnreg": 80}, {"BLOCK_C": 32},
+                {"BLOCK_C": 32, "maxnreg": 80}],
         "topk_seg": [new4, {**new4, "skip": False}, {**new2, "skip": False}],
         # session 5 swept session 4's kernel (skip, int64 keys, m_split 1, no counted / lse_dot), with key32,
         # m_split 2, key32 + m_split 2 + counted, new2 with m_split 1, new2, new4 (with 2 stages, without counted),
@@ -324,7 +327,9 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
         # shared memory against 87, 36 KB; removed since) 2.614; FMA-pipe exps (mix4) 2.297. Round 2: registers
         # capped at 80 per thread (6 CTAs per SM instead of 5; ptxas: no spill). Session 9: the running top-k in
         # several lists per token (insertion rounds without shared memory or barriers), merged at the end
-        "topk": [{"lists": 4}, {"lists": 32}, {"lists": 32, "maxnreg": 96}, {"lists": 16}],
+        # session 10: 16 lists capped at 80 registers (6 CTAs per SM; ptxas: 88 bytes of spill against 32 lists' 184)
+        "topk": [{"lists": 4}, {"lists": 32}, {"lists": 32, "maxnreg": 96}, {"lists": 16},
+                 {"lists": 16, "maxnreg": 80}],
         "bwd_dq": [{"BLOCK_C": 128, "num_warps": 8}, {"rows": 64}],
         "bwd_dkdv": [{"rows": 32}, {"programs_per_sm": 16}, {"rows": 32, "programs_per_sm": 16},
                      {"num_stages": 3}],
@@ -387,9 +392,10 @@ def _sweep_slc(layout, topk, ins) -> list[dict]:
     # thread, 3 CTAs per SM), + mix4 5.39, per-row adds 4.64 (122 registers, 4 CTAs: the default since), the online
     # softmax 4.77, 64-row tiles 5.55. Round 2: 16-key tails, 16-key chunks (fewer registers), registers capped at
     # 96 per thread (5 CTAs per SM instead of 4; ptxas: no spill in the loop) alone and with 16-key tails, the tile
-    # table (one level of dependent loads less per tile) alone and with the register cap
-    for change in [{}, {"TAIL_N": 16}, {"BLOCK_N": 16}, {"maxnreg": 96}, {"TAIL_N": 16, "maxnreg": 96},
-                   {"tile_table": True}, {"tile_table": True, "maxnreg": 96}]:
+    # table (one level of dependent loads less per tile) alone and with the register cap. Session 10 (kv heads and
+    # slots compile-time constants: no integer division in the tile's prologue; ptxas sm_90 at the 96 cap: 56 bytes
+    # of spill instead of 80): the tile table again, 2 stages (40 bytes), no cap (126 registers, 4 CTAs per SM)
+    for change in [{}, {"tile_table": True}, {"num_stages": 2}, {"maxnreg": None}]:
         ba_kernels.FWD_CONFIG = {**default, **change}
         try:
             err = _rel_max(run(), base)

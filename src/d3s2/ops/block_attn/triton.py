@@ -86,7 +86,17 @@ DQ_PARTIAL_DTYPE = torch.bfloat16
 
 
 @triton.jit
-def _tile_rows(TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, t, num_lists, NB,
+def _list_head_block(lst_c, NB, HKV: tl.constexpr):
+    """(kv head, block) of list ``lst_c = head · NB + block`` by comparisons: no runtime integer division (a ~20
+    instruction sequence through the float reciprocal) on the tile's dependent-load path."""
+    g = lst_c * 0
+    for h in tl.static_range(1, HKV):
+        g += (lst_c >= h * NB).to(g.dtype)
+    return g, lst_c - g * NB
+
+
+@triton.jit
+def _tile_rows(TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, t, num_lists, NB, HKV: tl.constexpr,
                G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
     """Rows of tile t: (list id, kv head, block, entry position per row, row mask, head per row)."""
     lst = tl.load(TILE_LIST + t)
@@ -98,11 +108,13 @@ def _tile_rows(TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, t, num_lists, NB,
     ent = e_lo + chunk * (BLOCK_M // G_PAD) + rows // G_PAD
     head = rows % G_PAD
     row_ok = (ent < e_hi) & (head < G) & (lst < num_lists)
-    return lst, lst_c // NB, lst_c % NB, ent, row_ok, head
+    g, b = _list_head_block(lst_c, NB, HKV)
+    return lst, g, b, ent, row_ok, head
 
 
 @triton.jit
-def _table_rows(TABLE, t, num_lists, NB, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+def _table_rows(TABLE, t, num_lists, NB, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+                BLOCK_M: tl.constexpr):
     """``_tile_rows`` from one row of the tile table (list, first entry, list end, first key, key end): one level
     of dependent loads instead of two before the rows' entries, and the block's key range with it."""
     row = TABLE + t.to(tl.int64) * 8
@@ -116,7 +128,8 @@ def _table_rows(TABLE, t, num_lists, NB, G: tl.constexpr, G_PAD: tl.constexpr, B
     ent = e_lo + rows // G_PAD
     head = rows % G_PAD
     row_ok = (ent < e_hi) & (head < G) & (lst < num_lists)
-    return lst, lst_c // NB, lst_c % NB, ent, row_ok, head, k_lo, k_hi
+    g, b = _list_head_block(lst_c, NB, HKV)
+    return lst, g, b, ent, row_ok, head, k_lo, k_hi
 
 
 @triton.jit(do_not_specialize=["NB"])  # block counts change with every batch: no recompiles on their value
@@ -145,7 +158,7 @@ def _tile_table_kernel(TABLE, CUM, LIST_START, LIST_COUNT, BLOCK_OFF, NB, PER_TI
 
 
 @triton.jit
-def _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D: tl.constexpr,
+def _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV: tl.constexpr, D: tl.constexpr,
                BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, EXP2: tl.constexpr, MASK: tl.constexpr,
                BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr):
     """One softmax step over keys [start, start + BLOCK_N); MASK: the chunk may run past ``k_hi``.
@@ -154,7 +167,7 @@ def _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv,
     positive). BOUND: ``m_i`` is a fixed per-row shift ≥ every scaled logit (no max, no rescaling); ROWSUM_DOT:
     ``l_i`` is a [BLOCK_M, 16] accumulator of ``P · ones`` (row sums on the tensor cores)."""
     kn = start + tl.arange(0, BLOCK_N)
-    kv_off = (kn * Hkv + g) * D
+    kv_off = (kn * HKV + g) * D
     if MASK:
         k_ok = kn < k_hi
         kt = tl.load(K + kv_off[None, :] + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
@@ -199,21 +212,21 @@ def softmax_update(s, v, m_i, l_i, acc, scale_log2, DOT_PREC: tl.constexpr, EXP2
 
 
 @triton.jit
-def _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D: tl.constexpr,
+def _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV: tl.constexpr, D: tl.constexpr,
               BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, EXP2: tl.constexpr, SPLIT: tl.constexpr,
               TAIL_N: tl.constexpr, BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr):
     """Every key of the block [k_lo, k_hi); SPLIT: whole ``BLOCK_N`` chunks unmasked, the rest in ``TAIL_N``."""
     if SPLIT:
         k_full = k_lo + (k_hi - k_lo) // BLOCK_N * BLOCK_N
         for start in range(k_lo, k_full, BLOCK_N):
-            m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
+            m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV, D,
                                        BLOCK_N, DOT_PREC, EXP2, False, BOUND, ROWSUM_DOT)
         for start in range(k_full, k_hi, TAIL_N):
-            m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
+            m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV, D,
                                        TAIL_N, DOT_PREC, EXP2, True, BOUND, ROWSUM_DOT)
     else:
         for start in range(k_lo, k_hi, BLOCK_N):
-            m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
+            m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV, D,
                                        BLOCK_N, DOT_PREC, EXP2, True, BOUND, ROWSUM_DOT)
     return m_i, l_i, acc
 
@@ -225,8 +238,8 @@ def block_attn_fwd_kernel(
     Q, K, V, PO, PLSE, PBIG,  # q [N, Hq, D], k/v [N, Hkv, D], partial o [E, G, D], partial lse [E, G]
     ENTRY, TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, BLOCK_OFF, KMAX,  # KMAX [NB, Hkv] float32 (BOUND)
     TABLE,  # int32 [tiles, 8] tile table (TILE_TABLE)
-    scale_log2, num_lists, NB, HkvS, Hkv,
-    G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    scale_log2, num_lists, NB,
+    S: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, PART16: tl.constexpr,
     EXP2: tl.constexpr, SPLIT: tl.constexpr, TAIL_N: tl.constexpr, BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr,
     TILE_TABLE: tl.constexpr,
@@ -241,42 +254,44 @@ def block_attn_fwd_kernel(
     and key range from one row of ``TABLE`` (``_table_rows``) instead of the list tables."""
     t = tl.program_id(0)
     if TILE_TABLE:
-        lst, g, b, ent, row_ok, head, k_lo, k_hi = _table_rows(TABLE, t, num_lists, NB, G, G_PAD, BLOCK_M)
+        lst, g, b, ent, row_ok, head, k_lo, k_hi = _table_rows(TABLE, t, num_lists, NB, HKV, G, G_PAD, BLOCK_M)
     else:
         lst, g, b, ent, row_ok, head = _tile_rows(TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, t, num_lists, NB,
-                                                  G, G_PAD, BLOCK_M)
+                                                  HKV, G, G_PAD, BLOCK_M)
         k_lo = tl.load(BLOCK_OFF + b)
         k_hi = tl.load(BLOCK_OFF + b + 1)
     if lst < num_lists:
         f = tl.load(ENTRY + ent, mask=row_ok, other=0)
-        qi = f // HkvS
+        if BOUND:  # issued before the query rows' loads: its latency overlaps theirs
+            shift_scale = tl.load(KMAX + b * HKV + g) * scale_log2
+        qi = f // (HKV * S)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < D
-        qh = qi * (Hkv * G) + g * G + head  # row of q viewed as [N·Hq, D]
+        qh = qi * (HKV * G) + g * G + head  # row of q viewed as [N·Hq, D]
         q = tl.load(Q + qh[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         if BOUND:
             qf = q.to(tl.float32)
-            m_i = tl.sqrt(tl.sum(qf * qf, 1)) * (tl.load(KMAX + b * Hkv + g) * scale_log2)
+            m_i = tl.sqrt(tl.sum(qf * qf, 1)) * shift_scale
             if ROWSUM_DOT:
                 l_d = tl.zeros([BLOCK_M, 16], tl.float32)
-                m_i, l_d, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_d, acc, scale_log2, Hkv, D,
+                m_i, l_d, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_d, acc, scale_log2, HKV, D,
                                           BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, True, True)
                 l_i = tl.sum(l_d, 1)
             else:
                 l_i = tl.zeros([BLOCK_M], tl.float32)
-                m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
+                m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV, D,
                                           BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, True, False)
             if (k_hi > k_lo) & (tl.min(tl.where(row_ok, l_i, 1.0), 0) < 5.421010862427522e-20):  # 2^-64: rare
                 m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
                 l_i = tl.zeros([BLOCK_M], tl.float32)
                 acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-                m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
+                m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV, D,
                                           BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, False, False)
         else:
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
-            m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, Hkv, D,
+            m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV, D,
                                       BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, False, False)
         has = l_i > 0  # an empty block gives no keys: partial o 0, lse -inf
         o = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -397,19 +412,19 @@ def row_dot_kernel(A, B, OUT, R, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D
 def block_attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, PDQ,  # lse/delta [N, Hq] fp32, partial dq [E, G, D]
     ENTRY, TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, BLOCK_OFF,
-    scale, scale_log2, num_lists, NB, HkvS, Hkv,
-    G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    scale, scale_log2, num_lists, NB,
+    S: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     t = tl.program_id(0)
-    lst, g, b, ent, row_ok, head = _tile_rows(TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, t, num_lists, NB,
+    lst, g, b, ent, row_ok, head = _tile_rows(TILE_LIST, TILE_CUM, LIST_START, LIST_COUNT, t, num_lists, NB, HKV,
                                               G, G_PAD, BLOCK_M)
     if lst < num_lists:
         f = tl.load(ENTRY + ent, mask=row_ok, other=0)
-        qi = f // HkvS
+        qi = f // (HKV * S)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < D
-        qh = qi * (Hkv * G) + g * G + head
+        qh = qi * (HKV * G) + g * G + head
         qd_ok = row_ok[:, None] & d_ok[None, :]
         q = tl.load(Q + qh[:, None] * D + d[None, :], mask=qd_ok, other=0.0)
         do = tl.load(DO + qh[:, None] * D + d[None, :], mask=qd_ok, other=0.0)
@@ -421,7 +436,7 @@ def block_attn_bwd_dq_kernel(
         for start in range(k_lo, k_hi, BLOCK_N):
             kn = start + tl.arange(0, BLOCK_N)
             k_ok = kn < k_hi
-            kv_off = (kn * Hkv + g) * D
+            kv_off = (kn * HKV + g) * D
             kk = tl.load(K + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
             vt = tl.load(V + kv_off[None, :] + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
             s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * scale_log2
@@ -438,8 +453,8 @@ def block_attn_bwd_dq_kernel(
 def block_attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     ENTRY, KT_BLOCK, KT_CUM, LIST_START, LIST_COUNT, BLOCK_OFF,
-    scale, scale_log2, NB, HkvS, Hkv,
-    G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    scale, scale_log2, NB,
+    S: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """One program per (key tile of a block, kv head): loops over every entry that selected the block."""
@@ -454,7 +469,7 @@ def block_attn_bwd_dkdv_kernel(
         d = tl.arange(0, BLOCK_D)
         d_ok = d < D
         kd_ok = k_ok[:, None] & d_ok[None, :]
-        kv_off = (kn * Hkv + g) * D
+        kv_off = (kn * HKV + g) * D
         kk = tl.load(K + kv_off[:, None] + d[None, :], mask=kd_ok, other=0.0)
         vv = tl.load(V + kv_off[:, None] + d[None, :], mask=kd_ok, other=0.0)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -468,7 +483,7 @@ def block_attn_bwd_dkdv_kernel(
             ent = e0 + rows // G_PAD
             row_ok = (ent < e_hi) & (head < G)
             f = tl.load(ENTRY + ent, mask=row_ok, other=0)
-            qh = (f // HkvS) * (Hkv * G) + g * G + head
+            qh = (f // (HKV * S)) * (HKV * G) + g * G + head
             qd_ok = row_ok[:, None] & d_ok[None, :]
             q = tl.load(Q + qh[:, None] * D + d[None, :], mask=qd_ok, other=0.0)
             do = tl.load(DO + qh[:, None] * D + d[None, :], mask=qd_ok, other=0.0)
@@ -696,7 +711,7 @@ def block_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offs
     kmax = segment_max_norm(k, block_offsets) if shift == "bound" else lse
     block_attn_fwd_kernel[(bound,)](
         q, k, v, po, plse, big, plan.entry, tile_list, tile_cum, plan.list_start, plan.list_count, block_offsets,
-        kmax, table, scale * LOG2E, num_lists, plan.num_blocks, hkv * s, hkv, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
+        kmax, table, scale * LOG2E, num_lists, plan.num_blocks, S=s, HKV=hkv, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
         PART16=part16, EXP2=resolve_mode(cfg["exp2"], q.device), SPLIT=cfg["split"], BOUND=shift == "bound",
         ROWSUM_DOT=shift == "bound" and cfg.get("rowsum", "reduce") == "dot", TILE_TABLE=cfg.get("tile_table", False),
         TAIL_N=min(cfg["TAIL_N"] or cfg["BLOCK_N"], cfg["BLOCK_N"]), num_warps=cfg["num_warps"],
@@ -740,7 +755,7 @@ def block_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                                                    device=q.device)
     block_attn_bwd_dq_kernel[(bound,)](
         q, k, v, do, lse, delta, pdq, plan.entry, tile_list, tile_cum, plan.list_start, plan.list_count,
-        block_offsets, scale, scale * LOG2E, num_lists, nb, hkv * s, hkv,
+        block_offsets, scale, scale * LOG2E, num_lists, nb, S=s, HKV=hkv,
         BLOCK_M=block_m, BLOCK_N=dq_cfg["BLOCK_N"], num_warps=dq_cfg["num_warps"],
         num_stages=dq_cfg["num_stages"], **meta)
     if block_idx is not None:
@@ -752,7 +767,7 @@ def block_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     kt_block, kt_cum = _tiles(lengths, block_n, kt_bound)
     block_attn_bwd_dkdv_kernel[(kt_bound, hkv)](
         q, k, v, do, lse, delta, dk, dv, plan.entry, kt_block, kt_cum, plan.list_start, plan.list_count,
-        block_offsets, scale, scale * LOG2E, nb, hkv * s, hkv,
+        block_offsets, scale, scale * LOG2E, nb, S=s, HKV=hkv,
         BLOCK_M=_block_m(dkdv_cfg, meta["G_PAD"]), BLOCK_N=block_n, num_warps=dkdv_cfg["num_warps"],
         num_stages=dkdv_cfg["num_stages"], **meta)
     return dq, dk, dv
