@@ -318,7 +318,8 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
         # uncapped, 80 capped without a spill; 3 stages at 80: 32 bytes of spill)
         "fwd": [{"rowsum": "reduce"}, {"shift": "online", "rowsum": "reduce"}, {"maxnreg": 96},
                 {"rowsum": "reduce", "maxnreg": 96}, {"num_stages": 2, "maxnreg": 80}, {"BLOCK_C": 32},
-                {"BLOCK_C": 32, "maxnreg": 80}],
+                {"BLOCK_C": 32, "maxnreg": 80}, {"num_stages": 3, "maxnreg": None},
+                {"rows": 128, "num_warps": 8}],
         "topk_seg": [new4, {**new4, "skip": False}, {**new2, "skip": False}],
         # session 5 swept session 4's kernel (skip, int64 keys, m_split 1, no counted / lse_dot), with key32,
         # m_split 2, key32 + m_split 2 + counted, new2 with m_split 1, new2, new4 (with 2 stages, without counted),
@@ -327,9 +328,11 @@ def _sweep(layout, topk, ins, do, kernels: list[str]) -> list[dict]:
         # shared memory against 87, 36 KB; removed since) 2.614; FMA-pipe exps (mix4) 2.297. Round 2: registers
         # capped at 80 per thread (6 CTAs per SM instead of 5; ptxas: no spill). Session 9: the running top-k in
         # several lists per token (insertion rounds without shared memory or barriers), merged at the end
-        # session 10: 16 lists capped at 80 registers (6 CTAs per SM; ptxas: 88 bytes of spill against 32 lists' 184)
+        # session 10: 16 lists capped at 80 registers (6 CTAs per SM; ptxas: 88 bytes of spill against 32 lists' 184);
+        # 128-row tiles (8 tokens: the 32 lists take half the registers; ptxas: 72 without a spill, 7 CTAs per SM)
         "topk": [{"lists": 4}, {"lists": 32}, {"lists": 32, "maxnreg": 96}, {"lists": 16},
-                 {"lists": 16, "maxnreg": 80}],
+                 {"lists": 16, "maxnreg": 80}, {"rows": 128, "maxnreg": 72}, {"rows": 128, "maxnreg": 80},
+                 {"rows": 128, "m_split": 2, "maxnreg": 80}],
         "bwd_dq": [{"BLOCK_C": 128, "num_warps": 8}, {"rows": 64}],
         "bwd_dkdv": [{"rows": 32}, {"programs_per_sm": 16}, {"rows": 32, "programs_per_sm": 16},
                      {"num_stages": 3}],
@@ -415,7 +418,7 @@ def _sweep_slc(layout, topk, ins) -> list[dict]:
     default_c = dict(ba_kernels.COMBINE_CONFIG)
     base = run()
     best = None
-    for change in [{}, {"rows": 32}]:
+    for change in [{}, {"rows": 64}]:
         ba_kernels.COMBINE_CONFIG = {**default_c, **change}
         try:
             err = _rel_max(run(), base)

@@ -73,7 +73,8 @@ BWD_DKDV_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 
 # unrolled at compile time (S a constexpr: all S loads of a program in flight at once) or a runtime loop.
 # Session 6 (selection forward, ms): unrolled 4.61 against 4.67 (the combine alone 0.64 against 0.68: 2.6 GB at
 # 4.1 TB/s); 128-row programs 4.94, 32-row 4.40 against 4.42.
-COMBINE_CONFIG = {"rows": 64, "num_warps": 4, "unroll": True}
+# Session 10: 32-row programs 4.275 against 4.320 ms (the sweep's 1 % rule; session 6: 4.40 against 4.42).
+COMBINE_CONFIG = {"rows": 32, "num_warps": 4, "unroll": True}
 ROW_DOT_ELEMS = 8192  # elements per program of the Δ = rowsum(O·dO) kernel
 SEGMENT_NORM_TOKENS = 64  # tokens per step of the segment max-norm kernel (the BOUND forwards' shift)
 # Storage of the forward's partial outputs for 16-bit inputs: torch.float16 (see the module docstring: float16,
