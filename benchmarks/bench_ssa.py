@@ -397,7 +397,8 @@ def _sweep_slc(layout, topk, ins) -> list[dict]:
     # 96 per thread (5 CTAs per SM instead of 4; ptxas: no spill in the loop) alone and with 16-key tails, the tile
     # table (one level of dependent loads less per tile) alone and with the register cap. Session 10 (kv heads and
     # slots compile-time constants: no integer division in the tile's prologue; ptxas sm_90 at the 96 cap: 56 bytes
-    # of spill instead of 80): the tile table again, 2 stages (40 bytes), no cap (126 registers, 4 CTAs per SM)
+    # of spill instead of 80), ms: 4.32, the tile table 4.33, 2 stages (40 bytes) 4.47, no cap (126 registers, 4 CTAs
+    # per SM) 4.51; |q| from squared row norms computed before the launch (branch qnorm10) 4.48 against 4.32
     for change in [{}, {"tile_table": True}, {"num_stages": 2}, {"maxnreg": None}]:
         ba_kernels.FWD_CONFIG = {**default, **change}
         try:
