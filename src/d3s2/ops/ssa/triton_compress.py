@@ -674,6 +674,12 @@ def _common(q: torch.Tensor, hq: int, hkv: int, d: int) -> dict:
             "DOT_PREC": "ieee" if q.dtype == torch.float32 else "tf32"}
 
 
+def _paper_heads(meta: dict) -> bool:
+    """D ≤ 32 and 16 query heads per kv head (the paper's shape): where the register caps and the top-k's lists
+    were tuned; ptxas spills several times more elsewhere, so other shapes run uncapped."""
+    return meta["BLOCK_D"] <= 32 and meta["HS_PAD"] == 16
+
+
 def _block_t(rows: int, hs_pad: int, minimum: int = 1) -> int:
     return max(minimum, rows // hs_pad)
 
@@ -695,8 +701,7 @@ def cmp_attention_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
         raise ValueError(f"expected shift 'online' or 'bound' in the compressed forward config, got {shift!r}")
     bound = shift == "bound" and q.dtype != torch.float16  # float16 probabilities underflow (see block_attn)
     kmax = segment_max_norm(k_cmp, layout.cu_cmp) if bound else lse
-    # the register cap is tuned for the paper's shape (16-bit, D <= 32, 16 heads per group); elsewhere it spills
-    tuned = q.element_size() == 2 and meta["BLOCK_D"] <= 32 and meta["HS_PAD"] == 16
+    tuned = q.element_size() == 2 and _paper_heads(meta)  # the register cap: 16-bit inputs of the paper's shape
     _cmp_fwd_kernel[grid](q, k_cmp, v_cmp, o, lse, layout.cu_seqlens, layout.cu_cmp, kmax,
                           q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), o.stride(0), o.stride(1),
                           scale * LOG2E, HKV=hkv, BLOCK_T=block_t, BLOCK_C=cfg["BLOCK_C"],
@@ -744,7 +749,7 @@ def cmp_select_topk(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, lay
         lists = min(cfg.get("lists", 1), cfg["BLOCK_J"] // 2)
         if cfg.get("skip", True) or not cfg.get("counted", False):
             lists = 1
-        if not (key32 and meta["BLOCK_D"] <= 32 and meta["HS_PAD"] == 16):
+        if not (key32 and _paper_heads(meta)):
             lists = 1
             common.pop("maxnreg", None)
         if lists > 1 and (cfg["BLOCK_J"] % lists or (lists == cfg["BLOCK_J"] // 2 and cfg["BLOCK_J"] % 16)):
