@@ -80,7 +80,8 @@ def test_app_in_chromium(tiny_weights, tmp_path, browser):
         _wait_for(browser, "#mask-preview img")  # the conditioner's view and the mask
         browser.find_element(By.CSS_SELECTOR, "#generate-button").click()
         link = _wait_for(browser, "#result-viewer [data-testid=model3d-download-link]")[0]
-        canvas = browser.find_element(By.CSS_SELECTOR, "#result-viewer canvas")
+        # The viewer's canvas mounts after its 3D engine is imported, which can lag the link on a loaded machine.
+        canvas = _wait_for(browser, "#result-viewer canvas")[0]
         assert "faces" in _wait_for(browser, "#result-info p")[0].text
 
         # The viewer's file is a GLB with the mesh.
