@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 import d3s2.ops.ssa as ssa_ops
 from d3s2.ops._backend import use_backend
-from d3s2.ops.block_attn import selection_attention, window_attention
+from d3s2.ops.block_attn import selection_attention, triton_plan, window_attention
 from d3s2.ops.block_attn import triton as ba_kernels
 from d3s2.ops.ssa import build_ssa_layout, spatial_sparse_attention
 from d3s2.ops.ssa import triton_combine as tcomb
@@ -435,6 +435,37 @@ def _sweep_slc(layout, topk, ins) -> list[dict]:
     return rows
 
 
+def _sweep_plan(layout, topk, ins) -> list[dict]:
+    """The selection plan (entries grouped by block) by torch.sort and by the Triton counting sort under several
+    configs; the fastest (by at least 1 %) that gives the sort's plan exactly is then used."""
+    q, k, v, kc, vc, _ = (t.detach() for t in ins)
+    scale = D**-0.5
+    idx = tc.cmp_select_topk(q, kc, tc.cmp_attention_fwd(q, kc, vc, layout, scale)[1], layout, topk, scale)
+    idx = idx.to(torch.int32).contiguous()
+    nb = layout.slc_offsets.numel() - 1
+    ref = ba_kernels.selection_plan(idx, nb, method="sort")
+    default = dict(triton_plan.CONFIG)
+    rows, best = [], None
+    for method, change in [("sort", {}), ("count", {}), ("count", {"histogram": False}),
+                           ("count", {"chunk": 2048, "num_warps": 4}), ("count", {"chunk": 8192, "histogram": False})]:
+        triton_plan.CONFIG.update({**default, **change})
+        try:
+            got = ba_kernels.selection_plan(idx, nb, method=method)
+            # fraction of the entries placed elsewhere than by the sort; 1 if a list bound differs (0: same plan)
+            lists_ok = torch.equal(got.list_start, ref.list_start) and torch.equal(got.list_count, ref.list_count)
+            diff = (got.entry != ref.entry).float().mean().item() if lists_ok else 1.0
+            ms = _bench(lambda m=method: ba_kernels.selection_plan(idx, nb, method=m))
+            if diff == 0 and (best is None or ms < best[0] * 0.99):
+                best = (ms, method, dict(triton_plan.CONFIG))
+            rows.append({"kernel": "plan", "method": method, **triton_plan.CONFIG, "ms": ms, "diff_vs_default": diff})
+        except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
+            rows.append({"kernel": "plan", "method": method, **triton_plan.CONFIG, "error": repr(e)[:300]})
+        print(json.dumps(rows[-1]), flush=True)
+    triton_plan.CONFIG.update(best[2] if best else default)
+    ba_kernels.PLAN_METHOD = best[1] if best else "auto"
+    return rows
+
+
 def _sweep_win(layout, ins) -> list[dict]:
     """The window forward (plan + kernel) under several block_attn forward configs, starting from its own default;
     the fastest whose output matches (to 2⁻¹⁰ of its largest magnitude, 2⁻⁶ for another exp2 or shift) becomes
@@ -477,7 +508,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="8192,16384,32768,65536,131072")
     ap.add_argument("--configs", default="v1.1,v1.0")
     ap.add_argument("--sweep", default="", help="comma-separated kernels (compressed: fwd, topk (either config's), "
-                    "topk_seg (v1.0's only), bwd_dq, bwd_dkdv; "
+                    "topk_seg (v1.0's only), bwd_dq, bwd_dkdv; plan: the selection's entry grouping; "
                     " slc / win: the selection / window forward) to sweep at the largest N before measuring it; the "
                     "fastest valid config of each is then used")
     ap.add_argument("--no-batch", action="store_true", help="skip the ragged batch")
@@ -522,9 +553,10 @@ def main() -> None:
             last = keys == [sizes[-1]] or args.tiny
             if last and args.sweep:
                 kernels = args.sweep.split(",")
-                rows = _sweep_slc(layout, cfg["topk"], ins) if "slc" in kernels else []
+                rows = _sweep_plan(layout, cfg["topk"], ins) if "plan" in kernels else []
+                rows += _sweep_slc(layout, cfg["topk"], ins) if "slc" in kernels else []
                 rows += _sweep_win(layout, ins) if "win" in kernels else []
-                kernels = [kk for kk in kernels if kk not in ("slc", "win")]
+                kernels = [kk for kk in kernels if kk not in ("plan", "slc", "win")]
                 result.setdefault("sweep", {})[name] = rows + _sweep(layout, cfg["topk"], ins, do, kernels)
             if sdpa is None:
                 sdpa = _sdpa(layout, ins, do)
@@ -562,6 +594,7 @@ def _record_used(result: dict) -> None:
     result["setup"]["block_attn_fwd_config_used"] = dict(ba_kernels.FWD_CONFIG)
     result["setup"]["window_fwd_config_used"] = ba_kernels.WIN_FWD_CONFIG
     result["setup"]["combine_config_used"] = dict(ba_kernels.COMBINE_CONFIG)
+    result["setup"]["plan_used"] = {"method": ba_kernels.PLAN_METHOD, **triton_plan.CONFIG}
 
 
 def _write(result: dict, out: Path, quiet: bool = False) -> None:
@@ -612,7 +645,8 @@ def _write(result: dict, out: Path, quiet: bool = False) -> None:
             cfg = {k: v for k, v in r.items() if k not in ("kernel", "ms", "tflops", "diff_vs_default", "error")}
             win = cfg == {"slc": result["setup"]["block_attn_fwd_config_used"],
                           "win": result["setup"]["window_fwd_config_used"],
-                          "slc combine": result["setup"]["combine_config_used"]}.get(r["kernel"], used.get(r["kernel"]))
+                          "slc combine": result["setup"]["combine_config_used"],
+                          "plan": result["setup"].get("plan_used")}.get(r["kernel"], used.get(r["kernel"]))
             lines.append(f"| {r['kernel']}{' *' if win else ''} | {json.dumps(cfg)} | "
                          + (f"{r['ms']:.3f} | {r.get('tflops', float('nan')):.0f} | {r['diff_vs_default']:.2e} |"
                             if "ms" in r else f"error: {r['error'][:120]} | | |"))

@@ -265,6 +265,55 @@ def test_selection_plan_lists_match_a_bincount(nb):
     assert torch.equal(plan.entry.long(), torch.sort(key, stable=True).indices)
 
 
+@pytest.mark.parametrize("histogram", [True, False], ids=["histogram", "atomic"])
+@pytest.mark.parametrize("n,hkv,s,nb", [(37, 2, 4, 6), (50, 1, 3, 40), (1, 3, 5, 2), (9, 2, 8, 700)])
+def test_counting_plan_equals_the_stable_sort(n, hkv, s, nb, histogram, monkeypatch):
+    """The Triton counting sort gives the torch.sort plan exactly: several chunks and a partial last one, empty and
+    out-of-range slots, more keys than a chunk has entries (nb 700), one kv head."""
+    from d3s2.ops.block_attn import triton as kernels
+    from d3s2.ops.block_attn import triton_plan
+
+    monkeypatch.setitem(triton_plan.CONFIG, "chunk", 64)  # small chunks: several per case, quick in the interpreter
+    monkeypatch.setitem(triton_plan.CONFIG, "num_warps", 4)
+    monkeypatch.setitem(triton_plan.CONFIG, "histogram", histogram)
+    idx = random_selection(n, hkv, s, nb, empty_frac=0.25).to(DEV)
+    idx.view(-1)[::7] = nb  # out of range: an empty slot
+    got = kernels.selection_plan(idx, nb, method="count")
+    ref = kernels.selection_plan(idx, nb, method="sort")
+    assert torch.equal(got.entry, ref.entry)
+    assert torch.equal(got.list_start, ref.list_start) and torch.equal(got.list_count, ref.list_count)
+    assert got.list_count.sum() < n * hkv * s  # the case has empty slots, grouped after every list
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("histogram", [True, False], ids=["histogram", "atomic"])
+def test_counting_plan_full_size(histogram, monkeypatch):
+    """The default chunks on the GPU: 134k queries × 2 kv heads × 8 slots over 994 blocks, as the benchmark's."""
+    from d3s2.ops.block_attn import triton as kernels
+    from d3s2.ops.block_attn import triton_plan
+
+    monkeypatch.setitem(triton_plan.CONFIG, "histogram", histogram)
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    idx = torch.randint(-1, 994, (133_758, 2, 8), generator=gen, device="cuda", dtype=torch.int32)  # -1: empty
+    got = kernels.selection_plan(idx, 994, method="count")
+    ref = kernels.selection_plan(idx, 994, method="sort")
+    assert torch.equal(got.entry, ref.entry)
+    assert torch.equal(got.list_start, ref.list_start) and torch.equal(got.list_count, ref.list_count)
+
+
+def test_counting_plan_edges():
+    from d3s2.ops.block_attn import triton as kernels
+    from d3s2.ops.block_attn import triton_plan
+
+    empty = kernels.selection_plan(torch.zeros(0, 2, 4, dtype=torch.int32, device=DEV), 5, method="count")
+    assert empty.entry.numel() == 0 and empty.list_count.tolist() == [0] * 10
+    too_many = triton_plan.MAX_LISTS // 2 + 1
+    with pytest.raises(ValueError, match="at most 8189 lists"):
+        kernels.selection_plan(torch.zeros(1, 2, 1, dtype=torch.int32, device=DEV), too_many, method="count")
+    with pytest.raises(ValueError, match="plan method"):
+        kernels.selection_plan(torch.zeros(1, 2, 1, dtype=torch.int32, device=DEV), 3, method="radix")
+
+
 @pytest.mark.parametrize("mode,split,case", [("poly", True, 3), ("mufu", False, 0)]
                          + ([("mix", False, 3), ("mix4", True, 0)] if DEV == "cuda" else []))
 def test_forward_exp2_modes_and_split(mode, split, case, monkeypatch):

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from .._exp2 import exp2, resolve_mode
+from . import triton_plan
 
 LOG2E = 1.4426950408889634
 
@@ -75,6 +76,9 @@ BWD_DKDV_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 
 # 4.1 TB/s); 128-row programs 4.94, 32-row 4.40 against 4.42.
 # Session 10: 32-row programs 4.275 against 4.320 ms (the sweep's 1 % rule; session 6: 4.40 against 4.42).
 COMBINE_CONFIG = {"rows": 32, "num_warps": 4, "unroll": True}
+# Selection plan (entries grouped by block): "auto", "count" (Triton counting sort) or "sort" (torch.sort); see
+# ``selection_plan``.
+PLAN_METHOD = "auto"
 ROW_DOT_ELEMS = 8192  # elements per program of the Δ = rowsum(O·dO) kernel
 SEGMENT_NORM_TOKENS = 64  # tokens per step of the segment max-norm kernel (the BOUND forwards' shift)
 # Storage of the forward's partial outputs for 16-bit inputs: torch.float16 (see the module docstring: float16,
@@ -528,9 +532,21 @@ def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def selection_plan(block_idx: torch.Tensor, num_blocks: int) -> BlockAttnPlan:
-    """Group the entries of ``block_idx`` [N, Hkv, S] by (kv head, block) with a stable GPU sort."""
+def selection_plan(block_idx: torch.Tensor, num_blocks: int, method: str | None = None) -> BlockAttnPlan:
+    """Group the entries of ``block_idx`` [N, Hkv, S] by (kv head, block), in ascending entry order per list.
+
+    ``method`` (None: ``PLAN_METHOD``): "count" (:mod:`.triton_plan`, two Triton kernels), "sort" (a stable
+    ``torch.sort``), "auto" ("count" on CUDA when the lists fit its histogram, else "sort"). Same plan from each.
+    """
     n, hkv, s = block_idx.shape
+    method = method or PLAN_METHOD
+    if method not in ("auto", "count", "sort"):
+        raise ValueError(f"expected plan method 'auto', 'count' or 'sort', got {method!r}")
+    if method == "auto":
+        method = "count" if block_idx.is_cuda and hkv * num_blocks + 1 <= triton_plan.MAX_LISTS else "sort"
+    if method == "count":
+        entry, start, count = triton_plan.counting_plan(block_idx.to(torch.int32).contiguous(), num_blocks)
+        return BlockAttnPlan(entry, start, count, s, num_blocks)
     idx = block_idx.to(torch.int32)
     g = torch.arange(hkv, device=idx.device, dtype=torch.int32)[None, :, None]
     sentinel = hkv * num_blocks
@@ -663,7 +679,7 @@ def _partial_buffer(q: torch.Tensor, v: torch.Tensor, rows: int, g: int, partial
     if pdt == torch.bfloat16:
         big = torch.ones(1, dtype=torch.int32, device=q.device)
     elif v.dtype == torch.bfloat16:  # on the device: no host sync
-        big = (v.abs().amax() > F16_SAFE_ABS).to(torch.int32).reshape(1)
+        big = (torch.linalg.vector_norm(v, float("inf")) > F16_SAFE_ABS).to(torch.int32).reshape(1)  # one pass
     else:  # float16 values cannot exceed float16's range
         big = torch.zeros(1, dtype=torch.int32, device=q.device)
     return torch.empty(rows, g, q.shape[2], dtype=torch.int16, device=q.device), big, True
