@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 import d3s2.ops.ssa as ssa_ops
 from d3s2.ops._backend import use_backend
-from d3s2.ops.block_attn import selection_attention, triton_plan, window_attention
+from d3s2.ops.block_attn import selection_attention, window_attention
 from d3s2.ops.block_attn import triton as ba_kernels
 from d3s2.ops.ssa import build_ssa_layout, spatial_sparse_attention
 from d3s2.ops.ssa import triton_combine as tcomb
@@ -196,6 +196,8 @@ def _measure(layout, topk: int, ins, do, with_branches: bool = True) -> dict:
         return spatial_sparse_attention(*leaves, layout, topk=topk, backend="triton")
 
     row = {"fwd_ms": _bench(op)}
+    with torch.no_grad():  # inference: no autograd graph, the selection's forward-only plan (atomic on CUDA)
+        row["fwd_ms_inference"] = _bench(op)
     o = op()
     row["bwd_ms"] = _bench(lambda o=o: torch.autograd.grad(o, leaves, do, retain_graph=True))
     row["fwd_bwd_ms"] = _bench(lambda: torch.autograd.grad(op(), leaves, do))
@@ -216,8 +218,8 @@ def _measure(layout, topk: int, ins, do, with_branches: bool = True) -> dict:
     off = layout.slc_offsets
     br["slc_fwd_ms"] = _bench(lambda: selection_attention(q, k, v, off, idx, scale=scale, backend="triton"))
     # where the selection forward goes: the plan (a sort of the entries by block) vs the kernel + partial combine
-    br["slc_plan_ms"] = _bench(lambda: ba_kernels.selection_plan(idx, off.numel() - 1))
-    plan = ba_kernels.selection_plan(idx, off.numel() - 1)
+    br["slc_plan_ms"] = _bench(lambda: ba_kernels.selection_plan(idx, off.numel() - 1, forward_only=True))
+    plan = ba_kernels.selection_plan(idx, off.numel() - 1, forward_only=True)
     br["slc_kernel_combine_ms"] = _bench(lambda: ba_kernels.block_attn_fwd(q, k, v, off, idx, plan, scale))
     br["slc_combine_ms"] = _combine_ms(q, k, v, idx, plan)
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
@@ -436,33 +438,23 @@ def _sweep_slc(layout, topk, ins) -> list[dict]:
 
 
 def _sweep_plan(layout, topk, ins) -> list[dict]:
-    """The selection plan (entries grouped by block) by torch.sort and by the Triton counting sort under several
-    configs; the fastest (by at least 1 %) that gives the sort's plan exactly is then used."""
+    """The selection plan (entries grouped by block) of a forward by each method: time, and whether it has the
+    sort plan's lists (the atomic plan's order within a list may differ). Reported only: "auto" stays."""
     q, k, v, kc, vc, _ = (t.detach() for t in ins)
     scale = D**-0.5
     idx = tc.cmp_select_topk(q, kc, tc.cmp_attention_fwd(q, kc, vc, layout, scale)[1], layout, topk, scale)
     idx = idx.to(torch.int32).contiguous()
     nb = layout.slc_offsets.numel() - 1
     ref = ba_kernels.selection_plan(idx, nb, method="sort")
-    default = dict(triton_plan.CONFIG)
-    rows, best = [], None
-    for method, change in [("sort", {}), ("count", {}), ("count", {"histogram": False}),
-                           ("count", {"chunk": 2048, "num_warps": 4}), ("count", {"chunk": 8192, "histogram": False})]:
-        triton_plan.CONFIG.update({**default, **change})
-        try:
-            got = ba_kernels.selection_plan(idx, nb, method=method)
-            # fraction of the entries placed elsewhere than by the sort; 1 if a list bound differs (0: same plan)
-            lists_ok = torch.equal(got.list_start, ref.list_start) and torch.equal(got.list_count, ref.list_count)
-            diff = (got.entry != ref.entry).float().mean().item() if lists_ok else 1.0
-            ms = _bench(lambda m=method: ba_kernels.selection_plan(idx, nb, method=m))
-            if diff == 0 and (best is None or ms < best[0] * 0.99):
-                best = (ms, method, dict(triton_plan.CONFIG))
-            rows.append({"kernel": "plan", "method": method, **triton_plan.CONFIG, "ms": ms, "diff_vs_default": diff})
-        except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
-            rows.append({"kernel": "plan", "method": method, **triton_plan.CONFIG, "error": repr(e)[:300]})
+    rows = []
+    for method in ("sort", "atomic"):
+        got = ba_kernels.selection_plan(idx, nb, method=method)
+        same = torch.equal(got.list_start, ref.list_start) and torch.equal(got.list_count, ref.list_count)
+        for lo, c in zip(ref.list_start.tolist(), ref.list_count.tolist()):  # each list as a set
+            same = same and torch.equal(got.entry[lo:lo + c].sort().values, ref.entry[lo:lo + c])
+        ms = _bench(lambda m=method: ba_kernels.selection_plan(idx, nb, method=m))
+        rows.append({"kernel": "plan", "method": method, "ms": ms, "diff_vs_default": 0.0 if same else 1.0})
         print(json.dumps(rows[-1]), flush=True)
-    triton_plan.CONFIG.update(best[2] if best else default)
-    ba_kernels.PLAN_METHOD = best[1] if best else "auto"
     return rows
 
 
@@ -594,7 +586,7 @@ def _record_used(result: dict) -> None:
     result["setup"]["block_attn_fwd_config_used"] = dict(ba_kernels.FWD_CONFIG)
     result["setup"]["window_fwd_config_used"] = ba_kernels.WIN_FWD_CONFIG
     result["setup"]["combine_config_used"] = dict(ba_kernels.COMBINE_CONFIG)
-    result["setup"]["plan_used"] = {"method": ba_kernels.PLAN_METHOD, **triton_plan.CONFIG}
+    result["setup"]["plan_used"] = {"method": ba_kernels.PLAN_METHOD}
 
 
 def _write(result: dict, out: Path, quiet: bool = False) -> None:
@@ -625,9 +617,13 @@ def _write(result: dict, out: Path, quiet: bool = False) -> None:
             f"| {b['cmp_bwd_ms']:.2f} | {b['slc_bwd_ms']:.2f} | {b['win_bwd_ms']:.2f} "
             f"| {b['combine_fwd_ms']:.2f}/{b['combine_bwd_ms']:.2f} | {s['peak_extra_mb_fwd_bwd']:.0f} |")
     for r in result["rows"]:
-        b = r["ssa"]["branches"]
+        s, b = r["ssa"], r["ssa"]["branches"]
+        if "fwd_ms_inference" in s:
+            lines.append(f"\nSSA forward without autograd (inference: the selection's forward-only plan), {r['config']}"
+                         f": {s['fwd_ms_inference']:.2f} ms ({r['sdpa_flash']['fwd_ms'] / s['fwd_ms_inference']:.1f}x "
+                         "SDPA flash's forward).")
         if "slc_plan_ms" in b:
-            lines.append(f"\nSelection forward, {r['config']} ({r.get('variant', 'new')}): plan (entry sort) "
+            lines.append(f"\nSelection forward, {r['config']} ({r.get('variant', 'new')}): plan (entry grouping) "
                          f"{b['slc_plan_ms']:.2f} ms, kernel + partial combine {b['slc_kernel_combine_ms']:.2f} ms "
                          f"(of {b['slc_fwd_ms']:.2f}; the combine alone {b.get('slc_combine_ms', float('nan')):.2f}).")
     for r in result["rows"]:

@@ -51,14 +51,14 @@ def main() -> None:
     scale = b.D**-0.5
     idx = b.tc.cmp_select_topk(q, kc, b.tc.cmp_attention_fwd(q, kc, vc, layout, scale)[1], layout, 8, scale)
     off = layout.slc_offsets
-    for method in ("sort", "count"):
+    for method in ("sort", "atomic"):
         ba_kernels.PLAN_METHOD = method
         table(lambda: selection_attention(q, k, v, off, idx, scale=scale, backend="triton"), args.reps,
               f"selection forward, plan by {method}", args.rows)
     ba_kernels.PLAN_METHOD = "auto"
     with torch.no_grad():
         table(lambda: b.spatial_sparse_attention(q, k, v, kc, vc, gates, layout, topk=8, scale=scale,
-                                                 backend="triton"), args.reps, "whole SSA forward", args.rows)
+                                                 backend="triton"), args.reps, "whole SSA forward (no autograd)", args.rows)
 
 
 if __name__ == "__main__":

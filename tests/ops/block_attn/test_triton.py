@@ -265,53 +265,101 @@ def test_selection_plan_lists_match_a_bincount(nb):
     assert torch.equal(plan.entry.long(), torch.sort(key, stable=True).indices)
 
 
-@pytest.mark.parametrize("histogram", [True, False], ids=["histogram", "atomic"])
-@pytest.mark.parametrize("n,hkv,s,nb", [(37, 2, 4, 6), (50, 1, 3, 40), (1, 3, 5, 2), (9, 2, 8, 700)])
-def test_counting_plan_equals_the_stable_sort(n, hkv, s, nb, histogram, monkeypatch):
-    """The Triton counting sort gives the torch.sort plan exactly: several chunks and a partial last one, empty and
-    out-of-range slots, more keys than a chunk has entries (nb 700), one kv head."""
-    from d3s2.ops.block_attn import triton as kernels
-    from d3s2.ops.block_attn import triton_plan
+def _sorted_lists(plan):
+    """Each list's entries in ascending order (the sort plan's order), for plans whose list order may differ."""
+    entry = plan.entry.clone()
+    for lo, c in zip(plan.list_start.tolist(), plan.list_count.tolist()):
+        entry[lo:lo + c] = entry[lo:lo + c].sort().values
+    return entry
 
-    monkeypatch.setitem(triton_plan.CONFIG, "chunk", 64)  # small chunks: several per case, quick in the interpreter
-    monkeypatch.setitem(triton_plan.CONFIG, "num_warps", 4)
-    monkeypatch.setitem(triton_plan.CONFIG, "histogram", histogram)
+
+@pytest.mark.parametrize("n,hkv,s,nb", [(37, 2, 4, 6), (700, 1, 3, 40), (1, 3, 5, 2), (9, 2, 8, 700)])
+def test_atomic_plan_has_the_sort_plans_lists(n, hkv, s, nb):
+    """The forward-only plan (ranks from integer atomics): the same list bounds and, list by list, the same entries
+    as the stable sort; several programs, empty and out-of-range slots (after every list), one kv head."""
+    from d3s2.ops.block_attn import triton as kernels
+
     idx = random_selection(n, hkv, s, nb, empty_frac=0.25).to(DEV)
     idx.view(-1)[::7] = nb  # out of range: an empty slot
-    got = kernels.selection_plan(idx, nb, method="count")
+    got = kernels.selection_plan(idx, nb, method="atomic")
     ref = kernels.selection_plan(idx, nb, method="sort")
-    assert torch.equal(got.entry, ref.entry)
+    assert not got.sorted_lists and ref.sorted_lists
     assert torch.equal(got.list_start, ref.list_start) and torch.equal(got.list_count, ref.list_count)
-    assert got.list_count.sum() < n * hkv * s  # the case has empty slots, grouped after every list
+    valid = int(ref.list_count.sum())
+    assert valid < n * hkv * s  # the case has empty slots, grouped after every list
+    assert torch.equal(_sorted_lists(got)[:valid], ref.entry[:valid])
+    assert torch.equal(got.entry[valid:].sort().values, ref.entry[valid:])
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("histogram", [True, False], ids=["histogram", "atomic"])
-def test_counting_plan_full_size(histogram, monkeypatch):
-    """The default chunks on the GPU: 134k queries × 2 kv heads × 8 slots over 994 blocks, as the benchmark's."""
+def test_atomic_plan_full_size():
+    """At the benchmark's size (134k queries × 2 kv heads × 8 slots, 994 blocks): the sort plan's lists, and the
+    forward-only selection (which takes the atomic plan on CUDA) gives the sort plan's output bit for bit."""
     from d3s2.ops.block_attn import triton as kernels
-    from d3s2.ops.block_attn import triton_plan
 
-    monkeypatch.setitem(triton_plan.CONFIG, "histogram", histogram)
     gen = torch.Generator(device="cuda").manual_seed(3)
-    idx = torch.randint(-1, 994, (133_758, 2, 8), generator=gen, device="cuda", dtype=torch.int32)  # -1: empty
-    got = kernels.selection_plan(idx, 994, method="count")
-    ref = kernels.selection_plan(idx, 994, method="sort")
-    assert torch.equal(got.entry, ref.entry)
+    nb, n = 994, 133_758
+    idx = torch.randint(-1, nb, (n, 2, 8), generator=gen, device="cuda", dtype=torch.int32)  # -1: empty
+    got = kernels.selection_plan(idx, nb, method="atomic")
+    ref = kernels.selection_plan(idx, nb, method="sort")
     assert torch.equal(got.list_start, ref.list_start) and torch.equal(got.list_count, ref.list_count)
+    valid = int(ref.list_count.sum())
+    assert torch.equal(_sorted_lists(got)[:valid], ref.entry[:valid])
+    off = ragged_offsets([n // nb] * (nb - 1) + [n - (nb - 1) * (n // nb)], "cuda")
+    q = torch.randn(n, 32, 32, device="cuda", generator=gen, dtype=torch.bfloat16)
+    k, v = (torch.randn(n, 2, 32, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(2))
+    o_atomic = selection_attention(q, k, v, off, idx, backend="triton")
+    o_sort = kernels.BlockAttnFunction.apply(q, k, v, off, idx, ref, 32**-0.5)[0]
+    assert torch.equal(o_atomic, o_sort)
 
 
-def test_counting_plan_edges():
+def test_plan_methods_and_errors():
     from d3s2.ops.block_attn import triton as kernels
-    from d3s2.ops.block_attn import triton_plan
 
-    empty = kernels.selection_plan(torch.zeros(0, 2, 4, dtype=torch.int32, device=DEV), 5, method="count")
-    assert empty.entry.numel() == 0 and empty.list_count.tolist() == [0] * 10
-    too_many = triton_plan.MAX_LISTS // 2 + 1
-    with pytest.raises(ValueError, match="at most 8189 lists"):
-        kernels.selection_plan(torch.zeros(1, 2, 1, dtype=torch.int32, device=DEV), too_many, method="count")
+    empty = kernels.selection_plan(torch.zeros(0, 2, 4, dtype=torch.int32, device=DEV), 5, method="atomic")
+    assert empty.entry.numel() == 0 and empty.list_count.tolist() == [0] * 10 == empty.list_start.tolist()
+    idx = torch.zeros(3, 2, 1, dtype=torch.int32, device=DEV)
+    assert kernels.selection_plan(idx, 3).sorted_lists  # the default for a backward
+    assert kernels.selection_plan(idx, 3, forward_only=True).sorted_lists == (DEV != "cuda")  # atomic on CUDA
     with pytest.raises(ValueError, match="plan method"):
-        kernels.selection_plan(torch.zeros(1, 2, 1, dtype=torch.int32, device=DEV), 3, method="radix")
+        kernels.selection_plan(idx, 3, method="radix")
+
+
+@pytest.mark.parametrize("shift", ["bound", "online"])
+def test_forward_rows_do_not_depend_on_their_tile(shift, monkeypatch):
+    """Every list's entries shuffled: bit-identical forward output and LSE, so a plan whose lists come in any order
+    (the atomic plan) gives the sort plan's forward. The bound shift with tiles that mix rows whose sum underflows
+    (recomputed with the online softmax) and rows that do not; a backward refuses a plan without sorted lists."""
+    from d3s2.ops.block_attn import triton as kernels
+
+    monkeypatch.setattr(kernels, "FWD_CONFIG", {**kernels.FWD_CONFIG, "shift": shift, "BLOCK_N": 16, "TAIL_N": 16,
+                                                "BLOCK_M": 16})
+    sizes, hq, hkv, d, s = [20, 13, 1, 30, 3], 2, 1, 16, 2  # 16-row tiles of 8 entries × 2 heads
+    off = ragged_offsets(sizes, DEV)
+    n = int(off[-1])
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (t.detach() for t in _inputs(n, hq, hkv, d))
+    # every block's first key huge along dim 0, every query orthogonal to it: the odd queries' shifts lie ~1000
+    # binades above their logits (sums underflow), the even ones' (norm 0.1) ~30 nats above (a usual softmax)
+    q[..., 0] = 0.0
+    q[0::2] *= 0.1 / q[0::2].norm(dim=-1, keepdim=True)
+    first = off[:-1].long()
+    k[first] = 0.0
+    k[first, :, 0] = 1e3
+    idx = random_selection(n, hkv, s, len(sizes), empty_frac=0.1, generator=gen).to(DEV)
+    plan = kernels.selection_plan(idx, len(sizes))
+    o, lse = kernels.block_attn_fwd(q, k, v, off, idx, plan, 0.3)
+    entry = plan.entry.clone()
+    for lo, c in zip(plan.list_start.tolist(), plan.list_count.tolist()):
+        entry[lo:lo + c] = entry[lo:lo + c][torch.randperm(c, generator=gen).to(DEV)]
+    shuffled = kernels.BlockAttnPlan(entry, plan.list_start, plan.list_count, s, len(sizes), sorted_lists=False)
+    o2, lse2 = kernels.block_attn_fwd(q, k, v, off, idx, shuffled, 0.3)
+    assert not torch.equal(entry, plan.entry)
+    assert torch.equal(o2, o) and torch.equal(lse2, lse)
+    ref_o, ref_lse = selection_attention_ref(q, k, v, off, idx, scale=0.3, return_lse=True)
+    assert _rel(o, ref_o) < 1e-5 and torch.isfinite(lse[lse > float("-inf")]).all()
+    with pytest.raises(ValueError, match="sorted lists"):
+        kernels.block_attn_bwd(torch.ones_like(o), q, k, v, o, lse, off, idx, shuffled, 0.3)
 
 
 @pytest.mark.parametrize("mode,split,case", [("poly", True, 3), ("mufu", False, 0)]

@@ -1,19 +1,16 @@
-"""Counting sort of the selection entries by (kv head, block): the selection plan in two Triton kernels.
+"""The selection plan for a forward only: entries grouped by (kv head, block) with integer atomics, in three kernels.
 
 The selection plan groups the E = N·Hkv·S entries of ``block_idx`` [N, Hkv, S] into one list per (kv head g,
-block b), key ``g·NB + b`` (``Hkv·NB`` for an empty slot), in ascending entry order within a list: a stable sort.
-``torch.sort`` does it in a radix sort plus about a dozen elementwise and search kernels around it; with few lists
-(≤ ``MAX_LISTS``) a counting sort takes two passes over ``block_idx``:
+block b), key ``g·NB + b`` (``Hkv·NB`` for an empty slot: after every list). The stable ``torch.sort`` plan puts a
+list's entries in ascending order, which the deterministic dK/dV backward needs (it sums over a list in its order).
+A forward does not: each row of a tile is computed on its own, so its output does not depend on which entries share
+its tile. For a forward that no backward will follow, this plan takes each entry's place in its list from an
+integer ``atomic_add`` on the list's counter: the lists hold the same entries as the sort's, in an order that may
+change from run to run, at a fraction of the sort's cost (no radix passes, no int64 indices, three launches).
 
-1. ``_plan_count_kernel``: each program takes a chunk of consecutive entries and writes their histogram over the
-   keys, a row of ``counts`` [P, L1] (L1 = Hkv·NB + 1 keys, P programs).
-2. In torch, on [P, L1]: ``start`` = exclusive cumsum of the key totals (each list's first position), the column
-   cumsum (entries of that key in earlier chunks) and the row cumsum (entries of smaller keys in this chunk).
-3. ``_plan_scatter_kernel``: each program sorts its chunk's ``key · chunk + position`` in registers; an entry's
-   rank in the sorted chunk minus the chunk's count of smaller keys is its rank among the chunk's entries of its
-   key, so its place is ``start[key] + (earlier chunks' entries of key) + that rank``.
-
-Same output as the stable ``torch.sort`` (tests compare them exactly), no host sync (CUDA-graph safe).
+1. ``_plan_rank_kernel``: counter[key] += 1 per entry; the old value is the entry's rank in its list.
+2. ``_plan_start_kernel`` (one program): each list's first place, the exclusive cumsum of the counters.
+3. ``_plan_place_kernel``: entry f goes to ``start[key] + rank``.
 """
 
 from __future__ import annotations
@@ -22,79 +19,65 @@ import torch
 import triton
 import triton.language as tl
 
-# "chunk": entries per program (power of two; the sort runs in registers, and P·L1 counts stay ≲ E for L1 ≲ chunk);
-# "histogram": the chunk's counts by tl.histogram (in the SM), else by integer atomics in global memory
-CONFIG = {"chunk": 4096, "num_warps": 8, "histogram": True}
-MAX_LISTS = 8190  # L1 + a discard bin must fit the histogram's 8192 bins (power of two); more keys: torch.sort
+BLOCK = 1024  # entries per program of the rank and place kernels
+SCAN_BLOCK = 1024  # counters per step of the one-program scan
 
 
 @triton.jit
-def _chunk_keys(IDX, p, E, NB, S: tl.constexpr, HKV: tl.constexpr, CHUNK: tl.constexpr, DISCARD: tl.constexpr):
-    """Positions 0 … CHUNK of chunk p and their keys: g·NB + b, Hkv·NB for an empty slot, DISCARD past E."""
-    local = tl.arange(0, CHUNK)
-    f = p * CHUNK + local
+def _entry_keys(IDX, f, E, NB, S: tl.constexpr, HKV: tl.constexpr):
+    """Keys of entries f (g·NB + b; Hkv·NB for an empty slot) and which f are entries (f < E)."""
     ok = f < E
     b = tl.load(IDX + f, mask=ok, other=-1)
     g = (f // S) % HKV  # f = (i·Hkv + g)·S + s
-    key = tl.where((b >= 0) & (b < NB), g * NB + b, HKV * NB)
-    return local, tl.where(ok, key, DISCARD)
+    return tl.where((b >= 0) & (b < NB), g * NB + b, HKV * NB), ok
 
 
-@triton.jit(do_not_specialize=["E", "NB", "L1"])
-def _plan_count_kernel(IDX, COUNTS, E, NB, L1, S: tl.constexpr, HKV: tl.constexpr, CHUNK: tl.constexpr,
-                       BINS: tl.constexpr, HISTOGRAM: tl.constexpr):
-    """COUNTS[p, key] for key < L1: entries of chunk p with that key (int32 [P, L1]; zeroed first unless
-    HISTOGRAM)."""
-    p = tl.program_id(0)
-    _, key = _chunk_keys(IDX, p, E, NB, S, HKV, CHUNK, BINS - 1)
-    if HISTOGRAM:
-        hist = tl.histogram(key, BINS)
-        bins = tl.arange(0, BINS)
-        tl.store(COUNTS + p * L1 + bins, hist, mask=bins < L1)
-    else:  # integer adds: the counts do not depend on their order
-        tl.atomic_add(COUNTS + p * L1 + key, 1, mask=key < L1, sem="relaxed")
+@triton.jit(do_not_specialize=["E", "NB"])
+def _plan_rank_kernel(IDX, COUNT, RANK, E, NB, S: tl.constexpr, HKV: tl.constexpr, BLOCK: tl.constexpr):
+    """RANK[f] = the entry's place in its list's counter order; COUNT[key] ends as the list's length."""
+    f = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    key, ok = _entry_keys(IDX, f, E, NB, S, HKV)
+    rank = tl.atomic_add(COUNT + key, 1, mask=ok, sem="relaxed")
+    tl.store(RANK + f, rank, mask=ok)
 
 
-@triton.jit(do_not_specialize=["E", "NB", "L1"])
-def _plan_scatter_kernel(IDX, DELTA, ENTRY, E, NB, L1, S: tl.constexpr, HKV: tl.constexpr, CHUNK: tl.constexpr,
-                         BINS: tl.constexpr):
-    """ENTRY[sorted place] = entry index, for the entries of chunk p. DELTA[p, key] (int32 [P, L1]) = place of the
-    chunk's first entry of that key minus that entry's position in the chunk's sorted keys."""
-    p = tl.program_id(0)
-    local, key = _chunk_keys(IDX, p, E, NB, S, HKV, CHUNK, BINS - 1)
-    packed = tl.sort(key * CHUNK + local)  # by key, then position: stable
-    skey = packed // CHUNK
-    ok = skey < L1
-    rank = tl.arange(0, CHUNK)
-    place = rank + tl.load(DELTA + p * L1 + skey, mask=ok, other=0)
-    tl.store(ENTRY + place, p * CHUNK + packed % CHUNK, mask=ok)
+@triton.jit(do_not_specialize=["L1"])
+def _plan_start_kernel(COUNT, START, L1, BLOCK: tl.constexpr):
+    """START[l] = Σ_{l' < l} COUNT[l'] for l < L1 (one program)."""
+    carry = 0
+    for l0 in range(0, L1, BLOCK):
+        lst = l0 + tl.arange(0, BLOCK)
+        c = tl.load(COUNT + lst, mask=lst < L1, other=0)
+        tl.store(START + lst, carry + tl.cumsum(c, 0) - c, mask=lst < L1)
+        carry += tl.sum(c, 0)
 
 
-def counting_plan(block_idx: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@triton.jit(do_not_specialize=["E", "NB"])
+def _plan_place_kernel(IDX, RANK, START, ENTRY, E, NB, S: tl.constexpr, HKV: tl.constexpr, BLOCK: tl.constexpr):
+    """ENTRY[START[key] + RANK[f]] = f."""
+    f = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    key, ok = _entry_keys(IDX, f, E, NB, S, HKV)
+    place = tl.load(START + key, mask=ok, other=0) + tl.load(RANK + f, mask=ok, other=0)
+    tl.store(ENTRY + place, f, mask=ok)
+
+
+def atomic_plan(block_idx: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(entry int32 [E], list_start int32 [Hkv·NB], list_count int32 [Hkv·NB]) of ``block_idx`` int32 contiguous
-    [N, Hkv, S]; ``Hkv·NB + 1 ≤ MAX_LISTS``."""
+    [N, Hkv, S]: the sort plan's lists, each in an order that may differ from run to run (forward only)."""
     n, hkv, s = block_idx.shape
     lists = hkv * num_blocks
-    l1 = lists + 1
-    if l1 > MAX_LISTS:
-        raise ValueError(f"expected at most {MAX_LISTS - 1} lists (kv heads × blocks) for the counting sort, "
-                         f"got {lists}")
     e = n * hkv * s
     dev = block_idx.device
+    count = torch.zeros(lists + 1, dtype=torch.int32, device=dev)  # + the empty slots' list
+    start = torch.empty(lists + 1, dtype=torch.int32, device=dev)
     entry = torch.empty(e, dtype=torch.int32, device=dev)
-    if e == 0:
-        zero = torch.zeros(lists, dtype=torch.int32, device=dev)
-        return entry, zero, zero.clone()
-    cfg = CONFIG
-    programs = triton.cdiv(e, cfg["chunk"])
-    bins = triton.next_power_of_2(l1 + 1)  # + a discard bin for positions past E
-    consts = {"S": s, "HKV": hkv, "CHUNK": cfg["chunk"], "BINS": bins, "num_warps": cfg["num_warps"]}
-    counts = (torch.empty if cfg["histogram"] else torch.zeros)(programs, l1, dtype=torch.int32, device=dev)
-    _plan_count_kernel[(programs,)](block_idx, counts, e, num_blocks, l1, HISTOGRAM=cfg["histogram"], **consts)
-    total = counts.sum(0, dtype=torch.int32)
-    start = torch.cumsum(total, 0, dtype=torch.int32) - total
-    # place of the chunk's first entry of key l: start[l] + earlier chunks' l-entries; its sorted position in the
-    # chunk: the chunk's entries of smaller keys. Inclusive cumsums: the chunk's own count cancels out.
-    delta = start + torch.cumsum(counts, 0, dtype=torch.int32) - torch.cumsum(counts, 1, dtype=torch.int32)
-    _plan_scatter_kernel[(programs,)](block_idx, delta, entry, e, num_blocks, l1, **consts)
-    return entry, start[:lists], total[:lists]
+    if e:
+        rank = torch.empty(e, dtype=torch.int32, device=dev)
+        grid = (triton.cdiv(e, BLOCK),)
+        _plan_rank_kernel[grid](block_idx, count, rank, e, num_blocks, S=s, HKV=hkv, BLOCK=BLOCK, num_warps=4)
+        _plan_start_kernel[(1,)](count, start, lists + 1, BLOCK=SCAN_BLOCK, num_warps=4)
+        _plan_place_kernel[grid](block_idx, rank, start, entry, e, num_blocks, S=s, HKV=hkv, BLOCK=BLOCK,
+                                 num_warps=4)
+    else:
+        start.zero_()
+    return entry, start[:lists], count[:lists]
