@@ -196,7 +196,7 @@ def _measure(layout, topk: int, ins, do, with_branches: bool = True) -> dict:
         return spatial_sparse_attention(*leaves, layout, topk=topk, backend="triton")
 
     row = {"fwd_ms": _bench(op)}
-    with torch.no_grad():  # inference: no autograd graph, the selection's forward-only plan (atomic on CUDA)
+    with torch.no_grad():  # inference: no autograd graph
         row["fwd_ms_inference"] = _bench(op)
     o = op()
     row["bwd_ms"] = _bench(lambda o=o: torch.autograd.grad(o, leaves, do, retain_graph=True))
@@ -218,8 +218,8 @@ def _measure(layout, topk: int, ins, do, with_branches: bool = True) -> dict:
     off = layout.slc_offsets
     br["slc_fwd_ms"] = _bench(lambda: selection_attention(q, k, v, off, idx, scale=scale, backend="triton"))
     # where the selection forward goes: the plan (a sort of the entries by block) vs the kernel + partial combine
-    br["slc_plan_ms"] = _bench(lambda: ba_kernels.selection_plan(idx, off.numel() - 1, forward_only=True))
-    plan = ba_kernels.selection_plan(idx, off.numel() - 1, forward_only=True)
+    br["slc_plan_ms"] = _bench(lambda: ba_kernels.selection_plan(idx, off.numel() - 1))
+    plan = ba_kernels.selection_plan(idx, off.numel() - 1)
     br["slc_kernel_combine_ms"] = _bench(lambda: ba_kernels.block_attn_fwd(q, k, v, off, idx, plan, scale))
     br["slc_combine_ms"] = _combine_ms(q, k, v, idx, plan)
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
@@ -437,27 +437,6 @@ def _sweep_slc(layout, topk, ins) -> list[dict]:
     return rows
 
 
-def _sweep_plan(layout, topk, ins) -> list[dict]:
-    """The selection plan (entries grouped by block) of a forward by each method: time, and whether it has the
-    sort plan's lists (the atomic plan's order within a list may differ). Reported only: "auto" stays."""
-    q, k, v, kc, vc, _ = (t.detach() for t in ins)
-    scale = D**-0.5
-    idx = tc.cmp_select_topk(q, kc, tc.cmp_attention_fwd(q, kc, vc, layout, scale)[1], layout, topk, scale)
-    idx = idx.to(torch.int32).contiguous()
-    nb = layout.slc_offsets.numel() - 1
-    ref = ba_kernels.selection_plan(idx, nb, method="sort")
-    rows = []
-    for method in ("sort", "atomic"):
-        got = ba_kernels.selection_plan(idx, nb, method=method)
-        same = torch.equal(got.list_start, ref.list_start) and torch.equal(got.list_count, ref.list_count)
-        for lo, c in zip(ref.list_start.tolist(), ref.list_count.tolist()):  # each list as a set
-            same = same and torch.equal(got.entry[lo:lo + c].sort().values, ref.entry[lo:lo + c])
-        ms = _bench(lambda m=method: ba_kernels.selection_plan(idx, nb, method=m))
-        rows.append({"kernel": "plan", "method": method, "ms": ms, "diff_vs_default": 0.0 if same else 1.0})
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
-
-
 def _sweep_win(layout, ins) -> list[dict]:
     """The window forward (plan + kernel) under several block_attn forward configs, starting from its own default;
     the fastest whose output matches (to 2⁻¹⁰ of its largest magnitude, 2⁻⁶ for another exp2 or shift) becomes
@@ -500,7 +479,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="8192,16384,32768,65536,131072")
     ap.add_argument("--configs", default="v1.1,v1.0")
     ap.add_argument("--sweep", default="", help="comma-separated kernels (compressed: fwd, topk (either config's), "
-                    "topk_seg (v1.0's only), bwd_dq, bwd_dkdv; plan: the selection's entry grouping; "
+                    "topk_seg (v1.0's only), bwd_dq, bwd_dkdv; "
                     " slc / win: the selection / window forward) to sweep at the largest N before measuring it; the "
                     "fastest valid config of each is then used")
     ap.add_argument("--no-batch", action="store_true", help="skip the ragged batch")
@@ -545,10 +524,9 @@ def main() -> None:
             last = keys == [sizes[-1]] or args.tiny
             if last and args.sweep:
                 kernels = args.sweep.split(",")
-                rows = _sweep_plan(layout, cfg["topk"], ins) if "plan" in kernels else []
-                rows += _sweep_slc(layout, cfg["topk"], ins) if "slc" in kernels else []
+                rows = _sweep_slc(layout, cfg["topk"], ins) if "slc" in kernels else []
                 rows += _sweep_win(layout, ins) if "win" in kernels else []
-                kernels = [kk for kk in kernels if kk not in ("plan", "slc", "win")]
+                kernels = [kk for kk in kernels if kk not in ("slc", "win")]
                 result.setdefault("sweep", {})[name] = rows + _sweep(layout, cfg["topk"], ins, do, kernels)
             if sdpa is None:
                 sdpa = _sdpa(layout, ins, do)
@@ -586,7 +564,6 @@ def _record_used(result: dict) -> None:
     result["setup"]["block_attn_fwd_config_used"] = dict(ba_kernels.FWD_CONFIG)
     result["setup"]["window_fwd_config_used"] = ba_kernels.WIN_FWD_CONFIG
     result["setup"]["combine_config_used"] = dict(ba_kernels.COMBINE_CONFIG)
-    result["setup"]["plan_used"] = {"method": ba_kernels.PLAN_METHOD}
 
 
 def _write(result: dict, out: Path, quiet: bool = False) -> None:
@@ -619,11 +596,11 @@ def _write(result: dict, out: Path, quiet: bool = False) -> None:
     for r in result["rows"]:
         s, b = r["ssa"], r["ssa"]["branches"]
         if "fwd_ms_inference" in s:
-            lines.append(f"\nSSA forward without autograd (inference: the selection's forward-only plan), {r['config']}"
+            lines.append(f"\nSSA forward without autograd (inference), {r['config']}"
                          f": {s['fwd_ms_inference']:.2f} ms ({r['sdpa_flash']['fwd_ms'] / s['fwd_ms_inference']:.1f}x "
                          "SDPA flash's forward).")
         if "slc_plan_ms" in b:
-            lines.append(f"\nSelection forward, {r['config']} ({r.get('variant', 'new')}): plan (entry grouping) "
+            lines.append(f"\nSelection forward, {r['config']} ({r.get('variant', 'new')}): plan (entry sort) "
                          f"{b['slc_plan_ms']:.2f} ms, kernel + partial combine {b['slc_kernel_combine_ms']:.2f} ms "
                          f"(of {b['slc_fwd_ms']:.2f}; the combine alone {b.get('slc_combine_ms', float('nan')):.2f}).")
     for r in result["rows"]:
@@ -641,8 +618,7 @@ def _write(result: dict, out: Path, quiet: bool = False) -> None:
             cfg = {k: v for k, v in r.items() if k not in ("kernel", "ms", "tflops", "diff_vs_default", "error")}
             win = cfg == {"slc": result["setup"]["block_attn_fwd_config_used"],
                           "win": result["setup"]["window_fwd_config_used"],
-                          "slc combine": result["setup"]["combine_config_used"],
-                          "plan": result["setup"].get("plan_used")}.get(r["kernel"], used.get(r["kernel"]))
+                          "slc combine": result["setup"]["combine_config_used"]}.get(r["kernel"], used.get(r["kernel"]))
             lines.append(f"| {r['kernel']}{' *' if win else ''} | {json.dumps(cfg)} | "
                          + (f"{r['ms']:.3f} | {r.get('tflops', float('nan')):.0f} | {r['diff_vs_default']:.2e} |"
                             if "ms" in r else f"error: {r['error'][:120]} | | |"))

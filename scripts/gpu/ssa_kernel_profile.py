@@ -17,7 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import bench_ssa as b  # noqa: E402
 
 from d3s2.ops.block_attn import selection_attention  # noqa: E402
-from d3s2.ops.block_attn import triton as ba_kernels  # noqa: E402
 
 
 def table(fn, reps: int, title: str, rows: int) -> None:
@@ -51,14 +50,12 @@ def main() -> None:
     scale = b.D**-0.5
     idx = b.tc.cmp_select_topk(q, kc, b.tc.cmp_attention_fwd(q, kc, vc, layout, scale)[1], layout, 8, scale)
     off = layout.slc_offsets
-    for method in ("sort", "atomic"):
-        ba_kernels.PLAN_METHOD = method
-        table(lambda: selection_attention(q, k, v, off, idx, scale=scale, backend="triton"), args.reps,
-              f"selection forward, plan by {method}", args.rows)
-    ba_kernels.PLAN_METHOD = "auto"
+    table(lambda: selection_attention(q, k, v, off, idx, scale=scale, backend="triton"), args.reps,
+          "selection forward", args.rows)
     with torch.no_grad():
         table(lambda: b.spatial_sparse_attention(q, k, v, kc, vc, gates, layout, topk=8, scale=scale,
-                                                 backend="triton"), args.reps, "whole SSA forward (no autograd)", args.rows)
+                                                 backend="triton"), args.reps, "whole SSA forward (no autograd)",
+              args.rows)
 
 
 if __name__ == "__main__":

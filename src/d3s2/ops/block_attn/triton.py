@@ -15,7 +15,7 @@ instead of once per query.
   each (query, kv head) by their LSEs. Window attention is the case S = 1, where the partial is the output and
   no combine runs. The softmax shift is the online running max, or (``shift: "bound"``) fixed per row before the
   loop at ``scale · |q| · max ‖k‖`` over the block (``segment_max_norm``): no logit exceeds it (Cauchy–Schwarz),
-  so nothing is rescaled; rows whose sum stays below 2⁻⁶⁴ are recomputed with the online softmax.
+  so nothing is rescaled; a tile whose row sum stays below 2⁻⁶⁴ reruns with the online softmax.
 - Backward: Δ = rowsum(O·dO); dQ mirrors the forward (partial dQ per entry, then a sum over slots); dK/dV
   runs one program per (block key tile, kv head) that loops over the block's whole entry list, so each key
   row is written by exactly one program: deterministic, no atomics, no per-head replicated buffers.
@@ -41,7 +41,6 @@ import triton
 import triton.language as tl
 
 from .._exp2 import exp2, resolve_mode
-from . import triton_plan
 
 LOG2E = 1.4426950408889634
 
@@ -76,8 +75,6 @@ BWD_DKDV_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 
 # 4.1 TB/s); 128-row programs 4.94, 32-row 4.40 against 4.42.
 # Session 10: 32-row programs 4.275 against 4.320 ms (the sweep's 1 % rule; session 6: 4.40 against 4.42).
 COMBINE_CONFIG = {"rows": 32, "num_warps": 4, "unroll": True}
-# Selection plan (entries grouped by block): "auto", "atomic" or "sort"; see ``selection_plan``.
-PLAN_METHOD = "auto"
 ROW_DOT_ELEMS = 8192  # elements per program of the Δ = rowsum(O·dO) kernel
 SEGMENT_NORM_TOKENS = 64  # tokens per step of the segment max-norm kernel (the BOUND forwards' shift)
 # Storage of the forward's partial outputs for 16-bit inputs: torch.float16 (see the module docstring: float16,
@@ -253,8 +250,8 @@ def block_attn_fwd_kernel(
     remaining keys in masked chunks of ``TAIL_N`` (≤ BLOCK_N: wide chunks without wide padding).
     BOUND: each row's softmax shift is fixed before the key loop, ``scale_log2 · |q| · KMAX[b, g]`` (KMAX: the
     block's largest key norm per kv head; by Cauchy–Schwarz no scaled logit exceeds it): no running max, no
-    rescaling. Rows whose sum stays below 2⁻⁶⁴ (the bound more than 64 binades above the row's largest logit) are
-    recomputed with the online softmax. ROWSUM_DOT: see ``_fwd_chunk``. TILE_TABLE: the tile's rows
+    rescaling. A tile with a row whose sum stays below 2⁻⁶⁴ (the bound more than 64 binades above the row's
+    largest logit) reruns with the online softmax. ROWSUM_DOT: see ``_fwd_chunk``. TILE_TABLE: the tile's rows
     and key range from one row of ``TABLE`` (``_table_rows``) instead of the list tables."""
     t = tl.program_id(0)
     if TILE_TABLE:
@@ -286,44 +283,32 @@ def block_attn_fwd_kernel(
                 l_i = tl.zeros([BLOCK_M], tl.float32)
                 m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV, D,
                                           BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, True, False)
-            _store_partial(PO, PLSE, PBIG, f, head, d, d_ok, row_ok, m_i, l_i, acc, G, D, PART16)
-            # rows whose sum stays below 2^-64 (rare) rerun with the online softmax; only those rows are stored
-            # again, so that no row's output depends on which entries share its tile
-            low = row_ok & (l_i < 5.421010862427522e-20)
-            if (k_hi > k_lo) & (tl.max(low.to(tl.int32), 0) > 0):
+            if (k_hi > k_lo) & (tl.min(tl.where(row_ok, l_i, 1.0), 0) < 5.421010862427522e-20):  # 2^-64: rare
                 m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
                 l_i = tl.zeros([BLOCK_M], tl.float32)
                 acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
                 m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV, D,
                                           BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, False, False)
-                _store_partial(PO, PLSE, PBIG, f, head, d, d_ok, low, m_i, l_i, acc, G, D, PART16)
         else:
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
             m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV, D,
                                       BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, False, False)
-            _store_partial(PO, PLSE, PBIG, f, head, d, d_ok, row_ok, m_i, l_i, acc, G, D, PART16)
-
-
-@triton.jit
-def _store_partial(PO, PLSE, PBIG, f, head, d, d_ok, rows, m_i, l_i, acc, G: tl.constexpr, D: tl.constexpr,
-                   PART16: tl.constexpr):
-    """Normalised output and natural-log LSE of the ``rows`` (mask) of a forward tile into PO / PLSE."""
-    has = l_i > 0  # an empty block gives no keys: partial o 0, lse -inf
-    o = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-    prow = f.to(tl.int64) * G + head
-    po_ptrs = PO + prow[:, None] * D + d[None, :]
-    po_mask = rows[:, None] & d_ok[None, :]
-    if PART16:
-        # a scalar branch: only one of the two conversions runs (conversions share the slow MUFU-rate pipe)
-        if tl.load(PBIG) != 0:
-            tl.store(po_ptrs, o.to(tl.bfloat16).to(tl.int16, bitcast=True), mask=po_mask)
+        has = l_i > 0  # an empty block gives no keys: partial o 0, lse -inf
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+        prow = f.to(tl.int64) * G + head
+        po_ptrs = PO + prow[:, None] * D + d[None, :]
+        po_mask = row_ok[:, None] & d_ok[None, :]
+        if PART16:
+            # a scalar branch: only one of the two conversions runs (conversions share the slow MUFU-rate pipe)
+            if tl.load(PBIG) != 0:
+                tl.store(po_ptrs, o.to(tl.bfloat16).to(tl.int16, bitcast=True), mask=po_mask)
+            else:
+                tl.store(po_ptrs, o.to(tl.float16).to(tl.int16, bitcast=True), mask=po_mask)
         else:
-            tl.store(po_ptrs, o.to(tl.float16).to(tl.int16, bitcast=True), mask=po_mask)
-    else:
-        tl.store(po_ptrs, o.to(PO.dtype.element_ty), mask=po_mask)
-    tl.store(PLSE + prow, lse, mask=rows)
+            tl.store(po_ptrs, o.to(PO.dtype.element_ty), mask=po_mask)
+        tl.store(PLSE + prow, lse, mask=row_ok)
 
 
 @triton.jit
@@ -528,7 +513,6 @@ class BlockAttnPlan:
         list_start, list_count: int32 ``[Hkv·NB]`` first position in ``entry`` and length of each list.
         num_slots: S.
         num_blocks: NB.
-        sorted_lists: whether every list is in ascending entry order (see ``selection_plan``).
     """
 
     entry: torch.Tensor
@@ -536,7 +520,6 @@ class BlockAttnPlan:
     list_count: torch.Tensor
     num_slots: int
     num_blocks: int
-    sorted_lists: bool = True  # ascending entry order in every list (the backward needs it)
 
 
 def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
@@ -545,24 +528,9 @@ def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def selection_plan(block_idx: torch.Tensor, num_blocks: int, method: str | None = None,
-                   forward_only: bool = False) -> BlockAttnPlan:
-    """Group the entries of ``block_idx`` [N, Hkv, S] by (kv head, block).
-
-    ``method`` (None: ``PLAN_METHOD``): "sort" (a stable ``torch.sort``: ascending entry order in every list, which
-    the deterministic dK/dV backward sums in), "atomic" (:mod:`.triton_plan`: the same lists, each in an order that
-    may change from run to run; CUDA or the Triton interpreter; a forward's output does not depend on it), "auto"
-    ("atomic" for a ``forward_only`` plan on CUDA, else "sort").
-    """
+def selection_plan(block_idx: torch.Tensor, num_blocks: int) -> BlockAttnPlan:
+    """Group the entries of ``block_idx`` [N, Hkv, S] by (kv head, block) with a stable GPU sort."""
     n, hkv, s = block_idx.shape
-    method = method or PLAN_METHOD
-    if method not in ("auto", "atomic", "sort"):
-        raise ValueError(f"expected plan method 'auto', 'atomic' or 'sort', got {method!r}")
-    if method == "auto":
-        method = "atomic" if forward_only and block_idx.is_cuda else "sort"
-    if method == "atomic":
-        entry, start, count = triton_plan.atomic_plan(block_idx.to(torch.int32).contiguous(), num_blocks)
-        return BlockAttnPlan(entry, start, count, s, num_blocks, sorted_lists=False)
     idx = block_idx.to(torch.int32)
     g = torch.arange(hkv, device=idx.device, dtype=torch.int32)[None, :, None]
     sentinel = hkv * num_blocks
@@ -762,9 +730,6 @@ def block_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
 
     ``dq_partial_dtype`` overrides the partial dQ storage (default: see ``DQ_PARTIAL_DTYPE``).
     """
-    if not plan.sorted_lists:  # dK/dV sum over a list in its order: a run-dependent order breaks determinism
-        raise ValueError("expected a plan with sorted lists for the backward (selection_plan method 'sort'), got "
-                         "a forward-only plan")
     n, hq, d = q.shape
     hkv = k.shape[1]
     s = plan.num_slots
@@ -848,8 +813,7 @@ def selection_attention_triton(q, k, v, block_offsets, block_idx, *, scale=None,
     q, k, v, block_offsets = _prepare(q, k, v, block_offsets)
     block_idx = block_idx.to(torch.int32).contiguous()
     scale = q.shape[2] ** -0.5 if scale is None else float(scale)
-    forward_only = not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
-    plan = selection_plan(block_idx, block_offsets.numel() - 1, forward_only=forward_only)
+    plan = selection_plan(block_idx, block_offsets.numel() - 1)
     o, lse = BlockAttnFunction.apply(q, k, v, block_offsets, block_idx, plan, scale)
     return (o, lse) if return_lse else o
 
