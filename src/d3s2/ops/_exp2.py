@@ -108,37 +108,3 @@ def exp2(x, MODE: tl.constexpr):
         return _exp2_mix4(x)
     else:
         return tl.exp2(x)
-
-
-CASTS = ("cvt", "alu")
-
-
-def resolve_cast(cast: str, device: torch.device) -> str:
-    """The probabilities' cast a launch on ``device`` runs: ``"alu"`` (inline PTX) becomes ``"cvt"`` off CUDA and under
-    the interpreter."""
-    if cast not in CASTS:
-        raise ValueError(f"expected a probability cast in {CASTS}, got {cast!r}")
-    if cast == "alu" and (device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
-        return "cvt"
-    return cast
-
-
-# float32 pair (a, b) >= 0 → bfloat16 pair, a in the low half: +0x8000 rounds to nearest (ties away from zero instead
-# of to even), then one byte permute keeps both high halves; integer-pipe work instead of an F2FP conversion
-_BF16_ALU_ASM = tl.constexpr("{ .reg .b32 a, b;\n add.u32 a, $1, 0x8000;\n add.u32 b, $2, 0x8000;\n"
-                             " prmt.b32 $0, a, b, 0x7632;\n}")
-
-
-@triton.jit
-def _bf16_alu(p):
-    return tl.inline_asm_elementwise(_BF16_ALU_ASM, "=r,r,r", [p], dtype=tl.bfloat16, is_pure=True, pack=2)
-
-
-@triton.jit
-def cast_probs(p, dtype: tl.constexpr, CAST: tl.constexpr):
-    """Probabilities ``p`` (float32, finite, ≥ 0) in ``dtype`` for the P·V matmul; ``CAST`` ``"alu"`` does the
-    bfloat16 case on the integer pipe (``_BF16_ALU_ASM``), any other case is ``p.to(dtype)``."""
-    if CAST == "alu" and dtype == tl.bfloat16:
-        return _bf16_alu(p)
-    else:
-        return p.to(dtype)

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._exp2 import cast_probs, exp2, resolve_cast, resolve_mode
+from .._exp2 import exp2, resolve_mode
 
 LOG2E = 1.4426950408889634
 
@@ -160,7 +160,7 @@ def _tile_table_kernel(TABLE, CUM, LIST_START, LIST_COUNT, BLOCK_OFF, NB, PER_TI
 
 @triton.jit
 def _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV: tl.constexpr, D: tl.constexpr,
-               BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, EXP2: tl.constexpr, CAST: tl.constexpr, MASK: tl.constexpr,
+               BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, EXP2: tl.constexpr, MASK: tl.constexpr,
                BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr):
     """One softmax step over keys [start, start + BLOCK_N); MASK: the chunk may run past ``k_hi``.
 
@@ -181,11 +181,11 @@ def _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV:
         vv = tl.load(V + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
     else:
         vv = tl.load(V + kv_off[:, None] + d[None, :], mask=d_ok[None, :], other=0.0)
-    return softmax_update(s, vv, m_i, l_i, acc, scale_log2, DOT_PREC, EXP2, CAST, BOUND, ROWSUM_DOT)
+    return softmax_update(s, vv, m_i, l_i, acc, scale_log2, DOT_PREC, EXP2, BOUND, ROWSUM_DOT)
 
 
 @triton.jit
-def softmax_update(s, v, m_i, l_i, acc, scale_log2, DOT_PREC: tl.constexpr, EXP2: tl.constexpr, CAST: tl.constexpr,
+def softmax_update(s, v, m_i, l_i, acc, scale_log2, DOT_PREC: tl.constexpr, EXP2: tl.constexpr,
                    BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr):
     """Fold one tile of raw logits ``s`` [M, N] and values ``v`` [N, D] into ``(m_i, l_i, acc)``; shared by the
     selection / window forwards and the compressed forward (d3s2.ops.ssa).
@@ -195,7 +195,7 @@ def softmax_update(s, v, m_i, l_i, acc, scale_log2, DOT_PREC: tl.constexpr, EXP2
     ``P · ones`` (ones in column 0: the row sums on the tensor cores)."""
     if BOUND:
         p = exp2(s * scale_log2 - m_i[:, None], EXP2)
-        pv = cast_probs(p, v.dtype, CAST)
+        pv = p.to(v.dtype)
         if ROWSUM_DOT:
             ones = tl.where(tl.arange(0, 16)[None, :] == 0, 1.0, 0.0) + tl.zeros([v.shape[0], 16], tl.float32)
             l_i = tl.dot(pv, ones.to(pv.dtype), l_i, input_precision=DOT_PREC)
@@ -207,28 +207,28 @@ def softmax_update(s, v, m_i, l_i, acc, scale_log2, DOT_PREC: tl.constexpr, EXP2
         alpha = tl.exp2(m_i - m_new)
         p = exp2(s * scale_log2 - m_new[:, None], EXP2)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(cast_probs(p, v.dtype, CAST), v, input_precision=DOT_PREC)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
     return m_i, l_i, acc
 
 
 @triton.jit
 def _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV: tl.constexpr, D: tl.constexpr,
-              BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, EXP2: tl.constexpr, CAST: tl.constexpr, SPLIT: tl.constexpr,
+              BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, EXP2: tl.constexpr, SPLIT: tl.constexpr,
               TAIL_N: tl.constexpr, BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr):
     """Every key of the block [k_lo, k_hi); SPLIT: whole ``BLOCK_N`` chunks unmasked, the rest in ``TAIL_N``."""
     if SPLIT:
         k_full = k_lo + (k_hi - k_lo) // BLOCK_N * BLOCK_N
         for start in range(k_lo, k_full, BLOCK_N):
             m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV, D,
-                                       BLOCK_N, DOT_PREC, EXP2, CAST, False, BOUND, ROWSUM_DOT)
+                                       BLOCK_N, DOT_PREC, EXP2, False, BOUND, ROWSUM_DOT)
         for start in range(k_full, k_hi, TAIL_N):
             m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV, D,
-                                       TAIL_N, DOT_PREC, EXP2, CAST, True, BOUND, ROWSUM_DOT)
+                                       TAIL_N, DOT_PREC, EXP2, True, BOUND, ROWSUM_DOT)
     else:
         for start in range(k_lo, k_hi, BLOCK_N):
             m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV, D,
-                                       BLOCK_N, DOT_PREC, EXP2, CAST, True, BOUND, ROWSUM_DOT)
+                                       BLOCK_N, DOT_PREC, EXP2, True, BOUND, ROWSUM_DOT)
     return m_i, l_i, acc
 
 
@@ -242,7 +242,7 @@ def block_attn_fwd_kernel(
     scale_log2, num_lists, NB,
     S: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, PART16: tl.constexpr,
-    EXP2: tl.constexpr, CAST: tl.constexpr, SPLIT: tl.constexpr, TAIL_N: tl.constexpr, BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr,
+    EXP2: tl.constexpr, SPLIT: tl.constexpr, TAIL_N: tl.constexpr, BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr,
     TILE_TABLE: tl.constexpr,
 ):
     """PART16: PO is int16 holding float16 bits, or bfloat16 bits where the flag ``PBIG[0]`` is set.
@@ -277,23 +277,23 @@ def block_attn_fwd_kernel(
             if ROWSUM_DOT:
                 l_d = tl.zeros([BLOCK_M, 16], tl.float32)
                 m_i, l_d, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_d, acc, scale_log2, HKV, D,
-                                          BLOCK_N, DOT_PREC, EXP2, CAST, SPLIT, TAIL_N, True, True)
+                                          BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, True, True)
                 l_i = tl.sum(l_d, 1)
             else:
                 l_i = tl.zeros([BLOCK_M], tl.float32)
                 m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV, D,
-                                          BLOCK_N, DOT_PREC, EXP2, CAST, SPLIT, TAIL_N, True, False)
+                                          BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, True, False)
             if (k_hi > k_lo) & (tl.min(tl.where(row_ok, l_i, 1.0), 0) < 5.421010862427522e-20):  # 2^-64: rare
                 m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
                 l_i = tl.zeros([BLOCK_M], tl.float32)
                 acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
                 m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV, D,
-                                          BLOCK_N, DOT_PREC, EXP2, CAST, SPLIT, TAIL_N, False, False)
+                                          BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, False, False)
         else:
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
             m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV, D,
-                                      BLOCK_N, DOT_PREC, EXP2, CAST, SPLIT, TAIL_N, False, False)
+                                      BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, False, False)
         has = l_i > 0  # an empty block gives no keys: partial o 0, lse -inf
         o = acc / tl.where(has, l_i, 1.0)[:, None]
         lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
@@ -713,7 +713,7 @@ def block_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offs
     block_attn_fwd_kernel[(bound,)](
         q, k, v, po, plse, big, plan.entry, tile_list, tile_cum, plan.list_start, plan.list_count, block_offsets,
         kmax, table, scale * LOG2E, num_lists, plan.num_blocks, S=s, HKV=hkv, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
-        PART16=part16, EXP2=resolve_mode(cfg["exp2"], q.device), CAST=resolve_cast(cfg.get("cast", "cvt"), q.device), SPLIT=cfg["split"], BOUND=shift == "bound",
+        PART16=part16, EXP2=resolve_mode(cfg["exp2"], q.device), SPLIT=cfg["split"], BOUND=shift == "bound",
         ROWSUM_DOT=shift == "bound" and cfg.get("rowsum", "reduce") == "dot", TILE_TABLE=cfg.get("tile_table", False),
         TAIL_N=min(cfg["TAIL_N"] or cfg["BLOCK_N"], cfg["BLOCK_N"]), num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **max_registers(cfg, q.device), **meta)

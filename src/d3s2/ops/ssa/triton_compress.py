@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._exp2 import exp2, resolve_cast, resolve_mode
+from .._exp2 import exp2, resolve_mode
 from ..block_attn.triton import max_registers, row_dot, segment_max_norm, softmax_update
 from .layout import SSALayout
 
@@ -119,7 +119,7 @@ def _load_rows(ptr, tok, head, offs_d, row_ok, d_ok, stride_n, stride_h):
 
 @triton.jit
 def _cmp_fwd_step(q, K, V, c_start, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i, l_i, acc, qk_scale,
-                  DOT_PREC: tl.constexpr, EXP2: tl.constexpr, CAST: tl.constexpr, MASK: tl.constexpr, BOUND: tl.constexpr,
+                  DOT_PREC: tl.constexpr, EXP2: tl.constexpr, MASK: tl.constexpr, BOUND: tl.constexpr,
                   ROWSUM_DOT: tl.constexpr):
     """Softmax step over compressed blocks [c_start, c_start + BLOCK_C); MASK: the tile may pass ``c1``.
 
@@ -138,26 +138,26 @@ def _cmp_fwd_step(q, K, V, c_start, c1, g, offs_c, offs_d, d_ok, stride_kn, stri
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_C], unscaled
     if MASK:
         s = tl.where(col_ok[None, :], s, float("-inf"))
-    return softmax_update(s, v, m_i, l_i, acc, qk_scale, DOT_PREC, EXP2, CAST, BOUND, ROWSUM_DOT)
+    return softmax_update(s, v, m_i, l_i, acc, qk_scale, DOT_PREC, EXP2, BOUND, ROWSUM_DOT)
 
 
 @triton.jit
 def _cmp_fwd_loop(q, K, V, c0, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i, l_i, acc, qk_scale,
-                  BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr, EXP2: tl.constexpr, CAST: tl.constexpr, SPLIT: tl.constexpr,
+                  BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr, EXP2: tl.constexpr, SPLIT: tl.constexpr,
                   BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr):
     """All compressed blocks [c0, c1) of the sample; SPLIT: whole ``BLOCK_C`` tiles unmasked, the last one masked."""
     if SPLIT:
         c_full = c0 + (c1 - c0) // BLOCK_C * BLOCK_C
         for c_start in range(c0, c_full, BLOCK_C):
             m_i, l_i, acc = _cmp_fwd_step(q, K, V, c_start, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i,
-                                          l_i, acc, qk_scale, DOT_PREC, EXP2, CAST, False, BOUND, ROWSUM_DOT)
+                                          l_i, acc, qk_scale, DOT_PREC, EXP2, False, BOUND, ROWSUM_DOT)
         if c_full < c1:
             m_i, l_i, acc = _cmp_fwd_step(q, K, V, c_full, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i,
-                                          l_i, acc, qk_scale, DOT_PREC, EXP2, CAST, True, BOUND, ROWSUM_DOT)
+                                          l_i, acc, qk_scale, DOT_PREC, EXP2, True, BOUND, ROWSUM_DOT)
     else:
         for c_start in range(c0, c1, BLOCK_C):
             m_i, l_i, acc = _cmp_fwd_step(q, K, V, c_start, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i,
-                                          l_i, acc, qk_scale, DOT_PREC, EXP2, CAST, True, BOUND, ROWSUM_DOT)
+                                          l_i, acc, qk_scale, DOT_PREC, EXP2, True, BOUND, ROWSUM_DOT)
     return m_i, l_i, acc
 
 
@@ -167,7 +167,7 @@ def _cmp_fwd_kernel(Q, K, V, O, LSE, CU_SEQ, CU_CMP, KMAX,
                     qk_scale,
                     HQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, HS_PAD: tl.constexpr, D: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr,
-                    EXP2: tl.constexpr, CAST: tl.constexpr, SPLIT: tl.constexpr, BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr):
+                    EXP2: tl.constexpr, SPLIT: tl.constexpr, BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr):
     """SPLIT: whole ``BLOCK_C`` tiles of compressed blocks run unmasked, only the last partial one masked.
 
     BOUND: the softmax shift of a row is fixed before the loop, ``qk_scale · |q| · KMAX[b, g]`` (KMAX: the
@@ -197,23 +197,23 @@ def _cmp_fwd_kernel(Q, K, V, O, LSE, CU_SEQ, CU_CMP, KMAX,
         if ROWSUM_DOT:
             l_d = tl.zeros([BLOCK_M, 16], tl.float32)
             m_i, l_d, acc = _cmp_fwd_loop(q, K, V, c0, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i, l_d,
-                                          acc, qk_scale, BLOCK_C, DOT_PREC, EXP2, CAST, SPLIT, True, True)
+                                          acc, qk_scale, BLOCK_C, DOT_PREC, EXP2, SPLIT, True, True)
             l_i = tl.sum(l_d, 1)
         else:
             l_i = tl.zeros([BLOCK_M], tl.float32)
             m_i, l_i, acc = _cmp_fwd_loop(q, K, V, c0, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i, l_i,
-                                          acc, qk_scale, BLOCK_C, DOT_PREC, EXP2, CAST, SPLIT, True, False)
+                                          acc, qk_scale, BLOCK_C, DOT_PREC, EXP2, SPLIT, True, False)
         if tl.min(tl.where(row_ok, l_i, 1.0), 0) < 5.421010862427522e-20:  # 2^-64: rare, see the docstring
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
             m_i, l_i, acc = _cmp_fwd_loop(q, K, V, c0, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i, l_i,
-                                          acc, qk_scale, BLOCK_C, DOT_PREC, EXP2, CAST, SPLIT, False, False)
+                                          acc, qk_scale, BLOCK_C, DOT_PREC, EXP2, SPLIT, False, False)
     else:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         m_i, l_i, acc = _cmp_fwd_loop(q, K, V, c0, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i, l_i, acc,
-                                      qk_scale, BLOCK_C, DOT_PREC, EXP2, CAST, SPLIT, False, False)
+                                      qk_scale, BLOCK_C, DOT_PREC, EXP2, SPLIT, False, False)
     o = acc / l_i[:, None]
     o_ptrs = O + tok.to(tl.int64)[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -705,8 +705,7 @@ def cmp_attention_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     _cmp_fwd_kernel[grid](q, k_cmp, v_cmp, o, lse, layout.cu_seqlens, layout.cu_cmp, kmax,
                           q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), o.stride(0), o.stride(1),
                           scale * LOG2E, HKV=hkv, BLOCK_T=block_t, BLOCK_C=cfg["BLOCK_C"],
-                          EXP2=resolve_mode(cfg.get("exp2", "mufu"), q.device),
-                          CAST=resolve_cast(cfg.get("cast", "cvt"), q.device), SPLIT=cfg.get("split", False),
+                          EXP2=resolve_mode(cfg.get("exp2", "mufu"), q.device), SPLIT=cfg.get("split", False),
                           BOUND=bound, ROWSUM_DOT=bound and cfg.get("rowsum", "reduce") == "dot",
                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                           **(max_registers(cfg, q.device) if tuned else {}), **meta)

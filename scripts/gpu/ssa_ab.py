@@ -1,0 +1,89 @@
+"""A/B timings of SSA forward kernels under config overrides, interleaved in one process (v1.1, N = 134k, bf16).
+
+``--variants`` is JSON: name → overrides, each ``{"cmp": {...}}`` (``triton_compress.CONFIG["fwd"]``), ``{"topk":
+{...}}`` (``CONFIG["topk"]``), ``{"slc": {...}}`` (``block_attn.triton.FWD_CONFIG``) or ``{"win": {...}}``
+(``WIN_FWD_CONFIG``); the first variant is the baseline whose outputs the others are compared with. Prints each
+kernel's median ms per round and each variant's largest output difference from the baseline. Usage (device)::
+
+    PYTHONPATH=src python3 scripts/gpu/ssa_ab.py --layouts .gpu/layouts/latent_layouts_1024.npz \\
+        --variants '{"base": {}, "cmp92": {"cmp": {"maxnreg": 92}}}' --kernels cmp
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import bench_ssa as b  # noqa: E402
+
+import d3s2.ops.block_attn.triton as ba  # noqa: E402
+from d3s2.ops.block_attn import selection_attention, window_attention  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layouts", required=True)
+    ap.add_argument("--size", default="131072")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--variants", required=True)
+    ap.add_argument("--kernels", default="cmp,topk,slc,win")
+    args = ap.parse_args()
+    variants = json.loads(args.variants)
+    b.DEV, b.DTYPE = "cuda", torch.bfloat16
+    x = b._batch(args.layouts, [args.size])
+    layout = b.build_ssa_layout(x, m_cmp=8, m_slc=8, m_win=b.M_WIN, shift=0)
+    q, k, v, kc, vc, _ = (t.detach() for t in b._inputs(layout, torch.Generator("cuda").manual_seed(0)))
+    scale = b.D**-0.5
+    lse = b.tc.cmp_attention_fwd(q, kc, vc, layout, scale)[1]
+    idx = b.tc.cmp_select_topk(q, kc, lse, layout, 8, scale)
+    off = layout.slc_offsets
+    fns = {
+        "cmp": lambda: b.tc.cmp_attention_fwd(q, kc, vc, layout, scale)[0],
+        "topk": lambda: b.tc.cmp_select_topk(q, kc, lse, layout, 8, scale),
+        "slc": lambda: selection_attention(q, k, v, off, idx, scale=scale, backend="triton"),
+        "win": lambda: window_attention(q, k, v, layout.win_offsets, scale=scale, backend="triton"),
+    }
+    fns = {name: fns[name] for name in args.kernels.split(",")}
+    saved = {"cmp": dict(b.tc.CONFIG["fwd"]), "topk": dict(b.tc.CONFIG["topk"]), "slc": dict(ba.FWD_CONFIG),
+             "win": dict(ba.WIN_FWD_CONFIG)}
+
+    def use(over: dict) -> None:
+        b.tc.CONFIG["fwd"] = {**saved["cmp"], **over.get("cmp", {})}
+        b.tc.CONFIG["topk"] = {**saved["topk"], **over.get("topk", {})}
+        ba.FWD_CONFIG = {**saved["slc"], **over.get("slc", {})}
+        ba.WIN_FWD_CONFIG = {**saved["win"], **over.get("win", {})}
+
+    times = {(kn, vn): [] for kn in fns for vn in variants}
+    refs = {}
+    base = next(iter(variants))
+    try:
+        for vn, over in variants.items():
+            use(over)
+            for kn, fn in fns.items():
+                out = fn()
+                if kn not in refs:
+                    refs[kn] = out
+                elif out.is_floating_point():
+                    print(f"{vn} {kn}: max |diff| from {base} {(out.float() - refs[kn].float()).abs().max():.3e}")
+                else:
+                    print(f"{vn} {kn}: entries differing from {base} {(out != refs[kn]).float().mean():.2e}")
+        for _ in range(args.rounds):
+            for vn, over in variants.items():
+                use(over)
+                for kn, fn in fns.items():
+                    times[(kn, vn)].append(do_bench(fn, rep=100, return_mode="median"))
+    finally:
+        use({})
+    print("| kernel | " + " | ".join(f"{vn} ms" for vn in variants) + " |")
+    print("|---|" + "---|" * len(variants))
+    for kn in fns:
+        cells = [" / ".join(f"{t:.3f}" for t in times[(kn, vn)]) for vn in variants]
+        print(f"| {kn} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
