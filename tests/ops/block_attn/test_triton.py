@@ -265,6 +265,24 @@ def test_selection_plan_lists_match_a_bincount(nb):
     assert torch.equal(plan.entry.long(), torch.sort(key, stable=True).indices)
 
 
+def test_tiles_match_their_definition():
+    """``_tiles``: tile t belongs to the list whose chunks of ``per_tile`` entries cover it (idle tiles past the last
+    one get len(counts)); int32 outputs for int32 and int64 counts."""
+    from d3s2.ops.block_attn import triton as kernels
+
+    counts = torch.tensor([0, 5, 3, 0, 0, 9, 1], dtype=torch.int32, device=DEV)
+    per_tile, bound = 4, 12
+    owner = [lst for lst, c in enumerate(counts.tolist()) for _ in range(-(-c // per_tile))]
+    want_owner = owner + [len(counts)] * (bound - len(owner))
+    want_cum = [0]
+    for c in counts.tolist():
+        want_cum.append(want_cum[-1] + -(-c // per_tile))
+    for dtype in (torch.int32, torch.int64):
+        got_owner, got_cum = kernels._tiles(counts.to(dtype), per_tile, bound)
+        assert got_owner.dtype == got_cum.dtype == torch.int32
+        assert got_owner.tolist() == want_owner and got_cum.tolist() == want_cum
+
+
 @pytest.mark.parametrize("mode,split,case", [("poly", True, 3), ("mufu", False, 0)]
                          + ([("mix", False, 3), ("mix4", True, 0)] if DEV == "cuda" else []))
 def test_forward_exp2_modes_and_split(mode, split, case, monkeypatch):

@@ -76,6 +76,7 @@ BWD_DKDV_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 
 # Session 10: 32-row programs 4.275 against 4.320 ms (the sweep's 1 % rule; session 6: 4.40 against 4.42).
 COMBINE_CONFIG = {"rows": 32, "num_warps": 4, "unroll": True}
 ROW_DOT_ELEMS = 8192  # elements per program of the Δ = rowsum(O·dO) kernel
+PLAN_BLOCK = 1024  # entries per program of the selection plan's key kernel
 SEGMENT_NORM_TOKENS = 64  # tokens per step of the segment max-norm kernel (the BOUND forwards' shift)
 # Storage of the forward's partial outputs for 16-bit inputs: torch.float16 (see the module docstring: float16,
 # or bfloat16 bits when |v| is out of float16's range) or torch.float32; float32 inputs always use float32.
@@ -528,21 +529,33 @@ def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@triton.jit(do_not_specialize=["E", "NB"])
+def _entry_keys_kernel(IDX, KEY, E, NB, S: tl.constexpr, HKV: tl.constexpr, BLOCK: tl.constexpr):
+    """KEY[f] = g·NB + IDX[f] for entry f = (i·HKV + g)·S + s, or HKV·NB (after every list) for an empty slot."""
+    f = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = f < E
+    b = tl.load(IDX + f, mask=ok, other=-1)
+    g = (f // S) % HKV
+    key = tl.where((b >= 0) & (b < NB), g * NB + b, HKV * NB)
+    tl.store(KEY + f, key.to(KEY.dtype.element_ty), mask=ok)
+
+
 def selection_plan(block_idx: torch.Tensor, num_blocks: int) -> BlockAttnPlan:
     """Group the entries of ``block_idx`` [N, Hkv, S] by (kv head, block) with a stable GPU sort."""
     n, hkv, s = block_idx.shape
-    idx = block_idx.to(torch.int32)
-    g = torch.arange(hkv, device=idx.device, dtype=torch.int32)[None, :, None]
+    idx = block_idx.to(torch.int32).contiguous()
     sentinel = hkv * num_blocks
     # 16-bit keys where the lists fit (N = 134k: 1989 lists): the radix sort makes half the passes of int32 keys
     kdt = torch.int16 if sentinel <= torch.iinfo(torch.int16).max else torch.int32
-    key = torch.where((idx >= 0) & (idx < num_blocks), g * num_blocks + idx, sentinel).flatten().to(kdt)  # [E]
+    key = torch.empty(idx.numel(), dtype=kdt, device=idx.device)  # [E]
+    if key.numel():  # one launch for what took seven torch ops (the plan is launch-bound: session 11)
+        _entry_keys_kernel[(triton.cdiv(key.numel(), PLAN_BLOCK),)](idx, key, key.numel(), num_blocks, S=s, HKV=hkv,
+                                                                    BLOCK=PLAN_BLOCK, num_warps=4)
     keys, order = torch.sort(key, stable=True)
     entry = order.to(torch.int32)  # ascending query order within a list
     # List bounds by binary search in the sorted keys: unlike a CUDA bincount, no host sync (once per block).
-    bounds = torch.searchsorted(keys, torch.arange(sentinel + 1, device=key.device, dtype=kdt))
-    start = bounds[:-1]
-    return BlockAttnPlan(entry, start.to(torch.int32), (bounds[1:] - start).to(torch.int32), s, num_blocks)
+    bounds = torch.searchsorted(keys, torch.arange(sentinel + 1, device=key.device, dtype=kdt), out_int32=True)
+    return BlockAttnPlan(entry, bounds[:-1], bounds[1:] - bounds[:-1], s, num_blocks)
 
 
 def window_plan(window_offsets: torch.Tensor, n: int, hkv: int) -> BlockAttnPlan:
@@ -593,12 +606,13 @@ def _tile_table(plan: BlockAttnPlan, per_tile: int, bound: int, block_offsets: t
 
 
 def _tiles(counts: torch.Tensor, per_tile: int, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tile table without a host sync: tile t → its list (or len(counts) if idle), and tiles' cumsum."""
-    chunks = (counts.long() + per_tile - 1) // per_tile
-    cum = _exclusive_cumsum(chunks)
-    t = torch.arange(bound, device=counts.device)
-    owner = torch.searchsorted(cum[1:], t, right=True)
-    return owner.to(torch.int32), cum.to(torch.int32)
+    """Tile table without a host sync: tile t → its list (or len(counts) if idle), and tiles' cumsum; int32, six
+    launches."""
+    chunks = torch.div(counts.to(torch.int32) + (per_tile - 1), per_tile, rounding_mode="floor")
+    cum = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
+    torch.cumsum(chunks, 0, dtype=torch.int32, out=cum[1:])
+    t = torch.arange(bound, device=counts.device, dtype=torch.int32)
+    return torch.searchsorted(cum[1:], t, right=True, out_int32=True), cum
 
 
 def _meta(q: torch.Tensor, k: torch.Tensor) -> dict:
@@ -763,7 +777,7 @@ def block_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         _combine(pdq, pdq, pdq, block_idx, dq, dq, plan, meta, is_sum=True)
     # dK/dV: one program per (key tile of a block, kv head).
     block_n = dkdv_cfg["BLOCK_N"]
-    lengths = (block_offsets[1:] - block_offsets[:-1]).long()
+    lengths = block_offsets[1:] - block_offsets[:-1]
     kt_bound = n // block_n + nb + 1
     kt_block, kt_cum = _tiles(lengths, block_n, kt_bound)
     block_attn_bwd_dkdv_kernel[(kt_bound, hkv)](
