@@ -149,6 +149,18 @@ def _inputs(layout, gen, dtype=None):
     return [r(n, HQ, D), r(n, HKV, D), r(n, HKV, D), r(nc, HKV, D), r(nc, HKV, D), gates]
 
 
+def v11_state(path: str, size: str = "131072") -> dict:
+    """The device scripts' common setup (``scripts/gpu``): the v1.1 layout of mesh ``size`` of ``path``, seeded inputs
+    on DEV, the compressed forward's LSE and the top-k selection. Keys: layout, q, k, v, kc, vc, gates, scale, lse,
+    idx, off."""
+    layout = build_ssa_layout(_batch(path, [size]), m_cmp=8, m_slc=8, m_win=M_WIN, shift=0)
+    q, k, v, kc, vc, gates = (t.detach() for t in _inputs(layout, torch.Generator(DEV).manual_seed(0)))
+    scale = D**-0.5
+    lse = tc.cmp_attention_fwd(q, kc, vc, layout, scale)[1]
+    return {"layout": layout, "q": q, "k": k, "v": v, "kc": kc, "vc": vc, "gates": gates, "scale": scale, "lse": lse,
+            "idx": tc.cmp_select_topk(q, kc, lse, layout, 8, scale), "off": layout.slc_offsets}
+
+
 def _selection_flops(off: torch.Tensor, idx: torch.Tensor) -> float:
     lengths = (off[1:] - off[:-1]).long()
     sel = lengths[idx.long().clamp_min(0)] * (idx >= 0)

@@ -26,12 +26,8 @@ def main() -> None:
     ap.add_argument("--tag", required=True)
     args = ap.parse_args()
     b.DEV, b.DTYPE = "cuda", torch.bfloat16
-    x = b._batch(args.layouts, ["131072"])
-    layout = b.build_ssa_layout(x, m_cmp=8, m_slc=8, m_win=b.M_WIN, shift=0)
-    q, k, v, kc, vc, _ = (t.detach() for t in b._inputs(layout, torch.Generator("cuda").manual_seed(0)))
-    scale = b.D**-0.5
-    idx = b.tc.cmp_select_topk(q, kc, b.tc.cmp_attention_fwd(q, kc, vc, layout, scale)[1], layout, 8, scale)
-    off = layout.slc_offsets
+    st = b.v11_state(args.layouts)
+    q, k, v, idx, off, scale = (st[n] for n in ("q", "k", "v", "idx", "off", "scale"))
     plan = ba.selection_plan(idx, off.numel() - 1)
     row = {"tag": args.tag, "module": ba.__file__,
            "call_ms": do_bench(lambda: selection_attention(q, k, v, off, idx, scale=scale, backend="triton"),

@@ -34,13 +34,9 @@ def main() -> None:
     args = ap.parse_args()
     variants = json.loads(args.variants)
     b.DEV, b.DTYPE = "cuda", torch.bfloat16
-    x = b._batch(args.layouts, [args.size])
-    layout = b.build_ssa_layout(x, m_cmp=8, m_slc=8, m_win=b.M_WIN, shift=0)
-    q, k, v, kc, vc, _ = (t.detach() for t in b._inputs(layout, torch.Generator("cuda").manual_seed(0)))
-    scale = b.D**-0.5
-    lse = b.tc.cmp_attention_fwd(q, kc, vc, layout, scale)[1]
-    idx = b.tc.cmp_select_topk(q, kc, lse, layout, 8, scale)
-    off = layout.slc_offsets
+    st = b.v11_state(args.layouts, args.size)
+    layout, q, k, v, kc, vc = (st[n] for n in ("layout", "q", "k", "v", "kc", "vc"))
+    scale, lse, idx, off = st["scale"], st["lse"], st["idx"], st["off"]
     fns = {
         "cmp": lambda: b.tc.cmp_attention_fwd(q, kc, vc, layout, scale)[0],
         "topk": lambda: b.tc.cmp_select_topk(q, kc, lse, layout, 8, scale),

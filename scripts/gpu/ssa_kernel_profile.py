@@ -19,7 +19,9 @@ import bench_ssa as b  # noqa: E402
 from d3s2.ops.block_attn import selection_attention  # noqa: E402
 
 
-def table(fn, reps: int, title: str, rows: int) -> None:
+def kernel_times(fn, reps: int) -> list[tuple[str, float, float]]:
+    """(kernel name, launches per call, GPU ms per call) of ``fn``, most time first: torch.profiler over ``reps`` calls
+    after three warm-up calls."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -29,11 +31,15 @@ def table(fn, reps: int, title: str, rows: int) -> None:
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     events.sort(key=lambda e: -e.device_time_total)
-    total = sum(e.device_time_total for e in events) / reps / 1e3
-    print(f"\n## {title}: {total:.3f} ms of kernels per call ({reps} calls)")
+    return [(e.key, e.count / reps, e.device_time_total / reps / 1e3) for e in events]
+
+
+def table(fn, reps: int, title: str, rows: int) -> None:
+    times = kernel_times(fn, reps)
+    print(f"\n## {title}: {sum(ms for _, _, ms in times):.3f} ms of kernels per call ({reps} calls)")
     print("| kernel | calls per call | ms per call |\n|---|---|---|")
-    for e in events[:rows]:
-        print(f"| {e.key[:90]} | {e.count / reps:.0f} | {e.device_time_total / reps / 1e3:.4f} |")
+    for name, count, ms in times[:rows]:
+        print(f"| {name[:90]} | {count:.0f} | {ms:.4f} |")
 
 
 def main() -> None:
@@ -44,12 +50,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=30)
     args = ap.parse_args()
     b.DEV, b.DTYPE = "cuda", torch.bfloat16
-    x = b._batch(args.layouts, [args.size])
-    layout = b.build_ssa_layout(x, m_cmp=8, m_slc=8, m_win=b.M_WIN, shift=0)
-    q, k, v, kc, vc, gates = (t.detach() for t in b._inputs(layout, torch.Generator("cuda").manual_seed(0)))
-    scale = b.D**-0.5
-    idx = b.tc.cmp_select_topk(q, kc, b.tc.cmp_attention_fwd(q, kc, vc, layout, scale)[1], layout, 8, scale)
-    off = layout.slc_offsets
+    st = b.v11_state(args.layouts, args.size)
+    layout, q, k, v, kc, vc, gates = (st[n] for n in ("layout", "q", "k", "v", "kc", "vc", "gates"))
+    scale, idx, off = st["scale"], st["idx"], st["off"]
     table(lambda: selection_attention(q, k, v, off, idx, scale=scale, backend="triton"), args.reps,
           "selection forward", args.rows)
     with torch.no_grad():

@@ -14,24 +14,18 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import bench_ssa as b  # noqa: E402
+from ssa_kernel_profile import kernel_times  # noqa: E402 (this script's folder)
 
 import d3s2.ops.block_attn.triton as ba  # noqa: E402
 
 
-def kernel_ms(fn, reps=10) -> dict:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    return {e.key[:40]: e.device_time_total / reps / 1e3 for e in prof.key_averages() if e.device_time_total > 0}
+def kernel_ms(fn, prefix: str) -> float:
+    """GPU ms per call of ``fn``'s kernels whose name starts with ``prefix``."""
+    return sum(ms for name, _, ms in kernel_times(fn, 10) if name.startswith(prefix))
 
 
 def main() -> None:
@@ -40,12 +34,9 @@ def main() -> None:
     ap.add_argument("--size", default="131072")
     args = ap.parse_args()
     b.DEV, b.DTYPE = "cuda", torch.bfloat16
-    x = b._batch(args.layouts, [args.size])
-    layout = b.build_ssa_layout(x, m_cmp=8, m_slc=8, m_win=b.M_WIN, shift=0)
-    q, k, v, kc, vc, _ = (t.detach() for t in b._inputs(layout, torch.Generator("cuda").manual_seed(0)))
-    scale = b.D**-0.5
-    idx = b.tc.cmp_select_topk(q, kc, b.tc.cmp_attention_fwd(q, kc, vc, layout, scale)[1], layout, 8, scale)
-    off = layout.slc_offsets.to(torch.int32)
+    st = b.v11_state(args.layouts, args.size)
+    q, k, v, idx, scale = st["q"], st["k"], st["v"], st["idx"], st["scale"]
+    off = st["off"].to(torch.int32)
     plan = ba.selection_plan(idx, off.numel() - 1)
     meta = ba._meta(q, k)
     per_tile = ba._block_m(ba.FWD_CONFIG, meta["G_PAD"]) // meta["G_PAD"]
@@ -77,9 +68,8 @@ def main() -> None:
         ba.FWD_CONFIG = {**saved, "tile_table": False}
         o0, _ = ba.block_attn_fwd(q, k, v, off, idx, plan, scale)
         ms = do_bench(lambda: ba.block_attn_fwd(q, k, v, off, idx, plan, scale), rep=100, return_mode="median")
-        km = kernel_ms(lambda: ba.block_attn_fwd(q, k, v, off, idx, plan, scale))
-        kern = sum(t for n, t in km.items() if n.startswith("block_attn_fwd_kernel"))
-        comb = sum(t for n, t in km.items() if n.startswith("block_attn_combine"))
+        kern = kernel_ms(lambda: ba.block_attn_fwd(q, k, v, off, idx, plan, scale), "block_attn_fwd_kernel")
+        comb = kernel_ms(lambda: ba.block_attn_fwd(q, k, v, off, idx, plan, scale), "block_attn_combine")
         print(f"| default (no table) | {ms:.3f} | {kern:.3f} | {comb:.3f} | reference |")
         ba.FWD_CONFIG = {**saved, "tile_table": True}
         for name, perm in orders.items():
@@ -88,9 +78,8 @@ def main() -> None:
             o, _ = ba.block_attn_fwd(q, k, v, off, idx, plan, scale)
             same = bool(torch.equal(o, o0))
             ms = do_bench(lambda: ba.block_attn_fwd(q, k, v, off, idx, plan, scale), rep=100, return_mode="median")
-            km = kernel_ms(lambda: ba.block_attn_fwd(q, k, v, off, idx, plan, scale))
-            kern = sum(t for n, t in km.items() if n.startswith("block_attn_fwd_kernel"))
-            comb = sum(t for n, t in km.items() if n.startswith("block_attn_combine"))
+            kern = kernel_ms(lambda: ba.block_attn_fwd(q, k, v, off, idx, plan, scale), "block_attn_fwd_kernel")
+            comb = kernel_ms(lambda: ba.block_attn_fwd(q, k, v, off, idx, plan, scale), "block_attn_combine")
             print(f"| {name} | {ms:.3f} | {kern:.3f} | {comb:.3f} | {same} |")
     finally:
         ba._tile_table = built
