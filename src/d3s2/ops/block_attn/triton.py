@@ -523,12 +523,6 @@ class BlockAttnPlan:
     num_blocks: int
 
 
-def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
-    out = torch.zeros(x.numel() + 1, dtype=torch.int64, device=x.device)
-    out[1:] = torch.cumsum(x, 0)
-    return out
-
-
 @triton.jit(do_not_specialize=["E", "NB"])
 def _entry_keys_kernel(IDX, KEY, E, NB, S: tl.constexpr, HKV: tl.constexpr, BLOCK: tl.constexpr):
     """KEY[f] = g·NB + IDX[f] for entry f = (i·HKV + g)·S + s, or HKV·NB (after every list) for an empty slot."""
@@ -596,8 +590,7 @@ def _tile_table(plan: BlockAttnPlan, per_tile: int, bound: int, block_offsets: t
     """int32 ``[bound, 8]`` tile table of the forward (``_table_rows``); tiles past the last list's are idle (list id
     ``Hkv·NB``, no rows). No host sync."""
     num_lists = plan.list_count.numel()
-    chunks = (plan.list_count.long() + per_tile - 1) // per_tile
-    cum = _exclusive_cumsum(chunks).to(torch.int32)
+    cum = _tile_cumsum(plan.list_count, per_tile)
     table = torch.full((bound, 8), num_lists, dtype=torch.int32, device=block_offsets.device)
     if num_lists:
         _tile_table_kernel[(num_lists,)](table, cum, plan.list_start, plan.list_count, block_offsets,
@@ -605,12 +598,17 @@ def _tile_table(plan: BlockAttnPlan, per_tile: int, bound: int, block_offsets: t
     return table
 
 
-def _tiles(counts: torch.Tensor, per_tile: int, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tile table without a host sync: tile t → its list (or len(counts) if idle), and tiles' cumsum; int32, six
-    launches."""
+def _tile_cumsum(counts: torch.Tensor, per_tile: int) -> torch.Tensor:
+    """int32 ``[L + 1]`` exclusive cumsum of each list's tiles, ceil(count / per_tile) (four launches)."""
     chunks = torch.div(counts.to(torch.int32) + (per_tile - 1), per_tile, rounding_mode="floor")
     cum = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
     torch.cumsum(chunks, 0, dtype=torch.int32, out=cum[1:])
+    return cum
+
+
+def _tiles(counts: torch.Tensor, per_tile: int, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tile table without a host sync: tile t → its list (or len(counts) if idle), and tiles' cumsum; int32."""
+    cum = _tile_cumsum(counts, per_tile)
     t = torch.arange(bound, device=counts.device, dtype=torch.int32)
     return torch.searchsorted(cum[1:], t, right=True, out_int32=True), cum
 
