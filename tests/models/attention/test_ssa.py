@@ -183,3 +183,5 @@ def test_block_mean_matches_segment_reduce_and_its_gradient(dtype):
     (ref * w).sum().backward()
     torch.testing.assert_close(feats.grad, ref_in.grad, rtol=tol, atol=tol)
     assert torch.equal(_block_mean(feats.detach(), x, layout), got.detach())  # deterministic, cached rows
+    if dtype == torch.float64:
+        torch.autograd.gradcheck(lambda f: _block_mean(f, x, layout), (feats.detach().requires_grad_(),))

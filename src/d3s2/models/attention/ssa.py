@@ -20,30 +20,50 @@ from ...ops.ssa import SSALayout, build_ssa_layout, spatial_sparse_attention
 from ...sparse import SparseConv3d, SparseGroupNorm, SparseSiLU, SparseTensor
 
 
-def _block_gather(x: SparseTensor, layout: SSALayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """int64 ``[NBc, Lmax]`` token rows of each compression block (padding: row N) and int64 ``[NBc]`` lengths,
-    cached on x (one host sync when built, none per call)."""
-    def build() -> tuple[torch.Tensor, torch.Tensor]:
+def _block_gather(x: SparseTensor, layout: SSALayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int64 ``[NBc, Lmax]`` token rows of each compression block (padding: row N), int64 ``[NBc]`` lengths and
+    int64 ``[N]`` block of each token, cached on x (one host sync when built, none per call)."""
+    def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         offsets = layout.cmp_offsets.long()
         lengths = offsets[1:] - offsets[:-1]
         lmax = int(lengths.max()) if lengths.numel() else 0
         pos = torch.arange(lmax, device=offsets.device)
         rows = torch.where(pos[None] < lengths[:, None], offsets[:-1, None] + pos[None], layout.num_tokens)
-        return rows, lengths
+        token_block = torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), lengths,
+                                              output_size=layout.num_tokens)
+        return rows, lengths, token_block
     return x.cached(f"ssa_cmp_gather_{layout.m_cmp}_{layout.m_slc}", build)
+
+
+class _BlockMean(torch.autograd.Function):
+    """Mean of each block's rows by a padded gather and a fixed-order sum; the backward gathers each token's
+    block gradient (no index_put: autograd's backward of the gather would accumulate every padding slot into
+    row N, hundreds of thousands of duplicates serialised by CUDA's sort-based accumulation)."""
+
+    @staticmethod
+    def forward(ctx, feats: torch.Tensor, rows: torch.Tensor, lengths: torch.Tensor,
+                token_block: torch.Tensor) -> torch.Tensor:
+        acc = torch.promote_types(feats.dtype, torch.float32)
+        ext = torch.cat([feats.to(acc), feats.new_zeros(1, feats.shape[1], dtype=acc)])  # [N + 1, C], row N = 0
+        inv_len = 1.0 / lengths.clamp_min(1).to(acc)
+        ctx.save_for_backward(inv_len, token_block)
+        ctx.feats_dtype = feats.dtype
+        return (ext[rows].sum(1) * inv_len[:, None]).to(feats.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        inv_len, token_block = ctx.saved_tensors
+        per_block = grad.to(inv_len.dtype) * inv_len[:, None]  # [NBc, C]
+        return per_block[token_block].to(ctx.feats_dtype), None, None, None
 
 
 def _block_mean(feats: torch.Tensor, x: SparseTensor, layout: SSALayout) -> torch.Tensor:
     """``[NBc, C]`` mean of each compression block's contiguous rows of ``feats [N, C]`` (block order).
 
-    A padded gather and a fixed-order sum in at least float32, cast back: deterministic (each token fills one
-    slot, so the gather's backward never accumulates two real rows) and free of host syncs, unlike
-    ``torch.segment_reduce``, which checks its lengths on the host on every call.
+    Deterministic and free of host syncs, unlike ``torch.segment_reduce`` (which checks its lengths on the host on
+    every call): a padded gather summed in a fixed order in at least float32, cast back; see :class:`_BlockMean`.
     """
-    rows, lengths = _block_gather(x, layout)
-    acc = torch.promote_types(feats.dtype, torch.float32)
-    ext = torch.cat([feats.to(acc), feats.new_zeros(1, feats.shape[1], dtype=acc)])  # [N + 1, C], row N = 0
-    return (ext[rows].sum(1) / lengths[:, None].to(acc)).to(feats.dtype)
+    return _BlockMean.apply(feats, *_block_gather(x, layout))
 
 
 def _sorted_template(x: SparseTensor, layout: SSALayout) -> SparseTensor:
