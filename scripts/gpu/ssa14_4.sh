@@ -1,9 +1,9 @@
 # Issue 4, session 14, call 4: the SSA layer's training step regressed (v1.1 fwd+bwd 45.96 ms in session 2, 437 ms in
 # call 3). The compression's block mean now backpropagates by a gather instead of autograd's index_put over the
-# padded rows. Module tests on the GPU; old (07fab46's models/attention/ssa.py, carried as .gpu/old/ssa.py) and new
+# padded rows. Layer tests on the GPU; old (07fab46's models/attention/ssa.py, carried as .gpu/old/ssa.py) and new
 # layer times alternated; kernel profile of both training steps.
 source scripts/gpu/_prelude.sh
-python3 -m pytest -q -p no:cacheprovider -n 4 --timeout 300 tests/models/attention tests/ops/ssa > $OUT/tests.txt 2>&1
+python3 -m pytest -q -p no:cacheprovider -n 4 --timeout 300 tests/models/attention > $OUT/tests.txt 2>&1
 tail -3 $OUT/tests.txt
 el tests
 rm -rf /tmp/oldsrc && cp -r src /tmp/oldsrc && cp .gpu/old/ssa.py /tmp/oldsrc/d3s2/models/attention/ssa.py
