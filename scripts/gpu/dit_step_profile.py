@@ -27,7 +27,13 @@ def main() -> None:
     ap.add_argument("--size", default="131072")
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--no-split", action="store_true", help="dK/dV with one program per list (DKDV_SPLIT off)")
+    ap.add_argument("--no-profile", action="store_true")
     args = ap.parse_args()
+    if args.no_split:
+        import d3s2.ops.block_attn.triton as ba
+
+        ba.DKDV_SPLIT = {**ba.DKDV_SPLIT, "max_chunks": 1}
     b.DEV = "cuda"
     x = b._batch(args.layouts, [args.size])
     cfg = SparseDiT.Config.v1_1(1024, num_blocks=args.blocks)
@@ -43,9 +49,11 @@ def main() -> None:
         out.feats.float().square().mean().backward()
 
     ms = do_bench(step, warmup=3, rep=20, return_mode="median")
-    print(json.dumps({"N": x.num_voxels, "blocks": args.blocks, "step_ms": ms, "ms_per_block": ms / args.blocks,
-                      "peak_gib": torch.cuda.max_memory_allocated() / 2**30}), flush=True)
-    table(step, 2, f"sparse DiT v1.1 1024³, {args.blocks} blocks, N = {x.num_voxels:,}: training step", args.rows)
+    print(json.dumps({"N": x.num_voxels, "blocks": args.blocks, "split": not args.no_split, "step_ms": ms,
+                      "ms_per_block": ms / args.blocks, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}),
+          flush=True)
+    if not args.no_profile:
+        table(step, 2, f"sparse DiT v1.1 1024³, {args.blocks} blocks, N = {x.num_voxels:,}: training step", args.rows)
 
 
 if __name__ == "__main__":

@@ -22,12 +22,14 @@ BACKENDS.register("torch")
 
 def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offsets: torch.Tensor,
                         block_idx: torch.Tensor, *, scale: float | None = None, backend: str | None = None,
-                        return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                        return_lse: bool = False, max_block_len: int | None = None
+                        ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Query i attends, through kv head g, to the tokens of blocks ``block_idx[i, g, :]``.
 
     q ``[N, Hq, D]``, k/v ``[N, Hkv, D]``, block_offsets int ``[NB + 1]``, block_idx int ``[N, Hkv, S]``
     (-1 = empty slot). Returns o ``[N, Hq, D]`` (q's dtype), and with ``return_lse`` also the natural-log LSE
-    float32 ``[N, Hq]`` (not differentiable). See :func:`selection_attention_ref`.
+    float32 ``[N, Hq]`` (not differentiable). See :func:`selection_attention_ref`. ``max_block_len``: a bound on
+    the tokens of any block, if known (the triton backward otherwise reads it from the offsets: one host sync).
     """
     name = BACKENDS.resolve(backend, q, k, v)
     if name == "torch":
@@ -35,7 +37,8 @@ def selection_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
     if name == "triton":
         from .triton import selection_attention_triton
 
-        return selection_attention_triton(q, k, v, block_offsets, block_idx, scale=scale, return_lse=return_lse)
+        return selection_attention_triton(q, k, v, block_offsets, block_idx, scale=scale, return_lse=return_lse,
+                                          max_block_len=max_block_len)
     raise AssertionError(f"unhandled block_attn backend {name}")  # every registered backend is dispatched above
 
 

@@ -69,6 +69,11 @@ WIN_FWD_CONFIG: dict | None = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "nu
                                "split": True, "TAIL_N": None, "shift": "online", "rowsum": "reduce"}
 BWD_DQ_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 BWD_DKDV_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+# dK/dV of the selection: a list longer than ``split_entries`` entries is cut into up to ``max_chunks`` chunks, one
+# program each, whose float32 partials a second kernel sums in chunk order (deterministic). Without it one program
+# loops over the whole list: a sparse DiT at initialisation selects some blocks from most queries (longest list 89k
+# entries against a mean of 1.1k at N = 134k), and that program alone set the kernel's time.
+DKDV_SPLIT = {"split_entries": 4096, "max_chunks": 16}
 # Combine of the S partials per (query, kv head): (pair, head) rows per program, warps, and "unroll": the slot loop
 # unrolled at compile time (S a constexpr: all S loads of a program in flight at once) or a runtime loop.
 # Session 6 (selection forward, ms): unrolled 4.61 against 4.67 (the combine alone 0.64 against 0.68: 2.6 GB at
@@ -451,55 +456,97 @@ def block_attn_bwd_dq_kernel(
         tl.store(PDQ + prow[:, None] * D + d[None, :], (dq * scale).to(PDQ.dtype.element_ty), mask=qd_ok)
 
 
-@triton.jit(do_not_specialize=["NB"])
+@triton.jit(do_not_specialize=["NB", "MAXLEN"])
 def block_attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
-    ENTRY, KT_BLOCK, KT_CUM, LIST_START, LIST_COUNT, BLOCK_OFF,
-    scale, scale_log2, NB,
+    Q, K, V, DO, LSE, DELTA, DK, DV, PART_K, PART_V,  # PART_K/V float32 [chunk rows · MAXLEN, D] (split lists)
+    ENTRY, KT_BLOCK, KT_CUM, LIST_START, LIST_COUNT, BLOCK_OFF, N_CHUNKS, PART_OFF,  # N_CHUNKS/PART_OFF [Hkv·NB]
+    scale, scale_log2, NB, MAXLEN,
     S: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    """One program per (key tile of a block, kv head): loops over every entry that selected the block."""
+    """One program per (key tile of a block, kv head, chunk): loops over the chunk's entries of the block's list.
+
+    SPLIT: list l runs in ``N_CHUNKS[l]`` equal chunks (program axis 2; programs past them exit); a list of one chunk
+    writes dK/dV, a longer one float32 partials at rows ``(PART_OFF[l] + chunk) · MAXLEN + key − k_lo``."""
+    t = tl.program_id(0)
+    g = tl.program_id(1)
+    c = tl.program_id(2)
+    b = tl.load(KT_BLOCK + t)
+    if b < NB:
+        lst = g * NB + b
+        e_lo = tl.load(LIST_START + lst)
+        e_hi = e_lo + tl.load(LIST_COUNT + lst)
+        chunks = tl.load(N_CHUNKS + lst) if SPLIT else 1
+        if c < chunks:
+            size = (e_hi - e_lo + chunks - 1) // chunks
+            e_end = tl.minimum(e_lo + (c + 1) * size, e_hi)
+            e_lo = e_lo + c * size
+            k_lo = tl.load(BLOCK_OFF + b)
+            k_hi = tl.load(BLOCK_OFF + b + 1)
+            kn = k_lo + (t - tl.load(KT_CUM + b)) * BLOCK_N + tl.arange(0, BLOCK_N)
+            k_ok = kn < k_hi
+            d = tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            kd_ok = k_ok[:, None] & d_ok[None, :]
+            kv_off = (kn * HKV + g) * D
+            kk = tl.load(K + kv_off[:, None] + d[None, :], mask=kd_ok, other=0.0)
+            vv = tl.load(V + kv_off[:, None] + d[None, :], mask=kd_ok, other=0.0)
+            dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+            dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+            rows = tl.arange(0, BLOCK_M)
+            head = rows % G_PAD
+            for e0 in range(e_lo, e_end, BLOCK_M // G_PAD):
+                ent = e0 + rows // G_PAD
+                row_ok = (ent < e_end) & (head < G)
+                f = tl.load(ENTRY + ent, mask=row_ok, other=0)
+                qh = (f // (HKV * S)) * (HKV * G) + g * G + head
+                qd_ok = row_ok[:, None] & d_ok[None, :]
+                q = tl.load(Q + qh[:, None] * D + d[None, :], mask=qd_ok, other=0.0)
+                do = tl.load(DO + qh[:, None] * D + d[None, :], mask=qd_ok, other=0.0)
+                lse2 = tl.load(LSE + qh, mask=row_ok, other=0.0) * 1.4426950408889634
+                delta = tl.load(DELTA + qh, mask=row_ok, other=0.0)
+                s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * scale_log2  # [M, N]
+                p = tl.exp2(s - lse2[:, None])
+                p = tl.where(row_ok[:, None] & k_ok[None, :], p, 0.0)
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
+                dp = tl.dot(do, tl.trans(vv), input_precision=DOT_PREC)
+                ds = p * (dp - delta[:, None])
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
+            if chunks == 1:
+                tl.store(DK + kv_off[:, None] + d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kd_ok)
+                tl.store(DV + kv_off[:, None] + d[None, :], dv.to(DV.dtype.element_ty), mask=kd_ok)
+            else:
+                prow = (tl.load(PART_OFF + lst) + c).to(tl.int64) * MAXLEN + (kn - k_lo)
+                tl.store(PART_K + prow[:, None] * D + d[None, :], dk * scale, mask=kd_ok)
+                tl.store(PART_V + prow[:, None] * D + d[None, :], dv, mask=kd_ok)
+
+
+@triton.jit(do_not_specialize=["NB", "MAXLEN"])
+def _dkdv_chunk_sum_kernel(PART_K, PART_V, DK, DV, KT_BLOCK, KT_CUM, BLOCK_OFF, N_CHUNKS, PART_OFF, NB, MAXLEN,
+                           HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK/dV of the key tiles whose list ran in several chunks: the chunks' float32 partials summed in chunk order."""
     t = tl.program_id(0)
     g = tl.program_id(1)
     b = tl.load(KT_BLOCK + t)
     if b < NB:
-        k_lo = tl.load(BLOCK_OFF + b)
-        k_hi = tl.load(BLOCK_OFF + b + 1)
-        kn = k_lo + (t - tl.load(KT_CUM + b)) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k_ok = kn < k_hi
-        d = tl.arange(0, BLOCK_D)
-        d_ok = d < D
-        kd_ok = k_ok[:, None] & d_ok[None, :]
-        kv_off = (kn * HKV + g) * D
-        kk = tl.load(K + kv_off[:, None] + d[None, :], mask=kd_ok, other=0.0)
-        vv = tl.load(V + kv_off[:, None] + d[None, :], mask=kd_ok, other=0.0)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         lst = g * NB + b
-        e_lo = tl.load(LIST_START + lst)
-        e_hi = e_lo + tl.load(LIST_COUNT + lst)
-        rows = tl.arange(0, BLOCK_M)
-        head = rows % G_PAD
-        for e0 in range(e_lo, e_hi, BLOCK_M // G_PAD):
-            ent = e0 + rows // G_PAD
-            row_ok = (ent < e_hi) & (head < G)
-            f = tl.load(ENTRY + ent, mask=row_ok, other=0)
-            qh = (f // (HKV * S)) * (HKV * G) + g * G + head
-            qd_ok = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + qh[:, None] * D + d[None, :], mask=qd_ok, other=0.0)
-            do = tl.load(DO + qh[:, None] * D + d[None, :], mask=qd_ok, other=0.0)
-            lse2 = tl.load(LSE + qh, mask=row_ok, other=0.0) * 1.4426950408889634
-            delta = tl.load(DELTA + qh, mask=row_ok, other=0.0)
-            s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * scale_log2  # [M, N]
-            p = tl.exp2(s - lse2[:, None])
-            p = tl.where(row_ok[:, None] & k_ok[None, :], p, 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
-            dp = tl.dot(do, tl.trans(vv), input_precision=DOT_PREC)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
-        tl.store(DK + kv_off[:, None] + d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kd_ok)
-        tl.store(DV + kv_off[:, None] + d[None, :], dv.to(DV.dtype.element_ty), mask=kd_ok)
+        chunks = tl.load(N_CHUNKS + lst)
+        if chunks > 1:
+            k_lo = tl.load(BLOCK_OFF + b)
+            k_hi = tl.load(BLOCK_OFF + b + 1)
+            kn = k_lo + (t - tl.load(KT_CUM + b)) * BLOCK_N + tl.arange(0, BLOCK_N)
+            d = tl.arange(0, BLOCK_D)
+            kd_ok = (kn < k_hi)[:, None] & (d < D)[None, :]
+            dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+            dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+            base = tl.load(PART_OFF + lst)
+            for c in range(chunks):
+                prow = (base + c).to(tl.int64) * MAXLEN + (kn - k_lo)
+                dk += tl.load(PART_K + prow[:, None] * D + d[None, :], mask=kd_ok, other=0.0)
+                dv += tl.load(PART_V + prow[:, None] * D + d[None, :], mask=kd_ok, other=0.0)
+            kv_off = (kn * HKV + g) * D
+            tl.store(DK + kv_off[:, None] + d[None, :], dk.to(DK.dtype.element_ty), mask=kd_ok)
+            tl.store(DV + kv_off[:, None] + d[None, :], dv.to(DV.dtype.element_ty), mask=kd_ok)
 
 
 # Host side --------------------------------------------------------------------------------------------
@@ -514,6 +561,7 @@ class BlockAttnPlan:
         list_start, list_count: int32 ``[Hkv·NB]`` first position in ``entry`` and length of each list.
         num_slots: S.
         num_blocks: NB.
+        max_block_len: a bound on the longest block's tokens, if the caller knows it (else read when needed).
     """
 
     entry: torch.Tensor
@@ -521,6 +569,7 @@ class BlockAttnPlan:
     list_count: torch.Tensor
     num_slots: int
     num_blocks: int
+    max_block_len: int | None = None
 
 
 @triton.jit(do_not_specialize=["E", "NB"])
@@ -534,7 +583,7 @@ def _entry_keys_kernel(IDX, KEY, E, NB, S: tl.constexpr, HKV: tl.constexpr, BLOC
     tl.store(KEY + f, key.to(KEY.dtype.element_ty), mask=ok)
 
 
-def selection_plan(block_idx: torch.Tensor, num_blocks: int) -> BlockAttnPlan:
+def selection_plan(block_idx: torch.Tensor, num_blocks: int, max_block_len: int | None = None) -> BlockAttnPlan:
     """Group the entries of ``block_idx`` [N, Hkv, S] by (kv head, block) with a stable GPU sort."""
     n, hkv, s = block_idx.shape
     idx = block_idx.to(torch.int32).contiguous()
@@ -549,7 +598,7 @@ def selection_plan(block_idx: torch.Tensor, num_blocks: int) -> BlockAttnPlan:
     entry = order.to(torch.int32)  # ascending query order within a list
     # List bounds by binary search in the sorted keys: unlike a CUDA bincount, no host sync (once per block).
     bounds = torch.searchsorted(keys, torch.arange(sentinel + 1, device=key.device, dtype=kdt), out_int32=True)
-    return BlockAttnPlan(entry, bounds[:-1], bounds[1:] - bounds[:-1], s, num_blocks)
+    return BlockAttnPlan(entry, bounds[:-1], bounds[1:] - bounds[:-1], s, num_blocks, max_block_len)
 
 
 def window_plan(window_offsets: torch.Tensor, n: int, hkv: int) -> BlockAttnPlan:
@@ -778,12 +827,41 @@ def block_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     lengths = block_offsets[1:] - block_offsets[:-1]
     kt_bound = n // block_n + nb + 1
     kt_block, kt_cum = _tiles(lengths, block_n, kt_bound)
-    block_attn_bwd_dkdv_kernel[(kt_bound, hkv)](
-        q, k, v, do, lse, delta, dk, dv, plan.entry, kt_block, kt_cum, plan.list_start, plan.list_count,
-        block_offsets, scale, scale * LOG2E, nb, S=s, HKV=hkv,
-        BLOCK_M=_block_m(dkdv_cfg, meta["G_PAD"]), BLOCK_N=block_n, num_warps=dkdv_cfg["num_warps"],
-        num_stages=dkdv_cfg["num_stages"], **meta)
+    split = _dkdv_split(plan, block_offsets, n, d) if block_idx is not None else None
+    n_chunks, part_off, part_k, part_v, max_chunks, maxlen = split or (lengths, lengths, dk, dv, 1, 0)
+    block_attn_bwd_dkdv_kernel[(kt_bound, hkv, max_chunks)](
+        q, k, v, do, lse, delta, dk, dv, part_k, part_v, plan.entry, kt_block, kt_cum, plan.list_start,
+        plan.list_count, block_offsets, n_chunks, part_off, scale, scale * LOG2E, nb, maxlen, S=s, HKV=hkv,
+        BLOCK_M=_block_m(dkdv_cfg, meta["G_PAD"]), BLOCK_N=block_n, SPLIT=split is not None,
+        num_warps=dkdv_cfg["num_warps"], num_stages=dkdv_cfg["num_stages"], **meta)
+    if split is not None:
+        _dkdv_chunk_sum_kernel[(kt_bound, hkv)](part_k, part_v, dk, dv, kt_block, kt_cum, block_offsets, n_chunks,
+                                                part_off, nb, maxlen, HKV=hkv, D=d, BLOCK_D=meta["BLOCK_D"],
+                                                BLOCK_N=block_n, num_warps=4)
     return dq, dk, dv
+
+
+def _dkdv_split(plan: BlockAttnPlan, block_offsets: torch.Tensor, n: int, d: int) -> tuple | None:
+    """The selection dK/dV's list chunks (``DKDV_SPLIT``), or None when no list can need two (N ≤ split_entries).
+
+    Returns int32 chunks per list ``[Hkv·NB]``, each split list's first partial chunk ``[Hkv·NB]``, the float32
+    partial buffers for dK and dV ``[rows, D]``, the most chunks of a list and the partial rows per chunk: the
+    longest block, ``plan.max_block_len`` or else read from the offsets (one host sync)."""
+    entries = DKDV_SPLIT["split_entries"]
+    max_chunks = min(DKDV_SPLIT["max_chunks"], -(-n // entries))  # a list holds a query once per slot it fills
+    if max_chunks <= 1 or plan.list_count.numel() == 0:
+        return None
+    chunks = torch.div(plan.list_count + (entries - 1), entries, rounding_mode="floor").clamp_(1, max_chunks)
+    chunks = chunks.to(torch.int32)
+    own = torch.where(chunks > 1, chunks, 0)  # partial chunks belong to split lists only
+    part_off = (torch.cumsum(own, 0, dtype=torch.int32) - own).to(torch.int32)
+    maxlen = plan.max_block_len
+    if maxlen is None:
+        maxlen = int((block_offsets[1:] - block_offsets[:-1]).max())
+    # a split list has more than `entries` entries and at most count / entries + 1 chunks
+    rows = 2 * (plan.entry.numel() // entries + 1) * maxlen
+    part_k = torch.empty(rows, d, dtype=torch.float32, device=block_offsets.device)
+    return chunks, part_off, part_k, torch.empty_like(part_k), max_chunks, maxlen
 
 
 class BlockAttnFunction(torch.autograd.Function):
@@ -817,7 +895,8 @@ def _prepare(q, k, v, offsets):
     return q.contiguous(), k.contiguous(), v.contiguous(), offsets.to(torch.int32).contiguous()
 
 
-def selection_attention_triton(q, k, v, block_offsets, block_idx, *, scale=None, return_lse=False):
+def selection_attention_triton(q, k, v, block_offsets, block_idx, *, scale=None, return_lse=False,
+                               max_block_len=None):
     """Triton selection attention; same contract as :func:`~.reference.selection_attention_ref`."""
     from .reference import _check
 
@@ -825,7 +904,7 @@ def selection_attention_triton(q, k, v, block_offsets, block_idx, *, scale=None,
     q, k, v, block_offsets = _prepare(q, k, v, block_offsets)
     block_idx = block_idx.to(torch.int32).contiguous()
     scale = q.shape[2] ** -0.5 if scale is None else float(scale)
-    plan = selection_plan(block_idx, block_offsets.numel() - 1)
+    plan = selection_plan(block_idx, block_offsets.numel() - 1, max_block_len)
     o, lse = BlockAttnFunction.apply(q, k, v, block_offsets, block_idx, plan, scale)
     return (o, lse) if return_lse else o
 

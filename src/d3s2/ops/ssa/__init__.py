@@ -78,7 +78,8 @@ def spatial_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     sc = _scale(q, scale)
     o_cmp, lse = triton_compress.compressed_attention(q, k_cmp, v_cmp, layout, sc)
     block_idx = triton_compress.select_blocks(q, k_cmp, lse, layout, topk, sc)
-    o_slc = selection_attention(q, k, v, layout.slc_offsets, block_idx, scale=sc)
+    o_slc = selection_attention(q, k, v, layout.slc_offsets, block_idx, scale=sc,
+                                max_block_len=layout.m_slc**3)  # a selection block spans m_slc³ voxels
     if layout.win_perm is None:
         o_win = window_attention(q, k, v, layout.win_offsets, scale=sc)
     else:
