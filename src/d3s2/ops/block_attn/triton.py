@@ -18,7 +18,8 @@ instead of once per query.
   so nothing is rescaled; a tile whose row sum stays below 2⁻⁶⁴ reruns with the online softmax.
 - Backward: Δ = rowsum(O·dO); dQ mirrors the forward (partial dQ per entry, then a sum over slots); dK/dV
   runs one program per (block key tile, kv head) that loops over the block's whole entry list, so each key
-  row is written by exactly one program: deterministic, no atomics, no per-head replicated buffers.
+  row is written by exactly one program: deterministic, no atomics, no per-head replicated buffers. A long list
+  (``DKDV_SPLIT``) runs in chunks, one program each, whose float32 partials a second kernel sums in chunk order.
 
 Partial outputs (selection forward) are stored in 16 bits for 16-bit inputs: float16, whose 2⁻¹¹ rounding is
 8× finer than the bfloat16 output's; a partial output is a convex combination of value rows, so it overflows
