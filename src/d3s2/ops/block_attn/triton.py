@@ -457,6 +457,20 @@ def block_attn_bwd_dq_kernel(
         tl.store(PDQ + prow[:, None] * D + d[None, :], (dq * scale).to(PDQ.dtype.element_ty), mask=qd_ok)
 
 
+@triton.jit
+def _key_tile(KT_CUM, BLOCK_OFF, t, b, g, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """Key tile t of block b for kv head g: (block's first key, key rows, key mask, d, d mask, [N, D] mask, offsets
+    of the rows in k/v viewed flat)."""
+    k_lo = tl.load(BLOCK_OFF + b)
+    k_hi = tl.load(BLOCK_OFF + b + 1)
+    kn = k_lo + (t - tl.load(KT_CUM + b)) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = kn < k_hi
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    return k_lo, kn, k_ok, d, d_ok, k_ok[:, None] & d_ok[None, :], (kn * HKV + g) * D
+
+
 @triton.jit(do_not_specialize=["NB", "MAXLEN"])
 def block_attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, PART_K, PART_V,  # PART_K/V float32 [chunk rows · MAXLEN, D] (split lists)
@@ -482,14 +496,7 @@ def block_attn_bwd_dkdv_kernel(
             size = (e_hi - e_lo + chunks - 1) // chunks
             e_end = tl.minimum(e_lo + (c + 1) * size, e_hi)
             e_lo = e_lo + c * size
-            k_lo = tl.load(BLOCK_OFF + b)
-            k_hi = tl.load(BLOCK_OFF + b + 1)
-            kn = k_lo + (t - tl.load(KT_CUM + b)) * BLOCK_N + tl.arange(0, BLOCK_N)
-            k_ok = kn < k_hi
-            d = tl.arange(0, BLOCK_D)
-            d_ok = d < D
-            kd_ok = k_ok[:, None] & d_ok[None, :]
-            kv_off = (kn * HKV + g) * D
+            k_lo, kn, k_ok, d, d_ok, kd_ok, kv_off = _key_tile(KT_CUM, BLOCK_OFF, t, b, g, HKV, D, BLOCK_D, BLOCK_N)
             kk = tl.load(K + kv_off[:, None] + d[None, :], mask=kd_ok, other=0.0)
             vv = tl.load(V + kv_off[:, None] + d[None, :], mask=kd_ok, other=0.0)
             dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -533,11 +540,7 @@ def _dkdv_chunk_sum_kernel(PART_K, PART_V, DK, DV, KT_BLOCK, KT_CUM, BLOCK_OFF, 
         lst = g * NB + b
         chunks = tl.load(N_CHUNKS + lst)
         if chunks > 1:
-            k_lo = tl.load(BLOCK_OFF + b)
-            k_hi = tl.load(BLOCK_OFF + b + 1)
-            kn = k_lo + (t - tl.load(KT_CUM + b)) * BLOCK_N + tl.arange(0, BLOCK_N)
-            d = tl.arange(0, BLOCK_D)
-            kd_ok = (kn < k_hi)[:, None] & (d < D)[None, :]
+            k_lo, kn, _, d, _, kd_ok, kv_off = _key_tile(KT_CUM, BLOCK_OFF, t, b, g, HKV, D, BLOCK_D, BLOCK_N)
             dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
             dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
             base = tl.load(PART_OFF + lst)
@@ -545,7 +548,6 @@ def _dkdv_chunk_sum_kernel(PART_K, PART_V, DK, DV, KT_BLOCK, KT_CUM, BLOCK_OFF, 
                 prow = (base + c).to(tl.int64) * MAXLEN + (kn - k_lo)
                 dk += tl.load(PART_K + prow[:, None] * D + d[None, :], mask=kd_ok, other=0.0)
                 dv += tl.load(PART_V + prow[:, None] * D + d[None, :], mask=kd_ok, other=0.0)
-            kv_off = (kn * HKV + g) * D
             tl.store(DK + kv_off[:, None] + d[None, :], dk.to(DK.dtype.element_ty), mask=kd_ok)
             tl.store(DV + kv_off[:, None] + d[None, :], dv.to(DV.dtype.element_ty), mask=kd_ok)
 
