@@ -825,7 +825,7 @@ def block_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         num_stages=dq_cfg["num_stages"], **meta)
     if block_idx is not None:
         _combine(pdq, pdq, pdq, block_idx, dq, dq, plan, meta, is_sum=True)
-    # dK/dV: one program per (key tile of a block, kv head).
+    # dK/dV: one program per (key tile of a block, kv head, chunk of a long list).
     block_n = dkdv_cfg["BLOCK_N"]
     lengths = block_offsets[1:] - block_offsets[:-1]
     kt_bound = n // block_n + nb + 1
@@ -854,10 +854,10 @@ def _dkdv_split(plan: BlockAttnPlan, block_offsets: torch.Tensor, n: int, d: int
     max_chunks = min(DKDV_SPLIT["max_chunks"], -(-n // entries))  # a list holds a query once per slot it fills
     if max_chunks <= 1 or plan.list_count.numel() == 0:
         return None
+    # int32 like list_count: the kernels read both tables as int32
     chunks = torch.div(plan.list_count + (entries - 1), entries, rounding_mode="floor").clamp_(1, max_chunks)
-    chunks = chunks.to(torch.int32)
     own = torch.where(chunks > 1, chunks, 0)  # partial chunks belong to split lists only
-    part_off = (torch.cumsum(own, 0, dtype=torch.int32) - own).to(torch.int32)
+    part_off = torch.cumsum(own, 0, dtype=torch.int32) - own
     maxlen = plan.max_block_len
     if maxlen is None:
         maxlen = int((block_offsets[1:] - block_offsets[:-1]).max())
