@@ -1,4 +1,5 @@
-"""exp2 variants for the attention kernels' softmax, chosen per kernel by a constexpr ``MODE``.
+"""exp2 variants for the attention kernels' softmax, chosen per kernel by a constexpr ``MODE``, and the fast log2 of
+their epilogues.
 
 At head dim 32 attention is bounded by exponentials, not by matmuls: the MUFU unit evaluates 16 ex2 per clock per
 SM against 128 FP32 FMAs, so evaluating part of the exps as a polynomial on the FMA pipe (8 instructions each on
@@ -29,6 +30,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 MODES = ("mufu", "poly", "mix", "mix4")
 ASM_MODES = ("mix", "mix4")
@@ -108,3 +110,20 @@ def exp2(x, MODE: tl.constexpr):
         return _exp2_mix4(x)
     else:
         return tl.exp2(x)
+
+
+def fast_math(device: torch.device) -> bool:
+    """Whether a launch on ``device`` may use the MUFU approximations of :func:`log2` (compiled CUDA only: the CPU
+    interpreter has no libdevice)."""
+    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+@triton.jit
+def log2(x, FAST: tl.constexpr):
+    """log2 of a positive float32 tile. FAST: ``lg2.approx`` (one MUFU op, ≈ 2⁻²² relative error; libdevice
+    ``fast_log2f``) instead of the precise ``log2f`` (a ≈ 30-instruction polynomial per value), which the interpreter
+    runs. For the attention epilogues' LSE: a row's log-sum-exp error then stays at float32 rounding."""
+    if FAST:
+        return libdevice.fast_log2f(x)
+    else:
+        return tl.log2(x)

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._exp2 import exp2, resolve_mode
+from .._exp2 import exp2, fast_math, log2, resolve_mode
 
 LOG2E = 1.4426950408889634
 
@@ -250,7 +250,7 @@ def block_attn_fwd_kernel(
     S: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, PART16: tl.constexpr,
     EXP2: tl.constexpr, SPLIT: tl.constexpr, TAIL_N: tl.constexpr, BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr,
-    TILE_TABLE: tl.constexpr,
+    TILE_TABLE: tl.constexpr, FAST_LOG2: tl.constexpr,
 ):
     """PART16: PO is int16 holding float16 bits, or bfloat16 bits where the flag ``PBIG[0]`` is set.
     EXP2: exp2 mode (:mod:`d3s2.ops._exp2`); SPLIT: the block's whole ``BLOCK_N``-key chunks run unmasked, the
@@ -259,7 +259,8 @@ def block_attn_fwd_kernel(
     block's largest key norm per kv head; by Cauchy–Schwarz no scaled logit exceeds it): no running max, no
     rescaling. A tile with a row whose sum stays below 2⁻⁶⁴ (the bound more than 64 binades above the row's
     largest logit) reruns with the online softmax. ROWSUM_DOT: see ``_fwd_chunk``. TILE_TABLE: the tile's rows
-    and key range from one row of ``TABLE`` (``_table_rows``) instead of the list tables."""
+    and key range from one row of ``TABLE`` (``_table_rows``) instead of the list tables. FAST_LOG2: the LSE's log2
+    by the MUFU approximation (:func:`d3s2.ops._exp2.log2`)."""
     t = tl.program_id(0)
     if TILE_TABLE:
         lst, g, b, ent, row_ok, head, k_lo, k_hi = _table_rows(TABLE, t, num_lists, NB, HKV, G, G_PAD, BLOCK_M)
@@ -302,8 +303,9 @@ def block_attn_fwd_kernel(
             m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV, D,
                                       BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, False, False)
         has = l_i > 0  # an empty block gives no keys: partial o 0, lse -inf
-        o = acc / tl.where(has, l_i, 1.0)[:, None]
-        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+        l_safe = tl.where(has, l_i, 1.0)
+        o = acc * (1.0 / l_safe)[:, None]  # one reciprocal per row, not a division per element
+        lse = tl.where(has, (m_i + log2(l_safe, FAST_LOG2)) * 0.6931471805599453, float("-inf"))
         prow = f.to(tl.int64) * G + head
         po_ptrs = PO + prow[:, None] * D + d[None, :]
         po_mask = row_ok[:, None] & d_ok[None, :]
@@ -779,8 +781,8 @@ def block_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offs
         kmax, table, scale * LOG2E, num_lists, plan.num_blocks, S=s, HKV=hkv, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
         PART16=part16, EXP2=resolve_mode(cfg["exp2"], q.device), SPLIT=cfg["split"], BOUND=shift == "bound",
         ROWSUM_DOT=shift == "bound" and cfg.get("rowsum", "reduce") == "dot", TILE_TABLE=cfg.get("tile_table", False),
-        TAIL_N=min(cfg["TAIL_N"] or cfg["BLOCK_N"], cfg["BLOCK_N"]), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **max_registers(cfg, q.device), **meta)
+        FAST_LOG2=fast_math(q.device), TAIL_N=min(cfg["TAIL_N"] or cfg["BLOCK_N"], cfg["BLOCK_N"]),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **max_registers(cfg, q.device), **meta)
     if block_idx is not None:
         _combine(po, plse, big, block_idx, o, lse, plan, meta, is_sum=False, part16=part16)
     return o, lse

@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._exp2 import exp2, resolve_mode
+from .._exp2 import exp2, fast_math, log2, resolve_mode
 from ..block_attn.triton import max_registers, row_dot, segment_max_norm, softmax_update
 from .layout import SSALayout
 
@@ -167,7 +167,8 @@ def _cmp_fwd_kernel(Q, K, V, O, LSE, CU_SEQ, CU_CMP, KMAX,
                     qk_scale,
                     HQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, HS_PAD: tl.constexpr, D: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr,
-                    EXP2: tl.constexpr, SPLIT: tl.constexpr, BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr):
+                    EXP2: tl.constexpr, SPLIT: tl.constexpr, BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr,
+                    FAST_LOG2: tl.constexpr):
     """SPLIT: whole ``BLOCK_C`` tiles of compressed blocks run unmasked, only the last partial one masked.
 
     BOUND: the softmax shift of a row is fixed before the loop, ``qk_scale · |q| · KMAX[b, g]`` (KMAX: the
@@ -214,10 +215,10 @@ def _cmp_fwd_kernel(Q, K, V, O, LSE, CU_SEQ, CU_CMP, KMAX,
         l_i = tl.zeros([BLOCK_M], tl.float32)
         m_i, l_i, acc = _cmp_fwd_loop(q, K, V, c0, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i, l_i, acc,
                                       qk_scale, BLOCK_C, DOT_PREC, EXP2, SPLIT, False, False)
-    o = acc / l_i[:, None]
+    o = acc * (1.0 / l_i)[:, None]  # one reciprocal per row, not a division per element
     o_ptrs = O + tok.to(tl.int64)[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # natural log
+    lse = (m_i + log2(l_i, FAST_LOG2)) * 0.6931471805599453  # natural log
     tl.store(LSE + tok.to(tl.int64) * HQ + head, lse, mask=row_ok)
 
 
@@ -707,6 +708,7 @@ def cmp_attention_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
                           scale * LOG2E, HKV=hkv, BLOCK_T=block_t, BLOCK_C=cfg["BLOCK_C"],
                           EXP2=resolve_mode(cfg.get("exp2", "mufu"), q.device), SPLIT=cfg.get("split", False),
                           BOUND=bound, ROWSUM_DOT=bound and cfg.get("rowsum", "reduce") == "dot",
+                          FAST_LOG2=fast_math(q.device),
                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                           **(max_registers(cfg, q.device) if tuned else {}), **meta)
     return o, lse
