@@ -193,7 +193,7 @@ def _sdpa(layout, ins, do) -> dict:
 def _combine_ms(q, k, v, idx, plan) -> float:
     """The selection's partial combine alone, on zero partials (its time depends on the bytes, not the values)."""
     meta = ba_kernels._meta(q, k)
-    po, big, part16 = ba_kernels._partial_buffer(q, v, idx.numel(), meta["G"], None)
+    po, big, part16, _ = ba_kernels._partial_buffer(q, v, idx.numel(), meta["G"], None)
     po.zero_()
     plse = torch.zeros(idx.numel(), meta["G"], dtype=torch.float32, device=q.device)
     o, lse = torch.empty_like(q), torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)

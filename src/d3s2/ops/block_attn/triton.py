@@ -386,9 +386,11 @@ def block_attn_combine_kernel(
 
 
 @triton.jit
-def _segment_max_norm_kernel(K, OFF, OUT, HKV: tl.constexpr, HKV_PAD: tl.constexpr, D: tl.constexpr,
-                             BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
-    """OUT[s, g] = max over tokens i of segment s of ‖K[i, g, :]‖ (0 if empty); K contiguous [N, HKV, D]."""
+def _segment_max_norm_kernel(K, OFF, OUT, V, FLAG, v_limit, HKV: tl.constexpr, HKV_PAD: tl.constexpr,
+                             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, CHECK_V: tl.constexpr):
+    """OUT[s, g] = max over tokens i of segment s of ‖K[i, g, :]‖ (0 if empty); K contiguous [N, HKV, D].
+    CHECK_V: also ``FLAG[0] = 1`` if some |V| of the segment exceeds ``v_limit`` (V shaped like K; FLAG stays as it
+    is otherwise)."""
     seg = tl.program_id(0)
     lo = tl.load(OFF + seg)
     hi = tl.load(OFF + seg + 1)
@@ -396,13 +398,20 @@ def _segment_max_norm_kernel(K, OFF, OUT, HKV: tl.constexpr, HKV_PAD: tl.constex
     g = tl.arange(0, HKV_PAD)[None, :, None]
     d = tl.arange(0, BLOCK_D)[None, None, :]
     best = tl.zeros([BLOCK_T, HKV_PAD], tl.float32)
+    v_abs = tl.zeros([BLOCK_T, HKV_PAD, BLOCK_D], tl.float32)
     for t0 in range(lo, hi, BLOCK_T):
         tok = t0 + t
-        x = tl.load(K + (tok.to(tl.int64) * HKV + g) * D + d, mask=(tok < hi) & (g < HKV) & (d < D),
-                    other=0.0).to(tl.float32)
+        offs = (tok.to(tl.int64) * HKV + g) * D + d
+        mask = (tok < hi) & (g < HKV) & (d < D)
+        x = tl.load(K + offs, mask=mask, other=0.0).to(tl.float32)
         best = tl.maximum(best, tl.sum(x * x, 2))
+        if CHECK_V:
+            v_abs = tl.maximum(v_abs, tl.abs(tl.load(V + offs, mask=mask, other=0.0).to(tl.float32)))
     gg = tl.arange(0, HKV_PAD)
     tl.store(OUT + seg * HKV + gg, tl.sqrt(tl.max(best, 0)), mask=gg < HKV)
+    if CHECK_V:
+        if tl.max(tl.max(tl.max(v_abs, 2), 1), 0) > v_limit:
+            tl.store(FLAG, 1)  # every writer stores the same value
 
 
 @triton.jit(do_not_specialize=["R"])
@@ -588,6 +597,39 @@ def _entry_keys_kernel(IDX, KEY, E, NB, S: tl.constexpr, HKV: tl.constexpr, BLOC
     tl.store(KEY + f, key.to(KEY.dtype.element_ty), mask=ok)
 
 
+@triton.jit(do_not_specialize=["E"])
+def _list_ends_kernel(KEYS, ORDER, ENTRY, END, E, BLOCK: tl.constexpr):
+    """From the sorted keys [E]: ``END[key] = p + 1`` at the last position p of each key present, and ``ENTRY[p]`` =
+    the sort's int64 index as int32 (one pass for what took a cast, an arange and a binary search per list)."""
+    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = p < E
+    key = tl.load(KEYS + p, mask=ok, other=0).to(tl.int32)
+    after = tl.load(KEYS + p + 1, mask=ok & (p + 1 < E), other=-1).to(tl.int32)  # keys are >= 0
+    tl.store(END + key, p + 1, mask=ok & (key != after))
+    tl.store(ENTRY + p, tl.load(ORDER + p, mask=ok, other=0).to(tl.int32), mask=ok)
+
+
+@triton.jit
+def _int_max(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit(do_not_specialize=["L"])
+def _list_bounds_kernel(END, START, COUNT, L, BLOCK: tl.constexpr):
+    """One program: ``START[l]`` = the largest ``END`` of the lists before l (where l begins, empty or not) and
+    ``COUNT[l] = max(END[l] − START[l], 0)``; ``END`` is 0 for an empty list."""
+    carry = tl.zeros([BLOCK], tl.int32)
+    for c0 in range(0, L, BLOCK):
+        i = c0 + tl.arange(0, BLOCK)
+        ok = i < L
+        end = tl.load(END + i, mask=ok, other=0)
+        before = tl.load(END + i - 1, mask=ok & (i > 0), other=0)
+        start = tl.maximum(tl.associative_scan(before, 0, _int_max), carry)
+        tl.store(START + i, start, mask=ok)
+        tl.store(COUNT + i, tl.maximum(end - start, 0), mask=ok)
+        carry = tl.maximum(carry, tl.max(end, 0))
+
+
 def selection_plan(block_idx: torch.Tensor, num_blocks: int, max_block_len: int | None = None) -> BlockAttnPlan:
     """Group the entries of ``block_idx`` [N, Hkv, S] by (kv head, block) with a stable GPU sort."""
     n, hkv, s = block_idx.shape
@@ -595,15 +637,21 @@ def selection_plan(block_idx: torch.Tensor, num_blocks: int, max_block_len: int 
     sentinel = hkv * num_blocks
     # 16-bit keys where the lists fit (N = 134k: 1989 lists): the radix sort makes half the passes of int32 keys
     kdt = torch.int16 if sentinel <= torch.iinfo(torch.int16).max else torch.int32
-    key = torch.empty(idx.numel(), dtype=kdt, device=idx.device)  # [E]
-    if key.numel():  # one launch for what took seven torch ops (the plan is launch-bound: session 11)
-        _entry_keys_kernel[(triton.cdiv(key.numel(), PLAN_BLOCK),)](idx, key, key.numel(), num_blocks, S=s, HKV=hkv,
-                                                                    BLOCK=PLAN_BLOCK, num_warps=4)
-    keys, order = torch.sort(key, stable=True)
-    entry = order.to(torch.int32)  # ascending query order within a list
-    # List bounds by binary search in the sorted keys: unlike a CUDA bincount, no host sync (once per block).
-    bounds = torch.searchsorted(keys, torch.arange(sentinel + 1, device=key.device, dtype=kdt), out_int32=True)
-    return BlockAttnPlan(entry, bounds[:-1], bounds[1:] - bounds[:-1], s, num_blocks, max_block_len)
+    e = idx.numel()
+    key = torch.empty(e, dtype=kdt, device=idx.device)  # [E]
+    if e:  # one launch for what took seven torch ops (the plan is launch-bound: session 11)
+        _entry_keys_kernel[(triton.cdiv(e, PLAN_BLOCK),)](idx, key, e, num_blocks, S=s, HKV=hkv, BLOCK=PLAN_BLOCK,
+                                                          num_warps=4)
+    keys, order = torch.sort(key, stable=True)  # ascending query order within a list
+    # list bounds from where the sorted keys change (no host sync, no binary search per list)
+    entry = torch.empty(e, dtype=torch.int32, device=idx.device)
+    end = torch.zeros(sentinel + 1, dtype=torch.int32, device=idx.device)  # + the empty slots' key
+    start, count = torch.empty(2, sentinel, dtype=torch.int32, device=idx.device)
+    if e:
+        _list_ends_kernel[(triton.cdiv(e, PLAN_BLOCK),)](keys, order, entry, end, e, BLOCK=PLAN_BLOCK, num_warps=4)
+    if sentinel:
+        _list_bounds_kernel[(1,)](end, start, count, sentinel, BLOCK=1024, num_warps=4)
+    return BlockAttnPlan(entry, start, count, s, num_blocks, max_block_len)
 
 
 def window_plan(window_offsets: torch.Tensor, n: int, hkv: int) -> BlockAttnPlan:
@@ -626,17 +674,22 @@ def max_registers(cfg: dict, device: torch.device) -> dict:
     return {}
 
 
-def segment_max_norm(k: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def segment_max_norm(k: torch.Tensor, offsets: torch.Tensor, v_check: tuple[torch.Tensor, torch.Tensor] | None = None
+                     ) -> torch.Tensor:
     """float32 ``[S, Hkv]``: the largest row norm ‖k[i, g]‖ over each segment ``[offsets[s], offsets[s + 1])`` of
     ``k`` [N, Hkv, D] (0 for an empty segment): with ``|q|`` a bound of every logit q·k of the segment, the fixed
-    softmax shift of the ``BOUND`` forward kernels. One kernel, no host sync (CUDA-graph safe)."""
+    softmax shift of the ``BOUND`` forward kernels. ``v_check`` ``(v, flag)``: in the same pass, ``flag[0] = 1`` if
+    some |v| of a segment exceeds ``F16_SAFE_ABS`` (``flag`` int32 [1], zeroed by the caller). One kernel, no host
+    sync (CUDA-graph safe)."""
     k = k.contiguous()
     n_seg = offsets.numel() - 1
     out = torch.empty(max(n_seg, 0), k.shape[1], dtype=torch.float32, device=k.device)
+    v, flag = v_check if v_check is not None else (k, out)
     if n_seg > 0:
-        _segment_max_norm_kernel[(n_seg,)](k, offsets, out, HKV=k.shape[1], HKV_PAD=triton.next_power_of_2(k.shape[1]),
-                                           D=k.shape[2], BLOCK_D=triton.next_power_of_2(k.shape[2]),
-                                           BLOCK_T=SEGMENT_NORM_TOKENS, num_warps=4)
+        _segment_max_norm_kernel[(n_seg,)](k, offsets, out, v.contiguous(), flag, F16_SAFE_ABS, HKV=k.shape[1],
+                                           HKV_PAD=triton.next_power_of_2(k.shape[1]), D=k.shape[2],
+                                           BLOCK_D=triton.next_power_of_2(k.shape[2]), BLOCK_T=SEGMENT_NORM_TOKENS,
+                                           CHECK_V=v_check is not None, num_warps=4)
     return out
 
 
@@ -652,19 +705,50 @@ def _tile_table(plan: BlockAttnPlan, per_tile: int, bound: int, block_offsets: t
     return table
 
 
+@triton.jit(do_not_specialize=["L"])
+def _tile_cumsum_kernel(COUNTS, CUM, L, PER_TILE: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: ``CUM`` [L + 1] = the exclusive cumsum of ceil(COUNTS[l] / PER_TILE), in int32."""
+    tl.store(CUM, 0)
+    carry = 0
+    for c0 in range(0, L, BLOCK):
+        i = c0 + tl.arange(0, BLOCK)
+        tiles = (tl.load(COUNTS + i, mask=i < L, other=0).to(tl.int32) + (PER_TILE - 1)) // PER_TILE
+        tl.store(CUM + 1 + i, tl.cumsum(tiles, 0) + carry, mask=i < L)
+        carry += tl.sum(tiles, 0)
+
+
+@triton.jit(do_not_specialize=["L", "T"])
+def _tile_owner_kernel(CUM, OWNER, L, T, STEPS: tl.constexpr, BLOCK: tl.constexpr):
+    """``OWNER[t]`` for t < T: the number of lists whose tiles end at or before t (``CUM[1:]`` ≤ t: the list that
+    holds tile t, or L when t is past the last list's), by a binary search of ``STEPS`` ≥ log2(L + 1) rounds."""
+    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    lo = tl.zeros([BLOCK], tl.int32)
+    hi = tl.zeros([BLOCK], tl.int32) + L
+    for _ in tl.static_range(STEPS):
+        mid = (lo + hi) // 2
+        active = lo < hi
+        below = tl.load(CUM + 1 + mid, mask=active, other=0) <= t
+        lo = tl.where(active & below, mid + 1, lo)
+        hi = tl.where(active & ~below, mid, hi)
+    tl.store(OWNER + t, lo, mask=t < T)
+
+
 def _tile_cumsum(counts: torch.Tensor, per_tile: int) -> torch.Tensor:
-    """int32 ``[L + 1]`` exclusive cumsum of each list's tiles, ceil(count / per_tile) (four launches)."""
-    chunks = torch.div(counts.to(torch.int32) + (per_tile - 1), per_tile, rounding_mode="floor")
-    cum = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
-    torch.cumsum(chunks, 0, dtype=torch.int32, out=cum[1:])
+    """int32 ``[L + 1]`` exclusive cumsum of each list's tiles, ceil(count / per_tile) (one launch)."""
+    cum = torch.empty(counts.numel() + 1, dtype=torch.int32, device=counts.device)
+    _tile_cumsum_kernel[(1,)](counts, cum, counts.numel(), PER_TILE=per_tile, BLOCK=1024, num_warps=4)
     return cum
 
 
 def _tiles(counts: torch.Tensor, per_tile: int, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tile table without a host sync: tile t → its list (or len(counts) if idle), and tiles' cumsum; int32."""
+    """Tile table without a host sync: tile t → its list (or len(counts) if idle), and tiles' cumsum; int32
+    (two launches)."""
     cum = _tile_cumsum(counts, per_tile)
-    t = torch.arange(bound, device=counts.device, dtype=torch.int32)
-    return torch.searchsorted(cum[1:], t, right=True, out_int32=True), cum
+    owner = torch.empty(bound, dtype=torch.int32, device=counts.device)
+    if bound:
+        _tile_owner_kernel[(triton.cdiv(bound, 1024),)](cum, owner, counts.numel(), bound,
+                                                        STEPS=counts.numel().bit_length(), BLOCK=1024, num_warps=4)
+    return owner, cum
 
 
 def _meta(q: torch.Tensor, k: torch.Tensor) -> dict:
@@ -714,25 +798,30 @@ def _combine(part, part_lse, big, block_idx, out, lse, plan, meta, *, is_sum, pa
 
 
 def _partial_buffer(q: torch.Tensor, v: torch.Tensor, rows: int, g: int, partial_dtype: torch.dtype | None
-                    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(partial o buffer [rows, g, D], int32 flag [1] = store bfloat16 bits, whether 16-bit storage is used).
+                    ) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
+    """(partial o buffer [rows, g, D], int32 flag [1] = store bfloat16 bits, whether 16-bit storage is used, whether
+    the flag still has to be set from |v|).
 
-    ``partial_dtype`` float16 (the default for 16-bit inputs) stores float16 unless |v| may overflow it;
-    bfloat16 always stores bfloat16 bits (the benchmark's comparison); float32 stores float32.
+    ``partial_dtype`` float16 (the default for 16-bit inputs) stores float16 unless |v| may overflow it (bfloat16
+    values: the flag starts at 0 and the caller sets it on the device, see :func:`_flag_big_values`); bfloat16 always
+    stores bfloat16 bits (the benchmark's comparison); float32 stores float32.
     """
     pdt = torch.float32 if q.dtype == torch.float32 else (partial_dtype or PARTIAL_DTYPE)
     if pdt == torch.float32:
         return (torch.empty(rows, g, q.shape[2], dtype=torch.float32, device=q.device),
-                torch.zeros(1, dtype=torch.int32, device=q.device), False)
+                torch.zeros(1, dtype=torch.int32, device=q.device), False, False)
     if pdt not in (torch.float16, torch.bfloat16):
         raise ValueError(f"expected partial_dtype float16, bfloat16 or float32, got {pdt}")
-    if pdt == torch.bfloat16:
-        big = torch.ones(1, dtype=torch.int32, device=q.device)
-    elif v.dtype == torch.bfloat16:  # on the device: no host sync
-        big = (torch.linalg.vector_norm(v, float("inf")) > F16_SAFE_ABS).to(torch.int32).reshape(1)  # one pass
-    else:  # float16 values cannot exceed float16's range
-        big = torch.zeros(1, dtype=torch.int32, device=q.device)
-    return torch.empty(rows, g, q.shape[2], dtype=torch.int16, device=q.device), big, True
+    big = (torch.ones if pdt == torch.bfloat16 else torch.zeros)(1, dtype=torch.int32, device=q.device)
+    # float16 values cannot exceed float16's range; bfloat16 values are checked on the device (no host sync)
+    check = pdt == torch.float16 and v.dtype == torch.bfloat16
+    return torch.empty(rows, g, q.shape[2], dtype=torch.int16, device=q.device), big, True, check
+
+
+def _flag_big_values(v: torch.Tensor, big: torch.Tensor) -> None:
+    """``big[0] = 1`` if some |v| exceeds ``F16_SAFE_ABS`` (one pass on the device; the BOUND forward does it inside
+    :func:`segment_max_norm` instead)."""
+    big.copy_((torch.linalg.vector_norm(v, float("inf")) > F16_SAFE_ABS).reshape(1))
 
 
 def block_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offsets: torch.Tensor,
@@ -756,9 +845,9 @@ def block_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offs
     if n == 0:
         return o, lse
     if block_idx is None:
-        po, plse, big, part16 = o, lse, lse, False
+        po, plse, big, part16, check_v = o, lse, lse, False, False
     else:
-        po, big, part16 = _partial_buffer(q, v, n * hkv * s, meta["G"], partial_dtype)
+        po, big, part16, check_v = _partial_buffer(q, v, n * hkv * s, meta["G"], partial_dtype)
         plse = torch.empty(n * hkv * s, meta["G"], dtype=torch.float32, device=q.device)
     per_tile = block_m // meta["G_PAD"]
     bound = (plan.entry.numel() + per_tile - 1) // per_tile + num_lists
@@ -775,7 +864,12 @@ def block_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offs
         # float16 probabilities underflow below 2^-24: the fixed shift can sit far above a row's largest logit
         # (measured: 15x the torch error at D = 128), so float16 keeps the running max
         shift = "online"
-    kmax = segment_max_norm(k, block_offsets) if shift == "bound" else lse
+    if shift == "bound":  # the blocks' key norms, and |v| for the partials' storage in the same pass
+        kmax = segment_max_norm(k, block_offsets, (v, big) if check_v else None)
+    else:
+        kmax = lse
+        if check_v:
+            _flag_big_values(v, big)
     block_attn_fwd_kernel[(bound,)](
         q, k, v, po, plse, big, plan.entry, tile_list, tile_cum, plan.list_start, plan.list_count, block_offsets,
         kmax, table, scale * LOG2E, num_lists, plan.num_blocks, S=s, HKV=hkv, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
