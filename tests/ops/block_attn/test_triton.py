@@ -359,14 +359,18 @@ def test_forward_exp2_modes_and_split(mode, split, case, monkeypatch):
     torch.testing.assert_close(lse_t, lse_r, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("shift,rowsum,case,far", [("bound", "reduce", 1, False), ("bound", "dot", 3, False),
-                                                   ("bound", "dot", 2, True)])
+@pytest.mark.parametrize("shift,rowsum,case,far", [("bound", "reduce", 1, ""), ("bound", "dot", 3, ""),
+                                                   ("bound", "dot", 2, "far"), ("first", "reduce", 2, ""),
+                                                   ("first", "dot", 3, ""), ("first", "reduce", 3, "over")])
 def test_forward_shift_modes(shift, rowsum, case, far, monkeypatch):
-    """The forward with a fixed per-row softmax shift (|q| · the block's largest key norm, no running max; row sums
-    by per-row adds or on the tensor cores) or the online softmax: output, LSE and every gradient against the
-    reference, for the selection and the window. ``far``: one key per block of huge norm orthogonal to every query
-    (the shift ~1000 binades above the logits, every probability would flush to 0): those tiles rerun with the
-    online softmax."""
+    """The forward with a fixed per-row softmax shift (|q| · the block's largest key norm, or each row's largest
+    logit of the block's first key chunk; no running max; row sums by per-row adds or on the tensor cores) or the
+    online softmax: output, LSE and every gradient against the reference, for the selection and the window.
+    ``far``: one key per block of huge norm orthogonal to every query (the norm shift ~1000 binades above the
+    logits, every probability would flush to 0); ``over``: the last key of each block, past the first 16-key chunk
+    in blocks of 17 or more tokens, ~430 binades above every other logit (the first chunk's shift overflows): those
+    tiles rerun with the online softmax (output and LSE only: at logits of 300 the float32 backward's own error,
+    the reference's included, is ~1e-3 whatever the forward's shift)."""
     from d3s2.ops.block_attn import triton as kernels
 
     for name in ("FWD_CONFIG", "WIN_FWD_CONFIG"):
@@ -376,11 +380,28 @@ def test_forward_shift_modes(shift, rowsum, case, far, monkeypatch):
     off = ragged_offsets(sizes, DEV)
     n = int(off[-1])
     q, k, v = (t.detach() for t in _inputs(n, hq, hkv, d))
-    if far:
+    if far == "far":
         q[..., 0] = 0.0
         first = off[:-1].long()
         k[first] = 0.0
         k[first, :, 0] = 1e3
+    elif far == "over":
+        q[..., 0] = 1.0
+        last = off[1:].long() - 1
+        k[last] = 0.0
+        k[last, :, 0] = 1e3
+        idx = random_selection(n, hkv, s, len(sizes), empty_frac=0.25).to(DEV)
+        for ref_fn, tri_fn in (
+                (lambda: selection_attention_ref(q, k, v, off, idx, scale=0.3, return_lse=True),
+                 lambda: selection_attention(q, k, v, off, idx, scale=0.3, backend="triton", return_lse=True)),
+                (lambda: window_attention_ref(q, k, v, off, return_lse=True),
+                 lambda: window_attention(q, k, v, off, backend="triton", return_lse=True))):
+            (o_r, lse_r), (o_t, lse_t) = ref_fn(), tri_fn()
+            assert torch.isfinite(o_t).all() and _rel(o_t, o_r) < 1e-5
+            ok = torch.isfinite(lse_r)
+            assert torch.equal(ok, torch.isfinite(lse_t))
+            torch.testing.assert_close(lse_t[ok], lse_r[ok], rtol=1e-5, atol=1e-5)
+        return
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     idx = random_selection(n, hkv, s, len(sizes), empty_frac=0.25).to(DEV)
     do = torch.randn(n, hq, d, device=DEV)

@@ -172,8 +172,17 @@ def _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV:
     """One softmax step over keys [start, start + BLOCK_N); MASK: the chunk may run past ``k_hi``.
 
     Online (BOUND False): the scale is folded into the exponent's FMA (max taken over raw logits: the scale is
-    positive). BOUND: ``m_i`` is a fixed per-row shift ≥ every scaled logit (no max, no rescaling); ROWSUM_DOT:
-    ``l_i`` is a [BLOCK_M, 16] accumulator of ``P · ones`` (row sums on the tensor cores)."""
+    positive). BOUND: ``m_i`` is a fixed per-row shift (no max, no rescaling); ROWSUM_DOT: ``l_i`` is a
+    [BLOCK_M, 16] accumulator of ``P · ones`` (row sums on the tensor cores)."""
+    s, vv = _chunk_logits(q, K, V, start, k_hi, g, d, d_ok, HKV, D, BLOCK_N, DOT_PREC, MASK)
+    return softmax_update(s, vv, m_i, l_i, acc, scale_log2, DOT_PREC, EXP2, BOUND, ROWSUM_DOT)
+
+
+@triton.jit
+def _chunk_logits(q, K, V, start, k_hi, g, d, d_ok, HKV: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  DOT_PREC: tl.constexpr, MASK: tl.constexpr):
+    """Raw logits ``q·kᵀ`` [BLOCK_M, BLOCK_N] (−inf past ``k_hi`` with MASK) and values [BLOCK_N, BLOCK_D] of keys
+    [start, start + BLOCK_N)."""
     kn = start + tl.arange(0, BLOCK_N)
     kv_off = (kn * HKV + g) * D
     if MASK:
@@ -188,7 +197,7 @@ def _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV:
         vv = tl.load(V + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
     else:
         vv = tl.load(V + kv_off[:, None] + d[None, :], mask=d_ok[None, :], other=0.0)
-    return softmax_update(s, vv, m_i, l_i, acc, scale_log2, DOT_PREC, EXP2, BOUND, ROWSUM_DOT)
+    return s, vv
 
 
 @triton.jit
@@ -222,18 +231,32 @@ def softmax_update(s, v, m_i, l_i, acc, scale_log2, DOT_PREC: tl.constexpr, EXP2
 @triton.jit
 def _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV: tl.constexpr, D: tl.constexpr,
               BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, EXP2: tl.constexpr, SPLIT: tl.constexpr,
-              TAIL_N: tl.constexpr, BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr):
-    """Every key of the block [k_lo, k_hi); SPLIT: whole ``BLOCK_N`` chunks unmasked, the rest in ``TAIL_N``."""
+              TAIL_N: tl.constexpr, BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr, FIRST: tl.constexpr):
+    """Every key of the block [k_lo, k_hi); SPLIT: whole ``BLOCK_N`` chunks unmasked, the rest in ``TAIL_N``.
+
+    FIRST (with BOUND and SPLIT): the fixed shift ``m_i`` is each row's largest scaled logit of the block's first
+    chunk (0 for an empty block), set here: every row sum is then ≥ 1 (no underflow); later logits may exceed it
+    (probabilities > 1, exact in float32 up to 2¹²⁷: the caller reruns a tile whose sums overflow)."""
+    k_next = k_lo
+    if FIRST:
+        if k_hi - k_lo >= BLOCK_N:
+            s, vv = _chunk_logits(q, K, V, k_lo, k_hi, g, d, d_ok, HKV, D, BLOCK_N, DOT_PREC, False)
+        else:
+            s, vv = _chunk_logits(q, K, V, k_lo, k_hi, g, d, d_ok, HKV, D, BLOCK_N, DOT_PREC, True)
+        m_i = tl.max(s, 1) * scale_log2
+        m_i = tl.where(m_i == float("-inf"), 0.0, m_i)
+        m_i, l_i, acc = softmax_update(s, vv, m_i, l_i, acc, scale_log2, DOT_PREC, EXP2, True, ROWSUM_DOT)
+        k_next = k_lo + BLOCK_N
     if SPLIT:
         k_full = k_lo + (k_hi - k_lo) // BLOCK_N * BLOCK_N
-        for start in range(k_lo, k_full, BLOCK_N):
+        for start in range(k_next, k_full, BLOCK_N):
             m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV, D,
                                        BLOCK_N, DOT_PREC, EXP2, False, BOUND, ROWSUM_DOT)
-        for start in range(k_full, k_hi, TAIL_N):
+        for start in range(tl.maximum(k_full, k_next), k_hi, TAIL_N):
             m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV, D,
                                        TAIL_N, DOT_PREC, EXP2, True, BOUND, ROWSUM_DOT)
     else:
-        for start in range(k_lo, k_hi, BLOCK_N):
+        for start in range(k_next, k_hi, BLOCK_N):
             m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV, D,
                                        BLOCK_N, DOT_PREC, EXP2, True, BOUND, ROWSUM_DOT)
     return m_i, l_i, acc
@@ -250,7 +273,7 @@ def block_attn_fwd_kernel(
     S: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, PART16: tl.constexpr,
     EXP2: tl.constexpr, SPLIT: tl.constexpr, TAIL_N: tl.constexpr, BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr,
-    TILE_TABLE: tl.constexpr, FAST_LOG2: tl.constexpr,
+    TILE_TABLE: tl.constexpr, FAST_LOG2: tl.constexpr, FIRST: tl.constexpr,
 ):
     """PART16: PO is int16 holding float16 bits, or bfloat16 bits where the flag ``PBIG[0]`` is set.
     EXP2: exp2 mode (:mod:`d3s2.ops._exp2`); SPLIT: the block's whole ``BLOCK_N``-key chunks run unmasked, the
@@ -260,7 +283,9 @@ def block_attn_fwd_kernel(
     rescaling. A tile with a row whose sum stays below 2⁻⁶⁴ (the bound more than 64 binades above the row's
     largest logit) reruns with the online softmax. ROWSUM_DOT: see ``_fwd_chunk``. TILE_TABLE: the tile's rows
     and key range from one row of ``TABLE`` (``_table_rows``) instead of the list tables. FAST_LOG2: the LSE's log2
-    by the MUFU approximation (:func:`d3s2.ops._exp2.log2`)."""
+    by the MUFU approximation (:func:`d3s2.ops._exp2.log2`). FIRST (with BOUND): the shift is each row's largest
+    logit of the block's first key chunk instead (``_fwd_keys``; no KMAX, no |q|); a tile whose row sums overflow
+    (a later logit more than 127 binades above it) reruns with the online softmax."""
     t = tl.program_id(0)
     if TILE_TABLE:
         lst, g, b, ent, row_ok, head, k_lo, k_hi = _table_rows(TABLE, t, num_lists, NB, HKV, G, G_PAD, BLOCK_M)
@@ -271,7 +296,7 @@ def block_attn_fwd_kernel(
         k_hi = tl.load(BLOCK_OFF + b + 1)
     if lst < num_lists:
         f = tl.load(ENTRY + ent, mask=row_ok, other=0)
-        if BOUND:  # issued before the query rows' loads: its latency overlaps theirs
+        if BOUND and not FIRST:  # issued before the query rows' loads: its latency overlaps theirs
             shift_scale = tl.load(KMAX + b * HKV + g) * scale_log2
         qi = f // (HKV * S)
         d = tl.arange(0, BLOCK_D)
@@ -280,28 +305,35 @@ def block_attn_fwd_kernel(
         q = tl.load(Q + qh[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         if BOUND:
-            qf = q.to(tl.float32)
-            m_i = tl.sqrt(tl.sum(qf * qf, 1)) * shift_scale
+            if FIRST:
+                m_i = tl.zeros([BLOCK_M], tl.float32)  # set from the first chunk's logits
+            else:
+                qf = q.to(tl.float32)
+                m_i = tl.sqrt(tl.sum(qf * qf, 1)) * shift_scale
             if ROWSUM_DOT:
                 l_d = tl.zeros([BLOCK_M, 16], tl.float32)
                 m_i, l_d, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_d, acc, scale_log2, HKV, D,
-                                          BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, True, True)
+                                          BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, True, True, FIRST)
                 l_i = tl.sum(l_d, 1)
             else:
                 l_i = tl.zeros([BLOCK_M], tl.float32)
                 m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV, D,
-                                          BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, True, False)
-            if (k_hi > k_lo) & (tl.min(tl.where(row_ok, l_i, 1.0), 0) < 5.421010862427522e-20):  # 2^-64: rare
+                                          BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, True, False, FIRST)
+            if FIRST:  # sums ≥ 1: only an overflow (inf) can spoil them
+                rerun = tl.max(tl.where(row_ok, l_i, 0.0), 0) > 1e38
+            else:  # a sum below 2^-64: the bound far above the row's logits (rare)
+                rerun = (k_hi > k_lo) & (tl.min(tl.where(row_ok, l_i, 1.0), 0) < 5.421010862427522e-20)
+            if rerun:
                 m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
                 l_i = tl.zeros([BLOCK_M], tl.float32)
                 acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
                 m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV, D,
-                                          BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, False, False)
+                                          BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, False, False, False)
         else:
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
             m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV, D,
-                                      BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, False, False)
+                                      BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, False, False, False)
         has = l_i > 0  # an empty block gives no keys: partial o 0, lse -inf
         l_safe = tl.where(has, l_i, 1.0)
         o = acc * (1.0 / l_safe)[:, None]  # one reciprocal per row, not a division per element
@@ -858,12 +890,14 @@ def block_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offs
         tile_list, tile_cum = _tiles(plan.list_count, per_tile, bound)
         table = tile_list
     shift = cfg.get("shift", "online")
-    if shift not in ("online", "bound"):
-        raise ValueError(f"expected shift 'online' or 'bound' in the block attention config, got {shift!r}")
+    if shift not in ("online", "bound", "first"):
+        raise ValueError(f"expected shift 'online', 'bound' or 'first' in the block attention config, got {shift!r}")
     if q.dtype == torch.float16:
         # float16 probabilities underflow below 2^-24: the fixed shift can sit far above a row's largest logit
         # (measured: 15x the torch error at D = 128), so float16 keeps the running max
         shift = "online"
+    if shift == "first" and not cfg["split"]:
+        shift = "bound"  # the first chunk's shift is set up for the split key loop
     if shift == "bound":  # the blocks' key norms, and |v| for the partials' storage in the same pass
         kmax = segment_max_norm(k, block_offsets, (v, big) if check_v else None)
     else:
@@ -873,8 +907,9 @@ def block_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offs
     block_attn_fwd_kernel[(bound,)](
         q, k, v, po, plse, big, plan.entry, tile_list, tile_cum, plan.list_start, plan.list_count, block_offsets,
         kmax, table, scale * LOG2E, num_lists, plan.num_blocks, S=s, HKV=hkv, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
-        PART16=part16, EXP2=resolve_mode(cfg["exp2"], q.device), SPLIT=cfg["split"], BOUND=shift == "bound",
-        ROWSUM_DOT=shift == "bound" and cfg.get("rowsum", "reduce") == "dot", TILE_TABLE=cfg.get("tile_table", False),
+        PART16=part16, EXP2=resolve_mode(cfg["exp2"], q.device), SPLIT=cfg["split"],
+        BOUND=shift in ("bound", "first"), FIRST=shift == "first",
+        ROWSUM_DOT=shift != "online" and cfg.get("rowsum", "reduce") == "dot", TILE_TABLE=cfg.get("tile_table", False),
         FAST_LOG2=fast_math(q.device), TAIL_N=min(cfg["TAIL_N"] or cfg["BLOCK_N"], cfg["BLOCK_N"]),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **max_registers(cfg, q.device), **meta)
     if block_idx is not None:
