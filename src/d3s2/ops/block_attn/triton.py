@@ -15,7 +15,10 @@ instead of once per query.
   each (query, kv head) by their LSEs. Window attention is the case S = 1, where the partial is the output and
   no combine runs. The softmax shift is the online running max, or (``shift: "bound"``) fixed per row before the
   loop at ``scale · |q| · max ‖k‖`` over the block (``segment_max_norm``): no logit exceeds it (Cauchy–Schwarz),
-  so nothing is rescaled; a tile whose row sum stays below 2⁻⁶⁴ reruns with the online softmax.
+  so nothing is rescaled; a tile whose row sum stays below 2⁻⁶⁴ reruns with the online softmax. With
+  ``shift: "first"`` (the selection's default) the fixed shift is each row's largest logit of the block's first key
+  chunk: every row sum is ≥ 1, no norms are needed, and a tile whose sums overflow (a later logit more than 127
+  binades above it) reruns with the online softmax.
 - Backward: Δ = rowsum(O·dO); dQ mirrors the forward (partial dQ per entry, then a sum over slots); dK/dV
   runs one program per (block key tile, kv head) that loops over the block's whole entry list, so each key
   row is written by exactly one program: deterministic, no atomics, no per-head replicated buffers. A long list
@@ -52,15 +55,17 @@ LOG2E = 1.4426950408889634
 # masked, in chunks of TAIL_N (None: BLOCK_N). H200, N = 134k (bench_ssa.py --sweep slc, session 4): split 2 %
 # faster, then 3 stages another 5 % (1 stage +11 %, 8 warps +16 %, BLOCK_M 64 +1 %); FMA-pipe exps slower (mix4
 # +2 %, mix +21 %, poly +32 %), 64-key chunks with a 16-key tail +34 %.
-# shift: "online" (running max, rescaled sums) or "bound" (a fixed per-row shift from |q| and the block's largest
-# key norm: no max, no rescaling); rowsum (with "bound"): "reduce" (per-row adds) or "dot" (P · ones on the tensor
-# cores, in the P·V pass); maxnreg (optional): registers per thread capped (ptxas), for more CTAs per SM;
+# shift: "online" (running max, rescaled sums), "bound" (a fixed per-row shift from |q| and the block's largest
+# key norm: no max, no rescaling) or "first" (fixed at each row's largest logit of the block's first key chunk: no
+# norms, no key-norm pass; with split); rowsum (fixed shifts): "reduce" (per-row adds) or "dot" (P · ones on the
+# tensor cores, in the P·V pass); maxnreg (optional): registers per thread capped (ptxas), for more CTAs per SM;
 # tile_table: each tile's rows and key range from one row of a per-tile table (fewer dependent loads per tile).
 # H200, N = 134k, selection forward (session 6, ms): online 4.77; bound + dot 5.29 (149 registers per thread: 3 CTAs
-# per SM); bound + reduce 4.61-4.64 (122: 4 CTAs), with registers capped at 96 (5 CTAs, no spill in the loop) 4.45
-# (this default); + 16-key tails 4.54; 16-key chunks 5.14; + the tile table 4.44 (a wash).
+# per SM); bound + reduce 4.61-4.64 (122: 4 CTAs), with registers capped at 96 (5 CTAs, no spill in the loop) 4.45;
+# + 16-key tails 4.54; 16-key chunks 5.14; + the tile table 4.44 (a wash). Session 15 (interleaved, 4 rounds):
+# first 4.109-4.134 against bound 4.181-4.208 (this default; the window: first 0.649-0.652 against online 0.617-0.622)
 FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True,
-              "TAIL_N": None, "shift": "bound", "rowsum": "reduce", "tile_table": False, "maxnreg": 96}
+              "TAIL_N": None, "shift": "first", "rowsum": "reduce", "tile_table": False, "maxnreg": 96}
 # Window attention's forward (S = 1: outputs written directly); None: FWD_CONFIG. H200, N = 134k, 8³ windows
 # (bench_ssa.py --sweep win, session 5): BLOCK_M 64 0.682 ms against FWD_CONFIG's 0.732 (2 stages 0.713, BLOCK_M 64
 # with 2 warps 0.712, BLOCK_M 256 0.915).
@@ -84,6 +89,7 @@ COMBINE_CONFIG = {"rows": 32, "num_warps": 4, "unroll": True}
 ROW_DOT_ELEMS = 8192  # elements per program of the Δ = rowsum(O·dO) kernel
 PLAN_BLOCK = 1024  # entries per program of the selection plan's key kernel
 SEGMENT_NORM_TOKENS = 64  # tokens per step of the segment max-norm kernel (the BOUND forwards' shift)
+BIG_VALUES_BLOCK = 8192  # values per program of the |v| check of 16-bit partials
 # Storage of the forward's partial outputs for 16-bit inputs: torch.float16 (see the module docstring: float16,
 # or bfloat16 bits when |v| is out of float16's range) or torch.float32; float32 inputs always use float32.
 PARTIAL_DTYPE = torch.float16
@@ -850,10 +856,22 @@ def _partial_buffer(q: torch.Tensor, v: torch.Tensor, rows: int, g: int, partial
     return torch.empty(rows, g, q.shape[2], dtype=torch.int16, device=q.device), big, True, check
 
 
+@triton.jit(do_not_specialize=["n"])
+def _big_values_kernel(V, FLAG, n, limit, BLOCK: tl.constexpr):
+    """``FLAG[0] = 1`` if some |V[i]| of this program's ``BLOCK`` values exceeds ``limit`` (FLAG left as is
+    otherwise)."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    if tl.max(tl.abs(tl.load(V + i, mask=i < n, other=0.0).to(tl.float32)), 0) > limit:
+        tl.store(FLAG, 1)  # every writer stores the same value
+
+
 def _flag_big_values(v: torch.Tensor, big: torch.Tensor) -> None:
-    """``big[0] = 1`` if some |v| exceeds ``F16_SAFE_ABS`` (one pass on the device; the BOUND forward does it inside
-    :func:`segment_max_norm` instead)."""
-    big.copy_((torch.linalg.vector_norm(v, float("inf")) > F16_SAFE_ABS).reshape(1))
+    """``big[0] = 1`` if some |v| exceeds ``F16_SAFE_ABS`` (``big`` zeroed by the caller; one kernel, no host sync;
+    the "bound" forward does it inside :func:`segment_max_norm` instead)."""
+    v = v.contiguous()
+    if v.numel():
+        _big_values_kernel[(triton.cdiv(v.numel(), BIG_VALUES_BLOCK),)](v, big, v.numel(), F16_SAFE_ABS,
+                                                                        BLOCK=BIG_VALUES_BLOCK, num_warps=4)
 
 
 def block_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offsets: torch.Tensor,
