@@ -7,17 +7,23 @@ from tests.models.vae._cases import sphere_batch, tiny_config
 
 
 def test_tiny_sparse_vae_overfits_a_sphere():
+    """80 steps with the learning rate decaying linearly to 0: at a constant rate the loss still oscillated at the
+    end, so where it stopped depended on the CPU's float kernels (eval l_in 0.115 with AVX-512 kernels, 0.022 with
+    scalar ones, same seed); decayed, seeds 0-2 end at l_in ≤ 0.008, l_ext ≤ 0.027 on both."""
     torch.manual_seed(0)
     model = SparseSDFVAE(tiny_config())
     batch = sphere_batch(16, radii=(5.0,), tau=2.0, sharp_every=4)
+    steps = 80
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / steps)
     history = []
-    for _ in range(50):
+    for _ in range(steps):
         loss, logs = model.loss(model(batch), batch)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        schedule.step()
         history.append(logs)
     first, last = history[0], history[-1]
     assert last["loss"] < 0.15 * first["loss"], (first, last)
