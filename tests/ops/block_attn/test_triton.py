@@ -207,21 +207,15 @@ def test_16bit_partials(store):
 @pytest.mark.parametrize("dtype,v_max,want", [(torch.float16, 6e4, 0), (torch.bfloat16, 6e4, 0),
                                               (torch.bfloat16, 7e4, 1), (torch.bfloat16, float("inf"), 1)])
 def test_partial_storage_flag(dtype, v_max, want):
-    """bfloat16 values beyond float16's range switch the partials to bfloat16 bits, decided on the device: in the
-    pass of the blocks' key norms (``segment_max_norm``, the fixed-shift forward) or by its own reduction (online
-    shift); float16 values never need it, float32 inputs keep float32 partials."""
+    """bfloat16 values beyond float16's range switch the partials to bfloat16 bits, decided on the device (one
+    reduction kernel); float16 values never need it, float32 inputs keep float32 partials."""
     from d3s2.ops.block_attn import triton as kernels
 
     v = torch.zeros(5, 2, 8, dtype=dtype, device=DEV)
     v[3, 1, 2] = -v_max
-    k = torch.randn(5, 2, 8, device=DEV).to(dtype)
     buf, big, part16, check = kernels._partial_buffer(v, v, 7, 4, None)
     assert part16 and buf.dtype == torch.int16 and buf.shape == (7, 4, 8)
     assert check == (dtype == torch.bfloat16) and big.tolist() == [0]
-    off = torch.tensor([0, 2, 2, 5], dtype=torch.int32, device=DEV)  # three blocks, one empty
-    norms = kernels.segment_max_norm(k, off, (v, big))
-    assert big.tolist() == [want] or not check
-    torch.testing.assert_close(norms, kernels.segment_max_norm(k, off))
     flag = torch.zeros(1, dtype=torch.int32, device=DEV)
     kernels._flag_big_values(v, flag)
     assert flag.tolist() == [want]

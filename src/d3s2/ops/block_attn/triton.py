@@ -424,11 +424,9 @@ def block_attn_combine_kernel(
 
 
 @triton.jit
-def _segment_max_norm_kernel(K, OFF, OUT, V, FLAG, v_limit, HKV: tl.constexpr, HKV_PAD: tl.constexpr,
-                             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, CHECK_V: tl.constexpr):
-    """OUT[s, g] = max over tokens i of segment s of ‖K[i, g, :]‖ (0 if empty); K contiguous [N, HKV, D].
-    CHECK_V: also ``FLAG[0] = 1`` if some |V| of the segment exceeds ``v_limit`` (V shaped like K; FLAG stays as it
-    is otherwise)."""
+def _segment_max_norm_kernel(K, OFF, OUT, HKV: tl.constexpr, HKV_PAD: tl.constexpr, D: tl.constexpr,
+                             BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """OUT[s, g] = max over tokens i of segment s of ‖K[i, g, :]‖ (0 if empty); K contiguous [N, HKV, D]."""
     seg = tl.program_id(0)
     lo = tl.load(OFF + seg)
     hi = tl.load(OFF + seg + 1)
@@ -436,20 +434,13 @@ def _segment_max_norm_kernel(K, OFF, OUT, V, FLAG, v_limit, HKV: tl.constexpr, H
     g = tl.arange(0, HKV_PAD)[None, :, None]
     d = tl.arange(0, BLOCK_D)[None, None, :]
     best = tl.zeros([BLOCK_T, HKV_PAD], tl.float32)
-    v_abs = tl.zeros([BLOCK_T, HKV_PAD, BLOCK_D], tl.float32)
     for t0 in range(lo, hi, BLOCK_T):
         tok = t0 + t
-        offs = (tok.to(tl.int64) * HKV + g) * D + d
-        mask = (tok < hi) & (g < HKV) & (d < D)
-        x = tl.load(K + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(K + (tok.to(tl.int64) * HKV + g) * D + d, mask=(tok < hi) & (g < HKV) & (d < D),
+                    other=0.0).to(tl.float32)
         best = tl.maximum(best, tl.sum(x * x, 2))
-        if CHECK_V:
-            v_abs = tl.maximum(v_abs, tl.abs(tl.load(V + offs, mask=mask, other=0.0).to(tl.float32)))
     gg = tl.arange(0, HKV_PAD)
     tl.store(OUT + seg * HKV + gg, tl.sqrt(tl.max(best, 0)), mask=gg < HKV)
-    if CHECK_V:
-        if tl.max(tl.max(tl.max(v_abs, 2), 1), 0) > v_limit:
-            tl.store(FLAG, 1)  # every writer stores the same value
 
 
 @triton.jit(do_not_specialize=["R"])
@@ -712,22 +703,17 @@ def max_registers(cfg: dict, device: torch.device) -> dict:
     return {}
 
 
-def segment_max_norm(k: torch.Tensor, offsets: torch.Tensor, v_check: tuple[torch.Tensor, torch.Tensor] | None = None
-                     ) -> torch.Tensor:
+def segment_max_norm(k: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """float32 ``[S, Hkv]``: the largest row norm ‖k[i, g]‖ over each segment ``[offsets[s], offsets[s + 1])`` of
     ``k`` [N, Hkv, D] (0 for an empty segment): with ``|q|`` a bound of every logit q·k of the segment, the fixed
-    softmax shift of the ``BOUND`` forward kernels. ``v_check`` ``(v, flag)``: in the same pass, ``flag[0] = 1`` if
-    some |v| of a segment exceeds ``F16_SAFE_ABS`` (``flag`` int32 [1], zeroed by the caller). One kernel, no host
-    sync (CUDA-graph safe)."""
+    softmax shift of the ``BOUND`` forward kernels. One kernel, no host sync (CUDA-graph safe)."""
     k = k.contiguous()
     n_seg = offsets.numel() - 1
     out = torch.empty(max(n_seg, 0), k.shape[1], dtype=torch.float32, device=k.device)
-    v, flag = v_check if v_check is not None else (k, out)
     if n_seg > 0:
-        _segment_max_norm_kernel[(n_seg,)](k, offsets, out, v.contiguous(), flag, F16_SAFE_ABS, HKV=k.shape[1],
-                                           HKV_PAD=triton.next_power_of_2(k.shape[1]), D=k.shape[2],
-                                           BLOCK_D=triton.next_power_of_2(k.shape[2]), BLOCK_T=SEGMENT_NORM_TOKENS,
-                                           CHECK_V=v_check is not None, num_warps=4)
+        _segment_max_norm_kernel[(n_seg,)](k, offsets, out, HKV=k.shape[1], HKV_PAD=triton.next_power_of_2(k.shape[1]),
+                                           D=k.shape[2], BLOCK_D=triton.next_power_of_2(k.shape[2]),
+                                           BLOCK_T=SEGMENT_NORM_TOKENS, num_warps=4)
     return out
 
 
@@ -866,8 +852,8 @@ def _big_values_kernel(V, FLAG, n, limit, BLOCK: tl.constexpr):
 
 
 def _flag_big_values(v: torch.Tensor, big: torch.Tensor) -> None:
-    """``big[0] = 1`` if some |v| exceeds ``F16_SAFE_ABS`` (``big`` zeroed by the caller; one kernel, no host sync;
-    the "bound" forward does it inside :func:`segment_max_norm` instead)."""
+    """``big[0] = 1`` if some |v| exceeds ``F16_SAFE_ABS`` (``big`` zeroed by the caller; one kernel, no host
+    sync)."""
     v = v.contiguous()
     if v.numel():
         _big_values_kernel[(triton.cdiv(v.numel(), BIG_VALUES_BLOCK),)](v, big, v.numel(), F16_SAFE_ABS,
@@ -916,12 +902,9 @@ def block_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offs
         shift = "online"
     if shift == "first" and not cfg["split"]:
         shift = "bound"  # the first chunk's shift is set up for the split key loop
-    if shift == "bound":  # the blocks' key norms, and |v| for the partials' storage in the same pass
-        kmax = segment_max_norm(k, block_offsets, (v, big) if check_v else None)
-    else:
-        kmax = lse
-        if check_v:
-            _flag_big_values(v, big)
+    kmax = segment_max_norm(k, block_offsets) if shift == "bound" else lse
+    if check_v:
+        _flag_big_values(v, big)
     block_attn_fwd_kernel[(bound,)](
         q, k, v, po, plse, big, plan.entry, tile_list, tile_cum, plan.list_start, plan.list_count, block_offsets,
         kmax, table, scale * LOG2E, num_lists, plan.num_blocks, S=s, HKV=hkv, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
