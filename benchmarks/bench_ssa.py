@@ -149,11 +149,11 @@ def _inputs(layout, gen, dtype=None):
     return [r(n, HQ, D), r(n, HKV, D), r(n, HKV, D), r(nc, HKV, D), r(nc, HKV, D), gates]
 
 
-def v11_state(path: str, size: str = "131072") -> dict:
-    """The device scripts' common setup (``scripts/gpu``): the v1.1 layout of mesh ``size`` of ``path``, seeded inputs
-    on DEV, the compressed forward's LSE and the top-k selection. Keys: layout, q, k, v, kc, vc, gates, scale, lse,
-    idx, off."""
-    layout = build_ssa_layout(_batch(path, [size]), m_cmp=8, m_slc=8, m_win=M_WIN, shift=0)
+def v11_state(path: str, size: str = "131072", m_cmp: int = 8) -> dict:
+    """The device scripts' common setup (``scripts/gpu``): the v1.1 layout of mesh ``size`` of ``path`` (``m_cmp``
+    4: v1.0's compression blocks), seeded inputs on DEV, the compressed forward's LSE and the top-k selection. Keys:
+    layout, q, k, v, kc, vc, gates, scale, lse, idx, off."""
+    layout = build_ssa_layout(_batch(path, [size]), m_cmp=m_cmp, m_slc=8, m_win=M_WIN, shift=0)
     q, k, v, kc, vc, gates = (t.detach() for t in _inputs(layout, torch.Generator(DEV).manual_seed(0)))
     scale = D**-0.5
     lse = tc.cmp_attention_fwd(q, kc, vc, layout, scale)[1]

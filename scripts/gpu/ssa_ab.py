@@ -1,7 +1,7 @@
 """A/B timings of SSA forward kernels under config overrides, interleaved in one process (v1.1, N = 134k, bf16).
 
 ``--variants`` is JSON: name → overrides, each ``{"cmp": {...}}`` (``triton_compress.CONFIG["fwd"]``), ``{"topk":
-{...}}`` (``CONFIG["topk"]``), ``{"slc": {...}}`` (``block_attn.triton.FWD_CONFIG``) or ``{"win": {...}}``
+{...}}`` (``CONFIG["topk"]``), ``{"topk_seg": {...}}`` (``CONFIG["topk_seg"]``, with ``--m-cmp 4``), ``{"slc": {...}}`` (``block_attn.triton.FWD_CONFIG``) or ``{"win": {...}}``
 (``WIN_FWD_CONFIG``); the first variant is the baseline whose outputs the others are compared with. Prints each
 kernel's median ms per round and each variant's largest output difference from the baseline. Usage (device)::
 
@@ -31,10 +31,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--variants", required=True)
     ap.add_argument("--kernels", default="cmp,topk,slc,win")
+    ap.add_argument("--m-cmp", type=int, default=8, help="4: v1.0's compression blocks (its top-k is topk_seg)")
     args = ap.parse_args()
     variants = json.loads(args.variants)
     b.DEV, b.DTYPE = "cuda", torch.bfloat16
-    st = b.v11_state(args.layouts, args.size)
+    st = b.v11_state(args.layouts, args.size, args.m_cmp)
     layout, q, k, v, kc, vc = (st[n] for n in ("layout", "q", "k", "v", "kc", "vc"))
     scale, lse, idx, off = st["scale"], st["lse"], st["idx"], st["off"]
     fns = {
@@ -44,12 +45,13 @@ def main() -> None:
         "win": lambda: window_attention(q, k, v, layout.win_offsets, scale=scale, backend="triton"),
     }
     fns = {name: fns[name] for name in args.kernels.split(",")}
-    saved = {"cmp": dict(b.tc.CONFIG["fwd"]), "topk": dict(b.tc.CONFIG["topk"]), "slc": dict(ba.FWD_CONFIG),
-             "win": dict(ba.WIN_FWD_CONFIG)}
+    saved = {"cmp": dict(b.tc.CONFIG["fwd"]), "topk": dict(b.tc.CONFIG["topk"]),
+             "topk_seg": dict(b.tc.CONFIG["topk_seg"]), "slc": dict(ba.FWD_CONFIG), "win": dict(ba.WIN_FWD_CONFIG)}
 
     def use(over: dict) -> None:
         b.tc.CONFIG["fwd"] = {**saved["cmp"], **over.get("cmp", {})}
         b.tc.CONFIG["topk"] = {**saved["topk"], **over.get("topk", {})}
+        b.tc.CONFIG["topk_seg"] = {**saved["topk_seg"], **over.get("topk_seg", {})}
         ba.FWD_CONFIG = {**saved["slc"], **over.get("slc", {})}
         ba.WIN_FWD_CONFIG = {**saved["win"], **over.get("win", {})}
 

@@ -149,12 +149,13 @@ def test_exp2_modes_match_reference(mode, case, monkeypatch):
                              grad_tol=(5e-4, 5e-4))
 
 
-@pytest.mark.parametrize("case,dtype,m_split,lse_dot", [(0, torch.float32, 4, True), (3, torch.float16, 4, True),
-                                                         (2, torch.float16, 2, False), (2, torch.float16, 1, True)])
+@pytest.mark.parametrize("case,dtype,m_split,lse_dot", [(0, torch.float32, 4, True), (0, torch.float16, 4, True),
+                                                         (3, torch.float16, 4, True), (2, torch.float16, 2, False),
+                                                         (2, torch.float16, 1, True)])
 def test_topk_key32_split_rows_match_reference(case, dtype, m_split, lse_dot, monkeypatch):
     """int32 keys, the logit tile in row chunks, the LSE shift inside the logit matmul (hi + lo split; bfloat16
-    dots are wrong under the interpreter, so bfloat16 runs on the GPU only) and counted insertion rounds (several key
-    tiles per sample):
+    dots are wrong under the interpreter, so bfloat16 runs on the GPU only), counted insertion rounds (several key
+    tiles per sample) and, for m_cmp < m_slc (case 0), the segment sum in float32 or float16:
     the reference's blocks up to near-ties; counted rounds pick exactly what the round-by-round test picks."""
     sizes, res, m_cmp, m_slc, hq, hkv, d, topk = CASES[case]
     x = random_batch(sizes, res, seed=res + d + 7)

@@ -39,7 +39,8 @@ class SSALayout:
             are exactly the selection blocks in the same order (then window order = block order).
         win_inverse: int64 ``[N]`` window-order position of each block-order token, or None (see ``win_perm``).
         win_offsets: int32 ``[NW + 1]`` first token (window order) of each window, then N.
-        max_seqlen, max_cmp: the most tokens / compression blocks in one sample (kernel grid sizes).
+        max_seqlen, max_cmp, max_slc: the most tokens / compression blocks / selection blocks in one sample (kernel
+            grid sizes, the top-k's key width).
         in_block_order: the caller's tokens are already in block order (``perm`` is the identity).
         m_cmp, m_slc, m_win, shift: the block sizes and window shift this layout was built for.
     """
@@ -60,6 +61,7 @@ class SSALayout:
     win_offsets: torch.Tensor
     max_seqlen: int
     max_cmp: int
+    max_slc: int
     in_block_order: bool
     m_cmp: int
     m_slc: int
@@ -137,6 +139,7 @@ def _build(x: SparseTensor, m_cmp: int, m_slc: int, m_win: int, shift: int) -> S
     stats = torch.stack([
         (cu_seqlens[1:] - cu_seqlens[:-1]).max() if n else cu_seqlens.new_zeros(()),
         (cu_cmp[1:] - cu_cmp[:-1]).max() if n else cu_seqlens.new_zeros(()),
+        (s.cu_seqblocks[1:] - s.cu_seqblocks[:-1]).max() if n else cu_seqlens.new_zeros(()),
         (perm != torch.arange(perm.numel(), device=dev)).any().to(cu_seqlens.dtype),
     ]).tolist()  # one host sync for the grid sizes and the identity check
     return SSALayout(
@@ -144,5 +147,5 @@ def _build(x: SparseTensor, m_cmp: int, m_slc: int, m_win: int, shift: int) -> S
         slc_cmp_offsets=slc_cmp_offsets, cu_cmp=cu_cmp, cmp_offsets=cmp_offsets, cmp_slc=cmp_slc,
         cmp_coords=cmp_coords, pe_index=pe_index, win_perm=win_perm, win_inverse=win_inverse,
         win_offsets=win_offsets, max_seqlen=int(stats[0]), max_cmp=int(stats[1]),
-        in_block_order=not stats[2], m_cmp=m_cmp, m_slc=m_slc, m_win=m_win, shift=shift,
+        max_slc=int(stats[2]), in_block_order=not stats[3], m_cmp=m_cmp, m_slc=m_slc, m_win=m_win, shift=shift,
     )

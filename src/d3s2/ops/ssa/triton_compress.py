@@ -27,10 +27,11 @@ every pass streams them all.
   instead of one float32 register per row and thread: ptxas for sm_90 counts 254 registers per thread for session
   4's kernel, 92 with key32 + m_split 4 + lse_dot (2 → 5 CTAs of 4 warps per SM). The v1.1 default (``topk``):
   all four options, no float pre-test (counted rounds skip a quiet tile anyway): 2.21 ms against 4.86 ms at
-  N = 134k on an H200; v1.0's (``topk_seg``) with m_split 2: 18.15 against 18.89 ms. ``lists`` (v1.1 default 32,
-  capped at BLOCK_J / 2): each token's running top-k in that many lists (``_topk_insert_lists``; at BLOCK_J / 2 a
-  list holds the two rows of a tile that one thread holds, so an insertion round stays in registers), merged once
-  at the end: 1.94 ms.
+  N = 134k on an H200. ``lists`` (v1.1 default 32, capped at BLOCK_J / 2): each token's running top-k in that
+  many lists (``_topk_insert_lists``; at BLOCK_J / 2 a list holds the two rows of a tile that one thread holds, so
+  an insertion round stays in registers), merged once at the end: 1.94 ms. v1.0's (``topk_seg``: m_cmp < m_slc)
+  sums each selection block's compression blocks by a matmul with a 0/1 matrix, in float16 for 16-bit inputs:
+  10.6 ms against 18.0 with session 15's tf32x3 sum and int64 keys.
 - ``_cmp_bwd_dq_kernel`` / ``_cmp_bwd_dkdv_kernel``: FlashAttention-2 style backward. dK/dV split the sample's
   queries into ``n_chunks`` chunks (enough programs to fill the GPU although NBc is small) and write per-chunk
   partial sums that are added in a fixed order afterwards: deterministic, no atomics.
@@ -90,11 +91,16 @@ CONFIG = {
     # memory and no barrier; merged once at the end; ncu: the rounds had been 37 % of the kernel, 3 barriers each):
     # H200, N = 134k (ms): 2.212 (one list); 4 lists 2.134, 16 2.375, 32 2.069 (120 registers: 4 CTAs per SM),
     # 32 with registers capped at 96 1.938 (this default; k = 1: 1.670)
+    # Session 16 (v1.0, N = 134k, top-k 8; scripts/gpu/topk_old_new.py): the segment sum in float16 (one wgmma, was
+    # tf32x3) and int32 keys (they had been sized by compression blocks: int64 here) 18.03 → 13.32 ms; with 4 row
+    # chunks 11.74, capped at 128 registers (4 CTAs per SM) 10.74, at 112 10.71, at 96 11.89 (spills), 3 stages
+    # 10.60-10.65 (this default; the cap only for the tuned shape, as "topk")
     "topk": {"variant": "dot", "skip": False, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
              "num_stages": 3, "exp2": "mufu", "key32": True, "m_split": 4, "counted": True, "lse_dot": True,
              "lists": 32, "maxnreg": 96},
     "topk_seg": {"variant": "dot", "skip": False, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
-                 "num_stages": 2, "exp2": "mufu", "key32": True, "m_split": 2, "counted": True, "lse_dot": True},
+                 "num_stages": 3, "exp2": "mufu", "key32": True, "m_split": 4, "counted": True, "lse_dot": True,
+                 "maxnreg": 128},
     "bwd_dq": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
     "bwd_dkdv": {"rows": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 8},
 }
@@ -521,8 +527,15 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
                     p_tok += _group_scores(k, col_ok, q_t4, sh4, group4, qk_scale, True, DOT_PREC, P_FP16,
                                            EXP2, LSE_DOT)
                 local = tl.load(CMP_SLC + cols, mask=col_ok, other=-1) - j_start
-                onehot = (offs_j[:, None] == local[None, :]).to(tl.float32)  # [BLOCK_J, BLOCK_C]
-                score += tl.dot(onehot, p_tok, input_precision="tf32x3")
+                if P_FP16:
+                    # float16 sums (≤ 2⁻¹¹ relative error: the probabilities' own and the int32 keys' precision)
+                    # against an exact 0/1 matrix, one wgmma (tf32x3 took three, with a float32 one-hot held twice
+                    # in registers: 232 against 183 registers per thread, ptxas sm_90)
+                    onehot = (offs_j[:, None] == local[None, :]).to(tl.float16)  # [BLOCK_J, BLOCK_C]
+                    score = tl.dot(onehot, p_tok.to(tl.float16), score)
+                else:
+                    onehot = (offs_j[:, None] == local[None, :]).to(tl.float32)  # [BLOCK_J, BLOCK_C]
+                    score += tl.dot(onehot, p_tok, input_precision="tf32x3")
         if SKIP:
             enter = tl.max(tl.where(j_ok[:, None], score, -1.0), 0) > thr
             if tl.sum(enter.to(tl.int32), 0) > 0:
@@ -735,8 +748,9 @@ def cmp_select_topk(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, lay
         m_split = cfg.get("m_split", 1)
         if m_split not in (1, 2, 4):
             raise ValueError(f"expected m_split 1, 2 or 4 in the top-k config, got {m_split}")
-        # int32 keys keep 23 − id_bits mantissa bits of a score: used while that is at least float16's 11
-        id_bits = max(1, (layout.max_cmp - 1).bit_length())
+        # int32 keys keep 23 − id_bits mantissa bits of a score: used while that is at least float16's 11 (ids are
+        # local selection-block ids)
+        id_bits = max(1, (layout.max_slc - 1).bit_length())
         key32 = cfg.get("key32", False) and id_bits <= KEY32_MAX_ID_BITS
         limit = (torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
                  if q.device.type == "cuda" else None)
