@@ -1,7 +1,8 @@
 """A/B timings of SSA forward kernels under config overrides, interleaved in one process (v1.1, N = 134k, bf16).
 
 ``--variants`` is JSON: name → overrides, each ``{"cmp": {...}}`` (``triton_compress.CONFIG["fwd"]``), ``{"topk":
-{...}}`` (``CONFIG["topk"]``), ``{"topk_seg": {...}}`` (``CONFIG["topk_seg"]``, with ``--m-cmp 4``), ``{"slc": {...}}`` (``block_attn.triton.FWD_CONFIG``) or ``{"win": {...}}``
+{...}}`` (``CONFIG["topk"]``), ``{"topk_seg": {...}}`` (``CONFIG["topk_seg"]``, with ``--m-cmp 4``), ``{"bwd_dq": {...}}`` / ``{"bwd_dkdv": {...}}`` (the compressed backward's, kernel ``cmp_bwd``: dq, dk, dv
+flattened), ``{"slc": {...}}`` (``block_attn.triton.FWD_CONFIG``) or ``{"win": {...}}``
 (``WIN_FWD_CONFIG``); the first variant is the baseline whose outputs the others are compared with. Prints each
 kernel's median ms per round and each variant's largest output difference from the baseline. Usage (device)::
 
@@ -38,20 +39,27 @@ def main() -> None:
     st = b.v11_state(args.layouts, args.size, args.m_cmp)
     layout, q, k, v, kc, vc = (st[n] for n in ("layout", "q", "k", "v", "kc", "vc"))
     scale, lse, idx, off = st["scale"], st["lse"], st["idx"], st["off"]
+    o_cmp = b.tc.cmp_attention_fwd(q, kc, vc, layout, scale)[0]
+    do_cmp = torch.randn(o_cmp.shape, generator=torch.Generator("cuda").manual_seed(1), device="cuda").to(q.dtype)
     fns = {
         "cmp": lambda: b.tc.cmp_attention_fwd(q, kc, vc, layout, scale)[0],
         "topk": lambda: b.tc.cmp_select_topk(q, kc, lse, layout, 8, scale),
+        "cmp_bwd": lambda: torch.cat([t.float().flatten() for t in b.tc.cmp_attention_bwd(q, kc, vc, o_cmp, lse, do_cmp,
+                                                                                          layout, scale)]),
         "slc": lambda: selection_attention(q, k, v, off, idx, scale=scale, backend="triton"),
         "win": lambda: window_attention(q, k, v, layout.win_offsets, scale=scale, backend="triton"),
     }
     fns = {name: fns[name] for name in args.kernels.split(",")}
     saved = {"cmp": dict(b.tc.CONFIG["fwd"]), "topk": dict(b.tc.CONFIG["topk"]),
-             "topk_seg": dict(b.tc.CONFIG["topk_seg"]), "slc": dict(ba.FWD_CONFIG), "win": dict(ba.WIN_FWD_CONFIG)}
+             "topk_seg": dict(b.tc.CONFIG["topk_seg"]), "bwd_dq": dict(b.tc.CONFIG["bwd_dq"]),
+             "bwd_dkdv": dict(b.tc.CONFIG["bwd_dkdv"]), "slc": dict(ba.FWD_CONFIG), "win": dict(ba.WIN_FWD_CONFIG)}
 
     def use(over: dict) -> None:
         b.tc.CONFIG["fwd"] = {**saved["cmp"], **over.get("cmp", {})}
         b.tc.CONFIG["topk"] = {**saved["topk"], **over.get("topk", {})}
         b.tc.CONFIG["topk_seg"] = {**saved["topk_seg"], **over.get("topk_seg", {})}
+        b.tc.CONFIG["bwd_dq"] = {**saved["bwd_dq"], **over.get("bwd_dq", {})}
+        b.tc.CONFIG["bwd_dkdv"] = {**saved["bwd_dkdv"], **over.get("bwd_dkdv", {})}
         ba.FWD_CONFIG = {**saved["slc"], **over.get("slc", {})}
         ba.WIN_FWD_CONFIG = {**saved["win"], **over.get("win", {})}
 

@@ -102,7 +102,11 @@ CONFIG = {
                  "num_stages": 3, "exp2": "mufu", "key32": True, "m_split": 4, "counted": True, "lse_dot": True,
                  "maxnreg": 128},
     "bwd_dq": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
-    "bwd_dkdv": {"rows": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 8},
+    # Session 16 (H200, N = 134k, dQ + dK/dV + chunk sum; scripts/gpu/ssa16_3.sh, ssa16_4.sh): dK/dV stepping over
+    # 32 query rows with 3 stages (ptxas sm_90: 92 registers, 5 CTAs per SM; 64 rows took 145, 3 CTAs) v1.1 6.24-6.30
+    # against 7.01-7.02 ms, v1.0 25.2-25.6 against 26.3-26.6 (64 rows with 3 stages 6.31-6.35; 16 rows 7.44; dQ on
+    # 64-row tiles capped at 96 or on 32-block tiles: within 1 % on v1.1, slower on v1.0)
+    "bwd_dkdv": {"rows": 32, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 8},
 }
 
 
