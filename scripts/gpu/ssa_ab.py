@@ -2,7 +2,8 @@
 
 ``--variants`` is JSON: name → overrides, each ``{"cmp": {...}}`` (``triton_compress.CONFIG["fwd"]``), ``{"topk":
 {...}}`` (``CONFIG["topk"]``), ``{"topk_seg": {...}}`` (``CONFIG["topk_seg"]``, with ``--m-cmp 4``), ``{"bwd_dq": {...}}`` / ``{"bwd_dkdv": {...}}`` (the compressed backward's, kernel ``cmp_bwd``: dq, dk, dv
-flattened), ``{"slc": {...}}`` (``block_attn.triton.FWD_CONFIG``) or ``{"win": {...}}``
+flattened), ``{"slc": {...}}`` (``block_attn.triton.FWD_CONFIG``), ``{"bdq": {...}}`` / ``{"bkv": {...}}``
+(``BWD_DQ_CONFIG`` / ``BWD_DKDV_CONFIG``: kernels ``slc_bwd`` and ``win_bwd``, dq, dk, dv flattened) or ``{"win": {...}}``
 (``WIN_FWD_CONFIG``); the first variant is the baseline whose outputs the others are compared with. Prints each
 kernel's median ms per round and each variant's largest output difference from the baseline. Usage (device)::
 
@@ -40,6 +41,9 @@ def main() -> None:
     layout, q, k, v, kc, vc = (st[n] for n in ("layout", "q", "k", "v", "kc", "vc"))
     scale, lse, idx, off = st["scale"], st["lse"], st["idx"], st["off"]
     o_cmp = b.tc.cmp_attention_fwd(q, kc, vc, layout, scale)[0]
+    leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
+    o_slc = selection_attention(*leaves, off, idx, scale=scale, backend="triton")
+    o_win = window_attention(*leaves, layout.win_offsets, scale=scale, backend="triton")
     do_cmp = torch.randn(o_cmp.shape, generator=torch.Generator("cuda").manual_seed(1), device="cuda").to(q.dtype)
     fns = {
         "cmp": lambda: b.tc.cmp_attention_fwd(q, kc, vc, layout, scale)[0],
@@ -47,12 +51,17 @@ def main() -> None:
         "cmp_bwd": lambda: torch.cat([t.float().flatten() for t in b.tc.cmp_attention_bwd(q, kc, vc, o_cmp, lse, do_cmp,
                                                                                           layout, scale)]),
         "slc": lambda: selection_attention(q, k, v, off, idx, scale=scale, backend="triton"),
+        "slc_bwd": lambda: torch.cat([t.float().flatten() for t in torch.autograd.grad(o_slc, leaves, do_cmp,
+                                                                                       retain_graph=True)]),
+        "win_bwd": lambda: torch.cat([t.float().flatten() for t in torch.autograd.grad(o_win, leaves, do_cmp,
+                                                                                       retain_graph=True)]),
         "win": lambda: window_attention(q, k, v, layout.win_offsets, scale=scale, backend="triton"),
     }
     fns = {name: fns[name] for name in args.kernels.split(",")}
     saved = {"cmp": dict(b.tc.CONFIG["fwd"]), "topk": dict(b.tc.CONFIG["topk"]),
              "topk_seg": dict(b.tc.CONFIG["topk_seg"]), "bwd_dq": dict(b.tc.CONFIG["bwd_dq"]),
-             "bwd_dkdv": dict(b.tc.CONFIG["bwd_dkdv"]), "slc": dict(ba.FWD_CONFIG), "win": dict(ba.WIN_FWD_CONFIG)}
+             "bwd_dkdv": dict(b.tc.CONFIG["bwd_dkdv"]), "slc": dict(ba.FWD_CONFIG), "win": dict(ba.WIN_FWD_CONFIG),
+             "bdq": dict(ba.BWD_DQ_CONFIG), "bkv": dict(ba.BWD_DKDV_CONFIG)}
 
     def use(over: dict) -> None:
         b.tc.CONFIG["fwd"] = {**saved["cmp"], **over.get("cmp", {})}
@@ -62,6 +71,8 @@ def main() -> None:
         b.tc.CONFIG["bwd_dkdv"] = {**saved["bwd_dkdv"], **over.get("bwd_dkdv", {})}
         ba.FWD_CONFIG = {**saved["slc"], **over.get("slc", {})}
         ba.WIN_FWD_CONFIG = {**saved["win"], **over.get("win", {})}
+        ba.BWD_DQ_CONFIG = {**saved["bdq"], **over.get("bdq", {})}
+        ba.BWD_DKDV_CONFIG = {**saved["bkv"], **over.get("bkv", {})}
 
     times = {(kn, vn): [] for kn in fns for vn in variants}
     refs = {}

@@ -73,7 +73,11 @@ FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "e
 # occupancy is not the limit); the tile table 0.672 against 0.682 and 16-key tails 0.676: within the spread.
 WIN_FWD_CONFIG: dict | None = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu",
                                "split": True, "TAIL_N": None, "shift": "online", "rowsum": "reduce"}
-BWD_DQ_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+# Backward, shared by the selection and the window. H200, v1.1, N = 134k (session 16, scripts/gpu/ssa16_5.sh, autograd
+# backward incl. the partial-dQ sum and the chunk sums): dQ with 3 stages selection 11.76-11.83 against 12.06-12.12
+# ms, window 2.47 against 2.55; dK/dV on fewer query rows per step is slower despite the occupancy (ptxas sm_90: 252
+# registers per thread at 128 rows, 126 at 32): 64 rows 12.16-12.21, 32 14.35-14.48, 16 with 3 stages 17.62-17.82
+BWD_DQ_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
 BWD_DKDV_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 # dK/dV of the selection: a list longer than ``split_entries`` entries is cut into up to ``max_chunks`` chunks, one
 # program each, whose float32 partials a second kernel sums in chunk order (deterministic). Without it one program
@@ -954,7 +958,7 @@ def block_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         q, k, v, do, lse, delta, pdq, plan.entry, tile_list, tile_cum, plan.list_start, plan.list_count,
         block_offsets, scale, scale * LOG2E, num_lists, nb, S=s, HKV=hkv,
         BLOCK_M=block_m, BLOCK_N=dq_cfg["BLOCK_N"], num_warps=dq_cfg["num_warps"],
-        num_stages=dq_cfg["num_stages"], **meta)
+        num_stages=dq_cfg["num_stages"], **max_registers(dq_cfg, q.device), **meta)
     if block_idx is not None:
         _combine(pdq, pdq, pdq, block_idx, dq, dq, plan, meta, is_sum=True)
     # dK/dV: one program per (key tile of a block, kv head, chunk of a long list).
@@ -968,7 +972,8 @@ def block_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         q, k, v, do, lse, delta, dk, dv, part_k, part_v, plan.entry, kt_block, kt_cum, plan.list_start,
         plan.list_count, block_offsets, n_chunks, part_off, scale, scale * LOG2E, nb, maxlen, S=s, HKV=hkv,
         BLOCK_M=_block_m(dkdv_cfg, meta["G_PAD"]), BLOCK_N=block_n, SPLIT=split is not None,
-        num_warps=dkdv_cfg["num_warps"], num_stages=dkdv_cfg["num_stages"], **meta)
+        num_warps=dkdv_cfg["num_warps"], num_stages=dkdv_cfg["num_stages"], **max_registers(dkdv_cfg, q.device),
+        **meta)
     if split is not None:
         _dkdv_chunk_sum_kernel[(kt_bound, hkv)](part_k, part_v, dk, dv, kt_block, kt_cum, block_offsets, n_chunks,
                                                 part_off, nb, maxlen, HKV=hkv, D=d, BLOCK_D=meta["BLOCK_D"],
