@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--size", default="131072")
     ap.add_argument("--m-cmp", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--variants", required=True, help="JSON: name → overrides of this tree's top-k config")
     args = ap.parse_args()
     import torch
@@ -35,10 +36,10 @@ def main() -> None:
     layout, q, kc, lse, scale = (st[n] for n in ("layout", "q", "kc", "lse", "scale"))
     key = "topk" if layout.m_cmp == layout.m_slc else "topk_seg"
     saved = dict(b.tc.CONFIG[key])
-    fns = {"old": lambda: old.cmp_select_topk(q, kc, lse, layout, 8, scale)}
+    fns = {"old": lambda: old.cmp_select_topk(q, kc, lse, layout, args.topk, scale)}
     overrides = json.loads(args.variants)
     for name in overrides:
-        fns[name] = lambda: b.tc.cmp_select_topk(q, kc, lse, layout, 8, scale)
+        fns[name] = lambda: b.tc.cmp_select_topk(q, kc, lse, layout, args.topk, scale)
 
     def use(name: str) -> None:
         b.tc.CONFIG[key] = {**saved, **overrides.get(name, {})}
@@ -53,7 +54,7 @@ def main() -> None:
             use(name)
             times[name].append(do_bench(fn, rep=100, return_mode="median"))
     use("old")
-    print(json.dumps({"m_cmp": args.m_cmp, "N": int(q.shape[0]), "compressed_blocks": int(kc.shape[0]),
+    print(json.dumps({"m_cmp": args.m_cmp, "topk": args.topk, "N": int(q.shape[0]), "compressed_blocks": int(kc.shape[0]),
                       "overrides": overrides, "ms": times}))
     print("| " + " | ".join(fns) + " |")
     print("|" + "---|" * len(fns))
