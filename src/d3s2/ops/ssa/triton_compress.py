@@ -854,7 +854,7 @@ def cmp_attention_bwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
     _cmp_bwd_dq_kernel[grid](q, k_cmp, v_cmp, do, lse, delta, dq, layout.cu_seqlens, layout.cu_cmp,
                              q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), scale * LOG2E, scale,
                              BLOCK_T=block_t, BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
-                             num_stages=cfg["num_stages"], **meta)
+                             num_stages=cfg["num_stages"], **max_registers(cfg, q.device), **meta)
 
     cfg = CONFIG["bwd_dkdv"]
     block_t = _block_t(cfg["rows"], meta["HS_PAD"])
@@ -869,7 +869,8 @@ def cmp_attention_bwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
                                q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1),
                                dk_part.stride(0), dk_part.stride(1), dk_part.stride(2), scale * LOG2E, scale,
                                HKV=hkv, N_CHUNKS=n_chunks, BLOCK_T=block_t, BLOCK_C=cfg["BLOCK_C"],
-                               num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **meta)
+                               num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                               **max_registers(cfg, q.device), **meta)
     # fixed-order sum over chunks: deterministic
     return dq, dk_part.sum(0).to(k_cmp.dtype), dv_part.sum(0).to(v_cmp.dtype)
 
