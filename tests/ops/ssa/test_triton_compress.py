@@ -196,6 +196,65 @@ def test_topk_lists_match_one_list(m_cmp, m_slc, monkeypatch):
     assert bool((got[1] >= 0).any())
 
 
+@pytest.mark.parametrize("m_cmp,m_slc,hq,hkv,m_split,dtype", [
+    (4, 4, 16, 1, 4, torch.float32),   # 16 heads per group, 4 per chunk: the v1.1 shape
+    (4, 4, 16, 1, 2, torch.float16),   # 8 heads per chunk
+    (2, 4, 16, 1, 4, torch.float16),   # m_cmp < m_slc: the head sums feed the segment sum
+    (4, 4, 6, 2, 2, torch.float32),    # 3 heads padded to 4: a padding head in every chunk
+])
+def test_topk_head_sum_in_registers_matches_reference(m_cmp, m_slc, hq, hkv, m_split, dtype, monkeypatch):
+    """The group's head sum by float32 adds in each thread's registers (rows in ``_token_rows_lanes``'s order):
+    the reference's blocks up to near-ties, and the same blocks as the group matmul where no near-tie is in
+    reach (float32)."""
+    sizes, res, d, topk = [37, 1, 70], 16, 16, 3
+    x = random_batch(sizes, res, seed=res + d + 17)
+    layout = layout_for(x.to(DEV), m_cmp, m_slc, m_slc, 0)
+    q, _, _, k_cmp, v_cmp, _ = make_inputs(x, layout, hq, hkv, d, seed=d + 17, device=DEV, dtype=dtype)
+    _, lse = compressed_attention_ref(q.double(), k_cmp.double(), v_cmp.double(), layout)
+    scores = [s.cpu() for s in block_scores_ref(q.double(), k_cmp.double(), lse, layout)]
+    ref_idx = select_blocks_ref(q.double(), k_cmp.double(), lse, layout, topk=topk)
+    got = {}
+    for head_sum in ("dot", "regs"):
+        for key in ("topk", "topk_seg"):
+            monkeypatch.setitem(tc.CONFIG, key, {**tc.CONFIG[key], "variant": "dot", "key32": True, "rows": 64,
+                                                 "m_split": m_split, "BLOCK_J": 16, "head_sum": head_sum})
+        got[head_sum] = tc.cmp_select_topk(q, k_cmp, lse.float(), layout, topk, d**-0.5)
+        assert_topk_equivalent(got[head_sum].cpu(), ref_idx.cpu(), scores, layout,
+                               rtol=1e-4 if dtype == torch.float32 else 1e-3)
+    if dtype == torch.float32:
+        assert torch.equal(got["regs"], got["dot"])
+
+
+def test_token_rows_lanes_cover_the_tile_once():
+    """``_token_rows_lanes``: each (token, head) of a tile in exactly one row of one chunk, and in the accumulator
+    order (column n = 8i + 2c + e) a quad lane c holds only tokens ≡ c (mod 4), every head of them in its registers."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rows_kernel(TOK, HEAD, HS: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
+                    M_SPLIT: tl.constexpr):
+        for chunk in tl.static_range(M_SPLIT):
+            tok, head, _ = tc._token_rows_lanes(0, BLOCK_T, 0, chunk, HS, BLOCK_T, ROWS)
+            n = chunk * ROWS + tl.arange(0, ROWS)
+            tl.store(TOK + n, tok)
+            tl.store(HEAD + n, head)
+
+    block_t, hs, m_split = 16, 16, 4
+    rows = block_t * hs // m_split
+    tok = torch.empty(m_split * rows, dtype=torch.int32, device=DEV)
+    head = torch.empty_like(tok)
+    rows_kernel[(1,)](tok, head, HS=hs, BLOCK_T=block_t, ROWS=rows, M_SPLIT=m_split)
+    tok, head = tok.cpu().long(), head.cpu().long()
+    assert sorted((tok * hs + head).tolist()) == list(range(block_t * hs))
+    lane = (torch.arange(m_split * rows) % rows) // 2 % 4
+    assert torch.equal(tok % 4, lane)
+    # per chunk, the rows of one token are its H_C heads, all held by one lane
+    for chunk in range(m_split):
+        sl = slice(chunk * rows, (chunk + 1) * rows)
+        assert sorted(set(head[sl].tolist())) == list(range(chunk * hs // m_split, (chunk + 1) * hs // m_split))
+
+
 def test_topk_default_falls_back_to_int64_keys(monkeypatch):
     """Samples with more selection blocks than int32 keys can tell apart use int64 keys with the other default
     options (forced here by a 0-bit limit): the same blocks as with int32 keys (no near-ties at this size)."""

@@ -31,7 +31,9 @@ every pass streams them all.
   many lists (``_topk_insert_lists``; at BLOCK_J / 2 a list holds the two rows of a tile that one thread holds, so
   an insertion round stays in registers), merged once at the end: 1.94 ms. v1.0's (``topk_seg``: m_cmp < m_slc)
   sums each selection block's compression blocks by a matmul with a 0/1 matrix, in float16 for 16-bit inputs:
-  10.6 ms against 18.0 with session 15's tf32x3 sum and int64 keys.
+  10.6 ms against 18.0 with session 15's tf32x3 sum and int64 keys. ``head_sum: "regs"`` (both defaults): the
+  query rows of a chunk ordered so that every thread's accumulator registers hold all the chunk's heads of its
+  tokens (``_token_rows_lanes``), summed there in float32 instead of by the group matmul: v1.1 1.74 ms, v1.0 8.74.
 - ``_cmp_bwd_dq_kernel`` / ``_cmp_bwd_dkdv_kernel``: FlashAttention-2 style backward. dK/dV split the sample's
   queries into ``n_chunks`` chunks (enough programs to fill the GPU although NBc is small) and write per-chunk
   partial sums that are added in a fixed order afterwards: deterministic, no atomics.
@@ -96,12 +98,17 @@ CONFIG = {
     # chunks 11.74, capped at 128 registers (4 CTAs per SM) 10.74, at 112 10.71, at 96 11.89 (spills), 3 stages
     # 10.60-10.65 (this default; the cap only for the tuned shape, as "topk"); top-k 32 (512³): 24.76 → 12.97 ms,
     # 17.2-17.3 without the cap
+    # "head_sum": the group's head sum by the 0/1 group matmul on float16 probabilities ("dot") or by float32 adds
+    # in each thread's registers ("regs", rows in _token_rows_lanes's order: no conversion, no second matmul and
+    # its wait; ptxas sm_90 96 registers, no spill). Session 17 (H200, N = 134k, scripts/gpu/ssa17.sh, ssa17_2.sh):
+    # v1.1 1.94 → 1.79 ms at the 96 cap, 1.74 at 88 (this default; 80: 1.74-1.78, uncapped 1.74); v1.0 10.64 →
+    # 8.74 ms (cap 112: 8.82, uncapped 8.75)
     "topk": {"variant": "dot", "skip": False, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
              "num_stages": 3, "exp2": "mufu", "key32": True, "m_split": 4, "counted": True, "lse_dot": True,
-             "lists": 32, "maxnreg": 96},
+             "lists": 32, "head_sum": "regs", "maxnreg": 88},
     "topk_seg": {"variant": "dot", "skip": False, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
                  "num_stages": 3, "exp2": "mufu", "key32": True, "m_split": 4, "counted": True, "lse_dot": True,
-                 "maxnreg": 128},
+                 "head_sum": "regs", "maxnreg": 128},
     "bwd_dq": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
     # Session 16 (H200, N = 134k, dQ + dK/dV + chunk sum; scripts/gpu/ssa16_3.sh, ssa16_4.sh): dK/dV stepping over
     # 32 query rows with 3 stages (ptxas sm_90: 92 registers, 5 CTAs per SM; 64 rows took 145, 3 CTAs) v1.1 6.24-6.30
@@ -389,16 +396,34 @@ def _topk_insert_lists(best, score, jj, j_ok, s0, id_mask, NEG: tl.constexpr, TO
 
 
 @triton.jit
+def _token_rows_lanes(start, t1, g, chunk, HS: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr):
+    """Row chunk ``chunk`` of a top-k tile for the in-register head sum: all BLOCK_T tokens × H_C = ROWS / BLOCK_T
+    heads ``chunk·H_C …``, ordered so that in the wgmma accumulator (column n = 8i + 2c + e held by lane c of a quad,
+    registers i, e) every thread holds all H_C heads of its tokens: token 4·(i // (H_C/2)) + c, head
+    2·(i % (H_C/2)) + e. (token, query head, row mask) as ``_token_rows``."""
+    H_C: tl.constexpr = ROWS // BLOCK_T
+    n = tl.arange(0, ROWS)
+    i = n // 8
+    tok = start + 4 * (i // (H_C // 2)) + (n // 2) % 4
+    hh = chunk * H_C + 2 * (i % (H_C // 2)) + n % 2
+    return tok, g * HS + hh, (tok < t1) & (hh < HS)
+
+
+@triton.jit
 def _group_rows(Q, LSE, start, t1, g, r0, stride_qn, stride_qh, offs_d, d_ok, qk_scale,
                 HQ: tl.constexpr, HS: tl.constexpr, HS_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                ROWS: tl.constexpr, P_FP16: tl.constexpr, LSE_DOT: tl.constexpr):
+                ROWS: tl.constexpr, P_FP16: tl.constexpr, LSE_DOT: tl.constexpr, SUM_REGS: tl.constexpr):
     """Rows ``r0 … r0 + ROWS`` of a top-k tile: (qᵀ [BLOCK_D, ROWS], shift, 0/1 group [ROWS, BLOCK_T]).
 
     shift: the log2 LSE [ROWS], or with LSE_DOT ``aᵀ`` [16, ROWS] in q's dtype whose rows 0 and 1 are a two-term
     split hi + lo of a = −LSE₂ / qk_scale, so that ``qk_scale · (q·k + hi + lo)`` is the log2 probability (to
     ~2⁻¹⁶ of a): the shift rides in the logit matmul instead of costing float32 registers per row (padding rows
-    get a = −30000: probability 0)."""
-    tok, head, row_ok = _token_rows(start, t1, g, r0, HS, HS_PAD, ROWS)
+    get a = −30000: probability 0). SUM_REGS: rows in ``_token_rows_lanes``'s order (chunk r0 / ROWS); the group
+    matrix is then unused."""
+    if SUM_REGS:
+        tok, head, row_ok = _token_rows_lanes(start, t1, g, r0 // ROWS, HS, BLOCK_T, ROWS)
+    else:
+        tok, head, row_ok = _token_rows(start, t1, g, r0, HS, HS_PAD, ROWS)
     q_t = tl.trans(_load_rows(Q, tok, head, offs_d, row_ok, d_ok, stride_qn, stride_qh))
     # log2-domain LSE; +inf on padding rows makes their probabilities 0
     lse2 = tl.load(LSE + tok.to(tl.int64) * HQ + head, mask=row_ok, other=float("inf")) * 1.4426950408889634
@@ -419,9 +444,11 @@ def _group_rows(Q, LSE, start, t1, g, r0, stride_qn, stride_qh, offs_d, d_ok, qk
 
 @triton.jit
 def _group_scores(k, col_ok, q_t, shift, group, qk_scale, MASK: tl.constexpr, DOT_PREC: tl.constexpr,
-                  P_FP16: tl.constexpr, EXP2: tl.constexpr, LSE_DOT: tl.constexpr):
+                  P_FP16: tl.constexpr, EXP2: tl.constexpr, LSE_DOT: tl.constexpr, SUM_REGS: tl.constexpr):
     """[BLOCK_C, BLOCK_T] probabilities of compressed keys ``k`` [BLOCK_C, BLOCK_D] summed over the group's heads
-    (MASK: rows outside ``col_ok`` contribute 0); ``shift`` from ``_group_rows``."""
+    (MASK: rows outside ``col_ok`` contribute 0); ``shift`` from ``_group_rows``. SUM_REGS: the head sum by float32
+    adds within each thread (rows in ``_token_rows_lanes``'s order): no conversion of the probabilities (it runs on
+    the exponential's pipe) and no group matmul."""
     s = tl.dot(k, q_t, input_precision=DOT_PREC)  # [BLOCK_C, ROWS]
     if LSE_DOT:
         # ones in columns 0 and 1: adds each row's hi + lo to its logits
@@ -432,6 +459,12 @@ def _group_scores(k, col_ok, q_t, shift, group, qk_scale, MASK: tl.constexpr, DO
         p_t = exp2(s * qk_scale - shift[None, :], EXP2)
     if MASK:
         p_t = tl.where(col_ok[:, None], p_t, 0.0)
+    if SUM_REGS:
+        BLOCK_T: tl.constexpr = group.shape[1]
+        H_C: tl.constexpr = p_t.shape[1] // BLOCK_T
+        # [keys, token // 4, head // 2, token % 4, head % 2]: the token's heads are a thread's registers
+        p5 = tl.reshape(p_t, [p_t.shape[0], BLOCK_T // 4, H_C // 2, 4, 2])
+        return tl.reshape(tl.sum(tl.sum(p5, 4), 2), [p_t.shape[0], BLOCK_T])
     if P_FP16:
         p_t = p_t.to(tl.float16)
     return tl.dot(p_t, group, input_precision=DOT_PREC)
@@ -446,7 +479,8 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
                          BLOCK_C: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
                          ONE_CMP_PER_SLC: tl.constexpr, DOT_PREC: tl.constexpr, P_FP16: tl.constexpr,
                          SKIP: tl.constexpr, EXP2: tl.constexpr, KEY32: tl.constexpr, M_SPLIT: tl.constexpr,
-                         COUNTED: tl.constexpr, LSE_DOT: tl.constexpr, LISTS: tl.constexpr):
+                         COUNTED: tl.constexpr, LSE_DOT: tl.constexpr, LISTS: tl.constexpr,
+                         SUM_REGS: tl.constexpr):
     """Same result as ``_cmp_topk_kernel``, computed transposed: logits ``[blocks, rows]`` = K·Qᵀ, and the sum
     over the GQA group is a second tl.dot with a 0/1 ``[rows, tokens]`` matrix (probabilities in float16 for
     16-bit inputs: ≤ 2⁻¹¹ relative error per term), so the probabilities stay in the matmul register layout
@@ -469,15 +503,15 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     q_t, sh, group = _group_rows(Q, LSE, start, t1, g, 0, stride_qn, stride_qh, offs_d, d_ok, qk_scale, HQ, HS,
-                                 HS_PAD, BLOCK_T, ROWS, P_FP16, LSE_DOT)
+                                 HS_PAD, BLOCK_T, ROWS, P_FP16, LSE_DOT, SUM_REGS)
     if M_SPLIT >= 2:
         q_t2, sh2, group2 = _group_rows(Q, LSE, start, t1, g, ROWS, stride_qn, stride_qh, offs_d, d_ok, qk_scale,
-                                        HQ, HS, HS_PAD, BLOCK_T, ROWS, P_FP16, LSE_DOT)
+                                        HQ, HS, HS_PAD, BLOCK_T, ROWS, P_FP16, LSE_DOT, SUM_REGS)
     if M_SPLIT == 4:
         q_t3, sh3, group3 = _group_rows(Q, LSE, start, t1, g, 2 * ROWS, stride_qn, stride_qh, offs_d, d_ok,
-                                        qk_scale, HQ, HS, HS_PAD, BLOCK_T, ROWS, P_FP16, LSE_DOT)
+                                        qk_scale, HQ, HS, HS_PAD, BLOCK_T, ROWS, P_FP16, LSE_DOT, SUM_REGS)
         q_t4, sh4, group4 = _group_rows(Q, LSE, start, t1, g, 3 * ROWS, stride_qn, stride_qh, offs_d, d_ok,
-                                        qk_scale, HQ, HS, HS_PAD, BLOCK_T, ROWS, P_FP16, LSE_DOT)
+                                        qk_scale, HQ, HS, HS_PAD, BLOCK_T, ROWS, P_FP16, LSE_DOT, SUM_REGS)
 
     slot = tl.arange(0, TOPK_PAD)
     id_mask = (1 << id_bits) - 1
@@ -504,15 +538,16 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
             # compression block id == selection block id; rows past s1 are dropped by the candidate mask
             k_off = jj.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
             k = tl.load(K + k_off, mask=j_ok[:, None] & d_ok[None, :], other=0.0)
-            score = _group_scores(k, j_ok, q_t, sh, group, qk_scale, False, DOT_PREC, P_FP16, EXP2, LSE_DOT)
+            score = _group_scores(k, j_ok, q_t, sh, group, qk_scale, False, DOT_PREC, P_FP16, EXP2, LSE_DOT,
+                                  SUM_REGS)
             if M_SPLIT >= 2:
                 score += _group_scores(k, j_ok, q_t2, sh2, group2, qk_scale, False, DOT_PREC, P_FP16,
-                                       EXP2, LSE_DOT)
+                                       EXP2, LSE_DOT, SUM_REGS)
             if M_SPLIT == 4:
                 score += _group_scores(k, j_ok, q_t3, sh3, group3, qk_scale, False, DOT_PREC, P_FP16,
-                                       EXP2, LSE_DOT)
+                                       EXP2, LSE_DOT, SUM_REGS)
                 score += _group_scores(k, j_ok, q_t4, sh4, group4, qk_scale, False, DOT_PREC, P_FP16,
-                                       EXP2, LSE_DOT)
+                                       EXP2, LSE_DOT, SUM_REGS)
         else:
             c_a = tl.load(SLC_CMP_OFF + j_start)
             c_b = tl.load(SLC_CMP_OFF + tl.minimum(j_start + BLOCK_J, s1))
@@ -522,15 +557,16 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
                 col_ok = cols < c_b
                 k_off = cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
                 k = tl.load(K + k_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                p_tok = _group_scores(k, col_ok, q_t, sh, group, qk_scale, True, DOT_PREC, P_FP16, EXP2, LSE_DOT)
+                p_tok = _group_scores(k, col_ok, q_t, sh, group, qk_scale, True, DOT_PREC, P_FP16, EXP2, LSE_DOT,
+                                      SUM_REGS)
                 if M_SPLIT >= 2:
                     p_tok += _group_scores(k, col_ok, q_t2, sh2, group2, qk_scale, True, DOT_PREC, P_FP16,
-                                           EXP2, LSE_DOT)
+                                           EXP2, LSE_DOT, SUM_REGS)
                 if M_SPLIT == 4:
                     p_tok += _group_scores(k, col_ok, q_t3, sh3, group3, qk_scale, True, DOT_PREC, P_FP16,
-                                           EXP2, LSE_DOT)
+                                           EXP2, LSE_DOT, SUM_REGS)
                     p_tok += _group_scores(k, col_ok, q_t4, sh4, group4, qk_scale, True, DOT_PREC, P_FP16,
-                                           EXP2, LSE_DOT)
+                                           EXP2, LSE_DOT, SUM_REGS)
                 local = tl.load(CMP_SLC + cols, mask=col_ok, other=-1) - j_start
                 if P_FP16:
                     # float16 sums (≤ 2⁻¹¹ relative error: the probabilities' own and the int32 keys' precision)
@@ -776,10 +812,16 @@ def cmp_select_topk(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, lay
         if lists > 1 and (cfg["BLOCK_J"] % lists or (lists == cfg["BLOCK_J"] // 2 and cfg["BLOCK_J"] % 16)):
             raise ValueError(f"expected lists dividing BLOCK_J (lists = BLOCK_J / 2: BLOCK_J a multiple of 16) in "
                              f"the top-k config, got {cfg}")
+        head_sum = cfg.get("head_sum", "dot")
+        if head_sum not in ("dot", "regs"):
+            raise ValueError(f"expected head_sum 'dot' or 'regs' in the top-k config, got {head_sum!r}")
+        # the in-register head sum needs at least two heads of a chunk per thread (see _token_rows_lanes)
+        sum_regs = head_sum == "regs" and meta["HS_PAD"] // m_split >= 2
         _cmp_topk_dot_kernel[grid](*args, id_bits, BLOCK_T=block_t, P_FP16=q.dtype != torch.float32,
                                    SKIP=cfg.get("skip", True), EXP2=resolve_mode(cfg.get("exp2", "mufu"), q.device),
                                    KEY32=key32, M_SPLIT=m_split, COUNTED=cfg.get("counted", False),
-                                   LSE_DOT=cfg.get("lse_dot", False), LISTS=lists, num_stages=stages, **common)
+                                   LSE_DOT=cfg.get("lse_dot", False), LISTS=lists, SUM_REGS=sum_regs,
+                                   num_stages=stages, **common)
     else:
         # the one-hot segment sum is a tl.dot, whose M dimension must be >= 16
         block_t = _block_t(cfg["rows"], meta["HS_PAD"], 1 if one else 16)
