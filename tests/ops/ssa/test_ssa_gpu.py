@@ -114,12 +114,12 @@ def test_ssa_triton_topk_options(config, monkeypatch):
     test_ssa_triton_matches_reference(config, torch.bfloat16, 32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("config", ["v1.1", "v1.0"])
 def test_ssa_triton_topk_head_sum_in_registers(config, dtype, monkeypatch):
-    """The top-k's head sum in registers in two row chunks (4 heads per group here: 2 per chunk, the smallest it
-    takes; the default's 4 chunks fall back to the group matmul at this shape, which the test above covers): the
-    same criterion, every gradient, the selection within rounding of float64."""
+    """The top-k's head sum in registers (16-bit inputs) in two row chunks (4 heads per group here: 2 per chunk,
+    the smallest it takes; the default's 4 chunks fall back to the group matmul at this shape, which the test above
+    covers): the same criterion, every gradient, the selection within rounding of float64."""
     from d3s2.ops.ssa import triton_compress as tc
 
     for key in ("topk", "topk_seg"):

@@ -196,33 +196,29 @@ def test_topk_lists_match_one_list(m_cmp, m_slc, monkeypatch):
     assert bool((got[1] >= 0).any())
 
 
-@pytest.mark.parametrize("m_cmp,m_slc,hq,hkv,m_split,dtype", [
-    (4, 4, 16, 1, 4, torch.float32),   # 16 heads per group, 4 per chunk: the v1.1 shape
-    (4, 4, 16, 1, 2, torch.float16),   # 8 heads per chunk
-    (2, 4, 16, 1, 4, torch.float16),   # m_cmp < m_slc: the head sums feed the segment sum
-    (4, 4, 6, 2, 2, torch.float32),    # 3 heads padded to 4: a padding head in every chunk
+@pytest.mark.parametrize("m_cmp,m_slc,hq,hkv,m_split,lists", [
+    (4, 4, 16, 1, 4, 8),   # 16 heads per group, 4 per chunk: the v1.1 shape, lists of the two rows a thread holds
+    (4, 4, 16, 1, 2, 1),   # 8 heads per chunk, one list
+    (2, 4, 16, 1, 4, 1),   # m_cmp < m_slc: the head sums feed the segment sum
+    (4, 4, 6, 2, 2, 1),    # 3 heads padded to 4: a padding head in every chunk
 ])
-def test_topk_head_sum_in_registers_matches_reference(m_cmp, m_slc, hq, hkv, m_split, dtype, monkeypatch):
-    """The group's head sum by float32 adds in each thread's registers (rows in ``_token_rows_lanes``'s order):
-    the reference's blocks up to near-ties, and the same blocks as the group matmul where no near-tie is in
-    reach (float32)."""
+def test_topk_head_sum_in_registers_matches_reference(m_cmp, m_slc, hq, hkv, m_split, lists, monkeypatch):
+    """The group's head sum by float32 adds in each thread's registers (rows in ``_token_rows_lanes``'s order;
+    16-bit inputs, float32 keeps the group matmul): the reference's blocks up to near-ties, as the matmul's."""
     sizes, res, d, topk = [37, 1, 70], 16, 16, 3
     x = random_batch(sizes, res, seed=res + d + 17)
     layout = layout_for(x.to(DEV), m_cmp, m_slc, m_slc, 0)
-    q, _, _, k_cmp, v_cmp, _ = make_inputs(x, layout, hq, hkv, d, seed=d + 17, device=DEV, dtype=dtype)
+    q, _, _, k_cmp, v_cmp, _ = make_inputs(x, layout, hq, hkv, d, seed=d + 17, device=DEV, dtype=torch.float16)
     _, lse = compressed_attention_ref(q.double(), k_cmp.double(), v_cmp.double(), layout)
     scores = [s.cpu() for s in block_scores_ref(q.double(), k_cmp.double(), lse, layout)]
     ref_idx = select_blocks_ref(q.double(), k_cmp.double(), lse, layout, topk=topk)
-    got = {}
     for head_sum in ("dot", "regs"):
         for key in ("topk", "topk_seg"):
             monkeypatch.setitem(tc.CONFIG, key, {**tc.CONFIG[key], "variant": "dot", "key32": True, "rows": 64,
-                                                 "m_split": m_split, "BLOCK_J": 16, "head_sum": head_sum})
-        got[head_sum] = tc.cmp_select_topk(q, k_cmp, lse.float(), layout, topk, d**-0.5)
-        assert_topk_equivalent(got[head_sum].cpu(), ref_idx.cpu(), scores, layout,
-                               rtol=1e-4 if dtype == torch.float32 else 1e-3)
-    if dtype == torch.float32:
-        assert torch.equal(got["regs"], got["dot"])
+                                                 "m_split": m_split, "BLOCK_J": 16, "lists": lists,
+                                                 "head_sum": head_sum})
+        idx = tc.cmp_select_topk(q, k_cmp, lse.float(), layout, topk, d**-0.5)
+        assert_topk_equivalent(idx.cpu(), ref_idx.cpu(), scores, layout, rtol=1e-3)
 
 
 def test_token_rows_lanes_cover_the_tile_once():

@@ -809,9 +809,7 @@ def cmp_select_topk(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, lay
         if not (key32 and _paper_heads(meta)):
             lists = 1
             common.pop("maxnreg", None)
-        if q.element_size() != 2:
-            # float32 (IEEE dots on the FMA pipe) spills 300+ bytes at the 16-bit inputs' cap, and at the 88 cap its
-            # test cases did not finish on an H200 (session 17): no cap
+        if q.element_size() != 2:  # float32 (IEEE dots on the FMA pipe) spills 300+ bytes at the 16-bit cap
             common.pop("maxnreg", None)
         if lists > 1 and (cfg["BLOCK_J"] % lists or (lists == cfg["BLOCK_J"] // 2 and cfg["BLOCK_J"] % 16)):
             raise ValueError(f"expected lists dividing BLOCK_J (lists = BLOCK_J / 2: BLOCK_J a multiple of 16) in "
@@ -819,8 +817,10 @@ def cmp_select_topk(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, lay
         head_sum = cfg.get("head_sum", "dot")
         if head_sum not in ("dot", "regs"):
             raise ValueError(f"expected head_sum 'dot' or 'regs' in the top-k config, got {head_sum!r}")
-        # the in-register head sum needs at least two heads of a chunk per thread (see _token_rows_lanes)
-        sum_regs = head_sum == "regs" and meta["HS_PAD"] // m_split >= 2
+        # the in-register head sum needs at least two heads of a chunk per thread (see _token_rows_lanes); 16-bit
+        # inputs only: with float32 (IEEE dots on the FMA pipe, no wgmma layout) two GPU test cases at 16 heads per
+        # group never finished on an H200 (session 17, not diagnosed), so float32 keeps the group matmul
+        sum_regs = head_sum == "regs" and meta["HS_PAD"] // m_split >= 2 and q.element_size() == 2
         _cmp_topk_dot_kernel[grid](*args, id_bits, BLOCK_T=block_t, P_FP16=q.dtype != torch.float32,
                                    SKIP=cfg.get("skip", True), EXP2=resolve_mode(cfg.get("exp2", "mufu"), q.device),
                                    KEY32=key32, M_SPLIT=m_split, COUNTED=cfg.get("counted", False),
