@@ -4,6 +4,7 @@
 # to float16 for the group matmul (ptxas sm_90: 96 registers, 0 F2FP, no spill). Compressed forward pv "tf32":
 # P·V in tf32 against a float32 copy of the compressed values (F2FP 72 → 8). A/B interleaved in one process, v1.1
 # and v1.0 layouts at N = 134k, against the defaults, with register caps around each.
+# The pv option lived only in that call's working tree: 3.3x slower, removed (ssa_NVIDIA_H200.md, session 17).
 source scripts/gpu/_prelude.sh
 python3 scripts/gpu/ssa_ab.py --layouts $L --rounds 3 --kernels cmp,topk --variants '{"base": {},
   "regs": {"topk": {"head_sum": "regs"}}, "regs88": {"topk": {"head_sum": "regs", "maxnreg": 88}},

@@ -3,6 +3,7 @@
 # and window forwards, against the rounding conversion (F2FP on the exponential's pipe; ptxas sm_90, compressed
 # forward: F2FP 72 → 40, PRMT + 32). The top-k's in-register head sum again, register caps 80-96. A/B interleaved
 # in one process, v1.1 at N = 134k; then the GPU tests of both options.
+# The p_cast option lived only in that call's working tree: no gain, removed (ssa_NVIDIA_H200.md, session 17).
 source scripts/gpu/_prelude.sh
 python3 scripts/gpu/ssa_ab.py --layouts $L --rounds 3 --kernels cmp,topk,slc,win --variants '{"base": {},
   "trunc": {"cmp": {"p_cast": "trunc"}, "slc": {"p_cast": "trunc"}, "win": {"p_cast": "trunc"}},

@@ -31,9 +31,10 @@ every pass streams them all.
   many lists (``_topk_insert_lists``; at BLOCK_J / 2 a list holds the two rows of a tile that one thread holds, so
   an insertion round stays in registers), merged once at the end: 1.94 ms. v1.0's (``topk_seg``: m_cmp < m_slc)
   sums each selection block's compression blocks by a matmul with a 0/1 matrix, in float16 for 16-bit inputs:
-  10.6 ms against 18.0 with session 15's tf32x3 sum and int64 keys. ``head_sum: "regs"`` (both defaults): the
-  query rows of a chunk ordered so that every thread's accumulator registers hold all the chunk's heads of its
-  tokens (``_token_rows_lanes``), summed there in float32 instead of by the group matmul: v1.1 1.74 ms, v1.0 8.74.
+  10.6 ms against 18.0 with session 15's tf32x3 sum and int64 keys. ``head_sum: "regs"`` (both defaults; 16-bit
+  inputs): the query rows of a chunk ordered so that every thread's accumulator registers hold all the chunk's
+  heads of its tokens (``_token_rows_lanes``), summed there in float32 instead of by the group matmul: v1.1 1.74
+  ms, v1.0 8.74.
 - ``_cmp_bwd_dq_kernel`` / ``_cmp_bwd_dkdv_kernel``: FlashAttention-2 style backward. dK/dV split the sample's
   queries into ``n_chunks`` chunks (enough programs to fill the GPU although NBc is small) and write per-chunk
   partial sums that are added in a fixed order afterwards: deterministic, no atomics.
