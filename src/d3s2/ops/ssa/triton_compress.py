@@ -807,10 +807,10 @@ def cmp_select_topk(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, lay
         lists = min(cfg.get("lists", 1), cfg["BLOCK_J"] // 2)
         if cfg.get("skip", True) or not cfg.get("counted", False):
             lists = 1
-        if not (key32 and _paper_heads(meta)):
+        tuned = key32 and _paper_heads(meta)
+        if not tuned:
             lists = 1
-            common.pop("maxnreg", None)
-        if q.element_size() != 2:  # float32 (IEEE dots on the FMA pipe) spills 300+ bytes at the 16-bit cap
+        if not (tuned and q.element_size() == 2):  # float32 (IEEE dots, FMA pipe) spills 300+ bytes at the cap
             common.pop("maxnreg", None)
         if lists > 1 and (cfg["BLOCK_J"] % lists or (lists == cfg["BLOCK_J"] // 2 and cfg["BLOCK_J"] % 16)):
             raise ValueError(f"expected lists dividing BLOCK_J (lists = BLOCK_J / 2: BLOCK_J a multiple of 16) in "
