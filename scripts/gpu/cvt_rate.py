@@ -4,7 +4,8 @@ thread, 16 warps per SM of independent work), timed by do_bench; prints one JSON
 instruction counts of its loop and the rate in values per clock per SM at the clock read from nvidia-smi.
 
 Modes: ``ex2`` (exp2 + add), ``ex2+cvt`` (+ the conversion and back), ``ex2+alu`` (+ the integer rounding of
-``to_bf16_alu`` and back), ``cvt`` and ``alu`` alone. Usage (device): ``python3 scripts/gpu/cvt_rate.py``
+``to_bf16_alu`` and back), ``cvt`` and ``alu`` alone, ``ex2.f16`` (the half-precision exponential
+``ex2.approx.f16x2``, which ptxas splits into two ``MUFU.EX2.F16``: is that op faster than the float32 one?). Usage (device): ``python3 scripts/gpu/cvt_rate.py``
 """
 
 import json
@@ -16,7 +17,7 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
-MODES = ("ex2", "ex2+cvt", "ex2+alu", "cvt", "alu")
+MODES = ("ex2", "ex2+cvt", "ex2+alu", "cvt", "alu", "ex2.f16")
 
 
 @triton.jit
@@ -38,6 +39,9 @@ def _rate_kernel(X, OUT, ITERS: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.cons
             y = tl.exp2(x).to(tl.bfloat16).to(tl.float32)
         elif MODE == "ex2+alu":
             y = to_bf16_alu(tl.exp2(x)).to(tl.float32)
+        elif MODE == "ex2.f16":
+            y = tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)], dtype=tl.float16,
+                                          is_pure=True, pack=2).to(tl.float32)
         elif MODE == "cvt":
             y = x.to(tl.bfloat16).to(tl.float32)
         else:
@@ -58,7 +62,7 @@ def main() -> None:
         k = _rate_kernel[(programs,)](x, out, ITERS=iters, MODE=mode, BLOCK=block, num_warps=4)
         ptx = k.asm["ptx"]
         counts = {op: len(re.findall(re.escape(op), ptx)) for op in ("ex2.approx", "cvt.rn.bf16x2.f32", "prmt.b32",
-                                                                    "cvt.rn.bf16.f32")}
+                                                                    "cvt.rn.bf16.f32", "cvt.rn.f16x2.f32")}
         ms = do_bench(lambda m=mode: _rate_kernel[(programs,)](x, out, ITERS=iters, MODE=m, BLOCK=block,
                                                               num_warps=4), rep=200, return_mode="median")
         clock = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm", "--format=csv,noheader,nounits"],

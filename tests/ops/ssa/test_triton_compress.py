@@ -178,22 +178,23 @@ def test_topk_key32_split_rows_match_reference(case, dtype, m_split, lse_dot, mo
 
 @pytest.mark.parametrize("m_cmp,m_slc", [(2, 4), (4, 4)])
 def test_topk_lists_match_one_list(m_cmp, m_slc, monkeypatch):
-    """Top-k kept in several lists per token (4 of 4 rows, or 8 of the 2 rows one thread holds) and merged at the
-    end: exactly the blocks of the single list (the lists' union holds every token's best blocks). Lists run where
-    they are tuned (int32 keys, D <= 32, 16 heads per group)."""
+    """Top-k kept in several lists per token (4 of 4 rows, or 8 of the 2 rows one thread holds, with rounds counted
+    over the tile or always two) and merged at the end: exactly the blocks of the single list (the lists' union
+    holds every token's best blocks). Lists run where they are tuned (int32 keys, D <= 32, 16 heads per group)."""
     sizes, res, hq, hkv, d, topk = [37, 1, 70], 16, 16, 1, 16, 3
     x = random_batch(sizes, res, seed=res + d + 13)
     layout = layout_for(x.to(DEV), m_cmp, m_slc, m_slc, 0)
     q, _, _, k_cmp, v_cmp, _ = make_inputs(x, layout, hq, hkv, d, seed=d + 13, device=DEV)
     _, lse = tc.cmp_attention_fwd(q, k_cmp, v_cmp, layout, d**-0.5)
     got = {}
-    for lists in (1, 4, 8):
+    for lists, fixed in ((1, False), (4, False), (8, False), (8, True)):
         for key in ("topk", "topk_seg"):
             monkeypatch.setitem(tc.CONFIG, key, {**tc.CONFIG[key], "variant": "dot", "key32": True, "rows": 64,
-                                                 "counted": True, "skip": False, "BLOCK_J": 16, "lists": lists})
-        got[lists] = tc.cmp_select_topk(q, k_cmp, lse, layout, topk, d**-0.5)
-    assert torch.equal(got[4], got[1]) and torch.equal(got[8], got[1])
-    assert bool((got[1] >= 0).any())
+                                                 "counted": True, "skip": False, "BLOCK_J": 16, "lists": lists,
+                                                 "fixed_rounds": fixed})
+        got[lists, fixed] = tc.cmp_select_topk(q, k_cmp, lse, layout, topk, d**-0.5)
+    assert all(torch.equal(got[key], got[1, False]) for key in got)
+    assert bool((got[1, False] >= 0).any())
 
 
 @pytest.mark.parametrize("m_cmp,m_slc,hq,hkv,m_split,lists", [
@@ -276,11 +277,12 @@ def test_topk_default_falls_back_to_int64_keys(monkeypatch):
     assert launched == [False]
 
 
-@pytest.mark.parametrize("shift,rowsum,case", [("bound", "reduce", 3), ("bound", "dot", 1), ("online", "reduce", 3)])
+@pytest.mark.parametrize("shift,rowsum,case", [("bound", "reduce", 3), ("bound", "dot", 1), ("online", "reduce", 3),
+                                                ("bound", "lanes", 3), ("online", "lanes", 1)])
 def test_forward_shift_modes_match_reference(shift, rowsum, case, monkeypatch):
     """The compressed forward with a fixed per-row softmax shift (|q| · the sample's largest key norm, no running
-    max; row sums by per-row adds or on the tensor cores) or the online softmax: output, LSE, top-k and every
-    gradient."""
+    max; row sums by per-row adds, per-lane partials or on the tensor cores) or the online softmax: output, LSE,
+    top-k and every gradient."""
     monkeypatch.setitem(tc.CONFIG, "fwd", {**tc.CONFIG["fwd"], "shift": shift, "rowsum": rowsum, "BLOCK_C": 16})
     check_forward_topk_grads(*CASES[case], seed=9, o_tol=(2e-5, 1e-4), lse_tol=(2e-5, 1e-5), topk_rtol=1e-4,
                              grad_tol=(5e-5, 1e-4))

@@ -57,15 +57,17 @@ LOG2E = 1.4426950408889634
 # +2 %, mix +21 %, poly +32 %), 64-key chunks with a 16-key tail +34 %.
 # shift: "online" (running max, rescaled sums), "bound" (a fixed per-row shift from |q| and the block's largest
 # key norm: no max, no rescaling) or "first" (fixed at each row's largest logit of the block's first key chunk: no
-# norms, no key-norm pass; with split); rowsum (fixed shifts): "reduce" (per-row adds) or "dot" (P · ones on the
-# tensor cores, in the P·V pass); maxnreg (optional): registers per thread capped (ptxas), for more CTAs per SM;
-# tile_table: each tile's rows and key range from one row of a per-tile table (fewer dependent loads per tile).
+# norms, no key-norm pass; with split); rowsum: "reduce" (per-row adds, each chunk's row sums finished across the
+# four lanes of a quad by shuffles), "lanes" (per-lane partial row sums, finished once after the key loop:
+# ``lane_row_sums``) or, with a fixed shift, "dot" (P · ones on the tensor cores, in the P·V pass); maxnreg
+# (optional): registers per thread capped (ptxas), for more CTAs per SM; tile_table: each tile's rows and key range
+# from one row of a per-tile table (fewer dependent loads per tile).
 # H200, N = 134k, selection forward (session 6, ms): online 4.77; bound + dot 5.29 (149 registers per thread: 3 CTAs
 # per SM); bound + reduce 4.61-4.64 (122: 4 CTAs), with registers capped at 96 (5 CTAs, no spill in the loop) 4.45;
 # + 16-key tails 4.54; 16-key chunks 5.14; + the tile table 4.44 (a wash). Session 15 (interleaved, 4 rounds):
 # first 4.109-4.134 against bound 4.181-4.208 (this default; the window: first 0.649-0.652 against online 0.617-0.622)
 FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True,
-              "TAIL_N": None, "shift": "first", "rowsum": "reduce", "tile_table": False, "maxnreg": 96}
+              "TAIL_N": None, "shift": "first", "rowsum": "lanes", "tile_table": False, "maxnreg": 96}
 # Window attention's forward (S = 1: outputs written directly); None: FWD_CONFIG. H200, N = 134k, 8³ windows
 # (bench_ssa.py --sweep win, session 5): BLOCK_M 64 0.682 ms against FWD_CONFIG's 0.732 (2 stages 0.713, BLOCK_M 64
 # with 2 warps 0.712, BLOCK_M 256 0.915).
@@ -178,14 +180,13 @@ def _tile_table_kernel(TABLE, CUM, LIST_START, LIST_COUNT, BLOCK_OFF, NB, PER_TI
 @triton.jit
 def _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV: tl.constexpr, D: tl.constexpr,
                BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, EXP2: tl.constexpr, MASK: tl.constexpr,
-               BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr):
+               BOUND: tl.constexpr, ROWSUM: tl.constexpr):
     """One softmax step over keys [start, start + BLOCK_N); MASK: the chunk may run past ``k_hi``.
 
     Online (BOUND False): the scale is folded into the exponent's FMA (max taken over raw logits: the scale is
-    positive). BOUND: ``m_i`` is a fixed per-row shift (no max, no rescaling); ROWSUM_DOT: ``l_i`` is a
-    [BLOCK_M, 16] accumulator of ``P · ones`` (row sums on the tensor cores)."""
+    positive). BOUND: ``m_i`` is a fixed per-row shift (no max, no rescaling); ROWSUM: see ``softmax_update``."""
     s, vv = _chunk_logits(q, K, V, start, k_hi, g, d, d_ok, HKV, D, BLOCK_N, DOT_PREC, MASK)
-    return softmax_update(s, vv, m_i, l_i, acc, scale_log2, DOT_PREC, EXP2, BOUND, ROWSUM_DOT)
+    return softmax_update(s, vv, m_i, l_i, acc, scale_log2, DOT_PREC, EXP2, BOUND, ROWSUM)
 
 
 @triton.jit
@@ -210,21 +211,64 @@ def _chunk_logits(q, K, V, start, k_hi, g, d, d_ok, HKV: tl.constexpr, D: tl.con
     return s, vv
 
 
+def rowsum_mode(cfg: dict, fixed_shift: bool) -> str:
+    """The ``ROWSUM`` constexpr of a forward launch from its config's "rowsum" ("dot" needs a fixed shift: the online
+    softmax falls back to "reduce")."""
+    rowsum = cfg.get("rowsum", "reduce")
+    if rowsum not in ("reduce", "lanes", "dot"):
+        raise ValueError(f"expected rowsum 'reduce', 'lanes' or 'dot' in the attention config, got {rowsum!r}")
+    return "reduce" if rowsum == "dot" and not fixed_shift else rowsum
+
+
+@triton.jit
+def lane_row_sums(p):
+    """[M, 4] partial row sums of ``p`` [M, N] (N a multiple of 8): entry (r, c) sums the columns 8i + 2c + e, which
+    lane c of a quad holds in the wgmma accumulator, so the sums stay in each thread's registers (no shuffle).
+    ``tl.sum(·, 1)`` of the accumulated partials, once after the key loop, gives the row sums."""
+    p4 = tl.reshape(p, [p.shape[0], p.shape[1] // 8, 4, 2])
+    return tl.sum(tl.sum(p4, 3), 1)
+
+
+@triton.jit
+def rowsum_init(BLOCK_M: tl.constexpr, ROWSUM: tl.constexpr):
+    """Zero row sums in ``softmax_update``'s form for ROWSUM: [BLOCK_M], or [BLOCK_M, 4] lane partials ("lanes"),
+    or an [BLOCK_M, 16] ``P · ones`` accumulator ("dot")."""
+    if ROWSUM == "dot":
+        return tl.zeros([BLOCK_M, 16], tl.float32)
+    elif ROWSUM == "lanes":
+        return tl.zeros([BLOCK_M, 4], tl.float32)
+    else:
+        return tl.zeros([BLOCK_M], tl.float32)
+
+
+@triton.jit
+def rowsum_total(l_i, ROWSUM: tl.constexpr):
+    """[BLOCK_M] row sums from ``softmax_update``'s accumulated ``l_i``."""
+    if ROWSUM == "reduce":
+        return l_i
+    else:
+        return tl.sum(l_i, 1)
+
+
 @triton.jit
 def softmax_update(s, v, m_i, l_i, acc, scale_log2, DOT_PREC: tl.constexpr, EXP2: tl.constexpr,
-                   BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr):
+                   BOUND: tl.constexpr, ROWSUM: tl.constexpr):
     """Fold one tile of raw logits ``s`` [M, N] and values ``v`` [N, D] into ``(m_i, l_i, acc)``; shared by the
     selection / window forwards and the compressed forward (d3s2.ops.ssa).
 
     Online (BOUND False): running max, the scale (> 0) folded into the exponent's FMA. BOUND: ``m_i`` is a fixed
-    per-row shift ≥ every scaled logit (no max, no rescaling); ROWSUM_DOT: ``l_i`` is an [M, 16] accumulator of
-    ``P · ones`` (ones in column 0: the row sums on the tensor cores)."""
+    per-row shift ≥ every scaled logit (no max, no rescaling). ROWSUM (``rowsum_init`` makes ``l_i``): "reduce",
+    [M] row sums; "lanes", [M, 4] per-lane partial sums (``lane_row_sums``: no shuffles in the loop); "dot" (BOUND
+    only), an [M, 16] accumulator of ``P · ones`` (ones in column 0: the row sums on the tensor cores).
+    ``rowsum_total`` turns ``l_i`` into row sums."""
     if BOUND:
         p = exp2(s * scale_log2 - m_i[:, None], EXP2)
         pv = p.to(v.dtype)
-        if ROWSUM_DOT:
+        if ROWSUM == "dot":
             ones = tl.where(tl.arange(0, 16)[None, :] == 0, 1.0, 0.0) + tl.zeros([v.shape[0], 16], tl.float32)
             l_i = tl.dot(pv, ones.to(pv.dtype), l_i, input_precision=DOT_PREC)
+        elif ROWSUM == "lanes":
+            l_i = l_i + lane_row_sums(p)
         else:
             l_i = l_i + tl.sum(p, 1)
         acc = tl.dot(pv, v, acc, input_precision=DOT_PREC)
@@ -232,7 +276,10 @@ def softmax_update(s, v, m_i, l_i, acc, scale_log2, DOT_PREC: tl.constexpr, EXP2
         m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
         alpha = tl.exp2(m_i - m_new)
         p = exp2(s * scale_log2 - m_new[:, None], EXP2)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        if ROWSUM == "lanes":
+            l_i = l_i * alpha[:, None] + lane_row_sums(p)
+        else:
+            l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
     return m_i, l_i, acc
@@ -241,7 +288,7 @@ def softmax_update(s, v, m_i, l_i, acc, scale_log2, DOT_PREC: tl.constexpr, EXP2
 @triton.jit
 def _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV: tl.constexpr, D: tl.constexpr,
               BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, EXP2: tl.constexpr, SPLIT: tl.constexpr,
-              TAIL_N: tl.constexpr, BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr, FIRST: tl.constexpr):
+              TAIL_N: tl.constexpr, BOUND: tl.constexpr, ROWSUM: tl.constexpr, FIRST: tl.constexpr):
     """Every key of the block [k_lo, k_hi); SPLIT: whole ``BLOCK_N`` chunks unmasked, the rest in ``TAIL_N``.
 
     FIRST (with BOUND and SPLIT): the fixed shift ``m_i`` is each row's largest scaled logit of the block's first
@@ -255,20 +302,20 @@ def _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV: t
             s, vv = _chunk_logits(q, K, V, k_lo, k_hi, g, d, d_ok, HKV, D, BLOCK_N, DOT_PREC, True)
         m_i = tl.max(s, 1) * scale_log2
         m_i = tl.where(m_i == float("-inf"), 0.0, m_i)
-        m_i, l_i, acc = softmax_update(s, vv, m_i, l_i, acc, scale_log2, DOT_PREC, EXP2, True, ROWSUM_DOT)
+        m_i, l_i, acc = softmax_update(s, vv, m_i, l_i, acc, scale_log2, DOT_PREC, EXP2, True, ROWSUM)
         k_next = k_lo + BLOCK_N
     if SPLIT:
         k_full = k_lo + (k_hi - k_lo) // BLOCK_N * BLOCK_N
         for start in range(k_next, k_full, BLOCK_N):
             m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV, D,
-                                       BLOCK_N, DOT_PREC, EXP2, False, BOUND, ROWSUM_DOT)
+                                       BLOCK_N, DOT_PREC, EXP2, False, BOUND, ROWSUM)
         for start in range(tl.maximum(k_full, k_next), k_hi, TAIL_N):
             m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV, D,
-                                       TAIL_N, DOT_PREC, EXP2, True, BOUND, ROWSUM_DOT)
+                                       TAIL_N, DOT_PREC, EXP2, True, BOUND, ROWSUM)
     else:
         for start in range(k_next, k_hi, BLOCK_N):
             m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV, D,
-                                       BLOCK_N, DOT_PREC, EXP2, True, BOUND, ROWSUM_DOT)
+                                       BLOCK_N, DOT_PREC, EXP2, True, BOUND, ROWSUM)
     return m_i, l_i, acc
 
 
@@ -282,7 +329,7 @@ def block_attn_fwd_kernel(
     scale_log2, num_lists, NB,
     S: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, PART16: tl.constexpr,
-    EXP2: tl.constexpr, SPLIT: tl.constexpr, TAIL_N: tl.constexpr, BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr,
+    EXP2: tl.constexpr, SPLIT: tl.constexpr, TAIL_N: tl.constexpr, BOUND: tl.constexpr, ROWSUM: tl.constexpr,
     TILE_TABLE: tl.constexpr, FAST_LOG2: tl.constexpr, FIRST: tl.constexpr,
 ):
     """PART16: PO is int16 holding float16 bits, or bfloat16 bits where the flag ``PBIG[0]`` is set.
@@ -291,7 +338,7 @@ def block_attn_fwd_kernel(
     BOUND: each row's softmax shift is fixed before the key loop, ``scale_log2 · |q| · KMAX[b, g]`` (KMAX: the
     block's largest key norm per kv head; by Cauchy–Schwarz no scaled logit exceeds it): no running max, no
     rescaling. A tile with a row whose sum stays below 2⁻⁶⁴ (the bound more than 64 binades above the row's
-    largest logit) reruns with the online softmax. ROWSUM_DOT: see ``_fwd_chunk``. TILE_TABLE: the tile's rows
+    largest logit) reruns with the online softmax. ROWSUM: see ``softmax_update``. TILE_TABLE: the tile's rows
     and key range from one row of ``TABLE`` (``_table_rows``) instead of the list tables. FAST_LOG2: the LSE's log2
     by the MUFU approximation (:func:`d3s2.ops._exp2.log2`). FIRST (with BOUND): the shift is each row's largest
     logit of the block's first key chunk instead (``_fwd_keys``; no KMAX, no |q|); a tile whose row sums overflow
@@ -320,15 +367,9 @@ def block_attn_fwd_kernel(
             else:
                 qf = q.to(tl.float32)
                 m_i = tl.sqrt(tl.sum(qf * qf, 1)) * shift_scale
-            if ROWSUM_DOT:
-                l_d = tl.zeros([BLOCK_M, 16], tl.float32)
-                m_i, l_d, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_d, acc, scale_log2, HKV, D,
-                                          BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, True, True, FIRST)
-                l_i = tl.sum(l_d, 1)
-            else:
-                l_i = tl.zeros([BLOCK_M], tl.float32)
-                m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV, D,
-                                          BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, True, False, FIRST)
+            m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, rowsum_init(BLOCK_M, ROWSUM), acc,
+                                      scale_log2, HKV, D, BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, True, ROWSUM, FIRST)
+            l_i = rowsum_total(l_i, ROWSUM)
             if FIRST:  # sums ≥ 1: only an overflow (inf) can spoil them
                 rerun = tl.max(tl.where(row_ok, l_i, 0.0), 0) > 1e38
             else:  # a sum below 2^-64: the bound far above the row's logits (rare)
@@ -338,12 +379,12 @@ def block_attn_fwd_kernel(
                 l_i = tl.zeros([BLOCK_M], tl.float32)
                 acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
                 m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV, D,
-                                          BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, False, False, False)
+                                          BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, False, "reduce", False)
         else:
-            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-            m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV, D,
-                                      BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, False, False, False)
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # ROWSUM is not "dot" here (``rowsum_mode``)
+            m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, rowsum_init(BLOCK_M, ROWSUM), acc,
+                                      scale_log2, HKV, D, BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, False, ROWSUM, False)
+            l_i = rowsum_total(l_i, ROWSUM)
         has = l_i > 0  # an empty block gives no keys: partial o 0, lse -inf
         l_safe = tl.where(has, l_i, 1.0)
         o = acc * (1.0 / l_safe)[:, None]  # one reciprocal per row, not a division per element
@@ -907,6 +948,7 @@ def block_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offs
     if shift == "first" and not cfg["split"]:
         shift = "bound"  # the first chunk's shift is set up for the split key loop
     kmax = segment_max_norm(k, block_offsets) if shift == "bound" else lse
+    rowsum = rowsum_mode(cfg, shift != "online")
     if check_v:
         _flag_big_values(v, big)
     block_attn_fwd_kernel[(bound,)](
@@ -914,7 +956,7 @@ def block_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offs
         kmax, table, scale * LOG2E, num_lists, plan.num_blocks, S=s, HKV=hkv, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
         PART16=part16, EXP2=resolve_mode(cfg["exp2"], q.device), SPLIT=cfg["split"],
         BOUND=shift in ("bound", "first"), FIRST=shift == "first",
-        ROWSUM_DOT=shift != "online" and cfg.get("rowsum", "reduce") == "dot", TILE_TABLE=cfg.get("tile_table", False),
+        ROWSUM=rowsum, TILE_TABLE=cfg.get("tile_table", False),
         FAST_LOG2=fast_math(q.device), TAIL_N=min(cfg["TAIL_N"] or cfg["BLOCK_N"], cfg["BLOCK_N"]),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **max_registers(cfg, q.device), **meta)
     if block_idx is not None:

@@ -52,7 +52,15 @@ import triton
 import triton.language as tl
 
 from .._exp2 import exp2, fast_math, log2, resolve_mode
-from ..block_attn.triton import max_registers, row_dot, segment_max_norm, softmax_update
+from ..block_attn.triton import (
+    max_registers,
+    row_dot,
+    rowsum_init,
+    rowsum_mode,
+    rowsum_total,
+    segment_max_norm,
+    softmax_update,
+)
 from .layout import SSALayout
 
 LOG2E = 1.4426950408889634
@@ -76,7 +84,7 @@ CONFIG = {
     # 1.738 against 1.844 ms (3 stages capped at 96: 1.820; 32-block tiles 1.916, capped at 80 1.863). The cap holds
     # for 16-bit inputs, D ≤ 32 and 16 heads per group only (other shapes: no cap)
     "fwd": {"rows": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2, "exp2": "mufu", "split": True,
-            "shift": "bound", "rowsum": "reduce", "maxnreg": 80},
+            "shift": "bound", "rowsum": "lanes", "maxnreg": 80},
     # top-k with m_cmp == m_slc ("topk") and m_cmp < m_slc ("topk_seg", one-hot segment sum over compression
     # blocks); variant "reshape": head sum by tl.reshape + tl.sum; "dot": transposed tiles, head sum by tl.dot
     # "skip": a float test per tile before the key insertion (dot variant); "key32": int32 keys (int64 otherwise),
@@ -106,7 +114,7 @@ CONFIG = {
     # 8.74 ms (cap 112: 8.82, uncapped 8.75)
     "topk": {"variant": "dot", "skip": False, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
              "num_stages": 3, "exp2": "mufu", "key32": True, "m_split": 4, "counted": True, "lse_dot": True,
-             "lists": 32, "head_sum": "regs", "maxnreg": 88},
+             "lists": 32, "fixed_rounds": True, "head_sum": "regs", "maxnreg": 88},
     "topk_seg": {"variant": "dot", "skip": False, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
                  "num_stages": 3, "exp2": "mufu", "key32": True, "m_split": 4, "counted": True, "lse_dot": True,
                  "head_sum": "regs", "maxnreg": 128},
@@ -139,12 +147,11 @@ def _load_rows(ptr, tok, head, offs_d, row_ok, d_ok, stride_n, stride_h):
 @triton.jit
 def _cmp_fwd_step(q, K, V, c_start, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i, l_i, acc, qk_scale,
                   DOT_PREC: tl.constexpr, EXP2: tl.constexpr, MASK: tl.constexpr, BOUND: tl.constexpr,
-                  ROWSUM_DOT: tl.constexpr):
+                  ROWSUM: tl.constexpr):
     """Softmax step over compressed blocks [c_start, c_start + BLOCK_C); MASK: the tile may pass ``c1``.
 
     BOUND: ``m_i`` is a fixed per-row shift ≥ every scaled logit of the row (no running max, no rescaling of
-    ``l_i`` and ``acc``); ROWSUM_DOT (with BOUND): ``l_i`` is a [BLOCK_M, 16] accumulator of ``P · ones`` (ones in
-    column 0), the row sums done by the P·V tensor-core pass instead of per-row adds and shuffles."""
+    ``l_i`` and ``acc``); ROWSUM: the row sums' form (``softmax_update``)."""
     cols = c_start + offs_c
     kv_off = cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :]
     if MASK:
@@ -157,26 +164,26 @@ def _cmp_fwd_step(q, K, V, c_start, c1, g, offs_c, offs_d, d_ok, stride_kn, stri
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_C], unscaled
     if MASK:
         s = tl.where(col_ok[None, :], s, float("-inf"))
-    return softmax_update(s, v, m_i, l_i, acc, qk_scale, DOT_PREC, EXP2, BOUND, ROWSUM_DOT)
+    return softmax_update(s, v, m_i, l_i, acc, qk_scale, DOT_PREC, EXP2, BOUND, ROWSUM)
 
 
 @triton.jit
 def _cmp_fwd_loop(q, K, V, c0, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i, l_i, acc, qk_scale,
                   BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr, EXP2: tl.constexpr, SPLIT: tl.constexpr,
-                  BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr):
+                  BOUND: tl.constexpr, ROWSUM: tl.constexpr):
     """All compressed blocks [c0, c1) of the sample; SPLIT: whole ``BLOCK_C`` tiles unmasked, the last one masked."""
     if SPLIT:
         c_full = c0 + (c1 - c0) // BLOCK_C * BLOCK_C
         for c_start in range(c0, c_full, BLOCK_C):
             m_i, l_i, acc = _cmp_fwd_step(q, K, V, c_start, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i,
-                                          l_i, acc, qk_scale, DOT_PREC, EXP2, False, BOUND, ROWSUM_DOT)
+                                          l_i, acc, qk_scale, DOT_PREC, EXP2, False, BOUND, ROWSUM)
         if c_full < c1:
             m_i, l_i, acc = _cmp_fwd_step(q, K, V, c_full, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i,
-                                          l_i, acc, qk_scale, DOT_PREC, EXP2, True, BOUND, ROWSUM_DOT)
+                                          l_i, acc, qk_scale, DOT_PREC, EXP2, True, BOUND, ROWSUM)
     else:
         for c_start in range(c0, c1, BLOCK_C):
             m_i, l_i, acc = _cmp_fwd_step(q, K, V, c_start, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i,
-                                          l_i, acc, qk_scale, DOT_PREC, EXP2, True, BOUND, ROWSUM_DOT)
+                                          l_i, acc, qk_scale, DOT_PREC, EXP2, True, BOUND, ROWSUM)
     return m_i, l_i, acc
 
 
@@ -186,7 +193,7 @@ def _cmp_fwd_kernel(Q, K, V, O, LSE, CU_SEQ, CU_CMP, KMAX,
                     qk_scale,
                     HQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, HS_PAD: tl.constexpr, D: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr,
-                    EXP2: tl.constexpr, SPLIT: tl.constexpr, BOUND: tl.constexpr, ROWSUM_DOT: tl.constexpr,
+                    EXP2: tl.constexpr, SPLIT: tl.constexpr, BOUND: tl.constexpr, ROWSUM: tl.constexpr,
                     FAST_LOG2: tl.constexpr):
     """SPLIT: whole ``BLOCK_C`` tiles of compressed blocks run unmasked, only the last partial one masked.
 
@@ -214,26 +221,22 @@ def _cmp_fwd_kernel(Q, K, V, O, LSE, CU_SEQ, CU_CMP, KMAX,
     if BOUND:
         qf = q.to(tl.float32)
         m_i = tl.sqrt(tl.sum(qf * qf, 1)) * (tl.load(KMAX + b * HKV + g) * qk_scale)
-        if ROWSUM_DOT:
-            l_d = tl.zeros([BLOCK_M, 16], tl.float32)
-            m_i, l_d, acc = _cmp_fwd_loop(q, K, V, c0, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i, l_d,
-                                          acc, qk_scale, BLOCK_C, DOT_PREC, EXP2, SPLIT, True, True)
-            l_i = tl.sum(l_d, 1)
-        else:
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-            m_i, l_i, acc = _cmp_fwd_loop(q, K, V, c0, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i, l_i,
-                                          acc, qk_scale, BLOCK_C, DOT_PREC, EXP2, SPLIT, True, False)
+        m_i, l_i, acc = _cmp_fwd_loop(q, K, V, c0, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i,
+                                      rowsum_init(BLOCK_M, ROWSUM), acc, qk_scale, BLOCK_C, DOT_PREC, EXP2, SPLIT,
+                                      True, ROWSUM)
+        l_i = rowsum_total(l_i, ROWSUM)
         if tl.min(tl.where(row_ok, l_i, 1.0), 0) < 5.421010862427522e-20:  # 2^-64: rare, see the docstring
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
             m_i, l_i, acc = _cmp_fwd_loop(q, K, V, c0, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i, l_i,
-                                          acc, qk_scale, BLOCK_C, DOT_PREC, EXP2, SPLIT, False, False)
+                                          acc, qk_scale, BLOCK_C, DOT_PREC, EXP2, SPLIT, False, "reduce")
     else:
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        m_i, l_i, acc = _cmp_fwd_loop(q, K, V, c0, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i, l_i, acc,
-                                      qk_scale, BLOCK_C, DOT_PREC, EXP2, SPLIT, False, False)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # ROWSUM is not "dot" here (``rowsum_mode``)
+        m_i, l_i, acc = _cmp_fwd_loop(q, K, V, c0, c1, g, offs_c, offs_d, d_ok, stride_kn, stride_kh, m_i,
+                                      rowsum_init(BLOCK_M, ROWSUM), acc, qk_scale, BLOCK_C, DOT_PREC, EXP2, SPLIT,
+                                      False, ROWSUM)
+        l_i = rowsum_total(l_i, ROWSUM)
     o = acc * (1.0 / l_i)[:, None]  # one reciprocal per row, not a division per element
     o_ptrs = O + tok.to(tl.int64)[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -368,13 +371,29 @@ def _topk_insert(best, score, jj, j_ok, s0, id_mask, NEG: tl.constexpr, KEY32: t
 
 
 @triton.jit
+def _lists_round(best, cand, t_min, NEG: tl.constexpr):
+    """One insertion round of ``_topk_insert_lists``: each list's best candidate replaces its weakest kept key when
+    it beats it. Returns (best, cand without that candidate, new weakest keys)."""
+    c_max = tl.max(cand, 1)
+    better = c_max > t_min
+    best = tl.where((best == t_min[:, None, :]) & better[:, None, :], c_max[:, None, :], best)
+    cand = tl.where(cand == c_max[:, None, :], NEG, cand)
+    return best, cand, tl.min(best, 1)
+
+
+@triton.jit
 def _topk_insert_lists(best, score, jj, j_ok, s0, id_mask, NEG: tl.constexpr, TOPK: tl.constexpr,
-                       LISTS: tl.constexpr):
-    """``_topk_insert`` (counted rounds, int32 keys) into LISTS independent lists ``best`` [LISTS, TOPK_PAD, BLOCK_T]
-    of every token. LISTS = BLOCK_J / 2: list (16-row group, r) takes rows r and r + 8 of the group, the two rows
-    that one thread holds in the transposed tile's layout, so a round's maxima and minima stay in registers (no
-    shuffle, no shared memory, no barrier); otherwise list w takes the rows w·BLOCK_J/LISTS … (w + 1)·BLOCK_J/LISTS.
-    The lists' union holds every token's top-k (each of its best blocks is among the best of its own list)."""
+                       LISTS: tl.constexpr, FIXED_ROUNDS: tl.constexpr):
+    """``_topk_insert`` (int32 keys) into LISTS independent lists ``best`` [LISTS, TOPK_PAD, BLOCK_T] of every
+    token. LISTS = BLOCK_J / 2: list (16-row group, r) takes rows r and r + 8 of the group, the two rows that one
+    thread holds in the transposed tile's layout, so a round's maxima and minima stay in registers (no shuffle, no
+    shared memory, no barrier); otherwise list w takes the rows w·BLOCK_J/LISTS … (w + 1)·BLOCK_J/LISTS.
+    The lists' union holds every token's top-k (each of its best blocks is among the best of its own list).
+
+    Rounds: as many as the most candidates of one list that beat its weakest key, counted over the whole tile (a
+    reduction across the warps: shared memory and two barriers), or with FIXED_ROUNDS (LISTS = BLOCK_J / 2 only)
+    always two, one per candidate of a list: no count, no barrier. With 32 lists of 8 keys almost every tile needs
+    both rounds anyway (a list sees ≈ 31 candidates per token over a sample of 994 blocks)."""
     BLOCK_J: tl.constexpr = score.shape[0]
     BLOCK_T: tl.constexpr = score.shape[1]
     key = (score.to(tl.int32, bitcast=True) & (-1 - id_mask)) | (id_mask - (jj - s0))[:, None]  # int32 keys only
@@ -386,13 +405,14 @@ def _topk_insert_lists(best, score, jj, j_ok, s0, id_mask, NEG: tl.constexpr, TO
     else:
         cand = tl.reshape(cand, [LISTS, BLOCK_J // LISTS, BLOCK_T])
     t_min = tl.min(best, 1)
-    n_beat = tl.minimum(tl.sum((cand > t_min[:, None, :]).to(tl.int32), 1), TOPK)
-    for _ in range(tl.max(tl.max(n_beat, 1), 0)):
-        c_max = tl.max(cand, 1)
-        better = c_max > t_min
-        best = tl.where((best == t_min[:, None, :]) & better[:, None, :], c_max[:, None, :], best)
-        cand = tl.where(cand == c_max[:, None, :], NEG, cand)
-        t_min = tl.min(best, 1)
+    if FIXED_ROUNDS:
+        tl.static_assert(LISTS == BLOCK_J // 2, "fixed rounds need two candidates per list")
+        for _ in tl.static_range(2):
+            best, cand, t_min = _lists_round(best, cand, t_min, NEG)
+    else:
+        n_beat = tl.minimum(tl.sum((cand > t_min[:, None, :]).to(tl.int32), 1), TOPK)
+        for _ in range(tl.max(tl.max(n_beat, 1), 0)):
+            best, cand, t_min = _lists_round(best, cand, t_min, NEG)
     return best
 
 
@@ -481,7 +501,7 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
                          ONE_CMP_PER_SLC: tl.constexpr, DOT_PREC: tl.constexpr, P_FP16: tl.constexpr,
                          SKIP: tl.constexpr, EXP2: tl.constexpr, KEY32: tl.constexpr, M_SPLIT: tl.constexpr,
                          COUNTED: tl.constexpr, LSE_DOT: tl.constexpr, LISTS: tl.constexpr,
-                         SUM_REGS: tl.constexpr):
+                         FIXED_ROUNDS: tl.constexpr, SUM_REGS: tl.constexpr):
     """Same result as ``_cmp_topk_kernel``, computed transposed: logits ``[blocks, rows]`` = K·Qᵀ, and the sum
     over the GQA group is a second tl.dot with a 0/1 ``[rows, tokens]`` matrix (probabilities in float16 for
     16-bit inputs: ≤ 2⁻¹¹ relative error per term), so the probabilities stay in the matmul register layout
@@ -588,7 +608,7 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
                 else:
                     thr = tl.where(t_min < 0, -1.0, (t_min >> 32).to(tl.int32).to(tl.float32, bitcast=True))
         elif LISTS > 1:
-            best = _topk_insert_lists(best, score, jj, j_ok, s0, id_mask, NEG, TOPK, LISTS)
+            best = _topk_insert_lists(best, score, jj, j_ok, s0, id_mask, NEG, TOPK, LISTS, FIXED_ROUNDS)
         else:
             best = _topk_insert(best, score, jj, j_ok, s0, id_mask, NEG, KEY32, COUNTED, TOPK)
 
@@ -762,7 +782,7 @@ def cmp_attention_fwd(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
                           q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), o.stride(0), o.stride(1),
                           scale * LOG2E, HKV=hkv, BLOCK_T=block_t, BLOCK_C=cfg["BLOCK_C"],
                           EXP2=resolve_mode(cfg.get("exp2", "mufu"), q.device), SPLIT=cfg.get("split", False),
-                          BOUND=bound, ROWSUM_DOT=bound and cfg.get("rowsum", "reduce") == "dot",
+                          BOUND=bound, ROWSUM=rowsum_mode(cfg, bound),
                           FAST_LOG2=fast_math(q.device),
                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                           **(max_registers(cfg, q.device) if tuned else {}), **meta)
@@ -826,6 +846,7 @@ def cmp_select_topk(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, lay
                                    SKIP=cfg.get("skip", True), EXP2=resolve_mode(cfg.get("exp2", "mufu"), q.device),
                                    KEY32=key32, M_SPLIT=m_split, COUNTED=cfg.get("counted", False),
                                    LSE_DOT=cfg.get("lse_dot", False), LISTS=lists, SUM_REGS=sum_regs,
+                                   FIXED_ROUNDS=cfg.get("fixed_rounds", False) and lists == cfg["BLOCK_J"] // 2,
                                    num_stages=stages, **common)
     else:
         # the one-hot segment sum is a tl.dot, whose M dimension must be >= 16
