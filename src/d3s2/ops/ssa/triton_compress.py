@@ -382,6 +382,14 @@ def _lists_round(best, cand, t_min, NEG: tl.constexpr):
 
 
 @triton.jit
+def _replace_weakest(best, t_min, c):
+    """Candidate ``c`` [LISTS, BLOCK_T] into its list's weakest slot when it beats that key (keys are distinct:
+    exactly one slot equals the minimum ``t_min``); returns (best, new minima)."""
+    best = tl.where(best == t_min[:, None, :], tl.maximum(c, t_min)[:, None, :], best)
+    return best, tl.min(best, 1)
+
+
+@triton.jit
 def _topk_insert_lists(best, score, jj, j_ok, s0, id_mask, NEG: tl.constexpr, TOPK: tl.constexpr,
                        LISTS: tl.constexpr, FIXED_ROUNDS: tl.constexpr):
     """``_topk_insert`` (int32 keys) into LISTS independent lists ``best`` [LISTS, TOPK_PAD, BLOCK_T] of every
@@ -407,8 +415,9 @@ def _topk_insert_lists(best, score, jj, j_ok, s0, id_mask, NEG: tl.constexpr, TO
     t_min = tl.min(best, 1)
     if FIXED_ROUNDS:
         tl.static_assert(LISTS == BLOCK_J // 2, "fixed rounds need two candidates per list")
-        for _ in tl.static_range(2):
-            best, cand, t_min = _lists_round(best, cand, t_min, NEG)
+        # the larger candidate, then the smaller
+        best, t_min = _replace_weakest(best, t_min, tl.max(cand, 1))
+        best, t_min = _replace_weakest(best, t_min, tl.min(cand, 1))
     else:
         n_beat = tl.minimum(tl.sum((cand > t_min[:, None, :]).to(tl.int32), 1), TOPK)
         for _ in range(tl.max(tl.max(n_beat, 1), 0)):
