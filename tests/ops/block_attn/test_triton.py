@@ -353,16 +353,17 @@ def test_forward_exp2_modes_and_split(mode, split, case, monkeypatch):
     torch.testing.assert_close(lse_t, lse_r, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("shift,rowsum,case,far", [("bound", "reduce", 1, ""), ("bound", "dot", 3, ""),
-                                                   ("bound", "dot", 2, "far"), ("first", "reduce", 2, ""),
-                                                   ("first", "dot", 3, ""), ("first", "reduce", 3, "over"),
-                                                   ("first", "lanes", 2, ""), ("bound", "lanes", 3, ""),
-                                                   ("online", "lanes", 1, ""), ("first", "lanes", 3, "over")])
-def test_forward_shift_modes(shift, rowsum, case, far, monkeypatch):
+@pytest.mark.parametrize("shift,rowsum,case,far,masked", [
+    ("bound", "reduce", 1, "", "last"), ("bound", "dot", 3, "", "last"), ("bound", "dot", 2, "far", "last"),
+    ("first", "reduce", 2, "", "last"), ("first", "dot", 3, "", "last"), ("first", "reduce", 3, "over", "last"),
+    ("first", "lanes", 2, "", "last"), ("bound", "lanes", 3, "", "last"), ("online", "lanes", 1, "", "last"),
+    ("first", "lanes", 3, "over", "last"), ("first", "lanes", 2, "", "first"), ("first", "dot", 3, "", "first"),
+    ("first", "reduce", 3, "over", "first")])
+def test_forward_shift_modes(shift, rowsum, case, far, masked, monkeypatch):
     """The forward with a fixed per-row softmax shift (|q| · the block's largest key norm, or each row's largest
-    logit of the block's first key chunk; no running max; row sums by per-row adds, per-lane partials or on the
-    tensor cores) or the online softmax: output, LSE and every gradient against the reference, for the selection
-    and the window.
+    logit of the block's first key chunk, that chunk whole or the block's masked remainder; no running max; row
+    sums by per-row adds, per-lane partials or on the tensor cores) or the online softmax: output, LSE and every
+    gradient against the reference, for the selection and the window.
     ``far``: one key per block of huge norm orthogonal to every query (the norm shift ~1000 binades above the
     logits, every probability would flush to 0); ``over``: the last key of each block, past the first 16-key chunk
     in blocks of 17 or more tokens, ~430 binades above every other logit (the first chunk's shift overflows): those
@@ -372,7 +373,7 @@ def test_forward_shift_modes(shift, rowsum, case, far, monkeypatch):
 
     for name in ("FWD_CONFIG", "WIN_FWD_CONFIG"):
         monkeypatch.setattr(kernels, name, {**kernels.FWD_CONFIG, "shift": shift, "rowsum": rowsum,
-                                            "BLOCK_N": 16, "TAIL_N": 16})
+                                            "BLOCK_N": 16, "TAIL_N": 16, "masked_chunk": masked})
     sizes, hq, hkv, d, s = CASES[case]
     off = ragged_offsets(sizes, DEV)
     n = int(off[-1])

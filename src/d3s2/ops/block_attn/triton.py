@@ -61,13 +61,19 @@ LOG2E = 1.4426950408889634
 # four lanes of a quad by shuffles), "lanes" (per-lane partial row sums, finished once after the key loop:
 # ``lane_row_sums``) or, with a fixed shift, "dot" (P · ones on the tensor cores, in the P·V pass); maxnreg
 # (optional): registers per thread capped (ptxas), for more CTAs per SM; tile_table: each tile's rows and key range
-# from one row of a per-tile table (fewer dependent loads per tile).
+# from one row of a per-tile table (fewer dependent loads per tile); masked_chunk (shift "first"): "last" (the first
+# chunk whole when the block has BLOCK_N keys, a masked tail) or "first" (the first chunk is the block's masked
+# remainder: one special chunk per block instead of two).
 # H200, N = 134k, selection forward (session 6, ms): online 4.77; bound + dot 5.29 (149 registers per thread: 3 CTAs
 # per SM); bound + reduce 4.61-4.64 (122: 4 CTAs), with registers capped at 96 (5 CTAs, no spill in the loop) 4.45;
 # + 16-key tails 4.54; 16-key chunks 5.14; + the tile table 4.44 (a wash). Session 15 (interleaved, 4 rounds):
 # first 4.109-4.134 against bound 4.181-4.208 (this default; the window: first 0.649-0.652 against online 0.617-0.622)
+# Session 18 (interleaved, scripts/gpu/ssa18.sh): rowsum "lanes" (ptxas sm_90: 204 → 191 instructions per key chunk,
+# no shuffle) 4.045-4.053 against 4.082-4.085 ms; the window with "lanes" 0.624-0.627 against 0.611-0.614 (its
+# online softmax converts the rescale factor between layouts: shuffles stay).
 FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True,
-              "TAIL_N": None, "shift": "first", "rowsum": "lanes", "tile_table": False, "maxnreg": 96}
+              "TAIL_N": None, "shift": "first", "rowsum": "lanes", "masked_chunk": "first", "tile_table": False,
+              "maxnreg": 96}
 # Window attention's forward (S = 1: outputs written directly); None: FWD_CONFIG. H200, N = 134k, 8³ windows
 # (bench_ssa.py --sweep win, session 5): BLOCK_M 64 0.682 ms against FWD_CONFIG's 0.732 (2 stages 0.713, BLOCK_M 64
 # with 2 warps 0.712, BLOCK_M 256 0.915).
@@ -288,13 +294,27 @@ def softmax_update(s, v, m_i, l_i, acc, scale_log2, DOT_PREC: tl.constexpr, EXP2
 @triton.jit
 def _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV: tl.constexpr, D: tl.constexpr,
               BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, EXP2: tl.constexpr, SPLIT: tl.constexpr,
-              TAIL_N: tl.constexpr, BOUND: tl.constexpr, ROWSUM: tl.constexpr, FIRST: tl.constexpr):
+              TAIL_N: tl.constexpr, BOUND: tl.constexpr, ROWSUM: tl.constexpr, FIRST: tl.constexpr,
+              MASK_FIRST: tl.constexpr = False):
     """Every key of the block [k_lo, k_hi); SPLIT: whole ``BLOCK_N`` chunks unmasked, the rest in ``TAIL_N``.
 
     FIRST (with BOUND and SPLIT): the fixed shift ``m_i`` is each row's largest scaled logit of the block's first
     chunk (0 for an empty block), set here: every row sum is then ≥ 1 (no underflow); later logits may exceed it
-    (probabilities > 1, exact in float32 up to 2¹²⁷: the caller reruns a tile whose sums overflow)."""
+    (probabilities > 1, exact in float32 up to 2¹²⁷: the caller reruns a tile whose sums overflow).
+    MASK_FIRST (with FIRST): the first chunk is the block's remainder, 1 … BLOCK_N keys masked, and every later
+    chunk whole: one masked chunk per block that also sets the shift, instead of a first chunk and a masked tail."""
     k_next = k_lo
+    if FIRST and MASK_FIRST:
+        k_len = k_hi - k_lo
+        first_end = tl.where(k_len > 0, k_hi - (k_len - 1) // BLOCK_N * BLOCK_N, k_hi)
+        s, vv = _chunk_logits(q, K, V, k_lo, first_end, g, d, d_ok, HKV, D, BLOCK_N, DOT_PREC, True)
+        m_i = tl.max(s, 1) * scale_log2
+        m_i = tl.where(m_i == float("-inf"), 0.0, m_i)
+        m_i, l_i, acc = softmax_update(s, vv, m_i, l_i, acc, scale_log2, DOT_PREC, EXP2, True, ROWSUM)
+        for start in range(first_end, k_hi, BLOCK_N):
+            m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV, D,
+                                       BLOCK_N, DOT_PREC, EXP2, False, BOUND, ROWSUM)
+        return m_i, l_i, acc
     if FIRST:
         if k_hi - k_lo >= BLOCK_N:
             s, vv = _chunk_logits(q, K, V, k_lo, k_hi, g, d, d_ok, HKV, D, BLOCK_N, DOT_PREC, False)
@@ -330,7 +350,7 @@ def block_attn_fwd_kernel(
     S: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, PART16: tl.constexpr,
     EXP2: tl.constexpr, SPLIT: tl.constexpr, TAIL_N: tl.constexpr, BOUND: tl.constexpr, ROWSUM: tl.constexpr,
-    TILE_TABLE: tl.constexpr, FAST_LOG2: tl.constexpr, FIRST: tl.constexpr,
+    TILE_TABLE: tl.constexpr, FAST_LOG2: tl.constexpr, FIRST: tl.constexpr, MASK_FIRST: tl.constexpr,
 ):
     """PART16: PO is int16 holding float16 bits, or bfloat16 bits where the flag ``PBIG[0]`` is set.
     EXP2: exp2 mode (:mod:`d3s2.ops._exp2`); SPLIT: the block's whole ``BLOCK_N``-key chunks run unmasked, the
@@ -342,7 +362,8 @@ def block_attn_fwd_kernel(
     and key range from one row of ``TABLE`` (``_table_rows``) instead of the list tables. FAST_LOG2: the LSE's log2
     by the MUFU approximation (:func:`d3s2.ops._exp2.log2`). FIRST (with BOUND): the shift is each row's largest
     logit of the block's first key chunk instead (``_fwd_keys``; no KMAX, no |q|); a tile whose row sums overflow
-    (a later logit more than 127 binades above it) reruns with the online softmax."""
+    (a later logit more than 127 binades above it) reruns with the online softmax. MASK_FIRST (with FIRST): that
+    first chunk is the block's masked remainder, every later one whole (``_fwd_keys``)."""
     t = tl.program_id(0)
     if TILE_TABLE:
         lst, g, b, ent, row_ok, head, k_lo, k_hi = _table_rows(TABLE, t, num_lists, NB, HKV, G, G_PAD, BLOCK_M)
@@ -368,7 +389,8 @@ def block_attn_fwd_kernel(
                 qf = q.to(tl.float32)
                 m_i = tl.sqrt(tl.sum(qf * qf, 1)) * shift_scale
             m_i, l_i, acc = _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, rowsum_init(BLOCK_M, ROWSUM), acc,
-                                      scale_log2, HKV, D, BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, True, ROWSUM, FIRST)
+                                      scale_log2, HKV, D, BLOCK_N, DOT_PREC, EXP2, SPLIT, TAIL_N, True, ROWSUM, FIRST,
+                                      MASK_FIRST)
             l_i = rowsum_total(l_i, ROWSUM)
             if FIRST:  # sums ≥ 1: only an overflow (inf) can spoil them
                 rerun = tl.max(tl.where(row_ok, l_i, 0.0), 0) > 1e38
@@ -957,6 +979,7 @@ def block_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offs
         PART16=part16, EXP2=resolve_mode(cfg["exp2"], q.device), SPLIT=cfg["split"],
         BOUND=shift in ("bound", "first"), FIRST=shift == "first",
         ROWSUM=rowsum, TILE_TABLE=cfg.get("tile_table", False),
+        MASK_FIRST=shift == "first" and cfg.get("masked_chunk", "last") == "first",
         FAST_LOG2=fast_math(q.device), TAIL_N=min(cfg["TAIL_N"] or cfg["BLOCK_N"], cfg["BLOCK_N"]),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **max_registers(cfg, q.device), **meta)
     if block_idx is not None:

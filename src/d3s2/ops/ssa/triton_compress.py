@@ -76,13 +76,16 @@ CONFIG = {
     # blocks is masked. H200, N = 134k (session 4 sweep): split 11 % faster (2 or 4 stages: +3 %, +1 %); FMA-pipe
     # exps slower in all three kernels (fwd mix4 +7 %, mix +20 %, poly +65 %; top-k mix4 +4 %, mix +12 %, poly +23 %)
     # "shift": "online" (running max) or "bound" (fixed per-row shift from |q| and the sample's largest compressed-key
-    # norm: no max, no rescaling); "rowsum" (with "bound"): "reduce" (per-row adds) or "dot" (P · ones, tensor cores);
+    # norm: no max, no rescaling); "rowsum": "reduce" (per-row adds and shuffles per tile), "lanes" (per-lane partial
+    # sums, finished after the loop) or with "bound" "dot" (P · ones, tensor cores);
     # "maxnreg" (optional, here and in the top-k configs): registers per thread capped (ptxas), more CTAs per SM
     # H200, N = 134k (session 6, ms): online 128 rows 1.95 (session 5's default); bound + dot 128 rows 2.11 (200
     # registers per thread), 64 rows 1.86-1.88; bound + reduce 64 rows 1.85 (this default), online 64 rows 2.00
     # Session 10: 2 stages with registers capped at 80 (ptxas sm_90: 126 → 80, no spill; 6 CTAs per SM instead of 4)
     # 1.738 against 1.844 ms (3 stages capped at 96: 1.820; 32-block tiles 1.916, capped at 80 1.863). The cap holds
     # for 16-bit inputs, D ≤ 32 and 16 heads per group only (other shapes: no cap)
+    # Session 18 (interleaved, scripts/gpu/ssa18.sh): rowsum "lanes" (ptxas sm_90: 212 → 204 instructions per key
+    # tile, no shuffle) 1.79-1.83 against 1.83-1.84 ms; v1.0 7.71-7.82 against 7.78-8.33
     "fwd": {"rows": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2, "exp2": "mufu", "split": True,
             "shift": "bound", "rowsum": "lanes", "maxnreg": 80},
     # top-k with m_cmp == m_slc ("topk") and m_cmp < m_slc ("topk_seg", one-hot segment sum over compression
@@ -112,12 +115,18 @@ CONFIG = {
     # its wait; ptxas sm_90 96 registers, no spill). Session 17 (H200, N = 134k, scripts/gpu/ssa17.sh, ssa17_2.sh):
     # v1.1 1.94 → 1.79 ms at the 96 cap, 1.74 at 88 (this default; 80: 1.74-1.78, uncapped 1.74); v1.0 10.64 →
     # 8.74 ms (cap 112: 8.82, uncapped 8.75)
+    # "fixed_rounds" (with lists = BLOCK_J / 2): two insertion rounds per key tile, no CTA-wide count of the rounds
+    # (its reduction through shared memory and two barriers per tile; 32 lists of 8 keys need both rounds on almost
+    # every tile anyway). ptxas sm_90, v1.1 key tile: 796 instructions and 3 barriers → 686 and 1. Session 18 (H200,
+    # N = 134k, interleaved: scripts/gpu/ssa18.sh, ssa18_2.sh): v1.1 1.72-1.74 → 1.55 ms at the 88 cap, 1.52-1.53 at
+    # 80 (this default: 6 CTAs per SM, 32 bytes of spill); v1.0 with 32 lists 8.68-8.70 → 8.24-8.26 ms (cap 112:
+    # 8.29-8.31)
     "topk": {"variant": "dot", "skip": False, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
              "num_stages": 3, "exp2": "mufu", "key32": True, "m_split": 4, "counted": True, "lse_dot": True,
-             "lists": 32, "fixed_rounds": True, "head_sum": "regs", "maxnreg": 88},
+             "lists": 32, "fixed_rounds": True, "head_sum": "regs", "maxnreg": 80},
     "topk_seg": {"variant": "dot", "skip": False, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
                  "num_stages": 3, "exp2": "mufu", "key32": True, "m_split": 4, "counted": True, "lse_dot": True,
-                 "head_sum": "regs", "maxnreg": 128},
+                 "lists": 32, "fixed_rounds": True, "head_sum": "regs", "maxnreg": 128},
     "bwd_dq": {"rows": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
     # Session 16 (H200, N = 134k, dQ + dK/dV + chunk sum; scripts/gpu/ssa16_3.sh, ssa16_4.sh): dK/dV stepping over
     # 32 query rows with 3 stages (ptxas sm_90: 92 registers, 5 CTAs per SM; 64 rows took 145, 3 CTAs) v1.1 6.24-6.30
