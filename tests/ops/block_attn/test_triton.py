@@ -406,6 +406,21 @@ def test_forward_shift_modes(shift, rowsum, case, far, masked, monkeypatch):
     _check_selection_and_window(q, k, v, off, idx, do)
 
 
+@pytest.mark.parametrize("key,value", [("rowsum", "lanez"), ("masked_chunk", "middle")])
+def test_forward_config_values_are_checked(key, value, monkeypatch):
+    """A misspelt row-sum form or masked-chunk place in the forward config fails with the values it accepts."""
+    from d3s2.ops.block_attn import triton as kernels
+
+    monkeypatch.setattr(kernels, "FWD_CONFIG", {**kernels.FWD_CONFIG, key: value})
+    sizes, hq, hkv, d, s = CASES[1]
+    off = ragged_offsets(sizes, DEV)
+    n = int(off[-1])
+    q, k, v = (t.detach() for t in _inputs(n, hq, hkv, d))
+    idx = random_selection(n, hkv, s, len(sizes), empty_frac=0.25).to(DEV)
+    with pytest.raises(ValueError, match=f"expected {key} .*got '{value}'"):
+        selection_attention(q, k, v, off, idx, scale=0.3, backend="triton")
+
+
 def test_float16_keeps_the_online_shift(monkeypatch):
     """float16 probabilities underflow below 2^-24 under a fixed shift far above a row's largest logit (15x the torch
     error on an H200 at D = 128), so a "bound" config runs the online softmax for float16 inputs: the same bits."""

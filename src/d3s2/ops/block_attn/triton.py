@@ -16,9 +16,10 @@ instead of once per query.
   no combine runs. The softmax shift is the online running max, or (``shift: "bound"``) fixed per row before the
   loop at ``scale · |q| · max ‖k‖`` over the block (``segment_max_norm``): no logit exceeds it (Cauchy–Schwarz),
   so nothing is rescaled; a tile whose row sum stays below 2⁻⁶⁴ reruns with the online softmax. With
-  ``shift: "first"`` (the selection's default) the fixed shift is each row's largest logit of the block's first key
-  chunk: every row sum is ≥ 1, no norms are needed, and a tile whose sums overflow (a later logit more than 127
-  binades above it) reruns with the online softmax.
+  ``shift: "first"`` (the selection's and the window's default) the fixed shift is each row's largest logit of the
+  block's first key chunk: every row sum is ≥ 1, no norms are needed, and a tile whose sums overflow (a later logit
+  more than 127 binades above it) reruns with the online softmax. By default that first chunk is the block's
+  masked remainder and every later chunk is whole (one special chunk per block).
 - Backward: Δ = rowsum(O·dO); dQ mirrors the forward (partial dQ per entry, then a sum over slots); dK/dV
   runs one program per (block key tile, kv head) that loops over the block's whole entry list, so each key
   row is written by exactly one program: deterministic, no atomics, no per-head replicated buffers. A long list
@@ -68,9 +69,10 @@ LOG2E = 1.4426950408889634
 # per SM); bound + reduce 4.61-4.64 (122: 4 CTAs), with registers capped at 96 (5 CTAs, no spill in the loop) 4.45;
 # + 16-key tails 4.54; 16-key chunks 5.14; + the tile table 4.44 (a wash). Session 15 (interleaved, 4 rounds):
 # first 4.109-4.134 against bound 4.181-4.208 (this default; the window: first 0.649-0.652 against online 0.617-0.622)
-# Session 18 (interleaved, scripts/gpu/ssa18.sh): rowsum "lanes" (ptxas sm_90: 204 → 191 instructions per key chunk,
-# no shuffle) 4.045-4.053 against 4.082-4.085 ms; the window with "lanes" 0.624-0.627 against 0.611-0.614 (its
-# online softmax converts the rescale factor between layouts: shuffles stay).
+# Session 18 (interleaved, scripts/gpu/ssa18.sh, ssa18_3.sh): rowsum "lanes" (ptxas sm_90: 204 → 191 instructions
+# per key chunk, no shuffle) 4.045-4.053 against 4.082-4.085 ms (the online window with "lanes": 0.624-0.627 against
+# 0.611-0.614, its rescale factor converted between layouts by shuffles); then masked_chunk "first" (1928 against
+# 2380 lines of SASS) 3.81-3.84 against 4.02-4.05 ms.
 FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu", "split": True,
               "TAIL_N": None, "shift": "first", "rowsum": "lanes", "masked_chunk": "first", "tile_table": False,
               "maxnreg": 96}
@@ -79,8 +81,12 @@ FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "e
 # with 2 warps 0.712, BLOCK_M 256 0.915).
 # Session 6: the window stays online (bound + dot 0.81, bound + reduce 0.73 against 0.68-0.72 ms: 66 registers, its
 # occupancy is not the limit); the tile table 0.672 against 0.682 and 16-key tails 0.676: within the spread.
+# Session 18 (interleaved, scripts/gpu/ssa18_4.sh): the selection's shift from the first chunk with that chunk the
+# window's masked remainder 0.589-0.594 ms, with per-lane row sums 0.581-0.582 (this default), against the online
+# softmax's 0.618-0.620 (session 15, with the masked chunk last: 0.649-0.652).
 WIN_FWD_CONFIG: dict | None = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu",
-                               "split": True, "TAIL_N": None, "shift": "online", "rowsum": "reduce"}
+                               "split": True, "TAIL_N": None, "shift": "first", "rowsum": "lanes",
+                               "masked_chunk": "first"}
 # Backward, shared by the selection and the window. H200, v1.1, N = 134k (session 16, scripts/gpu/ssa16_5.sh, autograd
 # backward incl. the partial-dQ sum and the chunk sums): dQ with 3 stages selection 11.76-11.83 against 12.06-12.12
 # ms, window 2.47 against 2.55; dK/dV on fewer query rows per step is slower despite the occupancy (ptxas sm_90: 252
@@ -971,6 +977,9 @@ def block_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offs
         shift = "bound"  # the first chunk's shift is set up for the split key loop
     kmax = segment_max_norm(k, block_offsets) if shift == "bound" else lse
     rowsum = rowsum_mode(cfg, shift != "online")
+    masked = cfg.get("masked_chunk", "last")
+    if masked not in ("first", "last"):
+        raise ValueError(f"expected masked_chunk 'first' or 'last' in the block attention config, got {masked!r}")
     if check_v:
         _flag_big_values(v, big)
     block_attn_fwd_kernel[(bound,)](
@@ -979,7 +988,7 @@ def block_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offs
         PART16=part16, EXP2=resolve_mode(cfg["exp2"], q.device), SPLIT=cfg["split"],
         BOUND=shift in ("bound", "first"), FIRST=shift == "first",
         ROWSUM=rowsum, TILE_TABLE=cfg.get("tile_table", False),
-        MASK_FIRST=shift == "first" and cfg.get("masked_chunk", "last") == "first",
+        MASK_FIRST=shift == "first" and masked == "first",
         FAST_LOG2=fast_math(q.device), TAIL_N=min(cfg["TAIL_N"] or cfg["BLOCK_N"], cfg["BLOCK_N"]),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **max_registers(cfg, q.device), **meta)
     if block_idx is not None:
