@@ -298,6 +298,15 @@ def softmax_update(s, v, m_i, l_i, acc, scale_log2, DOT_PREC: tl.constexpr, EXP2
 
 
 @triton.jit
+def _shift_from_chunk(s, vv, l_i, acc, scale_log2, DOT_PREC: tl.constexpr, EXP2: tl.constexpr, ROWSUM: tl.constexpr):
+    """The "first" shift: each row's largest scaled logit of chunk ``s`` (0 for a row with no key), then that chunk
+    folded into ``(l_i, acc)`` under it. Returns (shift, l_i, acc)."""
+    m_i = tl.max(s, 1) * scale_log2
+    m_i = tl.where(m_i == float("-inf"), 0.0, m_i)
+    return softmax_update(s, vv, m_i, l_i, acc, scale_log2, DOT_PREC, EXP2, True, ROWSUM)
+
+
+@triton.jit
 def _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV: tl.constexpr, D: tl.constexpr,
               BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, EXP2: tl.constexpr, SPLIT: tl.constexpr,
               TAIL_N: tl.constexpr, BOUND: tl.constexpr, ROWSUM: tl.constexpr, FIRST: tl.constexpr,
@@ -314,9 +323,7 @@ def _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV: t
         k_len = k_hi - k_lo
         first_end = tl.where(k_len > 0, k_hi - (k_len - 1) // BLOCK_N * BLOCK_N, k_hi)
         s, vv = _chunk_logits(q, K, V, k_lo, first_end, g, d, d_ok, HKV, D, BLOCK_N, DOT_PREC, True)
-        m_i = tl.max(s, 1) * scale_log2
-        m_i = tl.where(m_i == float("-inf"), 0.0, m_i)
-        m_i, l_i, acc = softmax_update(s, vv, m_i, l_i, acc, scale_log2, DOT_PREC, EXP2, True, ROWSUM)
+        m_i, l_i, acc = _shift_from_chunk(s, vv, l_i, acc, scale_log2, DOT_PREC, EXP2, ROWSUM)
         for start in range(first_end, k_hi, BLOCK_N):
             m_i, l_i, acc = _fwd_chunk(q, K, V, start, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV, D,
                                        BLOCK_N, DOT_PREC, EXP2, False, BOUND, ROWSUM)
@@ -326,9 +333,7 @@ def _fwd_keys(q, K, V, k_lo, k_hi, g, d, d_ok, m_i, l_i, acc, scale_log2, HKV: t
             s, vv = _chunk_logits(q, K, V, k_lo, k_hi, g, d, d_ok, HKV, D, BLOCK_N, DOT_PREC, False)
         else:
             s, vv = _chunk_logits(q, K, V, k_lo, k_hi, g, d, d_ok, HKV, D, BLOCK_N, DOT_PREC, True)
-        m_i = tl.max(s, 1) * scale_log2
-        m_i = tl.where(m_i == float("-inf"), 0.0, m_i)
-        m_i, l_i, acc = softmax_update(s, vv, m_i, l_i, acc, scale_log2, DOT_PREC, EXP2, True, ROWSUM)
+        m_i, l_i, acc = _shift_from_chunk(s, vv, l_i, acc, scale_log2, DOT_PREC, EXP2, ROWSUM)
         k_next = k_lo + BLOCK_N
     if SPLIT:
         k_full = k_lo + (k_hi - k_lo) // BLOCK_N * BLOCK_N
