@@ -421,6 +421,22 @@ def test_forward_config_values_are_checked(key, value, monkeypatch):
         selection_attention(q, k, v, off, idx, scale=0.3, backend="triton")
 
 
+def test_register_cap_follows_the_head_dim(monkeypatch):
+    """The window's register cap (64 at 8 warps) applies up to ``maxnreg_max_d`` only: ptxas cannot fit a 128-row
+    D = 128 accumulator in 64 registers. Wide heads also drop to one warpgroup of 64 rows."""
+    from d3s2.ops.block_attn import triton as kernels
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the cap is a CUDA launch option, never set under the interpreter
+    cuda = torch.device("cuda")
+    cfg = {"maxnreg": 64, "maxnreg_max_d": 32}
+    assert kernels.max_registers(cfg, cuda, 32) == {"maxnreg": 64}
+    assert kernels.max_registers(cfg, cuda, 128) == {}
+    assert kernels.max_registers({"maxnreg": 96}, cuda, 128) == {"maxnreg": 96}
+    assert kernels.max_registers(cfg, torch.device("cpu"), 32) == {}
+    wide = kernels._fit({"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8}, None, 128)
+    assert (wide["BLOCK_M"], wide["num_warps"]) == (64, 4)
+
+
 def test_float16_keeps_the_online_shift(monkeypatch):
     """float16 probabilities underflow below 2^-24 under a fixed shift far above a row's largest logit (15x the torch
     error on an H200 at D = 128), so a "bound" config runs the online softmax for float16 inputs: the same bits."""

@@ -84,9 +84,13 @@ FWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "e
 # Session 18 (interleaved, scripts/gpu/ssa18_4.sh): the selection's shift from the first chunk with that chunk the
 # window's masked remainder 0.589-0.594 ms, with per-lane row sums 0.581-0.582 (this default), against the online
 # softmax's 0.618-0.620 (session 15, with the masked chunk last: 0.649-0.652).
-WIN_FWD_CONFIG: dict | None = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "exp2": "mufu",
+# Session 19 (interleaved, scripts/gpu/ssa19_3.sh): 128-row tiles of two warpgroups (8 warps) capped at 64 registers
+# (4 CTAs, 32 warps per SM) 0.556-0.557 ms against 0.581-0.585 (8 warps at 80 or 96 registers: 0.63; the selection
+# at 8 warps: 4.20-5.85 against 3.83). "maxnreg_max_d": the cap only up to that head dim (ptxas cannot fit a
+# 128-row D = 128 accumulator in 64 registers).
+WIN_FWD_CONFIG: dict | None = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3, "exp2": "mufu",
                                "split": True, "TAIL_N": None, "shift": "first", "rowsum": "lanes",
-                               "masked_chunk": "first"}
+                               "masked_chunk": "first", "maxnreg": 64, "maxnreg_max_d": 32}
 # Backward, shared by the selection and the window. H200, v1.1, N = 134k (session 16, scripts/gpu/ssa16_5.sh, autograd
 # backward incl. the partial-dQ sum and the chunk sums): dQ with 3 stages selection 11.76-11.83 against 12.06-12.12
 # ms, window 2.47 against 2.55; dK/dV on fewer query rows per step is slower despite the occupancy (ptxas sm_90: 252
@@ -774,10 +778,12 @@ def window_plan(window_offsets: torch.Tensor, n: int, hkv: int) -> BlockAttnPlan
     return BlockAttnPlan(entry, start.to(torch.int32), count.to(torch.int32), 1, nw)
 
 
-def max_registers(cfg: dict, device: torch.device) -> dict:
-    """Launch option capping registers per thread (``cfg["maxnreg"]``: more resident CTAs per SM), for CUDA."""
+def max_registers(cfg: dict, device: torch.device, head_dim: int | None = None) -> dict:
+    """Launch option capping registers per thread (``cfg["maxnreg"]``: more resident CTAs per SM), for CUDA; with
+    ``cfg["maxnreg_max_d"]`` only for a (padded) ``head_dim`` up to that value."""
     if cfg.get("maxnreg") and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return {"maxnreg": cfg["maxnreg"]}
+        if head_dim is None or head_dim <= cfg.get("maxnreg_max_d", head_dim):
+            return {"maxnreg": cfg["maxnreg"]}
     return {}
 
 
@@ -865,10 +871,12 @@ def _block_m(cfg: dict, g_pad: int) -> int:
 
 
 def _fit(cfg: dict, user: dict | None, block_d: int) -> dict:
-    """Defaults shrunk for wide heads (fp32 accumulators of [BLOCK_M, D] tiles must fit in registers)."""
+    """Defaults shrunk for wide heads (fp32 accumulators of [BLOCK_M, D] tiles must fit in registers; 64 rows are
+    one warpgroup's)."""
     cfg = dict(cfg)
     if block_d > 64:
         cfg["BLOCK_M"], cfg["BLOCK_N"] = min(cfg["BLOCK_M"], 64), min(cfg["BLOCK_N"], 32)
+        cfg["num_warps"] = min(cfg["num_warps"], 4)
     return {**cfg, **(user or {})}
 
 
@@ -995,7 +1003,8 @@ def block_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_offs
         ROWSUM=rowsum, TILE_TABLE=cfg.get("tile_table", False),
         MASK_FIRST=shift == "first" and masked == "first",
         FAST_LOG2=fast_math(q.device), TAIL_N=min(cfg["TAIL_N"] or cfg["BLOCK_N"], cfg["BLOCK_N"]),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **max_registers(cfg, q.device), **meta)
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **max_registers(cfg, q.device, meta["BLOCK_D"]),
+        **meta)
     if block_idx is not None:
         _combine(po, plse, big, block_idx, o, lse, plan, meta, is_sum=False, part16=part16)
     return o, lse

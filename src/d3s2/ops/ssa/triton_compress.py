@@ -86,7 +86,11 @@ CONFIG = {
     # for 16-bit inputs, D ≤ 32 and 16 heads per group only (other shapes: no cap)
     # Session 18 (interleaved, scripts/gpu/ssa18.sh): rowsum "lanes" (ptxas sm_90: 212 → 204 instructions per key
     # tile, no shuffle) 1.79-1.83 against 1.83-1.84 ms; v1.0 7.71-7.82 against 7.78-8.33
-    "fwd": {"rows": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2, "exp2": "mufu", "split": True,
+    # Session 19 (interleaved, scripts/gpu/ssa19.sh, ssa19_2.sh): 128-row tiles of two warpgroups (8 warps, sharing
+    # each K/V tile; ptxas sm_90: 193 instructions per key tile against 203, no spill against 16 bytes) with 3 stages
+    # 1.72-1.73 against 1.74-1.84 ms (2 stages 1.78, 4 stages 1.74-1.75, 32-block tiles 1.87); v1.0 7.27-7.61 against
+    # 7.71-7.85. FMA-pipe exps (mix4) 1.99-2.01 against 1.80-1.83
+    "fwd": {"rows": 128, "BLOCK_C": 64, "num_warps": 8, "num_stages": 3, "exp2": "mufu", "split": True,
             "shift": "bound", "rowsum": "lanes", "maxnreg": 80},
     # top-k with m_cmp == m_slc ("topk") and m_cmp < m_slc ("topk_seg", one-hot segment sum over compression
     # blocks); variant "reshape": head sum by tl.reshape + tl.sum; "dot": transposed tiles, head sum by tl.dot
@@ -120,7 +124,10 @@ CONFIG = {
     # every tile anyway). ptxas sm_90, v1.1 key tile: 796 instructions and 3 barriers → 686 and 1. Session 18 (H200,
     # N = 134k, interleaved: scripts/gpu/ssa18.sh, ssa18_2.sh): v1.1 1.72-1.74 → 1.55 ms at the 88 cap, 1.52-1.53 at
     # 80 (this default: 6 CTAs per SM, 32 bytes of spill); v1.0 with 32 lists 8.68-8.70 → 8.24-8.26 ms (cap 112:
-    # 8.29-8.31)
+    # 8.29-8.31). Session 19 (scripts/gpu/ssa19.sh, ssa19_2.sh; not kept): each key tile's candidates inserted one
+    # tile later, so that the integer rounds can fill the next tile's matmul and exp latency (ptxas then interleaves
+    # them), 1.68 ms at the 80 cap (56 bytes of spill), 1.58 at 88, against 1.54; 128-block tiles of two warpgroups
+    # (64 lists) 1.80 (cap 88: 1.89); FMA-pipe exps (mix4) 1.66
     "topk": {"variant": "dot", "skip": False, "rows": 256, "BLOCK_J": 64, "BLOCK_C": 64, "num_warps": 4,
              "num_stages": 3, "exp2": "mufu", "key32": True, "m_split": 4, "counted": True, "lse_dot": True,
              "lists": 32, "fixed_rounds": True, "head_sum": "regs", "maxnreg": 80},

@@ -1,0 +1,121 @@
+"""The leanest exponential pass over the compressed branch's logits that Triton compiles, timed next to the two
+passes SSA runs (v1.1, N = 134k, bf16): an upper bound on how fast either compressed pass can get in Triton.
+
+The probe kernel computes only each row's log-sum-exp (what the top-k needs from the first pass): per key chunk one
+Q·Kᵀ wgmma, the fixed Cauchy–Schwarz shift folded into the exponent's FMA, the exp, per-lane row sums. No P·V, no
+bf16 packs of P, no top-k: a kernel doing either pass's work does all of this and more. Its LSE is checked against
+``cmp_attention_fwd``'s. Variants: key chunk, exp mode (``d3s2.ops._exp2``), register cap. Usage (device)::
+
+    PYTHONPATH=src python3 scripts/gpu/exp_pass_probe.py --layouts .gpu/layouts/latent_layouts_1024.npz
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import bench_ssa as b  # noqa: E402
+
+from d3s2.ops._exp2 import exp2  # noqa: E402
+from d3s2.ops.block_attn.triton import lane_row_sums, segment_max_norm  # noqa: E402
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _lse_pass_kernel(Q, K, LSE, CU_SEQ, CU_CMP, KMAX, stride_qn, stride_qh, stride_kn, stride_kh, qk_scale,
+                     HQ: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
+                     BLOCK_C: tl.constexpr, EXP2: tl.constexpr):
+    """LSE [N, Hq] of one sample's (token, query head) rows over its compressed keys; 16 heads per group, D = 32."""
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1)
+    g = tl.program_id(2)
+    t0 = tl.load(CU_SEQ + b)
+    t1 = tl.load(CU_SEQ + b + 1)
+    start = t0 + pid_t * BLOCK_T
+    if start >= t1:
+        return
+    c0 = tl.load(CU_CMP + b)
+    c1 = tl.load(CU_CMP + b + 1)
+    rows = tl.arange(0, BLOCK_T * HS)
+    tok = start + rows // HS
+    head = g * HS + rows % HS
+    row_ok = tok < t1
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + tok.to(tl.int64)[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    qf = q.to(tl.float32)
+    m = tl.sqrt(tl.sum(qf * qf, 1)) * (tl.load(KMAX + b * (HQ // HS) + g) * qk_scale)
+    l_lanes = tl.zeros([BLOCK_T * HS, 4], tl.float32)
+    offs_c = tl.arange(0, BLOCK_C)
+    c_full = c0 + (c1 - c0) // BLOCK_C * BLOCK_C
+    for c_start in range(c0, c_full, BLOCK_C):
+        cols = c_start + offs_c
+        k = tl.load(K + cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k))
+        l_lanes += lane_row_sums(exp2(s * qk_scale - m[:, None], EXP2))
+    if c_full < c1:
+        cols = c_full + offs_c
+        col_ok = cols < c1
+        k = tl.load(K + cols.to(tl.int64)[:, None] * stride_kn + g * stride_kh + offs_d[None, :],
+                    mask=col_ok[:, None], other=0.0)
+        s = tl.where(col_ok[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
+        l_lanes += lane_row_sums(exp2(s * qk_scale - m[:, None], EXP2))
+    lse = (m + tl.log2(tl.sum(l_lanes, 1))) * 0.6931471805599453
+    tl.store(LSE + tok.to(tl.int64) * HQ + head, lse, mask=row_ok)
+
+
+def lse_pass(q, kc, layout, scale, block_c, exp2_mode, maxnreg, num_stages, num_warps):
+    n, hq, _ = q.shape
+    hkv = kc.shape[1]
+    lse = torch.empty(n, hq, dtype=torch.float32, device=q.device)
+    kmax = segment_max_norm(kc, layout.cu_cmp)
+    block_t = 16 * num_warps // (hq // hkv)  # 64 rows per warpgroup
+    grid = (triton.cdiv(layout.max_seqlen, block_t), layout.batch_size, hkv)
+    _lse_pass_kernel[grid](q, kc, lse, layout.cu_seqlens, layout.cu_cmp, kmax, q.stride(0), q.stride(1),
+                           kc.stride(0), kc.stride(1), scale * LOG2E, HQ=hq, HS=hq // hkv, D=q.shape[2],
+                           BLOCK_T=block_t, BLOCK_C=block_c, EXP2=exp2_mode, num_warps=num_warps, num_stages=num_stages,
+                           **({"maxnreg": maxnreg} if maxnreg else {}))
+    return lse
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layouts", required=True)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    b.DEV, b.DTYPE = "cuda", torch.bfloat16
+    st = b.v11_state(args.layouts)
+    layout, q, kc, vc, scale, lse_ref = (st[n] for n in ("layout", "q", "kc", "vc", "scale", "lse"))
+    tokens = (layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]).double()
+    blocks = (layout.cu_cmp[1:] - layout.cu_cmp[:-1]).double()
+    n_logits = float((tokens * blocks).sum()) * q.shape[1]
+    print(f"N = {q.shape[0]}: {n_logits:.3e} logits per pass, ≥ {n_logits / (132 * 16 * 1.98e9) * 1e3:.3f} ms of "
+          f"exps at 16 ex2 per clock per SM (H200: 132 SMs, 1.98 GHz)")
+    fns = {"cmp_fwd": lambda: b.tc.cmp_attention_fwd(q, kc, vc, layout, scale),
+           "topk": lambda: b.tc.cmp_select_topk(q, kc, lse_ref, layout, 8, scale)}
+    # (key chunk, exp mode, register cap, stages, warps); ptxas sm_90 needs ≥ 90 registers at 128-key chunks
+    for block_c, mode, cap, stages, warps in ((64, "mufu", 80, 2, 4), (64, "mufu", 64, 2, 4), (64, "mufu", 80, 3, 4),
+                                              (128, "mufu", 96, 2, 4), (64, "mufu", 80, 3, 8), (64, "mix4", 80, 2, 4),
+                                              (64, "mix", 80, 2, 4), (128, "mix4", 96, 2, 4), (64, "mix4", 80, 3, 8)):
+        name = f"lse c{block_c} {mode} r{cap} s{stages} w{warps}"
+        fn = (lambda bc=block_c, md=mode, cp=cap, sg=stages, w=warps: lse_pass(q, kc, layout, scale, bc, md, cp, sg, w))
+        err = (fn() - lse_ref).abs().max().item()
+        print(f"{name}: max |LSE − cmp_attention_fwd's| {err:.2e}")
+        fns[name] = fn
+    times = {name: [] for name in fns}
+    for _ in range(args.rounds):
+        for name, fn in fns.items():
+            times[name].append(do_bench(fn, rep=100, return_mode="median"))
+    print("| kernel | ms (rounds) |\n|---|---|")
+    for name, ts in times.items():
+        print(f"| {name} | " + " / ".join(f"{t:.3f}" for t in ts) + " |")
+
+
+if __name__ == "__main__":
+    main()
