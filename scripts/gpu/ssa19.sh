@@ -1,7 +1,8 @@
 # Issue 4, session 19, call 1: the top-k inserting each key tile's candidates one tile later (deferred_insert: the
 # integer rounds can fill the next tile's matmul and exp latency), at 80 and 88 registers; FMA-pipe exps (mix4) in
 # both compressed passes; the compressed forward on 128-row tiles of two warpgroups; and the leanest exp pass
-# Triton compiles over the same logits (scripts/gpu/exp_pass_probe.py). A/B interleaved at N = 134k.
+# Triton compiles over the same logits (scripts/gpu/exp_pass_probe.py). A/B interleaved at N = 134k. The
+# deferred_insert option is on branch defer19 only (slower: not merged); on main those variants run the default.
 source scripts/gpu/_prelude.sh
 python3 scripts/gpu/ssa_ab.py --layouts $L --rounds 3 --kernels cmp,topk --variants '{"base": {},
   "defer80": {"topk": {"deferred_insert": true}},
