@@ -24,6 +24,7 @@ import bench_ssa as b  # noqa: E402
 
 from d3s2.ops._exp2 import exp2  # noqa: E402
 from d3s2.ops.block_attn.triton import lane_row_sums, segment_max_norm  # noqa: E402
+from d3s2.ops.ssa.triton_compress import _load_rows, _token_rows  # noqa: E402
 
 LOG2E = 1.4426950408889634
 
@@ -43,13 +44,9 @@ def _lse_pass_kernel(Q, K, LSE, CU_SEQ, CU_CMP, KMAX, stride_qn, stride_qh, stri
         return
     c0 = tl.load(CU_CMP + b)
     c1 = tl.load(CU_CMP + b + 1)
-    rows = tl.arange(0, BLOCK_T * HS)
-    tok = start + rows // HS
-    head = g * HS + rows % HS
-    row_ok = tok < t1
+    tok, head, row_ok = _token_rows(start, t1, g, 0, HS, HS, BLOCK_T * HS)
     offs_d = tl.arange(0, D)
-    q = tl.load(Q + tok.to(tl.int64)[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    q = _load_rows(Q, tok, head, offs_d, row_ok, offs_d < D, stride_qn, stride_qh)
     qf = q.to(tl.float32)
     m = tl.sqrt(tl.sum(qf * qf, 1)) * (tl.load(KMAX + b * (HQ // HS) + g) * qk_scale)
     l_lanes = tl.zeros([BLOCK_T * HS, 4], tl.float32)
