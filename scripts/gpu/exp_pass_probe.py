@@ -24,7 +24,7 @@ import bench_ssa as b  # noqa: E402
 
 from d3s2.ops._exp2 import exp2  # noqa: E402
 from d3s2.ops.block_attn.triton import lane_row_sums, segment_max_norm  # noqa: E402
-from d3s2.ops.ssa.triton_compress import _load_rows, _token_rows  # noqa: E402
+from d3s2.ops.ssa.triton_compress import _load_rows, _program_tokens, _token_rows  # noqa: E402
 
 LOG2E = 1.4426950408889634
 
@@ -34,12 +34,7 @@ def _lse_pass_kernel(Q, K, LSE, CU_SEQ, CU_CMP, KMAX, stride_qn, stride_qh, stri
                      HQ: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
                      BLOCK_C: tl.constexpr, EXP2: tl.constexpr):
     """LSE [N, Hq] of one sample's (token, query head) rows over its compressed keys; 16 heads per group, D = 32."""
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1)
-    g = tl.program_id(2)
-    t0 = tl.load(CU_SEQ + b)
-    t1 = tl.load(CU_SEQ + b + 1)
-    start = t0 + pid_t * BLOCK_T
+    b, g, start, t1 = _program_tokens(CU_SEQ, BLOCK_T)
     if start >= t1:
         return
     c0 = tl.load(CU_CMP + b)

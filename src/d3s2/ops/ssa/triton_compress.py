@@ -87,9 +87,9 @@ CONFIG = {
     # Session 18 (interleaved, scripts/gpu/ssa18.sh): rowsum "lanes" (ptxas sm_90: 212 → 204 instructions per key
     # tile, no shuffle) 1.79-1.83 against 1.83-1.84 ms; v1.0 7.71-7.82 against 7.78-8.33
     # Session 19 (interleaved, scripts/gpu/ssa19.sh, ssa19_2.sh): 128-row tiles of two warpgroups (8 warps, sharing
-    # each K/V tile; ptxas sm_90: 193 instructions per key tile against 203, no spill against 16 bytes) with 3 stages
-    # 1.72-1.73 against 1.74-1.84 ms (2 stages 1.78, 4 stages 1.74-1.75, 32-block tiles 1.87); v1.0 7.27-7.61 against
-    # 7.71-7.85. FMA-pipe exps (mix4) 1.99-2.01 against 1.80-1.83
+    # each K/V tile; ptxas sm_90 at 3 stages: 195 instructions per key tile against 203, 8 bytes of spill against 16)
+    # with 3 stages 1.72-1.73 against 1.74-1.84 ms (2 stages 1.78, 4 stages 1.74-1.75, 32-block tiles 1.87); v1.0
+    # 7.27-7.61 against 7.71-7.85. FMA-pipe exps (mix4) 1.99-2.01 against 1.80-1.83
     "fwd": {"rows": 128, "BLOCK_C": 64, "num_warps": 8, "num_stages": 3, "exp2": "mufu", "split": True,
             "shift": "bound", "rowsum": "lanes", "maxnreg": 80},
     # top-k with m_cmp == m_slc ("topk") and m_cmp < m_slc ("topk_seg", one-hot segment sum over compression
@@ -141,6 +141,15 @@ CONFIG = {
     # 64-row tiles capped at 96 or on 32-block tiles: within 1 % on v1.1, slower on v1.0)
     "bwd_dkdv": {"rows": 32, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 8},
 }
+
+
+@triton.jit
+def _program_tokens(CU_SEQ, BLOCK_T: tl.constexpr):
+    """This program's (sample b, kv head g, first token, the sample's token end) on the grid (token tile, sample, kv
+    head); the tile is empty when the first token is not before the end."""
+    b = tl.program_id(1)
+    t1 = tl.load(CU_SEQ + b + 1)
+    return b, tl.program_id(2), tl.load(CU_SEQ + b) + tl.program_id(0) * BLOCK_T, t1
 
 
 @triton.jit
@@ -217,12 +226,7 @@ def _cmp_fwd_kernel(Q, K, V, O, LSE, CU_SEQ, CU_CMP, KMAX,
     sample's largest compressed-key norm per kv head, so by Cauchy–Schwarz no scaled logit exceeds it): no running
     max, no rescaling. A row whose sum stays below 2⁻⁶⁴ (the bound more than 64 binades above its largest logit,
     where flushed terms could matter) reruns the whole tile with the online softmax."""
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1)
-    g = tl.program_id(2)
-    t0 = tl.load(CU_SEQ + b)
-    t1 = tl.load(CU_SEQ + b + 1)
-    start = t0 + pid_t * BLOCK_T
+    b, g, start, t1 = _program_tokens(CU_SEQ, BLOCK_T)
     if start >= t1:
         return
     c0 = tl.load(CU_CMP + b)
@@ -268,12 +272,7 @@ def _cmp_topk_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
                      BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
                      TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, ONE_CMP_PER_SLC: tl.constexpr,
                      DOT_PREC: tl.constexpr):
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1)
-    g = tl.program_id(2)
-    t0 = tl.load(CU_SEQ + b)
-    t1 = tl.load(CU_SEQ + b + 1)
-    start = t0 + pid_t * BLOCK_T
+    b, g, start, t1 = _program_tokens(CU_SEQ, BLOCK_T)
     if start >= t1:
         return
     s0 = tl.load(CU_SLC + b)
@@ -535,12 +534,7 @@ def _cmp_topk_dot_kernel(Q, K, LSE, IDX, CU_SEQ, CU_SLC, SLC_CMP_OFF, CMP_SLC,
     M_SPLIT (1, 2 or 4): the rows are scored in that many chunks whose group sums accumulate into one score tile,
     so the fp32 logit tile in registers is ``[BLOCK_J, BLOCK_M / M_SPLIT]``. KEY32, COUNTED: see ``_topk_insert``
     (KEY32 needs ``id_bits`` ≥ the bits of the largest local block id)."""
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1)
-    g = tl.program_id(2)
-    t0 = tl.load(CU_SEQ + b)
-    t1 = tl.load(CU_SEQ + b + 1)
-    start = t0 + pid_t * BLOCK_T
+    b, g, start, t1 = _program_tokens(CU_SEQ, BLOCK_T)
     if start >= t1:
         return
     s0 = tl.load(CU_SLC + b)
@@ -663,12 +657,7 @@ def _cmp_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQ, CU_CMP,
                        qk_scale, sm_scale,
                        HQ: tl.constexpr, HS: tl.constexpr, HS_PAD: tl.constexpr, D: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1)
-    g = tl.program_id(2)
-    t0 = tl.load(CU_SEQ + b)
-    t1 = tl.load(CU_SEQ + b + 1)
-    start = t0 + pid_t * BLOCK_T
+    b, g, start, t1 = _program_tokens(CU_SEQ, BLOCK_T)
     if start >= t1:
         return
     c0 = tl.load(CU_CMP + b)
