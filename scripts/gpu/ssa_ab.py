@@ -4,7 +4,8 @@
 {...}}`` (``CONFIG["topk"]``), ``{"topk_seg": {...}}`` (``CONFIG["topk_seg"]``, with ``--m-cmp 4``), ``{"bwd_dq": {...}}`` / ``{"bwd_dkdv": {...}}`` (the compressed backward's, kernel ``cmp_bwd``: dq, dk, dv
 flattened), ``{"slc": {...}}`` (``block_attn.triton.FWD_CONFIG``), ``{"bdq": {...}}`` / ``{"bkv": {...}}``
 (``BWD_DQ_CONFIG`` / ``BWD_DKDV_CONFIG``: kernels ``slc_bwd`` and ``win_bwd``, dq, dk, dv flattened) or ``{"win": {...}}``
-(``WIN_FWD_CONFIG``); the first variant is the baseline whose outputs the others are compared with. Prints each
+(``WIN_FWD_CONFIG``), and ``"mma2": true`` compiles every SSA kernel with mma.sync instead of wgmma (Triton's
+``DISABLE_MMA_V3``, on clones of the kernels so both builds stay loaded); the first variant is the baseline whose outputs the others are compared with. Prints each
 kernel's median ms per round and each variant's largest output difference from the baseline. Usage (device)::
 
     PYTHONPATH=src python3 scripts/gpu/ssa_ab.py --layouts .gpu/layouts/latent_layouts_1024.npz \\
@@ -13,10 +14,12 @@ kernel's median ms per round and each variant's largest output difference from t
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
+from triton.runtime.jit import JITFunction
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -63,7 +66,21 @@ def main() -> None:
              "bwd_dkdv": dict(b.tc.CONFIG["bwd_dkdv"]), "slc": dict(ba.FWD_CONFIG), "win": dict(ba.WIN_FWD_CONFIG),
              "bdq": dict(ba.BWD_DQ_CONFIG), "bkv": dict(ba.BWD_DKDV_CONFIG)}
 
+    modules = (b.tc, ba)
+    wgmma = [{n: f for n, f in vars(m).items() if isinstance(f, JITFunction)} for m in modules]
+    # clones: their own in-memory caches; DISABLE_MMA_V3 is in Triton's disk-cache key
+    mma_sync = [{n: JITFunction(f.fn, do_not_specialize=f.do_not_specialize, debug=f.debug, noinline=f.noinline,
+                                do_not_specialize_on_alignment=f.do_not_specialize_on_alignment)
+                 for n, f in kernels.items()} for kernels in wgmma]
+
     def use(over: dict) -> None:
+        for module, kernels in zip(modules, mma_sync if over.get("mma2") else wgmma):
+            for name, fn in kernels.items():
+                setattr(module, name, fn)
+        if over.get("mma2"):
+            os.environ["DISABLE_MMA_V3"] = "1"
+        else:
+            os.environ.pop("DISABLE_MMA_V3", None)
         b.tc.CONFIG["fwd"] = {**saved["cmp"], **over.get("cmp", {})}
         b.tc.CONFIG["topk"] = {**saved["topk"], **over.get("topk", {})}
         b.tc.CONFIG["topk_seg"] = {**saved["topk_seg"], **over.get("topk_seg", {})}
