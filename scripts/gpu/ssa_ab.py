@@ -1,12 +1,14 @@
 """A/B timings of SSA forward kernels under config overrides, interleaved in one process (v1.1, N = 134k, bf16).
 
 ``--variants`` is JSON: name → overrides, each ``{"cmp": {...}}`` (``triton_compress.CONFIG["fwd"]``), ``{"topk":
-{...}}`` (``CONFIG["topk"]``), ``{"topk_seg": {...}}`` (``CONFIG["topk_seg"]``, with ``--m-cmp 4``), ``{"bwd_dq": {...}}`` / ``{"bwd_dkdv": {...}}`` (the compressed backward's, kernel ``cmp_bwd``: dq, dk, dv
-flattened), ``{"slc": {...}}`` (``block_attn.triton.FWD_CONFIG``), ``{"bdq": {...}}`` / ``{"bkv": {...}}``
-(``BWD_DQ_CONFIG`` / ``BWD_DKDV_CONFIG``: kernels ``slc_bwd`` and ``win_bwd``, dq, dk, dv flattened) or ``{"win": {...}}``
+{...}}`` (``CONFIG["topk"]``), ``{"topk_seg": {...}}`` (``CONFIG["topk_seg"]``, with ``--m-cmp 4``), ``{"bwd_dq":
+{...}}`` / ``{"bwd_dkdv": {...}}`` (the compressed backward's, kernel ``cmp_bwd``: dq, dk, dv flattened), ``{"slc":
+{...}}`` (``block_attn.triton.FWD_CONFIG``), ``{"bdq": {...}}`` / ``{"bkv": {...}}`` (``BWD_DQ_CONFIG`` /
+``BWD_DKDV_CONFIG``: kernels ``slc_bwd`` and ``win_bwd``, dq, dk, dv flattened) or ``{"win": {...}}``
 (``WIN_FWD_CONFIG``), and ``"mma2": true`` compiles every SSA kernel with mma.sync instead of wgmma (Triton's
-``DISABLE_MMA_V3``, on clones of the kernels so both builds stay loaded); the first variant is the baseline whose outputs the others are compared with. Prints each
-kernel's median ms per round and each variant's largest output difference from the baseline. Usage (device)::
+``DISABLE_MMA_V3``, on clones of the kernels so both builds stay loaded); the first variant is the baseline whose
+outputs the others are compared with. Prints each kernel's median ms per round and each variant's largest output
+difference from the baseline. Usage (device)::
 
     PYTHONPATH=src python3 scripts/gpu/ssa_ab.py --layouts .gpu/layouts/latent_layouts_1024.npz \\
         --variants '{"base": {}, "cmp92": {"cmp": {"maxnreg": 92}}}' --kernels cmp
