@@ -4,7 +4,9 @@ passes SSA runs (v1.1, N = 134k, bf16): an upper bound on how fast either compre
 The probe kernel computes only each row's log-sum-exp (what the top-k needs from the first pass): per key chunk one
 Q·Kᵀ wgmma, the fixed Cauchy–Schwarz shift folded into the exponent's FMA, the exp, per-lane row sums. No P·V, no
 bf16 packs of P, no top-k: a kernel doing either pass's work does all of this and more. Its LSE is checked against
-``cmp_attention_fwd``'s. Variants: key chunk, exp mode (``d3s2.ops._exp2``), register cap. Usage (device)::
+``cmp_attention_fwd``'s. Variants: key chunk, exp mode (``d3s2.ops._exp2``), register cap, stages, warps, mma.sync
+instead of wgmma (Triton's ``DISABLE_MMA_V3``) and, with it, the next chunk's logits issued before this chunk's exps
+(``PIPE``). Usage (device)::
 
     PYTHONPATH=src python3 scripts/gpu/exp_pass_probe.py --layouts .gpu/layouts/latent_layouts_1024.npz
 """
