@@ -27,7 +27,7 @@ def test_demo_without_weights_runs_the_mesh_demo(no_demo_weights, tmp_path, caps
     assert report["metrics"]["fscore@0.01"] > 0.9  # closed, outward-facing input → surface reproduced
     assert (tmp_path / "horse_lusitano_d3s2.glb").stat().st_size > 0
     assert (tmp_path / "horse_lusitano_compare.png").stat().st_size > 0
-    assert not list(tmp_path.glob(".tmp-*"))
+    assert not list(tmp_path.glob(".*"))
     out = capsys.readouterr().out
     assert "bundled demo pipeline is missing" in out and "watertight=True" in out
 

@@ -283,7 +283,7 @@ def git_info(path: str | os.PathLike | None = None) -> dict[str, Any]:
 def write_run_record(out_dir: str | os.PathLike, cfg: Any, *, command: Sequence[str], seed: int,
                      extra: Mapping[str, Any] | None = None) -> None:
     """Write ``config.yaml`` (resolved config) and ``run.json`` (git commit, command, seed, extra) atomically."""
-    from .train.checkpoint import atomic_write_text
+    from .fileio import atomic_write_text
 
     out_dir = Path(out_dir)
     atomic_write_text(out_dir / "config.yaml", dump_yaml(to_dict(cfg)))

@@ -18,10 +18,11 @@ import argparse
 import json
 import logging
 import os
-import tempfile
 import time
 from importlib import resources
 from pathlib import Path
+
+from .fileio import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def run_demo(mesh_path: str | os.PathLike, out_dir: str | os.PathLike, *, resolu
     image = step("render", render_pair)
     bar.close()
     png = out / f"{name}_compare.png"
-    _atomic_write(png, encode_png(image))
+    atomic_write_bytes(png, encode_png(image))
     report = {
         "input": str(mesh_path), "resolution": resolution, "band": band,
         "input_faces": int(len(source.faces)), "input_watertight": bool(source.is_watertight),
@@ -89,20 +90,8 @@ def run_demo(mesh_path: str | os.PathLike, out_dir: str | os.PathLike, *, resolu
         "output_watertight": bool(mesh.is_watertight), "metrics": metrics, "seconds": timings,
         "outputs": {"mesh": str(glb), "compare_png": str(png)},
     }
-    _atomic_write(out / f"{name}_report.json", json.dumps(report, indent=2).encode())
+    atomic_write_bytes(out / f"{name}_report.json", json.dumps(report, indent=2).encode())
     return report
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def run_generate_demo(weights: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -132,7 +121,7 @@ def run_generate_demo(weights: str | os.PathLike, out_dir: str | os.PathLike, *,
         renders = render_views(source, 1, size=render_size, seed=seed, key=name)
         rgba = renders.images[0]
         report["input"] = str(out / f"{name}_input.png")
-        _atomic_write(Path(report["input"]), encode_png(rgba))
+        atomic_write_bytes(Path(report["input"]), encode_png(rgba))
         report["example_mesh"] = str(example_mesh)
     mesh = pipe(rgba, seed=seed, steps=steps, device="cpu", progress=progress)
     glb = out / f"{name}.glb"
@@ -151,9 +140,9 @@ def run_generate_demo(weights: str | os.PathLike, out_dir: str | os.PathLike, *,
         report["metrics"] = {"silhouette_iou": mask_iou(mask, gen), "silhouette_iou_bbox": bbox_iou(mask, gen),
                              **{k: metrics[k] for k in ("chamfer_l1", "fscore@0.01", "volume_iou")}}
         png = out / f"{name}_compare.png"
-        _atomic_write(png, encode_png(np.ascontiguousarray(comparison_image(rgba, mesh, K, w2c))))
+        atomic_write_bytes(png, encode_png(np.ascontiguousarray(comparison_image(rgba, mesh, K, w2c))))
         report["outputs"]["compare_png"] = str(png)
-    _atomic_write(out / f"{name}_report.json", json.dumps(report, indent=2).encode())
+    atomic_write_bytes(out / f"{name}_report.json", json.dumps(report, indent=2).encode())
     return report
 
 

@@ -140,7 +140,7 @@ def encode_folder(data: str | os.PathLike, vae_dir: str | os.PathLike, out: str 
             raise ValueError(f"{root} was encoded with other settings ({', '.join(diff)}: {old} vs {settings}); "
                              "use another --out")
     else:
-        from ..train.checkpoint import atomic_write_text
+        from ..fileio import atomic_write_text
 
         atomic_write_text(settings_path, json.dumps(settings, indent=2) + "\n")
     todo = [i for i, n in enumerate(ds.names) if not asset_path(root, n).is_file()]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 import trimesh
+
+from ..fileio import atomic_write
 
 EXPORT_FORMATS = ("glb", "obj", "ply", "stl")
 
@@ -37,15 +38,5 @@ def export_mesh(mesh: trimesh.Trimesh, path: str | os.PathLike, *, num_faces: in
         raise ValueError(f"{path}: unsupported export format {fmt!r}, expected one of {', '.join(EXPORT_FORMATS)}")
     if num_faces is not None:
         mesh = decimate(mesh, num_faces)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="." + fmt, dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            mesh.export(fh, file_type=fmt)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: mesh.export(f, file_type=fmt))
     return path

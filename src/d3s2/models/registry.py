@@ -12,13 +12,14 @@ import dataclasses
 import importlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
+
+from ..fileio import atomic_path, atomic_write_text
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -102,18 +103,6 @@ def build_model(name: str, config: Any = None) -> nn.Module:
     return cls(config)
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
     """Write ``config.json`` and ``model.safetensors`` (each atomically) into ``directory``.
 
@@ -130,8 +119,9 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, dtype: to
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         tensors[key] = t.contiguous().cpu()
-    _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(tensors, p))
-    _atomic_write(out / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(payload, indent=2) + "\n"))
+    with atomic_path(out / WEIGHTS_FILE) as tmp:
+        save_file(tensors, tmp)
+    atomic_write_text(out / CONFIG_FILE, json.dumps(payload, indent=2) + "\n")
     return out
 
 

@@ -221,8 +221,8 @@ def evaluate_generation(pipe: Any, data: str | os.PathLike, out: str | os.PathLi
     from tqdm.auto import tqdm
 
     from ..data.build import asset_images, asset_path, load_asset, read_manifest
+    from ..fileio import atomic_write, atomic_write_text
     from ..geometry.render import decode_png, encode_png
-    from ..train.checkpoint import atomic_write, atomic_write_text
 
     cfg = config or GenerateEvalConfig()
     data, out = Path(data), Path(out)

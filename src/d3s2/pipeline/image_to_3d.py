@@ -47,8 +47,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -61,8 +59,8 @@ import trimesh
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..fileio import atomic_dir
 from ..models.dit.condition import ConditionTokens
-from .published import replace_dir
 from .residency import RESIDENCY, WeightResidency
 
 logger = logging.getLogger(__name__)
@@ -384,8 +382,7 @@ class ImageTo3DPipeline:
         out = Path(directory)
         out.parent.mkdir(parents=True, exist_ok=True)
         self.weights.release()  # packed weights share one buffer per model: give every tensor its own storage
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-        try:
+        with atomic_dir(out) as tmp:
             for name, module in self.components().items():
                 if isinstance(module, DinoV2Encoder):
                     module.model.save_pretrained(tmp / name, safe_serialization=True)
@@ -394,10 +391,6 @@ class ImageTo3DPipeline:
             manifest = {"format": FORMAT, "components": list(self.components()),
                         "settings": self.settings.to_dict()}
             (tmp / PIPELINE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-            replace_dir(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out
 
     # -------------------------------------------------------------------------------------------- running

@@ -31,8 +31,6 @@ import json
 import logging
 import os
 import pickle
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +38,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ..fileio import atomic_dir, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -546,17 +546,6 @@ def load_published(root: str | os.PathLike, components: Iterable[str] | None = N
 PIPELINE_FILE = "pipeline.json"
 
 
-def replace_dir(tmp: Path, target: Path) -> None:
-    """Move the finished ``tmp`` directory to ``target``, replacing an existing one."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def convert_published(root: str | os.PathLike, out: str | os.PathLike, components: Iterable[str] | None = None, *,
                       dtype: torch.dtype | None = None) -> Path:
     """Write a published folder as d3s2 models: ``out/<component>/{config.json, model.safetensors}`` (the
@@ -580,23 +569,14 @@ def convert_published(root: str | os.PathLike, out: str | os.PathLike, component
         ckpt = load_checkpoint(root / file)
         for n in group:
             model = load_component(root, n, dtype=dtype, config=config, checkpoint=ckpt)
-            tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{n}.tmp-"))
-            try:
+            with atomic_dir(out / n) as tmp:
                 save_pretrained(model, tmp)
-                replace_dir(tmp, out / n)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
             logger.info("wrote %s", out / n)
             del model
         del ckpt
     manifest = {"source": str(root.resolve()), "version": defaults.version, "components": names,
                 "defaults": defaults.to_dict()}
-    fd, tmp_file = tempfile.mkstemp(dir=out, prefix=f".{PIPELINE_FILE}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
-    os.replace(tmp_file, out / PIPELINE_FILE)
+    atomic_write_text(out / PIPELINE_FILE, json.dumps(manifest, indent=2) + "\n")
     return out
 
 

@@ -2,9 +2,9 @@
 
 A checkpoint is one ``torch.save`` dict (keys written by the trainer): ``model`` and ``ema`` (full state dicts
 by parameter name), ``optimizer`` (full, keyed by parameter name), ``scheduler``, ``rng`` (one entry per
-rank), ``data`` (epoch and step inside it), ``step``, ``world_size`` and ``config``. Files are written to a
-temporary name in the same directory, flushed to disk and renamed over the target, so a crash leaves either
-the old file or the new one, never a partial one.
+rank), ``data`` (epoch and step inside it), ``step``, ``world_size`` and ``config``. Files are written by
+:mod:`d3s2.fileio` (a temporary name in the same directory, flushed to disk and renamed over the target), so a
+crash leaves either the old file or the new one, never a partial one; its writers are re-exported here.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import logging
 import os
 import random
 import re
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
+
+from ..fileio import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -27,46 +27,9 @@ __all__ = ["atomic_write", "atomic_save", "atomic_write_text", "capture_rng_stat
            "CheckpointDir"]
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(f)`` on a temporary file next to ``path``, fsync it and rename it to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Also on KeyboardInterrupt: never leave a half-written temporary behind.
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not supported on every platform/file system.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save(obj, path)`` atomically."""
     return atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -62,7 +62,7 @@ def test_reconstruct_writes_a_watertight_glb_in_input_units(weights, tmp_path, c
     lo, hi = src.bounds
     centre, half = (lo + hi) / 2, (hi - lo).max() / 2 / 0.95 + 2 * 3.0 / 16
     assert np.all(np.abs(mesh.vertices - centre) <= half), (mesh.bounds, centre, half)
-    assert not list(out.parent.glob(".tmp-*"))
+    assert not list(out.parent.glob(".*"))
 
 
 def test_reconstruct_errors(weights, tmp_path, capsys, monkeypatch):

@@ -238,7 +238,7 @@ class _DiTTask:
                 "sampler": dict(self.yaml.get("sampler") or {}), "latents": str(self.cfg.latents)}
 
     def export(self, model: nn.Module, out_dir: Path) -> None:
-        from ...train.checkpoint import atomic_write_text
+        from ...fileio import atomic_write_text
         from ..registry import save_pretrained
 
         out = Path(out_dir)

@@ -268,7 +268,7 @@ def _read_per_shape(path: str, setting: dict) -> dict[tuple[int, str], dict[str,
             rec = json.loads(line)
         except json.JSONDecodeError:
             if j == len(lines) - 1:  # cut off by a kill while it was written: dropped before appending again
-                from ...train.checkpoint import atomic_write_text
+                from ...fileio import atomic_write_text
 
                 atomic_write_text(path, "".join(x + "\n" for x in lines[:j]))
                 break
@@ -315,7 +315,7 @@ def _eval(args: argparse.Namespace) -> int:
     for r, m in results.items():
         print(f"{r:>6} {int(m['shapes']):>6} " + " ".join(f"{m[k]:>18.5f}" for k in keys))
     if args.json:
-        from ...train.checkpoint import atomic_write_text
+        from ...fileio import atomic_write_text
 
         payload = {"data": str(data), "weights": args.weights, "split": args.split, "refine": refine,
                    "results": {str(r): m for r, m in results.items()}}

@@ -265,7 +265,7 @@ class SparseVAETask:
         return {k: v / max(count, 1) for k, v in sums.items()}
 
     def export(self, model: nn.Module, out_dir: Path) -> None:
-        from ...train.checkpoint import atomic_write_text
+        from ...fileio import atomic_write_text
         from ..registry import save_pretrained
 
         save_pretrained(model, out_dir)
