@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fileio import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -286,10 +288,7 @@ def _check_settings(out: Path, config: BuildConfig) -> None:
             diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
             raise ValueError(f"{out} was built with other settings (old, new): {diff}; use another --out")
         return
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"build.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(settings, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(settings, indent=1) + "\n")
 
 
 def _clean_stale_temps(out: Path, tmp_tag: str) -> None:

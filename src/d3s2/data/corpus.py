@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fileio import atomic_write
+
 ENV_VAR = "D3S2_0AD_NPZ"
 DEFAULT_RELATIVE_PATH = Path("..") / "shared" / "data" / "0ad_meshes.npz"
 ATTRIBUTION = "0 A.D. art assets (c) Wildfire Games, CC-BY-SA-3.0 (https://play0ad.com)"
@@ -121,7 +123,4 @@ def save_corpus(path: str | os.PathLike, meshes: dict[str, tuple[np.ndarray, np.
         key = _PREFIX + name.replace("/", "|") + ".dae.cached.pmd"
         arrays[f"{key}|v"] = np.asarray(v, np.float32)
         arrays[f"{key}|f"] = f.astype(np.uint16)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
