@@ -380,7 +380,6 @@ class ImageTo3DPipeline:
         from ..models.registry import save_pretrained
 
         out = Path(directory)
-        out.parent.mkdir(parents=True, exist_ok=True)
         self.weights.release()  # packed weights share one buffer per model: give every tensor its own storage
         with atomic_dir(out) as tmp:
             for name, module in self.components().items():
