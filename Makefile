@@ -19,7 +19,9 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 
 $(VENV)/.installed-dev: pyproject.toml | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	@# CUDA torch brings its own triton; a CPU box gets the extra (the kernels' tests in Triton's interpreter)
+	extras=dev; $(PY) -c "import triton" 2>/dev/null || extras=dev,triton; \
+	$(PY) -m pip install -q -e ".[$$extras]"
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

@@ -34,6 +34,20 @@ def test_new_files_and_folders_follow_the_umask(tmp_path, umask_022):
     assert _mode(tmp_path / "d.bin") == 0o600
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_writer_that_replaces_the_temporary_gets_the_umask_mode(tmp_path, umask_022):
+    import torch
+    from safetensors.torch import save_file
+
+    with atomic_path(tmp_path / "model.safetensors") as tmp:
+        save_file({"w": torch.zeros(2)}, tmp)  # safetensors writes a new 0o600 file in the temporary's place
+    with atomic_path(tmp_path / "replaced.bin") as tmp:
+        tmp.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+    assert _mode(tmp_path / "model.safetensors") == _mode(tmp_path / "replaced.bin") == 0o644
+
+
 def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     path = tmp_path / "sub" / "model.bin"  # the folder is created
     atomic_write_bytes(path, b"old")

@@ -41,9 +41,32 @@ def eval_subparsers(subparsers: argparse._SubParsersAction) -> argparse._SubPars
     return _EVAL_GROUPS[parser]
 
 
+def resolve_device(name: str | None) -> str:
+    """The ``--device`` of a command: ``name`` checked against this machine, or cuda when available, else cpu."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"expected --device cpu, cuda or cuda:N, got {name!r}") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"expected --device cpu, cuda or cuda:N, got {name!r}")
+    return name
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="d3s2", description="Direct3D-S2 from scratch: image to watertight 3D mesh.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"d3s2 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -60,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        # Expected user errors: one clear line, no traceback (use -v for it).
+    except (ValueError, OSError, RuntimeError) as err:
+        # Expected user errors (bad values, missing or unwritable paths): one clear line, no traceback (-v for it).
         if args.verbose:
             raise
         print(f"d3s2 {args.command}: error: {err}", file=sys.stderr)

@@ -18,7 +18,7 @@ OP_MODULES = [
     "d3s2.ops.mesh_field",
 ]
 
-PACKAGES = ["torch", "triton", "numpy", "scipy", "trimesh", "libigl", "embreex", "scikit-image",
+PACKAGES = ["torch", "triton", "numpy", "scipy", "trimesh", "libigl", "embreex", "rtree", "scikit-image",
             "safetensors", "transformers", "tensorboard", "spconv", "gradio", "fastapi", "uvicorn"]
 
 
@@ -54,7 +54,7 @@ def report() -> list[str]:
                 choice = table.resolve(None, probe)
             except BackendUnavailableError as err:
                 choice = f"none ({err})"
-            lines.append(f"  {op:14s} {str(dev):8s} -> {choice}   [available: {', '.join(table.names)}; "
+            lines.append(f"  {op:14s} {str(dev):8s} -> {choice}   [backends: {', '.join(table.names)}; "
                          f"env {table.env_var}]")
     return lines
 
