@@ -122,3 +122,25 @@ def test_run_record(tmp_path):
     assert record["command"] == ["d3s2", "train", "toy"] and record["seed"] == 7 and record["world_size"] == 2
     assert set(record["git"]) == {"commit", "dirty"}
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_shipped_configs_load_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the packaged copies are used
+    train = load_yaml("configs/debug/tiny_vae_train.yaml")
+    model = load_yaml(train["task"]["args"]["model_config"])  # a configs/... path inside a config
+    assert model["model"]["name"] == "sparse_sdf_vae"
+    (tmp_path / "configs" / "debug").mkdir(parents=True)
+    (tmp_path / "configs" / "debug" / "tiny_vae.yaml").write_text("model: {name: mine}\n")
+    assert load_yaml("configs/debug/tiny_vae.yaml") == {"model": {"name": "mine"}}  # a local file wins
+    with pytest.raises(FileNotFoundError, match="nor as .*packaged configs"):
+        load_yaml("configs/debug/missing.yaml")
+
+
+def test_train_config_yaml_errors_name_the_file_once(tmp_path):
+    from d3s2.train.trainer import load_train_config
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("a: [\n")
+    with pytest.raises(ConfigError) as err:
+        load_train_config(path)
+    assert str(err.value).startswith(f"{path}: invalid YAML")  # not "bad.yaml: bad.yaml: ..."

@@ -26,9 +26,9 @@ import yaml
 
 C = TypeVar("C")
 
-__all__ = ["ConfigError", "load_yaml", "from_dict", "to_dict", "parse_overrides", "apply_overrides",
-           "dump_yaml", "git_info", "write_run_record", "TrainConfig", "TaskSpec", "TrainSection", "DataConfig",
-           "OptimConfig", "EMAConfig"]
+__all__ = ["ConfigError", "load_yaml", "resolve_config_path", "from_dict", "to_dict", "parse_overrides",
+           "apply_overrides", "dump_yaml", "git_info", "write_run_record", "TrainConfig", "TaskSpec", "TrainSection",
+           "DataConfig", "OptimConfig", "EMAConfig"]
 
 
 class ConfigError(ValueError):
@@ -61,11 +61,27 @@ _StrictLoader.add_implicit_resolver(
 )
 
 
-def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML mapping (an empty file is ``{}``)."""
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"  # the repository's configs/, installed with d3s2
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """``path`` if it is a file; else, for a relative ``configs/...`` path, the packaged copy of that config, so
+    the shipped configs (and the model configs they name) load from any directory after a pip install."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+    if path.is_file():
+        return path
+    if not path.is_absolute() and path.parts[:1] == ("configs",):
+        packaged = PACKAGED_CONFIGS.joinpath(*path.parts[1:])
+        if packaged.is_file():
+            return packaged
+        raise FileNotFoundError(f"config file not found: {path} (nor as {packaged}, the packaged configs)")
+    raise FileNotFoundError(f"config file not found: {path}")
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML mapping (an empty file is ``{}``); ``configs/...`` falls back to the packaged configs
+    (:func:`resolve_config_path`)."""
+    path = resolve_config_path(path)
     with path.open() as f:
         try:
             data = yaml.load(f, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
@@ -362,7 +378,9 @@ class TrainSection:
     val_every: int = 0  # steps between validations (and one at the end); 0 = no validation
     ckpt_every: int = 1000  # steps between checkpoints; 0 = only the final one
     keep_last: int = 3  # checkpoints kept on disk
-    progress: bool = True  # tqdm bar on rank 0
+    progress: bool = True  # rank 0: a tqdm bar on a terminal, else a log line every log_every steps
+    deterministic: bool = False  # torch.use_deterministic_algorithms: bit-identical reruns, slower; ops without a
+    # deterministic kernel raise an error
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.log_every < 1 or self.keep_last < 1:
