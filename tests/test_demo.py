@@ -35,3 +35,11 @@ def test_demo_without_weights_runs_the_mesh_demo(no_demo_weights, tmp_path, caps
 def test_demo_unknown_example_is_a_clear_error(no_demo_weights, tmp_path, capsys):
     assert main(["demo", "--example", "nope", "--out", str(tmp_path)]) == 1
     assert "unknown example 'nope'" in capsys.readouterr().err
+
+
+def test_demo_missing_mesh_leaves_no_output_folder(no_demo_weights, tmp_path, capsys):
+    out = tmp_path / "d1"
+    assert main(["demo", "--mesh", str(tmp_path / "missing.obj"), "--out", str(out)]) == 1
+    last_line = capsys.readouterr().err.splitlines()[-1]
+    assert "missing.obj: no such file" in last_line  # the progress bar is closed, not drawn again after it
+    assert not out.exists()

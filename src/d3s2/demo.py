@@ -15,10 +15,12 @@ with geometry metrics against the input and a side-by-side render. Example meshe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import time
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -50,8 +52,7 @@ def run_demo(mesh_path: str | os.PathLike, out_dir: str | os.PathLike, *, resolu
     from d3s2.geometry.sdf import compute_sparse_sdf
 
     name = Path(mesh_path).stem
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)  # made by the first file written into it: a failed load leaves no empty folder
     # Two voxels of band at this resolution unless given: enough for a closed band at small R.
     band = band if band is not None else 2.0 / resolution
     timings: dict[str, float] = {}
@@ -66,21 +67,20 @@ def run_demo(mesh_path: str | os.PathLike, out_dir: str | os.PathLike, *, resolu
         bar.update(1)
         return result
 
-    source, _ = step("load", lambda: normalize_mesh(load_mesh(mesh_path)))
-    sdf = step("sdf", lambda: compute_sparse_sdf(source, [resolution], band=band)[resolution])
-    mesh = step("marching cubes", lambda: marching_cubes_mesh(sdf))
-    glb = out / f"{name}_d3s2.glb"
-    step("export", lambda: export_mesh(mesh, glb))
-    metrics = step("metrics", lambda: mesh_metrics(mesh, source, num_samples=20_000, num_volume_points=20_000,
-                                                   seed=seed))
-
     def render_pair():
         a = render_views(source, 1, size=render_size, seed=seed, key=name).images[0]
         b = render_views(mesh, 1, size=render_size, seed=seed, key=name).images[0]
         return np.concatenate([a, b], axis=1)
 
-    image = step("render", render_pair)
-    bar.close()
+    with contextlib.closing(bar):  # also on errors: a bar left open is drawn again after the error message
+        source, _ = step("load", lambda: normalize_mesh(load_mesh(mesh_path)))
+        sdf = step("sdf", lambda: compute_sparse_sdf(source, [resolution], band=band)[resolution])
+        mesh = step("marching cubes", lambda: marching_cubes_mesh(sdf))
+        glb = out / f"{name}_d3s2.glb"
+        step("export", lambda: export_mesh(mesh, glb))
+        metrics = step("metrics", lambda: mesh_metrics(mesh, source, num_samples=20_000,
+                                                       num_volume_points=20_000, seed=seed))
+        image = step("render", render_pair)
     png = out / f"{name}_compare.png"
     atomic_write_bytes(png, encode_png(image))
     report = {
@@ -98,7 +98,10 @@ def run_generate_demo(weights: str | os.PathLike, out_dir: str | os.PathLike, *,
                       image: str | os.PathLike | None = None, example_mesh: str | os.PathLike | None = None,
                       seed: int = 0, steps: int | None = None, render_size: int = 518, progress: bool = True) -> dict:
     """Image → watertight mesh with the pipeline at ``weights`` on the CPU; exactly one of ``image`` (a file)
-    and ``example_mesh`` (rendered from a fixed random view, then scored against it). Returns the report."""
+    and ``example_mesh`` (rendered from a fixed random view, then scored against it). Returns the report.
+
+    The input is checked before the models load, and ``out_dir`` is made only once there is a result to write.
+    """
     import numpy as np
 
     from d3s2.geometry.export import export_mesh
@@ -109,10 +112,9 @@ def run_generate_demo(weights: str | os.PathLike, out_dir: str | os.PathLike, *,
     if (image is None) == (example_mesh is None):
         raise ValueError("expected exactly one of image and example_mesh")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    pipe = ImageTo3DPipeline.from_pretrained(weights)
     report: dict = {"weights": str(weights), "seed": seed}
     if image is not None:
+        check_image(image)
         name, source, rgba = Path(image).stem, None, image
         report["input"] = str(image)
     else:
@@ -121,9 +123,11 @@ def run_generate_demo(weights: str | os.PathLike, out_dir: str | os.PathLike, *,
         renders = render_views(source, 1, size=render_size, seed=seed, key=name)
         rgba = renders.images[0]
         report["input"] = str(out / f"{name}_input.png")
-        atomic_write_bytes(Path(report["input"]), encode_png(rgba))
         report["example_mesh"] = str(example_mesh)
+    pipe = ImageTo3DPipeline.from_pretrained(weights, progress=progress)
     mesh = pipe(rgba, seed=seed, steps=steps, device="cpu", progress=progress)
+    if source is not None:
+        atomic_write_bytes(Path(report["input"]), encode_png(rgba))
     glb = out / f"{name}.glb"
     export_mesh(mesh, glb)
     report.update(resolution=pipe.resolutions[-1], faces=int(len(mesh.faces)), watertight=bool(mesh.is_watertight),
@@ -146,9 +150,21 @@ def run_generate_demo(weights: str | os.PathLike, out_dir: str | os.PathLike, *,
     return report
 
 
+def check_image(image: str | os.PathLike) -> None:
+    """ValueError (FileNotFoundError) for an input image the pipeline cannot use: missing, unreadable, too small
+    or too large, or without an object to separate; the pipeline's own preprocessing decides."""
+    from d3s2.models.conditioner import preprocess_image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no alpha channel": the pipeline warns about it itself when it runs
+        preprocess_image(image, size=32)  # small: only the checks matter here
+
+
 def _run(args: argparse.Namespace) -> int:
     from d3s2.pipeline import demo_weights
 
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"expected --steps ≥ 1, got {args.steps}")
     examples = bundled_examples()
     if args.mesh:
         path = Path(args.mesh)
@@ -197,5 +213,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resolution", type=int, default=128,
                    help="SDF resolution of the mesh demo, a multiple of 8 (image → 3D uses the pipeline's)")
     p.add_argument("--steps", type=int, default=None, help="image → 3D sampling steps (default: the pipeline's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of the generation and of the example's camera (default 0)")
     p.set_defaults(func=_run)

@@ -18,8 +18,10 @@ OP_MODULES = [
     "d3s2.ops.mesh_field",
 ]
 
-PACKAGES = ["torch", "triton", "numpy", "scipy", "trimesh", "libigl", "embreex", "rtree", "scikit-image",
-            "safetensors", "transformers", "tensorboard", "spconv", "gradio", "fastapi", "uvicorn"]
+# Every runtime dependency of pyproject.toml (the base list and the extras but dev), and spconv.
+PACKAGES = ["torch", "triton", "numpy", "scipy", "trimesh", "safetensors", "pyyaml", "tqdm", "pillow", "rtree",
+            "charset-normalizer", "libigl", "embreex", "scikit-image", "fast-simplification", "transformers",
+            "tensorboard", "spconv", "gradio", "fastapi", "uvicorn", "python-multipart"]
 
 
 def report() -> list[str]:
@@ -31,9 +33,9 @@ def report() -> list[str]:
     lines = [f"d3s2 {__version__}", f"python {platform.python_version()} ({platform.platform()})", "", "packages:"]
     for pkg in PACKAGES:
         try:
-            lines.append(f"  {pkg:14s} {importlib.metadata.version(pkg)}")
+            lines.append(f"  {pkg:20s} {importlib.metadata.version(pkg)}")
         except importlib.metadata.PackageNotFoundError:
-            lines.append(f"  {pkg:14s} -")
+            lines.append(f"  {pkg:20s} -")
     lines += ["", "devices:", f"  cpu            {torch.get_num_threads()} threads"]
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():

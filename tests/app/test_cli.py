@@ -33,3 +33,22 @@ def test_no_cuda_is_a_clear_error(tiny_weights, tmp_path, capsys):
         pytest.skip("this machine has CUDA")
     assert main(["serve", "--weights", str(tiny_weights), "--device", "cuda", "--out", str(tmp_path)]) == 1
     assert "torch sees no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["app", "serve"])
+@pytest.mark.parametrize("port", ["0", "99999", "-1", "http"])
+def test_a_bad_port_is_refused_while_parsing(command, port, tmp_path, capsys):
+    # Refused before any model is loaded or the output folder is created.
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--weights", str(tmp_path), "--out", str(tmp_path / "out"), "--port", port])
+    assert exit_.value.code == 2
+    assert f"argument --port: expected a port number 1-65535, got '{port}'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert build_parser().parse_args([command, "--port", "65535"]).port == 65535
+
+
+@pytest.mark.parametrize("command", ["app", "serve"])
+def test_help_shows_the_max_pixels_default(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert "(default 4096² = 16777216)" in " ".join(capsys.readouterr().out.split())

@@ -157,3 +157,32 @@ def test_sources_errors(tmp_path):
     assert [a.name for a in resolve_sources([str(tmp_path / "*.obj")])] == [f"{tmp_path.name}/a.obj"]
     with pytest.raises(ValueError, match="multiples of 8"):
         BuildConfig(resolutions=(30,))
+
+
+def test_cli_exits_1_when_an_asset_fails(tmp_path, capsys):
+    src = tmp_path / "meshes"
+    src.mkdir()
+    trimesh.creation.box().export(src / "good.obj")
+    (src / "empty.obj").write_text("")
+    out = tmp_path / "out"
+    assert main(["data", "build", str(src), "--out", str(out), *ARGS]) == 1
+    printed = capsys.readouterr().out
+    assert "built 1, skipped 0 (already done), failed 1" in printed and "FAILED meshes/empty.obj" in printed
+    # A re-run that builds nothing new still reports the asset that fails again.
+    assert main(["data", "build", str(src), "--out", str(out), *ARGS]) == 1
+    (src / "empty.obj").unlink()
+    assert main(["data", "build", str(src), "--out", str(out), *ARGS]) == 0
+
+
+def test_narrow_band_is_warned_once_per_resolution(tmp_path, caplog):
+    src = tmp_path / "meshes"
+    src.mkdir()
+    for i in range(3):
+        trimesh.creation.box(extents=(1, 1 + i / 4, 1)).export(src / f"box{i}.obj")
+    # 0.2 is narrower than a voxel at 8³ (0.25) but not at 16³ (0.125).
+    config = BuildConfig(resolutions=(8, 16), views=0, band=0.2)
+    with caplog.at_level("WARNING"):
+        summary = build(resolve_sources([str(src)]), tmp_path / "out", config, progress=False)
+    assert summary.built == 3
+    warned = [r.getMessage() for r in caplog.records if "narrower than one voxel" in r.getMessage()]
+    assert len(warned) == 1 and "at 8^3" in warned[0], warned

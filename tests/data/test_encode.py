@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import torch
 
 from d3s2.cli import main
 from d3s2.data.dataset import SparseSDFDataset
-from d3s2.data.encode import latent_names, load_latent, load_vae, read_settings
+from d3s2.data.encode import encode_folder, latent_names, load_latent, load_vae, read_settings
 from d3s2.sparse import SparseTensor
 
 
@@ -55,7 +57,7 @@ def test_resume_and_errors(tiny_encoded, tmp_path, capsys):
     assert main([*args, "--out", str(out)]) != 0
     assert "encoded with other settings (band" in capsys.readouterr().err
     assert main([*args[:5], str(tmp_path), *args[6:], "--out", str(tmp_path / "x")]) != 0
-    assert "vae_task.json" in capsys.readouterr().err
+    assert "config.json" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="d3s2 data encode"):
         read_settings(tmp_path)
 
@@ -106,3 +108,65 @@ def test_resume_a_folder_written_before_refinement(tiny_encoded, tmp_path, capsy
     assert main(args) == 0
     assert main([*args, "--refine-steps", "1"]) != 0
     assert "(refine_lr, refine_steps" in capsys.readouterr().err
+
+
+def _vae_copy(vae_dir, out, task_info: dict | None):
+    """The weights of ``vae_dir`` with another ``vae_task.json`` (None: none)."""
+    out.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(vae_dir / name, out / name)
+    if task_info is not None:
+        (out / "vae_task.json").write_text(json.dumps(task_info))
+    return out
+
+
+def _export_info_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "d3s2.models.vae.export_info"]
+
+
+def test_data_built_with_a_far_band_is_refused_unless_the_band_is_given(tiny_encoded, tmp_path, caplog):
+    data, vae_dir, _ = tiny_encoded  # data built with band 0.0625
+    vae = _vae_copy(vae_dir, tmp_path / "vae", {"band": 1 / 128, "resolutions": [32]})
+    out = tmp_path / "latents"
+    # divided by the VAE's 1/128, the data's SDF would span ±8 instead of ±1
+    with pytest.raises(ValueError, match=r"built with band 0.0625 but the SS-VAE takes band 0.0078125 \(its "
+                                         r"vae_task.json\): its inputs would span ±8"):
+        encode_folder(data, vae, out, resolution=32, progress=False)
+    assert not out.exists()
+    caplog.set_level(logging.WARNING)
+    summary = encode_folder(data, vae, out, resolution=32, progress=False, band=0.0625)
+    assert summary.encoded == 5 and read_settings(out)["band"] == 0.0625
+    assert _export_info_warnings(caplog) == [f"{data} differs from the SS-VAE in band 0.0625 (the SS-VAE was trained "
+                                             "with 0.0078125)"]
+
+
+def test_cli_band_flag_reaches_the_encoder(tiny_encoded, tmp_path, capsys):
+    from d3s2.cli import main
+
+    data, vae_dir, _ = tiny_encoded
+    vae = _vae_copy(vae_dir, tmp_path / "vae", {"band": 1 / 128, "resolutions": [32]})
+    args = ["data", "encode", "--data", str(data), "--vae", str(vae), "--resolution", "32", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "refused")]) == 1
+    assert "its inputs would span ±8" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "latents"), "--band", "0.0625"]) == 0
+    assert read_settings(tmp_path / "latents")["band"] == 0.0625
+
+
+def test_an_untrained_resolution_is_warned_about(tiny_encoded, tmp_path, caplog):
+    data, vae_dir, _ = tiny_encoded
+    vae = _vae_copy(vae_dir, tmp_path / "vae", {"band": 0.0625, "resolutions": [64]})
+    caplog.set_level(logging.WARNING)
+    assert encode_folder(data, vae, tmp_path / "latents", resolution=32, progress=False).encoded == 5
+    assert _export_info_warnings(caplog) == [f"{data} differs from the SS-VAE in resolution 32 (the SS-VAE was "
+                                             "trained at 64)"]
+
+
+def test_without_a_task_file_the_default_band_is_assumed(tiny_encoded, tmp_path, caplog):
+    data, vae_dir, _ = tiny_encoded
+    vae = _vae_copy(vae_dir, tmp_path / "vae", None)
+    caplog.set_level(logging.WARNING)
+    _, band = load_vae(vae)
+    assert band == 1 / 128 and "has no vae_task.json" in _export_info_warnings(caplog)[0]
+    with pytest.raises(ValueError, match=r"band 0.0078125 \(the default, as there is no vae_task.json\)"):
+        encode_folder(data, vae, tmp_path / "latents", resolution=32, progress=False)
+    assert load_vae(vae, 0.0625)[1] == 0.0625

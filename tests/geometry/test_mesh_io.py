@@ -1,3 +1,5 @@
+import random
+
 import numpy as np
 import pytest
 import trimesh
@@ -42,6 +44,30 @@ def test_bad_files_raise_clear_errors(tmp_path, name, text, message):
     with pytest.raises(MeshError, match=message) as err:
         load_mesh(p)
     assert str(p) in str(err.value)
+
+
+def test_pmd_loads_outward_facing(tmp_path):
+    from d3s2.geometry.pmd import write_pmd
+
+    box = trimesh.creation.box()  # PMD stores the triangles clockwise
+    write_pmd(tmp_path / "t.pmd", box.vertices, box.faces[:, ::-1])
+    mesh = load_mesh(tmp_path / "t.pmd")
+    assert len(mesh.faces) == 12 and mesh.is_watertight and mesh.volume > 0
+
+
+def test_an_obj_that_is_not_utf8_loads(tmp_path):
+    # A Latin-1 comment (an exporter's name or a material with an accent) is common in real OBJ files.
+    p = tmp_path / "latin1.obj"
+    p.write_bytes("# café, exported by Modèle\nv 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n".encode("latin-1"))
+    assert len(load_mesh(p).faces) == 1
+
+
+@pytest.mark.parametrize("suffix", [".obj", ".stl"])
+def test_random_bytes_say_no_triangles_were_read(tmp_path, suffix):
+    p = tmp_path / f"noise{suffix}"
+    p.write_bytes(random.Random(0).randbytes(4000))
+    with pytest.raises(MeshError, match=f"no triangles could be read \\(not a valid {suffix[1:].upper()} file"):
+        load_mesh(p)
 
 
 def test_missing_file_and_array_checks(tmp_path):

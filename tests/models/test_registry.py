@@ -1,4 +1,5 @@
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from d3s2.models.registry import (
     WEIGHTS_FILE,
     build_model,
     from_pretrained,
+    model_config,
     model_names,
     register_model,
     save_pretrained,
@@ -86,6 +88,52 @@ def test_strict_config_errors(tmp_path):
         build_model("sparse_sdf_vae", {"loss": {"l1": 1.0}})
     with pytest.raises(FileNotFoundError, match="config.json"):
         from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name,args,message", [
+    ("sparse_sdf_vae", {"num_blocks": "2"}, "model.args.num_blocks: expected int, got str ('2')"),
+    ("sparse_sdf_vae", {"latent_channels": 8.0}, "model.args.latent_channels: expected int, got float (8.0)"),
+    ("sparse_sdf_vae", {"mlp_ratio": "2.0"}, "model.args.mlp_ratio: expected float, got str ('2.0')"),
+    ("sparse_sdf_vae", {"num_heads": True}, "model.args.num_heads: expected int, got bool (True)"),
+    ("sparse_sdf_vae", {"down_channels": [8, "16", 16]}, "model.args.down_channels[1]: expected int, got str ('16')"),
+    ("sparse_sdf_vae", {"loss": {"kl": "small"}}, "model.args.loss.kl: expected float, got str ('small')"),
+    ("sparse_sdf_vae", {"loss": "small"}, "model.args.loss: expected a mapping for SDFLossWeights, got str"),
+    ("dense_shape_vae", {"loss": {"dice": "1"}}, "model.args.loss.dice: expected float, got str ('1')"),
+    ("sparse_dit", {"use_shift": "yes"}, "model.args.use_shift: expected bool, got str ('yes')"),
+    ("small_image_encoder", {"image_size": "28"}, "model.args.image_size: expected int, got str ('28')"),
+])
+def test_config_values_of_the_wrong_type_are_clear_errors(name, args, message):
+    with pytest.raises(ValueError) as err:
+        model_config(name, args, "model.args")
+    assert str(err.value) == message
+    with pytest.raises(ValueError, match=f"^{name}[.]"):  # build_model checks the same, naming the model
+        build_model(name, args)
+
+
+def test_config_ints_are_accepted_for_floats():
+    cfg = model_config("sparse_sdf_vae", {"mlp_ratio": 2, "loss": {"kl": 0}})
+    assert cfg.mlp_ratio == 2.0 and isinstance(cfg.mlp_ratio, float) and isinstance(cfg.loss.kl, float)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random"])
+def test_a_damaged_weights_file_is_a_clear_error(tmp_path, damage):
+    cfg = _model_section(CONFIGS / "debug" / "tiny_dense_vae.yaml")
+    save_pretrained(build_model(cfg["name"], cfg["args"]), tmp_path)
+    weights = tmp_path / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:1000] if damage == "truncated" else random.Random(0).randbytes(5000))
+    with pytest.raises(ValueError, match="not a valid safetensors file") as err:
+        from_pretrained(tmp_path)
+    assert str(weights) in str(err.value)
+
+
+@pytest.mark.parametrize("text,message", [("{", "not valid JSON"),
+                                          ("[1, 2]", "expected keys 'name' and 'config', got list")])
+def test_a_damaged_config_file_is_a_clear_error(tmp_path, text, message):
+    (tmp_path / CONFIG_FILE).write_text(text)
+    (tmp_path / WEIGHTS_FILE).write_bytes(b"")
+    with pytest.raises(ValueError, match=message) as err:
+        from_pretrained(tmp_path)
+    assert str(tmp_path / CONFIG_FILE) in str(err.value)
 
 
 def test_register_model():

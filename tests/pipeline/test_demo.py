@@ -11,7 +11,7 @@ import d3s2.pipeline
 from d3s2.cli import main
 from d3s2.pipeline.image_to_3d import ImageTo3DPipeline
 
-from .tiny import rgba_image, tiny_pipeline
+from .tiny import png_header_only, rgba_image, tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +53,33 @@ def test_demo_with_weights_scores_a_rendered_example(demo_weights, tmp_path, cap
         assert im.mode == "RGBA" and im.size == (518, 518)
     assert (tmp_path / "horse_lusitano_compare.png").stat().st_size > 0
     assert "silhouette IoU" in capsys.readouterr().out
+
+
+def _write_inputs(folder):
+    folder.mkdir()
+    (folder / "text.png").write_text("not an image")
+    (folder / "huge.png").write_bytes(png_header_only(100_000, 100_000))
+    Image.fromarray(rgba_image() * 0).save(folder / "transparent.png")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--image", "{inputs}/missing.png"], "image not found"),
+    (["--image", "{inputs}/text.png"], "cannot read image"),
+    (["--image", "{inputs}/huge.png"], "is too large"),
+    (["--image", "{inputs}/transparent.png"], "alpha channel is empty"),
+    (["--mesh", "{inputs}/missing.obj"], "missing.obj: no such file"),
+    (["--steps", "0"], "expected --steps ≥ 1, got 0"),
+])
+def test_demo_checks_its_input_before_loading_and_writing(demo_weights, tmp_path, capsys, monkeypatch, args,
+                                                          message):
+    inputs = tmp_path / "inputs"
+    _write_inputs(inputs)
+
+    def refuse(*a, **kw):
+        raise AssertionError("the models were loaded before the input was checked")
+
+    monkeypatch.setattr(ImageTo3DPipeline, "from_pretrained", refuse)
+    out = tmp_path / "d1"
+    assert main(["demo", *[a.format(inputs=inputs) for a in args], "--out", str(out)]) == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists()  # no empty output folder left behind

@@ -6,7 +6,7 @@ import pytest
 import torch
 import trimesh
 
-from d3s2.pipeline.image_to_3d import PIPELINE_FILE, ImageTo3DPipeline, PipelineSettings
+from d3s2.pipeline.image_to_3d import PIPELINE_FILE, ImageTo3DPipeline, PipelineSettings, read_resolutions
 
 from .tiny import rgba_image, tiny_pipeline
 
@@ -94,7 +94,7 @@ def test_errors(pipe, tmp_path):
 
 def test_empty_structure_is_a_clear_error(pipe):
     old = pipe.settings.occupancy_threshold
-    pipe.settings.occupancy_threshold = 1.0 + 1e-6
+    pipe.settings.occupancy_threshold = 0.99  # random weights: sigmoid(logit) stays near 0.5 (see tiny.py)
     try:
         with pytest.raises(RuntimeError, match="empty structure"):
             pipe(rgba_image(), resolution=64, progress=False, device="cpu")
@@ -154,3 +154,76 @@ def test_on_stage_reports_and_can_stop(pipe):
 
     with pytest.raises(TimeoutError, match="stop here"):
         pipe(rgba_image(), resolution=64, steps=1, progress=False, device="cpu", on_stage=stop)
+
+
+def test_unusable_values_are_clear_errors(pipe):
+    with pytest.raises(ValueError, match="expected steps ≥ 1 .*, got 0"):
+        pipe(rgba_image(), resolution=64, steps=0, progress=False, device="cpu")
+    for cfg in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="expected a finite cfg"):
+            pipe(rgba_image(), resolution=64, cfg=cfg, progress=False, device="cpu")
+    with pytest.raises(ValueError, match=r"expected occupancy_threshold in \[0, 1\)"):
+        PipelineSettings(occupancy_threshold=-1.0)
+    old = pipe.settings.occupancy_threshold
+    pipe.settings.occupancy_threshold = 2.0  # assigned after construction: the call checks it
+    try:
+        with pytest.raises(ValueError, match=r"expected occupancy_threshold in \[0, 1\) .*, got 2.0"):
+            pipe(rgba_image(), resolution=64, progress=False, device="cpu")
+    finally:
+        pipe.settings.occupancy_threshold = old
+
+
+def test_steps_and_cfg_reach_every_sampler_as_given(pipe, monkeypatch):
+    import d3s2.flow.sampler
+
+    seen = []
+    real = d3s2.flow.sampler.sample_euler
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs["steps"], kwargs["guidance_scale"], kwargs["uncond"] is not None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(d3s2.flow.sampler, "sample_euler", recording)
+    pipe(rgba_image(), resolution=64, steps=1, cfg=0.0, progress=False, device="cpu")
+    assert seen == [(1, 0.0, True)] * 2  # cfg 0 is a guidance scale (the unconditional output), not "default"
+    seen.clear()
+    pipe(rgba_image(), resolution=64, progress=False, device="cpu")
+    assert seen == [(2, 3.0, True)] * 2  # None: each stage's settings (tiny.py)
+
+
+def test_resolutions_are_checked_before_loading(saved):
+    assert read_resolutions(saved) == [64, 128]
+    with pytest.raises(ValueError, match=r"expected resolutions among \[64, 128\] for .*, got \[100\]"):
+        ImageTo3DPipeline.from_pretrained(saved, resolutions=[100])
+
+
+def test_progress_bars_can_be_hidden_and_close_on_errors(pipe, saved, capsys):
+    from tqdm import tqdm
+
+    ImageTo3DPipeline.from_pretrained(saved, progress=False)
+    assert capsys.readouterr().err == ""
+    ImageTo3DPipeline.from_pretrained(saved)
+    assert "loading" in capsys.readouterr().err
+
+    def open_bars(desc):
+        return [b for b in list(tqdm._instances) if b.desc == desc]
+
+    # The traceback keeps the call's frame, and so its bar, alive: only close() removes it.
+    with pytest.raises(ValueError, match="alpha channel is empty") as failed_call:
+        pipe(np.zeros((32, 32, 4), np.uint8), resolution=64, device="cpu")
+    assert failed_call.traceback and open_bars("generate") == []
+
+
+def test_importable_from_the_package_without_loading_torch():
+    import subprocess
+    import sys
+
+    import d3s2.pipeline
+    from d3s2.pipeline import image_to_3d
+
+    assert d3s2.pipeline.ImageTo3DPipeline is image_to_3d.ImageTo3DPipeline
+    assert d3s2.pipeline.PipelineSettings is image_to_3d.PipelineSettings
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        d3s2.pipeline.Nope  # noqa: B018
+    code = "import sys, d3s2.pipeline; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

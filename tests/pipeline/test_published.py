@@ -363,6 +363,17 @@ def test_config_is_read_strictly(tmp_path):
         pub.read_config(tmp_path)
 
 
+def test_convert_names_a_malformed_config_yaml(tmp_path, capsys):
+    from d3s2.cli import main
+
+    (tmp_path / "config.yaml").write_text("dense_vae: [\n")
+    assert main(["convert", str(tmp_path), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'config.yaml'}: invalid YAML at line 2, column 1: expected the node content" in err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def _check_config_errors(cfg):
     with pytest.raises(ValueError, match=r"unknown parameters \['new_knob'\]"):
         pub.build_component("refiner", {**cfg["refiner"], "params": {**cfg["refiner"]["params"], "new_knob": 1}})

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
+
 import numpy as np
 import torch
 
@@ -56,3 +59,13 @@ def rgba_image(size: int = 40) -> np.ndarray:
     img[size // 4: 3 * size // 4, 3 * size // 10: 7 * size // 10] = (200, 50, 50, 255)
     img[size // 2: size // 2 + 3, 3 * size // 10: 7 * size // 10, :3] = (40, 200, 40)
     return img
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width × height`` RGBA pixels and whose data is empty (a decompression bomb's
+    shape: the size is known before any pixel is decoded)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)  # 8-bit RGBA, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")

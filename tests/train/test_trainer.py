@@ -48,7 +48,9 @@ def test_kill_and_resume_reproduces_losses(tmp_path, tiny_cfg):
     resumed = Trainer(tiny_cfg(**sections), killed, resume="latest")
     assert resumed.step == 3
     resumed.run()
-    got = _losses(killed)  # steps 4, 5 were logged twice: the resumed values come last
+    rows = [json.loads(line) for line in (killed / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 8))  # the lost steps 4, 5 were logged once, by the resume
+    got = _losses(killed)
     assert [got[s] for s in range(4, 8)] == [ref[s] for s in range(4, 8)]
     a = CheckpointDir.load(full / "checkpoints" / "step_00000007.pt")
     b = CheckpointDir.load(killed / "checkpoints" / "step_00000007.pt")

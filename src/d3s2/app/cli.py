@@ -7,6 +7,14 @@ import importlib.util
 import os
 
 MIB = 2**20
+MAX_IMAGE_SIDE = 4096  # the default --max-pixels is a square image of this side
+
+
+def tcp_port(text: str) -> int:
+    """argparse type of ``--port``: checked while parsing, before any model is loaded or folder created."""
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 65535):
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}")
+    return int(text)
 
 
 def _common(p: argparse.ArgumentParser, port: int, out: str) -> None:
@@ -14,11 +22,12 @@ def _common(p: argparse.ArgumentParser, port: int, out: str) -> None:
 
     add_weights_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=port, help=f"port (default {port})")
+    p.add_argument("--port", type=tcp_port, default=port, help=f"port, 1-65535 (default {port})")
     p.add_argument("--out", default=out, help=f"the only folder written to: job results, upload copies "
                                               f"(default {out})")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload (default 10 MiB)")
-    p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image, width × height")
+    p.add_argument("--max-pixels", type=int, default=MAX_IMAGE_SIDE**2,
+                   help=f"largest image, width × height (default {MAX_IMAGE_SIDE}² = {MAX_IMAGE_SIDE**2})")
     p.add_argument("--max-queue", type=int, default=4, help="jobs waiting behind the running one (default 4)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per job from submission (default 900)")
     p.add_argument("--results-cap-mb", type=float, default=2048.0,

@@ -297,10 +297,29 @@ def _clean_stale_temps(out: Path, tmp_tag: str) -> None:
         f.unlink()
 
 
+class _SkipPerAssetBandWarning(logging.Filter):
+    """Drops compute_sparse_sdf's narrow-band warning, which it gives for every asset: build() gives it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "narrower than one voxel" not in str(record.msg)
+
+
+_SDF_LOGGER = logging.getLogger("d3s2.geometry.sdf")
+
+
+def _warn_narrow_band(config: BuildConfig) -> None:
+    # The condition of compute_sparse_sdf's own warning, checked once for the whole build.
+    for res in config.resolutions:
+        if config.band < 2.0 / res:
+            log.warning("band %.5f is narrower than one voxel at %d^3 (%.5f): band voxels will not form complete "
+                        "marching-cubes cells; only the block targets are closed", config.band, res, 2.0 / res)
+
+
 def _init_worker(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    _SDF_LOGGER.addFilter(_SkipPerAssetBandWarning())
 
 
 def build(assets: Iterable[AssetSource], out: str | os.PathLike, config: BuildConfig, *, workers: int = 1,
@@ -308,9 +327,8 @@ def build(assets: Iterable[AssetSource], out: str | os.PathLike, config: BuildCo
     """Build every asset of ``assets`` not finished yet into ``out``; see the module docstring.
 
     ``assets`` should already be this shard's part (:func:`select`); ``shard`` names its manifest and temp files.
+    A band narrower than one voxel at some resolution is warned about once, before the first asset.
     """
-    from tqdm import tqdm
-
     out = Path(out)
     _check_settings(out, config)
     tmp_tag = f"-s{shard[0]}of{shard[1]}"
@@ -320,6 +338,22 @@ def build(assets: Iterable[AssetSource], out: str | os.PathLike, config: BuildCo
     summary = BuildSummary(total=len(assets))
     todo = [a for a in assets if not asset_path(out, a.name).exists()]
     summary.skipped = len(assets) - len(todo)
+    if todo:
+        _warn_narrow_band(config)
+    skip_band_warning = _SkipPerAssetBandWarning()
+    _SDF_LOGGER.addFilter(skip_band_warning)
+    try:
+        _build_todo(todo, out, config, summary, workers=workers, shard=shard, tmp_tag=tmp_tag, progress=progress)
+    finally:
+        _SDF_LOGGER.removeFilter(skip_band_warning)
+    return summary
+
+
+def _build_todo(todo: list[AssetSource], out: Path, config: BuildConfig, summary: BuildSummary, *, workers: int,
+                shard: tuple[int, int], tmp_tag: str, progress: bool) -> None:
+    """Build ``todo`` into ``out``, recording each attempt in the manifest and in ``summary``."""
+    from tqdm import tqdm
+
     t0 = time.perf_counter()
     bar = tqdm(total=len(todo), desc="data build", unit="asset", disable=not progress, dynamic_ncols=True)
     with open(manifest_path(out, shard), "a") as manifest:
@@ -350,7 +384,6 @@ def build(assets: Iterable[AssetSource], out: str | os.PathLike, config: BuildCo
                     record(fut.result())
     bar.close()
     summary.seconds = time.perf_counter() - t0
-    return summary
 
 
 def load_asset(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -28,7 +28,7 @@ def _build(args: argparse.Namespace) -> int:
           f"in {summary.seconds:.1f} s -> {args.out}")
     for name, reason in sorted(summary.failed.items()):
         print(f"  FAILED {name}: {reason}")
-    return 0
+    return 1 if summary.failed else 0
 
 
 def _encode(args: argparse.Namespace) -> int:
@@ -36,7 +36,7 @@ def _encode(args: argparse.Namespace) -> int:
 
     summary = encode_folder(args.data, args.vae, args.out, resolution=args.resolution, device=args.device,
                             batch_tokens=args.batch_tokens, progress=not args.no_progress,
-                            refine_steps=args.refine_steps, refine_lr=args.refine_lr)
+                            refine_steps=args.refine_steps, refine_lr=args.refine_lr, band=args.band)
     print(f"encoded {summary.encoded}, skipped {summary.skipped} (already done), failed {len(summary.failed)} "
           f"in {summary.seconds:.1f} s -> {args.out}")
     for name, reason in sorted(summary.failed.items()):
@@ -53,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "build", help="meshes -> sparse SDF at several resolutions + conditioning renders",
         description="SOURCE: a folder (every .obj/.ply/.stl/.off/.glb/.gltf/.pmd below it), a glob, a mesh file, "
                     "or the built-in 0 A.D. corpus: '0ad' or '0ad:<category>' (gaia, props, skeletal, structural, "
-                    "temp, test). Re-running skips finished assets and retries failed ones.")
+                    "temp, test). Re-running skips finished assets and retries failed ones. Exits with 1 when an asset "
+                    "failed in this run (after the summary, which names each failure), as `d3s2 data encode` does.")
     b.add_argument("sources", nargs="+", metavar="SOURCE")
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--resolutions", type=_ints, default=[256, 512], help="SDF resolutions (default 256,512)")
@@ -77,7 +78,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "Writes OUT/encoded.json and OUT/assets/<name>.npz (coords, mean, logvar); re-running skips "
                     "finished assets.")
     e.add_argument("--data", required=True, help="built data folder (d3s2 data build)")
-    e.add_argument("--vae", required=True, help="SS-VAE folder (config.json, model.safetensors, vae_task.json)")
+    e.add_argument("--vae", required=True,
+                   help="SS-VAE folder (config.json, model.safetensors; vae_task.json gives its band)")
+    e.add_argument("--band", type=float, default=None,
+                   help="SDF band of the VAE's inputs (default: vae_task.json's, else 1/128); given explicitly, "
+                        "a data folder built with a far-off band is encoded anyway")
     e.add_argument("--resolution", type=int, default=256, help="SDF resolution to encode (default 256)")
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")

@@ -9,7 +9,9 @@ Output folder layout (a fixed format; GPU scripts write it too)::
                             mean float16 [n, C], logvar float16 [n, C]
 
 Every asset file is written atomically, and a re-run skips assets whose file exists (settings must match).
-The encoder sees SDF / τ of the build's band voxels, exactly as in VAE training (:mod:`d3s2.models.vae.task`).
+The encoder sees SDF / τ of the build's band voxels, exactly as in VAE training (:mod:`d3s2.models.vae.task`), with
+τ the VAE's band (its ``vae_task.json``; :mod:`d3s2.models.vae.export_info`): a folder built with a band more than 2x
+from it is refused, and a band or resolution the VAE was not trained with is warned about.
 With ``refine_steps > 0`` the stored ``mean`` is the encoder's posterior mode refined by that many Adam steps
 against the decoder's loss on the asset's own targets (:func:`d3s2.models.vae.refine.refine_latent`, semi-amortised
 encoding); ``logvar`` stays the encoder's.
@@ -66,17 +68,15 @@ def load_latent(root: str | os.PathLike, name: str) -> dict[str, np.ndarray]:
         return {k: z[k] for k in ("coords", "mean", "logvar")}
 
 
-def load_vae(vae_dir: str | os.PathLike) -> tuple[torch.nn.Module, float]:
-    """The SS-VAE of a ``vae`` task export and its band τ (from ``vae_task.json``)."""
+def load_vae(vae_dir: str | os.PathLike, band: float | None = None) -> tuple[torch.nn.Module, float]:
+    """The SS-VAE of a ``vae`` task export and the band τ to feed it: ``band``, else its ``vae_task.json``'s, else
+    the default (:func:`d3s2.models.vae.export_info.resolve_band`, as ``d3s2 reconstruct``)."""
     from ..models.registry import from_pretrained
-    from ..models.vae.task import TASK_FILE
+    from ..models.vae.export_info import read_task_file, resolve_band
 
     root = Path(vae_dir)
-    task_file = root / TASK_FILE
-    if not task_file.is_file():
-        raise FileNotFoundError(f"expected {task_file}: an SS-VAE exported by `d3s2 train vae` (it records the band)")
-    band = float(json.loads(task_file.read_text())["band"])
     model = from_pretrained(root)
+    band = resolve_band(band, read_task_file(root), root)
     if type(model).__name__ != "SparseSDFVAE":
         raise ValueError(f"{root} holds a {type(model).__name__}, expected a SparseSDFVAE")
     return model, band
@@ -103,14 +103,18 @@ _RESUME_KEYS = {"format": None, "resolution": None, "channels": None, "band": No
 
 def encode_folder(data: str | os.PathLike, vae_dir: str | os.PathLike, out: str | os.PathLike, *,
                   resolution: int = 256, device: str = "cpu", batch_tokens: int = 500_000,
-                  progress: bool = True, refine_steps: int = 0, refine_lr: float = 0.03) -> EncodeSummary:
+                  progress: bool = True, refine_steps: int = 0, refine_lr: float = 0.03,
+                  band: float | None = None) -> EncodeSummary:
     """Encode every finished asset of built folder ``data`` at ``resolution`` into ``out`` (see module docstring).
 
     Posterior parameters are taken in float32 (autocast bf16 on CUDA inside the encoder) and stored as float16.
     ``refine_steps > 0``: the posterior mode is refined per batch (each asset as if alone) before it is stored.
+    ``band``: the τ the SDF is divided by (default: the VAE's, see :func:`load_vae`). Without it, a folder built
+    with a band more than 2x from the VAE's is refused (:func:`d3s2.models.vae.export_info.check_data_matches`).
     """
     from tqdm.auto import tqdm
 
+    from ..models.vae.export_info import check_data_matches, read_task_file
     from ..models.vae.refine import refine_latent
     from ..models.vae.sparse_sdf_vae import PackedSDFBatch
     from ..sparse import SparseTensor
@@ -122,7 +126,12 @@ def encode_folder(data: str | os.PathLike, vae_dir: str | os.PathLike, out: str 
 
     t0 = time.perf_counter()
     ds = SparseSDFDataset(data, resolution, split=None, with_blocks="packed", with_image=False)
-    model, band = load_vae(vae_dir)
+    explicit_band = band is not None
+    if explicit_band and not band > 0:
+        raise ValueError(f"expected band > 0, got {band:g}")
+    model, band = load_vae(vae_dir, band)
+    check_data_matches(read_task_file(vae_dir), data=data, data_band=float(ds.settings["band"]), band=band,
+                       resolutions=[resolution], explicit_band=explicit_band)
     dev = torch.device(device)
     model = model.to(dev)
     channels = model.config.latent_channels

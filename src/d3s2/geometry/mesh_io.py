@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import trimesh
 
-MESH_SUFFIXES = (".obj", ".ply", ".stl", ".off", ".glb", ".gltf")
+MESH_SUFFIXES = (".obj", ".ply", ".stl", ".off", ".glb", ".gltf", ".pmd")
 
 
 class MeshError(ValueError):
@@ -36,7 +36,7 @@ def _merge_scene(scene: trimesh.Scene) -> trimesh.Trimesh:
 
 
 def load_mesh(path: str | os.PathLike) -> trimesh.Trimesh:
-    """Read OBJ/PLY/STL/OFF/GLB/GLTF into one triangle mesh (scenes merged with their transforms).
+    """Read OBJ/PLY/STL/OFF/GLB/GLTF/PMD into one triangle mesh (scenes merged with their transforms).
 
     Raises :class:`MeshError` if the file is missing or unreadable, empty, has NaN/inf vertices, no faces
     or only degenerate (zero-area) faces. Vertices are float64 ``[V, 3]``, faces int64 ``[F, 3]``.
@@ -49,12 +49,20 @@ def load_mesh(path: str | os.PathLike) -> trimesh.Trimesh:
         raise MeshError(f"{path}: unsupported mesh format {suffix!r}, expected one of {', '.join(MESH_SUFFIXES)}")
     if os.path.getsize(path) == 0:
         raise MeshError(f"{path}: file is empty")
+    if suffix == ".pmd":
+        from .pmd import load_pmd  # imported here: pmd.py builds on this module
+
+        return load_pmd(path)
     try:
         loaded = trimesh.load(path, force=None, process=False)
     except Exception as err:  # trimesh raises many exception types for malformed files
         raise MeshError(f"{path}: unreadable mesh file ({type(err).__name__}: {err})") from err
     if isinstance(loaded, trimesh.Scene):
         loaded = _merge_scene(loaded)
+        # trimesh reads a file of garbage in a text format as a scene with nothing in it.
+        if len(loaded.faces) == 0:
+            raise MeshError(f"{path}: no triangles could be read (not a valid {suffix[1:].upper()} file, or one "
+                            "without faces)")
     if not isinstance(loaded, trimesh.Trimesh):
         raise MeshError(f"{path}: expected a triangle mesh, got {type(loaded).__name__} (no faces)")
     return validate_mesh(loaded.vertices, loaded.faces, name=path)

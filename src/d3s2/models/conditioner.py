@@ -37,11 +37,17 @@ DINO_IMAGE_SIZE = 518
 
 
 # ---------------------------------------------------------------------------------------------- images
+MIN_IMAGE_SIDE = 16  # pixels; smaller inputs hold too little of the object for any encoder
+
+
 def load_image(image: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
     """Open ``image`` (a path, a PIL image or an ``[H, W, 3|4]`` uint8 array) as RGB or RGBA.
 
-    Raises FileNotFoundError for a missing file and ValueError for an unreadable or empty image.
+    Raises FileNotFoundError for a missing file and ValueError for an unreadable image, one smaller than
+    :data:`MIN_IMAGE_SIDE` pixels a side, or a file above ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (checked on the
+    header, before decoding).
     """
+    name = "image"
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
             raise ValueError(f"expected a uint8 array [H, W, 3|4], got {image.dtype} {image.shape}")
@@ -50,18 +56,37 @@ def load_image(image: str | os.PathLike | Image.Image | np.ndarray) -> Image.Ima
         img = image
     else:
         path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image not found: {path}")
-        try:
-            with Image.open(path) as f:
-                f.load()
-                img = f.copy()
-        except (OSError, SyntaxError, ValueError) as err:  # PIL raises these for truncated/corrupt data
-            raise ValueError(f"cannot read image {path}: {err}") from err
-    if img.width == 0 or img.height == 0:
-        raise ValueError(f"expected a non-empty image, got size {img.width}x{img.height}")
+        name = f"image {path}"
+        img = _read_image_file(path)
+    if img.width < MIN_IMAGE_SIDE or img.height < MIN_IMAGE_SIDE:
+        raise ValueError(f"{name}: expected at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels, "
+                         f"got {img.width}x{img.height}")
     has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
     return img.convert("RGBA" if has_alpha else "RGB")
+
+
+def _read_image_file(path: Path) -> Image.Image:
+    """The decoded image at ``path``; its size is checked against ``PIL.Image.MAX_IMAGE_PIXELS`` first."""
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    limit = Image.MAX_IMAGE_PIXELS  # read at call time: a caller may change it (None: no limit, as in PIL)
+    too_large = f"image {path} is too large: expected at most {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS)"
+    unreadable = (OSError, SyntaxError, ValueError)  # what PIL raises for truncated or corrupt data
+    try:
+        f = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        # PIL refuses twice its limit on the header (and warns between once and twice: an error under -W error).
+        raise ValueError(f"{too_large}, got more than that") from err
+    except unreadable as err:
+        raise ValueError(f"cannot read image {path}: {err}") from err
+    with f:
+        if limit is not None and f.width * f.height > limit:
+            raise ValueError(f"{too_large}, got {f.width}x{f.height}")
+        try:
+            f.load()
+        except unreadable as err:
+            raise ValueError(f"cannot read image {path}: {err}") from err
+        return f.copy()
 
 
 def estimate_foreground(rgb: np.ndarray, *, threshold: float = 30.0, border: int = 2) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Build models by name and save/load them as ``config.json`` + ``model.safetensors``.
 
 A registered model class exposes ``Config`` (a ``@dataclass(kw_only=True)`` of plain fields, nested dataclasses
-allowed), takes it as its only constructor argument and keeps it as ``self.config``.
+allowed, whose annotations are enforced when a config is built from a mapping), takes it as its only constructor
+argument and keeps it as ``self.config``.
 
 ``config.json`` = ``{"name": <registered name>, "config": {...}}``.
 """
@@ -12,6 +13,7 @@ import dataclasses
 import importlib
 import json
 import os
+import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +21,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from ..config import from_dict
 from ..fileio import atomic_path, atomic_write_text
 
 CONFIG_FILE = "config.json"
@@ -71,33 +74,41 @@ def model_name(model: nn.Module) -> str:
 
 
 def config_from_dict(cls: type, values: Mapping[str, Any], where: str = "config") -> Any:
-    """Build dataclass ``cls`` from a mapping, strictly: unknown keys are errors; nested dataclasses recurse."""
+    """Build dataclass ``cls`` from a mapping, strictly: unknown keys and values that do not match their field's
+    annotation are ValueErrors naming the dotted key, e.g. ``model.args.num_blocks: expected int, got str ('2')``
+    (ints are accepted where a float is expected); nested dataclasses recurse."""
+    _reject_unknown_keys(cls, values, where)
+    return from_dict(cls, values, path=where)
+
+
+def _reject_unknown_keys(cls: type, values: Mapping[str, Any], where: str) -> None:
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"expected a dataclass type, got {cls!r}")
     if not isinstance(values, Mapping):
         raise ValueError(f"{where}: expected a mapping, got {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(str(k) for k in values if k not in fields)
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown}; expected some of {sorted(fields)}")
-    kwargs = {}
     for key, value in values.items():
-        default = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
-        sample = default() if default is not None else fields[key].default
-        if dataclasses.is_dataclass(sample) and isinstance(value, Mapping):
-            value = config_from_dict(type(sample), value, f"{where}.{key}")
-        kwargs[key] = value
-    return cls(**kwargs)
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, Mapping):
+            _reject_unknown_keys(hints[key], value, f"{where}.{key}")
+
+
+def model_config(name: str, values: Mapping[str, Any] | None = None, where: str | None = None) -> Any:
+    """The ``Config`` of model ``name`` from a mapping of its fields (None: the defaults), checked as in
+    :func:`config_from_dict`; errors start with ``where`` (default: ``name``), e.g. ``model.args``."""
+    cfg_cls = model_class(name).Config  # type: ignore[attr-defined]
+    return cfg_cls() if values is None else config_from_dict(cfg_cls, values, where or name)
 
 
 def build_model(name: str, config: Any = None) -> nn.Module:
     """Instantiate model ``name`` from its ``Config``, a mapping of config fields, or None (defaults)."""
     cls = model_class(name)
     cfg_cls = cls.Config  # type: ignore[attr-defined]
-    if config is None:
-        config = cfg_cls()
-    elif isinstance(config, Mapping):
-        config = config_from_dict(cfg_cls, config, name)
+    if config is None or isinstance(config, Mapping):
+        config = model_config(name, config)
     elif not isinstance(config, cfg_cls):
         raise ValueError(f"expected a {cfg_cls.__name__} or a mapping for {name!r}, got {type(config).__name__}")
     return cls(config)
@@ -131,17 +142,31 @@ def from_pretrained(directory: str | os.PathLike, *, map_location: str | torch.d
 
     Weights keep the model's construction dtype (float32) unless ``dtype`` is given.
     """
-    from safetensors.torch import load_file
-
     root = Path(directory)
     for f in (CONFIG_FILE, WEIGHTS_FILE):
         if not (root / f).is_file():
             raise FileNotFoundError(f"expected {root / f} (a directory written by save_pretrained)")
-    payload = json.loads((root / CONFIG_FILE).read_text())
+    try:
+        payload = json.loads((root / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{root / CONFIG_FILE}: not valid JSON ({err})") from err
     if not isinstance(payload, dict) or set(payload) != {"name", "config"}:
-        raise ValueError(f"{root / CONFIG_FILE}: expected keys 'name' and 'config', got {sorted(payload)}")
+        got = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{root / CONFIG_FILE}: expected keys 'name' and 'config', got {got}")
     model = build_model(payload["name"], payload["config"])
-    model.load_state_dict(load_file(str(root / WEIGHTS_FILE), device=str(map_location)))
+    model.load_state_dict(load_weights(root / WEIGHTS_FILE, device=map_location))
     if dtype is not None:
         model = model.to(dtype)
     return model.to(map_location).eval()
+
+
+def load_weights(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file. A truncated or foreign file is a ValueError naming it (safetensors'
+    own error names neither the file nor the format)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(os.fspath(path), device=str(device))
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a valid safetensors file ({err})") from err

@@ -1,4 +1,5 @@
-"""Image → 3D pipeline: :class:`~d3s2.pipeline.image_to_3d.ImageTo3DPipeline`, ``d3s2 generate``, evaluation.
+"""Image → 3D pipeline: :class:`~d3s2.pipeline.image_to_3d.ImageTo3DPipeline` (also ``from d3s2.pipeline import
+ImageTo3DPipeline, PipelineSettings``), ``d3s2 generate``, evaluation.
 
 The demo pipeline (small models trained here on the 0 A.D. corpus at 256³) ships inside the package at
 ``d3s2/assets/demo_pipeline/`` (a folder written by ``ImageTo3DPipeline.save_pretrained``), so a ``pip install``
@@ -8,10 +9,21 @@ reaches it like a source checkout; :func:`demo_weights` finds it, and ``d3s2 gen
 
 from __future__ import annotations
 
+import importlib
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 DEMO_PIPELINE = "demo_pipeline"  # folder under d3s2/assets
+# Re-exported from d3s2.pipeline.image_to_3d on first use (PEP 562): `import d3s2.pipeline` stays free of torch.
+_FROM_IMAGE_TO_3D = ("ImageTo3DPipeline", "PipelineSettings", "StageSettings")
+__all__ = ["DEMO_PIPELINE", "demo_weights", "demo_weights_dir", *_FROM_IMAGE_TO_3D]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_IMAGE_TO_3D:
+        return getattr(importlib.import_module(f"{__name__}.image_to_3d"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def demo_weights_dir() -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -17,9 +18,8 @@ from ..cli import eval_subparsers
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-FORMATS = ("glb", "obj", "ply")
+FORMATS = ("glb", "obj", "ply", "stl")  # d3s2.geometry.export.EXPORT_FORMATS, not imported: it loads trimesh
 WEIGHTS_ENV = "D3S2_WEIGHTS"
-
 
 
 def add_weights_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,12 +37,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "best). A directory input takes every image file in it.")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("-o", "--out", required=True,
-                   help="output directory, or a file name (.glb/.obj/.ply) when there is one input image")
-    p.add_argument("--resolution", type=int, default=None, help="mesh resolution, 512 or 1024 (default: highest)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="sampling steps for every stage (default: per stage)")
+                   help="output directory (a path without a suffix, or ending in /), or a mesh file name "
+                        "(.glb/.obj/.ply/.stl) when there is one input image")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="mesh resolution: one of the pipeline's resolutions (default: the highest)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed: the same seed, image, settings and device give the same mesh (default 0)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps for every stage, ≥ 1 (default: per stage)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale for every stage (default: per stage)")
-    p.add_argument("--faces", type=int, default=None, help="decimate to about N faces")
+    p.add_argument("--faces", type=int, default=None, help="decimate to about N faces (may break watertightness)")
     add_weights_arguments(p)
     weights = p.add_mutually_exclusive_group()
     weights.add_argument("--low-vram", action="store_true",
@@ -50,10 +53,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     weights.add_argument("--keep-weights", action="store_true",
                          help="keep every model on the GPU for the whole run (default on CUDA: only the running "
                               "model and the next two, copied in ahead)")
-    p.add_argument("--format", choices=FORMATS, default="glb")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="file format of the meshes written into an output directory (default glb); a file "
+                        "name in -o sets its own")
     p.add_argument("--occupancy-threshold", type=float, default=None,
-                   help="structure stage threshold on sigmoid(logit) (default: the pipeline's, 0.1 published)")
-    p.add_argument("--no-progress", action="store_true")
+                   help="structure stage threshold on sigmoid(logit), in (0, 1) (default: the pipeline's, 0.1 "
+                        "published)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=run)
 
     e = eval_subparsers(subparsers).add_parser(
@@ -69,18 +75,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--split", default="test", choices=["train", "val", "test", "all"], help="split (default test)")
     e.add_argument("--limit", type=int, default=0, help="at most this many assets (0 = all)")
     e.add_argument("--view", type=int, default=0, help="which stored render of each asset (default 0)")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--steps", type=int, default=None, help="sampling steps for every stage (default: per stage)")
+    e.add_argument("--seed", type=int, default=0, help="random seed of every generation (default 0)")
+    e.add_argument("--steps", type=int, default=None, help="sampling steps for every stage, ≥ 1 (default: per stage)")
     e.add_argument("--cfg", type=float, default=None, help="guidance scale for every stage (default: per stage)")
-    e.add_argument("--resolution", type=int, default=None, help="mesh resolution (default: the pipeline's highest)")
-    e.add_argument("--occupancy-threshold", type=float, default=None, help="structure stage threshold override")
+    e.add_argument("--resolution", type=int, default=None,
+                   help="mesh resolution: one of the pipeline's resolutions (default: the highest)")
+    e.add_argument("--occupancy-threshold", type=float, default=None,
+                   help="structure stage threshold on sigmoid(logit), in (0, 1) (default: the pipeline's)")
     e.add_argument("--reference", default="sdf", choices=["sdf", "source"],
                    help="Chamfer reference: the closed mesh of the stored SDF (default) or the normalised source mesh")
     e.add_argument("--corpus", default=None, help="corpus npz for --reference source (default: the build record's)")
     e.add_argument("--samples", type=int, default=20_000, help="surface samples per mesh (default 20000)")
     e.add_argument("--renders", type=int, default=4, help="comparison PNGs for the first N assets (default 4)")
-    e.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    e.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     e.set_defaults(func=run_eval)
 
 
@@ -108,64 +116,116 @@ def collect_images(inputs: list[str]) -> list[Path]:
     return out
 
 
-def output_paths(images: list[Path], out: str, fmt: str) -> list[Path]:
+def check_sampling_arguments(args: argparse.Namespace) -> None:
+    """``--steps``, ``--cfg`` and ``--occupancy-threshold`` that no run can use: errors before any weights load."""
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"expected --steps ≥ 1, got {args.steps}")
+    if args.cfg is not None and not math.isfinite(args.cfg):
+        raise ValueError(f"expected a finite --cfg, got {args.cfg}")
+    threshold = args.occupancy_threshold
+    # sigmoid ≥ 0 keeps the whole grid (minutes of sampling), ≥ 1 keeps nothing.
+    if threshold is not None and not 0.0 < threshold < 1.0:
+        raise ValueError(f"expected --occupancy-threshold in (0, 1), got {threshold}")
+
+
+def check_resolution(weights: str, resolution: int | None) -> None:
+    """``--resolution`` against the folder's ``pipeline.json``, before any weights load."""
+    from .image_to_3d import read_resolutions
+
+    available = read_resolutions(weights)
+    if resolution is not None and resolution not in available:
+        raise ValueError(f"expected --resolution in {available} for {weights}, got {resolution}")
+
+
+def output_paths(images: list[Path], out: str, fmt: str | None) -> list[Path]:
+    """The file each image's mesh goes to: ``out`` itself when it names a mesh file (one image), else one file per
+    image in the directory ``out``. Raises ValueError for an ``-o`` or ``--format`` that cannot be honoured and for
+    paths that cannot be written, before anything is generated."""
     target = Path(out)
-    if target.suffix.lower().lstrip(".") in FORMATS:
+    suffix = target.suffix.lower().lstrip(".")
+    # A trailing / names a directory; so does an existing directory whose suffix is no mesh format ("run.2").
+    is_directory = out.endswith(("/", os.sep)) or not suffix or (suffix not in FORMATS and target.is_dir())
+    if is_directory:
+        fmt = fmt or "glb"
+        stems = [p.stem for p in images]
+        # Same stem from two directories: keep both outputs apart.
+        paths = [target / (f"{s}.{fmt}" if stems.count(s) == 1 else f"{s}_{i}.{fmt}") for i, s in enumerate(stems)]
+    else:
+        if suffix not in FORMATS:
+            raise ValueError(f"expected -o to end in {'/'.join('.' + f for f in FORMATS)} or to be a directory "
+                             f"(no suffix, or a trailing /), got {out}")
+        if fmt is not None and fmt != suffix:
+            raise ValueError(f"-o {out} names a .{suffix} file but --format is {fmt}: expected them to agree "
+                             "(or only one of them)")
         if len(images) != 1:
             raise ValueError(f"-o {out} names one file but there are {len(images)} input images; "
                              "pass a directory")
-        return [target]
-    stems = [p.stem for p in images]
-    # Same stem from two directories: keep both outputs apart.
-    return [target / (f"{s}.{fmt}" if stems.count(s) == 1 else f"{s}_{i}.{fmt}") for i, s in enumerate(stems)]
+        paths = [target]
+    from ..geometry.export import check_export_path  # here: trimesh stays out of the parser's imports
+
+    for path in paths:
+        try:
+            check_export_path(path)
+        except ValueError as err:
+            hint = " (end -o with / to write into it)" if path.is_dir() else ""
+            raise ValueError(f"-o {out}: {err}{hint}") from None
+    return paths
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    from ..cli import resolve_device
     from ..geometry.export import export_mesh
     from .image_to_3d import ImageTo3DPipeline
 
-    weights = resolve_weights(args.weights)
+    check_sampling_arguments(args)
+    if args.faces is not None and args.faces < 1:
+        raise ValueError(f"expected --faces ≥ 1, got {args.faces}")
     images = collect_images(args.inputs)
     outputs = output_paths(images, args.out, args.format)
+    device = resolve_device(args.device)
+    weights = resolve_weights(args.weights)
+    check_resolution(weights, args.resolution)
     pipe = ImageTo3DPipeline.from_pretrained(weights, conditioner=args.conditioner,
-                                             resolutions=[args.resolution] if args.resolution else None)
-    if args.resolution is not None and args.resolution not in pipe.resolutions:
-        raise ValueError(f"expected --resolution in {pipe.resolutions} for {weights}, got {args.resolution}")
+                                             resolutions=[args.resolution] if args.resolution else None,
+                                             progress=not args.no_progress)
     if args.occupancy_threshold is not None:
         pipe.settings.occupancy_threshold = args.occupancy_threshold
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     failed = 0
     for image, out in zip(images, outputs):
         try:
             mesh = pipe(image, resolution=args.resolution, seed=args.seed, steps=args.steps, cfg=args.cfg,
                         faces=args.faces, device=device, progress=not args.no_progress, low_vram=args.low_vram,
                         residency="resident" if args.keep_weights else None)
-        except (ValueError, FileNotFoundError, RuntimeError) as err:
-            # One bad image does not stop the others.
+            export_mesh(mesh, out)
+        except (ValueError, OSError, RuntimeError) as err:
+            # One bad image (unreadable, no object, empty structure) or unwritable output does not stop the
+            # others; any other exception is a bug and propagates.
+            logger.debug("%s failed", image, exc_info=True)
             print(f"d3s2 generate: error: {image}: {err}", file=sys.stderr)
             failed += 1
             continue
-        export_mesh(mesh, out)
         secs = pipe.last_timing.seconds.get("total", 0.0)
         print(f"{image} -> {out} ({len(mesh.faces)} faces, watertight {mesh.is_watertight}, {secs:.1f} s)")
+        if args.faces is not None and not mesh.is_watertight:
+            print(f"d3s2 generate: warning: {out}: decimating to about {args.faces} faces broke watertightness "
+                  "(leave out --faces for a watertight mesh)", file=sys.stderr)
     return 1 if failed else 0
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    import torch
-
+    from ..cli import resolve_device
     from .evaluate import GenerateEvalConfig, evaluate_generation, format_table, read_rows
     from .image_to_3d import ImageTo3DPipeline
 
+    check_sampling_arguments(args)
+    device = resolve_device(args.device)
     weights = resolve_weights(args.weights)
+    check_resolution(weights, args.resolution)
     config = GenerateEvalConfig(split=None if args.split == "all" else args.split, limit=args.limit, view=args.view,
                                 seed=args.seed, steps=args.steps, cfg=args.cfg, resolution=args.resolution,
                                 reference=args.reference, corpus=args.corpus, num_samples=args.samples,
-                                num_renders=args.renders,
-                                device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipe = ImageTo3DPipeline.from_pretrained(weights, conditioner=args.conditioner)
+                                num_renders=args.renders, device=device)
+    pipe = ImageTo3DPipeline.from_pretrained(weights, conditioner=args.conditioner, progress=not args.no_progress)
     if args.occupancy_threshold is not None:
         pipe.settings.occupancy_threshold = args.occupancy_threshold
     summary = evaluate_generation(pipe, args.data, args.out, config, weights=weights,

@@ -45,6 +45,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -129,6 +130,16 @@ class PipelineSettings:
     refine_level: float = 0.4  # iso level on a VoxelRefinerXL's tanh output (published: 2 × mc_threshold)
     dense_latent: LatentNorm | None = None  # the dense DiT's latent normalisation (None: raw latents)
     sparse_latent: dict[int, LatentNorm] = field(default_factory=dict)  # per mesh resolution
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise ValueError for a value no run can use (fields may be assigned later: every call checks again)."""
+        # sigmoid ≥ 1 holds nowhere; 0 keeps the whole grid (a full structure, for tests), as below 0 would.
+        if not 0.0 <= self.occupancy_threshold < 1.0:
+            raise ValueError(f"expected occupancy_threshold in [0, 1) (a level on sigmoid(logit)), got "
+                             f"{self.occupancy_threshold}")
 
     def stage(self, resolution: int) -> StageSettings:
         return self.sparse.get(resolution) or _published_sparse(resolution)
@@ -308,29 +319,25 @@ class ImageTo3DPipeline:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, conditioner: str | os.PathLike | nn.Module | None = None,
-                        resolutions: list[int] | None = None, dtype: torch.dtype | None = None) -> ImageTo3DPipeline:
+                        resolutions: list[int] | None = None, dtype: torch.dtype | None = None,
+                        progress: bool = True) -> ImageTo3DPipeline:
         """Load a pipeline folder (``pipeline.json`` + component folders) on the CPU.
 
         ``conditioner`` overrides or supplies the image encoder: a module, a DINOv2 Hugging Face folder or a
         torch-hub ``.pth`` file (folders converted from the published checkpoints hold no encoder).
-        ``resolutions`` loads only the sparse stages up to the highest one listed. Refiners are loaded only when
-        the settings apply them (``refine``, on for converted published folders).
+        ``resolutions`` loads only the sparse stages up to the highest one listed, each one of the folder's
+        (:func:`read_resolutions`). Refiners are loaded only when the settings apply them (``refine``, on for
+        converted published folders). ``progress``: a bar over the components while they load.
         """
         from ..models.registry import from_pretrained
 
         root = Path(directory)
         path = root / PIPELINE_FILE
-        if not root.is_dir():
-            raise FileNotFoundError(f"weights folder not found: {root}")
-        if not path.is_file():
-            raise FileNotFoundError(f"expected {path}: a d3s2 pipeline folder (ImageTo3DPipeline.save_pretrained "
-                                    "or `d3s2 convert`)")
-        try:
-            manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON: {err}") from err
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("components"), list):
-            raise ValueError(f"{path}: expected an object with a 'components' list")
+        manifest = _read_manifest(root)
+        available = _manifest_resolutions(manifest)
+        unknown = sorted(set(resolutions or []) - set(available))
+        if unknown:
+            raise ValueError(f"expected resolutions among {available} for {root}, got {unknown}")
         if "settings" in manifest:
             settings = PipelineSettings.from_dict(manifest["settings"])
         elif "defaults" in manifest:  # a folder converted from the published checkpoints
@@ -349,7 +356,7 @@ class ImageTo3DPipeline:
         if not settings.refine:
             names = [n for n in names if not _REFINER_NAME.match(n)]
         models: dict[str, nn.Module] = {}
-        for name in tqdm(names, desc="loading", leave=False, disable=len(names) < 3):
+        for name in tqdm(names, desc="loading", leave=False, disable=not progress or len(names) < 3):
             sub = root / name
             if name == "conditioner":
                 if conditioner is None:
@@ -403,7 +410,8 @@ class ImageTo3DPipeline:
         Args:
             resolution: mesh resolution, one of :attr:`resolutions` (default: the highest).
             seed: the same seed, inputs and device give the same mesh.
-            steps / cfg: override every stage's step count / guidance scale.
+            steps / cfg: override every stage's step count (≥ 1) / guidance scale (finite; 0 is a scale too:
+                the unconditional prediction). None keeps each stage's.
             faces: decimate to about this many faces.
             device: default CUDA when available. dtype: default bf16 on CUDA, float32 on the CPU.
             low_vram: keep models on the CPU and move each to the device only while it runs (residency
@@ -423,6 +431,11 @@ class ImageTo3DPipeline:
             raise ValueError(f"expected resolution in {self.resolutions}, got {resolution}")
         if faces is not None and faces <= 0:
             raise ValueError(f"expected a positive face count, got {faces}")
+        if steps is not None and steps < 1:
+            raise ValueError(f"expected steps ≥ 1 (None: each stage's own), got {steps}")
+        if cfg is not None and not math.isfinite(cfg):
+            raise ValueError(f"expected a finite cfg (guidance scale), got {cfg}")
+        self.settings.check()
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         mode = self._residency_mode(residency, low_vram, device)
@@ -430,7 +443,6 @@ class ImageTo3DPipeline:
         timing = StageTiming()
         self.last_timing = timing
         names = ["prepare", "condition", "dense", *[f"sparse {r}" for r in stages], "post"]
-        bar = tqdm(total=len(names), desc="generate", unit="stage", disable=not progress)
 
         @contextlib.contextmanager
         def stage(name: str) -> Iterator[None]:
@@ -442,7 +454,9 @@ class ImageTo3DPipeline:
             bar.update(1)
 
         self.weights.begin(self._plan(stages), device, dtype, mode, others=list(self.components().values()))
-        with self._timed("total", device), torch.inference_mode(), self._weights_call():
+        bar = tqdm(total=len(names), desc="generate", unit="stage", disable=not progress)
+        # closing(bar): also on errors, or the bar left open is drawn again after the error message.
+        with contextlib.closing(bar), self._timed("total", device), torch.inference_mode(), self._weights_call():
             with stage("prepare"):
                 prepared = {e.image_size: self._prepare(image, e.image_size) for e in self._encoders(stages)}
             with stage("condition"):
@@ -474,7 +488,6 @@ class ImageTo3DPipeline:
                                               device, dtype, progress)
             with stage("post"):
                 mesh = self._post(mesh, faces, device)
-        bar.close()
         return mesh
 
     # weights -------------------------------------------------------------------------------------------
@@ -545,9 +558,10 @@ class ImageTo3DPipeline:
         from ..flow.sampler import sample_euler
 
         scale = st.guidance_scale if cfg is None else float(cfg)
-        return sample_euler(model, noise, steps=steps or st.steps, cond=cond, uncond=uncond if scale != 1 else None,
-                            guidance_scale=scale, shift=st.shift, num_train_timesteps=st.num_train_timesteps,
-                            progress=progress, desc=desc, cuda_graph=self.cuda_graphs)
+        return sample_euler(model, noise, steps=st.steps if steps is None else steps, cond=cond,
+                            uncond=uncond if scale != 1 else None, guidance_scale=scale, shift=st.shift,
+                            num_train_timesteps=st.num_train_timesteps, progress=progress, desc=desc,
+                            cuda_graph=self.cuda_graphs)
 
     def _dense_stage(self, features: torch.Tensor, mask: torch.Tensor, seed: int, steps: int | None,
                      cfg: float | None, device: torch.device, dtype: torch.dtype, progress: bool) -> torch.Tensor:
@@ -694,6 +708,33 @@ def _sync(device: torch.device) -> None:
     # The current stream only: weights still arriving on the side stream belong to later stages.
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
+
+
+def read_resolutions(directory: str | os.PathLike) -> list[int]:
+    """Mesh resolutions of the pipeline folder ``directory``, ascending, from its ``pipeline.json`` alone (no
+    weights are read: callers check a requested resolution before the loading)."""
+    return _manifest_resolutions(_read_manifest(Path(directory)))
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    path = root / PIPELINE_FILE
+    if not root.is_dir():
+        raise FileNotFoundError(f"weights folder not found: {root}")
+    if not path.is_file():
+        raise FileNotFoundError(f"expected {path}: a d3s2 pipeline folder (ImageTo3DPipeline.save_pretrained "
+                                "or `d3s2 convert`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON: {err}") from err
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("components"), list):
+        raise ValueError(f"{path}: expected an object with a 'components' list")
+    return manifest
+
+
+def _manifest_resolutions(manifest: Mapping[str, Any]) -> list[int]:
+    found = (_SPARSE_NAME.match(str(n)) for n in manifest["components"])
+    return sorted({int(m.group(2)) for m in found if m is not None and m.group(1) == "dit"})
 
 
 def load_conditioner(path: str | os.PathLike) -> nn.Module:

@@ -106,7 +106,13 @@ def read_config(root: str | os.PathLike) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"expected {path} (a published Direct3D-S2 folder holds config.yaml and "
                                 f"model_*.ckpt files)")
-    data = yaml.safe_load(path.read_text())
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        # One line: PyYAML's own message spans several, with a quote of the text.
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{path}: invalid YAML{where}: {getattr(err, 'problem', None) or err}") from err
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of components, got {type(data).__name__}")
     for name, entry in data.items():

@@ -24,7 +24,9 @@ EPILOG = """examples:
   torchrun --standalone --nproc_per_node 2 -m d3s2.cli train vae --config configs/vae/demo.yaml --out runs/v
   d3s2 train vae --config configs/vae/demo.yaml --out runs/v --resume
 
-any config value can be overridden with --section.key=value (YAML syntax, checked against the schema)."""
+any config value can be overridden with --section.key=value (YAML syntax, checked against the schema).
+Ctrl-C or SIGTERM stops after the current step and saves a checkpoint (exit code 130 / 143); --resume continues.
+Under torchrun the ranks stop together at the next log step (train.log_every)."""
 
 
 class _TrainParser(argparse.ArgumentParser):
@@ -47,6 +49,9 @@ def _run(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides)
     if args.max_steps is not None:
+        given = [o for o in overrides if o.startswith("--train.max_steps=")]
+        if given:
+            raise ConfigError(f"--max-steps {args.max_steps} and {given[0]} both set train.max_steps; pass one")
         overrides.append(f"--train.max_steps={args.max_steps}")
     cfg = load_train_config(args.config, overrides)
     family = get_task(cfg.task.name).family
@@ -60,11 +65,13 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.task.name}-{Path(args.config).stem}"
     # The d3s2 command as typed (also under torchrun, whose argv starts with the module path).
     command = ["d3s2", "train", *getattr(args, "train_argv", [])]
-    trainer = Trainer(cfg, out, resume=args.resume, command=command)
+    trainer = Trainer(cfg, out, resume=args.resume, command=command, allow_config_change=args.allow_config_change)
     try:
         metrics = trainer.run()
     finally:
         trainer.close()
+    if trainer.interrupted is not None:
+        return 128 + trainer.interrupted  # as a shell reports a process ended by that signal
     if trainer.info.is_main:
         summary = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "tokens_per_s"))
         log.info("trained %s to step %d in %s (%s)", cfg.task.name, trainer.step, out, summary)
@@ -81,7 +88,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stage", choices=["dense", "sparse"], default=None,
                    help="dit only: the stage the config must train (a check against task.name)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
-                   help="continue from CKPT, or without a value from the newest checkpoint in --out (if any)")
+                   help="continue from CKPT, or without a value from the newest checkpoint in --out (if any); the "
+                        "config must match the checkpoint's, except how long to train and how often to log, "
+                        "validate and save (d3s2.train.trainer.RESUMABLE_CHANGES, docs/training.md)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: continue with a config that differs from the checkpoint's in other keys too "
+                        "(the differences are logged; the earlier config is kept as config.prev-<step>.yaml)")
     p.set_defaults(func=_run, overrides=[])
     # Lets arbitrary --section.key=value arguments through (argparse rejects unknown options otherwise).
     p.__class__ = _TrainParser

@@ -4,7 +4,8 @@ One process per device; ``torchrun`` starts several. Per optimizer step each ran
 step's token-packed micro-batches (:mod:`d3s2.train.data`), runs ``task.loss`` under autocast, accumulates
 gradients (synchronised on the last micro-batch only), clips them, steps AdamW and the warmup/cosine
 schedule, and updates the EMA. Every ``ckpt_every`` steps a checkpoint with everything needed to resume to
-the same losses is written atomically; metrics go to tensorboard and ``train_log.jsonl``.
+the same losses is written atomically; metrics go to tensorboard and ``train_log.jsonl``. SIGINT / SIGTERM (Ctrl-C,
+a preempted job) end the run after the current step with a checkpoint; ``--resume`` continues it.
 
 Usage (see ``d3s2 train --help``)::
 
@@ -17,11 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import inspect
 import logging
 import math
+import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -36,6 +41,7 @@ from ..config import (
     ConfigError,
     TrainConfig,
     apply_overrides,
+    dump_yaml,
     from_dict,
     load_yaml,
     parse_overrides,
@@ -43,7 +49,7 @@ from ..config import (
     write_run_record,
 )
 from . import distributed as D
-from .checkpoint import CheckpointDir, capture_rng_state, restore_rng_state
+from .checkpoint import CheckpointDir, atomic_write_text, capture_rng_state, restore_rng_state
 from .data import EpochItems, EpochStreamSampler, pack_batches, rank_share
 from .ema import EMA
 from .logger import RunLogger
@@ -55,6 +61,11 @@ __all__ = ["Trainer", "load_train_config", "build_train_config", "lr_lambda", "s
            "load_initial_weights"]
 
 CHECKPOINT_VERSION = 1
+# Config keys a resumed run may change without --allow-config-change: how long to train, how often to log,
+# validate and save, and how (not what) a step computes (max_steps stretches a cosine schedule's tail).
+RESUMABLE_CHANGES = frozenset({"train.max_steps", "train.max_minutes", "train.log_every", "train.val_every",
+                               "train.ckpt_every", "train.keep_last", "train.progress", "train.deterministic",
+                               "data.num_workers"})
 
 
 # --------------------------------------------------------------------------- config
@@ -79,8 +90,9 @@ def build_train_config(data: Mapping[str, Any], overrides: Sequence[str] = ()) -
 
 def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a YAML run config strictly and apply overrides (``["--train.max_steps=10", ...]``)."""
+    data = load_yaml(path)  # its errors name the file already
     try:
-        return build_train_config(load_yaml(path), overrides)
+        return build_train_config(data, overrides)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
 
@@ -144,9 +156,9 @@ def load_initial_weights(model: nn.Module, path: str | Path, *, use_ema: bool = 
     if not path.is_file():
         raise FileNotFoundError(f"train.init_from: no such file {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from ..models.registry import load_weights
 
-        state = load_file(str(path))
+        state = load_weights(path)
     else:
         ckpt = CheckpointDir.load(path)
         state = dict(ckpt["model"])
@@ -169,9 +181,68 @@ def preserved_rng() -> Iterator[None]:
         restore_rng_state(state)
 
 
-def _seed_worker(worker_id: int) -> None:
+def _init_worker(worker_id: int) -> None:
     # torch seeds each worker (base_seed + id) and python's random; numpy's global RNG needs the same.
     np.random.seed(torch.initial_seed() % 2**32)
+    # Ctrl-C reaches the whole process group: the trainer finishes its step and then shuts the workers down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (lists stay values)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (old value, new value)}`` for every key whose value differs between two config dicts."""
+    old, new = _flatten(old), _flatten(new)
+    missing = "<absent>"
+    return {k: (old.get(k, missing), new.get(k, missing)) for k in sorted(old.keys() | new.keys())
+            if old.get(k, missing) != new.get(k, missing)}
+
+
+def _listed(changes: Mapping[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
+
+
+class StopOnSignal:
+    """While entered (in the main thread), SIGINT and SIGTERM set :attr:`signum` instead of ending the process,
+    so the trainer can finish its step and save a checkpoint. The same signal again, a second or more later,
+    exits at once (code 128 + signal, no checkpoint); sooner it is a copy: torchrun forwards the Ctrl-C that
+    its workers got from the terminal too. Another signal than the first is ignored."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    REPEAT_AFTER_S = 1.0
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._received_at = 0.0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():  # Python runs signal handlers there only
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum, self._received_at = signum, time.monotonic()
+            log.warning("%s received: stopping after this step with a checkpoint (send it again to stop at once "
+                        "without one)", signal.Signals(signum).name)
+        elif signum == self.signum and time.monotonic() - self._received_at >= self.REPEAT_AFTER_S:
+            raise SystemExit(128 + signum)
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -185,16 +256,29 @@ class Trainer:
         resume: ``None`` (fresh run; refuses a directory that has checkpoints), ``"latest"`` (the newest
             checkpoint in ``run_dir`` if any, else fresh) or a checkpoint path.
         command: recorded in ``run.json`` (default ``sys.argv``).
+        allow_config_change: resume although ``cfg`` differs from the checkpoint's config in keys outside
+            :data:`RESUMABLE_CHANGES` (warns, and keeps the earlier config as ``config.prev-<step>.yaml``);
+            otherwise such a difference is a :class:`ConfigError`.
     """
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, resume: str | Path | None = None,
-                 command: Sequence[str] | None = None) -> None:
+                 command: Sequence[str] | None = None, allow_config_change: bool = False) -> None:
         self.started = time.monotonic()  # train.max_minutes counts from here (setup included)
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         tc = cfg.train
         self.info = D.init_distributed(tc.device)
         info = self.info
+        self._deterministic_before = (torch.are_deterministic_algorithms_enabled(),
+                                      torch.is_deterministic_algorithms_warn_only_enabled())
+        if tc.deterministic:
+            if info.device.type == "cuda":
+                # PyTorch requires a fixed cuBLAS workspace for deterministic matmuls (before the first one).
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        self.interrupted: int | None = None  # the signal that stopped run() early
+        # Redirected to a file, the bar's redraws fill the log: rank 0 then logs a progress line at each log step.
+        self.show_bar = info.is_main and tc.progress and sys.stderr.isatty()
         self.ckpts = CheckpointDir(self.run_dir / "checkpoints", keep_last=tc.keep_last)
         resume_path = self._resume_path(resume)
 
@@ -203,6 +287,9 @@ class Trainer:
         if isinstance(args, Mapping):
             args = from_dict(task_cls.Config, args, path="task.args")
             cfg.task.args = args
+        resume_state = self._read_checkpoint(resume_path) if resume_path is not None else None
+        if resume_state is not None:
+            self._check_resumed_config(resume_path, resume_state, allow_config_change)
         self.task = task_cls(args)
 
         # Same seed on every rank for the model: FSDP shards whatever each rank initialised.
@@ -246,14 +333,21 @@ class Trainer:
         self.data_pos = (0, 0)  # (epoch, optimizer step inside the epoch) of the next step
         self._plans: dict[int, list[list[int]]] = {}  # epoch -> micro-batches (see _epoch_plan)
         rng_state = None
-        if resume_path is not None:
-            rng_state = self._load(resume_path)
+        if resume_state is not None:
+            rng_state = self._load(resume_path, resume_state)
+            del resume_state  # the weights now live in the model and optimizer
         # Rank-specific streams for data workers and any randomness in the loss (noise, dropout, t).
         seed_everything(cfg.seed + 1000 * info.rank)
         if rng_state is not None:
             restore_rng_state(rng_state)
 
-        self.logger = RunLogger(self.run_dir, enabled=info.is_main)
+        self.logger = RunLogger(self.run_dir, enabled=info.is_main,
+                                resume_step=self.step if resume_path is not None else None)
+        if info.is_main and tc.val_every and not (has_validate(self.task) and self.val_set is not None
+                                                  and len(self.val_set)):
+            reason = ("validation split is empty" if has_validate(self.task)
+                      else f"task {cfg.task.name} has no validate()")
+            log.warning("%s: train.val_every = %d ignored, no validation will run", reason, tc.val_every)
         if info.is_main:
             extra = {"argv": sys.argv, "world_size": info.world_size, "torch": torch.__version__,
                      "device": str(info.device), "resumed_from": str(resume_path) if resume_path else None}
@@ -276,6 +370,34 @@ class Trainer:
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
         return path
+
+    def _check_resumed_config(self, path: Path, state: Mapping[str, Any], allow_change: bool) -> None:
+        """Compare the config with the one ``path`` was trained with; see ``allow_config_change``."""
+        try:
+            # Through the current schema: keys added since the checkpoint was written read as their defaults.
+            stored = to_dict(build_train_config(state["config"]))
+        except ConfigError as err:
+            if not allow_change:
+                raise ConfigError(f"{path}: its config does not load with this version of d3s2 ({err}); pass "
+                                  "--allow-config-change to resume with the new config") from None
+            log.warning("%s: its config does not load with this version of d3s2 (%s); resuming with the new "
+                        "config", path, err)
+            stored = state["config"]
+        changes = config_changes(stored, to_dict(self.cfg))
+        refused = {k: change for k, change in changes.items() if k not in RESUMABLE_CHANGES}
+        if not refused:
+            if changes:
+                log.info("resuming %s with %s", path, _listed(changes))
+            return
+        if not allow_change:
+            raise ConfigError(f"{path} was trained with another config ({_listed(refused)}); resume with the same "
+                              f"config (only {', '.join(sorted(RESUMABLE_CHANGES))} may change), or pass "
+                              "--allow-config-change to continue with the new one")
+        log.warning("resuming %s with a changed config (--allow-config-change): %s", path, _listed(changes))
+        if self.info.is_main:
+            previous = self.run_dir / f"config.prev-{int(state['step']):08d}.yaml"
+            atomic_write_text(previous, dump_yaml(state["config"]))
+            log.info("the config it was trained with is kept as %s", previous)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         decay, no_decay = [], []
@@ -318,7 +440,7 @@ class Trainer:
         # Own generator: creating the iterator must not draw from the global RNG (resume would then differ).
         gen = torch.Generator().manual_seed(int(np.random.default_rng(list(seed_key)).integers(2**62)))
         return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=self.task.collate, num_workers=workers,
-                          generator=gen, worker_init_fn=_seed_worker if workers else None,
+                          generator=gen, worker_init_fn=_init_worker if workers else None,
                           pin_memory=self.info.device.type == "cuda")
 
     def _epoch_plan(self, epoch: int) -> list[list[int]]:
@@ -383,12 +505,23 @@ class Trainer:
             torch.distributed.barrier()
         return path
 
-    def _load(self, path: Path) -> dict[str, Any] | None:
+    @staticmethod
+    def _read_checkpoint(path: Path) -> dict[str, Any]:
         state = CheckpointDir.load(path)
         if state.get("version") != CHECKPOINT_VERSION:
             raise RuntimeError(f"{path}: checkpoint version {state.get('version')}, expected {CHECKPOINT_VERSION}")
+        return state
+
+    def _load(self, path: Path, state: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Restore the checkpoint ``state`` read from ``path``; returns this rank's RNG state."""
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         D.load_full_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # The optimizer settings and lr schedule of the config, not the checkpoint's: they differ only where the
+        # config changed (max_steps, or optim.* with --allow-config-change), and then the config is what applies.
+        self.scheduler.base_lrs = [g["initial_lr"] for g in configured]
+        for group, settings, factor in zip(self.optimizer.param_groups, configured, self.scheduler.lr_lambdas):
+            group.update(settings, lr=settings["initial_lr"] * factor(self.scheduler.last_epoch))
         if self.ema is not None:
             if state["ema"] is None:
                 log.warning("%s has no EMA: starting the EMA from the loaded weights", path)
@@ -481,6 +614,10 @@ class Trainer:
         validation, export. The lr schedule still spans ``max_steps`` (``optim.schedule: constant`` suits
         time-limited runs).
 
+        SIGINT or SIGTERM ends the run after the current step with a checkpoint but no validation or export, and
+        sets :attr:`interrupted` to the signal. With several processes the ranks agree on it at the next log
+        step (a collective, as for the deadline), so every rank stops after the same step.
+
         ``stop_after``: return right after that step without the final checkpoint, validation or export, as if
         the process had been killed (for tests of resuming).
         """
@@ -490,7 +627,7 @@ class Trainer:
             log.info("already at step %d of %d", self.step, tc.max_steps)
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not (is_main and tc.progress), desc="train",
+        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not self.show_bar, desc="train",
                    dynamic_ncols=True)
         window: dict[str, torch.Tensor] = {}
         window_steps, window_tokens, skipped = 0, 0, 0
@@ -501,82 +638,96 @@ class Trainer:
         deadline = self.started + 60.0 * tc.max_minutes if tc.max_minutes > 0 else None
         data = self._steps()
         try:
-            if self.step >= tc.max_steps:
-                data.close()
-            for epoch, s, micro, tokens in data:
-                lr = self.optimizer.param_groups[0]["lr"]
-                metrics, grad_norm = self._train_step(micro)
-                if self.info.distributed and tc.parallel == "fsdp" and self.step == start_step:
-                    D.check_sharded(self.module)
-                bad = self._optimizer_step(grad_norm)
-                bad_run = (bad_run + 1) * bad  # consecutive skipped steps, counted on the device
-                worst_run = torch.maximum(worst_run, bad_run)
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scheduler.step()
-                if self.ema is not None:
-                    self.ema.update(self.module)
-                self.step += 1
-                self.data_pos = (epoch, s + 1)
-                metrics["grad_norm"] = grad_norm.detach().float()
-                metrics["skipped"] = bad.float()
-                for k, v in metrics.items():
-                    window[k] = window.get(k, 0) + v
-                window_steps += 1
-                window_tokens += tokens
-                bar.update(1)
-
-                if self.step % tc.log_every == 0 or self.step == tc.max_steps:
-                    skipped += self._check_skipped(window, worst_run)
-                    local = {k: float(v) / window_steps for k, v in window.items()}
-                    last = D.all_reduce_mean(local, self.info)
-                    elapsed = time.perf_counter() - window_start
-                    last.update(lr=lr, tokens_per_s=window_tokens / max(elapsed, 1e-9),
-                                tokens_per_step=window_tokens / window_steps, step_time_s=elapsed / window_steps,
-                                epoch=float(epoch), skipped_steps=float(skipped))
-                    if self.info.device.type == "cuda":
-                        last["mem_peak_gib"] = torch.cuda.max_memory_allocated(self.info.device) / 2**30
-                        torch.cuda.reset_peak_memory_stats(self.info.device)
-                    self.logger.log(self.step, last)
-                    bar.set_postfix(loss=f"{last['loss']:.4g}", lr=f"{lr:.2e}")
-                    window, window_steps, window_tokens = {}, 0, 0
-                    window_start = time.perf_counter()
-
-                paused = time.perf_counter()
-                if tc.ckpt_every and self.step % tc.ckpt_every == 0:
-                    self.save_checkpoint()
-                    saved_at = self.step
-                if tc.val_every and self.step % tc.val_every == 0:
-                    self.validate()
-                window_start += time.perf_counter() - paused  # checkpoints and validation are not step time
-                if stop_after is not None and self.step >= stop_after:
-                    return last
+            with StopOnSignal() as signals:
                 if self.step >= tc.max_steps:
-                    break
-                # Ranks agree on the deadline through a collective (a host sync): only at log steps.
-                at_check = not self.info.distributed or self.step % tc.log_every == 0
-                if deadline is not None and at_check and self._past(deadline):
-                    log.info("train.max_minutes = %g reached at step %d", tc.max_minutes, self.step)
-                    if (self.step % tc.log_every) and window_steps:
+                    data.close()
+                for epoch, s, micro, tokens in data:
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    metrics, grad_norm = self._train_step(micro)
+                    if self.info.distributed and tc.parallel == "fsdp" and self.step == start_step:
+                        D.check_sharded(self.module)
+                    bad = self._optimizer_step(grad_norm)
+                    bad_run = (bad_run + 1) * bad  # consecutive skipped steps, counted on the device
+                    worst_run = torch.maximum(worst_run, bad_run)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.scheduler.step()
+                    if self.ema is not None:
+                        self.ema.update(self.module)
+                    self.step += 1
+                    self.data_pos = (epoch, s + 1)
+                    metrics["grad_norm"] = grad_norm.detach().float()
+                    metrics["skipped"] = bad.float()
+                    for k, v in metrics.items():
+                        window[k] = window.get(k, 0) + v
+                    window_steps += 1
+                    window_tokens += tokens
+                    bar.update(1)
+
+                    if self.step % tc.log_every == 0 or self.step == tc.max_steps:
                         skipped += self._check_skipped(window, worst_run)
-                        local = {k: float(v) / window_steps for k, v in window.items()}
-                        elapsed = time.perf_counter() - window_start
-                        last = D.all_reduce_mean(local, self.info)
-                        last.update(lr=lr, tokens_per_s=window_tokens / max(elapsed, 1e-9),
-                                    tokens_per_step=window_tokens / window_steps,
-                                    step_time_s=elapsed / window_steps, epoch=float(epoch),
-                                    skipped_steps=float(skipped))
-                        self.logger.log(self.step, last)
-                    break
-            if saved_at != self.step:
-                self.save_checkpoint()
-            if tc.val_every and self.step % tc.val_every:
-                self.validate()
-            self.export()
+                        last = self._log_window(window, window_steps, window_tokens, window_start, lr=lr,
+                                                epoch=epoch, skipped=skipped, deadline=deadline)
+                        bar.set_postfix(loss=f"{last['loss']:.4g}", lr=f"{lr:.2e}")
+                        window, window_steps, window_tokens = {}, 0, 0
+                        window_start = time.perf_counter()
+
+                    paused = time.perf_counter()
+                    if tc.ckpt_every and self.step % tc.ckpt_every == 0:
+                        self.save_checkpoint()
+                        saved_at = self.step
+                    if tc.val_every and self.step % tc.val_every == 0:
+                        self.validate()
+                    window_start += time.perf_counter() - paused  # checkpoints and validation are not step time
+                    if stop_after is not None and self.step >= stop_after:
+                        return last
+                    # Ranks agree on stopping through a collective (a host sync): only at log steps.
+                    at_check = not self.info.distributed or self.step % tc.log_every == 0
+                    past, self.interrupted = self._should_stop(deadline, signals.signum) if at_check else (False, None)
+                    if self.interrupted is None and self.step >= tc.max_steps:
+                        break
+                    if past or self.interrupted is not None:
+                        if self.interrupted is None:
+                            log.info("train.max_minutes = %g reached at step %d", tc.max_minutes, self.step)
+                        if window_steps:
+                            skipped += self._check_skipped(window, worst_run)
+                            last = self._log_window(window, window_steps, window_tokens, window_start, lr=lr,
+                                                    epoch=epoch, skipped=skipped, deadline=deadline)
+                        break
+                if saved_at != self.step:
+                    self.save_checkpoint()
+                if self.interrupted is not None:
+                    if is_main:
+                        log.warning("interrupted at step %d, checkpoint saved; resume with --resume", self.step)
+                    return last
+                if tc.val_every and self.step % tc.val_every:
+                    self.validate()
+                self.export()
         finally:
             data.close()  # shuts down the DataLoader workers
             bar.close()
             self.logger.close()
         return last
+
+    def _log_window(self, window: dict[str, torch.Tensor], steps: int, tokens: int, start: float, *, lr: float,
+                    epoch: int, skipped: int, deadline: float | None) -> dict[str, float]:
+        """Log the rank-averaged metrics of the ``steps`` steps since the last log (begun at ``start``)."""
+        elapsed = time.perf_counter() - start
+        metrics = D.all_reduce_mean({k: float(v) / steps for k, v in window.items()}, self.info)
+        metrics.update(lr=lr, tokens_per_s=tokens / max(elapsed, 1e-9), tokens_per_step=tokens / steps,
+                       step_time_s=elapsed / steps, epoch=float(epoch), skipped_steps=float(skipped))
+        if self.info.device.type == "cuda":
+            metrics["mem_peak_gib"] = torch.cuda.max_memory_allocated(self.info.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.info.device)
+        self.logger.log(self.step, metrics)
+        if self.info.is_main and not self.show_bar:
+            max_steps = self.cfg.train.max_steps
+            steps_per_s = steps / max(elapsed, 1e-9)
+            left = (max_steps - self.step) / steps_per_s
+            if deadline is not None:
+                left = min(left, max(deadline - time.monotonic(), 0.0))
+            log.info("step %d/%d  loss %.4g  lr %.2e  %.2f steps/s  %s left", self.step, max_steps,
+                     metrics["loss"], lr, steps_per_s, datetime.timedelta(seconds=round(left)))
+        return metrics
 
     def _check_skipped(self, window: dict[str, torch.Tensor], worst_run: torch.Tensor) -> int:
         """Pop the window's count of skipped steps (non-finite gradient norm) and warn; raise after 10 in a row."""
@@ -588,11 +739,17 @@ class Trainer:
             raise RuntimeError("10 consecutive steps with non-finite gradients: training diverged")
         return n
 
-    def _past(self, deadline: float) -> bool:
-        """Whether any rank is past ``deadline`` (all ranks stop at the same step)."""
-        flag = float(time.monotonic() >= deadline)
-        return D.all_reduce_mean({"past": flag}, self.info)["past"] > 0
+    def _should_stop(self, deadline: float | None, signum: int | None) -> tuple[bool, int | None]:
+        """Whether any rank is past ``deadline``, and the signal (SIGINT first) any rank received; every rank gets
+        the same answer, so all stop at the same step."""
+        flags = {"past": float(deadline is not None and time.monotonic() >= deadline),
+                 **{sig.name: float(signum == sig) for sig in StopOnSignal.SIGNALS}}
+        agreed = D.all_reduce_mean(flags, self.info)
+        received = [sig for sig in StopOnSignal.SIGNALS if agreed[sig.name] > 0]
+        return agreed["past"] > 0, (int(received[0]) if received else None)
 
     def close(self) -> None:
-        """Leave the process group (if this trainer joined one)."""
+        """Leave the process group (if this trainer joined one) and restore torch's deterministic-algorithms
+        setting (``train.deterministic`` changes it for the process)."""
+        torch.use_deterministic_algorithms(self._deterministic_before[0], warn_only=self._deterministic_before[1])
         D.shutdown_distributed()

@@ -4,12 +4,14 @@ write exports, the assembled pipeline loads with ``from_pretrained`` and turns a
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import trimesh
+import yaml
 from PIL import Image
 
 from d3s2.cli import main
@@ -18,7 +20,7 @@ from d3s2.models.conditioner import SmallImageEncoder
 from d3s2.models.dit import DenseDiT, SparseDiT
 from d3s2.models.dit.task import DenseDiTTask, SparseDiTTask, SparseDiTTaskConfig
 from d3s2.models.registry import from_pretrained
-from d3s2.models.vae.dense_task import DenseVAETask
+from d3s2.models.vae.dense_task import DenseVAETask, DenseVAETaskConfig
 from d3s2.ops._backend import use_backend
 from d3s2.pipeline.assemble import assemble_pipeline
 from d3s2.pipeline.image_to_3d import ImageTo3DPipeline, LatentNorm
@@ -105,6 +107,30 @@ def test_sparse_statistics_and_batches(tiny_encoded):
     model = task.build_model()
     loss, logs = task.loss(model, batch)
     assert loss.ndim == 0 and torch.isfinite(loss) and set(logs) == {"t_mean", "dropped"}
+
+
+@pytest.mark.parametrize("conditioner,changes,message", [
+    ({}, {"model_args": {"selection_block_size": "4"}}, "model.args.selection_block_size: expected int, got str ('4')"),
+    ({}, {"conditioner_args": {"image_size": "28"}}, "conditioner.args.image_size: expected int, got str ('28')"),
+    ({"sparse": "yes"}, {}, "conditioner.sparse: expected bool, got str ('yes')"),
+])
+def test_mistyped_model_args_fail_when_the_task_is_made(tiny_encoded, tmp_path, conditioner, changes, message):
+    data, _, latents = tiny_encoded
+    dit_yaml = yaml.safe_load((ROOT / "configs/debug/tiny_dit_sparse.yaml").read_text())
+    dit_yaml["conditioner"].update(conditioner)
+    (tmp_path / "dit.yaml").write_text(yaml.safe_dump(dit_yaml))
+    cfg = SparseDiTTaskConfig(latents=str(latents), data=str(data), model_config=str(tmp_path / "dit.yaml"),
+                              **changes)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SparseDiTTask(cfg)
+
+
+def test_mistyped_dense_vae_args_fail_when_the_task_is_made(tiny_encoded):
+    _, _, latents = tiny_encoded
+    cfg = DenseVAETaskConfig(latents=str(latents), model_config=str(ROOT / "configs/debug/tiny_dense_vae.yaml"),
+                             model_args={"latent_channels": "4"})
+    with pytest.raises(ValueError, match=re.escape("model.args.latent_channels: expected int, got str ('4')")):
+        DenseVAETask(cfg)
 
 
 def test_latent_dataset_views_and_repeat(tiny_encoded, tmp_path):

@@ -8,7 +8,8 @@ import torch
 
 from d3s2.models.registry import from_pretrained
 from d3s2.models.vae import SparseSDFBatch, SparseSDFVAE
-from d3s2.models.vae.cli import WEIGHTS_ENV, _weights_band, bundled_vae_dir, resolve_weights
+from d3s2.models.vae.cli import WEIGHTS_ENV, bundled_vae_dir, resolve_weights
+from d3s2.models.vae.export_info import read_task_file
 from tests.models.vae._cases import sphere_sample
 
 RES, RADIUS, HALF = 256, 12.0, 16  # a sphere of 12 voxels in a 32³ corner-free box at the grid's centre
@@ -24,7 +25,7 @@ def test_bundled_weights_are_the_default(monkeypatch):
     monkeypatch.delenv(WEIGHTS_ENV, raising=False)
     assert resolve_weights(None) == str(bundled_vae_dir())
     assert resolve_weights("runs/x/export") == "runs/x/export"
-    assert _weights_band(resolve_weights(None)) == pytest.approx(1 / 128)
+    assert read_task_file(resolve_weights(None))["band"] == pytest.approx(1 / 128)
 
 
 def test_missing_bundle_says_what_to_pass(monkeypatch, tmp_path):

@@ -4,6 +4,8 @@ test_task.py checks reconstruction quality after overfitting)."""
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +84,68 @@ def test_reconstruct_errors(weights, tmp_path, capsys, monkeypatch):
                  "--weights", str(weights)]) == 1
     assert "multiple of 8" in capsys.readouterr().err
     assert not (tmp_path / "o.glb").exists()
+
+
+def _no_work(*args, **kwargs):
+    pytest.fail("the weights were loaded before the arguments were checked")
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["-o", "{tmp}/o.xyz"], "unsupported export format 'xyz', expected one of glb, obj, ply, stl"),
+    (["-o", "{tmp}/o.off"], "unsupported export format 'off'"),
+    (["-o", "{tmp}/folder.glb"], "folder.glb is a directory, expected a mesh file name"),
+    (["-o", "{tmp}/box.obj/sub/o.glb"], "box.obj is a file, expected a directory"),
+    (["-o", "{tmp}/o.glb", "--band", "0"], "--band must be > 0, got 0"),
+    (["-o", "{tmp}/o.glb", "--band", "-0.01"], "--band must be > 0, got -0.01"),
+])
+def test_reconstruct_checks_its_arguments_first(weights, tmp_path, capsys, monkeypatch, extra, message):
+    trimesh.creation.box().export(tmp_path / "box.obj")
+    (tmp_path / "folder.glb").mkdir()
+    monkeypatch.setattr("d3s2.models.vae.cli._load", _no_work)
+    args = [x.format(tmp=tmp_path) for x in extra]
+    assert main(["reconstruct", str(tmp_path / "box.obj"), "--resolution", "32", "--weights", str(weights),
+                 *args]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_reconstruct_help_lists_the_export_formats(capsys):
+    from d3s2.geometry.export import EXPORT_FORMATS
+
+    with pytest.raises(SystemExit):
+        main(["reconstruct", "--help"])
+    assert f"output mesh ({', '.join(EXPORT_FORMATS)})" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_no_cuda_is_a_clear_error(weights, data, tmp_path, capsys, monkeypatch):
+    trimesh.creation.box().export(tmp_path / "box.obj")
+    monkeypatch.setattr("d3s2.models.vae.cli._load", _no_work)
+    assert main(["reconstruct", str(tmp_path / "box.obj"), "-o", str(tmp_path / "o.glb"), "--resolution", "32",
+                 "--weights", str(weights), "--device", "cuda"]) == 1
+    assert "--device cuda: CUDA is not available on this machine" in capsys.readouterr().err
+    assert main(["eval", "vae", "--data", str(data), "--weights", str(weights), "--device", "cuda"]) == 1
+    assert "--device cuda: CUDA is not available on this machine" in capsys.readouterr().err
+
+
+def test_band_flag_wins_over_the_weights_task_file(weights, tmp_path, capsys, monkeypatch):
+    trimesh.creation.box().export(tmp_path / "box.obj")
+    used = []
+
+    def record_band(model, mesh, resolution, band, **kwargs):
+        used.append(band)
+        return mesh
+
+    monkeypatch.setattr("d3s2.models.vae.cli.reconstruct_mesh", record_band)
+    args = ["reconstruct", str(tmp_path / "box.obj"), "-o", str(tmp_path / "o.glb"), "--resolution", "32",
+            "--weights", str(weights)]
+    assert main(args) == 0 and main([*args, "--band", "0.05"]) == 0
+    assert used == [BAND, 0.05]
+
+
+def test_eval_refuses_a_band_of_zero(weights, data, capsys, monkeypatch):
+    monkeypatch.setattr("d3s2.models.vae.cli._load", _no_work)
+    assert main(["eval", "vae", "--data", str(data), "--weights", str(weights), "--band", "0"]) == 1
+    assert "--band must be > 0, got 0" in capsys.readouterr().err
 
 
 def test_reconstruct_refuses_an_empty_surface(tmp_path, capsys):
@@ -165,3 +229,64 @@ def test_eval_errors(weights, data, tmp_path, capsys):
     assert "build.json" in capsys.readouterr().err
     assert main(["eval", "vae", "--data", str(data), "--weights", str(weights), "--resolution", "64"]) == 1
     assert "not [64]" in capsys.readouterr().err
+
+
+def _with_task_file(weights: Path, out: Path, **info) -> Path:
+    """The weights of ``weights`` with ``info`` as their vae_task.json."""
+    out.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(weights / name, out / name)
+    (out / TASK_FILE).write_text(json.dumps(info))
+    return out
+
+
+def _export_info_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "d3s2.models.vae.export_info"]
+
+
+def _eval_json(data: Path, weights: Path, report: Path, *extra: str) -> int:
+    return main(["eval", "vae", "--data", str(data), "--weights", str(weights), "--samples", "1000", "--json",
+                 str(report), *extra])
+
+
+def test_eval_scores_the_split_the_vae_was_trained_with(weights, data, tmp_path, capsys, caplog):
+    # split_of hashes: cylinder 0.41, box 0.58, capsule 0.59, sphere 0.80; the default test split (< 0.05) is empty
+    trained = _with_task_file(weights, tmp_path / "w", band=BAND, resolutions=[32], val_fraction=0.02,
+                              test_fraction=0.58)
+    report = tmp_path / "metrics.json"
+    caplog.set_level(logging.WARNING)
+    assert _eval_json(data, trained, report, "--split", "test", "--resolution", "32") == 0
+    assert "split: test (val_fraction 0.02, test_fraction 0.58), band 0.0625" in capsys.readouterr().out
+    payload = json.loads(report.read_text())
+    assert payload["split_fractions"] == {"val_fraction": 0.02, "test_fraction": 0.58}
+    result = payload["results"]["32"]
+    assert result["names"] == ["meshes/box.obj", "meshes/cylinder.obj"] and result["shapes"] == 2.0
+    assert not _export_info_warnings(caplog)
+
+
+def test_eval_of_an_export_without_its_split_warns_and_uses_the_defaults(weights, data, tmp_path, caplog):
+    report = tmp_path / "metrics.json"
+    caplog.set_level(logging.WARNING)
+    assert _eval_json(data, weights, report, "--split", "train", "--resolution", "32", "--limit", "1") == 0
+    assert json.loads(report.read_text())["results"]["32"]["names"] == ["meshes/box.obj"]
+    (warning,) = _export_info_warnings(caplog)
+    assert "does not record the split" in warning and "val_fraction 0.05 and test_fraction 0.05" in warning
+
+
+def test_eval_takes_the_band_of_the_vae_and_checks_the_data_against_it(weights, data, tmp_path, capsys, caplog):
+    split = {"val_fraction": 0.05, "test_fraction": 0.05}
+    near = _with_task_file(weights, tmp_path / "near", band=0.05, resolutions=[32], **split)
+    report = tmp_path / "metrics.json"
+    caplog.set_level(logging.WARNING)
+    # the data (band 0.0625, resolutions 16 and 32) is scored with the VAE's band, with one warning
+    assert _eval_json(data, near, report, "--split", "train", "--resolution", "16", "--limit", "1") == 0
+    assert json.loads(report.read_text())["band"] == 0.05
+    assert _export_info_warnings(caplog) == [f"{data} differs from the SS-VAE in band 0.0625 (the SS-VAE was "
+                                             "trained with 0.05) and resolution 16 (the SS-VAE was trained at 32)"]
+    far = _with_task_file(weights, tmp_path / "far", band=1 / 128, resolutions=[32], **split)
+    capsys.readouterr()
+    assert _eval_json(data, far, report, "--split", "train", "--resolution", "32", "--limit", "1") == 1
+    assert "built with band 0.0625 but the SS-VAE takes band 0.0078125" in capsys.readouterr().err
+    assert _eval_json(data, far, report, "--split", "train", "--resolution", "32", "--limit", "1",
+                      "--band", "0.0625") == 0
+    assert json.loads(report.read_text())["band"] == 0.0625

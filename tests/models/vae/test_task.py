@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import trimesh
+import yaml
 
 from d3s2.cli import main
+from d3s2.config import load_yaml
 from d3s2.models.registry import from_pretrained
 from d3s2.models.vae import SparseSDFVAE
 from d3s2.models.vae.task import (
@@ -59,7 +61,8 @@ def test_train_cli_writes_checkpoint_validation_and_export(data, tmp_path):
     model = from_pretrained(run / "export")
     assert isinstance(model, SparseSDFVAE) and model.config.latent_channels == 8
     info = json.loads((run / "export" / "vae_task.json").read_text())
-    assert info == {"band": pytest.approx(BAND), "resolutions": [16, 32]}
+    # the split travels with the export, so `eval vae` scores shapes the model was not trained on
+    assert info == {"band": pytest.approx(BAND), "resolutions": [16, 32], "val_fraction": 0.5, "test_fraction": 0.0}
     # the export drives `d3s2 reconstruct`
     trimesh.creation.icosphere(2, radius=0.5).export(tmp_path / "sphere.obj")
     out = tmp_path / "sphere.glb"
@@ -77,6 +80,25 @@ def test_config_errors(data):
         SparseVAETaskConfig(data=str(data), resolutions=[32], val_resolution=16)
     with pytest.raises(FileNotFoundError, match="build.json"):
         SparseVAETask(SparseVAETaskConfig(data=str(data / "nope"), resolutions=[32]))
+
+
+@pytest.mark.parametrize("args,override,message", [
+    ({"num_blocks": "2"}, None, "model.args.num_blocks: expected int, got str ('2')"),
+    ({"latent_channels": 8.0}, None, "model.args.latent_channels: expected int, got float (8.0)"),
+    ({"loss": {"in_band": 1.0, "ext": 0.1, "sharp": 1.0, "kl": "small"}}, None,
+     "model.args.loss.kl: expected float, got str ('small')"),
+    ({}, "{model_channels: abc}", "model.args.model_channels: expected int, got str ('abc')"),
+    ({}, "{window_size: abc}", "model.args.window_size: expected int, got str ('abc')"),
+])
+def test_mistyped_model_args_fail_before_the_run_writes_anything(data, tmp_path, capsys, args, override, message):
+    model = load_yaml(TINY_MODEL)
+    model["model"]["args"].update(args)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(model))
+    extra = [f"--task.args.model_config={bad}"] + ([f"--task.args.model_args={override}"] if override else [])
+    assert train_cli(data, tmp_path / "run", *extra) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
 def test_multi_resolution_groups_and_collate(data):

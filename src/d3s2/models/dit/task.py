@@ -121,6 +121,7 @@ class _DiTTask:
 
     def __init__(self, config: DiTTaskConfig) -> None:
         from ...data.encode import read_settings
+        from ..registry import model_config
 
         self.cfg = config
         self.settings = read_settings(config.latents)
@@ -129,8 +130,19 @@ class _DiTTask:
         if cond.get("name", "small") != "small":
             raise ValueError(f"{config.model_config}: the DiT tasks train the small encoder jointly; expected "
                              f"conditioner name 'small', got {cond.get('name')!r}")
-        self.encoder_args = {**(cond.get("args") or {}), **config.conditioner_args}
-        self.sparse_conditions = bool(cond.get("sparse", False))
+        model = self.yaml.get("model", {"name": self.model_name})
+        if model.get("name", self.model_name) != self.model_name:
+            raise ValueError(f"{config.model_config}: expected model name {self.model_name!r}, got "
+                             f"{model.get('name')!r}")
+        # Checked here, so a mistyped value fails before the trainer writes anything to the run folder.
+        self.dit_config = model_config(self.model_name, {**(model.get("args") or {}), **config.model_args},
+                                       "model.args")
+        self.encoder_config = model_config("small_image_encoder", {**(cond.get("args") or {}),
+                                                                   **config.conditioner_args}, "conditioner.args")
+        self.sparse_conditions = cond.get("sparse", False)
+        if not isinstance(self.sparse_conditions, bool):
+            raise ValueError(f"{config.model_config}: conditioner.sparse: expected bool, got "
+                             f"{type(self.sparse_conditions).__name__} ({self.sparse_conditions!r})")
         self.mean = torch.zeros(0)
         self.std = torch.ones(0)
 
@@ -138,12 +150,7 @@ class _DiTTask:
     def build_dit(self) -> nn.Module:
         from ..registry import build_model
 
-        model = self.yaml.get("model", {"name": self.model_name})
-        if model.get("name", self.model_name) != self.model_name:
-            raise ValueError(f"{self.cfg.model_config}: expected model name {self.model_name!r}, got "
-                             f"{model.get('name')!r}")
-        args = {**(model.get("args") or {}), **self.cfg.model_args}
-        dit = build_model(self.model_name, args)
+        dit = build_model(self.model_name, self.dit_config)
         if bool(getattr(dit.config, "sparse_conditions", False)) != self.sparse_conditions:
             raise ValueError(f"{self.cfg.model_config}: conditioner.sparse = {self.sparse_conditions} but the "
                              f"model's sparse_conditions = {getattr(dit.config, 'sparse_conditions', False)}")
@@ -153,14 +160,12 @@ class _DiTTask:
         from ..registry import build_model
 
         dit = self.build_dit()
-        encoder = build_model("small_image_encoder", self.encoder_args)
+        encoder = build_model("small_image_encoder", self.encoder_config)
         return ConditionedDiT(dit, encoder)
 
     @property
     def image_size(self) -> int:
-        from ..conditioner import SmallImageEncoder
-
-        return int(self.encoder_args.get("image_size", SmallImageEncoder.Config().image_size))
+        return self.encoder_config.image_size
 
     # data -----------------------------------------------------------------------------------------------
     def _dataset(self, split: str, **kw: Any):
@@ -330,8 +335,7 @@ class SparseDiTTask(_DiTTask):
 
     def __init__(self, config: SparseDiTTaskConfig) -> None:
         super().__init__(config)
-        args = {**(self.yaml.get("model", {}).get("args") or {}), **config.model_args}
-        self.block_size = int(args.get("selection_block_size", 8))  # SSA m_slc: the collate sorts tokens by it
+        self.block_size = self.dit_config.selection_block_size  # SSA m_slc: the collate sorts tokens by it
         self.mean, self.std = self._statistics()
 
     def build_dit(self) -> nn.Module:

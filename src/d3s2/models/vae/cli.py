@@ -3,8 +3,12 @@ over a built data folder).
 
 Both load weights written by ``save_pretrained`` (e.g. a training run's ``export/``); without ``--weights`` or
 ``$D3S2_VAE_WEIGHTS`` they use the demo SS-VAE bundled in the package (``d3s2/assets/ss_vae_256``, trained at 256³
-on the 0 A.D. corpus). The band τ is read from the ``vae_task.json`` a training export writes beside the weights,
-else from ``--band``.
+on the 0 A.D. corpus). The band τ is ``--band`` when given, else the one in the ``vae_task.json`` a training export
+writes beside the weights, else 1/128 (:func:`d3s2.models.vae.export_info.resolve_band`, as ``d3s2 data encode``).
+
+``eval vae`` scores the split the SS-VAE was trained with (``val_fraction`` / ``test_fraction`` of its
+``vae_task.json``; older exports: 0.05 / 0.05, with a warning), refuses a data folder built with a band more than
+2x from the VAE's unless ``--band`` is given, and warns when the folder's band or resolution differs from the VAE's.
 
 ``--refine-steps N`` (both): semi-amortised encoding, the encoder's latent refined by N Adam steps against the
 decoder's loss on the input's own SDF (:func:`d3s2.models.vae.refine.refine_latent`); 0 = the encoder's latent.
@@ -18,14 +22,15 @@ import logging
 import os
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
-from ...cli import eval_subparsers
+from ...cli import eval_subparsers, resolve_device
+from .export_info import DEFAULT_BAND
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_ENV = "D3S2_VAE_WEIGHTS"
 BUNDLED_VAE = "ss_vae_256"  # folder under d3s2/assets
-DEFAULT_BAND = 1 / 128
 DEFAULT_REFINE_LR = 0.03
 
 
@@ -43,31 +48,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     weights_help = (f"SS-VAE weights folder (save_pretrained / a run's export/; default ${WEIGHTS_ENV}, else the "
                     "bundled demo SS-VAE)")
     p = subparsers.add_parser("reconstruct", help="encode and decode a mesh with the SS-VAE (closed mesh out)")
-    p.add_argument("mesh", help="input mesh (obj, ply, glb, stl, off, pmd)")
-    p.add_argument("-o", "--out", required=True, help="output mesh (glb, obj, ply, stl, off)")
+    p.add_argument("mesh", help="input mesh (obj, ply, glb, gltf, stl, off, pmd)")
+    p.add_argument("-o", "--out", required=True, help="output mesh (glb, obj, ply, stl)")
     p.add_argument("--resolution", type=int, default=256, help="SDF resolution R, a multiple of 8 (default 256)")
     p.add_argument("--weights", default=os.environ.get(WEIGHTS_ENV), help=weights_help)
-    p.add_argument("--band", type=float, default=None, help="band τ in [-1,1] units (default: the weights' "
+    p.add_argument("--band", type=float, default=None, help="band τ in [-1,1] units, > 0 (default: the weights' "
                    f"vae_task.json, else {DEFAULT_BAND:g})")
     p.add_argument("--chunk", type=int, default=None,
                    help="latent voxels per decode chunk edge (default: 32 when R > 512, else whole shape)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     add_refine_arguments(p)
     p.set_defaults(func=_reconstruct)
 
     e = eval_subparsers(subparsers).add_parser("vae", help="SS-VAE reconstruction metrics on a built data folder")
     e.add_argument("--data", required=True, help="built data folder (d3s2 data build)")
     e.add_argument("--weights", default=os.environ.get(WEIGHTS_ENV), help=weights_help)
-    e.add_argument("--split", default="test", choices=["train", "val", "test"], help="split (default test)")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"],
+                   help="split (default test), with the fractions the weights were trained with (their vae_task.json)")
     e.add_argument("--resolution", type=int, action="append", default=None,
                    help="resolution to evaluate (repeatable; default every resolution of the folder)")
     e.add_argument("--limit", type=int, default=0, help="evaluate at most this many shapes (0 = all)")
     e.add_argument("--samples", type=int, default=100_000, help="surface samples per mesh (default 100000)")
-    e.add_argument("--band", type=float, default=None, help="band τ (default: the folder's build band)")
+    e.add_argument("--band", type=float, default=None, help="band τ, > 0 (default: the weights' vae_task.json, "
+                   f"else {DEFAULT_BAND:g}); also allows data built with another band")
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
     e.add_argument("--per-shape", default=None, help="JSONL file of per-shape metrics, appended as each shape is "
                    "scored; shapes already in it are skipped (resume)")
-    e.add_argument("--device", default="cpu", help="cpu or cuda")
+    e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     add_refine_arguments(e)
     e.set_defaults(func=_eval)
 
@@ -102,11 +109,10 @@ def _load(weights: str, device: str):
     return model
 
 
-def _weights_band(weights: str) -> float | None:
-    from .task import TASK_FILE
-
-    path = Path(weights) / TASK_FILE
-    return float(json.loads(path.read_text())["band"]) if path.is_file() else None
+def _check_band(band: float | None) -> None:
+    """``--band``, when given, must be positive (not a 0 that silently stands for "not given")."""
+    if band is not None and not band > 0:
+        raise ValueError(f"--band must be > 0, got {band:g}")
 
 
 def reconstruct_mesh(model, mesh, resolution: int, band: float, *, chunk_size: int = 0, device: str = "cpu",
@@ -160,29 +166,37 @@ def reconstruct_mesh(model, mesh, resolution: int, band: float, *, chunk_size: i
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
-    from ...geometry.export import export_mesh
+    from ...geometry.export import check_export_path, export_mesh
     from ...geometry.mesh_io import load_mesh
+    from .export_info import read_task_file, resolve_band
 
+    # Every argument is checked before the weights are loaded and the (long) round trip starts.
     if args.resolution % 8 or args.resolution < 8:
         raise ValueError(f"--resolution must be a multiple of 8, got {args.resolution}")
-    args.weights = resolve_weights(args.weights)
-    model = _load(args.weights, args.device)
-    band = args.band or _weights_band(args.weights) or DEFAULT_BAND
-    mesh = load_mesh(args.mesh)  # MeshError (a ValueError) names the file and the problem
-    chunk = args.chunk if args.chunk is not None else (32 if args.resolution > 512 else 0)
     if args.refine_steps < 0:
         raise ValueError(f"--refine-steps must be >= 0, got {args.refine_steps}")
-    out = reconstruct_mesh(model, mesh, args.resolution, band, chunk_size=chunk, device=args.device,
+    _check_band(args.band)
+    check_export_path(args.out)
+    device = resolve_device(args.device)
+    args.weights = resolve_weights(args.weights)
+    model = _load(args.weights, device)
+    band = resolve_band(args.band, read_task_file(args.weights), args.weights)
+    mesh = load_mesh(args.mesh)  # MeshError (a ValueError) names the file and the problem
+    chunk = args.chunk if args.chunk is not None else (32 if args.resolution > 512 else 0)
+    out = reconstruct_mesh(model, mesh, args.resolution, band, chunk_size=chunk, device=device,
                            refine_steps=args.refine_steps, refine_lr=args.refine_lr)
     export_mesh(out, args.out)
     print(f"{args.out}: {len(out.vertices)} vertices, {len(out.faces)} faces, watertight={out.is_watertight}")
     return 0
 
 
-def evaluate(model, data: str, resolutions: list[int], *, split: str, band: float, limit: int = 0,
-             num_samples: int = 100_000, device: str = "cpu", refine_steps: int = 0,
-             refine_lr: float = DEFAULT_REFINE_LR, per_shape: str | None = None) -> dict[int, dict[str, float]]:
-    """Mean reconstruction metrics per resolution over a split: ``{R: {metric: value, "shapes": n}}``.
+def evaluate(model, data: str, resolutions: list[int], *, split: str, val_fraction: float, test_fraction: float,
+             band: float, limit: int = 0, num_samples: int = 100_000, device: str = "cpu", refine_steps: int = 0,
+             refine_lr: float = DEFAULT_REFINE_LR, per_shape: str | None = None) -> dict[int, dict[str, Any]]:
+    """Mean reconstruction metrics per resolution over a split: ``{R: {metric: value, "shapes": n, "names": [...]}}``
+    (``names``: the shapes scored). ``val_fraction`` / ``test_fraction`` define the split
+    (:func:`d3s2.data.dataset.split_of`): pass those the model was trained with, or ``split`` may hold its
+    training shapes.
 
     The reference of each shape is the closed mesh of its own block SDF targets; empty reconstructions are
     scored as in :func:`d3s2.models.vae.task.shape_metrics` and counted in ``empty_mesh``.
@@ -213,9 +227,10 @@ def evaluate(model, data: str, resolutions: list[int], *, split: str, band: floa
 
     setting = {"refine_steps": refine_steps, "refine_lr": refine_lr if refine_steps else None}
     done = _read_per_shape(per_shape, setting) if per_shape else {}
-    results: dict[int, dict[str, float]] = {}
+    results: dict[int, dict[str, Any]] = {}
     for r in resolutions:
-        ds = SparseSDFDataset(data, r, split=split, with_image=False)
+        ds = SparseSDFDataset(data, r, split=split, val_fraction=val_fraction, test_fraction=test_fraction,
+                              with_image=False)
         n = len(ds) if not limit else min(limit, len(ds))
         if n == 0:
             raise ValueError(f"{data}: the {split} split is empty")
@@ -253,7 +268,7 @@ def evaluate(model, data: str, resolutions: list[int], *, split: str, band: floa
                 sums[k] = sums.get(k, 0.0) + v
             if refine_steps and not first:  # the first shape scored in this run carries the kernels' warm-up
                 first["refine_seconds_first"] = m["refine_seconds"]
-        results[r] = {**{k: v / n for k, v in sums.items()}, **first, "shapes": float(n)}
+        results[r] = {**{k: v / n for k, v in sums.items()}, **first, "shapes": float(n), "names": ds.names[:n]}
     return results
 
 
@@ -289,6 +304,8 @@ def _append_line(path: str, record: dict) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from .export_info import check_data_matches, read_task_file, resolve_band, split_fractions
+
     data = Path(args.data)
     if not (data / "build.json").is_file():
         raise ValueError(f"{data} is not a built data folder (no build.json); run `d3s2 data build`")
@@ -297,12 +314,20 @@ def _eval(args: argparse.Namespace) -> int:
     bad = sorted(set(resolutions) - set(settings["resolutions"]))
     if bad:
         raise ValueError(f"{data} has resolutions {settings['resolutions']}, not {bad}")
+    _check_band(args.band)
+    device = resolve_device(args.device)
     args.weights = resolve_weights(args.weights)
-    model = _load(args.weights, args.device)
-    band = args.band or float(settings["band"])
-    results = evaluate(model, str(data), resolutions, split=args.split, band=band, limit=args.limit,
-                       num_samples=args.samples, device=args.device, refine_steps=args.refine_steps,
+    info = read_task_file(args.weights)
+    band = resolve_band(args.band, info, args.weights)
+    check_data_matches(info, data=data, data_band=float(settings["band"]), band=band, resolutions=resolutions,
+                       explicit_band=args.band is not None)
+    fractions = split_fractions(info, args.weights)
+    model = _load(args.weights, device)
+    results = evaluate(model, str(data), resolutions, split=args.split, **fractions, band=band, limit=args.limit,
+                       num_samples=args.samples, device=device, refine_steps=args.refine_steps,
                        refine_lr=args.refine_lr, per_shape=args.per_shape)
+    print(f"split: {args.split} (val_fraction {fractions['val_fraction']:g}, test_fraction "
+          f"{fractions['test_fraction']:g}), band {band:g}")
     # The setting travels with every printout and JSON, so refined and encoder-only numbers never get mixed up.
     refine = {"steps": args.refine_steps, "lr": args.refine_lr if args.refine_steps else None}
     print("latent: " + (f"refined, {args.refine_steps} Adam steps at lr {args.refine_lr:g}" if args.refine_steps
@@ -317,7 +342,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.json:
         from ...fileio import atomic_write_text
 
-        payload = {"data": str(data), "weights": args.weights, "split": args.split, "refine": refine,
-                   "results": {str(r): m for r, m in results.items()}}
+        payload = {"data": str(data), "weights": args.weights, "split": args.split, "split_fractions": fractions,
+                   "band": band, "refine": refine, "results": {str(r): m for r, m in results.items()}}
         atomic_write_text(args.json, json.dumps(payload, indent=2) + "\n")
     return 0

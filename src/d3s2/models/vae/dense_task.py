@@ -42,24 +42,21 @@ class DenseVAETask:
 
     def __init__(self, config: DenseVAETaskConfig) -> None:
         from ...data.encode import read_settings
+        from ..registry import model_config
+        from .task import load_model_config
 
         self.cfg = config
         self.side = int(read_settings(config.latents)["latent_resolution"])
+        name, args = load_model_config(config.model_config, config.model_args, default_name="dense_shape_vae")
+        if name != "dense_shape_vae":
+            raise ValueError(f"{config.model_config}: expected model name 'dense_shape_vae', got {name!r}")
+        # Checked here, so a mistyped value fails before the trainer writes anything to the run folder.
+        self.vae_config = model_config(name, args, "model.args")
 
     def build_model(self) -> nn.Module:
-        from ...config import load_yaml
         from ..registry import build_model
 
-        name, args = "dense_shape_vae", {}
-        if self.cfg.model_config is not None:
-            model = load_yaml(self.cfg.model_config).get("model")
-            if not isinstance(model, dict) or "name" not in model:
-                raise ValueError(f"{self.cfg.model_config}: expected a 'model: {{name, args}}' section")
-            name, args = model["name"], dict(model.get("args") or {})
-        args.update(self.cfg.model_args)
-        if name != "dense_shape_vae":
-            raise ValueError(f"{self.cfg.model_config}: expected model name 'dense_shape_vae', got {name!r}")
-        model = build_model(name, args)
+        model = build_model("dense_shape_vae", self.vae_config)
         f = model.config.downsample
         if self.side % f:
             raise ValueError(f"the {self.side}³ occupancy is not divisible by the VAE's downsampling {f}")

@@ -27,14 +27,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ... import sparse as sp
+from .export_info import TASK_FILE
 from .sparse_sdf_vae import PackedSDFBatch, SparseSDFBatch, SparseSDFVAE, SparseSDFVAEConfig, prepare_structure
 
 __all__ = ["SparseVAETaskConfig", "MultiResolutionDataset", "SparseVAETask", "decode_mesh", "latent_meshes",
            "target_mesh", "TASK_FILE", "load_model_config", "shape_metrics", "EMPTY_MESH_METRICS"]
 
 log = logging.getLogger(__name__)
-
-TASK_FILE = "vae_task.json"  # written beside config.json by export: the band τ and resolutions trained on
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -65,11 +64,13 @@ class SparseVAETaskConfig:
             raise ValueError(f"val_resolution {self.val_resolution} is not one of {self.resolutions}")
 
 
-def load_model_config(path: str | None, overrides: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """(registry name, args) from a model YAML (``model: {name, args}``) updated with ``overrides``."""
+def load_model_config(path: str | None, overrides: dict[str, Any], *, default_name: str = "sparse_sdf_vae"
+                      ) -> tuple[str, dict[str, Any]]:
+    """(registry name, args) from a model YAML (``model: {name, args}``; no YAML: ``default_name``) updated with
+    ``overrides``."""
     from ...config import load_yaml
 
-    name, args = "sparse_sdf_vae", {}
+    name, args = default_name, {}
     if path is not None:
         data = load_yaml(path)
         model = data.get("model")
@@ -185,6 +186,8 @@ class SparseVAETask:
     Config = SparseVAETaskConfig
 
     def __init__(self, config: SparseVAETaskConfig) -> None:
+        from ..registry import model_config
+
         self.cfg = config
         settings_path = Path(config.data) / "build.json"
         if not settings_path.is_file():
@@ -195,15 +198,18 @@ class SparseVAETask:
             raise ValueError(f"{config.data} has resolutions {settings['resolutions']}, not {missing}")
         self.band = float(config.band or settings["band"])
         self.val_resolution = config.val_resolution or max(config.resolutions)
-        _, model_args = load_model_config(config.model_config, config.model_args)
-        self.window_size = int(model_args.get("window_size", SparseSDFVAEConfig.window_size))
-        self.latent_structure = str(model_args.get("latent_structure", SparseSDFVAEConfig.latent_structure))
+        name, model_args = load_model_config(config.model_config, config.model_args)
+        if name != "sparse_sdf_vae":
+            raise ValueError(f"{config.model_config}: expected model name 'sparse_sdf_vae', got {name!r}")
+        # Checked here, so a mistyped value fails before the trainer writes anything to the run folder.
+        self.vae_config: SparseSDFVAEConfig = model_config(name, model_args, "model.args")
+        self.window_size = self.vae_config.window_size
+        self.latent_structure = self.vae_config.latent_structure
 
     def build_model(self) -> SparseSDFVAE:
         from ..registry import build_model
 
-        name, args = load_model_config(self.cfg.model_config, self.cfg.model_args)
-        return build_model(name, args)
+        return build_model("sparse_sdf_vae", self.vae_config)
 
     def _dataset(self, resolution: int, split: str):
         from ...data.dataset import SparseSDFDataset
@@ -269,5 +275,7 @@ class SparseVAETask:
         from ..registry import save_pretrained
 
         save_pretrained(model, out_dir)
-        info = {"band": self.band, "resolutions": list(self.cfg.resolutions)}
+        # What reconstruct, eval vae and data encode check their inputs against (see export_info).
+        info = {"band": self.band, "resolutions": list(self.cfg.resolutions), "val_fraction": self.cfg.val_fraction,
+                "test_fraction": self.cfg.test_fraction}
         atomic_write_text(Path(out_dir) / TASK_FILE, json.dumps(info, indent=2) + "\n")

@@ -1,0 +1,41 @@
+"""The image checks every pipeline input goes through (``d3s2.models.conditioner.load_image``): sizes a run
+cannot use are clear ValueErrors that name the file, decided on the header before any pixel is decoded."""
+
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from d3s2.models.conditioner import MIN_IMAGE_SIDE, load_image
+
+from .tiny import png_header_only, rgba_image
+
+
+def test_a_decompression_bomb_is_refused_on_its_header(tmp_path):
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(png_header_only(100_000, 100_000))  # PIL itself raises above twice its limit
+    limit = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ValueError, match=re.escape(f"image {huge} is too large: expected at most {limit} pixels")):
+        load_image(huge)
+
+
+def test_above_the_pixel_limit_but_below_twice_it_is_refused_too(tmp_path, monkeypatch):
+    image = tmp_path / "big.png"
+    Image.fromarray(rgba_image(40)).save(image)  # 1600 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL only warns between 1000 and 2000
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(
+            ValueError, match=re.escape(f"image {image} is too large: expected at most 1000 pixels") + ".*, got 40x40"):
+        load_image(image)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # PIL's way to lift the limit
+    assert load_image(image).size == (40, 40)
+
+
+def test_images_smaller_than_the_minimum_are_refused(tmp_path):
+    dot = tmp_path / "dot.png"
+    Image.fromarray(rgba_image(1)).save(dot)
+    with pytest.raises(ValueError, match=re.escape(f"image {dot}: expected at least 16x16 pixels, got 1x1")):
+        load_image(dot)
+    with pytest.raises(ValueError, match="expected at least 16x16 pixels, got 20x8"):
+        load_image(np.zeros((8, 20, 4), np.uint8))
+    assert load_image(rgba_image(MIN_IMAGE_SIDE)).size == (MIN_IMAGE_SIDE, MIN_IMAGE_SIDE)
