@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from d3s2.config import PACKAGED_CONFIGS as CONFIGS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -117,7 +119,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="a built data folder (d3s2 data build)")
     p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("--model-config", default=str(ROOT / "configs/demo/ss_vae.yaml"))
+    p.add_argument("--model-config", default=str(CONFIGS / "demo/ss_vae.yaml"))
     p.add_argument("--max-tokens", type=int, default=3_000_000)
     p.add_argument("--batches", type=int, default=4, help="micro-batches measured (after one warm-up)")
     p.add_argument("--rounds", type=int, default=3)

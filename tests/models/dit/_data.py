@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from d3s2.cli import main
+from d3s2.config import PACKAGED_CONFIGS as CONFIGS
 from d3s2.config import load_yaml
 from d3s2.data.build import BuildConfig, build, resolve_sources
 from d3s2.models.registry import build_model, save_pretrained
@@ -21,7 +22,7 @@ BAND = 0.0625
 def random_vae_export(out: Path, seed: int = 0) -> Path:
     """The tiny SS-VAE, randomly initialised, then perturbed so that its decoder's output crosses zero."""
     torch.manual_seed(seed)
-    vae = build_model("sparse_sdf_vae", load_yaml(ROOT / "configs/debug/tiny_vae.yaml")["model"]["args"])
+    vae = build_model("sparse_sdf_vae", load_yaml(CONFIGS / "debug/tiny_vae.yaml")["model"]["args"])
     with torch.no_grad():
         for p in vae.parameters():
             p.add_(torch.randn_like(p) * 0.05)

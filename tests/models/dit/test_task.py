@@ -15,6 +15,7 @@ import yaml
 from PIL import Image
 
 from d3s2.cli import main
+from d3s2.config import PACKAGED_CONFIGS as CONFIGS
 from d3s2.data.latents import LatentDataset
 from d3s2.models.conditioner import SmallImageEncoder
 from d3s2.models.dit import DenseDiT, SparseDiT
@@ -28,7 +29,6 @@ from d3s2.sparse.serialize import block_sort
 from d3s2.train.task import get_task
 from tests.pipeline.tiny import rgba_image
 
-ROOT = Path(__file__).resolve().parents[3]
 STEPS = ["--max-steps", "2", "--train.progress=false", "--train.val_every=2"]
 
 
@@ -44,18 +44,18 @@ def runs(tiny_encoded, tmp_path_factory) -> dict[str, Path]:
     data, _, latents = tiny_encoded
     out = tmp_path_factory.mktemp("dit_runs")
     with use_backend("conv", "torch"), use_backend("block_attn", "torch"), use_backend("ssa", "torch"):
-        assert main(["train", "dense_vae", "--config", str(ROOT / "configs/debug/tiny_dense_vae_train.yaml"),
+        assert main(["train", "dense_vae", "--config", str(CONFIGS / "debug/tiny_dense_vae_train.yaml"),
                      "--out", str(out / "dense_vae"), f"--task.args.latents={latents}",
-                     f"--task.args.model_config={ROOT / 'configs/debug/tiny_dense_vae.yaml'}", *STEPS]) == 0
+                     f"--task.args.model_config={CONFIGS / 'debug/tiny_dense_vae.yaml'}", *STEPS]) == 0
         for task, extra in [("dit_dense", [f"--task.args.dense_vae={out / 'dense_vae' / 'export'}"]),
                             ("dit_sparse", [])]:
             assert main(["train", "dit", "--stage", task.split("_")[1],
-                         "--config", str(ROOT / f"configs/debug/tiny_{task}_train.yaml"),
+                         "--config", str(CONFIGS / f"debug/tiny_{task}_train.yaml"),
                          "--out", str(out / task), f"--task.args.latents={latents}", f"--task.args.data={data}",
-                         f"--task.args.model_config={ROOT / f'configs/debug/tiny_{task}.yaml'}", *extra,
+                         f"--task.args.model_config={CONFIGS / f'debug/tiny_{task}.yaml'}", *extra,
                          *STEPS]) == 0
         assert main(["train", "dit", "--stage", "sparse", "--config",
-                     str(ROOT / "configs/debug/tiny_dit_dense_train.yaml"), "--out", str(out / "wrong")]) == 1
+                     str(CONFIGS / "debug/tiny_dit_dense_train.yaml"), "--out", str(out / "wrong")]) == 1
     return {name: out / name for name in ("dense_vae", "dit_dense", "dit_sparse")}
 
 
@@ -88,7 +88,7 @@ def test_runs_validate_and_export(runs):
 def test_sparse_statistics_and_batches(tiny_encoded):
     data, _, latents = tiny_encoded
     cfg = SparseDiTTaskConfig(latents=str(latents), data=str(data), val_fraction=0.3, test_fraction=0.0,
-                              model_config=str(ROOT / "configs/debug/tiny_dit_sparse.yaml"),
+                              model_config=str(CONFIGS / "debug/tiny_dit_sparse.yaml"),
                               model_args={"resolution": 4, "in_channels": 8, "out_channels": 8},
                               conditioner_args={"image_size": 28}, sample_posterior=False)
     task = SparseDiTTask(cfg)
@@ -116,7 +116,7 @@ def test_sparse_statistics_and_batches(tiny_encoded):
 ])
 def test_mistyped_model_args_fail_when_the_task_is_made(tiny_encoded, tmp_path, conditioner, changes, message):
     data, _, latents = tiny_encoded
-    dit_yaml = yaml.safe_load((ROOT / "configs/debug/tiny_dit_sparse.yaml").read_text())
+    dit_yaml = yaml.safe_load((CONFIGS / "debug/tiny_dit_sparse.yaml").read_text())
     dit_yaml["conditioner"].update(conditioner)
     (tmp_path / "dit.yaml").write_text(yaml.safe_dump(dit_yaml))
     cfg = SparseDiTTaskConfig(latents=str(latents), data=str(data), model_config=str(tmp_path / "dit.yaml"),
@@ -127,7 +127,7 @@ def test_mistyped_model_args_fail_when_the_task_is_made(tiny_encoded, tmp_path, 
 
 def test_mistyped_dense_vae_args_fail_when_the_task_is_made(tiny_encoded):
     _, _, latents = tiny_encoded
-    cfg = DenseVAETaskConfig(latents=str(latents), model_config=str(ROOT / "configs/debug/tiny_dense_vae.yaml"),
+    cfg = DenseVAETaskConfig(latents=str(latents), model_config=str(CONFIGS / "debug/tiny_dense_vae.yaml"),
                              model_args={"latent_channels": "4"})
     with pytest.raises(ValueError, match=re.escape("model.args.latent_channels: expected int, got str ('4')")):
         DenseVAETask(cfg)

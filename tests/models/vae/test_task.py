@@ -13,6 +13,7 @@ import trimesh
 import yaml
 
 from d3s2.cli import main
+from d3s2.config import PACKAGED_CONFIGS as CONFIGS
 from d3s2.config import load_yaml
 from d3s2.models.registry import from_pretrained
 from d3s2.models.vae import SparseSDFVAE
@@ -27,8 +28,7 @@ from d3s2.models.vae.task import (
 from d3s2.train.task import get_task
 from tests.models.vae._data import BAND, RESOLUTION, build_tiny
 
-ROOT = Path(__file__).resolve().parents[3]
-TINY_MODEL = str(ROOT / "configs/debug/tiny_vae.yaml")
+TINY_MODEL = str(CONFIGS / "debug/tiny_vae.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def train_cli(data: Path, out: Path, *extra: str) -> int:
-    return main(["train", "vae", "--config", str(ROOT / "configs/debug/tiny_vae_train.yaml"), "--max-steps", "2",
+    return main(["train", "vae", "--config", str(CONFIGS / "debug/tiny_vae_train.yaml"), "--max-steps", "2",
                  "--out", str(out), f"--task.args.data={data}", f"--task.args.model_config={TINY_MODEL}",
                  "--task.args.val_fraction=0.5", "--train.val_every=2", "--train.progress=false", *extra])
 
