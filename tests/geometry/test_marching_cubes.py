@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 import torch
 import trimesh
-from skimage.measure import marching_cubes
 
 from d3s2.geometry.marching_cubes import EDGE_CORNERS, build_tables, marching_cubes_mesh, sparse_marching_cubes
 
@@ -59,6 +58,7 @@ def test_tables_are_consistent():
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_equals_skimage_on_dense_grid(seed):
+    marching_cubes = pytest.importorskip("skimage.measure").marching_cubes  # the data extra
     r = 28
     f = _smooth_field(r, seed)
     fd = f.reshape(r, r, r)

@@ -1,6 +1,5 @@
 import itertools
 
-import igl
 import numpy as np
 import pytest
 import torch
@@ -8,6 +7,8 @@ import trimesh
 
 from d3s2.geometry.marching_cubes import marching_cubes_mesh
 from d3s2.geometry.sdf import SparseSDF, compute_sparse_sdf, voxel_centers
+
+igl = pytest.importorskip("igl")  # the data extra: these tests compare with libigl
 
 
 def _box_sdf(p, half):
