@@ -24,7 +24,9 @@ import os
 import time
 
 import torch
-from _common import ROOT, Meter, default_out_dir, environment, write_outputs
+from _common import Meter, default_out_dir, environment, write_outputs
+
+from d3s2.config import PACKAGED_CONFIGS
 
 DEFAULT_CORPUS = "/work/shared/data/0ad_meshes.npz"
 # Two of the layout meshes of latent_layouts_1024.npz: 32,721 and 66,353 latent tokens at 1024³.
@@ -179,20 +181,20 @@ def main() -> None:
     torch.manual_seed(args.seed)
     if args.tiny:
         args.res_lo, args.res_hi = 32, 64
-        args.config_lo = args.config_hi = str(ROOT / "configs" / "debug" / "tiny_vae.yaml")
+        args.config_lo = args.config_hi = str(PACKAGED_CONFIGS / "debug" / "tiny_vae.yaml")
         chunk_hi = 8  # one chunk: the chunked code path without the halo recomputation of a tiny grid
         args.hi_overrides = {"train_chunk_size": 8}  # the 1024 config's random-chunk training decode
     else:
         args.res_lo, args.res_hi = 512, 1024
-        args.config_lo = str(ROOT / "configs" / "vae" / "ss_vae_512.yaml")
-        args.config_hi = str(ROOT / "configs" / "vae" / "ss_vae_1024.yaml")
+        args.config_lo = str(PACKAGED_CONFIGS / "vae" / "ss_vae_512.yaml")
+        args.config_hi = str(PACKAGED_CONFIGS / "vae" / "ss_vae_1024.yaml")
         chunk_hi = 32
         args.hi_overrides = {}
     meter = Meter(args.device)
     cuda = args.device.startswith("cuda")
     meshes, batches = [], {}
     result = {**environment(args.device), "tiny": args.tiny, "band": args.band,
-              "configs": [os.path.relpath(args.config_lo, ROOT), os.path.relpath(args.config_hi, ROOT)],
+              "configs": [os.path.relpath(c, PACKAGED_CONFIGS.parent) for c in (args.config_lo, args.config_hi)],
               "train_mesh": None, "meshes": meshes, "timings": meter.rows, "train_lo": None, "train_1024": []}
     stem = f"vae_{'tiny_' if args.tiny else ''}{args.device.split(':')[0]}"
 

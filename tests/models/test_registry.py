@@ -6,6 +6,7 @@ import pytest
 import torch
 import yaml
 
+from d3s2.config import PACKAGED_CONFIGS
 from d3s2.models.registry import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -21,7 +22,7 @@ from d3s2.models.vae.dense_vae import DenseShapeVAE
 from d3s2.ops._backend import use_backend
 from tests.models.vae._cases import random_latent
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = PACKAGED_CONFIGS
 
 
 def _model_section(path: Path) -> dict:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from d3s2.cli import main
-from d3s2.config import ConfigError
+from d3s2.config import PACKAGED_CONFIGS, ConfigError
 from d3s2.train.checkpoint import CheckpointDir
 from d3s2.train.trainer import Trainer, lr_lambda
 
@@ -136,11 +136,10 @@ def test_to_device_walks_batches():
 
 
 def test_committed_toy_config_loads():
-    from pathlib import Path
 
     from d3s2.train.trainer import load_train_config
 
-    path = Path(__file__).resolve().parents[2] / "configs" / "debug" / "tiny_toy.yaml"
+    path = PACKAGED_CONFIGS / "debug" / "tiny_toy.yaml"
     cfg = load_train_config(path, ["--train.max_steps=3"])
     assert cfg.task.name == "toy" and cfg.train.max_steps == 3 and cfg.task.args.resolution == 16
 

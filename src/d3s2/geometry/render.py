@@ -1,4 +1,5 @@
-"""Conditioning renders by ray casting (trimesh + embree): shaded RGBA images with an exact alpha mask.
+"""Conditioning renders by ray casting (embree, or an exact numpy fallback): shaded RGBA images with an exact
+alpha mask.
 
 Camera convention (OpenCV):
     * World frame: the mesh's own frame, **+y up** (glTF and 0 A.D. convention). Elevation is measured from the
@@ -102,32 +103,98 @@ def fit_distance(vertices: np.ndarray, target: np.ndarray, rotation: np.ndarray,
 
 
 class RayCaster:
-    """First-hit ray casting against one mesh (embree through embreex; trimesh's slow intersector without it)."""
+    """First hits of a pinhole camera's pixel-centre rays against one mesh: embree (embreex) when it is installed,
+    else an exact numpy caster that tests each ray only against the faces whose projection covers its pixel."""
+
+    # (face, pixel) pairs per numpy step: bounds the fallback's memory (≈ 120 bytes each) whatever the mesh.
+    PAIRS_PER_STEP = 1 << 20
 
     def __init__(self, vertices: np.ndarray, faces: np.ndarray) -> None:
         self.vertices = np.asarray(vertices, np.float64)
         self.faces = np.asarray(faces, np.int64)
         self._scene = None
-        self._mesh = None
         try:
             from embreex import rtcore_scene
             from embreex.mesh_construction import TriangleMesh
         except ImportError:
-            import trimesh
-
-            log.warning("embreex is not installed: ray casting falls back to trimesh's slow numpy intersector")
-            self._mesh = trimesh.Trimesh(self.vertices, self.faces, process=False)
+            log.warning("embreex is not installed: ray casting uses the numpy fallback (slower; "
+                        "pip install 'd3s2[data]' for embree)")
             return
         self._scene = rtcore_scene.EmbreeScene()
         TriangleMesh(scene=self._scene, vertices=self.vertices.astype(np.float32),
                      indices=self.faces.astype(np.int32))
 
-    def first_hit(self, origins: np.ndarray, directions: np.ndarray) -> np.ndarray:
-        """int64 ``[N]`` index of the first face hit by each ray ``[N, 3]``, -1 for a miss."""
+    def first_hit(self, K: np.ndarray, world_to_camera: np.ndarray, width: int, height: int) -> np.ndarray:
+        """int64 ``[H*W]`` (row-major) index of the first face hit by each pixel's centre ray, -1 for a miss."""
         if self._scene is not None:
-            return self._scene.run(np.ascontiguousarray(origins, np.float32),
-                                   np.ascontiguousarray(directions, np.float32)).astype(np.int64)
-        return self._mesh.ray.intersects_first(origins, directions)
+            origin, dirs = pixel_rays(K, world_to_camera, width, height)
+            origins = np.broadcast_to(origin.astype(np.float32), dirs.shape)
+            return self._scene.run(np.ascontiguousarray(origins), np.ascontiguousarray(dirs)).astype(np.int64)
+        return self._first_hit_by_projection(np.asarray(K, np.float64), np.asarray(world_to_camera, np.float64),
+                                             width, height)
+
+    def _first_hit_by_projection(self, K: np.ndarray, world_to_camera: np.ndarray, width: int,
+                                 height: int) -> np.ndarray:
+        """The fallback: every face is projected, and each pixel centre in its bounding box gets an exact
+        ray-triangle test (Möller–Trumbore, camera frame, ray origin 0); the nearest hit wins, ties to the lower
+        face index. A face reaching behind the camera gets every pixel as a candidate (still exact)."""
+        tri = (self.vertices @ world_to_camera[:3, :3].T + world_to_camera[:3, 3])[self.faces]  # [F, 3, 3]
+        z = tri[..., 2]
+        visible = np.flatnonzero((z > 0).any(1))  # wholly behind the camera: no ray hits it
+        tri, z = tri[visible], z[visible]
+        fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
+        in_front = (z > 0).all(1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            u = np.where(in_front[:, None], fx * tri[..., 0] / z + cx - 0.5, 0.0)  # pixel-centre index units
+            v = np.where(in_front[:, None], fy * tri[..., 1] / z + cy - 0.5, 0.0)
+        u_lo = np.where(in_front, np.ceil(u.min(1)), 0).clip(0, None).astype(np.int64)
+        u_hi = np.where(in_front, np.floor(u.max(1)), width - 1).clip(None, width - 1).astype(np.int64)
+        v_lo = np.where(in_front, np.ceil(v.min(1)), 0).clip(0, None).astype(np.int64)
+        v_hi = np.where(in_front, np.floor(v.max(1)), height - 1).clip(None, height - 1).astype(np.int64)
+        box_w = np.maximum(u_hi - u_lo + 1, 0)
+        pairs = box_w * np.maximum(v_hi - v_lo + 1, 0)
+        best_depth = np.full(width * height, np.inf)
+        best_face = np.full(width * height, -1, np.int64)
+        step_of = np.cumsum(pairs) // self.PAIRS_PER_STEP  # faces in order, about PAIRS_PER_STEP pairs per step
+        for step in np.unique(step_of[pairs > 0]):
+            faces = np.flatnonzero((step_of == step) & (pairs > 0))
+            n = pairs[faces]
+            f = np.repeat(faces, n)
+            k = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)  # index within the face's box
+            pu, pv = u_lo[f] + k % box_w[f], v_lo[f] + k // box_w[f]
+            d = np.stack([(pu + 0.5 - cx) / fx, (pv + 0.5 - cy) / fy, np.ones(len(f))], 1)
+            p0, e1, e2 = tri[f, 0], tri[f, 1] - tri[f, 0], tri[f, 2] - tri[f, 0]
+            pvec = np.cross(d, e2)
+            det = np.einsum("ij,ij->i", e1, pvec)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                inv = 1.0 / det
+                b1 = np.einsum("ij,ij->i", -p0, pvec) * inv
+                qvec = np.cross(-p0, e1)
+                b2 = np.einsum("ij,ij->i", d, qvec) * inv
+                depth = np.einsum("ij,ij->i", e2, qvec) * inv  # along d, whose z is 1: the hit's camera z
+            hit = (det != 0) & (b1 >= 0) & (b2 >= 0) & (b1 + b2 <= 1) & (depth > 0)
+            pixel, depth, face = (pv * width + pu)[hit], depth[hit], visible[f[hit]]
+            order = np.lexsort((face, depth, pixel))
+            pixel, depth, face = pixel[order], depth[order], face[order]
+            first = np.r_[True, pixel[1:] != pixel[:-1]]  # the nearest hit of each pixel in this step
+            pixel, depth, face = pixel[first], depth[first], face[first]
+            better = (depth < best_depth[pixel]) | ((depth == best_depth[pixel]) & (face < best_face[pixel]))
+            best_depth[pixel[better]], best_face[pixel[better]] = depth[better], face[better]
+        return best_face
+
+
+def pixel_rays(K: np.ndarray, world_to_camera: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """The camera centre ``[3]`` and float32 ``[H*W, 3]`` world directions of the pixel-centre rays (row-major;
+    each with camera-frame z = 1)."""
+    R, t = world_to_camera[:3, :3], world_to_camera[:3, 3]
+    u = (np.arange(width, dtype=np.float32) + 0.5 - K[0, 2]) / K[0, 0]
+    v = (np.arange(height, dtype=np.float32) + 0.5 - K[1, 2]) / K[1, 1]
+    dirs_cam = np.empty((height, width, 3), np.float32)
+    dirs_cam[..., 0] = u[None, :]
+    dirs_cam[..., 1] = v[:, None]
+    dirs_cam[..., 2] = 1.0
+    # R.T applied per row; einsum: numpy's matmul is slow for [N, 3] @ [3, 3].
+    return -R.T @ t, np.einsum("nc,cw->nw", dirs_cam.reshape(-1, 3), R.astype(np.float32))
 
 
 def render_view(caster: RayCaster, face_normals: np.ndarray, K: np.ndarray, world_to_camera: np.ndarray,
@@ -136,18 +203,8 @@ def render_view(caster: RayCaster, face_normals: np.ndarray, K: np.ndarray, worl
 
     ``face_normals`` ``[F, 3]`` are unit normals of the caster's faces.
     """
-    R, t = world_to_camera[:3, :3], world_to_camera[:3, 3]
-    origin = -R.T @ t
-    u = (np.arange(width, dtype=np.float32) + 0.5 - K[0, 2]) / K[0, 0]
-    v = (np.arange(height, dtype=np.float32) + 0.5 - K[1, 2]) / K[1, 1]
-    dirs_cam = np.empty((height, width, 3), np.float32)
-    dirs_cam[..., 0] = u[None, :]
-    dirs_cam[..., 1] = v[:, None]
-    dirs_cam[..., 2] = 1.0
-    # [H*W, 3] world directions (R.T applied per row); einsum: numpy's matmul is slow for [N, 3] @ [3, 3].
-    dirs = np.einsum("nc,cw->nw", dirs_cam.reshape(-1, 3), R.astype(np.float32))
-    origins = np.broadcast_to(origin.astype(np.float32), dirs.shape)
-    tri = caster.first_hit(origins, dirs)
+    _, dirs = pixel_rays(K, world_to_camera, width, height)
+    tri = caster.first_hit(K, world_to_camera, width, height)
     ray = np.flatnonzero(tri >= 0)
     image = np.zeros((height * width, 4), np.uint8)
     if len(ray):

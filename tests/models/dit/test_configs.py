@@ -1,12 +1,12 @@
 """The shipped DiT configs build the published models; the tiny ones run image → condition → guided sampling."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
+from d3s2.config import PACKAGED_CONFIGS
 from d3s2.flow import randn_like_latent, sample_euler
 from d3s2.models.conditioner import SmallImageEncoder, preprocess_image
 from d3s2.models.dit import DenseDiT, SparseDiT
@@ -14,7 +14,7 @@ from d3s2.sparse import SparseTensor
 
 from .common import PUBLISHED, random_sparse
 
-CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+CONFIGS = PACKAGED_CONFIGS
 MODELS = {"dense_dit": DenseDiT, "sparse_dit": SparseDiT}
 
 
