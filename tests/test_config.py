@@ -144,3 +144,8 @@ def test_train_config_yaml_errors_name_the_file_once(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_train_config(path)
     assert str(err.value).startswith(f"{path}: invalid YAML")  # not "bad.yaml: bad.yaml: ..."
+
+
+def test_an_override_given_twice_is_an_error():
+    with pytest.raises(ConfigError, match=r"--optim\.lr given twice \('1e-3' and '2e-3'\)"):
+        parse_overrides(["--optim.lr=1e-3", "optim.lr=2e-3"])

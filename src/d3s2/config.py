@@ -115,15 +115,18 @@ class _Override:
 
 
 def parse_overrides(args: Sequence[str]) -> list[tuple[str, str]]:
-    """``["--a.b=1", "--c=x"]`` → ``[("a.b", "1"), ("c", "x")]``; the leading ``--`` is optional."""
-    out = []
+    """``["--a.b=1", "--c=x"]`` → ``[("a.b", "1"), ("c", "x")]``; the leading ``--`` is optional. A key given
+    twice is an error (the last one would win silently)."""
+    out: dict[str, str] = {}
     for arg in args:
         body = arg[2:] if arg.startswith("--") else arg
         key, sep, value = body.partition("=")
         if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
             raise ConfigError(f"expected an override of the form --section.key=value, got {arg!r}")
-        out.append((key, value))
-    return out
+        if key in out:
+            raise ConfigError(f"override --{key} given twice ({out[key]!r} and {value!r}): expected it once")
+        out[key] = value
+    return list(out.items())
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[tuple[str, str]]) -> dict[str, Any]:
