@@ -21,6 +21,7 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -78,8 +79,8 @@ def run_demo(mesh_path: str | os.PathLike, out_dir: str | os.PathLike, *, resolu
         mesh = step("marching cubes", lambda: marching_cubes_mesh(sdf))
         glb = out / f"{name}_d3s2.glb"
         step("export", lambda: export_mesh(mesh, glb))
-        metrics = step("metrics", lambda: mesh_metrics(mesh, source, num_samples=20_000,
-                                                       num_volume_points=20_000, seed=seed))
+        metrics = step("metrics", lambda: geometry_metrics(lambda: mesh_metrics(
+            mesh, source, num_samples=20_000, num_volume_points=20_000, seed=seed)))
         image = step("render", render_pair)
     png = out / f"{name}_compare.png"
     atomic_write_bytes(png, encode_png(image))
@@ -92,6 +93,25 @@ def run_demo(mesh_path: str | os.PathLike, out_dir: str | os.PathLike, *, resolu
     }
     atomic_write_bytes(out / f"{name}_report.json", json.dumps(report, indent=2).encode())
     return report
+
+
+def geometry_metrics(compute: Callable[[], dict]) -> dict:
+    """``compute()`` (Chamfer, F-score, normal consistency, volume IoU) when libigl is installed; without it (the
+    ``data`` extra, whose distances and winding numbers they use) ``{}`` and a warning."""
+    try:
+        import igl  # noqa: F401
+    except ImportError:
+        logger.warning("libigl is not installed: the geometry metrics are left out (pip install 'd3s2[data]')")
+        return {}
+    return compute()
+
+
+def format_metrics(metrics: dict) -> str:
+    """The metrics present, on one line."""
+    labels = {"silhouette_iou": "silhouette IoU {:.3f}", "silhouette_iou_bbox": "(bbox-aligned {:.3f})",
+              "chamfer_l1": "chamfer-L1 {:.4f}", "fscore@0.01": "F@0.01 {:.3f}",
+              "normal_consistency": "normal consistency {:.3f}", "volume_iou": "volume IoU {:.3f}"}
+    return "  ".join(fmt.format(metrics[key]) for key, fmt in labels.items() if key in metrics)
 
 
 def run_generate_demo(weights: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -140,9 +160,9 @@ def run_generate_demo(weights: str | os.PathLike, out_dir: str | os.PathLike, *,
         K, w2c = renders.intrinsics[0], renders.world_to_camera[0]
         mask = rgba[..., 3] > 0
         gen = silhouette(mesh, K, w2c, render_size, render_size)
-        metrics = shape_metrics(mesh, source, 20_000)
-        report["metrics"] = {"silhouette_iou": mask_iou(mask, gen), "silhouette_iou_bbox": bbox_iou(mask, gen),
-                             **{k: metrics[k] for k in ("chamfer_l1", "fscore@0.01", "volume_iou")}}
+        report["metrics"] = {"silhouette_iou": mask_iou(mask, gen), "silhouette_iou_bbox": bbox_iou(mask, gen)}
+        metrics = geometry_metrics(lambda: shape_metrics(mesh, source, 20_000))
+        report["metrics"].update({k: metrics[k] for k in ("chamfer_l1", "fscore@0.01", "volume_iou") if k in metrics})
         png = out / f"{name}_compare.png"
         atomic_write_bytes(png, encode_png(np.ascontiguousarray(comparison_image(rgba, mesh, K, w2c))))
         report["outputs"]["compare_png"] = str(png)
@@ -183,21 +203,18 @@ def _run(args: argparse.Namespace) -> int:
     print(f"output {report['outputs']['mesh']}: {report['faces']} faces, watertight={report['watertight']}, "
           f"{report['seconds']['total']:.1f} s")
     if "metrics" in report:
-        m = report["metrics"]
-        print(f"silhouette IoU {m['silhouette_iou']:.3f} (bbox-aligned {m['silhouette_iou_bbox']:.3f})  chamfer-L1 "
-              f"{m['chamfer_l1']:.4f}  F@0.01 {m['fscore@0.01']:.3f}  volume IoU {m['volume_iou']:.3f}")
+        print(format_metrics(report["metrics"]))
         print(f"input | generated (same camera) | masks: {report['outputs']['compare_png']}")
     return 0
 
 
 def _run_mesh_demo(path: Path, args: argparse.Namespace) -> int:
     report = run_demo(path, args.out, resolution=args.resolution, seed=args.seed)
-    m = report["metrics"]
     print(f"input  {report['input']}: {report['input_faces']} faces, watertight={report['input_watertight']}")
     print(f"output {report['outputs']['mesh']}: {report['output_faces']} faces, "
           f"watertight={report['output_watertight']}, {report['band_voxels']} band voxels at {report['resolution']}³")
-    print(f"chamfer-L1 {m['chamfer_l1']:.4f}  F@0.01 {m['fscore@0.01']:.3f}  normal consistency "
-          f"{m['normal_consistency']:.3f}  volume IoU {m['volume_iou']:.3f}")
+    if report["metrics"]:
+        print(format_metrics(report["metrics"]))
     print(f"side-by-side render (input | d3s2): {report['outputs']['compare_png']}")
     print("seconds: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()))
     return 0

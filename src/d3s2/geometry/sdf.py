@@ -49,6 +49,7 @@ Dimension legend: N band voxels, NB occupied blocks, F triangles, R resolution.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -292,6 +293,18 @@ def near_primitives(points: np.ndarray, prims: np.ndarray, radius: float, cells:
 
 
 # ---------------------------------------------------------------------------------------------- backends
+@functools.cache
+def _igl_installed() -> bool:
+    """libigl (the ``data`` extra) is the CPU default; without it the torch backend runs on the CPU too."""
+    try:
+        import igl  # noqa: F401
+    except ImportError:
+        logger.warning("libigl is not installed: the SDF uses the torch backend on the CPU (slower; pip install "
+                       "'d3s2[data]' for libigl)")
+        return False
+    return True
+
+
 class _IglField:
     """Distance and winding number from libigl (CPU): AABB-tree distances, fast winding number."""
 
@@ -943,7 +956,7 @@ def compute_sparse_sdf(
         band: tau in ``[-1, 1]`` units; voxels with ``|sdf| < tau`` are kept.
         device: "cpu" or a CUDA device; CUDA requires the "torch" backend.
         sharp_angle_deg: dihedral angle above which an edge is sharp.
-        backend: "igl" (CPU default) or "torch" (CUDA default; also runs on CPU).
+        backend: "igl" (CPU default when libigl is installed) or "torch" (CUDA default; also runs on CPU).
 
     Returns ``{R: SparseSDF}``. The spatial structures are built once and shared by all resolutions.
     """
@@ -964,7 +977,7 @@ def compute_sparse_sdf(
         logger.info("mesh is closed but inside-out (signed volume %.4g): reversing its faces", mesh.volume)
         mesh = trimesh.Trimesh(vertices, np.asarray(mesh.faces)[:, ::-1].copy(), process=False)
     if backend is None:
-        backend = "igl" if str(device) == "cpu" else "torch"
+        backend = "igl" if str(device) == "cpu" and _igl_installed() else "torch"
     for r in resolutions:
         if band < 2.0 / r:
             logger.warning("band %.5f is narrower than one voxel at %d^3: band voxels will not form complete "
