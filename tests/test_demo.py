@@ -49,17 +49,21 @@ def test_mesh_demo_on_the_base_install(no_demo_weights, tmp_path, monkeypatch, c
     """Without the data extra (no libigl, no embree): torch SDF on the CPU, numpy renders, no geometry metrics."""
     import sys
 
-    from d3s2.geometry import sdf
+    from d3s2.geometry import render, sdf
 
     for module in ("igl", "embreex"):
         monkeypatch.setitem(sys.modules, module, None)  # their import raises ImportError
-    sdf._igl_installed.cache_clear()
+    caches = (sdf._igl_installed, render._embree)
+    for cache in caches:
+        cache.cache_clear()
     try:
         assert main(["demo", "--example", "horse_lusitano", "--resolution", "64", "--out", str(tmp_path)]) == 0
     finally:
-        sdf._igl_installed.cache_clear()
+        for cache in caches:
+            cache.cache_clear()
     report = json.loads((tmp_path / "horse_lusitano_report.json").read_text())
     assert report["output_watertight"] and report["metrics"] == {}
     assert (tmp_path / "horse_lusitano_compare.png").stat().st_size > 0
     assert "SDF uses the torch backend" in caplog.text and "geometry metrics are left out" in caplog.text
+    assert caplog.text.count("ray casting uses the numpy fallback") == 1
     assert "watertight=True" in capsys.readouterr().out

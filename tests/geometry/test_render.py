@@ -132,7 +132,13 @@ def test_numpy_fallback_hits_what_embree_hits():
 def test_fallback_without_embree_renders_the_same_silhouette(box, box_renders, monkeypatch, caplog):
     import sys
 
+    from d3s2.geometry import render
+
     monkeypatch.setitem(sys.modules, "embreex", None)  # import embreex now raises ImportError
-    again = render_views(box, 3, size=SIZE, seed=1, key="box")
+    render._embree.cache_clear()
+    try:
+        again = render_views(box, 3, size=SIZE, seed=1, key="box")
+    finally:
+        render._embree.cache_clear()
     assert "numpy fallback" in caplog.text
     np.testing.assert_array_equal(again.images[..., 3], box_renders.images[..., 3])

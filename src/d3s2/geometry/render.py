@@ -19,6 +19,7 @@ Dimension legend: V views, H×W image size, F faces.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -102,6 +103,19 @@ def fit_distance(vertices: np.ndarray, target: np.ndarray, rotation: np.ndarray,
     return float(max(need.max(), near))
 
 
+@functools.cache
+def _embree():
+    """embreex's scene and mesh modules, or None (the numpy fallback; said once per process)."""
+    try:
+        from embreex import rtcore_scene
+        from embreex.mesh_construction import TriangleMesh
+    except ImportError:
+        log.warning("embreex is not installed: ray casting uses the numpy fallback (slower; "
+                    "pip install 'd3s2[data]' for embree)")
+        return None
+    return rtcore_scene, TriangleMesh
+
+
 class RayCaster:
     """First hits of a pinhole camera's pixel-centre rays against one mesh: embree (embreex) when it is installed,
     else an exact numpy caster that tests each ray only against the faces whose projection covers its pixel."""
@@ -113,13 +127,10 @@ class RayCaster:
         self.vertices = np.asarray(vertices, np.float64)
         self.faces = np.asarray(faces, np.int64)
         self._scene = None
-        try:
-            from embreex import rtcore_scene
-            from embreex.mesh_construction import TriangleMesh
-        except ImportError:
-            log.warning("embreex is not installed: ray casting uses the numpy fallback (slower; "
-                        "pip install 'd3s2[data]' for embree)")
+        embree = _embree()
+        if embree is None:
             return
+        rtcore_scene, TriangleMesh = embree
         self._scene = rtcore_scene.EmbreeScene()
         TriangleMesh(scene=self._scene, vertices=self.vertices.astype(np.float32),
                      indices=self.faces.astype(np.int32))
