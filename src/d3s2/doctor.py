@@ -19,7 +19,7 @@ OP_MODULES = [
 ]
 
 # Every runtime dependency of pyproject.toml (the base list and the extras but dev), and spconv.
-PACKAGES = ["torch", "triton", "numpy", "scipy", "trimesh", "safetensors", "pyyaml", "tqdm", "pillow", "rtree",
+PACKAGES = ["torch", "triton", "numpy", "scipy", "trimesh", "safetensors", "pyyaml", "tqdm", "pillow",
             "charset-normalizer", "libigl", "embreex", "scikit-image", "fast-simplification", "transformers",
             "tensorboard", "spconv", "gradio", "fastapi", "uvicorn", "python-multipart"]
 

@@ -37,9 +37,13 @@ def data(tmp_path_factory) -> Path:
 
 
 def train_cli(data: Path, out: Path, *extra: str) -> int:
+    """``d3s2 train vae`` on the tiny config; ``extra`` overrides replace the defaults set here (each key once)."""
+    defaults = {"--task.args.data": str(data), "--task.args.model_config": TINY_MODEL,
+                "--task.args.val_fraction": "0.5", "--train.val_every": "2", "--train.progress": "false"}
+    given = {arg.partition("=")[0] for arg in extra}
+    overrides = [f"{key}={value}" for key, value in defaults.items() if key not in given]
     return main(["train", "vae", "--config", str(CONFIGS / "debug/tiny_vae_train.yaml"), "--max-steps", "2",
-                 "--out", str(out), f"--task.args.data={data}", f"--task.args.model_config={TINY_MODEL}",
-                 "--task.args.val_fraction=0.5", "--train.val_every=2", "--train.progress=false", *extra])
+                 "--out", str(out), *overrides, *extra])
 
 
 def test_registered():
