@@ -83,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        # Ctrl-C: outputs are atomic (nothing partial is left) and long jobs resume, so no traceback (-v for it).
+        if args.verbose:
+            raise
+        print(f"d3s2 {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, OSError, RuntimeError) as err:
         # Expected user errors (bad values, missing or unwritable paths): one clear line, no traceback (-v for it).
         if args.verbose:

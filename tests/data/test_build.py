@@ -186,3 +186,15 @@ def test_narrow_band_is_warned_once_per_resolution(tmp_path, caplog):
     assert summary.built == 3
     warned = [r.getMessage() for r in caplog.records if "narrower than one voxel" in r.getMessage()]
     assert len(warned) == 1 and "at 8^3" in warned[0], warned
+
+
+def test_a_closed_stl_is_recorded_watertight(tmp_path):
+    src = tmp_path / "meshes"
+    src.mkdir()
+    trimesh.creation.box().export(src / "box.stl")  # STL stores every triangle's own corners: nothing is shared
+    box = trimesh.creation.box()
+    trimesh.Trimesh(box.vertices, box.faces[:-2]).export(src / "open.stl")  # one side removed
+    build(resolve_sources([str(src)]), tmp_path / "out", CONFIG, progress=False)
+    records = read_manifest(tmp_path / "out")
+    assert records["meshes/box.stl"]["watertight"] is True
+    assert records["meshes/open.stl"]["watertight"] is False

@@ -196,8 +196,10 @@ def build_asset(asset: AssetSource, config: BuildConfig) -> tuple[dict[str, np.n
 
     t0 = time.perf_counter()
     mesh = load_source_mesh(asset)
+    merged = mesh.copy()
+    merged.merge_vertices()  # STL and seam-split files repeat the vertices of closed surfaces
     stats: dict = {"vertices": int(len(mesh.vertices)), "triangles": int(len(mesh.faces)),
-                   "watertight": bool(mesh.is_watertight)}
+                   "watertight": bool(merged.is_watertight)}
     mesh, transform = normalize_mesh(mesh, scale=config.scale)
     arrays: dict[str, np.ndarray] = {
         "name": np.array(asset.name),
