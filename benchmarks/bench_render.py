@@ -18,7 +18,7 @@ import numpy as np
 
 from d3s2.data.corpus import MeshCorpus
 from d3s2.geometry.mesh_io import load_mesh, normalize_mesh
-from d3s2.geometry.render import RayCaster, fit_distance, intrinsics, look_rotation, render_views
+from d3s2.geometry.render import RayCaster, render_views, view_camera
 
 COMPARE_VIEWS = [(20.0, 30.0, 50.0), (35.0, 140.0, 80.0), (12.0, 250.0, 35.0)]  # elevation, azimuth, focal mm
 
@@ -27,12 +27,8 @@ def compare_casters(name: str, mesh, size: int) -> None:
     caster = RayCaster(mesh.vertices, mesh.faces)
     if caster._scene is None:
         raise SystemExit("--compare needs embreex (pip install 'd3s2[data]')")
-    v = np.asarray(mesh.vertices)
-    target = (v.min(0) + v.max(0)) / 2
     for elevation, azimuth, focal in COMPARE_VIEWS:
-        K, R = intrinsics(focal, size, size), look_rotation(elevation, azimuth)
-        w2c = np.eye(4)
-        w2c[:3, :3], w2c[:3, 3] = R, -R @ (target - fit_distance(v, target, R, K, size, size, 0.9) * R[2])
+        K, w2c, _ = view_camera(np.asarray(mesh.vertices), elevation, azimuth, focal, size)
         t0 = time.perf_counter()
         embree = caster.first_hit(K, w2c, size, size)
         t1 = time.perf_counter()

@@ -7,7 +7,7 @@ import pytest
 import trimesh
 from scipy.spatial import ConvexHull
 
-from d3s2.geometry.render import decode_png, encode_png, project, render_views
+from d3s2.geometry.render import decode_png, encode_png, project, render_views, view_camera
 
 SIZE = 64
 
@@ -99,18 +99,6 @@ def test_bad_arguments(box):
         render_views(box, 0)
 
 
-def _camera(mesh, size, elevation, azimuth, focal_mm):
-    from d3s2.geometry.render import fit_distance, intrinsics, look_rotation
-
-    v = np.asarray(mesh.vertices)
-    target = (v.min(0) + v.max(0)) / 2
-    K, R = intrinsics(focal_mm, size, size), look_rotation(elevation, azimuth)
-    centre = target - fit_distance(v, target, R, K, size, size, 0.9) * R[2]
-    w2c = np.eye(4)
-    w2c[:3, :3], w2c[:3, 3] = R, -R @ centre
-    return K, w2c
-
-
 def test_numpy_fallback_hits_what_embree_hits():
     pytest.importorskip("embreex")
     from d3s2.demo import bundled_examples
@@ -121,7 +109,7 @@ def test_numpy_fallback_hits_what_embree_hits():
     caster = RayCaster(mesh.vertices, mesh.faces)
     caster.PAIRS_PER_STEP = 5000  # many steps: the running nearest hit across steps is exercised
     for view in [(20, 30, 50), (35, 140, 80), (12, 250, 35)]:
-        K, w2c = _camera(mesh, 96, *view)
+        K, w2c, _ = view_camera(np.asarray(mesh.vertices), *view, 96)
         embree = caster.first_hit(K, w2c, 96, 96)
         numpy = caster._first_hit_by_projection(K, w2c, 96, 96)
         assert (embree >= 0).sum() > 1000

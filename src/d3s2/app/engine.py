@@ -433,12 +433,10 @@ def _summary(mesh: Any) -> dict[str, Any]:
 
 def _weights_band(weights: Path, pipe: Any) -> float | None:
     """The training band τ of the lowest sparse VAE, from the ``vae_task.json`` a training export writes."""
-    import json
+    from ..models.vae.export_info import read_task_file
 
-    from ..models.vae.task import TASK_FILE
-
-    path = weights / f"sparse_vae_{pipe.resolutions[0]}" / TASK_FILE
-    return float(json.loads(path.read_text())["band"]) if path.is_file() else None
+    band = read_task_file(weights / f"sparse_vae_{pipe.resolutions[0]}").get("band")
+    return None if band is None else float(band)
 
 
 def mesh_bytes(path: Path, fmt: str) -> bytes:

@@ -207,7 +207,8 @@ def build_asset(asset: AssetSource, config: BuildConfig) -> tuple[dict[str, np.n
         "normalize/scale": np.asarray(transform.scale, np.float64),
     }
     t1 = time.perf_counter()
-    sdfs = compute_sparse_sdf(mesh, list(config.resolutions), band=config.band, device=config.device)
+    sdfs = compute_sparse_sdf(mesh, list(config.resolutions), band=config.band, device=config.device,
+                              warn_narrow_band=False)  # build() warns once for all assets
     stats["voxels"], stats["blocks"] = {}, {}
     for res in config.resolutions:
         sdf = sdfs[res]
@@ -299,29 +300,10 @@ def _clean_stale_temps(out: Path, tmp_tag: str) -> None:
         f.unlink()
 
 
-class _SkipPerAssetBandWarning(logging.Filter):
-    """Drops compute_sparse_sdf's narrow-band warning, which it gives for every asset: build() gives it once."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "narrower than one voxel" not in str(record.msg)
-
-
-_SDF_LOGGER = logging.getLogger("d3s2.geometry.sdf")
-
-
-def _warn_narrow_band(config: BuildConfig) -> None:
-    # The condition of compute_sparse_sdf's own warning, checked once for the whole build.
-    for res in config.resolutions:
-        if config.band < 2.0 / res:
-            log.warning("band %.5f is narrower than one voxel at %d^3 (%.5f): band voxels will not form complete "
-                        "marching-cubes cells; only the block targets are closed", config.band, res, 2.0 / res)
-
-
 def _init_worker(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    _SDF_LOGGER.addFilter(_SkipPerAssetBandWarning())
 
 
 def build(assets: Iterable[AssetSource], out: str | os.PathLike, config: BuildConfig, *, workers: int = 1,
@@ -341,13 +323,10 @@ def build(assets: Iterable[AssetSource], out: str | os.PathLike, config: BuildCo
     todo = [a for a in assets if not asset_path(out, a.name).exists()]
     summary.skipped = len(assets) - len(todo)
     if todo:
-        _warn_narrow_band(config)
-    skip_band_warning = _SkipPerAssetBandWarning()
-    _SDF_LOGGER.addFilter(skip_band_warning)
-    try:
-        _build_todo(todo, out, config, summary, workers=workers, shard=shard, tmp_tag=tmp_tag, progress=progress)
-    finally:
-        _SDF_LOGGER.removeFilter(skip_band_warning)
+        from d3s2.geometry.sdf import warn_narrow_band_at
+
+        warn_narrow_band_at(config.band, config.resolutions)  # once here, not once per asset
+    _build_todo(todo, out, config, summary, workers=workers, shard=shard, tmp_tag=tmp_tag, progress=progress)
     return summary
 
 

@@ -232,6 +232,20 @@ def render_view(caster: RayCaster, face_normals: np.ndarray, K: np.ndarray, worl
     return image.reshape(height, width, 4)
 
 
+def view_camera(vertices: np.ndarray, elevation_deg: float, azimuth_deg: float, focal_mm: float, size: int,
+                margin: float = 0.9) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(K [3, 3], world_to_camera [4, 4], distance)`` of a ``size``² view looking at the centre of the vertices'
+    bounding box from the fitted distance (:func:`fit_distance`)."""
+    target = (vertices.min(0) + vertices.max(0)) / 2
+    K = intrinsics(focal_mm, size, size)
+    R = look_rotation(elevation_deg, azimuth_deg)
+    dist = fit_distance(vertices, target, R, K, size, size, margin)
+    w2c = np.eye(4)
+    w2c[:3, :3] = R
+    w2c[:3, 3] = -R @ (target - dist * R[2])  # R[2] is the forward axis
+    return K, w2c, dist
+
+
 def render_views(mesh, num_views: int = 8, *, size: int = 518, seed: int = 0, key: str = "",
                  elevation_deg: tuple[float, float] = (10.0, 40.0), azimuth_deg: tuple[float, float] = (0.0, 180.0),
                  focal_mm: tuple[float, float] = (30.0, 100.0), margin: float = 0.9) -> Renders:
@@ -249,18 +263,11 @@ def render_views(mesh, num_views: int = 8, *, size: int = 518, seed: int = 0, ke
     azs = rng.uniform(*azimuth_deg, size=num_views)
     focals = rng.uniform(*focal_mm, size=num_views)
     vertices = np.asarray(mesh.vertices, dtype=np.float64)
-    target = (vertices.min(0) + vertices.max(0)) / 2
     caster = RayCaster(vertices, mesh.faces)
     normals = np.asarray(mesh.face_normals, np.float64)
     images, Ks, w2cs, dists = [], [], [], []
     for el, az, fm in zip(els, azs, focals):
-        K = intrinsics(fm, size, size)
-        R = look_rotation(el, az)
-        dist = fit_distance(vertices, target, R, K, size, size, margin)
-        center = target - dist * R[2]  # R[2] is the forward axis
-        w2c = np.eye(4)
-        w2c[:3, :3] = R
-        w2c[:3, 3] = -R @ center
+        K, w2c, dist = view_camera(vertices, el, az, fm, size, margin)
         images.append(render_view(caster, normals, K, w2c, size, size))
         Ks.append(K)
         w2cs.append(w2c)

@@ -53,7 +53,7 @@ import functools
 import logging
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -290,6 +290,14 @@ def near_primitives(points: np.ndarray, prims: np.ndarray, radius: float, cells:
     marked[cell[:, 0], cell[:, 1], cell[:, 2]] = True
     pc = np.clip(np.floor((points + 1.0) / size).astype(np.int64), 0, c - 1)
     return marked[pc[:, 0], pc[:, 1], pc[:, 2]]
+
+
+def warn_narrow_band_at(band: float, resolutions: Sequence[int]) -> None:
+    """A warning per resolution at which ``band`` is narrower than one voxel (2 / R in the unit cube)."""
+    for r in resolutions:
+        if band < 2.0 / r:
+            logger.warning("band %.5f is narrower than one voxel at %d^3 (%.5f): band voxels will not form complete "
+                           "marching-cubes cells; only the block targets are closed", band, r, 2.0 / r)
 
 
 # ---------------------------------------------------------------------------------------------- backends
@@ -947,6 +955,7 @@ def compute_sparse_sdf(
     device: str = "cpu",
     sharp_angle_deg: float = 30.0,
     backend: str | None = None,
+    warn_narrow_band: bool = True,
 ) -> dict[int, SparseSDF]:
     """Band SDF of ``mesh`` (already normalised into ``[-1, 1]^3``) at each resolution.
 
@@ -957,6 +966,7 @@ def compute_sparse_sdf(
         device: "cpu" or a CUDA device; CUDA requires the "torch" backend.
         sharp_angle_deg: dihedral angle above which an edge is sharp.
         backend: "igl" (CPU default when libigl is installed) or "torch" (CUDA default; also runs on CPU).
+        warn_narrow_band: :func:`warn_narrow_band_at` for this call (a caller looping over many meshes warns once).
 
     Returns ``{R: SparseSDF}``. The spatial structures are built once and shared by all resolutions.
     """
@@ -978,10 +988,8 @@ def compute_sparse_sdf(
         mesh = trimesh.Trimesh(vertices, np.asarray(mesh.faces)[:, ::-1].copy(), process=False)
     if backend is None:
         backend = "igl" if str(device) == "cpu" and _igl_installed() else "torch"
-    for r in resolutions:
-        if band < 2.0 / r:
-            logger.warning("band %.5f is narrower than one voxel at %d^3: band voxels will not form complete "
-                           "marching-cubes cells; only the block targets are closed", band, r)
+    if warn_narrow_band:
+        warn_narrow_band_at(band, resolutions)
     field, classes = _classified_field(mesh, backend, band, str(device), int(resolutions[0]), sharp_angle_deg)
     if not (classes == 0).any() and (classes == 2).any():
         # No triangle bounds the solid, yet some read as inside on both sides: an open mesh wound inside-out as
