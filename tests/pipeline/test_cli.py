@@ -151,6 +151,99 @@ def test_batch_goes_on_after_user_data_errors(weights, tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["c_good.glb"]
 
 
+def _write_bad_image(path, kind: str) -> None:
+    """An input no run can use, of the kind named."""
+    if kind == "not an image":
+        path.write_bytes(b"garbage")
+    elif kind == "zero bytes":
+        path.write_bytes(b"")
+    elif kind == "zero pixels":
+        path.write_bytes(png_header_only(0, 0))
+    elif kind == "truncated":
+        path.write_bytes(png_header_only(64, 64))
+    elif kind == "too small":
+        Image.fromarray(rgba_image(8)).save(path)
+    elif kind == "decompression bomb":
+        path.write_bytes(png_header_only(100_000, 100_000))
+    elif kind == "empty alpha":
+        Image.fromarray(rgba_image() * 0).save(path)
+    else:
+        raise AssertionError(kind)
+
+
+BAD_IMAGES = {
+    "not an image": "cannot identify image file",
+    "zero bytes": "cannot identify image file",
+    "zero pixels": "cannot identify image file",
+    "truncated": "image file is truncated",
+    "too small": "expected at least 16x16 pixels, got 8x8",
+    "decompression bomb": "is too large: expected at most",
+    "empty alpha": "alpha channel is empty",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_IMAGES))
+def test_a_bad_image_fails_before_the_weights_load(weights, tmp_path, capsys, no_loading, kind):
+    bad = tmp_path / "bad.png"
+    _write_bad_image(bad, kind)
+    assert main(["generate", str(bad), "-o", str(tmp_path / "out"), *_fast(weights)]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"d3s2 generate: error: {bad}: ") and BAD_IMAGES[kind] in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("inputs", [["{tmp}/missing.png"], ["{tmp}/no_images"], ["{tmp}/in", "{tmp}/missing.png"]])
+def test_missing_inputs_fail_before_the_weights_load(weights, tmp_path, capsys, no_loading, inputs):
+    (tmp_path / "no_images").mkdir()
+    (tmp_path / "no_images" / "notes.txt").write_text("not an image")
+    (tmp_path / "in").mkdir()
+    Image.fromarray(rgba_image()).save(tmp_path / "in" / "good.png")
+    assert main(["generate", *[i.format(tmp=tmp_path) for i in inputs], "-o", str(tmp_path / "out"),
+                 *_fast(weights)]) == 1
+    err = capsys.readouterr().err
+    assert "input not found" in err or "no image files" in err
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_a_batch_of_only_bad_images_reports_each_and_loads_nothing(weights, tmp_path, capsys, no_loading, progress):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i, kind in enumerate(BAD_IMAGES):
+        _write_bad_image(inputs / f"{i}.png", kind)
+    args = ["generate", str(inputs), "-o", str(tmp_path / "out"), *_fast(weights)]
+    assert main([a for a in args if progress is False or a != "--no-progress"]) == 1
+    # What a terminal shows: each line after its last carriage return (the cleared "checking images" bar).
+    lines = [line.split("\r")[-1] for line in capsys.readouterr().err.rstrip("\n").split("\n")]
+    assert len(lines) == len(BAD_IMAGES)
+    for i, (line, message) in enumerate(zip(lines, BAD_IMAGES.values())):
+        assert line.startswith(f"d3s2 generate: error: {inputs / f'{i}.png'}: ") and message in line
+
+
+def test_bad_images_are_reported_before_the_weights_load_and_the_good_ones_run(weights, tmp_path, capsys,
+                                                                               monkeypatch):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    _write_bad_image(inputs / "a_bad.png", "not an image")
+    Image.fromarray(rgba_image()).save(inputs / "b_good.png")
+    _write_bad_image(inputs / "c_bad.png", "empty alpha")
+    real_load = ImageTo3DPipeline.from_pretrained.__func__
+    reported_at_load = []
+
+    def load_after_reports(cls, *args, **kwargs):
+        reported_at_load.append(capsys.readouterr().err)
+        return real_load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(ImageTo3DPipeline, "from_pretrained", classmethod(load_after_reports))
+    out = tmp_path / "out"
+    assert main(["generate", str(inputs), "-o", str(out), *_fast(weights)]) == 1
+    assert len(reported_at_load) == 1
+    assert "a_bad.png: cannot read image" in reported_at_load[0]
+    assert "c_bad.png: the image's alpha channel is empty" in reported_at_load[0]
+    assert capsys.readouterr().err == ""  # nothing reported twice
+    assert [p.name for p in out.iterdir()] == ["b_good.glb"]
+
+
 def test_batch_goes_on_after_a_failed_write_but_not_after_a_bug(weights, tmp_path, capsys, monkeypatch):
     import d3s2.geometry.export
 
@@ -221,13 +314,14 @@ def test_generate_help_documents_limits():
 
 
 def test_an_error_is_not_followed_by_a_stale_progress_bar(weights, tmp_path, capsys):
-    empty = tmp_path / "empty.png"
-    Image.fromarray(rgba_image() * 0).save(empty)  # no object: fails in the "prepare" stage
-    assert main(["generate", str(empty), "-o", str(tmp_path / "a.glb"), "--weights", str(weights),
-                 "--resolution", "64", "--device", "cpu"]) == 1
+    flat = tmp_path / "flat.png"
+    Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(flat)  # no object: fails in the "prepare" stage
+    with pytest.warns(UserWarning, match="no alpha channel"):
+        assert main(["generate", str(flat), "-o", str(tmp_path / "a.glb"), "--weights", str(weights),
+                     "--resolution", "64", "--device", "cpu"]) == 1
     err = capsys.readouterr().err
-    assert "generate:" in err  # the bar was shown
-    assert "alpha channel is empty" in err.splitlines()[-1]
+    assert "stage/s, prepare]" in err  # the bar was shown
+    assert "could not separate the object from the background" in err.splitlines()[-1]
 
 
 @pytest.mark.parametrize(("extra", "message"), [

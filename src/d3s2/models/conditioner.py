@@ -89,6 +89,12 @@ def _read_image_file(path: Path) -> Image.Image:
         return f.copy()
 
 
+def check_object_alpha(img: Image.Image) -> None:
+    """Raise ValueError when ``img`` (from :func:`load_image`) has an alpha channel but no pixel of it is set."""
+    if img.mode == "RGBA" and img.getchannel("A").getbbox() is None:  # getbbox: None when every value is 0
+        raise ValueError("the image's alpha channel is empty: no object to condition on")
+
+
 def estimate_foreground(rgb: np.ndarray, *, threshold: float = 30.0, border: int = 2) -> np.ndarray:
     """Weight-free foreground mask for an object on a plain background.
 
@@ -141,12 +147,11 @@ def preprocess_image(
     warning. Raises ValueError when no object can be found.
     """
     img = load_image(image)
+    check_object_alpha(img)
     arr = np.asarray(img)
     if img.mode == "RGBA":
         alpha = arr[..., 3].astype(np.float32) / 255.0
         rgb = arr[..., :3]
-        if not (alpha > 0).any():
-            raise ValueError("the image's alpha channel is empty: no object to condition on")
     else:
         rgb = arr
         warnings.warn("image has no alpha channel: estimating the background from the border colour; "

@@ -116,6 +116,33 @@ def collect_images(inputs: list[str]) -> list[Path]:
     return out
 
 
+def usable_images(images: list[Path], *, progress: bool = True) -> list[Path]:
+    """The ``images`` a run can read, each opened and decoded once before any weights load; every other one
+    (unreadable, not an image, too small or too large, an empty alpha channel) gets its one-line error."""
+    from tqdm.auto import tqdm
+
+    from ..models.conditioner import check_object_alpha, load_image
+
+    usable, failures = [], []
+    for image in tqdm(images, desc="checking images", unit="image", leave=False,
+                      disable=not progress or len(images) < 3):
+        try:
+            check_object_alpha(load_image(image))
+        except (ValueError, OSError) as err:
+            failures.append((image, err))
+            continue
+        usable.append(image)
+    for image, err in failures:  # after the bar is cleared, not drawn through it
+        report_failure(image, err)
+    return usable
+
+
+def report_failure(image: Path, err: Exception) -> None:
+    """One image's error as one line (its traceback at debug level, shown by -v)."""
+    logger.debug("%s failed", image, exc_info=err)
+    print(f"d3s2 generate: error: {image}: {err}", file=sys.stderr)
+
+
 def check_sampling_arguments(args: argparse.Namespace) -> None:
     """``--steps``, ``--cfg`` and ``--occupancy-threshold`` that no run can use: errors before any weights load."""
     if args.steps is not None and args.steps < 1:
@@ -185,23 +212,26 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     weights = resolve_weights(args.weights)
     check_resolution(weights, args.resolution)
+    usable = set(usable_images(images, progress=not args.no_progress))
+    work = [(image, out) for image, out in zip(images, outputs) if image in usable]
+    failed = len(images) - len(work)
+    if not work:
+        return 1  # every image was reported: no weights to load
     pipe = ImageTo3DPipeline.from_pretrained(weights, conditioner=args.conditioner,
                                              resolutions=[args.resolution] if args.resolution else None,
                                              progress=not args.no_progress)
     if args.occupancy_threshold is not None:
         pipe.settings.occupancy_threshold = args.occupancy_threshold
-    failed = 0
-    for image, out in zip(images, outputs):
+    for image, out in work:
         try:
             mesh = pipe(image, resolution=args.resolution, seed=args.seed, steps=args.steps, cfg=args.cfg,
                         faces=args.faces, device=device, progress=not args.no_progress, low_vram=args.low_vram,
                         residency="resident" if args.keep_weights else None)
             export_mesh(mesh, out)
         except (ValueError, OSError, RuntimeError) as err:
-            # One bad image (unreadable, no object, empty structure) or unwritable output does not stop the
-            # others; any other exception is a bug and propagates.
-            logger.debug("%s failed", image, exc_info=True)
-            print(f"d3s2 generate: error: {image}: {err}", file=sys.stderr)
+            # One bad image (no object, empty structure) or unwritable output does not stop the others; any
+            # other exception is a bug and propagates.
+            report_failure(image, err)
             failed += 1
             continue
         secs = pipe.last_timing.seconds.get("total", 0.0)
