@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import gc
 import io
+import weakref
 
 import numpy as np
 import pytest
 import trimesh
 from PIL import Image
 
-from d3s2.app.engine import Engine, GenerateParams, Limits, RequestError, read_image, read_mesh
+from d3s2.app.engine import MAX_SEED, Engine, GenerateParams, Limits, RequestError, read_image, read_mesh
 from d3s2.geometry.render import encode_png
 
-from ..pipeline.tiny import rgba_image, tiny_pipeline
+from ..pipeline.tiny import png_header_only, rgba_image, tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +58,17 @@ def test_read_image_modes_and_limits():
     assert err.value.status == 415
 
 
+@pytest.mark.parametrize(("data", "status", "message"), [
+    (png_header_only(100_000, 100_000), 413, "image too large (Image size (10000000000 pixels) exceeds limit"),
+    (encode_png(rgba_image(8)), 422, "image too small: expected at least 16x16 pixels, got 8x8"),
+    (encode_png(rgba_image() * 0), 422, "the image's alpha channel is empty"),
+], ids=["decompression bomb", "too small", "empty alpha"])
+def test_read_image_refuses_what_no_generation_can_use(data, status, message):
+    with pytest.raises(RequestError) as err:
+        read_image(data, Limits())
+    assert err.value.status == status and err.value.message.startswith(message)
+
+
 def test_read_mesh():
     box = trimesh.creation.box()
     mesh = read_mesh(box.export(file_type="glb"), ".GLB", Limits())
@@ -82,6 +95,50 @@ def test_timeout_stops_a_running_job(engine):
     engine.limits.timeout_s = 0.0
     late = engine.submit_generate(rgba_image(), GenerateParams(resolution=64, steps=1))
     assert late.finished.wait(30) and late.status == "timeout" and "in the queue" in late.error
+
+
+def test_a_finished_job_keeps_no_reference_to_its_upload(engine):
+    uploads = [rgba_image(), rgba_image() * 0]  # the second fails in the job (no object)
+    kept = [weakref.ref(u) for u in uploads]
+    done = engine.submit_generate(uploads[0], GenerateParams(resolution=64, steps=1))
+    failed = engine.submit_generate(uploads[1], GenerateParams(resolution=64, steps=1))
+    assert done.finished.wait(60) and done.status == "done", done.error
+    assert failed.finished.wait(60) and failed.status == "failed"
+    del uploads
+    gc.collect()
+    assert [ref() for ref in kept] == [None, None]  # the job records stay, the decoded images do not
+    assert engine.get(done.id) is done and engine.get(failed.id) is failed
+
+
+def test_an_empty_mesh_fails_the_job(engine, monkeypatch):
+    monkeypatch.setattr(engine.pipeline, "_post", lambda mesh, faces, device: trimesh.Trimesh())
+    job = engine.submit_generate(rgba_image(), GenerateParams(resolution=64, steps=1))
+    assert job.finished.wait(60)
+    assert job.status == "failed" and job.error.startswith("the generated mesh is empty")
+    assert not job.folder.exists() and job.file("mesh.glb") is None
+
+
+@pytest.mark.parametrize("seed", [-1, MAX_SEED + 1, 2**70])
+def test_seed_out_of_range_is_refused_before_queueing(engine, seed):
+    with pytest.raises(RequestError, match=f"expected seed in \\[0, {MAX_SEED}\\], got {seed}") as err:
+        engine.submit_generate(rgba_image(), GenerateParams(seed=seed))
+    assert err.value.status == 422 and engine.queue_state()["waiting"] == 0
+
+
+def test_a_restart_forgets_earlier_jobs_and_removes_their_files(pipe, tmp_path):
+    first = Engine(pipe, tmp_path / "out", device="cpu")
+    job = first.submit_generate(rgba_image(), GenerateParams(resolution=64, steps=1))
+    assert job.finished.wait(60) and job.status == "done", job.error
+    first.close()
+    (tmp_path / "out" / "jobs" / "notes").mkdir()  # not a job folder: left alone
+    second = Engine(pipe, tmp_path / "out", device="cpu")
+    try:
+        assert not job.folder.exists() and (tmp_path / "out" / "jobs" / "notes").is_dir()
+        with pytest.raises(RequestError, match="unknown job id") as err:
+            second.get(job.id)
+        assert err.value.status == 404
+    finally:
+        second.close()
 
 
 def test_results_size_cap(engine):

@@ -12,7 +12,7 @@ import trimesh
 
 from d3s2.geometry.render import encode_png
 
-from ..pipeline.tiny import rgba_image
+from ..pipeline.tiny import png_header_only, rgba_image, tiny_pipeline
 from .conftest import Server, pid_alive, port_open
 
 pytest.importorskip("fastapi")
@@ -92,6 +92,9 @@ def _png(width: int, height: int) -> bytes:
     ("not an image", 415, "not an image"),
     ("empty file", 400, "empty upload"),
     ("too many pixels", 413, "image too large: 600x400 = 240000 pixels, the limit is 200000"),
+    ("decompression bomb", 413, "image too large (Image size (10000000000 pixels) exceeds limit"),
+    ("too small", 422, "image too small: expected at least 16x16 pixels, got 8x8"),
+    ("empty alpha", 422, "the image's alpha channel is empty"),
     ("too many bytes", 413, "upload too large"),
     ("no image field", 400, "missing the 'image' file field"),
     ("not multipart", 415, "expected a multipart/form-data body"),
@@ -107,6 +110,12 @@ def test_bad_uploads(server, case, status, message):
         r = _post(server, b"")
     elif case == "too many pixels":
         r = _post(server, _png(600, 400))
+    elif case == "decompression bomb":
+        r = _post(server, png_header_only(100_000, 100_000))
+    elif case == "too small":
+        r = _post(server, encode_png(rgba_image(8)))
+    elif case == "empty alpha":
+        r = _post(server, encode_png(rgba_image() * 0))
     elif case == "too many bytes":
         r = _post(server, np.random.default_rng(0).bytes(int(MAX_UPLOAD_MB * 2**20) + 70_000))
     elif case == "no image field":
@@ -156,6 +165,29 @@ def test_queue_full_then_cancel(server):
     assert not (server.out / "jobs" / running).exists()
     r = httpx.get(f"{server.url}/v1/jobs/{running}/mesh.glb")
     assert r.status_code == 409 and "cancelled" in _detail(r)
+
+
+@pytest.mark.parametrize("fmt", ["glb", "obj"])
+def test_a_result_removed_while_it_is_read_is_gone_not_an_error(tmp_path, monkeypatch, fmt):
+    from fastapi.testclient import TestClient
+
+    from d3s2.app import service
+    from d3s2.app.engine import Engine, GenerateParams
+
+    engine = Engine(tiny_pipeline(), tmp_path / "out", device="cpu")
+    job = engine.submit_generate(rgba_image(), GenerateParams(resolution=64, steps=1))
+    assert job.finished.wait(60) and job.status == "done", job.error
+    real_mesh_bytes = service.mesh_bytes
+
+    def removed_by_the_cap_first(path, fmt):
+        (path.parent / "mesh.glb").unlink()  # the cap's delete, between the endpoint's check and its read
+        return real_mesh_bytes(path, fmt)
+
+    monkeypatch.setattr(service, "mesh_bytes", removed_by_the_cap_first)
+    with TestClient(service.create_service(engine), raise_server_exceptions=False) as client:
+        r = client.get(f"/v1/jobs/{job.id}/mesh.{fmt}")
+    assert r.status_code == 410, r.text
+    assert r.json()["detail"] == f"job {job.id}: the result was removed (results size cap)"
 
 
 def test_shutdown_leaves_nothing_running(server):

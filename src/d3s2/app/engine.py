@@ -2,14 +2,15 @@
 
 * **Inputs.** :func:`read_image` and :func:`read_mesh` turn uploaded bytes into arrays or raise
   :class:`RequestError` with the HTTP status a client should see (400 empty, 413 too large, 415 not an image
-  or mesh). Pixels are counted from the header before any decoding.
+  or mesh, 422 an image no generation can use). Pixels are counted from the header before any decoding.
 * **Jobs.** :meth:`Engine.submit_generate` / :meth:`Engine.submit_reconstruct` queue a :class:`Job` with a
   server-made id (``uuid4().hex``); one worker thread runs them in order on the device. A full queue is a 429,
   a closed engine a 503. Every job has a deadline (``Limits.timeout_s`` from submission): a queued job past it
   never starts, a running one stops at its next stage or model call (forward pre-hooks on the components).
 * **Files.** Each job writes only into ``<out>/jobs/<id>/``; after every job the oldest finished results are
   deleted until the folder is under ``Limits.results_cap_bytes``. Job ids from requests are only ever looked
-  up in memory, never joined into a path.
+  up in memory, never joined into a path. Job records live in memory (without their inputs once finished): a
+  new engine removes the job folders of an earlier one.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF")
 UPLOAD_MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")
 RESULT_NAME = "mesh"
 INPUT_NAME = "input"
+MAX_SEED = 2**31 - 1
 
 
 class RequestError(ValueError):
@@ -79,8 +81,11 @@ class GenerateParams:
 
 # ------------------------------------------------------------------------------------------------ inputs
 def read_image(data: bytes, limits: Limits) -> np.ndarray:
-    """Uploaded bytes → uint8 ``[H, W, 4]`` (alpha kept) or ``[H, W, 3]``; RequestError when unusable."""
+    """Uploaded bytes → uint8 ``[H, W, 4]`` (alpha kept) or ``[H, W, 3]``; RequestError when unusable, including
+    an image no generation can use (smaller than ``MIN_IMAGE_SIDE`` a side, an empty alpha channel: 422)."""
     from PIL import Image, UnidentifiedImageError
+
+    from ..models.conditioner import MIN_IMAGE_SIDE, check_object_alpha
 
     if not data:
         raise RequestError(400, "empty upload: expected an image file (PNG, JPEG, WebP, BMP or TIFF)")
@@ -94,17 +99,25 @@ def read_image(data: bytes, limits: Limits) -> np.ndarray:
             if w * h > limits.max_pixels:
                 raise RequestError(413, f"image too large: {w}x{h} = {w * h} pixels, the limit is "
                                         f"{limits.max_pixels}")
-            if w == 0 or h == 0:
-                raise RequestError(400, f"image has no pixels ({w}x{h})")
+            if w < MIN_IMAGE_SIDE or h < MIN_IMAGE_SIDE:
+                raise RequestError(422, f"image too small: expected at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} "
+                                        f"pixels, got {w}x{h}")
             alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
-            arr = np.asarray(img.convert("RGBA" if alpha else "RGB"))
+            decoded = img.convert("RGBA" if alpha else "RGB")
     except RequestError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        # PIL refuses (or, under -W error, warns about) a header far above any limit before our own check.
+        raise RequestError(413, f"image too large ({err}); the limit is {limits.max_pixels} pixels") from err
     except UnidentifiedImageError as err:
         raise RequestError(415, "not an image: expected PNG, JPEG, WebP, BMP or TIFF data") from err
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except (OSError, SyntaxError, ValueError) as err:
         raise RequestError(415, f"cannot decode the image: {err}") from err
-    return np.ascontiguousarray(arr)
+    try:
+        check_object_alpha(decoded)
+    except ValueError as err:
+        raise RequestError(422, str(err)) from err
+    return np.ascontiguousarray(np.asarray(decoded))
 
 
 def read_mesh(data: bytes, suffix: str, limits: Limits):
@@ -145,7 +158,7 @@ class Job:
     kind: str  # "generate" or "reconstruct"
     folder: Path
     deadline: float  # time.monotonic() seconds
-    work: Callable[[Job], dict[str, Any]]
+    work: Callable[[Job], dict[str, Any]] | None  # None once finished: it holds the upload (up to 64 MiB decoded)
     created: float = field(default_factory=time.time)
     status: str = "queued"  # queued → running → done | failed | timeout | cancelled
     stage: str = ""
@@ -242,6 +255,8 @@ class Engine:
         resolutions = self.pipeline.resolutions
         if params.resolution is not None and params.resolution not in resolutions:
             raise RequestError(422, f"expected resolution in {resolutions}, got {params.resolution}")
+        if not 0 <= params.seed <= MAX_SEED:
+            raise RequestError(422, f"expected seed in [0, {MAX_SEED}], got {params.seed}")
         if params.steps is not None and not 1 <= params.steps <= self.limits.max_steps:
             raise RequestError(422, f"expected steps in [1, {self.limits.max_steps}], got {params.steps}")
         if params.faces is not None and params.faces <= 0:
@@ -253,6 +268,9 @@ class Engine:
             mesh = self.pipeline(image, resolution=params.resolution, seed=params.seed, steps=params.steps,
                                  cfg=params.cfg, faces=params.faces, device=self.device, progress=False,
                                  on_stage=job.set_stage)
+            if len(mesh.faces) == 0:
+                raise RuntimeError("the generated mesh is empty (no surface in the decoded volume); try another "
+                                   "seed or more steps")
             self._export(job, mesh, RESULT_NAME)
             seconds = {k: round(v, 3) for k, v in self.pipeline.last_timing.seconds.items()}
             return {**_summary(mesh), "seconds": seconds,
@@ -384,6 +402,7 @@ class Engine:
 
     def _finish(self, job: Job, status: str, error: str | None) -> None:
         job.status, job.error = status, error
+        job.work = None  # the record is kept (up to Limits.max_jobs_kept), its inputs are not
         if status == "done":
             job.stage_index = job.stage_total
             self._enforce_cap()  # before anyone waiting on the job looks at the folder
@@ -420,8 +439,8 @@ class Engine:
         for job in done[:-1]:  # insertion order = oldest first; the newest result always stays
             if total <= self.limits.results_cap_bytes:
                 break
+            job.expired = True  # first: a download that checks now gets 410, not a file about to vanish
             shutil.rmtree(job.folder, ignore_errors=True)
-            job.expired = True
             total -= sizes[job.id]
             logger.info("results cap: removed the files of job %s", job.id)
 
@@ -445,7 +464,8 @@ def mesh_bytes(path: Path, fmt: str) -> bytes:
 
     if fmt not in MESH_FORMATS:
         raise RequestError(404, f"unknown format {fmt[:16]!r}: expected one of {', '.join(MESH_FORMATS)}")
+    glb = path.read_bytes()  # once: FileNotFoundError if the results cap removed it, then nothing can vanish
     if fmt == "glb":
-        return path.read_bytes()
-    data = trimesh.load(path, force="mesh", process=False).export(file_type=fmt)
+        return glb
+    data = trimesh.load(io.BytesIO(glb), file_type="glb", force="mesh", process=False).export(file_type=fmt)
     return data.encode() if isinstance(data, str) else data  # OBJ is text

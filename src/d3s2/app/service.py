@@ -4,7 +4,8 @@ Endpoints (the OpenAPI schema is at ``/openapi.json``, interactive docs at ``/do
 
 * ``POST /v1/generate``: ``multipart/form-data`` with an ``image`` file and optional fields ``resolution``,
   ``seed``, ``steps``, ``cfg``, ``faces`` → 202 ``{"id": ..., "status": "queued", ...}``. Errors: 400 empty
-  upload, 413 upload or image too large, 415 not an image, 422 bad parameter, 429 queue full, 503 shutting down.
+  upload, 413 upload or image too large, 415 not an image, 422 bad parameter or an image no generation can use
+  (smaller than 16 px a side, an empty alpha channel), 429 queue full, 503 shutting down.
 * ``GET /v1/jobs/{id}``: status (``queued``, ``running``, ``done``, ``failed``, ``timeout``, ``cancelled``), the
   current stage and its index, progress in [0, 1], the result summary or the error. 404 for an unknown id.
 * ``DELETE /v1/jobs/{id}``: cancel (a running job stops at its next stage or model call).
@@ -28,7 +29,7 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from .engine import MESH_FORMATS, Engine, GenerateParams, RequestError, mesh_bytes, read_image
+from .engine import MAX_SEED, MESH_FORMATS, Engine, GenerateParams, RequestError, mesh_bytes, read_image
 
 MEDIA_TYPES = {"glb": "model/gltf-binary", "obj": "model/obj", "ply": "application/octet-stream"}
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small parameter fields
@@ -41,7 +42,7 @@ class GenerateForm(BaseModel):
 
     resolution: int | None = Field(None, description="mesh resolution, one of /healthz 'resolutions' "
                                    "(default: the highest)")
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     steps: int | None = Field(None, ge=1, description="sampling steps of every stage (default: per stage)")
     cfg: float | None = Field(None, ge=0, description="guidance scale of every stage (default: per stage)")
     faces: int | None = Field(None, ge=1, description="decimate to about this many faces")
@@ -113,7 +114,11 @@ def create_service(engine: Engine, *, close_engine: bool = True) -> FastAPI:
         if path is None:
             raise RequestError(409, f"job {job.id} is {job.status}: no mesh" + (f" ({job.error})" if job.error
                                                                                else ""))
-        return Response(mesh_bytes(path, fmt), media_type=MEDIA_TYPES[fmt],
+        try:
+            data = mesh_bytes(path, fmt)
+        except FileNotFoundError:  # the results cap removed it after the check above
+            raise RequestError(410, f"job {job.id}: the result was removed (results size cap)") from None
+        return Response(data, media_type=MEDIA_TYPES[fmt],
                         headers={"Content-Disposition": f'attachment; filename="{job.id}.{fmt}"'})
 
     return app
