@@ -120,6 +120,7 @@ def test_app_in_chromium(tiny_weights, tmp_path, browser):
         while "not an image" not in browser.find_element(By.TAG_NAME, "body").text:
             assert time.monotonic() < deadline, "no error message for a non-image upload"
             time.sleep(0.2)
+        assert "Traceback" not in server.log.read_text()  # a user's bad upload is no server fault
     finally:
         children = server.children()
         code = server.stop()

@@ -36,3 +36,24 @@ def test_preview_uses_the_first_stage_encoder(tmp_path, own_encoders):
     assert out.shape == (size, 2 * size, 3) and out.dtype == np.uint8
     mask = out[:, size:, 0]
     assert 0 < (mask > 127).mean() < 1  # the foreground mask is neither empty nor everything
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (b"notes, not pixels", "not an image"),
+    (None, "image too small: expected at least 16x16 pixels, got 8x8"),
+])
+def test_preview_of_a_bad_upload_is_a_message_not_a_server_traceback(tmp_path, data, message):
+    import gradio as gr
+
+    from d3s2.app.engine import Limits
+    from d3s2.app.web import preview
+
+    path = tmp_path / "in.png"
+    if data is None:
+        Image.fromarray(rgba_image(8)).save(path)
+    else:
+        path.write_bytes(data)
+    with pytest.raises(gr.Error) as err:
+        preview(SimpleNamespace(pipeline=tiny_pipeline(), limits=Limits()), str(path))
+    assert err.value.message.startswith(message) and err.value.duration is None
+    assert err.value.print_exception is False  # Gradio prints the traceback of an Error unless told not to

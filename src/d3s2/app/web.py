@@ -24,6 +24,7 @@ import numpy as np
 
 from .engine import (
     INPUT_NAME,
+    MAX_SEED,
     MESH_FORMATS,
     RESULT_NAME,
     UPLOAD_MESH_SUFFIXES,
@@ -44,8 +45,9 @@ def example_images() -> list[str]:
 
 
 def _error(message: str) -> gr.Error:
-    # Shown until closed: a message that fades after a few seconds is easy to miss.
-    return gr.Error(message, duration=None)
+    # Shown until closed: a message that fades after a few seconds is easy to miss. A user's bad upload or a
+    # failed job is no server fault: no traceback in the server's console.
+    return gr.Error(message, duration=None, print_exception=False)
 
 
 def _read_upload(path: str | None) -> bytes:
@@ -153,7 +155,7 @@ def build_app(engine: Engine) -> gr.Blocks:
                         # On the CPU the lowest resolution is the only practical default.
                         res = gr.Dropdown(resolutions, value=resolutions[0] if on_cpu else resolutions[-1],
                                           label="Resolution")
-                        seed = gr.Number(0, label="Seed", precision=0, minimum=0)
+                        seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED)
                     with gr.Row():
                         steps = gr.Slider(0, engine.limits.max_steps, value=0, step=1,
                                           label="Steps (0 = per-stage default)")
