@@ -244,6 +244,17 @@ def test_bad_images_are_reported_before_the_weights_load_and_the_good_ones_run(w
     assert [p.name for p in out.iterdir()] == ["b_good.glb"]
 
 
+def test_an_empty_mesh_is_an_error_not_an_empty_file(weights, tmp_path, capsys, monkeypatch):
+    # no surface in the decoded volume (e.g. --steps 1 on some images): the pipeline returns an empty mesh
+    monkeypatch.setattr(ImageTo3DPipeline, "_post", lambda self, mesh, faces, device: trimesh.Trimesh())
+    image = tmp_path / "a.png"
+    Image.fromarray(rgba_image()).save(image)
+    out = tmp_path / "a.glb"
+    assert main(["generate", str(image), "-o", str(out), *_fast(weights)]) == 1
+    assert "a.png: the generated mesh is empty" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_batch_goes_on_after_a_failed_write_but_not_after_a_bug(weights, tmp_path, capsys, monkeypatch):
     import d3s2.geometry.export
 

@@ -252,6 +252,8 @@ class Engine:
     # -------------------------------------------------------------------------------------------- submit
     def submit_generate(self, image: np.ndarray, params: GenerateParams) -> Job:
         """Queue image → mesh; writes ``mesh.glb``. Parameters are checked here (RequestError 422)."""
+        from ..pipeline.image_to_3d import require_surface
+
         resolutions = self.pipeline.resolutions
         if params.resolution is not None and params.resolution not in resolutions:
             raise RequestError(422, f"expected resolution in {resolutions}, got {params.resolution}")
@@ -265,12 +267,9 @@ class Engine:
             raise RequestError(422, f"expected cfg in [0, 50], got {params.cfg}")
 
         def work(job: Job) -> dict[str, Any]:
-            mesh = self.pipeline(image, resolution=params.resolution, seed=params.seed, steps=params.steps,
-                                 cfg=params.cfg, faces=params.faces, device=self.device, progress=False,
-                                 on_stage=job.set_stage)
-            if len(mesh.faces) == 0:
-                raise RuntimeError("the generated mesh is empty (no surface in the decoded volume); try another "
-                                   "seed or more steps")
+            mesh = require_surface(self.pipeline(image, resolution=params.resolution, seed=params.seed,
+                                                 steps=params.steps, cfg=params.cfg, faces=params.faces,
+                                                 device=self.device, progress=False, on_stage=job.set_stage))
             self._export(job, mesh, RESULT_NAME)
             seconds = {k: round(v, 3) for k, v in self.pipeline.last_timing.seconds.items()}
             return {**_summary(mesh), "seconds": seconds,

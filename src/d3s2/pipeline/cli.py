@@ -202,7 +202,7 @@ def output_paths(images: list[Path], out: str, fmt: str | None) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     from ..cli import resolve_device
     from ..geometry.export import export_mesh
-    from .image_to_3d import ImageTo3DPipeline
+    from .image_to_3d import ImageTo3DPipeline, require_surface
 
     check_sampling_arguments(args)
     if args.faces is not None and args.faces < 1:
@@ -227,9 +227,9 @@ def run(args: argparse.Namespace) -> int:
             mesh = pipe(image, resolution=args.resolution, seed=args.seed, steps=args.steps, cfg=args.cfg,
                         faces=args.faces, device=device, progress=not args.no_progress, low_vram=args.low_vram,
                         residency="resident" if args.keep_weights else None)
-            export_mesh(mesh, out)
+            export_mesh(require_surface(mesh), out)
         except (ValueError, OSError, RuntimeError) as err:
-            # One bad image (no object, empty structure) or unwritable output does not stop the others; any
+            # One bad image (no object, empty structure or surface) or unwritable output does not stop the others; any
             # other exception is a bug and propagates.
             report_failure(image, err)
             failed += 1

@@ -672,6 +672,15 @@ class ImageTo3DPipeline:
                     self._peak_floors[-1] = max(self._peak_floors[-1], peak)
 
 
+def require_surface(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+    """``mesh`` if it has faces. The pipeline returns an empty mesh when the decoded volume holds no surface (an
+    evaluation scores that); callers that write a result file treat it as a failed generation."""
+    if len(mesh.faces) == 0:
+        raise RuntimeError("the generated mesh is empty (no surface in the decoded volume); try another seed or "
+                           "more steps")
+    return mesh
+
+
 def _check_refiner(resolution: int, refiner: nn.Module, vae: nn.Module | None) -> None:
     """Refiner type, tiling and feature width against the stage it refines (clear errors at load time)."""
     from ..models.refiner import VoxelRefinerXL, VoxelRefinerXLSign, patch_starts
