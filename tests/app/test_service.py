@@ -156,6 +156,8 @@ def test_queue_full_then_cancel(server):
     assert full.status_code == 429
     assert _detail(full) == "queue full: 1 jobs waiting (limit 1); retry later"
     assert full.headers["retry-after"]
+    # refused before the upload is read or decoded: a body that is no image gets the 429 too, not a 415
+    assert _post(server, b"not an image", resolution=64, steps=1).status_code == 429
     r = httpx.get(f"{server.url}/v1/jobs/{running}/mesh.glb")
     assert r.status_code == 409 and "is running" in _detail(r)
     for job_id in (waiting.json()["id"], running):

@@ -309,16 +309,25 @@ class Engine:
         job = Job(id=job_id, kind=kind, folder=self.jobs_dir / job_id,
                   deadline=time.monotonic() + self.limits.timeout_s, work=work)
         with self._cond:
-            if self._closed:
-                raise RequestError(503, "the service is shutting down")
-            if len(self._waiting) >= self.limits.max_queue:
-                raise RequestError(429, f"queue full: {len(self._waiting)} jobs waiting (limit "
-                                        f"{self.limits.max_queue}); retry later")
+            self._check_accepting()
             self._waiting.append(job)
             self._jobs[job_id] = job
             self._forget_old()
             self._cond.notify_all()
         return job
+
+    def check_accepting(self) -> None:
+        """RequestError 503 while shutting down, 429 while the queue is full. The service asks before it reads and
+        decodes an upload (so a flood of uploads is turned away without decoding any); queueing asks again."""
+        with self._cond:
+            self._check_accepting()
+
+    def _check_accepting(self) -> None:
+        if self._closed:
+            raise RequestError(503, "the service is shutting down")
+        if len(self._waiting) >= self.limits.max_queue:
+            raise RequestError(429, f"queue full: {len(self._waiting)} jobs waiting (limit "
+                                    f"{self.limits.max_queue}); retry later")
 
     # -------------------------------------------------------------------------------------------- query
     def get(self, job_id: str) -> Job:

@@ -85,6 +85,7 @@ def create_service(engine: Engine, *, close_engine: bool = True) -> FastAPI:
 
     @app.post("/v1/generate", status_code=202, openapi_extra=_GENERATE_BODY)
     async def generate(request: Request) -> dict[str, Any]:
+        engine.check_accepting()
         image_bytes, fields = await _read_form(request, engine.limits.max_upload_bytes)
         try:
             form = GenerateForm.model_validate(fields)
