@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,33 @@ def test_rerun_skips_finished_assets(built):
 def test_other_settings_are_refused(built):
     with pytest.raises(ValueError, match="views"):
         build([], built, BuildConfig(resolutions=(32,), views=3, image_size=32, band=0.0625), progress=False)
+
+
+def test_settings_bind_only_once_an_asset_is_written(tmp_path, monkeypatch, caplog):
+    src = tmp_path / "meshes"
+    src.mkdir()
+    (src / "empty.obj").write_text("")
+    out = tmp_path / "out"
+    other = BuildConfig(resolutions=(16,), views=0, band=0.25)
+    assert list(build(resolve_sources([str(src)]), out, CONFIG, progress=False).failed) == ["meshes/empty.obj"]
+    # Every asset failed: nothing holds the first settings, other ones replace them.
+    with caplog.at_level(logging.INFO):
+        build(resolve_sources([str(src)]), out, other, progress=False)
+    assert json.loads((out / "build.json").read_text())["resolutions"] == [16]
+    assert any("holds no asset yet" in r.getMessage() and "resolutions" in r.getMessage() for r in caplog.records)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    trimesh.creation.box().export(src / "box.obj")
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):  # Ctrl-C before the first asset
+        patch.setattr(build_mod, "process_asset", interrupted)
+        build(resolve_sources([str(src)]), out, CONFIG, progress=False)
+    assert json.loads((out / "build.json").read_text())["resolutions"] == [32]
+    assert build(resolve_sources([str(src)]), out, other, progress=False).built == 1
+    with pytest.raises(ValueError, match="built with other settings"):  # an asset holds them now
+        build(resolve_sources([str(src)]), out, CONFIG, progress=False)
+    assert json.loads((out / "build.json").read_text())["resolutions"] == [16]
 
 
 def test_deterministic(built, tmp_path):

@@ -2,7 +2,7 @@
 
 Output directory layout::
 
-    OUT/build.json              the build settings; a re-run with other settings is refused
+    OUT/build.json              the build settings; once an asset is written, a re-run with other settings is refused
     OUT/manifest[.i-of-n].jsonl one JSON line per attempt (per shard when sharded); the latest line wins
     OUT/assets/<name>.npz       one file per finished asset, written atomically (temp file + os.replace)
 
@@ -283,15 +283,23 @@ def read_manifest(out: str | os.PathLike) -> dict[str, dict]:
 
 
 def _check_settings(out: Path, config: BuildConfig) -> None:
+    """Write ``config`` as ``build.json``, or check it against the one there: those settings bind once an asset
+    is written; before that (a build stopped at once, or one whose every asset failed) the new ones replace them."""
     settings = {"format_version": FORMAT_VERSION, **config.to_json()}
     path = out / "build.json"
     if path.exists():
         old = json.loads(path.read_text())
-        if old != settings:
-            diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if old == settings:
+            return
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if _has_assets(out):
             raise ValueError(f"{out} was built with other settings (old, new): {diff}; use another --out")
-        return
+        log.info("%s holds no asset yet: its build settings change (old, new): %s", out, diff)
     atomic_write_text(path, json.dumps(settings, indent=1) + "\n")
+
+
+def _has_assets(out: Path) -> bool:
+    return next((out / "assets").rglob("*.npz"), None) is not None  # temp files end in -<pid>, not .npz
 
 
 def _clean_stale_temps(out: Path, tmp_tag: str) -> None:
