@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +201,16 @@ def test_cli_exits_1_when_an_asset_fails(tmp_path, capsys):
     assert main(["data", "build", str(src), "--out", str(out), *ARGS]) == 1
     (src / "empty.obj").unlink()
     assert main(["data", "build", str(src), "--out", str(out), *ARGS]) == 0
+
+
+def test_progress_off_a_terminal_is_plain_lines(tmp_path, capsys, caplog):
+    with_progress = [a for a in ARGS if a != "--no-progress"]
+    with caplog.at_level(logging.INFO):  # pytest's stderr is not a terminal, as a redirected log
+        assert main(["data", "build", "0ad", "--corpus", str(TINY), "--subset", "2", "--out", str(tmp_path),
+                     *with_progress]) == 0
+    assert "\r" not in capsys.readouterr().err  # no bar frames
+    lines = [r.getMessage() for r in caplog.records if r.name == "d3s2.progress"]
+    assert len(lines) == 1 and re.fullmatch(r"data build: 2/2 assets, [0-9.e+-]+ assets/s", lines[0]), lines
 
 
 def test_narrow_band_is_warned_once_per_resolution(tmp_path, caplog):

@@ -62,6 +62,16 @@ def test_resume_and_errors(tiny_encoded, tmp_path, capsys):
         read_settings(tmp_path)
 
 
+def test_progress_off_a_terminal_is_plain_lines(tiny_encoded, tmp_path, capsys, caplog):
+    data, vae_dir, _ = tiny_encoded
+    with caplog.at_level(logging.INFO):  # pytest's stderr is not a terminal, as a redirected log
+        assert main(["data", "encode", "--data", str(data), "--vae", str(vae_dir), "--resolution", "32",
+                     "--out", str(tmp_path / "latents")]) == 0
+    assert "\r" not in capsys.readouterr().err  # no bar frames
+    lines = [r.getMessage() for r in caplog.records if r.name == "d3s2.progress"]
+    assert len(lines) == 1 and lines[0].startswith("data encode: 5/5 assets, "), lines
+
+
 def test_refined_encoding(tiny_encoded, tmp_path, capsys):
     """``--refine-steps``: recorded, logvar and coords kept, each mean the refinement of that asset alone."""
     from d3s2.data.collate import collate_packed

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..fileio import atomic_write_text
+from ..progress import CountProgress
 
 log = logging.getLogger(__name__)
 
@@ -341,11 +342,9 @@ def build(assets: Iterable[AssetSource], out: str | os.PathLike, config: BuildCo
 def _build_todo(todo: list[AssetSource], out: Path, config: BuildConfig, summary: BuildSummary, *, workers: int,
                 shard: tuple[int, int], tmp_tag: str, progress: bool) -> None:
     """Build ``todo`` into ``out``, recording each attempt in the manifest and in ``summary``."""
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
-    bar = tqdm(total=len(todo), desc="data build", unit="asset", disable=not progress, dynamic_ncols=True)
-    with open(manifest_path(out, shard), "a") as manifest:
+    with (open(manifest_path(out, shard), "a") as manifest,
+          CountProgress(len(todo), desc="data build", unit="asset", enabled=progress) as bar):
         def record(rec: dict) -> None:
             manifest.write(json.dumps(rec, sort_keys=True) + "\n")
             manifest.flush()
@@ -354,8 +353,7 @@ def _build_todo(todo: list[AssetSource], out: Path, config: BuildConfig, summary
             else:
                 summary.failed[rec["name"]] = rec["error"]
                 log.warning("%s failed: %s", rec["name"], rec["error"])
-            bar.update(1)
-            bar.set_postfix(failed=len(summary.failed))
+            bar.update(1, failed=int(rec["status"] != "ok"))
 
         if workers <= 1:
             for a in todo:
@@ -371,7 +369,6 @@ def _build_todo(todo: list[AssetSource], out: Path, config: BuildConfig, summary
                 futures = [pool.submit(process_asset, a, config, str(out), tmp_tag) for a in todo]
                 for fut in as_completed(futures):
                     record(fut.result())
-    bar.close()
     summary.seconds = time.perf_counter() - t0
 
 

@@ -70,7 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--corpus", default=None, help="0 A.D. corpus npz (default $D3S2_0AD_NPZ or "
                                                   "../shared/data/0ad_meshes.npz)")
     b.add_argument("--device", default="cpu", help="device for the SDF (cpu, cuda)")
-    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--no-progress", action="store_true",
+                   help="no progress (a bar on a terminal, else a log line every 30 s)")
     b.set_defaults(func=_build)
     e = data_sub.add_parser(
         "encode", help="a built data folder -> SS-VAE latents per asset (the DiTs' training data)",
@@ -87,6 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     e.add_argument("--batch-tokens", type=int, default=500_000, help="band voxels per encoder batch (500000)")
-    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.add_argument("--no-progress", action="store_true",
+                   help="no progress (a bar on a terminal, else a log line every 30 s)")
     add_refine_arguments(e)
     e.set_defaults(func=_encode)

@@ -112,11 +112,10 @@ def encode_folder(data: str | os.PathLike, vae_dir: str | os.PathLike, out: str 
     ``band``: the τ the SDF is divided by (default: the VAE's, see :func:`load_vae`). Without it, a folder built
     with a band more than 2x from the VAE's is refused (:func:`d3s2.models.vae.export_info.check_data_matches`).
     """
-    from tqdm.auto import tqdm
-
     from ..models.vae.export_info import check_data_matches, read_task_file
     from ..models.vae.refine import refine_latent
     from ..models.vae.sparse_sdf_vae import PackedSDFBatch
+    from ..progress import CountProgress
     from ..sparse import SparseTensor
     from .collate import collate_packed
     from .dataset import SparseSDFDataset
@@ -157,7 +156,7 @@ def encode_folder(data: str | os.PathLike, vae_dir: str | os.PathLike, out: str 
     counts = ds.token_counts
     groups = _pack([counts[i] for i in todo], batch_tokens)
     use_bf16 = dev.type == "cuda"
-    bar = tqdm(total=len(todo), desc="encode", unit="asset", disable=not progress)
+    bar = CountProgress(len(todo), desc="data encode", unit="asset", enabled=progress)
     for group in groups:
         idx = [todo[j] for j in group]
         items = []
@@ -166,7 +165,7 @@ def encode_folder(data: str | os.PathLike, vae_dir: str | os.PathLike, out: str 
                 items.append(ds[i])
             except (OSError, ValueError, KeyError) as err:  # unreadable or incomplete asset file
                 summary.failed[ds.names[i]] = f"{type(err).__name__}: {err}"
-                bar.update(1)
+                bar.update(1, failed=1)
         if not items:
             continue
         x = SparseTensor.from_samples([it["coords"] for it in items],

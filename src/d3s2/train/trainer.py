@@ -48,6 +48,7 @@ from ..config import (
     to_dict,
     write_run_record,
 )
+from ..progress import bar_on_terminal
 from . import distributed as D
 from .checkpoint import CheckpointDir, atomic_write_text, capture_rng_state, restore_rng_state
 from .data import EpochItems, EpochStreamSampler, pack_batches, rank_share
@@ -277,8 +278,8 @@ class Trainer:
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         self.interrupted: int | None = None  # the signal that stopped run() early
-        # Redirected to a file, the bar's redraws fill the log: rank 0 then logs a progress line at each log step.
-        self.show_bar = info.is_main and tc.progress and sys.stderr.isatty()
+        # Off a terminal (a log file), rank 0 logs a progress line at each log step instead of the bar.
+        self.show_bar = info.is_main and bar_on_terminal(tc.progress)
         self.ckpts = CheckpointDir(self.run_dir / "checkpoints", keep_last=tc.keep_last)
         resume_path = self._resume_path(resume)
 
