@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import trimesh
 
+import d3s2
 from d3s2.cli import main
 from d3s2.data import build as build_mod
 from d3s2.data.build import (
@@ -20,6 +26,7 @@ from d3s2.data.build import (
     asset_path,
     build,
     load_asset,
+    manifest_path,
     parse_shard,
     read_manifest,
     resolve_sources,
@@ -237,3 +244,41 @@ def test_a_closed_stl_is_recorded_watertight(tmp_path):
     records = read_manifest(tmp_path / "out")
     assert records["meshes/box.stl"]["watertight"] is True
     assert records["meshes/open.stl"]["watertight"] is False
+
+
+@pytest.mark.parametrize(("signum", "whole_group", "code"), [(signal.SIGTERM, False, 143), (signal.SIGINT, True, 130)],
+                         ids=["SIGTERM-to-main", "SIGINT-to-group"])
+def test_a_signal_stops_the_workers_cleanly(tmp_path, signum, whole_group, code):
+    """SIGTERM to the main process alone (`kill PID`: it stops the workers itself), SIGINT to every process of the
+    group (Ctrl-C in a terminal): the exit code of the signal, no traceback, no leaked semaphore, and it resumes."""
+    src = tmp_path / "meshes"
+    src.mkdir()
+    for i in range(6):
+        trimesh.creation.box(extents=(1, 1 + i / 8, 1)).export(src / f"box{i}.obj")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(d3s2.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "d3s2.cli", "data", "build", str(src), "--out", str(out), "--workers", "2",
+               "--resolutions", "16", "--views", "0", "--band", "0.25", "--no-progress"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not manifest_path(out).exists():  # opened right before the worker pool starts
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        time.sleep(0.2)  # the pool's queues exist and its workers are starting (importing torch takes longer)
+        (os.killpg if whole_group else os.kill)(proc.pid, signum)
+        _, err = proc.communicate(timeout=30)  # ends once no process holds stderr: the workers are gone too
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever a failed run left behind
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and "leaked" not in err and "resource_tracker" not in err, err
+    assert "a re-run resumes" in err
+    summary = build(resolve_sources([str(src)]), out, BuildConfig(resolutions=(16,), views=0, band=0.25),
+                    progress=False)
+    assert summary.skipped + summary.built == 6 and not summary.failed
+    assert not list(out.rglob("*.tmp*"))

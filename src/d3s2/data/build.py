@@ -15,7 +15,8 @@ in the normalised frame, the same frame as the SDF.
 
 An asset is finished when its file exists; a re-run skips finished assets and retries the others. Failures
 (unreadable or degenerate meshes: the ``MeshError`` message; anything else: the exception) are recorded in the
-manifest and the job goes on. Everything is deterministic in the asset name and ``seed``.
+manifest and the job goes on. Ctrl-C or SIGTERM stops the workers (the exit code is 130 / 143) and a re-run
+resumes. Everything is deterministic in the asset name and ``seed``.
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ import hashlib
 import json
 import logging
 import os
+import signal
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -315,6 +319,24 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+@contextmanager
+def _signal_handler(signum: int, handler: Callable | int) -> Iterator[None]:
+    """``handler`` for ``signum`` while entered in the main thread (Python sets handlers there only), else nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # An exception, unlike the default death, runs the cleanup: workers stopped, temp files removed.
+    raise SystemExit(128 + signum)
+
+
 def build(assets: Iterable[AssetSource], out: str | os.PathLike, config: BuildConfig, *, workers: int = 1,
           shard: tuple[int, int] = (0, 1), progress: bool = True) -> BuildSummary:
     """Build every asset of ``assets`` not finished yet into ``out``; see the module docstring.
@@ -343,7 +365,7 @@ def _build_todo(todo: list[AssetSource], out: Path, config: BuildConfig, summary
                 shard: tuple[int, int], tmp_tag: str, progress: bool) -> None:
     """Build ``todo`` into ``out``, recording each attempt in the manifest and in ``summary``."""
     t0 = time.perf_counter()
-    with (open(manifest_path(out, shard), "a") as manifest,
+    with (_signal_handler(signal.SIGTERM, _exit_on_sigterm), open(manifest_path(out, shard), "a") as manifest,
           CountProgress(len(todo), desc="data build", unit="asset", enabled=progress) as bar):
         def record(rec: dict) -> None:
             manifest.write(json.dumps(rec, sort_keys=True) + "\n")
@@ -355,21 +377,46 @@ def _build_todo(todo: list[AssetSource], out: Path, config: BuildConfig, summary
                 log.warning("%s failed: %s", rec["name"], rec["error"])
             bar.update(1, failed=int(rec["status"] != "ok"))
 
-        if workers <= 1:
-            for a in todo:
-                record(process_asset(a, config, str(out), tmp_tag))
-        else:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor, as_completed
-
-            threads = max(1, (os.cpu_count() or 1) // workers)
-            # spawn: forking a process that already runs torch/OpenMP threads can deadlock.
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                     initargs=(threads,)) as pool:
-                futures = [pool.submit(process_asset, a, config, str(out), tmp_tag) for a in todo]
-                for fut in as_completed(futures):
-                    record(fut.result())
+        try:
+            if workers <= 1:
+                for a in todo:
+                    record(process_asset(a, config, str(out), tmp_tag))
+            else:
+                _build_in_workers(todo, str(out), config, tmp_tag, workers=workers, record=record)
+        except (KeyboardInterrupt, SystemExit):
+            log.warning("data build stopped after %d of %d assets; a re-run resumes", bar.done, bar.total)
+            raise
     summary.seconds = time.perf_counter() - t0
+
+
+def _build_in_workers(todo: list[AssetSource], out: str, config: BuildConfig, tmp_tag: str, *, workers: int,
+                      record: Callable[[dict], None]) -> None:
+    """:func:`process_asset` on each of ``todo`` in ``workers`` processes; ``record`` each result as it comes.
+
+    Whatever ends it early (Ctrl-C, SIGTERM, an error) terminates and joins the workers: no process is left
+    running and no semaphore is left to the resource tracker."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    # spawn: forking a process that already runs torch/OpenMP threads can deadlock.
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                               initargs=(threads,))
+    try:
+        # The workers start in the first submits and inherit SIGINT ignored: a Ctrl-C in the terminal reaches
+        # every process of its group, and a worker interrupted there would print a traceback.
+        with _signal_handler(signal.SIGINT, signal.SIG_IGN):
+            futures = [pool.submit(process_asset, a, config, out, tmp_tag) for a in todo[:workers]]
+        futures += [pool.submit(process_asset, a, config, out, tmp_tag) for a in todo[workers:]]
+        for fut in as_completed(futures):
+            record(fut.result())
+    except BaseException:
+        # The assets in progress stop too (the next run removes their temp files).
+        for process in list(pool._processes.values()):  # no public handle before Python 3.14's terminate_workers()
+            process.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def load_asset(path: str | os.PathLike) -> dict[str, np.ndarray]:
