@@ -90,3 +90,17 @@ def test_convert_cli_reports_errors(tiny_folder, tmp_path, capsys):
     assert "config.yaml" in capsys.readouterr().err
     with pytest.raises(ValueError, match="other than the published folder"):
         pub.convert_published(root, root)
+
+
+def test_convert_refuses_a_folder_without_checkpoints_and_writes_nothing(tmp_path, capsys):
+    root = tmp_path / "published"
+    root.mkdir()
+    (root / "config.yaml").write_text(yaml.safe_dump({**TINY, **EXTRA_CONFIG}))  # the checkpoints not downloaded
+    out = tmp_path / "converted"
+    assert main(["convert", str(root), "--out", str(out)]) == 1
+    assert "no model_*.ckpt file of a configured component found" in capsys.readouterr().err
+    assert main(["convert", str(root), "--out", str(out), "--components", "sparse_dit_512"]) == 1
+    assert "expected checkpoint file(s) ['model_sparse_512.ckpt']" in capsys.readouterr().err
+    assert main(["convert", str(root), "--out", str(out), "--components", "vae"]) == 1
+    assert "unknown components ['vae']" in capsys.readouterr().err
+    assert not out.exists()  # no empty pipeline folder that `d3s2 generate` would fail on later

@@ -516,6 +516,20 @@ def available_components(root: str | os.PathLike, config: Mapping[str, Any] | No
     return [c for c in COMPONENTS if c in config and (root / CHECKPOINTS[c][0]).is_file()]
 
 
+def _selected_components(root: Path, config: Mapping[str, Any], components: Iterable[str] | None) -> list[str]:
+    """``components`` checked against the known names, or every available one; never empty."""
+    names = available_components(root, config) if components is None else list(components)
+    unknown = [n for n in names if n not in CHECKPOINTS]
+    if unknown:
+        raise ValueError(f"unknown components {unknown}; expected some of {list(COMPONENTS)}")
+    if not names:
+        raise FileNotFoundError(f"{root}: no model_*.ckpt file of a configured component found")
+    missing = sorted({CHECKPOINTS[n][0] for n in names if not (root / CHECKPOINTS[n][0]).is_file()})
+    if missing:
+        raise FileNotFoundError(f"{root}: expected checkpoint file(s) {missing} for the components {names}")
+    return names
+
+
 def load_published(root: str | os.PathLike, components: Iterable[str] | None = None, *,
                    device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32
                    ) -> PublishedModels:
@@ -525,12 +539,7 @@ def load_published(root: str | os.PathLike, components: Iterable[str] | None = N
     """
     root = Path(root)
     config = read_config(root)
-    names = available_components(root, config) if components is None else list(components)
-    unknown = [n for n in names if n not in CHECKPOINTS]
-    if unknown:
-        raise ValueError(f"unknown components {unknown}; expected some of {list(COMPONENTS)}")
-    if not names:
-        raise FileNotFoundError(f"{root}: no model_*.ckpt file of a configured component found")
+    names = _selected_components(root, config, components)
     skipped = [c for c in COMPONENTS if c not in names]
     if skipped:
         logger.info("not loading %s", ", ".join(skipped))
@@ -563,13 +572,12 @@ def convert_published(root: str | os.PathLike, out: str | os.PathLike, component
     if out.resolve() == root.resolve():
         raise ValueError(f"expected an output directory other than the published folder {root}")
     config = read_config(root)
-    names = available_components(root, config) if components is None else list(components)
+    # Checked before anything is written: a folder without checkpoints must not become an empty pipeline.
+    names = _selected_components(root, config, components)
     out.mkdir(parents=True, exist_ok=True)
     defaults = read_defaults(config)
     by_file: dict[str, list[str]] = {}
     for n in names:
-        if n not in CHECKPOINTS:
-            raise ValueError(f"unknown component {n!r}; expected one of {list(COMPONENTS)}")
         by_file.setdefault(CHECKPOINTS[n][0], []).append(n)
     for file, group in by_file.items():
         ckpt = load_checkpoint(root / file)
