@@ -5,7 +5,7 @@ the warmup steps and reports global tokens/s, seconds per step and peak memory f
 A token is what the task's dataset counts (active voxels for the VAE, latent tokens for the DiT).
 
     python benchmarks/bench_train_step.py --task toy --config configs/debug/tiny_toy.yaml --nproc 1 2
-    python benchmarks/bench_train_step.py --task vae --config configs/vae/demo.yaml --nproc 1 2 \\
+    python benchmarks/bench_train_step.py --task vae --config configs/demo/ss_vae_train.yaml --nproc 1 2 \\
         --steps 30 --warmup 10 --data.num_workers=4          # on nvidia-h200-x2
 
 Extra ``--section.key=value`` arguments are passed to every run as config overrides.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -15,6 +17,7 @@ from d3s2.config import (
     from_dict,
     load_yaml,
     parse_overrides,
+    resolve_config_path,
     to_dict,
     write_run_record,
 )
@@ -134,6 +137,33 @@ def test_shipped_configs_load_from_any_directory(tmp_path, monkeypatch):
     assert load_yaml("configs/debug/tiny_vae.yaml") == {"model": {"name": "mine"}}  # a local file wins
     with pytest.raises(FileNotFoundError, match="nor as .*packaged configs"):
         load_yaml("configs/debug/missing.yaml")
+
+
+_CONFIG_PATH = re.compile(r"configs/[\w./-]+\.yaml")
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def test_configs_named_in_the_train_help_and_docs_exist(tmp_path, monkeypatch, capsys):
+    from d3s2.cli import main
+    from d3s2.train import trainer
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    texts = {"d3s2 train --help": capsys.readouterr().out, "d3s2.train.trainer": trainer.__doc__ or ""}
+    # README and docs/ when run from a checkout (an sdist carries tests/ but not docs/).
+    for doc in [_REPO / "README.md", *sorted((_REPO / "docs").glob("*.md"))]:
+        if doc.is_file():
+            texts[doc.name] = doc.read_text()
+    monkeypatch.chdir(tmp_path)  # as a user after pip install: configs/... must be a packaged config
+    named = {(where, path) for where, text in texts.items() for path in _CONFIG_PATH.findall(text)}
+    assert any(where == "d3s2 train --help" for where, _ in named)
+    missing = []
+    for where, path in sorted(named):
+        try:
+            resolve_config_path(path)
+        except FileNotFoundError:
+            missing.append(f"{where}: {path}")
+    assert not missing, f"configs named but not shipped: {missing}"
 
 
 def test_train_config_yaml_errors_name_the_file_once(tmp_path):

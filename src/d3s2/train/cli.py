@@ -19,10 +19,10 @@ _OVERRIDE = re.compile(r"^--[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=")
 
 EPILOG = """examples:
   d3s2 train toy --config configs/debug/tiny_toy.yaml --out runs/toy --max-steps 20
-  d3s2 train vae --config configs/vae/demo.yaml --optim.lr=5e-5 --data.max_tokens=200000
+  d3s2 train vae --config configs/demo/ss_vae_train.yaml --optim.lr=5e-5 --data.max_tokens=200000
   d3s2 train dit --stage sparse --config configs/demo/dit_sparse_train.yaml --train.max_minutes=6
-  torchrun --standalone --nproc_per_node 2 -m d3s2.cli train vae --config configs/vae/demo.yaml --out runs/v
-  d3s2 train vae --config configs/vae/demo.yaml --out runs/v --resume
+  torchrun --standalone --nproc_per_node 2 -m d3s2.cli train vae --config configs/demo/ss_vae_train.yaml --out runs/v
+  d3s2 train vae --config configs/demo/ss_vae_train.yaml --out runs/v --resume
 
 any config value can be overridden with --section.key=value (YAML syntax, checked against the schema).
 Ctrl-C or SIGTERM stops after the current step and saves a checkpoint (exit code 130 / 143); --resume continues.

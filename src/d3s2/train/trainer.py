@@ -10,8 +10,8 @@ a preempted job) end the run after the current step with a checkpoint; ``--resum
 Usage (see ``d3s2 train --help``)::
 
     d3s2 train toy --config configs/debug/tiny_toy.yaml --out runs/toy --train.max_steps=50
-    torchrun --standalone --nproc_per_node 2 -m d3s2.cli train vae --config configs/vae/x.yaml --out runs/x
-    d3s2 train vae --config configs/vae/x.yaml --out runs/x --resume      # continue from the newest checkpoint
+    torchrun --standalone --nproc_per_node 2 -m d3s2.cli train vae --config configs/demo/ss_vae_train.yaml --out runs/x
+    d3s2 train vae --config configs/demo/ss_vae_train.yaml --out runs/x --resume  # continue from the newest checkpoint
 """
 
 from __future__ import annotations
