@@ -113,3 +113,10 @@ def test_errors(model):
     other = sphere_batch(32, radii=(9.0,))
     with pytest.raises(ValueError, match="expected a latent at resolution 4"):
         refine_latent(model, other, z, steps=1)
+
+
+def test_the_progress_bar_counts_the_steps_and_ends_full(model, capsys):
+    batch, z, _ = _encoded(model)
+    refine_latent(model, batch, z, steps=2, progress=True)
+    bar = capsys.readouterr().err.split("\r")[-1]  # the bar's final state
+    assert "2/2" in bar and "100%" in bar, bar

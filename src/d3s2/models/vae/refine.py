@@ -162,8 +162,10 @@ def refine_latent(
     history = []
     amp = (functools.partial(torch.autocast, start.device.type, dtype=autocast_dtype) if autocast_dtype
            else contextlib.nullcontext)
-    with _frozen(model):
-        for step in tqdm(range(steps + 1), desc="refine", unit="step", disable=not progress or steps == 0):
+    # The bar counts the Adam steps: the scoring decode after the last one is not a step (it ends at N/N).
+    bar = tqdm(total=steps, desc="refine", unit="step", disable=not progress or steps == 0)
+    with _frozen(model), bar:
+        for step in range(steps + 1):
             last = step == steps
             # The last step only scores the latent the last update made.
             with torch.set_grad_enabled(not last), amp():
@@ -186,5 +188,6 @@ def refine_latent(
             opt.zero_grad(set_to_none=True)
             loss.sum().backward()  # samples are independent: each latent gets its own loss's gradient
             opt.step()
+            bar.update()
     latent = z if steps == 0 else z.replace(best.to(z.feats.dtype))
     return RefinedLatent(latent, torch.stack(history), best_step)
