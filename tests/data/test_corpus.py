@@ -37,7 +37,7 @@ def test_find_corpus_env_and_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert find_corpus() == TINY
     monkeypatch.delenv(ENV_VAR)
-    with pytest.raises(FileNotFoundError, match=ENV_VAR):
+    with pytest.raises(FileNotFoundError, match=f"`--corpus` on the command line.* or set {ENV_VAR}"):
         find_corpus()
 
 

@@ -41,7 +41,7 @@ def find_corpus(path: str | os.PathLike | None = None) -> Path:
             return p
         tried.append(f"{p} ({origin})")
     raise FileNotFoundError("0 A.D. corpus npz not found; looked at " + ", ".join(tried)
-                            + f". Pass its path or set {ENV_VAR}.")
+                            + f". Pass its path (`--corpus` on the command line) or set {ENV_VAR}.")
 
 
 def _name_from_key(key: str) -> str:
