@@ -244,6 +244,17 @@ def test_bad_images_are_reported_before_the_weights_load_and_the_good_ones_run(w
     assert [p.name for p in out.iterdir()] == ["b_good.glb"]
 
 
+def test_off_a_terminal_generate_draws_no_bars(weights, tmp_path, capsys):
+    images = tmp_path / "in"
+    images.mkdir()
+    for name in "abc":  # three: the image check draws its bar from three images on
+        Image.fromarray(rgba_image()).save(images / f"{name}.png")
+    fast = [a for a in _fast(weights) if a != "--no-progress"]
+    assert main(["generate", str(images), "-o", str(tmp_path / "out") + "/", *fast]) == 0
+    captured = capsys.readouterr()  # pytest's stderr is not a terminal, as a redirected log
+    assert "\r" not in captured.err and captured.out.count(" faces, watertight ") == 3
+
+
 def test_an_empty_mesh_is_an_error_not_an_empty_file(weights, tmp_path, capsys, monkeypatch):
     # no surface in the decoded volume (e.g. --steps 1 on some images): the pipeline returns an empty mesh
     monkeypatch.setattr(ImageTo3DPipeline, "_post", lambda self, mesh, faces, device: trimesh.Trimesh())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -41,12 +42,17 @@ def weights(tmp_path_factory):
     return tiny_pipeline().save_pretrained(tmp_path_factory.mktemp("eval") / "weights")
 
 
-def test_eval_generate_cli(built, weights, tmp_path, capsys):
+def test_eval_generate_cli(built, weights, tmp_path, capsys, caplog):
     out = tmp_path / "eval"
-    rc = main(["eval", "generate", "--data", str(built), "--weights", str(weights), "--split", "all", "--out",
-               str(out), "--resolution", "64", "--device", "cpu", "--samples", "2000", "--renders", "1",
-               "--view", "1", "--no-progress"])
+    with caplog.at_level(logging.INFO):  # pytest's stderr is not a terminal, as a redirected log
+        rc = main(["eval", "generate", "--data", str(built), "--weights", str(weights), "--split", "all", "--out",
+                   str(out), "--resolution", "64", "--device", "cpu", "--samples", "2000", "--renders", "1",
+                   "--view", "1"])
     assert rc == 0
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err  # no bar frames (loading, sampling or per asset)
+    lines = [r.getMessage() for r in caplog.records if r.name == "d3s2.progress"]
+    assert len(lines) == 1 and lines[0].startswith("eval generate: 2/2 assets, "), lines
     rows = read_rows(out)
     assert len(rows) == 2 and [r["view"] for r in rows] == [1, 1]
     for r in rows:
@@ -65,7 +71,7 @@ def test_eval_generate_cli(built, weights, tmp_path, capsys):
     with Image.open(pngs[0]) as im:
         assert im.size == (3 * 48, 48)
     assert not list(out.rglob("*.tmp"))
-    table = capsys.readouterr().out
+    table = captured.out
     assert "mean" in table and "IoU-ref" in table and rows[0]["name"] in table
 
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ..cli import eval_subparsers
+from ..progress import bar_on_terminal
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
     from .image_to_3d import ImageTo3DPipeline, require_surface
 
     check_sampling_arguments(args)
+    progress = bar_on_terminal(not args.no_progress)  # bars only: one line per image is printed anyway
     if args.faces is not None and args.faces < 1:
         raise ValueError(f"expected --faces ≥ 1, got {args.faces}")
     images = collect_images(args.inputs)
@@ -212,20 +214,20 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     weights = resolve_weights(args.weights)
     check_resolution(weights, args.resolution)
-    usable = set(usable_images(images, progress=not args.no_progress))
+    usable = set(usable_images(images, progress=progress))
     work = [(image, out) for image, out in zip(images, outputs) if image in usable]
     failed = len(images) - len(work)
     if not work:
         return 1  # every image was reported: no weights to load
     pipe = ImageTo3DPipeline.from_pretrained(weights, conditioner=args.conditioner,
                                              resolutions=[args.resolution] if args.resolution else None,
-                                             progress=not args.no_progress)
+                                             progress=progress)
     if args.occupancy_threshold is not None:
         pipe.settings.occupancy_threshold = args.occupancy_threshold
     for image, out in work:
         try:
             mesh = pipe(image, resolution=args.resolution, seed=args.seed, steps=args.steps, cfg=args.cfg,
-                        faces=args.faces, device=device, progress=not args.no_progress, low_vram=args.low_vram,
+                        faces=args.faces, device=device, progress=progress, low_vram=args.low_vram,
                         residency="resident" if args.keep_weights else None)
             export_mesh(require_surface(mesh), out)
         except (ValueError, OSError, RuntimeError) as err:
@@ -255,9 +257,11 @@ def run_eval(args: argparse.Namespace) -> int:
                                 seed=args.seed, steps=args.steps, cfg=args.cfg, resolution=args.resolution,
                                 reference=args.reference, corpus=args.corpus, num_samples=args.samples,
                                 num_renders=args.renders, device=device)
-    pipe = ImageTo3DPipeline.from_pretrained(weights, conditioner=args.conditioner, progress=not args.no_progress)
+    pipe = ImageTo3DPipeline.from_pretrained(weights, conditioner=args.conditioner,
+                                             progress=bar_on_terminal(not args.no_progress))
     if args.occupancy_threshold is not None:
         pipe.settings.occupancy_threshold = args.occupancy_threshold
+    # per asset: a bar on a terminal, else a log line now and then
     summary = evaluate_generation(pipe, args.data, args.out, config, weights=weights,
                                   progress=not args.no_progress)
     print(format_table(read_rows(args.out), summary["means"]))

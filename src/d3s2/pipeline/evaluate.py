@@ -218,11 +218,10 @@ def evaluate_generation(pipe: Any, data: str | os.PathLike, out: str | os.PathLi
                         progress: bool = True) -> dict[str, Any]:
     """Run ``pipe`` (an :class:`~d3s2.pipeline.image_to_3d.ImageTo3DPipeline`) on one render per asset of
     ``data`` and score it; writes the files of the module docstring into ``out`` and returns the summary."""
-    from tqdm.auto import tqdm
-
     from ..data.build import asset_images, asset_path, load_asset, read_manifest
     from ..fileio import atomic_write, atomic_write_text
     from ..geometry.render import decode_png, encode_png
+    from ..progress import CountProgress
 
     cfg = config or GenerateEvalConfig()
     data, out = Path(data), Path(out)
@@ -247,7 +246,8 @@ def evaluate_generation(pipe: Any, data: str | os.PathLike, out: str | os.PathLi
     out.mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
     rows: list[dict[str, Any]] = []
-    for i, name in enumerate(tqdm(names, desc="eval generate", unit="asset", disable=not progress)):
+    bar = CountProgress(len(names), desc="eval generate", unit="asset", enabled=progress)
+    for i, name in enumerate(names):
         t0 = time.perf_counter()
         arrays = load_asset(asset_path(data, name))
         rgba = decode_png(asset_images(arrays)[cfg.view])  # [H, W, 4]
@@ -278,6 +278,8 @@ def evaluate_generation(pipe: Any, data: str | os.PathLike, out: str | os.PathLi
         rows.append(row)
         lines.append(json.dumps(row, sort_keys=True))
         atomic_write_text(out / PER_ASSET_FILE, "\n".join(lines) + "\n")
+        bar.update(1, failed=int(row["error"] is not None))
+    bar.close()
     keys = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "view"]
     summary = {
         "data": str(data), "weights": weights, "assets": len(rows), "failed": sum(r["error"] is not None for r in rows),

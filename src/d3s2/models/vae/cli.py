@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ...cli import eval_subparsers, resolve_device
+from ...progress import bar_on_terminal
 from .export_info import DEFAULT_BAND
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ def reconstruct_mesh(model, mesh, resolution: int, band: float, *, chunk_size: i
                                             tau=band).to(device)
         with torch.no_grad():
             z, _ = model.encode(batch.sdf, sample_posterior=False, structure=batch.block_structure())
-        z = refine_latent(model, batch, z, steps=refine_steps, lr=refine_lr, progress=True).latent
+        z = refine_latent(model, batch, z, steps=refine_steps, lr=refine_lr, progress=bar_on_terminal()).latent
         with torch.no_grad():
             (out,) = latent_meshes(model, z)
     else:
