@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -11,6 +13,8 @@ from d3s2.cli import main
 from d3s2.config import PACKAGED_CONFIGS, ConfigError
 from d3s2.train.checkpoint import CheckpointDir
 from d3s2.train.trainer import Trainer, lr_lambda
+
+from ._runs import assert_same_state, train_rows
 
 
 def _losses(run_dir):
@@ -52,13 +56,46 @@ def test_kill_and_resume_reproduces_losses(tmp_path, tiny_cfg):
     assert [r["step"] for r in rows] == list(range(1, 8))  # the lost steps 4, 5 were logged once, by the resume
     got = _losses(killed)
     assert [got[s] for s in range(4, 8)] == [ref[s] for s in range(4, 8)]
-    a = CheckpointDir.load(full / "checkpoints" / "step_00000007.pt")
-    b = CheckpointDir.load(killed / "checkpoints" / "step_00000007.pt")
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-        if key in a["ema"]["params"]:
-            assert torch.equal(a["ema"]["params"][key], b["ema"]["params"][key]), key
-    assert a["data"] == b["data"] and a["scheduler"] == b["scheduler"]
+    assert_same_state(full / "checkpoints" / "step_00000007.pt", killed / "checkpoints" / "step_00000007.pt")
+
+
+def _interrupt_during(trainer: Trainer, step: int) -> None:
+    """SIGTERM arrives during the given (1-based) optimizer step, as from a job scheduler."""
+    real = trainer._train_step
+
+    def step_then_signal(micro):
+        if trainer.step + 1 == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(micro)
+    trainer._train_step = step_then_signal
+
+
+def test_resume_inside_a_log_window_logs_the_rows_of_the_full_run(tmp_path, tiny_cfg):
+    # Logged every 2 steps; step 2 overflows (skipped). Checkpoint at step 3 (killed after 5), or a SIGTERM during
+    # step 5: either resume starts inside a log window, and its rows (loss means, tokens per step, the count of
+    # skipped steps) must be the uninterrupted run's.
+    cfg = tiny_cfg(train={"max_steps": 8, "ckpt_every": 3, "log_every": 2})
+
+    def trainer(name: str) -> Trainer:  # made right before its run: trainers share the process's RNGs
+        made = Trainer(cfg, tmp_path / name)
+        _poison_steps(made, {2})
+        return made
+    trainer("full").run()
+    trainer("killed").run(stop_after=5)
+    signalled = trainer("signalled")
+    _interrupt_during(signalled, 5)
+    signalled.run()
+    assert signalled.interrupted == signal.SIGTERM and signalled.step == 5
+    want = train_rows(tmp_path / "full")
+    assert want[8]["skipped_steps"] == 1.0
+    for name, resumed_at in (("killed", 3), ("signalled", 5)):
+        resumed = Trainer(cfg, tmp_path / name, resume="latest")
+        assert resumed.step == resumed_at
+        resumed.run()
+        got = train_rows(tmp_path / name)
+        assert [got[s] for s in (4, 6, 8) if s > resumed_at] == [want[s] for s in (4, 6, 8) if s > resumed_at], name
+        assert_same_state(tmp_path / "full" / "checkpoints" / "step_00000008.pt",
+                           tmp_path / name / "checkpoints" / "step_00000008.pt")
 
 
 def test_workers_give_the_in_process_losses_across_epochs(tmp_path, tiny_cfg, monkeypatch):

@@ -1,8 +1,9 @@
 """Atomic checkpoint files, RNG state capture, and a directory of ``step_NNNNNNNN.pt`` files keeping the last K.
 
 A checkpoint is one ``torch.save`` dict (keys written by the trainer): ``model`` and ``ema`` (full state dicts
-by parameter name), ``optimizer`` (full, keyed by parameter name), ``scheduler``, ``rng`` (one entry per
-rank), ``data`` (epoch and step inside it), ``step``, ``world_size`` and ``config``. Files are written by
+by parameter name), ``optimizer`` (full, keyed by parameter name), ``scheduler``, ``rng`` and ``log`` (one entry
+per rank: RNG states; the open log window and skipped-step counts), ``data`` (epoch and step inside it),
+``step``, ``world_size`` and ``config``. Files are written by
 :mod:`d3s2.fileio` (a temporary name in the same directory, flushed to disk and renamed over the target), so a
 crash leaves either the old file or the new one, never a partial one; its writers are re-exported here.
 """

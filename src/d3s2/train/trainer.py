@@ -332,6 +332,10 @@ class Trainer:
 
         self.step = 0
         self.data_pos = (0, 0)  # (epoch, optimizer step inside the epoch) of the next step
+        self._new_log_window()
+        self._skipped = 0  # steps skipped since the run began (non-finite gradient norm), logged as skipped_steps
+        # Consecutive skipped steps now and at most, counted on the device (no host sync per step).
+        self._bad_run = self._worst_run = torch.zeros((), dtype=torch.long, device=info.device)
         self._plans: dict[int, list[list[int]]] = {}  # epoch -> micro-batches (see _epoch_plan)
         rng_state = None
         if resume_state is not None:
@@ -487,6 +491,7 @@ class Trainer:
         model_state, optim_state = D.full_state_dicts(self.model, self.optimizer)
         ema_state = self.ema.state_dict() if self.ema is not None else None
         rng = D.gather_objects(capture_rng_state(), self.info)
+        log_state = D.gather_objects(self._log_state(), self.info)
         path = None
         if self.info.is_main:
             state = {
@@ -498,6 +503,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
                 "ema": ema_state,
                 "rng": rng,
+                "log": log_state,
                 "world_size": self.info.world_size,
                 "config": to_dict(self.cfg),
             }
@@ -537,6 +543,8 @@ class Trainer:
                         "will not match an uninterrupted run exactly", len(state["rng"]), self.info.world_size)
             seed_everything(self.cfg.seed + 1000 * self.info.rank + self.step)
             return None
+        if state.get("log") is not None:  # checkpoints written before it was saved start a new window
+            self._load_log_state(state["log"][self.info.rank])
         return state["rng"][self.info.rank]
 
     # ------------------------------------------------------------------ validation and export
@@ -630,12 +638,10 @@ class Trainer:
 
         bar = tqdm(total=tc.max_steps, initial=self.step, disable=not self.show_bar, desc="train",
                    dynamic_ncols=True)
-        window: dict[str, torch.Tensor] = {}
-        window_steps, window_tokens, skipped = 0, 0, 0
-        window_start = time.perf_counter()
+        # A window resumed from a checkpoint keeps the step time it had before.
+        self._window_start = time.perf_counter() - self._window_seconds
         last: dict[str, float] = {}
         saved_at = start_step = self.step  # a resumed run starts right after its checkpoint
-        bad_run = worst_run = torch.zeros((), dtype=torch.long, device=self.info.device)
         deadline = self.started + 60.0 * tc.max_minutes if tc.max_minutes > 0 else None
         data = self._steps()
         try:
@@ -648,8 +654,8 @@ class Trainer:
                     if self.info.distributed and tc.parallel == "fsdp" and self.step == start_step:
                         D.check_sharded(self.module)
                     bad = self._optimizer_step(grad_norm)
-                    bad_run = (bad_run + 1) * bad  # consecutive skipped steps, counted on the device
-                    worst_run = torch.maximum(worst_run, bad_run)
+                    self._bad_run = (self._bad_run + 1) * bad
+                    self._worst_run = torch.maximum(self._worst_run, self._bad_run)
                     self.optimizer.zero_grad(set_to_none=True)
                     self.scheduler.step()
                     if self.ema is not None:
@@ -659,18 +665,15 @@ class Trainer:
                     metrics["grad_norm"] = grad_norm.detach().float()
                     metrics["skipped"] = bad.float()
                     for k, v in metrics.items():
-                        window[k] = window.get(k, 0) + v
-                    window_steps += 1
-                    window_tokens += tokens
+                        self._window[k] = self._window.get(k, 0) + v
+                    self._window_steps += 1
+                    self._window_tokens += tokens
                     bar.update(1)
 
                     if self.step % tc.log_every == 0 or self.step == tc.max_steps:
-                        skipped += self._check_skipped(window, worst_run)
-                        last = self._log_window(window, window_steps, window_tokens, window_start, lr=lr,
-                                                epoch=epoch, skipped=skipped, deadline=deadline)
+                        last = self._log_window(lr=lr, epoch=epoch, deadline=deadline)
                         bar.set_postfix(loss=f"{last['loss']:.4g}", lr=f"{lr:.2e}")
-                        window, window_steps, window_tokens = {}, 0, 0
-                        window_start = time.perf_counter()
+                        self._new_log_window()
 
                     paused = time.perf_counter()
                     if tc.ckpt_every and self.step % tc.ckpt_every == 0:
@@ -678,7 +681,7 @@ class Trainer:
                         saved_at = self.step
                     if tc.val_every and self.step % tc.val_every == 0:
                         self.validate()
-                    window_start += time.perf_counter() - paused  # checkpoints and validation are not step time
+                    self._window_start += time.perf_counter() - paused  # checkpoints and validation are not step time
                     if stop_after is not None and self.step >= stop_after:
                         return last
                     # Ranks agree on stopping through a collective (a host sync): only at log steps.
@@ -689,10 +692,9 @@ class Trainer:
                     if past or self.interrupted is not None:
                         if self.interrupted is None:
                             log.info("train.max_minutes = %g reached at step %d", tc.max_minutes, self.step)
-                        if window_steps:
-                            skipped += self._check_skipped(window, worst_run)
-                            last = self._log_window(window, window_steps, window_tokens, window_start, lr=lr,
-                                                    epoch=epoch, skipped=skipped, deadline=deadline)
+                        if self._window_steps:
+                            # Logged now, and kept in the checkpoint: a resumed run logs the whole window again.
+                            last = self._log_window(lr=lr, epoch=epoch, deadline=deadline)
                         break
                 if saved_at != self.step:
                     self.save_checkpoint()
@@ -709,13 +711,38 @@ class Trainer:
             self.logger.close()
         return last
 
-    def _log_window(self, window: dict[str, torch.Tensor], steps: int, tokens: int, start: float, *, lr: float,
-                    epoch: int, skipped: int, deadline: float | None) -> dict[str, float]:
-        """Log the rank-averaged metrics of the ``steps`` steps since the last log (begun at ``start``)."""
-        elapsed = time.perf_counter() - start
-        metrics = D.all_reduce_mean({k: float(v) / steps for k, v in window.items()}, self.info)
+    def _new_log_window(self) -> None:
+        """Start accumulating the metrics of the steps up to the next log (per rank)."""
+        self._window: dict[str, torch.Tensor] = {}  # metric sums on the device
+        self._window_steps = 0
+        self._window_tokens = 0  # global tokens
+        self._window_seconds = 0.0  # step time before this process started (a window resumed from a checkpoint)
+        self._window_start = time.perf_counter()
+
+    def _log_state(self) -> dict[str, Any]:
+        """The open log window and the skipped-step counts of this rank, for a checkpoint: a run resumed in the
+        middle of a window then logs the rows the uninterrupted run logs."""
+        return {"window": {k: v.detach().cpu() for k, v in self._window.items()}, "steps": self._window_steps,
+                "tokens": self._window_tokens, "seconds": time.perf_counter() - self._window_start,
+                "skipped": self._skipped, "bad_run": int(self._bad_run), "worst_run": int(self._worst_run)}
+
+    def _load_log_state(self, state: Mapping[str, Any]) -> None:
+        device = self.info.device
+        self._window = {k: v.to(device) for k, v in state["window"].items()}
+        self._window_steps, self._window_tokens = int(state["steps"]), int(state["tokens"])
+        self._window_seconds = float(state["seconds"])
+        self._skipped = int(state["skipped"])
+        self._bad_run = torch.tensor(int(state["bad_run"]), device=device)
+        self._worst_run = torch.tensor(int(state["worst_run"]), device=device)
+
+    def _log_window(self, *, lr: float, epoch: int, deadline: float | None) -> dict[str, float]:
+        """Log the rank-averaged metrics of the steps since the last log."""
+        self._skipped += self._check_skipped()
+        steps, tokens = self._window_steps, self._window_tokens
+        elapsed = time.perf_counter() - self._window_start
+        metrics = D.all_reduce_mean({k: float(v) / steps for k, v in self._window.items()}, self.info)
         metrics.update(lr=lr, tokens_per_s=tokens / max(elapsed, 1e-9), tokens_per_step=tokens / steps,
-                       step_time_s=elapsed / steps, epoch=float(epoch), skipped_steps=float(skipped))
+                       step_time_s=elapsed / steps, epoch=float(epoch), skipped_steps=float(self._skipped))
         if self.info.device.type == "cuda":
             metrics["mem_peak_gib"] = torch.cuda.max_memory_allocated(self.info.device) / 2**30
             torch.cuda.reset_peak_memory_stats(self.info.device)
@@ -730,13 +757,13 @@ class Trainer:
                      metrics["loss"], lr, steps_per_s, datetime.timedelta(seconds=round(left)))
         return metrics
 
-    def _check_skipped(self, window: dict[str, torch.Tensor], worst_run: torch.Tensor) -> int:
+    def _check_skipped(self) -> int:
         """Pop the window's count of skipped steps (non-finite gradient norm) and warn; raise after 10 in a row."""
-        n = int(window.pop("skipped", 0))
+        n = int(self._window.pop("skipped", 0))
         if n:
             log.warning("step %d: %d step(s) since the last log had a non-finite gradient norm; their updates "
                         "were skipped", self.step, n)
-        if int(worst_run) >= 10:
+        if int(self._worst_run) >= 10:
             raise RuntimeError("10 consecutive steps with non-finite gradients: training diverged")
         return n
 
