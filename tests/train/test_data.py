@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
+import torch
 
-from d3s2.train.data import EpochItems, EpochStreamSampler, StepBatchSampler, item_rng, pack_batches, rank_share
+from d3s2.train.data import (
+    EpochItems,
+    EpochStreamSampler,
+    StepBatchSampler,
+    item_rng,
+    pack_batches,
+    rank_share,
+    seed_global_rngs,
+)
 
 
 def _lengths(n=200, seed=0):
@@ -90,6 +101,34 @@ def test_epoch_items_load_each_key_with_its_epoch():
     items = EpochItems(Seen())
     assert len(items) == 3 and items[(4, 2)] == (4, 2) and items[(1, 0)] == (1, 0)
     assert EpochItems([10, 20])[(7, 1)] == 20  # datasets without set_epoch are indexed as they are
+
+
+def _global_draws() -> tuple[float, float, float]:
+    return random.random(), float(np.random.random()), float(torch.rand(()))
+
+
+def test_epoch_items_seed_the_global_rngs_by_key_and_give_them_back():
+    class Draws:
+        def __getitem__(self, index):
+            return _global_draws()
+
+        def __len__(self):
+            return 4
+
+    items = EpochItems(Draws(), seed=3, collate=lambda batch: (batch, _global_draws()))
+    states = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+    first = items[(0, 1)]
+    assert items[(0, 1)] == first  # the same key draws the same values
+    assert len({first, items[(1, 1)], items[(0, 2)], EpochItems(Draws(), seed=4)[(0, 1)]}) == 4
+    batch, collate_draws = items.__getitems__([(0, 1), (0, 2)])
+    assert batch == [first, items[(0, 2)]] and collate_draws not in batch
+    assert items.__getitems__([(0, 1), (0, 2)])[1] == collate_draws
+    assert EpochItems(Draws()).__getitems__([(0, 1)]) == [EpochItems(Draws())[(0, 1)]]  # no collate: the items
+    # The caller's streams (the trainer's, with num_workers = 0) go on as if nothing had been drawn.
+    assert random.getstate() == states[0] and np.array_equal(np.random.get_state()[1], states[1])
+    assert torch.equal(torch.get_rng_state(), states[2])
+    with pytest.raises(ValueError, match="non-negative"):
+        seed_global_rngs(-1, 0)
 
 
 def test_rank_share_equal_counts():

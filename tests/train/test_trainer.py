@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 
+import numpy as np
 import pytest
 import torch
 
 from d3s2.cli import main
 from d3s2.config import PACKAGED_CONFIGS, ConfigError
+from d3s2.train import task as task_registry
 from d3s2.train.checkpoint import CheckpointDir
+from d3s2.train.toy import ToyShapes, ToyTask
 from d3s2.train.trainer import Trainer, lr_lambda
 
 from ._runs import assert_same_state, train_rows
@@ -98,12 +102,53 @@ def test_resume_inside_a_log_window_logs_the_rows_of_the_full_run(tmp_path, tiny
                            tmp_path / name / "checkpoints" / "step_00000008.pt")
 
 
+class _GlobalRNGShapes(ToyShapes):
+    """Toy shapes jittered by draws from the global python, numpy and torch RNGs (not from an item_rng)."""
+
+    def __getitem__(self, index):
+        item = super().__getitem__(index)
+        jitter = torch.rand(1) + float(np.random.random()) + random.random()
+        return {**item, "feats": item["feats"] + 0.01 * jitter}
+
+
+class _GlobalRNGTask(ToyTask):
+    """The toy task with global-RNG draws in its dataset and its collate."""
+
+    def build_datasets(self):
+        c = self.cfg
+        return _GlobalRNGShapes(c.num_train, resolution=c.resolution, band=c.band, seed=c.seed, split=0,
+                                flip=c.flip), None
+
+    def collate(self, items):
+        batch = super().collate(items)
+        return batch.replace(batch.feats * (1 + 0.01 * torch.rand(1)))
+
+
+def test_global_rng_draws_of_a_dataset_and_collate_resume_exactly(tmp_path, tiny_cfg, monkeypatch):
+    # The worker processes start again on resume; their draws must still repeat the uninterrupted run's, and
+    # not depend on the number of workers (nor take from the training stream when there are none).
+    monkeypatch.setitem(task_registry._RUNTIME, "toy_global_rng", _GlobalRNGTask)
+    sections = {"task": {"name": "toy_global_rng", "args": {"num_val": 0}}, "train": {"max_steps": 7, "ckpt_every": 3},
+                "data": {"num_workers": 1}}
+    Trainer(tiny_cfg(**sections), tmp_path / "full").run()
+    Trainer(tiny_cfg(**sections), tmp_path / "killed").run(stop_after=5)
+    Trainer(tiny_cfg(**sections), tmp_path / "killed", resume="latest").run()
+    sections["data"]["num_workers"] = 0
+    Trainer(tiny_cfg(**sections), tmp_path / "in_process").run()
+    want = _losses(tmp_path / "full")
+    got = _losses(tmp_path / "killed")
+    assert [got[s] for s in range(4, 8)] == [want[s] for s in range(4, 8)]
+    assert _losses(tmp_path / "in_process") == want
+    assert_same_state(tmp_path / "full" / "checkpoints" / "step_00000007.pt",
+                       tmp_path / "killed" / "checkpoints" / "step_00000007.pt")
+
+
 def test_workers_give_the_in_process_losses_across_epochs(tmp_path, tiny_cfg, monkeypatch):
     # One loader streams all epochs and its workers run ahead into the next epoch: with epoch-derived flips and
     # several short epochs, worker processes must still see each item with its own epoch's flips.
     opened = []
     real_loader = Trainer._loader
-    monkeypatch.setattr(Trainer, "_loader", lambda self, *a: opened.append(a[2]) or real_loader(self, *a))
+    monkeypatch.setattr(Trainer, "_loader", lambda self, *a, **kw: opened.append(a[2]) or real_loader(self, *a, **kw))
     losses = {}
     for workers in (0, 2):
         cfg = tiny_cfg(train={"max_steps": 9, "val_every": 0}, data={"num_workers": workers})

@@ -11,13 +11,17 @@ processes) serves the whole run.
 
 from __future__ import annotations
 
+import contextlib
+import random
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import Sampler
 
-__all__ = ["item_rng", "pack_batches", "StepBatchSampler", "EpochStreamSampler", "EpochItems", "rank_share"]
+__all__ = ["item_rng", "seed_global_rngs", "preserved_global_rngs", "pack_batches", "StepBatchSampler",
+           "EpochStreamSampler", "EpochItems", "already_collated", "rank_share"]
 
 
 def item_rng(*keys: int) -> np.random.Generator:
@@ -25,6 +29,30 @@ def item_rng(*keys: int) -> np.random.Generator:
     if any(int(k) < 0 for k in keys):
         raise ValueError(f"expected non-negative keys, got {keys}")
     return np.random.default_rng([int(k) for k in keys])
+
+
+def seed_global_rngs(*keys: int) -> None:
+    """Seed python's ``random``, numpy's global RNG and torch's CPU generator from non-negative integer keys (as
+    :func:`item_rng`). CUDA generators are not touched (``torch.manual_seed`` would reseed them too)."""
+    if any(int(k) < 0 for k in keys):
+        raise ValueError(f"expected non-negative keys, got {keys}")
+    words = np.random.SeedSequence([int(k) for k in keys]).generate_state(4)  # uint32 [4]
+    random.seed(int(words[0]) << 32 | int(words[1]))
+    np.random.seed(words)
+    torch.default_generator.manual_seed(int(words[2]) << 32 | int(words[3]))
+
+
+@contextlib.contextmanager
+def preserved_global_rngs() -> Iterator[None]:
+    """Give python's ``random``, numpy's global RNG and torch's CPU generator back, after the block, the states they
+    had before it."""
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
 
 
 def pack_batches(
@@ -173,21 +201,49 @@ class EpochItems:
     """A dataset read by ``(epoch, index)`` keys: sets the epoch (per-item randomness) and returns ``dataset[index]``.
 
     The epoch travels with each key, so worker processes (which hold copies of the dataset) always use the epoch
-    of the item they load.
+    of the item they load. Each item is loaded with the global RNGs (python, numpy, torch CPU) seeded from
+    ``(seed, epoch, index)`` (:func:`seed_global_rngs`), so a dataset that draws from them gives the same item in
+    any worker, with any number of workers and after a resume; the caller's RNG states are given back after.
+
+    With ``collate``, a micro-batch of keys (``__getitems__``, what a DataLoader with a batch sampler calls) reads
+    as the collated batch, collated with the global RNGs seeded from its first key: give that DataLoader
+    :func:`already_collated` as its ``collate_fn``.
     """
 
-    def __init__(self, dataset: Any) -> None:
+    COLLATE_KEY = 1  # appended to the first item's key: collate's RNG stream differs from that item's
+
+    def __init__(self, dataset: Any, *, seed: int = 0, collate: Callable[[list[Any]], Any] | None = None) -> None:
         self.dataset = dataset
+        self.seed = seed
+        self.collate = collate
         self._set_epoch = getattr(dataset, "set_epoch", None)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> Any:
+    def _load(self, key: tuple[int, int]) -> Any:
         epoch, index = key
         if callable(self._set_epoch):
             self._set_epoch(epoch)
+        seed_global_rngs(self.seed, epoch, index)
         return self.dataset[index]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        with preserved_global_rngs():
+            return self._load(key)
+
+    def __getitems__(self, keys: Sequence[tuple[int, int]]) -> Any:
+        with preserved_global_rngs():  # once per micro-batch: saving numpy's state costs ~10x seeding it
+            items = [self._load(key) for key in keys]
+            if self.collate is None:
+                return items
+            seed_global_rngs(self.seed, *keys[0], self.COLLATE_KEY)
+            return self.collate(items)
+
+
+def already_collated(batch: Any) -> Any:
+    """The DataLoader ``collate_fn`` for :class:`EpochItems` with ``collate``: the batch as it comes."""
+    return batch
 
 
 def rank_share(batches: Sequence[Sequence[int]], *, rank: int, world_size: int) -> list[list[int]]:

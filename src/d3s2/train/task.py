@@ -18,9 +18,11 @@ Rules a task must follow:
   DDP wrapper). The output may be anything (tensors, SparseTensors, dataclasses, custom classes): the
   wrappers find the tensors inside it.
 - Randomness: use the global torch/numpy/python RNGs in ``loss`` (the trainer seeds them per rank and saves
-  them in checkpoints). Inside datasets, derive random choices from the item index and the epoch
-  (``set_epoch``), e.g. with :func:`d3s2.train.data.item_rng`, never from global RNGs: DataLoader workers
-  restart on resume, so only key-derived randomness resumes to the same losses.
+  them in checkpoints). Datasets and ``collate`` run in DataLoader workers, which restart on resume: the trainer
+  seeds the global RNGs from ``(seed, epoch, index)`` before it loads each training item, and from the
+  micro-batch's first key before ``collate``, so draws from them resume to the same losses, for any
+  ``data.num_workers``. An item's own generator (:func:`d3s2.train.data.item_rng`, from the index and the
+  epoch given by ``set_epoch``) does the same without depending on that.
 - Datasets report each item's cost in tokens (``num_tokens(i)``) so micro-batches are packed to
   ``data.max_tokens``; items that must not share a batch (e.g. different resolutions) report different
   ``group(i)`` values.

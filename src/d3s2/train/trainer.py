@@ -28,7 +28,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ from ..config import (
 from ..progress import bar_on_terminal
 from . import distributed as D
 from .checkpoint import CheckpointDir, atomic_write_text, capture_rng_state, restore_rng_state
-from .data import EpochItems, EpochStreamSampler, pack_batches, rank_share
+from .data import EpochItems, EpochStreamSampler, already_collated, pack_batches, rank_share
 from .ema import EMA
 from .logger import RunLogger
 from .task import batch_group, get_task, has_validate, item_costs, token_lengths, val_dir
@@ -440,12 +440,13 @@ class Trainer:
                             sort_window=dc.sort_window,
                             step_size=dc.micro_batches_per_step if dc.balance_steps else 1)
 
-    def _loader(self, dataset: Any, batch_sampler: Any, seed_key: Sequence[int]) -> DataLoader:
+    def _loader(self, dataset: Any, batch_sampler: Any, seed_key: Sequence[int], *,
+                collate: Callable[[list[Any]], Any] | None = None) -> DataLoader:
         workers = self.cfg.data.num_workers
         # Own generator: creating the iterator must not draw from the global RNG (resume would then differ).
         gen = torch.Generator().manual_seed(int(np.random.default_rng(list(seed_key)).integers(2**62)))
-        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=self.task.collate, num_workers=workers,
-                          generator=gen, worker_init_fn=_init_worker if workers else None,
+        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate or self.task.collate,
+                          num_workers=workers, generator=gen, worker_init_fn=_init_worker if workers else None,
                           pin_memory=self.info.device.type == "cuda")
 
     def _epoch_plan(self, epoch: int) -> list[list[int]]:
@@ -476,7 +477,11 @@ class Trainer:
         m = self.cfg.data.micro_batches_per_step
         sampler = EpochStreamSampler(self._epoch_plan, micro_batches_per_step=m, rank=self.info.rank,
                                      world_size=self.info.world_size, epoch=epoch, start_step=start)
-        it = iter(self._loader(EpochItems(self.train_set), sampler, (self.cfg.seed, self.info.rank, epoch, start)))
+        # Items and batches are made with the global RNGs seeded by their keys: a task drawing from them in its
+        # dataset or collate resumes to the same batches (the workers' own RNG streams restart on resume).
+        items = EpochItems(self.train_set, seed=self.cfg.seed, collate=self.task.collate)
+        it = iter(self._loader(items, sampler, (self.cfg.seed, self.info.rank, epoch, start),
+                               collate=already_collated))
         while True:
             plan = self._epoch_plan(epoch)
             for s in range(start, len(plan) // m):
