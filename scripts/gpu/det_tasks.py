@@ -1,0 +1,211 @@
+"""Every training task trained twice and once resumed with ``train.deterministic=true`` on one device, compared.
+
+Driven by ``scripts/gpu/det_tasks.sh`` (one phase per process, so the two runs compared come from two processes)::
+
+    python3 scripts/gpu/det_tasks.py data ROOT      # tests/assets/0ad_tiny.npz at 32³ with 2 renders, a random tiny
+                                                    # SS-VAE and its latents (tests/models/dit/_data.py)
+    python3 scripts/gpu/det_tasks.py train ROOT a   # each task once: ROOT/runs/<task>/a, checkpoints every STEPS/2
+    python3 scripts/gpu/det_tasks.py train ROOT b   # each again (ROOT/runs/<task>/b), then resumed from a's mid-run
+                                                    # checkpoint (ROOT/runs/<task>/resumed)
+    python3 scripts/gpu/det_tasks.py compare ROOT   # PASS / FAIL per task, with the compared losses
+
+Environment: ``DEVICE`` (``cuda``, or ``cpu`` to try the script without a GPU), ``STEPS`` (6, even). Each run is
+``d3s2 train`` (in-process ``d3s2.cli.main``) from the task's tiny debug config, with 2 DataLoader workers, every
+step logged, no validation. A failed run (e.g. an op without a deterministic CUDA kernel raising) is recorded in
+``ROOT/runs/<task>/<run>.error`` and reported by ``compare``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+DEVICE = os.environ.get("DEVICE", "cuda")
+STEPS = int(os.environ.get("STEPS", "6"))
+# dense_vae before dit_dense: its run "a" export is the frozen encoder of every dit_dense run.
+TASKS = ["toy", "dense_vae", "dit_dense", "vae", "dit_sparse"]
+TIMINGS = ("tokens_per_s", "step_time_s", "mem_peak_gib")  # not the same twice by nature
+
+
+def _configs() -> Path:
+    from d3s2.config import PACKAGED_CONFIGS
+
+    return PACKAGED_CONFIGS / "debug"
+
+
+def make_data(root: Path) -> None:
+    sys.path.insert(0, str(REPO))  # the tests' tiny encoded fixture
+    from tests.models.dit._data import build_encoded
+
+    data, vae, latents = build_encoded(root)
+    print(f"data {data}, random SS-VAE {vae}, latents {latents}")
+
+
+def train_args(task: str, root: Path) -> list[str]:
+    """``d3s2 train`` arguments of ``task`` (without ``--out``)."""
+    cfg = _configs()
+    data, latents = root / "data", root / "latents"
+    if task == "toy":
+        config, extra = cfg / "tiny_toy.yaml", []
+    else:
+        model = {"vae": "tiny_vae", "dense_vae": "tiny_dense_vae", "dit_dense": "tiny_dit_dense",
+                 "dit_sparse": "tiny_dit_sparse"}[task]
+        paths = {"vae": {"data": data}, "dense_vae": {"latents": latents},
+                 "dit_dense": {"latents": latents, "data": data,
+                               "dense_vae": root / "runs" / "dense_vae" / "a" / "export"},
+                 "dit_sparse": {"latents": latents, "data": data}}[task]
+        config = cfg / f"tiny_{task}_train.yaml"
+        extra = [f"--task.args.model_config={cfg / f'{model}.yaml'}",
+                 *(f"--task.args.{key}={value}" for key, value in paths.items())]
+    return ["train", task, "--config", str(config), *extra, f"--train.max_steps={STEPS}",
+            f"--train.ckpt_every={STEPS // 2}", "--train.keep_last=3", "--train.log_every=1", "--train.val_every=0",
+            "--train.progress=false", "--train.deterministic=true", f"--train.device={DEVICE}",
+            "--data.num_workers=2"]
+
+
+def _train(args: list[str], run: Path) -> None:
+    from d3s2.cli import main
+
+    error = run.with_suffix(".error")
+    error.unlink(missing_ok=True)
+    try:
+        rc = main([*args, "--out", str(run)])
+    except Exception:  # an op without a deterministic kernel raises here: keep it for the report, go on
+        rc = None
+        error.write_text(traceback.format_exc())
+    else:
+        if rc != 0:
+            error.write_text(f"d3s2 train exited with {rc} (its log above)\n")
+    print(f"{run}: {'ok' if not error.exists() else 'FAILED, see ' + str(error)}", flush=True)
+    if rc is not None and rc > 128:  # stopped by a signal (the caller's time limit): leave the other runs
+        raise SystemExit(rc)
+
+
+def train(root: Path, phase: str) -> None:
+    for task in TASKS:
+        runs = root / "runs" / task
+        runs.mkdir(parents=True, exist_ok=True)
+        args = train_args(task, root)
+        _train(args, runs / phase)
+        if phase == "b":
+            ckpt = runs / "a" / "checkpoints" / f"step_{STEPS // 2:08d}.pt"
+            _train([*args, "--resume", str(ckpt)], runs / "resumed")
+
+
+def _rows(run: Path) -> dict[int, dict]:
+    lines = (run / "train_log.jsonl").read_text().splitlines()
+    return {r["step"]: {k: v for k, v in r.items() if k not in TIMINGS}
+            for r in map(json.loads, lines) if r["split"] == "train"}
+
+
+def _differences(a, b, path: str = "") -> list[str]:
+    """Where two checkpoint entries differ (tensors bit for bit), with the largest difference of each tensor."""
+    if isinstance(a, torch.Tensor):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return [f"{path} {tuple(a.shape)} {a.dtype} vs {tuple(b.shape)} {b.dtype}"]
+        if torch.equal(a, b):
+            return []
+        gap = (a.double() - b.double()).abs().max().item() if a.is_floating_point() else float("nan")
+        return [f"{path} (max |diff| {gap:.3g})"]
+    if isinstance(a, np.ndarray):
+        return [] if np.array_equal(a, b) else [path]
+    if isinstance(a, dict):
+        return [d for k in a for d in _differences(a[k], b.get(k), f"{path}.{k}".lstrip("."))]
+    if isinstance(a, list | tuple):
+        if len(a) != len(b):
+            return [f"{path} length {len(a)} vs {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [f"{path} {a!r} vs {b!r}"]
+
+
+def _state(run: Path) -> dict:
+    ckpt = torch.load(run / "checkpoints" / f"step_{STEPS:08d}.pt", map_location="cpu", weights_only=False)
+    return {k: ckpt[k] for k in ("model", "ema", "optimizer", "scheduler", "data", "rng")}
+
+
+def _row_diff(row: dict, other: dict | None) -> str:
+    """``key a vs b`` for each logged value that differs between two rows of one step."""
+    if other is None:
+        return "not logged"
+    return ", ".join(f"{k} {row.get(k)!r} vs {other.get(k)!r}" for k in sorted(row.keys() | other.keys())
+                     if row.get(k) != other.get(k))
+
+
+def _losses(rows: dict[int, dict], steps) -> str:
+    return " ".join(f"{rows[s]['loss']!r}" if s in rows else "-" for s in steps)
+
+
+def _run_failures(runs: Path) -> list[str]:
+    """Each run of a task that failed or left no log, with the last line of its error."""
+    out = []
+    for name in ("a", "b", "resumed"):
+        error = runs / f"{name}.error"
+        if error.exists():
+            out.append(f"run {name}: {error.read_text().strip().splitlines()[-1]}")
+        elif not (runs / name / "train_log.jsonl").exists():
+            out.append(f"run {name}: no train_log.jsonl (not run: out of time?)")
+    return out
+
+
+def compare(root: Path) -> int:
+    failed = 0
+    half, steps = STEPS // 2, range(1, STEPS + 1)
+    for task in TASKS:
+        runs = root / "runs" / task
+        problems = _run_failures(runs)
+        if problems:
+            failed += 1
+            print(f"FAIL {task}: " + "; ".join(problems))
+            continue
+        a, b, resumed = (_rows(runs / name) for name in ("a", "b", "resumed"))
+        if sorted(a) != list(steps):
+            problems.append(f"run a logged steps {sorted(a)}")
+        problems += [f"b differs at step {s}: {_row_diff(a[s], b.get(s))}" for s in a if b.get(s) != a[s]][:2]
+        problems += [f"resumed differs at step {s}: {_row_diff(a[s], resumed.get(s))}"
+                     for s in a if s > half and resumed.get(s) != a[s]][:2]
+        state_a = _state(runs / "a")
+        for name in ("b", "resumed"):
+            diffs = _differences(state_a, _state(runs / name))
+            if diffs:
+                problems.append(f"{name}'s step-{STEPS} checkpoint differs in {len(diffs)} entries: "
+                                + ", ".join(diffs[:4]))
+        print(f"{'FAIL' if problems else 'PASS'} {task}: loss a {_losses(a, steps)} | b {_losses(b, steps)} | "
+              f"resumed at {half} {_losses(resumed, range(half + 1, STEPS + 1))}")
+        for problem in problems:
+            print(f"    {problem}")
+        if not problems:
+            rng = "RNG states (CUDA's too)" if DEVICE.startswith("cuda") else "RNG states"
+            print(f"    logged rows identical (loss terms, grad_norm, lr, epoch); step-{STEPS} weights, EMA, AdamW "
+                  f"state, scheduler, data position and {rng} identical")
+        failed += bool(problems)
+    print(f"{len(TASKS) - failed}/{len(TASKS)} tasks deterministic and resume-exact on {DEVICE}")
+    return 1 if failed else 0
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2 or argv[0] not in ("data", "train", "compare") or (argv[0] == "train" and len(argv) != 3):
+        print(__doc__)
+        return 2
+    if STEPS < 2 or STEPS % 2:
+        raise SystemExit(f"STEPS must be even and >= 2, got {STEPS}")
+    root = Path(argv[1])
+    if argv[0] == "data":
+        make_data(root)
+    elif argv[0] == "train":
+        if argv[2] not in ("a", "b"):
+            raise SystemExit(f"expected phase a or b, got {argv[2]!r}")
+        train(root, argv[2])
+    else:
+        return compare(root)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
