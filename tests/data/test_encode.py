@@ -72,6 +72,28 @@ def test_progress_off_a_terminal_is_plain_lines(tiny_encoded, tmp_path, capsys, 
     assert len(lines) == 1 and lines[0].startswith("data encode: 5/5 assets, "), lines
 
 
+def test_progress_ends_with_its_line_when_encoding_stops_on_an_error(tiny_encoded, tmp_path, caplog,
+                                                                     monkeypatch):
+    import d3s2.data.encode
+
+    data, vae_dir, _ = tiny_encoded
+    real_write = d3s2.data.encode.write_npz_atomic
+    written = []
+
+    def disk_full_after_one(path, arrays):
+        if written:
+            raise OSError(28, "No space left on device")
+        written.append(path)
+        return real_write(path, arrays)
+
+    monkeypatch.setattr(d3s2.data.encode, "write_npz_atomic", disk_full_after_one)
+    with caplog.at_level(logging.INFO):
+        assert main(["data", "encode", "--data", str(data), "--vae", str(vae_dir), "--resolution", "32",
+                     "--out", str(tmp_path / "latents")]) == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "d3s2.progress"]
+    assert len(lines) == 1 and lines[0].startswith("data encode: 1/5 assets, "), lines
+
+
 def test_refined_encoding(tiny_encoded, tmp_path, capsys):
     """``--refine-steps``: recorded, logvar and coords kept, each mean the refinement of that asset alone."""
     from d3s2.data.collate import collate_packed

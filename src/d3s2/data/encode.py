@@ -156,47 +156,47 @@ def encode_folder(data: str | os.PathLike, vae_dir: str | os.PathLike, out: str 
     counts = ds.token_counts
     groups = _pack([counts[i] for i in todo], batch_tokens)
     use_bf16 = dev.type == "cuda"
-    bar = CountProgress(len(todo), desc="data encode", unit="asset", enabled=progress)
-    for group in groups:
-        idx = [todo[j] for j in group]
-        items = []
-        for i in idx:
-            try:
-                items.append(ds[i])
-            except (OSError, ValueError, KeyError) as err:  # unreadable or incomplete asset file
-                summary.failed[ds.names[i]] = f"{type(err).__name__}: {err}"
-                bar.update(1, failed=1)
-        if not items:
-            continue
-        x = SparseTensor.from_samples([it["coords"] for it in items],
-                                      [it["sdf"].reshape(-1, 1) / band for it in items], resolution=resolution).to(dev)
-        # The occupied blocks (band blocks plus the blocks that close it): the latent covers them all.
-        structure = SparseTensor.from_samples([torch.as_tensor(it["block_coords"]) for it in items],
-                                              [torch.zeros(len(it["block_coords"]), 0) for it in items],
-                                              resolution=resolution // 8).to(dev)
-        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-            z, posterior = model.encode(x, sample_posterior=False, structure=structure)
-        mean = posterior.mean
-        if refine_steps:
-            # The decoder's targets, built as the vae training task builds them.
-            p = collate_packed(items)
-            batch = PackedSDFBatch.from_inside_bits(p["sdf"], p["blocks"], p["rows"], p["inside"], p["fill"],
-                                                    sharp=p["sharp"], tau=band).to(dev)
-            mean = refine_latent(model, batch, z, steps=refine_steps, lr=refine_lr,
-                                 autocast_dtype=torch.bfloat16 if use_bf16 else None).latent.feats
-        coords = z.coords.cpu()
-        mean, logvar = mean.float().cpu(), posterior.logvar.float().cpu()
-        for b, item in enumerate(items):
-            rows = coords[:, 0] == b
-            c = coords[rows, 1:].numpy().astype(np.int64)
-            order = np.lexsort((c[:, 2], c[:, 1], c[:, 0]))  # x, then y, then z
-            write_npz_atomic(asset_path(root, item["name"]), {
-                "coords": c[order].astype(np.int16),
-                "mean": mean[rows].numpy()[order].astype(np.float16),
-                "logvar": logvar[rows].numpy()[order].astype(np.float16),
-            })
-            summary.encoded += 1
-            bar.update(1)
-    bar.close()
+    with CountProgress(len(todo), desc="data encode", unit="asset", enabled=progress) as bar:
+        for group in groups:
+            idx = [todo[j] for j in group]
+            items = []
+            for i in idx:
+                try:
+                    items.append(ds[i])
+                except (OSError, ValueError, KeyError) as err:  # unreadable or incomplete asset file
+                    summary.failed[ds.names[i]] = f"{type(err).__name__}: {err}"
+                    bar.update(1, failed=1)
+            if not items:
+                continue
+            x = SparseTensor.from_samples([it["coords"] for it in items],
+                                          [it["sdf"].reshape(-1, 1) / band for it in items],
+                                          resolution=resolution).to(dev)
+            # The occupied blocks (band blocks plus the blocks that close it): the latent covers them all.
+            structure = SparseTensor.from_samples([torch.as_tensor(it["block_coords"]) for it in items],
+                                                  [torch.zeros(len(it["block_coords"]), 0) for it in items],
+                                                  resolution=resolution // 8).to(dev)
+            with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                z, posterior = model.encode(x, sample_posterior=False, structure=structure)
+            mean = posterior.mean
+            if refine_steps:
+                # The decoder's targets, built as the vae training task builds them.
+                p = collate_packed(items)
+                batch = PackedSDFBatch.from_inside_bits(p["sdf"], p["blocks"], p["rows"], p["inside"], p["fill"],
+                                                        sharp=p["sharp"], tau=band).to(dev)
+                mean = refine_latent(model, batch, z, steps=refine_steps, lr=refine_lr,
+                                     autocast_dtype=torch.bfloat16 if use_bf16 else None).latent.feats
+            coords = z.coords.cpu()
+            mean, logvar = mean.float().cpu(), posterior.logvar.float().cpu()
+            for b, item in enumerate(items):
+                rows = coords[:, 0] == b
+                c = coords[rows, 1:].numpy().astype(np.int64)
+                order = np.lexsort((c[:, 2], c[:, 1], c[:, 0]))  # x, then y, then z
+                write_npz_atomic(asset_path(root, item["name"]), {
+                    "coords": c[order].astype(np.int16),
+                    "mean": mean[rows].numpy()[order].astype(np.float16),
+                    "logvar": logvar[rows].numpy()[order].astype(np.float16),
+                })
+                summary.encoded += 1
+                bar.update(1)
     summary.seconds = time.perf_counter() - t0
     return summary
