@@ -57,3 +57,15 @@ def test_preview_of_a_bad_upload_is_a_message_not_a_server_traceback(tmp_path, d
         preview(SimpleNamespace(pipeline=tiny_pipeline(), limits=Limits()), str(path))
     assert err.value.message.startswith(message) and err.value.duration is None
     assert err.value.print_exception is False  # Gradio prints the traceback of an Error unless told not to
+
+
+def test_a_result_removed_by_the_cap_before_its_downloads_is_a_message(tmp_path):
+    import gradio as gr
+
+    from d3s2.app.web import _downloads
+
+    job = SimpleNamespace(id="0" * 32, folder=tmp_path / "gone")  # the folder the cap deleted
+    with pytest.raises(gr.Error) as err:
+        _downloads(job)
+    assert "the result was removed (results size cap)" in err.value.message
+    assert err.value.print_exception is False

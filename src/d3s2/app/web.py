@@ -87,10 +87,16 @@ def _wait(job: Any, progress: gr.Progress) -> None:
 def _downloads(job: Any) -> list[str]:
     """The result in every download format, written beside ``mesh.glb`` in the job's folder."""
     from ..geometry.export import export_mesh
-    from ..geometry.mesh_io import load_mesh
+    from ..geometry.mesh_io import MeshError, load_mesh
 
     glb = job.folder / f"{RESULT_NAME}.glb"
-    mesh = load_mesh(glb)
+    try:
+        mesh = load_mesh(glb)
+    except MeshError:
+        if glb.is_file():
+            raise
+        # a later job's results cap removed it since this one finished
+        raise _error(f"job {job.id}: the result was removed (results size cap); run it again") from None
     out = [str(glb)]
     for fmt in MESH_FORMATS:
         if fmt != "glb":
