@@ -26,6 +26,7 @@ from importlib import resources
 from pathlib import Path
 
 from .fileio import atomic_write_bytes
+from .progress import bar_on_terminal
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{err}\nrunning the mesh → sparse SDF → watertight mesh demo instead (no image-to-3D)")
         return _run_mesh_demo(path, args)
     report = run_generate_demo(weights, args.out, image=args.image, example_mesh=None if args.image else path,
-                               seed=args.seed, steps=args.steps)
+                               seed=args.seed, steps=args.steps, progress=bar_on_terminal())
     print(f"input  {report['input']} (weights {report['weights']}, {report['resolution']}³)")
     print(f"output {report['outputs']['mesh']}: {report['faces']} faces, watertight={report['watertight']}, "
           f"{report['seconds']['total']:.1f} s")
