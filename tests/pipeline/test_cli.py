@@ -335,7 +335,8 @@ def test_generate_help_documents_limits():
     assert "may break watertightness" in text and ".stl" in text
 
 
-def test_an_error_is_not_followed_by_a_stale_progress_bar(weights, tmp_path, capsys):
+def test_an_error_is_not_followed_by_a_stale_progress_bar(weights, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(generate_cli, "bar_on_terminal", lambda progress=True: progress)  # as on a terminal
     flat = tmp_path / "flat.png"
     Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(flat)  # no object: fails in the "prepare" stage
     with pytest.warns(UserWarning, match="no alpha channel"):
