@@ -11,7 +11,7 @@ import pytest
 import trimesh
 from PIL import Image
 
-from d3s2.app.engine import MAX_SEED, Engine, GenerateParams, Limits, RequestError, read_image, read_mesh
+from d3s2.app.engine import MAX_SEED, Engine, GenerateParams, Limits, RequestError, mesh_bytes, read_image, read_mesh
 from d3s2.geometry.render import encode_png
 
 from ..pipeline.tiny import png_header_only, rgba_image, tiny_pipeline
@@ -151,6 +151,52 @@ def test_results_size_cap(engine):
     assert first.expired and not first.folder.exists() and first.file("mesh.glb") is None
     assert not second.expired and second.file("mesh.glb") is not None
     assert [p.name for p in engine.jobs_dir.iterdir()] == [second.id]
+
+
+def _two_results(engine):
+    jobs = [engine.submit_generate(rgba_image(), GenerateParams(resolution=64, steps=1)) for _ in range(2)]
+    for job in jobs:
+        assert job.finished.wait(60) and job.status == "done", job.error
+    return jobs
+
+
+def _folder_bytes(engine):
+    return sum(f.stat().st_size for f in engine.jobs_dir.rglob("*") if f.is_file())
+
+
+def test_the_results_cap_counts_the_downloads_and_keeps_their_job(engine):
+    first, second = _two_results(engine)
+    glb = second.file("mesh.glb")
+    downloads = sum(len(mesh_bytes(glb, fmt)) for fmt in ("obj", "ply"))
+    # Both results fit, not with the downloads of one too.
+    engine.limits.results_cap_bytes = glb.stat().st_size + downloads + glb.stat().st_size // 2
+    paths = engine.write_downloads(second)
+    assert [p.name for p in paths] == ["mesh.glb", "mesh.obj", "mesh.ply"] and all(p.is_file() for p in paths)
+    assert first.expired and not first.folder.exists()
+    assert _folder_bytes(engine) <= engine.limits.results_cap_bytes
+    with pytest.raises(FileNotFoundError, match="removed by the results size cap"):
+        engine.write_downloads(first)
+    assert not first.folder.exists()
+    # The job whose downloads were written stays even when it alone is over the cap.
+    engine.limits.results_cap_bytes = 1
+    assert all(p.is_file() for p in engine.write_downloads(second))
+
+
+def test_downloads_of_a_result_the_cap_removes_meanwhile_are_not_written(engine, monkeypatch):
+    from d3s2.app import engine as engine_mod
+
+    first, second = _two_results(engine)
+    convert = engine_mod.mesh_bytes
+
+    def convert_while_a_later_job_ends(path, fmt):
+        engine.limits.results_cap_bytes = 1
+        engine._enforce_cap(keep=second)  # what the worker does when a later job finishes
+        return convert(path, fmt) if path.exists() else b"read before the cap"
+
+    monkeypatch.setattr(engine_mod, "mesh_bytes", convert_while_a_later_job_ends)
+    with pytest.raises(FileNotFoundError, match="removed by the results size cap"):
+        engine.write_downloads(first)
+    assert first.expired and not first.folder.exists()  # no folder made again for its downloads
 
 
 def test_reconstruct_job(engine):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -62,10 +63,19 @@ def test_preview_of_a_bad_upload_is_a_message_not_a_server_traceback(tmp_path, d
 def test_a_result_removed_by_the_cap_before_its_downloads_is_a_message(tmp_path):
     import gradio as gr
 
+    from d3s2.app.engine import Engine, GenerateParams, Limits
     from d3s2.app.web import _downloads
 
-    job = SimpleNamespace(id="0" * 32, folder=tmp_path / "gone")  # the folder the cap deleted
-    with pytest.raises(gr.Error) as err:
-        _downloads(job)
-    assert "the result was removed (results size cap)" in err.value.message
-    assert err.value.print_exception is False
+    engine = Engine(tiny_pipeline(), tmp_path / "out", limits=Limits(results_cap_bytes=1), band=2 / 64)
+    try:
+        first, second = (engine.submit_generate(rgba_image(), GenerateParams(resolution=64, steps=1))
+                         for _ in range(2))
+        assert second.finished.wait(60) and second.status == "done", second.error
+        assert first.expired  # the cap at the second job's end removed it
+        with pytest.raises(gr.Error) as err:
+            _downloads(engine, first)
+        assert "the result was removed (results size cap)" in err.value.message
+        assert err.value.print_exception is False
+        assert [Path(p).name for p in _downloads(engine, second)] == ["mesh.glb", "mesh.obj", "mesh.ply"]
+    finally:
+        engine.close()

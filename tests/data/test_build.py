@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -105,6 +106,89 @@ def test_settings_bind_only_once_an_asset_is_written(tmp_path, monkeypatch, capl
     with pytest.raises(ValueError, match="built with other settings"):  # an asset holds them now
         build(resolve_sources([str(src)]), out, CONFIG, progress=False)
     assert json.loads((out / "build.json").read_text())["resolutions"] == [16]
+
+
+def _two_shards(tmp_path):
+    """Two one-mesh sources in one corpus folder, as two shards would build them."""
+    src = tmp_path / "meshes"
+    src.mkdir()
+    trimesh.creation.box().export(src / "box.obj")
+    trimesh.creation.icosphere(1).export(src / "ball.obj")
+    box, ball = sorted(resolve_sources([str(src)]), key=lambda a: a.name != "meshes/box.obj")
+    return [box], [ball]
+
+
+def _resolutions_built(out):
+    keys = {k for f in (out / "assets").rglob("*.npz") for k in load_asset(f)}
+    return sorted({k.split("/")[0] for k in keys if k.startswith("sdf")})
+
+
+def test_a_shard_with_other_settings_is_refused_while_one_runs(tmp_path, monkeypatch):
+    # Shards started together: the second one checks while the first builds its first asset (no asset written yet).
+    mine, theirs = _two_shards(tmp_path)
+    out, other = tmp_path / "out", BuildConfig(resolutions=(16,), views=0, band=0.25)
+    build_asset, outcomes = build_mod.build_asset, []
+
+    def build_asset_while_other_shards_start(asset, config):
+        if asset.name == mine[0].name:
+            for settings in (other, CONFIG):
+                try:
+                    outcomes.append(build(theirs, out, settings, shard=(1, 2), progress=False).built)
+                except ValueError as err:
+                    outcomes.append(str(err))
+        return build_asset(asset, config)
+
+    monkeypatch.setattr(build_mod, "build_asset", build_asset_while_other_shards_start)
+    assert build(mine, out, CONFIG, shard=(0, 2), progress=False).built == 1
+    refused, same_settings_built = outcomes
+    assert "another build with other settings is running" in str(refused)
+    assert "'resolutions': ([32], [16])" in refused and "'views': (2, 0)" in refused  # theirs and yours
+    assert same_settings_built == 1
+    assert json.loads((out / "build.json").read_text())["resolutions"] == [32]
+    assert _resolutions_built(out) == ["sdf32"]
+    # Once it ended with no asset, other settings could replace them; with assets they are refused for good.
+    with pytest.raises(ValueError, match="built with other settings"):
+        build(theirs, out, other, progress=False)
+
+
+def test_shards_racing_on_build_json_bind_one_setting(tmp_path, monkeypatch):
+    # The second shard checks between the first one's check and its write of build.json.
+    mine, theirs = _two_shards(tmp_path)
+    out, other = tmp_path / "out", BuildConfig(resolutions=(16,), views=0, band=0.25)
+    write_text, errors = build_mod.atomic_write_text, []
+
+    def other_shard():
+        try:
+            build(theirs, out, other, shard=(1, 2), progress=False)
+        except ValueError as err:
+            errors.append(err)
+
+    def write_while_the_other_shard_starts(path, text):
+        if not hasattr(write_while_the_other_shard_starts, "started"):
+            write_while_the_other_shard_starts.started = threading.Thread(target=other_shard)
+            write_while_the_other_shard_starts.started.start()
+            write_while_the_other_shard_starts.started.join(timeout=0.5)  # time for it to pass an unlocked check
+        return write_text(path, text)
+
+    monkeypatch.setattr(build_mod, "atomic_write_text", write_while_the_other_shard_starts)
+    assert build(mine, out, CONFIG, shard=(0, 2), progress=False).built == 1
+    write_while_the_other_shard_starts.started.join()
+    assert len(errors) == 1 and "other settings" in str(errors[0]) and "'resolutions': ([32], [16])" in str(errors[0])
+    assert _resolutions_built(out) == ["sdf32"]
+
+
+def test_a_file_system_without_locks_builds_without_the_shard_check(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(file, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    mine, _ = _two_shards(tmp_path)
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING):
+        assert build(mine, tmp_path / "out", CONFIG, progress=False).built == 1
+    assert any("no file locks" in r.getMessage() for r in caplog.records)
 
 
 def test_deterministic(built, tmp_path):

@@ -80,7 +80,7 @@ def test_resume_inside_a_log_window_logs_the_rows_of_the_full_run(tmp_path, tiny
     # skipped steps) must be the uninterrupted run's.
     cfg = tiny_cfg(train={"max_steps": 8, "ckpt_every": 3, "log_every": 2})
 
-    def trainer(name: str) -> Trainer:  # made right before its run: trainers share the process's RNGs
+    def trainer(name: str) -> Trainer:
         made = Trainer(cfg, tmp_path / name)
         _poison_steps(made, {2})
         return made
@@ -141,6 +141,39 @@ def test_global_rng_draws_of_a_dataset_and_collate_resume_exactly(tmp_path, tiny
     assert _losses(tmp_path / "in_process") == want
     assert_same_state(tmp_path / "full" / "checkpoints" / "step_00000007.pt",
                        tmp_path / "killed" / "checkpoints" / "step_00000007.pt")
+
+
+class _NoisyLossTask(ToyTask):
+    """The toy task with a loss that draws from the global python, numpy and torch RNGs (as noise and t do)."""
+
+    def loss(self, model, batch):
+        loss, metrics = super().loss(model, batch)
+        return loss + 0.01 * (torch.rand(()) + float(np.random.random()) + random.random()), metrics
+
+
+def _global_rng_states():
+    return random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state().tolist()
+
+
+def test_trainers_in_one_process_keep_their_own_rng_streams(tmp_path, tiny_cfg, monkeypatch):
+    # Building, running and exporting a trainer leaves the caller's RNGs as they were, and two trainers built
+    # before either runs train as each does alone.
+    monkeypatch.setitem(task_registry._RUNTIME, "toy_noisy_loss", _NoisyLossTask)
+
+    def cfg(seed):
+        return tiny_cfg(task={"name": "toy_noisy_loss", "args": {"num_val": 0}}, seed=seed, train={"max_steps": 3})
+    for name, seed in (("a", 0), ("b", 1)):
+        Trainer(cfg(seed), tmp_path / name).run()
+    caller = _global_rng_states()
+    a, b = Trainer(cfg(0), tmp_path / "a_with_b"), Trainer(cfg(1), tmp_path / "b_with_a")
+    assert _global_rng_states() == caller
+    a.run()  # exports at its end
+    assert _global_rng_states() == caller
+    b.run()
+    b.export()
+    assert _global_rng_states() == caller
+    assert _losses(tmp_path / "a_with_b") == _losses(tmp_path / "a")
+    assert _losses(tmp_path / "b_with_a") == _losses(tmp_path / "b") != _losses(tmp_path / "a")
 
 
 def test_workers_give_the_in_process_losses_across_epochs(tmp_path, tiny_cfg, monkeypatch):

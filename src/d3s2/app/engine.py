@@ -7,10 +7,11 @@
   server-made id (``uuid4().hex``); one worker thread runs them in order on the device. A full queue is a 429,
   a closed engine a 503. Every job has a deadline (``Limits.timeout_s`` from submission): a queued job past it
   never starts, a running one stops at its next stage or model call (forward pre-hooks on the components).
-* **Files.** Each job writes only into ``<out>/jobs/<id>/``; after every job the oldest finished results are
-  deleted until the folder is under ``Limits.results_cap_bytes``. Job ids from requests are only ever looked
-  up in memory, never joined into a path. Job records live in memory (without their inputs once finished): a
-  new engine removes the job folders of an earlier one.
+* **Files.** Each job writes only into ``<out>/jobs/<id>/``; after every job, and after
+  :meth:`Engine.write_downloads` adds files to one, the oldest finished results are deleted until the folder is
+  under ``Limits.results_cap_bytes``. Job ids from requests are only ever looked up in memory, never joined into
+  a path. Job records live in memory (without their inputs once finished): a new engine removes the job folders
+  of an earlier one.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..fileio import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -226,6 +229,7 @@ class Engine:
             if stale.is_dir() and JOB_ID.match(stale.name):
                 shutil.rmtree(stale, ignore_errors=True)
         self._cond = threading.Condition()
+        self._cap_lock = threading.Lock()  # no job folder is removed while files are written into it
         self._waiting: collections.deque[Job] = collections.deque()
         self._jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
         self._running: Job | None = None
@@ -337,6 +341,21 @@ class Engine:
             raise RequestError(404, f"unknown job id {job_id[:64]!r}")
         return job
 
+    def write_downloads(self, job: Job) -> list[Path]:
+        """The result of a finished job in every format of :data:`MESH_FORMATS`, ``mesh.glb`` first, the others
+        written beside it; the results cap then counts them (this job's files stay). FileNotFoundError when the
+        job has no result (the cap may have removed it)."""
+        glb = job.file(f"{RESULT_NAME}.glb")
+        if glb is None:
+            raise FileNotFoundError(f"job {job.id}: no result (not finished, or removed by the results size cap)")
+        data = {fmt: mesh_bytes(glb, fmt) for fmt in MESH_FORMATS if fmt != "glb"}  # the slow part, unlocked
+        with self._cap_lock:
+            if job.file(glb.name) is None:  # the cap removed it meanwhile: writing would recreate its folder
+                raise FileNotFoundError(f"job {job.id}: the result was removed by the results size cap")
+            paths = [glb, *(atomic_write_bytes(glb.with_suffix(f".{fmt}"), d) for fmt, d in data.items())]
+        self._enforce_cap(keep=job)
+        return paths
+
     def cancel(self, job_id: str) -> Job:
         job = self.get(job_id)
         job.cancel.set()
@@ -413,7 +432,7 @@ class Engine:
         job.work = None  # the record is kept (up to Limits.max_jobs_kept), its inputs are not
         if status == "done":
             job.stage_index = job.stage_total
-            self._enforce_cap()  # before anyone waiting on the job looks at the folder
+            self._enforce_cap(keep=job)  # before anyone waiting on the job looks at the folder
         job.finished.set()
 
     def _check_running(self, module: Any, args: Any) -> None:
@@ -439,18 +458,24 @@ class Engine:
             del self._jobs[job.id]
             shutil.rmtree(job.folder, ignore_errors=True)
 
-    def _enforce_cap(self) -> None:
+    def _enforce_cap(self, *, keep: Job) -> None:
+        """Remove the oldest finished results until the folder is under the cap; ``keep`` (the job just finished,
+        or whose downloads were just written) always stays."""
         with self._cond:
-            done = [j for j in self._jobs.values() if j.status == "done" and not j.expired]
-        sizes = {j.id: sum(f.stat().st_size for f in j.folder.glob("*") if f.is_file()) for j in done}
-        total = sum(sizes.values())
-        for job in done[:-1]:  # insertion order = oldest first; the newest result always stays
-            if total <= self.limits.results_cap_bytes:
-                break
-            job.expired = True  # first: a download that checks now gets 410, not a file about to vanish
-            shutil.rmtree(job.folder, ignore_errors=True)
-            total -= sizes[job.id]
-            logger.info("results cap: removed the files of job %s", job.id)
+            done = [j for j in self._jobs.values() if j.status == "done"]
+        with self._cap_lock:
+            done = [j for j in done if not j.expired]
+            sizes = {j.id: sum(f.stat().st_size for f in j.folder.glob("*") if f.is_file()) for j in done}
+            total = sum(sizes.values())
+            for job in done:  # insertion order = oldest first
+                if total <= self.limits.results_cap_bytes:
+                    break
+                if job is keep:
+                    continue
+                job.expired = True  # first: a download that checks now gets 410, not a file about to vanish
+                shutil.rmtree(job.folder, ignore_errors=True)
+                total -= sizes[job.id]
+                logger.info("results cap: removed the files of job %s", job.id)
 
 
 def _summary(mesh: Any) -> dict[str, Any]:

@@ -25,8 +25,6 @@ import numpy as np
 from .engine import (
     INPUT_NAME,
     MAX_SEED,
-    MESH_FORMATS,
-    RESULT_NAME,
     UPLOAD_MESH_SUFFIXES,
     Engine,
     GenerateParams,
@@ -84,24 +82,12 @@ def _wait(job: Any, progress: gr.Progress) -> None:
         raise _error(f"{job.kind} {job.status}: {job.error}")
 
 
-def _downloads(job: Any) -> list[str]:
-    """The result in every download format, written beside ``mesh.glb`` in the job's folder."""
-    from ..geometry.export import export_mesh
-    from ..geometry.mesh_io import MeshError, load_mesh
-
-    glb = job.folder / f"{RESULT_NAME}.glb"
+def _downloads(engine: Engine, job: Any) -> list[str]:
+    """The result in every download format, written beside ``mesh.glb`` in the job's folder (under the cap)."""
     try:
-        mesh = load_mesh(glb)
-    except MeshError:
-        if glb.is_file():
-            raise
-        # a later job's results cap removed it since this one finished
+        return [str(p) for p in engine.write_downloads(job)]
+    except FileNotFoundError:  # a later job's results cap removed it since this one finished
         raise _error(f"job {job.id}: the result was removed (results size cap); run it again") from None
-    out = [str(glb)]
-    for fmt in MESH_FORMATS:
-        if fmt != "glb":
-            out.append(export_mesh(mesh, job.folder / f"{RESULT_NAME}.{fmt}"))
-    return out
 
 
 def _summary(job: Any) -> str:
@@ -130,7 +116,7 @@ def build_app(engine: Engine) -> gr.Blocks:
         except RequestError as err:
             raise _error(err.message) from err
         _wait(job, progress)
-        files = _downloads(job)
+        files = _downloads(engine, job)
         return files[0], files, _summary(job)
 
     def reconstruct(path: str | None, resolution: int,
@@ -143,7 +129,7 @@ def build_app(engine: Engine) -> gr.Blocks:
         except RequestError as err:
             raise _error(err.message) from err
         _wait(job, progress)
-        files = _downloads(job)
+        files = _downloads(engine, job)
         return str(job.folder / f"{INPUT_NAME}.glb"), files[0], files, _summary(job)
 
     with gr.Blocks(title="d3s2: image → 3D", delete_cache=(600, 3600)) as app:

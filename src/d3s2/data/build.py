@@ -2,7 +2,10 @@
 
 Output directory layout::
 
-    OUT/build.json              the build settings; once an asset is written, a re-run with other settings is refused
+    OUT/build.json              the build settings; once an asset is written, or while a build with them runs
+                                (shards started together), a build with other settings is refused
+    OUT/build.json.lock         held while a build checks or writes build.json
+    OUT/build.running.lock      held (shared) by every build running into OUT
     OUT/manifest[.i-of-n].jsonl one JSON line per attempt (per shard when sharded); the latest line wins
     OUT/assets/<name>.npz       one file per finished asset, written atomically (temp file + os.replace)
 
@@ -21,6 +24,7 @@ resumes. Everything is deterministic in the asset name and ``seed``.
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
@@ -33,6 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -287,20 +292,60 @@ def read_manifest(out: str | os.PathLike) -> dict[str, dict]:
     return records
 
 
-def _check_settings(out: Path, config: BuildConfig) -> None:
-    """Write ``config`` as ``build.json``, or check it against the one there: those settings bind once an asset
-    is written; before that (a build stopped at once, or one whose every asset failed) the new ones replace them."""
+@contextmanager
+def _bound_settings(out: Path, config: BuildConfig) -> Iterator[None]:
+    """Write ``config`` as ``build.json``, or check it against the one there, and hold it for the build inside.
+
+    Those settings bind once an asset is written, and while a build with them runs (shards started together into
+    one folder); otherwise (a build stopped at once, or one whose every asset failed) the new ones replace them.
+    Each build holds a shared lock on ``build.running.lock`` while it runs, and checks or writes ``build.json``
+    under an exclusive lock on ``build.json.lock``: of two shards with other settings, exactly one goes on.
+    """
+    import fcntl  # POSIX only: the rest of this module imports on any platform
+
     settings = {"format_version": FORMAT_VERSION, **config.to_json()}
     path = out / "build.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old == settings:
-            return
-        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-        if _has_assets(out):
-            raise ValueError(f"{out} was built with other settings (old, new): {diff}; use another --out")
-        log.info("%s holds no asset yet: its build settings change (old, new): %s", out, diff)
-    atomic_write_text(path, json.dumps(settings, indent=1) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    running = open(out / "build.running.lock", "a")
+    try:
+        with open(out / "build.json.lock", "a") as checking:
+            locked = _lock_if_supported(checking, out)  # released when closed
+            old = json.loads(path.read_text()) if path.exists() else None
+            if old != settings:
+                if old is not None:
+                    diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+                    if _has_assets(out):
+                        raise ValueError(f"{out} was built with other settings (old, new): {diff}; use another --out")
+                    if locked:
+                        try:
+                            fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)  # only if no build runs there now
+                        except BlockingIOError:
+                            raise ValueError(f"another build with other settings is running into {out} (theirs, "
+                                             f"yours): {diff}; wait for it to end, or use its settings or another "
+                                             "--out") from None
+                    log.info("%s holds no asset yet: its build settings change (old, new): %s", out, diff)
+                atomic_write_text(path, json.dumps(settings, indent=1) + "\n")
+            if locked:
+                fcntl.flock(running, fcntl.LOCK_SH)  # under the exclusive check lock: no other build takes it between
+        yield
+    finally:
+        running.close()
+
+
+def _lock_if_supported(file: IO, out: Path) -> bool:
+    """An exclusive lock on ``file``; False, with a warning, on a file system without locks."""
+    import fcntl
+
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX)
+    except OSError as err:
+        # Lustre mounted without -o flock, some FUSE and NFS setups: build as before, without the shard check.
+        if err.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):
+            raise
+        log.warning("%s: this file system has no file locks (%s); shards started together with other settings "
+                    "into it are not detected", out, err)
+        return False
+    return True
 
 
 def _has_assets(out: Path) -> bool:
@@ -345,20 +390,20 @@ def build(assets: Iterable[AssetSource], out: str | os.PathLike, config: BuildCo
     A band narrower than one voxel at some resolution is warned about once, before the first asset.
     """
     out = Path(out)
-    _check_settings(out, config)
-    tmp_tag = f"-s{shard[0]}of{shard[1]}"
-    if (out / "assets").exists():
-        _clean_stale_temps(out, tmp_tag)
-    assets = list(assets)
-    summary = BuildSummary(total=len(assets))
-    todo = [a for a in assets if not asset_path(out, a.name).exists()]
-    summary.skipped = len(assets) - len(todo)
-    if todo:
-        from d3s2.geometry.sdf import warn_narrow_band_at
+    with _bound_settings(out, config):
+        tmp_tag = f"-s{shard[0]}of{shard[1]}"
+        if (out / "assets").exists():
+            _clean_stale_temps(out, tmp_tag)
+        assets = list(assets)
+        summary = BuildSummary(total=len(assets))
+        todo = [a for a in assets if not asset_path(out, a.name).exists()]
+        summary.skipped = len(assets) - len(todo)
+        if todo:
+            from d3s2.geometry.sdf import warn_narrow_band_at
 
-        warn_narrow_band_at(config.band, config.resolutions)  # once here, not once per asset
-    _build_todo(todo, out, config, summary, workers=workers, shard=shard, tmp_tag=tmp_tag, progress=progress)
-    return summary
+            warn_narrow_band_at(config.band, config.resolutions)  # once here, not once per asset
+        _build_todo(todo, out, config, summary, workers=workers, shard=shard, tmp_tag=tmp_tag, progress=progress)
+        return summary
 
 
 def _build_todo(todo: list[AssetSource], out: Path, config: BuildConfig, summary: BuildSummary, *, workers: int,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import inspect
 import logging
 import math
@@ -247,6 +248,15 @@ class StopOnSignal:
 
 
 # --------------------------------------------------------------------------- the trainer
+def _in_own_rng(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A :class:`Trainer` method run with the trainer's RNG streams (:meth:`Trainer._own_rng`)."""
+    @functools.wraps(method)
+    def run_in_own_rng(self: Trainer, *args: Any, **kwargs: Any) -> Any:
+        with self._own_rng():
+            return method(self, *args, **kwargs)
+    return run_in_own_rng
+
+
 class Trainer:
     """Builds the task, model, data and optimizer for this process; :meth:`run` trains.
 
@@ -260,10 +270,25 @@ class Trainer:
         allow_config_change: resume although ``cfg`` differs from the checkpoint's config in keys outside
             :data:`RESUMABLE_CHANGES` (warns, and keeps the earlier config as ``config.prev-<step>.yaml``);
             otherwise such a difference is a :class:`ConfigError`.
+
+    The trainer's RNG streams (python, numpy, torch CPU and CUDA; seeded from ``cfg.seed`` and the rank, or
+    restored from the checkpoint) are its own: they are in the global RNGs only while one of its methods runs
+    (:meth:`run`, :meth:`save_checkpoint`, :meth:`validate`, :meth:`export`), and the caller's states are given
+    back after. Several trainers in one process then train as each would alone.
     """
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, resume: str | Path | None = None,
                  command: Sequence[str] | None = None, allow_config_change: bool = False) -> None:
+        caller_rng = capture_rng_state()
+        self._rng_in_use = False  # the trainer's streams are in the global RNGs (inside _own_rng)
+        try:
+            self._setup(cfg, run_dir, resume=resume, command=command, allow_config_change=allow_config_change)
+        finally:
+            self._rng_state = capture_rng_state()  # seeded (or restored) by _setup
+            restore_rng_state(caller_rng)
+
+    def _setup(self, cfg: TrainConfig, run_dir: str | Path, *, resume: str | Path | None,
+               command: Sequence[str] | None, allow_config_change: bool) -> None:
         self.started = time.monotonic()  # train.max_minutes counts from here (setup included)
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -358,6 +383,23 @@ class Trainer:
                      "device": str(info.device), "resumed_from": str(resume_path) if resume_path else None}
             write_run_record(self.run_dir, cfg, command=list(command) if command is not None else sys.argv,
                              seed=cfg.seed, extra=extra)
+
+    @contextlib.contextmanager
+    def _own_rng(self) -> Iterator[None]:
+        """The trainer's RNG streams in the global RNGs for the block (already there when nested); the caller's
+        states come back after."""
+        if self._rng_in_use:
+            yield
+            return
+        caller_rng = capture_rng_state()
+        restore_rng_state(self._rng_state)
+        self._rng_in_use = True
+        try:
+            yield
+        finally:
+            self._rng_in_use = False
+            self._rng_state = capture_rng_state()
+            restore_rng_state(caller_rng)
 
     # ------------------------------------------------------------------ setup helpers
     def _resume_path(self, resume: str | Path | None) -> Path | None:
@@ -491,6 +533,7 @@ class Trainer:
             epoch, start = epoch + 1, 0
 
     # ------------------------------------------------------------------ checkpoints
+    @_in_own_rng
     def save_checkpoint(self) -> Path | None:
         """Write ``checkpoints/step_NNNNNNNN.pt`` (collective: call on every rank; rank 0 writes)."""
         model_state, optim_state = D.full_state_dicts(self.model, self.optimizer)
@@ -553,6 +596,7 @@ class Trainer:
         return state["rng"][self.info.rank]
 
     # ------------------------------------------------------------------ validation and export
+    @_in_own_rng
     def validate(self) -> dict[str, float]:
         """Run ``task.validate`` on every rank (EMA weights when configured); returns rank-averaged metrics."""
         if not has_validate(self.task) or self.val_set is None or len(self.val_set) == 0:
@@ -581,6 +625,7 @@ class Trainer:
         self.logger.log(self.step, metrics, split="val")
         return metrics
 
+    @_in_own_rng
     def export(self) -> Path | None:
         """Call ``task.export`` on rank 0 with a fresh CPU model holding the final (EMA) weights."""
         export = getattr(self.task, "export", None)
@@ -592,10 +637,11 @@ class Trainer:
             return None
         if ema_state is not None and self.cfg.ema.validate_with_ema:
             model_state = {**model_state, **ema_state["params"]}
-        fresh = self.task.build_model()
-        fresh.load_state_dict(model_state)
         path = self.run_dir / "export"
-        export(fresh.eval(), path)
+        with preserved_rng():  # the fresh model's initialisation draws: the training streams stay as they were
+            fresh = self.task.build_model()
+            fresh.load_state_dict(model_state)
+            export(fresh.eval(), path)
         log.info("exported final weights to %s", path)
         return path
 
@@ -622,6 +668,7 @@ class Trainer:
             grad_norm = grad_norm.full_tensor()
         return sums, grad_norm
 
+    @_in_own_rng
     def run(self, *, stop_after: int | None = None) -> dict[str, float]:
         """Train to ``train.max_steps`` (or until ``train.max_minutes`` have passed since the trainer was built);
         returns the last logged training metrics. A time-limited run ends like a finished one: final checkpoint,
