@@ -191,6 +191,16 @@ def test_a_file_system_without_locks_builds_without_the_shard_check(tmp_path, mo
     assert any("no file locks" in r.getMessage() for r in caplog.records)
 
 
+def test_a_platform_without_fcntl_builds_without_the_shard_check(tmp_path, monkeypatch, caplog):
+    import sys
+
+    mine, _ = _two_shards(tmp_path)
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # `import fcntl` raises ImportError, as on Windows
+    with caplog.at_level(logging.WARNING):
+        assert build(mine, tmp_path / "out", CONFIG, progress=False).built == 1
+    assert any("no fcntl" in r.getMessage() for r in caplog.records)
+
+
 def test_deterministic(built, tmp_path):
     sources = select(resolve_sources(["0ad"], corpus_path=str(TINY)), subset=2)
     build(sources, tmp_path, CONFIG, progress=False)

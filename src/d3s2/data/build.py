@@ -301,8 +301,6 @@ def _bound_settings(out: Path, config: BuildConfig) -> Iterator[None]:
     Each build holds a shared lock on ``build.running.lock`` while it runs, and checks or writes ``build.json``
     under an exclusive lock on ``build.json.lock``: of two shards with other settings, exactly one goes on.
     """
-    import fcntl  # POSIX only: the rest of this module imports on any platform
-
     settings = {"format_version": FORMAT_VERSION, **config.to_json()}
     path = out / "build.json"
     out.mkdir(parents=True, exist_ok=True)
@@ -317,6 +315,8 @@ def _bound_settings(out: Path, config: BuildConfig) -> Iterator[None]:
                     if _has_assets(out):
                         raise ValueError(f"{out} was built with other settings (old, new): {diff}; use another --out")
                     if locked:
+                        import fcntl  # POSIX only; ``locked`` is False where it is missing
+
                         try:
                             fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)  # only if no build runs there now
                         except BlockingIOError:
@@ -326,6 +326,8 @@ def _bound_settings(out: Path, config: BuildConfig) -> Iterator[None]:
                     log.info("%s holds no asset yet: its build settings change (old, new): %s", out, diff)
                 atomic_write_text(path, json.dumps(settings, indent=1) + "\n")
             if locked:
+                import fcntl
+
                 fcntl.flock(running, fcntl.LOCK_SH)  # under the exclusive check lock: no other build takes it between
         yield
     finally:
@@ -333,9 +335,13 @@ def _bound_settings(out: Path, config: BuildConfig) -> Iterator[None]:
 
 
 def _lock_if_supported(file: IO, out: Path) -> bool:
-    """An exclusive lock on ``file``; False, with a warning, on a file system without locks."""
-    import fcntl
-
+    """An exclusive lock on ``file``; False, with a warning, on a file system or platform without file locks."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX (Windows): build as before, without the shard check
+        log.warning("no fcntl on this platform: shards started together with other settings into %s are not "
+                    "detected", out)
+        return False
     try:
         fcntl.flock(file, fcntl.LOCK_EX)
     except OSError as err:
