@@ -22,17 +22,29 @@ def _rows(run_dir: Path, split: str) -> list[dict]:
     return [r for r in rows if r["split"] == split]
 
 
-def test_two_processes_match_one(tmp_path, tiny_cfg):
-    data = _merge(TINY, {"train": {"max_steps": 3, "val_every": 3}, "data": {"micro_batches_per_step": 2}})
-    (tmp_path / "cfg.json").write_text(json.dumps(data))
+def _torchrun(worker: str, *args: str, timeout: float = 300) -> str:
+    """Run ``worker`` (a script beside this file) with ``args`` in two processes under torchrun; returns its stdout."""
     src = str(Path(d3s2.__file__).resolve().parents[1])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                            "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([src, env.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(Path(__file__).with_name("ddp_worker.py")), str(tmp_path / "cfg.json"), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+           str(Path(__file__).with_name(worker)), *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun stops its workers (each in a session of its own, out of reach of killpg)
+        out, err = proc.communicate(timeout=60)
+        pytest.fail(f"{worker} {' '.join(args)} hung for {timeout} s: {out[-3000:]}{err[-3000:]}")
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    return out
+
+
+def test_two_processes_match_one(tmp_path, tiny_cfg):
+    data = _merge(TINY, {"train": {"max_steps": 3, "val_every": 3}, "data": {"micro_batches_per_step": 2}})
+    (tmp_path / "cfg.json").write_text(json.dumps(data))
+    _torchrun("ddp_worker.py", str(tmp_path / "cfg.json"), str(tmp_path))
 
     single = Trainer(tiny_cfg(train={"max_steps": 3, "val_every": 3}, data={"micro_batches_per_step": 2}),
                      tmp_path / "one")
@@ -56,3 +68,9 @@ def test_two_processes_match_one(tmp_path, tiny_cfg):
         assert (tmp_path / mode / "checkpoints" / "step_00000003.pt").is_file()
         assert (tmp_path / mode / "export" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "ddp" / "run.json").read_text())["world_size"] == 2
+
+
+def test_a_process_joins_the_process_group_again_after_leaving_it():
+    # As a process that trains one run after another does: each Trainer joins the group, close() leaves it.
+    out = _torchrun("rejoin_worker.py", "20", timeout=60)
+    assert sorted(out.splitlines()) == [f"rank {r}: joined and left 20 times" for r in (0, 1)]
