@@ -1,4 +1,5 @@
-"""Two processes under torchrun (gloo, CPU) train like one process with the same global batch."""
+"""Two processes under torchrun (gloo, CPU) train like one process with the same global batch, and with
+``train.deterministic`` train bit-identically twice and after a resume."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import pytest
 import torch
 
 import d3s2
+from d3s2.train.checkpoint import CheckpointDir
 from d3s2.train.trainer import Trainer
 
+from ._runs import assert_same_state, train_rows
 from .conftest import TINY, _merge
 
 
@@ -68,6 +71,50 @@ def test_two_processes_match_one(tmp_path, tiny_cfg):
         assert (tmp_path / mode / "checkpoints" / "step_00000003.pt").is_file()
         assert (tmp_path / mode / "export" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "ddp" / "run.json").read_text())["world_size"] == 2
+
+
+def _draws(run_dir: Path, kind: str, rank: int) -> list[dict]:
+    return json.loads((run_dir / f"draws_{kind}_rank{rank}.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_processes_train_deterministically_and_resume_exactly(tmp_path):
+    # 2 steps per epoch, 2 micro-batches per rank per step (accumulated), a DataLoader worker per rank, a loss that
+    # draws from torch's, numpy's and python's RNGs: the step-3 checkpoint is inside an epoch and a log window.
+    data = _merge(TINY, {"task": {"name": "noisy_toy", "args": {"num_train": 24}},
+                         "train": {"max_steps": 6, "ckpt_every": 3, "log_every": 2, "keep_last": 3,
+                                   "deterministic": True},
+                         "data": {"micro_batches_per_step": 4, "num_workers": 1}})
+    (tmp_path / "cfg.json").write_text(json.dumps(data))
+    modes = ("ddp", "fsdp")
+
+    def runs(*names: str) -> None:
+        _torchrun("ddp_resume_worker.py", str(tmp_path / "cfg.json"), str(tmp_path),
+                  *(f"{mode}/{name}" for mode in modes for name in names))
+    runs("a")
+    runs("b", "killed:stop=5")  # dies after step 5; step 3 is its last checkpoint
+    runs("killed:resume")  # new processes: every RNG stream and DataLoader worker starts anew
+
+    for mode in modes:
+        a, b, killed = tmp_path / mode / "a", tmp_path / mode / "b", tmp_path / mode / "killed"
+        ckpt = CheckpointDir.load(killed / "checkpoints" / "step_00000003.pt")
+        assert ckpt["world_size"] == 2 and ckpt["data"] == {"epoch": 1, "step_in_epoch": 1}
+        assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # each rank has its own streams
+        for rank in (0, 1):
+            full = _draws(a, "first", rank)
+            assert len(full) == 6 * 2 and _draws(b, "first", rank) == full, f"{mode} rank {rank}"
+            assert _draws(killed, "first", rank) == full[: 5 * 2], f"{mode} rank {rank}"
+            # Steps 4 to 6 again: this rank's micro-batches and noise continue where its step 3 left them.
+            assert _draws(killed, "resumed", rank) == full[3 * 2:], f"{mode} rank {rank}"
+        assert _draws(a, "first", 0) != _draws(a, "first", 1)  # the ranks trained on different data and noise
+
+        want = train_rows(a)
+        assert sorted(want) == [2, 4, 6] and want[6]["epoch"] == 2, json.dumps(want)
+        assert train_rows(b) == want, mode
+        assert train_rows(killed) == want, mode  # row 4 sums step 3 (before the kill) and step 4 (resumed)
+        for other in (b, killed):
+            for step in (3, 6):
+                assert_same_state(*(run / "checkpoints" / f"step_{step:08d}.pt" for run in (a, other)))
 
 
 def test_a_process_joins_the_process_group_again_after_leaving_it():
