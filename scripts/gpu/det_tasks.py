@@ -1,4 +1,5 @@
-"""Every training task trained twice and once resumed with ``train.deterministic=true`` on one device, compared.
+"""Every training task trained twice and once resumed with ``train.deterministic=true`` on one device, or on
+``--nproc N`` devices under torchrun (DDP: NCCL on CUDA, gloo on the CPU), compared.
 
 Driven by ``scripts/gpu/det_tasks.sh`` (one phase per process, so the two runs compared come from two processes)::
 
@@ -9,14 +10,27 @@ Driven by ``scripts/gpu/det_tasks.sh`` (one phase per process, so the two runs c
                                                     # checkpoint (ROOT/runs/<task>/resumed)
     python3 scripts/gpu/det_tasks.py compare ROOT   # PASS / FAIL per task, with the compared losses
 
-Environment: ``DEVICE`` (``cuda``, or ``cpu`` to try the script without a GPU), ``STEPS`` (6, even). Each run is
-``d3s2 train`` (in-process ``d3s2.cli.main``) from the task's tiny debug config, with 2 DataLoader workers, every
-step logged, no validation. A failed run (e.g. an op without a deterministic CUDA kernel raising) is recorded in
-``ROOT/runs/<task>/<run>.error`` and reported by ``compare``.
+With ``--nproc N`` (train and compare; e.g. 2 on nvidia-h200-x2) a train phase starts itself again under
+``torchrun --standalone --nproc_per_node N`` (in place of this process, so a time limit's SIGTERM reaches torchrun,
+which stops its ranks). Every task then trains with N times its config's micro-batches per step, each of at most
+4/N items (the tiny sets have 4: each rank gets micro-batches of its own; N <= 4), and compare also checks that the
+checkpoints were written by N processes and compares each rank's RNG states and log window: the resumed run must
+restore every rank's data position and RNG streams. A smoke run on the CPU (gloo; 36 s on 2 shared cores)::
+
+    DEVICE=cpu NPROC=2 bash scripts/gpu/det_tasks.sh
+
+Environment: ``DEVICE`` (``cuda``, or ``cpu`` to try the script without a GPU), ``STEPS`` (6, even), ``TASKS``
+(some of ``toy dense_vae dit_dense vae dit_sparse``, run in that order; default all; dit_dense needs dense_vae's
+run a). Each run is ``d3s2 train`` (in-process ``d3s2.cli.main``) from the task's tiny debug config, with 2
+DataLoader workers (per rank), every step logged, no validation. A failed run (e.g. an op without a deterministic
+CUDA kernel raising) is recorded in ``ROOT/runs/<task>/<run>.error`` (``<run>.rank<r>.error`` under torchrun) and
+reported by ``compare``. Under torchrun a rank that fails alone leaves the other waiting in a collective: the phase
+then ends at the caller's time limit, and the tasks left are reported as not run.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -30,7 +44,11 @@ REPO = Path(__file__).resolve().parents[2]
 DEVICE = os.environ.get("DEVICE", "cuda")
 STEPS = int(os.environ.get("STEPS", "6"))
 # dense_vae before dit_dense: its run "a" export is the frozen encoder of every dit_dense run.
-TASKS = ["toy", "dense_vae", "dit_dense", "vae", "dit_sparse"]
+ALL_TASKS = ["toy", "dense_vae", "dit_dense", "vae", "dit_sparse"]
+REQUESTED = os.environ.get("TASKS", " ".join(ALL_TASKS)).split()
+TASKS = [task for task in ALL_TASKS if task in REQUESTED]
+RANK = int(os.environ.get("RANK", "0"))  # set by torchrun
+TINY_ITEMS = 4  # shapes in tests/assets/0ad_tiny.npz: the training items of every task but toy
 TIMINGS = ("tokens_per_s", "step_time_s", "mem_peak_gib")  # not the same twice by nature
 
 
@@ -48,8 +66,10 @@ def make_data(root: Path) -> None:
     print(f"data {data}, random SS-VAE {vae}, latents {latents}")
 
 
-def train_args(task: str, root: Path) -> list[str]:
-    """``d3s2 train`` arguments of ``task`` (without ``--out``)."""
+def train_args(task: str, root: Path, nproc: int) -> list[str]:
+    """``d3s2 train`` arguments of ``task`` (without ``--out``) for ``nproc`` processes."""
+    from d3s2.config import load_yaml
+
     cfg = _configs()
     data, latents = root / "data", root / "latents"
     if task == "toy":
@@ -64,16 +84,21 @@ def train_args(task: str, root: Path) -> list[str]:
         config = cfg / f"tiny_{task}_train.yaml"
         extra = [f"--task.args.model_config={cfg / f'{model}.yaml'}",
                  *(f"--task.args.{key}={value}" for key, value in paths.items())]
+    if nproc > 1:
+        # The tiny sets pack into one or two micro-batches per epoch at the configs' sizes, too few for N ranks.
+        micro_batches = (load_yaml(config).get("data") or {}).get("micro_batches_per_step", 1)
+        extra += [f"--data.micro_batches_per_step={micro_batches * nproc}",
+                  f"--data.max_batch_size={max(TINY_ITEMS // nproc, 1)}"]
     return ["train", task, "--config", str(config), *extra, f"--train.max_steps={STEPS}",
             f"--train.ckpt_every={STEPS // 2}", "--train.keep_last=3", "--train.log_every=1", "--train.val_every=0",
             "--train.progress=false", "--train.deterministic=true", f"--train.device={DEVICE}",
             "--data.num_workers=2"]
 
 
-def _train(args: list[str], run: Path) -> None:
+def _train(args: list[str], run: Path, nproc: int) -> None:
     from d3s2.cli import main
 
-    error = run.with_suffix(".error")
+    error = run.with_suffix(f".rank{RANK}.error" if nproc > 1 else ".error")
     error.unlink(missing_ok=True)
     try:
         rc = main([*args, "--out", str(run)])
@@ -83,20 +108,29 @@ def _train(args: list[str], run: Path) -> None:
     else:
         if rc != 0:
             error.write_text(f"d3s2 train exited with {rc} (its log above)\n")
-    print(f"{run}: {'ok' if not error.exists() else 'FAILED, see ' + str(error)}", flush=True)
+    rank = f" (rank {RANK})" if nproc > 1 else ""
+    print(f"{run}{rank}: {'ok' if not error.exists() else 'FAILED, see ' + str(error)}", flush=True)
     if rc is not None and rc > 128:  # stopped by a signal (the caller's time limit): leave the other runs
         raise SystemExit(rc)
 
 
-def train(root: Path, phase: str) -> None:
+def train(root: Path, phase: str, nproc: int) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if nproc > 1 and world == 1:
+        # torchrun in place of this process: a time limit's SIGTERM reaches it, and it stops the ranks.
+        # Without --nproc, which torchrun's own parser would take for its --nproc-per-node: each rank reads WORLD_SIZE.
+        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  f"--nproc_per_node={nproc}", __file__, "train", str(root), phase])
+    if world != nproc:
+        raise SystemExit(f"--nproc {nproc}, but this process is one of {world} (WORLD_SIZE)")
     for task in TASKS:
         runs = root / "runs" / task
         runs.mkdir(parents=True, exist_ok=True)
-        args = train_args(task, root)
-        _train(args, runs / phase)
+        args = train_args(task, root, nproc)
+        _train(args, runs / phase, nproc)
         if phase == "b":
             ckpt = runs / "a" / "checkpoints" / f"step_{STEPS // 2:08d}.pt"
-            _train([*args, "--resume", str(ckpt)], runs / "resumed")
+            _train([*args, "--resume", str(ckpt)], runs / "resumed", nproc)
 
 
 def _rows(run: Path) -> dict[int, dict]:
@@ -127,7 +161,10 @@ def _differences(a, b, path: str = "") -> list[str]:
 
 def _state(run: Path) -> dict:
     ckpt = torch.load(run / "checkpoints" / f"step_{STEPS:08d}.pt", map_location="cpu", weights_only=False)
-    return {k: ckpt[k] for k in ("model", "ema", "optimizer", "scheduler", "data", "rng")}
+    state = {k: ckpt[k] for k in ("model", "ema", "optimizer", "scheduler", "data", "rng", "world_size")}
+    # Each rank's open log window and skipped-step counts, without the window's elapsed seconds (a timing).
+    state["log"] = [{k: v for k, v in rank.items() if k != "seconds"} for rank in ckpt["log"]]
+    return state
 
 
 def _row_diff(row: dict, other: dict | None) -> str:
@@ -146,15 +183,16 @@ def _run_failures(runs: Path) -> list[str]:
     """Each run of a task that failed or left no log, with the last line of its error."""
     out = []
     for name in ("a", "b", "resumed"):
-        error = runs / f"{name}.error"
-        if error.exists():
-            out.append(f"run {name}: {error.read_text().strip().splitlines()[-1]}")
+        errors = sorted(runs.glob(f"{name}.error")) + sorted(runs.glob(f"{name}.rank*.error"))
+        if errors:
+            out += [f"run {name} ({e.stem.partition('.')[2] or 'its process'}): "
+                    f"{e.read_text().strip().splitlines()[-1]}" for e in errors]
         elif not (runs / name / "train_log.jsonl").exists():
             out.append(f"run {name}: no train_log.jsonl (not run: out of time?)")
     return out
 
 
-def compare(root: Path) -> int:
+def compare(root: Path, nproc: int) -> int:
     failed = 0
     half, steps = STEPS // 2, range(1, STEPS + 1)
     for task in TASKS:
@@ -171,6 +209,8 @@ def compare(root: Path) -> int:
         problems += [f"resumed differs at step {s}: {_row_diff(a[s], resumed.get(s))}"
                      for s in a if s > half and resumed.get(s) != a[s]][:2]
         state_a = _state(runs / "a")
+        if state_a["world_size"] != nproc:
+            problems.append(f"run a's checkpoint was written by {state_a['world_size']} processes, expected {nproc}")
         for name in ("b", "resumed"):
             diffs = _differences(state_a, _state(runs / name))
             if diffs:
@@ -182,28 +222,40 @@ def compare(root: Path) -> int:
             print(f"    {problem}")
         if not problems:
             rng = "RNG states (CUDA's too)" if DEVICE.startswith("cuda") else "RNG states"
+            ranks = f" of each of the {nproc} ranks" if nproc > 1 else ""
             print(f"    logged rows identical (loss terms, grad_norm, lr, epoch); step-{STEPS} weights, EMA, AdamW "
-                  f"state, scheduler, data position and {rng} identical")
+                  f"state, scheduler, data position, {rng} and log window{ranks} identical")
         failed += bool(problems)
-    print(f"{len(TASKS) - failed}/{len(TASKS)} tasks deterministic and resume-exact on {DEVICE}")
+    where = f"{nproc} processes on {DEVICE} (torchrun)" if nproc > 1 else DEVICE
+    print(f"{len(TASKS) - failed}/{len(TASKS)} tasks deterministic and resume-exact on {where}")
     return 1 if failed else 0
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 2 or argv[0] not in ("data", "train", "compare") or (argv[0] == "train" and len(argv) != 3):
-        print(__doc__)
-        return 2
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["data", "train", "compare"])
+    parser.add_argument("root", type=Path, help="holds the data (data) and the runs (train, compare)")
+    parser.add_argument("phase", nargs="?", choices=["a", "b"], help="train only: the first runs, or the second "
+                        "runs and the resumed ones")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="processes per run (train, compare; default 1, or WORLD_SIZE under torchrun)")
+    args = parser.parse_args(argv)
+    if (args.command == "train") != (args.phase is not None):
+        parser.error("a phase (a or b) goes with train, and only with train")
+    nproc = args.nproc if args.nproc is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if nproc < 1:
+        parser.error(f"--nproc must be >= 1, got {nproc}")
     if STEPS < 2 or STEPS % 2:
         raise SystemExit(f"STEPS must be even and >= 2, got {STEPS}")
-    root = Path(argv[1])
-    if argv[0] == "data":
-        make_data(root)
-    elif argv[0] == "train":
-        if argv[2] not in ("a", "b"):
-            raise SystemExit(f"expected phase a or b, got {argv[2]!r}")
-        train(root, argv[2])
+    unknown = sorted(set(REQUESTED) - set(ALL_TASKS))
+    if unknown:
+        raise SystemExit(f"TASKS: unknown {unknown}; expected some of {' '.join(ALL_TASKS)}")
+    if args.command == "data":
+        make_data(args.root)
+    elif args.command == "train":
+        train(args.root, args.phase, nproc)
     else:
-        return compare(root)
+        return compare(args.root, nproc)
     return 0
 
 

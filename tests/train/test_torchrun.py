@@ -1,4 +1,5 @@
-"""Two processes under torchrun (gloo, CPU) train like one process with the same global batch."""
+"""Two processes under torchrun (gloo, CPU) train like one process with the same global batch, and with
+``train.deterministic`` train bit-identically twice and after a resume."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import pytest
 import torch
 
 import d3s2
+from d3s2.train.checkpoint import CheckpointDir
 from d3s2.train.trainer import Trainer
 
+from ._runs import assert_same_state, train_rows
 from .conftest import TINY, _merge
 
 
@@ -22,17 +25,29 @@ def _rows(run_dir: Path, split: str) -> list[dict]:
     return [r for r in rows if r["split"] == split]
 
 
-def test_two_processes_match_one(tmp_path, tiny_cfg):
-    data = _merge(TINY, {"train": {"max_steps": 3, "val_every": 3}, "data": {"micro_batches_per_step": 2}})
-    (tmp_path / "cfg.json").write_text(json.dumps(data))
+def _torchrun(worker: str, *args: str, timeout: float = 300) -> str:
+    """Run ``worker`` (a script beside this file) with ``args`` in two processes under torchrun; returns its stdout."""
     src = str(Path(d3s2.__file__).resolve().parents[1])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                            "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([src, env.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(Path(__file__).with_name("ddp_worker.py")), str(tmp_path / "cfg.json"), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+           str(Path(__file__).with_name(worker)), *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun stops its workers (each in a session of its own, out of reach of killpg)
+        out, err = proc.communicate(timeout=60)
+        pytest.fail(f"{worker} {' '.join(args)} hung for {timeout} s: {out[-3000:]}{err[-3000:]}")
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    return out
+
+
+def test_two_processes_match_one(tmp_path, tiny_cfg):
+    data = _merge(TINY, {"train": {"max_steps": 3, "val_every": 3}, "data": {"micro_batches_per_step": 2}})
+    (tmp_path / "cfg.json").write_text(json.dumps(data))
+    _torchrun("ddp_worker.py", str(tmp_path / "cfg.json"), str(tmp_path))
 
     single = Trainer(tiny_cfg(train={"max_steps": 3, "val_every": 3}, data={"micro_batches_per_step": 2}),
                      tmp_path / "one")
@@ -56,3 +71,53 @@ def test_two_processes_match_one(tmp_path, tiny_cfg):
         assert (tmp_path / mode / "checkpoints" / "step_00000003.pt").is_file()
         assert (tmp_path / mode / "export" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "ddp" / "run.json").read_text())["world_size"] == 2
+
+
+def _draws(run_dir: Path, kind: str, rank: int) -> list[dict]:
+    return json.loads((run_dir / f"draws_{kind}_rank{rank}.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_processes_train_deterministically_and_resume_exactly(tmp_path):
+    # 2 steps per epoch, 2 micro-batches per rank per step (accumulated), a DataLoader worker per rank, a loss that
+    # draws from torch's, numpy's and python's RNGs: the step-3 checkpoint is inside an epoch and a log window.
+    data = _merge(TINY, {"task": {"name": "noisy_toy", "args": {"num_train": 24}},
+                         "train": {"max_steps": 6, "ckpt_every": 3, "log_every": 2, "keep_last": 3,
+                                   "deterministic": True},
+                         "data": {"micro_batches_per_step": 4, "num_workers": 1}})
+    (tmp_path / "cfg.json").write_text(json.dumps(data))
+    modes = ("ddp", "fsdp")
+
+    def runs(*names: str) -> None:
+        _torchrun("ddp_resume_worker.py", str(tmp_path / "cfg.json"), str(tmp_path),
+                  *(f"{mode}/{name}" for mode in modes for name in names))
+    runs("a")
+    runs("b", "killed:stop=5")  # dies after step 5; step 3 is its last checkpoint
+    runs("killed:resume")  # new processes: every RNG stream and DataLoader worker starts anew
+
+    for mode in modes:
+        a, b, killed = tmp_path / mode / "a", tmp_path / mode / "b", tmp_path / mode / "killed"
+        ckpt = CheckpointDir.load(killed / "checkpoints" / "step_00000003.pt")
+        assert ckpt["world_size"] == 2 and ckpt["data"] == {"epoch": 1, "step_in_epoch": 1}
+        assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # each rank has its own streams
+        for rank in (0, 1):
+            full = _draws(a, "first", rank)
+            assert len(full) == 6 * 2 and _draws(b, "first", rank) == full, f"{mode} rank {rank}"
+            assert _draws(killed, "first", rank) == full[: 5 * 2], f"{mode} rank {rank}"
+            # Steps 4 to 6 again: this rank's micro-batches and noise continue where its step 3 left them.
+            assert _draws(killed, "resumed", rank) == full[3 * 2:], f"{mode} rank {rank}"
+        assert _draws(a, "first", 0) != _draws(a, "first", 1)  # the ranks trained on different data and noise
+
+        want = train_rows(a)
+        assert sorted(want) == [2, 4, 6] and want[6]["epoch"] == 2, json.dumps(want)
+        assert train_rows(b) == want, mode
+        assert train_rows(killed) == want, mode  # row 4 sums step 3 (before the kill) and step 4 (resumed)
+        for other in (b, killed):
+            for step in (3, 6):
+                assert_same_state(*(run / "checkpoints" / f"step_{step:08d}.pt" for run in (a, other)))
+
+
+def test_a_process_joins_the_process_group_again_after_leaving_it():
+    # As a process that trains one run after another does: each Trainer joins the group, close() leaves it.
+    out = _torchrun("rejoin_worker.py", "20", timeout=60)
+    assert sorted(out.splitlines()) == [f"rank {r}: joined and left 20 times" for r in (0, 1)]

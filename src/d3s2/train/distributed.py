@@ -12,6 +12,7 @@ import contextvars
 import datetime
 import fnmatch
 import functools
+import itertools
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -46,6 +47,10 @@ class DistInfo:
         return self.world_size > 1
 
 
+# Process groups this process has joined: every rank joins as often (the same program), so the counts agree.
+_groups_joined = itertools.count()
+
+
 def init_distributed(device: Literal["auto", "cpu", "cuda"] = "auto") -> DistInfo:
     """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK, pick the device and join the process group if W > 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -64,7 +69,13 @@ def init_distributed(device: Literal["auto", "cpu", "cuda"] = "auto") -> DistInf
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(minutes=30)}
+        timeout = datetime.timedelta(minutes=30)
+        store, rank, world = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+        # torchrun's store outlives a group: a group joined again under the default prefix would find the previous
+        # group's keys (gloo addresses, NCCL ids) and connect to a socket that is gone. Each group gets its own.
+        store = dist.PrefixStore(f"d3s2_group_{next(_groups_joined)}", store)
+        kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout, "store": store, "rank": rank,
+                                  "world_size": world}
         if dev.type == "cuda":
             kwargs["device_id"] = dev  # binds NCCL to this GPU up front (no guessing at the first collective)
         dist.init_process_group(**kwargs)
