@@ -48,3 +48,15 @@ def test_rng_state_round_trip():
     ck.restore_rng_state(state)
     second = (random.random(), np.random.rand(), torch.rand(2))
     assert first[0] == second[0] and first[1] == second[1] and torch.equal(first[2], second[2])
+
+
+def test_cuda_rng_states_of_more_gpus_than_this_machine_has_restore_those_it_has(monkeypatch):
+    """A checkpoint written where 4 GPUs were visible resumes on a 2-GPU machine (a rank only uses its own)."""
+    restored = []
+    monkeypatch.setattr(ck.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ck.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(ck.torch.cuda, "set_rng_state", lambda s, device: restored.append((device, int(s[0]))))
+    state = ck.capture_rng_state()
+    state["cuda"] = [torch.full((8,), i, dtype=torch.uint8) for i in range(4)]
+    ck.restore_rng_state(state)
+    assert restored == [(0, 0), (1, 1)]
