@@ -355,32 +355,21 @@ def main() -> None:
 
 def compile_only() -> None:
     """Compile for sm_90 on a CPU box (Triton 3.6) and print registers, spills, shared memory."""
-    from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from sm90_compile import report
+    from sm90_compile import compile_sm90, report
 
     k_layout = gl.NVMMASharedLayout.get_default_for([BC.value, 32], gl.bfloat16)
     v_layout = gl.NVMMASharedLayout.get_default_for([BC.value, 32], gl.float16)
     kd = f"tensordesc<bf16[{BC.value}, 32],{k_layout!r}>"
     vd = f"tensordesc<fp16[{BC.value}, 32],{v_layout!r}>"
-    fn = fused_cmp_kernel
-    names = list(fn.arg_names)
     types = {"Q": "*bf16", "k_desc": kd, "v_desc": vd, "O": "*bf16", "LSE": "*fp32", "SCORES": "*fp16",
              "PROG_TOK": "*i32", "PROG_B": "*i32", "CU_SEQ": "*i32", "CU_CMP": "*i32", "KMAX": "*fp32",
              "stride_sn": "i32", "stride_sh": "i32", "qk_scale": "fp32", "flags": "i32"}
     for wregs in (128, 112):
-        consts = {"HQ": 32, "HKV": 2, "WREGS": wregs}
-        signature, constexprs = {}, {}
-        for i, name in enumerate(names):
-            if name in consts:
-                signature[name] = "constexpr"
-                constexprs[(i,)] = consts[name]
-            else:
-                signature[name] = types[name]
-        src = GluonASTSource(fn, signature, constexprs, {})
-        c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": 128})
+        c = compile_sm90(fused_cmp_kernel, types, {"HQ": 32, "HKV": 2, "WREGS": wregs}, source=GluonASTSource,
+                         num_warps=4, maxnreg=128)
         print(wregs, report(c)["res"], "shared", c.metadata.shared)
 
 

@@ -27,8 +27,9 @@ from triton.compiler import ASTSource
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")  # cuobjdump, nvdisasm shipped with Triton
 
 
-def compile_sm90(fn, types: dict, consts: dict, div16=(), **options):
-    """``triton.compile`` of jit function ``fn`` for sm_90; options as a launch's (num_warps, num_stages, maxnreg)."""
+def compile_sm90(fn, types: dict, consts: dict, div16=(), source=ASTSource, **options):
+    """``triton.compile`` of jit function ``fn`` for sm_90; options as a launch's (num_warps, num_stages, maxnreg);
+    ``source`` ``GluonASTSource`` for a Gluon kernel."""
     names = list(inspect.signature(fn.fn).parameters)
     signature, constexprs = {}, {}
     for i, name in enumerate(names):
@@ -38,7 +39,7 @@ def compile_sm90(fn, types: dict, consts: dict, div16=(), **options):
         else:
             signature[name] = types[name]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
-    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+    return triton.compile(source(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": 4, "num_stages": 3, **options})
 
 
