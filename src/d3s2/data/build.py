@@ -41,6 +41,11 @@ from typing import IO
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): builds go on without the shard check (``_lock_if_supported``)
+    fcntl = None
+
 from ..fileio import atomic_write_text
 from ..progress import CountProgress
 
@@ -315,8 +320,6 @@ def _bound_settings(out: Path, config: BuildConfig) -> Iterator[None]:
                     if _has_assets(out):
                         raise ValueError(f"{out} was built with other settings (old, new): {diff}; use another --out")
                     if locked:
-                        import fcntl  # POSIX only; ``locked`` is False where it is missing
-
                         try:
                             fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)  # only if no build runs there now
                         except BlockingIOError:
@@ -326,8 +329,6 @@ def _bound_settings(out: Path, config: BuildConfig) -> Iterator[None]:
                     log.info("%s holds no asset yet: its build settings change (old, new): %s", out, diff)
                 atomic_write_text(path, json.dumps(settings, indent=1) + "\n")
             if locked:
-                import fcntl
-
                 fcntl.flock(running, fcntl.LOCK_SH)  # under the exclusive check lock: no other build takes it between
         yield
     finally:
@@ -336,9 +337,7 @@ def _bound_settings(out: Path, config: BuildConfig) -> Iterator[None]:
 
 def _lock_if_supported(file: IO, out: Path) -> bool:
     """An exclusive lock on ``file``; False, with a warning, on a file system or platform without file locks."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX (Windows): build as before, without the shard check
+    if fcntl is None:  # not POSIX (Windows): build as before, without the shard check
         log.warning("no fcntl on this platform: shards started together with other settings into %s are not "
                     "detected", out)
         return False
