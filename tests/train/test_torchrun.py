@@ -1,5 +1,5 @@
 """Two processes under torchrun (gloo, CPU) train like one process with the same global batch, and with
-``train.deterministic`` train bit-identically twice and after a resume."""
+``train.deterministic`` three train bit-identically twice and after a resume."""
 
 from __future__ import annotations
 
@@ -25,13 +25,14 @@ def _rows(run_dir: Path, split: str) -> list[dict]:
     return [r for r in rows if r["split"] == split]
 
 
-def _torchrun(worker: str, *args: str, timeout: float = 300) -> str:
-    """Run ``worker`` (a script beside this file) with ``args`` in two processes under torchrun; returns its stdout."""
+def _torchrun(worker: str, *args: str, nproc: int = 2, timeout: float = 300) -> str:
+    """Run ``worker`` (a script beside this file) with ``args`` in ``nproc`` processes under torchrun; returns its
+    stdout."""
     src = str(Path(d3s2.__file__).resolve().parents[1])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                            "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([src, env.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(Path(__file__).with_name(worker)), *args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -78,19 +79,22 @@ def _draws(run_dir: Path, kind: str, rank: int) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_two_processes_train_deterministically_and_resume_exactly(tmp_path):
+def test_three_processes_train_deterministically_and_resume_exactly(tmp_path):
     # 2 steps per epoch, 2 micro-batches per rank per step (accumulated), a DataLoader worker per rank, a loss that
     # draws from torch's, numpy's and python's RNGs: the step-3 checkpoint is inside an epoch and a log window.
-    data = _merge(TINY, {"task": {"name": "noisy_toy", "args": {"num_train": 24}},
+    # Three ranks, since a sum of two ranks' gradients is the same in either order and of three it is not: DDP
+    # re-buckets after a process's first step, and a resumed run's first step must still reduce as the full run's.
+    ranks = range(3)
+    data = _merge(TINY, {"task": {"name": "noisy_toy", "args": {"num_train": 27}},
                          "train": {"max_steps": 6, "ckpt_every": 3, "log_every": 2, "keep_last": 3,
                                    "deterministic": True},
-                         "data": {"micro_batches_per_step": 4, "num_workers": 1}})
+                         "data": {"micro_batches_per_step": 2 * len(ranks), "num_workers": 1}})
     (tmp_path / "cfg.json").write_text(json.dumps(data))
     modes = ("ddp", "fsdp")
 
     def runs(*names: str) -> None:
         _torchrun("ddp_resume_worker.py", str(tmp_path / "cfg.json"), str(tmp_path),
-                  *(f"{mode}/{name}" for mode in modes for name in names))
+                  *(f"{mode}/{name}" for mode in modes for name in names), nproc=len(ranks))
     runs("a")
     runs("b", "killed:stop=5")  # dies after step 5; step 3 is its last checkpoint
     runs("killed:resume")  # new processes: every RNG stream and DataLoader worker starts anew
@@ -98,9 +102,9 @@ def test_two_processes_train_deterministically_and_resume_exactly(tmp_path):
     for mode in modes:
         a, b, killed = tmp_path / mode / "a", tmp_path / mode / "b", tmp_path / mode / "killed"
         ckpt = CheckpointDir.load(killed / "checkpoints" / "step_00000003.pt")
-        assert ckpt["world_size"] == 2 and ckpt["data"] == {"epoch": 1, "step_in_epoch": 1}
+        assert ckpt["world_size"] == len(ranks) and ckpt["data"] == {"epoch": 1, "step_in_epoch": 1}
         assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # each rank has its own streams
-        for rank in (0, 1):
+        for rank in ranks:
             full = _draws(a, "first", rank)
             assert len(full) == 6 * 2 and _draws(b, "first", rank) == full, f"{mode} rank {rank}"
             assert _draws(killed, "first", rank) == full[: 5 * 2], f"{mode} rank {rank}"
@@ -115,6 +119,12 @@ def test_two_processes_train_deterministically_and_resume_exactly(tmp_path):
         for other in (b, killed):
             for step in (3, 6):
                 assert_same_state(*(run / "checkpoints" / f"step_{step:08d}.pt" for run in (a, other)))
+
+    # DDP's rank-order reduce is a mean over ranks: it trains as FSDP, whose gradient reduce-scatter it leaves alone.
+    assert _draws(tmp_path / "ddp" / "a", "first", 2) == _draws(tmp_path / "fsdp" / "a", "first", 2)
+    ddp, fsdp = (CheckpointDir.load(tmp_path / mode / "a" / "checkpoints" / "step_00000006.pt") for mode in modes)
+    for key, weight in ddp["model"].items():
+        torch.testing.assert_close(weight, fsdp["model"][key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_a_process_joins_the_process_group_again_after_leaving_it():

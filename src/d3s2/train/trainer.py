@@ -331,7 +331,8 @@ class Trainer:
             names = D.apply_activation_checkpointing(model, tc.activation_checkpointing)
             log.info("activation checkpointing on %d modules", len(names))
         self.model = D.parallelize(model, info, mode=tc.parallel, fsdp_units=tc.fsdp_units, bf16=self.use_bf16,
-                                   find_unused_parameters=tc.find_unused_parameters, bucket_mb=tc.ddp_bucket_mb)
+                                   find_unused_parameters=tc.find_unused_parameters, bucket_mb=tc.ddp_bucket_mb,
+                                   rank_order_reduce=tc.deterministic)
         self.module = D.unwrap(self.model)
         # Fused AdamW skips a step with a non-finite gradient norm on the device (``found_inf``), so a step needs no
         # host sync; FSDP's sharded parameters keep the foreach AdamW and a host-side check.
