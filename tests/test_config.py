@@ -96,8 +96,12 @@ def test_overrides_are_typed_by_the_schema():
 def test_override_errors():
     with pytest.raises(ConfigError, match=r"inner.width \(from --inner.width=ten\): expected int, got str"):
         from_dict(Outer, apply_overrides({"name": "n"}, parse_overrides(["--inner.width=ten"])))
-    with pytest.raises(ConfigError, match="unknown key inner.depth"):
+    with pytest.raises(ConfigError, match=r"unknown key inner.depth \(from --inner.depth=2\); inner accepts"):
         from_dict(Outer, apply_overrides({"name": "n"}, parse_overrides(["--inner.depth=2"])))
+    with pytest.raises(ConfigError, match=r"unknown key outer \(from --outer.x.y=1\); Outer accepts"):
+        from_dict(Outer, apply_overrides({"name": "n"}, parse_overrides(["--outer.x.y=1"])))
+    with pytest.raises(ConfigError, match=r"unknown key widht; Outer"):  # from the file: no override to name
+        from_dict(Outer, apply_overrides({"name": "n", "widht": 1}, parse_overrides(["--name=m"])))
     with pytest.raises(ConfigError, match="name is not a section"):
         apply_overrides({"name": "n"}, parse_overrides(["--name.x=2"]))
     for bad in ["--inner.width", "--=3", "--a..b=1", "--1a=2"]:

@@ -248,6 +248,15 @@ def _strip_overrides(x: Any) -> Any:
     return x
 
 
+def _override_source(value: Any) -> str | None:
+    """The first ``--a.b=c`` that set ``value`` or a key below it (so an unknown key is not blamed on the file)."""
+    if isinstance(value, _Override):
+        return value.source
+    if isinstance(value, dict):
+        return next((src for v in value.values() if (src := _override_source(v))), None)
+    return None
+
+
 def from_dict(cls: type[C], data: Mapping[str, Any], *, path: str = "") -> C:
     """Build dataclass ``cls`` from ``data``, checking every key and value type (nested dataclasses too)."""
     if not dataclasses.is_dataclass(cls):
@@ -259,8 +268,9 @@ def from_dict(cls: type[C], data: Mapping[str, Any], *, path: str = "") -> C:
     prefix = f"{path}." if path else ""
     unknown = [k for k in data if k not in fields]
     if unknown:
-        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} "
-                          f"{', '.join(prefix + str(k) for k in unknown)}; "
+        named = [prefix + str(k) + (f" (from {source})" if (source := _override_source(data[k])) else "")
+                 for k in unknown]
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(named)}; "
                           f"{path or cls.__name__} accepts: {', '.join(fields)}")
     kwargs = {}
     for name, field in fields.items():

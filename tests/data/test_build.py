@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -268,6 +269,39 @@ def test_no_partial_file_on_failure(tmp_path, monkeypatch):
     summary = build(sources, tmp_path, CONFIG, progress=False)
     assert list(summary.failed.values()) == ["OSError: disk full"]
     assert not list((tmp_path / "assets").rglob("*.npz")) and not list(tmp_path.rglob("*.tmp*"))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_full_or_read_only_output_stops_the_build_at_the_first_write(tmp_path, monkeypatch, workers):
+    sources = select(resolve_sources(["0ad"], corpus_path=str(TINY)), subset=2)
+    attempts = tmp_path / "attempts"  # one line per write tried, from any process
+
+    def disk_full(fh, **arrays):
+        with open(attempts, "a") as f:
+            f.write("write\n")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if workers > 1:  # spawned workers import the module afresh: patch there through an import hook
+        monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+        (tmp_path / "sitecustomize.py").write_text(
+            "import errno, os, numpy\n"
+            "def disk_full(fh, **arrays):\n"
+            f"    open({str(attempts)!r}, 'a').write('write\\n')\n"
+            "    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+            "numpy.savez_compressed = disk_full\n")
+    else:
+        monkeypatch.setattr(build_mod.np, "savez_compressed", disk_full)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match=r"cannot write .*\.npz: No space left on device; the build stops"):
+        build(sources, out, CONFIG, workers=workers, progress=False)
+    assert attempts.read_text().count("write") <= workers  # not one failed write per asset
+    assert not list(out.rglob("*.npz")) and not list(out.rglob("*.tmp*")) and read_manifest(out) == {}
+
+
+def test_an_output_path_that_is_a_file_is_refused(tmp_path, capsys):
+    trimesh.creation.box().export(tmp_path / "box.obj")
+    assert main(["data", "build", str(tmp_path / "box.obj"), "--out", str(tmp_path / "box.obj"), *ARGS]) == 1
+    assert "box.obj: expected an output folder (or a path to create one at), found a file" in capsys.readouterr().err
 
 
 def test_process_pool(tmp_path, built):

@@ -79,6 +79,21 @@ def test_missing_file_and_array_checks(tmp_path):
         validate_mesh(np.eye(3), np.array([[0, 1, 5]]), name="arr")
 
 
+@pytest.mark.parametrize("size", [1e-100, 1e200])
+def test_tiny_and_enormous_coordinates_load_and_normalise(tmp_path, size):
+    box = trimesh.creation.box()
+    p = _write(tmp_path / "box.obj", "".join(f"v {x:.17g} {y:.17g} {z:.17g}\n" for x, y, z in box.vertices * size)
+               + "".join(f"f {a + 1} {b + 1} {c + 1}\n" for a, b, c in box.faces))
+    mesh, _ = normalize_mesh(load_mesh(p))
+    assert len(mesh.faces) == 12 and np.abs(mesh.vertices).max() == pytest.approx(0.95)
+
+
+def test_a_bounding_box_beyond_float64_is_named(tmp_path):
+    p = _write(tmp_path / "wide.obj", "v -1e308 0 0\nv 1e308 0 0\nv 0 1e308 0\nf 1 2 3\n")
+    with pytest.raises(MeshError, match="coordinates span more than float64 holds"):
+        load_mesh(p)
+
+
 def test_normalize_roundtrip():
     m = trimesh.creation.box(extents=(2, 4, 8))
     m.apply_translation([5, -3, 1])

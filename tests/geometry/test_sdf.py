@@ -155,6 +155,14 @@ def test_bad_arguments():
         compute_sparse_sdf(mesh, 16, backend="nope")
 
 
+def test_a_band_that_misses_every_voxel_centre_says_to_widen_it():
+    # One flat triangle at z = 0, between two layers of voxel centres (z = ±1/32 at 32³), edges on the box faces.
+    sheet = trimesh.Trimesh([[0.95, 0.95, 0.0], [-0.95, 0.95, 0.0], [-0.95, -0.95, 0.0]], [[0, 1, 2]], process=False)
+    with pytest.raises(ValueError, match=r"narrower than half a voxel diagonal \(0\.054\d*\).*wider --band"):
+        compute_sparse_sdf(sheet, [32], band=1 / 128, warn_narrow_band=False)
+    assert len(compute_sparse_sdf(sheet, [32], band=1 / 16)[32]) > 0
+
+
 def test_open_sheet_becomes_a_thin_closed_shell():
     sheet = trimesh.Trimesh([[-0.5, -0.5, 0.01], [0.5, -0.5, 0.01], [0.5, 0.5, 0.01], [-0.5, 0.5, 0.01]],
                             [[0, 1, 2], [0, 2, 3]], process=False)

@@ -60,3 +60,17 @@ def test_cuda_rng_states_of_more_gpus_than_this_machine_has_restore_those_it_has
     state["cuda"] = [torch.full((8,), i, dtype=torch.uint8) for i in range(4)]
     ck.restore_rng_state(state)
     assert restored == [(0, 0), (1, 1)]
+
+
+@pytest.mark.parametrize("damage", ["half", "first_50k", "empty", "overwritten"])
+def test_a_damaged_checkpoint_is_named_with_the_earlier_one_beside_it(tmp_path, damage):
+    d = ck.CheckpointDir(tmp_path / "ckpt", keep_last=3)
+    for step in (5, 10):
+        d.save(step, {"step": step, "model": {"w": torch.zeros(40_000)}})
+    newest = d.latest()
+    data = newest.read_bytes()
+    damaged = {"half": data[: len(data) // 2], "first_50k": data[:50_000], "empty": b"", "overwritten": b"garbage\n"}
+    newest.write_bytes(damaged[damage])
+    with pytest.raises(ValueError, match="truncated or corrupt") as err:
+        d.load(newest)
+    assert str(newest) in str(err.value) and f"earlier checkpoint there is {d.path(5)}" in str(err.value)

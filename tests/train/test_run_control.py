@@ -20,6 +20,7 @@ import d3s2
 from d3s2.cli import main
 from d3s2.config import ConfigError
 from d3s2.train.checkpoint import CheckpointDir
+from d3s2.train.task import TASKS
 from d3s2.train.trainer import StopOnSignal, Trainer, lr_lambda
 
 from .conftest import TINY, _merge
@@ -67,6 +68,30 @@ def test_resume_refuses_a_changed_config_unless_allowed(tmp_path, tiny_cfg):
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
     assert yaml.safe_load((tmp_path / "config.prev-00000004.yaml").read_text())["optim"]["lr"] == 0.003
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["optim"]["lr"] == 0.001
+
+
+def test_resume_with_another_model_or_task_is_refused_in_a_few_lines_and_changes_nothing(tmp_path, tiny_cfg,
+                                                                                       monkeypatch):
+    monkeypatch.setitem(TASKS, "other_toy", TASKS["toy"])
+    Trainer(tiny_cfg(train={"max_steps": 2}), tmp_path).run()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    # --allow-config-change covers settings, not the architecture: torch's error would list every parameter.
+    with pytest.raises(ConfigError, match=r"holds another model than the config builds \(\d+ with another shape: "
+                                          r".*another --out") as err:
+        Trainer(tiny_cfg(train={"max_steps": 4}, task={"args": {"channels": 16}}), tmp_path, resume="latest",
+                allow_config_change=True)
+    assert len(str(err.value)) < 600
+    with pytest.raises(ConfigError, match=r"trained task 'toy', not 'other_toy': .*another --out"):
+        Trainer(tiny_cfg(task={"name": "other_toy"}), tmp_path, resume="latest", allow_config_change=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no config.prev-* of a resume that did not happen
+
+
+def test_init_from_weights_of_other_shapes_names_them_in_a_few_lines(tmp_path, tiny_cfg):
+    Trainer(tiny_cfg(train={"max_steps": 1}), tmp_path / "a").run()
+    with pytest.raises(ValueError, match=r"does not fit the model \(\d+ with another shape: \S+ \[") as err:
+        Trainer(tiny_cfg(train={"init_from": str(tmp_path / "a" / "export")}, task={"args": {"channels": 16}}),
+                tmp_path / "b")
+    assert len(str(err.value)) < 600
 
 
 def test_cli_resume_with_another_config(tmp_path, capsys):

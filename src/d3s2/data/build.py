@@ -18,8 +18,9 @@ in the normalised frame, the same frame as the SDF.
 
 An asset is finished when its file exists; a re-run skips finished assets and retries the others. Failures
 (unreadable or degenerate meshes: the ``MeshError`` message; anything else: the exception) are recorded in the
-manifest and the job goes on. Ctrl-C or SIGTERM stops the workers (the exit code is 130 / 143) and a re-run
-resumes. Everything is deterministic in the asset name and ``seed``.
+manifest and the job goes on; an output folder that is full, read-only or not writable stops the build at the
+first asset it cannot write (:class:`OutputNotWritable`). Ctrl-C or SIGTERM stops the workers (the exit code is
+130 / 143) and a re-run resumes. Everything is deterministic in the asset name and ``seed``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ from ..progress import CountProgress
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+# Errors writing an asset file that every later asset would hit too: the build stops instead of failing them all.
+OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 MESH_EXTENSIONS = (".obj", ".ply", ".stl", ".off", ".glb", ".gltf", ".pmd")
 CORPUS_PREFIX = "0ad"
 
@@ -91,6 +94,10 @@ class AssetSource:
     name: str
     path: str  # the mesh file, or the corpus npz when ``corpus_name`` is set
     corpus_name: str | None = None
+
+
+class OutputNotWritable(OSError):
+    """An asset file could not be written for a reason of the output folder (full, read-only, no permission)."""
 
 
 @dataclass
@@ -264,8 +271,18 @@ def process_asset(asset: AssetSource, config: BuildConfig, out: str, tmp_tag: st
                     else f"{asset.path}:{asset.corpus_name}"}
     try:
         arrays, stats = build_asset(asset, config)
-        write_npz_atomic(asset_path(out, asset.name), arrays, tmp_tag)
+        path = asset_path(out, asset.name)
+        try:
+            write_npz_atomic(path, arrays, tmp_tag)
+        except OSError as err:
+            if err.errno in OUTPUT_ERRNOS:
+                raise OutputNotWritable(f"cannot write {path}: {err.strerror}; the build stops (every later asset "
+                                        f"would fail too): make room or fix {out}, then re-run, which keeps the "
+                                        "finished assets") from None
+            raise
         record.update(status="ok", error=None, **stats)
+    except OutputNotWritable:
+        raise
     except Exception as err:  # a batch job records any failure and goes on
         from d3s2.geometry.mesh_io import MeshError
 
@@ -395,6 +412,8 @@ def build(assets: Iterable[AssetSource], out: str | os.PathLike, config: BuildCo
     A band narrower than one voxel at some resolution is warned about once, before the first asset.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: expected an output folder (or a path to create one at), found a file")
     with _bound_settings(out, config):
         tmp_tag = f"-s{shard[0]}of{shard[1]}"
         if (out / "assets").exists():
@@ -433,7 +452,7 @@ def _build_todo(todo: list[AssetSource], out: Path, config: BuildConfig, summary
                     record(process_asset(a, config, str(out), tmp_tag))
             else:
                 _build_in_workers(todo, str(out), config, tmp_tag, workers=workers, record=record)
-        except (KeyboardInterrupt, SystemExit):
+        except (KeyboardInterrupt, SystemExit, OutputNotWritable):
             log.warning("data build stopped after %d of %d assets; a re-run resumes", bar.done, bar.total)
             raise
     summary.seconds = time.perf_counter() - t0

@@ -92,11 +92,17 @@ def validate_mesh(vertices: np.ndarray, faces: np.ndarray, name: str = "mesh") -
         raise MeshError(f"{name}: face indices out of range [0, {len(vertices)})")
     vertices = vertices.astype(np.float64)
     faces = faces.astype(np.int64)
-    tri = vertices[faces]  # [F, 3, 3]
+    lo = vertices.min(axis=0)
+    with np.errstate(over="ignore"):
+        extent = float((vertices.max(axis=0) - lo).max())
+    if not np.isfinite(extent):
+        raise MeshError(f"{name}: coordinates span more than float64 holds ({lo.min():.3g} to "
+                        f"{vertices.max():.3g}); expected a finite bounding box")
+    # Areas in units of the mesh size: no overflow for enormous coordinates, and a relative threshold
+    # (a face is degenerate when its area is negligible against the mesh size).
+    tri = (vertices[faces] - lo) / max(extent, np.finfo(np.float64).tiny)  # [F, 3, 3]
     area2 = np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
-    extent = float(np.ptp(vertices, axis=0).max())
-    # Relative threshold: a face is degenerate when its area is negligible against the mesh size.
-    if not (area2 > 1e-12 * max(extent, 1e-30) ** 2).any():
+    if not (area2 > 1e-12).any():
         raise MeshError(f"{name}: all {len(faces)} faces are degenerate (zero area)")
     return trimesh.Trimesh(vertices=vertices, faces=faces, process=False)
 

@@ -824,7 +824,12 @@ def _sparse_sdf_one(field, resolution: int, band: float) -> SparseSDF:
     # Inside bits of every voxel of every occupied block: band voxels from their winding number, the rest
     # propagated from them; voxels that propagation cannot reach get their own winding number.
     if coords.shape[0] == 0:
-        raise ValueError(f"no voxel lies within the band ({band:.5g}) at {resolution}^3: the surface is degenerate")
+        # Every surface point lies within half a voxel diagonal of some voxel centre: a wider band always holds one.
+        reach = math.sqrt(3) / resolution
+        cause = (f"the band is narrower than half a voxel diagonal ({reach:.5g}), so a flat or thin surface can pass "
+                 "between the voxel centres: expected a wider --band or a higher resolution" if band < reach
+                 else "the surface is degenerate")
+        raise ValueError(f"no voxel lies within the band ({band:.5g}) at {resolution}^3: {cause}")
     band_host = _start_host_copy(coords.int(), sdf, sharp)
     block_keys, rows = torch.unique(_narrow(_keys(coords // BLOCK, g), g**3), return_inverse=True)
     block_keys = block_keys.long()

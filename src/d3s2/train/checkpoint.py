@@ -10,8 +10,10 @@ crash leaves either the old file or the new one, never a partial one; its writer
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import pickle
 import random
 import re
 from pathlib import Path
@@ -88,5 +90,16 @@ class CheckpointDir:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
-        # weights_only=False: the file holds RNG states (numpy arrays, python tuples) written by this trainer.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            # weights_only=False: the file holds RNG states (numpy arrays, python tuples) written by this trainer.
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except (EOFError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
+            # What torch.load raises for an empty, truncated or overwritten file; its own text names no file.
+            if isinstance(err, OSError) and err.errno != errno.EINVAL:
+                raise  # not readable at all (permissions, I/O): that message names the file
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else "no data"
+            beside = CheckpointDir(path.parent).list()
+            earlier = beside[:beside.index(path)] if path in beside else []
+            hint = f"; the newest earlier checkpoint there is {earlier[-1]}" if earlier else ""
+            raise ValueError(f"{path}: expected a d3s2 checkpoint, but the file is truncated or corrupt "
+                             f"({type(err).__name__}: {reason}){hint}") from err

@@ -146,6 +146,21 @@ def _takes_non_blocking(fn: Any) -> bool:
     return any(p.name == "non_blocking" or p.kind == p.VAR_KEYWORD for p in params)
 
 
+def weights_mismatch(model: nn.Module, state: Mapping[str, Any]) -> str | None:
+    """How the tensors of ``state`` differ from ``model``'s (missing, unexpected, other shapes: a few of each
+    and their counts), or None when they fit; torch's own error lists every key, hundreds of lines for a model."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    missing = sorted(expected.keys() - given.keys())
+    unexpected = sorted(given.keys() - expected.keys())
+    reshaped = [f"{k} {list(given[k])} (the model's {list(expected[k])})"
+                for k in sorted(expected.keys() & given.keys()) if given[k] != expected[k]]
+    parts = [f"{len(keys)} {what}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+             for what, keys in (("missing", missing), ("unexpected", unexpected), ("with another shape", reshaped))
+             if keys]
+    return "; ".join(parts) or None
+
+
 def load_initial_weights(model: nn.Module, path: str | Path, *, use_ema: bool = True) -> None:
     """Load weights for a new run (fine-tuning, the next stage of progressive training) into ``model``.
 
@@ -166,10 +181,10 @@ def load_initial_weights(model: nn.Module, path: str | Path, *, use_ema: bool = 
         state = dict(ckpt["model"])
         if use_ema and ckpt.get("ema"):
             state.update(ckpt["ema"]["params"])
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"train.init_from {path} does not fit the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+    mismatch = weights_mismatch(model, state)
+    if mismatch:
+        raise ValueError(f"train.init_from {path} does not fit the model ({mismatch})")
+    model.load_state_dict(state)
     log.info("initialised the model from %s", path)
 
 
@@ -314,8 +329,8 @@ class Trainer:
             args = from_dict(task_cls.Config, args, path="task.args")
             cfg.task.args = args
         resume_state = self._read_checkpoint(resume_path) if resume_path is not None else None
-        if resume_state is not None:
-            self._check_resumed_config(resume_path, resume_state, allow_config_change)
+        config_changed = resume_state is not None and self._check_resumed_config(resume_path, resume_state,
+                                                                                 allow_config_change)
         self.task = task_cls(args)
 
         # Same seed on every rank for the model: FSDP shards whatever each rank initialised.
@@ -325,6 +340,15 @@ class Trainer:
             raise TypeError(f"task {cfg.task.name}: build_model() must return an nn.Module, got {type(model)}")
         if tc.init_from and resume_path is None:
             load_initial_weights(model, tc.init_from, use_ema=tc.init_from_ema)
+        if resume_state is not None and (mismatch := weights_mismatch(model, resume_state["model"])):
+            raise ConfigError(f"{resume_path} holds another model than the config builds ({mismatch}): a run "
+                              "resumes only with the model it was trained with (--allow-config-change included); "
+                              "train this model in another --out")
+        if config_changed and info.is_main:
+            # Only now that the checkpoint fits: a refused resume leaves the run directory as it was.
+            previous = self.run_dir / f"config.prev-{int(resume_state['step']):08d}.yaml"
+            atomic_write_text(previous, dump_yaml(resume_state["config"]))
+            log.info("the config it was trained with is kept as %s", previous)
         model.to(info.device)
         self.use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and info.device.type == "cuda")
         if tc.activation_checkpointing:
@@ -419,8 +443,9 @@ class Trainer:
             raise FileNotFoundError(f"checkpoint not found: {path}")
         return path
 
-    def _check_resumed_config(self, path: Path, state: Mapping[str, Any], allow_change: bool) -> None:
-        """Compare the config with the one ``path`` was trained with; see ``allow_config_change``."""
+    def _check_resumed_config(self, path: Path, state: Mapping[str, Any], allow_change: bool) -> bool:
+        """Compare the config with the one ``path`` was trained with; see ``allow_config_change``. True when it
+        changed beyond :data:`RESUMABLE_CHANGES` (allowed), so the checkpoint's config is to be kept."""
         try:
             # Through the current schema: keys added since the checkpoint was written read as their defaults.
             stored = to_dict(build_train_config(state["config"]))
@@ -431,21 +456,22 @@ class Trainer:
             log.warning("%s: its config does not load with this version of d3s2 (%s); resuming with the new "
                         "config", path, err)
             stored = state["config"]
+        trained_task = stored.get("task", {}).get("name", self.cfg.task.name)
+        if trained_task != self.cfg.task.name:
+            raise ConfigError(f"{path} trained task {trained_task!r}, not {self.cfg.task.name!r}: a run resumes only "
+                              "its own task; choose another --out for this one")
         changes = config_changes(stored, to_dict(self.cfg))
         refused = {k: change for k, change in changes.items() if k not in RESUMABLE_CHANGES}
         if not refused:
             if changes:
                 log.info("resuming %s with %s", path, _listed(changes))
-            return
+            return False
         if not allow_change:
             raise ConfigError(f"{path} was trained with another config ({_listed(refused)}); resume with the same "
                               f"config (only {', '.join(sorted(RESUMABLE_CHANGES))} may change), or pass "
                               "--allow-config-change to continue with the new one")
         log.warning("resuming %s with a changed config (--allow-config-change): %s", path, _listed(changes))
-        if self.info.is_main:
-            previous = self.run_dir / f"config.prev-{int(state['step']):08d}.yaml"
-            atomic_write_text(previous, dump_yaml(state["config"]))
-            log.info("the config it was trained with is kept as %s", previous)
+        return True
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         decay, no_decay = [], []
