@@ -177,12 +177,15 @@ def test_eval_prints_and_writes_metrics(weights, data, tmp_path, capsys):
     assert not any(k.startswith("refine") for k in result)
 
 
-def test_eval_with_refinement_records_the_setting(refinable_weights, data, tmp_path, capsys):
+def test_eval_with_refinement_records_the_setting(refinable_weights, data, tmp_path, capsys, caplog):
     report = tmp_path / "metrics.json"
-    assert main(["eval", "vae", "--data", str(data), "--weights", str(refinable_weights), "--split", "train",
-                 "--resolution", "32", "--limit", "2", "--samples", "1000", "--json", str(report),
-                 "--refine-steps", "3", "--refine-lr", "0.3"]) == 0
-    printed = capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="d3s2.progress"):
+        assert main(["eval", "vae", "--data", str(data), "--weights", str(refinable_weights), "--split", "train",
+                     "--resolution", "32", "--limit", "2", "--samples", "1000", "--json", str(report),
+                     "--refine-steps", "3", "--refine-lr", "0.3"]) == 0
+    printed, err = capsys.readouterr()
+    # stderr is not a terminal here: progress as log lines, no bar frames
+    assert "\r" not in err and "eval 32^3: 2/2 shapes" in caplog.text
     assert "refined, 3 Adam steps at lr 0.3" in printed and "refine_seconds" in printed
     payload = json.loads(report.read_text())
     assert payload["refine"] == {"steps": 3, "lr": 0.3}

@@ -214,10 +214,10 @@ def evaluate(model, data: str, resolutions: list[int], *, split: str, val_fracti
     import time
 
     import torch
-    from tqdm import tqdm
 
     from ...data.collate import collate_sparse
     from ...data.dataset import SparseSDFDataset
+    from ...progress import CountProgress
     from .refine import refine_latent
     from .sparse_sdf_vae import PackedSDFBatch
     from .task import decode_mesh, latent_meshes, shape_metrics, target_mesh
@@ -237,38 +237,41 @@ def evaluate(model, data: str, resolutions: list[int], *, split: str, val_fracti
             raise ValueError(f"{data}: the {split} split is empty")
         sums: dict[str, float] = {}
         first: dict[str, float] = {}
-        for i in tqdm(range(n), desc=f"eval {r}^3", disable=n < 2):
-            if (r, ds.names[i]) in done:
-                for k, v in done[(r, ds.names[i])].items():
+        with CountProgress(n, desc=f"eval {r}^3", unit="shape", enabled=n > 1) as bar:
+            for i in range(n):
+                if (r, ds.names[i]) in done:
+                    for k, v in done[(r, ds.names[i])].items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    bar.update()
+                    continue
+                c = collate_sparse([ds[i]])
+                # Expanded on the device; the sharp mask only weighs the refinement's L_sharp.
+                batch = PackedSDFBatch.pack(c["sdf"], c["blocks"], sharp=c["sharp"], tau=band).to(device)
+                m: dict[str, float] = {}
+                if refine_steps:
+                    with torch.no_grad():
+                        z, _ = model.encode(batch.sdf, sample_posterior=False, structure=batch.block_structure())
+                    sync()
+                    t0 = time.perf_counter()
+                    refined = refine_latent(model, batch, z, steps=refine_steps, lr=refine_lr)
+                    sync()
+                    m["refine_seconds"] = time.perf_counter() - t0
+                    best = refined.losses.min(0).values  # [1]: the kept latent's loss
+                    m["refine_loss_start"], m["refine_loss_end"] = float(refined.losses[0, 0]), float(best[0])
+                    with torch.no_grad():
+                        (pred,) = latent_meshes(model, refined.latent)
+                else:
+                    with torch.no_grad():
+                        (pred,) = decode_mesh(model, batch.sdf, structure=batch.block_structure())
+                (ref,) = target_mesh(batch)
+                m.update(shape_metrics(pred, ref, num_samples))
+                if per_shape:
+                    _append_line(per_shape, {"resolution": r, "name": ds.names[i], **setting, "metrics": m})
+                for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v
-                continue
-            c = collate_sparse([ds[i]])
-            # Expanded on the device; the sharp mask only weighs the refinement's L_sharp.
-            batch = PackedSDFBatch.pack(c["sdf"], c["blocks"], sharp=c["sharp"], tau=band).to(device)
-            m: dict[str, float] = {}
-            if refine_steps:
-                with torch.no_grad():
-                    z, _ = model.encode(batch.sdf, sample_posterior=False, structure=batch.block_structure())
-                sync()
-                t0 = time.perf_counter()
-                refined = refine_latent(model, batch, z, steps=refine_steps, lr=refine_lr)
-                sync()
-                m["refine_seconds"] = time.perf_counter() - t0
-                best = refined.losses.min(0).values  # [1]: the kept latent's loss
-                m["refine_loss_start"], m["refine_loss_end"] = float(refined.losses[0, 0]), float(best[0])
-                with torch.no_grad():
-                    (pred,) = latent_meshes(model, refined.latent)
-            else:
-                with torch.no_grad():
-                    (pred,) = decode_mesh(model, batch.sdf, structure=batch.block_structure())
-            (ref,) = target_mesh(batch)
-            m.update(shape_metrics(pred, ref, num_samples))
-            if per_shape:
-                _append_line(per_shape, {"resolution": r, "name": ds.names[i], **setting, "metrics": m})
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + v
-            if refine_steps and not first:  # the first shape scored in this run carries the kernels' warm-up
-                first["refine_seconds_first"] = m["refine_seconds"]
+                if refine_steps and not first:  # the first shape scored in this run carries the kernels' warm-up
+                    first["refine_seconds_first"] = m["refine_seconds"]
+                bar.update()
         results[r] = {**{k: v / n for k, v in sums.items()}, **first, "shapes": float(n), "names": ds.names[:n]}
     return results
 
