@@ -323,6 +323,19 @@ def test_sources_errors(tmp_path):
         BuildConfig(resolutions=(30,))
 
 
+def test_a_folder_names_the_files_it_skips(tmp_path, caplog):
+    trimesh.creation.box().export(tmp_path / "box.obj")
+    for name in ("chair.fbx", "table.fbx", "notes.txt", "box.mtl", "wood.png", "README"):
+        (tmp_path / name).write_text("x")
+    with caplog.at_level(logging.WARNING, logger="d3s2.data.build"):
+        assert [a.name for a in resolve_sources([str(tmp_path)])] == [f"{tmp_path.name}/box.obj"]
+    # materials and textures come with meshes: not named
+    assert "4 files skipped, not a mesh format d3s2 reads (.fbx x2, .txt x1, no extension x1)" in caplog.text
+    caplog.clear()
+    resolve_sources([str(tmp_path / "box.obj"), str(tmp_path / "*.obj")])
+    assert not caplog.text  # a named file or a glob of mesh files skips nothing
+
+
 def test_cli_exits_1_when_an_asset_fails(tmp_path, capsys):
     src = tmp_path / "meshes"
     src.mkdir()

@@ -34,6 +34,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -56,6 +57,9 @@ FORMAT_VERSION = 1
 # Errors writing an asset file that every later asset would hit too: the build stops instead of failing them all.
 OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 MESH_EXTENSIONS = (".obj", ".ply", ".stl", ".off", ".glb", ".gltf", ".pmd")
+# Files that come with meshes (materials, textures, glTF buffers): skipped in a folder without a warning.
+COMPANION_EXTENSIONS = frozenset({".mtl", ".bin", ".png", ".jpg", ".jpeg", ".tga", ".bmp", ".dds", ".tif", ".tiff",
+                                  ".webp", ".ktx", ".ktx2"})
 CORPUS_PREFIX = "0ad"
 
 
@@ -151,6 +155,13 @@ def resolve_sources(sources: Sequence[str], *, corpus_path: str | None = None) -
             magic = min((i for i, ch in enumerate(src) if ch in "*?["), default=len(src))
             base = Path(src[:magic].rsplit("/", 1)[0] or ".") if "/" in src[:magic] else Path(".")
         if not p.is_file():
+            others = Counter(f.suffix.lower() or "no extension" for f in files
+                             if f.suffix.lower() not in (*MESH_EXTENSIONS, *COMPANION_EXTENSIONS))
+            if others:  # e.g. .fbx or .blend files a user expected to be built
+                count = others.total()
+                log.warning("SOURCE %r: %d %s skipped, not a mesh format d3s2 reads (%s); expected %s", src, count,
+                            "file" if count == 1 else "files",
+                            ", ".join(f"{ext} x{n}" for ext, n in sorted(others.items())), ", ".join(MESH_EXTENSIONS))
             files = [f for f in files if f.suffix.lower() in MESH_EXTENSIONS]
         if not files:
             raise FileNotFoundError(f"SOURCE {src!r} matches no mesh file ({', '.join(MESH_EXTENSIONS)})")
