@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 
 from .dit.condition import ConditionTokens
@@ -41,7 +41,8 @@ MIN_IMAGE_SIDE = 16  # pixels; smaller inputs hold too little of the object for 
 
 
 def load_image(image: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
-    """Open ``image`` (a path, a PIL image or an ``[H, W, 3|4]`` uint8 array) as RGB or RGBA.
+    """Open ``image`` (a path, a PIL image or an ``[H, W, 3|4]`` uint8 array) as RGB or RGBA, upright
+    (:func:`upright_rgb_or_rgba`).
 
     Raises FileNotFoundError for a missing file and ValueError for an unreadable image, one smaller than
     :data:`MIN_IMAGE_SIDE` pixels a side, or a file above ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (checked on the
@@ -61,7 +62,17 @@ def load_image(image: str | os.PathLike | Image.Image | np.ndarray) -> Image.Ima
     if img.width < MIN_IMAGE_SIDE or img.height < MIN_IMAGE_SIDE:
         raise ValueError(f"{name}: expected at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels, "
                          f"got {img.width}x{img.height}")
-    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+    return upright_rgb_or_rgba(img)
+
+
+def upright_rgb_or_rgba(img: Image.Image) -> Image.Image:
+    """``img`` as a viewer shows it: its EXIF orientation applied, as 8-bit RGBA when it has transparency (an alpha
+    channel, a palette or PNG tRNS key colour), else as 8-bit RGB."""
+    img = ImageOps.exif_transpose(img)  # camera photos store the sensor's pixels plus an orientation tag
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        # PIL's convert clips these 16-bit values to 0..255 (a gray image turns white): scale them to 8 bits.
+        img = Image.fromarray((np.asarray(img, np.float64) / 257.0).round().clip(0, 255).astype(np.uint8))
+    has_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
     return img.convert("RGBA" if has_alpha else "RGB")
 
 
