@@ -49,3 +49,8 @@ def test_images_are_read_as_a_viewer_shows_them(tmp_path, variant):
     np.testing.assert_array_equal(np.asarray(load_image(path)), expected)
     with Image.open(path) as img:  # an opened PIL image is read the same way
         np.testing.assert_array_equal(np.asarray(load_image(img)), expected)
+
+
+def test_a_directory_is_named_as_such_not_as_missing(tmp_path):
+    with pytest.raises(IsADirectoryError, match=re.escape(f"{tmp_path} is a directory, expected an image file")):
+        load_image(tmp_path)

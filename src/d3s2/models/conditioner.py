@@ -44,9 +44,9 @@ def load_image(image: str | os.PathLike | Image.Image | np.ndarray) -> Image.Ima
     """Open ``image`` (a path, a PIL image or an ``[H, W, 3|4]`` uint8 array) as RGB or RGBA, upright
     (:func:`upright_rgb_or_rgba`).
 
-    Raises FileNotFoundError for a missing file and ValueError for an unreadable image, one smaller than
-    :data:`MIN_IMAGE_SIDE` pixels a side, or a file above ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (checked on the
-    header, before decoding).
+    Raises FileNotFoundError for a missing file, IsADirectoryError for a folder and ValueError for an unreadable
+    image, one smaller than :data:`MIN_IMAGE_SIDE` pixels a side, or a file above ``PIL.Image.MAX_IMAGE_PIXELS``
+    pixels (checked on the header, before decoding).
     """
     name = "image"
     if isinstance(image, np.ndarray):
@@ -78,6 +78,8 @@ def upright_rgb_or_rgba(img: Image.Image) -> Image.Image:
 
 def _read_image_file(path: Path) -> Image.Image:
     """The decoded image at ``path``; its size is checked against ``PIL.Image.MAX_IMAGE_PIXELS`` first."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, expected an image file")
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     limit = Image.MAX_IMAGE_PIXELS  # read at call time: a caller may change it (None: no limit, as in PIL)
