@@ -7,10 +7,13 @@ Weights: ``--weights DIR``, else ``$D3S2_WEIGHTS``, else the bundled demo pipeli
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..cli import eval_subparsers
@@ -144,6 +147,20 @@ def report_failure(image: Path, err: Exception) -> None:
     print(f"d3s2 generate: error: {image}: {err}", file=sys.stderr)
 
 
+@contextlib.contextmanager
+def warnings_reported_for(image: Path) -> Iterator[None]:
+    """Each distinct warning raised while ``image`` runs as one line naming it (before an error of the same image),
+    instead of Python's once-per-source-line form, which in a batch shows the first image's only and names none."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            yield
+        finally:
+            # dict.fromkeys: once each, in order (every image encoder of a pipeline prepares the image again).
+            for message in dict.fromkeys(str(warning.message) for warning in caught):
+                print(f"d3s2 generate: warning: {image}: {message}", file=sys.stderr)
+
+
 def check_sampling_arguments(args: argparse.Namespace) -> None:
     """``--steps``, ``--cfg`` and ``--occupancy-threshold`` that no run can use: errors before any weights load."""
     if args.steps is not None and args.steps < 1:
@@ -226,9 +243,10 @@ def run(args: argparse.Namespace) -> int:
         pipe.settings.occupancy_threshold = args.occupancy_threshold
     for image, out in work:
         try:
-            mesh = pipe(image, resolution=args.resolution, seed=args.seed, steps=args.steps, cfg=args.cfg,
-                        faces=args.faces, device=device, progress=progress, low_vram=args.low_vram,
-                        residency="resident" if args.keep_weights else None)
+            with warnings_reported_for(image):
+                mesh = pipe(image, resolution=args.resolution, seed=args.seed, steps=args.steps, cfg=args.cfg,
+                            faces=args.faces, device=device, progress=progress, low_vram=args.low_vram,
+                            residency="resident" if args.keep_weights else None)
             export_mesh(require_surface(mesh), out)
         except (ValueError, OSError, RuntimeError) as err:
             # One bad image (no object, empty structure or surface) or unwritable output does not stop the others; any
