@@ -95,6 +95,8 @@ def no_loading(monkeypatch):
     (["--occupancy-threshold", "-1"], "expected --occupancy-threshold in (0, 1), got -1.0"),
     (["--occupancy-threshold", "2"], "expected --occupancy-threshold in (0, 1), got 2.0"),
     (["--faces", "0"], "expected --faces ≥ 1, got 0"),
+    (["--seed", "-1"], "expected --seed in [0, 9223372036854775807], got -1"),
+    (["--seed", str(2**64)], "expected --seed in [0, 9223372036854775807], got 18446744073709551616"),
     (["--resolution", "100"], "expected --resolution in [64, 128] for {weights}, got 100"),
     (["-o", "{tmp}/x.glb", "--format", "obj"], "names a .glb file but --format is obj"),
     (["-o", "{tmp}/o2/out.txt"], "expected -o to end in .glb/.obj/.ply/.stl or to be a directory"),

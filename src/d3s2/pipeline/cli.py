@@ -46,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resolution", type=int, default=None,
                    help="mesh resolution: one of the pipeline's resolutions (default: the highest)")
     p.add_argument("--seed", type=int, default=0,
-                   help="random seed: the same seed, image, settings and device give the same mesh (default 0)")
+                   help="random seed, 0 to 2**63 - 1: the same seed, image, settings and device give the same mesh "
+                        "(default 0)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps for every stage, ≥ 1 (default: per stage)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale for every stage (default: per stage)")
     p.add_argument("--faces", type=int, default=None, help="decimate to about N faces (may break watertightness)")
@@ -162,7 +163,10 @@ def warnings_reported_for(image: Path) -> Iterator[None]:
 
 
 def check_sampling_arguments(args: argparse.Namespace) -> None:
-    """``--steps``, ``--cfg`` and ``--occupancy-threshold`` that no run can use: errors before any weights load."""
+    """``--steps``, ``--cfg``, ``--occupancy-threshold`` and ``--seed`` that no run can use: errors before any
+    weights load."""
+    from .image_to_3d import MAX_SEED
+
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"expected --steps ≥ 1, got {args.steps}")
     if args.cfg is not None and not math.isfinite(args.cfg):
@@ -171,6 +175,8 @@ def check_sampling_arguments(args: argparse.Namespace) -> None:
     # sigmoid ≥ 0 keeps the whole grid (minutes of sampling), ≥ 1 keeps nothing.
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise ValueError(f"expected --occupancy-threshold in (0, 1), got {threshold}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ValueError(f"expected --seed in [0, {MAX_SEED}], got {args.seed}")
 
 
 def check_resolution(weights: str, resolution: int | None) -> None:
