@@ -375,7 +375,8 @@ def test_every_image_of_a_batch_reports_its_own_warnings(weights, tmp_path, caps
         Image.fromarray(on_white[..., :3]).save(inputs / name)
     assert main(["generate", str(inputs), "-o", str(tmp_path / "out"), *_fast(weights)]) == 0
     warned = [line for line in capsys.readouterr().err.splitlines() if "no alpha channel" in line]
-    assert warned == [f"d3s2 generate: warning: {inputs / name}: image has no alpha channel: estimating the "
+    assert warned == [f"d3s2 generate: warning: {inputs / name}: image has no alpha channel (or an opaque one): "
+                      "estimating the "
                       "background from the border colour; pass an RGBA image with the object's alpha for reliable "
                       "results" for name in ("a.png", "b.png")]
 

@@ -74,7 +74,8 @@ def png_header_only(width: int, height: int) -> bytes:
 
 def stored_image_variants(size: int = 40) -> dict[str, tuple[bytes, np.ndarray]]:
     """Image files whose stored pixels differ from what a viewer shows → (file bytes, the uint8 RGB(A) array a
-    reader must return): an EXIF-rotated photo, a 16-bit grayscale PNG and an RGB PNG with a tRNS key colour."""
+    reader must return): an EXIF-rotated photo, a 16-bit grayscale PNG, an RGB PNG with a tRNS key colour and an RGBA
+    PNG whose alpha is opaque everywhere (no object mask: read as RGB, so the background is estimated)."""
     from PIL import Image
 
     upright = np.full((size, 2 * size, 3), 255, np.uint8)  # landscape: a red block left, a blue one right
@@ -97,4 +98,8 @@ def stored_image_variants(size: int = 40) -> dict[str, tuple[bytes, np.ndarray]]
     Image.fromarray(upright).save(buf, format="PNG", transparency=(255, 255, 255))
     alpha = np.where((upright == 255).all(axis=2), 0, 255).astype(np.uint8)
     variants["tRNS key colour"] = (buf.getvalue(), np.concatenate([upright, alpha[..., None]], axis=2))
+
+    buf = io.BytesIO()
+    Image.fromarray(upright).convert("RGBA").save(buf, format="PNG")
+    variants["opaque alpha"] = (buf.getvalue(), upright)
     return variants

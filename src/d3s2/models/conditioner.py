@@ -67,13 +67,18 @@ def load_image(image: str | os.PathLike | Image.Image | np.ndarray) -> Image.Ima
 
 def upright_rgb_or_rgba(img: Image.Image) -> Image.Image:
     """``img`` as a viewer shows it: its EXIF orientation applied, as 8-bit RGBA when it has transparency (an alpha
-    channel, a palette or PNG tRNS key colour), else as 8-bit RGB."""
+    channel that is not opaque everywhere, a palette or PNG tRNS key colour), else as 8-bit RGB."""
     img = ImageOps.exif_transpose(img)  # camera photos store the sensor's pixels plus an orientation tag
     if img.mode == "I" or img.mode.startswith("I;16"):
         # PIL's convert clips these 16-bit values to 0..255 (a gray image turns white): scale them to 8 bits.
         img = Image.fromarray((np.asarray(img, np.float64) / 257.0).round().clip(0, 255).astype(np.uint8))
     has_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
-    return img.convert("RGBA" if has_alpha else "RGB")
+    img = img.convert("RGBA" if has_alpha else "RGB")
+    if has_alpha and img.getchannel("A").getextrema()[0] == 255:
+        # Opaque everywhere (a flattened render or a screenshot): the alpha outlines no object, only the frame.
+        # As RGB, the object is found against the background instead.
+        img = img.convert("RGB")
+    return img
 
 
 def _read_image_file(path: Path) -> Image.Image:
@@ -167,8 +172,8 @@ def preprocess_image(
         rgb = arr[..., :3]
     else:
         rgb = arr
-        warnings.warn("image has no alpha channel: estimating the background from the border colour; "
-                      "pass an RGBA image with the object's alpha for reliable results", stacklevel=2)
+        warnings.warn("image has no alpha channel (or an opaque one): estimating the background from the border "
+                      "colour; pass an RGBA image with the object's alpha for reliable results", stacklevel=2)
         mask = estimate_foreground(rgb, threshold=threshold)
         if not mask.any():
             raise ValueError("could not separate the object from the background (no pixel differs from the "
