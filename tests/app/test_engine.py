@@ -14,7 +14,7 @@ from PIL import Image
 from d3s2.app.engine import MAX_SEED, Engine, GenerateParams, Limits, RequestError, mesh_bytes, read_image, read_mesh
 from d3s2.geometry.render import encode_png
 
-from ..pipeline.tiny import png_header_only, rgba_image, tiny_pipeline
+from ..pipeline.tiny import png_header_only, rgba_image, stored_image_variants, tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,12 @@ def test_read_image_modes_and_limits():
     with pytest.raises(RequestError) as err:
         read_image(truncated, Limits())
     assert err.value.status == 415
+
+
+@pytest.mark.parametrize("variant", ["exif rotated", "16-bit gray", "tRNS key colour", "opaque alpha"])
+def test_uploads_are_read_as_a_viewer_shows_them(variant):
+    data, expected = stored_image_variants()[variant]
+    np.testing.assert_array_equal(read_image(data, Limits()), expected)
 
 
 @pytest.mark.parametrize(("data", "status", "message"), [

@@ -1,3 +1,6 @@
+import warnings
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -92,6 +95,8 @@ def no_loading(monkeypatch):
     (["--occupancy-threshold", "-1"], "expected --occupancy-threshold in (0, 1), got -1.0"),
     (["--occupancy-threshold", "2"], "expected --occupancy-threshold in (0, 1), got 2.0"),
     (["--faces", "0"], "expected --faces ≥ 1, got 0"),
+    (["--seed", "-1"], "expected --seed in [0, 9223372036854775807], got -1"),
+    (["--seed", str(2**64)], "expected --seed in [0, 9223372036854775807], got 18446744073709551616"),
     (["--resolution", "100"], "expected --resolution in [64, 128] for {weights}, got 100"),
     (["-o", "{tmp}/x.glb", "--format", "obj"], "names a .glb file but --format is obj"),
     (["-o", "{tmp}/o2/out.txt"], "expected -o to end in .glb/.obj/.ply/.stl or to be a directory"),
@@ -339,12 +344,13 @@ def test_an_error_is_not_followed_by_a_stale_progress_bar(weights, tmp_path, cap
     monkeypatch.setattr(generate_cli, "bar_on_terminal", lambda progress=True: progress)  # as on a terminal
     flat = tmp_path / "flat.png"
     Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(flat)  # no object: fails in the "prepare" stage
-    with pytest.warns(UserWarning, match="no alpha channel"):
-        assert main(["generate", str(flat), "-o", str(tmp_path / "a.glb"), "--weights", str(weights),
-                     "--resolution", "64", "--device", "cpu"]) == 1
+    assert main(["generate", str(flat), "-o", str(tmp_path / "a.glb"), "--weights", str(weights),
+                 "--resolution", "64", "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert "stage/s, prepare]" in err  # the bar was shown
-    assert "could not separate the object from the background" in err.splitlines()[-1]
+    warning, error = err.splitlines()[-2:]
+    assert warning.startswith(f"d3s2 generate: warning: {flat}: image has no alpha channel")
+    assert "could not separate the object from the background" in error
 
 
 @pytest.mark.parametrize(("extra", "message"), [
@@ -358,3 +364,25 @@ def test_eval_generate_rejects_unusable_arguments_before_loading(weights, tmp_pa
     assert main(["eval", "generate", "--data", str(tmp_path), "--out", str(tmp_path / "eval"), "--weights",
                  str(weights), "--device", "cpu", *extra]) == 1
     assert message.format(weights=weights) in capsys.readouterr().err
+
+
+def test_every_image_of_a_batch_reports_its_own_warnings(weights, tmp_path, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    on_white = rgba_image()
+    on_white[on_white[..., 3] == 0] = 255
+    for name in ("a.png", "b.png"):  # no alpha: the background is estimated, with a warning for each
+        Image.fromarray(on_white[..., :3]).save(inputs / name)
+    assert main(["generate", str(inputs), "-o", str(tmp_path / "out"), *_fast(weights)]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "no alpha channel" in line]
+    assert warned == [f"d3s2 generate: warning: {inputs / name}: image has no alpha channel (or an opaque one): "
+                      "estimating the "
+                      "background from the border colour; pass an RGBA image with the object's alpha for reliable "
+                      "results" for name in ("a.png", "b.png")]
+
+
+def test_a_warning_repeated_for_one_image_is_reported_once(capsys):
+    with generate_cli.warnings_reported_for(Path("a.png")):
+        for _ in range(2):  # as from a pipeline with two image encoders, each preparing the image
+            warnings.warn("image has no alpha channel", UserWarning, stacklevel=1)
+    assert capsys.readouterr().err == "d3s2 generate: warning: a.png: image has no alpha channel\n"

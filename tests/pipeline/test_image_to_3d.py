@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -162,6 +163,9 @@ def test_unusable_values_are_clear_errors(pipe):
     for cfg in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="expected a finite cfg"):
             pipe(rgba_image(), resolution=64, cfg=cfg, progress=False, device="cpu")
+    for seed in (-1, 2**63, 2**64):  # torch.Generator takes seeds below 2**64, and each stage adds its index
+        with pytest.raises(ValueError, match=re.escape(f"expected seed in [0, {2**63 - 1}], got {seed}")):
+            pipe(rgba_image(), resolution=64, seed=seed, progress=False, device="cpu")
     with pytest.raises(ValueError, match=r"expected occupancy_threshold in \[0, 1\)"):
         PipelineSettings(occupancy_threshold=-1.0)
     old = pipe.settings.occupancy_threshold

@@ -9,7 +9,7 @@ from PIL import Image
 
 from d3s2.models.conditioner import MIN_IMAGE_SIDE, load_image
 
-from .tiny import png_header_only, rgba_image
+from .tiny import png_header_only, rgba_image, stored_image_variants
 
 
 def test_a_decompression_bomb_is_refused_on_its_header(tmp_path):
@@ -39,3 +39,18 @@ def test_images_smaller_than_the_minimum_are_refused(tmp_path):
     with pytest.raises(ValueError, match="expected at least 16x16 pixels, got 20x8"):
         load_image(np.zeros((8, 20, 4), np.uint8))
     assert load_image(rgba_image(MIN_IMAGE_SIDE)).size == (MIN_IMAGE_SIDE, MIN_IMAGE_SIDE)
+
+
+@pytest.mark.parametrize("variant", ["exif rotated", "16-bit gray", "tRNS key colour", "opaque alpha"])
+def test_images_are_read_as_a_viewer_shows_them(tmp_path, variant):
+    data, expected = stored_image_variants()[variant]
+    path = tmp_path / "image.png"
+    path.write_bytes(data)
+    np.testing.assert_array_equal(np.asarray(load_image(path)), expected)
+    with Image.open(path) as img:  # an opened PIL image is read the same way
+        np.testing.assert_array_equal(np.asarray(load_image(img)), expected)
+
+
+def test_a_directory_is_named_as_such_not_as_missing(tmp_path):
+    with pytest.raises(IsADirectoryError, match=re.escape(f"{tmp_path} is a directory, expected an image file")):
+        load_image(tmp_path)

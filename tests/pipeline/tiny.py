@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 
@@ -69,3 +70,36 @@ def png_header_only(width: int, height: int) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)  # 8-bit RGBA, no interlace
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def stored_image_variants(size: int = 40) -> dict[str, tuple[bytes, np.ndarray]]:
+    """Image files whose stored pixels differ from what a viewer shows → (file bytes, the uint8 RGB(A) array a
+    reader must return): an EXIF-rotated photo, a 16-bit grayscale PNG, an RGB PNG with a tRNS key colour and an RGBA
+    PNG whose alpha is opaque everywhere (no object mask: read as RGB, so the background is estimated)."""
+    from PIL import Image
+
+    upright = np.full((size, 2 * size, 3), 255, np.uint8)  # landscape: a red block left, a blue one right
+    upright[size // 4: 3 * size // 4, 2:size // 2] = (200, 30, 30)
+    upright[size // 4: 3 * size // 4, -size // 2:-2] = (30, 30, 200)
+    variants = {}
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turn 90° clockwise to show; the stored pixels are turned counter-clockwise
+    buf = io.BytesIO()
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(buf, format="PNG", exif=exif)
+    variants["exif rotated"] = (buf.getvalue(), upright)
+
+    gray = upright.min(axis=2)
+    buf = io.BytesIO()
+    Image.fromarray(gray.astype(np.uint16) * 257).save(buf, format="PNG")  # mode I;16
+    variants["16-bit gray"] = (buf.getvalue(), np.repeat(gray[..., None], 3, axis=2))
+
+    buf = io.BytesIO()
+    Image.fromarray(upright).save(buf, format="PNG", transparency=(255, 255, 255))
+    alpha = np.where((upright == 255).all(axis=2), 0, 255).astype(np.uint8)
+    variants["tRNS key colour"] = (buf.getvalue(), np.concatenate([upright, alpha[..., None]], axis=2))
+
+    buf = io.BytesIO()
+    Image.fromarray(upright).convert("RGBA").save(buf, format="PNG")
+    variants["opaque alpha"] = (buf.getvalue(), upright)
+    return variants

@@ -88,7 +88,7 @@ def read_image(data: bytes, limits: Limits) -> np.ndarray:
     an image no generation can use (smaller than ``MIN_IMAGE_SIDE`` a side, an empty alpha channel: 422)."""
     from PIL import Image, UnidentifiedImageError
 
-    from ..models.conditioner import MIN_IMAGE_SIDE, check_object_alpha
+    from ..models.conditioner import MIN_IMAGE_SIDE, check_object_alpha, upright_rgb_or_rgba
 
     if not data:
         raise RequestError(400, "empty upload: expected an image file (PNG, JPEG, WebP, BMP or TIFF)")
@@ -105,8 +105,7 @@ def read_image(data: bytes, limits: Limits) -> np.ndarray:
             if w < MIN_IMAGE_SIDE or h < MIN_IMAGE_SIDE:
                 raise RequestError(422, f"image too small: expected at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} "
                                         f"pixels, got {w}x{h}")
-            alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
-            decoded = img.convert("RGBA" if alpha else "RGB")
+            decoded = upright_rgb_or_rgba(img)
     except RequestError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:

@@ -1,8 +1,9 @@
 """Sparse marching cubes: triangle meshes straight from sparse SDF voxels, no dense grid.
 
 A cube is the 2×2×2 group of voxels with lowest corner ``v``; it is processed when all 8 voxels are present.
-Vertices sit on cube edges whose end values straddle the iso level (linear interpolation) and are welded:
-one vertex per grid edge, shared by the (up to 4) cubes around it. Triangles are wound so their normals
+Vertices sit on cube edges whose end values straddle the iso level (linear interpolation, kept
+:data:`EDGE_MARGIN` off the edge's ends) and are welded: one vertex per grid edge, shared by the (up to 4) cubes
+around it. Triangles are wound so their normals
 point towards increasing values, i.e. outwards for an SDF that is negative inside. A closed band (every
 cube that the surface crosses is present) gives a watertight mesh.
 
@@ -40,6 +41,11 @@ def _edges() -> tuple[np.ndarray, np.ndarray]:
 
 
 EDGE_CORNERS, EDGE_AXIS = _edges()
+# Voxels: how far a vertex stays from its edge's ends. A value at the level (or so close to it that float32 rounds
+# the interpolation to an end) would put the vertices of every crossing edge that meets there at one position, which
+# readers that weld by position (STL has no shared vertices) turn into a pinch. Float32 still tells apart
+# positions this far from a grid point at 1024³.
+EDGE_MARGIN = 1e-3
 
 
 def _cube_faces() -> list[tuple[list[int], np.ndarray]]:
@@ -265,7 +271,7 @@ def sparse_marching_cubes(
     cv = cube_vals[cube_idx[t_idx]]  # [V, 8]
     v0 = cv.gather(1, edge_corners[le, 0:1]).squeeze(1)
     v1 = cv.gather(1, edge_corners[le, 1:2]).squeeze(1)
-    t = ((level - v0) / (v1 - v0)).clamp(0.0, 1.0)
+    t = ((level - v0) / (v1 - v0)).clamp(EDGE_MARGIN, 1.0 - EDGE_MARGIN)
     p0 = (cube_origin[cube_idx[t_idx]] + corner_off[edge_corners[le, 0]]).float()
     step = torch.nn.functional.one_hot(edge_axis[le], 3).float()
     verts = p0 + t[:, None] * step  # [V, 3] voxel-index units

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 
 from .dit.condition import ConditionTokens
@@ -41,11 +41,12 @@ MIN_IMAGE_SIDE = 16  # pixels; smaller inputs hold too little of the object for 
 
 
 def load_image(image: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
-    """Open ``image`` (a path, a PIL image or an ``[H, W, 3|4]`` uint8 array) as RGB or RGBA.
+    """Open ``image`` (a path, a PIL image or an ``[H, W, 3|4]`` uint8 array) as RGB or RGBA, upright
+    (:func:`upright_rgb_or_rgba`).
 
-    Raises FileNotFoundError for a missing file and ValueError for an unreadable image, one smaller than
-    :data:`MIN_IMAGE_SIDE` pixels a side, or a file above ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (checked on the
-    header, before decoding).
+    Raises FileNotFoundError for a missing file, IsADirectoryError for a folder and ValueError for an unreadable
+    image, one smaller than :data:`MIN_IMAGE_SIDE` pixels a side, or a file above ``PIL.Image.MAX_IMAGE_PIXELS``
+    pixels (checked on the header, before decoding).
     """
     name = "image"
     if isinstance(image, np.ndarray):
@@ -61,12 +62,29 @@ def load_image(image: str | os.PathLike | Image.Image | np.ndarray) -> Image.Ima
     if img.width < MIN_IMAGE_SIDE or img.height < MIN_IMAGE_SIDE:
         raise ValueError(f"{name}: expected at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels, "
                          f"got {img.width}x{img.height}")
-    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
-    return img.convert("RGBA" if has_alpha else "RGB")
+    return upright_rgb_or_rgba(img)
+
+
+def upright_rgb_or_rgba(img: Image.Image) -> Image.Image:
+    """``img`` as a viewer shows it: its EXIF orientation applied, as 8-bit RGBA when it has transparency (an alpha
+    channel that is not opaque everywhere, a palette or PNG tRNS key colour), else as 8-bit RGB."""
+    img = ImageOps.exif_transpose(img)  # camera photos store the sensor's pixels plus an orientation tag
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        # PIL's convert clips these 16-bit values to 0..255 (a gray image turns white): scale them to 8 bits.
+        img = Image.fromarray((np.asarray(img, np.float64) / 257.0).round().clip(0, 255).astype(np.uint8))
+    has_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
+    img = img.convert("RGBA" if has_alpha else "RGB")
+    if has_alpha and img.getchannel("A").getextrema()[0] == 255:
+        # Opaque everywhere (a flattened render or a screenshot): the alpha outlines no object, only the frame.
+        # As RGB, the object is found against the background instead.
+        img = img.convert("RGB")
+    return img
 
 
 def _read_image_file(path: Path) -> Image.Image:
     """The decoded image at ``path``; its size is checked against ``PIL.Image.MAX_IMAGE_PIXELS`` first."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, expected an image file")
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     limit = Image.MAX_IMAGE_PIXELS  # read at call time: a caller may change it (None: no limit, as in PIL)
@@ -154,8 +172,8 @@ def preprocess_image(
         rgb = arr[..., :3]
     else:
         rgb = arr
-        warnings.warn("image has no alpha channel: estimating the background from the border colour; "
-                      "pass an RGBA image with the object's alpha for reliable results", stacklevel=2)
+        warnings.warn("image has no alpha channel (or an opaque one): estimating the background from the border "
+                      "colour; pass an RGBA image with the object's alpha for reliable results", stacklevel=2)
         mask = estimate_foreground(rgb, threshold=threshold)
         if not mask.any():
             raise ValueError("could not separate the object from the background (no pixel differs from the "

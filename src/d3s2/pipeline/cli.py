@@ -7,10 +7,13 @@ Weights: ``--weights DIR``, else ``$D3S2_WEIGHTS``, else the bundled demo pipeli
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..cli import eval_subparsers
@@ -43,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resolution", type=int, default=None,
                    help="mesh resolution: one of the pipeline's resolutions (default: the highest)")
     p.add_argument("--seed", type=int, default=0,
-                   help="random seed: the same seed, image, settings and device give the same mesh (default 0)")
+                   help="random seed, 0 to 2**63 - 1: the same seed, image, settings and device give the same mesh "
+                        "(default 0)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps for every stage, ≥ 1 (default: per stage)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale for every stage (default: per stage)")
     p.add_argument("--faces", type=int, default=None, help="decimate to about N faces (may break watertightness)")
@@ -144,8 +148,25 @@ def report_failure(image: Path, err: Exception) -> None:
     print(f"d3s2 generate: error: {image}: {err}", file=sys.stderr)
 
 
+@contextlib.contextmanager
+def warnings_reported_for(image: Path) -> Iterator[None]:
+    """Each distinct warning raised while ``image`` runs as one line naming it (before an error of the same image),
+    instead of Python's once-per-source-line form, which in a batch shows the first image's only and names none."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            yield
+        finally:
+            # dict.fromkeys: once each, in order (every image encoder of a pipeline prepares the image again).
+            for message in dict.fromkeys(str(warning.message) for warning in caught):
+                print(f"d3s2 generate: warning: {image}: {message}", file=sys.stderr)
+
+
 def check_sampling_arguments(args: argparse.Namespace) -> None:
-    """``--steps``, ``--cfg`` and ``--occupancy-threshold`` that no run can use: errors before any weights load."""
+    """``--steps``, ``--cfg``, ``--occupancy-threshold`` and ``--seed`` that no run can use: errors before any
+    weights load."""
+    from .image_to_3d import MAX_SEED
+
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"expected --steps ≥ 1, got {args.steps}")
     if args.cfg is not None and not math.isfinite(args.cfg):
@@ -154,6 +175,8 @@ def check_sampling_arguments(args: argparse.Namespace) -> None:
     # sigmoid ≥ 0 keeps the whole grid (minutes of sampling), ≥ 1 keeps nothing.
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise ValueError(f"expected --occupancy-threshold in (0, 1), got {threshold}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ValueError(f"expected --seed in [0, {MAX_SEED}], got {args.seed}")
 
 
 def check_resolution(weights: str, resolution: int | None) -> None:
@@ -226,9 +249,10 @@ def run(args: argparse.Namespace) -> int:
         pipe.settings.occupancy_threshold = args.occupancy_threshold
     for image, out in work:
         try:
-            mesh = pipe(image, resolution=args.resolution, seed=args.seed, steps=args.steps, cfg=args.cfg,
-                        faces=args.faces, device=device, progress=progress, low_vram=args.low_vram,
-                        residency="resident" if args.keep_weights else None)
+            with warnings_reported_for(image):
+                mesh = pipe(image, resolution=args.resolution, seed=args.seed, steps=args.steps, cfg=args.cfg,
+                            faces=args.faces, device=device, progress=progress, low_vram=args.low_vram,
+                            residency="resident" if args.keep_weights else None)
             export_mesh(require_surface(mesh), out)
         except (ValueError, OSError, RuntimeError) as err:
             # One bad image (no object, empty structure or surface) or unwritable output does not stop the others; any

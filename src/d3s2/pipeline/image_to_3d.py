@@ -71,6 +71,8 @@ FORMAT = "d3s2-image-to-3d"
 _SPARSE_NAME = re.compile(r"^sparse_(dit|vae)_(\d+)$")
 _REFINER_NAME = re.compile(r"^refiner(?:_(\d+))?$")  # "refiner" alone: the published 512³ one
 _OWN_PREFIX = "conditioner_"  # conditioner_<DiT component>: that DiT's own image encoder
+# torch.Generator takes seeds below 2**64 and stage i seeds seed + i: any seed below 2**63 works for every stage.
+MAX_SEED = 2**63 - 1
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -409,7 +411,7 @@ class ImageTo3DPipeline:
 
         Args:
             resolution: mesh resolution, one of :attr:`resolutions` (default: the highest).
-            seed: the same seed, inputs and device give the same mesh.
+            seed: in [0, :data:`MAX_SEED`]; the same seed, inputs and device give the same mesh.
             steps / cfg: override every stage's step count (≥ 1) / guidance scale (finite; 0 is a scale too:
                 the unconditional prediction). None keeps each stage's.
             faces: decimate to about this many faces.
@@ -435,6 +437,8 @@ class ImageTo3DPipeline:
             raise ValueError(f"expected steps ≥ 1 (None: each stage's own), got {steps}")
         if cfg is not None and not math.isfinite(cfg):
             raise ValueError(f"expected a finite cfg (guidance scale), got {cfg}")
+        if not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"expected seed in [0, {MAX_SEED}], got {seed}")
         self.settings.check()
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
