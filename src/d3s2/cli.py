@@ -8,10 +8,14 @@ heavy dependencies inside ``func``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import signal
 import sys
+import threading
 import weakref
+from collections.abc import Iterator
 
 # Module paths providing ``register(subparsers)``, in the order shown by ``d3s2 --help``.
 SUBCOMMAND_MODULES = [
@@ -73,6 +77,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM (``kill``, a scheduler's time limit) raised in the main thread as Ctrl-C is, so that a file being
+    written is removed whole (:mod:`d3s2.fileio`) instead of the process ending inside the write."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` while entered, unless the process already handles it (a host that calls
+    :func:`main`) or this is not the main thread; commands that stop more gently (train, data build) install
+    their own handler inside."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -82,13 +111,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        # Ctrl-C: outputs are atomic (nothing partial is left) and long jobs resume, so no traceback (-v for it).
+        with _sigterm_raises():
+            return int(args.func(args) or 0)
+    except (KeyboardInterrupt, Terminated) as stop:
+        # Ctrl-C or SIGTERM: outputs are atomic (nothing partial is left) and long jobs resume, so no traceback
+        # (-v for it). The exit codes of a shell: 128 + the signal.
         if args.verbose:
             raise
-        print(f"d3s2 {args.command}: interrupted", file=sys.stderr)
-        return 130
+        terminated = isinstance(stop, Terminated)
+        print(f"d3s2 {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except (ValueError, OSError, RuntimeError) as err:
         # Expected user errors (bad values, missing or unwritable paths): one clear line, no traceback (-v for it).
         if args.verbose:
