@@ -58,7 +58,8 @@ def test_read_image_modes_and_limits():
     assert err.value.status == 415
 
 
-@pytest.mark.parametrize("variant", ["exif rotated", "16-bit gray", "tRNS key colour", "opaque alpha"])
+@pytest.mark.parametrize("variant", ["exif rotated", "16-bit gray", "float gray", "tRNS key colour",
+                                     "opaque alpha"])
 def test_uploads_are_read_as_a_viewer_shows_them(variant):
     data, expected = stored_image_variants()[variant]
     np.testing.assert_array_equal(read_image(data, Limits()), expected)

@@ -41,7 +41,8 @@ def test_images_smaller_than_the_minimum_are_refused(tmp_path):
     assert load_image(rgba_image(MIN_IMAGE_SIDE)).size == (MIN_IMAGE_SIDE, MIN_IMAGE_SIDE)
 
 
-@pytest.mark.parametrize("variant", ["exif rotated", "16-bit gray", "tRNS key colour", "opaque alpha"])
+@pytest.mark.parametrize("variant", ["exif rotated", "16-bit gray", "float gray", "tRNS key colour",
+                                     "opaque alpha"])
 def test_images_are_read_as_a_viewer_shows_them(tmp_path, variant):
     data, expected = stored_image_variants()[variant]
     path = tmp_path / "image.png"

@@ -74,8 +74,9 @@ def png_header_only(width: int, height: int) -> bytes:
 
 def stored_image_variants(size: int = 40) -> dict[str, tuple[bytes, np.ndarray]]:
     """Image files whose stored pixels differ from what a viewer shows → (file bytes, the uint8 RGB(A) array a
-    reader must return): an EXIF-rotated photo, a 16-bit grayscale PNG, an RGB PNG with a tRNS key colour and an RGBA
-    PNG whose alpha is opaque everywhere (no object mask: read as RGB, so the background is estimated)."""
+    reader must return): an EXIF-rotated photo, a 16-bit grayscale PNG, a float grayscale TIFF, an RGB PNG with a
+    tRNS key colour and an RGBA PNG whose alpha is opaque everywhere (no object mask: read as RGB, so the
+    background is estimated)."""
     from PIL import Image
 
     upright = np.full((size, 2 * size, 3), 255, np.uint8)  # landscape: a red block left, a blue one right
@@ -93,6 +94,10 @@ def stored_image_variants(size: int = 40) -> dict[str, tuple[bytes, np.ndarray]]
     buf = io.BytesIO()
     Image.fromarray(gray.astype(np.uint16) * 257).save(buf, format="PNG")  # mode I;16
     variants["16-bit gray"] = (buf.getvalue(), np.repeat(gray[..., None], 3, axis=2))
+
+    buf = io.BytesIO()
+    Image.fromarray(gray.astype(np.float32) / 255.0).save(buf, format="TIFF")  # mode F, values in [0, 1]
+    variants["float gray"] = (buf.getvalue(), np.repeat(gray[..., None], 3, axis=2))
 
     buf = io.BytesIO()
     Image.fromarray(upright).save(buf, format="PNG", transparency=(255, 255, 255))

@@ -69,9 +69,11 @@ def upright_rgb_or_rgba(img: Image.Image) -> Image.Image:
     """``img`` as a viewer shows it: its EXIF orientation applied, as 8-bit RGBA when it has transparency (an alpha
     channel that is not opaque everywhere, a palette or PNG tRNS key colour), else as 8-bit RGB."""
     img = ImageOps.exif_transpose(img)  # camera photos store the sensor's pixels plus an orientation tag
-    if img.mode == "I" or img.mode.startswith("I;16"):
-        # PIL's convert clips these 16-bit values to 0..255 (a gray image turns white): scale them to 8 bits.
-        img = Image.fromarray((np.asarray(img, np.float64) / 257.0).round().clip(0, 255).astype(np.uint8))
+    if img.mode == "I" or img.mode.startswith("I;16") or img.mode == "F":
+        # PIL's convert clips these to 0..255 (16-bit gray turns white, float gray in [0, 1] black): scale to 8 bits.
+        values = np.nan_to_num(np.asarray(img, np.float64))
+        scale = 1.0 / 257.0 if img.mode != "F" else (255.0 if values.max(initial=0.0) <= 1.0 else 1.0)
+        img = Image.fromarray((values * scale).round().clip(0, 255).astype(np.uint8))
     has_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
     img = img.convert("RGBA" if has_alpha else "RGB")
     if has_alpha and img.getchannel("A").getextrema()[0] == 255:
