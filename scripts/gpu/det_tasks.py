@@ -19,7 +19,8 @@ restore every rank's data position and RNG streams. A smoke run on the CPU (gloo
 
     DEVICE=cpu NPROC=2 bash scripts/gpu/det_tasks.sh
 
-Environment: ``DEVICE`` (``cuda``, or ``cpu`` to try the script without a GPU), ``STEPS`` (6, even), ``TASKS``
+Environment: ``DEVICE`` (``cuda``, or ``cpu`` to try the script without a GPU), ``PARALLEL`` (``ddp`` or ``fsdp``:
+``train.parallel`` under torchrun; FSDP shards each model whole), ``STEPS`` (6, even), ``TASKS``
 (some of ``toy dense_vae dit_dense vae dit_sparse``, run in that order; default all; dit_dense needs dense_vae's
 run a). Each run is ``d3s2 train`` (in-process ``d3s2.cli.main``) from the task's tiny debug config, with 2
 DataLoader workers (per rank), every step logged, no validation. A failed run (e.g. an op without a deterministic
@@ -43,6 +44,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 DEVICE = os.environ.get("DEVICE", "cuda")
 STEPS = int(os.environ.get("STEPS", "6"))
+PARALLEL = os.environ.get("PARALLEL", "ddp")
 # dense_vae before dit_dense: its run "a" export is the frozen encoder of every dit_dense run.
 ALL_TASKS = ["toy", "dense_vae", "dit_dense", "vae", "dit_sparse"]
 REQUESTED = os.environ.get("TASKS", " ".join(ALL_TASKS)).split()
@@ -88,7 +90,7 @@ def train_args(task: str, root: Path, nproc: int) -> list[str]:
         # The tiny sets pack into one or two micro-batches per epoch at the configs' sizes, too few for N ranks.
         micro_batches = (load_yaml(config).get("data") or {}).get("micro_batches_per_step", 1)
         extra += [f"--data.micro_batches_per_step={micro_batches * nproc}",
-                  f"--data.max_batch_size={max(TINY_ITEMS // nproc, 1)}"]
+                  f"--data.max_batch_size={max(TINY_ITEMS // nproc, 1)}", f"--train.parallel={PARALLEL}"]
     return ["train", task, "--config", str(config), *extra, f"--train.max_steps={STEPS}",
             f"--train.ckpt_every={STEPS // 2}", "--train.keep_last=3", "--train.log_every=1", "--train.val_every=0",
             "--train.progress=false", "--train.deterministic=true", f"--train.device={DEVICE}",
@@ -226,7 +228,7 @@ def compare(root: Path, nproc: int) -> int:
             print(f"    logged rows identical (loss terms, grad_norm, lr, epoch); step-{STEPS} weights, EMA, AdamW "
                   f"state, scheduler, data position, {rng} and log window{ranks} identical")
         failed += bool(problems)
-    where = f"{nproc} processes on {DEVICE} (torchrun)" if nproc > 1 else DEVICE
+    where = f"{nproc} processes on {DEVICE} (torchrun, {PARALLEL})" if nproc > 1 else DEVICE
     print(f"{len(TASKS) - failed}/{len(TASKS)} tasks deterministic and resume-exact on {where}")
     return 1 if failed else 0
 
@@ -245,6 +247,8 @@ def main(argv: list[str]) -> int:
     nproc = args.nproc if args.nproc is not None else int(os.environ.get("WORLD_SIZE", "1"))
     if nproc < 1:
         parser.error(f"--nproc must be >= 1, got {nproc}")
+    if PARALLEL not in ("ddp", "fsdp"):
+        raise SystemExit(f"PARALLEL: expected ddp or fsdp, got {PARALLEL!r}")
     if STEPS < 2 or STEPS % 2:
         raise SystemExit(f"STEPS must be even and >= 2, got {STEPS}")
     unknown = sorted(set(REQUESTED) - set(ALL_TASKS))

@@ -8,6 +8,7 @@
 # NPROC=2 (on nvidia-h200-x2): every run is 2 ranks under torchrun (DDP over NCCL), with twice the micro-batches per
 # step; compare also checks both ranks' RNG states and log windows. CPU smoke run (gloo, 36 s on 2 shared cores):
 #   DEVICE=cpu NPROC=2 bash scripts/gpu/det_tasks.sh
+# PARALLEL=fsdp (with NPROC > 1): the runs shard each model with FSDP2 instead of DDP.
 source scripts/gpu/_prelude.sh
 export DEVICE=${DEVICE:-cuda} STEPS=${STEPS:-6}
 NPROC=${NPROC:-1}
