@@ -350,6 +350,24 @@ def test_refuses_anything_but_weights_only(tmp_path):
         pub.load_checkpoint(tmp_path / "missing.ckpt")
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("truncated", r"cannot read the checkpoint \(\d+ bytes\), truncated or corrupted: .*download it again"),
+    ("empty", r"expected a torch.save checkpoint, got an empty file \(download it again\)"),
+    ("lfs pointer", r"got a Git LFS pointer file \(fetch the file itself: git lfs pull"),
+    ("html page", r"got a file that starts with b'<!DOCTYPE html>"),
+])
+def test_a_damaged_download_is_named_with_its_file(tmp_path, damage, message):
+    path = tmp_path / "model_refiner.ckpt"
+    torch.save({"refiner": {"w": torch.zeros(1000)}}, path)
+    data = {"truncated": path.read_bytes()[:-200], "empty": b"",
+            "lfs pointer": b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 33586453\n",
+            "html page": b"<!DOCTYPE html><html>Not Found</html>"}[damage]
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=message) as err:
+        pub.load_checkpoint(path)
+    assert str(err.value).startswith(f"{path}: ")
+
+
 def test_config_is_read_strictly(tmp_path):
     from .synthetic import published_config
 

@@ -304,6 +304,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"expected checkpoint file {path}")
+    not_a_checkpoint = _not_a_checkpoint(path)
+    if not_a_checkpoint:
+        raise ValueError(f"{path}: expected a torch.save checkpoint, got {not_a_checkpoint}")
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -311,6 +314,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor
             if "mmap" not in str(err):
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except (RuntimeError, EOFError, OSError) as err:  # torch's reader on a cut-off zip archive or pickle stream
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: cannot read the checkpoint ({path.stat().st_size} bytes), truncated or "
+                         f"corrupted: {reason}; download it again") from err
     except pickle.UnpicklingError as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path}: refused: d3s2 reads checkpoints only with torch.load(weights_only=True), and "
@@ -324,6 +331,20 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor
         if bad:
             raise ValueError(f"{path}[{top!r}]: expected tensors only, got non-tensor entries {bad[:10]}")
     return obj
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """What ``path`` holds instead of a ``torch.save`` file (a zip archive, or a pickle in the legacy format),
+    judged from its first bytes; None when it may be one."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "an empty file (download it again)"
+    if head.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer file (fetch the file itself: git lfs pull, or huggingface-cli download)"
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):  # zip local header / pickle PROTO opcode
+        return None
+    return f"a file that starts with {head[:16]!r} (download it again)"
 
 
 def sparse_conv_modules(model: nn.Module) -> dict[str, int]:
