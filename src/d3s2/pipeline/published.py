@@ -585,33 +585,37 @@ PIPELINE_FILE = "pipeline.json"
 def convert_published(root: str | os.PathLike, out: str | os.PathLike, components: Iterable[str] | None = None, *,
                       dtype: torch.dtype | None = None) -> Path:
     """Write a published folder as d3s2 models: ``out/<component>/{config.json, model.safetensors}`` (the
-    :mod:`d3s2.models.registry` format) and ``out/pipeline.json`` (version, defaults, component list), each
-    component directory and file replaced atomically. ``dtype`` None keeps the stored dtypes."""
+    :mod:`d3s2.models.registry` format) and ``out/pipeline.json`` (version, defaults, component list). The whole
+    folder is written beside ``out`` and takes its place at the end: a failure leaves ``out`` as it was, and a
+    finished conversion replaces an earlier one whole. ``dtype`` None keeps the stored dtypes."""
     from ..models.registry import save_pretrained
 
     root, out = Path(root), Path(out)
     if out.resolve() == root.resolve():
         raise ValueError(f"expected an output directory other than the published folder {root}")
+    # Replacing the folder whole must not delete files that are not an earlier conversion's.
+    earlier_or_empty = out.is_dir() and ((out / PIPELINE_FILE).is_file() or not any(out.iterdir()))
+    if out.exists() and not earlier_or_empty:
+        raise ValueError(f"expected --out to be a new or empty folder, or one written by d3s2 convert (with "
+                         f"{PIPELINE_FILE}), got {out}")
     config = read_config(root)
-    # Checked before anything is written: a folder without checkpoints must not become an empty pipeline.
     names = _selected_components(root, config, components)
-    out.mkdir(parents=True, exist_ok=True)
     defaults = read_defaults(config)
     by_file: dict[str, list[str]] = {}
     for n in names:
         by_file.setdefault(CHECKPOINTS[n][0], []).append(n)
-    for file, group in by_file.items():
-        ckpt = load_checkpoint(root / file)
-        for n in group:
-            model = load_component(root, n, dtype=dtype, config=config, checkpoint=ckpt)
-            with atomic_dir(out / n) as tmp:
-                save_pretrained(model, tmp)
-            logger.info("wrote %s", out / n)
-            del model
-        del ckpt
-    manifest = {"source": str(root.resolve()), "version": defaults.version, "components": names,
-                "defaults": defaults.to_dict()}
-    atomic_write_text(out / PIPELINE_FILE, json.dumps(manifest, indent=2) + "\n")
+    with atomic_dir(out) as tmp:
+        for file, group in by_file.items():
+            ckpt = load_checkpoint(root / file)
+            for n in group:
+                model = load_component(root, n, dtype=dtype, config=config, checkpoint=ckpt)
+                save_pretrained(model, tmp / n)
+                logger.info("converted %s", n)
+                del model
+            del ckpt
+        manifest = {"source": str(root.resolve()), "version": defaults.version, "components": names,
+                    "defaults": defaults.to_dict()}
+        atomic_write_text(tmp / PIPELINE_FILE, json.dumps(manifest, indent=2) + "\n")
     return out
 
 
