@@ -608,7 +608,7 @@ def convert_published(root: str | os.PathLike, out: str | os.PathLike, component
         for file, group in by_file.items():
             ckpt = load_checkpoint(root / file)
             for n in group:
-                model = load_component(root, n, dtype=dtype, config=config, checkpoint=ckpt)
+                model = _own_storages(load_component(root, n, dtype=dtype, config=config, checkpoint=ckpt))
                 save_pretrained(model, tmp / n)
                 logger.info("converted %s", n)
                 del model
@@ -617,6 +617,21 @@ def convert_published(root: str | os.PathLike, out: str | os.PathLike, component
                     "defaults": defaults.to_dict()}
         atomic_write_text(tmp / PIPELINE_FILE, json.dumps(manifest, indent=2) + "\n")
     return out
+
+
+def _own_storages(model: nn.Module) -> nn.Module:
+    """``model`` with every tensor in storage of its own. A checkpoint may store tensors as views of one buffer
+    (flattened or tied weights), loaded as views of it, and safetensors refuses to save tensors that share memory."""
+    seen: set[int] = set()
+    copies = {}
+    for key, t in model.state_dict().items():
+        storage = t.untyped_storage().data_ptr()
+        if storage in seen:
+            copies[key] = t.clone()
+        seen.add(storage)
+    if copies:
+        model.load_state_dict(copies, strict=False, assign=True)
+    return model
 
 
 def load_converted(out: str | os.PathLike, components: Iterable[str] | None = None, *,
