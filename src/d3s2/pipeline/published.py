@@ -482,7 +482,16 @@ def load_component(root: str | os.PathLike, name: str, *, device: torch.device |
     if key not in ckpt:
         raise ValueError(f"{root / file}: expected top-level key {key!r}, got {sorted(ckpt)}")
     where = f"{root / file}[{key!r}]"
-    mapped = from_published(model, ckpt[key], where=where)
+    try:
+        mapped = from_published(model, ckpt[key], where=where)
+    except ValueError as err:
+        if not name.startswith("sparse_dit"):
+            raise
+        # The sparse DiTs are what differs between the two releases: name the likely cause after the long list.
+        raise ValueError(f"{err}\n{root / CONFIG_FILE} describes the sparse DiT of Direct3D-S2 "
+                         f"{read_defaults(config).version}; a checkpoint from the other release folder "
+                         f"(direct3d-s2-v-1-0 or direct3d-s2-v-1-1) does not fit it: take config.yaml and every "
+                         f"model_*.ckpt from one folder") from err
     if name == "dense_dit":
         _check_pos_emb(model, mapped, where)
     return _materialize(model, mapped, device, dtype)
