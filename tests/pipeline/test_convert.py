@@ -104,3 +104,49 @@ def test_convert_refuses_a_folder_without_checkpoints_and_writes_nothing(tmp_pat
     assert main(["convert", str(root), "--out", str(out), "--components", "vae"]) == 1
     assert "unknown components ['vae']" in capsys.readouterr().err
     assert not out.exists()  # no empty pipeline folder that `d3s2 generate` would fail on later
+
+
+def test_a_failed_conversion_leaves_no_partial_folder_and_an_earlier_one_as_it_was(tiny_folder, tmp_path, capsys):
+    root, _ = tiny_folder
+    sparse = root / "model_sparse_512.ckpt"
+    good = sparse.read_bytes()
+    sparse.write_bytes(good[: len(good) // 2])  # converted after model_dense.ckpt: the dense DiT is done by then
+    out = tmp_path / "converted"
+    assert main(["convert", str(root), "--out", str(out)]) == 1
+    assert "model_sparse_512.ckpt: cannot read the checkpoint" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".converted*"))
+
+    sparse.write_bytes(good)
+    assert main(["convert", str(root), "--out", str(out), "--components", "sparse_vae_512", "sparse_dit_512"]) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    sparse.write_bytes(good[: len(good) // 2])
+    assert main(["convert", str(root), "--out", str(out)]) == 1
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not list(tmp_path.glob(".converted*"))
+
+
+def test_convert_refuses_to_replace_a_folder_it_did_not_write(tiny_folder, tmp_path, capsys):
+    root, _ = tiny_folder
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    assert main(["convert", str(root), "--out", str(out)]) == 1
+    assert "expected --out to be a new or empty folder, or one written by d3s2 convert" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_convert_writes_checkpoint_tensors_that_share_memory(tiny_folder, tmp_path):
+    root, models = tiny_folder
+    name = "dense_dit"
+    file, key = pub.CHECKPOINTS[name]
+    shapes = {k: v.shape for k, v in pub.to_published(models[name]).items()}
+    # Overlapping windows of one buffer (as tied weights, or synthetic files as tests/pipeline/synthetic.py
+    # writes them): safetensors refuses to save tensors that share memory.
+    buffer = torch.randn(max(s.numel() for s in shapes.values()) + len(shapes))
+    views = {k: buffer[i:i + s.numel()].view(s) for i, (k, s) in enumerate(shapes.items())}
+    torch.save({key: views}, root / file)
+    out = tmp_path / "converted"
+    assert main(["convert", str(root), "--out", str(out), "--components", name]) == 0
+    got = pub.load_converted(out)[name].state_dict()
+    for k, v in views.items():
+        assert torch.equal(got[k], v), k

@@ -350,6 +350,36 @@ def test_refuses_anything_but_weights_only(tmp_path):
         pub.load_checkpoint(tmp_path / "missing.ckpt")
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("truncated", r"cannot read the checkpoint \(\d+ bytes\), truncated or corrupted: .*download it again"),
+    ("empty", r"expected a torch.save checkpoint, got an empty file \(download it again\)"),
+    ("lfs pointer", r"got a Git LFS pointer file \(fetch the file itself: git lfs pull"),
+    ("html page", r"got a file that starts with b'<!DOCTYPE html>"),
+])
+def test_a_damaged_download_is_named_with_its_file(tmp_path, damage, message):
+    path = tmp_path / "model_refiner.ckpt"
+    torch.save({"refiner": {"w": torch.zeros(1000)}}, path)
+    data = {"truncated": path.read_bytes()[:-200], "empty": b"",
+            "lfs pointer": b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 33586453\n",
+            "html page": b"<!DOCTYPE html><html>Not Found</html>"}[damage]
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=message) as err:
+        pub.load_checkpoint(path)
+    assert str(err.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("config_version, file_version", [("v1.1", "v1.0"), ("v1.0", "v1.1")])
+def test_a_sparse_dit_checkpoint_of_the_other_release_names_the_versions(folders, config_version, file_version):
+    other = pub.load_checkpoint(folders[file_version] / "model_sparse_512.ckpt")
+    with pytest.raises(ValueError) as err:
+        pub.load_component(folders[config_version], "sparse_dit_512", checkpoint=other)
+    msg = str(err.value)
+    assert "problem(s) mapping to SparseDiT" in msg and "intra_block_pe: expected shape" in msg
+    assert msg.endswith(f"config.yaml describes the sparse DiT of Direct3D-S2 {config_version}; a checkpoint from "
+                        "the other release folder (direct3d-s2-v-1-0 or direct3d-s2-v-1-1) does not fit it: take "
+                        "config.yaml and every model_*.ckpt from one folder")
+
+
 def test_config_is_read_strictly(tmp_path):
     from .synthetic import published_config
 

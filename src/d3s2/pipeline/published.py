@@ -304,6 +304,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"expected checkpoint file {path}")
+    not_a_checkpoint = _not_a_checkpoint(path)
+    if not_a_checkpoint:
+        raise ValueError(f"{path}: expected a torch.save checkpoint, got {not_a_checkpoint}")
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -311,6 +314,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor
             if "mmap" not in str(err):
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except (RuntimeError, EOFError, OSError) as err:  # torch's reader on a cut-off zip archive or pickle stream
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: cannot read the checkpoint ({path.stat().st_size} bytes), truncated or "
+                         f"corrupted: {reason}; download it again") from err
     except pickle.UnpicklingError as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path}: refused: d3s2 reads checkpoints only with torch.load(weights_only=True), and "
@@ -324,6 +331,20 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor
         if bad:
             raise ValueError(f"{path}[{top!r}]: expected tensors only, got non-tensor entries {bad[:10]}")
     return obj
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """What ``path`` holds instead of a ``torch.save`` file (a zip archive, or a pickle in the legacy format),
+    judged from its first bytes; None when it may be one."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "an empty file (download it again)"
+    if head.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer file (fetch the file itself: git lfs pull, or huggingface-cli download)"
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):  # zip local header / pickle PROTO opcode
+        return None
+    return f"a file that starts with {head[:16]!r} (download it again)"
 
 
 def sparse_conv_modules(model: nn.Module) -> dict[str, int]:
@@ -461,7 +482,16 @@ def load_component(root: str | os.PathLike, name: str, *, device: torch.device |
     if key not in ckpt:
         raise ValueError(f"{root / file}: expected top-level key {key!r}, got {sorted(ckpt)}")
     where = f"{root / file}[{key!r}]"
-    mapped = from_published(model, ckpt[key], where=where)
+    try:
+        mapped = from_published(model, ckpt[key], where=where)
+    except ValueError as err:
+        if not name.startswith("sparse_dit"):
+            raise
+        # The sparse DiTs are what differs between the two releases: name the likely cause after the long list.
+        raise ValueError(f"{err}\n{root / CONFIG_FILE} describes the sparse DiT of Direct3D-S2 "
+                         f"{read_defaults(config).version}; a checkpoint from the other release folder "
+                         f"(direct3d-s2-v-1-0 or direct3d-s2-v-1-1) does not fit it: take config.yaml and every "
+                         f"model_*.ckpt from one folder") from err
     if name == "dense_dit":
         _check_pos_emb(model, mapped, where)
     return _materialize(model, mapped, device, dtype)
@@ -564,34 +594,53 @@ PIPELINE_FILE = "pipeline.json"
 def convert_published(root: str | os.PathLike, out: str | os.PathLike, components: Iterable[str] | None = None, *,
                       dtype: torch.dtype | None = None) -> Path:
     """Write a published folder as d3s2 models: ``out/<component>/{config.json, model.safetensors}`` (the
-    :mod:`d3s2.models.registry` format) and ``out/pipeline.json`` (version, defaults, component list), each
-    component directory and file replaced atomically. ``dtype`` None keeps the stored dtypes."""
+    :mod:`d3s2.models.registry` format) and ``out/pipeline.json`` (version, defaults, component list). The whole
+    folder is written beside ``out`` and takes its place at the end: a failure leaves ``out`` as it was, and a
+    finished conversion replaces an earlier one whole. ``dtype`` None keeps the stored dtypes."""
     from ..models.registry import save_pretrained
 
     root, out = Path(root), Path(out)
     if out.resolve() == root.resolve():
         raise ValueError(f"expected an output directory other than the published folder {root}")
+    # Replacing the folder whole must not delete files that are not an earlier conversion's.
+    earlier_or_empty = out.is_dir() and ((out / PIPELINE_FILE).is_file() or not any(out.iterdir()))
+    if out.exists() and not earlier_or_empty:
+        raise ValueError(f"expected --out to be a new or empty folder, or one written by d3s2 convert (with "
+                         f"{PIPELINE_FILE}), got {out}")
     config = read_config(root)
-    # Checked before anything is written: a folder without checkpoints must not become an empty pipeline.
     names = _selected_components(root, config, components)
-    out.mkdir(parents=True, exist_ok=True)
     defaults = read_defaults(config)
     by_file: dict[str, list[str]] = {}
     for n in names:
         by_file.setdefault(CHECKPOINTS[n][0], []).append(n)
-    for file, group in by_file.items():
-        ckpt = load_checkpoint(root / file)
-        for n in group:
-            model = load_component(root, n, dtype=dtype, config=config, checkpoint=ckpt)
-            with atomic_dir(out / n) as tmp:
-                save_pretrained(model, tmp)
-            logger.info("wrote %s", out / n)
-            del model
-        del ckpt
-    manifest = {"source": str(root.resolve()), "version": defaults.version, "components": names,
-                "defaults": defaults.to_dict()}
-    atomic_write_text(out / PIPELINE_FILE, json.dumps(manifest, indent=2) + "\n")
+    with atomic_dir(out) as tmp:
+        for file, group in by_file.items():
+            ckpt = load_checkpoint(root / file)
+            for n in group:
+                model = _own_storages(load_component(root, n, dtype=dtype, config=config, checkpoint=ckpt))
+                save_pretrained(model, tmp / n)
+                logger.info("converted %s", n)
+                del model
+            del ckpt
+        manifest = {"source": str(root.resolve()), "version": defaults.version, "components": names,
+                    "defaults": defaults.to_dict()}
+        atomic_write_text(tmp / PIPELINE_FILE, json.dumps(manifest, indent=2) + "\n")
     return out
+
+
+def _own_storages(model: nn.Module) -> nn.Module:
+    """``model`` with every tensor in storage of its own. A checkpoint may store tensors as views of one buffer
+    (flattened or tied weights), loaded as views of it, and safetensors refuses to save tensors that share memory."""
+    seen: set[int] = set()
+    copies = {}
+    for key, t in model.state_dict().items():
+        storage = t.untyped_storage().data_ptr()
+        if storage in seen:
+            copies[key] = t.clone()
+        seen.add(storage)
+    if copies:
+        model.load_state_dict(copies, strict=False, assign=True)
+    return model
 
 
 def load_converted(out: str | os.PathLike, components: Iterable[str] | None = None, *,
