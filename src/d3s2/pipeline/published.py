@@ -314,15 +314,16 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor
             if "mmap" not in str(err):
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except (RuntimeError, EOFError, OSError) as err:  # torch's reader on a cut-off zip archive or pickle stream
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, pickle.UnpicklingError):
+            raise ValueError(f"{path}: refused: d3s2 reads checkpoints only with torch.load(weights_only=True), "
+                             f"and this file holds Python objects other than tensors and plain containers, which "
+                             f"would need arbitrary unpickling ({reason}). Re-save it as a dict of tensor "
+                             "dicts.") from err
+        # torch's reader on a cut-off zip archive or pickle stream
         raise ValueError(f"{path}: cannot read the checkpoint ({path.stat().st_size} bytes), truncated or "
                          f"corrupted: {reason}; download it again") from err
-    except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path}: refused: d3s2 reads checkpoints only with torch.load(weights_only=True), and "
-                         f"this file holds Python objects other than tensors and plain containers, which would "
-                         f"need arbitrary unpickling ({reason}). Re-save it as a dict of tensor dicts.") from err
     if not isinstance(obj, dict) or not all(isinstance(v, dict) for v in obj.values()):
         raise ValueError(f"{path}: expected a dict of state dicts (e.g. {{'vae': {{...}}, 'dit': {{...}}}}), got "
                          f"{type(obj).__name__}")
