@@ -15,7 +15,8 @@
 //
 // Macros: WARPS (per CTA), TOK (tokens per warp), CK (keys per shared-memory chunk, a multiple of 16), STAGES (chunks
 // in flight), MINB (CTAs per SM for __launch_bounds__), POLY_EVERY (0: all exps on MUFU; n: one exp in n as a
-// polynomial on the FMA pipe), KT_UNROLL (16-key tiles unrolled in lse_probe), TOPK.
+// polynomial on the FMA pipe), KT_UNROLL (16-key tiles unrolled in lse_probe), TOPK, SYNTH (lse_probe, timing only:
+// 1 makes the key fragments in registers instead of loading them, 2 also replaces the HMMAs by one FFMA per logit).
 
 typedef unsigned short bf16_t;
 typedef unsigned int u32;
@@ -171,19 +172,30 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
     // this lane's ldmatrix row and 16-byte unit within a 16-key x 16-dim tile (matrix lane / 8)
     const int ld_row = (lane & 7) + ((lane >> 3) & 1) * 8, ld_unit = lane >> 4;
     for (int chunk = 0; chunk < nchunks; chunk++) {
+#if SYNTH == 0
         cp_async_wait<STAGES - 2>();
         __syncthreads();
         int next = chunk + STAGES - 1;
         if (next < nchunks) load_chunk(smem0 + (next % STAGES) * CK * 64, kc, stride_kn, g, c0, c1, next);
         cp_async_commit();
         const u32 slot = smem0 + (chunk % STAGES) * CK * 64;
+#endif
         const int key_base = c0 + chunk * CK;
         const bool masked = key_base + CK > c1;
 #pragma unroll KT_UNROLL
         for (int kt = 0; kt < CK / 16; kt++) {
             u32 a[2][4];
+#if SYNTH == 0
 #pragma unroll
             for (int ks = 0; ks < 2; ks++) ldsm_x4(a[ks], slot + unit_offset(kt * 16 + ld_row, ks * 2 + ld_unit));
+#else
+            // timing only: key fragments made in registers (a new pattern per tile), no shared memory, no barrier
+            const u32 pattern = (u32)(chunk * CK + kt) * 0x00010001u;
+#pragma unroll
+            for (int ks = 0; ks < 2; ks++)
+#pragma unroll
+                for (int r = 0; r < 4; r++) a[ks][r] = (bq[0][r & 1][ks][r >> 1] & 0x3fff3fffu) ^ (pattern & 0x00ff00ffu);
+#endif
             float keep0 = 1.f, keep1 = 1.f;
             if (masked) {
                 keep0 = key_base + kt * 16 + gid < c1 ? 1.f : 0.f;
@@ -194,8 +206,14 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
 #pragma unroll
                 for (int nt = 0; nt < 2; nt++) {
                     float c[4] = {0.f, 0.f, 0.f, 0.f};
+#if SYNTH == 2
+                    // timing only: logits from one FFMA each instead of the tensor cores
+#pragma unroll
+                    for (int r = 0; r < 4; r++) c[r] = fmaf(bf16_lo(a[r >> 1][r]), bf16_hi(bq[i][nt][r >> 1][r & 1]), 0.5f);
+#else
                     mma_bf16(c, a[0], bq[i][nt][0][0], bq[i][nt][0][1]);
                     mma_bf16(c, a[1], bq[i][nt][1][0], bq[i][nt][1][1]);
+#endif
                     const int slot = (i * 2 + nt) * 4;
                     float e0 = ex2_sel(fmaf(c[0], sl, -m[i][nt][0]), slot);
                     float e1 = ex2_sel(fmaf(c[1], sl, -m[i][nt][1]), slot + 1);

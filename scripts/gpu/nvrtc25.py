@@ -23,7 +23,7 @@ LOG2E = 1.4426950408889634
 # (name, kernel, macros): WARPS, TOK, CK, STAGES, MINB, POLY_EVERY, KT_UNROLL, TOPK; first run (session 25,
 # H200): w4 t4 1.49 ms, ck128 1.46, w8 / t2 / t8 1.53-1.69, poly4 1.50, poly2 1.87; the top-k 2.91-3.43 (one
 # warp-wide insertion per hit)
-BASE = {"WARPS": 4, "TOK": 4, "CK": 64, "STAGES": 3, "MINB": 2, "POLY_EVERY": 0, "KT_UNROLL": 2, "TOPK": 8}
+BASE = {"WARPS": 4, "TOK": 4, "CK": 64, "STAGES": 3, "MINB": 2, "POLY_EVERY": 0, "KT_UNROLL": 2, "TOPK": 8, "SYNTH": 0}
 VARIANTS = [
     ("lse w4 t4", "lse_probe", {}),
     ("lse w4 t4 ck128", "lse_probe", {"CK": 128}),
@@ -39,6 +39,11 @@ VARIANTS = [
     ("lse w4 t4 ck128 poly8", "lse_probe", {"CK": 128, "POLY_EVERY": 8}),
     ("lse w4 t4 ck256 s3 poly8", "lse_probe", {"CK": 256, "POLY_EVERY": 8}),
     ("topk w4 t2", "topk", {"TOK": 2}),
+    # where the probe's time goes (timing only, wrong LSE): no shared memory and barriers; also no tensor cores
+    ("lse w4 t4 ck128 synth-regs", "lse_probe", {"CK": 128, "SYNTH": 1}),
+    ("lse w4 t4 ck128 synth-ffma", "lse_probe", {"CK": 128, "SYNTH": 2}),
+    ("lse w4 t4 ck128 poly4 synth-ffma", "lse_probe", {"CK": 128, "SYNTH": 2, "POLY_EVERY": 4}),
+    ("lse w8 t4 ck128 synth-ffma", "lse_probe", {"CK": 128, "SYNTH": 2, "WARPS": 8}),
 ]
 
 
