@@ -180,11 +180,23 @@ def check_object_alpha(img: Image.Image) -> None:
         raise ValueError("the image's alpha channel is empty: no object to condition on")
 
 
+HALFTONE_SIGMA = 1.5  # pixels: Floyd-Steinberg error diffusion renders a tone within about 3x3 to 5x5 pixels
+
+
+def _is_halftone(rgb: np.ndarray) -> bool:
+    """True when every channel of the uint8 ``[H, W, C]`` image holds at most two levels (a 1-bit image, per-channel
+    dithering): its tones are densities of dots."""
+    return all(np.count_nonzero(np.bincount(rgb[..., c].ravel(), minlength=256)) <= 2 for c in range(rgb.shape[2]))
+
+
 def estimate_foreground(rgb: np.ndarray, *, threshold: float = 30.0, border: int = 2) -> np.ndarray:
     """Weight-free foreground mask for an object on a plain background.
 
     The background colour is the median of a ``border``-pixel frame; pixels whose largest channel difference
     from it exceeds ``threshold`` are foreground, then a binary opening removes specks and holes are filled.
+    A halftone (every channel holds two levels: a 1-bit image, a dithered one) draws its tones as densities of
+    dots, which the opening would remove as specks: its tones are first recovered as local dot densities (a
+    Gaussian blur of :data:`HALFTONE_SIGMA` pixels, as the eye averages the dots).
 
     Args:
         rgb: uint8 ``[H, W, 3]``.
@@ -195,12 +207,15 @@ def estimate_foreground(rgb: np.ndarray, *, threshold: float = 30.0, border: int
 
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an [H, W, 3] image, got shape {rgb.shape}")
+    tones = rgb.astype(np.float32)
+    if _is_halftone(rgb):
+        tones = ndimage.gaussian_filter(tones, sigma=(HALFTONE_SIGMA, HALFTONE_SIGMA, 0))
     h, w = rgb.shape[:2]
     b = max(1, min(border, h // 2, w // 2))
-    frame = np.concatenate([rgb[:b].reshape(-1, 3), rgb[-b:].reshape(-1, 3),
-                            rgb[:, :b].reshape(-1, 3), rgb[:, -b:].reshape(-1, 3)])
-    background = np.median(frame.astype(np.float32), axis=0)
-    diff = np.abs(rgb.astype(np.float32) - background).max(axis=2)
+    frame = np.concatenate([tones[:b].reshape(-1, 3), tones[-b:].reshape(-1, 3),
+                            tones[:, :b].reshape(-1, 3), tones[:, -b:].reshape(-1, 3)])
+    background = np.median(frame, axis=0)
+    diff = np.abs(tones - background).max(axis=2)
     mask = ndimage.binary_opening(diff > threshold, structure=np.ones((3, 3), bool), iterations=2)
     return ndimage.binary_fill_holes(mask)
 
@@ -243,8 +258,8 @@ def preprocess_image(
                       "colour; pass an RGBA image with the object's alpha for reliable results", stacklevel=2)
         mask = estimate_foreground(rgb, threshold=threshold)
         if not mask.any():
-            raise ValueError("could not separate the object from the background (no pixel differs from the "
-                             "border colour); pass an RGBA image with the object's alpha")
+            raise ValueError("could not separate the object from the background (nothing larger than a few "
+                             "pixels differs from the border colour); pass an RGBA image with the object's alpha")
         alpha = mask.astype(np.float32)
     ys, xs = np.nonzero(alpha > 0)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
