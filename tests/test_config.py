@@ -15,6 +15,7 @@ from d3s2.config import (
     TrainConfig,
     apply_overrides,
     from_dict,
+    keys_of,
     load_yaml,
     parse_overrides,
     resolve_config_path,
@@ -107,6 +108,33 @@ def test_override_errors():
     for bad in ["--inner.width", "--=3", "--a..b=1", "--1a=2"]:
         with pytest.raises(ConfigError, match="expected an override of the form"):
             parse_overrides([bad])
+
+
+@dataclasses.dataclass(kw_only=True)
+class WithOverrides:
+    inner_args: dict = keys_of(lambda: Outer)  # some keys of an Outer, merged elsewhere
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--inner_args.widht=3"], "unknown key inner_args.widht (from --inner_args.widht=3); inner_args accepts: name, "
+                               "inner, flags, betas, note, use_x"),
+    (["--inner_args.inner.depth=2"], "unknown key inner_args.inner.depth (from --inner_args.inner.depth=2); "
+                                     "inner_args.inner accepts: width, scale, mode"),
+    (["--inner_args.use_x=maybe"], "inner_args.use_x (from --inner_args.use_x=maybe): expected bool, got str"),
+    (["--inner_args={widht: 3}"], "unknown key inner_args.widht; inner_args accepts: name"),
+])
+def test_keys_of_a_config_are_checked_like_its_fields(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        from_dict(WithOverrides, apply_overrides({}, parse_overrides(overrides)))
+    assert message in str(err.value)
+
+
+def test_keys_of_a_config_keep_their_plain_values():
+    ov = parse_overrides(["--inner_args.inner.width=8", "--inner_args.betas=[0.5, 0.6]"])
+    # a subset: the required "name" may come from elsewhere; values stay plain data for the merge
+    assert from_dict(WithOverrides, apply_overrides({}, ov)).inner_args == {"inner": {"width": 8}, "betas": [0.5, 0.6]}
+    with pytest.raises(ConfigError, match="unknown key inner_args.widht; inner_args accepts"):  # from the file
+        from_dict(WithOverrides, {"inner_args": {"widht": 3}})
 
 
 def test_train_config_schema_checks():

@@ -25,8 +25,11 @@ Environment: ``DEVICE`` (``cuda``, or ``cpu`` to try the script without a GPU), 
 run a). Each run is ``d3s2 train`` (in-process ``d3s2.cli.main``) from the task's tiny debug config, with 2
 DataLoader workers (per rank), every step logged, no validation. A failed run (e.g. an op without a deterministic
 CUDA kernel raising) is recorded in ``ROOT/runs/<task>/<run>.error`` (``<run>.rank<r>.error`` under torchrun) and
-reported by ``compare``. Under torchrun a rank that fails alone leaves the other waiting in a collective: the phase
-then ends at the caller's time limit, and the tasks left are reported as not run.
+reported by ``compare``. Under torchrun the ranks meet after each run (``<run>.rank<r>.done`` files): a rank whose run
+failed alone can leave the others waiting in a collective of that run that nothing ends (NCCL does not notice a
+peer that left it), so a rank that waits ``PEER_WAIT_S`` (60) seconds for the others exits with status 1, and
+torchrun stops the rest (after its 30 s shutdown timeout at most): the phase ends then, not at the caller's time
+limit, and the tasks left are reported as not run.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -52,6 +56,8 @@ TASKS = [task for task in ALL_TASKS if task in REQUESTED]
 RANK = int(os.environ.get("RANK", "0"))  # set by torchrun
 TINY_ITEMS = 4  # shapes in tests/assets/0ad_tiny.npz: the training items of every task but toy
 TIMINGS = ("tokens_per_s", "step_time_s", "mem_peak_gib")  # not the same twice by nature
+# The ranks of a healthy run finish it within seconds of each other (rank 0 exports last).
+PEER_WAIT_S = float(os.environ.get("PEER_WAIT_S", "60"))
 
 
 def _configs() -> Path:
@@ -114,6 +120,28 @@ def _train(args: list[str], run: Path, nproc: int) -> None:
     print(f"{run}{rank}: {'ok' if not error.exists() else 'FAILED, see ' + str(error)}", flush=True)
     if rc is not None and rc > 128:  # stopped by a signal (the caller's time limit): leave the other runs
         raise SystemExit(rc)
+    if nproc > 1:
+        _meet_the_other_ranks(run, nproc)
+
+
+def _done(run: Path, rank: int) -> Path:
+    return run.with_suffix(f".rank{rank}.done")
+
+
+def _meet_the_other_ranks(run: Path, nproc: int) -> None:
+    """Mark ``run`` finished by this rank and wait until every rank has; exit with status 1 (torchrun then stops
+    the others) when one has not after ``PEER_WAIT_S`` seconds: it waits in a collective of a run that failed
+    here. The marks name torchrun's launch, so those of an earlier phase run in the same ROOT do not count."""
+    launch = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    _done(run, RANK).write_text(launch)
+    deadline = time.monotonic() + PEER_WAIT_S
+    while missing := [r for r in range(nproc) if not _done(run, r).is_file() or _done(run, r).read_text() != launch]:
+        if time.monotonic() > deadline:
+            print(f"{run} (rank {RANK}): rank(s) {', '.join(map(str, missing))} did not finish this run within "
+                  f"{PEER_WAIT_S:g} s (waiting in a collective of a run that failed here?): stopping this phase; "
+                  "torchrun stops the other ranks", flush=True)
+            raise SystemExit(1)
+        time.sleep(0.2)
 
 
 def train(root: Path, phase: str, nproc: int) -> None:
@@ -190,7 +218,8 @@ def _run_failures(runs: Path) -> list[str]:
             out += [f"run {name} ({e.stem.partition('.')[2] or 'its process'}): "
                     f"{e.read_text().strip().splitlines()[-1]}" for e in errors]
         elif not (runs / name / "train_log.jsonl").exists():
-            out.append(f"run {name}: no train_log.jsonl (not run: out of time?)")
+            out.append(f"run {name}: no train_log.jsonl (not run: out of time, or its phase stopped after a rank "
+                       "failed alone)")
     return out
 
 

@@ -18,7 +18,7 @@ import re
 import subprocess
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -26,7 +26,7 @@ import yaml
 
 C = TypeVar("C")
 
-__all__ = ["ConfigError", "load_yaml", "resolve_config_path", "from_dict", "to_dict", "parse_overrides",
+__all__ = ["ConfigError", "load_yaml", "resolve_config_path", "from_dict", "keys_of", "to_dict", "parse_overrides",
            "apply_overrides", "dump_yaml", "git_info", "write_run_record", "TrainConfig", "TaskSpec", "TrainSection",
            "DataConfig", "OptimConfig", "EMAConfig"]
 
@@ -257,12 +257,21 @@ def _override_source(value: Any) -> str | None:
     return None
 
 
-def from_dict(cls: type[C], data: Mapping[str, Any], *, path: str = "") -> C:
-    """Build dataclass ``cls`` from ``data``, checking every key and value type (nested dataclasses too)."""
-    if not dataclasses.is_dataclass(cls):
-        raise TypeError(f"expected a dataclass type, got {cls!r}")
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {type(data).__name__}")
+_KEYS_OF = "d3s2.config.keys_of"  # the field metadata key of keys_of
+
+
+def keys_of(config_class: Callable[[], type]) -> Any:
+    """A ``dict[str, Any]`` field (default ``{}``) holding some keys of the dataclass ``config_class()``, e.g. a
+    task's overrides of its model's config. :func:`from_dict` checks each key as it checks its own fields:
+    an unknown key names the ``--a.b=c`` that set it and the valid keys, a value must match its annotation (a
+    nested section replaces the one it overrides, so it is checked whole). ``config_class`` is called only then,
+    so the model's module is imported only when a config is checked."""
+    return dataclasses.field(default_factory=dict, metadata={_KEYS_OF: config_class})
+
+
+def _checked_fields(cls: type, data: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """The keys of ``data`` converted to the annotations of dataclass ``cls``; unknown keys and mistyped values
+    are ConfigErrors naming the dotted path (and the override that set it)."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     prefix = f"{path}." if path else ""
@@ -274,10 +283,29 @@ def from_dict(cls: type[C], data: Mapping[str, Any], *, path: str = "") -> C:
                           f"{path or cls.__name__} accepts: {', '.join(fields)}")
     kwargs = {}
     for name, field in fields.items():
-        if name in data:
-            kwargs[name] = _convert(data[name], hints[name], prefix + name)
-        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing required key {prefix + name} ({_type_name(hints[name])})")
+        if name not in data:
+            continue
+        if _KEYS_OF in field.metadata:
+            section = _resolve_override(data[name], dict)  # a whole-section override arrives as YAML text
+            if isinstance(section, Mapping):
+                _checked_fields(field.metadata[_KEYS_OF](), section, prefix + name)
+        kwargs[name] = _convert(data[name], hints[name], prefix + name)
+    return kwargs
+
+
+def from_dict(cls: type[C], data: Mapping[str, Any], *, path: str = "") -> C:
+    """Build dataclass ``cls`` from ``data``, checking every key and value type (nested dataclasses too)."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"expected a dataclass type, got {cls!r}")
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    kwargs = _checked_fields(cls, data, path)
+    hints = typing.get_type_hints(cls)
+    prefix = f"{path}." if path else ""
+    for field in dataclasses.fields(cls):
+        missing = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        if field.init and missing and field.name not in data:
+            raise ConfigError(f"missing required key {prefix + field.name} ({_type_name(hints[field.name])})")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:

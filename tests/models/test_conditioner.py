@@ -11,6 +11,7 @@ from d3s2.models.conditioner import (
     SmallImageEncoder,
     estimate_foreground,
     hub_to_transformers,
+    load_image,
     prepare_batch,
     preprocess_image,
     sparse_condition_tokens,
@@ -177,6 +178,26 @@ def test_background_estimate_on_synthetic_image_warns():
     with pytest.warns(UserWarning, match="no alpha channel"):
         prep = preprocess_image(img, size=56, border=4)
     assert prep.mask.max() == 1.0
+
+
+def _shaded_sphere(size: int, background: int) -> np.ndarray:
+    """uint8 ``[size, size]`` gray: a sphere lit from the top left, tones 20 (lit) to 110, on ``background``."""
+    y, x = (np.mgrid[:size, :size] + 0.5 - size / 2) / (0.35 * size)
+    inside = x**2 + y**2 < 1
+    light = np.clip(-0.5 * x - 0.5 * y + 0.7 * np.sqrt(np.clip(1 - x**2 - y**2, 0, 1)), 0, 1)
+    return np.where(inside, 110 - 90 * light, background).astype(np.uint8)
+
+
+@pytest.mark.parametrize("background", [255, 180])
+def test_a_dithered_1_bit_image_separates_like_its_continuous_tone_original(tmp_path, background):
+    gray = _shaded_sphere(128, background)
+    path = tmp_path / "dithered.png"
+    Image.fromarray(gray).convert("1").save(path)  # Floyd-Steinberg: tones become densities of black dots
+    original = estimate_foreground(np.repeat(gray[..., None], 3, axis=2))
+    dithered = estimate_foreground(np.asarray(load_image(path)))
+    assert (dithered & original).sum() / (dithered | original).sum() > 0.9
+    with pytest.warns(UserWarning, match="no alpha channel"):
+        assert preprocess_image(path, size=64).mask.max() == 1.0
 
 
 def test_clear_errors_on_empty_and_corrupt_images(tmp_path):

@@ -11,7 +11,7 @@ from d3s2.cli import build_parser, main
 from d3s2.pipeline import cli as generate_cli
 from d3s2.pipeline.image_to_3d import ImageTo3DPipeline
 
-from .tiny import png_header_only, rgba_image, tiny_pipeline
+from .tiny import damaged_exif_images, png_header_only, rgba_image, tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -386,3 +386,26 @@ def test_a_warning_repeated_for_one_image_is_reported_once(capsys):
         for _ in range(2):  # as from a pipeline with two image encoders, each preparing the image
             warnings.warn("image has no alpha channel", UserWarning, stacklevel=1)
     assert capsys.readouterr().err == "d3s2 generate: warning: a.png: image has no alpha channel\n"
+
+
+@pytest.mark.parametrize("case", ["tag data past the block (JPEG)", "not a TIFF header (PNG)"])
+def test_damaged_exif_is_one_warning_line_naming_the_image(weights, tmp_path, capsys, case):
+    data, fmt, _ = damaged_exif_images()[case]
+    image = tmp_path / f"photo.{fmt.lower()}"
+    image.write_bytes(data)
+    main(["generate", str(image), "-o", str(tmp_path / "out"), *_fast(weights)])  # an empty mesh may fail it
+    lines = capsys.readouterr().err.splitlines()
+    exif_lines = [line for line in lines if "EXIF" in line]
+    assert len(exif_lines) == 1
+    assert exif_lines[0].startswith(f"d3s2 generate: warning: {image}: damaged EXIF metadata (")
+    assert "no orientation could be read from it, so the pixels are used as stored" in exif_lines[0]
+    assert all(line.startswith("d3s2 generate: ") for line in lines)  # none of Python's raw warning lines
+
+
+def test_a_failing_image_reports_its_warnings_before_its_error(weights, tmp_path, capsys, no_loading):
+    small = tmp_path / "small.png"
+    Image.fromarray(rgba_image(8)).save(small, exif=b"Exif\0\0XX\0*\0\0\0\x08")
+    assert main(["generate", str(small), "-o", str(tmp_path / "out"), *_fast(weights)]) == 1
+    warning, error = capsys.readouterr().err.splitlines()
+    assert warning.startswith(f"d3s2 generate: warning: {small}: damaged EXIF metadata (not a TIFF file")
+    assert error == f"d3s2 generate: error: {small}: image {small}: expected at least 16x16 pixels, got 8x8"

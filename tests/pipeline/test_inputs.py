@@ -2,6 +2,7 @@
 cannot use are clear ValueErrors that name the file, decided on the header before any pixel is decoded."""
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from PIL import Image
 
 from d3s2.models.conditioner import MIN_IMAGE_SIDE, load_image
 
-from .tiny import png_header_only, rgba_image, stored_image_variants
+from .tiny import damaged_exif_images, png_header_only, rgba_image, stored_image_variants
 
 
 def test_a_decompression_bomb_is_refused_on_its_header(tmp_path):
@@ -41,8 +42,8 @@ def test_images_smaller_than_the_minimum_are_refused(tmp_path):
     assert load_image(rgba_image(MIN_IMAGE_SIDE)).size == (MIN_IMAGE_SIDE, MIN_IMAGE_SIDE)
 
 
-@pytest.mark.parametrize("variant", ["exif rotated", "16-bit gray", "float gray", "tRNS key colour",
-                                     "opaque alpha"])
+@pytest.mark.parametrize("variant", ["exif rotated", "exif rotated TIFF", "16-bit gray", "float gray",
+                                     "tRNS key colour", "opaque alpha"])
 def test_images_are_read_as_a_viewer_shows_them(tmp_path, variant):
     data, expected = stored_image_variants()[variant]
     path = tmp_path / "image.png"
@@ -55,3 +56,31 @@ def test_images_are_read_as_a_viewer_shows_them(tmp_path, variant):
 def test_a_directory_is_named_as_such_not_as_missing(tmp_path):
     with pytest.raises(IsADirectoryError, match=re.escape(f"{tmp_path} is a directory, expected an image file")):
         load_image(tmp_path)
+
+
+DAMAGED_EXIF_WARNINGS = {  # PIL's complaint, and whether the orientation could still be read
+    "entry count past the block (JPEG)": "damaged EXIF metadata (Corrupt EXIF data. Expecting to read 12 bytes but "
+                                         "only got 2.): its orientation tag was read and applied",
+    "tag data past the block (JPEG)": "damaged EXIF metadata (Truncated File Read): no orientation could be read from "
+                                      "it, so the pixels are used as stored",
+    "not a TIFF header (PNG)": "damaged EXIF metadata (not a TIFF file (header b'XX\\x00*\\x00\\x00\\x00\\x08' not "
+                               "valid)): no orientation could be read from it",
+    "a rational stored as text (PNG)": None,  # read without complaint (PIL's exif_transpose fails rewriting it)
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_EXIF_WARNINGS))
+def test_damaged_exif_keeps_the_image_with_one_warning(tmp_path, case):
+    data, fmt, expected = damaged_exif_images()[case]
+    path = tmp_path / f"image.{fmt.lower()}"
+    path.write_bytes(data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = np.asarray(load_image(path))
+    assert loaded.shape == expected.shape
+    assert np.abs(loaded.astype(int) - expected).mean() < 3  # JPEG's loss on flat blocks
+    # d3s2's own warning only: none of PIL's raw ones, which name no image
+    messages = [str(w.message) for w in caught]
+    assert messages == ([] if DAMAGED_EXIF_WARNINGS[case] is None else [messages[0]])
+    if DAMAGED_EXIF_WARNINGS[case] is not None:
+        assert messages[0].startswith(DAMAGED_EXIF_WARNINGS[case])

@@ -74,9 +74,9 @@ def png_header_only(width: int, height: int) -> bytes:
 
 def stored_image_variants(size: int = 40) -> dict[str, tuple[bytes, np.ndarray]]:
     """Image files whose stored pixels differ from what a viewer shows → (file bytes, the uint8 RGB(A) array a
-    reader must return): an EXIF-rotated photo, a 16-bit grayscale PNG, a float grayscale TIFF, an RGB PNG with a
-    tRNS key colour and an RGBA PNG whose alpha is opaque everywhere (no object mask: read as RGB, so the
-    background is estimated)."""
+    reader must return): an EXIF-rotated photo (PNG, TIFF), a 16-bit grayscale PNG, a float grayscale TIFF, an RGB
+    PNG with a tRNS key colour and an RGBA PNG whose alpha is opaque everywhere (no object mask: read as RGB, so
+    the background is estimated)."""
     from PIL import Image
 
     upright = np.full((size, 2 * size, 3), 255, np.uint8)  # landscape: a red block left, a blue one right
@@ -89,6 +89,10 @@ def stored_image_variants(size: int = 40) -> dict[str, tuple[bytes, np.ndarray]]
     buf = io.BytesIO()
     Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(buf, format="PNG", exif=exif)
     variants["exif rotated"] = (buf.getvalue(), upright)
+
+    buf = io.BytesIO()  # a TIFF keeps the tag in its own image directory
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(buf, format="TIFF", exif=exif)
+    variants["exif rotated TIFF"] = (buf.getvalue(), upright)
 
     gray = upright.min(axis=2)
     buf = io.BytesIO()
@@ -108,3 +112,46 @@ def stored_image_variants(size: int = 40) -> dict[str, tuple[bytes, np.ndarray]]
     Image.fromarray(upright).convert("RGBA").save(buf, format="PNG")
     variants["opaque alpha"] = (buf.getvalue(), upright)
     return variants
+
+
+def damaged_exif_images(size: int = 40) -> dict[str, tuple[bytes, str, np.ndarray]]:
+    """Image files whose EXIF block (orientation 6, as in ``stored_image_variants``' "exif rotated") is damaged →
+    (file bytes, the format, the upright image a reader returns: turned when the orientation tag can still be read,
+    as stored otherwise). The JPEGs' blocks are read by PIL as the file opens (for its dpi), the PNGs' later."""
+    from PIL import Image
+
+    upright = np.full((size, 2 * size, 3), 255, np.uint8)
+    upright[size // 4: 3 * size // 4, 2:size // 2] = (200, 30, 30)
+    stored = np.ascontiguousarray(np.rot90(upright))  # ROTATE_90: counter-clockwise
+    exif = Image.Exif()
+    exif[0x010E] = "a description"  # ImageDescription: ASCII, its data stored after the directory
+    exif[0x0112] = 6
+    exif[0x011A] = 72.0  # XResolution: a rational
+    block = exif.tobytes()  # b"Exif\0\0" + big-endian TIFF header (8 bytes) + entry count + 12-byte entries
+    count_at, first_entry = 14, 16
+
+    def entry(tag: int) -> int:
+        count = struct.unpack(">H", block[count_at:count_at + 2])[0]
+        return next(first_entry + 12 * i for i in range(count)
+                    if struct.unpack(">H", block[first_entry + 12 * i:first_entry + 12 * i + 2])[0] == tag)
+
+    too_many = bytearray(block)
+    too_many[count_at:count_at + 2] = struct.pack(">H", 50)  # more entries than the block holds
+    description_far = bytearray(block)
+    offset_at = entry(0x010E) + 8
+    description_far[offset_at:offset_at + 4] = struct.pack(">I", 5000)  # its data past the end: unreadable
+    resolution_as_text = bytearray(block)
+    type_at = entry(0x011A) + 2
+    resolution_as_text[type_at:type_at + 2] = struct.pack(">H", 2)  # readable, but PIL cannot write it back
+    cases = {
+        "entry count past the block (JPEG)": (bytes(too_many), "JPEG", upright),
+        "tag data past the block (JPEG)": (bytes(description_far), "JPEG", stored),
+        "not a TIFF header (PNG)": (b"Exif\0\0XX\0*\0\0\0\x08", "PNG", stored),
+        "a rational stored as text (PNG)": (bytes(resolution_as_text), "PNG", upright),
+    }
+    out = {}
+    for name, (exif_bytes, fmt, expected) in cases.items():
+        buf = io.BytesIO()
+        Image.fromarray(stored).save(buf, format=fmt, exif=exif_bytes)
+        out[name] = (buf.getvalue(), fmt, expected)
+    return out

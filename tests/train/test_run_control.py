@@ -66,6 +66,9 @@ def test_resume_refuses_a_changed_config_unless_allowed(tmp_path, tiny_cfg):
     expected_lr = 1e-3 * lr_lambda(4, warmup_steps=2, max_steps=5, schedule="cosine", min_lr_ratio=0.1)
     assert decay["lr"] == no_decay["lr"] == pytest.approx(expected_lr) and changed.scheduler.base_lrs == [1e-3] * 2
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+    assert not list(tmp_path.glob("config.prev-*"))  # kept when the run writes its first file, not at startup
+    changed.run()
+    changed.close()
     assert yaml.safe_load((tmp_path / "config.prev-00000004.yaml").read_text())["optim"]["lr"] == 0.003
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["optim"]["lr"] == 0.001
 
@@ -103,6 +106,49 @@ def test_cli_resume_with_another_config(tmp_path, capsys):
     assert "optim.lr: 0.003 -> 0.001" in capsys.readouterr().err
     assert main([*args, "--resume", "--optim.lr=1e-3", "--max-steps", "3", "--allow-config-change"]) == 0
     assert (tmp_path / "run" / "config.prev-00000002.yaml").is_file()
+
+
+def _files(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_out_as_it_was(tmp_path, tiny_cfg, monkeypatch):
+    from d3s2.train.toy import ToyTask
+
+    def unreadable(self, model, batch):
+        raise OSError("an unreadable data item")
+
+    Trainer(tiny_cfg(train={"max_steps": 2, "val_every": 2}), tmp_path / "run").run()
+    before = _files(tmp_path / "run")
+    assert {"config.yaml", "run.json", "train_log.jsonl"} <= set(before)
+    monkeypatch.setattr(ToyTask, "loss", unreadable)
+    _next_second()  # a tensorboard event file opened now would have another name
+    for run, resume, changes in [("new", None, {}), ("run", "latest", {"max_steps": 4})]:
+        trainer = Trainer(tiny_cfg(train={"val_every": 2, **changes}), tmp_path / run, resume=resume)
+        with pytest.raises(OSError, match="an unreadable data item"):
+            trainer.run()
+        trainer.close()
+    assert not (tmp_path / "new").exists()
+    assert _files(tmp_path / "run") == before  # its config.yaml, run.json and logs as the finished run left them
+    # after a resume with another config too (its config.prev-* only comes with the run's first file)
+    trainer = Trainer(tiny_cfg(train={"max_steps": 4}, optim={"lr": 1e-3}), tmp_path / "run", resume="latest",
+                      allow_config_change=True)
+    with pytest.raises(OSError, match="an unreadable data item"):
+        trainer.run()
+    trainer.close()
+    assert _files(tmp_path / "run") == before
+
+
+def test_a_trainer_that_fails_to_start_leaves_the_process_as_it_was(tmp_path, tiny_cfg, monkeypatch):
+    from d3s2.train import distributed as D
+
+    left = []
+    monkeypatch.setattr(D, "shutdown_distributed", lambda: left.append(True))
+    with pytest.raises(FileNotFoundError, match="no such file"):  # after train.deterministic took effect
+        Trainer(tiny_cfg(train={"deterministic": True, "init_from": str(tmp_path / "missing.pt")}), tmp_path / "run")
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert left == [True]  # the process group it joined (under torchrun), which its next trainer must not find
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------ logs

@@ -131,3 +131,28 @@ def test_a_process_joins_the_process_group_again_after_leaving_it():
     # As a process that trains one run after another does: each Trainer joins the group, close() leaves it.
     out = _torchrun("rejoin_worker.py", "20", timeout=60)
     assert sorted(out.splitlines()) == [f"rank {r}: joined and left 20 times" for r in (0, 1)]
+
+
+def test_det_tasks_stops_a_phase_in_which_one_rank_failed_alone(tmp_path):
+    # scripts/gpu/det_tasks.py: rank 1's run fails while rank 0 waits in a collective of it that nothing ends.
+    # Rank 1 waits PEER_WAIT_S for rank 0 to finish the run, then exits 1, and torchrun stops rank 0: the phase
+    # ends in seconds, not at the caller's time limit (nor at the collective's 30-minute timeout).
+    src = str(Path(d3s2.__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([src, env.get("PYTHONPATH", "")]), DEVICE="cpu",
+               TASKS="toy", STEPS="2", PEER_WAIT_S="2")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__).with_name("det_tasks_worker.py")), "train", str(tmp_path), "b"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, err = proc.communicate(timeout=60)
+        pytest.fail(f"the phase did not stop: {out[-3000:]}{err[-3000:]}")
+    runs = tmp_path / "runs" / "toy"
+    assert proc.returncode == 1, out[-3000:] + err[-3000:]
+    assert "b (rank 1): rank(s) 0 did not finish this run within 2 s" in out
+    assert (runs / "b.rank1.error").is_file() and "d3s2 train: error: injected failure of rank 1 alone" in err
+    assert not list(runs.glob("resumed*"))  # rank 1 did not go on to the phase's next run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -257,6 +258,29 @@ def test_committed_toy_config_loads():
     path = PACKAGED_CONFIGS / "debug" / "tiny_toy.yaml"
     cfg = load_train_config(path, ["--train.max_steps=3"])
     assert cfg.task.name == "toy" and cfg.train.max_steps == 3 and cfg.task.args.resolution == 16
+
+
+@pytest.mark.parametrize("task, section, model", [
+    ("vae", "model_args", "sparse_sdf_vae"),
+    ("dense_vae", "model_args", "dense_shape_vae"),
+    ("dit_dense", "model_args", "dense_dit"),
+    ("dit_sparse", "model_args", "sparse_dit"),
+    ("dit_sparse", "conditioner_args", "small_image_encoder"),
+])
+def test_task_model_args_are_checked_against_the_tasks_model(task, section, model):
+    from d3s2.models.registry import model_class
+    from d3s2.train.trainer import build_train_config
+
+    paths = {"vae": {"data": "d"}, "dense_vae": {"latents": "l"},
+             "dit_dense": {"latents": "l", "data": "d", "dense_vae": "v"}, "dit_sparse": {"latents": "l", "data": "d"}}
+    data = {"task": {"name": task, "args": paths[task]}, "train": {"max_steps": 1}}
+    valid = [f.name for f in dataclasses.fields(model_class(model).Config)]
+    cfg = build_train_config(data, [f"--task.args.{section}.{valid[0]}=7"])
+    assert getattr(cfg.task.args, section) == {valid[0]: 7}
+    with pytest.raises(ConfigError) as err:
+        build_train_config(data, [f"--task.args.{section}.depht=4"])
+    assert str(err.value) == (f"unknown key task.args.{section}.depht (from --task.args.{section}.depht=4); "
+                              f"task.args.{section} accepts: {', '.join(valid)}")
 
 
 def test_init_from_checkpoint_or_export(tmp_path, tiny_cfg):

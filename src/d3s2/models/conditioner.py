@@ -11,12 +11,15 @@ encoder is built.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import pickle
 import re
+import struct
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image
 from torch import nn
 
 from .dit.condition import ConditionTokens
@@ -65,10 +68,70 @@ def load_image(image: str | os.PathLike | Image.Image | np.ndarray) -> Image.Ima
     return upright_rgb_or_rgba(img)
 
 
+# EXIF orientation -> the transpose that shows the stored pixels upright (the table of PIL.ImageOps.exif_transpose).
+_ORIENTATION_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                          4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                          6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+_ORIENTATION_INFO = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")  # where PIL reads the tag from
+
+
+@contextlib.contextmanager
+def _exif_warnings_collected() -> Iterator[list[str]]:
+    """The messages of the warnings PIL's TIFF tag reader raises in the block about damaged EXIF metadata
+    ("Corrupt EXIF data. ...", "Truncated File Read"), collected instead of shown (the list fills when the block
+    ends); any other warning is shown as usual."""
+    messages: list[str] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            yield messages
+    finally:
+        for w in caught:
+            if Path(w.filename).name == "TiffImagePlugin.py":
+                messages.append(" ".join(str(w.message).split()))  # PIL pads them with double and trailing spaces
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def exif_upright(img: Image.Image) -> Image.Image:
+    """A copy of ``img`` turned by its EXIF orientation tag (camera photos store the sensor's pixels plus that tag),
+    without the metadata that held the tag: turning the copy again changes nothing.
+
+    Damaged EXIF metadata never loses the image: what PIL reports about it (its "Corrupt EXIF data" warnings, or
+    the error that stopped it reading the block) becomes one UserWarning that says whether the orientation could
+    still be read; when it could not, the pixels are used as stored. (PIL's ``ImageOps.exif_transpose`` also
+    rewrites the metadata, which fails on some damaged blocks it could read.)
+    """
+    return _exif_upright(img, [])
+
+
+def _exif_upright(img: Image.Image, problems: list[str]) -> Image.Image:
+    """:func:`exif_upright`, with ``problems`` that PIL already reported about ``img``'s metadata (a JPEG reads its
+    EXIF block as it opens)."""
+    img.load()  # decoded first: only the metadata is read while its warnings are collected
+    with _exif_warnings_collected() as reading:
+        try:
+            orientation = img.getexif().get(ExifTags.Base.Orientation)
+        except (SyntaxError, struct.error, OSError, ValueError) as err:  # a bad TIFF header or IFD in the block
+            orientation, problems = None, [*problems, str(err)]
+    problems = [*problems, *reading]
+    method = _ORIENTATION_TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+    if problems:
+        outcome = ("its orientation tag was read and applied" if method is not None
+                   else "no orientation could be read from it, so the pixels are used as stored (turn the image "
+                        "upright yourself if it shows sideways)")
+        warnings.warn(f"damaged EXIF metadata ({'; '.join(dict.fromkeys(problems))}): {outcome}", stacklevel=2)
+    upright = img.transpose(method) if method is not None else img.copy()
+    for key in _ORIENTATION_INFO:
+        upright.info.pop(key, None)
+    return upright
+
+
 def upright_rgb_or_rgba(img: Image.Image) -> Image.Image:
-    """``img`` as a viewer shows it: its EXIF orientation applied, as 8-bit RGBA when it has transparency (an alpha
-    channel that is not opaque everywhere, a palette or PNG tRNS key colour), else as 8-bit RGB."""
-    img = ImageOps.exif_transpose(img)  # camera photos store the sensor's pixels plus an orientation tag
+    """``img`` as a viewer shows it: its EXIF orientation applied (:func:`exif_upright`), as 8-bit RGBA when it has
+    transparency (an alpha channel that is not opaque everywhere, a palette or PNG tRNS key colour), else as
+    8-bit RGB."""
+    img = exif_upright(img)
     if img.mode == "I" or img.mode.startswith("I;16") or img.mode == "F":
         # PIL's convert clips these to 0..255 (16-bit gray turns white, float gray in [0, 1] black): scale to 8 bits.
         values = np.nan_to_num(np.asarray(img, np.float64))
@@ -84,7 +147,8 @@ def upright_rgb_or_rgba(img: Image.Image) -> Image.Image:
 
 
 def _read_image_file(path: Path) -> Image.Image:
-    """The decoded image at ``path``; its size is checked against ``PIL.Image.MAX_IMAGE_PIXELS`` first."""
+    """The decoded image at ``path``, upright (:func:`exif_upright`); its size is checked against
+    ``PIL.Image.MAX_IMAGE_PIXELS`` first."""
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory, expected an image file")
     if not path.is_file():
@@ -93,7 +157,8 @@ def _read_image_file(path: Path) -> Image.Image:
     too_large = f"image {path} is too large: expected at most {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS)"
     unreadable = (OSError, SyntaxError, ValueError)  # what PIL raises for truncated or corrupt data
     try:
-        f = Image.open(path)
+        with _exif_warnings_collected() as opening:  # a JPEG reads its EXIF block as it opens (for the dpi)
+            f = Image.open(path)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         # PIL refuses twice its limit on the header (and warns between once and twice: an error under -W error).
         raise ValueError(f"{too_large}, got more than that") from err
@@ -106,7 +171,7 @@ def _read_image_file(path: Path) -> Image.Image:
             f.load()
         except unreadable as err:
             raise ValueError(f"cannot read image {path}: {err}") from err
-        return f.copy()
+        return _exif_upright(f, opening)  # with what PIL reported as the file opened: one warning
 
 
 def check_object_alpha(img: Image.Image) -> None:
@@ -115,11 +180,23 @@ def check_object_alpha(img: Image.Image) -> None:
         raise ValueError("the image's alpha channel is empty: no object to condition on")
 
 
+HALFTONE_SIGMA = 1.5  # pixels: Floyd-Steinberg error diffusion renders a tone within about 3x3 to 5x5 pixels
+
+
+def _is_halftone(rgb: np.ndarray) -> bool:
+    """True when every channel of the uint8 ``[H, W, C]`` image holds at most two levels (a 1-bit image, per-channel
+    dithering): its tones are densities of dots."""
+    return all(np.count_nonzero(np.bincount(rgb[..., c].ravel(), minlength=256)) <= 2 for c in range(rgb.shape[2]))
+
+
 def estimate_foreground(rgb: np.ndarray, *, threshold: float = 30.0, border: int = 2) -> np.ndarray:
     """Weight-free foreground mask for an object on a plain background.
 
     The background colour is the median of a ``border``-pixel frame; pixels whose largest channel difference
     from it exceeds ``threshold`` are foreground, then a binary opening removes specks and holes are filled.
+    A halftone (every channel holds two levels: a 1-bit image, a dithered one) draws its tones as densities of
+    dots, which the opening would remove as specks: its tones are first recovered as local dot densities (a
+    Gaussian blur of :data:`HALFTONE_SIGMA` pixels, as the eye averages the dots).
 
     Args:
         rgb: uint8 ``[H, W, 3]``.
@@ -130,12 +207,15 @@ def estimate_foreground(rgb: np.ndarray, *, threshold: float = 30.0, border: int
 
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an [H, W, 3] image, got shape {rgb.shape}")
+    tones = rgb.astype(np.float32)
+    if _is_halftone(rgb):
+        tones = ndimage.gaussian_filter(tones, sigma=(HALFTONE_SIGMA, HALFTONE_SIGMA, 0))
     h, w = rgb.shape[:2]
     b = max(1, min(border, h // 2, w // 2))
-    frame = np.concatenate([rgb[:b].reshape(-1, 3), rgb[-b:].reshape(-1, 3),
-                            rgb[:, :b].reshape(-1, 3), rgb[:, -b:].reshape(-1, 3)])
-    background = np.median(frame.astype(np.float32), axis=0)
-    diff = np.abs(rgb.astype(np.float32) - background).max(axis=2)
+    frame = np.concatenate([tones[:b].reshape(-1, 3), tones[-b:].reshape(-1, 3),
+                            tones[:, :b].reshape(-1, 3), tones[:, -b:].reshape(-1, 3)])
+    background = np.median(frame, axis=0)
+    diff = np.abs(tones - background).max(axis=2)
     mask = ndimage.binary_opening(diff > threshold, structure=np.ones((3, 3), bool), iterations=2)
     return ndimage.binary_fill_holes(mask)
 
@@ -178,8 +258,8 @@ def preprocess_image(
                       "colour; pass an RGBA image with the object's alpha for reliable results", stacklevel=2)
         mask = estimate_foreground(rgb, threshold=threshold)
         if not mask.any():
-            raise ValueError("could not separate the object from the background (no pixel differs from the "
-                             "border colour); pass an RGBA image with the object's alpha")
+            raise ValueError("could not separate the object from the background (nothing larger than a few "
+                             "pixels differs from the border colour); pass an RGBA image with the object's alpha")
         alpha = mask.astype(np.float32)
     ys, xs = np.nonzero(alpha > 0)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1

@@ -131,13 +131,18 @@ def usable_images(images: list[Path], *, progress: bool = True) -> list[Path]:
     usable, failures = [], []
     for image in tqdm(images, desc="checking images", unit="image", leave=False,
                       disable=not progress or len(images) < 3):
-        try:
-            check_object_alpha(load_image(image))
-        except (ValueError, OSError) as err:
-            failures.append((image, err))
-            continue
+        # Its warnings (damaged EXIF metadata, ...): a usable image's run reads it again and reports them with its
+        # other warnings; a failing one reports them before its error.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            try:
+                check_object_alpha(load_image(image))
+            except (ValueError, OSError) as err:
+                failures.append((image, [str(w.message) for w in caught], err))
+                continue
         usable.append(image)
-    for image, err in failures:  # after the bar is cleared, not drawn through it
+    for image, messages, err in failures:  # after the bar is cleared, not drawn through it
+        report_warnings(image, messages)
         report_failure(image, err)
     return usable
 
@@ -148,18 +153,24 @@ def report_failure(image: Path, err: Exception) -> None:
     print(f"d3s2 generate: error: {image}: {err}", file=sys.stderr)
 
 
+def report_warnings(image: Path, messages: list[str]) -> None:
+    """Each distinct warning message of ``image`` as one line naming it, in order (every image encoder of a
+    pipeline prepares the image again, with the same warnings)."""
+    for message in dict.fromkeys(messages):
+        print(f"d3s2 generate: warning: {image}: {message}", file=sys.stderr)
+
+
 @contextlib.contextmanager
 def warnings_reported_for(image: Path) -> Iterator[None]:
-    """Each distinct warning raised while ``image`` runs as one line naming it (before an error of the same image),
-    instead of Python's once-per-source-line form, which in a batch shows the first image's only and names none."""
+    """The warnings raised while ``image`` runs, reported as :func:`report_warnings` lines (before an error of the
+    same image), instead of Python's once-per-source-line form, which in a batch shows the first image's only and
+    names none."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         try:
             yield
         finally:
-            # dict.fromkeys: once each, in order (every image encoder of a pipeline prepares the image again).
-            for message in dict.fromkeys(str(warning.message) for warning in caught):
-                print(f"d3s2 generate: warning: {image}: {message}", file=sys.stderr)
+            report_warnings(image, [str(warning.message) for warning in caught])
 
 
 def check_sampling_arguments(args: argparse.Namespace) -> None:

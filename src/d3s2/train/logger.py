@@ -20,6 +20,9 @@ class RunLogger:
     after it (by the run that was interrupted) are dropped, so every step is logged once. ``None`` (a fresh run)
     starts both logs afresh, hiding whatever an earlier run that never saved a checkpoint left in ``run_dir``.
 
+    The files are opened at the first :meth:`log`, not before: a run that fails before it logs anything leaves
+    the logs in ``run_dir`` as they were.
+
     A disabled logger (ranks other than 0) does nothing. Without the ``tensorboard`` package only the jsonl
     file is written (with one warning).
     """
@@ -27,29 +30,33 @@ class RunLogger:
     def __init__(self, run_dir: str | Path, *, enabled: bool, tensorboard: bool = True,
                  resume_step: int | None = None) -> None:
         self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self.tensorboard = tensorboard
+        self.resume_step = resume_step
         self.writer = None
         self.jsonl = None
-        if not enabled:
-            return
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / "train_log.jsonl"
-        if resume_step is not None and path.exists():
-            _drop_lines_after(path, resume_step)
-        self.jsonl = path.open("w" if resume_step is None else "a", buffering=1)
-        if tensorboard:
+
+    def _open(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / "train_log.jsonl"
+        if self.resume_step is not None and path.exists():
+            _drop_lines_after(path, self.resume_step)
+        self.jsonl = path.open("w" if self.resume_step is None else "a", buffering=1)
+        if self.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 log.warning("tensorboard is not installed (pip install 'd3s2[train]'): logging to jsonl only")
             else:
                 # purge_step: tensorboard hides the events of earlier files in tb/ from this step on.
-                purge_step = 0 if resume_step is None else resume_step + 1
-                self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step)
+                purge_step = 0 if self.resume_step is None else self.resume_step + 1
+                self.writer = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=purge_step)
 
     def log(self, step: int, metrics: dict[str, float], *, split: str = "train") -> None:
         if not self.enabled:
             return
+        if self.jsonl is None:
+            self._open()
         if self.writer is not None:
             for name, value in metrics.items():
                 self.writer.add_scalar(f"{split}/{name}", value, step)

@@ -296,8 +296,15 @@ class Trainer:
                  command: Sequence[str] | None = None, allow_config_change: bool = False) -> None:
         caller_rng = capture_rng_state()
         self._rng_in_use = False  # the trainer's streams are in the global RNGs (inside _own_rng)
+        self._deterministic_before = (torch.are_deterministic_algorithms_enabled(),
+                                      torch.is_deterministic_algorithms_warn_only_enabled())
         try:
             self._setup(cfg, run_dir, resume=resume, command=command, allow_config_change=allow_config_change)
+        except BaseException:
+            # A failed startup leaves the process as it was: the next trainer of this process (or of a test) must
+            # not find this one's process group, which its peers may have left already.
+            self.close()
+            raise
         finally:
             self._rng_state = capture_rng_state()  # seeded (or restored) by _setup
             restore_rng_state(caller_rng)
@@ -310,8 +317,6 @@ class Trainer:
         tc = cfg.train
         self.info = D.init_distributed(tc.device)
         info = self.info
-        self._deterministic_before = (torch.are_deterministic_algorithms_enabled(),
-                                      torch.is_deterministic_algorithms_warn_only_enabled())
         if tc.deterministic:
             if info.device.type == "cuda":
                 # PyTorch requires a fixed cuBLAS workspace for deterministic matmuls (before the first one).
@@ -344,11 +349,8 @@ class Trainer:
             raise ConfigError(f"{resume_path} holds another model than the config builds ({mismatch}): a run "
                               "resumes only with the model it was trained with (--allow-config-change included); "
                               "train this model in another --out")
-        if config_changed and info.is_main:
-            # Only now that the checkpoint fits: a refused resume leaves the run directory as it was.
-            previous = self.run_dir / f"config.prev-{int(resume_state['step']):08d}.yaml"
-            atomic_write_text(previous, dump_yaml(resume_state["config"]))
-            log.info("the config it was trained with is kept as %s", previous)
+        # Kept with the run's other records when it writes its first file (see _write_run_records).
+        self._previous_config = ((int(resume_state["step"]), resume_state["config"]) if config_changed else None)
         model.to(info.device)
         self.use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and info.device.type == "cuda")
         if tc.activation_checkpointing:
@@ -403,11 +405,25 @@ class Trainer:
             reason = ("validation split is empty" if has_validate(self.task)
                       else f"task {cfg.task.name} has no validate()")
             log.warning("%s: train.val_every = %d ignored, no validation will run", reason, tc.val_every)
-        if info.is_main:
-            extra = {"argv": sys.argv, "world_size": info.world_size, "torch": torch.__version__,
-                     "device": str(info.device), "resumed_from": str(resume_path) if resume_path else None}
-            write_run_record(self.run_dir, cfg, command=list(command) if command is not None else sys.argv,
-                             seed=cfg.seed, extra=extra)
+        self._command = list(command) if command is not None else list(sys.argv)
+        self._record_extra = {"argv": sys.argv, "world_size": info.world_size, "torch": torch.__version__,
+                              "device": str(info.device), "resumed_from": str(resume_path) if resume_path else None}
+        self._records_written = False
+
+    def _write_run_records(self) -> None:
+        """Rank 0, once, before the run's first file: ``config.yaml`` and ``run.json``, and after a resume with
+        another config the checkpoint's as ``config.prev-<step>.yaml``. Not at startup: a run that fails before it
+        writes anything (a config or data error, a first step that raises) leaves ``run_dir`` as it was (not made,
+        or an earlier run's records untouched)."""
+        if self._records_written or not self.info.is_main:
+            return
+        self._records_written = True
+        if self._previous_config is not None:
+            step, config = self._previous_config
+            previous = self.run_dir / f"config.prev-{step:08d}.yaml"
+            atomic_write_text(previous, dump_yaml(config))
+            log.info("the config it was trained with is kept as %s", previous)
+        write_run_record(self.run_dir, self.cfg, command=self._command, seed=self.cfg.seed, extra=self._record_extra)
 
     @contextlib.contextmanager
     def _own_rng(self) -> Iterator[None]:
@@ -569,6 +585,7 @@ class Trainer:
         log_state = D.gather_objects(self._log_state(), self.info)
         path = None
         if self.info.is_main:
+            self._write_run_records()
             state = {
                 "version": CHECKPOINT_VERSION,
                 "step": self.step,
@@ -637,6 +654,7 @@ class Trainer:
             plan = plan[: dc.val_max_batches]
         share = rank_share(plan, rank=self.info.rank, world_size=self.info.world_size)
         loader = self._loader(self.val_set, share, (self.cfg.seed, self.info.rank, 2**31, self.step))
+        self._write_run_records()  # before the task's snapshots in run/val
         out = val_dir(self.run_dir, self.step) if self.info.is_main else None
         use_ema = self.ema is not None and self.cfg.ema.validate_with_ema
         was_training = self.module.training
@@ -664,6 +682,7 @@ class Trainer:
             return None
         if ema_state is not None and self.cfg.ema.validate_with_ema:
             model_state = {**model_state, **ema_state["params"]}
+        self._write_run_records()
         path = self.run_dir / "export"
         with preserved_rng():  # the fresh model's initialisation draws: the training streams stay as they were
             fresh = self.task.build_model()
@@ -825,6 +844,7 @@ class Trainer:
         if self.info.device.type == "cuda":
             metrics["mem_peak_gib"] = torch.cuda.max_memory_allocated(self.info.device) / 2**30
             torch.cuda.reset_peak_memory_stats(self.info.device)
+        self._write_run_records()
         self.logger.log(self.step, metrics)
         if self.info.is_main and not self.show_bar:
             max_steps = self.cfg.train.max_steps

@@ -91,8 +91,9 @@ def test_config_errors(data):
     ({"latent_channels": 8.0}, None, "model.args.latent_channels: expected int, got float (8.0)"),
     ({"loss": {"in_band": 1.0, "ext": 0.1, "sharp": 1.0, "kl": "small"}}, None,
      "model.args.loss.kl: expected float, got str ('small')"),
-    ({}, "{model_channels: abc}", "model.args.model_channels: expected int, got str ('abc')"),
-    ({}, "{window_size: abc}", "model.args.window_size: expected int, got str ('abc')"),
+    # a task.args.model_args override is checked where it is given, before the task merges it with the model YAML
+    ({}, "{model_channels: abc}", "task.args.model_args.model_channels: expected int, got str ('abc')"),
+    ({}, "{window_size: abc}", "task.args.model_args.window_size: expected int, got str ('abc')"),
 ])
 def test_mistyped_model_args_fail_before_the_run_writes_anything(data, tmp_path, capsys, args, override, message):
     model = load_yaml(TINY_MODEL)
@@ -103,6 +104,14 @@ def test_mistyped_model_args_fail_before_the_run_writes_anything(data, tmp_path,
     assert train_cli(data, tmp_path / "run", *extra) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_a_mistyped_model_args_override_names_itself_and_the_model_keys(data, tmp_path, capsys):
+    assert train_cli(data, tmp_path / "run", "--task.args.model_args.depht=4") == 1
+    err = capsys.readouterr().err
+    assert "unknown key task.args.model_args.depht (from --task.args.model_args.depht=4); task.args.model_args " \
+           "accepts: latent_channels, model_channels, num_blocks" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_multi_resolution_groups_and_collate(data):

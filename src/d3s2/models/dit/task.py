@@ -29,7 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...config import keys_of
 from ...sparse import SparseTensor
+from ..registry import model_class
 
 __all__ = ["ConditionedDiT", "DiTTaskConfig", "DenseDiTTaskConfig", "SparseDiTTaskConfig", "DenseDiTTask",
            "SparseDiTTask", "DIT_TASK_FILE", "load_dit_yaml"]
@@ -75,8 +77,10 @@ class DiTTaskConfig:
     latents: str  # encoded latent folder (d3s2 data encode)
     data: str  # the built data folder it was encoded from (renders)
     model_config: str | None = None  # DiT YAML: model, conditioner (name small), sampler
-    model_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # overrides of model.args
-    conditioner_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # overrides of conditioner.args
+    model_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # overrides of model.args (each stage's
+    # config checks them against its model's)
+    conditioner_args: dict[str, Any] = keys_of(lambda: model_class("small_image_encoder").Config)  # overrides of
+    # conditioner.args
     cond_dropout: float = 0.1  # probability of training a sample unconditionally (CFG)
     t_mean: float = 0.0  # logit-normal timestep sampling: t = shift(sigmoid(N(t_mean, t_std²)), t_shift)
     t_std: float = 1.0
@@ -97,11 +101,13 @@ class DiTTaskConfig:
 @dataclasses.dataclass(kw_only=True)
 class DenseDiTTaskConfig(DiTTaskConfig):
     dense_vae: str  # frozen dense VAE folder (`d3s2 train dense_vae` export)
+    model_args: dict[str, Any] = keys_of(lambda: model_class("dense_dit").Config)  # overrides of model.args
 
 
 @dataclasses.dataclass(kw_only=True)
 class SparseDiTTaskConfig(DiTTaskConfig):
     sample_posterior: bool = True  # x0 = a posterior sample each step (False: the posterior mean)
+    model_args: dict[str, Any] = keys_of(lambda: model_class("sparse_dit").Config)  # overrides of model.args
 
 
 def _stats_device() -> torch.device:

@@ -18,6 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...config import keys_of
+from ..registry import model_class
+
 __all__ = ["DenseVAETaskConfig", "DenseVAETask", "DENSE_TASK_FILE"]
 
 DENSE_TASK_FILE = "dense_vae_task.json"  # written beside config.json by export: the occupancy side S
@@ -27,7 +30,7 @@ DENSE_TASK_FILE = "dense_vae_task.json"  # written beside config.json by export:
 class DenseVAETaskConfig:
     latents: str  # an encoded latent folder (d3s2 data encode)
     model_config: str | None = None  # YAML with model: {name, args} (e.g. configs/demo/dense_vae.yaml)
-    model_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # overrides / inline args of the model
+    model_args: dict[str, Any] = keys_of(lambda: model_class("dense_shape_vae").Config)  # overrides / inline model args
     val_fraction: float = 0.05
     test_fraction: float = 0.05
     repeat: int = 1  # each asset this many times per epoch (short epochs restart the data workers)

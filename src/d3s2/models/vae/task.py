@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ... import sparse as sp
+from ...config import keys_of
 from .export_info import TASK_FILE
 from .sparse_sdf_vae import PackedSDFBatch, SparseSDFBatch, SparseSDFVAE, SparseSDFVAEConfig, prepare_structure
 
@@ -41,7 +42,7 @@ class SparseVAETaskConfig:
     data: str  # a built data folder (d3s2 data build)
     resolutions: list[int] = dataclasses.field(default_factory=lambda: [256])  # each must be in the folder
     model_config: str | None = None  # YAML with model: {name, args} (e.g. configs/vae/ss_vae_512.yaml)
-    model_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # overrides / inline args of the model
+    model_args: dict[str, Any] = keys_of(lambda: SparseSDFVAEConfig)  # overrides / inline args of the model
     band: float = 0.0  # τ in [-1, 1] units; 0 = the folder's build band
     val_fraction: float = 0.05
     test_fraction: float = 0.05
