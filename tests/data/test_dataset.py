@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from d3s2.data.build import BuildConfig, build, resolve_sources
+from d3s2.data.build import BuildConfig, asset_path, build, load_asset, resolve_sources
 from d3s2.data.collate import TokenBudgetBatchSampler, collate_sparse
 from d3s2.data.dataset import SparseSDFDataset, split_of
 from d3s2.sparse import SparseTensor
@@ -90,6 +91,25 @@ def test_packed_blocks_expand_to_the_block_targets(root, monkeypatch):
         SparseSDFDataset(root, R, split=None, with_blocks="dense")
     with pytest.raises(ValueError, match="collate_packed"):
         collate_sparse([p])
+
+
+@pytest.mark.parametrize("damage", ["overwritten", "cut", "corrupted"])
+def test_a_damaged_asset_file_is_named(root, tmp_path, damage):
+    copy = tmp_path / "built"
+    shutil.copytree(root, copy)
+    ds = SparseSDFDataset(copy, R, split=None)
+    path = asset_path(copy, ds.names[0])
+    data = path.read_bytes()
+    if damage == "overwritten":  # numpy alone: "This file contains pickled (object) data..."
+        path.write_bytes(b"not an archive" * 100)
+    elif damage == "cut":
+        path.write_bytes(data[: len(data) // 2])
+    else:  # a stored member's bytes changed: the zip reader's CRC check fails when the array is read
+        middle = len(data) // 2
+        path.write_bytes(data[:middle] + bytes(b ^ 0xFF for b in data[middle:middle + 64]) + data[middle + 64:])
+    for read in (lambda: ds[0], lambda: load_asset(path)):
+        with pytest.raises(ValueError, match=rf"{path}: not a readable d3s2 asset archive .*rebuild that folder"):
+            read()
 
 
 def test_views_are_deterministic_per_epoch(root):

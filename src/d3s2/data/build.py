@@ -34,6 +34,8 @@ import os
 import signal
 import threading
 import time
+import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -198,6 +200,33 @@ def select(assets: Sequence[AssetSource], *, shard: tuple[int, int] = (0, 1), su
 
 def asset_path(out: str | os.PathLike, name: str) -> Path:
     return Path(out) / "assets" / f"{name}.npz"
+
+
+_DAMAGED_ARCHIVE = (zipfile.BadZipFile, zlib.error, EOFError)  # what reading a cut or corrupted .npz member raises
+
+
+@contextmanager
+def open_asset(path: str | os.PathLike) -> Iterator[np.lib.npyio.NpzFile]:
+    """The arrays of one asset file of a built (``d3s2 data build``) or encoded (``d3s2 data encode``) folder, read
+    as they are indexed. A file that is no such archive (overwritten, cut short, corrupted) is a ValueError naming
+    it, whether opening it or reading an array fails (numpy's own errors name neither the file nor the fix)."""
+    def damaged(err: BaseException) -> ValueError:
+        return ValueError(f"{path}: not a readable d3s2 asset archive ({err}); expected an .npz written by "
+                          "`d3s2 data build` or `d3s2 data encode`: rebuild that folder, or remove the file")
+
+    try:
+        z = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except (ValueError, OSError, *_DAMAGED_ARCHIVE) as err:
+        raise damaged(err) from err
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise damaged(TypeError("a single .npy array"))
+    with z:
+        try:
+            yield z
+        except _DAMAGED_ARCHIVE as err:
+            raise damaged(err) from err
 
 
 # ---------------------------------------------------------------------------------------------- one asset
@@ -501,7 +530,7 @@ def _build_in_workers(todo: list[AssetSource], out: str, config: BuildConfig, tm
 
 def load_asset(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """All arrays of one asset file (see the module docstring for the keys)."""
-    with np.load(path, allow_pickle=False) as z:
+    with open_asset(path) as z:
         return {k: z[k] for k in z.files}
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from d3s2.data.build import asset_path, read_manifest
+from d3s2.data.build import asset_path, open_asset, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class SparseSDFDataset(Dataset):
         for n in self.names:
             value = self._records.get(n, {}).get(stat, {}).get(str(self.resolution))
             if value is None:
-                with np.load(asset_path(self.root, n)) as z:
+                with open_asset(asset_path(self.root, n)) as z:
                     value = len(z[f"sdf{self.resolution}/{array}"])
             counts.append(int(value))
         return counts
@@ -121,7 +121,7 @@ class SparseSDFDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         name = self.names[index]
-        with np.load(asset_path(self.root, name), allow_pickle=False) as z:
+        with open_asset(asset_path(self.root, name)) as z:
             if self.with_blocks == "packed":
                 sample = self._packed_sample(name, z)
             else:

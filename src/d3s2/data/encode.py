@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .build import asset_path, write_npz_atomic
+from .build import asset_path, open_asset, write_npz_atomic
 
 FORMAT = "d3s2-latents"
 SETTINGS_FILE = "encoded.json"
@@ -64,7 +64,7 @@ def latent_names(root: str | os.PathLike) -> list[str]:
 
 def load_latent(root: str | os.PathLike, name: str) -> dict[str, np.ndarray]:
     """``coords`` int16 ``[n, 3]``, ``mean`` / ``logvar`` float16 ``[n, C]`` of one asset."""
-    with np.load(asset_path(root, name), allow_pickle=False) as z:
+    with open_asset(asset_path(root, name)) as z:
         return {k: z[k] for k in ("coords", "mean", "logvar")}
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .build import asset_path
+from .build import asset_path, open_asset
 from .dataset import split_of
 from .encode import latent_names, load_latent, read_settings
 
@@ -102,7 +102,7 @@ class LatentDataset(Dataset):
 
         from ..models.conditioner import preprocess_image
 
-        with np.load(asset_path(self.build, name), allow_pickle=False) as z:
+        with open_asset(asset_path(self.build, name)) as z:
             if "render/png_offsets" not in z.files:
                 raise ValueError(f"{name}: the built folder has no renders (built with --views 0)")
             offsets = z["render/png_offsets"]
