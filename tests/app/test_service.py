@@ -99,6 +99,8 @@ def _png(width: int, height: int) -> bytes:
     ("no image field", 400, "missing the 'image' file field"),
     ("not multipart", 415, "expected a multipart/form-data body"),
     ("bad seed", 422, "seed"),
+    ("nan cfg", 422, "expected cfg to be a finite number in [0, 50], got nan"),
+    ("inf cfg", 422, "expected cfg to be a finite number in [0, 50], got inf"),
     ("bad resolution", 422, "expected resolution in [64, 128], got 512"),
     ("unknown field", 422, "bogus"),
 ])
@@ -124,6 +126,8 @@ def test_bad_uploads(server, case, status, message):
         r = httpx.post(server.url + "/v1/generate", content=good, headers={"content-type": "image/png"})
     elif case == "bad seed":
         r = _post(server, good, seed=-1)
+    elif case.endswith("cfg"):
+        r = _post(server, good, cfg=case.split()[0])
     elif case == "bad resolution":
         r = _post(server, good, resolution=512)
     else:

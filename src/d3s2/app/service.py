@@ -4,8 +4,9 @@ Endpoints (the OpenAPI schema is at ``/openapi.json``, interactive docs at ``/do
 
 * ``POST /v1/generate``: ``multipart/form-data`` with an ``image`` file and optional fields ``resolution``,
   ``seed``, ``steps``, ``cfg``, ``faces`` → 202 ``{"id": ..., "status": "queued", ...}``. Errors: 400 empty
-  upload, 413 upload or image too large, 415 not an image, 422 bad parameter or an image no generation can use
-  (smaller than 16 px a side, an empty alpha channel), 429 queue full, 503 shutting down.
+  upload, 413 upload or image too large, 415 not an image, 422 bad parameter (out of range, a cfg that is no
+  finite number) or an image no generation can use (smaller than 16 px a side, an empty alpha channel), 429 queue
+  full, 503 shutting down.
 * ``GET /v1/jobs/{id}``: status (``queued``, ``running``, ``done``, ``failed``, ``timeout``, ``cancelled``), the
   current stage and its index, progress in [0, 1], the result summary or the error. 404 for an unknown id.
 * ``DELETE /v1/jobs/{id}``: cancel (a running job stops at its next stage or model call).
@@ -29,23 +30,34 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from .engine import MAX_SEED, MESH_FORMATS, Engine, GenerateParams, RequestError, mesh_bytes, read_image
+from .engine import (
+    MAX_CFG,
+    MAX_SEED,
+    MESH_FORMATS,
+    Engine,
+    GenerateParams,
+    RequestError,
+    mesh_bytes,
+    read_image,
+)
 
 MEDIA_TYPES = {"glb": "model/gltf-binary", "obj": "model/obj", "ply": "application/octet-stream"}
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small parameter fields
 
 
 class GenerateForm(BaseModel):
-    """The parameter fields of ``POST /v1/generate`` (the ``image`` file part comes beside them)."""
+    """The parameter fields of ``POST /v1/generate`` (the ``image`` file part comes beside them): their types.
+    Their ranges are :meth:`Engine.check_generate`'s, one message per field for the API and the web app alike."""
 
     model_config = {"extra": "forbid"}
 
     resolution: int | None = Field(None, description="mesh resolution, one of /healthz 'resolutions' "
                                    "(default: the highest)")
-    seed: int = Field(0, ge=0, le=MAX_SEED)
-    steps: int | None = Field(None, ge=1, description="sampling steps of every stage (default: per stage)")
-    cfg: float | None = Field(None, ge=0, description="guidance scale of every stage (default: per stage)")
-    faces: int | None = Field(None, ge=1, description="decimate to about this many faces")
+    seed: int = Field(0, description=f"in [0, {MAX_SEED}]")
+    steps: int | None = Field(None, description="sampling steps of every stage (default: per stage)")
+    cfg: float | None = Field(None, description=f"guidance scale of every stage, in [0, {MAX_CFG:g}] (default: "
+                                                "per stage)")
+    faces: int | None = Field(None, description="decimate to about this many faces")
 
 
 _GENERATE_BODY = {
@@ -53,8 +65,11 @@ _GENERATE_BODY = {
         "type": "object", "required": ["image"],
         "properties": {"image": {"type": "string", "format": "binary",
                                  "description": "PNG/JPEG/WebP/BMP/TIFF; RGBA with the object's alpha works best"},
-                       "resolution": {"type": "integer"}, "seed": {"type": "integer", "default": 0},
-                       "steps": {"type": "integer"}, "cfg": {"type": "number"}, "faces": {"type": "integer"}}}}}},
+                       "resolution": {"type": "integer"},
+                       "seed": {"type": "integer", "default": 0, "minimum": 0, "maximum": MAX_SEED},
+                       "steps": {"type": "integer", "minimum": 1}, "cfg": {"type": "number", "minimum": 0,
+                                                                           "maximum": MAX_CFG},
+                       "faces": {"type": "integer", "minimum": 1}}}}}},
 }
 
 
@@ -92,8 +107,10 @@ def create_service(engine: Engine, *, close_engine: bool = True) -> FastAPI:
         except ValidationError as err:
             raise RequestError(422, "bad parameters: " + "; ".join(
                 f"{'.'.join(map(str, e['loc'])) or 'form'}: {e['msg']}" for e in err.errors())) from err
+        params = GenerateParams(**form.model_dump())
+        engine.check_generate(params)  # before the upload is decoded
         image = await run_in_threadpool(read_image, image_bytes, engine.limits)  # decoding blocks: off the loop
-        job = engine.submit_generate(image, GenerateParams(**form.model_dump()))
+        job = engine.submit_generate(image, params)
         return job.to_dict()
 
     @app.get("/v1/jobs/{job_id}")
