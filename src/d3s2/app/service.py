@@ -4,9 +4,9 @@ Endpoints (the OpenAPI schema is at ``/openapi.json``, interactive docs at ``/do
 
 * ``POST /v1/generate``: ``multipart/form-data`` with an ``image`` file and optional fields ``resolution``,
   ``seed``, ``steps``, ``cfg``, ``faces`` → 202 ``{"id": ..., "status": "queued", ...}``. Errors: 400 empty
-  upload, 413 upload or image too large, 415 not an image, 422 bad parameter (out of range, a cfg that is no
-  finite number) or an image no generation can use (smaller than 16 px a side, an empty alpha channel), 429 queue
-  full, 503 shutting down.
+  upload or a malformed or incomplete (cut short) multipart body, 413 upload or image too large, 415 not an
+  image, 422 bad parameter (out of range, a cfg that is no finite number) or an image no generation can use
+  (smaller than 16 px a side, an empty alpha channel), 429 queue full, 503 shutting down.
 * ``GET /v1/jobs/{id}``: status (``queued``, ``running``, ``done``, ``failed``, ``timeout``, ``cancelled``), the
   current stage and its index, progress in [0, 1], the result summary or the error. 404 for an unknown id.
 * ``DELETE /v1/jobs/{id}``: cancel (a running job stops at its next stage or model call).
@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from .engine import (
     MAX_CFG,
@@ -142,6 +143,16 @@ def create_service(engine: Engine, *, close_engine: bool = True) -> FastAPI:
     return app
 
 
+class _MultiPartBody(MultiPartParser):
+    """Starlette's multipart parser, noting whether the body reached its closing boundary: a body cut short
+    parses without error, as a form that lacks its last parts (python-multipart's finalize() does not check)."""
+
+    complete = False
+
+    def on_end(self) -> None:
+        self.complete = True
+
+
 async def _read_form(request: Request, max_upload: int) -> tuple[bytes, dict[str, str]]:
     """(image bytes, other fields) of a multipart body read with a byte cap, all in memory."""
     ctype = request.headers.get("content-type", "")
@@ -152,20 +163,28 @@ async def _read_form(request: Request, max_upload: int) -> tuple[bytes, dict[str
     if declared and declared.isdigit() and int(declared) > cap:
         raise RequestError(413, f"upload too large: {declared} bytes, the limit is {max_upload}")
 
+    received = 0
+
     async def capped():
-        n = 0
+        nonlocal received
         async for chunk in request.stream():
-            n += len(chunk)
-            if n > cap:
+            received += len(chunk)
+            if received > cap:
                 raise RequestError(413, f"upload too large: more than {max_upload} bytes")
             yield chunk
 
-    parser = MultiPartParser(request.headers, capped(), max_files=1, max_fields=16, max_part_size=1024)
+    parser = _MultiPartBody(request.headers, capped(), max_files=1, max_fields=16, max_part_size=1024)
     parser.spool_max_size = cap  # keep the file part in memory: nothing is written to the system temp folder
     try:
         form = await parser.parse()
     except MultiPartException as err:
         raise RequestError(400, f"malformed form: {err.message}") from err
+    except ClientDisconnect:  # no one reads this answer, but it is no server error to log with a traceback
+        raise RequestError(400, f"incomplete request body: the connection closed after {received} bytes"
+                                + (f" of the {declared} declared" if declared else "")) from None
+    if not parser.complete:
+        raise RequestError(400, f"incomplete multipart body: the {received} bytes sent end before the form's "
+                                "closing boundary (a cut upload?); send the whole form")
     image = form.get("image")
     if not isinstance(image, UploadFile):
         raise RequestError(400, "missing the 'image' file field")
