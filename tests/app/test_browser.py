@@ -107,6 +107,9 @@ def test_app_in_chromium(tiny_weights, tmp_path, browser):
         files = {a.get_attribute("href").rsplit("/", 1)[-1]: a.get_attribute("href")
                  for a in browser.find_elements(By.CSS_SELECTOR, "#result-files a")}
         assert set(files) == {"mesh.glb", "mesh.obj", "mesh.ply"}
+        # Served from the job's folder, under the results cap: Gradio made no copies of them.
+        assert all("/out/jobs/" in url for url in [glb_url, *files.values()])
+        assert not list((tmp_path / "out" / "gradio").rglob("mesh.*"))
         for name, url in files.items():
             loaded = trimesh.load(io.BytesIO(httpx.get(url).content), file_type=name[-3:], force="mesh")
             assert len(loaded.faces) == len(mesh.faces), name
@@ -124,7 +127,7 @@ def test_app_in_chromium(tiny_weights, tmp_path, browser):
     finally:
         children = server.children()
         code = server.stop()
-    assert code == 0, server.log.read_text()
+    assert code == 130, server.log.read_text()  # Ctrl-C, as for every d3s2 command
     assert not port_open(server.port)
     assert not [p for p in [server.proc.pid, *children] if pid_alive(p)]
     assert not list(cwd.iterdir())  # Gradio's copies of uploads and results stayed in the output folder

@@ -132,6 +132,15 @@ def test_seed_out_of_range_is_refused_before_queueing(engine, seed):
     assert err.value.status == 422 and engine.queue_state()["waiting"] == 0
 
 
+@pytest.mark.parametrize("cfg", [float("nan"), float("inf"), -float("inf"), -0.5, 50.5])
+def test_cfg_that_is_no_finite_number_in_range_is_refused_before_queueing(engine, cfg):
+    # nan fails every comparison: the message must not blame the range alone
+    with pytest.raises(RequestError) as err:
+        engine.submit_generate(rgba_image(), GenerateParams(cfg=cfg))
+    assert err.value.status == 422
+    assert err.value.message == f"expected cfg to be a finite number in [0, 50], got {cfg}"
+    assert engine.queue_state()["waiting"] == 0
+
 def test_a_restart_forgets_earlier_jobs_and_removes_their_files(pipe, tmp_path):
     first = Engine(pipe, tmp_path / "out", device="cpu")
     job = first.submit_generate(rgba_image(), GenerateParams(resolution=64, steps=1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import time
 import uuid
 
@@ -97,8 +98,12 @@ def _png(width: int, height: int) -> bytes:
     ("empty alpha", 422, "the image's alpha channel is empty"),
     ("too many bytes", 413, "upload too large"),
     ("no image field", 400, "missing the 'image' file field"),
+    ("cut body", 400, "incomplete multipart body: the "),
+    ("cut before the closing boundary", 400, "incomplete multipart body: the "),
     ("not multipart", 415, "expected a multipart/form-data body"),
     ("bad seed", 422, "seed"),
+    ("nan cfg", 422, "expected cfg to be a finite number in [0, 50], got nan"),
+    ("inf cfg", 422, "expected cfg to be a finite number in [0, 50], got inf"),
     ("bad resolution", 422, "expected resolution in [64, 128], got 512"),
     ("unknown field", 422, "bogus"),
 ])
@@ -120,10 +125,17 @@ def test_bad_uploads(server, case, status, message):
         r = _post(server, np.random.default_rng(0).bytes(int(MAX_UPLOAD_MB * 2**20) + 70_000))
     elif case == "no image field":
         r = httpx.post(server.url + "/v1/generate", files={"picture": ("in.png", good, "image/png")})
+    elif case.startswith("cut"):  # a complete form, then sent short: half of it, or all but its last bytes
+        form = httpx.Request("POST", server.url, files={"image": ("in.png", good, "image/png")}, data={"seed": "1"})
+        body = form.read()
+        r = httpx.post(server.url + "/v1/generate", content=body[: len(body) // 2 if case == "cut body" else -8],
+                       headers={"content-type": form.headers["content-type"]})
     elif case == "not multipart":
         r = httpx.post(server.url + "/v1/generate", content=good, headers={"content-type": "image/png"})
     elif case == "bad seed":
         r = _post(server, good, seed=-1)
+    elif case.endswith("cfg"):
+        r = _post(server, good, cfg=case.split()[0])
     elif case == "bad resolution":
         r = _post(server, good, resolution=512)
     else:
@@ -192,8 +204,42 @@ def test_a_result_removed_while_it_is_read_is_gone_not_an_error(tmp_path, monkey
     assert r.json()["detail"] == f"job {job.id}: the result was removed (results size cap)"
 
 
+def test_a_client_that_leaves_mid_upload_is_no_server_error(tmp_path):
+    # Its body ends early: a 400 that says so (no one reads it), not a traceback in the server's log.
+    import asyncio
+
+    from d3s2.app import service
+    from d3s2.app.engine import Engine
+
+    form = httpx.Request("POST", "http://test/v1/generate", files={"image": ("in.png", encode_png(rgba_image()))})
+    body = form.read()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/generate", "raw_path": b"/v1/generate", "query_string": b"",
+             "root_path": "", "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000),
+             "headers": [(b"content-type", form.headers["content-type"].encode()),
+                         (b"content-length", str(len(body)).encode())]}
+    received = iter([{"type": "http.request", "body": body[:100], "more_body": True}, {"type": "http.disconnect"}])
+    sent = []
+
+    async def receive():
+        return next(received)
+
+    async def send(message):
+        sent.append(message)
+
+    engine = Engine(tiny_pipeline(), tmp_path / "out", device="cpu")
+    try:
+        asyncio.run(service.create_service(engine, close_engine=False)(scope, receive, send))
+    finally:
+        engine.close()
+    assert sent[0]["status"] == 400
+    assert json.loads(sent[1]["body"])["detail"] == (f"incomplete request body: the connection closed after 100 "
+                                                     f"bytes of the {len(body)} declared")
+
+
 def test_shutdown_leaves_nothing_running(server):
     children = server.children()
-    assert server.stop() == 0, server.log.read_text()
+    assert server.stop() == 130, server.log.read_text()  # Ctrl-C, as for every d3s2 command
+    assert server.log.read_text().endswith("d3s2 serve: interrupted\n")
     assert not port_open(server.port)
     assert not [p for p in [server.proc.pid, *children] if pid_alive(p)]

@@ -79,3 +79,28 @@ def test_a_result_removed_by_the_cap_before_its_downloads_is_a_message(tmp_path)
         assert [Path(p).name for p in _downloads(engine, second)] == ["mesh.glb", "mesh.obj", "mesh.ply"]
     finally:
         engine.close()
+
+
+
+def test_results_are_served_from_their_job_folder_not_copied_into_gradios_cache(tmp_path, monkeypatch):
+    # A copy in Gradio's cache would escape the results cap, and outlive the removal of its job's files.
+    import asyncio
+
+    from d3s2.app.engine import Engine
+    from d3s2.app.web import build_app
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))  # read by each Gradio block as it is built
+    monkeypatch.setattr("gradio.data_classes._StaticFiles.all_paths", [])  # process-wide: restored after
+    engine = Engine(tiny_pipeline(), tmp_path / "out", band=2 / 64)
+    try:
+        app = build_app(engine)
+        generate = next(f for f in app.fns.values() if f.name == "generate")
+        viewer, files, summary = generate.fn(_png(tmp_path), 64, 0, 1, 0, 0)
+        # What Gradio does with an event's return value before the page gets it (copies files, makes URLs).
+        shown = asyncio.run(app.postprocess_data(generate, [viewer, files, summary], None))
+        shown_paths = [Path(shown[0]["path"]), *(Path(f["path"]) for f in shown[1])]
+        assert shown_paths == [Path(viewer), *map(Path, files)]
+        assert all(p.parent.parent == engine.jobs_dir for p in shown_paths)
+        assert not list((tmp_path / "gradio").rglob("mesh.*"))
+    finally:
+        engine.close()

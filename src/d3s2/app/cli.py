@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib.util
+import math
 import os
+import socket
+from collections.abc import Iterator
 
 MIB = 2**20
 MAX_IMAGE_SIDE = 4096  # the default --max-pixels is a square image of this side
@@ -54,56 +59,121 @@ def _require(*modules: str) -> None:
         raise RuntimeError(f"missing {', '.join(missing)}: install the app extra, pip install 'd3s2[app]'")
 
 
-def _engine(args: argparse.Namespace):
-    from ..pipeline.cli import resolve_weights
+def _check_limits(args: argparse.Namespace) -> None:
+    """The size, time and band options: finite and positive, checked before the port is taken or a model loads."""
+    for name in ("max_upload_mb", "max_pixels", "max_queue", "timeout", "results_cap_mb", "band"):
+        value = getattr(args, name)
+        # nan passes a plain `<= 0` test; inf overflows the byte counts or never times out
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
+
+
+@contextlib.contextmanager
+def listening_sockets(host: str, port: int) -> Iterator[list[socket.socket]]:
+    """Sockets bound to ``host:port`` (every address it resolves to) and listening, for uvicorn to serve on;
+    closed on exit.
+
+    Taken before any model loads: a busy port is one clear error at once rather than after the load, and no other
+    process can take the port meanwhile (binding is the only race-free check). OSError says what to do.
+    """
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise OSError(f"cannot resolve --host {host!r}: {err.strerror}") from None
+    sockets: list[socket.socket] = []
+    with contextlib.ExitStack() as opened:  # closed on exit; uvicorn closes them too when it shuts down (harmless)
+        try:
+            for family, kind, proto, _, address in dict.fromkeys(infos):  # a host may list an address twice
+                sock = opened.enter_context(socket.socket(family, kind, proto))
+                sockets.append(sock)
+                # A restart binds while the last run's connections linger in TIME_WAIT (uvicorn does the same).
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # the IPv4 address gets its own
+                sock.bind(address)
+                sock.listen(2048)  # at once: with SO_REUSEADDR, a socket that is only bound does not hold the port
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise OSError(f"{where} is already in use (another server listens there): pick another --port, "
+                              "or stop that server") from None
+            raise OSError(f"cannot listen on {where}: {err.strerror}; check --host and --port") from None
+        yield sockets
+
+
+def _engine(args: argparse.Namespace, weights: str):
     from .engine import Engine, Limits
 
-    for name in ("max_upload_mb", "max_pixels", "max_queue", "timeout", "results_cap_mb"):
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * MIB), max_pixels=args.max_pixels,
                     max_queue=args.max_queue, timeout_s=args.timeout,
                     results_cap_bytes=int(args.results_cap_mb * MIB))
-    return Engine.from_weights(resolve_weights(args.weights), args.out, device=args.device,
-                               conditioner=args.conditioner, limits=limits, band=args.band)
+    return Engine.from_weights(weights, args.out, device=args.device, conditioner=args.conditioner,
+                               limits=limits, band=args.band)
+
+
+def _serve_on(sockets: list[socket.socket], asgi_app, args: argparse.Namespace) -> None:
+    """uvicorn on the sockets already listening. Ctrl-C and SIGTERM shut it down cleanly, then reach
+    :func:`d3s2.cli.main` as they would for any command (exit 130 / 143): ``uvicorn.run`` would swallow Ctrl-C
+    (exit 0)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(asgi_app, host=args.host, port=args.port, log_level="warning"))
+    # uvicorn traps SIGINT/SIGTERM while it serves, and once shut down raises the signal again under the handlers
+    # it found: KeyboardInterrupt, or d3s2.cli's Terminated.
+    server.run(sockets=sockets)
+
+
+def _check_before_loading(args: argparse.Namespace) -> str:
+    """The weights folder, after the checks that load no model (options, the folder's pipeline.json): errors
+    before the port is taken."""
+    from ..pipeline.cli import resolve_weights
+    from ..pipeline.image_to_3d import read_resolutions
+
+    _check_limits(args)
+    weights = resolve_weights(args.weights)
+    read_resolutions(weights)
+    return weights
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     _require("fastapi", "uvicorn", "python_multipart")
-    import uvicorn
-
     from .service import create_service
 
-    engine = _engine(args)
-    print(f"d3s2 serve: http://{args.host}:{args.port} (OpenAPI: /docs), device {engine.device}, "
-          f"out {engine.out_dir}", flush=True)
-    try:
-        uvicorn.run(create_service(engine), host=args.host, port=args.port, log_level="warning")
-    finally:
-        engine.close()  # also on a failed start (port taken); closing twice is harmless
+    weights = _check_before_loading(args)
+    with listening_sockets(args.host, args.port) as sockets:
+        engine = _engine(args, weights)
+        print(f"d3s2 serve: http://{args.host}:{args.port} (OpenAPI: /docs), device {engine.device}, "
+              f"out {engine.out_dir}", flush=True)
+        try:
+            _serve_on(sockets, create_service(engine), args)
+        finally:
+            engine.close()  # also on a failed start; closing twice is harmless
     return 0
 
 
 def _run_app(args: argparse.Namespace) -> int:
     _require("gradio", "fastapi", "uvicorn")
-    engine = _engine(args)
-    # Before gradio builds anything: its upload and result copies go inside our output folder.
-    os.environ["GRADIO_TEMP_DIR"] = str(engine.out_dir / "gradio")
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    import gradio as gr
-    import uvicorn
-    from fastapi import FastAPI
+    weights = _check_before_loading(args)
+    with listening_sockets(args.host, args.port) as sockets:
+        engine = _engine(args, weights)
+        try:
+            # Before gradio builds anything: its upload copies go inside our output folder.
+            os.environ["GRADIO_TEMP_DIR"] = str(engine.out_dir / "gradio")
+            os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+            import gradio as gr
+            from fastapi import FastAPI
 
-    from .web import build_app
+            from .web import build_app
 
-    # Mounted on our own server rather than Blocks.launch(): launch() gives up when its 3 s self-check of the
-    # page times out (a busy machine), and uvicorn shuts down cleanly on Ctrl-C / SIGTERM.
-    server = gr.mount_gradio_app(FastAPI(), build_app(engine), path="/", server_name=args.host,
-                                 server_port=args.port, footer_links=["api"], show_error=True, ssr_mode=False,
-                                 max_file_size=engine.limits.max_upload_bytes, allowed_paths=[str(engine.jobs_dir)])
-    print(f"d3s2 app: http://{args.host}:{args.port}, device {engine.device}, out {engine.out_dir}", flush=True)
-    try:
-        uvicorn.run(server, host=args.host, port=args.port, log_level="warning")
-    finally:
-        engine.close()
+            # Mounted on our own server rather than Blocks.launch(): launch() gives up when its 3 s self-check of
+            # the page times out (a busy machine), and binds a port itself (ours is held since before the load).
+            server = gr.mount_gradio_app(FastAPI(), build_app(engine), path="/", server_name=args.host,
+                                         server_port=args.port, footer_links=["api"], show_error=True,
+                                         ssr_mode=False, max_file_size=engine.limits.max_upload_bytes,
+                                         allowed_paths=[str(engine.jobs_dir)])
+            print(f"d3s2 app: http://{args.host}:{args.port}, device {engine.device}, out {engine.out_dir}",
+                  flush=True)
+            _serve_on(sockets, server, args)
+        finally:
+            engine.close()
     return 0

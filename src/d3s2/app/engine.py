@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import io
 import logging
+import math
 import re
 import shutil
 import threading
@@ -42,6 +43,7 @@ UPLOAD_MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")
 RESULT_NAME = "mesh"
 INPUT_NAME = "input"
 MAX_SEED = 2**31 - 1
+MAX_CFG = 50.0
 
 
 class RequestError(ValueError):
@@ -253,10 +255,9 @@ class Engine:
         return cls(pipe, out_dir, device=device, limits=limits, band=band or _weights_band(Path(weights), pipe))
 
     # -------------------------------------------------------------------------------------------- submit
-    def submit_generate(self, image: np.ndarray, params: GenerateParams) -> Job:
-        """Queue image → mesh; writes ``mesh.glb``. Parameters are checked here (RequestError 422)."""
-        from ..pipeline.image_to_3d import require_surface
-
+    def check_generate(self, params: GenerateParams) -> None:
+        """RequestError 422 for settings no generate job can use (:meth:`submit_generate` checks them too; the
+        service asks first, before it decodes the upload)."""
         resolutions = self.pipeline.resolutions
         if params.resolution is not None and params.resolution not in resolutions:
             raise RequestError(422, f"expected resolution in {resolutions}, got {params.resolution}")
@@ -266,8 +267,15 @@ class Engine:
             raise RequestError(422, f"expected steps in [1, {self.limits.max_steps}], got {params.steps}")
         if params.faces is not None and params.faces <= 0:
             raise RequestError(422, f"expected a positive face count, got {params.faces}")
-        if params.cfg is not None and not 0.0 <= params.cfg <= 50.0:
-            raise RequestError(422, f"expected cfg in [0, 50], got {params.cfg}")
+        # isfinite first: nan compares false with every bound, so a range test alone would blame the range
+        if params.cfg is not None and not (math.isfinite(params.cfg) and 0.0 <= params.cfg <= MAX_CFG):
+            raise RequestError(422, f"expected cfg to be a finite number in [0, {MAX_CFG:g}], got {params.cfg}")
+
+    def submit_generate(self, image: np.ndarray, params: GenerateParams) -> Job:
+        """Queue image → mesh; writes ``mesh.glb``. Parameters are checked here (RequestError 422)."""
+        from ..pipeline.image_to_3d import require_surface
+
+        self.check_generate(params)
 
         def work(job: Job) -> dict[str, Any]:
             mesh = require_surface(self.pipeline(image, resolution=params.resolution, seed=params.seed,

@@ -4,7 +4,8 @@ Endpoints (the OpenAPI schema is at ``/openapi.json``, interactive docs at ``/do
 
 * ``POST /v1/generate``: ``multipart/form-data`` with an ``image`` file and optional fields ``resolution``,
   ``seed``, ``steps``, ``cfg``, ``faces`` → 202 ``{"id": ..., "status": "queued", ...}``. Errors: 400 empty
-  upload, 413 upload or image too large, 415 not an image, 422 bad parameter or an image no generation can use
+  upload or a malformed or incomplete (cut short) multipart body, 413 upload or image too large, 415 not an
+  image, 422 bad parameter (out of range, a cfg that is no finite number) or an image no generation can use
   (smaller than 16 px a side, an empty alpha channel), 429 queue full, 503 shutting down.
 * ``GET /v1/jobs/{id}``: status (``queued``, ``running``, ``done``, ``failed``, ``timeout``, ``cancelled``), the
   current stage and its index, progress in [0, 1], the result summary or the error. 404 for an unknown id.
@@ -28,24 +29,36 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
-from .engine import MAX_SEED, MESH_FORMATS, Engine, GenerateParams, RequestError, mesh_bytes, read_image
+from .engine import (
+    MAX_CFG,
+    MAX_SEED,
+    MESH_FORMATS,
+    Engine,
+    GenerateParams,
+    RequestError,
+    mesh_bytes,
+    read_image,
+)
 
 MEDIA_TYPES = {"glb": "model/gltf-binary", "obj": "model/obj", "ply": "application/octet-stream"}
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small parameter fields
 
 
 class GenerateForm(BaseModel):
-    """The parameter fields of ``POST /v1/generate`` (the ``image`` file part comes beside them)."""
+    """The parameter fields of ``POST /v1/generate`` (the ``image`` file part comes beside them): their types.
+    Their ranges are :meth:`Engine.check_generate`'s, one message per field for the API and the web app alike."""
 
     model_config = {"extra": "forbid"}
 
     resolution: int | None = Field(None, description="mesh resolution, one of /healthz 'resolutions' "
                                    "(default: the highest)")
-    seed: int = Field(0, ge=0, le=MAX_SEED)
-    steps: int | None = Field(None, ge=1, description="sampling steps of every stage (default: per stage)")
-    cfg: float | None = Field(None, ge=0, description="guidance scale of every stage (default: per stage)")
-    faces: int | None = Field(None, ge=1, description="decimate to about this many faces")
+    seed: int = Field(0, description=f"in [0, {MAX_SEED}]")
+    steps: int | None = Field(None, description="sampling steps of every stage (default: per stage)")
+    cfg: float | None = Field(None, description=f"guidance scale of every stage, in [0, {MAX_CFG:g}] (default: "
+                                                "per stage)")
+    faces: int | None = Field(None, description="decimate to about this many faces")
 
 
 _GENERATE_BODY = {
@@ -53,8 +66,11 @@ _GENERATE_BODY = {
         "type": "object", "required": ["image"],
         "properties": {"image": {"type": "string", "format": "binary",
                                  "description": "PNG/JPEG/WebP/BMP/TIFF; RGBA with the object's alpha works best"},
-                       "resolution": {"type": "integer"}, "seed": {"type": "integer", "default": 0},
-                       "steps": {"type": "integer"}, "cfg": {"type": "number"}, "faces": {"type": "integer"}}}}}},
+                       "resolution": {"type": "integer"},
+                       "seed": {"type": "integer", "default": 0, "minimum": 0, "maximum": MAX_SEED},
+                       "steps": {"type": "integer", "minimum": 1}, "cfg": {"type": "number", "minimum": 0,
+                                                                           "maximum": MAX_CFG},
+                       "faces": {"type": "integer", "minimum": 1}}}}}},
 }
 
 
@@ -92,8 +108,10 @@ def create_service(engine: Engine, *, close_engine: bool = True) -> FastAPI:
         except ValidationError as err:
             raise RequestError(422, "bad parameters: " + "; ".join(
                 f"{'.'.join(map(str, e['loc'])) or 'form'}: {e['msg']}" for e in err.errors())) from err
+        params = GenerateParams(**form.model_dump())
+        engine.check_generate(params)  # before the upload is decoded
         image = await run_in_threadpool(read_image, image_bytes, engine.limits)  # decoding blocks: off the loop
-        job = engine.submit_generate(image, GenerateParams(**form.model_dump()))
+        job = engine.submit_generate(image, params)
         return job.to_dict()
 
     @app.get("/v1/jobs/{job_id}")
@@ -125,6 +143,16 @@ def create_service(engine: Engine, *, close_engine: bool = True) -> FastAPI:
     return app
 
 
+class _MultiPartBody(MultiPartParser):
+    """Starlette's multipart parser, noting whether the body reached its closing boundary: a body cut short
+    parses without error, as a form that lacks its last parts (python-multipart's finalize() does not check)."""
+
+    complete = False
+
+    def on_end(self) -> None:
+        self.complete = True
+
+
 async def _read_form(request: Request, max_upload: int) -> tuple[bytes, dict[str, str]]:
     """(image bytes, other fields) of a multipart body read with a byte cap, all in memory."""
     ctype = request.headers.get("content-type", "")
@@ -135,20 +163,28 @@ async def _read_form(request: Request, max_upload: int) -> tuple[bytes, dict[str
     if declared and declared.isdigit() and int(declared) > cap:
         raise RequestError(413, f"upload too large: {declared} bytes, the limit is {max_upload}")
 
+    received = 0
+
     async def capped():
-        n = 0
+        nonlocal received
         async for chunk in request.stream():
-            n += len(chunk)
-            if n > cap:
+            received += len(chunk)
+            if received > cap:
                 raise RequestError(413, f"upload too large: more than {max_upload} bytes")
             yield chunk
 
-    parser = MultiPartParser(request.headers, capped(), max_files=1, max_fields=16, max_part_size=1024)
+    parser = _MultiPartBody(request.headers, capped(), max_files=1, max_fields=16, max_part_size=1024)
     parser.spool_max_size = cap  # keep the file part in memory: nothing is written to the system temp folder
     try:
         form = await parser.parse()
     except MultiPartException as err:
         raise RequestError(400, f"malformed form: {err.message}") from err
+    except ClientDisconnect:  # no one reads this answer, but it is no server error to log with a traceback
+        raise RequestError(400, f"incomplete request body: the connection closed after {received} bytes"
+                                + (f" of the {declared} declared" if declared else "")) from None
+    if not parser.complete:
+        raise RequestError(400, f"incomplete multipart body: the {received} bytes sent end before the form's "
+                                "closing boundary (a cut upload?); send the whole form")
     image = form.get("image")
     if not isinstance(image, UploadFile):
         raise RequestError(400, "missing the 'image' file field")

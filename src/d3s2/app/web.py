@@ -8,9 +8,10 @@ Two tabs:
 * **Reconstruct**: upload a mesh → SS-VAE encode/decode round trip, shown beside the input.
 
 Uploads go through the engine's checks (size, pixels, format: a bad file is an error message in the page) and
-every job through the engine's queue, so the app and the API behave the same. Call :func:`build_app` after
-pointing ``GRADIO_TEMP_DIR`` inside the engine's output folder (``d3s2 app`` does), so that Gradio's own copies
-of uploads and results stay there too.
+every job through the engine's queue, so the app and the API behave the same. Results are served from their job
+folders, never copied into Gradio's cache: the engine's results cap bounds them all, and a result the cap removed
+is gone from the page as from the API. Call :func:`build_app` after pointing ``GRADIO_TEMP_DIR`` inside the
+engine's output folder (``d3s2 app`` does), so that Gradio's copies of uploads stay there too.
 """
 
 from __future__ import annotations
@@ -101,6 +102,10 @@ def _summary(job: Any) -> str:
 
 def build_app(engine: Engine) -> gr.Blocks:
     """The Gradio Blocks of ``d3s2 app`` (not launched)."""
+    # Gradio copies every file an event returns into its cache, unless the file lies under a static path; such
+    # copies would outlive the results cap (up to an hour, delete_cache below). Process-wide in Gradio, and the
+    # job files never change once written (atomically, before an event returns their paths).
+    gr.set_static_paths([engine.jobs_dir])
     resolutions = engine.pipeline.resolutions
     on_cpu = engine.device == "cpu"
 
