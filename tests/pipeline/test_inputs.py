@@ -1,7 +1,9 @@
 """The image checks every pipeline input goes through (``d3s2.models.conditioner.load_image``): sizes a run
 cannot use are clear ValueErrors that name the file, decided on the header before any pixel is decoded."""
 
+import io
 import re
+import threading
 import warnings
 
 import numpy as np
@@ -84,3 +86,41 @@ def test_damaged_exif_keeps_the_image_with_one_warning(tmp_path, case):
     assert messages == ([] if DAMAGED_EXIF_WARNINGS[case] is None else [messages[0]])
     if DAMAGED_EXIF_WARNINGS[case] is not None:
         assert messages[0].startswith(DAMAGED_EXIF_WARNINGS[case])
+
+
+def test_exif_warnings_of_two_threads_do_not_mix(monkeypatch):
+    # catch_warnings swaps process-wide state. Here thread "second" enters its EXIF block while "first" is inside
+    # its own, and leaves it after "first" has left (without the lock it would then restore the warnings state
+    # "first" had installed, a recorder, for good); with the lock "second" waits at the block's entry instead,
+    # and "first" stops waiting for it after 1 s.
+    from d3s2.models.conditioner import exif_upright
+
+    data = damaged_exif_images()["not a TIFF header (PNG)"][0]
+    read_exif = Image.Image.getexif
+    first_inside, second_inside, first_done = threading.Event(), threading.Event(), threading.Event()
+
+    def getexif(img):
+        if threading.current_thread().name == "first":
+            first_inside.set()
+            second_inside.wait(timeout=1.0)
+        else:
+            second_inside.set()
+            first_done.wait(timeout=5.0)
+        return read_exif(img)
+
+    def run():
+        exif_upright(Image.open(io.BytesIO(data)))
+        if threading.current_thread().name == "first":
+            first_done.set()
+
+    monkeypatch.setattr(Image.Image, "getexif", getexif)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the damaged-EXIF warnings themselves are not this test's subject
+        before = (list(warnings.filters), warnings.showwarning)
+        first, second = (threading.Thread(target=run, name=name) for name in ("first", "second"))
+        first.start()
+        assert first_inside.wait(timeout=5.0)
+        second.start()
+        first.join(timeout=10)
+        second.join(timeout=10)
+        assert (list(warnings.filters), warnings.showwarning) == before

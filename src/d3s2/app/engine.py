@@ -90,13 +90,15 @@ def read_image(data: bytes, limits: Limits) -> np.ndarray:
     an image no generation can use (smaller than ``MIN_IMAGE_SIDE`` a side, an empty alpha channel: 422)."""
     from PIL import Image, UnidentifiedImageError
 
-    from ..models.conditioner import MIN_IMAGE_SIDE, check_object_alpha, upright_rgb_or_rgba
+    from ..models.conditioner import MIN_IMAGE_SIDE, check_object_alpha, exif_warnings_collected, upright_rgb_or_rgba
 
     if not data:
         raise RequestError(400, "empty upload: expected an image file (PNG, JPEG, WebP, BMP or TIFF)")
     _check_size(len(data), limits)
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with exif_warnings_collected() as opening:  # a JPEG reads its EXIF block as it opens: one warning with the rest
+            img = Image.open(io.BytesIO(data))
+        with img:
             if img.format not in IMAGE_FORMATS:
                 raise RequestError(415, f"unsupported image format {img.format}: expected one of "
                                         f"{', '.join(IMAGE_FORMATS)}")
@@ -107,7 +109,7 @@ def read_image(data: bytes, limits: Limits) -> np.ndarray:
             if w < MIN_IMAGE_SIDE or h < MIN_IMAGE_SIDE:
                 raise RequestError(422, f"image too small: expected at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} "
                                         f"pixels, got {w}x{h}")
-            decoded = upright_rgb_or_rgba(img)
+            decoded = upright_rgb_or_rgba(img, exif_problems=opening)
     except RequestError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:

@@ -18,8 +18,9 @@ import os
 import pickle
 import re
 import struct
+import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,14 +76,20 @@ _ORIENTATION_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose
 _ORIENTATION_INFO = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")  # where PIL reads the tag from
 
 
+# catch_warnings swaps process-wide state (Python < 3.14): two threads inside it at once (the app's uploads are
+# decoded in a thread pool) restore each other's filters and leave a recorder installed for good
+_COLLECTING = threading.RLock()
+
+
 @contextlib.contextmanager
-def _exif_warnings_collected() -> Iterator[list[str]]:
+def exif_warnings_collected() -> Iterator[list[str]]:
     """The messages of the warnings PIL's TIFF tag reader raises in the block about damaged EXIF metadata
     ("Corrupt EXIF data. ...", "Truncated File Read"), collected instead of shown (the list fills when the block
-    ends); any other warning is shown as usual."""
+    ends; for :func:`upright_rgb_or_rgba`'s ``exif_problems``); any other warning is shown as usual. One thread
+    at a time runs such a block."""
     messages: list[str] = []
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with _COLLECTING, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
             yield messages
     finally:
@@ -109,7 +116,7 @@ def _exif_upright(img: Image.Image, problems: list[str]) -> Image.Image:
     """:func:`exif_upright`, with ``problems`` that PIL already reported about ``img``'s metadata (a JPEG reads its
     EXIF block as it opens)."""
     img.load()  # decoded first: only the metadata is read while its warnings are collected
-    with _exif_warnings_collected() as reading:
+    with exif_warnings_collected() as reading:
         try:
             orientation = img.getexif().get(ExifTags.Base.Orientation)
         except (SyntaxError, struct.error, OSError, ValueError) as err:  # a bad TIFF header or IFD in the block
@@ -127,11 +134,13 @@ def _exif_upright(img: Image.Image, problems: list[str]) -> Image.Image:
     return upright
 
 
-def upright_rgb_or_rgba(img: Image.Image) -> Image.Image:
+def upright_rgb_or_rgba(img: Image.Image, *, exif_problems: Sequence[str] = ()) -> Image.Image:
     """``img`` as a viewer shows it: its EXIF orientation applied (:func:`exif_upright`), as 8-bit RGBA when it has
     transparency (an alpha channel that is not opaque everywhere, a palette or PNG tRNS key colour), else as
-    8-bit RGB."""
-    img = exif_upright(img)
+    8-bit RGB. ``exif_problems``: what PIL reported about the metadata as ``img`` opened (collected by
+    :func:`exif_warnings_collected` around ``Image.open``; a JPEG reads its EXIF block then), in the same one
+    warning."""
+    img = _exif_upright(img, list(exif_problems))
     if img.mode == "I" or img.mode.startswith("I;16") or img.mode == "F":
         # PIL's convert clips these to 0..255 (16-bit gray turns white, float gray in [0, 1] black): scale to 8 bits.
         values = np.nan_to_num(np.asarray(img, np.float64))
@@ -157,7 +166,7 @@ def _read_image_file(path: Path) -> Image.Image:
     too_large = f"image {path} is too large: expected at most {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS)"
     unreadable = (OSError, SyntaxError, ValueError)  # what PIL raises for truncated or corrupt data
     try:
-        with _exif_warnings_collected() as opening:  # a JPEG reads its EXIF block as it opens (for the dpi)
+        with exif_warnings_collected() as opening:  # a JPEG reads its EXIF block as it opens (for the dpi)
             f = Image.open(path)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         # PIL refuses twice its limit on the header (and warns between once and twice: an error under -W error).
