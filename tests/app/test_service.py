@@ -237,6 +237,43 @@ def test_a_client_that_leaves_mid_upload_is_no_server_error(tmp_path):
                                                      f"bytes of the {len(body)} declared")
 
 
+def test_a_stalled_upload_is_dropped(tmp_path, monkeypatch):
+    # A client that declares more than it sends and keeps the connection open: 408 once nothing arrives for
+    # BODY_STALL_S (uvicorn would wait forever, holding the request).
+    import asyncio
+
+    from d3s2.app import service
+    from d3s2.app.engine import Engine
+
+    monkeypatch.setattr(service, "BODY_STALL_S", 0.2, raising=False)
+    form = httpx.Request("POST", "http://test/v1/generate", files={"image": ("in.png", encode_png(rgba_image()))})
+    body = form.read()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/generate", "raw_path": b"/v1/generate", "query_string": b"",
+             "root_path": "", "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000),
+             "headers": [(b"content-type", form.headers["content-type"].encode()),
+                         (b"content-length", str(len(body)).encode())]}
+    first = [{"type": "http.request", "body": body[:100], "more_body": True}]
+    sent = []
+
+    async def receive():
+        if first:
+            return first.pop()
+        await asyncio.sleep(3600)  # the client holds the connection and sends nothing more
+
+    async def send(message):
+        sent.append(message)
+
+    engine = Engine(tiny_pipeline(), tmp_path / "out", device="cpu")
+    try:
+        asyncio.run(asyncio.wait_for(service.create_service(engine, close_engine=False)(scope, receive, send), 10))
+    finally:
+        engine.close()
+    assert sent[0]["status"] == 408
+    assert json.loads(sent[1]["body"])["detail"] == (f"request body stalled: nothing arrived for 0.2 s after 100 "
+                                                     f"bytes of the {len(body)} declared")
+
+
 def test_shutdown_leaves_nothing_running(server):
     children = server.children()
     assert server.stop() == 130, server.log.read_text()  # Ctrl-C, as for every d3s2 command

@@ -4,9 +4,10 @@ Endpoints (the OpenAPI schema is at ``/openapi.json``, interactive docs at ``/do
 
 * ``POST /v1/generate``: ``multipart/form-data`` with an ``image`` file and optional fields ``resolution``,
   ``seed``, ``steps``, ``cfg``, ``faces`` → 202 ``{"id": ..., "status": "queued", ...}``. Errors: 400 empty
-  upload or a malformed or incomplete (cut short) multipart body, 413 upload or image too large, 415 not an
-  image, 422 bad parameter (out of range, a cfg that is no finite number) or an image no generation can use
-  (smaller than 16 px a side, an empty alpha channel), 429 queue full, 503 shutting down.
+  upload or a malformed or incomplete (cut short) multipart body, 408 a body that stalls (nothing for 60 s), 413
+  upload or image too large, 415 not an image, 422 bad parameter (out of range, a cfg that is no finite number)
+  or an image no generation can use (smaller than 16 px a side, an empty alpha channel), 429 queue full, 503
+  shutting down.
 * ``GET /v1/jobs/{id}``: status (``queued``, ``running``, ``done``, ``failed``, ``timeout``, ``cancelled``), the
   current stage and its index, progress in [0, 1], the result summary or the error. 404 for an unknown id.
 * ``DELETE /v1/jobs/{id}``: cancel (a running job stops at its next stage or model call).
@@ -20,6 +21,7 @@ output folder.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from typing import Any
 
@@ -44,6 +46,7 @@ from .engine import (
 
 MEDIA_TYPES = {"glb": "model/gltf-binary", "obj": "model/obj", "ply": "application/octet-stream"}
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small parameter fields
+BODY_STALL_S = 60.0  # a request body that sends nothing for this long is dropped (uvicorn never times a body out)
 
 
 class GenerateForm(BaseModel):
@@ -167,7 +170,16 @@ async def _read_form(request: Request, max_upload: int) -> tuple[bytes, dict[str
 
     async def capped():
         nonlocal received
-        async for chunk in request.stream():
+        chunks = request.stream()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(anext(chunks), BODY_STALL_S)
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:  # a client that declared more than it sends and holds the connection open
+                raise RequestError(408, f"request body stalled: nothing arrived for {BODY_STALL_S:g} s after "
+                                        f"{received} bytes" + (f" of the {declared} declared" if declared else "")
+                                   ) from None
             received += len(chunk)
             if received > cap:
                 raise RequestError(413, f"upload too large: more than {max_upload} bytes")
