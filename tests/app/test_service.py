@@ -204,48 +204,14 @@ def test_a_result_removed_while_it_is_read_is_gone_not_an_error(tmp_path, monkey
     assert r.json()["detail"] == f"job {job.id}: the result was removed (results size cap)"
 
 
-def test_a_client_that_leaves_mid_upload_is_no_server_error(tmp_path):
-    # Its body ends early: a 400 that says so (no one reads it), not a traceback in the server's log.
+def _post_cut_upload(tmp_path, after_first_part) -> tuple[list[dict], int]:
+    """POST /v1/generate straight to the ASGI app (no HTTP server in between): the body's first 100 bytes, then
+    ``after_first_part()`` for every later receive. The messages sent back, and the declared body length."""
     import asyncio
 
     from d3s2.app import service
     from d3s2.app.engine import Engine
 
-    form = httpx.Request("POST", "http://test/v1/generate", files={"image": ("in.png", encode_png(rgba_image()))})
-    body = form.read()
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-             "scheme": "http", "path": "/v1/generate", "raw_path": b"/v1/generate", "query_string": b"",
-             "root_path": "", "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000),
-             "headers": [(b"content-type", form.headers["content-type"].encode()),
-                         (b"content-length", str(len(body)).encode())]}
-    received = iter([{"type": "http.request", "body": body[:100], "more_body": True}, {"type": "http.disconnect"}])
-    sent = []
-
-    async def receive():
-        return next(received)
-
-    async def send(message):
-        sent.append(message)
-
-    engine = Engine(tiny_pipeline(), tmp_path / "out", device="cpu")
-    try:
-        asyncio.run(service.create_service(engine, close_engine=False)(scope, receive, send))
-    finally:
-        engine.close()
-    assert sent[0]["status"] == 400
-    assert json.loads(sent[1]["body"])["detail"] == (f"incomplete request body: the connection closed after 100 "
-                                                     f"bytes of the {len(body)} declared")
-
-
-def test_a_stalled_upload_is_dropped(tmp_path, monkeypatch):
-    # A client that declares more than it sends and keeps the connection open: 408 once nothing arrives for
-    # BODY_STALL_S (uvicorn would wait forever, holding the request).
-    import asyncio
-
-    from d3s2.app import service
-    from d3s2.app.engine import Engine
-
-    monkeypatch.setattr(service, "BODY_STALL_S", 0.2, raising=False)
     form = httpx.Request("POST", "http://test/v1/generate", files={"image": ("in.png", encode_png(rgba_image()))})
     body = form.read()
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
@@ -257,9 +223,7 @@ def test_a_stalled_upload_is_dropped(tmp_path, monkeypatch):
     sent = []
 
     async def receive():
-        if first:
-            return first.pop()
-        await asyncio.sleep(3600)  # the client holds the connection and sends nothing more
+        return first.pop() if first else await after_first_part()
 
     async def send(message):
         sent.append(message)
@@ -269,9 +233,36 @@ def test_a_stalled_upload_is_dropped(tmp_path, monkeypatch):
         asyncio.run(asyncio.wait_for(service.create_service(engine, close_engine=False)(scope, receive, send), 10))
     finally:
         engine.close()
+    return sent, len(body)
+
+
+def test_a_client_that_leaves_mid_upload_is_no_server_error(tmp_path):
+    # Its body ends early: a 400 that says so (no one reads it), not a traceback in the server's log.
+    async def disconnect():
+        return {"type": "http.disconnect"}
+
+    sent, declared = _post_cut_upload(tmp_path, disconnect)
+    assert sent[0]["status"] == 400
+    assert json.loads(sent[1]["body"])["detail"] == (f"incomplete request body: the connection closed after 100 "
+                                                     f"bytes of the {declared} declared")
+
+
+def test_a_stalled_upload_is_dropped(tmp_path, monkeypatch):
+    # A client that declares more than it sends and keeps the connection open: 408 once nothing arrives for
+    # BODY_STALL_S (uvicorn would wait forever, holding the request).
+    import asyncio
+
+    from d3s2.app import service
+
+    monkeypatch.setattr(service, "BODY_STALL_S", 0.2, raising=False)
+
+    async def silence():
+        await asyncio.sleep(3600)
+
+    sent, declared = _post_cut_upload(tmp_path, silence)
     assert sent[0]["status"] == 408
     assert json.loads(sent[1]["body"])["detail"] == (f"request body stalled: nothing arrived for 0.2 s after 100 "
-                                                     f"bytes of the {len(body)} declared")
+                                                     f"bytes of the {declared} declared")
 
 
 def test_shutdown_leaves_nothing_running(server):
