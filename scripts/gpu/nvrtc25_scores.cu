@@ -7,14 +7,34 @@
 // shuffles per token per chunk. No P·V: this measures what the scores add to the exp pass. (First version, one
 // quad all-reduce and store per 16-key tile: 3.0-3.9 ms against the probe's 1.46-1.53.)
 
+__device__ __forceinline__ void ldsm_x4_trans(u32 (&r)[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// an 8x8 bf16 tile in the mma row fragment (row lane / 4, columns 2·(lane % 4) + 0, 1), transposed in registers
+__device__ __forceinline__ u32 transpose8x8(u32 x) {
+    u32 y;
+    asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+    return y;
+}
+
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
 #define NV (CK / 8)  // a lane's head-sum partials per token and chunk: two keys per 16-key tile
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
-    scores_probe(const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, float* __restrict__ lse,
+    scores_probe(const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
+                 bf16_t* __restrict__ o, float* __restrict__ lse,
                  unsigned short* __restrict__ ps, float* __restrict__ dt, const int* __restrict__ cu_seq,
                  const int* __restrict__ cu_cmp, const float* __restrict__ kmax,
                  const float* __restrict__ scale_log2_ptr, int stride_qn, int stride_kn, int nbmax, int n_tokens) {
-    __shared__ __align__(128) unsigned char smem[STAGES * CK * 64];
+    __shared__ __align__(128) unsigned char smem[(PV ? 2 : 1) * STAGES * CK * 64];  // K ring, then V ring
     const int b = blockIdx.y, g = blockIdx.z;
     const int s0 = cu_seq[b], s1 = cu_seq[b + 1];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, t4 = lane & 3;
@@ -27,6 +47,21 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
 
     u32 bq[TOK][2][2][2];
     float m[TOK][2][2], acc[TOK][2][2], w[TOK][2][2];
+#if PV
+    // Oᵀ per token: [d-tile 0-15 / 16-31][head tile 0-7 / 8-15] mma accumulators (row d, column head)
+    float oacc[TOK][2][2][4];
+#pragma unroll
+    for (int i = 0; i < TOK; i++)
+#pragma unroll
+        for (int md = 0; md < 2; md++)
+#pragma unroll
+            for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+                for (int r = 0; r < 4; r++) oacc[i][md][nt][r] = 0.f;
+    const u32 vring = smem_u32(smem) + STAGES * CK * 64;
+    // ldmatrix.trans rows of a 16-key × 16-dim V tile: matrix lane / 8 is keys 8·(mi / 2) + …, dims 8·(mi % 2) + …
+    const int lv_row = (lane & 7) + ((lane >> 4) & 1) * 8, lv_unit = (lane >> 3) & 1;
+#endif
 #pragma unroll
     for (int i = 0; i < TOK; i++) {
         long long tok = min(tok0 + i, s1 - 1);
@@ -73,14 +108,24 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
     const int steps = nchunks + 1;
 #pragma unroll
     for (int s = 0; s < STAGES - 1; s++) {
-        if (s < steps) load_chunk(smem0 + s * CK * 64, kc, stride_kn, g, c0, c1, s == 0 ? 0 : s - 1);
+        if (s < steps) {
+            load_chunk(smem0 + s * CK * 64, kc, stride_kn, g, c0, c1, s == 0 ? 0 : s - 1);
+#if PV
+            load_chunk(vring + s * CK * 64, vc, stride_kn, g, c0, c1, s == 0 ? 0 : s - 1);
+#endif
+        }
         cp_async_commit();
     }
     for (int step = 0; step < steps; step++) {
         cp_async_wait<STAGES - 2>();
         __syncthreads();
         int next = step + STAGES - 1;
-        if (next < steps) load_chunk(smem0 + (next % STAGES) * CK * 64, kc, stride_kn, g, c0, c1, next - 1);
+        if (next < steps) {
+            load_chunk(smem0 + (next % STAGES) * CK * 64, kc, stride_kn, g, c0, c1, next - 1);
+#if PV
+            load_chunk(vring + (next % STAGES) * CK * 64, vc, stride_kn, g, c0, c1, next - 1);
+#endif
+        }
         cp_async_commit();
         const u32 slot = smem0 + (step % STAGES) * CK * 64;
         const int chunk = step == 0 ? 0 : step - 1;
@@ -103,6 +148,15 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
             for (int ks = 0; ks < 2; ks++) ldsm_x4(a[ks], slot + unit_offset(kt * 16 + ld_row, ks * 2 + ld_unit));
             const int key_a = key_base + kt * 16 + gid, key_b = key_a + 8;
             const float keep_a = key_a < c1 ? 1.f : 0.f, keep_b = key_b < c1 ? 1.f : 0.f;
+#if PV
+            u32 av[2][4];  // Vᵀ tiles (dims × keys) for the two 16-dim halves
+            if (!first) {
+                const u32 vslot = vring + (step % STAGES) * CK * 64;
+#pragma unroll
+                for (int md = 0; md < 2; md++)
+                    ldsm_x4_trans(av[md], vslot + unit_offset(kt * 16 + lv_row, md * 2 + lv_unit));
+            }
+#endif
 #pragma unroll
             for (int i = 0; i < TOK; i++) {
                 float pa = 0.f, pb = 0.f;
@@ -125,6 +179,13 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
                     part[i][nt][1] += e1 + e3;
                     pa = fmaf(e0, w[i][nt][0], fmaf(e1, w[i][nt][1], pa));
                     pb = fmaf(e2, w[i][nt][0], fmaf(e3, w[i][nt][1], pb));
+#if PV
+                    if (!first) {  // Pᵀ (keys × heads) as the B operand: each 8×8 quarter transposed in registers
+                        const u32 b0 = transpose8x8(pack_bf16(e0, e1)), b1 = transpose8x8(pack_bf16(e2, e3));
+#pragma unroll
+                        for (int md = 0; md < 2; md++) mma_bf16(oacc[i][md][nt], av[md], b0, b1);
+                    }
+#endif
                 }
                 pp[i][2 * kt] = pa;
                 pp[i][2 * kt + 1] = pb;
@@ -200,6 +261,25 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
                                 lse[(long long)(tok0 + i) * HQ + g * HS + nt * 8 + 2 * t4 + j] =
                                     (m[i][nt][j] + lg2_approx(tot[i][nt][j])) * 0.6931471805599453f;
             }
+#if PV
+            if (chunk == nchunks - 1) {  // o = Oᵀ / ℓ(T): this lane holds dims gid (+8, +16) of heads 2·t4 + j
+#pragma unroll
+                for (int i = 0; i < TOK; i++)
+                    if (tok0 + i < s1)
+#pragma unroll
+                        for (int md = 0; md < 2; md++)
+#pragma unroll
+                            for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+                                for (int r = 0; r < 4; r++) {
+                                    const int head = g * HS + nt * 8 + 2 * t4 + (r & 1), d = md * 16 + gid + 8 * (r >> 1);
+                                    const float val = oacc[i][md][nt][r] / tot[i][nt][r & 1];
+                                    unsigned short h;
+                                    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(val));
+                                    o[(long long)(tok0 + i) * stride_qn + head * D + d] = h;
+                                }
+            }
+#endif
         }
     }
 }
