@@ -52,7 +52,7 @@ def load_image(image: str | os.PathLike | Image.Image | np.ndarray) -> Image.Ima
     image, one smaller than :data:`MIN_IMAGE_SIDE` pixels a side, or a file above ``PIL.Image.MAX_IMAGE_PIXELS``
     pixels (checked on the header, before decoding).
     """
-    name = "image"
+    name, exif_problems = "image", []
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
             raise ValueError(f"expected a uint8 array [H, W, 3|4], got {image.dtype} {image.shape}")
@@ -62,11 +62,12 @@ def load_image(image: str | os.PathLike | Image.Image | np.ndarray) -> Image.Ima
     else:
         path = Path(image)
         name = f"image {path}"
-        img = _read_image_file(path)
+        img, exif_problems = _read_image_file(path)
+    img = upright_rgb_or_rgba(img, exif_problems=exif_problems)  # its EXIF warning comes before a size error
     if img.width < MIN_IMAGE_SIDE or img.height < MIN_IMAGE_SIDE:
         raise ValueError(f"{name}: expected at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels, "
                          f"got {img.width}x{img.height}")
-    return upright_rgb_or_rgba(img)
+    return img
 
 
 # EXIF orientation -> the transpose that shows the stored pixels upright (the table of PIL.ImageOps.exif_transpose).
@@ -155,9 +156,9 @@ def upright_rgb_or_rgba(img: Image.Image, *, exif_problems: Sequence[str] = ()) 
     return img
 
 
-def _read_image_file(path: Path) -> Image.Image:
-    """The decoded image at ``path``, upright (:func:`exif_upright`); its size is checked against
-    ``PIL.Image.MAX_IMAGE_PIXELS`` first."""
+def _read_image_file(path: Path) -> tuple[Image.Image, list[str]]:
+    """The decoded image at ``path`` as stored, and what PIL reported about its EXIF metadata as it opened (for
+    :func:`upright_rgb_or_rgba`); its size is checked against ``PIL.Image.MAX_IMAGE_PIXELS`` first."""
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory, expected an image file")
     if not path.is_file():
@@ -180,7 +181,7 @@ def _read_image_file(path: Path) -> Image.Image:
             f.load()
         except unreadable as err:
             raise ValueError(f"cannot read image {path}: {err}") from err
-        return _exif_upright(f, opening)  # with what PIL reported as the file opened: one warning
+        return f.copy(), opening
 
 
 def check_object_alpha(img: Image.Image) -> None:
