@@ -24,7 +24,10 @@ def main() -> None:
         if info.rank == 1:
             time.sleep(0.02 * (i % 3))  # the ranks leave at different times, as after uneven work
         D.shutdown_distributed()
-    print(f"rank {info.rank}: joined and left {rounds} times", flush=True)
+    # one write of the whole line: unbuffered (PYTHONUNBUFFERED), print() writes the text and its newline in two
+    # writes, and the other rank's line can land between them in the pipe both share
+    sys.stdout.write(f"rank {info.rank}: joined and left {rounds} times\n")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
