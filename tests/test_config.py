@@ -121,7 +121,8 @@ class WithOverrides:
     (["--inner_args.inner.depth=2"], "unknown key inner_args.inner.depth (from --inner_args.inner.depth=2); "
                                      "inner_args.inner accepts: width, scale, mode"),
     (["--inner_args.use_x=maybe"], "inner_args.use_x (from --inner_args.use_x=maybe): expected bool, got str"),
-    (["--inner_args={widht: 3}"], "unknown key inner_args.widht; inner_args accepts: name"),
+    (["--inner_args={widht: 3}"], "unknown key inner_args.widht (from --inner_args={widht: 3}); inner_args accepts: "
+                                  "name"),
 ])
 def test_keys_of_a_config_are_checked_like_its_fields(overrides, message):
     with pytest.raises(ConfigError) as err:
@@ -135,6 +136,96 @@ def test_keys_of_a_config_keep_their_plain_values():
     assert from_dict(WithOverrides, apply_overrides({}, ov)).inner_args == {"inner": {"width": 8}, "betas": [0.5, 0.6]}
     with pytest.raises(ConfigError, match="unknown key inner_args.widht; inner_args accepts"):  # from the file
         from_dict(WithOverrides, {"inner_args": {"widht": 3}})
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--inner={width: ten}", "inner.width (from --inner={width: ten}): expected int, got str ('ten')"),
+    ("--inner={depth: 2}", "unknown key inner.depth (from --inner={depth: 2}); inner accepts: width, scale, mode"),
+    ("--inner={mode: c}", "inner.mode (from --inner={mode: c}): expected one of ['a', 'b'], got 'c'"),
+    ("--inner=3", "inner (from --inner=3): expected a mapping for Inner, got int"),
+    ("--betas=[0.1, x]", "betas[1] (from --betas=[0.1, x]): expected float, got str ('x')"),
+    ("--flags=[true, {a: 1}]", "flags[1] (from --flags=[true, {a: 1}]): expected bool, got dict"),
+    ("--inner_args={inner: {depth: 2}}", "unknown key inner_args.inner.depth (from --inner_args={inner: {depth: 2}}); "
+                                         "inner_args.inner accepts: width, scale, mode"),
+    ("--inner_args.inner={width: ten}", "inner_args.inner.width (from --inner_args.inner={width: ten}): expected "
+                                        "int, got str ('ten')"),
+])
+def test_errors_inside_a_section_or_list_given_whole_name_its_override(override, message):
+    @dataclasses.dataclass(kw_only=True)
+    class Both(Outer):
+        inner_args: dict = keys_of(lambda: Outer)
+
+    with pytest.raises(ConfigError) as err:
+        from_dict(Both, apply_overrides({"name": "n", "inner": {"width": 2}}, parse_overrides([override])))
+    assert message in str(err.value)
+
+
+def test_whole_train_sections_name_their_override():
+    base = {"task": {"name": "toy"}, "train": {"max_steps": 10}, "optim": {"lr": 1e-3}}
+    with pytest.raises(ConfigError, match=r"^optim \(from --optim=\{lr: -1\}\): need lr > 0"):  # __post_init__'s
+        from_dict(TrainConfig, apply_overrides(base, parse_overrides(["--optim={lr: -1}"])))
+    with pytest.raises(ConfigError, match=r"^missing required key train.max_steps \(int\), not in --train="):
+        from_dict(TrainConfig, apply_overrides(base, parse_overrides(["--train={log_every: 2}"])))
+    cfg = from_dict(TrainConfig, apply_overrides(base, parse_overrides(["--optim={warmup_steps: 5}"])))
+    assert cfg.optim.warmup_steps == 5 and cfg.optim.lr == 1e-4  # the section given whole replaces the file's
+
+
+@pytest.mark.parametrize("overrides", [["--inner.width=2", "--inner={scale: 2}"],
+                                       ["--inner={scale: 2}", "--inner.width=2"]])
+def test_a_key_inside_a_section_given_whole_is_an_error_in_either_order(overrides):
+    # the later one would silently drop the other
+    with pytest.raises(ConfigError, match="expected one of the two") as err:
+        apply_overrides({"name": "n"}, parse_overrides(overrides))
+    assert all(override in str(err.value) for override in overrides)
+
+
+@dataclasses.dataclass(kw_only=True)
+class Sized:
+    size: int  # required
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"size must be >= 1, got {self.size}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class Model:
+    sized: Sized = dataclasses.field(default_factory=lambda: Sized(size=4))
+    depth: int = 2
+    widths: list[int] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(kw_only=True)
+class ModelOverrides:
+    model_args: dict = keys_of(lambda: Model)
+
+
+def test_keys_of_checks_a_nested_section_as_a_subset():
+    # merge_args sets the section key by key, so its other keys (the required size) come from the model's config
+    ov = parse_overrides(["--model_args.sized.scale=0.5"])
+    assert from_dict(ModelOverrides, apply_overrides({}, ov)).model_args == {"sized": {"scale": 0.5}}
+    assert from_dict(ModelOverrides, {"model_args": {"sized": {"scale": 0.5}}}).model_args == {"sized": {"scale": 0.5}}
+    with pytest.raises(ConfigError, match=r"unknown key model_args.sized.scael \(from --model_args.sized.scael=1\); "
+                                          "model_args.sized accepts: size, scale"):
+        from_dict(ModelOverrides, apply_overrides({}, parse_overrides(["--model_args.sized.scael=1"])))
+    with pytest.raises(ConfigError, match=r"model_args.sized.scale \(from --model_args.sized.scale=big\): expected "
+                                          "float, got str"):
+        from_dict(ModelOverrides, apply_overrides({}, parse_overrides(["--model_args.sized.scale=big"])))
+    with pytest.raises(ConfigError, match=r"model_args.sized \(from --model_args.sized=4\): expected a mapping"):
+        from_dict(ModelOverrides, apply_overrides({}, parse_overrides(["--model_args.sized=4"])))
+
+
+def test_merge_args_merges_nested_sections_key_by_key():
+    from d3s2.config import merge_args
+
+    base = {"depth": 2, "sized": {"size": 4, "scale": 1.0}, "widths": [1, 2]}
+    merged = merge_args(base, {"sized": {"scale": 0.5}, "widths": [3], "depth": 3})
+    assert merged == {"depth": 3, "sized": {"size": 4, "scale": 0.5}, "widths": [3]}  # a list replaces base's
+    assert base == {"depth": 2, "sized": {"size": 4, "scale": 1.0}, "widths": [1, 2]}  # the inputs are not modified
+    assert merge_args({}, {"sized": {"scale": 0.5}}) == {"sized": {"scale": 0.5}}
+    assert merge_args({"sized": None}, {"sized": {"scale": 0.5}}) == {"sized": {"scale": 0.5}}
+    assert from_dict(Model, merged).sized == Sized(size=4, scale=0.5)
 
 
 def test_train_config_schema_checks():

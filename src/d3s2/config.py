@@ -6,7 +6,8 @@ e.g. ``train.max_steps: expected int, got str ('ten')``. YAML is read with :func
 rejects duplicate keys and reads ``1e-4`` as a float (PyYAML alone reads it as a string).
 
 Overrides (``--train.max_steps=10``, ``--optim.betas=[0.9,0.95]``) are applied to the raw data before
-validation, so they get the same checks; a value is parsed as YAML unless the field is a string.
+validation, so they get the same checks; a value is parsed as YAML unless the field is a string. An error about a
+value an override gave names that override, also inside a section or list given whole (``--optim={lr: 1e-3}``).
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ import yaml
 
 C = TypeVar("C")
 
-__all__ = ["ConfigError", "load_yaml", "resolve_config_path", "from_dict", "keys_of", "to_dict", "parse_overrides",
-           "apply_overrides", "dump_yaml", "git_info", "write_run_record", "TrainConfig", "TaskSpec", "TrainSection",
-           "DataConfig", "OptimConfig", "EMAConfig"]
+__all__ = ["ConfigError", "load_yaml", "resolve_config_path", "from_dict", "keys_of", "merge_args", "to_dict",
+           "parse_overrides", "apply_overrides", "resolve_section", "dump_yaml", "git_info", "write_run_record",
+           "TrainConfig", "TaskSpec", "TrainSection", "DataConfig", "OptimConfig", "EMAConfig"]
 
 
 class ConfigError(ValueError):
@@ -130,7 +131,9 @@ def parse_overrides(args: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[tuple[str, str]]) -> dict[str, Any]:
-    """Return a copy of ``data`` with each dotted key set; intermediate mappings are created as needed."""
+    """Return a copy of ``data`` with each dotted key set; intermediate mappings are created as needed. A section
+    given whole (``--optim={lr: 1e-3}``) replaces the file's; one override inside another's section is an error,
+    in either order (whichever came last would silently drop the other)."""
     data = _deep_copy(data)
     for key, value in overrides:
         parts = key.split(".")
@@ -139,11 +142,39 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[tuple[str, str]]) 
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
+            if isinstance(child, _Override):
+                raise ConfigError(f"override --{key}={value}: {child.source} already gives "
+                                  f"{'.'.join(parts[:i + 1])} whole; expected one of the two")
             if not isinstance(child, dict):
                 raise ConfigError(f"override --{key}: {'.'.join(parts[:i + 1])} is not a section")
             node = child
+        earlier = _override_source(node.get(parts[-1]))
+        if earlier is not None:
+            raise ConfigError(f"override --{key}={value} replaces {key} whole, which {earlier} sets a key of; "
+                              "expected one of the two")
         node[parts[-1]] = _Override(value, f"--{key}={value}")
     return data
+
+
+def resolve_section(value: Any) -> tuple[Any, str | None]:
+    """``(data, source)``: a section as data, and the override that gave it whole as YAML text (``--task={...}``;
+    None when it comes from the file or key by key), for :func:`from_dict`'s ``source``."""
+    if isinstance(value, _Override):
+        return _parse_scalar(value.text), value.source
+    return value, None
+
+
+def merge_args(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` (a model YAML's ``args``) with ``overrides`` (a task's ``model_args``) set key by key: where both
+    give a mapping (a nested section such as the VAE's ``loss``), the two merge the same way, at any depth; any
+    other value (a number, a list) replaces base's. The inputs are not modified."""
+    merged = _deep_copy(dict(base))
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_args(merged[key], value)
+        else:
+            merged[key] = _deep_copy(value)
+    return merged
 
 
 def _deep_copy(x: Any) -> Any:
@@ -174,11 +205,21 @@ def _resolve_override(value: Any, tp: Any) -> Any:
     return _parse_scalar(value.text)
 
 
-def _convert(value: Any, tp: Any, path: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` and return it converted (lists to tuples etc.)."""
-    source = value.source if isinstance(value, _Override) else None
+def _named(path: str, source: str | None) -> str:
+    return f"{path} (from {source})" if source else path
+
+
+def _source(value: Any, inherited: str | None) -> str | None:
+    """The override that gave ``value``: its own, else the one that gave the section or list holding it."""
+    return value.source if isinstance(value, _Override) else inherited
+
+
+def _convert(value: Any, tp: Any, path: str, source: str | None = None) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it converted (lists to tuples etc.); errors name
+    ``path`` and the override ``source`` that gave the value (or a section or list holding it)."""
+    source = _source(value, source)
     value = _resolve_override(value, tp)
-    where = f"{path} (from {source})" if source else path
+    where = _named(path, source)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
 
     if tp is Any:
@@ -188,7 +229,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             return None
         for arm in (a for a in args if a is not type(None)):
             try:
-                return _convert(value, arm, path)
+                return _convert(value, arm, path, source)
             except ConfigError:
                 continue
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} ({value!r})")
@@ -199,25 +240,26 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
-        return from_dict(tp, value, path=path)
+        return from_dict(tp, value, path=path, source=source)
     if origin in (list, Sequence) or tp is list:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__} ({value!r})")
         item = args[0] if args else Any
-        return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [_convert(v, item, f"{path}[{i}]", source) for i, v in enumerate(value)]
     if origin is tuple or tp is tuple:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__} ({value!r})")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
+            return tuple(_convert(v, args[0], f"{path}[{i}]", source) for i, v in enumerate(value))
         if args and len(args) != len(value):
             raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)} ({value!r})")
-        return tuple(_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args or [Any] * len(value))))
+        return tuple(_convert(v, a, f"{path}[{i}]", source)
+                     for i, (v, a) in enumerate(zip(value, args or [Any] * len(value))))
     if origin in (dict, Mapping) or tp is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} ({value!r})")
         kt, vt = args if args else (Any, Any)
-        return {_convert(k, kt, path): _convert(v, vt, f"{path}.{k}") for k, v in value.items()}
+        return {_convert(k, kt, path, source): _convert(v, vt, f"{path}.{k}", source) for k, v in value.items()}
     if tp is float:
         # bool is an int subclass: reject it explicitly; ints are fine where a float is expected.
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -262,54 +304,78 @@ _KEYS_OF = "d3s2.config.keys_of"  # the field metadata key of keys_of
 
 def keys_of(config_class: Callable[[], type]) -> Any:
     """A ``dict[str, Any]`` field (default ``{}``) holding some keys of the dataclass ``config_class()``, e.g. a
-    task's overrides of its model's config. :func:`from_dict` checks each key as it checks its own fields:
-    an unknown key names the ``--a.b=c`` that set it and the valid keys, a value must match its annotation (a
-    nested section replaces the one it overrides, so it is checked whole). ``config_class`` is called only then,
-    so the model's module is imported only when a config is checked."""
+    task's overrides of its model's config, which :func:`merge_args` merges into that config's args. :func:`from_dict`
+    checks each key as it checks its own fields: an unknown key names the ``--a.b=c`` that set it and the valid
+    keys, a value must match its annotation. A nested config section is checked the same way, key by key, as the
+    merge sets it key by key. ``config_class`` is called only then, so the model's module is imported only when a
+    config is checked."""
     return dataclasses.field(default_factory=dict, metadata={_KEYS_OF: config_class})
 
 
-def _checked_fields(cls: type, data: Mapping[str, Any], path: str) -> dict[str, Any]:
-    """The keys of ``data`` converted to the annotations of dataclass ``cls``; unknown keys and mistyped values
-    are ConfigErrors naming the dotted path (and the override that set it)."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+def _reject_unknown_keys(cls: type, data: Mapping[str, Any], path: str, source: str | None) -> None:
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]
     prefix = f"{path}." if path else ""
     unknown = [k for k in data if k not in fields]
     if unknown:
-        named = [prefix + str(k) + (f" (from {source})" if (source := _override_source(data[k])) else "")
-                 for k in unknown]
+        named = [_named(prefix + str(k), _override_source(data[k]) or source) for k in unknown]
         raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(named)}; "
                           f"{path or cls.__name__} accepts: {', '.join(fields)}")
+
+
+def _check_some_keys(cls: type, data: Any, path: str, source: str | None) -> None:
+    """Check the keys ``data`` gives of dataclass ``cls`` (a subset: the rest comes from where they are merged
+    into); a nested config section is a subset too. A ``data`` that is no mapping is left to the caller."""
+    source = _source(data, source)
+    data = _resolve_override(data, dict)  # a section given whole arrives as YAML text
+    if not isinstance(data, Mapping):
+        return
+    _reject_unknown_keys(cls, data, path, source)
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        if dataclasses.is_dataclass(hints[name]) and isinstance(_resolve_override(value, dict), Mapping):
+            _check_some_keys(hints[name], value, f"{path}.{name}", source)
+        else:
+            _convert(value, hints[name], f"{path}.{name}", source)
+
+
+def _checked_fields(cls: type, data: Mapping[str, Any], path: str, source: str | None) -> dict[str, Any]:
+    """The keys of ``data`` converted to the annotations of dataclass ``cls``; unknown keys and mistyped values
+    are ConfigErrors naming the dotted path (and the override that set it, or ``source``, that gave all of
+    ``data``)."""
+    _reject_unknown_keys(cls, data, path, source)
+    hints = typing.get_type_hints(cls)
+    prefix = f"{path}." if path else ""
     kwargs = {}
-    for name, field in fields.items():
-        if name not in data:
+    for field in dataclasses.fields(cls):
+        if not field.init or field.name not in data:
             continue
         if _KEYS_OF in field.metadata:
-            section = _resolve_override(data[name], dict)  # a whole-section override arrives as YAML text
-            if isinstance(section, Mapping):
-                _checked_fields(field.metadata[_KEYS_OF](), section, prefix + name)
-        kwargs[name] = _convert(data[name], hints[name], prefix + name)
+            _check_some_keys(field.metadata[_KEYS_OF](), data[field.name], prefix + field.name, source)
+        kwargs[field.name] = _convert(data[field.name], hints[field.name], prefix + field.name, source)
     return kwargs
 
 
-def from_dict(cls: type[C], data: Mapping[str, Any], *, path: str = "") -> C:
-    """Build dataclass ``cls`` from ``data``, checking every key and value type (nested dataclasses too)."""
+def from_dict(cls: type[C], data: Mapping[str, Any], *, path: str = "", source: str | None = None) -> C:
+    """Build dataclass ``cls`` from ``data``, checking every key and value type (nested dataclasses too).
+    ``source``: the override that gave ``data`` whole (:func:`resolve_section`), named in its errors."""
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"expected a dataclass type, got {cls!r}")
+    data, source = resolve_section(data) if isinstance(data, _Override) else (data, source)
+    where = _named(path or cls.__name__, source)
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {type(data).__name__}")
-    kwargs = _checked_fields(cls, data, path)
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    kwargs = _checked_fields(cls, data, path, source)
     hints = typing.get_type_hints(cls)
     prefix = f"{path}." if path else ""
     for field in dataclasses.fields(cls):
         missing = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
         if field.init and missing and field.name not in data:
-            raise ConfigError(f"missing required key {prefix + field.name} ({_type_name(hints[field.name])})")
+            raise ConfigError(f"missing required key {prefix + field.name} ({_type_name(hints[field.name])})"
+                              + (f", not in {source}" if source else ""))
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{path or cls.__name__}: {err}") from err
+        raise ConfigError(f"{where}: {err}") from err
 
 
 def to_dict(cfg: Any) -> Any:

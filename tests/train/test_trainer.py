@@ -283,6 +283,26 @@ def test_task_model_args_are_checked_against_the_tasks_model(task, section, mode
                               f"task.args.{section} accepts: {', '.join(valid)}")
 
 
+def test_the_task_section_given_whole_and_its_own_keys():
+    from d3s2.train.trainer import build_train_config
+
+    toy = {"task": {"name": "toy"}, "train": {"max_steps": 1}}
+    assert build_train_config(toy, ["--task.args={resolution: 8}"]).task.args.resolution == 8
+    assert build_train_config(toy, ["--task={name: toy, args: {resolution: 8}}"]).task.args.resolution == 8
+    for data, overrides, message in [
+        (toy, ["--task.args={resolution: x}"], "task.args.resolution (from --task.args={resolution: x}): expected int"),
+        (toy, ["--task={name: toy, args: {resolution: x}}"],
+         "task.args.resolution (from --task={name: toy, args: {resolution: x}}): expected int"),
+        (toy, ["--task={name: 3}"], "task.name (from --task={name: 3}): expected str, got int"),
+        ({**toy, "task": {"name": "toy", "arg": {"resolution": 8}}}, [],  # the args would be lost silently
+         "unknown key task.arg; task accepts: name, args"),
+        (toy, ["--task.arg.resolution=8"], "unknown key task.arg (from --task.arg.resolution=8); task accepts"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            build_train_config(data, overrides)
+        assert str(err.value).startswith(message), overrides
+
+
 def test_init_from_checkpoint_or_export(tmp_path, tiny_cfg):
     from safetensors.torch import load_file
 

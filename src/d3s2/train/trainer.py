@@ -40,12 +40,14 @@ from torch.utils.data import DataLoader
 
 from ..config import (
     ConfigError,
+    TaskSpec,
     TrainConfig,
     apply_overrides,
     dump_yaml,
     from_dict,
     load_yaml,
     parse_overrides,
+    resolve_section,
     to_dict,
     write_run_record,
 )
@@ -75,18 +77,21 @@ def build_train_config(data: Mapping[str, Any], overrides: Sequence[str] = ()) -
     """A :class:`TrainConfig` from plain data and ``--a.b=c`` overrides; ``task.args`` is checked against the
     registered task's ``Config`` (defaults filled in, so the saved config is complete)."""
     data = apply_overrides(dict(data), parse_overrides(overrides))
-    task_data = data.get("task")
+    task_data, source = resolve_section(data.get("task"))  # source: a --task={...} that gave it whole
+    from_source = f" (from {source})" if source else ""
     if not isinstance(task_data, Mapping) or "name" not in task_data:
-        raise ConfigError("missing required key task.name (a registered task: see d3s2.train.task.TASKS)")
+        raise ConfigError(f"missing required key task.name{from_source} (a registered task: see "
+                          "d3s2.train.task.TASKS)")
     name = task_data["name"]
     name = getattr(name, "text", name)  # an override of task.name arrives as raw text
     if not isinstance(name, str):
-        raise ConfigError(f"task.name: expected str, got {type(name).__name__} ({name!r})")
+        raise ConfigError(f"task.name{from_source}: expected str, got {type(name).__name__} ({name!r})")
     task_cls = get_task(name)
-    args = from_dict(task_cls.Config, task_data.get("args") or {}, path="task.args")
-    rest = {**data, "task": {"name": name}}
-    cfg = from_dict(TrainConfig, rest)
-    cfg.task.args = args
+    args = from_dict(task_cls.Config, task_data.get("args") or {}, path="task.args", source=source)
+    # The task's own keys are checked too: a typo such as task.arg would otherwise drop the args silently.
+    task = from_dict(TaskSpec, {**task_data, "name": name, "args": args}, path="task", source=source)
+    cfg = from_dict(TrainConfig, {**data, "task": {"name": name}})
+    cfg.task = task
     return cfg
 
 

@@ -16,7 +16,7 @@ from d3s2.cli import main
 from d3s2.config import PACKAGED_CONFIGS as CONFIGS
 from d3s2.config import load_yaml
 from d3s2.models.registry import from_pretrained
-from d3s2.models.vae import SparseSDFVAE
+from d3s2.models.vae import SDFLossWeights, SparseSDFVAE
 from d3s2.models.vae.task import (
     MultiResolutionDataset,
     SparseVAETask,
@@ -92,8 +92,10 @@ def test_config_errors(data):
     ({"loss": {"in_band": 1.0, "ext": 0.1, "sharp": 1.0, "kl": "small"}}, None,
      "model.args.loss.kl: expected float, got str ('small')"),
     # a task.args.model_args override is checked where it is given, before the task merges it with the model YAML
-    ({}, "{model_channels: abc}", "task.args.model_args.model_channels: expected int, got str ('abc')"),
-    ({}, "{window_size: abc}", "task.args.model_args.window_size: expected int, got str ('abc')"),
+    ({}, "{model_channels: abc}", "task.args.model_args.model_channels (from --task.args.model_args={model_channels: "
+                                  "abc}): expected int, got str ('abc')"),
+    ({}, "{window_size: abc}", "task.args.model_args.window_size (from --task.args.model_args={window_size: abc}): "
+                               "expected int, got str ('abc')"),
 ])
 def test_mistyped_model_args_fail_before_the_run_writes_anything(data, tmp_path, capsys, args, override, message):
     model = load_yaml(TINY_MODEL)
@@ -112,6 +114,26 @@ def test_a_mistyped_model_args_override_names_itself_and_the_model_keys(data, tm
     assert "unknown key task.args.model_args.depht (from --task.args.model_args.depht=4); task.args.model_args " \
            "accepts: latent_channels, model_channels, num_blocks" in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides, train_model_args", [
+    (["--task.args.model_args.loss.kl=0.01"], {}),
+    (["--task.args.model_args.loss={kl: 0.01}"], {}),
+    (["--task.args.model_args={loss: {kl: 0.01}}"], {}),
+    ([], {"loss": {"kl": 0.01}}),  # in the train config's file
+])
+def test_a_model_args_section_sets_only_its_keys_of_the_model_yaml(data, tmp_path, overrides, train_model_args):
+    from d3s2.train.trainer import build_train_config
+
+    model = load_yaml(TINY_MODEL)
+    model["model"]["args"]["loss"] = {"in_band": 2.0, "ext": 0.5, "sharp": 0.0, "kl": 0.001}  # none the default
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump(model))
+    train = {"task": {"name": "vae", "args": {"data": str(data), "resolutions": [RESOLUTION], "model_config": str(path),
+                                              "model_args": train_model_args}},
+             "train": {"max_steps": 1}}
+    task = SparseVAETask(build_train_config(train, overrides).task.args)
+    assert task.vae_config.loss == SDFLossWeights(in_band=2.0, ext=0.5, sharp=0.0, kl=0.01)
 
 
 def test_multi_resolution_groups_and_collate(data):

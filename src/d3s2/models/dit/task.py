@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...config import keys_of
+from ...config import keys_of, merge_args
 from ...sparse import SparseTensor
 from ..registry import model_class
 
@@ -141,10 +141,11 @@ class _DiTTask:
             raise ValueError(f"{config.model_config}: expected model name {self.model_name!r}, got "
                              f"{model.get('name')!r}")
         # Checked here, so a mistyped value fails before the trainer writes anything to the run folder.
-        self.dit_config = model_config(self.model_name, {**(model.get("args") or {}), **config.model_args},
+        self.dit_config = model_config(self.model_name, merge_args(model.get("args") or {}, config.model_args),
                                        "model.args")
-        self.encoder_config = model_config("small_image_encoder", {**(cond.get("args") or {}),
-                                                                   **config.conditioner_args}, "conditioner.args")
+        self.encoder_config = model_config("small_image_encoder",
+                                           merge_args(cond.get("args") or {}, config.conditioner_args),
+                                           "conditioner.args")
         self.sparse_conditions = cond.get("sparse", False)
         if not isinstance(self.sparse_conditions, bool):
             raise ValueError(f"{config.model_config}: conditioner.sparse: expected bool, got "

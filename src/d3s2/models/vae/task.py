@@ -67,9 +67,9 @@ class SparseVAETaskConfig:
 
 def load_model_config(path: str | None, overrides: dict[str, Any], *, default_name: str = "sparse_sdf_vae"
                       ) -> tuple[str, dict[str, Any]]:
-    """(registry name, args) from a model YAML (``model: {name, args}``; no YAML: ``default_name``) updated with
-    ``overrides``."""
-    from ...config import load_yaml
+    """(registry name, args) from a model YAML (``model: {name, args}``; no YAML: ``default_name``) with
+    ``overrides`` merged in key by key, nested sections too (:func:`d3s2.config.merge_args`)."""
+    from ...config import load_yaml, merge_args
 
     name, args = default_name, {}
     if path is not None:
@@ -77,9 +77,8 @@ def load_model_config(path: str | None, overrides: dict[str, Any], *, default_na
         model = data.get("model")
         if not isinstance(model, dict) or "name" not in model:
             raise ValueError(f"{path}: expected a 'model: {{name, args}}' section")
-        name, args = model["name"], dict(model.get("args") or {})
-    args.update(overrides)
-    return name, args
+        name, args = model["name"], model.get("args") or {}
+    return name, merge_args(args, overrides)
 
 
 class MultiResolutionDataset(Dataset):
