@@ -14,8 +14,10 @@ from .conftest import free_port
 def test_commands_registered():
     args = build_parser().parse_args(["serve", "--weights", "w"])
     assert args.host == "127.0.0.1" and args.port == 8000 and args.out == "out/serve"
+    assert not hasattr(args, "uploads_cap_mb")  # the service keeps uploads in memory
     args = build_parser().parse_args(["app", "--weights", "w"])
     assert args.host == "127.0.0.1" and args.port == 7860 and args.out == "out/app"
+    assert args.uploads_cap_mb == 256.0
 
 
 @pytest.mark.parametrize("command", ["app", "serve"])
@@ -78,6 +80,13 @@ def test_a_limit_that_is_no_finite_positive_number_is_refused(command, option, v
     # nan passed the old `<= 0` check (a job that never times out), inf overflowed the byte counts (a traceback)
     assert main([command, "--weights", str(tiny_weights), "--out", str(tmp_path / "out"), option, value]) == 1
     assert f"{option} must be a finite number > 0, got {float(value)}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "nan"])
+def test_the_uploads_cap_must_be_a_finite_positive_number(value, tiny_weights, tmp_path, capsys, no_model_loads):
+    assert main(["app", "--weights", str(tiny_weights), "--out", str(tmp_path / "out"), "--uploads-cap-mb", value]) == 1
+    assert f"--uploads-cap-mb must be a finite number > 0, got {float(value)}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

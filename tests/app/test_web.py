@@ -1,7 +1,12 @@
-"""The web app's preview of the conditioner input, for shared and per-DiT image encoders."""
+"""The web app in-process: the preview of the conditioner input, its messages, the files Gradio keeps (under a
+cap) and the answers of its file routes."""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -82,18 +87,25 @@ def test_a_result_removed_by_the_cap_before_its_downloads_is_a_message(tmp_path)
 
 
 
-def test_results_are_served_from_their_job_folder_not_copied_into_gradios_cache(tmp_path, monkeypatch):
+@pytest.fixture
+def gradio_folder(tmp_path, monkeypatch) -> Path:
+    """Gradio's folder for the app built in this test."""
+    folder = tmp_path / "gradio"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(folder))  # read by each Gradio block as it is built
+    monkeypatch.setattr("gradio.data_classes._StaticFiles.all_paths", [])  # process-wide: restored after
+    return folder
+
+
+def test_results_are_served_from_their_job_folder_not_copied_into_gradios_cache(tmp_path, gradio_folder):
     # A copy in Gradio's cache would escape the results cap, and outlive the removal of its job's files.
     import asyncio
 
     from d3s2.app.engine import Engine
-    from d3s2.app.web import build_app
+    from d3s2.app.web import GradioFiles, build_app
 
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))  # read by each Gradio block as it is built
-    monkeypatch.setattr("gradio.data_classes._StaticFiles.all_paths", [])  # process-wide: restored after
     engine = Engine(tiny_pipeline(), tmp_path / "out", band=2 / 64)
     try:
-        app = build_app(engine)
+        app = build_app(engine, GradioFiles(gradio_folder, 2**20))
         generate = next(f for f in app.fns.values() if f.name == "generate")
         viewer, files, summary = generate.fn(_png(tmp_path), 64, 0, 1, 0, 0)
         # What Gradio does with an event's return value before the page gets it (copies files, makes URLs).
@@ -101,6 +113,175 @@ def test_results_are_served_from_their_job_folder_not_copied_into_gradios_cache(
         shown_paths = [Path(shown[0]["path"]), *(Path(f["path"]) for f in shown[1])]
         assert shown_paths == [Path(viewer), *map(Path, files)]
         assert all(p.parent.parent == engine.jobs_dir for p in shown_paths)
-        assert not list((tmp_path / "gradio").rglob("mesh.*"))
+        assert not list(gradio_folder.rglob("mesh.*"))
+    finally:
+        engine.close()
+
+
+def _gradio_copy(folder: Path, name: str, data: bytes, age_s: float) -> Path:
+    """A file as Gradio keeps an upload: ``<sha256 of its content>/<name>``, last written ``age_s`` ago."""
+    path = folder / hashlib.sha256(data).hexdigest() / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    os.utime(path, (time.time() - age_s,) * 2)
+    return path
+
+
+def test_gradios_files_stay_under_their_cap_least_recently_used_first(tmp_path):
+    from d3s2.app.web import STALE_TEMP_S, GradioFiles, _read_upload
+
+    folder = tmp_path / "gradio"
+    earlier_run = [_gradio_copy(folder, "old.png", b"o" * 10, 0), folder / "tmp0abc_xyz"]
+    earlier_run[1].write_bytes(b"")
+    not_gradios = folder / "notes.txt"
+    not_gradios.write_text("an operator's own file")
+    files = GradioFiles(folder, cap_bytes=250)
+    files.remove_leftovers()
+    assert not any(p.exists() for p in earlier_run) and not earlier_run[0].parent.exists()
+    assert not_gradios.exists()
+
+    example = _gradio_copy(folder, "example.png", b"e" * 100, 1000)  # cached while the app was built
+    files.keep_current()
+    uploads = [_gradio_copy(folder, f"u{i}.png", bytes([i]) * 100, 100 - 10 * i) for i in range(3)]
+    abandoned = folder / "tmpabandon1"  # an upload whose client went away
+    abandoned.write_bytes(b"p" * 50)
+    os.utime(abandoned, (time.time() - STALE_TEMP_S - 1,) * 2)
+    arriving = folder / "tmparriving"  # an upload still arriving, or gr.File's empty file of this event
+    arriving.write_bytes(b"")
+    assert _read_upload(str(uploads[0]), "") == b"\0" * 100  # read again: now the most recently used
+
+    files.trim()  # 100 + 300 + 50 bytes: the abandoned upload goes, then u1 and u2 (u0 was read since)
+    assert [p.exists() for p in uploads] == [True, False, False]
+    assert not uploads[1].parent.exists()  # the hash folder with it
+    assert example.exists() and arriving.exists() and not abandoned.exists() and not_gradios.exists()
+    files.trim()
+    assert uploads[0].exists()  # alone above the cap: the newest always stays
+    files.cap_bytes = 0
+    files.trim()
+    assert uploads[0].exists() and example.exists()
+
+
+def test_an_upload_removed_above_the_cap_is_a_message(tmp_path, gradio_folder):
+    import gradio as gr
+
+    from d3s2.app.engine import Engine
+    from d3s2.app.web import GradioFiles, build_app
+
+    engine = Engine(tiny_pipeline(), tmp_path / "out", band=2 / 64)
+    try:
+        app = build_app(engine, GradioFiles(gradio_folder, 2**20))
+        generate = next(f for f in app.fns.values() if f.name == "generate")
+        with pytest.raises(gr.Error) as err:
+            generate.fn(str(gradio_folder / ("0" * 64) / "in.png"), 64, 0, 1, 0, 0)
+        assert err.value.message == "the upload was removed (the server's space for uploads is full): upload it again"
+    finally:
+        engine.close()
+
+
+def _png_bytes(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgba_image(40 + seed)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_uploads_are_capped_per_request_and_trimmed_after_each(tmp_path, gradio_folder):
+    from fastapi.testclient import TestClient
+
+    from d3s2.app.engine import Engine, Limits
+    from d3s2.app.web import GradioFiles, example_images, serve_app
+
+    engine = Engine(tiny_pipeline(), tmp_path / "out", limits=Limits(max_upload_bytes=2**20), band=2 / 64)
+    try:
+        client = TestClient(serve_app(engine, GradioFiles(gradio_folder, 1), host="127.0.0.1", port=7860))
+        examples = sorted(gradio_folder.rglob("*.png"))
+        assert len(examples) == len(example_images())  # cached while the app was built: they stay
+        for seed in range(3):
+            answer = client.post("/gradio_api/upload", files={"files": (f"in{seed}.png", _png_bytes(seed))})
+            assert answer.status_code == 200, answer.text
+            upload = Path(answer.json()[0])
+            assert upload.read_bytes() == _png_bytes(seed)
+            # One byte of cap: of the uploads only the newest stays, and the examples the page shows.
+            assert sorted(gradio_folder.rglob("*.png")) == sorted([*examples, upload])
+
+        # Gradio alone would take up to 1000 files of max_file_size in one request; nothing of these is written.
+        too_large = client.post("/gradio_api/upload",
+                                files=[("files", (f"{i}.png", b"x" * 2**19)) for i in range(3)])
+        declared = too_large.request.headers["content-length"]
+        assert (too_large.status_code, too_large.text) == (413, f"upload too large: {declared} bytes, the limit is "
+                                                                f"{2**20}")
+        undeclared = client.post("/gradio_api/upload", content=iter([b"--x--\r\n"]),
+                                 headers={"Content-Type": "multipart/form-data; boundary=x"})
+        assert undeclared.status_code == 411
+        assert sorted(gradio_folder.rglob("*.png")) == sorted([*examples, upload])
+        assert not [p for p in gradio_folder.iterdir() if p.is_file()]  # no partial upload left either
+    finally:
+        engine.close()
+
+
+def test_a_link_to_a_result_removed_by_the_cap_answers_410(tmp_path, gradio_folder):
+    from fastapi.testclient import TestClient
+
+    from d3s2.app.engine import Engine, GenerateParams, Limits
+    from d3s2.app.web import GradioFiles, serve_app
+
+    engine = Engine(tiny_pipeline(), tmp_path / "out", limits=Limits(results_cap_bytes=1), band=2 / 64)
+    try:
+        client = TestClient(serve_app(engine, GradioFiles(gradio_folder, 2**20), host="127.0.0.1", port=7860))
+        removed, kept = (engine.submit_generate(rgba_image(), GenerateParams(resolution=64, steps=1))
+                         for _ in range(2))
+        assert kept.finished.wait(60) and kept.status == "done", kept.error
+        assert removed.expired
+        answer = client.get(f"/gradio_api/file={removed.folder / 'mesh.glb'}")
+        assert answer.status_code == 410
+        assert answer.json() == {"detail": f"job {removed.id}: the result was removed (results size cap); run it "
+                                           "again"}
+        assert client.head(f"/gradio_api/file={removed.folder / 'mesh.glb'}").status_code == 410
+        assert client.get(f"/gradio_api/file={kept.folder / 'mesh.glb'}").content == (kept.folder
+                                                                                      / "mesh.glb").read_bytes()
+        # Anything else is Gradio's to answer, as before: a path outside the jobs folder (reached through a
+        # removed job's folder too), a job id the engine does not know.
+        secret = tmp_path / "secret.txt"
+        secret.write_text("not to be served")
+        for path in (str(secret), f"{removed.folder}/%2E%2E/%2E%2E/%2E%2E/secret.txt",
+                     str(engine.jobs_dir / ("0" * 32) / "mesh.glb")):
+            answer = client.get(f"/gradio_api/file={path}")
+            assert answer.status_code == 403 and answer.json()["detail"].startswith("File not allowed"), path
+    finally:
+        engine.close()
+
+
+def test_an_upload_cut_short_is_no_server_error_and_its_partial_file_goes_once_stale(tmp_path, gradio_folder):
+    import asyncio
+
+    from d3s2.app.engine import Engine
+    from d3s2.app.web import STALE_TEMP_S, GradioFiles, serve_app
+
+    engine = Engine(tiny_pipeline(), tmp_path / "out", band=2 / 64)
+    try:
+        files = GradioFiles(gradio_folder, 2**20)
+        app = serve_app(engine, files, host="127.0.0.1", port=7860)
+        part = (b'--x\r\nContent-Disposition: form-data; name="files"; filename="in.png"\r\n'
+                b"Content-Type: image/png\r\n\r\n" + b"\0" * 1000)
+        messages = iter([{"type": "http.request", "body": part, "more_body": True}, {"type": "http.disconnect"}])
+
+        async def receive():
+            return next(messages)
+
+        async def send(message):  # to no one: the client is gone
+            pass
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/gradio_api/upload", "raw_path": b"/gradio_api/upload",
+                 "root_path": "", "query_string": b"", "server": ("127.0.0.1", 7860), "client": ("127.0.0.1", 1),
+                 "headers": [(b"host", b"127.0.0.1"), (b"content-length", b"2000"),
+                             (b"content-type", b"multipart/form-data; boundary=x")]}
+        asyncio.run(app(scope, receive, send))  # Gradio's ClientDisconnect ends here, not in uvicorn's error log
+        partial = [p for p in gradio_folder.iterdir() if p.is_file()]  # Gradio does not remove it
+        assert [p.stat().st_size for p in partial] == [1000]
+        files.trim()
+        assert partial[0].exists()  # it may still be arriving
+        os.utime(partial[0], (time.time() - STALE_TEMP_S - 1,) * 2)
+        files.trim()
+        assert not partial[0].exists()
     finally:
         engine.close()

@@ -45,6 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a = subparsers.add_parser("app", help="Gradio web app: image → 3D, and the VAE round trip",
                               description="Serve the image-to-3D web app (needs the [app] extra).")
     _common(a, 7860, "out/app")
+    a.add_argument("--uploads-cap-mb", type=float, default=256.0,
+                   help="Gradio's copies of uploads and preview images kept on disk (OUT/gradio); the least "
+                        "recently used go first (default 256)")
     a.set_defaults(func=_run_app)
     s = subparsers.add_parser("serve", help="JSON HTTP service: POST /v1/generate, GET /v1/jobs/{id}",
                               description="Serve the image-to-3D JSON API (needs the [app] extra); OpenAPI at "
@@ -61,8 +64,8 @@ def _require(*modules: str) -> None:
 
 def _check_limits(args: argparse.Namespace) -> None:
     """The size, time and band options: finite and positive, checked before the port is taken or a model loads."""
-    for name in ("max_upload_mb", "max_pixels", "max_queue", "timeout", "results_cap_mb", "band"):
-        value = getattr(args, name)
+    for name in ("max_upload_mb", "max_pixels", "max_queue", "timeout", "results_cap_mb", "uploads_cap_mb", "band"):
+        value = getattr(args, name, None)  # --uploads-cap-mb: the app only
         # nan passes a plain `<= 0` test; inf overflows the byte counts or never times out
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
@@ -157,20 +160,16 @@ def _run_app(args: argparse.Namespace) -> int:
     with listening_sockets(args.host, args.port) as sockets:
         engine = _engine(args, weights)
         try:
-            # Before gradio builds anything: its upload copies go inside our output folder.
-            os.environ["GRADIO_TEMP_DIR"] = str(engine.out_dir / "gradio")
+            gradio_folder = engine.out_dir / "gradio"
+            # Before gradio is imported (some of it reads the variable then): its files go inside our output folder.
+            os.environ["GRADIO_TEMP_DIR"] = str(gradio_folder)
             os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-            import gradio as gr
-            from fastapi import FastAPI
+            from .web import GradioFiles, serve_app
 
-            from .web import build_app
-
+            files = GradioFiles(gradio_folder, int(args.uploads_cap_mb * MIB))
             # Mounted on our own server rather than Blocks.launch(): launch() gives up when its 3 s self-check of
             # the page times out (a busy machine), and binds a port itself (ours is held since before the load).
-            server = gr.mount_gradio_app(FastAPI(), build_app(engine), path="/", server_name=args.host,
-                                         server_port=args.port, footer_links=["api"], show_error=True,
-                                         ssr_mode=False, max_file_size=engine.limits.max_upload_bytes,
-                                         allowed_paths=[str(engine.jobs_dir)])
+            server = serve_app(engine, files, host=args.host, port=args.port)
             print(f"d3s2 app: http://{args.host}:{args.port}, device {engine.device}, out {engine.out_dir}",
                   flush=True)
             _serve_on(sockets, server, args)

@@ -9,19 +9,33 @@ Two tabs:
 
 Uploads go through the engine's checks (size, pixels, format: a bad file is an error message in the page) and
 every job through the engine's queue, so the app and the API behave the same. Results are served from their job
-folders, never copied into Gradio's cache: the engine's results cap bounds them all, and a result the cap removed
-is gone from the page as from the API. Call :func:`build_app` after pointing ``GRADIO_TEMP_DIR`` inside the
-engine's output folder (``d3s2 app`` does), so that Gradio's copies of uploads stay there too.
+folders, never copied into Gradio's cache: the engine's results cap bounds them all, and a link to a result the
+cap removed answers 410 with the reason, as the API does. Gradio's own files (copies of uploads, preview images)
+stay in one folder kept under a byte cap by :class:`GradioFiles`; :func:`serve_app` puts it all on one ASGI app.
+Point ``GRADIO_TEMP_DIR`` at that folder before Gradio is imported (``d3s2 app`` does).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import shutil
+import threading
+import time
 from importlib import resources
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
+import anyio
 import gradio as gr
 import numpy as np
+from fastapi import FastAPI
+from gradio.route_utils import API_PREFIX
+from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .engine import (
     INPUT_NAME,
@@ -33,8 +47,166 @@ from .engine import (
     read_image,
     read_mesh,
 )
+from .service import FORM_OVERHEAD
 
 POLL_S = 0.2
+NO_IMAGE = "upload an image first (or pick an example)"
+HASH_FOLDER = re.compile(r"^[0-9a-f]{64}$")  # Gradio keeps each file in a folder named by its content's sha256
+TEMP_FILE = re.compile(r"^tmp[a-z0-9_]{8}$")  # tempfile's names: uploads still arriving, gr.File's empty files
+# A temporary file not written to for this long is no upload in progress (its client went away), or one of the
+# empty files gr.File(type="filepath") opens in Gradio's folder at every event and never removes (gradio 6).
+STALE_TEMP_S = 60.0
+
+
+class GradioFiles:
+    """What Gradio writes into its folder (``GRADIO_TEMP_DIR``; ``<out>/gradio`` under ``d3s2 app``), under a cap.
+
+    Gradio keeps a copy of every upload and every preview image there, deleting them only after an hour
+    (``delete_cache``), and never deletes the partial file of an upload whose client went away nor the empty
+    temporary file gr.File leaves at every event. :meth:`trim` runs after every upload and at every event: above
+    ``cap_bytes`` the least recently used copies go first (an event that reads an upload touches it; the newest
+    always stays); temporary files go once stale. A cap, not a deletion once a job has read its upload: Gradio
+    names a copy by its content, so users who upload the same image share one file, and a page sends the same
+    path again at every event (the preview, then each Generate), so no single reader can tell it is the last.
+    The files there when the app was built (the example images) always stay: the page refers to them.
+    """
+
+    def __init__(self, folder: str | Path, cap_bytes: int) -> None:
+        self.folder = Path(folder).resolve()
+        self.cap_bytes = cap_bytes
+        self._kept: set[Path] = set()
+        self._lock = threading.Lock()
+
+    def remove_leftovers(self) -> None:
+        """Remove Gradio's files of an earlier run (no page refers to them now); other files in the folder stay."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for entry in self.folder.iterdir():
+            if entry.is_dir() and HASH_FOLDER.match(entry.name):
+                shutil.rmtree(entry, ignore_errors=True)
+            elif entry.is_file() and TEMP_FILE.match(entry.name):
+                entry.unlink(missing_ok=True)
+
+    def keep_current(self) -> None:
+        """The files there now always stay (call once the app is built: Gradio has cached the examples)."""
+        self._kept = {path for path, _ in self._copies()}
+
+    def trim(self) -> None:
+        """Remove the stale temporary files, then the least recently used copies while above the cap."""
+        with self._lock:
+            now = time.time()
+            copies = sorted(self._copies(), key=lambda item: item[1].st_mtime)
+            temporary = list(self._temporary())
+            total = sum(stat.st_size for _, stat in copies + temporary)
+            for path, stat in temporary:
+                if now - stat.st_mtime > STALE_TEMP_S:
+                    path.unlink(missing_ok=True)
+                    total -= stat.st_size
+            for path, stat in copies[:-1]:  # oldest first, the newest stays
+                if total <= self.cap_bytes:
+                    break
+                if path in self._kept:
+                    continue
+                path.unlink(missing_ok=True)
+                total -= stat.st_size
+                try:
+                    path.parent.rmdir()  # its hash folder, once empty (an inode each, for every upload)
+                except OSError:
+                    pass  # not empty: Gradio keeps several names of one content there
+
+    def _copies(self) -> list[tuple[Path, os.stat_result]]:
+        """Gradio's complete files, ``<sha256>/<name>`` (a name starting with a dot is a copy being written)."""
+        found = []
+        for folder in self.folder.iterdir():
+            if HASH_FOLDER.match(folder.name):
+                found += _stats(p for p in _listing(folder) if not p.name.startswith("."))
+        return found
+
+    def _temporary(self) -> list[tuple[Path, os.stat_result]]:
+        return _stats(p for p in _listing(self.folder) if TEMP_FILE.match(p.name))
+
+
+def _listing(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except (FileNotFoundError, NotADirectoryError):  # removed or replaced meanwhile by another request
+        return []
+
+
+def _stats(paths) -> list[tuple[Path, os.stat_result]]:
+    """(path, stat) of the regular files among ``paths``."""
+    found = []
+    for path in paths:
+        try:
+            stat = path.stat()
+        except FileNotFoundError:  # removed meanwhile (Gradio renames uploads into place)
+            continue
+        if S_ISREG(stat.st_mode):
+            found.append((path, stat))
+    return found
+
+
+class UploadLimit:
+    """ASGI middleware before Gradio's upload route. A body must declare its length, at most one upload and the
+    form's overhead (411 / 413 before Gradio writes anything; Gradio alone takes up to 1000 files of the size
+    limit in one request); after each upload, Gradio's folder is trimmed under its cap."""
+
+    def __init__(self, app: ASGIApp, *, max_upload_bytes: int, files: GradioFiles) -> None:
+        self.app = app
+        self.max_body = max_upload_bytes + FORM_OVERHEAD
+        self.max_upload_bytes = max_upload_bytes
+        self.files = files
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != f"{API_PREFIX}/upload":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if not declared.isdigit():
+            await PlainTextResponse("an upload must declare its Content-Length", status_code=411)(scope, receive,
+                                                                                                  send)
+            return
+        if int(declared) > self.max_body:
+            await PlainTextResponse(f"upload too large: {int(declared)} bytes, the limit is "
+                                    f"{self.max_upload_bytes}", status_code=413)(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        except ClientDisconnect:
+            pass  # the client went away mid-body: no server fault to log (its partial file goes once stale)
+        finally:
+            await anyio.to_thread.run_sync(self.files.trim)
+
+
+class RemovedResults:
+    """ASGI middleware before Gradio's file route: a link to a result file the results cap removed answers 410
+    with the reason, as ``d3s2 serve`` does (Gradio answers a generic 403 for a missing file). Only those links:
+    any other request, any other path included, goes on to Gradio and its checks."""
+
+    def __init__(self, app: ASGIApp, *, engine: Engine) -> None:
+        self.app = app
+        self.engine = engine
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        job_id = self._removed_job(scope)
+        if job_id is None:
+            await self.app(scope, receive, send)
+            return
+        response = JSONResponse({"detail": f"job {job_id}: the result was removed (results size cap); run it "
+                                           "again"}, status_code=410)
+        await response(scope, receive, send)
+
+    def _removed_job(self, scope: Scope) -> str | None:
+        prefix = f"{API_PREFIX}/file="
+        if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD") or not scope["path"].startswith(prefix):
+            return None
+        path = Path(os.path.normpath(scope["path"][len(prefix):]))
+        if path.parent.parent != self.engine.jobs_dir:
+            return None
+        try:
+            job = self.engine.get(path.parent.name)  # looked up in memory, never joined into a path
+        except RequestError:
+            return None
+        return job.id if job.expired else None
 
 
 def example_images() -> list[str]:
@@ -49,10 +221,17 @@ def _error(message: str) -> gr.Error:
     return gr.Error(message, duration=None, print_exception=False)
 
 
-def _read_upload(path: str | None) -> bytes:
+def _read_upload(path: str | None, missing: str) -> bytes:
+    """The bytes of an upload's copy in Gradio's folder, which it touches: the last to go above the cap."""
     if not path:
-        raise _error("upload an image first (or pick an example)")
-    return Path(path).read_bytes()
+        raise _error(missing)
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise _error("the upload was removed (the server's space for uploads is full): upload it again") from None
+    with contextlib.suppress(OSError):  # removed since, or a file not in Gradio's folder (read-only)
+        os.utime(path)
+    return data
 
 
 def preview(engine: Engine, path: str | None) -> np.ndarray | None:
@@ -61,8 +240,9 @@ def preview(engine: Engine, path: str | None) -> np.ndarray | None:
 
     if not path:
         return None
+    data = _read_upload(path, NO_IMAGE)
     try:
-        image = read_image(_read_upload(path), engine.limits)
+        image = read_image(data, engine.limits)
         # The first stage's encoder (the shared conditioner, or the dense DiT's own one).
         encoder = engine.pipeline.encoder_for("dense_dit")
         prepared = preprocess_image(image, size=max(encoder.image_size, 256))
@@ -100,8 +280,10 @@ def _summary(job: Any) -> str:
     return "\n\n".join(lines)
 
 
-def build_app(engine: Engine) -> gr.Blocks:
-    """The Gradio Blocks of ``d3s2 app`` (not launched)."""
+def build_app(engine: Engine, gradio_files: GradioFiles) -> gr.Blocks:
+    """The Gradio Blocks of ``d3s2 app`` (not launched); ``gradio_files`` is Gradio's folder (``GRADIO_TEMP_DIR``): its
+    files of an earlier run are removed first, those made while building (the examples) always stay."""
+    gradio_files.remove_leftovers()
     # Gradio copies every file an event returns into its cache, unless the file lies under a static path; such
     # copies would outlive the results cap (up to an hour, delete_cache below). Process-wide in Gradio, and the
     # job files never change once written (atomically, before an event returns their paths).
@@ -112,8 +294,9 @@ def build_app(engine: Engine) -> gr.Blocks:
     # Gradio finds its progress tracker through a gr.Progress() default argument.
     def generate(path: str | None, resolution: int, seed: float, steps: float, cfg: float, faces: float,
                  progress: gr.Progress = gr.Progress()) -> tuple[str, list[str], str]:  # noqa: B008
+        gradio_files.trim()
         try:
-            image = read_image(_read_upload(path), engine.limits)
+            image = read_image(_read_upload(path, NO_IMAGE), engine.limits)
             params = GenerateParams(resolution=int(resolution), seed=int(seed or 0),
                                     steps=int(steps) if steps else None, cfg=float(cfg) if cfg else None,
                                     faces=int(faces) if faces else None)
@@ -124,12 +307,16 @@ def build_app(engine: Engine) -> gr.Blocks:
         files = _downloads(engine, job)
         return files[0], files, _summary(job)
 
+    def show_preview(path: str | None) -> np.ndarray | None:
+        gradio_files.trim()  # its image is one more file in Gradio's folder
+        return preview(engine, path)
+
     def reconstruct(path: str | None, resolution: int,
                     progress: gr.Progress = gr.Progress()) -> tuple[str, str, list[str], str]:  # noqa: B008
-        if not path:
-            raise _error("upload a mesh first")
+        gradio_files.trim()
+        data = _read_upload(path, "upload a mesh first")
         try:
-            mesh = read_mesh(Path(path).read_bytes(), Path(path).suffix, engine.limits)
+            mesh = read_mesh(data, Path(path).suffix, engine.limits)
             job = engine.submit_reconstruct(mesh, int(resolution))
         except RequestError as err:
             raise _error(err.message) from err
@@ -164,7 +351,7 @@ def build_app(engine: Engine) -> gr.Blocks:
                     downloads = gr.File(label="Download (GLB, OBJ, PLY)", file_count="multiple",
                                         elem_id="result-files")
                     info = gr.Markdown(elem_id="result-info")
-            image.change(lambda p: preview(engine, p), inputs=[image], outputs=[mask], concurrency_limit=None)
+            image.change(show_preview, inputs=[image], outputs=[mask], concurrency_limit=None)
             run.click(generate, inputs=[image, res, seed, steps, cfg, faces], outputs=[viewer, downloads, info],
                       concurrency_id="engine")
         with gr.Tab("Reconstruct (SS-VAE)"):
@@ -184,4 +371,16 @@ def build_app(engine: Engine) -> gr.Blocks:
                       concurrency_id="engine")
     # The engine runs one job at a time; these limits only bound the waiting page events.
     app.queue(max_size=engine.limits.max_queue + 1, default_concurrency_limit=engine.limits.max_queue + 1)
+    gradio_files.keep_current()
     return app
+
+
+def serve_app(engine: Engine, gradio_files: GradioFiles, *, host: str, port: int) -> FastAPI:
+    """The ASGI app of ``d3s2 app``: :func:`build_app` mounted on a FastAPI app, behind :class:`UploadLimit` and
+    :class:`RemovedResults`. ``host`` and ``port`` are where uvicorn serves it (Gradio writes them in its page)."""
+    server = FastAPI()
+    server.add_middleware(UploadLimit, max_upload_bytes=engine.limits.max_upload_bytes, files=gradio_files)
+    server.add_middleware(RemovedResults, engine=engine)
+    return gr.mount_gradio_app(server, build_app(engine, gradio_files), path="/", server_name=host, server_port=port,
+                               footer_links=["api"], show_error=True, ssr_mode=False,
+                               max_file_size=engine.limits.max_upload_bytes, allowed_paths=[str(engine.jobs_dir)])
