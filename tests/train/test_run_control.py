@@ -251,6 +251,20 @@ def test_a_signal_repeated_later_stops_at_once(monkeypatch):
     assert stopped.value.code == 128 + signal.SIGINT
 
 
+def test_a_signal_ignored_when_entered_stays_ignored():
+    # As for a command started with `&` from a script: its shell ignores SIGINT so Ctrl-C leaves the command running.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopOnSignal() as signals:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert signals.signum is None and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert signals.signum == signal.SIGTERM
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_signal_in_process_stops_after_the_step(tmp_path, tiny_cfg):
     trainer = Trainer(tiny_cfg(train={"max_steps": 20}), tmp_path)
     real = trainer._train_step

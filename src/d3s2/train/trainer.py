@@ -233,7 +233,9 @@ class StopOnSignal:
     """While entered (in the main thread), SIGINT and SIGTERM set :attr:`signum` instead of ending the process,
     so the trainer can finish its step and save a checkpoint. The same signal again, a second or more later,
     exits at once (code 128 + signal, no checkpoint); sooner it is a copy: torchrun forwards the Ctrl-C that
-    its workers got from the terminal too. Another signal than the first is ignored."""
+    its workers got from the terminal too. Another signal than the first is ignored. A signal already ignored when
+    the block is entered stays ignored: the parent meant the process to be immune to it (a shell ignores SIGINT in
+    a command it starts with ``&`` from a script, so that a Ctrl-C at the terminal leaves that command running)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
     REPEAT_AFTER_S = 1.0
@@ -245,7 +247,8 @@ class StopOnSignal:
 
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():  # Python runs signal handlers there only
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS
+                              if signal.getsignal(sig) is not signal.SIG_IGN}
         return self
 
     def __exit__(self, *exc: object) -> None:
