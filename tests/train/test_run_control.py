@@ -210,7 +210,7 @@ def test_signal_saves_a_checkpoint_and_resume_continues(tmp_path, signum):
         proc.send_signal(signum)  # as a scheduler's kill does
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
+    assert "Traceback" not in err and "no step ended" not in err, err[-3000:]  # the watchdog left with the loop
     steps = [r["step"] for r in _rows(out)]
     stopped = steps[-1]
     assert steps == [*range(2, stopped, 2), stopped]  # every log step, and the step it stopped after
