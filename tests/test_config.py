@@ -238,6 +238,9 @@ def test_train_config_schema_checks():
         from_dict(TrainConfig, {**base, "ema": {"decay": 1.0}})
     with pytest.raises(ConfigError, match="train.parallel: expected one of"):
         from_dict(TrainConfig, {**base, "train": {"max_steps": 3, "parallel": "tp"}})
+    for grace in (0.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="stop_grace_s must be a finite number of seconds > 0, got"):
+            from_dict(TrainConfig, {**base, "train": {"max_steps": 3, "stop_grace_s": grace}})
 
 
 def test_run_record(tmp_path):

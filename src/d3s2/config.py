@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import subprocess
@@ -486,6 +487,8 @@ class TrainSection:
     ckpt_every: int = 1000  # steps between checkpoints; 0 = only the final one
     keep_last: int = 3  # checkpoints kept on disk
     progress: bool = True  # rank 0: a tqdm bar on a terminal, else a log line every log_every steps
+    stop_grace_s: float = 10.0  # after SIGINT/SIGTERM, a step that has not ended within this (or twice the last
+    # step's time) is stuck (e.g. in a collective whose peer is gone): exit 128 + signal without a checkpoint
     deterministic: bool = False  # torch.use_deterministic_algorithms: bit-identical reruns, slower; ops without a
     # deterministic kernel raise an error
 
@@ -498,6 +501,8 @@ class TrainSection:
             raise ValueError(f"max_minutes must be >= 0, got {self.max_minutes}")
         if self.ddp_bucket_mb <= 0:
             raise ValueError(f"ddp_bucket_mb must be > 0, got {self.ddp_bucket_mb}")
+        if not (math.isfinite(self.stop_grace_s) and self.stop_grace_s > 0):
+            raise ValueError(f"stop_grace_s must be a finite number of seconds > 0, got {self.stop_grace_s}")
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -35,9 +35,11 @@ def port_open(port: int) -> bool:
 
 
 class Server:
-    """``d3s2 COMMAND --port P ...`` in a subprocess, started in ``cwd``; :meth:`stop` sends SIGINT."""
+    """``d3s2 COMMAND --port P ...`` in a subprocess, started in ``cwd`` (with SIGINT ignored, as a shell starts a
+    command with ``&`` in a script, if ``sigint_ignored``); :meth:`stop` sends SIGINT."""
 
-    def __init__(self, command: str, weights: Path, out: Path, cwd: Path, *extra: str, ready_path: str) -> None:
+    def __init__(self, command: str, weights: Path, out: Path, cwd: Path, *extra: str, ready_path: str,
+                 sigint_ignored: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.out = out
@@ -52,7 +54,8 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "d3s2.cli", command, "--weights", str(weights), "--device", "cpu",
              "--port", str(self.port), "--out", str(out), *extra],
-            cwd=cwd, env=env, stdout=self._log_fh, stderr=subprocess.STDOUT)
+            cwd=cwd, env=env, stdout=self._log_fh, stderr=subprocess.STDOUT,
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None)
         import httpx
 
         deadline = time.monotonic() + 90
@@ -73,10 +76,10 @@ class Server:
         out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)
         return [int(p) for p in out.stdout.split()]
 
-    def stop(self, timeout: float = 30) -> int:
-        """SIGINT (Ctrl-C), wait; returns the exit code."""
+    def stop(self, timeout: float = 30, signum: int = signal.SIGINT) -> int:
+        """``signum`` (Ctrl-C's SIGINT), wait; returns the exit code."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.proc.send_signal(signum)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import signal
+import subprocess
 import time
 import uuid
 
@@ -271,3 +273,18 @@ def test_shutdown_leaves_nothing_running(server):
     assert server.log.read_text().endswith("d3s2 serve: interrupted\n")
     assert not port_open(server.port)
     assert not [p for p in [server.proc.pid, *children] if pid_alive(p)]
+
+
+def test_a_server_started_with_sigint_ignored_serves_on_through_it(tiny_weights, tmp_path):
+    # `d3s2 serve &` in a script: the shell ignores SIGINT in it, so that a Ctrl-C at the terminal leaves it serving.
+    # uvicorn shut down on it all the same, and its re-raise of the signal, ignored, ended the command with 0.
+    server = Server("serve", tiny_weights, tmp_path / "out", tmp_path / "cwd", ready_path="/healthz",
+                    sigint_ignored=True)
+    try:
+        server.proc.send_signal(signal.SIGINT)
+        with pytest.raises(subprocess.TimeoutExpired):
+            server.proc.wait(3)
+        assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
+    finally:
+        code = server.stop(signum=signal.SIGTERM)
+    assert code == 143 and server.log.read_text().endswith("d3s2 serve: terminated\n"), server.log.read_text()

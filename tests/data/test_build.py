@@ -387,6 +387,18 @@ def test_a_closed_stl_is_recorded_watertight(tmp_path):
     assert records["meshes/open.stl"]["watertight"] is False
 
 
+def test_a_signal_ignored_from_the_start_stays_ignored():
+    # A parent that ignores SIGTERM (as a shell ignores SIGINT in a command it starts with `&` from a script) means
+    # the build to go on through it: the build's own handler would end it with 143.
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with build_mod._signal_handler(signal.SIGTERM, build_mod._exit_on_sigterm):
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @pytest.mark.parametrize(("signum", "whole_group", "code"), [(signal.SIGTERM, False, 143), (signal.SIGINT, True, 130)],
                          ids=["SIGTERM-to-main", "SIGINT-to-group"])
 def test_a_signal_stops_the_workers_cleanly(tmp_path, signum, whole_group, code):

@@ -1,8 +1,8 @@
 """Run by test_torchrun.py under ``torchrun --nproc_per_node 2``: ``scripts/gpu/det_tasks.py`` with a run that fails
 on rank 1 alone (the toy task's loss raises there) while rank 0 waits in that run's collective, as under NCCL: rank 1
 keeps its process group (leaving a gloo group would end rank 0's wait with an error, leaving an NCCL one does not).
-Rank 0 ends at torchrun's SIGTERM: the trainer's own handler would wait for a step that never ends, until torchrun's
-SIGKILL 30 s later. Usage: ``det_tasks_worker.py ARGS`` (det_tasks.py's own)."""
+Rank 0 ends at torchrun's SIGTERM: the trainer's own handler would wait for a step that never ends, until its
+watchdog gives up train.stop_grace_s (10 s) later. Usage: ``det_tasks_worker.py ARGS`` (det_tasks.py's own)."""
 
 from __future__ import annotations
 

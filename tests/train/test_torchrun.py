@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -156,3 +158,55 @@ def test_det_tasks_stops_a_phase_in_which_one_rank_failed_alone(tmp_path):
     assert "b (rank 1): rank(s) 0 did not finish this run within 2 s" in out
     assert (runs / "b.rank1.error").is_file() and "d3s2 train: error: injected failure of rank 1 alone" in err
     assert not list(runs.glob("resumed*"))  # rank 1 did not go on to the phase's next run
+
+
+def _start_stop_case(tmp_path: Path, case: str, grace_s: float, **env_extra: str) -> subprocess.Popen:
+    """``stop_worker.py`` (STOP_CASE ``case``) training the toy task without end under torchrun, 2 processes."""
+    data = _merge(TINY, {"train": {"max_steps": 100_000, "log_every": 2, "stop_grace_s": grace_s}})
+    (tmp_path / "cfg.json").write_text(json.dumps(data))
+    src = str(Path(d3s2.__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([src, env.get("PYTHONPATH", "")]), STOP_CASE=case,
+               STOP_DIR=str(tmp_path), **env_extra)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__).with_name("stop_worker.py")), "train", "toy", "--config", str(tmp_path / "cfg.json"),
+           "--out", str(tmp_path / "run")]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _ended(proc: subprocess.Popen, timeout: float) -> str:
+    """The stderr of ``proc`` once it has ended (failing after ``timeout`` seconds)."""
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        pytest.fail(f"torchrun did not end in {timeout} s: {proc.communicate(timeout=60)[1][-3000:]}")
+
+
+def test_a_rank_stuck_in_a_collective_whose_peer_died_exits_after_the_grace_period(tmp_path):
+    # Rank 1 dies in step 4; torchrun sends SIGTERM to rank 0, which waits in step 4's all-reduce and never gets back
+    # to Python. Its watchdog ends it train.stop_grace_s (1 s) later, not torchrun's SIGKILL 30 s later.
+    proc = _start_stop_case(tmp_path, "dies", 1.0, DIE_AT_STEP="4")
+    err = _ended(proc, timeout=120)
+    took = time.time() - float((tmp_path / "died").read_text())
+    assert took < 15, f"{took:.1f} s from the death to the end:\n{err[-3000:]}"
+    assert "SIGTERM received, and no step ended in the 1.0 s since" in err and "exitcode  : 143" in err, err[-3000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()  # no checkpoint of a stuck state, not even a temporary
+
+
+def test_slow_ranks_still_stop_with_a_checkpoint(tmp_path):
+    # Each step of rank 1 takes 1 s more, and rank 0 waits for it in each step's all-reduce: longer than
+    # train.stop_grace_s (0.5 s), but within twice the last step's time, so both ranks go on to the next log step.
+    proc = _start_stop_case(tmp_path, "slow", 0.5, SLOW_S="1.0")
+    log_file = tmp_path / "run" / "train_log.jsonl"
+    deadline = time.monotonic() + 120
+    while not log_file.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    time.sleep(0.5)  # into step 3: step 4 is the next log step
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
+    err = _ended(proc, timeout=60)
+    stopped = json.loads(log_file.read_text().splitlines()[-1])["step"]
+    assert f"interrupted at step {stopped}, checkpoint saved" in err and "no step ended" not in err, err[-3000:]
+    assert CheckpointDir(tmp_path / "run" / "checkpoints").latest().name == f"step_{stopped:08d}.pt"

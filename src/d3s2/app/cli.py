@@ -8,6 +8,7 @@ import errno
 import importlib.util
 import math
 import os
+import signal
 import socket
 from collections.abc import Iterator
 
@@ -117,12 +118,20 @@ def _engine(args: argparse.Namespace, weights: str):
 def _serve_on(sockets: list[socket.socket], asgi_app, args: argparse.Namespace) -> None:
     """uvicorn on the sockets already listening. Ctrl-C and SIGTERM shut it down cleanly, then reach
     :func:`d3s2.cli.main` as they would for any command (exit 130 / 143): ``uvicorn.run`` would swallow Ctrl-C
-    (exit 0)."""
+    (exit 0). A signal the process was started with ignored (SIGINT, for a command started with ``&`` from a
+    script) stays ignored, as in any program: the server goes on serving."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(asgi_app, host=args.host, port=args.port, log_level="warning"))
-    # uvicorn traps SIGINT/SIGTERM while it serves, and once shut down raises the signal again under the handlers
-    # it found: KeyboardInterrupt, or d3s2.cli's Terminated.
+    ignored = {sig for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) is signal.SIG_IGN}
+
+    class Server(uvicorn.Server):
+        # uvicorn traps SIGINT/SIGTERM while it serves, and once shut down raises the signal again under the
+        # handlers it found: KeyboardInterrupt, or d3s2.cli's Terminated; under an ignored one, nothing (exit 0).
+        def handle_exit(self, sig: int, frame) -> None:
+            if sig not in ignored:
+                super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(asgi_app, host=args.host, port=args.port, log_level="warning"))
     server.run(sockets=sockets)
 
 

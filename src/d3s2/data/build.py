@@ -20,7 +20,8 @@ An asset is finished when its file exists; a re-run skips finished assets and re
 (unreadable or degenerate meshes: the ``MeshError`` message; anything else: the exception) are recorded in the
 manifest and the job goes on; an output folder that is full, read-only or not writable stops the build at the
 first asset it cannot write (:class:`OutputNotWritable`). Ctrl-C or SIGTERM stops the workers (the exit code is
-130 / 143) and a re-run resumes. Everything is deterministic in the asset name and ``seed``.
+130 / 143; a signal the process was started with ignored stays ignored) and a re-run resumes. Everything is
+deterministic in the asset name and ``seed``.
 """
 
 from __future__ import annotations
@@ -428,8 +429,9 @@ def _init_worker(threads: int) -> None:
 
 @contextmanager
 def _signal_handler(signum: int, handler: Callable | int) -> Iterator[None]:
-    """``handler`` for ``signum`` while entered in the main thread (Python sets handlers there only), else nothing."""
-    if threading.current_thread() is not threading.main_thread():
+    """``handler`` for ``signum`` while entered in the main thread (Python sets handlers there only), else nothing.
+    A signal the process was started with ignored stays ignored: its parent meant it to be immune."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signum) is signal.SIG_IGN:
         yield
         return
     previous = signal.signal(signum, handler)

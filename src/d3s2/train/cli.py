@@ -26,7 +26,9 @@ EPILOG = """examples:
 
 any config value can be overridden with --section.key=value (YAML syntax, checked against the schema).
 Ctrl-C or SIGTERM stops after the current step and saves a checkpoint (exit code 130 / 143); --resume continues.
-Under torchrun the ranks stop together at the next log step (train.log_every)."""
+Under torchrun the ranks stop together at the next log step (train.log_every). A step still running
+train.stop_grace_s (10 s) after the signal is stuck (e.g. a peer rank died): it exits at once, without a checkpoint.
+A signal ignored when the command starts (SIGINT for `d3s2 train ... &` in a script) stays ignored."""
 
 
 class _TrainParser(argparse.ArgumentParser):

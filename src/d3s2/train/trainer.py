@@ -27,7 +27,6 @@ import os
 import random
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -57,6 +56,7 @@ from .checkpoint import CheckpointDir, atomic_write_text, capture_rng_state, res
 from .data import EpochItems, EpochStreamSampler, already_collated, pack_batches, rank_share
 from .ema import EMA
 from .logger import RunLogger
+from .signals import StopOnSignal
 from .task import batch_group, get_task, has_validate, item_costs, token_lengths, val_dir
 
 log = logging.getLogger(__name__)
@@ -66,10 +66,10 @@ __all__ = ["Trainer", "load_train_config", "build_train_config", "lr_lambda", "s
 
 CHECKPOINT_VERSION = 1
 # Config keys a resumed run may change without --allow-config-change: how long to train, how often to log,
-# validate and save, and how (not what) a step computes (max_steps stretches a cosine schedule's tail).
+# validate and save, how to stop, and how (not what) a step computes (max_steps stretches a cosine schedule's tail).
 RESUMABLE_CHANGES = frozenset({"train.max_steps", "train.max_minutes", "train.log_every", "train.val_every",
-                               "train.ckpt_every", "train.keep_last", "train.progress", "train.deterministic",
-                               "data.num_workers"})
+                               "train.ckpt_every", "train.keep_last", "train.progress", "train.stop_grace_s",
+                               "train.deterministic", "data.num_workers"})
 
 
 # --------------------------------------------------------------------------- config
@@ -232,39 +232,6 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, 
 
 def _listed(changes: Mapping[str, tuple[Any, Any]]) -> str:
     return "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
-
-
-class StopOnSignal:
-    """While entered (in the main thread), SIGINT and SIGTERM set :attr:`signum` instead of ending the process,
-    so the trainer can finish its step and save a checkpoint. The same signal again, a second or more later,
-    exits at once (code 128 + signal, no checkpoint); sooner it is a copy: torchrun forwards the Ctrl-C that
-    its workers got from the terminal too. Another signal than the first is ignored."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-    REPEAT_AFTER_S = 1.0
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._received_at = 0.0
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopOnSignal:
-        if threading.current_thread() is threading.main_thread():  # Python runs signal handlers there only
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is None:
-            self.signum, self._received_at = signum, time.monotonic()
-            log.warning("%s received: stopping after this step with a checkpoint (send it again to stop at once "
-                        "without one)", signal.Signals(signum).name)
-        elif signum == self.signum and time.monotonic() - self._received_at >= self.REPEAT_AFTER_S:
-            raise SystemExit(128 + signum)
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -728,7 +695,9 @@ class Trainer:
 
         SIGINT or SIGTERM ends the run after the current step with a checkpoint but no validation or export, and
         sets :attr:`interrupted` to the signal. With several processes the ranks agree on it at the next log
-        step (a collective, as for the deadline), so every rank stops after the same step.
+        step (a collective, as for the deadline), so every rank stops after the same step. A step that does not
+        end within ``train.stop_grace_s`` of the signal (or twice the previous step's time) is stuck: the process
+        exits at once with 128 + signal, without a checkpoint (:class:`~d3s2.train.signals.StopOnSignal`).
 
         ``stop_after``: return right after that step without the final checkpoint, validation or export, as if
         the process had been killed (for tests of resuming).
@@ -748,7 +717,7 @@ class Trainer:
         deadline = self.started + 60.0 * tc.max_minutes if tc.max_minutes > 0 else None
         data = self._steps()
         try:
-            with StopOnSignal() as signals:
+            with StopOnSignal(grace_s=tc.stop_grace_s) as signals:
                 if self.step >= tc.max_steps:
                     data.close()
                 for epoch, s, micro, tokens in data:
@@ -764,6 +733,7 @@ class Trainer:
                     if self.ema is not None:
                         self.ema.update(self.module)
                     self.step += 1
+                    signals.step_done()
                     self.data_pos = (epoch, s + 1)
                     metrics["grad_norm"] = grad_norm.detach().float()
                     metrics["skipped"] = bad.float()
@@ -780,10 +750,12 @@ class Trainer:
 
                     paused = time.perf_counter()
                     if tc.ckpt_every and self.step % tc.ckpt_every == 0:
-                        self.save_checkpoint()
+                        with signals.unwatched():
+                            self.save_checkpoint()
                         saved_at = self.step
                     if tc.val_every and self.step % tc.val_every == 0:
-                        self.validate()
+                        with signals.unwatched():
+                            self.validate()
                     self._window_start += time.perf_counter() - paused  # checkpoints and validation are not step time
                     if stop_after is not None and self.step >= stop_after:
                         return last
@@ -799,15 +771,16 @@ class Trainer:
                             # Logged now, and kept in the checkpoint: a resumed run logs the whole window again.
                             last = self._log_window(lr=lr, epoch=epoch, deadline=deadline)
                         break
-                if saved_at != self.step:
-                    self.save_checkpoint()
-                if self.interrupted is not None:
-                    if is_main:
-                        log.warning("interrupted at step %d, checkpoint saved; resume with --resume", self.step)
-                    return last
-                if tc.val_every and self.step % tc.val_every:
-                    self.validate()
-                self.export()
+                with signals.unwatched():  # the final checkpoint, validation and export are no steps
+                    if saved_at != self.step:
+                        self.save_checkpoint()
+                    if self.interrupted is not None:
+                        if is_main:
+                            log.warning("interrupted at step %d, checkpoint saved; resume with --resume", self.step)
+                        return last
+                    if tc.val_every and self.step % tc.val_every:
+                        self.validate()
+                    self.export()
         finally:
             data.close()  # shuts down the DataLoader workers
             bar.close()

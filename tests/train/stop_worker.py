@@ -1,0 +1,55 @@
+"""Run by test_torchrun.py under ``torchrun --nproc_per_node 2``: ``d3s2 train`` (in-process ``d3s2.cli.main``) with
+rank 1 changed by ``STOP_CASE``:
+
+- ``dies``: rank 1 dies in its step ``DIE_AT_STEP`` while rank 0 waits in that step's gradient all-reduce. A child
+  forked just before keeps rank 1's gloo sockets open, so the all-reduce does not end, as under NCCL (which does not
+  notice a peer that is gone): rank 0 is blocked in C code, where its signal handler cannot run. The time of the
+  death is written to ``$STOP_DIR/died``.
+- ``slow``: each loss of rank 1 takes ``SLOW_S`` seconds more (a slow but healthy rank); rank 0 waits for it in the
+  all-reduce of every step.
+
+Usage: ``stop_worker.py ARGS`` (``d3s2``'s own, e.g. ``train toy --config CFG --out DIR``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from d3s2 import cli
+from d3s2.train.toy import ToyTask
+
+real_loss = ToyTask.loss
+losses = 0
+
+
+def die_leaving_the_sockets_open() -> None:
+    agent = os.getppid()  # torchrun, which stops rank 0 when it sees this rank die
+    Path(os.environ["STOP_DIR"], "died").write_text(f"{time.time()}\n")
+    if os.fork() == 0:
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):  # not torchrun's pipes: the test reads them to their end
+            os.dup2(null, fd)
+        while os.path.exists(f"/proc/{agent}"):
+            time.sleep(0.2)
+        os._exit(0)
+    os._exit(1)
+
+
+def changed_loss(self, model, batch):
+    global losses
+    losses += 1
+    if os.environ["STOP_CASE"] == "dies" and losses == int(os.environ["DIE_AT_STEP"]):  # one micro-batch a step
+        die_leaving_the_sockets_open()
+    if os.environ["STOP_CASE"] == "slow":
+        time.sleep(float(os.environ["SLOW_S"]))
+    return real_loss(self, model, batch)
+
+
+if int(os.environ["RANK"]) == 1:
+    ToyTask.loss = changed_loss
+
+if __name__ == "__main__":
+    sys.exit(cli.main(sys.argv[1:]))
