@@ -238,12 +238,14 @@ def test_a_link_to_a_result_removed_by_the_cap_answers_410(tmp_path, gradio_fold
         assert client.head(f"/gradio_api/file={removed.folder / 'mesh.glb'}").status_code == 410
         assert client.get(f"/gradio_api/file={kept.folder / 'mesh.glb'}").content == (kept.folder
                                                                                       / "mesh.glb").read_bytes()
+        # A job the engine does not know (forgotten, or never made): 404 with the reason, as the API answers.
+        answer = client.get(f"/gradio_api/file={engine.jobs_dir / ('0' * 32) / 'mesh.glb'}")
+        assert answer.status_code == 404 and answer.json()["detail"].startswith(f"unknown job id {'0' * 32!r}")
         # Anything else is Gradio's to answer, as before: a path outside the jobs folder (reached through a
-        # removed job's folder too), a job id the engine does not know.
+        # removed job's folder too).
         secret = tmp_path / "secret.txt"
         secret.write_text("not to be served")
-        for path in (str(secret), f"{removed.folder}/%2E%2E/%2E%2E/%2E%2E/secret.txt",
-                     str(engine.jobs_dir / ("0" * 32) / "mesh.glb")):
+        for path in (str(secret), f"{removed.folder}/%2E%2E/%2E%2E/%2E%2E/secret.txt"):
             answer = client.get(f"/gradio_api/file={path}")
             assert answer.status_code == 403 and answer.json()["detail"].startswith("File not allowed"), path
     finally:

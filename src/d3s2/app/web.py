@@ -178,24 +178,23 @@ class UploadLimit:
 
 
 class RemovedResults:
-    """ASGI middleware before Gradio's file route: a link to a result file the results cap removed answers 410
-    with the reason, as ``d3s2 serve`` does (Gradio answers a generic 403 for a missing file). Only those links:
-    any other request, any other path included, goes on to Gradio and its checks."""
+    """ASGI middleware before Gradio's file route: a link to a result file of a job whose results the cap removed
+    answers 410 with the reason, and one of a job the engine does not know (forgotten after a restart or beyond
+    the jobs it keeps) 404, as ``d3s2 serve`` does (Gradio answers a generic 403 for a missing file). Only links of
+    the form ``<jobs>/<id>/<file>``: any other request, any other path included, goes on to Gradio and its checks."""
 
     def __init__(self, app: ASGIApp, *, engine: Engine) -> None:
         self.app = app
         self.engine = engine
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        job_id = self._removed_job(scope)
-        if job_id is None:
+        refusal = self._refusal(scope)
+        if refusal is None:
             await self.app(scope, receive, send)
             return
-        response = JSONResponse({"detail": f"job {job_id}: the result was removed (results size cap); run it "
-                                           "again"}, status_code=410)
-        await response(scope, receive, send)
+        await refusal(scope, receive, send)
 
-    def _removed_job(self, scope: Scope) -> str | None:
+    def _refusal(self, scope: Scope) -> JSONResponse | None:
         prefix = f"{API_PREFIX}/file="
         if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD") or not scope["path"].startswith(prefix):
             return None
@@ -204,9 +203,13 @@ class RemovedResults:
             return None
         try:
             job = self.engine.get(path.parent.name)  # looked up in memory, never joined into a path
-        except RequestError:
+        except RequestError as err:
+            return JSONResponse({"detail": f"{err.message} (a restart, or more jobs than the server keeps, "
+                                           "forgets a job with its results)"}, status_code=err.status)
+        if not job.expired:
             return None
-        return job.id if job.expired else None
+        return JSONResponse({"detail": f"job {job.id}: the result was removed (results size cap); run it again"},
+                            status_code=410)
 
 
 def example_images() -> list[str]:
