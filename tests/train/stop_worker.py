@@ -5,6 +5,8 @@ rank 1 changed by ``STOP_CASE``:
   forked just before keeps rank 1's gloo sockets open, so the all-reduce does not end, as under NCCL (which does not
   notice a peer that is gone): rank 0 is blocked in C code, where its signal handler cannot run. The time of the
   death is written to ``$STOP_DIR/died``.
+- ``dies_in_validation``: the same death in rank 1's first validation, while rank 0 waits in the all-reduce of the
+  validation metrics.
 - ``slow``: each loss of rank 1 takes ``SLOW_S`` seconds more (a slow but healthy rank); rank 0 waits for it in the
   all-reduce of every step.
 
@@ -22,6 +24,7 @@ from d3s2 import cli
 from d3s2.train.toy import ToyTask
 
 real_loss = ToyTask.loss
+real_validate = ToyTask.validate
 losses = 0
 
 
@@ -48,8 +51,14 @@ def changed_loss(self, model, batch):
     return real_loss(self, model, batch)
 
 
+def dying_validate(self, model, loader, *, step, out_dir):
+    die_leaving_the_sockets_open()
+
+
 if int(os.environ["RANK"]) == 1:
     ToyTask.loss = changed_loss
+    if os.environ["STOP_CASE"] == "dies_in_validation":
+        ToyTask.validate = dying_validate
 
 if __name__ == "__main__":
     sys.exit(cli.main(sys.argv[1:]))

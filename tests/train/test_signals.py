@@ -4,6 +4,7 @@ signal run it in a process of their own (tests/train/test_run_control.py has the
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import d3s2
 from d3s2.train.trainer import StopOnSignal
+
+from .conftest import TINY, _merge
 
 
 def test_the_watchdog_leaves_with_the_block():
@@ -65,3 +68,56 @@ def test_unwatched_blocks_and_slow_steps_are_waited_for():
         print(signals.signum)
     """)
     assert done.returncode == 0 and done.stdout == f"{int(signal.SIGINT)}\n", done.stderr
+
+
+def test_units_are_timed_against_the_work_before_them():
+    # A checkpoint's gathering, twice: the first is not timed (nothing tells how long it takes), the second is
+    # compared with the first, and it never ends (a collective whose peer is gone).
+    done, seconds = _run("""
+        with StopOnSignal(grace_s=0.2) as signals:
+            signals.step_done()
+            os.kill(os.getpid(), signal.SIGTERM)
+            with signals.units("checkpoint gather"):
+                time.sleep(0.6)
+            print("gathered", flush=True)
+            stuck = threading.Lock()
+            with signals.units("checkpoint gather"):
+                stuck.acquire()
+                stuck.acquire()
+    """)
+    assert done.returncode == 128 + signal.SIGTERM and done.stdout == "gathered\n", done.stderr
+    assert re.search(r"SIGTERM received, and no checkpoint gather ended in the 1\.\d s since", done.stderr)
+    assert 0.6 + 1.2 <= seconds < 30
+
+
+def test_a_slow_validation_after_a_signal_ends_and_the_run_stops_with_a_checkpoint(tmp_path):
+    # Each validation batch takes 0.6 s, three times train.stop_grace_s, and the toy's steps a few ms. SIGTERM comes
+    # in the first batch of the first validation (after step 1): the first batch of the run's first validation is
+    # not timed, the second is compared with the validation's time before it, and the run, one process that checks
+    # for a signal after every step, stops after that validation with a checkpoint.
+    cfg = _merge(TINY, {"task": {"args": {"num_val": 2}}, "train": {"max_steps": 100, "val_every": 1,
+                                                                  "stop_grace_s": 0.2},
+                        "data": {"max_batch_size": 1}})  # one shape per batch: two validation batches
+    done, _ = _run(f"""
+        from d3s2.train.toy import ToyTask
+        from d3s2.train.trainer import Trainer, build_train_config
+
+        real_validate = ToyTask.validate
+
+        def slow_validate(self, model, loader, *, step, out_dir):
+            def slow(batches):
+                for i, batch in enumerate(batches):
+                    if i == 0:
+                        os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(0.6)
+                    yield batch
+            return real_validate(self, model, slow(loader), step=step, out_dir=out_dir)
+
+        ToyTask.validate = slow_validate
+        trainer = Trainer(build_train_config({cfg!r}), {str(tmp_path / "run")!r})
+        trainer.run()
+        print(trainer.interrupted, trainer.step)
+    """)
+    assert done.returncode == 0 and done.stdout == f"{int(signal.SIGTERM)} 1\n", done.stderr[-3000:]
+    assert "no validation batch ended" not in done.stderr
+    assert (tmp_path / "run" / "checkpoints" / "step_00000001.pt").is_file()

@@ -160,9 +160,11 @@ def test_det_tasks_stops_a_phase_in_which_one_rank_failed_alone(tmp_path):
     assert not list(runs.glob("resumed*"))  # rank 1 did not go on to the phase's next run
 
 
-def _start_stop_case(tmp_path: Path, case: str, grace_s: float, **env_extra: str) -> subprocess.Popen:
+def _start_stop_case(tmp_path: Path, case: str, grace_s: float, *, val_every: int = 0,
+                     **env_extra: str) -> subprocess.Popen:
     """``stop_worker.py`` (STOP_CASE ``case``) training the toy task without end under torchrun, 2 processes."""
-    data = _merge(TINY, {"train": {"max_steps": 100_000, "log_every": 2, "stop_grace_s": grace_s}})
+    data = _merge(TINY, {"train": {"max_steps": 100_000, "log_every": 2, "val_every": val_every,
+                                   "stop_grace_s": grace_s}})
     (tmp_path / "cfg.json").write_text(json.dumps(data))
     src = str(Path(d3s2.__file__).resolve().parents[1])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
@@ -193,6 +195,19 @@ def test_a_rank_stuck_in_a_collective_whose_peer_died_exits_after_the_grace_peri
     assert took < 15, f"{took:.1f} s from the death to the end:\n{err[-3000:]}"
     assert "SIGTERM received, and no step ended in the 1.0 s since" in err and "exitcode  : 143" in err, err[-3000:]
     assert not (tmp_path / "run" / "checkpoints").exists()  # no checkpoint of a stuck state, not even a temporary
+
+
+def test_a_rank_stuck_in_validation_whose_peer_died_exits_after_the_grace_period(tmp_path):
+    # Rank 1 dies in the validation after step 2; rank 0 validates its share and waits in the all-reduce of the
+    # validation metrics, where torchrun's SIGTERM finds it. Its watchdog ends it train.stop_grace_s (1 s) after the
+    # signal, not torchrun's SIGKILL 30 s later.
+    proc = _start_stop_case(tmp_path, "dies_in_validation", 1.0, val_every=2)
+    err = _ended(proc, timeout=120)
+    took = time.time() - float((tmp_path / "died").read_text())
+    assert took < 15, f"{took:.1f} s from the death to the end:\n{err[-3000:]}"
+    assert "SIGTERM received, and no validation batch ended in the 1.0 s since" in err, err[-3000:]
+    assert "exitcode  : 143" in err, err[-3000:]
+    assert not list((tmp_path / "run").rglob("*.tmp"))  # it exited in the all-reduce, not in the middle of a write
 
 
 def test_slow_ranks_still_stop_with_a_checkpoint(tmp_path):

@@ -10,12 +10,20 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
 
 __all__ = ["StopOnSignal"]
+
+
+class _Unit(NamedTuple):
+    """The work the watchdog waits on: replaced whole, so the watchdog thread reads one consistent value."""
+
+    name: str  # "step", "validation batch", "checkpoint gather": named in the log line
+    began: float  # when it began (the end of the one before, or of an unwatched block)
+    compared_with: float | None  # it is stuck after the grace or twice this (an earlier one's time); None: untimed
 
 
 class StopOnSignal:
@@ -32,8 +40,11 @@ class StopOnSignal:
     thread ends the process at once with 128 + signal and no checkpoint. A rank blocked in a collective whose peer
     is gone never gets back to Python to run the handler; torchrun would SIGKILL it only 30 s after its SIGTERM,
     and a checkpoint of that state would be wrong anyway. The watchdog learns of the signal through the wakeup fd
-    (:func:`signal.set_wakeup_fd`), which the C-level handler writes while the main thread is blocked. The time
-    inside :meth:`unwatched` blocks (checkpoint writes, validation) does not count.
+    (:func:`signal.set_wakeup_fd`), which the C-level handler writes while the main thread is blocked.
+
+    Work between steps that holds collectives too is timed in :meth:`units` blocks of its own (validation batches,
+    a checkpoint's gathering of the ranks' states); the time inside :meth:`unwatched` blocks (file writes, which an
+    exit would leave as temporaries, and waits as long as a write) does not count.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -45,9 +56,8 @@ class StopOnSignal:
         self.grace_s = grace_s
         self._received_at = 0.0
         self._previous: dict[int, Any] = {}
-        self._step_end = time.monotonic()  # when the last step ended (or the last unwatched block)
-        self._step_s = 0.0  # how long the last step took
-        self._unwatched = 0  # depth of unwatched blocks
+        self._unit = _Unit("step", time.monotonic(), 0.0)
+        self._took: dict[str, float] = {}  # name -> how long the last units() block of that name took
         self._watchdog: threading.Thread | None = None
         self._leaving = False  # the block is being left: the watchdog returns
         self._wakeup_write = -1
@@ -58,7 +68,7 @@ class StopOnSignal:
             return self
         caught = [sig for sig in self.SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN]
         self._previous = {sig: signal.signal(sig, self._handle) for sig in caught}
-        self._step_end = time.monotonic()
+        self._unit = self._unit._replace(began=time.monotonic())
         if self.grace_s is not None and caught:
             wakeup_read, self._wakeup_write = os.pipe()
             os.set_blocking(self._wakeup_write, False)
@@ -85,18 +95,45 @@ class StopOnSignal:
     def step_done(self) -> None:
         """A training step ended: the watchdog's sign that this process is not stuck."""
         now = time.monotonic()
-        self._step_s, self._step_end = now - self._step_end, now
+        self._unit = _Unit("step", now, now - self._unit.began)
+
+    @contextlib.contextmanager
+    def units(self, name: str) -> Iterator[Callable[[], None]]:
+        """A block of work other than steps, in units named ``name`` (``"validation batch"``): call the function it
+        yields as each unit ends; the block's end ends the last one (a block without calls is one unit).
+
+        Each unit must end within the grace or twice the time the block has taken before it or twice the time the
+        previous block of that name took (validation after validation, checkpoint after checkpoint), whichever is
+        longest; the first unit of the first such block is not timed, as nothing tells how long it may take. Not
+        the last unit's time, as for steps: where the ranks do not synchronise within the block (validation under
+        DDP), a rank waits at its end for the slowest one's whole share. Steps keep their own time: the next step
+        is compared with the last one, and gets a full grace period from the block's end.
+        """
+        outer = self._unit
+        previous = self._took.get(name)
+        began = time.monotonic()
+
+        def unit_done() -> None:
+            now = time.monotonic()
+            self._unit = _Unit(name, now, max(now - began, previous or 0.0))
+
+        self._unit = _Unit(name, began, previous)
+        try:
+            yield unit_done
+            self._took[name] = time.monotonic() - began
+        finally:
+            self._unit = outer._replace(began=time.monotonic())
 
     @contextlib.contextmanager
     def unwatched(self) -> Iterator[None]:
-        """A block that is no step (a checkpoint write, validation): the watchdog waits however long it takes, and
-        the next step gets a full grace period from its end."""
-        self._unwatched += 1
+        """A block that is not timed (a checkpoint write, a wait as long as one): the watchdog waits however long it
+        takes, and the work in progress before it gets a full grace period from its end."""
+        outer = self._unit
+        self._unit = outer._replace(compared_with=None)
         try:
             yield
         finally:
-            self._step_end = time.monotonic()  # before the depth drops: the watchdog must not see the old end
-            self._unwatched -= 1
+            self._unit = outer._replace(began=time.monotonic())
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is None:
@@ -125,13 +162,14 @@ class StopOnSignal:
             os.close(wakeup_read)
 
     def _exit_if_stuck(self, signum: int, received_at: float) -> None:
-        if self._unwatched:
+        unit = self._unit
+        if unit.compared_with is None:
             return
-        grace = max(self.grace_s or 0.0, 2 * self._step_s)
-        waited = time.monotonic() - max(received_at, self._step_end)
+        grace = max(self.grace_s or 0.0, 2 * unit.compared_with)
+        waited = time.monotonic() - max(received_at, unit.began)
         if waited < grace:
             return
-        log.error("%s received, and no step ended in the %.1f s since (train.stop_grace_s, or twice the last step's "
-                  "time): blocked in a collective whose peer is gone? Exiting with %d, without a checkpoint",
-                  signal.Signals(signum).name, grace, 128 + signum)
+        log.error("%s received, and no %s ended in the %.1f s since (train.stop_grace_s, or twice the time of "
+                  "earlier work): blocked in a collective whose peer is gone? Exiting with %d, without a checkpoint",
+                  signal.Signals(signum).name, unit.name, grace, 128 + signum)
         os._exit(128 + signum)  # the main thread cannot be interrupted in C code; checkpoints are written unwatched

@@ -28,7 +28,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +203,15 @@ def preserved_rng() -> Iterator[None]:
         restore_rng_state(state)
 
 
+def _each_done(batches: Iterable[Any], done: Callable[[], None]) -> Iterator[Any]:
+    """``batches``, calling ``done`` as the work on each ends: when the next one is taken, or when they run out."""
+    for i, batch in enumerate(batches):
+        if i:
+            done()
+        yield batch
+    done()
+
+
 def _init_worker(worker_id: int) -> None:
     # torch seeds each worker (base_seed + id) and python's random; numpy's global RNG needs the same.
     np.random.seed(torch.initial_seed() % 2**32)
@@ -295,6 +304,7 @@ class Trainer:
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         self.interrupted: int | None = None  # the signal that stopped run() early
+        self._signals: StopOnSignal | None = None  # run()'s, while it runs: validation and checkpoints time their units
         # Off a terminal (a log file), rank 0 logs a progress line at each log step instead of the bar.
         self.show_bar = info.is_main and bar_on_terminal(tc.progress)
         self.ckpts = CheckpointDir(self.run_dir / "checkpoints", keep_last=tc.keep_last)
@@ -484,6 +494,16 @@ class Trainer:
             self.optimizer.step()
         return bad
 
+    def _units(self, name: str) -> contextlib.AbstractContextManager[Callable[[], None]]:
+        """run()'s :meth:`StopOnSignal.units` block (outside run(), nothing is timed)."""
+        if self._signals is None:
+            return contextlib.nullcontext(lambda: None)
+        return self._signals.units(name)
+
+    def _unwatched(self) -> contextlib.AbstractContextManager:
+        """run()'s :meth:`StopOnSignal.unwatched` block (outside run(), nothing is timed)."""
+        return contextlib.nullcontext() if self._signals is None else self._signals.unwatched()
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         if not self.use_bf16:
             return contextlib.nullcontext()
@@ -551,29 +571,33 @@ class Trainer:
     @_in_own_rng
     def save_checkpoint(self) -> Path | None:
         """Write ``checkpoints/step_NNNNNNNN.pt`` (collective: call on every rank; rank 0 writes)."""
-        model_state, optim_state = D.full_state_dicts(self.model, self.optimizer)
-        ema_state = self.ema.state_dict() if self.ema is not None else None
-        rng = D.gather_objects(capture_rng_state(), self.info)
-        log_state = D.gather_objects(self._log_state(), self.info)
+        # The collectives come before any file is opened: timed, as a peer may die in them (see StopOnSignal.units).
+        with self._units("checkpoint gather"):
+            model_state, optim_state = D.full_state_dicts(self.model, self.optimizer)
+            ema_state = self.ema.state_dict() if self.ema is not None else None
+            rng = D.gather_objects(capture_rng_state(), self.info)
+            log_state = D.gather_objects(self._log_state(), self.info)
         path = None
-        if self.info.is_main:
-            self._write_run_records()
-            state = {
-                "version": CHECKPOINT_VERSION,
-                "step": self.step,
-                "data": {"epoch": self.data_pos[0], "step_in_epoch": self.data_pos[1]},
-                "model": model_state,
-                "optimizer": optim_state,
-                "scheduler": self.scheduler.state_dict(),
-                "ema": ema_state,
-                "rng": rng,
-                "log": log_state,
-                "world_size": self.info.world_size,
-                "config": to_dict(self.cfg),
-            }
-            path = self.ckpts.save(self.step, state)
-        if self.info.distributed:
-            torch.distributed.barrier()
+        # Untimed: an exit in the write would leave its temporary, and the other ranks wait as long at the barrier.
+        with self._unwatched():
+            if self.info.is_main:
+                self._write_run_records()
+                state = {
+                    "version": CHECKPOINT_VERSION,
+                    "step": self.step,
+                    "data": {"epoch": self.data_pos[0], "step_in_epoch": self.data_pos[1]},
+                    "model": model_state,
+                    "optimizer": optim_state,
+                    "scheduler": self.scheduler.state_dict(),
+                    "ema": ema_state,
+                    "rng": rng,
+                    "log": log_state,
+                    "world_size": self.info.world_size,
+                    "config": to_dict(self.cfg),
+                }
+                path = self.ckpts.save(self.step, state)
+            if self.info.distributed:
+                torch.distributed.barrier()
         return path
 
     @staticmethod
@@ -630,16 +654,18 @@ class Trainer:
         out = val_dir(self.run_dir, self.step) if self.info.is_main else None
         use_ema = self.ema is not None and self.cfg.ema.validate_with_ema
         was_training = self.module.training
-        with preserved_rng(), (self.ema.applied_to(self.module) if use_ema else contextlib.nullcontext()):
-            self.module.eval()
-            try:
-                with torch.no_grad(), self._autocast():
-                    batches = (to_device(b, self.info.device) for b in loader)
-                    metrics = self.task.validate(self.module, batches, step=self.step, out_dir=out)
-            finally:
-                self.module.train(was_training)
-        metrics = D.all_reduce_mean({k: float(v) for k, v in (metrics or {}).items()}, self.info)
-        self.logger.log(self.step, metrics, split="val")
+        # Timed batch by batch: a rank whose peer died waits in the metrics' all-reduce (or an FSDP forward) for good.
+        with self._units("validation batch") as batch_done:
+            with preserved_rng(), (self.ema.applied_to(self.module) if use_ema else contextlib.nullcontext()):
+                self.module.eval()
+                try:
+                    with torch.no_grad(), self._autocast():
+                        batches = (to_device(b, self.info.device) for b in _each_done(loader, batch_done))
+                        metrics = self.task.validate(self.module, batches, step=self.step, out_dir=out)
+                finally:
+                    self.module.train(was_training)
+            metrics = D.all_reduce_mean({k: float(v) for k, v in (metrics or {}).items()}, self.info)
+            self.logger.log(self.step, metrics, split="val")
         return metrics
 
     @_in_own_rng
@@ -697,7 +723,9 @@ class Trainer:
         sets :attr:`interrupted` to the signal. With several processes the ranks agree on it at the next log
         step (a collective, as for the deadline), so every rank stops after the same step. A step that does not
         end within ``train.stop_grace_s`` of the signal (or twice the previous step's time) is stuck: the process
-        exits at once with 128 + signal, without a checkpoint (:class:`~d3s2.train.signals.StopOnSignal`).
+        exits at once with 128 + signal, without a checkpoint (:class:`~d3s2.train.signals.StopOnSignal`); so is a
+        validation batch, or a checkpoint's gathering of the ranks' states, that takes the grace and twice as long as
+        earlier ones (the checkpoint's writing is never cut short).
 
         ``stop_after``: return right after that step without the final checkpoint, validation or export, as if
         the process had been killed (for tests of resuming).
@@ -718,6 +746,7 @@ class Trainer:
         data = self._steps()
         try:
             with StopOnSignal(grace_s=tc.stop_grace_s) as signals:
+                self._signals = signals
                 if self.step >= tc.max_steps:
                     data.close()
                 for epoch, s, micro, tokens in data:
@@ -750,12 +779,10 @@ class Trainer:
 
                     paused = time.perf_counter()
                     if tc.ckpt_every and self.step % tc.ckpt_every == 0:
-                        with signals.unwatched():
-                            self.save_checkpoint()
+                        self.save_checkpoint()
                         saved_at = self.step
                     if tc.val_every and self.step % tc.val_every == 0:
-                        with signals.unwatched():
-                            self.validate()
+                        self.validate()
                     self._window_start += time.perf_counter() - paused  # checkpoints and validation are not step time
                     if stop_after is not None and self.step >= stop_after:
                         return last
@@ -771,17 +798,18 @@ class Trainer:
                             # Logged now, and kept in the checkpoint: a resumed run logs the whole window again.
                             last = self._log_window(lr=lr, epoch=epoch, deadline=deadline)
                         break
-                with signals.unwatched():  # the final checkpoint, validation and export are no steps
-                    if saved_at != self.step:
-                        self.save_checkpoint()
-                    if self.interrupted is not None:
-                        if is_main:
-                            log.warning("interrupted at step %d, checkpoint saved; resume with --resume", self.step)
-                        return last
-                    if tc.val_every and self.step % tc.val_every:
-                        self.validate()
+                if saved_at != self.step:
+                    self.save_checkpoint()
+                if self.interrupted is not None:
+                    if is_main:
+                        log.warning("interrupted at step %d, checkpoint saved; resume with --resume", self.step)
+                    return last
+                if tc.val_every and self.step % tc.val_every:
+                    self.validate()
+                with signals.unwatched():  # rank 0 writes the export (after a gather of the weights under FSDP)
                     self.export()
         finally:
+            self._signals = None
             data.close()  # shuts down the DataLoader workers
             bar.close()
             self.logger.close()
