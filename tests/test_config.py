@@ -12,6 +12,7 @@ import pytest
 
 from d3s2.config import (
     ConfigError,
+    Override,
     TrainConfig,
     apply_overrides,
     from_dict,
@@ -300,6 +301,15 @@ def test_train_config_yaml_errors_name_the_file_once(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_train_config(path)
     assert str(err.value).startswith(f"{path}: invalid YAML")  # not "bad.yaml: bad.yaml: ..."
+
+
+def test_errors_name_what_the_user_typed_for_an_override():
+    # A command's own option for a config key (d3s2 train's --max-steps N): its errors name the option.
+    width = Override("inner.width", "ten", "--width ten")
+    with pytest.raises(ConfigError, match=r"inner.width \(from --width ten\): expected int, got str"):
+        from_dict(Outer, apply_overrides({"name": "n"}, parse_overrides([width])))
+    with pytest.raises(ConfigError, match=r"^--width ten: --inner=\{scale: 2\} already gives inner whole"):
+        apply_overrides({"name": "n"}, parse_overrides(["--inner={scale: 2}", width]))
 
 
 def test_an_override_given_twice_is_an_error():

@@ -22,15 +22,15 @@ import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, Literal, NamedTuple, TypeVar, Union
 
 import yaml
 
 C = TypeVar("C")
 
 __all__ = ["ConfigError", "load_yaml", "resolve_config_path", "from_dict", "keys_of", "merge_args", "to_dict",
-           "parse_overrides", "apply_overrides", "resolve_section", "dump_yaml", "git_info", "write_run_record",
-           "TrainConfig", "TaskSpec", "TrainSection", "DataConfig", "OptimConfig", "EMAConfig"]
+           "Override", "parse_overrides", "apply_overrides", "resolve_section", "dump_yaml", "git_info",
+           "write_run_record", "TrainConfig", "TaskSpec", "TrainSection", "DataConfig", "OptimConfig", "EMAConfig"]
 
 
 class ConfigError(ValueError):
@@ -116,27 +116,40 @@ class _Override:
     source: str
 
 
-def parse_overrides(args: Sequence[str]) -> list[tuple[str, str]]:
-    """``["--a.b=1", "--c=x"]`` → ``[("a.b", "1"), ("c", "x")]``; the leading ``--`` is optional. A key given
-    twice is an error (the last one would win silently)."""
-    out: dict[str, str] = {}
+class Override(NamedTuple):
+    """One override: the dotted key, its raw value, and what the user typed to give it, which errors name (a command's
+    own option, such as ``d3s2 train``'s ``--max-steps 5`` for ``train.max_steps``)."""
+
+    key: str
+    value: str
+    source: str
+
+
+def parse_overrides(args: Sequence[str | Override]) -> list[Override]:
+    """``["--a.b=1", "--c=x"]`` → ``[Override("a.b", "1", "--a.b=1"), Override("c", "x", "--c=x")]``; the leading
+    ``--`` is optional, and an :class:`Override` passes as it is. A key given twice is an error (the last one would
+    win silently)."""
+    out: dict[str, Override] = {}
     for arg in args:
-        body = arg[2:] if arg.startswith("--") else arg
-        key, sep, value = body.partition("=")
-        if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
-            raise ConfigError(f"expected an override of the form --section.key=value, got {arg!r}")
-        if key in out:
-            raise ConfigError(f"override --{key} given twice ({out[key]!r} and {value!r}): expected it once")
-        out[key] = value
-    return list(out.items())
+        if not isinstance(arg, Override):
+            body = arg[2:] if arg.startswith("--") else arg
+            key, sep, value = body.partition("=")
+            if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
+                raise ConfigError(f"expected an override of the form --section.key=value, got {arg!r}")
+            arg = Override(key, value, f"--{key}={value}")
+        if arg.key in out:
+            raise ConfigError(f"override --{arg.key} given twice ({out[arg.key].value!r} and {arg.value!r}): expected "
+                              "it once")
+        out[arg.key] = arg
+    return list(out.values())
 
 
-def apply_overrides(data: dict[str, Any], overrides: Sequence[tuple[str, str]]) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: Sequence[Override]) -> dict[str, Any]:
     """Return a copy of ``data`` with each dotted key set; intermediate mappings are created as needed. A section
     given whole (``--optim={lr: 1e-3}``) replaces the file's; one override inside another's section is an error,
     in either order (whichever came last would silently drop the other)."""
     data = _deep_copy(data)
-    for key, value in overrides:
+    for key, value, source in overrides:
         parts = key.split(".")
         node = data
         for i, part in enumerate(parts[:-1]):
@@ -144,16 +157,15 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[tuple[str, str]]) 
             if child is None:
                 child = node[part] = {}
             if isinstance(child, _Override):
-                raise ConfigError(f"override --{key}={value}: {child.source} already gives "
-                                  f"{'.'.join(parts[:i + 1])} whole; expected one of the two")
+                raise ConfigError(f"{source}: {child.source} already gives {'.'.join(parts[:i + 1])} whole; "
+                                  "expected one of the two")
             if not isinstance(child, dict):
-                raise ConfigError(f"override --{key}: {'.'.join(parts[:i + 1])} is not a section")
+                raise ConfigError(f"{source}: {'.'.join(parts[:i + 1])} is not a section")
             node = child
         earlier = _override_source(node.get(parts[-1]))
         if earlier is not None:
-            raise ConfigError(f"override --{key}={value} replaces {key} whole, which {earlier} sets a key of; "
-                              "expected one of the two")
-        node[parts[-1]] = _Override(value, f"--{key}={value}")
+            raise ConfigError(f"{source} replaces {key} whole, which {earlier} sets a key of; expected one of the two")
+        node[parts[-1]] = _Override(value, source)
     return data
 
 

@@ -329,3 +329,18 @@ def test_cli_max_steps_conflicts_with_the_override(tmp_path, capsys):
     assert main([*args, "--train.max_steps=ten"]) == 1
     assert "--max-steps 2 and --train.max_steps=ten both set train.max_steps" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("section_first", [False, True])
+def test_cli_max_steps_with_the_train_section_given_whole_names_what_was_typed(tmp_path, capsys, section_first):
+    # Not the --train.max_steps=2 the CLI makes of --max-steps 2: the user never typed that.
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(TINY))
+    typed = [["--max-steps", "2"], ["--train={log_every: 1}"]]
+    if section_first:
+        typed.reverse()
+    args = ["train", "toy", "--config", str(cfg_path), "--out", str(tmp_path / "run")]
+    assert main([*args, *typed[0], *typed[1]]) == 1
+    err = capsys.readouterr().err
+    assert "--max-steps 2: --train={log_every: 1} already gives train whole; expected one of the two" in err, err
+    assert "--train.max_steps" not in err

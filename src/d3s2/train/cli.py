@@ -45,16 +45,17 @@ class _TrainParser(argparse.ArgumentParser):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..config import ConfigError
+    from ..config import ConfigError, Override
     from .task import get_task
     from .trainer import Trainer, load_train_config
 
-    overrides = list(args.overrides)
+    overrides: list[str | Override] = list(args.overrides)
     if args.max_steps is not None:
-        given = [o for o in overrides if o.startswith("--train.max_steps=")]
+        given = [o for o in args.overrides if o.startswith("--train.max_steps=")]
         if given:
             raise ConfigError(f"--max-steps {args.max_steps} and {given[0]} both set train.max_steps; pass one")
-        overrides.append(f"--train.max_steps={args.max_steps}")
+        # Errors about it (--train={...} given too) name what was typed.
+        overrides.append(Override("train.max_steps", str(args.max_steps), f"--max-steps {args.max_steps}"))
     cfg = load_train_config(args.config, overrides)
     family = get_task(cfg.task.name).family
     if args.family not in (family, cfg.task.name):

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 
 from ..config import (
     ConfigError,
+    Override,
     TaskSpec,
     TrainConfig,
     apply_overrides,
@@ -73,7 +74,7 @@ RESUMABLE_CHANGES = frozenset({"train.max_steps", "train.max_minutes", "train.lo
 
 
 # --------------------------------------------------------------------------- config
-def build_train_config(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> TrainConfig:
+def build_train_config(data: Mapping[str, Any], overrides: Sequence[str | Override] = ()) -> TrainConfig:
     """A :class:`TrainConfig` from plain data and ``--a.b=c`` overrides; ``task.args`` is checked against the
     registered task's ``Config`` (defaults filled in, so the saved config is complete)."""
     data = apply_overrides(dict(data), parse_overrides(overrides))
@@ -95,7 +96,7 @@ def build_train_config(data: Mapping[str, Any], overrides: Sequence[str] = ()) -
     return cfg
 
 
-def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+def load_train_config(path: str | Path, overrides: Sequence[str | Override] = ()) -> TrainConfig:
     """Read a YAML run config strictly and apply overrides (``["--train.max_steps=10", ...]``)."""
     data = load_yaml(path)  # its errors name the file already
     try:
