@@ -499,7 +499,7 @@ class TrainSection:
     ckpt_every: int = 1000  # steps between checkpoints; 0 = only the final one
     keep_last: int = 3  # checkpoints kept on disk
     progress: bool = True  # rank 0: a tqdm bar on a terminal, else a log line every log_every steps
-    stop_grace_s: float = 10.0  # after SIGINT/SIGTERM, a step that has not ended within this (or twice the last
+    stop_grace_s: float = 10.0  # > 1 process: after SIGINT/SIGTERM, a step not ended within this (or twice the last
     # step's time) is stuck (e.g. in a collective whose peer is gone): exit 128 + signal without a checkpoint;
     # validation batches and checkpoint gathers likewise, against their own earlier times (docs/training.md)
     deterministic: bool = False  # torch.use_deterministic_algorithms: bit-identical reruns, slower; ops without a

@@ -287,6 +287,25 @@ def test_signal_in_process_stops_after_the_step(tmp_path, tiny_cfg):
     assert [p.name for p in CheckpointDir(tmp_path / "checkpoints").list()] == ["step_00000003.pt"]
 
 
+
+def test_one_process_waits_for_a_long_step_after_a_signal(tmp_path, tiny_cfg, monkeypatch):
+    # The stop watchdog is for ranks stuck in a collective; one process has none, so a step far longer than
+    # train.stop_grace_s (a first step compiling kernels, say) still ends and saves the checkpoint the signal asked for.
+    trainer = Trainer(tiny_cfg(train={"max_steps": 20, "stop_grace_s": 0.05}), tmp_path)
+    real = trainer._train_step
+
+    def long_step_after_signal(micro):
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)  # ten graces, and many times the steps before
+        return real(micro)
+    trainer._train_step = long_step_after_signal
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)  # the watchdog's way out, which would end pytest
+    trainer.run()
+    assert exits == [] and trainer.interrupted == signal.SIGTERM and trainer.step == 3
+    assert [p.name for p in CheckpointDir(tmp_path / "checkpoints").list()] == ["step_00000003.pt"]
+
 # ------------------------------------------------------------------ progress
 def test_progress_is_logged_when_stderr_is_not_a_terminal(tmp_path, tiny_cfg, caplog, capsys):
     with caplog.at_level(logging.INFO, logger="d3s2.train.trainer"):

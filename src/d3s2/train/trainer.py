@@ -746,7 +746,10 @@ class Trainer:
         deadline = self.started + 60.0 * tc.max_minutes if tc.max_minutes > 0 else None
         data = self._steps()
         try:
-            with StopOnSignal(grace_s=tc.stop_grace_s) as signals:
+            # Only a rank can be stuck in a collective whose peer died: one process has no watchdog to cut short
+            # a long step (a first step that compiles kernels, say) that a signal asked to end with a checkpoint.
+            grace_s = tc.stop_grace_s if self.info.world_size > 1 else None
+            with StopOnSignal(grace_s=grace_s) as signals:
                 self._signals = signals
                 if self.step >= tc.max_steps:
                     data.close()
