@@ -1,10 +1,11 @@
 """Session 27: a rank stuck in an NCCL all-reduce after its peer died, under torchrun on two GPUs.
 
 ``tests/train/test_torchrun.py`` checks ``train.stop_grace_s`` on the CPU with gloo, where rank 1's sockets are held
-open by a child so that rank 0 hangs as it would under NCCL. This runs the same worker (``stop_worker.py``, case
-``dies``) with ``train.device: cuda``, so DDP reduces over NCCL, and reports the time from rank 1's death to
-torchrun's end, rank 0's exit code and whether the watchdog spoke; ``grace_s`` 1000 stands for the trainer before
-the watchdog (torchrun's SIGKILL, 30 s after its SIGTERM, or NCCL's own error handling, whichever comes first).
+open by a child so that rank 0 hangs as it would under NCCL. This runs the same worker (``stop_worker.py``, cases
+``dies``: the death in step 4, and ``dies_in_validation``: in the first validation) with ``train.device: cuda``, so
+DDP reduces over NCCL, and reports the time from rank 1's death to torchrun's end, rank 0's exit code and whether
+the watchdog spoke; ``grace_s`` 1000 stands for the trainer before the watchdog (torchrun's SIGKILL, 30 s after its
+SIGTERM, or NCCL's own error handling, whichever comes first).
 
     PYTHONPATH=src python3 scripts/gpu/stop27.py --out DIR
 """
@@ -26,14 +27,16 @@ sys.path.insert(0, str(ROOT))
 from tests.train.conftest import TINY, _merge  # noqa: E402
 
 
-def run(grace_s: float, die_at_step: int = 4) -> dict:
+def run(grace_s: float, case: str = "dies", die_at_step: int = 4) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        data = _merge(TINY, {"train": {"max_steps": 100_000, "log_every": 2, "stop_grace_s": grace_s,
-                                       "device": "cuda"}})
+        train = {"max_steps": 100_000, "log_every": 2, "stop_grace_s": grace_s, "device": "cuda"}
+        if case == "dies_in_validation":
+            train["val_every"] = 2
+        data = _merge(TINY, {"train": train})
         (tmp / "cfg.json").write_text(json.dumps(data))
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        env.update(OMP_NUM_THREADS="1", STOP_CASE="dies", STOP_DIR=str(tmp), DIE_AT_STEP=str(die_at_step))
+        env.update(OMP_NUM_THREADS="1", STOP_CASE=case, STOP_DIR=str(tmp), DIE_AT_STEP=str(die_at_step))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(ROOT / "tests/train/stop_worker.py"), "train", "toy", "--config", str(tmp / "cfg.json"),
                "--out", str(tmp / "run")]
@@ -41,10 +44,12 @@ def run(grace_s: float, die_at_step: int = 4) -> dict:
         ended = time.time()
         died = float((tmp / "died").read_text())
         err = proc.stderr
-        return {"grace_s": grace_s, "seconds_from_death_to_end": round(ended - died, 2), "torchrun_rc": proc.returncode,
+        spoke = "received, and no step ended in the" in err or "received, and no validation batch ended" in err
+        return {"case": case, "grace_s": grace_s, "seconds_from_death_to_end": round(ended - died, 2),
+                "torchrun_rc": proc.returncode,
                 "rank0_exitcode": re.findall(r"rank\s*:\s*0.*?exitcode\s*:\s*(-?\d+)", err, re.S)[:1]
                 or re.findall(r"exitcode\s*:\s*(-?\d+)", err),
-                "watchdog_spoke": "no step ended in the" in err, "nccl_backend": "nccl" in err.lower(),
+                "watchdog_spoke": spoke, "nccl_backend": "nccl" in err.lower(),
                 "checkpoints": (tmp / "run" / "checkpoints").exists(), "stderr_tail": err[-2500:]}
 
 
@@ -52,7 +57,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    rows = [run(g) for g in (1.0, 10.0, 1000.0)]
+    rows = [run(g) for g in (1.0, 10.0, 1000.0)] + [run(g, "dies_in_validation") for g in (1.0, 1000.0)]
     for r in rows:
         print({k: v for k, v in r.items() if k != "stderr_tail"})
     print(rows[-1]["stderr_tail"][-1500:])
