@@ -200,6 +200,11 @@ class Job:
         path = self.folder / name
         return path if path.is_file() else None
 
+    @property
+    def removed_message(self) -> str:
+        """What a request for this job's result is told once the results cap has removed it (API and app alike)."""
+        return f"job {self.id}: the result was removed (results size cap)"
+
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "kind": self.kind, "status": self.status, "stage": self.stage,
                 "stage_index": self.stage_index, "stage_total": self.stage_total,

@@ -131,7 +131,7 @@ def create_service(engine: Engine, *, close_engine: bool = True) -> FastAPI:
         if fmt not in MESH_FORMATS:
             raise RequestError(404, f"unknown format {fmt[:16]!r}: expected one of {', '.join(MESH_FORMATS)}")
         if job.expired:
-            raise RequestError(410, f"job {job.id}: the result was removed (results size cap)")
+            raise RequestError(410, job.removed_message)
         path = job.file("mesh.glb")
         if path is None:
             raise RequestError(409, f"job {job.id} is {job.status}: no mesh" + (f" ({job.error})" if job.error
@@ -139,7 +139,7 @@ def create_service(engine: Engine, *, close_engine: bool = True) -> FastAPI:
         try:
             data = mesh_bytes(path, fmt)
         except FileNotFoundError:  # the results cap removed it after the check above
-            raise RequestError(410, f"job {job.id}: the result was removed (results size cap)") from None
+            raise RequestError(410, job.removed_message) from None
         return Response(data, media_type=MEDIA_TYPES[fmt],
                         headers={"Content-Disposition": f'attachment; filename="{job.id}.{fmt}"'})
 

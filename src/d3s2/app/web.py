@@ -208,8 +208,7 @@ class RemovedResults:
                                            "forgets a job with its results)"}, status_code=err.status)
         if not job.expired:
             return None
-        return JSONResponse({"detail": f"job {job.id}: the result was removed (results size cap); run it again"},
-                            status_code=410)
+        return JSONResponse({"detail": f"{job.removed_message}; run it again"}, status_code=410)
 
 
 def example_images() -> list[str]:
@@ -271,7 +270,7 @@ def _downloads(engine: Engine, job: Any) -> list[str]:
     try:
         return [str(p) for p in engine.write_downloads(job)]
     except FileNotFoundError:  # a later job's results cap removed it since this one finished
-        raise _error(f"job {job.id}: the result was removed (results size cap); run it again") from None
+        raise _error(f"{job.removed_message}; run it again") from None
 
 
 def _summary(job: Any) -> str:
