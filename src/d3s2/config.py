@@ -22,7 +22,7 @@ import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeVar, Union
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
@@ -109,16 +109,10 @@ def dump_yaml(data: Any) -> str:
 
 # --------------------------------------------------------------------------- overrides
 @dataclasses.dataclass(frozen=True)
-class _Override:
-    """A raw command-line value; converted once the target field's type is known."""
-
-    text: str
-    source: str
-
-
-class Override(NamedTuple):
-    """One override: the dotted key, its raw value, and what the user typed to give it, which errors name (a command's
-    own option, such as ``d3s2 train``'s ``--max-steps 5`` for ``train.max_steps``)."""
+class Override:
+    """One override: the dotted key, its raw value (converted once the target field's type is known), and what the
+    user typed to give it, which errors name (a command's own option, such as ``d3s2 train``'s ``--max-steps 5`` for
+    ``train.max_steps``). :func:`apply_overrides` puts it in the data in place of the value."""
 
     key: str
     value: str
@@ -149,14 +143,15 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[Override]) -> dict
     given whole (``--optim={lr: 1e-3}``) replaces the file's; one override inside another's section is an error,
     in either order (whichever came last would silently drop the other)."""
     data = _deep_copy(data)
-    for key, value, source in overrides:
+    for override in overrides:
+        key, source = override.key, override.source
         parts = key.split(".")
         node = data
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
-            if isinstance(child, _Override):
+            if isinstance(child, Override):
                 raise ConfigError(f"{source}: {child.source} already gives {'.'.join(parts[:i + 1])} whole; "
                                   "expected one of the two")
             if not isinstance(child, dict):
@@ -165,15 +160,15 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[Override]) -> dict
         earlier = _override_source(node.get(parts[-1]))
         if earlier is not None:
             raise ConfigError(f"{source} replaces {key} whole, which {earlier} sets a key of; expected one of the two")
-        node[parts[-1]] = _Override(value, source)
+        node[parts[-1]] = override
     return data
 
 
 def resolve_section(value: Any) -> tuple[Any, str | None]:
     """``(data, source)``: a section as data, and the override that gave it whole as YAML text (``--task={...}``;
     None when it comes from the file or key by key), for :func:`from_dict`'s ``source``."""
-    if isinstance(value, _Override):
-        return _parse_scalar(value.text), value.source
+    if isinstance(value, Override):
+        return _parse_scalar(value.value), value.source
     return value, None
 
 
@@ -208,14 +203,14 @@ def _type_name(tp: Any) -> str:
 
 
 def _resolve_override(value: Any, tp: Any) -> Any:
-    if not isinstance(value, _Override):
+    if not isinstance(value, Override):
         return value
     union_args = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else ()
-    if type(None) in union_args and value.text in ("null", "~"):
+    if type(None) in union_args and value.value in ("null", "~"):
         return None
     if tp is str or str in union_args:
-        return value.text
-    return _parse_scalar(value.text)
+        return value.value
+    return _parse_scalar(value.value)
 
 
 def _named(path: str, source: str | None) -> str:
@@ -224,7 +219,7 @@ def _named(path: str, source: str | None) -> str:
 
 def _source(value: Any, inherited: str | None) -> str | None:
     """The override that gave ``value``: its own, else the one that gave the section or list holding it."""
-    return value.source if isinstance(value, _Override) else inherited
+    return value.source if isinstance(value, Override) else inherited
 
 
 def _convert(value: Any, tp: Any, path: str, source: str | None = None) -> Any:
@@ -294,8 +289,8 @@ def _convert(value: Any, tp: Any, path: str, source: str | None = None) -> Any:
 
 
 def _strip_overrides(x: Any) -> Any:
-    if isinstance(x, _Override):
-        return _parse_scalar(x.text)
+    if isinstance(x, Override):
+        return _parse_scalar(x.value)
     if isinstance(x, dict):
         return {k: _strip_overrides(v) for k, v in x.items()}
     if isinstance(x, list):
@@ -305,7 +300,7 @@ def _strip_overrides(x: Any) -> Any:
 
 def _override_source(value: Any) -> str | None:
     """The first ``--a.b=c`` that set ``value`` or a key below it (so an unknown key is not blamed on the file)."""
-    if isinstance(value, _Override):
+    if isinstance(value, Override):
         return value.source
     if isinstance(value, dict):
         return next((src for v in value.values() if (src := _override_source(v))), None)
@@ -373,7 +368,7 @@ def from_dict(cls: type[C], data: Mapping[str, Any], *, path: str = "", source: 
     ``source``: the override that gave ``data`` whole (:func:`resolve_section`), named in its errors."""
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"expected a dataclass type, got {cls!r}")
-    data, source = resolve_section(data) if isinstance(data, _Override) else (data, source)
+    data, source = resolve_section(data) if isinstance(data, Override) else (data, source)
     where = _named(path or cls.__name__, source)
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")

@@ -84,7 +84,7 @@ def build_train_config(data: Mapping[str, Any], overrides: Sequence[str | Overri
         raise ConfigError(f"missing required key task.name{from_source} (a registered task: see "
                           "d3s2.train.task.TASKS)")
     name = task_data["name"]
-    name = getattr(name, "text", name)  # an override of task.name arrives as raw text
+    name = name.value if isinstance(name, Override) else name  # an override of task.name arrives as raw text
     if not isinstance(name, str):
         raise ConfigError(f"task.name{from_source}: expected str, got {type(name).__name__} ({name!r})")
     task_cls = get_task(name)
