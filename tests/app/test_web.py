@@ -130,7 +130,9 @@ def _gradio_copy(folder: Path, name: str, data: bytes, age_s: float) -> Path:
 def test_gradios_files_stay_under_their_cap_least_recently_used_first(tmp_path):
     from d3s2.app.web import STALE_TEMP_S, GradioFiles, _read_upload
 
-    folder = tmp_path / "gradio"
+    (tmp_path / "disk").mkdir()
+    folder = tmp_path / "gradio"  # named through a link, as GRADIO_TEMP_DIR may be
+    folder.symlink_to(tmp_path / "disk")
     earlier_run = [_gradio_copy(folder, "old.png", b"o" * 10, 0), folder / "tmp0abc_xyz"]
     earlier_run[1].write_bytes(b"")
     not_gradios = folder / "notes.txt"
@@ -141,8 +143,11 @@ def test_gradios_files_stay_under_their_cap_least_recently_used_first(tmp_path):
     assert not_gradios.exists()
 
     example = _gradio_copy(folder, "example.png", b"e" * 100, 1000)  # cached while the app was built
-    files.keep_current()
+    served = [{str(example)}, set()]  # the app's path sets: its uploads', and a component's (its previews)
+    files.keep_current(SimpleNamespace(temp_file_sets=served))
     uploads = [_gradio_copy(folder, f"u{i}.png", bytes([i]) * 100, 100 - 10 * i) for i in range(3)]
+    served[0].update(str(p) for p in uploads)  # Gradio's names: the folder as given
+    served[1].add(str(uploads[2].resolve()))
     abandoned = folder / "tmpabandon1"  # an upload whose client went away
     abandoned.write_bytes(b"p" * 50)
     os.utime(abandoned, (time.time() - STALE_TEMP_S - 1,) * 2)
@@ -154,6 +159,7 @@ def test_gradios_files_stay_under_their_cap_least_recently_used_first(tmp_path):
     assert [p.exists() for p in uploads] == [True, False, False]
     assert not uploads[1].parent.exists()  # the hash folder with it
     assert example.exists() and arriving.exists() and not abandoned.exists() and not_gradios.exists()
+    assert served == [{str(example), str(uploads[0])}, set()]  # the removed files' paths are forgotten too
     files.trim()
     assert uploads[0].exists()  # alone above the cap: the newest always stays
     files.cap_bytes = 0
@@ -192,7 +198,9 @@ def test_uploads_are_capped_per_request_and_trimmed_after_each(tmp_path, gradio_
 
     engine = Engine(tiny_pipeline(), tmp_path / "out", limits=Limits(max_upload_bytes=2**20), band=2 / 64)
     try:
-        client = TestClient(serve_app(engine, GradioFiles(gradio_folder, 1), host="127.0.0.1", port=7860))
+        server = serve_app(engine, GradioFiles(gradio_folder, 1), host="127.0.0.1", port=7860)
+        client = TestClient(server)
+        blocks = next(route.app for route in server.routes if hasattr(route.app, "get_blocks")).get_blocks()
         examples = sorted(gradio_folder.rglob("*.png"))
         assert len(examples) == len(example_images())  # cached while the app was built: they stay
         for seed in range(3):
@@ -202,6 +210,7 @@ def test_uploads_are_capped_per_request_and_trimmed_after_each(tmp_path, gradio_
             assert upload.read_bytes() == _png_bytes(seed)
             # One byte of cap: of the uploads only the newest stays, and the examples the page shows.
             assert sorted(gradio_folder.rglob("*.png")) == sorted([*examples, upload])
+            assert blocks.upload_file_set == {str(upload)}  # Gradio forgets the removed ones too
 
         # Gradio alone would take up to 1000 files of max_file_size in one request; nothing of these is written.
         too_large = client.post("/gradio_api/upload",

@@ -68,13 +68,17 @@ class GradioFiles:
     always stays); temporary files go once stale. A cap, not a deletion once a job has read its upload: Gradio
     names a copy by its content, so users who upload the same image share one file, and a page sends the same
     path again at every event (the preview, then each Generate), so no single reader can tell it is the last.
-    The files there when the app was built (the example images) always stay: the page refers to them.
+    The files there when the app was built (the example images) always stay: the page refers to them. A removed
+    file's path leaves the app's path sets too (Gradio's record of the files it may serve; its own hourly sweep
+    skips the paths of files already gone, so they would stay there).
     """
 
     def __init__(self, folder: str | Path, cap_bytes: int) -> None:
         self.folder = Path(folder).resolve()
+        self._named = Path(os.path.abspath(folder))  # the folder as Gradio names its files: links not resolved
         self.cap_bytes = cap_bytes
         self._kept: set[Path] = set()
+        self._app: gr.Blocks | None = None
         self._lock = threading.Lock()
 
     def remove_leftovers(self) -> None:
@@ -86,9 +90,10 @@ class GradioFiles:
             elif entry.is_file() and TEMP_FILE.match(entry.name):
                 entry.unlink(missing_ok=True)
 
-    def keep_current(self) -> None:
-        """The files there now always stay (call once the app is built: Gradio has cached the examples)."""
+    def keep_current(self, app: gr.Blocks) -> None:
+        """The files there now always stay (call once ``app`` is built: Gradio has cached the examples)."""
         self._kept = {path for path, _ in self._copies()}
+        self._app = app
 
     def trim(self) -> None:
         """Remove the stale temporary files, then the least recently used copies while above the cap."""
@@ -107,11 +112,20 @@ class GradioFiles:
                 if path in self._kept:
                     continue
                 path.unlink(missing_ok=True)
+                self._forget(path)
                 total -= stat.st_size
                 try:
                     path.parent.rmdir()  # its hash folder, once empty (an inode each, for every upload)
                 except OSError:
                     pass  # not empty: Gradio keeps several names of one content there
+
+    def _forget(self, path: Path) -> None:
+        """Take ``path`` out of the app's path sets: each would otherwise keep it (≈ 200 bytes) for the process's
+        life. In place, as Gradio's upload route updates them (the sets are shared with its components)."""
+        if self._app is not None:
+            names = {str(path), str(self._named / path.relative_to(self.folder))}
+            for paths in list(self._app.temp_file_sets):
+                paths.difference_update(names)
 
     def _copies(self) -> list[tuple[Path, os.stat_result]]:
         """Gradio's complete files, ``<sha256>/<name>`` (a name starting with a dot is a copy being written)."""
@@ -373,7 +387,7 @@ def build_app(engine: Engine, gradio_files: GradioFiles) -> gr.Blocks:
                       concurrency_id="engine")
     # The engine runs one job at a time; these limits only bound the waiting page events.
     app.queue(max_size=engine.limits.max_queue + 1, default_concurrency_limit=engine.limits.max_queue + 1)
-    gradio_files.keep_current()
+    gradio_files.keep_current(app)
     return app
 
 
