@@ -7,6 +7,8 @@ rank 1 changed by ``STOP_CASE``:
   death is written to ``$STOP_DIR/died``.
 - ``dies_in_validation``: the same death in rank 1's first validation, while rank 0 waits in the all-reduce of the
   validation metrics.
+- ``dies_in_checkpoint``: rank 1 dies at the barrier where it waits for rank 0's write of a checkpoint, which
+  takes 2 s; rank 0 then waits at that barrier too.
 - ``slow``: each loss of rank 1 takes ``SLOW_S`` seconds more (a slow but healthy rank); rank 0 waits for it in the
   all-reduce of every step.
 
@@ -20,7 +22,10 @@ import sys
 import time
 from pathlib import Path
 
+import torch.distributed
+
 from d3s2 import cli
+from d3s2.train.checkpoint import CheckpointDir
 from d3s2.train.toy import ToyTask
 
 real_loss = ToyTask.loss
@@ -55,10 +60,20 @@ def dying_validate(self, model, loader, *, step, out_dir):
     die_leaving_the_sockets_open()
 
 
+def slow_save(self, step, state):
+    time.sleep(2.0)
+    return real_save(self, step, state)
+
+
+real_save = CheckpointDir.save
 if int(os.environ["RANK"]) == 1:
     ToyTask.loss = changed_loss
     if os.environ["STOP_CASE"] == "dies_in_validation":
         ToyTask.validate = dying_validate
+    if os.environ["STOP_CASE"] == "dies_in_checkpoint":
+        torch.distributed.barrier = lambda *args, **kwargs: die_leaving_the_sockets_open()
+elif os.environ["STOP_CASE"] == "dies_in_checkpoint":
+    CheckpointDir.save = slow_save
 
 if __name__ == "__main__":
     sys.exit(cli.main(sys.argv[1:]))

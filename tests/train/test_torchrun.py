@@ -160,11 +160,11 @@ def test_det_tasks_stops_a_phase_in_which_one_rank_failed_alone(tmp_path):
     assert not list(runs.glob("resumed*"))  # rank 1 did not go on to the phase's next run
 
 
-def _start_stop_case(tmp_path: Path, case: str, grace_s: float, *, val_every: int = 0,
+def _start_stop_case(tmp_path: Path, case: str, grace_s: float, *, val_every: int = 0, ckpt_every: int = 0,
                      **env_extra: str) -> subprocess.Popen:
     """``stop_worker.py`` (STOP_CASE ``case``) training the toy task without end under torchrun, 2 processes."""
     data = _merge(TINY, {"train": {"max_steps": 100_000, "log_every": 2, "val_every": val_every,
-                                   "stop_grace_s": grace_s}})
+                                   "ckpt_every": ckpt_every, "stop_grace_s": grace_s}})
     (tmp_path / "cfg.json").write_text(json.dumps(data))
     src = str(Path(d3s2.__file__).resolve().parents[1])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
@@ -208,6 +208,21 @@ def test_a_rank_stuck_in_validation_whose_peer_died_exits_after_the_grace_period
     assert "SIGTERM received, and no validation batch ended in the 1.0 s since" in err, err[-3000:]
     assert "exitcode  : 143" in err, err[-3000:]
     assert not list((tmp_path / "run").rglob("*.tmp"))  # it exited in the all-reduce, not in the middle of a write
+
+
+def test_a_checkpoint_writer_whose_peer_died_exits_after_the_grace_period(tmp_path):
+    # Rank 1 dies at the barrier where it waits for rank 0's write of step 3's checkpoint; torchrun's SIGTERM comes
+    # while rank 0 writes. The write ends (unwatched: an exit would leave a temporary), then rank 0 waits at that
+    # barrier for the dead rank: its watchdog ends it train.stop_grace_s (1 s) later, not torchrun's SIGKILL.
+    proc = _start_stop_case(tmp_path, "dies_in_checkpoint", 1.0, ckpt_every=3)
+    err = _ended(proc, timeout=120)
+    took = time.time() - float((tmp_path / "died").read_text())
+    assert took < 15, f"{took:.1f} s from the death to the end:\n{err[-3000:]}"
+    assert "SIGTERM received, and no checkpoint barrier ended in the 1.0 s since" in err, err[-3000:]
+    assert "exitcode  : 143" in err, err[-3000:]
+    checkpoints = CheckpointDir(tmp_path / "run" / "checkpoints")
+    assert checkpoints.latest().name == "step_00000003.pt" and CheckpointDir.load(checkpoints.latest())["step"] == 3
+    assert not list((tmp_path / "run").rglob("*.tmp"))
 
 
 def test_slow_ranks_still_stop_with_a_checkpoint(tmp_path):

@@ -43,8 +43,9 @@ class StopOnSignal:
     (:func:`signal.set_wakeup_fd`), which the C-level handler writes while the main thread is blocked.
 
     Work between steps that holds collectives too is timed in :meth:`units` blocks of its own (validation batches,
-    a checkpoint's gathering of the ranks' states); the time inside :meth:`unwatched` blocks (file writes, which an
-    exit would leave as temporaries, and waits as long as a write) does not count.
+    a checkpoint's gathering of the ranks' states) or :meth:`brief` ones (the writer's barrier after a checkpoint);
+    the time inside :meth:`unwatched` blocks (file writes, which an exit would leave as temporaries, and waits as
+    long as a write) does not count.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -121,6 +122,17 @@ class StopOnSignal:
         try:
             yield unit_done
             self._took[name] = time.monotonic() - began
+        finally:
+            self._unit = outer._replace(began=time.monotonic())
+
+    @contextlib.contextmanager
+    def brief(self, name: str) -> Iterator[None]:
+        """A block that ends at once unless a peer is gone (a barrier the other ranks already wait in): timed
+        against the grace alone, from its start."""
+        outer = self._unit
+        self._unit = _Unit(name, time.monotonic(), 0.0)
+        try:
+            yield
         finally:
             self._unit = outer._replace(began=time.monotonic())
 

@@ -501,6 +501,10 @@ class Trainer:
             return contextlib.nullcontext(lambda: None)
         return self._signals.units(name)
 
+    def _brief(self, name: str) -> contextlib.AbstractContextManager:
+        """run()'s :meth:`StopOnSignal.brief` block (outside run(), nothing is timed)."""
+        return contextlib.nullcontext() if self._signals is None else self._signals.brief(name)
+
     def _unwatched(self) -> contextlib.AbstractContextManager:
         """run()'s :meth:`StopOnSignal.unwatched` block (outside run(), nothing is timed)."""
         return contextlib.nullcontext() if self._signals is None else self._signals.unwatched()
@@ -597,7 +601,10 @@ class Trainer:
                     "config": to_dict(self.cfg),
                 }
                 path = self.ckpts.save(self.step, state)
-            if self.info.distributed:
+            elif self.info.distributed:
+                torch.distributed.barrier()
+        if self.info.distributed and self.info.is_main:
+            with self._brief("checkpoint barrier"):  # the others wait there since the write began
                 torch.distributed.barrier()
         return path
 
