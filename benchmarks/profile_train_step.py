@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from d3s2.config import Override
 from d3s2.train.trainer import Trainer, load_train_config
 
 
@@ -96,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     bad = [o for o in overrides if not (o.startswith("--") and "=" in o)]
     if bad:
         ap.error(f"unexpected arguments {bad}: overrides look like --section.key=value")
-    overrides += ["--train.progress=false", "--train.ckpt_every=0", "--train.val_every=0"]
-    cfg = load_train_config(args.config, overrides)
+    own = [Override(key, value, f"profile_train_step.py's own {key}={value}")
+           for key, value in (("train.progress", "false"), ("train.ckpt_every", "0"), ("train.val_every", "0"))]
+    cfg = load_train_config(args.config, [*overrides, *own])
     run_dir = Path(tempfile.mkdtemp(prefix="profile_train_"))
     trainer = Trainer(cfg, run_dir, command=["profile_train_step.py", *sys.argv[1:]])
     device = trainer.info.device
@@ -122,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
               "self device": averages.table(sort_by=device_key, row_limit=30)}
     summary = {k: statistics.median(r[k] for r in rows) for k in ("data_s", "fwd_bwd_s", "update_s", "step_s")}
     fit = _fit_costs(rows)
-    result = {"config": args.config, "overrides": overrides, "device": torch.cuda.get_device_name(device)
-              if device.type == "cuda" else "cpu", "torch": torch.__version__, "median": summary, "cost_fit": fit,
+    result = {"config": args.config, "overrides": [*overrides, *(f"--{o.key}={o.value}" for o in own)],
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "median": summary, "cost_fit": fit,
               "host_syncs_per_step": sum(n for _, n in syncs), "host_sync_sources": syncs, "steps": rows}
     text = [f"# profile_train_step: {args.config} on {result['device']}", "",
             "median s per step: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()), ""]

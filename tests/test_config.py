@@ -313,5 +313,7 @@ def test_errors_name_what_the_user_typed_for_an_override():
 
 
 def test_an_override_given_twice_is_an_error():
-    with pytest.raises(ConfigError, match=r"--optim\.lr given twice \('1e-3' and '2e-3'\)"):
+    with pytest.raises(ConfigError, match=r"^optim\.lr given twice \(--optim\.lr=1e-3 and --optim\.lr=2e-3\)"):
         parse_overrides(["--optim.lr=1e-3", "optim.lr=2e-3"])
+    with pytest.raises(ConfigError, match=r"^train\.max_steps given twice \(--train\.max_steps=3 and --max-steps 5\)"):
+        parse_overrides(["--train.max_steps=3", Override("train.max_steps", "5", "--max-steps 5")])

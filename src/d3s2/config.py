@@ -132,8 +132,7 @@ def parse_overrides(args: Sequence[str | Override]) -> list[Override]:
                 raise ConfigError(f"expected an override of the form --section.key=value, got {arg!r}")
             arg = Override(key, value, f"--{key}={value}")
         if arg.key in out:
-            raise ConfigError(f"override --{arg.key} given twice ({out[arg.key].value!r} and {arg.value!r}): expected "
-                              "it once")
+            raise ConfigError(f"{arg.key} given twice ({out[arg.key].source} and {arg.source}): expected it once")
         out[arg.key] = arg
     return list(out.values())
 
