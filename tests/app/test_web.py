@@ -167,6 +167,64 @@ def test_gradios_files_stay_under_their_cap_least_recently_used_first(tmp_path):
     assert uploads[0].exists() and example.exists()
 
 
+def test_uploads_arriving_at_once_leave_room_under_the_cap(tmp_path):
+    # Two uploads arrive together, under a cap of 1000 bytes: the first is let through once the folder has room
+    # for its declared 600 bytes (the older copies go); a second one of 600 bytes while the first arrives would take
+    # the folder beyond the cap (503), one of 300 passes after the folder made room for both.
+    import asyncio
+
+    from d3s2.app.web import API_PREFIX, GradioFiles, UploadLimit
+
+    folder = tmp_path / "gradio"
+    folder.mkdir()
+    files = GradioFiles(folder, cap_bytes=1000)
+    files.keep_current(SimpleNamespace(temp_file_sets=[]))  # no example images
+    older = [_gradio_copy(folder, f"old{i}.png", bytes([i]) * 300, 100 - i) for i in range(3)]  # the last the newest
+    inside = asyncio.Event()
+    release = asyncio.Event()
+    passed_with = []
+
+    async def gradio(scope, receive, send):  # stands in for Gradio's upload route, until released
+        passed_with.append(sorted(p.name for p in folder.rglob("*.png")))
+        inside.set()
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"[]"})
+
+    limit = UploadLimit(gradio, max_upload_bytes=2**20, files=files)
+
+    async def upload(size):
+        answers = []
+        scope = {"type": "http", "method": "POST", "path": f"{API_PREFIX}/upload",
+                 "headers": [(b"content-length", str(size).encode())]}
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            answers.append(message)
+
+        await limit(scope, receive, send)
+        return answers[0]["status"], b"".join(m.get("body", b"") for m in answers[1:]).decode()
+
+    async def together():
+        first = asyncio.create_task(upload(600))
+        await inside.wait()
+        refused = await upload(600)
+        inside.clear()
+        second = asyncio.create_task(upload(300))
+        await inside.wait()
+        release.set()
+        return refused, await first, await second
+
+    refused, first, second = asyncio.run(asyncio.wait_for(together(), 10))
+    assert refused == (503, "busy: 600 bytes of other uploads are arriving, and with these 600 they would exceed "
+                            "the uploads cap (1000 bytes); retry in a few seconds")
+    assert first == second == (200, "[]") and limit.arriving == 0
+    assert passed_with == [["old2.png"], ["old2.png"]]  # 300 bytes + 600 arriving, then + 900 (the newest stays)
+    assert not older[0].exists() and not older[1].exists()
+
+
 def test_an_upload_removed_above_the_cap_is_a_message(tmp_path, gradio_folder):
     import gradio as gr
 

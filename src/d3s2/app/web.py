@@ -95,8 +95,9 @@ class GradioFiles:
         self._kept = {path for path, _ in self._copies()}
         self._app = app
 
-    def trim(self) -> None:
-        """Remove the stale temporary files, then the least recently used copies while above the cap."""
+    def trim(self, room: int = 0) -> None:
+        """Remove the stale temporary files, then the least recently used copies while above the cap less ``room``
+        bytes (kept for uploads on their way)."""
         with self._lock:
             now = time.time()
             copies = sorted(self._copies(), key=lambda item: item[1].st_mtime)
@@ -107,7 +108,7 @@ class GradioFiles:
                     path.unlink(missing_ok=True)
                     total -= stat.st_size
             for path, stat in copies[:-1]:  # oldest first, the newest stays
-                if total <= self.cap_bytes:
+                if total + room <= self.cap_bytes:
                     break
                 if path in self._kept:
                     continue
@@ -162,13 +163,16 @@ def _stats(paths) -> list[tuple[Path, os.stat_result]]:
 class UploadLimit:
     """ASGI middleware before Gradio's upload route. A body must declare its length, at most one upload and the
     form's overhead (411 / 413 before Gradio writes anything; Gradio alone takes up to 1000 files of the size
-    limit in one request); after each upload, Gradio's folder is trimmed under its cap."""
+    limit in one request). Before an upload, Gradio's folder is trimmed to leave room for the bodies on their way
+    (their declared lengths), and after it under its cap; an upload that would take those beyond the cap while
+    another one arrives is refused (503, retry in a few seconds), so that concurrent uploads cannot fill the disk."""
 
     def __init__(self, app: ASGIApp, *, max_upload_bytes: int, files: GradioFiles) -> None:
         self.app = app
         self.max_body = max_upload_bytes + FORM_OVERHEAD
         self.max_upload_bytes = max_upload_bytes
         self.files = files
+        self.arriving = 0  # bytes declared by the uploads being received (changed on the event loop only)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != f"{API_PREFIX}/upload":
@@ -179,16 +183,26 @@ class UploadLimit:
             await PlainTextResponse("an upload must declare its Content-Length", status_code=411)(scope, receive,
                                                                                                   send)
             return
-        if int(declared) > self.max_body:
-            await PlainTextResponse(f"upload too large: {int(declared)} bytes, the limit is "
+        size = int(declared)
+        if size > self.max_body:
+            await PlainTextResponse(f"upload too large: {size} bytes, the limit is "
                                     f"{self.max_upload_bytes}", status_code=413)(scope, receive, send)
             return
+        if self.arriving and self.arriving + size > self.files.cap_bytes:  # one upload at a time always passes
+            await PlainTextResponse(f"busy: {self.arriving} bytes of other uploads are arriving, and with these "
+                                    f"{size} they would exceed the uploads cap ({self.files.cap_bytes} bytes); "
+                                    "retry in a few seconds", status_code=503,
+                                    headers={"Retry-After": "5"})(scope, receive, send)
+            return
+        self.arriving += size
         try:
+            await anyio.to_thread.run_sync(self.files.trim, self.arriving)
             await self.app(scope, receive, send)
         except ClientDisconnect:
             pass  # the client went away mid-body: no server fault to log (its partial file goes once stale)
         finally:
-            await anyio.to_thread.run_sync(self.files.trim)
+            self.arriving -= size
+            await anyio.to_thread.run_sync(self.files.trim, self.arriving)
 
 
 class RemovedResults:
