@@ -267,6 +267,60 @@ def test_a_stalled_upload_is_dropped(tmp_path, monkeypatch):
                                                      f"bytes of the {declared} declared")
 
 
+def test_more_uploads_at_once_than_the_queue_takes_are_refused(tmp_path):
+    # Bodies are read into memory: five undeclared (chunked) ones, each counted at the upload limit, fill what the
+    # server receives at once with the default queue of 4; a sixth is refused with 503 before its body is read, and
+    # once the five are gone, uploads pass again.
+    import asyncio
+
+    from d3s2.app import service
+    from d3s2.app.engine import Engine, Limits
+
+    boundary = "x" * 16
+    headers = [(b"content-type", f"multipart/form-data; boundary={boundary}".encode())]
+    gone = asyncio.Event()
+
+    async def post(body_ends: bool) -> tuple[int, str]:
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/generate", "raw_path": b"/v1/generate", "query_string": b"",
+                 "root_path": "", "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000),
+                 "headers": headers}
+        sent = []
+        first = [{"type": "http.request", "body": f"--{boundary}\r\n".encode(), "more_body": not body_ends}]
+
+        async def receive():
+            if first:
+                return first.pop()
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        await app(scope, receive, send)
+        return sent[0]["status"], json.loads(sent[1]["body"])["detail"]
+
+    async def at_once():
+        stalled = [asyncio.create_task(post(body_ends=False)) for _ in range(5)]
+        await asyncio.sleep(0.2)  # all five are reading their bodies
+        refused = await post(body_ends=True)
+        gone.set()
+        return refused, await asyncio.gather(*stalled), await post(body_ends=True)
+
+    engine = Engine(tiny_pipeline(), tmp_path / "out", device="cpu", limits=Limits(max_upload_bytes=1000))
+    try:
+        app = service.create_service(engine, close_engine=False)
+        refused, stalled, after = asyncio.run(asyncio.wait_for(at_once(), 10))
+    finally:
+        engine.close()
+    body = 1000 + service.FORM_OVERHEAD
+    assert refused == (503, f"busy: {5 * body} bytes of other uploads are arriving, and with these {body} they would "
+                            f"exceed what the server receives at once (--max-queue + 1 = 5 uploads of the largest "
+                            f"size) ({5 * body} bytes); retry in a few seconds")
+    assert [status for status, _ in stalled] == [400] * 5  # their clients went away
+    assert after[0] == 400 and after[1].startswith("incomplete multipart body")  # not refused: the five are gone
+
+
 def test_shutdown_leaves_nothing_running(server):
     children = server.children()
     assert server.stop() == 130, server.log.read_text()  # Ctrl-C, as for every d3s2 command

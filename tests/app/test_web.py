@@ -220,7 +220,7 @@ def test_uploads_arriving_at_once_leave_room_under_the_cap(tmp_path):
     refused, first, second = asyncio.run(asyncio.wait_for(together(), 10))
     assert refused == (503, "busy: 600 bytes of other uploads are arriving, and with these 600 they would exceed "
                             "the uploads cap (1000 bytes); retry in a few seconds")
-    assert first == second == (200, "[]") and limit.arriving == 0
+    assert first == second == (200, "[]") and limit.arriving.bytes == 0
     assert passed_with == [["old2.png"], ["old2.png"]]  # 300 bytes + 600 arriving, then + 900 (the newest stays)
     assert not older[0].exists() and not older[1].exists()
 

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import logging
 import math
@@ -53,6 +54,31 @@ class RequestError(ValueError):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class ArrivingUploads:
+    """The bytes of the upload bodies being received at once, under a budget: an upload that would take them
+    beyond it while another one arrives is refused (503), one alone always passes. Used on the event loop only."""
+
+    def __init__(self, budget: int, budget_name: str) -> None:
+        self.budget = budget
+        self.budget_name = budget_name  # named in the refusal: "the uploads cap"
+        self.bytes = 0
+
+    def admit(self, size: int) -> contextlib.ExitStack:
+        """Count ``size`` bytes (a body's declared length, or its limit) until the returned context is left; raises
+        :class:`RequestError` (503) at once, before the block, if they do not fit."""
+        if self.bytes and self.bytes + size > self.budget:
+            raise RequestError(503, f"busy: {self.bytes} bytes of other uploads are arriving, and with these {size} "
+                                    f"they would exceed {self.budget_name} ({self.budget} bytes); retry in a few "
+                                    "seconds")
+        self.bytes += size
+        admitted = contextlib.ExitStack()
+        admitted.callback(self._release, size)
+        return admitted
+
+    def _release(self, size: int) -> None:
+        self.bytes -= size
 
 
 class JobStopped(RuntimeError):

@@ -7,7 +7,7 @@ Endpoints (the OpenAPI schema is at ``/openapi.json``, interactive docs at ``/do
   upload or a malformed or incomplete (cut short) multipart body, 408 a body that stalls (nothing for 60 s), 413
   upload or image too large, 415 not an image, 422 bad parameter (out of range, a cfg that is no finite number)
   or an image no generation can use (smaller than 16 px a side, an empty alpha channel), 429 queue full, 503
-  shutting down.
+  shutting down, or more uploads arriving at once than the queue could take.
 * ``GET /v1/jobs/{id}``: status (``queued``, ``running``, ``done``, ``failed``, ``timeout``, ``cancelled``), the
   current stage and its index, progress in [0, 1], the result summary or the error. 404 for an unknown id.
 * ``DELETE /v1/jobs/{id}``: cancel (a running job stops at its next stage or model call).
@@ -37,6 +37,7 @@ from .engine import (
     MAX_CFG,
     MAX_SEED,
     MESH_FORMATS,
+    ArrivingUploads,
     Engine,
     GenerateParams,
     RequestError,
@@ -102,18 +103,25 @@ def create_service(engine: Engine, *, close_engine: bool = True) -> FastAPI:
         return {"status": "ok", "device": engine.device, "resolutions": engine.pipeline.resolutions,
                 "queue": engine.queue_state()}
 
+    # Bodies are read into memory: as many at once as the queue can take, beyond which they would end in 429.
+    max_body = engine.limits.max_upload_bytes + FORM_OVERHEAD
+    arriving = ArrivingUploads((engine.limits.max_queue + 1) * max_body,
+                               f"what the server receives at once (--max-queue + 1 = {engine.limits.max_queue + 1} "
+                               "uploads of the largest size)")
+
     @app.post("/v1/generate", status_code=202, openapi_extra=_GENERATE_BODY)
     async def generate(request: Request) -> dict[str, Any]:
         engine.check_accepting()
-        image_bytes, fields = await _read_form(request, engine.limits.max_upload_bytes)
-        try:
-            form = GenerateForm.model_validate(fields)
-        except ValidationError as err:
-            raise RequestError(422, "bad parameters: " + "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'form'}: {e['msg']}" for e in err.errors())) from err
-        params = GenerateParams(**form.model_dump())
-        engine.check_generate(params)  # before the upload is decoded
-        image = await run_in_threadpool(read_image, image_bytes, engine.limits)  # decoding blocks: off the loop
+        with arriving.admit(_body_bound(request, engine.limits.max_upload_bytes)):
+            image_bytes, fields = await _read_form(request, engine.limits.max_upload_bytes)
+            try:
+                form = GenerateForm.model_validate(fields)
+            except ValidationError as err:
+                raise RequestError(422, "bad parameters: " + "; ".join(
+                    f"{'.'.join(map(str, e['loc'])) or 'form'}: {e['msg']}" for e in err.errors())) from err
+            params = GenerateParams(**form.model_dump())
+            engine.check_generate(params)  # before the upload is decoded
+            image = await run_in_threadpool(read_image, image_bytes, engine.limits)  # decoding blocks: off the loop
         job = engine.submit_generate(image, params)
         return job.to_dict()
 
@@ -156,16 +164,24 @@ class _MultiPartBody(MultiPartParser):
         self.complete = True
 
 
-async def _read_form(request: Request, max_upload: int) -> tuple[bytes, dict[str, str]]:
-    """(image bytes, other fields) of a multipart body read with a byte cap, all in memory."""
+def _body_bound(request: Request, max_upload: int) -> int:
+    """The most bytes the body can have (its declared length, or the limit), once its headers pass: 415 not a
+    form, 413 declared too large."""
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
         raise RequestError(415, f"expected a multipart/form-data body with an 'image' file, got {ctype or 'none'}")
     cap = max_upload + FORM_OVERHEAD
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > cap:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cap:
         raise RequestError(413, f"upload too large: {declared} bytes, the limit is {max_upload}")
+    return int(declared) if declared.isdigit() else cap
 
+
+async def _read_form(request: Request, max_upload: int) -> tuple[bytes, dict[str, str]]:
+    """(image bytes, other fields) of a multipart body read with a byte cap, all in memory (its headers checked
+    by :func:`_body_bound`)."""
+    cap = max_upload + FORM_OVERHEAD
+    declared = request.headers.get("content-length")
     received = 0
 
     async def capped():

@@ -41,6 +41,7 @@ from .engine import (
     INPUT_NAME,
     MAX_SEED,
     UPLOAD_MESH_SUFFIXES,
+    ArrivingUploads,
     Engine,
     GenerateParams,
     RequestError,
@@ -172,7 +173,7 @@ class UploadLimit:
         self.max_body = max_upload_bytes + FORM_OVERHEAD
         self.max_upload_bytes = max_upload_bytes
         self.files = files
-        self.arriving = 0  # bytes declared by the uploads being received (changed on the event loop only)
+        self.arriving = ArrivingUploads(files.cap_bytes, "the uploads cap")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != f"{API_PREFIX}/upload":
@@ -188,21 +189,20 @@ class UploadLimit:
             await PlainTextResponse(f"upload too large: {size} bytes, the limit is "
                                     f"{self.max_upload_bytes}", status_code=413)(scope, receive, send)
             return
-        if self.arriving and self.arriving + size > self.files.cap_bytes:  # one upload at a time always passes
-            await PlainTextResponse(f"busy: {self.arriving} bytes of other uploads are arriving, and with these "
-                                    f"{size} they would exceed the uploads cap ({self.files.cap_bytes} bytes); "
-                                    "retry in a few seconds", status_code=503,
+        try:
+            admitted = self.arriving.admit(size)
+        except RequestError as err:
+            await PlainTextResponse(err.message, status_code=err.status,
                                     headers={"Retry-After": "5"})(scope, receive, send)
             return
-        self.arriving += size
         try:
-            await anyio.to_thread.run_sync(self.files.trim, self.arriving)
-            await self.app(scope, receive, send)
+            with admitted:
+                await anyio.to_thread.run_sync(self.files.trim, self.arriving.bytes)  # room for the bodies arriving
+                await self.app(scope, receive, send)
         except ClientDisconnect:
             pass  # the client went away mid-body: no server fault to log (its partial file goes once stale)
         finally:
-            self.arriving -= size
-            await anyio.to_thread.run_sync(self.files.trim, self.arriving)
+            await anyio.to_thread.run_sync(self.files.trim, self.arriving.bytes)
 
 
 class RemovedResults:
