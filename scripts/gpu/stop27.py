@@ -7,7 +7,11 @@ DDP reduces over NCCL, and reports the time from rank 1's death to torchrun's en
 the watchdog spoke; ``grace_s`` 1000 stands for the trainer before the watchdog (torchrun's SIGKILL, 30 s after its
 SIGTERM, or NCCL's own error handling, whichever comes first).
 
-    PYTHONPATH=src python3 scripts/gpu/stop27.py --out DIR
+Session 28 adds ``--cases checkpoint``: ``dies_in_checkpoint``, rank 1 dead at the barrier where it waits for rank
+0's 2 s write of step 3's checkpoint; rank 0 then waits at that barrier (watched since session 28: "checkpoint
+barrier"). The row says whether that checkpoint is complete.
+
+    PYTHONPATH=src python3 scripts/gpu/stop27.py --out DIR [--cases step,validation,checkpoint]
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ def run(grace_s: float, case: str = "dies", die_at_step: int = 4) -> dict:
         train = {"max_steps": 100_000, "log_every": 2, "stop_grace_s": grace_s, "device": "cuda"}
         if case == "dies_in_validation":
             train["val_every"] = 2
+        if case == "dies_in_checkpoint":
+            train["ckpt_every"] = 3
         data = _merge(TINY, {"train": train})
         (tmp / "cfg.json").write_text(json.dumps(data))
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -44,25 +50,37 @@ def run(grace_s: float, case: str = "dies", die_at_step: int = 4) -> dict:
         ended = time.time()
         died = float((tmp / "died").read_text())
         err = proc.stderr
-        spoke = "received, and no step ended in the" in err or "received, and no validation batch ended" in err
+        spoke = any(f"received, and no {unit} ended in the" in err
+                    for unit in ("step", "validation batch", "checkpoint barrier"))
+        complete = None
+        if case == "dies_in_checkpoint":
+            from d3s2.train.checkpoint import CheckpointDir
+            ckpt = tmp / "run" / "checkpoints" / "step_00000003.pt"
+            complete = ckpt.is_file() and CheckpointDir.load(ckpt)["step"] == 3
         return {"case": case, "grace_s": grace_s, "seconds_from_death_to_end": round(ended - died, 2),
                 "torchrun_rc": proc.returncode,
                 "rank0_exitcode": re.findall(r"rank\s*:\s*0.*?exitcode\s*:\s*(-?\d+)", err, re.S)[:1]
                 or re.findall(r"exitcode\s*:\s*(-?\d+)", err),
                 "watchdog_spoke": spoke, "nccl_backend": "nccl" in err.lower(),
-                "checkpoints": (tmp / "run" / "checkpoints").exists(), "stderr_tail": err[-2500:]}
+                "checkpoints": (tmp / "run" / "checkpoints").exists(), "checkpoint_complete": complete,
+                "stderr_tail": err[-2500:]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--cases", default="step,validation", help="of step, validation, checkpoint")
     args = ap.parse_args()
-    rows = [run(g) for g in (1.0, 10.0, 1000.0)] + [run(g, "dies_in_validation") for g in (1.0, 1000.0)]
+    plan = {"step": [("dies", g) for g in (1.0, 10.0, 1000.0)],
+            "validation": [("dies_in_validation", g) for g in (1.0, 1000.0)],
+            "checkpoint": [("dies_in_checkpoint", g) for g in (1.0, 10.0, 1000.0)]}
+    rows = [run(g, case) for name in args.cases.split(",") for case, g in plan[name]]
     for r in rows:
         print({k: v for k, v in r.items() if k != "stderr_tail"})
     print(rows[-1]["stderr_tail"][-1500:])
     if args.out:
-        Path(args.out, "stop27.json").write_text(json.dumps(rows, indent=1) + "\n")
+        name = "stop27.json" if args.cases == "step,validation" else f"stop_{args.cases.replace(',', '_')}.json"
+        Path(args.out, name).write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":
