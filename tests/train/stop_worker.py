@@ -9,6 +9,9 @@ rank 1 changed by ``STOP_CASE``:
   validation metrics.
 - ``dies_in_checkpoint``: rank 1 dies at the barrier where it waits for rank 0's write of a checkpoint, which
   takes 2 s; rank 0 then waits at that barrier too.
+- ``uneven_validation``: each rank's validation batches take ``SLOW_PER_TOKEN`` seconds per token, and rank 1, whose
+  share is the smaller, sends SIGTERM to torchrun (which forwards it to both ranks) at its first batch; it then
+  waits in the metrics' all-reduce for rank 0's longer share.
 - ``slow``: each loss of rank 1 takes ``SLOW_S`` seconds more (a slow but healthy rank); rank 0 waits for it in the
   all-reduce of every step.
 
@@ -18,6 +21,7 @@ Usage: ``stop_worker.py ARGS`` (``d3s2``'s own, e.g. ``train toy --config CFG --
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -60,12 +64,24 @@ def dying_validate(self, model, loader, *, step, out_dir):
     die_leaving_the_sockets_open()
 
 
+def uneven_validate(self, model, loader, *, step, out_dir):
+    def paced(batches):
+        for i, batch in enumerate(batches):
+            if i == 0 and int(os.environ["RANK"]) == 1 and step == 1:
+                os.kill(os.getppid(), signal.SIGTERM)  # torchrun, as a Ctrl-C there would
+            time.sleep(float(os.environ["SLOW_PER_TOKEN"]) * batch.coords.shape[0])
+            yield batch
+    return real_validate(self, model, paced(loader), step=step, out_dir=out_dir)
+
+
 def slow_save(self, step, state):
     time.sleep(2.0)
     return real_save(self, step, state)
 
 
 real_save = CheckpointDir.save
+if os.environ["STOP_CASE"] == "uneven_validation":
+    ToyTask.validate = uneven_validate
 if int(os.environ["RANK"]) == 1:
     ToyTask.loss = changed_loss
     if os.environ["STOP_CASE"] == "dies_in_validation":

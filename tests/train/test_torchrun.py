@@ -161,10 +161,11 @@ def test_det_tasks_stops_a_phase_in_which_one_rank_failed_alone(tmp_path):
 
 
 def _start_stop_case(tmp_path: Path, case: str, grace_s: float, *, val_every: int = 0, ckpt_every: int = 0,
-                     **env_extra: str) -> subprocess.Popen:
-    """``stop_worker.py`` (STOP_CASE ``case``) training the toy task without end under torchrun, 2 processes."""
-    data = _merge(TINY, {"train": {"max_steps": 100_000, "log_every": 2, "val_every": val_every,
-                                   "ckpt_every": ckpt_every, "stop_grace_s": grace_s}})
+                     config: dict | None = None, **env_extra: str) -> subprocess.Popen:
+    """``stop_worker.py`` (STOP_CASE ``case``) training the toy task without end under torchrun, 2 processes
+    (``config`` merged into the tiny config)."""
+    data = _merge(_merge(TINY, config or {}), {"train": {"max_steps": 100_000, "log_every": 2, "val_every": val_every,
+                                                         "ckpt_every": ckpt_every, "stop_grace_s": grace_s}})
     (tmp_path / "cfg.json").write_text(json.dumps(data))
     src = str(Path(d3s2.__file__).resolve().parents[1])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
@@ -223,6 +224,20 @@ def test_a_checkpoint_writer_whose_peer_died_exits_after_the_grace_period(tmp_pa
     checkpoints = CheckpointDir(tmp_path / "run" / "checkpoints")
     assert checkpoints.latest().name == "step_00000003.pt" and CheckpointDir.load(checkpoints.latest())["step"] == 3
     assert not list((tmp_path / "run").rglob("*.tmp"))
+
+
+def test_a_rank_with_the_smaller_validation_share_waits_for_the_other_after_a_signal(tmp_path):
+    # The validation after step 1 in two shares of 653 and 104 tokens (5 shapes, batches of up to 4): rank 0 takes
+    # ≈ 2.6 s, rank 1 ≈ 0.4 s, then waits ≈ 2.2 s for rank 0 in the metrics' all-reduce. SIGTERM comes in that
+    # validation. The wait is longer than twice rank 1's own validation and the grace (0.5 s), but within twice
+    # its validation scaled by the shares (653 / 104): both ranks finish it and stop with a checkpoint at the next
+    # step where they agree on the signal (log_every 2).
+    proc = _start_stop_case(tmp_path, "uneven_validation", 0.5, val_every=1, SLOW_PER_TOKEN="0.004",
+                            config={"task": {"args": {"num_val": 5}}, "data": {"max_batch_size": 4,
+                                                                               "max_tokens": 10_000}})
+    err = _ended(proc, timeout=120)
+    assert "interrupted at step 2, checkpoint saved" in err and "no validation batch ended" not in err, err[-3000:]
+    assert CheckpointDir(tmp_path / "run" / "checkpoints").latest().name == "step_00000002.pt"
 
 
 def test_slow_ranks_still_stop_with_a_checkpoint(tmp_path):

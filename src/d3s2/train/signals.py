@@ -99,16 +99,18 @@ class StopOnSignal:
         self._unit = _Unit("step", now, now - self._unit.began)
 
     @contextlib.contextmanager
-    def units(self, name: str) -> Iterator[Callable[[], None]]:
+    def units(self, name: str, *, slowest_share: float = 1.0) -> Iterator[Callable[[], None]]:
         """A block of work other than steps, in units named ``name`` (``"validation batch"``): call the function it
         yields as each unit ends; the block's end ends the last one (a block without calls is one unit).
 
-        Each unit must end within the grace or twice the time the block has taken before it or twice the time the
-        previous block of that name took (validation after validation, checkpoint after checkpoint), whichever is
-        longest; the first unit of the first such block is not timed, as nothing tells how long it may take. Not
-        the last unit's time, as for steps: where the ranks do not synchronise within the block (validation under
-        DDP), a rank waits at its end for the slowest one's whole share. Steps keep their own time: the next step
-        is compared with the last one, and gets a full grace period from the block's end.
+        Each unit must end within the grace or twice the time the block has taken before it (times
+        ``slowest_share``) or twice the time the previous block of that name took (validation after validation,
+        checkpoint after checkpoint), whichever is longest; the first unit of the first such block is not timed, as
+        nothing tells how long it may take. Not the last unit's time, as for steps: where the ranks do not
+        synchronise within the block (validation under DDP), a rank waits at its end for the slowest one's whole
+        share, which ``slowest_share`` says the size of against this rank's (its tokens against ours: ≥ 1). Steps
+        keep their own time: the next step is compared with the last one, and gets a full grace period from the
+        block's end.
         """
         outer = self._unit
         previous = self._took.get(name)
@@ -116,7 +118,7 @@ class StopOnSignal:
 
         def unit_done() -> None:
             now = time.monotonic()
-            self._unit = _Unit(name, now, max(now - began, previous or 0.0))
+            self._unit = _Unit(name, now, max((now - began) * slowest_share, previous or 0.0))
 
         self._unit = _Unit(name, began, previous)
         try:

@@ -495,11 +495,11 @@ class Trainer:
             self.optimizer.step()
         return bad
 
-    def _units(self, name: str) -> contextlib.AbstractContextManager[Callable[[], None]]:
+    def _units(self, name: str, *, slowest_share: float = 1.0) -> contextlib.AbstractContextManager[Callable[[], None]]:
         """run()'s :meth:`StopOnSignal.units` block (outside run(), nothing is timed)."""
         if self._signals is None:
             return contextlib.nullcontext(lambda: None)
-        return self._signals.units(name)
+        return self._signals.units(name, slowest_share=slowest_share)
 
     def _brief(self, name: str) -> contextlib.AbstractContextManager:
         """run()'s :meth:`StopOnSignal.brief` block (outside run(), nothing is timed)."""
@@ -656,14 +656,17 @@ class Trainer:
                             shuffle=False, sort_window=dc.sort_window)
         if dc.val_max_batches:
             plan = plan[: dc.val_max_batches]
-        share = rank_share(plan, rank=self.info.rank, world_size=self.info.world_size)
+        shares = [rank_share(plan, rank=r, world_size=self.info.world_size) for r in range(self.info.world_size)]
+        tokens = [sum(lengths[i] for batch in share for i in batch) for share in shares]
+        share = shares[self.info.rank]
         loader = self._loader(self.val_set, share, (self.cfg.seed, self.info.rank, 2**31, self.step))
         self._write_run_records()  # before the task's snapshots in run/val
         out = val_dir(self.run_dir, self.step) if self.info.is_main else None
         use_ema = self.ema is not None and self.cfg.ema.validate_with_ema
         was_training = self.module.training
-        # Timed batch by batch: a rank whose peer died waits in the metrics' all-reduce (or an FSDP forward) for good.
-        with self._units("validation batch") as batch_done:
+        # Timed batch by batch: a rank whose peer died waits in the metrics' all-reduce (or an FSDP forward) for good;
+        # one with a smaller share than another's waits there as long as the difference takes.
+        with self._units("validation batch", slowest_share=max(tokens) / max(tokens[self.info.rank], 1)) as batch_done:
             with preserved_rng(), (self.ema.applied_to(self.module) if use_ema else contextlib.nullcontext()):
                 self.module.eval()
                 try:
