@@ -214,6 +214,9 @@ def test_clear_errors_on_empty_and_corrupt_images(tmp_path):
         preprocess_image(tmp_path / "bad.png")
     with pytest.raises(FileNotFoundError, match="image not found"):
         preprocess_image(tmp_path / "nope.png")
+    (tmp_path / "empty.png").write_bytes(b"")  # an interrupted copy, say
+    with pytest.raises(ValueError, match=r"empty.png: the file is empty \(0 bytes\), expected a PNG, JPEG"):
+        preprocess_image(tmp_path / "empty.png")
     Image.fromarray(_rgba_object()).save(tmp_path / "ok.png")
     assert preprocess_image(tmp_path / "ok.png", size=28, border=1).rgb.shape == (3, 28, 28)
 

@@ -178,7 +178,7 @@ def _write_bad_image(path, kind: str) -> None:
 
 BAD_IMAGES = {
     "not an image": "cannot identify image file",
-    "zero bytes": "cannot identify image file",
+    "zero bytes": "the file is empty (0 bytes), expected a PNG, JPEG or other image file",
     "zero pixels": "cannot identify image file",
     "truncated": "image file is truncated",
     "too small": "expected at least 16x16 pixels, got 8x8",

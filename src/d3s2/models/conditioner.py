@@ -163,6 +163,9 @@ def _read_image_file(path: Path) -> tuple[Image.Image, list[str]]:
         raise IsADirectoryError(f"{path} is a directory, expected an image file")
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"cannot read image {path}: the file is empty (0 bytes), expected a PNG, JPEG or other "
+                         "image file")
     limit = Image.MAX_IMAGE_PIXELS  # read at call time: a caller may change it (None: no limit, as in PIL)
     too_large = f"image {path} is too large: expected at most {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS)"
     unreadable = (OSError, SyntaxError, ValueError)  # what PIL raises for truncated or corrupt data
