@@ -10,8 +10,8 @@ rank 1 changed by ``STOP_CASE``:
 - ``dies_in_checkpoint``: rank 1 dies at the barrier where it waits for rank 0's write of a checkpoint, which
   takes 2 s; rank 0 then waits at that barrier too.
 - ``uneven_validation``: each rank's validation batches take ``SLOW_PER_TOKEN`` seconds per token, and rank 1, whose
-  share is the smaller, sends SIGTERM to torchrun (which forwards it to both ranks) at its first batch; it then
-  waits in the metrics' all-reduce for rank 0's longer share.
+  share is the smaller, sends SIGTERM to torchrun (which forwards it to both ranks) at the first batch of the
+  validation after step 1; it then waits in the metrics' all-reduce for rank 0's longer share.
 - ``slow``: each loss of rank 1 takes ``SLOW_S`` seconds more (a slow but healthy rank); rank 0 waits for it in the
   all-reduce of every step.
 
@@ -34,6 +34,7 @@ from d3s2.train.toy import ToyTask
 
 real_loss = ToyTask.loss
 real_validate = ToyTask.validate
+real_save = CheckpointDir.save
 losses = 0
 
 
@@ -79,7 +80,6 @@ def slow_save(self, step, state):
     return real_save(self, step, state)
 
 
-real_save = CheckpointDir.save
 if os.environ["STOP_CASE"] == "uneven_validation":
     ToyTask.validate = uneven_validate
 if int(os.environ["RANK"]) == 1:
