@@ -9,6 +9,8 @@ rank 1 changed by ``STOP_CASE``:
   validation metrics.
 - ``dies_in_checkpoint``: rank 1 dies at the barrier where it waits for rank 0's write of a checkpoint, which
   takes 2 s; rank 0 then waits at that barrier too.
+- ``dies_in_export``: rank 1 dies as the final export begins, while rank 0 gathers the weights for it (FSDP:
+  all-gathers).
 - ``uneven_validation``: each rank's validation batches take ``SLOW_PER_TOKEN`` seconds per token, and rank 1, whose
   share is the smaller, sends SIGTERM to torchrun (which forwards it to both ranks) at the first batch of the
   validation after step 1; it then waits in the metrics' all-reduce for rank 0's longer share.
@@ -31,6 +33,7 @@ import torch.distributed
 from d3s2 import cli
 from d3s2.train.checkpoint import CheckpointDir
 from d3s2.train.toy import ToyTask
+from d3s2.train.trainer import Trainer
 
 real_loss = ToyTask.loss
 real_validate = ToyTask.validate
@@ -88,6 +91,8 @@ if int(os.environ["RANK"]) == 1:
         ToyTask.validate = dying_validate
     if os.environ["STOP_CASE"] == "dies_in_checkpoint":
         torch.distributed.barrier = lambda *args, **kwargs: die_leaving_the_sockets_open()
+    if os.environ["STOP_CASE"] == "dies_in_export":
+        Trainer.export = lambda self: die_leaving_the_sockets_open()
 elif os.environ["STOP_CASE"] == "dies_in_checkpoint":
     CheckpointDir.save = slow_save
 

@@ -163,9 +163,10 @@ def test_det_tasks_stops_a_phase_in_which_one_rank_failed_alone(tmp_path):
 def _start_stop_case(tmp_path: Path, case: str, grace_s: float, *, val_every: int = 0, ckpt_every: int = 0,
                      config: dict | None = None, **env_extra: str) -> subprocess.Popen:
     """``stop_worker.py`` (STOP_CASE ``case``) training the toy task without end under torchrun, 2 processes
-    (``config`` merged into the tiny config)."""
-    data = _merge(_merge(TINY, config or {}), {"train": {"max_steps": 100_000, "log_every": 2, "val_every": val_every,
-                                                         "ckpt_every": ckpt_every, "stop_grace_s": grace_s}})
+    (``config`` merged into the tiny config last: it may set an end)."""
+    train = {"max_steps": 100_000, "log_every": 2, "val_every": val_every, "ckpt_every": ckpt_every,
+             "stop_grace_s": grace_s}
+    data = _merge(_merge(TINY, {"train": train}), config or {})
     (tmp_path / "cfg.json").write_text(json.dumps(data))
     src = str(Path(d3s2.__file__).resolve().parents[1])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
@@ -224,6 +225,20 @@ def test_a_checkpoint_writer_whose_peer_died_exits_after_the_grace_period(tmp_pa
     checkpoints = CheckpointDir(tmp_path / "run" / "checkpoints")
     assert checkpoints.latest().name == "step_00000003.pt" and CheckpointDir.load(checkpoints.latest())["step"] == 3
     assert not list((tmp_path / "run").rglob("*.tmp"))
+
+
+def test_an_fsdp_export_whose_peer_died_exits_after_the_grace_period(tmp_path):
+    # Under FSDP the final export gathers the weights on every rank; rank 1 dies as it begins, after the last
+    # checkpoint. Rank 0 waits in the all-gathers, where torchrun's SIGTERM finds it: its watchdog ends it
+    # train.stop_grace_s (1 s) later, not torchrun's SIGKILL 30 s later, and the last checkpoint stays whole.
+    proc = _start_stop_case(tmp_path, "dies_in_export", 1.0, config={"train": {
+        "max_steps": 3, "parallel": "fsdp", "fsdp_units": ["encoder", "decoder"]}})
+    err = _ended(proc, timeout=120)
+    took = time.time() - float((tmp_path / "died").read_text())
+    assert took < 15, f"{took:.1f} s from the death to the end:\n{err[-3000:]}"
+    assert "SIGTERM received, and no checkpoint gather ended in the 1.0 s since" in err, err[-3000:]
+    assert CheckpointDir.load(CheckpointDir(tmp_path / "run" / "checkpoints").latest())["step"] == 3
+    assert not (tmp_path / "run" / "export").exists()
 
 
 def test_a_rank_with_the_smaller_validation_share_waits_for_the_other_after_a_signal(tmp_path):

@@ -685,15 +685,18 @@ class Trainer:
         export = getattr(self.task, "export", None)
         if not callable(export):
             return None
-        model_state, _ = D.full_state_dicts(self.model, self.optimizer)
-        ema_state = self.ema.state_dict() if self.ema is not None else None
+        with self._units("checkpoint gather"):  # a checkpoint's collectives (FSDP's all-gathers): timed alike
+            model_state, _ = D.full_state_dicts(self.model, self.optimizer)
+            ema_state = self.ema.state_dict() if self.ema is not None else None
         if not self.info.is_main:
             return None
         if ema_state is not None and self.cfg.ema.validate_with_ema:
             model_state = {**model_state, **ema_state["params"]}
-        self._write_run_records()
         path = self.run_dir / "export"
-        with preserved_rng():  # the fresh model's initialisation draws: the training streams stay as they were
+        # Untimed, as a checkpoint's write; preserved: the fresh model's initialisation draws leave the training
+        # streams as they were.
+        with self._unwatched(), preserved_rng():
+            self._write_run_records()
             fresh = self.task.build_model()
             fresh.load_state_dict(model_state)
             export(fresh.eval(), path)
@@ -820,8 +823,7 @@ class Trainer:
                     return last
                 if tc.val_every and self.step % tc.val_every:
                     self.validate()
-                with signals.unwatched():  # rank 0 writes the export (after a gather of the weights under FSDP)
-                    self.export()
+                self.export()
         finally:
             self._signals = None
             data.close()  # shuts down the DataLoader workers
