@@ -188,43 +188,40 @@ def _ended(proc: subprocess.Popen, timeout: float) -> str:
         pytest.fail(f"torchrun did not end in {timeout} s: {proc.communicate(timeout=60)[1][-3000:]}")
 
 
-def test_a_rank_stuck_in_a_collective_whose_peer_died_exits_after_the_grace_period(tmp_path):
-    # Rank 1 dies in step 4; torchrun sends SIGTERM to rank 0, which waits in step 4's all-reduce and never gets back
-    # to Python. Its watchdog ends it train.stop_grace_s (1 s) later, not torchrun's SIGKILL 30 s later.
-    proc = _start_stop_case(tmp_path, "dies", 1.0, DIE_AT_STEP="4")
+def _ended_by_the_watchdog(tmp_path: Path, proc: subprocess.Popen, unit: str) -> None:
+    """Check that torchrun ended within 15 s of rank 1's death (the grace is 1 s; torchrun's SIGKILL
+    comes after 30), rank 0 exited 143 with the watchdog's line naming ``unit``, and no temporary file is left."""
     err = _ended(proc, timeout=120)
     took = time.time() - float((tmp_path / "died").read_text())
     assert took < 15, f"{took:.1f} s from the death to the end:\n{err[-3000:]}"
-    assert "SIGTERM received, and no step ended in the 1.0 s since" in err and "exitcode  : 143" in err, err[-3000:]
+    assert f"SIGTERM received, and no {unit} ended in the 1.0 s since" in err, err[-3000:]
+    assert "exitcode  : 143" in err, err[-3000:]
+    assert not list(tmp_path.joinpath("run").rglob("*.tmp"))
+
+
+def test_a_rank_stuck_in_a_collective_whose_peer_died_exits_after_the_grace_period(tmp_path):
+    # Rank 1 dies in step 4; torchrun sends SIGTERM to rank 0, which waits in step 4's all-reduce and never gets back
+    # to Python. Its watchdog ends it train.stop_grace_s (1 s) later, not torchrun's SIGKILL 30 s later.
+    _ended_by_the_watchdog(tmp_path, _start_stop_case(tmp_path, "dies", 1.0, DIE_AT_STEP="4"), "step")
     assert not (tmp_path / "run" / "checkpoints").exists()  # no checkpoint of a stuck state, not even a temporary
 
 
 def test_a_rank_stuck_in_validation_whose_peer_died_exits_after_the_grace_period(tmp_path):
     # Rank 1 dies in the validation after step 2; rank 0 validates its share and waits in the all-reduce of the
     # validation metrics, where torchrun's SIGTERM finds it. Its watchdog ends it train.stop_grace_s (1 s) after the
-    # signal, not torchrun's SIGKILL 30 s later.
-    proc = _start_stop_case(tmp_path, "dies_in_validation", 1.0, val_every=2)
-    err = _ended(proc, timeout=120)
-    took = time.time() - float((tmp_path / "died").read_text())
-    assert took < 15, f"{took:.1f} s from the death to the end:\n{err[-3000:]}"
-    assert "SIGTERM received, and no validation batch ended in the 1.0 s since" in err, err[-3000:]
-    assert "exitcode  : 143" in err, err[-3000:]
-    assert not list((tmp_path / "run").rglob("*.tmp"))  # it exited in the all-reduce, not in the middle of a write
+    # signal, not torchrun's SIGKILL 30 s later; it exited in the all-reduce, not in the middle of a write.
+    _ended_by_the_watchdog(tmp_path, _start_stop_case(tmp_path, "dies_in_validation", 1.0, val_every=2),
+                           "validation batch")
 
 
 def test_a_checkpoint_writer_whose_peer_died_exits_after_the_grace_period(tmp_path):
     # Rank 1 dies at the barrier where it waits for rank 0's write of step 3's checkpoint; torchrun's SIGTERM comes
     # while rank 0 writes. The write ends (unwatched: an exit would leave a temporary), then rank 0 waits at that
     # barrier for the dead rank: its watchdog ends it train.stop_grace_s (1 s) later, not torchrun's SIGKILL.
-    proc = _start_stop_case(tmp_path, "dies_in_checkpoint", 1.0, ckpt_every=3)
-    err = _ended(proc, timeout=120)
-    took = time.time() - float((tmp_path / "died").read_text())
-    assert took < 15, f"{took:.1f} s from the death to the end:\n{err[-3000:]}"
-    assert "SIGTERM received, and no checkpoint barrier ended in the 1.0 s since" in err, err[-3000:]
-    assert "exitcode  : 143" in err, err[-3000:]
+    _ended_by_the_watchdog(tmp_path, _start_stop_case(tmp_path, "dies_in_checkpoint", 1.0, ckpt_every=3),
+                           "checkpoint barrier")
     checkpoints = CheckpointDir(tmp_path / "run" / "checkpoints")
     assert checkpoints.latest().name == "step_00000003.pt" and CheckpointDir.load(checkpoints.latest())["step"] == 3
-    assert not list((tmp_path / "run").rglob("*.tmp"))
 
 
 def test_an_fsdp_export_whose_peer_died_exits_after_the_grace_period(tmp_path):
@@ -233,10 +230,7 @@ def test_an_fsdp_export_whose_peer_died_exits_after_the_grace_period(tmp_path):
     # train.stop_grace_s (1 s) later, not torchrun's SIGKILL 30 s later, and the last checkpoint stays whole.
     proc = _start_stop_case(tmp_path, "dies_in_export", 1.0, config={"train": {
         "max_steps": 3, "parallel": "fsdp", "fsdp_units": ["encoder", "decoder"]}})
-    err = _ended(proc, timeout=120)
-    took = time.time() - float((tmp_path / "died").read_text())
-    assert took < 15, f"{took:.1f} s from the death to the end:\n{err[-3000:]}"
-    assert "SIGTERM received, and no checkpoint gather ended in the 1.0 s since" in err, err[-3000:]
+    _ended_by_the_watchdog(tmp_path, proc, "checkpoint gather")
     assert CheckpointDir.load(CheckpointDir(tmp_path / "run" / "checkpoints").latest())["step"] == 3
     assert not (tmp_path / "run" / "export").exists()
 
