@@ -3,6 +3,7 @@ cap) and the answers of its file routes."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import os
@@ -98,8 +99,6 @@ def gradio_folder(tmp_path, monkeypatch) -> Path:
 
 def test_results_are_served_from_their_job_folder_not_copied_into_gradios_cache(tmp_path, gradio_folder):
     # A copy in Gradio's cache would escape the results cap, and outlive the removal of its job's files.
-    import asyncio
-
     from d3s2.app.engine import Engine
     from d3s2.app.web import GradioFiles, build_app
 
@@ -138,7 +137,7 @@ def test_gradios_files_stay_under_their_cap_least_recently_used_first(tmp_path):
     not_gradios = folder / "notes.txt"
     not_gradios.write_text("an operator's own file")
     files = GradioFiles(folder, cap_bytes=250)
-    files.remove_leftovers()
+    files.remove_all()
     assert not any(p.exists() for p in earlier_run) and not earlier_run[0].parent.exists()
     assert not_gradios.exists()
 
@@ -167,12 +166,54 @@ def test_gradios_files_stay_under_their_cap_least_recently_used_first(tmp_path):
     assert uploads[0].exists() and example.exists()
 
 
+def test_a_copy_unused_past_its_age_goes_under_the_cap_too(tmp_path):
+    from d3s2.app.web import GradioFiles
+
+    files = GradioFiles(tmp_path, cap_bytes=2**20, max_age_s=600)
+    example = _gradio_copy(tmp_path, "example.png", b"e", 5000)
+    files.keep_current(SimpleNamespace(temp_file_sets=[]))
+    old, recent = (_gradio_copy(tmp_path, f"{name}.png", name.encode(), age)
+                   for name, age in (("old", 601), ("recent", 500)))
+    files.trim()
+    assert (example.exists(), old.exists(), recent.exists()) == (True, False, True)
+    os.utime(recent, (time.time() - 700,) * 2)
+    files.trim()  # the newest too, once past its age (above the cap it would stay: it is the upload just made)
+    assert not recent.exists() and example.exists()
+
+
+def test_the_app_trims_its_folder_on_a_schedule_and_empties_it_at_shutdown(tmp_path, gradio_folder, monkeypatch):
+    # The app's own sweep replaces Gradio's delete_cache one, which iterated the path sets in a worker thread while
+    # trim() took paths out of them from another: "set changed size during iteration" stopped it.
+    from fastapi.testclient import TestClient
+
+    from d3s2.app.engine import Engine
+    from d3s2.app.web import GradioFiles, serve_app
+
+    gradio_sweeps = []
+    monkeypatch.setattr("gradio.route_utils.delete_files_on_schedule",
+                        lambda *args: gradio_sweeps.append(args) or asyncio.sleep(0))
+    engine = Engine(tiny_pipeline(), tmp_path / "out", band=2 / 64)
+    try:
+        files = GradioFiles(gradio_folder, 2**20, max_age_s=60)
+        server = serve_app(engine, files, host="127.0.0.1", port=7860, sweep_every_s=0.05)
+        with TestClient(server):  # runs the app's lifespan: startup, then shutdown on leaving
+            old = _gradio_copy(gradio_folder, "old.png", b"o", 61)
+            _gradio_copy(gradio_folder, "new.png", b"n", 0)
+            deadline = time.monotonic() + 10
+            while old.exists() and time.monotonic() < deadline:  # no request: only the schedule can remove it
+                time.sleep(0.02)
+            assert not old.exists()
+            assert len(list(gradio_folder.rglob("*.png"))) >= 2  # the new copy and the example images stay
+        assert gradio_sweeps == []
+        assert not list(gradio_folder.rglob("*.png"))
+    finally:
+        engine.close()
+
+
 def test_uploads_arriving_at_once_leave_room_under_the_cap(tmp_path):
     # Two uploads arrive together, under a cap of 1000 bytes: the first is let through once the folder has room
     # for its declared 600 bytes (the older copies go); a second one of 600 bytes while the first arrives would take
     # the folder beyond the cap (503), one of 300 passes after the folder made room for both.
-    import asyncio
-
     from d3s2.app.web import API_PREFIX, GradioFiles, UploadLimit
 
     folder = tmp_path / "gradio"
@@ -320,8 +361,6 @@ def test_a_link_to_a_result_removed_by_the_cap_answers_410(tmp_path, gradio_fold
 
 
 def test_an_upload_cut_short_is_no_server_error_and_its_partial_file_goes_once_stale(tmp_path, gradio_folder):
-    import asyncio
-
     from d3s2.app.engine import Engine
     from d3s2.app.web import STALE_TEMP_S, GradioFiles, serve_app
 

@@ -17,12 +17,14 @@ Point ``GRADIO_TEMP_DIR`` at that folder before Gradio is imported (``d3s2 app``
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
 import shutil
 import threading
 import time
+from collections.abc import AsyncIterator
 from importlib import resources
 from pathlib import Path
 from stat import S_ISREG
@@ -57,39 +59,45 @@ TEMP_FILE = re.compile(r"^tmp[a-z0-9_]{8}$")  # tempfile's names: uploads still 
 # A temporary file not written to for this long is no upload in progress (its client went away), or one of the
 # empty files gr.File(type="filepath") opens in Gradio's folder at every event and never removes (gradio 6).
 STALE_TEMP_S = 60.0
+MAX_AGE_S = 3600.0  # a copy unused for this long goes even under the cap (Gradio's delete_cache sweep took an hour)
+SWEEP_EVERY_S = 600.0  # how often the app trims its folder between requests (so old copies go on an idle server)
 
 
 class GradioFiles:
     """What Gradio writes into its folder (``GRADIO_TEMP_DIR``; ``<out>/gradio`` under ``d3s2 app``), under a cap.
 
-    Gradio keeps a copy of every upload and every preview image there, deleting them only after an hour
-    (``delete_cache``), and never deletes the partial file of an upload whose client went away nor the empty
-    temporary file gr.File leaves at every event. :meth:`trim` runs after every upload and at every event: above
-    ``cap_bytes`` the least recently used copies go first (an event that reads an upload touches it; the newest
-    always stays); temporary files go once stale. A cap, not a deletion once a job has read its upload: Gradio
-    names a copy by its content, so users who upload the same image share one file, and a page sends the same
-    path again at every event (the preview, then each Generate), so no single reader can tell it is the last.
-    The files there when the app was built (the example images) always stay: the page refers to them. A removed
-    file's path leaves the app's path sets too (Gradio's record of the files it may serve; its own hourly sweep
-    skips the paths of files already gone, so they would stay there).
+    Gradio keeps a copy of every upload and every preview image there, deleting them only on a schedule of its own
+    (``delete_cache``, not used here), and never deletes the partial file of an upload whose client went away nor
+    the empty temporary file gr.File leaves at every event. :meth:`trim` runs after every upload and at every event:
+    above ``cap_bytes`` the least recently used copies go first (an event that reads an upload touches it; the
+    newest always stays); temporary files go once stale. A cap, not a deletion once a job has read its upload:
+    Gradio names a copy by its content, so users who upload the same image share one file, and a page sends the same
+    path again at every event (the preview, then each Generate), so no single reader can tell it is the last. The
+    files there when the app was built (the example images) always stay: the page refers to them. A copy not used
+    for ``max_age_s`` goes whatever the cap (the app also runs :meth:`trim` on a schedule, see :func:`serve_app`). A
+    removed file's path leaves the app's path sets too (Gradio's record of the files it may serve), which no Gradio
+    sweep iterates meanwhile: it would stop with "set changed size during iteration".
     """
 
-    def __init__(self, folder: str | Path, cap_bytes: int) -> None:
+    def __init__(self, folder: str | Path, cap_bytes: int, *, max_age_s: float = MAX_AGE_S) -> None:
         self.folder = Path(folder).resolve()
         self._named = Path(os.path.abspath(folder))  # the folder as Gradio names its files: links not resolved
         self.cap_bytes = cap_bytes
+        self.max_age_s = max_age_s
         self._kept: set[Path] = set()
         self._app: gr.Blocks | None = None
         self._lock = threading.Lock()
 
-    def remove_leftovers(self) -> None:
-        """Remove Gradio's files of an earlier run (no page refers to them now); other files in the folder stay."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        for entry in self.folder.iterdir():
-            if entry.is_dir() and HASH_FOLDER.match(entry.name):
-                shutil.rmtree(entry, ignore_errors=True)
-            elif entry.is_file() and TEMP_FILE.match(entry.name):
-                entry.unlink(missing_ok=True)
+    def remove_all(self) -> None:
+        """Remove Gradio's files: at start those of an earlier run, at shutdown this run's (no page refers to them
+        then); other files in the folder stay."""
+        with self._lock:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for entry in self.folder.iterdir():
+                if entry.is_dir() and HASH_FOLDER.match(entry.name):
+                    shutil.rmtree(entry, ignore_errors=True)
+                elif entry.is_file() and TEMP_FILE.match(entry.name):
+                    entry.unlink(missing_ok=True)
 
     def keep_current(self, app: gr.Blocks) -> None:
         """The files there now always stay (call once ``app`` is built: Gradio has cached the examples)."""
@@ -98,7 +106,7 @@ class GradioFiles:
 
     def trim(self, room: int = 0) -> None:
         """Remove the stale temporary files, then the least recently used copies while above the cap less ``room``
-        bytes (kept for uploads on their way)."""
+        bytes (kept for uploads on their way) or unused for longer than ``max_age_s``."""
         with self._lock:
             now = time.time()
             copies = sorted(self._copies(), key=lambda item: item[1].st_mtime)
@@ -108,8 +116,10 @@ class GradioFiles:
                 if now - stat.st_mtime > STALE_TEMP_S:
                     path.unlink(missing_ok=True)
                     total -= stat.st_size
-            for path, stat in copies[:-1]:  # oldest first, the newest stays
-                if total + room <= self.cap_bytes:
+            newest = copies[-1][0] if copies else None
+            for path, stat in copies:  # oldest first
+                over_cap = total + room > self.cap_bytes and path != newest  # the newest (just uploaded) stays
+                if not over_cap and now - stat.st_mtime <= self.max_age_s:
                     break
                 if path in self._kept:
                     continue
@@ -313,9 +323,9 @@ def _summary(job: Any) -> str:
 def build_app(engine: Engine, gradio_files: GradioFiles) -> gr.Blocks:
     """The Gradio Blocks of ``d3s2 app`` (not launched); ``gradio_files`` is Gradio's folder (``GRADIO_TEMP_DIR``): its
     files of an earlier run are removed first, those made while building (the examples) always stay."""
-    gradio_files.remove_leftovers()
+    gradio_files.remove_all()
     # Gradio copies every file an event returns into its cache, unless the file lies under a static path; such
-    # copies would outlive the results cap (up to an hour, delete_cache below). Process-wide in Gradio, and the
+    # copies would outlive the results cap (up to GradioFiles.max_age_s). Process-wide in Gradio, and the
     # job files never change once written (atomically, before an event returns their paths).
     gr.set_static_paths([engine.jobs_dir])
     resolutions = engine.pipeline.resolutions
@@ -354,7 +364,7 @@ def build_app(engine: Engine, gradio_files: GradioFiles) -> gr.Blocks:
         files = _downloads(engine, job)
         return str(job.folder / f"{INPUT_NAME}.glb"), files[0], files, _summary(job)
 
-    with gr.Blocks(title="d3s2: image → 3D", delete_cache=(600, 3600)) as app:
+    with gr.Blocks(title="d3s2: image → 3D") as app:
         gr.Markdown("# d3s2: image → watertight 3D mesh\nDirect3D-S2 from scratch. "
                     f"Device: `{engine.device}`; mesh resolutions {resolutions}. One job runs at a time.")
         with gr.Tab("Generate"):
@@ -405,10 +415,30 @@ def build_app(engine: Engine, gradio_files: GradioFiles) -> gr.Blocks:
     return app
 
 
-def serve_app(engine: Engine, gradio_files: GradioFiles, *, host: str, port: int) -> FastAPI:
+def serve_app(engine: Engine, gradio_files: GradioFiles, *, host: str, port: int,
+              sweep_every_s: float = SWEEP_EVERY_S) -> FastAPI:
     """The ASGI app of ``d3s2 app``: :func:`build_app` mounted on a FastAPI app, behind :class:`UploadLimit` and
-    :class:`RemovedResults`. ``host`` and ``port`` are where uvicorn serves it (Gradio writes them in its page)."""
-    server = FastAPI()
+    :class:`RemovedResults`. ``host`` and ``port`` are where uvicorn serves it (Gradio writes them in its page).
+    While it serves, Gradio's folder is trimmed every ``sweep_every_s`` (copies past their age go on an idle
+    server too), and emptied of Gradio's files at shutdown."""
+
+    @contextlib.asynccontextmanager
+    async def sweeping(_: FastAPI) -> AsyncIterator[None]:
+        async def sweep() -> None:
+            while True:
+                await asyncio.sleep(sweep_every_s)
+                await anyio.to_thread.run_sync(gradio_files.trim)
+
+        task = asyncio.create_task(sweep())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await anyio.to_thread.run_sync(gradio_files.remove_all)
+
+    server = FastAPI(lifespan=sweeping)
     server.add_middleware(UploadLimit, max_upload_bytes=engine.limits.max_upload_bytes, files=gradio_files)
     server.add_middleware(RemovedResults, engine=engine)
     return gr.mount_gradio_app(server, build_app(engine, gradio_files), path="/", server_name=host, server_port=port,
