@@ -65,7 +65,10 @@ log = logging.getLogger(__name__)
 __all__ = ["Trainer", "load_train_config", "build_train_config", "lr_lambda", "seed_everything", "to_device",
            "load_initial_weights"]
 
-CHECKPOINT_VERSION = 1
+# 2: a section inside task.args.model_args (or conditioner_args) sets only its keys of the model YAML's section;
+# in version 1 it replaced that section whole (its other keys took the code's defaults).
+CHECKPOINT_VERSION = 2
+READABLE_CHECKPOINT_VERSIONS = (1, 2)
 # Config keys a resumed run may change without --allow-config-change: how long to train, how often to log,
 # validate and save, how to stop, and how (not what) a step computes (max_steps stretches a cosine schedule's tail).
 RESUMABLE_CHANGES = frozenset({"train.max_steps", "train.max_minutes", "train.log_every", "train.val_every",
@@ -242,6 +245,21 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, 
 
 def _listed(changes: Mapping[str, tuple[Any, Any]]) -> str:
     return "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
+
+
+def merged_sections(config: Mapping[str, Any], path: str = "") -> dict[str, Any]:
+    """The sections inside ``model_args`` / ``conditioner_args`` of a run config's ``task.args`` (at any depth),
+    by dotted path: where checkpoint versions 1 and 2 build different models (see :data:`CHECKPOINT_VERSION`)."""
+    found = {}
+    for key, value in config.items():
+        here = f"{path}.{key}" if path else str(key)
+        if not isinstance(value, Mapping):
+            continue
+        if key in ("model_args", "conditioner_args"):
+            found.update({f"{here}.{k}": v for k, v in value.items() if isinstance(v, Mapping) and v})
+        else:
+            found.update(merged_sections(value, here))
+    return found
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -444,7 +462,8 @@ class Trainer:
 
     def _check_resumed_config(self, path: Path, state: Mapping[str, Any], allow_change: bool) -> bool:
         """Compare the config with the one ``path`` was trained with; see ``allow_config_change``. True when it
-        changed beyond :data:`RESUMABLE_CHANGES` (allowed), so the checkpoint's config is to be kept."""
+        changed beyond :data:`RESUMABLE_CHANGES`, or builds another model config than in the checkpoint's version
+        (allowed), so the checkpoint's config is to be kept."""
         try:
             # Through the current schema: keys added since the checkpoint was written read as their defaults.
             stored = to_dict(build_train_config(state["config"]))
@@ -459,12 +478,21 @@ class Trainer:
         if trained_task != self.cfg.task.name:
             raise ConfigError(f"{path} trained task {trained_task!r}, not {self.cfg.task.name!r}: a run resumes only "
                               "its own task; choose another --out for this one")
+        reread = state["version"] == 1 and bool(sections := merged_sections(stored.get("task", {})))
+        if reread:  # the same config text builds another model config now: these sections merge into the YAML's
+            given = "; ".join(f"task.{k} = {v}" for k, v in sections.items())
+            what = (f"{path} is a version-1 checkpoint, in which {given} replaced the model YAML's whole section "
+                    "(its other keys took the code's defaults); now only those keys change")
+            if not allow_change:
+                raise ConfigError(f"{what}: pass --allow-config-change to continue with the merged section, or "
+                                  "train in another --out")
+            log.warning("%s; resuming with the merged section (--allow-config-change)", what)
         changes = config_changes(stored, to_dict(self.cfg))
         refused = {k: change for k, change in changes.items() if k not in RESUMABLE_CHANGES}
         if not refused:
             if changes:
                 log.info("resuming %s with %s", path, _listed(changes))
-            return False
+            return reread
         if not allow_change:
             raise ConfigError(f"{path} was trained with another config ({_listed(refused)}); resume with the same "
                               f"config (only {', '.join(sorted(RESUMABLE_CHANGES))} may change), or pass "
@@ -611,8 +639,9 @@ class Trainer:
     @staticmethod
     def _read_checkpoint(path: Path) -> dict[str, Any]:
         state = CheckpointDir.load(path)
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise RuntimeError(f"{path}: checkpoint version {state.get('version')}, expected {CHECKPOINT_VERSION}")
+        if state.get("version") not in READABLE_CHECKPOINT_VERSIONS:
+            raise RuntimeError(f"{path}: checkpoint version {state.get('version')}, expected one of "
+                               f"{READABLE_CHECKPOINT_VERSIONS}")
         return state
 
     def _load(self, path: Path, state: Mapping[str, Any]) -> dict[str, Any] | None:

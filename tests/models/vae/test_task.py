@@ -136,6 +136,28 @@ def test_a_model_args_section_sets_only_its_keys_of_the_model_yaml(data, tmp_pat
     assert task.vae_config.loss == SDFLossWeights(in_band=2.0, ext=0.5, sharp=0.0, kl=0.01)
 
 
+def test_a_version_1_checkpoint_with_a_model_args_section_resumes_only_when_allowed(data, tmp_path, capsys):
+    # In checkpoint version 1 a section of model_args replaced the model YAML's whole section; the same config now
+    # merges it key by key, so resuming would quietly train with other loss weights.
+    run = tmp_path / "run"
+    assert train_cli(data, run, "--task.args.model_args.loss.kl=0.01") == 0
+    ckpt = run / "checkpoints" / "step_00000002.pt"
+    torch.save({**torch.load(ckpt, weights_only=False), "version": 1}, ckpt)
+    capsys.readouterr()
+    assert train_cli(data, run, "--task.args.model_args.loss.kl=0.01", "--max-steps", "3", "--resume") == 1
+    assert ("step_00000002.pt is a version-1 checkpoint, in which task.args.model_args.loss = {'kl': 0.01} replaced "
+            "the model YAML's whole section") in capsys.readouterr().err
+    assert train_cli(data, run, "--task.args.model_args.loss.kl=0.01", "--max-steps", "3", "--resume",
+                     "--allow-config-change") == 0
+    assert (run / "config.prev-00000002.yaml").is_file()
+    # Without a section there the versions agree: it resumes as any checkpoint.
+    plain = tmp_path / "plain"
+    assert train_cli(data, plain, "--task.args.model_args.pe_factor=2.0") == 0
+    ckpt = plain / "checkpoints" / "step_00000002.pt"
+    torch.save({**torch.load(ckpt, weights_only=False), "version": 1}, ckpt)
+    assert train_cli(data, plain, "--task.args.model_args.pe_factor=2.0", "--max-steps", "3", "--resume") == 0
+
+
 def test_multi_resolution_groups_and_collate(data):
     task = SparseVAETask(SparseVAETaskConfig(data=str(data), resolutions=[32], val_fraction=0.5, test_fraction=0.0,
                                              model_config=TINY_MODEL))
