@@ -323,6 +323,19 @@ def test_sources_errors(tmp_path):
         BuildConfig(resolutions=(30,))
 
 
+def test_linked_mesh_files_keep_the_names_of_their_links(tmp_path):
+    # As in a Hugging Face, git-annex or DVC cache: each mesh a link to an extensionless blob outside the folder.
+    blobs, src = tmp_path / "blobs", tmp_path / "meshes"
+    blobs.mkdir()
+    src.mkdir()
+    trimesh.creation.box().export(blobs / "4f2a9c", file_type="obj")
+    (src / "box.obj").symlink_to(blobs / "4f2a9c")
+    link = os.path.abspath(src / "box.obj")
+    for source in (src, src / "*.obj", src / "box.obj"):
+        assert [(a.name, a.path) for a in resolve_sources([str(source)])] == [("meshes/box.obj", link)]
+    assert build(resolve_sources([str(src)]), tmp_path / "out", CONFIG, progress=False).built == 1
+
+
 def test_a_folder_names_the_files_it_skips(tmp_path, caplog):
     trimesh.creation.box().export(tmp_path / "box.obj")
     for name in ("chair.fbx", "table.fbx", "notes.txt", "box.mtl", "wood.png", "README"):

@@ -168,10 +168,13 @@ def resolve_sources(sources: Sequence[str], *, corpus_path: str | None = None) -
             files = [f for f in files if f.suffix.lower() in MESH_EXTENSIONS]
         if not files:
             raise FileNotFoundError(f"SOURCE {src!r} matches no mesh file ({', '.join(MESH_EXTENSIONS)})")
-        prefix = base.resolve().name
+        prefix, root = base.resolve().name, Path(os.path.abspath(base))
         for f in files:
-            rel = f.resolve().relative_to(base.resolve()).as_posix()
-            add(AssetSource(f"{prefix}/{rel}" if prefix else rel, str(f.resolve())))
+            # Links not followed: a linked file (Hugging Face, git-annex and DVC caches link to extensionless
+            # blobs outside the folder) keeps the name and the extension of its link.
+            path = Path(os.path.abspath(f))
+            rel = path.relative_to(root).as_posix()
+            add(AssetSource(f"{prefix}/{rel}" if prefix else rel, str(path)))
     return sorted(assets.values())
 
 
