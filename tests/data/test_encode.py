@@ -62,6 +62,9 @@ def test_resume_and_errors(tiny_encoded, tmp_path, capsys):
     assert "config.json" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="d3s2 data encode"):
         read_settings(tmp_path)
+    assert main([*args, "--out", str(data)]) != 0
+    assert "output folder other than the built data folder" in capsys.readouterr().err
+    assert not (data / "encoded.json").exists()
 
 
 def test_progress_off_a_terminal_is_plain_lines(tiny_encoded, tmp_path, capsys, caplog):

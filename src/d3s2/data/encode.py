@@ -134,6 +134,9 @@ def encode_folder(data: str | os.PathLike, vae_dir: str | os.PathLike, out: str 
 
     if refine_steps < 0:
         raise ValueError(f"expected refine_steps >= 0, got {refine_steps}")
+    if Path(out).resolve() == Path(data).resolve():
+        # Its asset files would pass for finished latents: nothing encoded, and the build marked a latent folder.
+        raise ValueError(f"expected an output folder other than the built data folder {data}, got the same")
 
     t0 = time.perf_counter()
     ds = SparseSDFDataset(data, resolution, split=None, with_blocks="packed", with_image=False)
