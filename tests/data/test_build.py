@@ -400,6 +400,34 @@ def test_a_closed_stl_is_recorded_watertight(tmp_path):
     assert records["meshes/open.stl"]["watertight"] is False
 
 
+def test_the_workers_of_a_killed_build_end(tmp_path):
+    """SIGKILL to the main process (the OOM killer, kill -9) runs no cleanup: its workers end by themselves."""
+    src = tmp_path / "meshes"
+    src.mkdir()
+    for i in range(100):  # far more than get done before the kill
+        trimesh.creation.box(extents=(1, 1 + i / 128, 1)).export(src / f"box{i}.obj")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(d3s2.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "d3s2.cli", "data", "build", str(src), "--out", str(out), "--workers", "2",
+               "--resolutions", "16", "--views", "0", "--band", "0.25", "--no-progress"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (manifest_path(out).exists() and manifest_path(out).read_text()):  # a worker has run an asset
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        proc.kill()
+        proc.communicate(timeout=15)  # ends once no process holds stderr: the workers are gone too
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the workers a failed run left behind
+        except ProcessLookupError:
+            pass
+    assert len(read_manifest(out)) < 100  # killed amid its work (the other signal tests check resuming)
+
+
 def test_a_signal_ignored_from_the_start_stays_ignored():
     # A parent that ignores SIGTERM (as a shell ignores SIGINT in a command it starts with `&` from a script) means
     # the build to go on through it: the build's own handler would end it with 143.

@@ -20,7 +20,8 @@ An asset is finished when its file exists; a re-run skips finished assets and re
 (unreadable or degenerate meshes: the ``MeshError`` message; anything else: the exception) are recorded in the
 manifest and the job goes on; an output folder that is full, read-only or not writable stops the build at the
 first asset it cannot write (:class:`OutputNotWritable`). Ctrl-C or SIGTERM stops the workers (the exit code is
-130 / 143; a signal the process was started with ignored stays ignored) and a re-run resumes. Everything is
+130 / 143; a signal the process was started with ignored stays ignored) and a re-run resumes; the workers of a
+build killed outright (SIGKILL) end within a second. Everything is
 deterministic in the asset name and ``seed``.
 """
 
@@ -424,10 +425,19 @@ def _clean_stale_temps(out: Path, tmp_tag: str) -> None:
         f.unlink()
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, build_pid: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    threading.Thread(target=_exit_when_orphaned, args=(build_pid,), daemon=True, name="orphan-check").start()
+
+
+def _exit_when_orphaned(build_pid: int) -> None:
+    # A build killed outright (SIGKILL: the OOM killer, kill -9) cannot stop its workers, and a worker waits on the
+    # pool's queue forever (it holds that pipe's write end itself): it ends once it has another parent.
+    while os.getppid() == build_pid:
+        time.sleep(1)
+    os._exit(1)
 
 
 @contextmanager
@@ -515,7 +525,7 @@ def _build_in_workers(todo: list[AssetSource], out: str, config: BuildConfig, tm
     threads = max(1, (os.cpu_count() or 1) // workers)
     # spawn: forking a process that already runs torch/OpenMP threads can deadlock.
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                               initargs=(threads,))
+                               initargs=(threads, os.getpid()))
     try:
         # The workers start in the first submits and inherit SIGINT ignored: a Ctrl-C in the terminal reaches
         # every process of its group, and a worker interrupted there would print a traceback.
