@@ -323,6 +323,18 @@ def test_sources_errors(tmp_path):
         BuildConfig(resolutions=(30,))
 
 
+@pytest.mark.parametrize("setting", [{"scale": 1.5}, {"scale": 0}, {"resolutions": (4096,)}])
+def test_settings_every_asset_would_fail_on_are_refused_up_front(setting):
+    with pytest.raises(ValueError, match=f"expected .*{next(iter(setting))}"):
+        BuildConfig(**setting)
+
+
+def test_a_negative_subset_is_refused():
+    sources = resolve_sources(["0ad"], corpus_path=str(TINY))
+    with pytest.raises(ValueError, match="subset of K >= 0"):
+        select(sources, subset=-1)  # a slice [:-1] dropped one asset
+
+
 def test_linked_mesh_files_keep_the_names_of_their_links(tmp_path):
     # As in a Hugging Face, git-annex or DVC cache: each mesh a link to an extensionless blob outside the folder.
     blobs, src = tmp_path / "blobs", tmp_path / "meshes"

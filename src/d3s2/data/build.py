@@ -78,15 +78,21 @@ class BuildConfig:
     device: str = "cpu"  # where the SDF is computed
 
     def __post_init__(self) -> None:
+        from d3s2.geometry.sdf import MAX_RESOLUTION
+
+        # Checked here, not as each asset fails on them.
         self.resolutions = tuple(int(r) for r in self.resolutions)
-        if not self.resolutions or any(r < 8 or r % 8 for r in self.resolutions):
-            raise ValueError(f"expected resolutions that are positive multiples of 8, got {self.resolutions}")
+        if not self.resolutions or any(r < 8 or r % 8 or r > MAX_RESOLUTION for r in self.resolutions):
+            raise ValueError(f"expected resolutions that are multiples of 8 in [8, {MAX_RESOLUTION}], got "
+                             f"{self.resolutions}")
         if self.views < 0:
             raise ValueError(f"expected views >= 0, got {self.views}")
         if self.image_size < 1:
             raise ValueError(f"expected image_size >= 1, got {self.image_size}")
         if not 0 < self.band < 1:
             raise ValueError(f"expected 0 < band < 1, got {self.band}")
+        if not 0 < self.scale <= 1:
+            raise ValueError(f"expected 0 < scale <= 1, got {self.scale}")
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -197,6 +203,8 @@ def select(assets: Sequence[AssetSource], *, shard: tuple[int, int] = (0, 1), su
     Shards partition the (subset) list: every asset belongs to exactly one of the n shards.
     """
     chosen = list(assets)
+    if subset is not None and subset < 0:
+        raise ValueError(f"expected a subset of K >= 0 assets, got {subset}")
     if subset is not None:
         chosen = sorted(sorted(chosen, key=lambda a: _hash_unit(f"subset:{seed}:{a.name}"))[:subset])
     i, n = shard
