@@ -440,6 +440,49 @@ def test_the_workers_of_a_killed_build_end(tmp_path):
     assert len(read_manifest(out)) < 100  # killed amid its work (the other signal tests check resuming)
 
 
+_KILLING_HOOK = """
+import os
+import signal
+
+import d3s2.data.build
+
+build_asset = d3s2.data.build.build_asset
+
+
+def killed_on_big(asset, config):
+    if asset.name.endswith("/big.obj"):
+        os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer ends a worker that runs out of memory
+    return build_asset(asset, config)
+
+
+d3s2.data.build.build_asset = killed_on_big
+"""
+
+
+def test_an_asset_that_kills_its_worker_fails_alone(tmp_path):
+    """The pool a killed worker takes down goes on without it: the assets then in progress are retried one at a time,
+    and the one whose worker dies alone is recorded failed."""
+    src = tmp_path / "meshes"
+    src.mkdir()
+    for i in range(8):
+        trimesh.creation.box(extents=(1, 1 + i / 8, 1)).export(src / f"box{i}.obj")
+    trimesh.creation.box().export(src / "big.obj")
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_KILLING_HOOK)  # in every process: the spawned workers too
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(Path(d3s2.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "d3s2.cli", "data", "build", str(src), "--out", str(out), "--workers", "2",
+               "--resolutions", "16", "--views", "0", "--band", "0.25", "--no-progress"]
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 1, run.stderr
+    assert "built 8, skipped 0 (already done), failed 1" in run.stdout, run.stdout + run.stderr
+    assert "FAILED meshes/big.obj: the worker process building it died" in run.stdout
+    records = read_manifest(out)
+    assert sorted(n for n, r in records.items() if r["status"] == "ok") == [f"meshes/box{i}.obj" for i in range(8)]
+
+
 def test_a_signal_ignored_from_the_start_stays_ignored():
     # A parent that ignores SIGTERM (as a shell ignores SIGINT in a command it starts with `&` from a script) means
     # the build to go on through it: the build's own handler would end it with 143.

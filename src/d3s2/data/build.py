@@ -18,11 +18,12 @@ in the normalised frame, the same frame as the SDF.
 
 An asset is finished when its file exists; a re-run skips finished assets and retries the others. Failures
 (unreadable or degenerate meshes: the ``MeshError`` message; anything else: the exception) are recorded in the
-manifest and the job goes on; an output folder that is full, read-only or not writable stops the build at the
-first asset it cannot write (:class:`OutputNotWritable`). Ctrl-C or SIGTERM stops the workers (the exit code is
-130 / 143; a signal the process was started with ignored stays ignored) and a re-run resumes; the workers of a
-build killed outright (SIGKILL) end within a second. Everything is
-deterministic in the asset name and ``seed``.
+manifest and the job goes on, as it does when a worker process is killed (``--workers`` > 1: the OOM killer on a
+huge mesh; the assets then in progress are retried one at a time, see :func:`_build_in_workers`); an output folder
+that is full, read-only or not writable stops the build at the first asset it cannot write
+(:class:`OutputNotWritable`). Ctrl-C or SIGTERM stops the workers (the exit code is 130 / 143; a signal the process
+was started with ignored stays ignored) and a re-run resumes; the workers of a build killed outright (SIGKILL) end
+within a second. Everything is deterministic in the asset name and ``seed``.
 """
 
 from __future__ import annotations
@@ -317,11 +318,15 @@ def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray], tmp_tag: str = "
             tmp.unlink()
 
 
+def _new_record(asset: AssetSource) -> dict:
+    return {"name": asset.name, "source": asset.path if asset.corpus_name is None
+            else f"{asset.path}:{asset.corpus_name}"}
+
+
 def process_asset(asset: AssetSource, config: BuildConfig, out: str, tmp_tag: str = "") -> dict:
     """Build and write one asset; returns its manifest record (``status`` ok or failed, with ``error``)."""
     t0 = time.perf_counter()
-    record: dict = {"name": asset.name, "source": asset.path if asset.corpus_name is None
-                    else f"{asset.path}:{asset.corpus_name}"}
+    record = _new_record(asset)
     try:
         arrays, stats = build_asset(asset, config)
         path = asset_path(out, asset.name)
@@ -433,11 +438,21 @@ def _clean_stale_temps(out: Path, tmp_tag: str) -> None:
         f.unlink()
 
 
-def _init_worker(threads: int, build_pid: int) -> None:
+_STARTED = None  # in a worker process: where it names each asset it starts (``_process_in_worker``)
+
+
+def _init_worker(threads: int, build_pid: int, started) -> None:
+    global _STARTED
     import torch
 
     torch.set_num_threads(threads)
+    _STARTED = started
     threading.Thread(target=_exit_when_orphaned, args=(build_pid,), daemon=True, name="orphan-check").start()
+
+
+def _process_in_worker(asset: AssetSource, config: BuildConfig, out: str, tmp_tag: str) -> dict:
+    _STARTED.put(asset.name)
+    return process_asset(asset, config, out, tmp_tag)
 
 
 def _exit_when_orphaned(build_pid: int) -> None:
@@ -525,23 +540,56 @@ def _build_in_workers(todo: list[AssetSource], out: str, config: BuildConfig, tm
                       record: Callable[[dict], None]) -> None:
     """:func:`process_asset` on each of ``todo`` in ``workers`` processes; ``record`` each result as it comes.
 
+    A worker killed while it builds (the OOM killer on a huge mesh) takes its pool down: the assets in progress then
+    are retried one at a time after the others, and one whose worker dies again is recorded failed."""
+    remaining, suspects = todo, []
+    while remaining:
+        unfinished, started = _run_pool(remaining, out, config, tmp_tag, workers=workers, record=record)
+        if unfinished and not started:
+            from concurrent.futures.process import BrokenProcessPool
+
+            raise BrokenProcessPool("a worker process of the build died before it started an asset")
+        suspects += started
+        remaining = [a for a in unfinished if a not in started]
+    for asset in suspects:
+        t0 = time.perf_counter()
+        if _run_pool([asset], out, config, tmp_tag, workers=1, record=record)[0]:
+            record({**_new_record(asset), "status": "failed", "seconds": round(time.perf_counter() - t0, 4),
+                    "error": "the worker process building it died, with no other asset in progress (killed by the "
+                             "system: out of memory?)", "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def _run_pool(assets: list[AssetSource], out: str, config: BuildConfig, tmp_tag: str, *, workers: int,
+              record: Callable[[dict], None]) -> tuple[list[AssetSource], list[AssetSource]]:
+    """One pool over ``assets``: ``record`` each result; the assets left unfinished when a worker died, and those
+    of them that had started.
+
     Whatever ends it early (Ctrl-C, SIGTERM, an error) terminates and joins the workers: no process is left
     running and no semaphore is left to the resource tracker."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
 
     threads = max(1, (os.cpu_count() or 1) // workers)
     # spawn: forking a process that already runs torch/OpenMP threads can deadlock.
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                               initargs=(threads, os.getpid()))
+    context = mp.get_context("spawn")
+    started = context.SimpleQueue()
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                               initargs=(threads, os.getpid(), started))
+    finished = set()
     try:
         # The workers start in the first submits and inherit SIGINT ignored: a Ctrl-C in the terminal reaches
         # every process of its group, and a worker interrupted there would print a traceback.
         with _signal_handler(signal.SIGINT, signal.SIG_IGN):
-            futures = [pool.submit(process_asset, a, config, out, tmp_tag) for a in todo[:workers]]
-        futures += [pool.submit(process_asset, a, config, out, tmp_tag) for a in todo[workers:]]
+            futures = [pool.submit(_process_in_worker, a, config, out, tmp_tag) for a in assets[:workers]]
+        futures += [pool.submit(_process_in_worker, a, config, out, tmp_tag) for a in assets[workers:]]
         for fut in as_completed(futures):
-            record(fut.result())
+            try:
+                rec = fut.result()
+            except BrokenProcessPool:  # a worker died: every asset not finished by then ends so
+                continue
+            record(rec)
+            finished.add(rec["name"])
     except BaseException:
         # The assets in progress stop too (the next run removes their temp files).
         for process in list(pool._processes.values()):  # no public handle before Python 3.14's terminate_workers()
@@ -549,6 +597,12 @@ def _build_in_workers(todo: list[AssetSource], out: str, config: BuildConfig, tm
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+    names = set()
+    while not started.empty():
+        names.add(started.get())
+    started.close()
+    unfinished = [a for a in assets if a.name not in finished]
+    return unfinished, [a for a in unfinished if a.name in names]
 
 
 def load_asset(path: str | os.PathLike) -> dict[str, np.ndarray]:
