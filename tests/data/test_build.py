@@ -323,6 +323,31 @@ def test_sources_errors(tmp_path):
         BuildConfig(resolutions=(30,))
 
 
+@pytest.mark.parametrize("setting", [{"scale": 1.5}, {"scale": 0}, {"resolutions": (4096,)}])
+def test_settings_every_asset_would_fail_on_are_refused_up_front(setting):
+    with pytest.raises(ValueError, match=f"expected .*{next(iter(setting))}"):
+        BuildConfig(**setting)
+
+
+def test_a_negative_subset_is_refused():
+    sources = resolve_sources(["0ad"], corpus_path=str(TINY))
+    with pytest.raises(ValueError, match="subset of K >= 0"):
+        select(sources, subset=-1)  # a slice [:-1] dropped one asset
+
+
+def test_linked_mesh_files_keep_the_names_of_their_links(tmp_path):
+    # As in a Hugging Face, git-annex or DVC cache: each mesh a link to an extensionless blob outside the folder.
+    blobs, src = tmp_path / "blobs", tmp_path / "meshes"
+    blobs.mkdir()
+    src.mkdir()
+    trimesh.creation.box().export(blobs / "4f2a9c", file_type="obj")
+    (src / "box.obj").symlink_to(blobs / "4f2a9c")
+    link = os.path.abspath(src / "box.obj")
+    for source in (src, src / "*.obj", src / "box.obj"):
+        assert [(a.name, a.path) for a in resolve_sources([str(source)])] == [("meshes/box.obj", link)]
+    assert build(resolve_sources([str(src)]), tmp_path / "out", CONFIG, progress=False).built == 1
+
+
 def test_a_folder_names_the_files_it_skips(tmp_path, caplog):
     trimesh.creation.box().export(tmp_path / "box.obj")
     for name in ("chair.fbx", "table.fbx", "notes.txt", "box.mtl", "wood.png", "README"):
@@ -385,6 +410,77 @@ def test_a_closed_stl_is_recorded_watertight(tmp_path):
     records = read_manifest(tmp_path / "out")
     assert records["meshes/box.stl"]["watertight"] is True
     assert records["meshes/open.stl"]["watertight"] is False
+
+
+def test_the_workers_of_a_killed_build_end(tmp_path):
+    """SIGKILL to the main process (the OOM killer, kill -9) runs no cleanup: its workers end by themselves."""
+    src = tmp_path / "meshes"
+    src.mkdir()
+    for i in range(100):  # far more than get done before the kill
+        trimesh.creation.box(extents=(1, 1 + i / 128, 1)).export(src / f"box{i}.obj")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(d3s2.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "d3s2.cli", "data", "build", str(src), "--out", str(out), "--workers", "2",
+               "--resolutions", "16", "--views", "0", "--band", "0.25", "--no-progress"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (manifest_path(out).exists() and manifest_path(out).read_text()):  # a worker has run an asset
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        proc.kill()
+        proc.communicate(timeout=15)  # ends once no process holds stderr: the workers are gone too
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the workers a failed run left behind
+        except ProcessLookupError:
+            pass
+    assert len(read_manifest(out)) < 100  # killed amid its work (the other signal tests check resuming)
+
+
+_KILLING_HOOK = """
+import os
+import signal
+
+import d3s2.data.build
+
+build_asset = d3s2.data.build.build_asset
+
+
+def killed_on_big(asset, config):
+    if asset.name.endswith("/big.obj"):
+        os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer ends a worker that runs out of memory
+    return build_asset(asset, config)
+
+
+d3s2.data.build.build_asset = killed_on_big
+"""
+
+
+def test_an_asset_that_kills_its_worker_fails_alone(tmp_path):
+    """The pool a killed worker takes down goes on without it: the assets then in progress are retried one at a time,
+    and the one whose worker dies alone is recorded failed."""
+    src = tmp_path / "meshes"
+    src.mkdir()
+    for i in range(8):
+        trimesh.creation.box(extents=(1, 1 + i / 8, 1)).export(src / f"box{i}.obj")
+    trimesh.creation.box().export(src / "big.obj")
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_KILLING_HOOK)  # in every process: the spawned workers too
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(Path(d3s2.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "d3s2.cli", "data", "build", str(src), "--out", str(out), "--workers", "2",
+               "--resolutions", "16", "--views", "0", "--band", "0.25", "--no-progress"]
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 1, run.stderr
+    assert "built 8, skipped 0 (already done), failed 1" in run.stdout, run.stdout + run.stderr
+    assert "FAILED meshes/big.obj: the worker process building it died" in run.stdout
+    records = read_manifest(out)
+    assert sorted(n for n, r in records.items() if r["status"] == "ok") == [f"meshes/box{i}.obj" for i in range(8)]
 
 
 def test_a_signal_ignored_from_the_start_stays_ignored():

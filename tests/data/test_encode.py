@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -20,7 +21,8 @@ def test_format_and_round_trip(tiny_encoded):
     data, vae_dir, latents = tiny_encoded
     settings = json.loads((latents / "encoded.json").read_text())
     assert settings == {"format": "d3s2-latents", "resolution": 32, "latent_resolution": 4, "channels": 8,
-                        "band": 0.0625, "vae": str(vae_dir), "refine_steps": 0}
+                        "band": 0.0625, "vae": str(vae_dir), "refine_steps": 0,
+                        "vae_sha256": hashlib.sha256((vae_dir / "model.safetensors").read_bytes()).hexdigest()}
     ds = SparseSDFDataset(data, 32, split=None, with_blocks="packed", with_image=False)
     assert latent_names(latents) == ds.names and "/" in ds.names[0]
     vae, band = load_vae(vae_dir)
@@ -60,6 +62,9 @@ def test_resume_and_errors(tiny_encoded, tmp_path, capsys):
     assert "config.json" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="d3s2 data encode"):
         read_settings(tmp_path)
+    assert main([*args, "--out", str(data)]) != 0
+    assert "output folder other than the built data folder" in capsys.readouterr().err
+    assert not (data / "encoded.json").exists()
 
 
 def test_progress_off_a_terminal_is_plain_lines(tiny_encoded, tmp_path, capsys, caplog):
@@ -140,6 +145,26 @@ def test_resume_a_folder_written_before_refinement(tiny_encoded, tmp_path, capsy
     assert main(args) == 0
     assert main([*args, "--refine-steps", "1"]) != 0
     assert "(refine_lr, refine_steps" in capsys.readouterr().err
+
+
+def test_latents_of_other_vae_weights_are_not_resumed(tiny_encoded, tmp_path, capsys):
+    """A VAE retrained into its folder (or another one) does not add its latents to those of the first."""
+    from tests.models.dit._data import random_vae_export
+
+    data, vae_dir, latents = tiny_encoded
+    out = tmp_path / "latents"
+    shutil.copytree(latents, out)
+    args = ["data", "encode", "--data", str(data), "--resolution", "32", "--no-progress", "--out", str(out)]
+    retrained = random_vae_export(_vae_copy(vae_dir, tmp_path / "vae", None), seed=1)
+    assert main([*args, "--vae", str(retrained)]) != 0
+    assert "holds the latents of another VAE" in capsys.readouterr().err
+    moved = _vae_copy(vae_dir, tmp_path / "moved", json.loads((vae_dir / "vae_task.json").read_text()))
+    assert main([*args, "--vae", str(moved)]) == 0  # the same weights elsewhere resume
+    assert "encoded 0, skipped 5" in capsys.readouterr().out
+    settings = read_settings(out)
+    del settings["vae_sha256"]  # a folder written before the weights were recorded: resumed unchecked
+    (out / "encoded.json").write_text(json.dumps(settings))
+    assert main([*args, "--vae", str(retrained)]) == 0
 
 
 def _vae_copy(vae_dir, out, task_info: dict | None):

@@ -18,10 +18,12 @@ in the normalised frame, the same frame as the SDF.
 
 An asset is finished when its file exists; a re-run skips finished assets and retries the others. Failures
 (unreadable or degenerate meshes: the ``MeshError`` message; anything else: the exception) are recorded in the
-manifest and the job goes on; an output folder that is full, read-only or not writable stops the build at the
-first asset it cannot write (:class:`OutputNotWritable`). Ctrl-C or SIGTERM stops the workers (the exit code is
-130 / 143; a signal the process was started with ignored stays ignored) and a re-run resumes. Everything is
-deterministic in the asset name and ``seed``.
+manifest and the job goes on, as it does when a worker process is killed (``--workers`` > 1: the OOM killer on a
+huge mesh; the assets then in progress are retried one at a time, see :func:`_build_in_workers`); an output folder
+that is full, read-only or not writable stops the build at the first asset it cannot write
+(:class:`OutputNotWritable`). Ctrl-C or SIGTERM stops the workers (the exit code is 130 / 143; a signal the process
+was started with ignored stays ignored) and a re-run resumes; the workers of a build killed outright (SIGKILL) end
+within a second. Everything is deterministic in the asset name and ``seed``.
 """
 
 from __future__ import annotations
@@ -77,15 +79,21 @@ class BuildConfig:
     device: str = "cpu"  # where the SDF is computed
 
     def __post_init__(self) -> None:
+        from d3s2.geometry.sdf import MAX_RESOLUTION
+
+        # Checked here, not as each asset fails on them.
         self.resolutions = tuple(int(r) for r in self.resolutions)
-        if not self.resolutions or any(r < 8 or r % 8 for r in self.resolutions):
-            raise ValueError(f"expected resolutions that are positive multiples of 8, got {self.resolutions}")
+        if not self.resolutions or any(r < 8 or r % 8 or r > MAX_RESOLUTION for r in self.resolutions):
+            raise ValueError(f"expected resolutions that are multiples of 8 in [8, {MAX_RESOLUTION}], got "
+                             f"{self.resolutions}")
         if self.views < 0:
             raise ValueError(f"expected views >= 0, got {self.views}")
         if self.image_size < 1:
             raise ValueError(f"expected image_size >= 1, got {self.image_size}")
         if not 0 < self.band < 1:
             raise ValueError(f"expected 0 < band < 1, got {self.band}")
+        if not 0 < self.scale <= 1:
+            raise ValueError(f"expected 0 < scale <= 1, got {self.scale}")
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -168,10 +176,13 @@ def resolve_sources(sources: Sequence[str], *, corpus_path: str | None = None) -
             files = [f for f in files if f.suffix.lower() in MESH_EXTENSIONS]
         if not files:
             raise FileNotFoundError(f"SOURCE {src!r} matches no mesh file ({', '.join(MESH_EXTENSIONS)})")
-        prefix = base.resolve().name
+        prefix, root = base.resolve().name, Path(os.path.abspath(base))
         for f in files:
-            rel = f.resolve().relative_to(base.resolve()).as_posix()
-            add(AssetSource(f"{prefix}/{rel}" if prefix else rel, str(f.resolve())))
+            # Links not followed: a linked file (Hugging Face, git-annex and DVC caches link to extensionless
+            # blobs outside the folder) keeps the name and the extension of its link.
+            path = Path(os.path.abspath(f))
+            rel = path.relative_to(root).as_posix()
+            add(AssetSource(f"{prefix}/{rel}" if prefix else rel, str(path)))
     return sorted(assets.values())
 
 
@@ -193,6 +204,8 @@ def select(assets: Sequence[AssetSource], *, shard: tuple[int, int] = (0, 1), su
     Shards partition the (subset) list: every asset belongs to exactly one of the n shards.
     """
     chosen = list(assets)
+    if subset is not None and subset < 0:
+        raise ValueError(f"expected a subset of K >= 0 assets, got {subset}")
     if subset is not None:
         chosen = sorted(sorted(chosen, key=lambda a: _hash_unit(f"subset:{seed}:{a.name}"))[:subset])
     i, n = shard
@@ -305,11 +318,15 @@ def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray], tmp_tag: str = "
             tmp.unlink()
 
 
+def _new_record(asset: AssetSource) -> dict:
+    return {"name": asset.name, "source": asset.path if asset.corpus_name is None
+            else f"{asset.path}:{asset.corpus_name}"}
+
+
 def process_asset(asset: AssetSource, config: BuildConfig, out: str, tmp_tag: str = "") -> dict:
     """Build and write one asset; returns its manifest record (``status`` ok or failed, with ``error``)."""
     t0 = time.perf_counter()
-    record: dict = {"name": asset.name, "source": asset.path if asset.corpus_name is None
-                    else f"{asset.path}:{asset.corpus_name}"}
+    record = _new_record(asset)
     try:
         arrays, stats = build_asset(asset, config)
         path = asset_path(out, asset.name)
@@ -421,10 +438,29 @@ def _clean_stale_temps(out: Path, tmp_tag: str) -> None:
         f.unlink()
 
 
-def _init_worker(threads: int) -> None:
+_STARTED = None  # in a worker process: where it names each asset it starts (``_process_in_worker``)
+
+
+def _init_worker(threads: int, build_pid: int, started) -> None:
+    global _STARTED
     import torch
 
     torch.set_num_threads(threads)
+    _STARTED = started
+    threading.Thread(target=_exit_when_orphaned, args=(build_pid,), daemon=True, name="orphan-check").start()
+
+
+def _process_in_worker(asset: AssetSource, config: BuildConfig, out: str, tmp_tag: str) -> dict:
+    _STARTED.put(asset.name)
+    return process_asset(asset, config, out, tmp_tag)
+
+
+def _exit_when_orphaned(build_pid: int) -> None:
+    # A build killed outright (SIGKILL: the OOM killer, kill -9) cannot stop its workers, and a worker waits on the
+    # pool's queue forever (it holds that pipe's write end itself): it ends once it has another parent.
+    while os.getppid() == build_pid:
+        time.sleep(1)
+    os._exit(1)
 
 
 @contextmanager
@@ -504,23 +540,56 @@ def _build_in_workers(todo: list[AssetSource], out: str, config: BuildConfig, tm
                       record: Callable[[dict], None]) -> None:
     """:func:`process_asset` on each of ``todo`` in ``workers`` processes; ``record`` each result as it comes.
 
+    A worker killed while it builds (the OOM killer on a huge mesh) takes its pool down: the assets in progress then
+    are retried one at a time after the others, and one whose worker dies again is recorded failed."""
+    remaining, suspects = todo, []
+    while remaining:
+        unfinished, started = _run_pool(remaining, out, config, tmp_tag, workers=workers, record=record)
+        if unfinished and not started:
+            from concurrent.futures.process import BrokenProcessPool
+
+            raise BrokenProcessPool("a worker process of the build died before it started an asset")
+        suspects += started
+        remaining = [a for a in unfinished if a not in started]
+    for asset in suspects:
+        t0 = time.perf_counter()
+        if _run_pool([asset], out, config, tmp_tag, workers=1, record=record)[0]:
+            record({**_new_record(asset), "status": "failed", "seconds": round(time.perf_counter() - t0, 4),
+                    "error": "the worker process building it died, with no other asset in progress (killed by the "
+                             "system: out of memory?)", "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def _run_pool(assets: list[AssetSource], out: str, config: BuildConfig, tmp_tag: str, *, workers: int,
+              record: Callable[[dict], None]) -> tuple[list[AssetSource], list[AssetSource]]:
+    """One pool over ``assets``: ``record`` each result; the assets left unfinished when a worker died, and those
+    of them that had started.
+
     Whatever ends it early (Ctrl-C, SIGTERM, an error) terminates and joins the workers: no process is left
     running and no semaphore is left to the resource tracker."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
 
     threads = max(1, (os.cpu_count() or 1) // workers)
     # spawn: forking a process that already runs torch/OpenMP threads can deadlock.
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                               initargs=(threads,))
+    context = mp.get_context("spawn")
+    started = context.SimpleQueue()
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                               initargs=(threads, os.getpid(), started))
+    finished = set()
     try:
         # The workers start in the first submits and inherit SIGINT ignored: a Ctrl-C in the terminal reaches
         # every process of its group, and a worker interrupted there would print a traceback.
         with _signal_handler(signal.SIGINT, signal.SIG_IGN):
-            futures = [pool.submit(process_asset, a, config, out, tmp_tag) for a in todo[:workers]]
-        futures += [pool.submit(process_asset, a, config, out, tmp_tag) for a in todo[workers:]]
+            futures = [pool.submit(_process_in_worker, a, config, out, tmp_tag) for a in assets[:workers]]
+        futures += [pool.submit(_process_in_worker, a, config, out, tmp_tag) for a in assets[workers:]]
         for fut in as_completed(futures):
-            record(fut.result())
+            try:
+                rec = fut.result()
+            except BrokenProcessPool:  # a worker died: every asset not finished by then ends so
+                continue
+            record(rec)
+            finished.add(rec["name"])
     except BaseException:
         # The assets in progress stop too (the next run removes their temp files).
         for process in list(pool._processes.values()):  # no public handle before Python 3.14's terminate_workers()
@@ -528,6 +597,12 @@ def _build_in_workers(todo: list[AssetSource], out: str, config: BuildConfig, tm
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+    names = set()
+    while not started.empty():
+        names.add(started.get())
+    started.close()
+    unfinished = [a for a in assets if a.name not in finished]
+    return unfinished, [a for a in unfinished if a.name in names]
 
 
 def load_asset(path: str | os.PathLike) -> dict[str, np.ndarray]:

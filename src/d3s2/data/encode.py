@@ -3,12 +3,14 @@
 Output folder layout (a fixed format; GPU scripts write it too)::
 
     ENC/encoded.json        {"format": "d3s2-latents", "resolution": R, "latent_resolution": R // 8,
-                             "channels": C, "band": τ, "vae": <the VAE folder as given>, "refine_steps": N
-                             (absent in folders written before it: 0), "refine_lr": lr (when N > 0)}
+                             "channels": C, "band": τ, "vae": <the VAE folder as given>, "vae_sha256": <SHA-256
+                             of its model.safetensors> (absent in folders written before it: not checked),
+                             "refine_steps": N (absent in folders written before it: 0), "refine_lr": lr (when N > 0)}
     ENC/assets/<name>.npz   coords int16 [n, 3] latent-grid coords sorted lexicographically (x, y, z),
                             mean float16 [n, C], logvar float16 [n, C]
 
-Every asset file is written atomically, and a re-run skips assets whose file exists (settings must match).
+Every asset file is written atomically, and a re-run skips assets whose file exists (settings and VAE weights must
+match: a VAE retrained into the same folder is another VAE).
 The encoder sees SDF / τ of the build's band voxels, exactly as in VAE training (:mod:`d3s2.models.vae.task`), with
 τ the VAE's band (its ``vae_task.json``; :mod:`d3s2.models.vae.export_info`): a folder built with a band more than 2x
 from it is refused, and a band or resolution the VAE was not trained with is warned about.
@@ -21,6 +23,7 @@ Dimension legend: N band voxels, n latent voxels, C latent channels.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -82,6 +85,14 @@ def load_vae(vae_dir: str | os.PathLike, band: float | None = None) -> tuple[tor
     return model, band
 
 
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _pack(sizes: Sequence[int], budget: int) -> list[list[int]]:
     """Consecutive index groups whose sizes sum to at most ``budget`` (an oversized item goes alone)."""
     groups: list[list[int]] = []
@@ -112,6 +123,7 @@ def encode_folder(data: str | os.PathLike, vae_dir: str | os.PathLike, out: str 
     ``band``: the τ the SDF is divided by (default: the VAE's, see :func:`load_vae`). Without it, a folder built
     with a band more than 2x from the VAE's is refused (:func:`d3s2.models.vae.export_info.check_data_matches`).
     """
+    from ..models.registry import WEIGHTS_FILE
     from ..models.vae.export_info import check_data_matches, read_task_file
     from ..models.vae.refine import refine_latent
     from ..models.vae.sparse_sdf_vae import PackedSDFBatch
@@ -122,6 +134,9 @@ def encode_folder(data: str | os.PathLike, vae_dir: str | os.PathLike, out: str 
 
     if refine_steps < 0:
         raise ValueError(f"expected refine_steps >= 0, got {refine_steps}")
+    if Path(out).resolve() == Path(data).resolve():
+        # Its asset files would pass for finished latents: nothing encoded, and the build marked a latent folder.
+        raise ValueError(f"expected an output folder other than the built data folder {data}, got the same")
 
     t0 = time.perf_counter()
     ds = SparseSDFDataset(data, resolution, split=None, with_blocks="packed", with_image=False)
@@ -135,7 +150,8 @@ def encode_folder(data: str | os.PathLike, vae_dir: str | os.PathLike, out: str 
     model = model.to(dev)
     channels = model.config.latent_channels
     settings = {"format": FORMAT, "resolution": int(resolution), "latent_resolution": int(resolution) // 8,
-                "channels": int(channels), "band": band, "vae": str(vae_dir), "refine_steps": int(refine_steps)}
+                "channels": int(channels), "band": band, "vae": str(vae_dir),
+                "vae_sha256": _file_sha256(Path(vae_dir) / WEIGHTS_FILE), "refine_steps": int(refine_steps)}
     if refine_steps:
         settings["refine_lr"] = float(refine_lr)
     root = Path(out)
@@ -147,6 +163,11 @@ def encode_folder(data: str | os.PathLike, vae_dir: str | os.PathLike, out: str 
         if diff:
             raise ValueError(f"{root} was encoded with other settings ({', '.join(diff)}: {old} vs {settings}); "
                              "use another --out")
+        if old.get("vae_sha256", settings["vae_sha256"]) != settings["vae_sha256"]:
+            raise ValueError(f"{root} holds the latents of another VAE (sha256 of its {WEIGHTS_FILE} "
+                             f"{old['vae_sha256'][:12]}..., of {Path(vae_dir) / WEIGHTS_FILE} "
+                             f"{settings['vae_sha256'][:12]}...): the latents would mix; use another --out, or "
+                             f"remove {root} to encode it again")
     else:
         from ..fileio import atomic_write_text
 

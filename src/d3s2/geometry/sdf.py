@@ -63,6 +63,7 @@ import trimesh
 logger = logging.getLogger(__name__)
 
 BLOCK = 8  # voxels per block side; the VAE decodes whole 8³ blocks
+MAX_RESOLUTION = 2048
 _BLOCK_VOXELS = BLOCK**3
 
 
@@ -978,8 +979,8 @@ def compute_sparse_sdf(
     if isinstance(resolutions, int):
         resolutions = [resolutions]
     for r in resolutions:
-        if not isinstance(r, (int, np.integer)) or r % BLOCK or not BLOCK <= r <= 2048:
-            raise ValueError(f"expected resolutions that are multiples of {BLOCK} in [8, 2048], got {r!r}")
+        if not isinstance(r, (int, np.integer)) or r % BLOCK or not BLOCK <= r <= MAX_RESOLUTION:
+            raise ValueError(f"expected resolutions that are multiples of {BLOCK} in [8, {MAX_RESOLUTION}], got {r!r}")
     if not 0 < band < 1:
         raise ValueError(f"expected 0 < band < 1, got {band}")
     vertices = np.asarray(mesh.vertices)
