@@ -31,6 +31,7 @@ from d3s2.data.build import (
     manifest_path,
     parse_shard,
     read_manifest,
+    remove_stale_temps,
     resolve_sources,
     select,
 )
@@ -255,9 +256,39 @@ def test_shards_partition_the_assets(tmp_path):
         parse_shard("2/2")
 
 
+def ended_pid() -> int:
+    """The pid of a process that has ended (as a killed run's writer)."""
+    proc = subprocess.Popen([sys.executable, "-c", ""])
+    proc.wait()
+    return proc.pid
+
+
+def test_temp_files_of_ended_writers_go_those_of_running_ones_stay(tmp_path):
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as writing:  # another build
+        try:
+            names = [f"a.npz.tmp-s0of1-{ended_pid()}", f"b.npz.tmp-s0of1-{writing.pid}", "c.npz.tmp-s1of2-1"]
+            for name in names:
+                (assets / name).write_bytes(b"partial")
+            remove_stale_temps(tmp_path, "-s0of1")
+            assert sorted(p.name for p in assets.iterdir()) == names[1:]  # and other shards' temps stay too
+        finally:
+            writing.kill()
+
+
+def test_asset_files_are_synced_before_they_take_their_name(tmp_path, monkeypatch):
+    # Else a power loss can leave an empty file under the final name, which a re-run takes for a finished asset.
+    synced = []
+    monkeypatch.setattr(build_mod.os, "fsync", lambda fd: synced.append(os.fstat(fd).st_ino))
+    sources = select(resolve_sources(["0ad"], corpus_path=str(TINY)), subset=1)
+    assert build(sources, tmp_path, CONFIG, progress=False).built == 1
+    assert asset_path(tmp_path, sources[0].name).stat().st_ino in synced
+
+
 def test_no_partial_file_on_failure(tmp_path, monkeypatch):
     sources = select(resolve_sources(["0ad"], corpus_path=str(TINY)), subset=1)
-    stale = asset_path(tmp_path, "0ad/gaia/old").with_name("old.npz.tmp-s0of1-999")
+    stale = asset_path(tmp_path, "0ad/gaia/old").with_name(f"old.npz.tmp-s0of1-{ended_pid()}")
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"left by a killed run")
 

@@ -67,6 +67,19 @@ def test_resume_and_errors(tiny_encoded, tmp_path, capsys):
     assert not (data / "encoded.json").exists()
 
 
+def test_a_resumed_encode_removes_the_temp_files_of_a_killed_one(tiny_encoded, tmp_path):
+    from tests.data.test_build import ended_pid
+
+    data, vae_dir, latents = tiny_encoded
+    out = tmp_path / "latents"
+    shutil.copytree(latents, out)
+    stale = out / "assets" / f"x.npz.tmp-{ended_pid()}"
+    stale.write_bytes(b"partial")
+    assert main(["data", "encode", "--data", str(data), "--vae", str(vae_dir), "--resolution", "32", "--no-progress",
+                 "--out", str(out)]) == 0
+    assert not stale.exists()
+
+
 def test_progress_off_a_terminal_is_plain_lines(tiny_encoded, tmp_path, capsys, caplog):
     data, vae_dir, _ = tiny_encoded
     with caplog.at_level(logging.INFO):  # pytest's stderr is not a terminal, as a redirected log

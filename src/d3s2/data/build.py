@@ -306,12 +306,15 @@ def build_asset(asset: AssetSource, config: BuildConfig) -> tuple[dict[str, np.n
 
 
 def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray], tmp_tag: str = "") -> None:
-    """Write a compressed npz via a temp file in the same folder and ``os.replace`` (never a partial file)."""
+    """Write a compressed npz via a temp file in the same folder and ``os.replace`` (never a partial file); the
+    temp file is named ``<name>.tmp<tmp_tag>-<pid>`` (see :func:`remove_stale_temps`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{tmp_tag}-{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())  # else a power loss can leave an empty file under the final name: a "done" asset
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -432,10 +435,25 @@ def _has_assets(out: Path) -> bool:
     return next((out / "assets").rglob("*.npz"), None) is not None  # temp files end in -<pid>, not .npz
 
 
-def _clean_stale_temps(out: Path, tmp_tag: str) -> None:
-    # Only this shard's leftovers: other shards may be writing into the same folder right now.
+def remove_stale_temps(out: Path, tmp_tag: str = "") -> None:
+    """Remove the temp files of :func:`write_npz_atomic` under ``out/assets`` that carry ``tmp_tag`` and whose writer
+    process has ended (a run killed mid-write); those of a running process (another shard's) stay."""
     for f in (out / "assets").rglob(f"*.npz.tmp{tmp_tag}-*"):
-        f.unlink()
+        pid = f.name.rpartition("-")[2]
+        if not (pid.isdigit() and _process_alive(int(pid))):
+            f.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this run writes no temp file before it has removed the stale ones
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 _STARTED = None  # in a worker process: where it names each asset it starts (``_process_in_worker``)
@@ -495,7 +513,7 @@ def build(assets: Iterable[AssetSource], out: str | os.PathLike, config: BuildCo
     with _bound_settings(out, config):
         tmp_tag = f"-s{shard[0]}of{shard[1]}"
         if (out / "assets").exists():
-            _clean_stale_temps(out, tmp_tag)
+            remove_stale_temps(out, tmp_tag)
         assets = list(assets)
         summary = BuildSummary(total=len(assets))
         todo = [a for a in assets if not asset_path(out, a.name).exists()]

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .build import asset_path, open_asset, write_npz_atomic
+from .build import asset_path, open_asset, remove_stale_temps, write_npz_atomic
 
 FORMAT = "d3s2-latents"
 SETTINGS_FILE = "encoded.json"
@@ -172,6 +172,7 @@ def encode_folder(data: str | os.PathLike, vae_dir: str | os.PathLike, out: str 
         from ..fileio import atomic_write_text
 
         atomic_write_text(settings_path, json.dumps(settings, indent=2) + "\n")
+    remove_stale_temps(root)  # those of an encode killed mid-write
     todo = [i for i, n in enumerate(ds.names) if not asset_path(root, n).is_file()]
     summary = EncodeSummary(skipped=len(ds) - len(todo))
     counts = ds.token_counts
