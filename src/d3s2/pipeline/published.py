@@ -304,9 +304,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"expected checkpoint file {path}")
-    not_a_checkpoint = _not_a_checkpoint(path)
-    if not_a_checkpoint:
-        raise ValueError(f"{path}: expected a torch.save checkpoint, got {not_a_checkpoint}")
+    problem = not_a_checkpoint(path)
+    if problem:
+        raise ValueError(f"{path}: expected a torch.save checkpoint, got {problem}")
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -334,7 +334,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor
     return obj
 
 
-def _not_a_checkpoint(path: Path) -> str | None:
+def not_a_checkpoint(path: Path) -> str | None:
     """What ``path`` holds instead of a ``torch.save`` file (a zip archive, or a pickle in the legacy format),
     judged from its first bytes; None when it may be one."""
     with open(path, "rb") as f:
