@@ -118,6 +118,29 @@ def test_missing_conditioner(pipe, saved, tmp_path):
     assert loaded.conditioner.image_size == pipe.conditioner.image_size
 
 
+def test_what_is_missing_is_named_before_any_weights_load(saved, tmp_path, monkeypatch):
+    import shutil
+
+    from d3s2.models import registry
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights loaded before the missing part was named")
+
+    monkeypatch.setattr(registry, "from_pretrained", no_loading)
+    noenc = tmp_path / "noenc"
+    shutil.copytree(saved, noenc)
+    manifest = json.loads((noenc / PIPELINE_FILE).read_text())
+    manifest["components"].remove("conditioner")
+    (noenc / PIPELINE_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(FileNotFoundError, match="holds no conditioner"):
+        ImageTo3DPipeline.from_pretrained(noenc)
+    with pytest.raises(FileNotFoundError, match="conditioner weights not found"):
+        ImageTo3DPipeline.from_pretrained(noenc, conditioner=tmp_path / "dinov2.pth")
+    shutil.rmtree(noenc / "sparse_vae_128")
+    with pytest.raises(FileNotFoundError, match="lists component 'sparse_vae_128' but .* is missing"):
+        ImageTo3DPipeline.from_pretrained(noenc, conditioner=saved / "conditioner")
+
+
 def test_components_of_the_wrong_kind_are_named_at_load_time(saved, tmp_path):
     import shutil
 

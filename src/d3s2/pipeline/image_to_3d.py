@@ -358,6 +358,19 @@ class ImageTo3DPipeline:
             names = [n for n in names if not above(n)]
         if not settings.refine:
             names = [n for n in names if not _REFINER_NAME.match(n)]
+        # What is missing is named before any weights load (a published 1024³ pipeline takes a while to).
+        own = {n[len(_OWN_PREFIX):] for n in names if n.startswith(_OWN_PREFIX)}
+        dits = [n for n in names if n == "dense_dit" or n.startswith("sparse_dit_")]
+        if conditioner is None and "conditioner" not in names and any(n not in own for n in dits):
+            raise FileNotFoundError(f"{root} holds no conditioner: pass conditioner= (a DINOv2 Hugging Face folder "
+                                    "or dinov2_vitl14_reg4_pretrain.pth; CLI: --conditioner)")
+        for name in names:
+            needed = name in ("dense_dit", "dense_vae") or name.startswith(_OWN_PREFIX) or (
+                name == "conditioner" and conditioner is None) or _SPARSE_NAME.match(name) or _REFINER_NAME.match(name)
+            if needed and not (root / name).is_dir():
+                raise FileNotFoundError(f"{path} lists component {name!r} but {root / name} is missing")
+        if conditioner is not None and not isinstance(conditioner, nn.Module):
+            conditioner = load_conditioner(conditioner)
         models: dict[str, nn.Module] = {}
         for name in tqdm(names, desc="loading", leave=False, disable=not progress or len(names) < 3):
             sub = root / name
@@ -372,16 +385,7 @@ class ImageTo3DPipeline:
                     "dense_dit", "dense_vae"):
                 logger.info("not loading component %s", name)
                 continue
-            if not sub.is_dir():
-                raise FileNotFoundError(f"{path} lists component {name!r} but {sub} is missing")
             models[name] = from_pretrained(sub, dtype=dtype)
-        if conditioner is not None and not isinstance(conditioner, nn.Module):
-            conditioner = load_conditioner(conditioner)
-        own = {n[len(_OWN_PREFIX):] for n in models if n.startswith(_OWN_PREFIX)}
-        dits = [n for n in models if n == "dense_dit" or n.startswith("sparse_dit_")]
-        if conditioner is None and "conditioner" not in models and any(n not in own for n in dits):
-            raise FileNotFoundError(f"{root} holds no conditioner: pass conditioner= (a DINOv2 Hugging Face folder "
-                                    "or dinov2_vitl14_reg4_pretrain.pth; CLI: --conditioner)")
         return cls.from_components(models, conditioner=conditioner, settings=settings)
 
     def save_pretrained(self, directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
