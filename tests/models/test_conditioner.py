@@ -137,6 +137,12 @@ def test_loading_errors_are_clear(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read DINOv2 checkpoint"):
         DinoV2Encoder.from_pretrained(tmp_path / "junk.pth")
+    (tmp_path / "notes.pth").write_text("hello\n")  # the unpickler reads 'h' as a memo lookup: a KeyError
+    with pytest.raises(ValueError, match="cannot read DINOv2 checkpoint .*expected a torch.save file"):
+        DinoV2Encoder.from_pretrained(tmp_path / "notes.pth")
+    (tmp_path / "lfs.pth").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    with pytest.raises(ValueError, match="Git LFS pointer"):
+        DinoV2Encoder.from_pretrained(tmp_path / "lfs.pth")
     torch.save({"foo": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="torch-hub DINOv2"):
         DinoV2Encoder.from_pretrained(tmp_path / "other.pth")

@@ -142,6 +142,14 @@ def test_generate_writes_every_export_format(weights, tmp_path):
     assert [p.name for p in (tmp_path / "meshes.v2").iterdir()] == ["good.ply"]
 
 
+def test_every_image_of_a_batch_gets_its_own_output_file(tmp_path):
+    # x.png twice takes x_1 and x_2; x_1.png must not share x_1 with the first (its mesh was silently replaced).
+    images = [Path("a/x_1.png"), Path("a/x.png"), Path("b/x.png"), Path("c/y.png")]
+    paths = generate_cli.output_paths(images, str(tmp_path / "out") + "/", None)
+    assert len(set(paths)) == len(images)
+    assert [p.name for p in paths][-1] == "y.glb"  # a name no other image has stays as it is
+
+
 def test_batch_goes_on_after_user_data_errors(weights, tmp_path, capsys):
     inputs = tmp_path / "in"
     inputs.mkdir()

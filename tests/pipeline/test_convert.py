@@ -150,3 +150,14 @@ def test_convert_writes_checkpoint_tensors_that_share_memory(tiny_folder, tmp_pa
     got = pub.load_converted(out)[name].state_dict()
     for k, v in views.items():
         assert torch.equal(got[k], v), k
+
+
+def test_convert_refuses_to_replace_a_pipeline_folder_it_did_not_write(tiny_folder, tmp_path, capsys):
+    from .tiny import tiny_pipeline
+
+    root, _ = tiny_folder
+    own = tiny_pipeline().save_pretrained(tmp_path / "my_pipeline")  # also a pipeline.json, but trained weights
+    before = {p.relative_to(own): p.read_bytes() for p in own.rglob("*") if p.is_file()}
+    assert main(["convert", str(root), "--out", str(own)]) == 1
+    assert "written by d3s2 convert" in capsys.readouterr().err
+    assert {p.relative_to(own): p.read_bytes() for p in own.rglob("*") if p.is_file()} == before

@@ -118,6 +118,45 @@ def test_missing_conditioner(pipe, saved, tmp_path):
     assert loaded.conditioner.image_size == pipe.conditioner.image_size
 
 
+def test_what_is_missing_is_named_before_any_weights_load(saved, tmp_path, monkeypatch):
+    import shutil
+
+    from d3s2.models import registry
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights loaded before the missing part was named")
+
+    monkeypatch.setattr(registry, "from_pretrained", no_loading)
+    noenc = tmp_path / "noenc"
+    shutil.copytree(saved, noenc)
+    manifest = json.loads((noenc / PIPELINE_FILE).read_text())
+    manifest["components"].remove("conditioner")
+    (noenc / PIPELINE_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(FileNotFoundError, match="holds no conditioner"):
+        ImageTo3DPipeline.from_pretrained(noenc)
+    with pytest.raises(FileNotFoundError, match="conditioner weights not found"):
+        ImageTo3DPipeline.from_pretrained(noenc, conditioner=tmp_path / "dinov2.pth")
+    shutil.rmtree(noenc / "sparse_vae_128")
+    with pytest.raises(FileNotFoundError, match="lists component 'sparse_vae_128' but .* is missing"):
+        ImageTo3DPipeline.from_pretrained(noenc, conditioner=saved / "conditioner")
+
+
+def test_components_of_the_wrong_kind_are_named_at_load_time(saved, tmp_path):
+    import shutil
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(saved, mixed)
+    (mixed / "dense_dit").rename(tmp_path / "dense_dit")
+    (mixed / "dense_vae").rename(mixed / "dense_dit")
+    (tmp_path / "dense_dit").rename(mixed / "dense_vae")
+    with pytest.raises(ValueError, match="dense_dit: expected DenseDiT, got DenseShapeVAE; dense_vae: expected "
+                                         "DenseShapeVAE, got DenseDiT"):
+        ImageTo3DPipeline.from_pretrained(mixed)
+    # Another model as the image encoder (--conditioner a registry folder of a VAE).
+    with pytest.raises(ValueError, match="conditioner: expected ImageEncoder, got DenseShapeVAE"):
+        ImageTo3DPipeline.from_pretrained(saved, conditioner=saved / "dense_vae")
+
+
 def test_settings_from_published_defaults():
     d = {"dense": {"steps": 50, "guidance_scale": 7.0, "shift": 6.0, "num_train_timesteps": 1000},
          "sparse_512": {"steps": 30, "guidance_scale": 7.0, "shift": 6.0, "num_train_timesteps": 1000},

@@ -549,6 +549,12 @@ def hub_to_transformers(state: dict[str, torch.Tensor], target_keys: set[str]) -
 def _load_hub_checkpoint(path: Path, *, num_heads: int | None) -> nn.Module:
     from transformers import Dinov2Config, Dinov2WithRegistersConfig
 
+    from ..pipeline.published import not_a_checkpoint
+
+    # A text file (a Git LFS pointer, a saved error page) can send the unpickler into a KeyError traceback.
+    not_torch_save = not_a_checkpoint(path)
+    if not_torch_save:
+        raise ValueError(f"cannot read DINOv2 checkpoint {path}: expected a torch.save file, got {not_torch_save}")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:

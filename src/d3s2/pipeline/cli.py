@@ -199,6 +199,22 @@ def check_resolution(weights: str, resolution: int | None) -> None:
         raise ValueError(f"expected --resolution in {available} for {weights}, got {resolution}")
 
 
+def output_names(stems: list[str]) -> list[str]:
+    """One distinct output name per image: its stem, or ``<stem>_<position>`` for a stem several images share (same
+    name in two directories, or two suffixes), made longer while another image already has that name (x_1.png)."""
+    taken = {stem for stem in stems if stems.count(stem) == 1}
+    names = []
+    for i, stem in enumerate(stems):
+        name = stem
+        if stems.count(stem) > 1:
+            name = f"{stem}_{i}"
+            while name in taken:
+                name = f"{name}_{i}"
+            taken.add(name)
+        names.append(name)
+    return names
+
+
 def output_paths(images: list[Path], out: str, fmt: str | None) -> list[Path]:
     """The file each image's mesh goes to: ``out`` itself when it names a mesh file (one image), else one file per
     image in the directory ``out``. Raises ValueError for an ``-o`` or ``--format`` that cannot be honoured and for
@@ -209,9 +225,7 @@ def output_paths(images: list[Path], out: str, fmt: str | None) -> list[Path]:
     is_directory = out.endswith(("/", os.sep)) or not suffix or (suffix not in FORMATS and target.is_dir())
     if is_directory:
         fmt = fmt or "glb"
-        stems = [p.stem for p in images]
-        # Same stem from two directories: keep both outputs apart.
-        paths = [target / (f"{s}.{fmt}" if stems.count(s) == 1 else f"{s}_{i}.{fmt}") for i, s in enumerate(stems)]
+        paths = [target / f"{name}.{fmt}" for name in output_names([p.stem for p in images])]
     else:
         if suffix not in FORMATS:
             raise ValueError(f"expected -o to end in {'/'.join('.' + f for f in FORMATS)} or to be a directory "

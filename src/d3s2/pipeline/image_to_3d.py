@@ -232,6 +232,7 @@ class ImageTo3DPipeline:
         if set(sparse_dits) != set(sparse_vaes):
             raise ValueError(f"expected a VAE for every sparse DiT resolution, got DiTs {sorted(sparse_dits)} "
                              f"and VAEs {sorted(sparse_vaes)}")
+        _check_kinds(conditioner, conditioners, dense_dit, dense_vae, sparse_dits, sparse_vaes)
         for r, dit in sparse_dits.items():
             if r != dit.config.resolution * 8:
                 raise ValueError(f"sparse DiT for {r}³ has a {dit.config.resolution}³ latent grid; expected "
@@ -357,6 +358,19 @@ class ImageTo3DPipeline:
             names = [n for n in names if not above(n)]
         if not settings.refine:
             names = [n for n in names if not _REFINER_NAME.match(n)]
+        # What is missing is named before any weights load (a published 1024³ pipeline takes a while to).
+        own = {n[len(_OWN_PREFIX):] for n in names if n.startswith(_OWN_PREFIX)}
+        dits = [n for n in names if n == "dense_dit" or n.startswith("sparse_dit_")]
+        if conditioner is None and "conditioner" not in names and any(n not in own for n in dits):
+            raise FileNotFoundError(f"{root} holds no conditioner: pass conditioner= (a DINOv2 Hugging Face folder "
+                                    "or dinov2_vitl14_reg4_pretrain.pth; CLI: --conditioner)")
+        for name in names:
+            needed = name in ("dense_dit", "dense_vae") or name.startswith(_OWN_PREFIX) or (
+                name == "conditioner" and conditioner is None) or _SPARSE_NAME.match(name) or _REFINER_NAME.match(name)
+            if needed and not (root / name).is_dir():
+                raise FileNotFoundError(f"{path} lists component {name!r} but {root / name} is missing")
+        if conditioner is not None and not isinstance(conditioner, nn.Module):
+            conditioner = load_conditioner(conditioner)
         models: dict[str, nn.Module] = {}
         for name in tqdm(names, desc="loading", leave=False, disable=not progress or len(names) < 3):
             sub = root / name
@@ -371,16 +385,7 @@ class ImageTo3DPipeline:
                     "dense_dit", "dense_vae"):
                 logger.info("not loading component %s", name)
                 continue
-            if not sub.is_dir():
-                raise FileNotFoundError(f"{path} lists component {name!r} but {sub} is missing")
             models[name] = from_pretrained(sub, dtype=dtype)
-        if conditioner is not None and not isinstance(conditioner, nn.Module):
-            conditioner = load_conditioner(conditioner)
-        own = {n[len(_OWN_PREFIX):] for n in models if n.startswith(_OWN_PREFIX)}
-        dits = [n for n in models if n == "dense_dit" or n.startswith("sparse_dit_")]
-        if conditioner is None and "conditioner" not in models and any(n not in own for n in dits):
-            raise FileNotFoundError(f"{root} holds no conditioner: pass conditioner= (a DINOv2 Hugging Face folder "
-                                    "or dinov2_vitl14_reg4_pretrain.pth; CLI: --conditioner)")
         return cls.from_components(models, conditioner=conditioner, settings=settings)
 
     def save_pretrained(self, directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
@@ -683,6 +688,29 @@ def require_surface(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
         raise RuntimeError("the generated mesh is empty (no surface in the decoded volume); try another seed or "
                            "more steps")
     return mesh
+
+
+def _check_kinds(conditioner: nn.Module | None, conditioners: Mapping[str, nn.Module] | None, dense_dit: nn.Module,
+                 dense_vae: nn.Module, sparse_dits: Mapping[int, nn.Module],
+                 sparse_vaes: Mapping[int, nn.Module]) -> None:
+    """Each component is the kind of model its place runs (a folder whose sub-folders were mixed up, or another
+    model passed as --conditioner, would otherwise fail deep inside a call with an AttributeError)."""
+    from ..models.conditioner import ImageEncoder
+    from ..models.dit.dense_dit import DenseDiT
+    from ..models.dit.sparse_dit import SparseDiT
+    from ..models.vae.dense_vae import DenseShapeVAE
+    from ..models.vae.sparse_sdf_vae import SparseSDFVAE
+
+    places: list[tuple[str, nn.Module | None, type]] = [
+        ("conditioner", conditioner, ImageEncoder), ("dense_dit", dense_dit, DenseDiT),
+        ("dense_vae", dense_vae, DenseShapeVAE),
+        *[(f"{_OWN_PREFIX}{name}", m, ImageEncoder) for name, m in (conditioners or {}).items()],
+        *[(f"sparse_dit_{r}", m, SparseDiT) for r, m in sparse_dits.items()],
+        *[(f"sparse_vae_{r}", m, SparseSDFVAE) for r, m in sparse_vaes.items()]]
+    wrong = [f"{name}: expected {kind.__name__}, got {type(m).__name__}" for name, m, kind in places
+             if m is not None and not isinstance(m, kind)]
+    if wrong:
+        raise ValueError(f"pipeline components of the wrong kind: {'; '.join(wrong)}")
 
 
 def _check_refiner(resolution: int, refiner: nn.Module, vae: nn.Module | None) -> None:

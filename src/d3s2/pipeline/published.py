@@ -304,9 +304,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"expected checkpoint file {path}")
-    not_a_checkpoint = _not_a_checkpoint(path)
-    if not_a_checkpoint:
-        raise ValueError(f"{path}: expected a torch.save checkpoint, got {not_a_checkpoint}")
+    problem = not_a_checkpoint(path)
+    if problem:
+        raise ValueError(f"{path}: expected a torch.save checkpoint, got {problem}")
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -334,7 +334,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor
     return obj
 
 
-def _not_a_checkpoint(path: Path) -> str | None:
+def not_a_checkpoint(path: Path) -> str | None:
     """What ``path`` holds instead of a ``torch.save`` file (a zip archive, or a pickle in the legacy format),
     judged from its first bytes; None when it may be one."""
     with open(path, "rb") as f:
@@ -603,11 +603,12 @@ def convert_published(root: str | os.PathLike, out: str | os.PathLike, component
     root, out = Path(root), Path(out)
     if out.resolve() == root.resolve():
         raise ValueError(f"expected an output directory other than the published folder {root}")
-    # Replacing the folder whole must not delete files that are not an earlier conversion's.
-    earlier_or_empty = out.is_dir() and ((out / PIPELINE_FILE).is_file() or not any(out.iterdir()))
+    # Replacing the folder whole must not delete files that are not an earlier conversion's (a pipeline folder of
+    # trained models, written by save_pretrained, has a pipeline.json too).
+    earlier_or_empty = out.is_dir() and (_is_conversion(out) or not any(out.iterdir()))
     if out.exists() and not earlier_or_empty:
-        raise ValueError(f"expected --out to be a new or empty folder, or one written by d3s2 convert (with "
-                         f"{PIPELINE_FILE}), got {out}")
+        raise ValueError(f"expected --out to be a new or empty folder, or one written by d3s2 convert (a "
+                         f"{PIPELINE_FILE} with the published 'defaults'), got {out}")
     config = read_config(root)
     names = _selected_components(root, config, components)
     defaults = read_defaults(config)
@@ -627,6 +628,15 @@ def convert_published(root: str | os.PathLike, out: str | os.PathLike, component
                     "defaults": defaults.to_dict()}
         atomic_write_text(tmp / PIPELINE_FILE, json.dumps(manifest, indent=2) + "\n")
     return out
+
+
+def _is_conversion(folder: Path) -> bool:
+    """Whether ``folder`` holds a :func:`convert_published` result: its ``pipeline.json`` has the published defaults."""
+    try:
+        manifest = json.loads((folder / PIPELINE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "defaults" in manifest
 
 
 def _own_storages(model: nn.Module) -> nn.Module:
