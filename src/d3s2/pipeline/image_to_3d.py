@@ -364,28 +364,21 @@ class ImageTo3DPipeline:
         if conditioner is None and "conditioner" not in names and any(n not in own for n in dits):
             raise FileNotFoundError(f"{root} holds no conditioner: pass conditioner= (a DINOv2 Hugging Face folder "
                                     "or dinov2_vitl14_reg4_pretrain.pth; CLI: --conditioner)")
+        encoders = [n for n in names if n.startswith(_OWN_PREFIX) or (n == "conditioner" and conditioner is None)]
+        stages = [n for n in names
+                  if n in ("dense_dit", "dense_vae") or _SPARSE_NAME.match(n) or _REFINER_NAME.match(n)]
         for name in names:
-            needed = name in ("dense_dit", "dense_vae") or name.startswith(_OWN_PREFIX) or (
-                name == "conditioner" and conditioner is None) or _SPARSE_NAME.match(name) or _REFINER_NAME.match(name)
-            if needed and not (root / name).is_dir():
+            if name not in encoders + stages and name != "conditioner":
+                logger.info("not loading component %s", name)
+            elif name in encoders + stages and not (root / name).is_dir():
                 raise FileNotFoundError(f"{path} lists component {name!r} but {root / name} is missing")
         if conditioner is not None and not isinstance(conditioner, nn.Module):
             conditioner = load_conditioner(conditioner)
         models: dict[str, nn.Module] = {}
-        for name in tqdm(names, desc="loading", leave=False, disable=not progress or len(names) < 3):
+        loading = [n for n in names if n in encoders + stages]
+        for name in tqdm(loading, desc="loading", leave=False, disable=not progress or len(loading) < 3):
             sub = root / name
-            if name == "conditioner":
-                if conditioner is None:
-                    models[name] = load_conditioner(sub)
-                continue
-            if name.startswith(_OWN_PREFIX):
-                models[name] = load_conditioner(sub)
-                continue
-            if _SPARSE_NAME.match(name) is None and _REFINER_NAME.match(name) is None and name not in (
-                    "dense_dit", "dense_vae"):
-                logger.info("not loading component %s", name)
-                continue
-            models[name] = from_pretrained(sub, dtype=dtype)
+            models[name] = load_conditioner(sub) if name in encoders else from_pretrained(sub, dtype=dtype)
         return cls.from_components(models, conditioner=conditioner, settings=settings)
 
     def save_pretrained(self, directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
