@@ -183,9 +183,14 @@ def check_image(image: str | os.PathLike) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from d3s2.pipeline import demo_weights
+    from d3s2.pipeline.image_to_3d import MAX_SEED
 
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"expected --steps ≥ 1, got {args.steps}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ValueError(f"expected --seed in [0, {MAX_SEED}], got {args.seed}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"expected --out to be a folder, got the file {args.out}")
     examples = bundled_examples()
     if args.mesh:
         path = Path(args.mesh)

@@ -71,6 +71,7 @@ def _write_inputs(folder):
     (["--image", "{inputs}/transparent.png"], "alpha channel is empty"),
     (["--mesh", "{inputs}/missing.obj"], "missing.obj: no such file"),
     (["--steps", "0"], "expected --steps ≥ 1, got 0"),
+    (["--seed", "-1"], "expected --seed in [0, 9223372036854775807], got -1"),
 ])
 def test_demo_checks_its_input_before_loading_and_writing(demo_weights, tmp_path, capsys, monkeypatch, args,
                                                           message):
@@ -85,3 +86,15 @@ def test_demo_checks_its_input_before_loading_and_writing(demo_weights, tmp_path
     assert main(["demo", *[a.format(inputs=inputs) for a in args], "--out", str(out)]) == 1
     assert message in capsys.readouterr().err
     assert not out.exists()  # no empty output folder left behind
+
+
+def test_demo_refuses_an_out_that_is_a_file_before_loading(demo_weights, tmp_path, capsys, monkeypatch):
+    def refuse(*a, **kw):
+        raise AssertionError("the models were loaded before --out was checked")
+
+    monkeypatch.setattr(ImageTo3DPipeline, "from_pretrained", refuse)
+    out = tmp_path / "report.txt"
+    out.write_text("an operator's file")
+    assert main(["demo", "--out", str(out)]) == 1
+    assert f"expected --out to be a folder, got the file {out}" in capsys.readouterr().err
+    assert out.read_text() == "an operator's file"

@@ -125,15 +125,14 @@ def encode_folder(data: str | os.PathLike, vae_dir: str | os.PathLike, out: str 
     """
     from ..models.registry import WEIGHTS_FILE
     from ..models.vae.export_info import check_data_matches, read_task_file
-    from ..models.vae.refine import refine_latent
+    from ..models.vae.refine import check_refine_settings, refine_latent
     from ..models.vae.sparse_sdf_vae import PackedSDFBatch
     from ..progress import CountProgress
     from ..sparse import SparseTensor
     from .collate import collate_packed
     from .dataset import SparseSDFDataset
 
-    if refine_steps < 0:
-        raise ValueError(f"expected refine_steps >= 0, got {refine_steps}")
+    check_refine_settings(refine_steps, refine_lr)
     if Path(out).resolve() == Path(data).resolve():
         # Its asset files would pass for finished latents: nothing encoded, and the build marked a latent folder.
         raise ValueError(f"expected an output folder other than the built data folder {data}, got the same")

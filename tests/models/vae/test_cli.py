@@ -224,8 +224,12 @@ def test_reconstruct_with_refinement(refinable_weights, tmp_path, capsys):
     assert "\r" not in captured.err  # pytest's stderr is no terminal: no refinement bar frames
     assert main([*args, "-o", str(tmp_path / "b.glb"), "--refine-steps", "2", "--chunk", "2"]) == 1
     assert "decodes the whole shape" in capsys.readouterr().err
-    assert main([*args, "-o", str(tmp_path / "b.glb"), "--refine-steps", "-1"]) == 1
-    assert "--refine-steps must be >= 0" in capsys.readouterr().err
+    for wrong, message in [(["--refine-steps", "-1"], "expected refine_steps >= 0 (--refine-steps), got -1"),
+                           (["--refine-steps", "2", "--refine-lr", "nan"], "expected a finite refine_lr > 0"),
+                           (["--refine-steps", "2", "--refine-lr", "0"], "expected a finite refine_lr > 0"),
+                           (["--chunk", "-1"], "expected --chunk >= 0 (0: the whole shape at once), got -1")]:
+        assert main([*args, "-o", str(tmp_path / "b.glb"), *wrong]) == 1
+        assert message in capsys.readouterr().err
     assert not (tmp_path / "b.glb").exists()
 
 

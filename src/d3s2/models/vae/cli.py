@@ -170,12 +170,14 @@ def _reconstruct(args: argparse.Namespace) -> int:
     from ...geometry.export import check_export_path, export_mesh
     from ...geometry.mesh_io import load_mesh
     from .export_info import read_task_file, resolve_band
+    from .refine import check_refine_settings
 
     # Every argument is checked before the weights are loaded and the (long) round trip starts.
     if args.resolution % 8 or args.resolution < 8:
         raise ValueError(f"--resolution must be a multiple of 8, got {args.resolution}")
-    if args.refine_steps < 0:
-        raise ValueError(f"--refine-steps must be >= 0, got {args.refine_steps}")
+    check_refine_settings(args.refine_steps, args.refine_lr)
+    if args.chunk is not None and args.chunk < 0:
+        raise ValueError(f"expected --chunk >= 0 (0: the whole shape at once), got {args.chunk}")
     _check_band(args.band)
     check_export_path(args.out)
     device = resolve_device(args.device)
@@ -218,12 +220,11 @@ def evaluate(model, data: str, resolutions: list[int], *, split: str, val_fracti
     from ...data.collate import collate_sparse
     from ...data.dataset import SparseSDFDataset
     from ...progress import CountProgress
-    from .refine import refine_latent
+    from .refine import check_refine_settings, refine_latent
     from .sparse_sdf_vae import PackedSDFBatch
     from .task import decode_mesh, latent_meshes, shape_metrics, target_mesh
 
-    if refine_steps < 0:
-        raise ValueError(f"expected refine_steps >= 0, got {refine_steps}")
+    check_refine_settings(refine_steps, refine_lr)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
     setting = {"refine_steps": refine_steps, "refine_lr": refine_lr if refine_steps else None}

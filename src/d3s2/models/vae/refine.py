@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +104,15 @@ def _frozen(model: torch.nn.Module):
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
         model.train(training)
+
+
+def check_refine_settings(steps: int, lr: float) -> None:
+    """Refinement settings no run can use (ValueError), checked before the long work that precedes the refinement;
+    ``lr`` only matters when ``steps`` > 0."""
+    if steps < 0:
+        raise ValueError(f"expected refine_steps >= 0 (--refine-steps), got {steps}")
+    if steps and not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"expected a finite refine_lr > 0 (--refine-lr), got {lr}")
 
 
 def refine_latent(
