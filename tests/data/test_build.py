@@ -514,6 +514,44 @@ def test_an_asset_that_kills_its_worker_fails_alone(tmp_path):
     assert sorted(n for n, r in records.items() if r["status"] == "ok") == [f"meshes/box{i}.obj" for i in range(8)]
 
 
+def test_an_asset_that_killed_a_one_process_build_is_built_alone_by_the_rerun(tmp_path):
+    """With --workers 1 the build itself dies with the asset (the OOM killer); its temp file tells the re-run which
+    asset that was: built last in a process of its own, and recorded failed when that dies too."""
+    src = tmp_path / "meshes"
+    src.mkdir()
+    for i in range(3):
+        trimesh.creation.box(extents=(1, 1 + i / 8, 1)).export(src / f"box{i}.obj")
+    trimesh.creation.box().export(src / "big.obj")
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_KILLING_HOOK)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(Path(d3s2.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "d3s2.cli", "data", "build", str(src), "--out", str(out), "--workers", "1",
+               "--resolutions", "16", "--views", "0", "--band", "0.25", "--no-progress"]
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert first.returncode == -signal.SIGKILL  # died at big.obj, the first asset in name order
+    rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert rerun.returncode == 1, rerun.stderr
+    assert "built 3, skipped 0 (already done), failed 1" in rerun.stdout, rerun.stdout + rerun.stderr
+    assert "FAILED meshes/big.obj: the worker process building it died" in rerun.stdout
+    records = read_manifest(out)
+    assert sorted(n for n, r in records.items() if r["status"] == "ok") == [f"meshes/box{i}.obj" for i in range(3)]
+
+
+def test_an_asset_stopped_by_ctrl_c_leaves_no_temp_file_to_build_it_apart(tmp_path, monkeypatch):
+    sources = select(resolve_sources(["0ad"], corpus_path=str(TINY)), subset=1)
+
+    def interrupted(asset, config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_mod, "build_asset", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build(sources, tmp_path, CONFIG, progress=False)
+    assert not list(tmp_path.rglob("*.tmp*"))  # a re-run builds it with the others
+
+
 def test_a_signal_ignored_from_the_start_stays_ignored():
     # A parent that ignores SIGTERM (as a shell ignores SIGINT in a command it starts with `&` from a script) means
     # the build to go on through it: the build's own handler would end it with 143.

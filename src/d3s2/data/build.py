@@ -19,11 +19,14 @@ in the normalised frame, the same frame as the SDF.
 An asset is finished when its file exists; a re-run skips finished assets and retries the others. Failures
 (unreadable or degenerate meshes: the ``MeshError`` message; anything else: the exception) are recorded in the
 manifest and the job goes on, as it does when a worker process is killed (``--workers`` > 1: the OOM killer on a
-huge mesh; the assets then in progress are retried one at a time, see :func:`_build_in_workers`); an output folder
-that is full, read-only or not writable stops the build at the first asset it cannot write
+huge mesh; the assets then in progress are retried after the others, each alone, see :func:`_build_apart`). A
+build killed outright (``--workers`` 1 and the OOM killer, or SIGKILL) leaves the temp file of the asset it was
+building, and a re-run builds that asset last, alone in a worker process, so a mesh that kills whatever builds it
+is recorded failed instead of stopping every re-run; the workers of such a build end within a second. An output
+folder that is full, read-only or not writable stops the build at the first asset it cannot write
 (:class:`OutputNotWritable`). Ctrl-C or SIGTERM stops the workers (the exit code is 130 / 143; a signal the process
-was started with ignored stays ignored) and a re-run resumes; the workers of a build killed outright (SIGKILL) end
-within a second. Everything is deterministic in the asset name and ``seed``.
+was started with ignored stays ignored) and a re-run resumes. Everything is deterministic in the asset name and
+``seed``.
 """
 
 from __future__ import annotations
@@ -305,11 +308,16 @@ def build_asset(asset: AssetSource, config: BuildConfig) -> tuple[dict[str, np.n
     return arrays, stats
 
 
+def temp_path(path: Path, tmp_tag: str = "") -> Path:
+    """This process's temp file for ``path``: ``<name>.tmp<tmp_tag>-<pid>`` (see :func:`remove_stale_temps`)."""
+    return path.with_name(f"{path.name}.tmp{tmp_tag}-{os.getpid()}")
+
+
 def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray], tmp_tag: str = "") -> None:
-    """Write a compressed npz via a temp file in the same folder and ``os.replace`` (never a partial file); the
-    temp file is named ``<name>.tmp<tmp_tag>-<pid>`` (see :func:`remove_stale_temps`)."""
+    """Write a compressed npz via a temp file in the same folder (:func:`temp_path`) and ``os.replace`` (never a
+    partial file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{tmp_tag}-{os.getpid()}")
+    tmp = temp_path(path, tmp_tag)
     try:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **arrays)
@@ -330,9 +338,14 @@ def process_asset(asset: AssetSource, config: BuildConfig, out: str, tmp_tag: st
     """Build and write one asset; returns its manifest record (``status`` ok or failed, with ``error``)."""
     t0 = time.perf_counter()
     record = _new_record(asset)
+    path = asset_path(out, asset.name)
+    # The temp file is there from the start: a process killed while building (the OOM killer) leaves it behind,
+    # which tells the next run which asset to build apart (see build()).
+    marker = temp_path(path, tmp_tag)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     try:
         arrays, stats = build_asset(asset, config)
-        path = asset_path(out, asset.name)
         try:
             write_npz_atomic(path, arrays, tmp_tag)
         except OSError as err:
@@ -349,6 +362,8 @@ def process_asset(asset: AssetSource, config: BuildConfig, out: str, tmp_tag: st
 
         reason = str(err) if isinstance(err, MeshError) else f"{type(err).__name__}: {err}"
         record.update(status="failed", error=reason)
+    finally:
+        marker.unlink(missing_ok=True)
     record["seconds"] = round(time.perf_counter() - t0, 4)
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     return record
@@ -435,13 +450,18 @@ def _has_assets(out: Path) -> bool:
     return next((out / "assets").rglob("*.npz"), None) is not None  # temp files end in -<pid>, not .npz
 
 
-def remove_stale_temps(out: Path, tmp_tag: str = "") -> None:
-    """Remove the temp files of :func:`write_npz_atomic` under ``out/assets`` that carry ``tmp_tag`` and whose writer
-    process has ended (a run killed mid-write); those of a running process (another shard's) stay."""
-    for f in (out / "assets").rglob(f"*.npz.tmp{tmp_tag}-*"):
+def remove_stale_temps(out: Path, tmp_tag: str = "") -> set[str]:
+    """Remove the temp files (:func:`temp_path`) under ``out/assets`` that carry ``tmp_tag`` and whose process has
+    ended (a run killed amid an asset); those of a running process (another shard's) stay. Returns the names of
+    their assets."""
+    assets, names = out / "assets", set()
+    for f in assets.rglob(f"*.npz.tmp{tmp_tag}-*"):
         pid = f.name.rpartition("-")[2]
         if not (pid.isdigit() and _process_alive(int(pid))):
             f.unlink(missing_ok=True)
+            relative = f.relative_to(assets).as_posix()
+            names.add(relative[:relative.rindex(".npz.tmp")])
+    return names
 
 
 def _process_alive(pid: int) -> bool:
@@ -512,8 +532,8 @@ def build(assets: Iterable[AssetSource], out: str | os.PathLike, config: BuildCo
         raise ValueError(f"{out}: expected an output folder (or a path to create one at), found a file")
     with _bound_settings(out, config):
         tmp_tag = f"-s{shard[0]}of{shard[1]}"
-        if (out / "assets").exists():
-            remove_stale_temps(out, tmp_tag)
+        # Assets whose process died while building them (a temp file left behind) are built last, each alone.
+        interrupted = remove_stale_temps(out, tmp_tag) if (out / "assets").exists() else set()
         assets = list(assets)
         summary = BuildSummary(total=len(assets))
         todo = [a for a in assets if not asset_path(out, a.name).exists()]
@@ -522,13 +542,15 @@ def build(assets: Iterable[AssetSource], out: str | os.PathLike, config: BuildCo
             from d3s2.geometry.sdf import warn_narrow_band_at
 
             warn_narrow_band_at(config.band, config.resolutions)  # once here, not once per asset
-        _build_todo(todo, out, config, summary, workers=workers, shard=shard, tmp_tag=tmp_tag, progress=progress)
+        _build_todo(todo, out, config, summary, workers=workers, shard=shard, tmp_tag=tmp_tag, progress=progress,
+                    apart={a.name for a in todo} & interrupted)
         return summary
 
 
 def _build_todo(todo: list[AssetSource], out: Path, config: BuildConfig, summary: BuildSummary, *, workers: int,
-                shard: tuple[int, int], tmp_tag: str, progress: bool) -> None:
-    """Build ``todo`` into ``out``, recording each attempt in the manifest and in ``summary``."""
+                shard: tuple[int, int], tmp_tag: str, progress: bool, apart: set[str]) -> None:
+    """Build ``todo`` into ``out``, recording each attempt in the manifest and in ``summary``; the assets named in
+    ``apart`` last, each alone in a process of its own (:func:`_build_apart`)."""
     t0 = time.perf_counter()
     with (_signal_handler(signal.SIGTERM, _exit_on_sigterm), open(manifest_path(out, shard), "a") as manifest,
           CountProgress(len(todo), desc="data build", unit="asset", enabled=progress) as bar):
@@ -542,24 +564,30 @@ def _build_todo(todo: list[AssetSource], out: Path, config: BuildConfig, summary
                 log.warning("%s failed: %s", rec["name"], rec["error"])
             bar.update(1, failed=int(rec["status"] != "ok"))
 
+        together = [a for a in todo if a.name not in apart]
         try:
             if workers <= 1:
-                for a in todo:
+                for a in together:
                     record(process_asset(a, config, str(out), tmp_tag))
+                suspects = []
             else:
-                _build_in_workers(todo, str(out), config, tmp_tag, workers=workers, record=record)
+                suspects = _build_in_workers(together, str(out), config, tmp_tag, workers=workers,
+                                                   record=record)
+            _build_apart([a for a in todo if a.name in apart] + suspects, str(out), config, tmp_tag,
+                         record=record)
         except (KeyboardInterrupt, SystemExit, OutputNotWritable):
+            remove_stale_temps(out, tmp_tag)  # those of the workers stopped here: no process died of their assets
             log.warning("data build stopped after %d of %d assets; a re-run resumes", bar.done, bar.total)
             raise
     summary.seconds = time.perf_counter() - t0
 
 
 def _build_in_workers(todo: list[AssetSource], out: str, config: BuildConfig, tmp_tag: str, *, workers: int,
-                      record: Callable[[dict], None]) -> None:
+                      record: Callable[[dict], None]) -> list[AssetSource]:
     """:func:`process_asset` on each of ``todo`` in ``workers`` processes; ``record`` each result as it comes.
 
-    A worker killed while it builds (the OOM killer on a huge mesh) takes its pool down: the assets in progress then
-    are retried one at a time after the others, and one whose worker dies again is recorded failed."""
+    A worker killed while it builds (the OOM killer on a huge mesh) takes its pool down; the others go on in a new
+    pool. Returns the assets in progress at such deaths, to build apart (:func:`_build_apart`)."""
     remaining, suspects = todo, []
     while remaining:
         unfinished, started = _run_pool(remaining, out, config, tmp_tag, workers=workers, record=record)
@@ -569,7 +597,15 @@ def _build_in_workers(todo: list[AssetSource], out: str, config: BuildConfig, tm
             raise BrokenProcessPool("a worker process of the build died before it started an asset")
         suspects += started
         remaining = [a for a in unfinished if a not in started]
-    for asset in suspects:
+    return suspects
+
+
+def _build_apart(assets: list[AssetSource], out: str, config: BuildConfig, tmp_tag: str, *,
+                 record: Callable[[dict], None]) -> None:
+    """Each of ``assets`` (a process died while building it) in a worker process of its own, one at a time: one
+    whose worker dies again is recorded failed, and the build goes on."""
+    for asset in assets:
+        log.info("building %s in a process of its own (a process died while building it)", asset.name)
         t0 = time.perf_counter()
         if _run_pool([asset], out, config, tmp_tag, workers=1, record=record)[0]:
             record({**_new_record(asset), "status": "failed", "seconds": round(time.perf_counter() - t0, 4),
