@@ -379,6 +379,17 @@ def test_linked_mesh_files_keep_the_names_of_their_links(tmp_path):
     assert build(resolve_sources([str(src)]), tmp_path / "out", CONFIG, progress=False).built == 1
 
 
+def test_a_folder_source_reaches_meshes_in_linked_subfolders(tmp_path):
+    store, src = tmp_path / "store", tmp_path / "meshes"
+    (store / "chairs").mkdir(parents=True)
+    src.mkdir()
+    trimesh.creation.box().export(store / "chairs" / "chair.obj")
+    trimesh.creation.icosphere(1).export(src / "ball.obj")
+    (src / "chairs").symlink_to(store / "chairs")
+    (store / "chairs" / "back").symlink_to(src)  # a cycle: each real folder is read once
+    assert [a.name for a in resolve_sources([str(src)])] == ["meshes/ball.obj", "meshes/chairs/chair.obj"]
+
+
 def test_a_folder_names_the_files_it_skips(tmp_path, caplog):
     trimesh.creation.box().export(tmp_path / "box.obj")
     for name in ("chair.fbx", "table.fbx", "notes.txt", "box.mtl", "wood.png", "README"):

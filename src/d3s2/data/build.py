@@ -161,7 +161,7 @@ def resolve_sources(sources: Sequence[str], *, corpus_path: str | None = None) -
             continue
         p = Path(src)
         if p.is_dir():
-            files, base = [f for f in p.rglob("*") if f.is_file()], p
+            files, base = _files_below(p), p
         elif p.is_file():
             files, base = [p], p.parent
         else:
@@ -198,6 +198,19 @@ def parse_shard(text: str) -> tuple[int, int]:
     if not 0 <= i < n:
         raise ValueError(f"expected 0 <= i < n in --shard i/n, got {text!r}")
     return i, n
+
+
+def _files_below(folder: Path) -> list[Path]:
+    """Every file below ``folder``, through linked sub-folders too (each real folder once, so a link cycle ends)."""
+    seen, found = set(), []
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        found += [path for path in (Path(top, f) for f in files) if path.is_file()]
+    return found
 
 
 def select(assets: Sequence[AssetSource], *, shard: tuple[int, int] = (0, 1), subset: int | None = None,
