@@ -1,7 +1,8 @@
 # Session 29 (one GPU), after the session's merges (pipeline loading checks, batch output names, data build
 # worker recovery and fsync, checkpoint version 2): the GPU test suite, then a small data build and encode on cuda.
 source scripts/gpu/_prelude.sh
-timeout 400 python3 -m pytest -q -p no:cacheprovider -m gpu -n 4 -rs tests 2>&1 | tail -25
+# One process: xdist workers share the one GPU, and on an 80 GB H100 -n 4 and -n 2 ran out of memory (session 29).
+timeout 500 python3 -m pytest -q -p no:cacheprovider -m gpu -rfs tests 2>&1 | tail -25
 el "gpu tests done"
 python3 - <<'PY'
 import trimesh
