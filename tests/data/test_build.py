@@ -456,15 +456,8 @@ def test_a_closed_stl_is_recorded_watertight(tmp_path):
 
 def test_the_workers_of_a_killed_build_end(tmp_path):
     """SIGKILL to the main process (the OOM killer, kill -9) runs no cleanup: its workers end by themselves."""
-    src = tmp_path / "meshes"
-    src.mkdir()
-    for i in range(100):  # far more than get done before the kill
-        trimesh.creation.box(extents=(1, 1 + i / 128, 1)).export(src / f"box{i}.obj")
+    command, env = _box_build(tmp_path, 100, spread=128)  # far more boxes than get done before the kill
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(d3s2.__file__).parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "d3s2.cli", "data", "build", str(src), "--out", str(out), "--workers", "2",
-               "--resolutions", "16", "--views", "0", "--band", "0.25", "--no-progress"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     try:
@@ -504,51 +497,46 @@ d3s2.data.build.build_asset = killed_on_big
 def test_an_asset_that_kills_its_worker_fails_alone(tmp_path):
     """The pool a killed worker takes down goes on without it: the assets then in progress are retried one at a time,
     and the one whose worker dies alone is recorded failed."""
-    src = tmp_path / "meshes"
-    src.mkdir()
-    for i in range(8):
-        trimesh.creation.box(extents=(1, 1 + i / 8, 1)).export(src / f"box{i}.obj")
-    trimesh.creation.box().export(src / "big.obj")
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(_KILLING_HOOK)  # in every process: the spawned workers too
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(Path(d3s2.__file__).parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "d3s2.cli", "data", "build", str(src), "--out", str(out), "--workers", "2",
-               "--resolutions", "16", "--views", "0", "--band", "0.25", "--no-progress"]
-    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    command, env = _box_build(tmp_path, 8, hook=_KILLING_HOOK)
+    _assert_only_big_failed(subprocess.run(command, capture_output=True, text=True, env=env, timeout=120),
+                            tmp_path / "out", boxes=8)
+
+
+def _assert_only_big_failed(run: subprocess.CompletedProcess, out: Path, *, boxes: int) -> None:
     assert run.returncode == 1, run.stderr
-    assert "built 8, skipped 0 (already done), failed 1" in run.stdout, run.stdout + run.stderr
+    assert f"built {boxes}, skipped 0 (already done), failed 1" in run.stdout, run.stdout + run.stderr
     assert "FAILED meshes/big.obj: the worker process building it died" in run.stdout
     records = read_manifest(out)
-    assert sorted(n for n, r in records.items() if r["status"] == "ok") == [f"meshes/box{i}.obj" for i in range(8)]
+    assert sorted(n for n, r in records.items() if r["status"] == "ok") == [f"meshes/box{i}.obj" for i in range(boxes)]
+
+
+def _box_build(tmp_path: Path, boxes: int, *, spread: int = 8, workers: int = 2,
+               hook: str | None = None) -> tuple[list[str], dict[str, str]]:
+    """``d3s2 data build`` (command, environment) of ``boxes`` boxes of other heights into ``tmp_path/out``; with
+    ``hook`` (a sitecustomize.py, run in every process: the spawned workers too) also of big.obj."""
+    src = tmp_path / "meshes"
+    src.mkdir()
+    for i in range(boxes):
+        trimesh.creation.box(extents=(1, 1 + i / spread, 1)).export(src / f"box{i}.obj")
+    paths = [str(Path(d3s2.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+    if hook is not None:
+        trimesh.creation.box().export(src / "big.obj")
+        (tmp_path / "hook").mkdir()
+        (tmp_path / "hook" / "sitecustomize.py").write_text(hook)
+        paths.insert(0, str(tmp_path / "hook"))
+    command = [sys.executable, "-m", "d3s2.cli", "data", "build", str(src), "--out", str(tmp_path / "out"),
+               "--workers", str(workers), "--resolutions", "16", "--views", "0", "--band", "0.25", "--no-progress"]
+    return command, {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 def test_an_asset_that_killed_a_one_process_build_is_built_alone_by_the_rerun(tmp_path):
     """With --workers 1 the build itself dies with the asset (the OOM killer); its temp file tells the re-run which
     asset that was: built last in a process of its own, and recorded failed when that dies too."""
-    src = tmp_path / "meshes"
-    src.mkdir()
-    for i in range(3):
-        trimesh.creation.box(extents=(1, 1 + i / 8, 1)).export(src / f"box{i}.obj")
-    trimesh.creation.box().export(src / "big.obj")
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(_KILLING_HOOK)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(Path(d3s2.__file__).parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "d3s2.cli", "data", "build", str(src), "--out", str(out), "--workers", "1",
-               "--resolutions", "16", "--views", "0", "--band", "0.25", "--no-progress"]
+    command, env = _box_build(tmp_path, 3, workers=1, hook=_KILLING_HOOK)
     first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert first.returncode == -signal.SIGKILL  # died at big.obj, the first asset in name order
-    rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
-    assert rerun.returncode == 1, rerun.stderr
-    assert "built 3, skipped 0 (already done), failed 1" in rerun.stdout, rerun.stdout + rerun.stderr
-    assert "FAILED meshes/big.obj: the worker process building it died" in rerun.stdout
-    records = read_manifest(out)
-    assert sorted(n for n, r in records.items() if r["status"] == "ok") == [f"meshes/box{i}.obj" for i in range(3)]
+    _assert_only_big_failed(subprocess.run(command, capture_output=True, text=True, env=env, timeout=120),
+                            tmp_path / "out", boxes=3)
 
 
 def test_an_asset_stopped_by_ctrl_c_leaves_no_temp_file_to_build_it_apart(tmp_path, monkeypatch):
@@ -580,15 +568,8 @@ def test_a_signal_ignored_from_the_start_stays_ignored():
 def test_a_signal_stops_the_workers_cleanly(tmp_path, signum, whole_group, code):
     """SIGTERM to the main process alone (`kill PID`: it stops the workers itself), SIGINT to every process of the
     group (Ctrl-C in a terminal): the exit code of the signal, no traceback, no leaked semaphore, and it resumes."""
-    src = tmp_path / "meshes"
-    src.mkdir()
-    for i in range(6):
-        trimesh.creation.box(extents=(1, 1 + i / 8, 1)).export(src / f"box{i}.obj")
+    command, env = _box_build(tmp_path, 6)
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(d3s2.__file__).parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "d3s2.cli", "data", "build", str(src), "--out", str(out), "--workers", "2",
-               "--resolutions", "16", "--views", "0", "--band", "0.25", "--no-progress"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     try:
@@ -607,7 +588,7 @@ def test_a_signal_stops_the_workers_cleanly(tmp_path, signum, whole_group, code)
     assert proc.returncode == code, err
     assert "Traceback" not in err and "leaked" not in err and "resource_tracker" not in err, err
     assert "a re-run resumes" in err
-    summary = build(resolve_sources([str(src)]), out, BuildConfig(resolutions=(16,), views=0, band=0.25),
-                    progress=False)
+    summary = build(resolve_sources([str(tmp_path / "meshes")]), out,
+                    BuildConfig(resolutions=(16,), views=0, band=0.25), progress=False)
     assert summary.skipped + summary.built == 6 and not summary.failed
     assert not list(out.rglob("*.tmp*"))
