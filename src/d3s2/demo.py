@@ -128,7 +128,7 @@ def run_generate_demo(weights: str | os.PathLike, out_dir: str | os.PathLike, *,
     from d3s2.geometry.export import export_mesh
     from d3s2.geometry.mesh_io import load_mesh, normalize_mesh
     from d3s2.geometry.render import encode_png, render_views
-    from d3s2.pipeline.image_to_3d import ImageTo3DPipeline
+    from d3s2.pipeline.image_to_3d import ImageTo3DPipeline, require_surface
 
     if (image is None) == (example_mesh is None):
         raise ValueError("expected exactly one of image and example_mesh")
@@ -146,7 +146,7 @@ def run_generate_demo(weights: str | os.PathLike, out_dir: str | os.PathLike, *,
         report["input"] = str(out / f"{name}_input.png")
         report["example_mesh"] = str(example_mesh)
     pipe = ImageTo3DPipeline.from_pretrained(weights, progress=progress)
-    mesh = pipe(rgba, seed=seed, steps=steps, device="cpu", progress=progress)
+    mesh = require_surface(pipe(rgba, seed=seed, steps=steps, device="cpu", progress=progress))
     if source is not None:
         atomic_write_bytes(Path(report["input"]), encode_png(rgba))
     glb = out / f"{name}.glb"

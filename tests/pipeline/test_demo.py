@@ -98,3 +98,14 @@ def test_demo_refuses_an_out_that_is_a_file_before_loading(demo_weights, tmp_pat
     assert main(["demo", "--out", str(out)]) == 1
     assert f"expected --out to be a folder, got the file {out}" in capsys.readouterr().err
     assert out.read_text() == "an operator's file"
+
+
+def test_an_empty_generation_is_an_error_and_writes_nothing(demo_weights, tmp_path, capsys, monkeypatch):
+    # As `d3s2 generate`: no 0-face GLB presented as the demo's result.
+    monkeypatch.setattr(ImageTo3DPipeline, "__call__", lambda self, *a, **kw: trimesh.Trimesh())
+    image = tmp_path / "thing.png"
+    Image.fromarray(rgba_image()).save(image)
+    out = tmp_path / "out"
+    assert main(["demo", "--image", str(image), "--out", str(out), "--steps", "1"]) == 1
+    assert "the generated mesh is empty" in capsys.readouterr().err
+    assert not out.exists()
