@@ -329,6 +329,19 @@ def test_a_full_or_read_only_output_stops_the_build_at_the_first_write(tmp_path,
     assert not list(out.rglob("*.npz")) and not list(out.rglob("*.tmp*")) and read_manifest(out) == {}
 
 
+def test_an_output_without_room_for_an_assets_temp_file_stops_the_build_too(tmp_path, monkeypatch):
+    # The temp file is made when the asset starts (it marks the asset in progress), before any array is written.
+    sources = select(resolve_sources(["0ad"], corpus_path=str(TINY)), subset=2)
+
+    def no_inode_left(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(build_mod.Path, "touch", no_inode_left)
+    with pytest.raises(build_mod.OutputNotWritable, match=r"cannot write .*\.npz: No space left on device"):
+        build(sources, tmp_path / "out", CONFIG, progress=False)
+    assert read_manifest(tmp_path / "out") == {}
+
+
 def test_an_output_path_that_is_a_file_is_refused(tmp_path, capsys):
     trimesh.creation.box().export(tmp_path / "box.obj")
     assert main(["data", "build", str(tmp_path / "box.obj"), "--out", str(tmp_path / "box.obj"), *ARGS]) == 1

@@ -347,6 +347,19 @@ def _new_record(asset: AssetSource) -> dict:
             else f"{asset.path}:{asset.corpus_name}"}
 
 
+@contextmanager
+def _output_errors(path: Path, out: str) -> Iterator[None]:
+    """An OSError of a full, read-only or unwritable output folder as :class:`OutputNotWritable`."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in OUTPUT_ERRNOS:
+            raise OutputNotWritable(f"cannot write {path}: {err.strerror}; the build stops (every later asset would "
+                                    f"fail too): make room or fix {out}, then re-run, which keeps the finished "
+                                    "assets") from None
+        raise
+
+
 def process_asset(asset: AssetSource, config: BuildConfig, out: str, tmp_tag: str = "") -> dict:
     """Build and write one asset; returns its manifest record (``status`` ok or failed, with ``error``)."""
     t0 = time.perf_counter()
@@ -355,18 +368,13 @@ def process_asset(asset: AssetSource, config: BuildConfig, out: str, tmp_tag: st
     # The temp file is there from the start: a process killed while building (the OOM killer) leaves it behind,
     # which tells the next run which asset to build apart (see build()).
     marker = temp_path(path, tmp_tag)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
     try:
+        with _output_errors(path, out):
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
         arrays, stats = build_asset(asset, config)
-        try:
+        with _output_errors(path, out):
             write_npz_atomic(path, arrays, tmp_tag)
-        except OSError as err:
-            if err.errno in OUTPUT_ERRNOS:
-                raise OutputNotWritable(f"cannot write {path}: {err.strerror}; the build stops (every later asset "
-                                        f"would fail too): make room or fix {out}, then re-run, which keeps the "
-                                        "finished assets") from None
-            raise
         record.update(status="ok", error=None, **stats)
     except OutputNotWritable:
         raise
