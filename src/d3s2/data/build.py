@@ -487,7 +487,7 @@ def remove_stale_temps(out: Path, tmp_tag: str = "") -> set[str]:
 
 def _process_alive(pid: int) -> bool:
     if pid == os.getpid():
-        return False  # this run writes no temp file before it has removed the stale ones
+        return False  # an ended process's that had this pid: this one removes its own temp file as it goes
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -364,18 +364,17 @@ class ImageTo3DPipeline:
         if conditioner is None and "conditioner" not in names and any(n not in own for n in dits):
             raise FileNotFoundError(f"{root} holds no conditioner: pass conditioner= (a DINOv2 Hugging Face folder "
                                     "or dinov2_vitl14_reg4_pretrain.pth; CLI: --conditioner)")
-        encoders = [n for n in names if n.startswith(_OWN_PREFIX) or (n == "conditioner" and conditioner is None)]
-        stages = [n for n in names
-                  if n in ("dense_dit", "dense_vae") or _SPARSE_NAME.match(n) or _REFINER_NAME.match(n)]
+        encoders = {n for n in names if n.startswith(_OWN_PREFIX) or (n == "conditioner" and conditioner is None)}
+        loading = [n for n in names if n in encoders or n in ("dense_dit", "dense_vae") or _SPARSE_NAME.match(n)
+                   or _REFINER_NAME.match(n)]
         for name in names:
-            if name not in encoders + stages and name != "conditioner":
+            if name not in loading and name != "conditioner":
                 logger.info("not loading component %s", name)
-            elif name in encoders + stages and not (root / name).is_dir():
+            elif name in loading and not (root / name).is_dir():
                 raise FileNotFoundError(f"{path} lists component {name!r} but {root / name} is missing")
         if conditioner is not None and not isinstance(conditioner, nn.Module):
             conditioner = load_conditioner(conditioner)
         models: dict[str, nn.Module] = {}
-        loading = [n for n in names if n in encoders + stages]
         for name in tqdm(loading, desc="loading", leave=False, disable=not progress or len(loading) < 3):
             sub = root / name
             models[name] = load_conditioner(sub) if name in encoders else from_pretrained(sub, dtype=dtype)
