@@ -455,15 +455,18 @@ def test_narrow_band_is_warned_once_per_resolution(tmp_path, caplog):
     assert len(warned) == 1 and "at 8^3" in warned[0], warned
 
 
-def test_a_closed_stl_is_recorded_watertight(tmp_path):
+def test_a_closed_stl_or_far_off_mesh_is_recorded_watertight(tmp_path):
     src = tmp_path / "meshes"
     src.mkdir()
     trimesh.creation.box().export(src / "box.stl")  # STL stores every triangle's own corners: nothing is shared
     box = trimesh.creation.box()
     trimesh.Trimesh(box.vertices, box.faces[:-2]).export(src / "open.stl")  # one side removed
+    # Survey units: at 1e12 trimesh's absolute merge tolerance (1e-8) overflows int64 and merges every corner.
+    trimesh.Trimesh(box.vertices * 1e12 + 3e12, box.faces, process=False).export(src / "far.ply")
     build(resolve_sources([str(src)]), tmp_path / "out", CONFIG, progress=False)
     records = read_manifest(tmp_path / "out")
     assert records["meshes/box.stl"]["watertight"] is True
+    assert records["meshes/far.ply"]["watertight"] is True
     assert records["meshes/open.stl"]["watertight"] is False
 
 

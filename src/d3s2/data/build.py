@@ -288,11 +288,12 @@ def build_asset(asset: AssetSource, config: BuildConfig) -> tuple[dict[str, np.n
 
     t0 = time.perf_counter()
     mesh = load_source_mesh(asset)
+    stats: dict = {"vertices": int(len(mesh.vertices)), "triangles": int(len(mesh.faces))}
+    mesh, transform = normalize_mesh(mesh, scale=config.scale)
+    # Merged in the unit cube: trimesh merges within an absolute 1e-8, which at 1e12 collapses every vertex into one.
     merged = mesh.copy()
     merged.merge_vertices()  # STL and seam-split files repeat the vertices of closed surfaces
-    stats: dict = {"vertices": int(len(mesh.vertices)), "triangles": int(len(mesh.faces)),
-                   "watertight": bool(merged.is_watertight)}
-    mesh, transform = normalize_mesh(mesh, scale=config.scale)
+    stats["watertight"] = bool(merged.is_watertight)
     arrays: dict[str, np.ndarray] = {
         "name": np.array(asset.name),
         "normalize/center": np.asarray(transform.center, np.float64),
