@@ -90,8 +90,9 @@ def no_loading(monkeypatch):
 
 @pytest.mark.parametrize(("extra", "message"), [
     (["--steps", "0"], "expected --steps ≥ 1, got 0"),
-    (["--cfg", "nan"], "expected a finite --cfg, got nan"),
-    (["--cfg", "inf"], "expected a finite --cfg, got inf"),
+    (["--cfg", "nan"], "expected a finite --cfg ≥ 0 (0: the unconditional prediction), got nan"),
+    (["--cfg", "inf"], "expected a finite --cfg ≥ 0 (0: the unconditional prediction), got inf"),
+    (["--cfg", "-7"], "expected a finite --cfg ≥ 0 (0: the unconditional prediction), got -7.0"),
     (["--occupancy-threshold", "-1"], "expected --occupancy-threshold in (0, 1), got -1.0"),
     (["--occupancy-threshold", "2"], "expected --occupancy-threshold in (0, 1), got 2.0"),
     (["--faces", "0"], "expected --faces ≥ 1, got 0"),
@@ -363,7 +364,8 @@ def test_an_error_is_not_followed_by_a_stale_progress_bar(weights, tmp_path, cap
 
 @pytest.mark.parametrize(("extra", "message"), [
     (["--steps", "0"], "expected --steps ≥ 1, got 0"),
-    (["--cfg", "nan"], "expected a finite --cfg, got nan"),
+    (["--cfg", "nan"], "expected a finite --cfg ≥ 0 (0: the unconditional prediction), got nan"),
+    (["--cfg", "-0.5"], "expected a finite --cfg ≥ 0 (0: the unconditional prediction), got -0.5"),
     (["--occupancy-threshold", "1"], "expected --occupancy-threshold in (0, 1), got 1.0"),
     (["--resolution", "100"], "expected --resolution in [64, 128] for {weights}, got 100"),
 ])

@@ -199,7 +199,7 @@ def test_on_stage_reports_and_can_stop(pipe):
 def test_unusable_values_are_clear_errors(pipe):
     with pytest.raises(ValueError, match="expected steps ≥ 1 .*, got 0"):
         pipe(rgba_image(), resolution=64, steps=0, progress=False, device="cpu")
-    for cfg in (float("nan"), float("inf")):
+    for cfg in (float("nan"), float("inf"), -1.0):
         with pytest.raises(ValueError, match="expected a finite cfg"):
             pipe(rgba_image(), resolution=64, cfg=cfg, progress=False, device="cpu")
     for seed in (-1, 2**63, 2**64):  # torch.Generator takes seeds below 2**64, and each stage adds its index

@@ -180,8 +180,8 @@ def check_sampling_arguments(args: argparse.Namespace) -> None:
 
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"expected --steps ≥ 1, got {args.steps}")
-    if args.cfg is not None and not math.isfinite(args.cfg):
-        raise ValueError(f"expected a finite --cfg, got {args.cfg}")
+    if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 0):
+        raise ValueError(f"expected a finite --cfg ≥ 0 (0: the unconditional prediction), got {args.cfg}")
     threshold = args.occupancy_threshold
     # sigmoid ≥ 0 keeps the whole grid (minutes of sampling), ≥ 1 keeps nothing.
     if threshold is not None and not 0.0 < threshold < 1.0:

@@ -409,8 +409,8 @@ class ImageTo3DPipeline:
         Args:
             resolution: mesh resolution, one of :attr:`resolutions` (default: the highest).
             seed: in [0, :data:`MAX_SEED`]; the same seed, inputs and device give the same mesh.
-            steps / cfg: override every stage's step count (≥ 1) / guidance scale (finite; 0 is a scale too:
-                the unconditional prediction). None keeps each stage's.
+            steps / cfg: override every stage's step count (≥ 1) / guidance scale (finite, ≥ 0; 0 is the
+                unconditional prediction). None keeps each stage's.
             faces: decimate to about this many faces.
             device: default CUDA when available. dtype: default bf16 on CUDA, float32 on the CPU.
             low_vram: keep models on the CPU and move each to the device only while it runs (residency
@@ -432,8 +432,8 @@ class ImageTo3DPipeline:
             raise ValueError(f"expected a positive face count, got {faces}")
         if steps is not None and steps < 1:
             raise ValueError(f"expected steps ≥ 1 (None: each stage's own), got {steps}")
-        if cfg is not None and not math.isfinite(cfg):
-            raise ValueError(f"expected a finite cfg (guidance scale), got {cfg}")
+        if cfg is not None and not (math.isfinite(cfg) and cfg >= 0):
+            raise ValueError(f"expected a finite cfg (guidance scale) ≥ 0 (0: the unconditional prediction), got {cfg}")
         if not 0 <= seed <= MAX_SEED:
             raise ValueError(f"expected seed in [0, {MAX_SEED}], got {seed}")
         self.settings.check()
