@@ -61,7 +61,7 @@ def test_eval_generate_cli(built, weights, tmp_path, capsys, caplog):
         assert r["chamfer_l1"] >= 0 and r["seconds"] > 0 and r["seconds_total"] >= r["seconds"]
         # The SDF closure at 32³ seen through the build's camera: the frames agree, so most of the mask matches.
         assert r["silhouette_iou_reference"] > 0.7
-        assert r["error"] is not None or (r["faces"] > 0 and r["watertight"] == 1.0)
+        assert r["error"] is None and r["faces"] > 0 and r["watertight"] == 1.0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["assets"] == 2 and summary["reference"] == "sdf" and summary["reference_resolution"] == 32
     assert summary["means"]["silhouette_iou"] == pytest.approx(np.mean([r["silhouette_iou"] for r in rows]))
@@ -73,6 +73,33 @@ def test_eval_generate_cli(built, weights, tmp_path, capsys, caplog):
     assert not list(out.rglob("*.tmp"))
     table = captured.out
     assert "mean" in table and "IoU-ref" in table and rows[0]["name"] in table
+
+
+def test_eval_generate_exits_1_when_an_asset_failed_and_still_scores_it(built, weights, tmp_path, capsys,
+                                                                         monkeypatch):
+    from d3s2.pipeline.image_to_3d import ImageTo3DPipeline
+
+    calls = []
+    real = ImageTo3DPipeline.__call__
+
+    def first_runs_out_of_memory(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory (injected)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ImageTo3DPipeline, "__call__", first_runs_out_of_memory)
+    out = tmp_path / "eval"
+    assert main(["eval", "generate", "--data", str(built), "--weights", str(weights), "--split", "all", "--out",
+                 str(out), "--resolution", "64", "--device", "cpu", "--samples", "500", "--renders", "0",
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == (f"d3s2 eval generate: error: 1 of 2 assets failed (each scored as an empty mesh; its error "
+                       f"is in {out / 'per_asset.jsonl'})")
+    rows = read_rows(out)
+    assert [r["error"] for r in rows] == ["RuntimeError: out of memory (injected)", None]
+    assert rows[0]["faces"] == 0 and rows[1]["faces"] > 0
+    assert json.loads((out / "summary.json").read_text())["failed"] == 1
 
 
 class _Oracle:

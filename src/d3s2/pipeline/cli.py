@@ -295,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from ..cli import resolve_device
-    from .evaluate import GenerateEvalConfig, evaluate_generation, format_table, read_rows
+    from .evaluate import PER_ASSET_FILE, GenerateEvalConfig, evaluate_generation, format_table, read_rows
     from .image_to_3d import ImageTo3DPipeline
 
     check_sampling_arguments(args)
@@ -316,4 +316,9 @@ def run_eval(args: argparse.Namespace) -> int:
     print(format_table(read_rows(args.out), summary["means"]))
     print(f"{summary['assets']} assets ({summary['failed']} failed) at {summary['resolution']}³, reference "
           f"{summary['reference']}; results in {args.out}")
+    if summary["failed"]:
+        # Scored as empty meshes, but a script must not take a run with failures (out of memory too) for a clean one.
+        print(f"d3s2 eval generate: error: {summary['failed']} of {summary['assets']} assets failed (each scored as "
+              f"an empty mesh; its error is in {Path(args.out) / PER_ASSET_FILE})", file=sys.stderr)
+        return 1
     return 0
